@@ -1,0 +1,78 @@
+"""Tiny CLIP-style BPE and T5-style Unigram tokenizers, trained locally on a small corpus (the Hub is
+unreachable here). Shared by the fixture scripts and the demo-model trainer."""
+
+from tokenizers import Tokenizer, models, trainers
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTokenizer, T5Tokenizer
+
+CORPUS = [
+    "a photo of a cat sitting on a red sofa",
+    "an astronaut riding a horse on the moon, digital art",
+    "a red circle on a white background",
+    "a blue square on a black background",
+    "a green triangle on a gray background",
+    "a yellow circle, a purple square and an orange triangle",
+    "the quick brown fox jumps over the lazy dog",
+    "watercolor painting of a lighthouse at sunset",
+    "close-up portrait of an old man with a beard, 35mm photograph",
+    "bad quality, blurry, low resolution, ugly",
+    "café crème brûlée über naïve façade",
+    "mountains, rivers, forests and cities at night under the stars",
+]
+
+
+def _words(corpus):
+    return corpus * 20
+
+
+def clip_tokenizer(pad_token="<|endoftext|>", vocab_extra=300):
+    """CLIP tokenizer with CLIP's id layout: 256 byte symbols, the same with `</w>`, learned merges,
+    then `<|startoftext|>` and `<|endoftext|>` last (so EOS has the highest id, as in the real vocab)."""
+    base = CLIPTokenizer(model_max_length=77)
+    tok = Tokenizer.from_str(base.backend_tokenizer.to_str())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512 + vocab_extra,
+        initial_alphabet=ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+        special_tokens=[],
+    )
+    tok.train_from_iterator(_words(CORPUS), trainer)
+    import json
+
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    for ch in alphabet:
+        vocab[ch + "</w>"] = len(vocab)
+    for m in merges:
+        a, b = m.split(" ")
+        if a + b not in vocab:
+            vocab[a + b] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    if pad_token not in vocab:
+        vocab[pad_token] = len(vocab)
+    merges = [tuple(m.split(" ")) for m in merges]
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
+
+
+def t5_tokenizer(vocab_size=400):
+    """T5 tokenizer: <pad>=0, </s>=1, <unk>=2, then a Unigram vocabulary; no extra ids."""
+    tok = Tokenizer(models.Unigram())
+    base = T5Tokenizer(extra_ids=0)
+    tok.pre_tokenizer = base.backend_tokenizer.pre_tokenizer
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        show_progress=False,
+    )
+    tok.train_from_iterator(_words(CORPUS), trainer)
+    import json
+
+    vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)

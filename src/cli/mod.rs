@@ -1,0 +1,49 @@
+//! Argument structs and dispatch, one file per subcommand.
+
+mod generate;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mmdit",
+    version,
+    about = "Text-to-image with SD3 / SD3.5 MMDiT models"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate an image from a prompt.
+    Generate(generate::GenerateArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+    }
+}
+
+/// The error and its causes on one line.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for c in e.chain() {
+        let s = c.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+/// 130 for an interrupt (as shells report SIGINT), 2 for bad input, 1 otherwise.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    match e.downcast_ref::<mmdit::Error>() {
+        Some(mmdit::Error::Interrupted) => 130,
+        Some(mmdit::Error::InvalidRequest(_)) => 2,
+        _ => 1,
+    }
+}

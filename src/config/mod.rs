@@ -1,0 +1,71 @@
+//! Configs in two layers: serde structs with the Hub's own field names, read from `config.json`, and
+//! `validate()` methods that reject absurd values before anything is allocated. Derived values are methods.
+
+mod scheduler;
+mod text;
+mod transformer;
+mod vae;
+
+pub use scheduler::SchedulerConfig;
+pub use text::{ClipTextConfig, T5Config};
+pub use transformer::Sd3TransformerConfig;
+pub use vae::VaeConfig;
+
+use crate::error::{Error, Result};
+use serde::de::DeserializeOwned;
+use std::path::Path;
+
+/// Upper bound on any layer count, width or channel count read from a config: far above every real model,
+/// far below what would make an allocation absurd.
+pub(crate) const MAX_DIM: usize = 1 << 16;
+pub(crate) const MAX_LAYERS: usize = 512;
+
+/// Reads and parses a JSON config file, naming the file in every error.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::MissingFile(format!(
+                "{} is missing; the model folder is incomplete, download it again",
+                path.display()
+            ))
+        } else {
+            Error::io(path, e)
+        }
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::config(path, e.to_string()))
+}
+
+/// `model_index.json`: which components a diffusers pipeline folder has. Each component is a
+/// `[library, class]` pair, or `[null, null]` when the pipeline was saved without it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    pub class_name: String,
+    #[serde(flatten)]
+    pub components: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl ModelIndex {
+    /// True when the component is present (not absent, not `[null, null]`).
+    pub fn has(&self, name: &str) -> bool {
+        match self.components.get(name) {
+            Some(serde_json::Value::Array(v)) => v.iter().any(|x| !x.is_null()),
+            Some(serde_json::Value::Null) | None => false,
+            Some(_) => true,
+        }
+    }
+}
+
+pub(crate) fn check(path: &Path, ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::config(path, msg()))
+    }
+}
+
+pub(crate) fn check_dim(path: &Path, name: &str, v: usize) -> Result<()> {
+    check(path, v > 0 && v <= MAX_DIM, || {
+        format!("`{name}` is {v}, expected 1..={MAX_DIM}")
+    })
+}

@@ -1,0 +1,133 @@
+use super::{check, check_dim, MAX_LAYERS};
+use crate::error::Result;
+use std::path::Path;
+
+/// `text_encoder*/config.json` of a transformers CLIP text model.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    /// Width of `text_projection` (absent on models without one).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "d77")]
+    pub max_position_embeddings: usize,
+    /// `"quick_gelu"` (CLIP-L), `"gelu"` (CLIP-G) or `"gelu_new"`.
+    #[serde(default = "dact")]
+    pub hidden_act: String,
+    #[serde(default = "deps")]
+    pub layer_norm_eps: f64,
+    /// transformers picks the pooled token by argmax of the ids when this is 2 (legacy configs),
+    /// otherwise at the first occurrence of this id.
+    #[serde(default = "d2")]
+    pub eos_token_id: u32,
+}
+
+fn d2() -> u32 {
+    2
+}
+fn d77() -> usize {
+    77
+}
+fn dact() -> String {
+    "quick_gelu".into()
+}
+fn deps() -> f64 {
+    1e-5
+}
+
+impl ClipTextConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        for (n, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            check_dim(path, n, v)?;
+        }
+        if let Some(p) = self.projection_dim {
+            check_dim(path, "projection_dim", p)?;
+        }
+        check(
+            path,
+            (1..=MAX_LAYERS).contains(&self.num_hidden_layers),
+            || {
+                format!(
+                    "`num_hidden_layers` is {}, expected 1..={MAX_LAYERS}",
+                    self.num_hidden_layers
+                )
+            },
+        )?;
+        check(
+            path,
+            self.hidden_size.is_multiple_of(self.num_attention_heads),
+            || {
+                format!(
+                    "`num_attention_heads` ({}) does not divide `hidden_size` ({})",
+                    self.num_attention_heads, self.hidden_size
+                )
+            },
+        )?;
+        check(
+            path,
+            matches!(self.hidden_act.as_str(), "quick_gelu" | "gelu" | "gelu_new"),
+            || {
+                format!(
+                    "`hidden_act` {:?} is not supported (quick_gelu, gelu, gelu_new)",
+                    self.hidden_act
+                )
+            },
+        )
+    }
+}
+
+/// `text_encoder_3/config.json` of a transformers T5 encoder: only the fields we check; the full
+/// file is handed to candle-transformers' T5.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct T5Config {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub d_kv: usize,
+    pub d_ff: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    #[serde(default = "d32")]
+    pub relative_attention_num_buckets: usize,
+}
+
+fn d32() -> usize {
+    32
+}
+
+impl T5Config {
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        for (n, v) in [
+            ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("d_kv", self.d_kv),
+            ("d_ff", self.d_ff),
+            ("num_heads", self.num_heads),
+            (
+                "relative_attention_num_buckets",
+                self.relative_attention_num_buckets,
+            ),
+        ] {
+            check_dim(path, n, v)?;
+        }
+        check(path, (1..=MAX_LAYERS).contains(&self.num_layers), || {
+            format!(
+                "`num_layers` is {}, expected 1..={MAX_LAYERS}",
+                self.num_layers
+            )
+        })
+    }
+}

@@ -1,0 +1,107 @@
+use super::{check, check_dim};
+use crate::error::Result;
+use std::path::Path;
+
+/// `vae/config.json` of an `AutoencoderKL` (field names and defaults as diffusers).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "d3")]
+    pub in_channels: usize,
+    #[serde(default = "d3")]
+    pub out_channels: usize,
+    /// Channels of each resolution level, highest resolution first.
+    #[serde(default = "dboc")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "d1")]
+    pub layers_per_block: usize,
+    #[serde(default = "d4")]
+    pub latent_channels: usize,
+    #[serde(default = "d32")]
+    pub norm_num_groups: usize,
+    /// Latents are divided by this before decoding.
+    #[serde(default = "dscale")]
+    pub scaling_factor: f64,
+    /// Added to the latents after unscaling (SD3/Flux); absent means 0.
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "dtrue")]
+    pub use_quant_conv: bool,
+    #[serde(default = "dtrue")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "dtrue")]
+    pub mid_block_add_attention: bool,
+}
+
+fn d1() -> usize {
+    1
+}
+fn d3() -> usize {
+    3
+}
+fn d4() -> usize {
+    4
+}
+fn d32() -> usize {
+    32
+}
+fn dboc() -> Vec<usize> {
+    vec![64]
+}
+fn dscale() -> f64 {
+    0.18215
+}
+fn dtrue() -> bool {
+    true
+}
+
+impl VaeConfig {
+    /// How many pixels one latent covers per side: 2^(levels - 1).
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        check(
+            path,
+            (1..=8).contains(&self.block_out_channels.len()),
+            || {
+                format!(
+                    "`block_out_channels` has {} levels, expected 1..=8",
+                    self.block_out_channels.len()
+                )
+            },
+        )?;
+        for &c in &self.block_out_channels {
+            check_dim(path, "block_out_channels", c)?;
+            check(path, c % self.norm_num_groups.max(1) == 0, || {
+                format!(
+                    "`norm_num_groups` ({}) does not divide block channels {c}",
+                    self.norm_num_groups
+                )
+            })?;
+        }
+        check_dim(path, "in_channels", self.in_channels)?;
+        check_dim(path, "out_channels", self.out_channels)?;
+        check_dim(path, "latent_channels", self.latent_channels)?;
+        check_dim(path, "norm_num_groups", self.norm_num_groups)?;
+        check(path, (1..=16).contains(&self.layers_per_block), || {
+            format!(
+                "`layers_per_block` is {}, expected 1..=16",
+                self.layers_per_block
+            )
+        })?;
+        check(
+            path,
+            self.scaling_factor.is_finite() && self.scaling_factor != 0.0,
+            || {
+                format!(
+                    "`scaling_factor` is {}, expected a finite non-zero number",
+                    self.scaling_factor
+                )
+            },
+        )?;
+        check(path, self.shift_factor.is_none_or(f64::is_finite), || {
+            "`shift_factor` is not finite".into()
+        })
+    }
+}

@@ -1,0 +1,88 @@
+//! Device and dtype selection from user strings, with errors that name the cargo feature to enable.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device};
+
+/// Parses `cpu`, `cuda`, `cuda:N`, `metal` or `auto` (CUDA, then Metal, then CPU).
+pub fn parse_device(s: &str) -> Result<Device> {
+    let s = s.trim().to_ascii_lowercase();
+    let not_built = |name: &str, feature: &str| {
+        Error::Device(format!(
+            "--device {name}: this mmdit was built without {name} support; rebuild with `cargo build --release --features {feature}`"
+        ))
+    };
+    match s.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if cfg!(feature = "cuda") {
+                if let Ok(d) = Device::new_cuda(0) {
+                    return Ok(d);
+                }
+            }
+            if cfg!(feature = "metal") {
+                if let Ok(d) = Device::new_metal(0) {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+        "metal" => {
+            if !cfg!(feature = "metal") {
+                return Err(not_built("metal", "metal"));
+            }
+            Device::new_metal(0)
+                .map_err(|e| Error::Device(format!("--device metal: {e}; use --device cpu")))
+        }
+        _ if s == "cuda" || s.starts_with("cuda:") => {
+            let idx = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse::<usize>().map_err(|_| {
+                    Error::request(format!(
+                        "--device {s}: expected cuda:N with N a GPU index, e.g. cuda:0"
+                    ))
+                })?,
+                None => 0,
+            };
+            if !cfg!(feature = "cuda") {
+                return Err(not_built("cuda", "cuda"));
+            }
+            Device::new_cuda(idx).map_err(|e| {
+                Error::Device(format!(
+                    "--device {s}: no usable CUDA GPU ({e}); check the driver or use --device cpu"
+                ))
+            })
+        }
+        _ => Err(Error::request(format!(
+            "--device {s}: unknown device; use cpu, cuda, cuda:N, metal or auto"
+        ))),
+    }
+}
+
+/// Parses `f32`, `f16` or `bf16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" | "fp16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(Error::request(format!(
+            "--dtype {other}: unknown dtype; use f32, f16 or bf16"
+        ))),
+    }
+}
+
+/// The default dtype of a device: bf16 on CUDA, f32 elsewhere.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "other",
+    }
+}

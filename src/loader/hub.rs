@@ -1,0 +1,103 @@
+//! Files from the Hugging Face Hub through hf-hub, in the standard cache. Honours `HF_HOME`,
+//! `HF_ENDPOINT`, `HF_TOKEN` and `HF_HUB_OFFLINE=1`.
+
+use super::FileSource;
+use crate::error::{Error, Result};
+use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
+use hf_hub::{Cache, Repo, RepoType};
+use std::path::PathBuf;
+
+pub struct HubSource {
+    repo_id: String,
+    revision: String,
+    cache: Cache,
+    /// `None` when offline.
+    api: Option<ApiRepo>,
+}
+
+/// True when `HF_HUB_OFFLINE` is set to a true value.
+pub fn offline() -> bool {
+    matches!(
+        std::env::var("HF_HUB_OFFLINE")
+            .map(|v| v.to_ascii_lowercase())
+            .as_deref(),
+        Ok("1" | "true" | "yes" | "on")
+    )
+}
+
+fn api() -> Result<Api> {
+    let mut b = ApiBuilder::from_env().with_progress(true);
+    if let Ok(t) = std::env::var("HF_TOKEN") {
+        if !t.is_empty() {
+            b = b.with_token(Some(t));
+        }
+    }
+    b.build()
+        .map_err(|e| Error::Hub(format!("cannot set up the Hub client: {e}")))
+}
+
+impl HubSource {
+    pub fn new(repo_id: &str, revision: &str) -> Result<Self> {
+        let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
+        let api = if offline() {
+            None
+        } else {
+            Some(api()?.repo(repo))
+        };
+        Ok(Self {
+            repo_id: repo_id.into(),
+            revision: revision.into(),
+            cache: Cache::from_env(),
+            api,
+        })
+    }
+
+    fn cached(&self, rel: &str) -> Option<PathBuf> {
+        let repo =
+            Repo::with_revision(self.repo_id.clone(), RepoType::Model, self.revision.clone());
+        self.cache.repo(repo).get(rel)
+    }
+}
+
+impl FileSource for HubSource {
+    fn file(&self, rel: &str) -> Result<Option<PathBuf>> {
+        if let Some(p) = self.cached(rel) {
+            return Ok(Some(p));
+        }
+        let Some(api) = &self.api else {
+            return Ok(None);
+        };
+        match api.get(rel) {
+            Ok(p) => Ok(Some(p)),
+            Err(hf_hub::api::sync::ApiError::RequestError(e)) => match e.as_ref() {
+                ureq::Error::Status(404, _) => Ok(None),
+                ureq::Error::Status(401 | 403, _) => Err(Error::Hub(format!(
+                    "{}: access denied ({e}); accept the licence at https://huggingface.co/{} and set HF_TOKEN",
+                    self.name(),
+                    self.repo_id
+                ))),
+                _ => Err(Error::Hub(format!("{}: downloading `{rel}` failed: {e}; check the network and retry", self.name()))),
+            },
+            Err(e) => Err(Error::Hub(format!("{}: downloading `{rel}` failed: {e}; check the network and retry", self.name()))),
+        }
+    }
+
+    fn missing_hint(&self) -> String {
+        if self.api.is_none() {
+            format!(
+                "; it is not in the local Hub cache ({}) and HF_HUB_OFFLINE=1 forbids downloading: run once online first",
+                self.cache.path().display()
+            )
+        } else {
+            String::new()
+        }
+    }
+
+    fn name(&self) -> String {
+        if self.revision == "main" {
+            self.repo_id.clone()
+        } else {
+            format!("{}@{}", self.repo_id, self.revision)
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Input embeddings: patches of the latent image, the timestep and the pooled text vector.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+/// Sinusoidal timestep embedding as diffusers' `get_timestep_embedding` with `flip_sin_to_cos=True`,
+/// `downscale_freq_shift=0`: `[cos(t f_k), sin(t f_k)]`, `f_k = exp(-ln(10000) k / half)`.
+///
+/// # Shapes
+/// t: (b,) -> (b, dim), always f32.
+pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let dev = t.device();
+    let exponent = (Tensor::arange(0u32, half as u32, dev)?.to_dtype(DType::F32)?
+        * (-(10000f64.ln()) / half as f64))?;
+    let freqs = exponent.exp()?; // (half,)
+    let args = t
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs.unsqueeze(0)?)?; // (b, half)
+    let emb = Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?;
+    if dim % 2 == 1 {
+        emb.pad_with_zeros(D::Minus1, 0, 1)
+    } else {
+        Ok(emb)
+    }
+}
+
+/// Two linears with a SiLU between: diffusers' `TimestepEmbedding` and `PixArtAlphaTextProjection`
+/// (`act_fn="silu"`) share this shape and these names.
+#[derive(Debug, Clone)]
+pub struct Mlp2 {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl Mlp2 {
+    pub fn new(in_dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            linear_1: candle_nn::linear(in_dim, hidden, vb.pp("linear_1"))?,
+            linear_2: candle_nn::linear(hidden, hidden, vb.pp("linear_2"))?,
+        })
+    }
+}
+
+impl Module for Mlp2 {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+    }
+}
+
+/// `CombinedTimestepTextProjEmbeddings`: timestep embedding plus pooled-text embedding.
+#[derive(Debug, Clone)]
+pub struct TimeTextEmbed {
+    timestep_embedder: Mlp2,
+    text_embedder: Mlp2,
+}
+
+/// Width of the sinusoidal timestep features.
+const TIME_FEATURES: usize = 256;
+
+impl TimeTextEmbed {
+    pub fn new(hidden: usize, pooled_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            timestep_embedder: Mlp2::new(TIME_FEATURES, hidden, vb.pp("timestep_embedder"))?,
+            text_embedder: Mlp2::new(pooled_dim, hidden, vb.pp("text_embedder"))?,
+        })
+    }
+
+    /// t: (b,) timesteps in [0, 1000]; pooled: (b, pooled_dim) -> (b, hidden)
+    pub fn forward(&self, t: &Tensor, pooled: &Tensor) -> Result<Tensor> {
+        let t = timestep_embedding(t, TIME_FEATURES)?.to_dtype(pooled.dtype())?;
+        self.timestep_embedder.forward(&t)? + self.text_embedder.forward(pooled)?
+    }
+}
+
+/// `PatchEmbed` with `pos_embed_max_size`: a strided conv over patches plus a centred crop of the
+/// square sin-cos position table.
+#[derive(Debug, Clone)]
+pub struct PatchEmbed {
+    proj: Conv2d,
+    /// (1, m*m, hidden)
+    pos_embed: Tensor,
+    patch: usize,
+    max_size: usize,
+}
+
+impl PatchEmbed {
+    pub fn new(
+        in_ch: usize,
+        hidden: usize,
+        patch: usize,
+        max_size: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            stride: patch,
+            ..Default::default()
+        };
+        let proj = candle_nn::conv2d(in_ch, hidden, patch, cfg, vb.pp("proj"))?;
+        let pos_embed = vb.get((1, max_size * max_size, hidden), "pos_embed")?;
+        Ok(Self {
+            proj,
+            pos_embed,
+            patch,
+            max_size,
+        })
+    }
+
+    /// Largest latent side (in latent pixels) the position table covers.
+    pub fn max_latent_side(&self) -> usize {
+        self.max_size * self.patch
+    }
+
+    /// x: (b, c, h, w) latents -> (b, h/p * w/p, hidden) tokens, row-major over patches.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (hp, wp) = (h / self.patch, w / self.patch);
+        if hp > self.max_size || wp > self.max_size {
+            candle_core::bail!(
+                "latent grid {hp}x{wp} patches exceeds the position table ({m}x{m})",
+                m = self.max_size
+            );
+        }
+        let x = self.proj.forward(x)?.flatten_from(2)?.transpose(1, 2)?; // (b, hp*wp, hidden)
+        let hidden = self.pos_embed.dim(2)?;
+        let top = (self.max_size - hp) / 2;
+        let left = (self.max_size - wp) / 2;
+        let pos = self
+            .pos_embed
+            .reshape((1, self.max_size, self.max_size, hidden))?
+            .narrow(1, top, hp)?
+            .narrow(2, left, wp)?
+            .reshape((1, hp * wp, hidden))?; // (1, hp*wp, hidden)
+        x.broadcast_add(&pos.to_dtype(x.dtype())?)
+    }
+}

@@ -1,0 +1,102 @@
+//! `SD3Transformer2DModel`: SD3, SD3.5 (qk RMSNorm) and SD3.5-medium (MMDiT-X dual attention).
+
+use super::embed::{PatchEmbed, TimeTextEmbed};
+use super::joint_block::{BlockSpec, JointBlock};
+use super::modulation::AdaNormContinuous;
+use crate::config::Sd3TransformerConfig;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+#[derive(Debug, Clone)]
+pub struct Sd3Transformer {
+    pos_embed: PatchEmbed,
+    time_text_embed: TimeTextEmbed,
+    context_embedder: Linear,
+    blocks: Vec<JointBlock>,
+    norm_out: AdaNormContinuous,
+    proj_out: Linear,
+    cfg: Sd3TransformerConfig,
+}
+
+impl Sd3Transformer {
+    /// Builds the model from a validated config; `vb` is rooted at the transformer's weights.
+    pub fn new(cfg: &Sd3TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.hidden_size();
+        let p = cfg.patch_size;
+        let pos_embed = PatchEmbed::new(
+            cfg.in_channels,
+            dim,
+            p,
+            cfg.pos_embed_max_size,
+            vb.pp("pos_embed"),
+        )?;
+        let time_text_embed =
+            TimeTextEmbed::new(dim, cfg.pooled_projection_dim, vb.pp("time_text_embed"))?;
+        let context_embedder = candle_nn::linear(
+            cfg.joint_attention_dim,
+            cfg.caption_projection_dim,
+            vb.pp("context_embedder"),
+        )?;
+        let blocks = (0..cfg.num_layers)
+            .map(|i| {
+                let spec = BlockSpec {
+                    dim,
+                    heads: cfg.num_attention_heads,
+                    head_dim: cfg.attention_head_dim,
+                    qk_norm: cfg.use_qk_norm(),
+                    dual_attention: cfg.dual_attention_layers.contains(&i),
+                    context_pre_only: i + 1 == cfg.num_layers,
+                };
+                JointBlock::new(spec, vb.pp(format!("transformer_blocks.{i}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm_out = AdaNormContinuous::new(dim, vb.pp("norm_out"))?;
+        let proj_out = candle_nn::linear(dim, p * p * cfg.out_channels, vb.pp("proj_out"))?;
+        Ok(Self {
+            pos_embed,
+            time_text_embed,
+            context_embedder,
+            blocks,
+            norm_out,
+            proj_out,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Sd3TransformerConfig {
+        &self.cfg
+    }
+
+    /// Predicts the flow velocity.
+    ///
+    /// # Shapes
+    /// x: (b, c, h, w) latents; t: (b,) timesteps (sigma * 1000); context: (b, s, joint_attention_dim);
+    /// pooled: (b, pooled_projection_dim) -> (b, out_channels, h, w)
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        pooled: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let p = self.cfg.patch_size;
+        let mut img = self.pos_embed.forward(x)?; // (b, n, dim)
+        let temb = self.time_text_embed.forward(t, pooled)?; // (b, dim)
+        let mut ctx = self.context_embedder.forward(context)?; // (b, s, dim)
+        for block in &self.blocks {
+            let (new_img, new_ctx) = block.forward(&img, &ctx, &temb)?;
+            img = new_img;
+            if let Some(c) = new_ctx {
+                ctx = c;
+            }
+        }
+        let img = self
+            .proj_out
+            .forward(&self.norm_out.forward(&img, &temb)?)?; // (b, n, p*p*c)
+        let (hp, wp, c) = (h / p, w / p, self.cfg.out_channels);
+        img.reshape((b, hp, wp, p, p, c))?
+            .permute((0, 5, 1, 3, 2, 4))? // (b, c, hp, p, wp, p)
+            .reshape((b, c, h, w))
+    }
+}

@@ -1,0 +1,140 @@
+//! PNG output: written to a temporary file in the target folder and renamed into place, so an
+//! interrupted run leaves nothing half-written. Generation parameters go into tEXt chunks.
+
+use crate::error::{Error, Result};
+use crate::pipeline::RgbImage;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Checks that `path` can be written, before any heavy work: its folder exists and is writable, it is
+/// not a symlink, and it does not exist unless `overwrite`.
+pub fn check_output_path(path: &Path, overwrite: bool) -> Result<()> {
+    let shown = path.display();
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_symlink() {
+            return Err(Error::request(format!(
+                "--output {shown}: is a symbolic link; name a regular file"
+            )));
+        }
+        if meta.is_dir() {
+            return Err(Error::request(format!(
+                "--output {shown}: is a folder; name a .png file inside it"
+            )));
+        }
+        if !overwrite {
+            return Err(Error::request(format!(
+                "--output {shown}: already exists; pass --overwrite to replace it"
+            )));
+        }
+    }
+    let dir = parent_dir(path);
+    if !dir.is_dir() {
+        return Err(Error::request(format!(
+            "--output {shown}: folder {} does not exist; create it first",
+            dir.display()
+        )));
+    }
+    // Prove the folder is writable with the same kind of temporary file the real write uses.
+    let probe = temp_path(path);
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(Error::request(format!(
+            "--output {shown}: cannot write in {} ({e}); choose a writable folder",
+            dir.display()
+        ))),
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    parent_dir(path).join(format!(".{name}.{}.partial", std::process::id()))
+}
+
+/// Encodes `img` as PNG with `text` key/value chunks and moves it to `path` atomically.
+pub fn write_png(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Result<()> {
+    let tmp = temp_path(path);
+    let result = (|| -> Result<()> {
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut buf = std::io::BufWriter::new(&file);
+        let mut enc = png::Encoder::new(&mut buf, img.width as u32, img.height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for (k, v) in text {
+            enc.add_itxt_chunk(k.clone(), v.clone())
+                .map_err(|e| Error::Image(e.to_string()))?;
+        }
+        let mut w = enc
+            .write_header()
+            .map_err(|e| Error::Image(e.to_string()))?;
+        w.write_image_data(&img.data)
+            .map_err(|e| Error::Image(e.to_string()))?;
+        w.finish().map_err(|e| Error::Image(e.to_string()))?;
+        buf.flush().map_err(|e| Error::io(&tmp, e))?;
+        drop(buf);
+        file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Reads an 8-bit RGB PNG and its text chunks.
+pub fn read_png(path: &Path) -> Result<(RgbImage, Vec<(String, String)>)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let dec = png::Decoder::new(std::io::BufReader::new(file));
+    let mut reader = dec
+        .read_info()
+        .map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
+    if info.color_type != png::ColorType::Rgb || info.bit_depth != png::BitDepth::Eight {
+        return Err(Error::Image(format!(
+            "{}: not an 8-bit RGB PNG",
+            path.display()
+        )));
+    }
+    buf.truncate(info.buffer_size());
+    let meta = reader.info();
+    let mut text: Vec<(String, String)> = meta
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    for t in &meta.utf8_text {
+        if let Ok(v) = t.get_text() {
+            text.push((t.keyword.clone(), v));
+        }
+    }
+    Ok((
+        RgbImage {
+            width: info.width as usize,
+            height: info.height as usize,
+            data: buf,
+        },
+        text,
+    ))
+}

@@ -1,0 +1,507 @@
+//! The SD3 pipeline: glue between configs, text encoders, transformer, sampler and VAE.
+//!
+//! Loading is split in two so that every check on the request runs before any weight is read:
+//! [`Sd3Spec::open`] reads and validates the configs, [`Sd3Spec::resolve`] checks a request against
+//! them, [`Sd3Spec::load`] maps the weights.
+
+use crate::config::{
+    self, ClipTextConfig, ModelIndex, SchedulerConfig, Sd3TransformerConfig, T5Config, VaeConfig,
+};
+use crate::error::{Error, Result};
+use crate::loader::{self, weights, FileSource, ModelRef};
+use crate::mmdit::Sd3Transformer;
+use crate::request::{self, Request, Resolved};
+use crate::sampling::{self, schedule, Schedule, Velocity};
+use crate::text::clip::ClipText;
+use crate::text::conditioning::{Conditioning, Truncation};
+use crate::text::{Sd3TextEncoders, TextTokenizer};
+use crate::vae::{self, VaeDecoder};
+use candle_core::{DType, Device, Tensor};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Default steps, guidance and T5 length of the SD3 pipeline (diffusers `StableDiffusion3Pipeline.__call__`).
+pub const SD3_DEFAULT_STEPS: usize = 28;
+pub const SD3_DEFAULT_GUIDANCE: f64 = 7.0;
+pub const SD3_DEFAULT_MAX_SEQ: usize = 256;
+/// The SD3 pipeline refuses longer T5 sequences.
+pub const SD3_MAX_SEQ: usize = 512;
+
+/// A model's configs, read and validated; no weights touched yet.
+pub struct Sd3Spec {
+    source: Box<dyn FileSource>,
+    pub name: String,
+    pub index: ModelIndex,
+    pub transformer: Sd3TransformerConfig,
+    pub vae: VaeConfig,
+    pub scheduler: SchedulerConfig,
+    pub clip_l: ClipTextConfig,
+    pub clip_g: ClipTextConfig,
+    pub t5: Option<(T5Config, PathBuf)>,
+}
+
+fn read<T: serde::de::DeserializeOwned>(src: &dyn FileSource, rel: &str) -> Result<(T, PathBuf)> {
+    let p = loader::require(src, rel)?;
+    Ok((config::read_json(&p)?, p))
+}
+
+impl Sd3Spec {
+    /// Reads `model_index.json` and every component config, and validates them.
+    pub fn open(model: &ModelRef) -> Result<Self> {
+        let source = loader::open(model)?;
+        let src = source.as_ref();
+        let (index, ip): (ModelIndex, _) = read(src, "model_index.json")?;
+        if index.class_name != "StableDiffusion3Pipeline" {
+            return Err(Error::config(
+                ip,
+                format!(
+                    "pipeline class `{}` is not supported; expected StableDiffusion3Pipeline",
+                    index.class_name
+                ),
+            ));
+        }
+        let (transformer, p): (Sd3TransformerConfig, _) = read(src, "transformer/config.json")?;
+        transformer.validate(&p)?;
+        let (vae, p): (VaeConfig, _) = read(src, "vae/config.json")?;
+        vae.validate(&p)?;
+        let (scheduler, p): (SchedulerConfig, _) = read(src, "scheduler/scheduler_config.json")?;
+        scheduler.validate(&p)?;
+        let (clip_l, p): (ClipTextConfig, _) = read(src, "text_encoder/config.json")?;
+        clip_l.validate(&p)?;
+        let (clip_g, p): (ClipTextConfig, _) = read(src, "text_encoder_2/config.json")?;
+        clip_g.validate(&p)?;
+        let t5 = if index.has("text_encoder_3") {
+            let (c, p): (T5Config, _) = read(src, "text_encoder_3/config.json")?;
+            c.validate(&p)?;
+            Some((c, p))
+        } else {
+            None
+        };
+        let spec = Self {
+            name: source.name(),
+            source,
+            index,
+            transformer,
+            vae,
+            scheduler,
+            clip_l,
+            clip_g,
+            t5,
+        };
+        spec.check_coupling(&ip)?;
+        Ok(spec)
+    }
+
+    /// Widths that must agree between components.
+    fn check_coupling(&self, index: &std::path::Path) -> Result<()> {
+        let proj = |c: &ClipTextConfig| c.projection_dim.unwrap_or(c.hidden_size);
+        let pooled = proj(&self.clip_l) + proj(&self.clip_g);
+        config::check(
+            index,
+            pooled == self.transformer.pooled_projection_dim,
+            || {
+                format!(
+                "CLIP-L and CLIP-G pooled widths add up to {pooled} but the transformer expects pooled_projection_dim {}",
+                self.transformer.pooled_projection_dim
+            )
+            },
+        )?;
+        config::check(
+            index,
+            self.vae.latent_channels == self.transformer.in_channels,
+            || {
+                format!(
+                    "the VAE has {} latent channels but the transformer takes {}",
+                    self.vae.latent_channels, self.transformer.in_channels
+                )
+            },
+        )?;
+        if let Some((t5, _)) = &self.t5 {
+            config::check(
+                index,
+                t5.d_model == self.transformer.joint_attention_dim,
+                || {
+                    format!(
+                        "T5 width {} differs from the transformer's joint_attention_dim {}",
+                        t5.d_model, self.transformer.joint_attention_dim
+                    )
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Pixels per latent-token side: VAE factor x patch size.
+    pub fn size_multiple(&self) -> usize {
+        self.vae.scale_factor() * self.transformer.patch_size
+    }
+
+    /// Default image side: the transformer's sample size in pixels (1024 for SD3).
+    pub fn default_side(&self) -> usize {
+        self.transformer.sample_size * self.vae.scale_factor()
+    }
+
+    /// Checks a request against the model and fills in defaults. Cheap: call before `load`.
+    pub fn resolve(&self, req: &Request) -> Result<Resolved> {
+        let m = self.size_multiple();
+        let max_side = (self.transformer.pos_embed_max_size * m).min(request::MAX_PIXELS / m);
+        let width = req.width.unwrap_or(self.default_side());
+        let height = req.height.unwrap_or(self.default_side());
+        request::check_side("width", width, m, max_side)?;
+        request::check_side("height", height, m, max_side)?;
+        if width * height > request::MAX_PIXELS {
+            return Err(Error::request(format!(
+                "{width}x{height} is more than the {} pixel cap; ask for a smaller image",
+                request::MAX_PIXELS
+            )));
+        }
+        let steps = req.steps.unwrap_or(SD3_DEFAULT_STEPS);
+        request::check_steps(steps)?;
+        let guidance = req.guidance.unwrap_or(SD3_DEFAULT_GUIDANCE);
+        request::check_guidance("guidance", guidance)?;
+        let max_sequence_length = req.max_sequence_length.unwrap_or(SD3_DEFAULT_MAX_SEQ);
+        if !(1..=SD3_MAX_SEQ).contains(&max_sequence_length) {
+            return Err(Error::request(format!(
+                "--max-sequence-length {max_sequence_length}: must be between 1 and {SD3_MAX_SEQ}"
+            )));
+        }
+        if let Some(noise) = &req.noise {
+            let f = self.vae.scale_factor();
+            let want = [1, self.transformer.in_channels, height / f, width / f];
+            if noise.dims() != want {
+                return Err(Error::request(format!(
+                    "--noise: tensor `noise` has shape {:?} but a {width}x{height} image needs {want:?}; \
+                     pass --width/--height that match the noise",
+                    noise.dims()
+                )));
+            }
+        }
+        Ok(Resolved {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone().unwrap_or_default(),
+            steps,
+            guidance,
+            width,
+            height,
+            seed: req.seed.unwrap_or_else(rand::random),
+            max_sequence_length,
+        })
+    }
+
+    /// The sigma schedule for a resolved request.
+    pub fn schedule(&self, r: &Resolved) -> Schedule {
+        let mu = self.scheduler.use_dynamic_shifting.then(|| {
+            let m = self.size_multiple();
+            schedule::calculate_shift((r.height / m) * (r.width / m), &self.scheduler)
+        });
+        Schedule::flow_match(&self.scheduler, r.steps, mu)
+    }
+
+    /// Maps the weights and builds every component.
+    pub fn load(self, device: &Device, dtype: DType) -> Result<Sd3Pipeline> {
+        let src = self.source.as_ref();
+        let weights =
+            |dir: &str, stems: &[&str], dt: DType| -> Result<candle_nn::VarBuilder<'static>> {
+                let files = loader::component_weights(src, dir, stems)?;
+                weights::var_builder(&files, dt, device)
+            };
+        let diffusers = ["diffusion_pytorch_model", "model"];
+        let hf = ["model", "diffusion_pytorch_model"];
+        let tensor_err = |e: candle_core::Error| tensor_error(e);
+        let transformer = Sd3Transformer::new(
+            &self.transformer,
+            weights("transformer", &diffusers, dtype)?,
+        )
+        .map_err(tensor_err)?;
+        // f16 overflows in the VAE; it runs in f32 then.
+        let vae_dtype = if dtype == DType::F16 {
+            DType::F32
+        } else {
+            dtype
+        };
+        let vae = VaeDecoder::new(&self.vae, weights("vae", &diffusers, vae_dtype)?)
+            .map_err(tensor_err)?;
+        let clip_l = ClipText::new(&self.clip_l, true, weights("text_encoder", &hf, dtype)?)
+            .map_err(tensor_err)?;
+        let clip_g = ClipText::new(&self.clip_g, true, weights("text_encoder_2", &hf, dtype)?)
+            .map_err(tensor_err)?;
+        let tok_l = TextTokenizer::from_dir(&tokenizer_dir(src, "tokenizer")?)?;
+        let tok_g = TextTokenizer::from_dir(&tokenizer_dir(src, "tokenizer_2")?)?;
+        let t5 = match &self.t5 {
+            Some((_, cfg_path)) => {
+                let full: candle_transformers::models::t5::Config = config::read_json(cfg_path)?;
+                // T5 overflows in f16; it runs in f32 then.
+                let t5_dtype = if dtype == DType::F16 {
+                    DType::F32
+                } else {
+                    dtype
+                };
+                let model = candle_transformers::models::t5::T5EncoderModel::load(
+                    weights("text_encoder_3", &hf, t5_dtype)?,
+                    &full,
+                )
+                .map_err(tensor_err)?;
+                Some((
+                    model,
+                    TextTokenizer::from_dir(&tokenizer_dir(src, "tokenizer_3")?)?,
+                ))
+            }
+            None => None,
+        };
+        let text = Sd3TextEncoders {
+            clip_len: self
+                .clip_l
+                .max_position_embeddings
+                .min(self.clip_g.max_position_embeddings),
+            clip_l: (clip_l, tok_l),
+            clip_g: (clip_g, tok_g),
+            t5,
+            joint_attention_dim: self.transformer.joint_attention_dim,
+            device: device.clone(),
+            dtype,
+        };
+        Ok(Sd3Pipeline {
+            spec: self,
+            text,
+            transformer,
+            vae,
+            device: device.clone(),
+            dtype,
+        })
+    }
+}
+
+/// The tokenizer folder `dir`, fetched (for Hub models) file by file.
+fn tokenizer_dir(src: &dyn FileSource, dir: &str) -> Result<PathBuf> {
+    let main = loader::require(src, &format!("{dir}/tokenizer.json"))?;
+    for extra in ["tokenizer_config.json", "special_tokens_map.json"] {
+        src.file(&format!("{dir}/{extra}"))?;
+    }
+    Ok(main.parent().map(PathBuf::from).unwrap_or_default())
+}
+
+/// Turns a candle error raised while building a model from weights into a tensor error naming it.
+fn tensor_error(e: candle_core::Error) -> Error {
+    let msg = e.to_string();
+    // candle: "cannot find tensor NAME" / "shape mismatch for NAME, expected: [..], got: [..]"
+    if let Some(rest) = msg.strip_prefix("cannot find tensor ") {
+        return Error::Tensor {
+            name: rest.trim().to_string(),
+            msg: "missing from the weight files".into(),
+        };
+    }
+    if let Some(rest) = msg.strip_prefix("shape mismatch for ") {
+        if let Some((name, shapes)) = rest.split_once(", ") {
+            return Error::Tensor {
+                name: name.to_string(),
+                msg: format!("wrong shape: {shapes}"),
+            };
+        }
+    }
+    Error::Candle(e)
+}
+
+/// Wall time of each stage of one generation.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub text: Duration,
+    pub steps: Vec<Duration>,
+    pub decode: Duration,
+}
+
+impl Timings {
+    pub fn denoise(&self) -> Duration {
+        self.steps.iter().sum()
+    }
+}
+
+/// An 8-bit RGB image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    /// Row-major RGB bytes, `width * height * 3` of them.
+    pub data: Vec<u8>,
+}
+
+/// One generated image and what it took.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub image: RgbImage,
+    /// Final latents (sampler space, before unscaling), (1, C, h, w) f32.
+    pub latents: Tensor,
+    pub request: Resolved,
+    pub timings: Timings,
+    pub truncations: Vec<Truncation>,
+}
+
+/// A loaded SD3 pipeline.
+pub struct Sd3Pipeline {
+    pub spec: Sd3Spec,
+    pub text: Sd3TextEncoders,
+    pub transformer: Sd3Transformer,
+    pub vae: VaeDecoder,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// The transformer with classifier-free guidance, as the solver sees it.
+struct Guided<'a> {
+    model: &'a Sd3Transformer,
+    cond: &'a Conditioning,
+    guidance: Option<f64>,
+    dtype: DType,
+    on_step: &'a mut dyn FnMut(usize),
+}
+
+impl Velocity for Guided<'_> {
+    fn velocity(&mut self, x: &Tensor, _sigma: f32, t: f32, step: usize) -> Result<Tensor> {
+        let b = self.cond.context.dim(0)?;
+        let xin = x.to_dtype(self.dtype)?;
+        let xin = if b > 1 {
+            Tensor::cat(&vec![&xin; b], 0)?
+        } else {
+            xin
+        };
+        let ts = Tensor::full(t, b, x.device())?;
+        let v = self
+            .model
+            .forward(&xin, &ts, &self.cond.context, &self.cond.pooled)?;
+        let v = match self.guidance {
+            Some(g) => {
+                let (neg, pos) = (v.get(0)?.unsqueeze(0)?, v.get(1)?.unsqueeze(0)?);
+                (&neg + ((pos - &neg)? * g)?)?
+            }
+            None => v,
+        };
+        let v = v.to_dtype(DType::F32)?;
+        check_finite(&v, "velocity", step, self.dtype)?;
+        (self.on_step)(step);
+        Ok(v)
+    }
+}
+
+/// Fails with a clear error if `x` holds a NaN or an infinity (their sum is then not finite).
+pub fn check_finite(x: &Tensor, what: &'static str, step: usize, dtype: DType) -> Result<()> {
+    let s: f32 = x.to_dtype(DType::F32)?.sum_all()?.to_scalar()?;
+    if s.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::NonFinite {
+            what,
+            step: step + 1,
+            dtype: crate::device::dtype_name(dtype).into(),
+        })
+    }
+}
+
+/// Standard-normal latents from a seed (our own generator: seeds do not reproduce torch's noise;
+/// use `--noise` for that).
+pub fn seeded_noise(
+    seed: u64,
+    shape: (usize, usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    let v: Vec<f32> = (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
+impl Sd3Pipeline {
+    /// Encodes a prompt pair for a resolved request: batch [negative, positive] with guidance, else [positive].
+    pub fn encode(&mut self, r: &Resolved) -> Result<(Conditioning, Vec<Truncation>)> {
+        let (pos, mut cut) = self.text.encode(&r.prompt, r.max_sequence_length)?;
+        if !r.uses_cfg() {
+            return Ok((pos, cut));
+        }
+        let (neg, cut_neg) = self
+            .text
+            .encode(&r.negative_prompt, r.max_sequence_length)?;
+        cut.extend(cut_neg.into_iter().map(|t| Truncation {
+            encoder: t.encoder,
+            ..t
+        }));
+        let context = Tensor::cat(&[neg.context, pos.context], 0)?;
+        let pooled = Tensor::cat(&[neg.pooled, pos.pooled], 0)?;
+        Ok((Conditioning { context, pooled }, cut))
+    }
+
+    /// Runs text encoding, sampling and decoding. `on_step(i)` is called after each model evaluation.
+    pub fn generate(&mut self, req: &Request, on_step: &mut dyn FnMut(usize)) -> Result<Generated> {
+        let r = self.spec.resolve(req)?;
+        let mut timings = Timings::default();
+        let t0 = Instant::now();
+        let (cond, truncations) = self.encode(&r)?;
+        timings.text = t0.elapsed();
+
+        let f = self.spec.vae.scale_factor();
+        let shape = (
+            1,
+            self.spec.transformer.in_channels,
+            r.height / f,
+            r.width / f,
+        );
+        let noise = match &req.noise {
+            Some(n) => n.to_device(&self.device)?.to_dtype(DType::F32)?,
+            None => seeded_noise(r.seed, shape, &self.device)?,
+        };
+        let sched = self.spec.schedule(&r);
+        let mut last = Instant::now();
+        let mut step_times = Vec::with_capacity(r.steps);
+        let mut tick = |i: usize| {
+            step_times.push(last.elapsed());
+            last = Instant::now();
+            on_step(i)
+        };
+        let mut model = Guided {
+            model: &self.transformer,
+            cond: &cond,
+            guidance: r.uses_cfg().then_some(r.guidance),
+            dtype: self.dtype,
+            on_step: &mut tick,
+        };
+        let latents = sampling::euler(&mut model, noise, &sched.sigmas, &sched.timesteps)?;
+        check_finite(&latents, "latents", r.steps - 1, self.dtype)?;
+        timings.steps = step_times;
+
+        let t0 = Instant::now();
+        let image = self.decode(&latents)?;
+        timings.decode = t0.elapsed();
+        Ok(Generated {
+            image,
+            latents,
+            request: r,
+            timings,
+            truncations,
+        })
+    }
+
+    /// Latents in sampler space (1, C, h, w) -> RGB image.
+    pub fn decode(&self, latents: &Tensor) -> Result<RgbImage> {
+        let vae_dtype = self.vae_dtype();
+        let z = self
+            .vae
+            .unscale(&latents.to_dtype(DType::F32)?)?
+            .to_dtype(vae_dtype)?;
+        let x = self.vae.decode(&z)?;
+        let (height, width, data) = vae::to_rgb8(&x)?.remove(0);
+        Ok(RgbImage {
+            width,
+            height,
+            data,
+        })
+    }
+
+    fn vae_dtype(&self) -> DType {
+        if self.dtype == DType::F16 {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Parity with diffusers 0.42.1 on tiny random SD3 pipelines (fixtures from scripts/make_sd3_fixtures.py).
+//! Tolerances (from issue 2): embeddings and transformer max abs diff <= 1e-4 x max |reference|;
+//! sigmas within 1e-6; final 8-bit image within 2/255.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use mmdit::{ModelRef, Request, Sd3Pipeline, Sd3Spec};
+
+const REL: f32 = 1e-4;
+const FIXTURES: [&str; 3] = ["sd3-dummy", "sd35-tiny", "sd3-no-t5"];
+
+fn load(name: &str) -> Sd3Pipeline {
+    let m = ModelRef::parse(fixture(name).to_str().unwrap(), None).unwrap();
+    Sd3Spec::open(&m)
+        .unwrap()
+        .load(&Device::Cpu, DType::F32)
+        .unwrap()
+}
+
+fn ids(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}
+
+#[test]
+fn token_ids_match_transformers() {
+    for name in FIXTURES {
+        let pipe = load(name);
+        let r = reference(name);
+        let meta = meta(name);
+        let max_seq = meta["max_sequence_length"].as_u64().unwrap() as usize;
+        for (i, p) in meta["prompts"].as_array().unwrap().iter().enumerate() {
+            let p = p.as_str().unwrap();
+            let l = pipe.text.clip_l.1.encode_padded(p, 77).unwrap();
+            assert_eq!(
+                l.ids,
+                ids(&r[&format!("text.{i}.ids_l")]),
+                "{name} CLIP-L ids of {p:?}"
+            );
+            let g = pipe.text.clip_g.1.encode_padded(p, 77).unwrap();
+            assert_eq!(
+                g.ids,
+                ids(&r[&format!("text.{i}.ids_g")]),
+                "{name} CLIP-G ids of {p:?}"
+            );
+            if let Some((_, tok)) = &pipe.text.t5 {
+                let t = tok.encode_padded(p, max_seq).unwrap();
+                assert_eq!(
+                    t.ids,
+                    ids(&r[&format!("text.{i}.ids_t5")]),
+                    "{name} T5 ids of {p:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn long_prompts_report_dropped_tokens() {
+    let pipe = load("sd3-dummy");
+    let long = "a photo of a cat sitting on a red sofa, ".repeat(12);
+    let t = pipe.text.clip_l.1.encode_padded(&long, 77).unwrap();
+    assert!(t.dropped > 0);
+    let short = pipe.text.clip_l.1.encode_padded("a cat", 77).unwrap();
+    assert_eq!(short.dropped, 0);
+}
+
+#[test]
+fn text_embeddings_match_diffusers() {
+    for name in FIXTURES {
+        let mut pipe = load(name);
+        let r = reference(name);
+        let meta = meta(name);
+        let max_seq = meta["max_sequence_length"].as_u64().unwrap() as usize;
+        for (i, p) in meta["prompts"].as_array().unwrap().iter().enumerate() {
+            let (c, _) = pipe.text.encode(p.as_str().unwrap(), max_seq).unwrap();
+            assert_close_rel(
+                &format!("{name} context[{i}]"),
+                &c.context,
+                &r[&format!("text.{i}.context")],
+                REL,
+            );
+            assert_close_rel(
+                &format!("{name} pooled[{i}]"),
+                &c.pooled,
+                &r[&format!("text.{i}.pooled")],
+                REL,
+            );
+        }
+    }
+}
+
+#[test]
+fn transformer_matches_diffusers() {
+    for name in FIXTURES {
+        let pipe = load(name);
+        let r = reference(name);
+        let out = pipe
+            .transformer
+            .forward(
+                &r["transformer.x"],
+                &r["transformer.t"],
+                &r["transformer.context"],
+                &r["transformer.pooled"],
+            )
+            .unwrap();
+        assert_close_rel(
+            &format!("{name} transformer"),
+            &out,
+            &r["transformer.out"],
+            REL,
+        );
+    }
+}
+
+#[test]
+fn vae_decode_matches_diffusers() {
+    for name in FIXTURES {
+        let pipe = load(name);
+        let r = reference(name);
+        let out = pipe.vae.decode(&r["vae.z"]).unwrap();
+        assert_close_rel(&format!("{name} vae"), &out, &r["vae.out"], REL);
+    }
+}
+
+#[test]
+fn images_match_diffusers_within_2_of_255() {
+    for name in FIXTURES {
+        let mut pipe = load(name);
+        let r = reference(name);
+        let meta = meta(name);
+        let max_seq = meta["max_sequence_length"].as_u64().unwrap() as usize;
+        for (k, run) in meta["runs"].as_array().unwrap().iter().enumerate() {
+            let noise = candle_core::safetensors::load(
+                fixture(name).join(run["noise"].as_str().unwrap()),
+                &Device::Cpu,
+            )
+            .unwrap()
+            .remove("noise")
+            .unwrap();
+            let req = Request {
+                prompt: run["prompt"].as_str().unwrap().into(),
+                negative_prompt: run["negative_prompt"].as_str().map(Into::into),
+                steps: Some(run["steps"].as_u64().unwrap() as usize),
+                guidance: Some(run["guidance"].as_f64().unwrap()),
+                width: Some(run["width"].as_u64().unwrap() as usize),
+                height: Some(run["height"].as_u64().unwrap() as usize),
+                noise: Some(noise),
+                max_sequence_length: Some(max_seq),
+                seed: None,
+            };
+            let resolved = pipe.spec.resolve(&req).unwrap();
+            let sched = pipe.spec.schedule(&resolved);
+            let ref_sigmas: Vec<f32> = r[&format!("run.{k}.sigmas")].to_vec1().unwrap();
+            assert_eq!(sched.sigmas.len(), ref_sigmas.len());
+            for (a, b) in sched.sigmas.iter().zip(&ref_sigmas) {
+                assert!((a - b).abs() <= 1e-6, "{name} run {k}: sigma {a} vs {b}");
+            }
+            let out = pipe.generate(&req, &mut |_| {}).unwrap();
+            let want = r[&format!("run.{k}.image")]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap();
+            assert_eq!(
+                out.image.data.len(),
+                want.len(),
+                "{name} run {k}: image size"
+            );
+            let worst = out
+                .image
+                .data
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            println!("{name} run {k}: image max diff {worst}/255");
+            assert!(worst <= 2, "{name} run {k}: image differs by {worst}/255");
+        }
+    }
+}

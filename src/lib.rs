@@ -1,9 +1,9 @@
-//! mmdit: an inference engine for flow-matching MMDiT text-to-image models (SD3 / SD3.5).
+//! mmdit: an inference engine for flow-matching MMDiT text-to-image models (SD3 / SD3.5, FLUX.1).
 //!
 //! ```no_run
-//! use mmdit::{ModelRef, Request, Sd3Spec};
+//! use mmdit::{ModelRef, Request, Spec};
 //! # fn main() -> mmdit::Result<()> {
-//! let spec = Sd3Spec::open(&ModelRef::parse("models/demo", None)?)?;
+//! let spec = Spec::open(&ModelRef::parse("models/demo", None)?)?;
 //! let mut pipe = spec.load(&candle_core::Device::Cpu, candle_core::DType::F32)?;
 //! let req = Request { prompt: "a red circle on a white background".into(), seed: Some(1), ..Default::default() };
 //! let out = pipe.generate(&req, &mut |_step| {})?;
@@ -25,5 +25,7 @@ pub mod vae;
 
 pub use error::{Error, Result};
 pub use loader::ModelRef;
-pub use pipeline::{Generated, RgbImage, Sd3Pipeline, Sd3Spec};
+pub use pipeline::{
+    FluxPipeline, FluxSpec, Generated, Pipeline, RgbImage, Sd3Pipeline, Sd3Spec, Spec,
+};
 pub use request::{Request, Resolved};

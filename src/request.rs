@@ -19,6 +19,8 @@ pub struct Request {
     pub noise: Option<Tensor>,
     /// T5 sequence length.
     pub max_sequence_length: Option<usize>,
+    /// Flux: true classifier-free guidance scale, used with a negative prompt.
+    pub true_cfg: Option<f64>,
 }
 
 /// A request with every value decided and checked against the model.
@@ -32,6 +34,10 @@ pub struct Resolved {
     pub height: usize,
     pub seed: u64,
     pub max_sequence_length: usize,
+    /// Flux true-CFG scale; 1 when off.
+    pub true_cfg: f64,
+    /// Things the user should know about how the request was read (e.g. an ignored option).
+    pub notices: Vec<String>,
 }
 
 impl Resolved {

@@ -116,3 +116,44 @@ fn bad_size_is_refused_before_loading_with_the_nearest_valid_sizes() {
     assert!(!err.contains("panicked"));
     assert!(!out.exists());
 }
+
+#[test]
+fn generate_runs_both_tiny_flux_variants() {
+    let dir = tmp("flux");
+    for (name, extra) in [
+        ("flux-schnell-tiny", vec!["--guidance", "2"]),
+        (
+            "flux-dev-tiny",
+            vec!["--negative-prompt", "blurry", "--true-cfg", "2"],
+        ),
+    ] {
+        let out = dir.join(format!("{name}.png"));
+        let st = mmdit()
+            .args(["generate", "--model"])
+            .arg(common::fixture(name))
+            .args([
+                "--prompt",
+                "a red circle",
+                "--steps",
+                "2",
+                "--width",
+                "40",
+                "--height",
+                "24",
+                "--seed",
+                "1",
+            ])
+            .args(&extra)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&st.stderr);
+        assert!(st.status.success(), "{name}: {err}");
+        let (img, _) = mmdit::output::read_png(&out).unwrap();
+        assert_eq!((img.width, img.height), (40, 24), "{name}");
+        if name == "flux-schnell-tiny" {
+            assert!(err.contains("--guidance 2 is ignored"), "{err}");
+        }
+    }
+}

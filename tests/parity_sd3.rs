@@ -6,17 +6,21 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use mmdit::{ModelRef, Request, Sd3Pipeline, Sd3Spec};
+use mmdit::{ModelRef, Pipeline, Request, Sd3Pipeline, Spec};
 
 const REL: f32 = 1e-4;
 const FIXTURES: [&str; 3] = ["sd3-dummy", "sd35-tiny", "sd3-no-t5"];
 
 fn load(name: &str) -> Sd3Pipeline {
     let m = ModelRef::parse(fixture(name).to_str().unwrap(), None).unwrap();
-    Sd3Spec::open(&m)
+    match Spec::open(&m)
         .unwrap()
         .load(&Device::Cpu, DType::F32)
         .unwrap()
+    {
+        Pipeline::Sd3(p) => *p,
+        Pipeline::Flux(_) => panic!("{name} is not an SD3 fixture"),
+    }
 }
 
 fn ids(t: &Tensor) -> Vec<u32> {
@@ -157,6 +161,7 @@ fn images_match_diffusers_within_2_of_255() {
                 noise: Some(noise),
                 max_sequence_length: Some(max_seq),
                 seed: None,
+                true_cfg: None,
             };
             let resolved = pipe.spec.resolve(&req).unwrap();
             let sched = pipe.spec.schedule(&resolved);

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Args;
-use mmdit::{device, output, ModelRef, Request, Sd3Spec};
+use mmdit::{device, output, ModelRef, Request, Spec};
 use std::path::PathBuf;
 
 /// The model `generate` uses when `--model` is not given: the demo model shipped in models/.
@@ -21,10 +21,11 @@ pub struct GenerateArgs {
     /// Negative prompt for classifier-free guidance (default "").
     #[arg(long)]
     pub negative_prompt: Option<String>,
-    /// Sampling steps (default: the model's, 28 for SD3).
+    /// Sampling steps (default: 28 for SD3 and FLUX.1-dev, 4 for FLUX.1-schnell).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Guidance scale; 1 or less turns classifier-free guidance off (default 7.0 for SD3).
+    /// Guidance scale. SD3: classifier-free guidance, 1 or less turns it off (default 7.0).
+    /// FLUX.1-dev: the embedded guidance (default 3.5); ignored by FLUX.1-schnell.
     #[arg(long)]
     pub guidance: Option<f64>,
     /// Image width in pixels (default: the model's native size).
@@ -39,7 +40,10 @@ pub struct GenerateArgs {
     /// Initial latents: a safetensors file with one tensor `noise` of shape (1, C, H/f, W/f).
     #[arg(long)]
     pub noise: Option<PathBuf>,
-    /// T5 sequence length (default 256).
+    /// Flux: true classifier-free guidance scale (needs --negative-prompt).
+    #[arg(long)]
+    pub true_cfg: Option<f64>,
+    /// T5 sequence length (default: 256 for SD3 and FLUX.1-schnell, 512 for FLUX.1-dev).
     #[arg(long)]
     pub max_sequence_length: Option<usize>,
     /// cpu, cuda, cuda:N, metal or auto.
@@ -77,7 +81,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     output::check_output_path(&a.output, a.overwrite)?;
     let noise = a.noise.as_deref().map(load_noise).transpose()?;
     let model = ModelRef::parse(&a.model, a.revision.as_deref())?;
-    let spec = Sd3Spec::open(&model)?;
+    let spec = Spec::open(&model)?;
     let req = Request {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
@@ -88,15 +92,19 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         seed: a.seed,
         noise,
         max_sequence_length: a.max_sequence_length,
+        true_cfg: a.true_cfg,
     };
     let resolved = spec.resolve(&req)?;
     let req = Request {
         seed: Some(resolved.seed),
         ..req
     };
+    for n in &resolved.notices {
+        eprintln!("notice: {n}");
+    }
     eprintln!(
         "model {} | {}x{} | {} steps | guidance {} | seed {}{}",
-        spec.name,
+        spec.name(),
         resolved.width,
         resolved.height,
         resolved.steps,

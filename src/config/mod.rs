@@ -1,11 +1,13 @@
 //! Configs in two layers: serde structs with the Hub's own field names, read from `config.json`, and
 //! `validate()` methods that reject absurd values before anything is allocated. Derived values are methods.
 
+mod flux;
 mod scheduler;
 mod text;
 mod transformer;
 mod vae;
 
+pub use flux::FluxTransformerConfig;
 pub use scheduler::SchedulerConfig;
 pub use text::{ClipTextConfig, T5Config};
 pub use transformer::Sd3TransformerConfig;

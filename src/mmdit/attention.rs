@@ -1,7 +1,15 @@
 //! Multi-head attention with optional per-head q/k RMSNorm, and the joint attention of MMDiT where
 //! the image and text streams attend together over their concatenated tokens.
 
+use super::rope::Rope;
 use candle_core::{DType, Module, Result, Tensor, D};
+
+/// Where the text tokens go in the joint sequence: after the image (SD3) or before it (Flux).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenOrder {
+    ImageFirst,
+    TextFirst,
+}
 use candle_nn::{Linear, VarBuilder};
 
 /// diffusers' `RMSNorm` over the head dim: `x / sqrt(mean(x^2) + eps) * weight`, statistics in f32.
@@ -180,26 +188,43 @@ impl JointAttention {
         self.to_out.forward(&merge_heads(&sdpa(&q, &k, &v)?)?)
     }
 
-    /// Joint attention over `[img, ctx]` tokens (SD3 order).
+    /// Joint attention over the image and text tokens, concatenated in `order`, with optional RoPE
+    /// over the joint sequence (Flux; the rotation tables then follow the same order).
     ///
     /// # Shapes
     /// x: (b, n, dim), ctx: (b, s, dim) -> (b, n, dim) and, unless context-pre-only, (b, s, dim)
-    pub fn forward_joint(&self, x: &Tensor, ctx: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    pub fn forward_joint(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        order: TokenOrder,
+        rope: Option<&Rope>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (ctx_proj, ctx_out) = self
             .ctx
             .as_ref()
             .expect("joint attention built with a context stream");
         let n = x.dim(1)?;
+        let s = ctx.dim(1)?;
         let (q, k, v) = self.img.forward(x)?;
         let (cq, ck, cv) = ctx_proj.forward(ctx)?;
-        let q = Tensor::cat(&[q, cq], 2)?;
-        let k = Tensor::cat(&[k, ck], 2)?;
-        let v = Tensor::cat(&[v, cv], 2)?;
+        let join = |a: Tensor, c: Tensor| match order {
+            TokenOrder::ImageFirst => Tensor::cat(&[a, c], 2),
+            TokenOrder::TextFirst => Tensor::cat(&[c, a], 2),
+        };
+        let (mut q, mut k, v) = (join(q, cq)?, join(k, ck)?, join(v, cv)?);
+        if let Some(r) = rope {
+            q = r.apply(&q)?;
+            k = r.apply(&k)?;
+        }
         let o = merge_heads(&sdpa(&q, &k, &v)?)?; // (b, n + s, inner)
-        let s = o.dim(1)? - n;
-        let img = self.to_out.forward(&o.narrow(1, 0, n)?)?;
+        let (img_at, ctx_at) = match order {
+            TokenOrder::ImageFirst => (0, n),
+            TokenOrder::TextFirst => (s, 0),
+        };
+        let img = self.to_out.forward(&o.narrow(1, img_at, n)?)?;
         let ctx = match ctx_out {
-            Some(l) => Some(l.forward(&o.narrow(1, n, s)?)?),
+            Some(l) => Some(l.forward(&o.narrow(1, ctx_at, s)?)?),
             None => None,
         };
         Ok((img, ctx))

@@ -49,10 +49,12 @@ impl Module for Mlp2 {
     }
 }
 
-/// `CombinedTimestepTextProjEmbeddings`: timestep embedding plus pooled-text embedding.
+/// `CombinedTimestepTextProjEmbeddings` (and, with a guidance embedder, Flux-dev's
+/// `CombinedTimestepGuidanceTextProjEmbeddings`): timestep [+ guidance] + pooled-text embedding.
 #[derive(Debug, Clone)]
 pub struct TimeTextEmbed {
     timestep_embedder: Mlp2,
+    guidance_embedder: Option<Mlp2>,
     text_embedder: Mlp2,
 }
 
@@ -60,17 +62,38 @@ pub struct TimeTextEmbed {
 const TIME_FEATURES: usize = 256;
 
 impl TimeTextEmbed {
-    pub fn new(hidden: usize, pooled_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(hidden: usize, pooled_dim: usize, guidance: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             timestep_embedder: Mlp2::new(TIME_FEATURES, hidden, vb.pp("timestep_embedder"))?,
+            guidance_embedder: if guidance {
+                Some(Mlp2::new(
+                    TIME_FEATURES,
+                    hidden,
+                    vb.pp("guidance_embedder"),
+                )?)
+            } else {
+                None
+            },
             text_embedder: Mlp2::new(pooled_dim, hidden, vb.pp("text_embedder"))?,
         })
     }
 
-    /// t: (b,) timesteps in [0, 1000]; pooled: (b, pooled_dim) -> (b, hidden)
-    pub fn forward(&self, t: &Tensor, pooled: &Tensor) -> Result<Tensor> {
-        let t = timestep_embedding(t, TIME_FEATURES)?.to_dtype(pooled.dtype())?;
-        self.timestep_embedder.forward(&t)? + self.text_embedder.forward(pooled)?
+    /// t: (b,) timesteps in [0, 1000]; guidance: (b,) scale x 1000 (models with a guidance embedder);
+    /// pooled: (b, pooled_dim) -> (b, hidden)
+    pub fn forward(
+        &self,
+        t: &Tensor,
+        guidance: Option<&Tensor>,
+        pooled: &Tensor,
+    ) -> Result<Tensor> {
+        let embed = |x: &Tensor, m: &Mlp2| {
+            m.forward(&timestep_embedding(x, TIME_FEATURES)?.to_dtype(pooled.dtype())?)
+        };
+        let mut temb = embed(t, &self.timestep_embedder)?;
+        if let (Some(g), Some(m)) = (guidance, &self.guidance_embedder) {
+            temb = (temb + embed(g, m)?)?;
+        }
+        temb + self.text_embedder.forward(pooled)?
     }
 }
 

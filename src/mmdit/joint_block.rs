@@ -1,8 +1,9 @@
 //! The SD3 joint transformer block (diffusers `JointTransformerBlock`), with the MMDiT-X second
 //! attention on dual-attention layers and the context-pre-only variant for the last block.
 
-use super::attention::JointAttention;
+use super::attention::{JointAttention, TokenOrder};
 use super::modulation::{gate, layer_norm, modulate, AdaNormContinuous, Modulation};
+use super::rope::Rope;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
@@ -39,6 +40,8 @@ pub struct BlockSpec {
     pub qk_norm: bool,
     pub dual_attention: bool,
     pub context_pre_only: bool,
+    /// SD3 puts the text after the image tokens, Flux before.
+    pub order: TokenOrder,
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +59,7 @@ pub struct JointBlock {
     attn2: Option<JointAttention>,
     ff: FeedForward,
     ctx: ContextPath,
+    order: TokenOrder,
 }
 
 impl JointBlock {
@@ -101,16 +105,19 @@ impl JointBlock {
             attn2,
             ff,
             ctx,
+            order: s.order,
         })
     }
 
-    /// x: (b, n, dim) image tokens; ctx: (b, s, dim) text tokens; temb: (b, dim).
-    /// Returns the new image tokens and, unless context-pre-only, the new text tokens.
+    /// x: (b, n, dim) image tokens; ctx: (b, s, dim) text tokens; temb: (b, dim); rope: Flux's
+    /// rotary tables over the joint sequence. Returns the new image tokens and, unless
+    /// context-pre-only, the new text tokens.
     pub fn forward(
         &self,
         x: &Tensor,
         ctx: &Tensor,
         temb: &Tensor,
+        rope: Option<&Rope>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         // m: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift_msa2, scale_msa2, gate_msa2]
         let m = self.norm1.forward(temb)?;
@@ -125,7 +132,9 @@ impl JointBlock {
             ContextPath::PreOnly { norm1 } => (norm1.forward(ctx, temb)?, None),
         };
 
-        let (attn, ctx_attn) = self.attn.forward_joint(&x_attn_in, &ctx_attn_in)?;
+        let (attn, ctx_attn) =
+            self.attn
+                .forward_joint(&x_attn_in, &ctx_attn_in, self.order, rope)?;
         let mut x = (x + gate(&attn, &m[2])?)?;
         if let Some(attn2) = &self.attn2 {
             let x2_in = modulate(&x_norm, &m[6], &m[7])?;

@@ -3,8 +3,12 @@
 
 pub mod attention;
 pub mod embed;
+pub mod flux;
 pub mod joint_block;
 pub mod modulation;
+pub mod rope;
 pub mod sd3;
+pub mod single_block;
 
+pub use flux::FluxTransformer;
 pub use sd3::Sd3Transformer;

@@ -1,5 +1,6 @@
 //! `SD3Transformer2DModel`: SD3, SD3.5 (qk RMSNorm) and SD3.5-medium (MMDiT-X dual attention).
 
+use super::attention::TokenOrder;
 use super::embed::{PatchEmbed, TimeTextEmbed};
 use super::joint_block::{BlockSpec, JointBlock};
 use super::modulation::AdaNormContinuous;
@@ -30,8 +31,12 @@ impl Sd3Transformer {
             cfg.pos_embed_max_size,
             vb.pp("pos_embed"),
         )?;
-        let time_text_embed =
-            TimeTextEmbed::new(dim, cfg.pooled_projection_dim, vb.pp("time_text_embed"))?;
+        let time_text_embed = TimeTextEmbed::new(
+            dim,
+            cfg.pooled_projection_dim,
+            false,
+            vb.pp("time_text_embed"),
+        )?;
         let context_embedder = candle_nn::linear(
             cfg.joint_attention_dim,
             cfg.caption_projection_dim,
@@ -46,6 +51,7 @@ impl Sd3Transformer {
                     qk_norm: cfg.use_qk_norm(),
                     dual_attention: cfg.dual_attention_layers.contains(&i),
                     context_pre_only: i + 1 == cfg.num_layers,
+                    order: TokenOrder::ImageFirst,
                 };
                 JointBlock::new(spec, vb.pp(format!("transformer_blocks.{i}")))
             })
@@ -82,10 +88,10 @@ impl Sd3Transformer {
         let (b, _, h, w) = x.dims4()?;
         let p = self.cfg.patch_size;
         let mut img = self.pos_embed.forward(x)?; // (b, n, dim)
-        let temb = self.time_text_embed.forward(t, pooled)?; // (b, dim)
+        let temb = self.time_text_embed.forward(t, None, pooled)?; // (b, dim)
         let mut ctx = self.context_embedder.forward(context)?; // (b, s, dim)
         for block in &self.blocks {
-            let (new_img, new_ctx) = block.forward(&img, &ctx, &temb)?;
+            let (new_img, new_ctx) = block.forward(&img, &ctx, &temb, None)?;
             img = new_img;
             if let Some(c) = new_ctx {
                 ctx = c;

@@ -57,12 +57,17 @@ pub struct ClipText {
 }
 
 impl ClipText {
-    /// `with_projection`: load `text_projection` (CLIPTextModelWithProjection). An absent projection
-    /// weight with `identity_projection` set uses the identity (SAI single files ship CLIP-L without one).
+    /// `with_projection`: load `text_projection` (CLIPTextModelWithProjection).
     pub fn new(cfg: &ClipTextConfig, with_projection: bool, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let ln = |vb: VarBuilder| candle_nn::layer_norm(d, cfg.layer_norm_eps, vb);
-        let t = vb.pp("text_model");
+        // transformers nests the text tower under `text_model.` (Hub checkpoints, and
+        // CLIPTextModelWithProjection today); CLIPTextModel saved by transformers 5 has no prefix.
+        let t = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb.clone()
+        };
         let emb = t.pp("embeddings");
         let token_embedding = candle_nn::embedding(cfg.vocab_size, d, emb.pp("token_embedding"))?;
         let position_embedding = emb.get(

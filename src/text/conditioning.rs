@@ -95,3 +95,48 @@ impl Sd3TextEncoders {
         Ok((Conditioning { context, pooled }, cut))
     }
 }
+
+/// Flux prompt assembly, as diffusers' `FluxPipeline.encode_prompt`: CLIP-L pooled output (no
+/// projection) and the T5 last hidden state.
+pub struct FluxTextEncoders {
+    pub clip: (ClipText, TextTokenizer),
+    pub t5: (T5EncoderModel, TextTokenizer),
+    pub clip_len: usize,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl FluxTextEncoders {
+    pub fn encode(
+        &mut self,
+        prompt: &str,
+        max_seq: usize,
+    ) -> Result<(Conditioning, Vec<Truncation>)> {
+        let mut cut = Vec::new();
+        let t = self.clip.1.encode_padded(prompt, self.clip_len)?;
+        if t.dropped > 0 {
+            cut.push(Truncation {
+                encoder: "CLIP-L",
+                limit: self.clip_len,
+                dropped: t.dropped,
+            });
+        }
+        let pooled = self
+            .clip
+            .0
+            .forward(&[t.ids], &self.device)?
+            .pooled
+            .to_dtype(self.dtype)?;
+        let t = self.t5.1.encode_padded(prompt, max_seq)?;
+        if t.dropped > 0 {
+            cut.push(Truncation {
+                encoder: "T5",
+                limit: max_seq,
+                dropped: t.dropped,
+            });
+        }
+        let ids = Tensor::new(t.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        let context = self.t5.0.forward(&ids)?.to_dtype(self.dtype)?;
+        Ok((Conditioning { context, pooled }, cut))
+    }
+}

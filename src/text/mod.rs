@@ -4,5 +4,5 @@ pub mod clip;
 pub mod conditioning;
 pub mod tokenize;
 
-pub use conditioning::{Conditioning, Sd3TextEncoders};
+pub use conditioning::{Conditioning, FluxTextEncoders, Sd3TextEncoders};
 pub use tokenize::TextTokenizer;

@@ -1,24 +1,29 @@
-//! The SD3 pipeline: glue between configs, text encoders, transformer, sampler and VAE.
+//! The SD3 pipeline (diffusers `StableDiffusion3Pipeline`): glue between configs, text encoders,
+//! transformer, sampler and VAE.
 //!
 //! Loading is split in two so that every check on the request runs before any weight is read:
 //! [`Sd3Spec::open`] reads and validates the configs, [`Sd3Spec::resolve`] checks a request against
 //! them, [`Sd3Spec::load`] maps the weights.
 
+use super::{
+    check_finite, check_noise, decode_latents, read, resolve_common, seeded_noise, tensor_error,
+    tokenizer_dir, Generated, RgbImage, Timings,
+};
 use crate::config::{
     self, ClipTextConfig, ModelIndex, SchedulerConfig, Sd3TransformerConfig, T5Config, VaeConfig,
 };
 use crate::error::{Error, Result};
-use crate::loader::{self, weights, FileSource, ModelRef};
+use crate::loader::{self, weights, FileSource};
 use crate::mmdit::Sd3Transformer;
 use crate::request::{self, Request, Resolved};
 use crate::sampling::{self, schedule, Schedule, Velocity};
 use crate::text::clip::ClipText;
 use crate::text::conditioning::{Conditioning, Truncation};
 use crate::text::{Sd3TextEncoders, TextTokenizer};
-use crate::vae::{self, VaeDecoder};
+use crate::vae::VaeDecoder;
 use candle_core::{DType, Device, Tensor};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Default steps, guidance and T5 length of the SD3 pipeline (diffusers `StableDiffusion3Pipeline.__call__`).
 pub const SD3_DEFAULT_STEPS: usize = 28;
@@ -40,26 +45,11 @@ pub struct Sd3Spec {
     pub t5: Option<(T5Config, PathBuf)>,
 }
 
-fn read<T: serde::de::DeserializeOwned>(src: &dyn FileSource, rel: &str) -> Result<(T, PathBuf)> {
-    let p = loader::require(src, rel)?;
-    Ok((config::read_json(&p)?, p))
-}
-
 impl Sd3Spec {
-    /// Reads `model_index.json` and every component config, and validates them.
-    pub fn open(model: &ModelRef) -> Result<Self> {
-        let source = loader::open(model)?;
+    /// Reads every component config of an SD3 pipeline (whose `model_index.json` is `index`, read
+    /// from `ip`) and validates them.
+    pub fn open(source: Box<dyn FileSource>, index: ModelIndex, ip: PathBuf) -> Result<Self> {
         let src = source.as_ref();
-        let (index, ip): (ModelIndex, _) = read(src, "model_index.json")?;
-        if index.class_name != "StableDiffusion3Pipeline" {
-            return Err(Error::config(
-                ip,
-                format!(
-                    "pipeline class `{}` is not supported; expected StableDiffusion3Pipeline",
-                    index.class_name
-                ),
-            ));
-        }
         let (transformer, p): (Sd3TransformerConfig, _) = read(src, "transformer/config.json")?;
         transformer.validate(&p)?;
         let (vae, p): (VaeConfig, _) = read(src, "vae/config.json")?;
@@ -145,47 +135,32 @@ impl Sd3Spec {
     pub fn resolve(&self, req: &Request) -> Result<Resolved> {
         let m = self.size_multiple();
         let max_side = (self.transformer.pos_embed_max_size * m).min(request::MAX_PIXELS / m);
-        let width = req.width.unwrap_or(self.default_side());
-        let height = req.height.unwrap_or(self.default_side());
-        request::check_side("width", width, m, max_side)?;
-        request::check_side("height", height, m, max_side)?;
-        if width * height > request::MAX_PIXELS {
-            return Err(Error::request(format!(
-                "{width}x{height} is more than the {} pixel cap; ask for a smaller image",
-                request::MAX_PIXELS
-            )));
-        }
-        let steps = req.steps.unwrap_or(SD3_DEFAULT_STEPS);
-        request::check_steps(steps)?;
-        let guidance = req.guidance.unwrap_or(SD3_DEFAULT_GUIDANCE);
-        request::check_guidance("guidance", guidance)?;
-        let max_sequence_length = req.max_sequence_length.unwrap_or(SD3_DEFAULT_MAX_SEQ);
-        if !(1..=SD3_MAX_SEQ).contains(&max_sequence_length) {
-            return Err(Error::request(format!(
-                "--max-sequence-length {max_sequence_length}: must be between 1 and {SD3_MAX_SEQ}"
-            )));
+        let mut r = resolve_common(
+            req,
+            self.default_side(),
+            m,
+            max_side,
+            SD3_DEFAULT_STEPS,
+            SD3_DEFAULT_MAX_SEQ,
+            SD3_MAX_SEQ,
+        )?;
+        r.guidance = req.guidance.unwrap_or(SD3_DEFAULT_GUIDANCE);
+        request::check_guidance("guidance", r.guidance)?;
+        if req.true_cfg.is_some() {
+            return Err(Error::request(
+                "--true-cfg applies to Flux models; SD3 uses --guidance for classifier-free guidance",
+            ));
         }
         if let Some(noise) = &req.noise {
             let f = self.vae.scale_factor();
-            let want = [1, self.transformer.in_channels, height / f, width / f];
-            if noise.dims() != want {
-                return Err(Error::request(format!(
-                    "--noise: tensor `noise` has shape {:?} but a {width}x{height} image needs {want:?}; \
-                     pass --width/--height that match the noise",
-                    noise.dims()
-                )));
-            }
+            check_noise(
+                noise,
+                [1, self.transformer.in_channels, r.height / f, r.width / f],
+                r.width,
+                r.height,
+            )?;
         }
-        Ok(Resolved {
-            prompt: req.prompt.clone(),
-            negative_prompt: req.negative_prompt.clone().unwrap_or_default(),
-            steps,
-            guidance,
-            width,
-            height,
-            seed: req.seed.unwrap_or_else(rand::random),
-            max_sequence_length,
-        })
+        Ok(r)
     }
 
     /// The sigma schedule for a resolved request.
@@ -271,70 +246,6 @@ impl Sd3Spec {
     }
 }
 
-/// The tokenizer folder `dir`, fetched (for Hub models) file by file.
-fn tokenizer_dir(src: &dyn FileSource, dir: &str) -> Result<PathBuf> {
-    let main = loader::require(src, &format!("{dir}/tokenizer.json"))?;
-    for extra in ["tokenizer_config.json", "special_tokens_map.json"] {
-        src.file(&format!("{dir}/{extra}"))?;
-    }
-    Ok(main.parent().map(PathBuf::from).unwrap_or_default())
-}
-
-/// Turns a candle error raised while building a model from weights into a tensor error naming it.
-fn tensor_error(e: candle_core::Error) -> Error {
-    let msg = e.to_string();
-    // candle: "cannot find tensor NAME" / "shape mismatch for NAME, expected: [..], got: [..]"
-    if let Some(rest) = msg.strip_prefix("cannot find tensor ") {
-        return Error::Tensor {
-            name: rest.trim().to_string(),
-            msg: "missing from the weight files".into(),
-        };
-    }
-    if let Some(rest) = msg.strip_prefix("shape mismatch for ") {
-        if let Some((name, shapes)) = rest.split_once(", ") {
-            return Error::Tensor {
-                name: name.to_string(),
-                msg: format!("wrong shape: {shapes}"),
-            };
-        }
-    }
-    Error::Candle(e)
-}
-
-/// Wall time of each stage of one generation.
-#[derive(Debug, Clone, Default)]
-pub struct Timings {
-    pub text: Duration,
-    pub steps: Vec<Duration>,
-    pub decode: Duration,
-}
-
-impl Timings {
-    pub fn denoise(&self) -> Duration {
-        self.steps.iter().sum()
-    }
-}
-
-/// An 8-bit RGB image.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RgbImage {
-    pub width: usize,
-    pub height: usize,
-    /// Row-major RGB bytes, `width * height * 3` of them.
-    pub data: Vec<u8>,
-}
-
-/// One generated image and what it took.
-#[derive(Debug, Clone)]
-pub struct Generated {
-    pub image: RgbImage,
-    /// Final latents (sampler space, before unscaling), (1, C, h, w) f32.
-    pub latents: Tensor,
-    pub request: Resolved,
-    pub timings: Timings,
-    pub truncations: Vec<Truncation>,
-}
-
 /// A loaded SD3 pipeline.
 pub struct Sd3Pipeline {
     pub spec: Sd3Spec,
@@ -379,37 +290,6 @@ impl Velocity for Guided<'_> {
         (self.on_step)(step);
         Ok(v)
     }
-}
-
-/// Fails with a clear error if `x` holds a NaN or an infinity (their sum is then not finite).
-pub fn check_finite(x: &Tensor, what: &'static str, step: usize, dtype: DType) -> Result<()> {
-    let s: f32 = x.to_dtype(DType::F32)?.sum_all()?.to_scalar()?;
-    if s.is_finite() {
-        Ok(())
-    } else {
-        Err(Error::NonFinite {
-            what,
-            step: step + 1,
-            dtype: crate::device::dtype_name(dtype).into(),
-        })
-    }
-}
-
-/// Standard-normal latents from a seed (our own generator: seeds do not reproduce torch's noise;
-/// use `--noise` for that).
-pub fn seeded_noise(
-    seed: u64,
-    shape: (usize, usize, usize, usize),
-    device: &Device,
-) -> Result<Tensor> {
-    use rand::SeedableRng;
-    use rand_distr::Distribution;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n = shape.0 * shape.1 * shape.2 * shape.3;
-    let v: Vec<f32> = (0..n)
-        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
-        .collect();
-    Ok(Tensor::from_vec(v, shape, device)?)
 }
 
 impl Sd3Pipeline {
@@ -483,25 +363,6 @@ impl Sd3Pipeline {
 
     /// Latents in sampler space (1, C, h, w) -> RGB image.
     pub fn decode(&self, latents: &Tensor) -> Result<RgbImage> {
-        let vae_dtype = self.vae_dtype();
-        let z = self
-            .vae
-            .unscale(&latents.to_dtype(DType::F32)?)?
-            .to_dtype(vae_dtype)?;
-        let x = self.vae.decode(&z)?;
-        let (height, width, data) = vae::to_rgb8(&x)?.remove(0);
-        Ok(RgbImage {
-            width,
-            height,
-            data,
-        })
-    }
-
-    fn vae_dtype(&self) -> DType {
-        if self.dtype == DType::F16 {
-            DType::F32
-        } else {
-            self.dtype
-        }
+        decode_latents(&self.vae, latents, self.dtype)
     }
 }

@@ -1,0 +1,120 @@
+use super::{check, check_dim, MAX_LAYERS};
+use crate::error::Result;
+use std::path::Path;
+
+/// `transformer/config.json` of a `FluxTransformer2DModel` (field names and defaults as diffusers).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct FluxTransformerConfig {
+    #[serde(default = "d1")]
+    pub patch_size: usize,
+    /// Packed latent channels in (16 latent channels x 2 x 2).
+    #[serde(default = "d64")]
+    pub in_channels: usize,
+    #[serde(default)]
+    pub out_channels: Option<usize>,
+    /// Double-stream blocks.
+    #[serde(default = "d19")]
+    pub num_layers: usize,
+    /// Single-stream blocks.
+    #[serde(default = "d38")]
+    pub num_single_layers: usize,
+    #[serde(default = "d128")]
+    pub attention_head_dim: usize,
+    #[serde(default = "d24")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d4096")]
+    pub joint_attention_dim: usize,
+    #[serde(default = "d768")]
+    pub pooled_projection_dim: usize,
+    /// FLUX.1-dev embeds the guidance scale; schnell does not.
+    #[serde(default)]
+    pub guidance_embeds: bool,
+    #[serde(default = "daxes")]
+    pub axes_dims_rope: Vec<usize>,
+}
+
+fn d1() -> usize {
+    1
+}
+fn d19() -> usize {
+    19
+}
+fn d24() -> usize {
+    24
+}
+fn d38() -> usize {
+    38
+}
+fn d64() -> usize {
+    64
+}
+fn d128() -> usize {
+    128
+}
+fn d768() -> usize {
+    768
+}
+fn d4096() -> usize {
+    4096
+}
+fn daxes() -> Vec<usize> {
+    vec![16, 56, 56]
+}
+
+impl FluxTransformerConfig {
+    pub fn hidden_size(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        for (n, v) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels()),
+            ("attention_head_dim", self.attention_head_dim),
+            ("num_attention_heads", self.num_attention_heads),
+            ("joint_attention_dim", self.joint_attention_dim),
+            ("pooled_projection_dim", self.pooled_projection_dim),
+        ] {
+            check_dim(path, n, v)?;
+        }
+        check_dim(path, "hidden size (heads x head dim)", self.hidden_size())?;
+        check(path, self.patch_size == 1, || {
+            format!(
+                "`patch_size` is {}; Flux packs 2x2 itself and needs 1",
+                self.patch_size
+            )
+        })?;
+        check(path, self.in_channels.is_multiple_of(4), || {
+            format!(
+                "`in_channels` ({}) must be 4 x the latent channels",
+                self.in_channels
+            )
+        })?;
+        check(
+            path,
+            self.num_layers <= MAX_LAYERS
+                && self.num_single_layers <= MAX_LAYERS
+                && self.num_layers + self.num_single_layers > 0,
+            || {
+                format!("{} double and {} single blocks: expected 0..={MAX_LAYERS} each, at least one block", self.num_layers, self.num_single_layers)
+            },
+        )?;
+        let rope: usize = self.axes_dims_rope.iter().sum();
+        check(
+            path,
+            rope == self.attention_head_dim
+                && self.axes_dims_rope.iter().all(|d| d % 2 == 0)
+                && !self.axes_dims_rope.is_empty(),
+            || {
+                format!(
+                    "`axes_dims_rope` {:?} must be even and sum to attention_head_dim {}",
+                    self.axes_dims_rope, self.attention_head_dim
+                )
+            },
+        )
+    }
+}

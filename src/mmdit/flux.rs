@@ -1,0 +1,160 @@
+//! `FluxTransformer2DModel`: double-stream joint blocks (shared with SD3, text first, RoPE) then
+//! single-stream blocks, AdaLN-continuous output norm.
+
+use super::attention::TokenOrder;
+use super::embed::TimeTextEmbed;
+use super::joint_block::{BlockSpec, JointBlock};
+use super::modulation::AdaNormContinuous;
+use super::rope::Rope;
+use super::single_block::SingleBlock;
+use crate::config::FluxTransformerConfig;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+/// RoPE base of every released Flux model.
+const ROPE_THETA: f64 = 10000.0;
+
+#[derive(Debug, Clone)]
+pub struct FluxTransformer {
+    x_embedder: Linear,
+    context_embedder: Linear,
+    time_text_embed: TimeTextEmbed,
+    double: Vec<JointBlock>,
+    single: Vec<SingleBlock>,
+    norm_out: AdaNormContinuous,
+    proj_out: Linear,
+    cfg: FluxTransformerConfig,
+}
+
+impl FluxTransformer {
+    pub fn new(cfg: &FluxTransformerConfig, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.hidden_size();
+        let (heads, hd) = (cfg.num_attention_heads, cfg.attention_head_dim);
+        let double = (0..cfg.num_layers)
+            .map(|i| {
+                let spec = BlockSpec {
+                    dim,
+                    heads,
+                    head_dim: hd,
+                    qk_norm: true,
+                    dual_attention: false,
+                    context_pre_only: false,
+                    order: TokenOrder::TextFirst,
+                };
+                JointBlock::new(spec, vb.pp(format!("transformer_blocks.{i}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let single = (0..cfg.num_single_layers)
+            .map(|i| {
+                SingleBlock::new(
+                    dim,
+                    heads,
+                    hd,
+                    4.0,
+                    vb.pp(format!("single_transformer_blocks.{i}")),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            x_embedder: candle_nn::linear(cfg.in_channels, dim, vb.pp("x_embedder"))?,
+            context_embedder: candle_nn::linear(
+                cfg.joint_attention_dim,
+                dim,
+                vb.pp("context_embedder"),
+            )?,
+            time_text_embed: TimeTextEmbed::new(
+                dim,
+                cfg.pooled_projection_dim,
+                cfg.guidance_embeds,
+                vb.pp("time_text_embed"),
+            )?,
+            double,
+            single,
+            norm_out: AdaNormContinuous::new(dim, vb.pp("norm_out"))?,
+            proj_out: candle_nn::linear(
+                dim,
+                cfg.patch_size * cfg.patch_size * cfg.out_channels(),
+                vb.pp("proj_out"),
+            )?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &FluxTransformerConfig {
+        &self.cfg
+    }
+
+    /// Rotary tables for `txt_len` text tokens (ids 0) followed by an `h x w` grid of packed latents
+    /// (ids `[0, row, col]`).
+    pub fn rope(
+        &self,
+        txt_len: usize,
+        h: usize,
+        w: usize,
+        device: &candle_core::Device,
+    ) -> Result<Rope> {
+        let mut ids = vec![vec![0.0; 3]; txt_len];
+        for r in 0..h {
+            for c in 0..w {
+                ids.push(vec![0.0, r as f64, c as f64]);
+            }
+        }
+        Rope::new(&ids, &self.cfg.axes_dims_rope, ROPE_THETA, device)
+    }
+
+    /// Predicts the flow velocity on packed latents.
+    ///
+    /// # Shapes
+    /// x: (b, n, in_channels) packed latents; sigma: (b,) in [0, 1] (scaled by 1000 inside);
+    /// guidance: (b,) scale (models with guidance_embeds); context: (b, s, joint_attention_dim);
+    /// pooled: (b, pooled_projection_dim); rope over s + n tokens -> (b, n, out_channels)
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        sigma: &Tensor,
+        guidance: Option<&Tensor>,
+        context: &Tensor,
+        pooled: &Tensor,
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let mut img = self.x_embedder.forward(x)?; // (b, n, dim)
+        let t = (sigma.to_dtype(dtype)? * 1000.0)?;
+        let g = match guidance {
+            Some(g) if self.cfg.guidance_embeds => Some((g.to_dtype(dtype)? * 1000.0)?),
+            _ => None,
+        };
+        let temb = self.time_text_embed.forward(&t, g.as_ref(), pooled)?; // (b, dim)
+        let mut ctx = self.context_embedder.forward(context)?; // (b, s, dim)
+        for block in &self.double {
+            let (i, c) = block.forward(&img, &ctx, &temb, Some(rope))?;
+            img = i;
+            ctx = c.expect("double blocks keep the context stream");
+        }
+        let s = ctx.dim(1)?;
+        let n = img.dim(1)?;
+        let mut joint = Tensor::cat(&[ctx, img], 1)?; // (b, s + n, dim)
+        for block in &self.single {
+            joint = block.forward(&joint, &temb, rope)?;
+        }
+        let img = joint.narrow(1, s, n)?;
+        self.proj_out.forward(&self.norm_out.forward(&img, &temb)?)
+    }
+}
+
+/// (b, c, h, w) -> (b, h/2 * w/2, c * 4): 2x2 patches, channel-major inside each patch.
+pub fn pack(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h / 2, 2, w / 2, 2))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .reshape((b, (h / 2) * (w / 2), c * 4))
+}
+
+/// Inverse of [`pack`]: (b, h/2 * w/2, c * 4) -> (b, c, h, w).
+pub fn unpack(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (b, _, c4) = x.dims3()?;
+    let c = c4 / 4;
+    x.reshape((b, h / 2, w / 2, c, 2, 2))?
+        .permute((0, 3, 1, 4, 2, 5))?
+        .reshape((b, c, h, w))
+}

@@ -1,0 +1,82 @@
+//! Flux's rotary position embedding over several id axes (diffusers `FluxPosEmbed` with
+//! `get_1d_rotary_pos_embed(..., repeat_interleave_real=True, use_real=True)`; BFL `flux/math.py`).
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// Per-token cos and sin tables, each (s, head_dim), f32.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// ids: one row of `axes.len()` positions per token; axes: rotary dims per axis (even, summing to
+    /// the head dim). Angles are computed in f64 as diffusers does, then stored as f32.
+    pub fn new(ids: &[Vec<f64>], axes: &[usize], theta: f64, device: &Device) -> Result<Self> {
+        let dim: usize = axes.iter().sum();
+        let mut cos = Vec::with_capacity(ids.len() * dim);
+        let mut sin = Vec::with_capacity(ids.len() * dim);
+        for row in ids {
+            for (a, &d) in axes.iter().enumerate() {
+                let pos = row.get(a).copied().unwrap_or(0.0);
+                for k in 0..d / 2 {
+                    let freq = 1.0 / theta.powf((2 * k) as f64 / d as f64);
+                    let angle = pos * freq;
+                    // each frequency covers an adjacent pair of channels
+                    for _ in 0..2 {
+                        cos.push(angle.cos() as f32);
+                        sin.push(angle.sin() as f32);
+                    }
+                }
+            }
+        }
+        let s = ids.len();
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (s, dim), device)?,
+            sin: Tensor::from_vec(sin, (s, dim), device)?,
+        })
+    }
+
+    /// Rotates adjacent channel pairs: `x * cos + rot(x) * sin` with `rot(x0, x1) = (-x1, x0)`,
+    /// computed in f32.
+    ///
+    /// # Shapes
+    /// x: (b, h, s, d) -> (b, h, s, d)
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, s, d) = x.dims4()?;
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let pairs = xf.reshape((b, h, s, d / 2, 2))?;
+        let x0 = pairs.narrow(D::Minus1, 0, 1)?;
+        let x1 = pairs.narrow(D::Minus1, 1, 1)?;
+        let rot = Tensor::cat(&[x1.neg()?, x0], D::Minus1)?.reshape((b, h, s, d))?;
+        let cos = self.cos.unsqueeze(0)?.unsqueeze(0)?;
+        let sin = self.sin.unsqueeze(0)?.unsqueeze(0)?;
+        (xf.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?.to_dtype(dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_zero_is_identity_and_rotation_preserves_norm() {
+        let dev = Device::Cpu;
+        let rope = Rope::new(&[vec![0.0, 0.0], vec![3.0, 5.0]], &[2, 4], 10000.0, &dev).unwrap();
+        let x = Tensor::arange(0f32, 12.0, &dev)
+            .unwrap()
+            .reshape((1, 1, 2, 6))
+            .unwrap();
+        let y = rope.apply(&x).unwrap();
+        let xv: Vec<Vec<f32>> = x.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let yv: Vec<Vec<f32>> = y.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        assert_eq!(xv[0], yv[0]);
+        let n = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((n(&xv[1]) - n(&yv[1])).abs() < 1e-3);
+        // first pair rotated by angle 3 (axis 0, freq 1)
+        let (c, s) = (3f32.cos(), 3f32.sin());
+        assert!((yv[1][0] - (6.0 * c - 7.0 * s)).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,271 @@
+//! Pipelines: glue between configs, text encoders, transformer, sampler and VAE, one per model family.
+//!
+//! Loading is split in two so that every check on a request runs before any weight is read:
+//! [`Spec::open`] reads and validates the configs, [`Spec::resolve`] checks a request against them,
+//! [`Spec::load`] maps the weights.
+
+pub mod flux;
+pub mod sd3;
+
+use crate::config::{self, ModelIndex};
+use crate::error::{Error, Result};
+use crate::loader::{self, FileSource, ModelRef};
+use crate::request::{self, Request, Resolved};
+use crate::sampling::Schedule;
+use crate::text::conditioning::Truncation;
+use crate::vae::{self, VaeDecoder};
+use candle_core::{DType, Device, Tensor};
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use flux::{FluxPipeline, FluxSpec};
+pub use sd3::{Sd3Pipeline, Sd3Spec};
+
+fn read<T: serde::de::DeserializeOwned>(src: &dyn FileSource, rel: &str) -> Result<(T, PathBuf)> {
+    let p = loader::require(src, rel)?;
+    Ok((config::read_json(&p)?, p))
+}
+
+/// A model's configs, read and validated, of either family.
+pub enum Spec {
+    Sd3(Sd3Spec),
+    Flux(FluxSpec),
+}
+
+impl Spec {
+    /// Reads `model_index.json`, picks the family from its `_class_name`, reads and checks the configs.
+    pub fn open(model: &ModelRef) -> Result<Self> {
+        let source = loader::open(model)?;
+        let (index, ip): (ModelIndex, _) = read(source.as_ref(), "model_index.json")?;
+        match index.class_name.as_str() {
+            "StableDiffusion3Pipeline" => Ok(Spec::Sd3(Sd3Spec::open(source, index, ip)?)),
+            "FluxPipeline" => Ok(Spec::Flux(FluxSpec::open(source, index, ip)?)),
+            other => Err(Error::config(
+                ip,
+                format!("pipeline class `{other}` is not supported; expected StableDiffusion3Pipeline or FluxPipeline"),
+            )),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Spec::Sd3(s) => &s.name,
+            Spec::Flux(s) => &s.name,
+        }
+    }
+
+    /// Checks a request against the model and fills in defaults. Cheap: call before `load`.
+    pub fn resolve(&self, req: &Request) -> Result<Resolved> {
+        match self {
+            Spec::Sd3(s) => s.resolve(req),
+            Spec::Flux(s) => s.resolve(req),
+        }
+    }
+
+    pub fn schedule(&self, r: &Resolved) -> Schedule {
+        match self {
+            Spec::Sd3(s) => s.schedule(r),
+            Spec::Flux(s) => s.schedule(r),
+        }
+    }
+
+    /// Maps the weights and builds every component.
+    pub fn load(self, device: &Device, dtype: DType) -> Result<Pipeline> {
+        Ok(match self {
+            Spec::Sd3(s) => Pipeline::Sd3(Box::new(s.load(device, dtype)?)),
+            Spec::Flux(s) => Pipeline::Flux(Box::new(s.load(device, dtype)?)),
+        })
+    }
+}
+
+/// A loaded pipeline of either family.
+pub enum Pipeline {
+    Sd3(Box<Sd3Pipeline>),
+    Flux(Box<FluxPipeline>),
+}
+
+impl Pipeline {
+    /// Runs text encoding, sampling and decoding. `on_step(i)` is called after each step.
+    pub fn generate(&mut self, req: &Request, on_step: &mut dyn FnMut(usize)) -> Result<Generated> {
+        match self {
+            Pipeline::Sd3(p) => p.generate(req, on_step),
+            Pipeline::Flux(p) => p.generate(req, on_step),
+        }
+    }
+}
+
+/// The tokenizer folder `dir`, fetched (for Hub models) file by file.
+fn tokenizer_dir(src: &dyn FileSource, dir: &str) -> Result<PathBuf> {
+    let main = loader::require(src, &format!("{dir}/tokenizer.json"))?;
+    for extra in ["tokenizer_config.json", "special_tokens_map.json"] {
+        src.file(&format!("{dir}/{extra}"))?;
+    }
+    Ok(main.parent().map(PathBuf::from).unwrap_or_default())
+}
+
+/// Turns a candle error raised while building a model from weights into a tensor error naming it.
+fn tensor_error(e: candle_core::Error) -> Error {
+    // candle appends a backtrace when RUST_BACKTRACE is set: keep the first line.
+    let full = e.to_string();
+    let msg = full.lines().next().unwrap_or_default().to_string();
+    // candle: "cannot find tensor NAME" / "shape mismatch for NAME, expected: [..], got: [..]"
+    if let Some(rest) = msg.strip_prefix("cannot find tensor ") {
+        return Error::Tensor {
+            name: rest.trim().to_string(),
+            msg: "missing from the weight files".into(),
+        };
+    }
+    if let Some(rest) = msg.strip_prefix("shape mismatch for ") {
+        if let Some((name, shapes)) = rest.split_once(", ") {
+            return Error::Tensor {
+                name: name.to_string(),
+                msg: format!("wrong shape: {shapes}"),
+            };
+        }
+    }
+    Error::Candle(e)
+}
+
+/// Wall time of each stage of one generation.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub text: Duration,
+    pub steps: Vec<Duration>,
+    pub decode: Duration,
+}
+
+impl Timings {
+    pub fn denoise(&self) -> Duration {
+        self.steps.iter().sum()
+    }
+}
+
+/// An 8-bit RGB image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    /// Row-major RGB bytes, `width * height * 3` of them.
+    pub data: Vec<u8>,
+}
+
+/// One generated image and what it took.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub image: RgbImage,
+    /// Final latents (sampler space, before unscaling), (1, C, h, w) f32.
+    pub latents: Tensor,
+    pub request: Resolved,
+    pub timings: Timings,
+    pub truncations: Vec<Truncation>,
+}
+
+/// Fails with a clear error if `x` holds a NaN or an infinity (their sum is then not finite).
+pub fn check_finite(x: &Tensor, what: &'static str, step: usize, dtype: DType) -> Result<()> {
+    let s: f32 = x.to_dtype(DType::F32)?.sum_all()?.to_scalar()?;
+    if s.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::NonFinite {
+            what,
+            step: step + 1,
+            dtype: crate::device::dtype_name(dtype).into(),
+        })
+    }
+}
+
+/// Standard-normal latents from a seed (our own generator: seeds do not reproduce torch's noise;
+/// use `--noise` for that).
+pub fn seeded_noise(
+    seed: u64,
+    shape: (usize, usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    let v: Vec<f32> = (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
+/// Latents in sampler space (1, C, h, w) -> RGB image through the VAE (f16 runs the VAE in f32).
+pub fn decode_latents(vae: &VaeDecoder, latents: &Tensor, dtype: DType) -> Result<RgbImage> {
+    let vae_dtype = if dtype == DType::F16 {
+        DType::F32
+    } else {
+        dtype
+    };
+    let z = vae
+        .unscale(&latents.to_dtype(DType::F32)?)?
+        .to_dtype(vae_dtype)?;
+    let x = vae.decode(&z)?;
+    let (height, width, data) = vae::to_rgb8(&x)?.remove(0);
+    Ok(RgbImage {
+        width,
+        height,
+        data,
+    })
+}
+
+/// Size, steps, T5 length and seed: the checks every family shares. Guidance is left at 0 for the
+/// family to set.
+pub(crate) fn resolve_common(
+    req: &Request,
+    default_side: usize,
+    multiple: usize,
+    max_side: usize,
+    default_steps: usize,
+    default_max_seq: usize,
+    max_seq_limit: usize,
+) -> Result<Resolved> {
+    let width = req.width.unwrap_or(default_side);
+    let height = req.height.unwrap_or(default_side);
+    request::check_side("width", width, multiple, max_side)?;
+    request::check_side("height", height, multiple, max_side)?;
+    if width * height > request::MAX_PIXELS {
+        return Err(Error::request(format!(
+            "{width}x{height} is more than the {} pixel cap; ask for a smaller image",
+            request::MAX_PIXELS
+        )));
+    }
+    let steps = req.steps.unwrap_or(default_steps);
+    request::check_steps(steps)?;
+    let max_sequence_length = req.max_sequence_length.unwrap_or(default_max_seq);
+    if !(1..=max_seq_limit).contains(&max_sequence_length) {
+        return Err(Error::request(format!(
+            "--max-sequence-length {max_sequence_length}: must be between 1 and {max_seq_limit}"
+        )));
+    }
+    Ok(Resolved {
+        prompt: req.prompt.clone(),
+        negative_prompt: req.negative_prompt.clone().unwrap_or_default(),
+        steps,
+        guidance: 0.0,
+        width,
+        height,
+        seed: req.seed.unwrap_or_else(rand::random),
+        max_sequence_length,
+        true_cfg: 1.0,
+        notices: Vec::new(),
+    })
+}
+
+/// Checks a `--noise` tensor has the latent shape the image size needs.
+pub(crate) fn check_noise(
+    noise: &Tensor,
+    want: [usize; 4],
+    width: usize,
+    height: usize,
+) -> Result<()> {
+    if noise.dims() != want {
+        return Err(Error::request(format!(
+            "--noise: tensor `noise` has shape {:?} but a {width}x{height} image needs {want:?}; \
+             pass --width/--height that match the noise",
+            noise.dims()
+        )));
+    }
+    Ok(())
+}

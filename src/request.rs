@@ -1,6 +1,7 @@
 //! What the user asks for, and its checked, fully resolved form.
 
 use crate::error::{Error, Result};
+use crate::sampling::Sampler;
 use candle_core::Tensor;
 
 /// A generation request; `None` fields take the model's defaults.
@@ -21,6 +22,8 @@ pub struct Request {
     pub max_sequence_length: Option<usize>,
     /// Flux: true classifier-free guidance scale, used with a negative prompt.
     pub true_cfg: Option<f64>,
+    /// ODE integrator (default Euler, as diffusers).
+    pub sampler: Option<Sampler>,
 }
 
 /// A request with every value decided and checked against the model.
@@ -36,6 +39,7 @@ pub struct Resolved {
     pub max_sequence_length: usize,
     /// Flux true-CFG scale; 1 when off.
     pub true_cfg: f64,
+    pub sampler: Sampler,
     /// Things the user should know about how the request was read (e.g. an ignored option).
     pub notices: Vec<String>,
 }

@@ -156,6 +156,7 @@ fn images_match_diffusers_within_2_of_255() {
                 noise: Some(noise),
                 max_sequence_length: Some(max_seq),
                 seed: None,
+                sampler: None,
             };
             let resolved = pipe.spec.resolve(&req).unwrap();
             let sched = pipe.spec.schedule(&resolved);

@@ -40,6 +40,9 @@ pub struct GenerateArgs {
     /// Initial latents: a safetensors file with one tensor `noise` of shape (1, C, H/f, W/f).
     #[arg(long)]
     pub noise: Option<PathBuf>,
+    /// ODE integrator: euler (as diffusers), heun, midpoint or adams2.
+    #[arg(long, default_value = "euler")]
+    pub sampler: String,
     /// Flux: true classifier-free guidance scale (needs --negative-prompt).
     #[arg(long)]
     pub true_cfg: Option<f64>,
@@ -78,6 +81,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         Some(s) => device::parse_dtype(s)?,
         None => device::default_dtype(&dev),
     };
+    let sampler = mmdit::sampling::Sampler::parse(&a.sampler)?;
     output::check_output_path(&a.output, a.overwrite)?;
     let noise = a.noise.as_deref().map(load_noise).transpose()?;
     let model = ModelRef::parse(&a.model, a.revision.as_deref())?;
@@ -93,6 +97,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         noise,
         max_sequence_length: a.max_sequence_length,
         true_cfg: a.true_cfg,
+        sampler: Some(sampler),
     };
     let resolved = spec.resolve(&req)?;
     let req = Request {
@@ -142,7 +147,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         ("negative_prompt".to_string(), r.negative_prompt.clone()),
         ("seed".to_string(), r.seed.to_string()),
         ("steps".to_string(), r.steps.to_string()),
-        ("sampler".to_string(), "euler".to_string()),
+        ("sampler".to_string(), r.sampler.name().to_string()),
         ("guidance".to_string(), r.guidance.to_string()),
         ("width".to_string(), r.width.to_string()),
         ("height".to_string(), r.height.to_string()),

@@ -14,7 +14,7 @@ use crate::mmdit::flux::{pack, unpack};
 use crate::mmdit::rope::Rope;
 use crate::mmdit::FluxTransformer;
 use crate::request::{self, Request, Resolved};
-use crate::sampling::{self, schedule, Schedule, Velocity};
+use crate::sampling::{schedule, Schedule, Velocity};
 use crate::text::clip::ClipText;
 use crate::text::conditioning::Conditioning;
 use crate::text::{FluxTextEncoders, TextTokenizer};
@@ -273,8 +273,11 @@ impl Velocity for FluxVelocity<'_> {
         }
         let v = unpack(&v, h, w)?.to_dtype(DType::F32)?;
         check_finite(&v, "velocity", step, self.dtype)?;
-        (self.on_step)(step);
         Ok(v)
+    }
+
+    fn end_step(&mut self, step: usize) {
+        (self.on_step)(step);
     }
 }
 
@@ -331,7 +334,9 @@ impl FluxPipeline {
             dtype: self.dtype,
             on_step: &mut tick,
         };
-        let latents = sampling::euler(&mut model, noise, &sched.sigmas, &sched.timesteps)?;
+        let latents = r
+            .sampler
+            .run(&mut model, noise, &sched.sigmas, &sched.timesteps)?;
         check_finite(&latents, "latents", r.steps - 1, self.dtype)?;
         timings.steps = step_times;
         let t0 = Instant::now();

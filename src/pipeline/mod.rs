@@ -249,6 +249,7 @@ pub(crate) fn resolve_common(
         seed: req.seed.unwrap_or_else(rand::random),
         max_sequence_length,
         true_cfg: 1.0,
+        sampler: req.sampler.unwrap_or(crate::sampling::Sampler::Euler),
         notices: Vec::new(),
     })
 }

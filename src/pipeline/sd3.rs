@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::loader::{self, weights, FileSource};
 use crate::mmdit::Sd3Transformer;
 use crate::request::{self, Request, Resolved};
-use crate::sampling::{self, schedule, Schedule, Velocity};
+use crate::sampling::{schedule, Schedule, Velocity};
 use crate::text::clip::ClipText;
 use crate::text::conditioning::{Conditioning, Truncation};
 use crate::text::{Sd3TextEncoders, TextTokenizer};
@@ -287,8 +287,11 @@ impl Velocity for Guided<'_> {
         };
         let v = v.to_dtype(DType::F32)?;
         check_finite(&v, "velocity", step, self.dtype)?;
-        (self.on_step)(step);
         Ok(v)
+    }
+
+    fn end_step(&mut self, step: usize) {
+        (self.on_step)(step);
     }
 }
 
@@ -311,7 +314,7 @@ impl Sd3Pipeline {
         Ok((Conditioning { context, pooled }, cut))
     }
 
-    /// Runs text encoding, sampling and decoding. `on_step(i)` is called after each model evaluation.
+    /// Runs text encoding, sampling and decoding. `on_step(i)` is called after each step.
     pub fn generate(&mut self, req: &Request, on_step: &mut dyn FnMut(usize)) -> Result<Generated> {
         let r = self.spec.resolve(req)?;
         let mut timings = Timings::default();
@@ -345,7 +348,9 @@ impl Sd3Pipeline {
             dtype: self.dtype,
             on_step: &mut tick,
         };
-        let latents = sampling::euler(&mut model, noise, &sched.sigmas, &sched.timesteps)?;
+        let latents = r
+            .sampler
+            .run(&mut model, noise, &sched.sigmas, &sched.timesteps)?;
         check_finite(&latents, "latents", r.steps - 1, self.dtype)?;
         timings.steps = step_times;
 

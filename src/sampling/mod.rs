@@ -4,4 +4,4 @@ pub mod schedule;
 pub mod solvers;
 
 pub use schedule::Schedule;
-pub use solvers::{euler, Velocity};
+pub use solvers::{euler, Sampler, Velocity};

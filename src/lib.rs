@@ -29,3 +29,4 @@ pub use pipeline::{
     FluxPipeline, FluxSpec, Generated, Pipeline, RgbImage, Sd3Pipeline, Sd3Spec, Spec,
 };
 pub use request::{Request, Resolved};
+pub mod bench;

@@ -1,5 +1,6 @@
 //! Argument structs and dispatch, one file per subcommand.
 
+mod bench;
 mod generate;
 
 use clap::{Parser, Subcommand};
@@ -19,11 +20,14 @@ pub struct Cli {
 pub enum Command {
     /// Generate an image from a prompt.
     Generate(generate::GenerateArgs),
+    /// Measure speed per phase and few-step fidelity at several step counts and samplers.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -85,6 +85,24 @@ pub enum Pipeline {
 }
 
 impl Pipeline {
+    /// Checks a request against the loaded model and fills in defaults.
+    pub fn resolve(&self, req: &Request) -> Result<Resolved> {
+        match self {
+            Pipeline::Sd3(p) => p.spec.resolve(req),
+            Pipeline::Flux(p) => p.spec.resolve(req),
+        }
+    }
+
+    /// The seeded initial latents (1, C, H/f, W/f) a resolved request starts from.
+    pub fn initial_noise(&self, r: &Resolved) -> Result<Tensor> {
+        let (vae, c, dev) = match self {
+            Pipeline::Sd3(p) => (&p.spec.vae, p.spec.transformer.in_channels, &p.device),
+            Pipeline::Flux(p) => (&p.spec.vae, p.spec.vae.latent_channels, &p.device),
+        };
+        let f = vae.scale_factor();
+        seeded_noise(r.seed, (1, c, r.height / f, r.width / f), dev)
+    }
+
     /// Runs text encoding, sampling and decoding. `on_step(i)` is called after each step.
     pub fn generate(&mut self, req: &Request, on_step: &mut dyn FnMut(usize)) -> Result<Generated> {
         match self {

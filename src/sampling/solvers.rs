@@ -16,9 +16,10 @@ pub trait Velocity {
 }
 
 /// The integrators `--sampler` offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Sampler {
     /// First order, 1 model evaluation per step (diffusers' FlowMatchEulerDiscreteScheduler).
+    #[default]
     Euler,
     /// Second order (trapezoidal predictor-corrector), 2 evaluations per step, Euler on the last step
     /// to sigma 0 as k-diffusion does.

@@ -1,0 +1,300 @@
+//! `mmdit bench`: speed per phase and few-step fidelity against a many-step reference.
+
+use anyhow::Context;
+use clap::Args;
+use mmdit::bench::{self, report, Stat};
+use mmdit::sampling::Sampler;
+use mmdit::{device, output, ModelRef, Request, Spec};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Model: a local folder in diffusers layout or a Hub repo id.
+    #[arg(long, default_value = super::generate::DEFAULT_MODEL)]
+    pub model: String,
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Step counts to measure, comma-separated.
+    #[arg(long, default_value = "4,10,28", value_delimiter = ',')]
+    pub steps: Vec<usize>,
+    /// Samplers to measure, comma-separated (euler, heun, midpoint, adams2).
+    #[arg(long, default_value = "euler", value_delimiter = ',')]
+    pub sampler: Vec<String>,
+    /// Steps of the Euler reference image that fidelity is measured against.
+    #[arg(long, default_value_t = 100)]
+    pub reference_steps: usize,
+    /// Prompt (repeatable); ignored when --prompts is given.
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// A file with one prompt per line.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Timed repeats of each configuration (after one warm-up run).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub height: Option<usize>,
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    #[arg(long)]
+    pub max_sequence_length: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// table, json or csv (printed to stdout).
+    #[arg(long, default_value = "table")]
+    pub format: String,
+    /// Writes results.json, results.csv, grid.png and plot.svg here.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Another engine's results JSON (scripts/bench_diffusers.py) to print side by side.
+    #[arg(long)]
+    pub compare: Option<PathBuf>,
+    /// Skip the fidelity reference (speed only).
+    #[arg(long)]
+    pub no_reference: bool,
+}
+
+/// Measurements of one (sampler, steps) configuration, over prompts and repeats.
+#[derive(Default)]
+struct Acc {
+    sampler: Sampler,
+    steps: usize,
+    text: Vec<f64>,
+    step: Vec<f64>,
+    denoise: Vec<f64>,
+    decode: Vec<f64>,
+    psnr: Vec<f64>,
+    rmse: Vec<f64>,
+}
+
+fn commit() -> String {
+    option_env!("MMDIT_COMMIT")
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            std::process::Command::new("git")
+                .args(["rev-parse", "--short", "HEAD"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_else(|| "unknown".into())
+        })
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let dev = device::parse_device(&a.device)?;
+    let dtype = match &a.dtype {
+        Some(s) => device::parse_dtype(s)?,
+        None => device::default_dtype(&dev),
+    };
+    if !matches!(a.format.as_str(), "table" | "json" | "csv") {
+        return Err(mmdit::Error::request(format!(
+            "--format {}: use table, json or csv",
+            a.format
+        ))
+        .into());
+    }
+    let samplers = a
+        .sampler
+        .iter()
+        .map(|s| Sampler::parse(s))
+        .collect::<mmdit::Result<Vec<_>>>()?;
+    for &s in a.steps.iter().chain([&a.reference_steps]) {
+        mmdit::request::check_steps(s)?;
+    }
+    if a.repeat == 0 {
+        return Err(mmdit::Error::request("--repeat 0: must be at least 1").into());
+    }
+    let prompts: Vec<String> = match &a.prompts {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("--prompts {}", p.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        None if a.prompt.is_empty() => vec!["a red circle on a white background".into()],
+        None => a.prompt.clone(),
+    };
+    let theirs: Option<report::Results> = match &a.compare {
+        Some(p) => Some(
+            serde_json::from_str(
+                &std::fs::read_to_string(p)
+                    .with_context(|| format!("--compare {}", p.display()))?,
+            )
+            .with_context(|| format!("--compare {}: not a bench results JSON", p.display()))?,
+        ),
+        None => None,
+    };
+    if let Some(d) = &a.output_dir {
+        std::fs::create_dir_all(d).with_context(|| format!("--output-dir {}", d.display()))?;
+    }
+    let model = ModelRef::parse(&a.model, a.revision.as_deref())?;
+    let spec = Spec::open(&model)?;
+    let base = |prompt: &str, steps: usize, sampler: Sampler| Request {
+        prompt: prompt.to_owned(),
+        steps: Some(steps),
+        sampler: Some(sampler),
+        seed: Some(a.seed),
+        width: a.width,
+        height: a.height,
+        guidance: a.guidance,
+        max_sequence_length: a.max_sequence_length,
+        ..Default::default()
+    };
+    let r0 = spec.resolve(&base(&prompts[0], a.steps[0], samplers[0]))?;
+    let name = spec.name().to_string();
+
+    let t0 = Instant::now();
+    let mut pipe = spec.load(&dev, dtype).context("loading the model")?;
+    let load_s = t0.elapsed().as_secs_f64();
+    // Warm-up: one short run, not measured.
+    pipe.generate(&base(&prompts[0], 1, Sampler::Euler), &mut |_| {})?;
+
+    let mut rows = Vec::new();
+    let mut grid_images = Vec::new();
+    let cols = a.steps.len() + usize::from(!a.no_reference);
+    let mut per_cfg: Vec<Acc> = Vec::new();
+    for prompt in &prompts {
+        let r = pipe.resolve(&base(prompt, 1, Sampler::Euler))?;
+        let noise = pipe.initial_noise(&r)?;
+        let reference = if a.no_reference {
+            None
+        } else {
+            eprintln!(
+                "reference: {} Euler steps for {prompt:?}",
+                a.reference_steps
+            );
+            let req = Request {
+                noise: Some(noise.clone()),
+                ..base(prompt, a.reference_steps, Sampler::Euler)
+            };
+            Some(pipe.generate(&req, &mut |_| {})?)
+        };
+        for &sampler in &samplers {
+            for &steps in &a.steps {
+                let idx = match per_cfg
+                    .iter()
+                    .position(|c| c.sampler == sampler && c.steps == steps)
+                {
+                    Some(i) => i,
+                    None => {
+                        per_cfg.push(Acc {
+                            sampler,
+                            steps,
+                            ..Default::default()
+                        });
+                        per_cfg.len() - 1
+                    }
+                };
+                for rep in 0..a.repeat {
+                    eprintln!(
+                        "{} x {steps} steps, repeat {}/{} for {prompt:?}",
+                        sampler.name(),
+                        rep + 1,
+                        a.repeat
+                    );
+                    let req = Request {
+                        noise: Some(noise.clone()),
+                        ..base(prompt, steps, sampler)
+                    };
+                    let out = pipe.generate(&req, &mut |_| {})?;
+                    let c = &mut per_cfg[idx];
+                    c.text.push(out.timings.text.as_secs_f64());
+                    c.step
+                        .extend(out.timings.steps.iter().map(|d| d.as_secs_f64()));
+                    c.denoise.push(out.timings.denoise().as_secs_f64());
+                    c.decode.push(out.timings.decode.as_secs_f64());
+                    if rep == 0 {
+                        if let Some(refr) = &reference {
+                            c.psnr.push(bench::psnr(&out.image, &refr.image));
+                            c.rmse.push(bench::rmse(&out.latents, &refr.latents)?);
+                        }
+                        grid_images.push(out.image);
+                    }
+                }
+            }
+            if let Some(refr) = &reference {
+                grid_images.push(refr.image.clone());
+            }
+        }
+    }
+    let sched = |steps: usize| {
+        let r = mmdit::Resolved {
+            steps,
+            ..r0.clone()
+        };
+        match &pipe {
+            mmdit::Pipeline::Sd3(p) => p.spec.schedule(&r),
+            mmdit::Pipeline::Flux(p) => p.spec.schedule(&r),
+        }
+    };
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    for c in per_cfg {
+        let sigmas = sched(c.steps).sigmas;
+        let step_s = Stat::of(&c.step);
+        rows.push(report::Row {
+            sampler: c.sampler.name().into(),
+            steps: c.steps,
+            nfe: c.sampler.nfe(c.steps, &sigmas),
+            text_s: Stat::of(&c.text),
+            step_s,
+            denoise_s: Stat::of(&c.denoise),
+            decode_s: Stat::of(&c.decode),
+            steps_per_s: step_s.map(|s| 1.0 / s.median),
+            psnr_db: mean(&c.psnr),
+            latent_rmse: mean(&c.rmse),
+        });
+    }
+    let results = report::Results {
+        engine: "mmdit".into(),
+        commit: commit(),
+        device: format!("{dev:?}").to_lowercase(),
+        dtype: device::dtype_name(dtype).into(),
+        threads: candle_core::utils::get_num_threads(),
+        model: name,
+        width: r0.width,
+        height: r0.height,
+        reference_steps: a.reference_steps,
+        repeat: a.repeat,
+        load_s,
+        peak_rss_bytes: bench::peak_rss_bytes(),
+        rows,
+    };
+    match a.format.as_str() {
+        "json" => println!("{}", results.json()),
+        "csv" => print!("{}", results.csv()),
+        _ => print!("{}", results.table()),
+    }
+    if let Some(t) = &theirs {
+        println!("\n{}", report::compare(&results, t));
+    }
+    if let Some(d) = &a.output_dir {
+        std::fs::write(d.join("results.json"), results.json())?;
+        std::fs::write(d.join("results.csv"), results.csv())?;
+        std::fs::write(d.join("plot.svg"), bench::plot::svg(&results))?;
+        let g = bench::grid(&grid_images, cols);
+        let grid_path = d.join("grid.png");
+        let _ = std::fs::remove_file(&grid_path);
+        output::write_png(
+            &grid_path,
+            &g,
+            &[(
+                "columns".into(),
+                format!("steps {:?} then reference", a.steps),
+            )],
+        )?;
+        eprintln!(
+            "wrote {}/{{results.json,results.csv,plot.svg,grid.png}}",
+            d.display()
+        );
+    }
+    Ok(())
+}

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod interrupt;
 pub mod loader;
 pub mod mmdit;
 pub mod output;

@@ -34,6 +34,19 @@ pub fn check_output_path(path: &Path, overwrite: bool) -> Result<()> {
             dir.display()
         )));
     }
+    // A folder marked read-only is respected even by root, who could write there anyway.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(&dir) {
+            if m.permissions().mode() & 0o222 == 0 {
+                return Err(Error::request(format!(
+                    "--output {shown}: folder {} is read-only; choose a writable folder",
+                    dir.display()
+                )));
+            }
+        }
+    }
     // Prove the folder is writable with the same kind of temporary file the real write uses.
     let probe = temp_path(path);
     match std::fs::OpenOptions::new()

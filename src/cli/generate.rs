@@ -1,23 +1,25 @@
-//! `mmdit generate`: one image from a prompt.
+//! `mmdit generate`: one image from a prompt, or a replay of a PNG's recorded parameters (`--from`).
 
 use anyhow::Context;
 use clap::Args;
+use mmdit::sampling::Sampler;
 use mmdit::{device, output, ModelRef, Request, Spec};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-/// The model `generate` uses when `--model` is not given: the demo model shipped in models/.
+/// The model `generate` and `bench` use when `--model` is not given: the demo model in models/.
 pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo");
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default)]
 pub struct GenerateArgs {
-    /// Model: a local folder in diffusers layout or a Hub repo id (org/name).
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    pub model: String,
+    /// Model: a local folder in diffusers layout or a Hub repo id (org/name). Default: the demo model.
+    #[arg(long)]
+    pub model: Option<String>,
     /// Hub revision (branch, tag or commit) when --model is a repo id.
     #[arg(long)]
     pub revision: Option<String>,
+    /// The prompt (required unless --from gives one).
     #[arg(long)]
-    pub prompt: String,
+    pub prompt: Option<String>,
     /// Negative prompt for classifier-free guidance (default "").
     #[arg(long)]
     pub negative_prompt: Option<String>,
@@ -34,15 +36,15 @@ pub struct GenerateArgs {
     /// Image height in pixels (default: the model's native size).
     #[arg(long)]
     pub height: Option<usize>,
-    /// Noise seed (random when absent; printed).
+    /// Noise seed (random when absent; printed and stored in the PNG).
     #[arg(long)]
     pub seed: Option<u64>,
     /// Initial latents: a safetensors file with one tensor `noise` of shape (1, C, H/f, W/f).
     #[arg(long)]
     pub noise: Option<PathBuf>,
     /// ODE integrator: euler (as diffusers), heun, midpoint or adams2.
-    #[arg(long, default_value = "euler")]
-    pub sampler: String,
+    #[arg(long)]
+    pub sampler: Option<String>,
     /// Flux: true classifier-free guidance scale (needs --negative-prompt).
     #[arg(long)]
     pub true_cfg: Option<f64>,
@@ -61,10 +63,16 @@ pub struct GenerateArgs {
     /// Replace the output file if it exists.
     #[arg(long)]
     pub overwrite: bool,
+    /// Replay the parameters recorded in a PNG made by mmdit; flags given here override them.
+    #[arg(long)]
+    pub from: Option<PathBuf>,
 }
 
-fn load_noise(path: &std::path::Path) -> anyhow::Result<candle_core::Tensor> {
+fn load_noise(path: &Path) -> anyhow::Result<candle_core::Tensor> {
     let bad = |msg: String| mmdit::Error::request(format!("--noise {}: {msg}", path.display()));
+    if !path.is_file() {
+        return Err(bad("no such file".into()).into());
+    }
     mmdit::loader::weights::check_safetensors(path)?;
     let mut t = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
         .map_err(|e| bad(format!("cannot read ({e})")))?;
@@ -74,20 +82,81 @@ fn load_noise(path: &std::path::Path) -> anyhow::Result<candle_core::Tensor> {
     Ok(noise.to_dtype(candle_core::DType::F32)?)
 }
 
-pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+/// Fills every argument the user did not give from the PNG's text chunks.
+fn apply_from(a: &mut GenerateArgs, png: &Path) -> anyhow::Result<()> {
+    let bad = |msg: String| mmdit::Error::request(format!("--from {}: {msg}", png.display()));
+    let (_, text) = output::read_png(png).map_err(|e| bad(format!("cannot read it ({e})")))?;
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    if get("mmdit_version").is_none() {
+        return Err(bad(
+            "has no mmdit generation parameters; pass a PNG written by `mmdit generate`".into(),
+        )
+        .into());
+    }
+    fn num<T: std::str::FromStr>(
+        v: Option<String>,
+        key: &str,
+        png: &Path,
+    ) -> anyhow::Result<Option<T>> {
+        v.map(|s| {
+            s.parse::<T>().map_err(|_| {
+                mmdit::Error::request(format!(
+                    "--from {}: recorded `{key}` ({s:?}) is not valid",
+                    png.display()
+                ))
+                .into()
+            })
+        })
+        .transpose()
+    }
+    a.prompt = a.prompt.take().or(get("prompt"));
+    a.negative_prompt = a
+        .negative_prompt
+        .take()
+        .or(get("negative_prompt").filter(|s| !s.is_empty()));
+    a.model = a.model.take().or(get("model"));
+    a.revision = a.revision.take().or(get("revision"));
+    a.sampler = a.sampler.take().or(get("sampler"));
+    a.dtype = a.dtype.take().or(get("dtype"));
+    a.noise = a.noise.take().or(get("noise_file").map(PathBuf::from));
+    a.seed = a.seed.or(num(get("seed"), "seed", png)?);
+    a.steps = a.steps.or(num(get("steps"), "steps", png)?);
+    a.guidance = a.guidance.or(num(get("guidance"), "guidance", png)?);
+    a.width = a.width.or(num(get("width"), "width", png)?);
+    a.height = a.height.or(num(get("height"), "height", png)?);
+    a.max_sequence_length =
+        a.max_sequence_length
+            .or(num(get("max_sequence_length"), "max_sequence_length", png)?);
+    let true_cfg: Option<f64> = num(get("true_cfg"), "true_cfg", png)?;
+    a.true_cfg = a.true_cfg.or(true_cfg.filter(|&g| g != 1.0));
+    Ok(())
+}
+
+pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     // Everything the user typed is checked before any weight is read.
+    if let Some(png) = a.from.clone() {
+        apply_from(&mut a, &png)?;
+    }
+    let prompt = a.prompt.clone().ok_or_else(|| {
+        mmdit::Error::request("--prompt is required (or --from a PNG made by mmdit)")
+    })?;
     let dev = device::parse_device(&a.device)?;
     let dtype = match &a.dtype {
         Some(s) => device::parse_dtype(s)?,
         None => device::default_dtype(&dev),
     };
-    let sampler = mmdit::sampling::Sampler::parse(&a.sampler)?;
+    let sampler = Sampler::parse(a.sampler.as_deref().unwrap_or("euler"))?;
     output::check_output_path(&a.output, a.overwrite)?;
     let noise = a.noise.as_deref().map(load_noise).transpose()?;
-    let model = ModelRef::parse(&a.model, a.revision.as_deref())?;
+    let model_str = a.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string());
+    let model = ModelRef::parse(&model_str, a.revision.as_deref())?;
     let spec = Spec::open(&model)?;
     let req = Request {
-        prompt: a.prompt.clone(),
+        prompt,
         negative_prompt: a.negative_prompt.clone(),
         steps: a.steps,
         guidance: a.guidance,
@@ -108,11 +177,12 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("notice: {n}");
     }
     eprintln!(
-        "model {} | {}x{} | {} steps | guidance {} | seed {}{}",
+        "model {} | {}x{} | {} steps {} | guidance {} | seed {}{}",
         spec.name(),
         resolved.width,
         resolved.height,
         resolved.steps,
+        resolved.sampler.name(),
         resolved.guidance,
         resolved.seed,
         if req.noise.is_some() {
@@ -122,6 +192,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
     );
 
+    // Ctrl-C stops at the next step; nothing is written.
+    let _ = ctrlc::set_handler(mmdit::interrupt::request);
     let t0 = std::time::Instant::now();
     let mut pipe = spec.load(&dev, dtype).context("loading the model")?;
     let load = t0.elapsed();
@@ -142,26 +214,28 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     let r = &out.request;
-    let text = vec![
-        ("prompt".to_string(), r.prompt.clone()),
-        ("negative_prompt".to_string(), r.negative_prompt.clone()),
-        ("seed".to_string(), r.seed.to_string()),
-        ("steps".to_string(), r.steps.to_string()),
-        ("sampler".to_string(), r.sampler.name().to_string()),
-        ("guidance".to_string(), r.guidance.to_string()),
-        ("width".to_string(), r.width.to_string()),
-        ("height".to_string(), r.height.to_string()),
-        (
-            "max_sequence_length".to_string(),
-            r.max_sequence_length.to_string(),
-        ),
-        ("model".to_string(), model.describe()),
-        ("dtype".to_string(), device::dtype_name(dtype).to_string()),
-        (
-            "mmdit_version".to_string(),
-            env!("CARGO_PKG_VERSION").to_string(),
-        ),
+    let mut text = vec![
+        ("prompt", r.prompt.clone()),
+        ("negative_prompt", r.negative_prompt.clone()),
+        ("seed", r.seed.to_string()),
+        ("steps", r.steps.to_string()),
+        ("sampler", r.sampler.name().to_string()),
+        ("guidance", r.guidance.to_string()),
+        ("true_cfg", r.true_cfg.to_string()),
+        ("width", r.width.to_string()),
+        ("height", r.height.to_string()),
+        ("max_sequence_length", r.max_sequence_length.to_string()),
+        ("model", model_str.clone()),
+        ("dtype", device::dtype_name(dtype).to_string()),
+        ("mmdit_version", env!("CARGO_PKG_VERSION").to_string()),
     ];
+    if let ModelRef::Hub { revision, .. } = &model {
+        text.push(("revision", revision.clone()));
+    }
+    if let Some(n) = &a.noise {
+        text.push(("noise_file", n.display().to_string()));
+    }
+    let text: Vec<(String, String)> = text.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     output::write_png(&a.output, &out.image, &text)?;
     let t = &out.timings;
     eprintln!(

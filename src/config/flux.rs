@@ -103,7 +103,11 @@ impl FluxTransformerConfig {
                 format!("{} double and {} single blocks: expected 0..={MAX_LAYERS} each, at least one block", self.num_layers, self.num_single_layers)
             },
         )?;
-        let rope: usize = self.axes_dims_rope.iter().sum();
+        // saturating: absurd axis sizes must fail the check below, not overflow
+        let rope = self
+            .axes_dims_rope
+            .iter()
+            .fold(0usize, |a, &d| a.saturating_add(d));
         check(
             path,
             rope == self.attention_head_dim

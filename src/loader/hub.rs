@@ -62,6 +62,7 @@ impl HubSource {
 impl FileSource for HubSource {
     fn file(&self, rel: &str) -> Result<Option<PathBuf>> {
         if let Some(p) = self.cached(rel) {
+            super::check_inside(&p, self.cache.path())?;
             return Ok(Some(p));
         }
         let Some(api) = &self.api else {

@@ -82,7 +82,11 @@ impl FolderSource {
 impl FileSource for FolderSource {
     fn file(&self, rel: &str) -> Result<Option<PathBuf>> {
         let p = self.root.join(rel);
-        Ok(p.is_file().then_some(p))
+        if !p.is_file() {
+            return Ok(None);
+        }
+        check_inside(&p, &self.root)?;
+        Ok(Some(p))
     }
     fn name(&self) -> String {
         self.root.display().to_string()
@@ -139,4 +143,22 @@ pub fn component_weights(src: &dyn FileSource, dir: &str, stems: &[&str]) -> Res
         stems[0],
         src.missing_hint()
     )))
+}
+
+/// Refuses a file that resolves (through symbolic links) outside `root`.
+pub fn check_inside(file: &Path, root: &Path) -> Result<()> {
+    let real = file.canonicalize().map_err(|e| Error::io(file, e))?;
+    let root_real = root.canonicalize().map_err(|e| Error::io(root, e))?;
+    if real.starts_with(&root_real) {
+        Ok(())
+    } else {
+        Err(Error::BadWeights {
+            path: file.to_path_buf(),
+            msg: format!(
+                "is a symbolic link to {}, outside the model folder {}; copy the file into the folder instead",
+                real.display(),
+                root_real.display()
+            ),
+        })
+    }
 }

@@ -39,16 +39,19 @@ pub fn shards_of_index(index: &Path) -> Result<Vec<String>> {
 /// Checks a safetensors file's header (length, JSON, dtypes, offsets, sizes) without reading the
 /// tensor data, so a damaged download is named before anything is mapped.
 pub fn check_safetensors(path: &Path) -> Result<()> {
-    let bad = |msg: String| Error::BadWeights {
-        path: path.to_path_buf(),
-        msg,
-    };
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the map is read-only and lives only for this check; a file truncated concurrently is
     // a race we accept like every mmap-based loader.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    safetensors::SafeTensors::read_metadata(&mmap)
-        .map_err(|e| bad(format!("invalid safetensors ({e})")))?;
+    check_safetensors_bytes(&mmap, path)
+}
+
+/// [`check_safetensors`] on bytes already in memory; `path` names them in errors.
+pub fn check_safetensors_bytes(bytes: &[u8], path: &Path) -> Result<()> {
+    safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::BadWeights {
+        path: path.to_path_buf(),
+        msg: format!("invalid safetensors ({e})"),
+    })?;
     Ok(())
 }
 

@@ -257,6 +257,7 @@ struct FluxVelocity<'a> {
 
 impl Velocity for FluxVelocity<'_> {
     fn velocity(&mut self, x: &Tensor, _sigma: f32, t: f32, step: usize) -> Result<Tensor> {
+        crate::interrupt::check()?;
         let (_, _, h, w) = x.dims4()?;
         let xp = pack(&x.to_dtype(self.dtype)?)?;
         // diffusers passes `timestep / 1000` and the model multiplies by 1000 again, both in f32.

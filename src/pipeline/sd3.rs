@@ -267,6 +267,7 @@ struct Guided<'a> {
 
 impl Velocity for Guided<'_> {
     fn velocity(&mut self, x: &Tensor, _sigma: f32, t: f32, step: usize) -> Result<Tensor> {
+        crate::interrupt::check()?;
         let b = self.cond.context.dim(0)?;
         let xin = x.to_dtype(self.dtype)?;
         let xin = if b > 1 {

@@ -1,0 +1,608 @@
+//! Issue 8: bad input, damaged files and faults give one clear error line, a non-zero exit, no panic
+//! and no output file. Each case is a named test.
+
+mod common;
+
+use common::*;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+/// `generate` on `model` writing into a fresh folder; returns (code, stderr, output path).
+fn generate(model: &Path, extra: &[&str], test: &str) -> (Option<i32>, String, PathBuf) {
+    let out = tmp(&format!("{test}-out")).join("img.png");
+    let mut args: Vec<&OsStr> = vec![
+        OsStr::new("generate"),
+        OsStr::new("--model"),
+        model.as_os_str(),
+    ];
+    args.extend([OsStr::new("--prompt"), OsStr::new("a red circle")]);
+    if !extra.contains(&"--steps") {
+        args.extend([OsStr::new("--steps"), OsStr::new("1")]);
+    }
+    args.extend(extra.iter().map(OsStr::new));
+    args.extend([OsStr::new("--output"), out.as_os_str()]);
+    let (code, err) = run(&args);
+    (code, err, out)
+}
+
+fn expect_error(model: &Path, extra: &[&str], test: &str, needles: &[&str]) {
+    let (code, err, out) = generate(model, extra, test);
+    assert_clean_error(code, &err, needles);
+    assert!(!out.exists(), "{test}: an output file was written");
+}
+
+fn dummy() -> PathBuf {
+    fixture("sd3-dummy")
+}
+
+// ---- 1. damaged safetensors --------------------------------------------------------------------
+
+fn safetensors_bytes(header: &str, data: usize) -> Vec<u8> {
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.extend(std::iter::repeat_n(0u8, data));
+    v
+}
+
+fn with_bad_transformer(test: &str, bytes: Vec<u8>) {
+    let m = copy_fixture("sd3-dummy", test);
+    let f = m.join("transformer/diffusion_pytorch_model.safetensors");
+    std::fs::write(&f, bytes).unwrap();
+    expect_error(
+        &m,
+        &[],
+        test,
+        &["diffusion_pytorch_model.safetensors", "download it again"],
+    );
+}
+
+#[test]
+fn safetensors_truncated() {
+    let m = copy_fixture("sd3-dummy", "trunc");
+    let f = m.join("transformer/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    expect_error(
+        &m,
+        &[],
+        "trunc",
+        &["diffusion_pytorch_model.safetensors", "download it again"],
+    );
+}
+
+#[test]
+fn safetensors_header_length_absurd() {
+    let mut v = u64::MAX.to_le_bytes().to_vec();
+    v.extend_from_slice(b"{}");
+    with_bad_transformer("hdr-max", v);
+}
+
+#[test]
+fn safetensors_header_length_past_end() {
+    let mut v = 1000u64.to_le_bytes().to_vec();
+    v.extend_from_slice(b"{}");
+    with_bad_transformer("hdr-past", v);
+}
+
+#[test]
+fn safetensors_invalid_json() {
+    with_bad_transformer("json", safetensors_bytes("{\"a\": [1, 2", 0));
+}
+
+#[test]
+fn safetensors_overlapping_offsets() {
+    let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+    with_bad_transformer("overlap", safetensors_bytes(h, 12));
+}
+
+#[test]
+fn safetensors_shape_does_not_match_byte_span() {
+    let h = r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
+    with_bad_transformer("span", safetensors_bytes(h, 8));
+}
+
+#[test]
+fn safetensors_unknown_dtype() {
+    let h = r#"{"a":{"dtype":"Q7","shape":[2],"data_offsets":[0,8]}}"#;
+    with_bad_transformer("dtype", safetensors_bytes(h, 8));
+}
+
+// ---- 2. configs --------------------------------------------------------------------------------
+
+fn with_config(test: &str, rel: &str, edit: impl FnOnce(&mut serde_json::Value), needles: &[&str]) {
+    let m = copy_fixture("sd3-dummy", test);
+    let f = m.join(rel);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&f, v.to_string()).unwrap();
+    expect_error(&m, &[], test, needles);
+}
+
+#[test]
+fn config_missing_field() {
+    with_config(
+        "cfg-missing",
+        "text_encoder/config.json",
+        |v| {
+            v.as_object_mut().unwrap().remove("hidden_size");
+        },
+        &["text_encoder/config.json", "hidden_size"],
+    );
+}
+
+#[test]
+fn config_wrong_type() {
+    with_config(
+        "cfg-type",
+        "transformer/config.json",
+        |v| v["num_layers"] = "many".into(),
+        &["transformer/config.json", "invalid type"],
+    );
+}
+
+#[test]
+fn config_absurd_layer_count() {
+    with_config(
+        "cfg-layers",
+        "transformer/config.json",
+        |v| v["num_layers"] = 1_000_000_000.into(),
+        &["num_layers", "1000000000"],
+    );
+}
+
+#[test]
+fn config_heads_not_dividing_width() {
+    with_config(
+        "cfg-heads",
+        "text_encoder_2/config.json",
+        |v| v["num_attention_heads"] = 5.into(),
+        &["num_attention_heads", "does not divide"],
+    );
+}
+
+#[test]
+fn config_zero_channels() {
+    with_config(
+        "cfg-zero",
+        "vae/config.json",
+        |v| v["latent_channels"] = 0.into(),
+        &["latent_channels"],
+    );
+}
+
+#[test]
+fn scheduler_config_absurd_shift() {
+    with_config(
+        "cfg-shift",
+        "scheduler/scheduler_config.json",
+        |v| v["shift"] = (-2.0).into(),
+        &["scheduler_config.json", "shift"],
+    );
+}
+
+#[test]
+fn model_index_unknown_pipeline() {
+    with_config(
+        "cfg-index",
+        "model_index.json",
+        |v| v["_class_name"] = "StableDiffusionXLPipeline".into(),
+        &["StableDiffusionXLPipeline", "not supported"],
+    );
+}
+
+// ---- 3. tensors --------------------------------------------------------------------------------
+
+fn rewrite_tensors(
+    m: &Path,
+    rel: &str,
+    edit: impl FnOnce(&mut std::collections::HashMap<String, candle_core::Tensor>),
+) {
+    let f = m.join(rel);
+    let mut t = candle_core::safetensors::load(&f, &candle_core::Device::Cpu).unwrap();
+    edit(&mut t);
+    candle_core::safetensors::save(&t, &f).unwrap();
+}
+
+#[test]
+fn tensor_of_wrong_shape_names_both_shapes() {
+    let m = copy_fixture("sd3-dummy", "shape");
+    rewrite_tensors(&m, "transformer/diffusion_pytorch_model.safetensors", |t| {
+        t.insert(
+            "proj_out.bias".into(),
+            candle_core::Tensor::zeros(5, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap(),
+        );
+    });
+    expect_error(&m, &[], "shape", &["proj_out.bias", "[4]", "[5]"]);
+}
+
+#[test]
+fn tensor_missing_is_named() {
+    let m = copy_fixture("sd3-dummy", "missing");
+    rewrite_tensors(&m, "vae/diffusion_pytorch_model.safetensors", |t| {
+        t.remove("decoder.conv_out.weight");
+    });
+    expect_error(&m, &[], "missing", &["decoder.conv_out.weight", "missing"]);
+}
+
+// ---- 4. pickle ---------------------------------------------------------------------------------
+
+#[test]
+fn pickle_checkpoint_refused() {
+    let m = copy_fixture("sd3-dummy", "pickle");
+    let dir = m.join("transformer");
+    std::fs::remove_file(dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(dir.join("diffusion_pytorch_model.bin"), b"\x80\x04pickle").unwrap();
+    expect_error(&m, &[], "pickle", &["pickle", "safetensors"]);
+}
+
+// ---- 5. index paths and symlinks ---------------------------------------------------------------
+
+fn with_index(test: &str, shard: &str) {
+    let m = copy_fixture("sd3-dummy", test);
+    let dir = m.join("transformer");
+    std::fs::remove_file(dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let idx = serde_json::json!({"metadata": {}, "weight_map": {"proj_out.bias": shard}});
+    std::fs::write(
+        dir.join("diffusion_pytorch_model.safetensors.index.json"),
+        idx.to_string(),
+    )
+    .unwrap();
+    expect_error(&m, &[], test, &["outside the model folder"]);
+}
+
+#[test]
+fn index_with_parent_path_refused() {
+    with_index("idx-parent", "../vae/diffusion_pytorch_model.safetensors");
+}
+
+#[test]
+fn index_with_absolute_path_refused() {
+    with_index("idx-abs", "/etc/passwd");
+}
+
+#[cfg(unix)]
+#[test]
+fn symlink_outside_model_folder_refused() {
+    let m = copy_fixture("sd3-dummy", "symlink");
+    let f = m.join("transformer/diffusion_pytorch_model.safetensors");
+    let outside = tmp("symlink-target").join("w.safetensors");
+    std::fs::rename(&f, &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, &f).unwrap();
+    expect_error(
+        &m,
+        &[],
+        "symlink",
+        &["symbolic link", "outside the model folder"],
+    );
+}
+
+// ---- 6. user input -----------------------------------------------------------------------------
+
+#[test]
+fn width_zero() {
+    expect_error(&dummy(), &["--width", "0"], "w0", &["--width 0"]);
+}
+
+#[test]
+fn height_not_a_multiple() {
+    let m = fixture("sd35-tiny");
+    expect_error(&m, &["--height", "30"], "h30", &["--height 30", "28 or 32"]);
+}
+
+#[test]
+fn size_beyond_position_table() {
+    // sd35-tiny: 16 x 16 patches of 2 latents of 2 pixels -> at most 64 pixels
+    expect_error(
+        &fixture("sd35-tiny"),
+        &["--width", "68"],
+        "wbig",
+        &["--width 68", "at most 64"],
+    );
+}
+
+#[test]
+fn size_beyond_pixel_cap() {
+    expect_error(
+        &fixture("flux-dummy"),
+        &["--width", "8192", "--height", "8192"],
+        "cap",
+        &["8192"],
+    );
+}
+
+#[test]
+fn steps_zero_and_too_many() {
+    expect_error(&dummy(), &["--steps", "0"], "s0", &["--steps 0"]);
+    expect_error(&dummy(), &["--steps", "1001"], "s1001", &["--steps 1001"]);
+}
+
+#[test]
+fn guidance_not_finite_or_negative() {
+    expect_error(
+        &dummy(),
+        &["--guidance", "NaN"],
+        "gnan",
+        &["--guidance NaN"],
+    );
+    expect_error(&dummy(), &["--guidance=-1"], "gneg", &["--guidance -1"]);
+}
+
+#[test]
+fn unknown_sampler_device_dtype() {
+    expect_error(
+        &dummy(),
+        &["--sampler", "ddim"],
+        "sampler",
+        &["--sampler ddim", "euler"],
+    );
+    expect_error(
+        &dummy(),
+        &["--device", "tpu"],
+        "device",
+        &["--device tpu", "cpu"],
+    );
+    expect_error(
+        &dummy(),
+        &["--dtype", "f8"],
+        "dtype",
+        &["--dtype f8", "bf16"],
+    );
+}
+
+#[test]
+fn missing_model_folder_or_bad_repo_id() {
+    expect_error(
+        Path::new("/nonexistent/model"),
+        &[],
+        "nomodel",
+        &["no such folder"],
+    );
+}
+
+// ---- 7. prompts --------------------------------------------------------------------------------
+
+#[test]
+fn empty_and_unicode_prompts_work_and_long_prompts_warn() {
+    let m = fixture("sd3-dummy");
+    for (i, p) in ["", "café 🐱 ✨ 東京"].iter().enumerate() {
+        let out = tmp(&format!("prompt{i}")).join("p.png");
+        let o = mmdit()
+            .args(["generate", "--steps", "1", "--prompt", p, "--model"])
+            .arg(&m)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let long = "a photo of a cat sitting on a red sofa, ".repeat(12);
+    let out = tmp("long").join("p.png");
+    let o = mmdit()
+        .args([
+            "generate",
+            "--steps",
+            "1",
+            "--max-sequence-length",
+            "16",
+            "--prompt",
+            &long,
+            "--model",
+        ])
+        .arg(&m)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("prompt too long for CLIP-L (77 tokens)")
+            && err.contains("tokens were dropped"),
+        "{err}"
+    );
+    assert!(err.contains("prompt too long for T5 (16 tokens)"), "{err}");
+}
+
+// ---- 8. output ---------------------------------------------------------------------------------
+
+fn generate_to(out: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let mut args: Vec<&OsStr> = vec![
+        OsStr::new("generate"),
+        OsStr::new("--model"),
+        fixture("sd3-dummy").into_os_string().leak(),
+    ];
+    args.extend(["--prompt", "x", "--steps", "1", "--output"].map(OsStr::new));
+    args.push(out.as_os_str());
+    args.extend(extra.iter().map(OsStr::new));
+    run(&args)
+}
+
+#[test]
+fn existing_output_not_overwritten() {
+    let out = tmp("exists").join("a.png");
+    std::fs::write(&out, b"keep").unwrap();
+    let (code, err) = generate_to(&out, &[]);
+    assert_clean_error(code, &err, &["already exists", "--overwrite"]);
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep");
+}
+
+#[test]
+fn missing_output_folder() {
+    let out = tmp("nodir").join("no/such/dir/a.png");
+    let (code, err) = generate_to(&out, &[]);
+    assert_clean_error(code, &err, &["does not exist"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn read_only_output_folder() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tmp("ro");
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let (code, err) = generate_to(&d.join("a.png"), &[]);
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_clean_error(code, &err, &["read-only"]);
+    assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
+}
+
+#[cfg(unix)]
+#[test]
+fn symlinked_output_path() {
+    let d = tmp("outlink");
+    let target = d.join("target.png");
+    std::fs::write(&target, b"t").unwrap();
+    std::os::unix::fs::symlink(&target, d.join("link.png")).unwrap();
+    let (code, err) = generate_to(&d.join("link.png"), &["--overwrite"]);
+    assert_clean_error(code, &err, &["symbolic link"]);
+    assert_eq!(std::fs::read(&target).unwrap(), b"t");
+}
+
+// ---- 9. non-finite values ----------------------------------------------------------------------
+
+#[test]
+fn f16_overflow_is_caught_at_the_step_with_a_dtype_hint() {
+    // Scale the output projection so the velocity is ~1e6: finite in f32, infinite in f16.
+    let m = copy_fixture("sd3-dummy", "overflow");
+    rewrite_tensors(&m, "transformer/diffusion_pytorch_model.safetensors", |t| {
+        let w = t["proj_out.weight"].clone();
+        t.insert("proj_out.weight".into(), (w * 1e6).unwrap());
+    });
+    let (code, err, out) = generate(&m, &["--dtype", "f16"], "overflow");
+    assert_clean_error(code, &err, &["non-finite", "step 1", "--dtype bf16", "f32"]);
+    assert!(!out.exists());
+}
+
+// ---- 10. devices not compiled in ---------------------------------------------------------------
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_device_in_a_cpu_build_names_the_feature() {
+    expect_error(
+        &dummy(),
+        &["--device", "cuda"],
+        "cuda",
+        &["--features cuda"],
+    );
+}
+
+#[cfg(not(feature = "metal"))]
+#[test]
+fn metal_device_in_a_cpu_build_names_the_feature() {
+    expect_error(
+        &dummy(),
+        &["--device", "metal"],
+        "metal",
+        &["--features metal"],
+    );
+}
+
+// ---- 11. Ctrl-C --------------------------------------------------------------------------------
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_cleanly_with_exit_130_and_no_file() {
+    let out = tmp("sigint").join("a.png");
+    let child = mmdit()
+        .args(["generate", "--prompt", "x", "--steps", "1000", "--model"])
+        .arg(dummy())
+        .arg("--output")
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it load and start sampling, then interrupt.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(!out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap()).unwrap().collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+// ---- 13. metadata and replay -------------------------------------------------------------------
+
+#[test]
+fn from_png_replays_bit_for_bit() {
+    let d = tmp("replay");
+    let first = d.join("first.png");
+    let o = mmdit()
+        .args([
+            "generate",
+            "--prompt",
+            "a blue square",
+            "--steps",
+            "3",
+            "--guidance",
+            "4.5",
+            "--sampler",
+            "heun",
+            "--model",
+        ])
+        .arg(fixture("sd35-tiny"))
+        .args(["--width", "40", "--height", "32", "--output"])
+        .arg(&first)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let second = d.join("second.png");
+    let o = mmdit()
+        .args(["generate", "--from"])
+        .arg(&first)
+        .arg("--output")
+        .arg(&second)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, ta) = mmdit::output::read_png(&first).unwrap();
+    let (b, tb) = mmdit::output::read_png(&second).unwrap();
+    assert_eq!(a, b, "replayed image differs");
+    assert_eq!(ta, tb);
+    for k in [
+        "prompt",
+        "negative_prompt",
+        "seed",
+        "steps",
+        "sampler",
+        "guidance",
+        "width",
+        "height",
+        "model",
+        "dtype",
+        "mmdit_version",
+    ] {
+        assert!(ta.iter().any(|(key, _)| key == k), "missing {k}");
+    }
+}
+
+#[test]
+fn from_a_png_without_parameters_is_refused() {
+    let d = tmp("from-bad");
+    let p = d.join("plain.png");
+    mmdit::output::write_png(
+        &p,
+        &mmdit::RgbImage {
+            width: 1,
+            height: 1,
+            data: vec![0, 0, 0],
+        },
+        &[],
+    )
+    .unwrap();
+    let (code, err) = run(&[
+        OsStr::new("generate"),
+        OsStr::new("--from"),
+        p.as_os_str(),
+        OsStr::new("--output"),
+        d.join("o.png").as_os_str(),
+    ]);
+    assert_clean_error(code, &err, &["no mmdit generation parameters"]);
+}

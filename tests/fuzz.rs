@@ -1,0 +1,159 @@
+//! Issue 8.12: a bounded, deterministic mutation fuzzer (a property test that runs in CI) over the
+//! safetensors header check and config parsing + validation: no input may panic. Iterations per
+//! target: `MMDIT_FUZZ_ITERS` (default 3000); longer local runs set it higher.
+
+mod common;
+
+use mmdit::config::{
+    ClipTextConfig, FluxTransformerConfig, SchedulerConfig, Sd3TransformerConfig, T5Config,
+    VaeConfig,
+};
+use std::path::Path;
+
+/// xorshift64*: reproducible without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+const INTERESTING: &[&[u8]] = &[
+    b"0",
+    b"-1",
+    b"1e309",
+    b"18446744073709551615",
+    b"4294967296",
+    b"null",
+    b"true",
+    b"\"\"",
+    b"[]",
+    b"{}",
+    b"1000000000",
+    b"NaN",
+    b"\"rms_norm\"",
+    b"[0, 18446744073709551615]",
+    b"\"F32\"",
+    b"\"BF16\"",
+    b"\"Q9\"",
+];
+
+/// One random edit: flip, insert, delete, splice an interesting token, or truncate.
+fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
+    let mut v = input.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let at = rng.below(v.len() + 1);
+        match rng.below(5) {
+            0 if !v.is_empty() => {
+                let i = at.min(v.len() - 1);
+                v[i] ^= 1 << rng.below(8);
+            }
+            1 => v.insert(at, rng.next() as u8),
+            2 if at < v.len() => {
+                let end = (at + 1 + rng.below(8)).min(v.len());
+                v.drain(at..end);
+            }
+            3 => {
+                let tok = INTERESTING[rng.below(INTERESTING.len())];
+                let end = (at + rng.below(12)).min(v.len());
+                v.splice(at..end, tok.iter().copied());
+            }
+            _ => v.truncate(at),
+        }
+    }
+    v
+}
+
+fn iters() -> usize {
+    std::env::var("MMDIT_FUZZ_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000)
+}
+
+fn seeds(name: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for fx in ["sd3-dummy", "sd35-tiny", "flux-dev-tiny"] {
+        let p = common::fixture(fx).join(name);
+        if let Ok(b) = std::fs::read(&p) {
+            out.push((p.display().to_string(), b));
+        }
+    }
+    out
+}
+
+fn run_config<T: serde::de::DeserializeOwned>(
+    rel: &str,
+    validate: fn(&T, &Path) -> mmdit::Result<()>,
+) -> usize {
+    let corpus = seeds(rel);
+    assert!(!corpus.is_empty(), "no seed files for {rel}");
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ rel.len() as u64);
+    let mut accepted = 0;
+    for _ in 0..iters() {
+        let (_, seed) = &corpus[rng.below(corpus.len())];
+        let input = mutate(&mut rng, seed);
+        let text = String::from_utf8_lossy(&input);
+        if let Ok(cfg) = serde_json::from_str::<T>(&text) {
+            if validate(&cfg, Path::new(rel)).is_ok() {
+                accepted += 1;
+            }
+        }
+    }
+    accepted
+}
+
+#[test]
+fn fuzz_config_parsing_never_panics() {
+    let n = iters();
+    let a = run_config::<Sd3TransformerConfig>("transformer/config.json", |c, p| c.validate(p));
+    let b = run_config::<VaeConfig>("vae/config.json", |c, p| c.validate(p));
+    let c = run_config::<SchedulerConfig>("scheduler/scheduler_config.json", |c, p| c.validate(p));
+    let d = run_config::<ClipTextConfig>("text_encoder/config.json", |c, p| c.validate(p));
+    let e = run_config::<T5Config>("text_encoder_3/config.json", |c, p| c.validate(p));
+    println!("{n} inputs per config; accepted: transformer {a}, vae {b}, scheduler {c}, clip {d}, t5 {e}");
+    let mut rng = Rng(7);
+    let flux =
+        std::fs::read(common::fixture("flux-dev-tiny").join("transformer/config.json")).unwrap();
+    for _ in 0..n {
+        let input = mutate(&mut rng, &flux);
+        if let Ok(cfg) =
+            serde_json::from_str::<FluxTransformerConfig>(&String::from_utf8_lossy(&input))
+        {
+            let _ = cfg.validate(Path::new("flux"));
+        }
+    }
+}
+
+#[test]
+fn fuzz_safetensors_header_check_never_panics() {
+    let seed =
+        std::fs::read(common::fixture("sd3-dummy").join("vae/diffusion_pytorch_model.safetensors"))
+            .unwrap();
+    let n = u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize;
+    let header = &seed[..8 + n];
+    let mut rng = Rng(42);
+    let mut ok = 0;
+    for _ in 0..iters() {
+        // Mutate the header region only (the data is opaque bytes), keep the data tail.
+        let mut bytes = mutate(&mut rng, &header[8..]);
+        let mut full = (bytes.len() as u64).to_le_bytes().to_vec();
+        if rng.below(10) == 0 {
+            full = rng.next().to_le_bytes().to_vec(); // a random length prefix
+        }
+        full.append(&mut bytes);
+        full.extend_from_slice(&seed[8 + n..]);
+        if mmdit::loader::weights::check_safetensors_bytes(&full, Path::new("fuzz.safetensors"))
+            .is_ok()
+        {
+            ok += 1;
+        }
+    }
+    println!("{} inputs, {ok} accepted", iters());
+}

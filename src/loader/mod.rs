@@ -1,5 +1,6 @@
 //! Where model files come from (a local folder or the Hugging Face Hub) and how weights are opened.
 
+pub mod audit;
 pub mod hub;
 pub mod weights;
 

@@ -1,0 +1,82 @@
+"""Shape manifests of the six real models, from diffusers/transformers classes built with the real
+configs on the meta device (nothing is downloaded, nothing allocated):
+
+    python scripts/make_manifests.py
+
+Writes tests/fixtures/manifests/<model>.json: for each component, every tensor's name, shape and the
+dtype the Hub files store it in. Configs follow the Hub's config.json files as recorded in
+shared/REFERENCE.md section 1 (transformer) and 3 (VAE); text encoders are the standard CLIP ViT-L/14,
+OpenCLIP bigG/14 text towers and T5-v1.1-XXL encoder.
+"""
+
+import json
+import os
+
+import torch
+import diffusers
+import transformers
+from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "manifests")
+
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280, num_hidden_layers=32,
+              num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+           up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+           latent_channels=16, norm_num_groups=32, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False)
+
+SD3 = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+           joint_attention_dim=4096, pooled_projection_dim=2048)
+MODELS = {
+    "sd3-medium": ("sd3", "fp16", dict(SD3, num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192)),
+    "sd3.5-large": ("sd3", "bf16", dict(SD3, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192, qk_norm="rms_norm")),
+    "sd3.5-large-turbo": ("sd3", "bf16", dict(SD3, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192, qk_norm="rms_norm")),
+    "sd3.5-medium": ("sd3", "bf16", dict(SD3, num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))),
+    "flux.1-schnell": ("flux", "bf16", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 56, 56))),
+    "flux.1-dev": ("flux", "bf16", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
+}
+
+
+def shapes(module, dtype):
+    return [{"name": n, "shape": list(p.shape), "dtype": dtype} for n, p in module.state_dict().items()]
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    with torch.device("meta"):
+        clip_l_proj = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L))
+        clip_l = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))
+        t5 = T5EncoderModel(T5Config(**T5_XXL))
+        for name, (family, dt, cfg) in MODELS.items():
+            vae = AutoencoderKL(**VAE, scaling_factor=1.5305 if family == "sd3" else 0.3611,
+                                shift_factor=0.0609 if family == "sd3" else 0.1159)
+            if family == "sd3":
+                tr = SD3Transformer2DModel(**cfg)
+                comps = {"transformer": shapes(tr, dt), "vae": shapes(vae, dt), "text_encoder": shapes(clip_l_proj, "fp16"),
+                         "text_encoder_2": shapes(clip_g, "fp16"), "text_encoder_3": shapes(t5, "fp16")}
+            else:
+                tr = FluxTransformer2DModel(**cfg)
+                comps = {"transformer": shapes(tr, dt), "vae": shapes(vae, dt), "text_encoder": shapes(clip_l, dt),
+                         "text_encoder_2": shapes(t5, dt)}
+            # transformers 5 ties T5's `encoder.embed_tokens` to `shared`: the Hub files store `shared.weight`.
+            for k in ("text_encoder_3", "text_encoder_2"):
+                if k in comps and any(t["name"] == "shared.weight" for t in comps[k]):
+                    comps[k] = [t for t in comps[k] if t["name"] != "encoder.embed_tokens.weight"]
+            doc = {"generator": "scripts/make_manifests.py", "diffusers": diffusers.__version__,
+                   "transformers": transformers.__version__, "model": name, "family": family,
+                   "transformer_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+                   "components": comps}
+            with open(os.path.join(OUT, f"{name}.json"), "w") as fh:
+                json.dump(doc, fh, separators=(",", ":"))
+            n = sum(1 for c in comps.values() for _ in c)
+            print(name, n, "tensors")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ pub mod loader;
 pub mod mmdit;
 pub mod output;
 pub mod pipeline;
+pub mod presets;
 pub mod request;
 pub mod sampling;
 pub mod text;

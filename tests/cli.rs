@@ -157,3 +157,83 @@ fn generate_runs_both_tiny_flux_variants() {
         }
     }
 }
+
+#[test]
+fn generate_defaults_to_the_embedded_demo_model() {
+    let dir = tmp("demo");
+    let out = dir.join("demo.png");
+    let st = mmdit()
+        .args([
+            "generate",
+            "--prompt",
+            "a red circle on a white background",
+            "--steps",
+            "4",
+            "--seed",
+            "1",
+        ])
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let (img, text) = mmdit::output::read_png(&out).unwrap();
+    assert_eq!((img.width, img.height), (64, 64));
+    assert!(text.iter().any(|(k, v)| k == "model" && v == "demo"));
+}
+
+#[test]
+fn models_lists_presets_and_inspect_checks_a_folder() {
+    let o = mmdit().arg("models").output().unwrap();
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    for name in [
+        "demo",
+        "sd3-medium",
+        "sd3.5-large",
+        "sd3.5-large-turbo",
+        "sd3.5-medium",
+        "flux.1-schnell",
+        "flux.1-dev",
+    ] {
+        assert!(s.contains(&format!("| {name} |")), "{s}");
+    }
+    let o = mmdit()
+        .arg("inspect")
+        .arg(common::fixture("flux-dev-tiny"))
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{s}");
+    assert!(
+        s.contains("dev-like") && s.contains("all tensors match"),
+        "{s}"
+    );
+}
+
+#[test]
+fn inspect_lists_bad_tensors_and_exits_non_zero() {
+    let m = common::copy_fixture("sd3-dummy", "inspect-bad");
+    let f = m.join("transformer/diffusion_pytorch_model.safetensors");
+    let mut t = candle_core::safetensors::load(&f, &candle_core::Device::Cpu).unwrap();
+    t.remove("proj_out.bias");
+    t.insert(
+        "stray.weight".into(),
+        candle_core::Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+    );
+    t.insert(
+        "context_embedder.bias".into(),
+        candle_core::Tensor::zeros(7, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&t, &f).unwrap();
+    let o = mmdit().arg("inspect").arg(&m).output().unwrap();
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(2), "{s}");
+    assert!(s.contains("missing     proj_out.bias"), "{s}");
+    assert!(s.contains("unexpected  stray.weight"), "{s}");
+    assert!(s.contains("wrong shape context_embedder.bias"), "{s}");
+}

@@ -19,22 +19,59 @@ fn tensors(list: &Value) -> BTreeMap<String, TensorMeta> {
         .unwrap()
         .iter()
         .map(|t| {
-            let shape = t["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
-            (t["name"].as_str().unwrap().to_string(), TensorMeta { shape, dtype: t["dtype"].as_str().unwrap().into() })
+            let shape = t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            (
+                t["name"].as_str().unwrap().to_string(),
+                TensorMeta {
+                    shape,
+                    dtype: t["dtype"].as_str().unwrap().into(),
+                },
+            )
         })
         .collect()
 }
 
 fn check(model: &str, comp: &str, a: Audit) {
     let twice: Vec<_> = a.requested.iter().filter(|(_, &n)| n != 1).collect();
-    assert!(a.missing.is_empty(), "{model}/{comp}: missing {:?}", &a.missing[..a.missing.len().min(5)]);
-    assert!(a.wrong_shape.is_empty(), "{model}/{comp}: wrong shape {:?}", &a.wrong_shape[..a.wrong_shape.len().min(5)]);
-    assert!(a.unexpected.is_empty(), "{model}/{comp}: unexpected {:?}", &a.unexpected[..a.unexpected.len().min(5)]);
-    assert!(twice.is_empty(), "{model}/{comp}: read more than once {twice:?}");
-    println!("{model}/{comp}: {} tensors, {} parameters, all mapped", a.requested.len(), a.params);
+    assert!(
+        a.missing.is_empty(),
+        "{model}/{comp}: missing {:?}",
+        &a.missing[..a.missing.len().min(5)]
+    );
+    assert!(
+        a.wrong_shape.is_empty(),
+        "{model}/{comp}: wrong shape {:?}",
+        &a.wrong_shape[..a.wrong_shape.len().min(5)]
+    );
+    assert!(
+        a.unexpected.is_empty(),
+        "{model}/{comp}: unexpected {:?}",
+        &a.unexpected[..a.unexpected.len().min(5)]
+    );
+    assert!(
+        twice.is_empty(),
+        "{model}/{comp}: read more than once {twice:?}"
+    );
+    println!(
+        "{model}/{comp}: {} tensors, {} parameters, all mapped",
+        a.requested.len(),
+        a.params
+    );
 }
 
-fn clip(hidden: usize, layers: usize, heads: usize, inter: usize, proj: usize, act: &str) -> ClipTextConfig {
+fn clip(
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    inter: usize,
+    proj: usize,
+    act: &str,
+) -> ClipTextConfig {
     serde_json::from_value(json!({"vocab_size": 49408, "hidden_size": hidden, "intermediate_size": inter,
         "projection_dim": proj, "num_hidden_layers": layers, "num_attention_heads": heads, "hidden_act": act}))
     .unwrap()
@@ -57,32 +94,88 @@ fn vae() -> VaeConfig {
 #[test]
 fn all_six_models_map_every_tensor_exactly_once() {
     let none = |_: &str| false;
-    for model in ["sd3-medium", "sd3.5-large", "sd3.5-large-turbo", "sd3.5-medium", "flux.1-schnell", "flux.1-dev"] {
+    for model in [
+        "sd3-medium",
+        "sd3.5-large",
+        "sd3.5-large-turbo",
+        "sd3.5-medium",
+        "flux.1-schnell",
+        "flux.1-dev",
+    ] {
         let path = common::fixture("manifests").join(format!("{model}.json"));
         let m: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let comps = &m["components"];
         let tcfg = m["transformer_config"].clone();
         let a = if m["family"] == "sd3" {
             let cfg: Sd3TransformerConfig = serde_json::from_value(tcfg).unwrap();
-            ShapeBackend::audit(tensors(&comps["transformer"]), |vb| Sd3Transformer::new(&cfg, vb).map(drop), none)
+            ShapeBackend::audit(
+                tensors(&comps["transformer"]),
+                |vb| Sd3Transformer::new(&cfg, vb).map(drop),
+                none,
+            )
         } else {
             let cfg: FluxTransformerConfig = serde_json::from_value(tcfg).unwrap();
-            ShapeBackend::audit(tensors(&comps["transformer"]), |vb| FluxTransformer::new(&cfg, vb).map(drop), none)
+            ShapeBackend::audit(
+                tensors(&comps["transformer"]),
+                |vb| FluxTransformer::new(&cfg, vb).map(drop),
+                none,
+            )
         };
         check(model, "transformer", a.unwrap());
         let encoder_side = |n: &str| n.starts_with("encoder.") || n.starts_with("quant_conv.");
-        let a = ShapeBackend::audit(tensors(&comps["vae"]), |vb| VaeDecoder::new(&vae(), vb).map(drop), encoder_side);
+        let a = ShapeBackend::audit(
+            tensors(&comps["vae"]),
+            |vb| VaeDecoder::new(&vae(), vb).map(drop),
+            encoder_side,
+        );
         check(model, "vae (decoder)", a.unwrap());
         let l = clip(768, 12, 12, 3072, 768, "quick_gelu");
         let g = clip(1280, 32, 20, 5120, 1280, "gelu");
-        let build_t5 = |vb: VarBuilder| candle_transformers::models::t5::T5EncoderModel::load(vb, &t5()).map(drop);
+        let build_t5 = |vb: VarBuilder| {
+            candle_transformers::models::t5::T5EncoderModel::load(vb, &t5()).map(drop)
+        };
         if m["family"] == "sd3" {
-            check(model, "text_encoder", ShapeBackend::audit(tensors(&comps["text_encoder"]), |vb| ClipText::new(&l, true, vb).map(drop), none).unwrap());
-            check(model, "text_encoder_2", ShapeBackend::audit(tensors(&comps["text_encoder_2"]), |vb| ClipText::new(&g, true, vb).map(drop), none).unwrap());
-            check(model, "text_encoder_3", ShapeBackend::audit(tensors(&comps["text_encoder_3"]), build_t5, none).unwrap());
+            check(
+                model,
+                "text_encoder",
+                ShapeBackend::audit(
+                    tensors(&comps["text_encoder"]),
+                    |vb| ClipText::new(&l, true, vb).map(drop),
+                    none,
+                )
+                .unwrap(),
+            );
+            check(
+                model,
+                "text_encoder_2",
+                ShapeBackend::audit(
+                    tensors(&comps["text_encoder_2"]),
+                    |vb| ClipText::new(&g, true, vb).map(drop),
+                    none,
+                )
+                .unwrap(),
+            );
+            check(
+                model,
+                "text_encoder_3",
+                ShapeBackend::audit(tensors(&comps["text_encoder_3"]), build_t5, none).unwrap(),
+            );
         } else {
-            check(model, "text_encoder", ShapeBackend::audit(tensors(&comps["text_encoder"]), |vb| ClipText::new(&l, false, vb).map(drop), none).unwrap());
-            check(model, "text_encoder_2", ShapeBackend::audit(tensors(&comps["text_encoder_2"]), build_t5, none).unwrap());
+            check(
+                model,
+                "text_encoder",
+                ShapeBackend::audit(
+                    tensors(&comps["text_encoder"]),
+                    |vb| ClipText::new(&l, false, vb).map(drop),
+                    none,
+                )
+                .unwrap(),
+            );
+            check(
+                model,
+                "text_encoder_2",
+                ShapeBackend::audit(tensors(&comps["text_encoder_2"]), build_t5, none).unwrap(),
+            );
         }
     }
 }
@@ -90,8 +183,20 @@ fn all_six_models_map_every_tensor_exactly_once() {
 #[test]
 fn audit_reports_missing_wrong_and_unexpected() {
     let mut t = BTreeMap::new();
-    t.insert("a.weight".to_string(), TensorMeta { shape: vec![4, 3], dtype: "F32".into() });
-    t.insert("extra".to_string(), TensorMeta { shape: vec![1], dtype: "F32".into() });
+    t.insert(
+        "a.weight".to_string(),
+        TensorMeta {
+            shape: vec![4, 3],
+            dtype: "F32".into(),
+        },
+    );
+    t.insert(
+        "extra".to_string(),
+        TensorMeta {
+            shape: vec![1],
+            dtype: "F32".into(),
+        },
+    );
     let a = ShapeBackend::audit(
         t,
         |vb| {
@@ -103,6 +208,9 @@ fn audit_reports_missing_wrong_and_unexpected() {
     )
     .unwrap();
     assert_eq!(a.missing, vec![("a.bias".to_string(), vec![4])]);
-    assert_eq!(a.wrong_shape, vec![("a.weight".to_string(), vec![4, 2], vec![4, 3])]);
+    assert_eq!(
+        a.wrong_shape,
+        vec![("a.weight".to_string(), vec![4, 2], vec![4, 3])]
+    );
     assert_eq!(a.unexpected, vec!["extra".to_string()]);
 }

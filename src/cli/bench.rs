@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Args;
 use mmdit::bench::{self, report, Stat};
 use mmdit::sampling::Sampler;
-use mmdit::{device, output, ModelRef, Request, Spec};
+use mmdit::{device, output, Request, Spec};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -90,10 +90,6 @@ fn commit() -> String {
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let dev = device::parse_device(&a.device)?;
-    let dtype = match &a.dtype {
-        Some(s) => device::parse_dtype(s)?,
-        None => device::default_dtype(&dev),
-    };
     if !matches!(a.format.as_str(), "table" | "json" | "csv") {
         return Err(mmdit::Error::request(format!(
             "--format {}: use table, json or csv",
@@ -136,18 +132,35 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if let Some(d) = &a.output_dir {
         std::fs::create_dir_all(d).with_context(|| format!("--output-dir {}", d.display()))?;
     }
-    let model = ModelRef::parse(&a.model, a.revision.as_deref())?;
-    let spec = Spec::open(&model)?;
-    let base = |prompt: &str, steps: usize, sampler: Sampler| Request {
-        prompt: prompt.to_owned(),
-        steps: Some(steps),
-        sampler: Some(sampler),
-        seed: Some(a.seed),
-        width: a.width,
-        height: a.height,
-        guidance: a.guidance,
-        max_sequence_length: a.max_sequence_length,
-        ..Default::default()
+    let (model, preset) = mmdit::presets::resolve(&a.model, a.revision.as_deref())?;
+    let dtype = match a
+        .dtype
+        .as_deref()
+        .or_else(|| preset.as_ref().and_then(|p| p.dtype_for(&dev)))
+    {
+        Some(s) => device::parse_dtype(s)?,
+        None => device::default_dtype(&dev),
+    };
+    let mut spec = Spec::open(&model)?;
+    if let Some(s) = preset.as_ref().and_then(|p| p.defaults.shift) {
+        spec.set_shift(s);
+    }
+    let base = |prompt: &str, steps: usize, sampler: Sampler| {
+        let mut r = Request {
+            prompt: prompt.to_owned(),
+            steps: Some(steps),
+            sampler: Some(sampler),
+            seed: Some(a.seed),
+            width: a.width,
+            height: a.height,
+            guidance: a.guidance,
+            max_sequence_length: a.max_sequence_length,
+            ..Default::default()
+        };
+        if let Some(p) = &preset {
+            p.apply(&mut r);
+        }
+        r
     };
     let r0 = spec.resolve(&base(&prompts[0], a.steps[0], samplers[0]))?;
     let name = spec.name().to_string();

@@ -6,12 +6,13 @@ use mmdit::sampling::Sampler;
 use mmdit::{device, output, ModelRef, Request, Spec};
 use std::path::{Path, PathBuf};
 
-/// The model `generate` and `bench` use when `--model` is not given: the demo model in models/.
-pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo");
+/// The model `generate` and `bench` use when `--model` is not given: the demo preset (models/demo).
+pub const DEFAULT_MODEL: &str = "demo";
 
 #[derive(Args, Debug, Default)]
 pub struct GenerateArgs {
-    /// Model: a local folder in diffusers layout or a Hub repo id (org/name). Default: the demo model.
+    /// Model: a preset (`mmdit models`), a local folder in diffusers layout or a Hub repo id
+    /// (org/name). Default: the embedded demo model.
     #[arg(long)]
     pub model: Option<String>,
     /// Hub revision (branch, tag or commit) when --model is a repo id.
@@ -145,17 +146,24 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         mmdit::Error::request("--prompt is required (or --from a PNG made by mmdit)")
     })?;
     let dev = device::parse_device(&a.device)?;
-    let dtype = match &a.dtype {
+    let model_str = a.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string());
+    let (model, preset) = mmdit::presets::resolve(&model_str, a.revision.as_deref())?;
+    let dtype = match a
+        .dtype
+        .as_deref()
+        .or_else(|| preset.as_ref().and_then(|p| p.dtype_for(&dev)))
+    {
         Some(s) => device::parse_dtype(s)?,
         None => device::default_dtype(&dev),
     };
     let sampler = Sampler::parse(a.sampler.as_deref().unwrap_or("euler"))?;
     output::check_output_path(&a.output, a.overwrite)?;
     let noise = a.noise.as_deref().map(load_noise).transpose()?;
-    let model_str = a.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string());
-    let model = ModelRef::parse(&model_str, a.revision.as_deref())?;
-    let spec = Spec::open(&model)?;
-    let req = Request {
+    let mut spec = Spec::open(&model)?;
+    if let Some(s) = preset.as_ref().and_then(|p| p.defaults.shift) {
+        spec.set_shift(s);
+    }
+    let mut req = Request {
         prompt,
         negative_prompt: a.negative_prompt.clone(),
         steps: a.steps,
@@ -168,6 +176,9 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         true_cfg: a.true_cfg,
         sampler: Some(sampler),
     };
+    if let Some(p) = &preset {
+        p.apply(&mut req);
+    }
     let resolved = spec.resolve(&req)?;
     let req = Request {
         seed: Some(resolved.seed),

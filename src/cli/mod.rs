@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod models;
 
 use clap::{Parser, Subcommand};
 
@@ -22,12 +23,21 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Measure speed per phase and few-step fidelity at several step counts and samplers.
     Bench(bench::BenchArgs),
+    /// List the model presets.
+    Models,
+    /// Download a model ahead of time (preset or Hub repo id).
+    Fetch(models::FetchArgs),
+    /// Check a model's weights against its configs, reading only file headers.
+    Inspect(models::InspectArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Models => models::list(),
+        Command::Fetch(a) => models::fetch(a),
+        Command::Inspect(a) => models::inspect(a),
     }
 }
 

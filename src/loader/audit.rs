@@ -53,7 +53,10 @@ impl Audit {
 
 impl ShapeBackend {
     pub fn new(tensors: BTreeMap<String, TensorMeta>) -> Self {
-        Self { tensors, log: Mutex::new(Log::default()) }
+        Self {
+            tensors,
+            log: Mutex::new(Log::default()),
+        }
     }
 
     /// Builds a model with `build` on these shapes and reports what matched. `ignore(name)` marks
@@ -63,27 +66,47 @@ impl ShapeBackend {
         build: impl FnOnce(VarBuilder) -> Result<()>,
         ignore: impl Fn(&str) -> bool,
     ) -> Result<Audit> {
-        let params = tensors.values().map(|t| t.shape.iter().product::<usize>()).sum();
+        let params = tensors
+            .values()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
         let mut dtypes = BTreeMap::new();
         for t in tensors.values() {
             *dtypes.entry(t.dtype.clone()).or_insert(0) += t.shape.iter().product::<usize>();
         }
         let names: Vec<String> = tensors.keys().cloned().collect();
         let backend = std::sync::Arc::new(Self::new(tensors));
-        let vb = VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::F32, Device::Cpu);
+        let vb =
+            VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::F32, Device::Cpu);
         build(vb)?;
         let log = std::mem::take(&mut *backend.log.lock().expect("no poisoned lock"));
         let is_wrong = |n: &String| log.wrong.iter().any(|w| &w.0 == n);
-        let unexpected =
-            names.into_iter().filter(|n| !log.requested.contains_key(n) && !is_wrong(n) && !ignore(n)).collect();
-        Ok(Audit { requested: log.requested, missing: log.missing, wrong_shape: log.wrong, unexpected, params, dtypes })
+        let unexpected = names
+            .into_iter()
+            .filter(|n| !log.requested.contains_key(n) && !is_wrong(n) && !ignore(n))
+            .collect();
+        Ok(Audit {
+            requested: log.requested,
+            missing: log.missing,
+            wrong_shape: log.wrong,
+            unexpected,
+            params,
+            dtypes,
+        })
     }
 }
 
 struct Shared(std::sync::Arc<ShapeBackend>);
 
 impl SimpleBackend for Shared {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
         let want = s.dims().to_vec();
         let mut log = self.0.log.lock().expect("no poisoned lock");
         match self.0.tensors.get(name) {
@@ -96,8 +119,17 @@ impl SimpleBackend for Shared {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let t = self.0.tensors.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.into() })?;
-        self.0.log.lock().expect("no poisoned lock").requested.insert(name.to_string(), 1);
+        let t = self
+            .0
+            .tensors
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.into() })?;
+        self.0
+            .log
+            .lock()
+            .expect("no poisoned lock")
+            .requested
+            .insert(name.to_string(), 1);
         Tensor::zeros((), dtype, dev)?.broadcast_as(t.shape.clone())
     }
 
@@ -113,12 +145,20 @@ pub fn read_headers(files: &[std::path::PathBuf]) -> crate::Result<BTreeMap<Stri
         let file = std::fs::File::open(f).map_err(|e| crate::Error::io(f, e))?;
         // SAFETY: read-only map; only the header pages are touched.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| crate::Error::io(f, e))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| crate::Error::BadWeights {
-            path: f.clone(),
-            msg: format!("invalid safetensors ({e})"),
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+            crate::Error::BadWeights {
+                path: f.clone(),
+                msg: format!("invalid safetensors ({e})"),
+            }
         })?;
         for (name, info) in meta.tensors() {
-            out.insert(name, TensorMeta { shape: info.shape.clone(), dtype: format!("{:?}", info.dtype) });
+            out.insert(
+                name,
+                TensorMeta {
+                    shape: info.shape.clone(),
+                    dtype: format!("{:?}", info.dtype),
+                },
+            );
         }
     }
     Ok(out)

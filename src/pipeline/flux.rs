@@ -46,6 +46,11 @@ pub struct FluxSpec {
 }
 
 impl FluxSpec {
+    /// Where the model's files come from.
+    pub fn source(&self) -> &dyn FileSource {
+        self.source.as_ref()
+    }
+
     pub fn open(source: Box<dyn FileSource>, index: ModelIndex, ip: PathBuf) -> Result<Self> {
         let src = source.as_ref();
         let (transformer, p): (FluxTransformerConfig, _) = read(src, "transformer/config.json")?;

@@ -47,6 +47,14 @@ impl Spec {
         }
     }
 
+    /// Overrides the scheduler's static shift (a preset's default).
+    pub fn set_shift(&mut self, shift: f64) {
+        match self {
+            Spec::Sd3(s) => s.scheduler.shift = shift,
+            Spec::Flux(s) => s.scheduler.shift = shift,
+        }
+    }
+
     pub fn name(&self) -> &str {
         match self {
             Spec::Sd3(s) => &s.name,
@@ -287,4 +295,183 @@ pub(crate) fn check_noise(
         )));
     }
     Ok(())
+}
+
+/// One component's weights checked against its config, headers only.
+pub struct ComponentAudit {
+    pub name: &'static str,
+    pub files: Vec<PathBuf>,
+    pub audit: crate::loader::audit::Audit,
+}
+
+fn audit_component(
+    src: &dyn FileSource,
+    dir: &'static str,
+    build: impl FnOnce(candle_nn::VarBuilder) -> candle_core::Result<()>,
+    ignore: impl Fn(&str) -> bool,
+) -> Result<ComponentAudit> {
+    let stems = ["diffusion_pytorch_model", "model"];
+    let files = loader::component_weights(src, dir, &stems)?;
+    let headers = loader::audit::read_headers(&files)?;
+    let audit = loader::audit::ShapeBackend::audit(headers, build, ignore)?;
+    Ok(ComponentAudit {
+        name: dir,
+        files,
+        audit,
+    })
+}
+
+/// The VAE encoder is not used by a text-to-image engine; its tensors are expected and unread.
+fn vae_encoder_side(n: &str) -> bool {
+    n.starts_with("encoder.") || n.starts_with("quant_conv.")
+}
+
+impl Spec {
+    /// Checks every component's weight files against its config by reading only their headers
+    /// (downloading them first for Hub models).
+    pub fn audit(&self) -> Result<Vec<ComponentAudit>> {
+        use crate::mmdit::{FluxTransformer, Sd3Transformer};
+        use crate::text::clip::ClipText;
+        let none = |_: &str| false;
+        let t5 = |p: &std::path::Path| -> Result<candle_transformers::models::t5::Config> {
+            config::read_json(p)
+        };
+        Ok(match self {
+            Spec::Sd3(s) => {
+                let src = s.source();
+                let mut v = vec![
+                    audit_component(
+                        src,
+                        "transformer",
+                        |vb| Sd3Transformer::new(&s.transformer, vb).map(drop),
+                        none,
+                    )?,
+                    audit_component(
+                        src,
+                        "vae",
+                        |vb| VaeDecoder::new(&s.vae, vb).map(drop),
+                        vae_encoder_side,
+                    )?,
+                    audit_component(
+                        src,
+                        "text_encoder",
+                        |vb| ClipText::new(&s.clip_l, true, vb).map(drop),
+                        none,
+                    )?,
+                    audit_component(
+                        src,
+                        "text_encoder_2",
+                        |vb| ClipText::new(&s.clip_g, true, vb).map(drop),
+                        none,
+                    )?,
+                ];
+                if let Some((_, p)) = &s.t5 {
+                    let cfg = t5(p)?;
+                    v.push(audit_component(
+                        src,
+                        "text_encoder_3",
+                        |vb| {
+                            candle_transformers::models::t5::T5EncoderModel::load(vb, &cfg)
+                                .map(drop)
+                        },
+                        none,
+                    )?);
+                }
+                v
+            }
+            Spec::Flux(s) => {
+                let src = s.source();
+                let cfg = t5(&s.t5.1)?;
+                vec![
+                    audit_component(
+                        src,
+                        "transformer",
+                        |vb| FluxTransformer::new(&s.transformer, vb).map(drop),
+                        none,
+                    )?,
+                    audit_component(
+                        src,
+                        "vae",
+                        |vb| VaeDecoder::new(&s.vae, vb).map(drop),
+                        vae_encoder_side,
+                    )?,
+                    audit_component(
+                        src,
+                        "text_encoder",
+                        |vb| ClipText::new(&s.clip, false, vb).map(drop),
+                        none,
+                    )?,
+                    audit_component(
+                        src,
+                        "text_encoder_2",
+                        |vb| {
+                            candle_transformers::models::t5::T5EncoderModel::load(vb, &cfg)
+                                .map(drop)
+                        },
+                        none,
+                    )?,
+                ]
+            }
+        })
+    }
+
+    /// Downloads (for Hub models) every file generation needs; returns the local paths.
+    pub fn fetch_all(&self) -> Result<Vec<PathBuf>> {
+        let (src, tokenizers): (&dyn FileSource, &[&str]) = match self {
+            Spec::Sd3(s) if s.t5.is_some() => {
+                (s.source(), &["tokenizer", "tokenizer_2", "tokenizer_3"])
+            }
+            Spec::Sd3(s) => (s.source(), &["tokenizer", "tokenizer_2"]),
+            Spec::Flux(s) => (s.source(), &["tokenizer", "tokenizer_2"]),
+        };
+        let mut files = Vec::new();
+        for a in self.audit()? {
+            files.extend(a.files);
+        }
+        for t in tokenizers {
+            files.push(tokenizer_dir(src, t)?.join("tokenizer.json"));
+        }
+        Ok(files)
+    }
+
+    /// A one-line description of the detected variant.
+    pub fn variant(&self) -> String {
+        match self {
+            Spec::Sd3(s) => {
+                let t = &s.transformer;
+                let mut v = format!(
+                    "SD3 MMDiT: {} layers, width {}",
+                    t.num_layers,
+                    t.hidden_size()
+                );
+                if t.use_qk_norm() {
+                    v += ", qk RMSNorm (SD3.5)";
+                }
+                if !t.dual_attention_layers.is_empty() {
+                    v += &format!(
+                        ", MMDiT-X dual attention on {} layers",
+                        t.dual_attention_layers.len()
+                    );
+                }
+                if s.t5.is_none() {
+                    v += ", no T5";
+                }
+                v
+            }
+            Spec::Flux(s) => {
+                let t = &s.transformer;
+                format!(
+                    "FLUX.1 {}: {} double + {} single blocks, width {}",
+                    if t.guidance_embeds {
+                        "dev-like (guidance embedding)"
+                    } else {
+                        "schnell-like"
+                    },
+                    t.num_layers,
+                    t.num_single_layers,
+                    t.hidden_size()
+                )
+            }
+        }
+    }
 }

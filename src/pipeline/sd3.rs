@@ -46,6 +46,11 @@ pub struct Sd3Spec {
 }
 
 impl Sd3Spec {
+    /// Where the model's files come from.
+    pub fn source(&self) -> &dyn FileSource {
+        self.source.as_ref()
+    }
+
     /// Reads every component config of an SD3 pipeline (whose `model_index.json` is `index`, read
     /// from `ip`) and validates them.
     pub fn open(source: Box<dyn FileSource>, index: ModelIndex, ip: PathBuf) -> Result<Self> {

@@ -1,0 +1,43 @@
+"""Reference images of the embedded demo model (models/demo) from diffusers, for given noise, so the
+Rust test (tests/demo.rs) can check mmdit draws the same pictures:
+
+    python scripts/make_demo_fixture.py
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+import diffusers
+from diffusers import StableDiffusion3Pipeline
+from safetensors.torch import save_file
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+OUT = os.path.join(ROOT, "tests", "fixtures", "demo-ref")
+RUNS = [
+    dict(prompt="a red circle on a white background", steps=28, guidance=4.0),
+    dict(prompt="a blue triangle on a gray background", steps=4, guidance=4.0),
+]
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    pipe = StableDiffusion3Pipeline.from_pretrained(os.path.join(ROOT, "models", "demo"), torch_dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    tensors, runs = {}, []
+    for k, r in enumerate(RUNS):
+        noise = torch.randn((1, 4, 16, 16), generator=g)
+        save_file({"noise": noise}, os.path.join(OUT, f"noise_{k}.safetensors"))
+        img = pipe(r["prompt"], num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=64, width=64,
+                   latents=noise, max_sequence_length=16, output_type="pil").images[0]
+        tensors[f"run.{k}.image"] = torch.from_numpy(np.array(img).copy())
+        runs.append(dict(r, noise=f"noise_{k}.safetensors"))
+    save_file(tensors, os.path.join(OUT, "reference.safetensors"))
+    with open(os.path.join(OUT, "fixture.json"), "w") as fh:
+        json.dump({"generator": "scripts/make_demo_fixture.py", "torch": torch.__version__,
+                   "diffusers": diffusers.__version__, "seed": 5, "max_sequence_length": 16, "runs": runs}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -50,8 +50,8 @@ fn judge(img: &RgbImage, shape: &str, colour: &str, bg: [f32; 3]) -> (bool, bool
     }
     let mut mean = [0f32; 3];
     for &i in &fg {
-        for c in 0..3 {
-            mean[c] += px(i)[c] / fg.len() as f32;
+        for (m, v) in mean.iter_mut().zip(px(i)) {
+            *m += v / fg.len() as f32;
         }
     }
     let dist = |p: [f32; 3]| {

@@ -26,7 +26,8 @@ pub fn offline() -> bool {
 }
 
 fn api() -> Result<Api> {
-    let mut b = ApiBuilder::from_env().with_progress(true);
+    // Retries resume an interrupted download where it stopped (range requests).
+    let mut b = ApiBuilder::from_env().with_progress(true).with_retries(3);
     if let Ok(t) = std::env::var("HF_TOKEN") {
         if !t.is_empty() {
             b = b.with_token(Some(t));
@@ -52,6 +53,16 @@ impl HubSource {
         })
     }
 
+    /// huggingface_hub's marker for a file known to be absent at a commit:
+    /// `<cache>/models--org--name/.no_exist/<commit>/<file>`. Lets a cached model load with the
+    /// network gone, without probing again for optional files (sharded indexes and the like).
+    fn no_exist_marker(&self, rel: &str) -> Option<PathBuf> {
+        let repo = Repo::with_revision(self.repo_id.clone(), RepoType::Model, self.revision.clone());
+        let dir = self.cache.path().join(repo.folder_name());
+        let commit = std::fs::read_to_string(dir.join("refs").join(&self.revision)).ok()?;
+        Some(dir.join(".no_exist").join(commit.trim()).join(rel))
+    }
+
     fn cached(&self, rel: &str) -> Option<PathBuf> {
         let repo =
             Repo::with_revision(self.repo_id.clone(), RepoType::Model, self.revision.clone());
@@ -65,13 +76,23 @@ impl FileSource for HubSource {
             super::check_inside(&p, self.cache.path())?;
             return Ok(Some(p));
         }
+        if self.no_exist_marker(rel).is_some_and(|m| m.exists()) {
+            return Ok(None);
+        }
         let Some(api) = &self.api else {
             return Ok(None);
         };
         match api.get(rel) {
             Ok(p) => Ok(Some(p)),
             Err(hf_hub::api::sync::ApiError::RequestError(e)) => match e.as_ref() {
-                ureq::Error::Status(404, _) => Ok(None),
+                ureq::Error::Status(404, _) => {
+                    if let Some(m) = self.no_exist_marker(rel) {
+                        // Best effort: without the marker the next run just asks again.
+                        let _ = m.parent().map(std::fs::create_dir_all);
+                        let _ = std::fs::File::create(&m);
+                    }
+                    Ok(None)
+                }
                 ureq::Error::Status(401 | 403, _) => Err(Error::Hub(format!(
                     "{}: access denied ({e}); accept the licence at https://huggingface.co/{} and set HF_TOKEN",
                     self.name(),
@@ -90,7 +111,7 @@ impl FileSource for HubSource {
                 self.cache.path().display()
             )
         } else {
-            String::new()
+            "; check the repo id and revision on the Hub".to_string()
         }
     }
 

@@ -45,12 +45,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn one_line(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for c in e.chain() {
-        let s = c.to_string();
+        // First line only: candle appends a backtrace to its messages when RUST_BACKTRACE is set.
+        let s = c.to_string().lines().next().unwrap_or_default().trim().to_string();
         if !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
         }
     }
-    parts.join(": ").replace('\n', " ")
+    parts.join(": ")
 }
 
 /// 130 for an interrupt (as shells report SIGINT), 2 for bad input, 1 otherwise.

@@ -1,7 +1,7 @@
 //! Input embeddings: patches of the latent image, the timestep and the pooled text vector.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 /// Sinusoidal timestep embedding as diffusers' `get_timestep_embedding` with `flip_sin_to_cos=True`,
 /// `downscale_freq_shift=0`: `[cos(t f_k), sin(t f_k)]`, `f_k = exp(-ln(10000) k / half)`.
@@ -97,11 +97,13 @@ impl TimeTextEmbed {
     }
 }
 
-/// `PatchEmbed` with `pos_embed_max_size`: a strided conv over patches plus a centred crop of the
-/// square sin-cos position table.
+/// `PatchEmbed` with `pos_embed_max_size`: a strided conv over patches (done as one matrix product over
+/// flattened patches, same weights) plus a centred crop of the square sin-cos position table.
 #[derive(Debug, Clone)]
 pub struct PatchEmbed {
-    proj: Conv2d,
+    /// (hidden, c * p * p): the conv kernel flattened in (c, p, p) order.
+    weight: Tensor,
+    bias: Tensor,
     /// (1, m*m, hidden)
     pos_embed: Tensor,
     patch: usize,
@@ -109,25 +111,12 @@ pub struct PatchEmbed {
 }
 
 impl PatchEmbed {
-    pub fn new(
-        in_ch: usize,
-        hidden: usize,
-        patch: usize,
-        max_size: usize,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let cfg = Conv2dConfig {
-            stride: patch,
-            ..Default::default()
-        };
-        let proj = candle_nn::conv2d(in_ch, hidden, patch, cfg, vb.pp("proj"))?;
+    pub fn new(in_ch: usize, hidden: usize, patch: usize, max_size: usize, vb: VarBuilder) -> Result<Self> {
+        let p = vb.pp("proj");
+        let weight = p.get((hidden, in_ch, patch, patch), "weight")?.reshape((hidden, in_ch * patch * patch))?;
+        let bias = p.get(hidden, "bias")?;
         let pos_embed = vb.get((1, max_size * max_size, hidden), "pos_embed")?;
-        Ok(Self {
-            proj,
-            pos_embed,
-            patch,
-            max_size,
-        })
+        Ok(Self { weight, bias, pos_embed, patch, max_size })
     }
 
     /// Largest latent side (in latent pixels) the position table covers.
@@ -137,15 +126,20 @@ impl PatchEmbed {
 
     /// x: (b, c, h, w) latents -> (b, h/p * w/p, hidden) tokens, row-major over patches.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        let (hp, wp) = (h / self.patch, w / self.patch);
+        let (b, c, h, w) = x.dims4()?;
+        let p = self.patch;
+        let (hp, wp) = (h / p, w / p);
         if hp > self.max_size || wp > self.max_size {
             candle_core::bail!(
                 "latent grid {hp}x{wp} patches exceeds the position table ({m}x{m})",
                 m = self.max_size
             );
         }
-        let x = self.proj.forward(x)?.flatten_from(2)?.transpose(1, 2)?; // (b, hp*wp, hidden)
+        let patches = x
+            .reshape((b, c, hp, p, wp, p))?
+            .permute((0, 2, 4, 1, 3, 5))? // (b, hp, wp, c, p, p)
+            .reshape((b, hp * wp, c * p * p))?;
+        let x = patches.broadcast_matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?; // (b, hp*wp, hidden)
         let hidden = self.pos_embed.dim(2)?;
         let top = (self.max_size - hp) / 2;
         let left = (self.max_size - wp) / 2;

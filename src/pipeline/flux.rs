@@ -200,11 +200,7 @@ impl FluxSpec {
             weights("transformer", &diffusers, dtype)?,
         )
         .map_err(tensor_error)?;
-        let vae_dtype = if dtype == DType::F16 {
-            DType::F32
-        } else {
-            dtype
-        };
+        let vae_dtype = super::vae_dtype(dtype, device);
         let vae = VaeDecoder::new(&self.vae, weights("vae", &diffusers, vae_dtype)?)
             .map_err(tensor_error)?;
         let clip = ClipText::new(&self.clip, false, weights("text_encoder", &hf, dtype)?)

@@ -217,13 +217,19 @@ pub fn seeded_noise(
     Ok(Tensor::from_vec(v, shape, device)?)
 }
 
-/// Latents in sampler space (1, C, h, w) -> RGB image through the VAE (f16 runs the VAE in f32).
-pub fn decode_latents(vae: &VaeDecoder, latents: &Tensor, dtype: DType) -> Result<RgbImage> {
-    let vae_dtype = if dtype == DType::F16 {
+/// The dtype the VAE runs in: f16 overflows in its decoder, and candle's CPU convolutions have no
+/// bf16 kernel, so both fall back to f32.
+pub fn vae_dtype(dtype: DType, device: &Device) -> DType {
+    if dtype == DType::F16 || (dtype == DType::BF16 && device.is_cpu()) {
         DType::F32
     } else {
         dtype
-    };
+    }
+}
+
+/// Latents in sampler space (1, C, h, w) -> RGB image through the VAE (in [`vae_dtype`]).
+pub fn decode_latents(vae: &VaeDecoder, latents: &Tensor, dtype: DType) -> Result<RgbImage> {
+    let vae_dtype = vae_dtype(dtype, latents.device());
     let z = vae
         .unscale(&latents.to_dtype(DType::F32)?)?
         .to_dtype(vae_dtype)?;

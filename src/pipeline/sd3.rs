@@ -194,11 +194,7 @@ impl Sd3Spec {
         )
         .map_err(tensor_err)?;
         // f16 overflows in the VAE; it runs in f32 then.
-        let vae_dtype = if dtype == DType::F16 {
-            DType::F32
-        } else {
-            dtype
-        };
+        let vae_dtype = super::vae_dtype(dtype, device);
         let vae = VaeDecoder::new(&self.vae, weights("vae", &diffusers, vae_dtype)?)
             .map_err(tensor_err)?;
         let clip_l = ClipText::new(&self.clip_l, true, weights("text_encoder", &hf, dtype)?)

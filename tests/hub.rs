@@ -52,7 +52,12 @@ impl Hub {
                 }
             }
         });
-        Hub { port, stop, requests, thread: Some(thread) }
+        Hub {
+            port,
+            stop,
+            requests,
+            thread: Some(thread),
+        }
     }
 
     fn endpoint(&self) -> String {
@@ -73,8 +78,16 @@ impl Drop for Hub {
     }
 }
 
-fn respond(conn: &mut TcpStream, status: &str, headers: &[(String, String)], body: &[u8]) -> std::io::Result<()> {
-    let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+fn respond(
+    conn: &mut TcpStream,
+    status: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         head += &format!("{k}: {v}\r\n");
     }
@@ -83,7 +96,12 @@ fn respond(conn: &mut TcpStream, status: &str, headers: &[(String, String)], bod
     conn.write_all(body)
 }
 
-fn serve(mut conn: TcpStream, root: &Path, f: &Faults, cut_done: &AtomicBool) -> std::io::Result<()> {
+fn serve(
+    mut conn: TcpStream,
+    root: &Path,
+    f: &Faults,
+    cut_done: &AtomicBool,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -106,16 +124,36 @@ fn serve(mut conn: TcpStream, root: &Path, f: &Faults, cut_done: &AtomicBool) ->
     // /org/tiny/resolve/<rev>/<file>  ->  relative redirect to /cdn/<file> (as the Hub does for LFS)
     if let Some(rest) = path.strip_prefix("/org/tiny/resolve/") {
         if f.gated && !auth {
-            return respond(&mut conn, "401 Unauthorized", &[("X-Error-Code".into(), "GatedRepo".into())], b"gated");
+            return respond(
+                &mut conn,
+                "401 Unauthorized",
+                &[("X-Error-Code".into(), "GatedRepo".into())],
+                b"gated",
+            );
         }
         let file = rest.split_once('/').map(|x| x.1).unwrap_or("");
         if !root.join(file).is_file() {
-            return respond(&mut conn, "404 Not Found", &[("X-Error-Code".into(), "EntryNotFound".into())], b"");
+            return respond(
+                &mut conn,
+                "404 Not Found",
+                &[("X-Error-Code".into(), "EntryNotFound".into())],
+                b"",
+            );
         }
-        return respond(&mut conn, "302 Found", &[("Location".into(), format!("/cdn/{file}"))], b"");
+        return respond(
+            &mut conn,
+            "302 Found",
+            &[("Location".into(), format!("/cdn/{file}"))],
+            b"",
+        );
     }
     if path.starts_with("/org/") {
-        return respond(&mut conn, "404 Not Found", &[("X-Error-Code".into(), "RepositoryNotFound".into())], b"");
+        return respond(
+            &mut conn,
+            "404 Not Found",
+            &[("X-Error-Code".into(), "RepositoryNotFound".into())],
+            b"",
+        );
     }
     let Some(file) = path.strip_prefix("/cdn/") else {
         return respond(&mut conn, "404 Not Found", &[], b"");
@@ -125,7 +163,12 @@ fn serve(mut conn: TcpStream, root: &Path, f: &Faults, cut_done: &AtomicBool) ->
         data.truncate(data.len() / 2);
     }
     let total = data.len();
-    let etag = format!("\"{:x}{:08x}\"", total, file.bytes().fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32)));
+    let etag = format!(
+        "\"{:x}{:08x}\"",
+        total,
+        file.bytes()
+            .fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32))
+    );
     let (start, end) = match range.as_deref().and_then(|r| r.split_once('-')) {
         Some((a, b)) => {
             let a: usize = a.parse().unwrap_or(0);
@@ -137,13 +180,23 @@ fn serve(mut conn: TcpStream, root: &Path, f: &Faults, cut_done: &AtomicBool) ->
     let headers = vec![
         ("ETag".to_string(), etag),
         ("X-Repo-Commit".to_string(), COMMIT.to_string()),
-        ("Content-Range".to_string(), format!("bytes {start}-{}/{total}", end.saturating_sub(1))),
+        (
+            "Content-Range".to_string(),
+            format!("bytes {start}-{}/{total}", end.saturating_sub(1)),
+        ),
         ("Accept-Ranges".to_string(), "bytes".to_string()),
     ];
     let body = &data[start..end];
-    if f.cut_once.as_deref() == Some(file) && start == 0 && body.len() > 1 && !cut_done.swap(true, Ordering::SeqCst) {
+    if f.cut_once.as_deref() == Some(file)
+        && start == 0
+        && body.len() > 1
+        && !cut_done.swap(true, Ordering::SeqCst)
+    {
         // Announce the whole body, send half, hang up.
-        let mut head = format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+        let mut head = format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
         for (k, v) in &headers {
             head += &format!("{k}: {v}\r\n");
         }
@@ -155,20 +208,38 @@ fn serve(mut conn: TcpStream, root: &Path, f: &Faults, cut_done: &AtomicBool) ->
 }
 
 /// `mmdit generate --model org/tiny` with the Hub environment pointed at the loopback server.
-fn generate(endpoint: &str, hf_home: &Path, extra_env: &[(&str, &str)], test: &str) -> (Option<i32>, String, PathBuf) {
+fn generate(
+    endpoint: &str,
+    hf_home: &Path,
+    extra_env: &[(&str, &str)],
+    test: &str,
+) -> (Option<i32>, String, PathBuf) {
     let out = common::tmp(&format!("hub-{test}")).join("img.png");
     let mut cmd = common::mmdit();
-    cmd.args(["generate", "--model", "org/tiny", "--prompt", "a red circle", "--steps", "1", "--output"])
-        .arg(&out)
-        .env("HF_ENDPOINT", endpoint)
-        .env("HF_HOME", hf_home)
-        .env_remove("HF_TOKEN")
-        .env_remove("HF_HUB_OFFLINE");
+    cmd.args([
+        "generate",
+        "--model",
+        "org/tiny",
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "1",
+        "--output",
+    ])
+    .arg(&out)
+    .env("HF_ENDPOINT", endpoint)
+    .env("HF_HOME", hf_home)
+    .env_remove("HF_TOKEN")
+    .env_remove("HF_HUB_OFFLINE");
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
     let o = cmd.output().unwrap();
-    (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned(), out)
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+        out,
+    )
 }
 
 #[test]
@@ -187,10 +258,20 @@ fn download_then_cache_then_offline() {
     assert_eq!(code, Some(0), "served from cache: {err}");
 
     // Offline with the cache: works. Offline without: a clear error naming HF_HUB_OFFLINE.
-    let (code, err, _) = generate("http://127.0.0.1:9", &home, &[("HF_HUB_OFFLINE", "1")], "offline");
+    let (code, err, _) = generate(
+        "http://127.0.0.1:9",
+        &home,
+        &[("HF_HUB_OFFLINE", "1")],
+        "offline",
+    );
     assert_eq!(code, Some(0), "{err}");
     let empty = common::tmp("hub-empty");
-    let (code, err, out) = generate("http://127.0.0.1:9", &empty, &[("HF_HUB_OFFLINE", "1")], "offline-empty");
+    let (code, err, out) = generate(
+        "http://127.0.0.1:9",
+        &empty,
+        &[("HF_HUB_OFFLINE", "1")],
+        "offline-empty",
+    );
     common::assert_clean_error(code, &err, &["HF_HUB_OFFLINE=1", "model_index.json"]);
     assert!(!out.exists());
 }
@@ -198,11 +279,22 @@ fn download_then_cache_then_offline() {
 #[test]
 fn gated_repo_says_accept_the_licence_and_set_hf_token() {
     let home = common::tmp("hub-gated");
-    let hub = Hub::start(common::fixture("sd3-dummy"), Faults { gated: true, ..Default::default() });
+    let hub = Hub::start(
+        common::fixture("sd3-dummy"),
+        Faults {
+            gated: true,
+            ..Default::default()
+        },
+    );
     let (code, err, _) = generate(&hub.endpoint(), &home, &[], "gated");
     common::assert_clean_error(code, &err, &["accept the licence", "HF_TOKEN"]);
     // With a token the same repo downloads.
-    let (code, err, _) = generate(&hub.endpoint(), &home, &[("HF_TOKEN", "hf_test")], "gated-token");
+    let (code, err, _) = generate(
+        &hub.endpoint(),
+        &home,
+        &[("HF_TOKEN", "hf_test")],
+        "gated-token",
+    );
     assert_eq!(code, Some(0), "{err}");
 }
 
@@ -212,18 +304,34 @@ fn missing_repo_or_file_is_named() {
     let hub = Hub::start(common::fixture("sd3-dummy"), Faults::default());
     let out = common::tmp("hub-404-out").join("x.png");
     let o = common::mmdit()
-        .args(["generate", "--model", "org/absent", "--prompt", "x", "--output"])
+        .args([
+            "generate",
+            "--model",
+            "org/absent",
+            "--prompt",
+            "x",
+            "--output",
+        ])
         .arg(&out)
         .env("HF_ENDPOINT", hub.endpoint())
         .env("HF_HOME", &home)
         .output()
         .unwrap();
-    common::assert_clean_error(o.status.code(), &String::from_utf8_lossy(&o.stderr), &["org/absent", "model_index.json", "repo id"]);
+    common::assert_clean_error(
+        o.status.code(),
+        &String::from_utf8_lossy(&o.stderr),
+        &["org/absent", "model_index.json", "repo id"],
+    );
 
     let no_vae = common::copy_fixture("sd3-dummy", "hubsrc-novae");
     std::fs::remove_file(no_vae.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
     let hub2 = Hub::start(no_vae, Faults::default());
-    let (code, err, _) = generate(&hub2.endpoint(), &common::tmp("hub-novae-home"), &[], "novae");
+    let (code, err, _) = generate(
+        &hub2.endpoint(),
+        &common::tmp("hub-novae-home"),
+        &[],
+        "novae",
+    );
     common::assert_clean_error(code, &err, &["vae/"]);
 }
 
@@ -231,7 +339,13 @@ fn missing_repo_or_file_is_named() {
 fn a_cut_connection_is_retried_to_completion() {
     let home = common::tmp("hub-cut");
     let file = "transformer/diffusion_pytorch_model.safetensors";
-    let hub = Hub::start(common::fixture("sd3-dummy"), Faults { cut_once: Some(file.into()), ..Default::default() });
+    let hub = Hub::start(
+        common::fixture("sd3-dummy"),
+        Faults {
+            cut_once: Some(file.into()),
+            ..Default::default()
+        },
+    );
     let (code, err, out) = generate(&hub.endpoint(), &home, &[], "cut");
     assert_eq!(code, Some(0), "{err}");
     assert!(out.exists());
@@ -241,8 +355,18 @@ fn a_cut_connection_is_retried_to_completion() {
 fn a_short_file_is_refused_before_use() {
     let home = common::tmp("hub-short");
     let file = "vae/diffusion_pytorch_model.safetensors";
-    let hub = Hub::start(common::fixture("sd3-dummy"), Faults { truncate: Some(file.into()), ..Default::default() });
+    let hub = Hub::start(
+        common::fixture("sd3-dummy"),
+        Faults {
+            truncate: Some(file.into()),
+            ..Default::default()
+        },
+    );
     let (code, err, out) = generate(&hub.endpoint(), &home, &[], "short");
-    common::assert_clean_error(code, &err, &["diffusion_pytorch_model.safetensors", "download it again"]);
+    common::assert_clean_error(
+        code,
+        &err,
+        &["diffusion_pytorch_model.safetensors", "download it again"],
+    );
     assert!(!out.exists());
 }

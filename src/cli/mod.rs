@@ -46,7 +46,13 @@ pub fn one_line(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for c in e.chain() {
         // First line only: candle appends a backtrace to its messages when RUST_BACKTRACE is set.
-        let s = c.to_string().lines().next().unwrap_or_default().trim().to_string();
+        let s = c
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         if !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
         }

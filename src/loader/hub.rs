@@ -57,7 +57,8 @@ impl HubSource {
     /// `<cache>/models--org--name/.no_exist/<commit>/<file>`. Lets a cached model load with the
     /// network gone, without probing again for optional files (sharded indexes and the like).
     fn no_exist_marker(&self, rel: &str) -> Option<PathBuf> {
-        let repo = Repo::with_revision(self.repo_id.clone(), RepoType::Model, self.revision.clone());
+        let repo =
+            Repo::with_revision(self.repo_id.clone(), RepoType::Model, self.revision.clone());
         let dir = self.cache.path().join(repo.folder_name());
         let commit = std::fs::read_to_string(dir.join("refs").join(&self.revision)).ok()?;
         Some(dir.join(".no_exist").join(commit.trim()).join(rel))

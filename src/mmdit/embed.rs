@@ -111,12 +111,26 @@ pub struct PatchEmbed {
 }
 
 impl PatchEmbed {
-    pub fn new(in_ch: usize, hidden: usize, patch: usize, max_size: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        in_ch: usize,
+        hidden: usize,
+        patch: usize,
+        max_size: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let p = vb.pp("proj");
-        let weight = p.get((hidden, in_ch, patch, patch), "weight")?.reshape((hidden, in_ch * patch * patch))?;
+        let weight = p
+            .get((hidden, in_ch, patch, patch), "weight")?
+            .reshape((hidden, in_ch * patch * patch))?;
         let bias = p.get(hidden, "bias")?;
         let pos_embed = vb.get((1, max_size * max_size, hidden), "pos_embed")?;
-        Ok(Self { weight, bias, pos_embed, patch, max_size })
+        Ok(Self {
+            weight,
+            bias,
+            pos_embed,
+            patch,
+            max_size,
+        })
     }
 
     /// Largest latent side (in latent pixels) the position table covers.
@@ -139,7 +153,9 @@ impl PatchEmbed {
             .reshape((b, c, hp, p, wp, p))?
             .permute((0, 2, 4, 1, 3, 5))? // (b, hp, wp, c, p, p)
             .reshape((b, hp * wp, c * p * p))?;
-        let x = patches.broadcast_matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?; // (b, hp*wp, hidden)
+        let x = patches
+            .broadcast_matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?; // (b, hp*wp, hidden)
         let hidden = self.pos_embed.dim(2)?;
         let top = (self.max_size - hp) / 2;
         let left = (self.max_size - wp) / 2;

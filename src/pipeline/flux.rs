@@ -253,7 +253,6 @@ struct FluxVelocity<'a> {
     guidance: Option<Tensor>,
     rope: &'a Rope,
     dtype: DType,
-    on_step: &'a mut dyn FnMut(usize),
 }
 
 impl Velocity for FluxVelocity<'_> {
@@ -276,10 +275,6 @@ impl Velocity for FluxVelocity<'_> {
         let v = unpack(&v, h, w)?.to_dtype(DType::F32)?;
         check_finite(&v, "velocity", step, self.dtype)?;
         Ok(v)
-    }
-
-    fn end_step(&mut self, step: usize) {
-        (self.on_step)(step);
     }
 }
 
@@ -320,13 +315,6 @@ impl FluxPipeline {
             None
         };
         let sched = self.spec.schedule(&r);
-        let mut last = Instant::now();
-        let mut step_times = Vec::with_capacity(r.steps);
-        let mut tick = |i: usize| {
-            step_times.push(last.elapsed());
-            last = Instant::now();
-            on_step(i)
-        };
         let mut model = FluxVelocity {
             model: &self.transformer,
             pos: &pos,
@@ -334,13 +322,9 @@ impl FluxPipeline {
             guidance,
             rope: &rope,
             dtype: self.dtype,
-            on_step: &mut tick,
         };
-        let latents = r
-            .sampler
-            .run(&mut model, noise, &sched.sigmas, &sched.timesteps)?;
-        check_finite(&latents, "latents", r.steps - 1, self.dtype)?;
-        timings.steps = step_times;
+        let (latents, steps) = super::sample(&mut model, &r, &sched, noise, self.dtype, on_step)?;
+        timings.steps = steps;
         let t0 = Instant::now();
         let image = self.decode(&latents)?;
         timings.decode = t0.elapsed();

@@ -11,7 +11,7 @@ use crate::config::{self, ModelIndex};
 use crate::error::{Error, Result};
 use crate::loader::{self, FileSource, ModelRef};
 use crate::request::{self, Request, Resolved};
-use crate::sampling::Schedule;
+use crate::sampling::{Schedule, Velocity};
 use crate::text::conditioning::Truncation;
 use crate::vae::{self, VaeDecoder};
 use candle_core::{DType, Device, Tensor};
@@ -480,4 +480,47 @@ impl Spec {
             }
         }
     }
+}
+
+/// Wraps a model so each completed step is timed and reported.
+struct Timed<'a> {
+    inner: &'a mut dyn Velocity,
+    last: std::time::Instant,
+    steps: Vec<Duration>,
+    on_step: &'a mut dyn FnMut(usize),
+}
+
+impl Velocity for Timed<'_> {
+    fn velocity(&mut self, x: &Tensor, sigma: f32, timestep: f32, step: usize) -> Result<Tensor> {
+        self.inner.velocity(x, sigma, timestep, step)
+    }
+
+    fn end_step(&mut self, step: usize) {
+        self.steps.push(self.last.elapsed());
+        self.last = std::time::Instant::now();
+        (self.on_step)(step);
+    }
+}
+
+/// Runs the request's sampler from `noise` over the schedule, timing each step, and checks the
+/// final latents are finite.
+pub(crate) fn sample(
+    model: &mut dyn Velocity,
+    r: &Resolved,
+    sched: &Schedule,
+    noise: Tensor,
+    dtype: DType,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<(Tensor, Vec<Duration>)> {
+    let mut timed = Timed {
+        inner: model,
+        last: std::time::Instant::now(),
+        steps: Vec::with_capacity(r.steps),
+        on_step,
+    };
+    let latents = r
+        .sampler
+        .run(&mut timed, noise, &sched.sigmas, &sched.timesteps)?;
+    check_finite(&latents, "latents", r.steps - 1, dtype)?;
+    Ok((latents, timed.steps))
 }

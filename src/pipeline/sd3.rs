@@ -263,7 +263,6 @@ struct Guided<'a> {
     cond: &'a Conditioning,
     guidance: Option<f64>,
     dtype: DType,
-    on_step: &'a mut dyn FnMut(usize),
 }
 
 impl Velocity for Guided<'_> {
@@ -290,10 +289,6 @@ impl Velocity for Guided<'_> {
         let v = v.to_dtype(DType::F32)?;
         check_finite(&v, "velocity", step, self.dtype)?;
         Ok(v)
-    }
-
-    fn end_step(&mut self, step: usize) {
-        (self.on_step)(step);
     }
 }
 
@@ -336,25 +331,14 @@ impl Sd3Pipeline {
             None => seeded_noise(r.seed, shape, &self.device)?,
         };
         let sched = self.spec.schedule(&r);
-        let mut last = Instant::now();
-        let mut step_times = Vec::with_capacity(r.steps);
-        let mut tick = |i: usize| {
-            step_times.push(last.elapsed());
-            last = Instant::now();
-            on_step(i)
-        };
         let mut model = Guided {
             model: &self.transformer,
             cond: &cond,
             guidance: r.uses_cfg().then_some(r.guidance),
             dtype: self.dtype,
-            on_step: &mut tick,
         };
-        let latents = r
-            .sampler
-            .run(&mut model, noise, &sched.sigmas, &sched.timesteps)?;
-        check_finite(&latents, "latents", r.steps - 1, self.dtype)?;
-        timings.steps = step_times;
+        let (latents, steps) = super::sample(&mut model, &r, &sched, noise, self.dtype, on_step)?;
+        timings.steps = steps;
 
         let t0 = Instant::now();
         let image = self.decode(&latents)?;

@@ -58,6 +58,29 @@ impl ModelIndex {
     }
 }
 
+/// A config that can check itself; `path` names the file in errors.
+pub trait Validate {
+    fn validate(&self, path: &Path) -> Result<()>;
+}
+
+macro_rules! impl_validate {
+    ($($t:ty),*) => {$(
+        impl Validate for $t {
+            fn validate(&self, path: &Path) -> Result<()> {
+                <$t>::validate(self, path)
+            }
+        }
+    )*};
+}
+impl_validate!(
+    Sd3TransformerConfig,
+    FluxTransformerConfig,
+    VaeConfig,
+    SchedulerConfig,
+    ClipTextConfig,
+    T5Config
+);
+
 pub(crate) fn check(path: &Path, ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if ok {
         Ok(())

@@ -2,8 +2,8 @@
 //! 3-axis RoPE ids, linear sigmas with optional dynamic shift, embedded (dev) or true guidance.
 
 use super::{
-    check_finite, decode_latents, read, resolve_common, seeded_noise, tensor_error, tokenizer_dir,
-    Generated, RgbImage, Timings,
+    check_finite, decode_latents, read_checked, resolve_common, seeded_noise, tensor_error,
+    tokenizer_dir, Generated, RgbImage, Timings,
 };
 use crate::config::{
     ClipTextConfig, FluxTransformerConfig, ModelIndex, SchedulerConfig, T5Config, VaeConfig,
@@ -53,16 +53,13 @@ impl FluxSpec {
 
     pub fn open(source: Box<dyn FileSource>, index: ModelIndex, ip: PathBuf) -> Result<Self> {
         let src = source.as_ref();
-        let (transformer, p): (FluxTransformerConfig, _) = read(src, "transformer/config.json")?;
-        transformer.validate(&p)?;
-        let (vae, p): (VaeConfig, _) = read(src, "vae/config.json")?;
-        vae.validate(&p)?;
-        let (scheduler, p): (SchedulerConfig, _) = read(src, "scheduler/scheduler_config.json")?;
-        scheduler.validate(&p)?;
-        let (clip, p): (ClipTextConfig, _) = read(src, "text_encoder/config.json")?;
-        clip.validate(&p)?;
-        let (t5, p): (T5Config, _) = read(src, "text_encoder_2/config.json")?;
-        t5.validate(&p)?;
+        let (transformer, _): (FluxTransformerConfig, _) =
+            read_checked(src, "transformer/config.json")?;
+        let (vae, _): (VaeConfig, _) = read_checked(src, "vae/config.json")?;
+        let (scheduler, _): (SchedulerConfig, _) =
+            read_checked(src, "scheduler/scheduler_config.json")?;
+        let (clip, _): (ClipTextConfig, _) = read_checked(src, "text_encoder/config.json")?;
+        let (t5, p): (T5Config, _) = read_checked(src, "text_encoder_2/config.json")?;
         let ip = ip.as_path();
         crate::config::check(
             ip,

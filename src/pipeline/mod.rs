@@ -26,6 +26,16 @@ fn read<T: serde::de::DeserializeOwned>(src: &dyn FileSource, rel: &str) -> Resu
     Ok((config::read_json(&p)?, p))
 }
 
+/// Reads a component config and validates it.
+fn read_checked<T: serde::de::DeserializeOwned + config::Validate>(
+    src: &dyn FileSource,
+    rel: &str,
+) -> Result<(T, PathBuf)> {
+    let (c, p): (T, PathBuf) = read(src, rel)?;
+    c.validate(&p)?;
+    Ok((c, p))
+}
+
 /// A model's configs, read and validated, of either family.
 pub enum Spec {
     Sd3(Sd3Spec),

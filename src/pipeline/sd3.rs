@@ -6,8 +6,8 @@
 //! them, [`Sd3Spec::load`] maps the weights.
 
 use super::{
-    check_finite, check_noise, decode_latents, read, resolve_common, seeded_noise, tensor_error,
-    tokenizer_dir, Generated, RgbImage, Timings,
+    check_finite, check_noise, decode_latents, read_checked, resolve_common, seeded_noise,
+    tensor_error, tokenizer_dir, Generated, RgbImage, Timings,
 };
 use crate::config::{
     self, ClipTextConfig, ModelIndex, SchedulerConfig, Sd3TransformerConfig, T5Config, VaeConfig,
@@ -55,19 +55,15 @@ impl Sd3Spec {
     /// from `ip`) and validates them.
     pub fn open(source: Box<dyn FileSource>, index: ModelIndex, ip: PathBuf) -> Result<Self> {
         let src = source.as_ref();
-        let (transformer, p): (Sd3TransformerConfig, _) = read(src, "transformer/config.json")?;
-        transformer.validate(&p)?;
-        let (vae, p): (VaeConfig, _) = read(src, "vae/config.json")?;
-        vae.validate(&p)?;
-        let (scheduler, p): (SchedulerConfig, _) = read(src, "scheduler/scheduler_config.json")?;
-        scheduler.validate(&p)?;
-        let (clip_l, p): (ClipTextConfig, _) = read(src, "text_encoder/config.json")?;
-        clip_l.validate(&p)?;
-        let (clip_g, p): (ClipTextConfig, _) = read(src, "text_encoder_2/config.json")?;
-        clip_g.validate(&p)?;
+        let (transformer, _): (Sd3TransformerConfig, _) =
+            read_checked(src, "transformer/config.json")?;
+        let (vae, _): (VaeConfig, _) = read_checked(src, "vae/config.json")?;
+        let (scheduler, _): (SchedulerConfig, _) =
+            read_checked(src, "scheduler/scheduler_config.json")?;
+        let (clip_l, _): (ClipTextConfig, _) = read_checked(src, "text_encoder/config.json")?;
+        let (clip_g, _): (ClipTextConfig, _) = read_checked(src, "text_encoder_2/config.json")?;
         let t5 = if index.has("text_encoder_3") {
-            let (c, p): (T5Config, _) = read(src, "text_encoder_3/config.json")?;
-            c.validate(&p)?;
+            let (c, p): (T5Config, _) = read_checked(src, "text_encoder_3/config.json")?;
             Some((c, p))
         } else {
             None

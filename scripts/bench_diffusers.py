@@ -4,6 +4,8 @@
     python scripts/bench_diffusers.py --model bench-models/sd3-bench --steps 4 --width 512 --height 512 \
         --dtype f32 --threads 2 --repeat 2 --out diffusers.json
 
+On a GPU (`--device cuda`) each mark waits for the GPU first (torch.cuda.synchronize), as mmdit does.
+
 Phases: text encoding (`encode_prompt`), each transformer step (timestamps from `callback_on_step_end`,
 which fires after the scheduler step), VAE decode. Noise comes from torch's generator; speed does not
 depend on it.
@@ -43,13 +45,16 @@ def main():
     ap.add_argument("--max-sequence-length", type=int, default=None)
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
     t0 = time.perf_counter()
-    pipe = DiffusionPipeline.from_pretrained(a.model, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(a.model, torch_dtype=dtype).to(a.device)
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    sync()
     load_s = time.perf_counter() - t0
     is_flux = type(pipe).__name__.startswith("Flux")
     kw = {}
@@ -74,21 +79,24 @@ def main():
         marks = []
         t0 = time.perf_counter()
         emb = encode()
+        sync()
         text = time.perf_counter() - t0
 
         def cb(p, i, t, kwargs):
+            sync()
             marks.append(time.perf_counter())
             return kwargs
 
         start = time.perf_counter()
         lat = pipe(num_inference_steps=steps, width=a.width, height=a.height, output_type="latent",
-                   callback_on_step_end=cb, generator=torch.Generator().manual_seed(0), **emb, **kw).images
+                   callback_on_step_end=cb, generator=torch.Generator(a.device).manual_seed(0), **emb, **kw).images
         step_times = [b - a_ for a_, b in zip([start] + marks[:-1], marks)]
         t0 = time.perf_counter()
         if is_flux:
             lat = pipe._unpack_latents(lat, a.height, a.width, pipe.vae_scale_factor)
         lat = lat / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
         pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)
+        sync()
         decode = time.perf_counter() - t0
         return text, step_times, decode
 
@@ -110,9 +118,10 @@ def main():
     res = {
         "engine": f"diffusers-{__import__('diffusers').__version__}+torch-{torch.__version__}",
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "device": "cpu", "dtype": a.dtype, "threads": torch.get_num_threads(), "model": a.model,
+        "device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(), "model": a.model,
         "width": a.width, "height": a.height, "reference_steps": 0, "repeat": a.repeat, "load_s": load_s,
         "peak_rss_bytes": peak_rss(), "rows": rows,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if a.device == "cuda" else None,
     }
     with open(a.out, "w") as fh:
         json.dump(res, fh, indent=1)

@@ -7,6 +7,11 @@
 - flux-bench: Flux width (3072, 24 heads x 128), 1 double + 2 single blocks, schnell-like (no guidance
   embedding), the real Flux VAE, tiny text encoders with the real output widths (CLIP 768, T5 4096).
 Both engines load the same folders (diffusers layout).
+
+With --full (for a GPU: 4 + 24 GB in bf16), all layers at the real configs instead:
+- sd3-medium-full: SD3-medium's transformer (24 layers, 1536 wide, pos_embed_max_size 192);
+- flux-dev-full: FLUX.1-dev's transformer (19 double + 38 single blocks, 3072 wide, guidance embedding);
+with the same real VAEs and tiny text encoders. `--device cuda --dtype bf16` builds them on the GPU.
 """
 
 import argparse
@@ -39,11 +44,33 @@ def vae(scaling, shift):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "bench-models"))
+    ap.add_argument("--full", action="store_true", help="all layers (SD3-medium, FLUX.1-dev)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--only", default=None, choices=["sd3", "flux"])
     args = ap.parse_args()
     torch.manual_seed(0)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    sd3_layers, flux_layers = (24, (19, 38)) if args.full else (2, (1, 2))
+    suffix = "-full" if args.full else "-bench"
+
+    def save(pipe, name):
+        with torch.no_grad():
+            pipe.to(dtype)
+        pipe.save_pretrained(os.path.join(args.out, name))
+
     t5_enc = lambda: t5(d_model=4096, layers=1, heads=4, d_kv=64, d_ff=64)
+    with torch.device(args.device):
+        if args.only in (None, "sd3"):
+            make_sd3(sd3_layers, t5_enc, lambda p: save(p, ("sd3-medium" if args.full else "sd3") + suffix))
+        if args.only in (None, "flux"):
+            make_flux(flux_layers, args.full, t5_enc, lambda p: save(p, ("flux-dev" if args.full else "flux") + suffix))
+    print("wrote", os.path.abspath(args.out))
+
+
+def make_sd3(layers, t5_enc, save):
     sd3 = StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(sample_size=64, patch_size=2, in_channels=16, num_layers=2,
+        transformer=SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=layers,
                                           attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
                                           caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
                                           pos_embed_max_size=192),
@@ -51,17 +78,20 @@ def main():
         text_encoder=clip(768), tokenizer=clip_tokenizer(), text_encoder_2=clip(1280), tokenizer_2=clip_tokenizer(pad_token="!"),
         text_encoder_3=t5_enc(), tokenizer_3=t5_tokenizer(),
     )
-    sd3.save_pretrained(os.path.join(args.out, "sd3-bench"))
-    del sd3
+    save(sd3)
+
+
+def make_flux(layers, guidance, t5_enc, save):
     flux = FluxPipeline(
-        transformer=FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
-                                           attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                           pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+        transformer=FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=layers[0],
+                                           num_single_layers=layers[1], attention_head_dim=128,
+                                           num_attention_heads=24, joint_attention_dim=4096,
+                                           pooled_projection_dim=768, guidance_embeds=guidance,
+                                           axes_dims_rope=(16, 56, 56)),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae(0.3611, 0.1159),
         text_encoder=clip(hidden=768), tokenizer=clip_tokenizer(), text_encoder_2=t5_enc(), tokenizer_2=t5_tokenizer(),
     )
-    flux.save_pretrained(os.path.join(args.out, "flux-bench"))
-    print("wrote", os.path.abspath(args.out))
+    save(flux)
 
 
 if __name__ == "__main__":

@@ -69,9 +69,11 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
-/// The default dtype of a device: bf16 on CUDA, f32 elsewhere.
+/// The default dtype of a device: bf16 on CUDA and Metal (f16 overflows in T5 and in Flux's
+/// activations), f32 on the CPU. The VAE and T5 move to f32 where their dtype is unsafe
+/// (`pipeline::vae_dtype`).
 pub fn default_dtype(device: &Device) -> DType {
-    if device.is_cuda() {
+    if device.is_cuda() || device.is_metal() {
         DType::BF16
     } else {
         DType::F32

@@ -20,6 +20,7 @@ pub mod mmdit;
 pub mod output;
 pub mod pipeline;
 pub mod presets;
+pub mod profile;
 pub mod request;
 pub mod sampling;
 pub mod text;

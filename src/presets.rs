@@ -118,7 +118,7 @@ impl Preset {
             .map(|(_, t)| Preset::parse(t).expect("embedded presets are valid"))
     }
 
-    /// Where the preset's files are.
+    /// Where the preset's files are (local presets: under [`models_dir`]).
     pub fn model_ref(&self, revision: Option<&str>) -> ModelRef {
         match (&self.repo, &self.path) {
             (Some(repo), _) => ModelRef::Hub {
@@ -128,11 +128,7 @@ impl Preset {
                     .unwrap_or("main")
                     .to_string(),
             },
-            (None, Some(p)) => ModelRef::Folder(
-                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                    .join("models")
-                    .join(p),
-            ),
+            (None, Some(p)) => ModelRef::Folder(models_dir().join(p)),
             (None, None) => unreachable!("checked in parse"),
         }
     }
@@ -158,6 +154,40 @@ impl Preset {
     }
 }
 
+/// Resolves `--model` and `--components`: a single-file checkpoint takes its configs, tokenizers and
+/// missing components from `components` (a preset, folder or repo), else from the preset of the
+/// variant its shapes show; its defaults are that preset's.
+pub fn resolve_with(
+    model: &str,
+    revision: Option<&str>,
+    components: Option<&str>,
+) -> Result<(ModelRef, Option<Preset>)> {
+    let (m, preset) = resolve(model, revision)?;
+    let ModelRef::SingleFile { file, .. } = m else {
+        if components.is_some() {
+            return Err(Error::request(
+                "--components applies to single-file .safetensors checkpoints only",
+            ));
+        }
+        return Ok((m, preset));
+    };
+    let (comps, preset) = match components {
+        Some(c) => resolve(c, None)?,
+        None => {
+            let single = crate::loader::single::SingleFile::open(&file)?;
+            let comps = crate::pipeline::default_components(&single)?;
+            (comps, single.detected.variant.and_then(Preset::find))
+        }
+    };
+    Ok((
+        ModelRef::SingleFile {
+            file,
+            components: Some(Box::new(comps)),
+        },
+        preset,
+    ))
+}
+
 /// Resolves what the user typed for `--model`: a preset name, a folder, or a Hub repo id.
 pub fn resolve(model: &str, revision: Option<&str>) -> Result<(ModelRef, Option<Preset>)> {
     if let Some(p) = Preset::find(model) {
@@ -172,6 +202,14 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<(ModelRef, Option<
             )),
             e => e,
         })
+}
+
+/// The folder of the local presets' files: `MMDIT_MODELS_DIR` when set (a binary moved away from its
+/// checkout), else the checkout's `models/`.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("MMDIT_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"))
 }
 
 #[cfg(test)]

@@ -83,7 +83,7 @@ fn demo() -> mmdit::Sd3Pipeline {
     let p = Preset::find("demo").unwrap();
     match Spec::open(&p.model_ref(None))
         .unwrap()
-        .load(&Device::Cpu, DType::F32)
+        .load(&device(), DType::F32)
         .unwrap()
     {
         Pipeline::Sd3(p) => *p,
@@ -176,5 +176,48 @@ fn demo_draws_the_prompted_colour_and_shape() {
         } else {
             assert!(cp >= 0.85, "colour at 4 steps {cp}");
         }
+    }
+}
+
+/// PSNR of diffusers' own bf16 images against its f32 images of the demo-ref runs (torch 2.15.0 on
+/// CPU, measured 2026-11-28 with the runs of scripts/make_demo_fixture.py): the demo model's hard
+/// shape edges move by a pixel under bf16 rounding at 28 steps.
+const DIFFUSERS_BF16_PSNR: [f64; 2] = [23.7, 42.0];
+
+/// bf16 (the GPU default) against diffusers' f32 images of the trained demo model: PSNR at least
+/// 30 dB, or at least diffusers' own bf16 figure where that is lower.
+#[test]
+fn demo_in_bf16_stays_as_close_to_diffusers_f32_as_diffusers_bf16() {
+    let p = Preset::find("demo").unwrap();
+    let mut pipe = Spec::open(&p.model_ref(None))
+        .unwrap()
+        .load(&device(), DType::BF16)
+        .unwrap();
+    let r = reference("demo-ref");
+    let meta = meta("demo-ref");
+    for (k, run) in meta["runs"].as_array().unwrap().iter().enumerate() {
+        let mut req = request(
+            run["prompt"].as_str().unwrap(),
+            run["steps"].as_u64().unwrap() as usize,
+            0,
+        );
+        req.noise = fixture_request("demo-ref", run, 16).noise;
+        req.guidance = run["guidance"].as_f64();
+        let out = pipe.generate(&req, &mut |_| {}).unwrap();
+        let want = r[&format!("run.{k}.image")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
+        let p = psnr(&out.image.data, &want);
+        let floor = DIFFUSERS_BF16_PSNR[k].min(30.0);
+        println!(
+            "demo run {k}: bf16 image PSNR {p:.1} dB against diffusers f32 (floor {floor} dB; diffusers bf16 {} dB)",
+            DIFFUSERS_BF16_PSNR[k]
+        );
+        assert!(
+            p >= floor,
+            "demo run {k}: bf16 PSNR {p:.1} dB < diffusers' {floor} dB"
+        );
     }
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::*;
 use mmdit::mmdit::flux::{pack, unpack};
 use mmdit::{FluxPipeline, ModelRef, Pipeline, Request, Spec};
@@ -14,11 +14,7 @@ const FIXTURES: [&str; 3] = ["flux-dummy", "flux-schnell-tiny", "flux-dev-tiny"]
 
 fn load(name: &str) -> FluxPipeline {
     let m = ModelRef::parse(fixture(name).to_str().unwrap(), None).unwrap();
-    match Spec::open(&m)
-        .unwrap()
-        .load(&Device::Cpu, DType::F32)
-        .unwrap()
-    {
+    match Spec::open(&m).unwrap().load(&device(), DType::F32).unwrap() {
         Pipeline::Flux(p) => *p,
         Pipeline::Sd3(_) => panic!("{name} is not a Flux fixture"),
     }
@@ -98,7 +94,7 @@ fn transformer_matches_diffusers() {
         let ctx = &r["transformer.context"];
         let rope = pipe
             .transformer
-            .rope(ctx.dim(1).unwrap(), h / 2, w / 2, &Device::Cpu)
+            .rope(ctx.dim(1).unwrap(), h / 2, w / 2, &device())
             .unwrap();
         let out = pipe
             .transformer
@@ -138,26 +134,7 @@ fn images_match_diffusers_within_2_of_255() {
         let meta = meta(name);
         let max_seq = meta["max_sequence_length"].as_u64().unwrap() as usize;
         for (k, run) in meta["runs"].as_array().unwrap().iter().enumerate() {
-            let noise = candle_core::safetensors::load(
-                fixture(name).join(run["noise"].as_str().unwrap()),
-                &Device::Cpu,
-            )
-            .unwrap()
-            .remove("noise")
-            .unwrap();
-            let req = Request {
-                prompt: run["prompt"].as_str().unwrap().into(),
-                negative_prompt: run["negative_prompt"].as_str().map(Into::into),
-                true_cfg: run["true_cfg"].as_f64(),
-                steps: Some(run["steps"].as_u64().unwrap() as usize),
-                guidance: run["guidance"].as_f64(),
-                width: Some(run["width"].as_u64().unwrap() as usize),
-                height: Some(run["height"].as_u64().unwrap() as usize),
-                noise: Some(noise),
-                max_sequence_length: Some(max_seq),
-                seed: None,
-                sampler: None,
-            };
+            let req = fixture_request(name, run, max_seq);
             let resolved = pipe.spec.resolve(&req).unwrap();
             let sched = pipe.spec.schedule(&resolved);
             let ref_sigmas: Vec<f32> = r[&format!("run.{k}.sigmas")].to_vec1().unwrap();
@@ -216,4 +193,14 @@ fn schnell_ignores_guidance_with_a_notice_and_refuses_odd_sizes() {
         })
         .unwrap_err();
     assert!(e.to_string().contains("28 or 32"), "{e}");
+}
+
+/// bf16 (the GPU default) against diffusers' f32 images: PSNR at least 30 dB (issue 9).
+#[test]
+fn bf16_images_within_30_db_of_diffusers_f32() {
+    for name in FIXTURES {
+        for p in bf16_psnr(name) {
+            assert!(p >= 30.0, "{name}: bf16 image PSNR {p:.1} dB < 30 dB");
+        }
+    }
 }

@@ -4,20 +4,16 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::*;
-use mmdit::{ModelRef, Pipeline, Request, Sd3Pipeline, Spec};
+use mmdit::{ModelRef, Pipeline, Sd3Pipeline, Spec};
 
 const REL: f32 = 1e-4;
 const FIXTURES: [&str; 3] = ["sd3-dummy", "sd35-tiny", "sd3-no-t5"];
 
 fn load(name: &str) -> Sd3Pipeline {
     let m = ModelRef::parse(fixture(name).to_str().unwrap(), None).unwrap();
-    match Spec::open(&m)
-        .unwrap()
-        .load(&Device::Cpu, DType::F32)
-        .unwrap()
-    {
+    match Spec::open(&m).unwrap().load(&device(), DType::F32).unwrap() {
         Pipeline::Sd3(p) => *p,
         Pipeline::Flux(_) => panic!("{name} is not an SD3 fixture"),
     }
@@ -144,26 +140,7 @@ fn images_match_diffusers_within_2_of_255() {
         let meta = meta(name);
         let max_seq = meta["max_sequence_length"].as_u64().unwrap() as usize;
         for (k, run) in meta["runs"].as_array().unwrap().iter().enumerate() {
-            let noise = candle_core::safetensors::load(
-                fixture(name).join(run["noise"].as_str().unwrap()),
-                &Device::Cpu,
-            )
-            .unwrap()
-            .remove("noise")
-            .unwrap();
-            let req = Request {
-                prompt: run["prompt"].as_str().unwrap().into(),
-                negative_prompt: run["negative_prompt"].as_str().map(Into::into),
-                steps: Some(run["steps"].as_u64().unwrap() as usize),
-                guidance: Some(run["guidance"].as_f64().unwrap()),
-                width: Some(run["width"].as_u64().unwrap() as usize),
-                height: Some(run["height"].as_u64().unwrap() as usize),
-                noise: Some(noise),
-                max_sequence_length: Some(max_seq),
-                seed: None,
-                sampler: None,
-                true_cfg: None,
-            };
+            let req = fixture_request(name, run, max_seq);
             let resolved = pipe.spec.resolve(&req).unwrap();
             let sched = pipe.spec.schedule(&resolved);
             let ref_sigmas: Vec<f32> = r[&format!("run.{k}.sigmas")].to_vec1().unwrap();
@@ -192,6 +169,16 @@ fn images_match_diffusers_within_2_of_255() {
                 .unwrap();
             println!("{name} run {k}: image max diff {worst}/255");
             assert!(worst <= 2, "{name} run {k}: image differs by {worst}/255");
+        }
+    }
+}
+
+/// bf16 (the GPU default) against diffusers' f32 images: PSNR at least 30 dB (issue 9).
+#[test]
+fn bf16_images_within_30_db_of_diffusers_f32() {
+    for name in FIXTURES {
+        for p in bf16_psnr(name) {
+            assert!(p >= 30.0, "{name}: bf16 image PSNR {p:.1} dB < 30 dB");
         }
     }
 }

@@ -10,11 +10,16 @@ use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Model: a local folder in diffusers layout or a Hub repo id.
+    /// Model: a preset, a local folder in diffusers layout, a Hub repo id or a single-file
+    /// .safetensors checkpoint.
     #[arg(long, default_value = super::generate::DEFAULT_MODEL)]
     pub model: String,
     #[arg(long)]
     pub revision: Option<String>,
+    /// For a single-file .safetensors --model: a preset, folder or Hub repo with its configs,
+    /// tokenizers and the components the file lacks (default: the preset its shapes match).
+    #[arg(long)]
+    pub components: Option<String>,
     /// Step counts to measure, comma-separated.
     #[arg(long, default_value = "4,10,28", value_delimiter = ',')]
     pub steps: Vec<usize>,
@@ -43,8 +48,10 @@ pub struct BenchArgs {
     pub guidance: Option<f64>,
     #[arg(long)]
     pub max_sequence_length: Option<usize>,
-    #[arg(long, default_value = "cpu")]
+    /// auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// f32, f16 or bf16 (default: bf16 on CUDA and Metal, f32 on CPU).
     #[arg(long)]
     pub dtype: Option<String>,
     /// table, json or csv (printed to stdout).
@@ -132,7 +139,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if let Some(d) = &a.output_dir {
         std::fs::create_dir_all(d).with_context(|| format!("--output-dir {}", d.display()))?;
     }
-    let (model, preset) = mmdit::presets::resolve(&a.model, a.revision.as_deref())?;
+    let (model, preset) =
+        mmdit::presets::resolve_with(&a.model, a.revision.as_deref(), a.components.as_deref())?;
     let dtype = match a
         .dtype
         .as_deref()
@@ -170,6 +178,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     // Warm-up: one short run, not measured.
     pipe.generate(&base(&prompts[0], 1, Sampler::Euler), &mut |_| {})?;
+    mmdit::profile::reset();
+    // Steps and their wall time since the warm-up, for the profile's per-step figures.
+    let mut prof = (0usize, std::time::Duration::ZERO);
 
     let mut rows = Vec::new();
     let mut grid_images = Vec::new();
@@ -189,7 +200,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 noise: Some(noise.clone()),
                 ..base(prompt, a.reference_steps, Sampler::Euler)
             };
-            Some(pipe.generate(&req, &mut |_| {})?)
+            let out = pipe.generate(&req, &mut |_| {})?;
+            prof.0 += out.timings.steps.len();
+            prof.1 += out.timings.denoise();
+            Some(out)
         };
         for &sampler in &samplers {
             for &steps in &a.steps {
@@ -219,6 +233,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                         ..base(prompt, steps, sampler)
                     };
                     let out = pipe.generate(&req, &mut |_| {})?;
+                    prof.0 += out.timings.steps.len();
+                    prof.1 += out.timings.denoise();
                     let c = &mut per_cfg[idx];
                     c.text.push(out.timings.text.as_secs_f64());
                     c.step
@@ -289,9 +305,19 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if let Some(t) = &theirs {
         println!("\n{}", report::compare(&results, t));
     }
+    let profile = mmdit::profile::enabled().then(|| mmdit::profile::report(prof.0, prof.1));
+    if let Some(p) = &profile {
+        println!(
+            "\nprofile (MMDIT_PROFILE=1): transformer phases per step over {} steps, device synchronised around each\n\n{p}",
+            prof.0
+        );
+    }
     if let Some(d) = &a.output_dir {
         std::fs::write(d.join("results.json"), results.json())?;
         std::fs::write(d.join("results.csv"), results.csv())?;
+        if let Some(p) = &profile {
+            std::fs::write(d.join("profile.md"), p)?;
+        }
         std::fs::write(d.join("plot.svg"), bench::plot::svg(&results))?;
         let g = bench::grid(&grid_images, cols);
         let grid_path = d.join("grid.png");

@@ -11,13 +11,18 @@ pub const DEFAULT_MODEL: &str = "demo";
 
 #[derive(Args, Debug, Default)]
 pub struct GenerateArgs {
-    /// Model: a preset (`mmdit models`), a local folder in diffusers layout or a Hub repo id
-    /// (org/name). Default: the embedded demo model.
+    /// Model: a preset (`mmdit models`), a local folder in diffusers layout, a Hub repo id
+    /// (org/name) or a single-file .safetensors checkpoint (SAI SD3, BFL Flux). Default: the
+    /// embedded demo model.
     #[arg(long)]
     pub model: Option<String>,
     /// Hub revision (branch, tag or commit) when --model is a repo id.
     #[arg(long)]
     pub revision: Option<String>,
+    /// For a single-file .safetensors --model: a preset, folder or Hub repo with its configs,
+    /// tokenizers and the components the file lacks (default: the preset its shapes match).
+    #[arg(long)]
+    pub components: Option<String>,
     /// The prompt (required unless --from gives one).
     #[arg(long)]
     pub prompt: Option<String>,
@@ -52,10 +57,10 @@ pub struct GenerateArgs {
     /// T5 sequence length (default: 256 for SD3 and FLUX.1-schnell, 512 for FLUX.1-dev).
     #[arg(long)]
     pub max_sequence_length: Option<usize>,
-    /// cpu, cuda, cuda:N, metal or auto.
-    #[arg(long, default_value = "cpu")]
+    /// auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
     pub device: String,
-    /// f32, f16 or bf16 (default: bf16 on CUDA, f32 on CPU).
+    /// f32, f16 or bf16 (default: bf16 on CUDA and Metal, f32 on CPU).
     #[arg(long)]
     pub dtype: Option<String>,
     /// Output PNG.
@@ -121,6 +126,7 @@ fn apply_from(a: &mut GenerateArgs, png: &Path) -> anyhow::Result<()> {
         .or(get("negative_prompt").filter(|s| !s.is_empty()));
     a.model = a.model.take().or(get("model"));
     a.revision = a.revision.take().or(get("revision"));
+    a.components = a.components.take().or(get("components"));
     a.sampler = a.sampler.take().or(get("sampler"));
     a.dtype = a.dtype.take().or(get("dtype"));
     a.noise = a.noise.take().or(get("noise_file").map(PathBuf::from));
@@ -147,7 +153,8 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     })?;
     let dev = device::parse_device(&a.device)?;
     let model_str = a.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string());
-    let (model, preset) = mmdit::presets::resolve(&model_str, a.revision.as_deref())?;
+    let (model, preset) =
+        mmdit::presets::resolve_with(&model_str, a.revision.as_deref(), a.components.as_deref())?;
     let dtype = match a
         .dtype
         .as_deref()
@@ -242,6 +249,9 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     ];
     if let ModelRef::Hub { revision, .. } = &model {
         text.push(("revision", revision.clone()));
+    }
+    if let Some(c) = &a.components {
+        text.push(("components", c.clone()));
     }
     if let Some(n) = &a.noise {
         text.push(("noise_file", n.display().to_string()));

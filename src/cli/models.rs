@@ -19,6 +19,10 @@ pub struct InspectArgs {
     pub model: String,
     #[arg(long)]
     pub revision: Option<String>,
+    /// For a single-file checkpoint: the preset, folder or repo with its configs (default: the
+    /// preset its shapes match). Without one, only the file's own mapping is checked.
+    #[arg(long)]
+    pub components: Option<String>,
 }
 
 pub fn list() -> anyhow::Result<()> {
@@ -69,15 +73,42 @@ pub fn fetch(a: FetchArgs) -> anyhow::Result<()> {
 
 pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     let p = Path::new(&a.model);
-    if p.is_file() {
-        return inspect_file(p);
-    }
-    let (model, _) = presets::resolve(&a.model, a.revision.as_deref())?;
-    let spec = Spec::open(&model)?;
-    println!("model   {}", spec.name());
-    println!("layout  diffusers (model_index.json)");
-    println!("variant {}", spec.variant());
     let mut problems = 0;
+    let spec = if p.is_file() {
+        let Some(single) = inspect_file(p, &mut problems)? else {
+            return Ok(());
+        };
+        let comps = match &a.components {
+            Some(c) => presets::resolve(c, None).map(|(m, _)| m),
+            None => mmdit::pipeline::default_components(&single),
+        };
+        let opened = comps.and_then(|c| {
+            Spec::open(&mmdit::ModelRef::SingleFile {
+                file: p.to_path_buf(),
+                components: Some(Box::new(c)),
+            })
+        });
+        match opened {
+            Ok(spec) => spec,
+            Err(e) => {
+                println!("configs not checked: {e}");
+                return finish(problems);
+            }
+        }
+    } else {
+        if a.components.is_some() {
+            return Err(mmdit::Error::request(
+                "--components applies to single-file .safetensors checkpoints only",
+            )
+            .into());
+        }
+        let (model, _) = presets::resolve(&a.model, a.revision.as_deref())?;
+        let spec = Spec::open(&model)?;
+        println!("model   {}", spec.name());
+        println!("layout  diffusers (model_index.json)");
+        spec
+    };
+    println!("variant {}", spec.variant());
     for c in spec.audit()? {
         let a = &c.audit;
         let dtypes: Vec<String> = a.dtypes.iter().map(|(d, n)| format!("{d} {n}")).collect();
@@ -99,6 +130,10 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         }
         problems += a.missing.len() + a.wrong_shape.len() + a.unexpected.len();
     }
+    finish(problems)
+}
+
+fn finish(problems: usize) -> anyhow::Result<()> {
     if problems > 0 {
         return Err(mmdit::Error::request(format!(
             "{problems} tensor problem(s) listed above; the weights do not match the configs: re-download the model"
@@ -109,37 +144,79 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Header-only summary of one safetensors file and the checkpoint format its keys point to.
-fn inspect_file(p: &Path) -> anyhow::Result<()> {
+/// Header-only summary of one safetensors file: its format and, for a single-file checkpoint, the
+/// detected variant, the components it holds and any tensor no component maps. Returns the mapping
+/// of a single-file checkpoint.
+fn inspect_file(
+    p: &Path,
+    problems: &mut usize,
+) -> anyhow::Result<Option<mmdit::loader::single::SingleFile>> {
     let headers = mmdit::loader::audit::read_headers(&[p.to_path_buf()])?;
     let params: usize = headers
         .values()
         .map(|t| t.shape.iter().product::<usize>())
         .sum();
-    let has = |k: &str| headers.keys().any(|n| n.contains(k));
-    let format = if has("joint_blocks.") {
-        "SAI single-file SD3/SD3.5 checkpoint"
-    } else if has("double_blocks.") {
-        "BFL single-file FLUX.1 checkpoint"
-    } else if has("transformer_blocks.") {
-        "diffusers transformer weights"
-    } else if has("decoder.up.") || has("decoder.up_blocks.") {
-        "VAE weights"
-    } else {
-        "unrecognised"
-    };
     let mut dtypes = std::collections::BTreeMap::new();
     for t in headers.values() {
         *dtypes.entry(t.dtype.clone()).or_insert(0usize) += 1;
     }
     println!("file    {}", p.display());
-    println!("format  {format}");
     println!(
         "tensors {} ({} parameters), dtypes {:?}",
         headers.len(),
         params,
         dtypes
     );
-    println!("note    single-file checkpoints are recognised but not loaded yet; use the diffusers layout (a preset)");
-    Ok(())
+    let single = match mmdit::loader::single::SingleFile::open(p) {
+        Ok(s) => s,
+        Err(_) => {
+            let has = |k: &str| headers.keys().any(|n| n.contains(k));
+            let format = if has("transformer_blocks.") {
+                "diffusers transformer weights (inspect its model folder instead)"
+            } else if has("decoder.up.") || has("decoder.up_blocks.") {
+                "VAE weights"
+            } else {
+                "unrecognised"
+            };
+            println!("format  {format}");
+            return Ok(None);
+        }
+    };
+    let d = &single.detected;
+    println!(
+        "format  {} single-file checkpoint{}",
+        match d.format {
+            mmdit::loader::single::Format::Sd3 => "SAI SD3/SD3.5",
+            mmdit::loader::single::Format::Flux => "BFL FLUX.1",
+        },
+        if d.prefix.is_empty() {
+            String::new()
+        } else {
+            format!(" (prefix `{}`)", d.prefix)
+        }
+    );
+    println!(
+        "detected {}",
+        d.variant
+            .unwrap_or("no released model's shapes (pass --components)")
+    );
+    for (name, m) in &single.components {
+        let n: usize = m
+            .metas()
+            .values()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
+        let from = if m.files.len() > 1 {
+            format!(" (from {})", m.files[1].display())
+        } else {
+            String::new()
+        };
+        println!("in file {name:<15} {n:>14} parameters{from}");
+    }
+    let unmapped = single.unmapped(&headers);
+    for n in &unmapped {
+        println!("  unexpected  {n}");
+    }
+    *problems += unmapped.len();
+    Ok(Some(single))
 }

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod hub;
+pub mod single;
 pub mod weights;
 
 use crate::error::{Error, Result};
@@ -14,20 +15,41 @@ pub enum ModelRef {
     Folder(PathBuf),
     /// A Hub repository id (`org/name`) at a revision.
     Hub { repo: String, revision: String },
+    /// An original single-file checkpoint (SAI SD3/SD3.5, BFL FLUX.1) and the model that completes
+    /// it: configs, tokenizers, scheduler, and the components the file lacks. Without `components`,
+    /// the preset of the detected variant.
+    SingleFile {
+        file: PathBuf,
+        components: Option<Box<ModelRef>>,
+    },
 }
 
 impl ModelRef {
-    /// A path that exists is a folder; `org/name` is a Hub repo; anything else is an error that says
-    /// what was expected.
+    /// A path that exists is a folder or a `.safetensors` single-file checkpoint; `org/name` is a Hub
+    /// repo; anything else is an error that says what was expected.
     pub fn parse(s: &str, revision: Option<&str>) -> Result<Self> {
         let p = Path::new(s);
         if p.exists() {
             if p.is_dir() {
                 return Ok(ModelRef::Folder(p.to_path_buf()));
             }
-            return Err(Error::request(format!(
-                "--model {s}: is a file; pass a model folder in diffusers layout (with model_index.json) or a Hub repo id"
-            )));
+            let ext = p
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            return match ext.as_str() {
+                "safetensors" => Ok(ModelRef::SingleFile {
+                    file: p.to_path_buf(),
+                    components: None,
+                }),
+                "ckpt" | "pt" | "pth" | "bin" => Err(Error::request(format!(
+                    "--model {s}: pickle checkpoints are not loaded (they can run code); use the .safetensors version"
+                ))),
+                _ => Err(Error::request(format!(
+                    "--model {s}: is a file but not a .safetensors checkpoint; pass a single-file .safetensors checkpoint, a model folder in diffusers layout (with model_index.json) or a Hub repo id"
+                ))),
+            };
         }
         let parts: Vec<&str> = s.split('/').collect();
         let valid = |x: &str| {
@@ -53,6 +75,7 @@ impl ModelRef {
             ModelRef::Folder(p) => p.display().to_string(),
             ModelRef::Hub { repo, revision } if revision == "main" => repo.clone(),
             ModelRef::Hub { repo, revision } => format!("{repo}@{revision}"),
+            ModelRef::SingleFile { file, .. } => file.display().to_string(),
         }
     }
 }
@@ -94,11 +117,24 @@ impl FileSource for FolderSource {
     }
 }
 
-/// Opens the source a reference points at.
+/// Opens the source a reference points at (for a single file: the source of its components).
 pub fn open(model: &ModelRef) -> Result<Box<dyn FileSource>> {
     Ok(match model {
         ModelRef::Folder(p) => Box::new(FolderSource::new(p.clone())),
         ModelRef::Hub { repo, revision } => Box::new(hub::HubSource::new(repo, revision)?),
+        ModelRef::SingleFile {
+            components: Some(c),
+            ..
+        } => open(c)?,
+        ModelRef::SingleFile {
+            file,
+            components: None,
+        } => {
+            return Err(Error::request(format!(
+                "{}: a single-file checkpoint needs --components (a preset, folder or Hub repo with its configs and tokenizers)",
+                file.display()
+            )))
+        }
     })
 }
 

@@ -2,6 +2,7 @@
 //! the image and text streams attend together over their concatenated tokens.
 
 use super::rope::Rope;
+use crate::profile;
 use candle_core::{DType, Module, Result, Tensor, D};
 
 /// Where the text tokens go in the joint sequence: after the image (SD3) or before it (Flux).
@@ -27,9 +28,12 @@ impl RmsNorm {
         })
     }
 
-    /// x: (..., dim)
+    /// x: (..., dim). On a GPU one fused kernel (statistics in f32); on the CPU the composed f32 path.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
+        if !x.device().is_cpu() {
+            return self.forward_fused(x);
+        }
         let xf = x.to_dtype(DType::F32)?;
         let rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
         xf.broadcast_div(&rms)?
@@ -38,27 +42,112 @@ impl RmsNorm {
     }
 }
 
-/// Scaled dot-product attention. Queries are processed in blocks so the score matrix never exceeds
-/// a fixed budget; softmax runs in f32.
+impl RmsNorm {
+    /// The fused path of [`RmsNorm::forward`] (any device; tested against the composed one).
+    pub(crate) fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight.to_dtype(x.dtype())?,
+            self.eps as f32,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn fused_rms_norm_equals_the_composed_path() {
+        let dev = Device::Cpu;
+        let n = RmsNorm {
+            weight: Tensor::randn(0f32, 1.0, 16, &dev).unwrap(),
+            eps: 1e-6,
+        };
+        let x = (Tensor::randn(0f32, 1.0, (2, 3, 5, 16), &dev).unwrap() * 4.0).unwrap();
+        let d: f32 = (n.forward(&x).unwrap() - n.forward_fused(&x).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
+    }
+}
+
+/// Scaled dot-product attention. On CUDA with the `flash-attn` feature (f16/bf16) it runs flash
+/// attention, on Metal candle's fused kernel; otherwise queries are processed in blocks so the score
+/// matrix never exceeds a fixed budget (64 MiB of f32 scores on the CPU, 1 GiB on a GPU), with the
+/// softmax in f32.
 ///
 /// # Shapes
 /// q: (b, h, n, d), k and v: (b, h, m, d) -> (b, h, n, d)
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    profile::phase(
+        "attention core (scores, softmax, values)",
+        q.device(),
+        || sdpa_inner(q, k, v),
+    )
+}
+
+fn sdpa_inner(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, h, n, d) = q.dims4()?;
     let m = k.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();
+    #[cfg(feature = "flash-attn")]
+    if q.device().is_cuda()
+        && matches!(q.dtype(), DType::F16 | DType::BF16)
+        && d % 8 == 0
+        && d <= 256
+    {
+        // flash attention takes (b, n, h, d).
+        let t = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+        let o = candle_flash_attn::flash_attn(&t(q)?, &t(k)?, &t(v)?, scale as f32, false)?;
+        return o.transpose(1, 2)?.contiguous();
+    }
+    #[cfg(feature = "metal")]
+    if q.device().is_metal() && matches!(d, 32 | 64 | 72 | 80 | 96 | 128 | 256) {
+        return candle_nn::ops::sdpa(
+            &q.contiguous()?,
+            &k.contiguous()?,
+            &v.contiguous()?,
+            None,
+            false,
+            scale as f32,
+            1.0,
+        );
+    }
     let kt = k.transpose(2, 3)?.contiguous()?; // (b, h, d, m)
-                                               // At most ~64 MiB of f32 scores per block.
-    let block = ((16usize << 20) / (b * h * m).max(1)).clamp(1, n);
+    let budget: usize = if q.device().is_cpu() {
+        16 << 20
+    } else {
+        256 << 20
+    };
+    let block = (budget / (b * h * m).max(1)).clamp(1, n);
+    // On a GPU in f16/bf16 the scores stay in that dtype (the matrix product already rounded them
+    // to it): the softmax kernel accumulates in f32, and the scale is folded into q. Elsewhere (the
+    // CPU's softmax accumulates in the input dtype) they are converted to f32.
+    let low_gpu = !q.device().is_cpu() && q.dtype() != DType::F32;
+    let q = if low_gpu { (q * scale)? } else { q.clone() };
     let mut outs = Vec::with_capacity(n.div_ceil(block));
     let mut start = 0;
     while start < n {
         let len = block.min(n - start);
         let qb = q.narrow(2, start, len)?;
-        let scores = (qb.matmul(&kt)? * scale)?.to_dtype(DType::F32)?; // (b, h, len, m)
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let probs = if low_gpu {
+            candle_nn::ops::softmax_last_dim(&qb.matmul(&kt)?)?
+        } else {
+            let scores = (qb.matmul(&kt)? * scale)?.to_dtype(DType::F32)?; // (b, h, len, m)
+            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?
+        };
         outs.push(probs.matmul(v)?); // (b, h, len, d)
         start += len;
+    }
+    if outs.len() == 1 {
+        return Ok(outs.remove(0));
     }
     Tensor::cat(&outs, 2)
 }
@@ -118,15 +207,26 @@ impl QkvProj {
 
     /// x: (b, n, dim) -> q, k, v each (b, h, n, d)
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let mut q = split_heads(&self.q.forward(x)?, self.heads)?;
-        let mut k = split_heads(&self.k.forward(x)?, self.heads)?;
-        let v = split_heads(&self.v.forward(x)?, self.heads)?;
-        if let Some(n) = &self.norm_q {
-            q = n.forward(&q)?;
-        }
-        if let Some(n) = &self.norm_k {
-            k = n.forward(&k)?;
-        }
+        let dev = x.device();
+        let (q, k, v) = profile::phase("q/k/v projections", dev, || {
+            Ok((self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?))
+        })?;
+        let (mut q, mut k, v) = profile::phase("copies (heads, joins, splits)", dev, || {
+            Ok((
+                split_heads(&q, self.heads)?,
+                split_heads(&k, self.heads)?,
+                split_heads(&v, self.heads)?,
+            ))
+        })?;
+        profile::phase("q/k RMSNorm", dev, || {
+            if let Some(n) = &self.norm_q {
+                q = n.forward(&q)?;
+            }
+            if let Some(n) = &self.norm_k {
+                k = n.forward(&k)?;
+            }
+            Ok(())
+        })?;
         Ok((q, k, v))
     }
 }
@@ -185,7 +285,11 @@ impl JointAttention {
     /// Self-attention over the image stream alone. x: (b, n, dim) -> (b, n, dim)
     pub fn forward_self(&self, x: &Tensor) -> Result<Tensor> {
         let (q, k, v) = self.img.forward(x)?;
-        self.to_out.forward(&merge_heads(&sdpa(&q, &k, &v)?)?)
+        let o = sdpa(&q, &k, &v)?;
+        let o = profile::phase("copies (heads, joins, splits)", x.device(), || {
+            merge_heads(&o)
+        })?;
+        profile::phase("output projections", x.device(), || self.to_out.forward(&o))
     }
 
     /// Joint attention over the image and text tokens, concatenated in `order`, with optional RoPE
@@ -212,21 +316,29 @@ impl JointAttention {
             TokenOrder::ImageFirst => Tensor::cat(&[a, c], 2),
             TokenOrder::TextFirst => Tensor::cat(&[c, a], 2),
         };
-        let (mut q, mut k, v) = (join(q, cq)?, join(k, ck)?, join(v, cv)?);
+        let dev = x.device();
+        let (mut q, mut k, v) = profile::phase("copies (heads, joins, splits)", dev, || {
+            Ok((join(q, cq)?, join(k, ck)?, join(v, cv)?))
+        })?;
         if let Some(r) = rope {
-            q = r.apply(&q)?;
-            k = r.apply(&k)?;
+            (q, k) = profile::phase("RoPE", dev, || Ok((r.apply(&q)?, r.apply(&k)?)))?;
         }
-        let o = merge_heads(&sdpa(&q, &k, &v)?)?; // (b, n + s, inner)
+        let o = sdpa(&q, &k, &v)?;
         let (img_at, ctx_at) = match order {
             TokenOrder::ImageFirst => (0, n),
             TokenOrder::TextFirst => (s, 0),
         };
-        let img = self.to_out.forward(&o.narrow(1, img_at, n)?)?;
-        let ctx = match ctx_out {
-            Some(l) => Some(l.forward(&o.narrow(1, ctx_at, s)?)?),
-            None => None,
-        };
-        Ok((img, ctx))
+        let (o_img, o_ctx) = profile::phase("copies (heads, joins, splits)", dev, || {
+            let o = merge_heads(&o)?; // (b, n + s, inner)
+            Ok((o.narrow(1, img_at, n)?, o.narrow(1, ctx_at, s)?))
+        })?;
+        profile::phase("output projections", dev, || {
+            let img = self.to_out.forward(&o_img)?;
+            let ctx = match ctx_out {
+                Some(l) => Some(l.forward(&o_ctx)?),
+                None => None,
+            };
+            Ok((img, ctx))
+        })
     }
 }

@@ -2,8 +2,9 @@
 //! attention on dual-attention layers and the context-pre-only variant for the last block.
 
 use super::attention::{JointAttention, TokenOrder};
-use super::modulation::{gate, layer_norm, modulate, AdaNormContinuous, Modulation};
+use super::modulation::{gate, norm_modulate, AdaNormContinuous, Modulation};
 use super::rope::Rope;
+use crate::profile;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
@@ -120,34 +121,45 @@ impl JointBlock {
         rope: Option<&Rope>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         // m: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift_msa2, scale_msa2, gate_msa2]
-        let m = self.norm1.forward(temb)?;
-        let x_norm = layer_norm(x, EPS)?;
-        let x_attn_in = modulate(&x_norm, &m[0], &m[1])?;
-
-        let (ctx_attn_in, ctx_mod) = match &self.ctx {
-            ContextPath::Full { norm1, .. } => {
-                let c = norm1.forward(temb)?;
-                (modulate(&layer_norm(ctx, EPS)?, &c[0], &c[1])?, Some(c))
-            }
-            ContextPath::PreOnly { norm1 } => (norm1.forward(ctx, temb)?, None),
-        };
+        let dev = x.device();
+        let x_in = x;
+        let norms = "norms, modulation, gates, residuals";
+        let (m, x_attn_in, ctx_attn_in, ctx_mod) = profile::phase(norms, dev, || {
+            let m = self.norm1.forward(temb)?;
+            let x_attn_in = norm_modulate(x, EPS, &m[0], &m[1])?;
+            let (ctx_attn_in, ctx_mod) = match &self.ctx {
+                ContextPath::Full { norm1, .. } => {
+                    let c = norm1.forward(temb)?;
+                    (norm_modulate(ctx, EPS, &c[0], &c[1])?, Some(c))
+                }
+                ContextPath::PreOnly { norm1 } => (norm1.forward(ctx, temb)?, None),
+            };
+            Ok((m, x_attn_in, ctx_attn_in, ctx_mod))
+        })?;
 
         let (attn, ctx_attn) =
             self.attn
                 .forward_joint(&x_attn_in, &ctx_attn_in, self.order, rope)?;
-        let mut x = (x + gate(&attn, &m[2])?)?;
+        let mut x = profile::phase(norms, dev, || x + gate(&attn, &m[2])?)?;
         if let Some(attn2) = &self.attn2 {
-            let x2_in = modulate(&x_norm, &m[6], &m[7])?;
-            x = (x + gate(&attn2.forward_self(&x2_in)?, &m[8])?)?;
+            // The second attention reads the block's input, normed, with its own modulation.
+            let x2_in = profile::phase(norms, dev, || norm_modulate(x_in, EPS, &m[6], &m[7]))?;
+            let a2 = attn2.forward_self(&x2_in)?;
+            x = profile::phase(norms, dev, || x + gate(&a2, &m[8])?)?;
         }
-        let ff_in = modulate(&layer_norm(&x, EPS)?, &m[3], &m[4])?;
-        let x = (&x + gate(&self.ff.forward(&ff_in)?, &m[5])?)?;
+        let ff_in = profile::phase(norms, dev, || norm_modulate(&x, EPS, &m[3], &m[4]))?;
+        let ff = profile::phase("feed-forward", dev, || self.ff.forward(&ff_in))?;
+        let x = profile::phase(norms, dev, || &x + gate(&ff, &m[5])?)?;
 
         let ctx = match (&self.ctx, ctx_mod, ctx_attn) {
             (ContextPath::Full { ff, .. }, Some(c), Some(ctx_attn)) => {
-                let ctx = (ctx + gate(&ctx_attn, &c[2])?)?;
-                let ff_in = modulate(&layer_norm(&ctx, EPS)?, &c[3], &c[4])?;
-                Some((&ctx + gate(&ff.forward(&ff_in)?, &c[5])?)?)
+                let (ctx, ff_in) = profile::phase(norms, dev, || {
+                    let ctx = (ctx + gate(&ctx_attn, &c[2])?)?;
+                    let ff_in = norm_modulate(&ctx, EPS, &c[3], &c[4])?;
+                    Ok((ctx, ff_in))
+                })?;
+                let f = profile::phase("feed-forward", dev, || ff.forward(&ff_in))?;
+                Some(profile::phase(norms, dev, || &ctx + gate(&f, &c[5])?)?)
             }
             _ => None,
         };

@@ -3,11 +3,14 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-/// Per-token cos and sin tables, each (s, head_dim), f32.
+/// Per-token cos and sin tables, each (s, head_dim) with every frequency twice (the CPU path), and
+/// (s, head_dim / 2) once (the fused kernel on a GPU), f32.
 #[derive(Debug, Clone)]
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    cos_half: Tensor,
+    sin_half: Tensor,
 }
 
 impl Rope {
@@ -32,7 +35,10 @@ impl Rope {
             }
         }
         let s = ids.len();
+        let half = |v: &[f32]| v.iter().step_by(2).copied().collect::<Vec<_>>();
         Ok(Self {
+            cos_half: Tensor::from_vec(half(&cos), (s, dim / 2), device)?,
+            sin_half: Tensor::from_vec(half(&sin), (s, dim / 2), device)?,
             cos: Tensor::from_vec(cos, (s, dim), device)?,
             sin: Tensor::from_vec(sin, (s, dim), device)?,
         })
@@ -46,6 +52,9 @@ impl Rope {
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, s, d) = x.dims4()?;
         let dtype = x.dtype();
+        if !x.device().is_cpu() {
+            return self.apply_fused(x);
+        }
         let xf = x.to_dtype(DType::F32)?;
         let pairs = xf.reshape((b, h, s, d / 2, 2))?;
         let x0 = pairs.narrow(D::Minus1, 0, 1)?;
@@ -57,9 +66,37 @@ impl Rope {
     }
 }
 
+impl Rope {
+    /// The fused path of [`Rope::apply`]: candle's kernel for interleaved pairs, in f32 (any
+    /// device; tested against the composed path).
+    pub(crate) fn apply_fused(&self, x: &Tensor) -> Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?.contiguous()?;
+        candle_nn::rotary_emb::rope_i(&xf, &self.cos_half, &self.sin_half)?.to_dtype(x.dtype())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fused_rope_equals_the_composed_path() {
+        let dev = Device::Cpu;
+        let ids: Vec<Vec<f64>> = (0..5)
+            .map(|i| vec![0.0, i as f64, (2 * i) as f64])
+            .collect();
+        let rope = Rope::new(&ids, &[2, 4, 4], 10000.0, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 10), &dev).unwrap();
+        let d: f32 = (rope.apply(&x).unwrap() - rope.apply_fused(&x).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d < 1e-6, "{d}");
+    }
 
     #[test]
     fn position_zero_is_identity_and_rotation_preserves_norm() {

@@ -2,8 +2,9 @@
 //! sequence; attention and MLP run in parallel from one modulated norm and share one output projection.
 
 use super::attention::{merge_heads, sdpa, QkvProj};
-use super::modulation::{gate, layer_norm, modulate, Modulation};
+use super::modulation::{gate, norm_modulate, Modulation};
 use super::rope::Rope;
+use crate::profile;
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
@@ -36,14 +37,21 @@ impl SingleBlock {
     /// x: (b, s + n, dim) joint tokens (text first); temb: (b, dim) -> (b, s + n, dim)
     pub fn forward(&self, x: &Tensor, temb: &Tensor, rope: &Rope) -> Result<Tensor> {
         // m: shift, scale, gate
-        let m = self.norm.forward(temb)?;
-        let h = modulate(&layer_norm(x, 1e-6)?, &m[0], &m[1])?;
-        let mlp = self.proj_mlp.forward(&h)?.gelu()?;
+        let dev = x.device();
+        let norms = "norms, modulation, gates, residuals";
+        let (m, h) = profile::phase(norms, dev, || {
+            let m = self.norm.forward(temb)?;
+            let h = norm_modulate(x, 1e-6, &m[0], &m[1])?;
+            Ok((m, h))
+        })?;
+        let mlp = profile::phase("feed-forward", dev, || self.proj_mlp.forward(&h)?.gelu())?;
         let (q, k, v) = self.attn.forward(&h)?;
-        let attn = merge_heads(&sdpa(&rope.apply(&q)?, &rope.apply(&k)?, &v)?)?;
-        let out = self
-            .proj_out
-            .forward(&Tensor::cat(&[attn, mlp], D::Minus1)?)?;
-        x + gate(&out, &m[2])?
+        let (q, k) = profile::phase("RoPE", dev, || Ok((rope.apply(&q)?, rope.apply(&k)?)))?;
+        let o = sdpa(&q, &k, &v)?;
+        let joined = profile::phase("copies (heads, joins, splits)", dev, || {
+            Tensor::cat(&[merge_heads(&o)?, mlp], D::Minus1)
+        })?;
+        let out = profile::phase("output projections", dev, || self.proj_out.forward(&joined))?;
+        profile::phase(norms, dev, || x + gate(&out, &m[2])?)
     }
 }

@@ -9,7 +9,7 @@ use crate::config::{
     ClipTextConfig, FluxTransformerConfig, ModelIndex, SchedulerConfig, T5Config, VaeConfig,
 };
 use crate::error::Result;
-use crate::loader::{self, weights, FileSource};
+use crate::loader::FileSource;
 use crate::mmdit::flux::{pack, unpack};
 use crate::mmdit::rope::Rope;
 use crate::mmdit::FluxTransformer;
@@ -36,6 +36,8 @@ const DEFAULT_SAMPLE_SIZE: usize = 128;
 
 pub struct FluxSpec {
     source: Box<dyn FileSource>,
+    /// A single-file checkpoint that supplies some components (the rest come from `source`).
+    pub single: Option<std::sync::Arc<crate::loader::single::SingleFile>>,
     pub name: String,
     pub index: ModelIndex,
     pub transformer: FluxTransformerConfig,
@@ -49,6 +51,13 @@ impl FluxSpec {
     /// Where the model's files come from.
     pub fn source(&self) -> &dyn FileSource {
         self.source.as_ref()
+    }
+
+    pub(crate) fn weights(&self) -> super::Weights<'_> {
+        super::Weights {
+            src: self.source.as_ref(),
+            single: self.single.as_deref(),
+        }
     }
 
     pub fn open(source: Box<dyn FileSource>, index: ModelIndex, ip: PathBuf) -> Result<Self> {
@@ -89,6 +98,7 @@ impl FluxSpec {
         )?;
         Ok(Self {
             name: source.name(),
+            single: None,
             source,
             index,
             transformer,
@@ -185,11 +195,8 @@ impl FluxSpec {
 
     pub fn load(self, device: &Device, dtype: DType) -> Result<FluxPipeline> {
         let src = self.source.as_ref();
-        let weights =
-            |dir: &str, stems: &[&str], dt: DType| -> Result<candle_nn::VarBuilder<'static>> {
-                let files = loader::component_weights(src, dir, stems)?;
-                weights::var_builder(&files, dt, device)
-            };
+        let w = self.weights();
+        let weights = |dir: &str, _: &[&str], dt: DType| w.var_builder(dir, dt, device);
         let diffusers = ["diffusion_pytorch_model", "model"];
         let hf = ["model", "diffusion_pytorch_model"];
         let transformer = FluxTransformer::new(
@@ -291,6 +298,7 @@ impl FluxPipeline {
         } else {
             None
         };
+        self.device.synchronize()?;
         timings.text = t0.elapsed();
 
         let f = self.spec.vae.scale_factor();

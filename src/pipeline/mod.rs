@@ -44,7 +44,12 @@ pub enum Spec {
 
 impl Spec {
     /// Reads `model_index.json`, picks the family from its `_class_name`, reads and checks the configs.
+    /// A single-file checkpoint is opened through its components model, then supplies the components
+    /// it holds.
     pub fn open(model: &ModelRef) -> Result<Self> {
+        if let ModelRef::SingleFile { file, components } = model {
+            return Self::open_single(file, components.as_deref());
+        }
         let source = loader::open(model)?;
         let (index, ip): (ModelIndex, _) = read(source.as_ref(), "model_index.json")?;
         match index.class_name.as_str() {
@@ -55,6 +60,45 @@ impl Spec {
                 format!("pipeline class `{other}` is not supported; expected StableDiffusion3Pipeline or FluxPipeline"),
             )),
         }
+    }
+
+    fn open_single(file: &std::path::Path, components: Option<&ModelRef>) -> Result<Self> {
+        let single = loader::single::SingleFile::open(file)?;
+        let comps = match components {
+            Some(ModelRef::SingleFile { .. }) => {
+                return Err(Error::request(
+                    "--components: pass a preset, a diffusers-layout folder or a Hub repo, not another single file",
+                ))
+            }
+            Some(c) => c.clone(),
+            None => default_components(&single)?,
+        };
+        let mut spec = Self::open(&comps)?;
+        let family = match &spec {
+            Spec::Sd3(_) => "sd3",
+            Spec::Flux(_) => "flux",
+        };
+        let fam = single.detected.format.family();
+        if family != fam {
+            return Err(Error::request(format!(
+                "{}: is a {fam} checkpoint but --components {} is a {family} model; pass components of the same family",
+                file.display(),
+                comps.describe()
+            )));
+        }
+        let name = format!("{} (components: {})", file.display(), comps.describe());
+        let single = Some(std::sync::Arc::new(single));
+        match &mut spec {
+            Spec::Sd3(s) => {
+                s.single = single;
+                s.name = name;
+            }
+            Spec::Flux(s) => {
+                s.single = single;
+                s.name = name;
+            }
+        }
+        Ok(spec)
     }
 
     /// Overrides the scheduler's static shift (a preset's default).
@@ -313,6 +357,62 @@ pub(crate) fn check_noise(
     Ok(())
 }
 
+/// Where each component's weights come from: the model's component folders, or, for a single-file
+/// checkpoint, the file for the components it holds and the components model for the rest.
+pub(crate) struct Weights<'a> {
+    pub src: &'a dyn FileSource,
+    pub single: Option<&'a loader::single::SingleFile>,
+}
+
+const WEIGHT_STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
+
+impl Weights<'_> {
+    /// The component in folder `dir` as a [`candle_nn::VarBuilder`] at `dtype`.
+    pub fn var_builder(
+        &self,
+        dir: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<candle_nn::VarBuilder<'static>> {
+        if let Some(m) = self.single.and_then(|s| s.component(dir)) {
+            return m.var_builder(dtype, device);
+        }
+        let files = loader::component_weights(self.src, dir, &WEIGHT_STEMS)?;
+        loader::weights::var_builder(&files, dtype, device)
+    }
+
+    /// The component's files and its tensors' names and shapes (headers only).
+    pub fn headers(
+        &self,
+        dir: &str,
+    ) -> Result<(
+        Vec<PathBuf>,
+        std::collections::BTreeMap<String, loader::audit::TensorMeta>,
+    )> {
+        if let Some(m) = self.single.and_then(|s| s.component(dir)) {
+            return Ok((m.files.clone(), m.metas()));
+        }
+        let files = loader::component_weights(self.src, dir, &WEIGHT_STEMS)?;
+        let headers = loader::audit::read_headers(&files)?;
+        Ok((files, headers))
+    }
+}
+
+/// The components model of a single file whose shapes are those of a released model: its preset.
+pub fn default_components(single: &loader::single::SingleFile) -> Result<ModelRef> {
+    match single.detected.variant {
+        Some(v) => Ok(crate::presets::Preset::find(v)
+            .expect("detected variants are presets (tested)")
+            .model_ref(None)),
+        None => Err(Error::request(format!(
+            "{}: a {} single-file checkpoint whose shapes match no released model; pass --components \
+             with a preset, folder or Hub repo that holds its configs and tokenizers",
+            single.path.display(),
+            single.detected.format.family()
+        ))),
+    }
+}
+
 /// One component's weights checked against its config, headers only.
 pub struct ComponentAudit {
     pub name: &'static str,
@@ -321,20 +421,22 @@ pub struct ComponentAudit {
 }
 
 fn audit_component(
-    src: &dyn FileSource,
+    w: &Weights,
     dir: &'static str,
     build: impl FnOnce(candle_nn::VarBuilder) -> candle_core::Result<()>,
     ignore: impl Fn(&str) -> bool,
-) -> Result<ComponentAudit> {
-    let stems = ["diffusion_pytorch_model", "model"];
-    let files = loader::component_weights(src, dir, &stems)?;
-    let headers = loader::audit::read_headers(&files)?;
+) -> Result<Option<ComponentAudit>> {
+    // A single-file model is audited for the components its file holds.
+    if w.single.is_some_and(|s| s.component(dir).is_none()) {
+        return Ok(None);
+    }
+    let (files, headers) = w.headers(dir)?;
     let audit = loader::audit::ShapeBackend::audit(headers, build, ignore)?;
-    Ok(ComponentAudit {
+    Ok(Some(ComponentAudit {
         name: dir,
         files,
         audit,
-    })
+    }))
 }
 
 /// The VAE encoder is not used by a text-to-image engine; its tensors are expected and unread.
@@ -352,9 +454,9 @@ impl Spec {
         let t5 = |p: &std::path::Path| -> Result<candle_transformers::models::t5::Config> {
             config::read_json(p)
         };
-        Ok(match self {
+        let all = match self {
             Spec::Sd3(s) => {
-                let src = s.source();
+                let src = &s.weights();
                 let mut v = vec![
                     audit_component(
                         src,
@@ -396,7 +498,7 @@ impl Spec {
                 v
             }
             Spec::Flux(s) => {
-                let src = s.source();
+                let src = &s.weights();
                 let cfg = t5(&s.t5.1)?;
                 vec![
                     audit_component(
@@ -428,7 +530,8 @@ impl Spec {
                     )?,
                 ]
             }
-        })
+        };
+        Ok(all.into_iter().flatten().collect())
     }
 
     /// Downloads (for Hub models) every file generation needs; returns the local paths.
@@ -495,6 +598,7 @@ impl Spec {
 /// Wraps a model so each completed step is timed and reported.
 struct Timed<'a> {
     inner: &'a mut dyn Velocity,
+    device: Device,
     last: std::time::Instant,
     steps: Vec<Duration>,
     on_step: &'a mut dyn FnMut(usize),
@@ -506,6 +610,8 @@ impl Velocity for Timed<'_> {
     }
 
     fn end_step(&mut self, step: usize) {
+        // GPU work is asynchronous: wait for the step to finish before reading the clock.
+        let _ = self.device.synchronize();
         self.steps.push(self.last.elapsed());
         self.last = std::time::Instant::now();
         (self.on_step)(step);
@@ -524,6 +630,7 @@ pub(crate) fn sample(
 ) -> Result<(Tensor, Vec<Duration>)> {
     let mut timed = Timed {
         inner: model,
+        device: noise.device().clone(),
         last: std::time::Instant::now(),
         steps: Vec::with_capacity(r.steps),
         on_step,

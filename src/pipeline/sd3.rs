@@ -13,7 +13,7 @@ use crate::config::{
     self, ClipTextConfig, ModelIndex, SchedulerConfig, Sd3TransformerConfig, T5Config, VaeConfig,
 };
 use crate::error::{Error, Result};
-use crate::loader::{self, weights, FileSource};
+use crate::loader::FileSource;
 use crate::mmdit::Sd3Transformer;
 use crate::request::{self, Request, Resolved};
 use crate::sampling::{schedule, Schedule, Velocity};
@@ -35,6 +35,8 @@ pub const SD3_MAX_SEQ: usize = 512;
 /// A model's configs, read and validated; no weights touched yet.
 pub struct Sd3Spec {
     source: Box<dyn FileSource>,
+    /// A single-file checkpoint that supplies some components (the rest come from `source`).
+    pub single: Option<std::sync::Arc<crate::loader::single::SingleFile>>,
     pub name: String,
     pub index: ModelIndex,
     pub transformer: Sd3TransformerConfig,
@@ -49,6 +51,13 @@ impl Sd3Spec {
     /// Where the model's files come from.
     pub fn source(&self) -> &dyn FileSource {
         self.source.as_ref()
+    }
+
+    pub(crate) fn weights(&self) -> super::Weights<'_> {
+        super::Weights {
+            src: self.source.as_ref(),
+            single: self.single.as_deref(),
+        }
     }
 
     /// Reads every component config of an SD3 pipeline (whose `model_index.json` is `index`, read
@@ -70,6 +79,7 @@ impl Sd3Spec {
         };
         let spec = Self {
             name: source.name(),
+            single: None,
             source,
             index,
             transformer,
@@ -176,11 +186,8 @@ impl Sd3Spec {
     /// Maps the weights and builds every component.
     pub fn load(self, device: &Device, dtype: DType) -> Result<Sd3Pipeline> {
         let src = self.source.as_ref();
-        let weights =
-            |dir: &str, stems: &[&str], dt: DType| -> Result<candle_nn::VarBuilder<'static>> {
-                let files = loader::component_weights(src, dir, stems)?;
-                weights::var_builder(&files, dt, device)
-            };
+        let w = self.weights();
+        let weights = |dir: &str, _: &[&str], dt: DType| w.var_builder(dir, dt, device);
         let diffusers = ["diffusion_pytorch_model", "model"];
         let hf = ["model", "diffusion_pytorch_model"];
         let tensor_err = |e: candle_core::Error| tensor_error(e);
@@ -313,6 +320,7 @@ impl Sd3Pipeline {
         let mut timings = Timings::default();
         let t0 = Instant::now();
         let (cond, truncations) = self.encode(&r)?;
+        self.device.synchronize()?;
         timings.text = t0.elapsed();
 
         let f = self.spec.vae.scale_factor();

@@ -5,15 +5,27 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+/// The repository root: `MMDIT_TEST_ROOT` when set (test binaries copied to a GPU machine by
+/// scripts/gpu_check.sh), else the crate's folder.
+pub fn root() -> PathBuf {
+    std::env::var_os("MMDIT_TEST_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+/// The device the parity tests run on: `MMDIT_TEST_DEVICE` (cpu, cuda, cuda:N, metal; default cpu).
+pub fn device() -> Device {
+    let name = std::env::var("MMDIT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    mmdit::device::parse_device(&name).unwrap()
+}
+
+/// A fixture's reference tensors, on [`device`].
 pub fn reference(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &Device::Cpu)
-        .unwrap()
+    candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &device()).unwrap()
 }
 
 pub fn meta(name: &str) -> serde_json::Value {
@@ -119,4 +131,73 @@ pub fn assert_clean_error(code: Option<i32>, stderr: &str, needles: &[&str]) {
             errors[0]
         );
     }
+}
+
+/// The request of a fixture's recorded run (`fixture.json` "runs"), with its saved noise.
+pub fn fixture_request(name: &str, run: &serde_json::Value, max_seq: usize) -> mmdit::Request {
+    let noise = candle_core::safetensors::load(
+        fixture(name).join(run["noise"].as_str().unwrap()),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .remove("noise")
+    .unwrap();
+    let size = |k: &str| run[k].as_u64().map(|v| v as usize);
+    mmdit::Request {
+        prompt: run["prompt"].as_str().unwrap().into(),
+        negative_prompt: run["negative_prompt"].as_str().map(Into::into),
+        true_cfg: run["true_cfg"].as_f64(),
+        steps: Some(run["steps"].as_u64().unwrap() as usize),
+        guidance: run["guidance"].as_f64(),
+        width: size("width"),
+        height: size("height"),
+        noise: Some(noise),
+        max_sequence_length: Some(max_seq),
+        seed: None,
+        sampler: None,
+    }
+}
+
+/// Peak signal-to-noise ratio of two 8-bit images, in dB (infinite when equal).
+pub fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len(), "image sizes differ");
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    10.0 * (255.0f64 * 255.0 / mse).log10()
+}
+
+/// Runs every recorded run of a fixture model in bf16 on [`device`] and returns the PSNR of each
+/// image against diffusers' f32 image.
+pub fn bf16_psnr(name: &str) -> Vec<f64> {
+    bf16_psnr_of(&fixture(name), name)
+}
+
+/// [`bf16_psnr`] of the model in `model` against the runs recorded in fixture `name`.
+pub fn bf16_psnr_of(model: &std::path::Path, name: &str) -> Vec<f64> {
+    let m = mmdit::ModelRef::parse(model.to_str().unwrap(), None).unwrap();
+    let mut pipe = mmdit::Spec::open(&m)
+        .unwrap()
+        .load(&device(), DType::BF16)
+        .unwrap();
+    let r = reference(name);
+    let meta = meta(name);
+    let max_seq = meta["max_sequence_length"].as_u64().unwrap() as usize;
+    let mut out = Vec::new();
+    for (k, run) in meta["runs"].as_array().unwrap().iter().enumerate() {
+        let req = fixture_request(name, run, max_seq);
+        let got = pipe.generate(&req, &mut |_| {}).unwrap();
+        let want = r[&format!("run.{k}.image")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
+        let p = psnr(&got.image.data, &want);
+        println!("{name} run {k}: bf16 image PSNR {p:.1} dB against diffusers f32");
+        out.push(p);
+    }
+    out
 }

@@ -1,0 +1,746 @@
+//! Original single-file checkpoints: Stability AI's `sd3*.safetensors` (MMDiT under an optional
+//! `model.diffusion_model.` prefix, optionally the VAE under `first_stage_model.` and the text encoders
+//! under `text_encoders.{clip_l,clip_g,t5xxl}.transformer.`) and Black Forest Labs' `flux1-*.safetensors`
+//! (with `ae.safetensors` beside it for the VAE).
+//!
+//! Each format has one mapping from its tensor names to diffusers' parameter names (REFERENCE.md
+//! sections 2 and 3): fused q/k/v rows split in three, Flux's single-block `linear1` split in four,
+//! `swap_scale_shift` on the final (and SD3's last context) modulation, the LDM VAE names with its
+//! reversed decoder levels and 1x1-convolution attention weights. A [`Mapping`] serves a component to
+//! candle as a [`VarBuilder`] under diffusers' names, transforming each tensor as it is read, and
+//! gives the mapped names and shapes for header-only audits.
+
+use super::audit::TensorMeta;
+use crate::error::{Error, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Which original layout a file is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Stability AI SD3 / SD3.5.
+    Sd3,
+    /// Black Forest Labs FLUX.1.
+    Flux,
+}
+
+impl Format {
+    pub fn family(self) -> &'static str {
+        match self {
+            Format::Sd3 => "sd3",
+            Format::Flux => "flux",
+        }
+    }
+}
+
+/// How a diffusers tensor is made from a file tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transform {
+    /// As stored.
+    Whole,
+    /// Rows `start..start + len` along dim 0 (a slice of a fused projection).
+    Rows { start: usize, len: usize },
+    /// The two halves along dim 0 swapped: (shift, scale) <-> (scale, shift).
+    SwapHalves,
+    /// A 1x1 convolution kernel [o, i, 1, 1] as a linear weight [o, i].
+    Squeeze1x1,
+    /// An identity matrix of this size, stored nowhere (CLIP-L's projection in SAI files).
+    Identity(usize),
+}
+
+/// Where one diffusers tensor comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// Index into the mapping's files.
+    pub file: usize,
+    /// The tensor's name in that file (empty for [`Transform::Identity`]).
+    pub key: String,
+    pub transform: Transform,
+}
+
+/// One component of a single-file checkpoint under diffusers' names.
+#[derive(Debug, Clone, Default)]
+pub struct Mapping {
+    pub files: Vec<PathBuf>,
+    /// diffusers name -> source.
+    pub entries: BTreeMap<String, Source>,
+    /// Shapes and dtypes of the source tensors, by (file, key).
+    metas: BTreeMap<(usize, String), TensorMeta>,
+}
+
+impl Mapping {
+    fn add(&mut self, name: String, file: usize, key: &str, transform: Transform) {
+        self.entries.insert(
+            name,
+            Source {
+                file,
+                key: key.to_string(),
+                transform,
+            },
+        );
+    }
+
+    /// The mapped tensors' names, shapes and dtypes, as a diffusers-layout header would list them.
+    pub fn metas(&self) -> BTreeMap<String, TensorMeta> {
+        self.entries
+            .iter()
+            .filter_map(|(name, s)| {
+                let shape = match &s.transform {
+                    Transform::Identity(n) => {
+                        return Some((
+                            name.clone(),
+                            TensorMeta {
+                                shape: vec![*n, *n],
+                                dtype: "identity".into(),
+                            },
+                        ))
+                    }
+                    t => {
+                        let m = self.metas.get(&(s.file, s.key.clone()))?;
+                        (mapped_shape(&m.shape, t), m.dtype.clone())
+                    }
+                };
+                Some((
+                    name.clone(),
+                    TensorMeta {
+                        shape: shape.0,
+                        dtype: shape.1,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Memory-maps the files and serves the component to candle at `dtype` on `device`.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let mut maps = Vec::with_capacity(self.files.len());
+        for f in &self.files {
+            super::weights::check_safetensors(f)?;
+            // SAFETY: just validated; files are not modified while mapped (see weights::var_builder).
+            let m = unsafe { MmapedSafetensors::new(f) }.map_err(|e| Error::BadWeights {
+                path: f.clone(),
+                msg: e.to_string(),
+            })?;
+            maps.push(m);
+        }
+        let backend = MappedBackend {
+            maps,
+            entries: self.entries.clone(),
+        };
+        Ok(VarBuilder::from_backend(
+            Box::new(backend),
+            dtype,
+            device.clone(),
+        ))
+    }
+}
+
+fn mapped_shape(shape: &[usize], t: &Transform) -> Vec<usize> {
+    match t {
+        Transform::Whole | Transform::SwapHalves => shape.to_vec(),
+        Transform::Rows { len, .. } => {
+            let mut s = shape.to_vec();
+            if let Some(d) = s.first_mut() {
+                *d = *len;
+            }
+            s
+        }
+        Transform::Squeeze1x1 => shape.iter().take(2).copied().collect(),
+        Transform::Identity(n) => vec![*n, *n],
+    }
+}
+
+struct MappedBackend {
+    maps: Vec<MmapedSafetensors>,
+    entries: BTreeMap<String, Source>,
+}
+
+impl MappedBackend {
+    fn read(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let s = self
+            .entries
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.into() })?;
+        let t = match &s.transform {
+            Transform::Identity(n) => return Tensor::eye(*n, dtype, dev),
+            _ => self.maps[s.file].load(&s.key, &Device::Cpu)?,
+        };
+        let t = match &s.transform {
+            Transform::Whole | Transform::Identity(_) => t,
+            Transform::Rows { start, len } => t.narrow(0, *start, *len)?,
+            Transform::SwapHalves => {
+                let half = t.dim(0)? / 2;
+                Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?
+            }
+            Transform::Squeeze1x1 => {
+                let (o, i) = (t.dim(0)?, t.dim(1)?);
+                t.reshape((o, i))?
+            }
+        };
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+}
+
+impl SimpleBackend for MappedBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.read(name, dtype, dev)?;
+        if t.shape() != &s {
+            // The message candle's own backends give, which pipeline::tensor_error turns into a
+            // wrong-shape error naming the tensor.
+            return Err(candle_core::Error::Msg(format!(
+                "shape mismatch for {name}, expected: {:?}, got: {:?}",
+                s.dims(),
+                t.dims()
+            )));
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.read(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+}
+
+/// What the names and shapes of a checkpoint say it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detected {
+    pub format: Format,
+    /// The preset this checkpoint is a copy of, when its shapes are those of a released model
+    /// (SD3.5 Large and Large Turbo share shapes: `sd3.5-large`).
+    pub variant: Option<&'static str>,
+    /// `model.diffusion_model.` or empty.
+    pub prefix: &'static str,
+}
+
+const DIFFUSION_PREFIX: &str = "model.diffusion_model.";
+
+/// Reads a file's header and names its format and variant.
+pub fn detect(metas: &BTreeMap<String, TensorMeta>, path: &Path) -> Result<Detected> {
+    let prefix = if metas.keys().any(|k| k.starts_with(DIFFUSION_PREFIX)) {
+        DIFFUSION_PREFIX
+    } else {
+        ""
+    };
+    let has = |k: &str| metas.contains_key(&format!("{prefix}{k}"));
+    let shape = |k: &str| metas.get(&format!("{prefix}{k}")).map(|m| m.shape.clone());
+    let count = |block: &str| {
+        metas
+            .keys()
+            .filter_map(|k| k.strip_prefix(prefix)?.strip_prefix(block))
+            .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |m| m + 1)
+    };
+    if has("x_embedder.proj.weight") && count("joint_blocks.") > 0 {
+        let layers = count("joint_blocks.");
+        let hidden = shape("x_embedder.proj.weight").map_or(0, |s| s[0]);
+        let pos = shape("pos_embed").map_or(0, |s| s.get(1).copied().unwrap_or(0));
+        let variant = match (layers, hidden, pos) {
+            (24, 1536, 36864) => Some("sd3-medium"),
+            (24, 1536, 147456) => Some("sd3.5-medium"),
+            (38, 2432, 36864) => Some("sd3.5-large"),
+            _ => None,
+        };
+        return Ok(Detected {
+            format: Format::Sd3,
+            variant,
+            prefix,
+        });
+    }
+    if has("img_in.weight") && count("double_blocks.") > 0 {
+        let hidden = shape("img_in.weight").map_or(0, |s| s[0]);
+        let full = (count("double_blocks."), count("single_blocks."), hidden) == (19, 38, 3072);
+        let variant = full.then(|| {
+            if has("guidance_in.in_layer.weight") {
+                "flux.1-dev"
+            } else {
+                "flux.1-schnell"
+            }
+        });
+        return Ok(Detected {
+            format: Format::Flux,
+            variant,
+            prefix,
+        });
+    }
+    Err(Error::BadWeights {
+        path: path.to_path_buf(),
+        msg:
+            "not a single-file SD3/SD3.5 (joint_blocks.*) or FLUX.1 (double_blocks.*) checkpoint; \
+              pass a model folder in diffusers layout, a Hub repo id or a preset instead"
+                .into(),
+    })
+}
+
+/// A single-file checkpoint: its format and the components it holds, under diffusers' names.
+#[derive(Debug, Clone)]
+pub struct SingleFile {
+    pub path: PathBuf,
+    pub detected: Detected,
+    /// Component folder name (`transformer`, `vae`, `text_encoder`, ...) -> mapping.
+    pub components: BTreeMap<&'static str, Mapping>,
+}
+
+impl SingleFile {
+    /// Reads the headers of `path` (and, for Flux, of `ae.safetensors` beside it, when present) and
+    /// maps every component found.
+    pub fn open(path: &Path) -> Result<Self> {
+        let files = vec![path.to_path_buf()];
+        let main = super::audit::read_headers(&files)?;
+        let detected = detect(&main, path)?;
+        let ae_path = path.with_file_name("ae.safetensors");
+        let ae = if detected.format == Format::Flux && ae_path.is_file() && ae_path != path {
+            Some((
+                ae_path.clone(),
+                super::audit::read_headers(std::slice::from_ref(&ae_path))?,
+            ))
+        } else {
+            None
+        };
+        let components = map_components(path, &main, &detected, ae.as_ref());
+        Ok(Self {
+            path: path.to_path_buf(),
+            detected,
+            components,
+        })
+    }
+
+    /// Builds the mappings from headers already read (shape manifests in tests).
+    pub fn from_metas(
+        path: &Path,
+        main: &BTreeMap<String, TensorMeta>,
+        ae: Option<(PathBuf, BTreeMap<String, TensorMeta>)>,
+    ) -> Result<Self> {
+        let detected = detect(main, path)?;
+        let components = map_components(path, main, &detected, ae.as_ref());
+        Ok(Self {
+            path: path.to_path_buf(),
+            detected,
+            components,
+        })
+    }
+
+    pub fn component(&self, dir: &str) -> Option<&Mapping> {
+        self.components.get(dir)
+    }
+
+    /// Tensors of the file that no component maps (an incomplete or foreign checkpoint).
+    pub fn unmapped(&self, main: &BTreeMap<String, TensorMeta>) -> Vec<String> {
+        let used: std::collections::BTreeSet<&str> = self
+            .components
+            .values()
+            .flat_map(|m| m.entries.values())
+            .filter(|s| s.file == 0)
+            .map(|s| s.key.as_str())
+            .collect();
+        main.keys()
+            .filter(|k| !used.contains(k.as_str()) && !k.ends_with("position_ids"))
+            .cloned()
+            .collect()
+    }
+}
+
+fn map_components(
+    path: &Path,
+    main: &BTreeMap<String, TensorMeta>,
+    d: &Detected,
+    ae: Option<&(PathBuf, BTreeMap<String, TensorMeta>)>,
+) -> BTreeMap<&'static str, Mapping> {
+    let mut out = BTreeMap::new();
+    let base = || Mapping {
+        files: vec![path.to_path_buf()],
+        metas: main
+            .iter()
+            .map(|(k, m)| ((0, k.clone()), m.clone()))
+            .collect(),
+        ..Default::default()
+    };
+    let mut transformer = base();
+    let sub = strip(main, d.prefix);
+    match d.format {
+        Format::Sd3 => sd3_transformer(&mut transformer, &sub),
+        Format::Flux => flux_transformer(&mut transformer, &sub),
+    }
+    out.insert("transformer", transformer);
+    // SAI files may embed the VAE and the text encoders.
+    let vae_keys = strip(main, "first_stage_model.");
+    if !vae_keys.is_empty() {
+        let mut vae = base();
+        ldm_vae(&mut vae, 0, &vae_keys);
+        out.insert("vae", vae);
+    } else if let Some((ae_path, ae_metas)) = ae {
+        let mut vae = Mapping {
+            files: vec![path.to_path_buf(), ae_path.clone()],
+            metas: ae_metas
+                .iter()
+                .map(|(k, m)| ((1, k.clone()), m.clone()))
+                .collect(),
+            ..Default::default()
+        };
+        let keys = strip(ae_metas, "");
+        ldm_vae(&mut vae, 1, &keys);
+        out.insert("vae", vae);
+    }
+    for (dir, prefix, identity_projection) in [
+        ("text_encoder", "text_encoders.clip_l.transformer.", true),
+        ("text_encoder_2", "text_encoders.clip_g.transformer.", false),
+        ("text_encoder_3", "text_encoders.t5xxl.transformer.", false),
+    ] {
+        let keys = strip(main, prefix);
+        if keys.is_empty() {
+            continue;
+        }
+        let mut m = base();
+        for (rest, full) in &keys {
+            if !rest.ends_with("position_ids") {
+                m.add(rest.clone(), 0, full, Transform::Whole);
+            }
+        }
+        if identity_projection && !m.entries.contains_key("text_projection.weight") {
+            if let Some(w) = main.get(&format!("{prefix}text_model.final_layer_norm.weight")) {
+                m.entries.insert(
+                    "text_projection.weight".into(),
+                    Source {
+                        file: 0,
+                        key: String::new(),
+                        transform: Transform::Identity(w.shape[0]),
+                    },
+                );
+            }
+        }
+        out.insert(dir, m);
+    }
+    out
+}
+
+/// (name without `prefix`, full name) of every tensor under `prefix`.
+fn strip(metas: &BTreeMap<String, TensorMeta>, prefix: &str) -> Vec<(String, String)> {
+    metas
+        .keys()
+        .filter_map(|k| k.strip_prefix(prefix).map(|r| (r.to_string(), k.clone())))
+        .collect()
+}
+
+/// Splits `name = <block>.<i>.<rest>` into (i, rest).
+fn block<'a>(name: &'a str, block: &str) -> Option<(usize, &'a str)> {
+    let r = name.strip_prefix(block)?.strip_prefix('.')?;
+    let (i, rest) = r.split_once('.')?;
+    Some((i.parse().ok()?, rest))
+}
+
+/// Maps a fused q/k/v (`<param>` = weight or bias) into three equal row slices.
+fn split3(m: &mut Mapping, full: &str, names: [String; 3]) {
+    let rows = m
+        .metas
+        .get(&(0, full.to_string()))
+        .map_or(0, |t| t.shape[0]);
+    let len = rows / 3;
+    for (k, n) in names.into_iter().enumerate() {
+        m.add(
+            n,
+            0,
+            full,
+            Transform::Rows {
+                start: k * len,
+                len,
+            },
+        );
+    }
+}
+
+/// The last `.weight` / `.bias` (or other) suffix of a name.
+fn param(rest: &str) -> &str {
+    rest.rsplit('.').next().unwrap_or(rest)
+}
+
+/// Renames `from.` prefixes to `to.` (first match wins).
+fn rename(rest: &str, table: &[(&str, &str)]) -> Option<String> {
+    table
+        .iter()
+        .find_map(|(from, to)| rest.strip_prefix(from).map(|r| format!("{to}{r}")))
+}
+
+fn sd3_transformer(m: &mut Mapping, keys: &[(String, String)]) {
+    let last = keys
+        .iter()
+        .filter_map(|(r, _)| block(r, "joint_blocks").map(|b| b.0))
+        .max();
+    let top: &[(&str, &str)] = &[
+        ("x_embedder.proj.", "pos_embed.proj."),
+        (
+            "t_embedder.mlp.0.",
+            "time_text_embed.timestep_embedder.linear_1.",
+        ),
+        (
+            "t_embedder.mlp.2.",
+            "time_text_embed.timestep_embedder.linear_2.",
+        ),
+        (
+            "y_embedder.mlp.0.",
+            "time_text_embed.text_embedder.linear_1.",
+        ),
+        (
+            "y_embedder.mlp.2.",
+            "time_text_embed.text_embedder.linear_2.",
+        ),
+        ("context_embedder.", "context_embedder."),
+        ("final_layer.linear.", "proj_out."),
+    ];
+    let in_block: &[(&str, &str)] = &[
+        ("x_block.attn.proj.", "attn.to_out.0."),
+        ("x_block.attn.ln_q.", "attn.norm_q."),
+        ("x_block.attn.ln_k.", "attn.norm_k."),
+        ("x_block.attn2.proj.", "attn2.to_out.0."),
+        ("x_block.attn2.ln_q.", "attn2.norm_q."),
+        ("x_block.attn2.ln_k.", "attn2.norm_k."),
+        ("x_block.adaLN_modulation.1.", "norm1.linear."),
+        ("x_block.mlp.fc1.", "ff.net.0.proj."),
+        ("x_block.mlp.fc2.", "ff.net.2."),
+        ("context_block.attn.proj.", "attn.to_add_out."),
+        ("context_block.attn.ln_q.", "attn.norm_added_q."),
+        ("context_block.attn.ln_k.", "attn.norm_added_k."),
+        ("context_block.mlp.fc1.", "ff_context.net.0.proj."),
+        ("context_block.mlp.fc2.", "ff_context.net.2."),
+    ];
+    for (rest, full) in keys {
+        if rest == "pos_embed" {
+            m.add("pos_embed.pos_embed".into(), 0, full, Transform::Whole);
+        } else if let Some(p) = rest.strip_prefix("final_layer.adaLN_modulation.1.") {
+            m.add(
+                format!("norm_out.linear.{p}"),
+                0,
+                full,
+                Transform::SwapHalves,
+            );
+        } else if let Some((i, r)) = block(rest, "joint_blocks") {
+            let b = format!("transformer_blocks.{i}.");
+            let p = param(r);
+            let qkv = |names: [&str; 3]| names.map(|n| format!("{b}{n}.{p}"));
+            if r.starts_with("x_block.attn.qkv.") {
+                split3(m, full, qkv(["attn.to_q", "attn.to_k", "attn.to_v"]));
+            } else if r.starts_with("x_block.attn2.qkv.") {
+                split3(m, full, qkv(["attn2.to_q", "attn2.to_k", "attn2.to_v"]));
+            } else if r.starts_with("context_block.attn.qkv.") {
+                let names = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"];
+                split3(m, full, qkv(names));
+            } else if let Some(p) = r.strip_prefix("context_block.adaLN_modulation.1.") {
+                // The last block keeps only (shift, scale) of the context stream, stored swapped.
+                let t = if Some(i) == last {
+                    Transform::SwapHalves
+                } else {
+                    Transform::Whole
+                };
+                m.add(format!("{b}norm1_context.linear.{p}"), 0, full, t);
+            } else if let Some(n) = rename(r, in_block) {
+                m.add(format!("{b}{n}"), 0, full, Transform::Whole);
+            }
+        } else if let Some(n) = rename(rest, top) {
+            m.add(n, 0, full, Transform::Whole);
+        }
+    }
+}
+
+fn flux_transformer(m: &mut Mapping, keys: &[(String, String)]) {
+    let top: &[(&str, &str)] = &[
+        (
+            "time_in.in_layer.",
+            "time_text_embed.timestep_embedder.linear_1.",
+        ),
+        (
+            "time_in.out_layer.",
+            "time_text_embed.timestep_embedder.linear_2.",
+        ),
+        (
+            "vector_in.in_layer.",
+            "time_text_embed.text_embedder.linear_1.",
+        ),
+        (
+            "vector_in.out_layer.",
+            "time_text_embed.text_embedder.linear_2.",
+        ),
+        (
+            "guidance_in.in_layer.",
+            "time_text_embed.guidance_embedder.linear_1.",
+        ),
+        (
+            "guidance_in.out_layer.",
+            "time_text_embed.guidance_embedder.linear_2.",
+        ),
+        ("txt_in.", "context_embedder."),
+        ("img_in.", "x_embedder."),
+        ("final_layer.linear.", "proj_out."),
+    ];
+    let double: &[(&str, &str)] = &[
+        ("img_mod.lin.", "norm1.linear."),
+        ("txt_mod.lin.", "norm1_context.linear."),
+        ("img_attn.norm.query_norm.scale", "attn.norm_q.weight"),
+        ("img_attn.norm.key_norm.scale", "attn.norm_k.weight"),
+        ("txt_attn.norm.query_norm.scale", "attn.norm_added_q.weight"),
+        ("txt_attn.norm.key_norm.scale", "attn.norm_added_k.weight"),
+        ("img_attn.proj.", "attn.to_out.0."),
+        ("txt_attn.proj.", "attn.to_add_out."),
+        ("img_mlp.0.", "ff.net.0.proj."),
+        ("img_mlp.2.", "ff.net.2."),
+        ("txt_mlp.0.", "ff_context.net.0.proj."),
+        ("txt_mlp.2.", "ff_context.net.2."),
+    ];
+    let single: &[(&str, &str)] = &[
+        ("linear2.", "proj_out."),
+        ("norm.query_norm.scale", "attn.norm_q.weight"),
+        ("norm.key_norm.scale", "attn.norm_k.weight"),
+        ("modulation.lin.", "norm.linear."),
+    ];
+    for (rest, full) in keys {
+        if let Some(p) = rest.strip_prefix("final_layer.adaLN_modulation.1.") {
+            m.add(
+                format!("norm_out.linear.{p}"),
+                0,
+                full,
+                Transform::SwapHalves,
+            );
+        } else if let Some((i, r)) = block(rest, "double_blocks") {
+            let b = format!("transformer_blocks.{i}.");
+            let p = param(r);
+            let qkv = |names: [&str; 3]| names.map(|n| format!("{b}{n}.{p}"));
+            if r.starts_with("img_attn.qkv.") {
+                split3(m, full, qkv(["attn.to_q", "attn.to_k", "attn.to_v"]));
+            } else if r.starts_with("txt_attn.qkv.") {
+                let names = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"];
+                split3(m, full, qkv(names));
+            } else if let Some(n) = rename(r, double) {
+                m.add(format!("{b}{n}"), 0, full, Transform::Whole);
+            }
+        } else if let Some((i, r)) = block(rest, "single_blocks") {
+            let b = format!("single_transformer_blocks.{i}.");
+            if r.starts_with("linear1.") {
+                // rows: q, k, v (hidden each), then the MLP input (the rest).
+                let meta = m.metas.get(&(0, full.clone())).cloned();
+                let shape = meta.map(|t| t.shape).unwrap_or_default();
+                let rows = shape.first().copied().unwrap_or(0);
+                // hidden = the weight's input width; a bias alone gives no width: use its weight's.
+                let weight = full.replace(".bias", ".weight");
+                let hidden = m
+                    .metas
+                    .get(&(0, weight))
+                    .and_then(|t| t.shape.get(1).copied())
+                    .unwrap_or(0);
+                let p = param(r);
+                let parts = [
+                    ("attn.to_q", 0, hidden),
+                    ("attn.to_k", hidden, hidden),
+                    ("attn.to_v", 2 * hidden, hidden),
+                    ("proj_mlp", 3 * hidden, rows.saturating_sub(3 * hidden)),
+                ];
+                for (n, start, len) in parts {
+                    m.add(
+                        format!("{b}{n}.{p}"),
+                        0,
+                        full,
+                        Transform::Rows { start, len },
+                    );
+                }
+            } else if let Some(n) = rename(r, single) {
+                m.add(format!("{b}{n}"), 0, full, Transform::Whole);
+            }
+        } else if let Some(n) = rename(rest, top) {
+            m.add(n, 0, full, Transform::Whole);
+        }
+    }
+}
+
+/// LDM (original Stable Diffusion / BFL) VAE names -> diffusers `AutoencoderKL`.
+fn ldm_vae(m: &mut Mapping, file: usize, keys: &[(String, String)]) {
+    let levels = keys
+        .iter()
+        .filter_map(|(r, _)| block(r, "decoder.up").map(|b| b.0))
+        .max()
+        .map_or(0, |x| x + 1);
+    let resnet: &[(&str, &str)] = &[("nin_shortcut.", "conv_shortcut.")];
+    let attn: &[(&str, &str)] = &[
+        ("norm.", "group_norm."),
+        ("q.", "to_q."),
+        ("k.", "to_k."),
+        ("v.", "to_v."),
+        ("proj_out.", "to_out.0."),
+    ];
+    for (rest, full) in keys {
+        let Some((side, r)) = rest.split_once('.') else {
+            // quant_conv / post_quant_conv are single names with a dot; anything else is skipped.
+            continue;
+        };
+        if side == "quant_conv" || side == "post_quant_conv" {
+            m.add(rest.clone(), file, full, Transform::Whole);
+            continue;
+        }
+        if side != "encoder" && side != "decoder" {
+            continue;
+        }
+        let mapped = if let Some(p) = r.strip_prefix("norm_out.") {
+            Some((format!("conv_norm_out.{p}"), Transform::Whole))
+        } else if r.starts_with("conv_in.") || r.starts_with("conv_out.") {
+            Some((r.to_string(), Transform::Whole))
+        } else if let Some(x) = r.strip_prefix("mid.") {
+            if let Some(p) = x.strip_prefix("block_1.") {
+                Some((format!("mid_block.resnets.0.{p}"), Transform::Whole))
+            } else if let Some(p) = x.strip_prefix("block_2.") {
+                Some((format!("mid_block.resnets.1.{p}"), Transform::Whole))
+            } else if let Some(p) = x.strip_prefix("attn_1.") {
+                rename(p, attn).map(|n| {
+                    let t = if n.ends_with(".weight") && !n.starts_with("group_norm.") {
+                        Transform::Squeeze1x1
+                    } else {
+                        Transform::Whole
+                    };
+                    (format!("mid_block.attentions.0.{n}"), t)
+                })
+            } else {
+                None
+            }
+        } else if let Some((i, x)) = block(r, "down") {
+            if let Some((j, p)) = block(x, "block") {
+                let p = rename(p, resnet).unwrap_or_else(|| p.to_string());
+                Some((format!("down_blocks.{i}.resnets.{j}.{p}"), Transform::Whole))
+            } else {
+                x.strip_prefix("downsample.conv.").map(|p| {
+                    (
+                        format!("down_blocks.{i}.downsamplers.0.conv.{p}"),
+                        Transform::Whole,
+                    )
+                })
+            }
+        } else if let Some((k, x)) = block(r, "up") {
+            let i = levels.saturating_sub(1 + k);
+            if let Some((j, p)) = block(x, "block") {
+                let p = rename(p, resnet).unwrap_or_else(|| p.to_string());
+                Some((format!("up_blocks.{i}.resnets.{j}.{p}"), Transform::Whole))
+            } else {
+                x.strip_prefix("upsample.conv.").map(|p| {
+                    (
+                        format!("up_blocks.{i}.upsamplers.0.conv.{p}"),
+                        Transform::Whole,
+                    )
+                })
+            }
+        } else {
+            None
+        };
+        if let Some((n, t)) = mapped {
+            m.add(format!("{side}.{n}"), file, full, t);
+        }
+    }
+}

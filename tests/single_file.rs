@@ -1,0 +1,339 @@
+//! Issue 4: original single-file checkpoints (SAI SD3/SD3.5, BFL FLUX.1 + ae.safetensors).
+//! - Tiny single-file twins of diffusers-layout fixtures (scripts/make_single_file_fixtures.py, whose
+//!   inverse mapping is checked there against diffusers' `from_single_file`) draw the twins' reference
+//!   images (within 2/255), with every weight the file holds read from the file.
+//! - The single-file shape manifests of the six real models map, tensor for tensor, onto their
+//!   diffusers manifests (which tests/manifests.rs proves match the engine's parameters): nothing
+//!   missing, nothing unexpected, every shape equal; the variant is detected from shapes.
+
+mod common;
+
+use common::*;
+use mmdit::loader::audit::TensorMeta;
+use mmdit::loader::single::{Format, SingleFile};
+use mmdit::{ModelRef, Spec};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn single(rel: &str) -> PathBuf {
+    fixture("single").join(rel)
+}
+
+/// A copy of a fixture folder with the weights of `drop` components removed, so that the
+/// single-file checkpoint is the only place they can come from.
+fn components_without(twin: &str, drop: &[&str], test: &str) -> PathBuf {
+    let dir = copy_fixture(twin, test);
+    for c in drop {
+        for e in std::fs::read_dir(dir.join(c)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+    }
+    dir
+}
+
+fn images_match(file: PathBuf, twin: &str, components: PathBuf) {
+    let m = ModelRef::SingleFile {
+        file,
+        components: Some(Box::new(ModelRef::Folder(components))),
+    };
+    let mut pipe = Spec::open(&m)
+        .unwrap()
+        .load(&device(), candle_core::DType::F32)
+        .unwrap();
+    let r = reference(twin);
+    let meta = meta(twin);
+    let max_seq = meta["max_sequence_length"].as_u64().unwrap() as usize;
+    for (k, run) in meta["runs"].as_array().unwrap().iter().enumerate() {
+        let req = fixture_request(twin, run, max_seq);
+        let out = pipe.generate(&req, &mut |_| {}).unwrap();
+        let want = r[&format!("run.{k}.image")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
+        let worst = out
+            .image
+            .data
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        println!("single-file {twin} run {k}: image max diff {worst}/255");
+        assert!(worst <= 2, "single-file {twin} run {k}: {worst}/255");
+    }
+}
+
+#[test]
+fn sai_sd3_file_with_vae_and_text_encoders_draws_its_twins_images() {
+    let comps = components_without(
+        "sd3-dummy",
+        &[
+            "transformer",
+            "vae",
+            "text_encoder",
+            "text_encoder_2",
+            "text_encoder_3",
+        ],
+        "sai-sd3",
+    );
+    images_match(
+        single("sd3-dummy/sd3_dummy.safetensors"),
+        "sd3-dummy",
+        comps,
+    );
+}
+
+#[test]
+fn sai_sd35_transformer_only_file_draws_its_twins_images() {
+    let comps = components_without("sd35-tiny", &["transformer"], "sai-sd35");
+    images_match(
+        single("sd35-tiny/sd35_tiny.safetensors"),
+        "sd35-tiny",
+        comps,
+    );
+}
+
+#[test]
+fn bfl_flux_file_with_ae_beside_it_draws_its_twins_images() {
+    let comps = components_without("flux-dev-tiny", &["transformer", "vae"], "bfl-flux");
+    images_match(
+        single("flux-dev-tiny/flux1-dev-tiny.safetensors"),
+        "flux-dev-tiny",
+        comps,
+    );
+}
+
+fn metas(list: &Value) -> BTreeMap<String, TensorMeta> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let shape = t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            let dtype = t["dtype"].as_str().unwrap().to_string();
+            (
+                t["name"].as_str().unwrap().to_string(),
+                TensorMeta { shape, dtype },
+            )
+        })
+        .collect()
+}
+
+fn shapes(m: &BTreeMap<String, TensorMeta>) -> BTreeMap<String, Vec<usize>> {
+    m.iter()
+        .map(|(k, v)| (k.clone(), v.shape.clone()))
+        .collect()
+}
+
+#[test]
+fn every_tensor_of_the_six_real_single_files_maps_onto_the_diffusers_layout() {
+    let dir = fixture("manifests");
+    for model in [
+        "sd3-medium",
+        "sd3.5-large",
+        "sd3.5-large-turbo",
+        "sd3.5-medium",
+        "flux.1-schnell",
+        "flux.1-dev",
+    ] {
+        let read = |f: &str| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap()
+        };
+        let diffusers = read(&format!("{model}.json"));
+        let single = read(&format!("{model}.single.json"));
+        let main = metas(&single["file"]);
+        let ae = single
+            .get("ae")
+            .map(|a| (PathBuf::from("ae.safetensors"), metas(a)));
+        let path = Path::new("checkpoint.safetensors");
+        let s = SingleFile::from_metas(path, &main, ae).unwrap();
+        let want_variant = if model == "sd3.5-large-turbo" {
+            "sd3.5-large" // same shapes; the turbo preset is chosen with --components
+        } else {
+            model
+        };
+        assert_eq!(s.detected.variant, Some(want_variant), "{model}: variant");
+        assert_eq!(
+            s.detected.format,
+            if model.starts_with("flux") {
+                Format::Flux
+            } else {
+                Format::Sd3
+            }
+        );
+        assert!(
+            s.unmapped(&main).is_empty(),
+            "{model}: unmapped {:?}",
+            s.unmapped(&main)
+        );
+        let comps = diffusers["components"].as_object().unwrap();
+        assert_eq!(
+            s.components.keys().copied().collect::<Vec<_>>(),
+            {
+                let mut k: Vec<&str> = comps.keys().map(String::as_str).collect();
+                if model.starts_with("flux") {
+                    k.retain(|c| *c == "transformer" || *c == "vae");
+                }
+                k.sort();
+                k
+            },
+            "{model}: components in the file"
+        );
+        for (name, m) in &s.components {
+            let want = shapes(&metas(&comps[*name]));
+            let got = shapes(&m.metas());
+            let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+            let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+            let wrong: Vec<_> = want
+                .iter()
+                .filter(|(k, s)| got.get(*k).is_some_and(|g| g != *s))
+                .map(|(k, _)| k)
+                .collect();
+            assert!(
+                missing.is_empty() && extra.is_empty() && wrong.is_empty(),
+                "{model}/{name}: missing {:?}, unexpected {:?}, wrong shape {:?}",
+                &missing[..missing.len().min(5)],
+                &extra[..extra.len().min(5)],
+                &wrong[..wrong.len().min(5)]
+            );
+            println!("{model}/{name}: {} tensors mapped", got.len());
+        }
+    }
+}
+
+#[test]
+fn inspect_reports_a_single_file_and_its_component_audit() {
+    let comps = components_without("sd3-dummy", &[], "inspect-single");
+    let o = mmdit()
+        .args(["inspect"])
+        .arg(single("sd3-dummy/sd3_dummy.safetensors"))
+        .arg("--components")
+        .arg(&comps)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("SAI SD3/SD3.5 single-file checkpoint"),
+        "{out}"
+    );
+    assert!(out.contains("prefix `model.diffusion_model.`"), "{out}");
+    for c in ["transformer", "vae", "text_encoder_3"] {
+        assert!(out.contains(&format!("in file {c}")), "{out}");
+    }
+    assert!(out.contains("all tensors match their configs"), "{out}");
+}
+
+#[test]
+fn inspect_flags_a_foreign_tensor_in_a_single_file() {
+    let dir = tmp("single-foreign");
+    let src = single("sd35-tiny/sd35_tiny.safetensors");
+    let mut t = candle_core::safetensors::load(&src, &candle_core::Device::Cpu).unwrap();
+    t.insert(
+        "joint_blocks.0.x_block.extra.weight".into(),
+        candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+    );
+    let f = dir.join("sd35.safetensors");
+    candle_core::safetensors::save(&t, &f).unwrap();
+    let o = mmdit()
+        .args(["inspect"])
+        .arg(&f)
+        .arg("--components")
+        .arg(fixture("sd35-tiny"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("unexpected  joint_blocks.0.x_block.extra.weight"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_single_file_of_unknown_shapes_needs_components() {
+    let (code, err) = run(&[
+        "generate".as_ref(),
+        "--prompt".as_ref(),
+        "x".as_ref(),
+        "--model".as_ref(),
+        single("sd35-tiny/sd35_tiny.safetensors").as_os_str(),
+        "--output".as_ref(),
+        tmp("single-nocomp").join("o.png").as_os_str(),
+    ]);
+    assert_clean_error(code, &err, &["--components"]);
+}
+
+#[test]
+fn a_single_file_with_components_of_the_other_family_is_refused() {
+    let (code, err) = run(&[
+        "generate".as_ref(),
+        "--prompt".as_ref(),
+        "x".as_ref(),
+        "--model".as_ref(),
+        single("flux-dev-tiny/flux1-dev-tiny.safetensors").as_os_str(),
+        "--components".as_ref(),
+        fixture("sd3-dummy").as_os_str(),
+        "--output".as_ref(),
+        tmp("single-family").join("o.png").as_os_str(),
+    ]);
+    assert_clean_error(code, &err, &["flux", "sd3", "--components"]);
+}
+
+#[test]
+fn generate_runs_a_single_file_from_the_command_line() {
+    let comps = components_without("flux-dev-tiny", &["transformer", "vae"], "single-cli");
+    let out = tmp("single-cli-out").join("o.png");
+    let o = mmdit()
+        .arg("generate")
+        .args(["--prompt", "a red circle", "--steps", "2", "--width", "32"])
+        .args(["--height", "32", "--device", "cpu", "--model"])
+        .arg(single("flux-dev-tiny/flux1-dev-tiny.safetensors"))
+        .arg("--components")
+        .arg(&comps)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.is_file());
+}
+
+#[test]
+fn pickle_and_foreign_files_are_refused_as_models() {
+    let dir = tmp("single-pickle");
+    let ckpt = dir.join("model.ckpt");
+    std::fs::write(&ckpt, b"not loaded").unwrap();
+    let (code, err) = run(&[
+        "generate".as_ref(),
+        "--prompt".as_ref(),
+        "x".as_ref(),
+        "--model".as_ref(),
+        ckpt.as_os_str(),
+    ]);
+    assert_clean_error(code, &err, &["pickle", ".safetensors"]);
+    // A diffusers component file is not a single-file checkpoint.
+    let (code, err) = run(&[
+        "generate".as_ref(),
+        "--prompt".as_ref(),
+        "x".as_ref(),
+        "--model".as_ref(),
+        fixture("sd3-dummy")
+            .join("vae/diffusion_pytorch_model.safetensors")
+            .as_os_str(),
+    ]);
+    assert_clean_error(code, &err, &["not a single-file"]);
+}

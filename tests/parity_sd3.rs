@@ -182,3 +182,55 @@ fn bf16_images_within_30_db_of_diffusers_f32() {
         }
     }
 }
+
+/// Issue 4: a CLIP tokenizer folder with only the slow tokenizer's vocab.json + merges.txt (as in the
+/// SD3 and Flux Hub repos) gives transformers' ids, like tokenizer.json does.
+#[test]
+fn clip_tokenizer_from_vocab_and_merges_matches_transformers() {
+    let name = "sd3-dummy";
+    let dir = copy_fixture(name, "vocab-merges");
+    let r = reference(name);
+    let meta = meta(name);
+    for (sub, key) in [("tokenizer", "ids_l"), ("tokenizer_2", "ids_g")] {
+        let d = dir.join(sub);
+        let tj: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("tokenizer.json")).unwrap())
+                .unwrap();
+        std::fs::write(
+            d.join("vocab.json"),
+            serde_json::to_string(&tj["model"]["vocab"]).unwrap(),
+        )
+        .unwrap();
+        let merges: Vec<String> = tj["model"]["merges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| match m {
+                serde_json::Value::String(s) => s.clone(),
+                m => format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()),
+            })
+            .collect();
+        std::fs::write(
+            d.join("merges.txt"),
+            format!("#version: 0.2\n{}\n", merges.join("\n")),
+        )
+        .unwrap();
+        std::fs::remove_file(d.join("tokenizer.json")).unwrap();
+        let tok = mmdit::text::TextTokenizer::from_dir(&d).unwrap();
+        for (i, p) in meta["prompts"].as_array().unwrap().iter().enumerate() {
+            let got = tok.encode_padded(p.as_str().unwrap(), 77).unwrap();
+            assert_eq!(got.ids, ids(&r[&format!("text.{i}.{key}")]), "{sub}: {p}");
+        }
+    }
+    // The whole pipeline opens and encodes from those folders.
+    let m = ModelRef::Folder(dir);
+    let pipe = match Spec::open(&m).unwrap().load(&device(), DType::F32).unwrap() {
+        Pipeline::Sd3(p) => p,
+        Pipeline::Flux(_) => unreachable!(),
+    };
+    pipe.text
+        .clip_l
+        .1
+        .encode_padded("a red circle", 77)
+        .unwrap();
+}

@@ -174,9 +174,20 @@ impl Pipeline {
     }
 }
 
-/// The tokenizer folder `dir`, fetched (for Hub models) file by file.
+/// The tokenizer folder `dir`, fetched (for Hub models) file by file: `tokenizer.json`, or the slow
+/// tokenizer's `vocab.json` + `merges.txt` when the folder has no `tokenizer.json` (CLIP in the SD3
+/// and Flux repos), and the special-token configs.
 fn tokenizer_dir(src: &dyn FileSource, dir: &str) -> Result<PathBuf> {
-    let main = loader::require(src, &format!("{dir}/tokenizer.json"))?;
+    let main = match src.file(&format!("{dir}/tokenizer.json"))? {
+        Some(p) => p,
+        None => match src.file(&format!("{dir}/vocab.json"))? {
+            Some(v) => {
+                loader::require(src, &format!("{dir}/merges.txt"))?;
+                v
+            }
+            None => loader::require(src, &format!("{dir}/tokenizer.json"))?,
+        },
+    };
     for extra in ["tokenizer_config.json", "special_tokens_map.json"] {
         src.file(&format!("{dir}/{extra}"))?;
     }
@@ -548,7 +559,12 @@ impl Spec {
             files.extend(a.files);
         }
         for t in tokenizers {
-            files.push(tokenizer_dir(src, t)?.join("tokenizer.json"));
+            let dir = tokenizer_dir(src, t)?;
+            for f in ["tokenizer.json", "vocab.json", "merges.txt"] {
+                if dir.join(f).is_file() {
+                    files.push(dir.join(f));
+                }
+            }
         }
         Ok(files)
     }

@@ -26,6 +26,10 @@ struct TokenizerConfig {
     pad_token: Option<serde_json::Value>,
     #[serde(default)]
     eos_token: Option<serde_json::Value>,
+    #[serde(default)]
+    bos_token: Option<serde_json::Value>,
+    #[serde(default)]
+    unk_token: Option<serde_json::Value>,
 }
 
 /// A special token in `tokenizer_config.json` is a string or `{"content": "..."}`.
@@ -40,34 +44,42 @@ fn token_text(v: &serde_json::Value) -> Option<String> {
 }
 
 impl TextTokenizer {
-    /// Loads `dir/tokenizer.json`; the pad token comes from `tokenizer_config.json` (or
-    /// `special_tokens_map.json`), falling back to the EOS token as transformers' CLIP does.
+    /// Loads `dir/tokenizer.json`, or, when a folder holds only the slow tokenizer's files, builds
+    /// CLIP's byte-level BPE from `vocab.json` + `merges.txt` the way transformers' converter does.
+    /// Special tokens come from `tokenizer_config.json` (or `special_tokens_map.json`); the pad token
+    /// falls back to the EOS token as transformers' CLIP does.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let file = dir.join("tokenizer.json");
-        let err = |msg: String| Error::Tokenizer {
-            path: file.clone(),
-            msg,
-        };
-        if !file.is_file() {
-            return Err(Error::MissingFile(format!(
-                "{} is missing; this model folder has no tokenizer.json, download the complete model",
-                file.display()
-            )));
-        }
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| err(e.to_string()))?;
         let mut cfg = TokenizerConfig::default();
         for name in ["tokenizer_config.json", "special_tokens_map.json"] {
             let p = dir.join(name);
             if p.is_file() {
                 let c: TokenizerConfig = crate::config::read_json(&p)?;
-                if cfg.pad_token.is_none() {
-                    cfg.pad_token = c.pad_token;
-                }
-                if cfg.eos_token.is_none() {
-                    cfg.eos_token = c.eos_token;
-                }
+                cfg.pad_token = cfg.pad_token.or(c.pad_token);
+                cfg.eos_token = cfg.eos_token.or(c.eos_token);
+                cfg.bos_token = cfg.bos_token.or(c.bos_token);
+                cfg.unk_token = cfg.unk_token.or(c.unk_token);
             }
         }
+        let file = dir.join("tokenizer.json");
+        let err = |msg: String| Error::Tokenizer {
+            path: file.clone(),
+            msg,
+        };
+        let inner = if file.is_file() {
+            tokenizers::Tokenizer::from_file(&file).map_err(|e| err(e.to_string()))?
+        } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
+            clip_bpe(dir, &cfg)?
+        } else {
+            let hint = if dir.join("spiece.model").is_file() {
+                " (a SentencePiece spiece.model alone is not read: the folder needs tokenizer.json)"
+            } else {
+                ""
+            };
+            return Err(Error::MissingFile(format!(
+                "{}: no tokenizer.json (nor vocab.json + merges.txt){hint}; download the complete model",
+                dir.display()
+            )));
+        };
         let pad = cfg
             .pad_token
             .as_ref()
@@ -110,4 +122,85 @@ impl TextTokenizer {
         ids.resize(max_len, self.pad_id);
         Ok(Tokens { ids, dropped })
     }
+}
+
+/// CLIP's fast tokenizer built from the slow tokenizer's `vocab.json` and `merges.txt`: NFC, runs of
+/// whitespace to one space, lowercase; CLIP's split pattern then byte-level; BPE with `</w>` word ends;
+/// BOS and EOS around every sequence (transformers' `CLIPConverter`).
+fn clip_bpe(dir: &Path, cfg: &TokenizerConfig) -> Result<tokenizers::Tokenizer> {
+    let vocab_path = dir.join("vocab.json");
+    let merges_path = dir.join("merges.txt");
+    let err = |path: &Path, msg: String| Error::Tokenizer {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let vocab: serde_json::Map<String, serde_json::Value> = crate::config::read_json(&vocab_path)?;
+    let text = std::fs::read_to_string(&merges_path).map_err(|e| Error::io(&merges_path, e))?;
+    let merges: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+        .collect();
+    if let Some(bad) = merges.iter().find(|m| m.split(' ').count() != 2) {
+        return Err(err(&merges_path, format!("bad merge line {bad:?}")));
+    }
+    let special = |v: &Option<serde_json::Value>, default: &str| {
+        v.as_ref()
+            .and_then(token_text)
+            .unwrap_or_else(|| default.to_string())
+    };
+    let bos = special(&cfg.bos_token, "<|startoftext|>");
+    let eos = special(&cfg.eos_token, "<|endoftext|>");
+    let unk = special(&cfg.unk_token, &eos);
+    let id = |t: &str| {
+        vocab.get(t).and_then(|v| v.as_u64()).ok_or_else(|| {
+            err(
+                &vocab_path,
+                format!("special token {t:?} is not in the vocabulary"),
+            )
+        })
+    };
+    let (bos_id, eos_id) = (id(&bos)?, id(&eos)?);
+    let added: Vec<serde_json::Value> = [(&bos, bos_id), (&eos, eos_id)]
+        .iter()
+        .map(|(t, i)| {
+            serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": format!(
+                "{}|{}|'s|'t|'re|'ve|'m|'ll|'d|[\\p{{L}}]+|[\\p{{N}}]|[^\\s\\p{{L}}\\p{{N}}]+",
+                regex_escape(&bos), regex_escape(&eos))},
+             "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
+        "post_processor": {"type": "RobertaProcessing", "sep": [eos, eos_id], "cls": [bos, bos_id],
+            "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": false, "vocab": vocab, "merges": merges},
+    });
+    tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
+        .map_err(|e| err(&vocab_path, e.to_string()))
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let special = "\\.+*?()|[]{}^$#&-~".contains(c);
+            special
+                .then_some('\\')
+                .into_iter()
+                .chain(std::iter::once(c))
+        })
+        .collect()
 }

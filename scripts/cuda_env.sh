@@ -50,7 +50,11 @@ _mmdit_cuda_setup() {
         grep -o '^pub unsafe fn cu[A-Za-z0-9_]*' "$cudarc/src/driver/sys/mod.rs" | awk '{print $4}' | sort -u |
             awk '{print "int " $1 "(void) { return 100; }"}' >"$links/cuda_stub.c"
         gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$links/libcuda.so" "$links/cuda_stub.c" || return 1
+        ln -sf libcuda.so "$links/libcuda.so.1"
     fi
     export LIBRARY_PATH=$links${LIBRARY_PATH:+:$LIBRARY_PATH}
+    # For running a CUDA build on this machine without a driver (the stub answers "no device"):
+    # LD_LIBRARY_PATH=$CUDA_STUB_LIBRARY_PATH. Not for a GPU machine: there the driver's libcuda is used.
+    export CUDA_STUB_LIBRARY_PATH=$links:$CUDA_ROOT/lib
 }
 _mmdit_cuda_setup

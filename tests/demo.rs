@@ -123,19 +123,8 @@ fn demo_matches_diffusers_for_the_same_noise() {
         req.noise = Some(noise);
         req.guidance = run["guidance"].as_f64();
         let out = pipe.generate(&req, &mut |_| {}).unwrap();
-        let want = r[&format!("run.{k}.image")]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u8>()
-            .unwrap();
-        let worst = out
-            .image
-            .data
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
+        let want = reference_image(&r, k);
+        let worst = max_u8_diff(&out.image.data, &want);
         println!("demo run {k}: max diff {worst}/255");
         assert!(worst <= 2, "demo run {k}: {worst}/255");
     }
@@ -204,11 +193,7 @@ fn demo_in_bf16_stays_as_close_to_diffusers_f32_as_diffusers_bf16() {
         req.noise = fixture_request("demo-ref", run, 16).noise;
         req.guidance = run["guidance"].as_f64();
         let out = pipe.generate(&req, &mut |_| {}).unwrap();
-        let want = r[&format!("run.{k}.image")]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u8>()
-            .unwrap();
+        let want = reference_image(&r, k);
         let p = psnr(&out.image.data, &want);
         let floor = DIFFUSERS_BF16_PSNR[k].min(30.0);
         println!(

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::manifest_tensors;
+
 use candle_nn::VarBuilder;
 use mmdit::config::{ClipTextConfig, FluxTransformerConfig, Sd3TransformerConfig, VaeConfig};
 use mmdit::loader::audit::{Audit, ShapeBackend, TensorMeta};
@@ -13,28 +15,6 @@ use mmdit::text::clip::ClipText;
 use mmdit::vae::VaeDecoder;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-
-fn tensors(list: &Value) -> BTreeMap<String, TensorMeta> {
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            let shape = t["shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            (
-                t["name"].as_str().unwrap().to_string(),
-                TensorMeta {
-                    shape,
-                    dtype: t["dtype"].as_str().unwrap().into(),
-                },
-            )
-        })
-        .collect()
-}
 
 fn check(model: &str, comp: &str, a: Audit) {
     let twice: Vec<_> = a.requested.iter().filter(|(_, &n)| n != 1).collect();
@@ -109,14 +89,14 @@ fn all_six_models_map_every_tensor_exactly_once() {
         let a = if m["family"] == "sd3" {
             let cfg: Sd3TransformerConfig = serde_json::from_value(tcfg).unwrap();
             ShapeBackend::audit(
-                tensors(&comps["transformer"]),
+                manifest_tensors(&comps["transformer"]),
                 |vb| Sd3Transformer::new(&cfg, vb).map(drop),
                 none,
             )
         } else {
             let cfg: FluxTransformerConfig = serde_json::from_value(tcfg).unwrap();
             ShapeBackend::audit(
-                tensors(&comps["transformer"]),
+                manifest_tensors(&comps["transformer"]),
                 |vb| FluxTransformer::new(&cfg, vb).map(drop),
                 none,
             )
@@ -124,7 +104,7 @@ fn all_six_models_map_every_tensor_exactly_once() {
         check(model, "transformer", a.unwrap());
         let encoder_side = |n: &str| n.starts_with("encoder.") || n.starts_with("quant_conv.");
         let a = ShapeBackend::audit(
-            tensors(&comps["vae"]),
+            manifest_tensors(&comps["vae"]),
             |vb| VaeDecoder::new(&vae(), vb).map(drop),
             encoder_side,
         );
@@ -139,7 +119,7 @@ fn all_six_models_map_every_tensor_exactly_once() {
                 model,
                 "text_encoder",
                 ShapeBackend::audit(
-                    tensors(&comps["text_encoder"]),
+                    manifest_tensors(&comps["text_encoder"]),
                     |vb| ClipText::new(&l, true, vb).map(drop),
                     none,
                 )
@@ -149,7 +129,7 @@ fn all_six_models_map_every_tensor_exactly_once() {
                 model,
                 "text_encoder_2",
                 ShapeBackend::audit(
-                    tensors(&comps["text_encoder_2"]),
+                    manifest_tensors(&comps["text_encoder_2"]),
                     |vb| ClipText::new(&g, true, vb).map(drop),
                     none,
                 )
@@ -158,14 +138,15 @@ fn all_six_models_map_every_tensor_exactly_once() {
             check(
                 model,
                 "text_encoder_3",
-                ShapeBackend::audit(tensors(&comps["text_encoder_3"]), build_t5, none).unwrap(),
+                ShapeBackend::audit(manifest_tensors(&comps["text_encoder_3"]), build_t5, none)
+                    .unwrap(),
             );
         } else {
             check(
                 model,
                 "text_encoder",
                 ShapeBackend::audit(
-                    tensors(&comps["text_encoder"]),
+                    manifest_tensors(&comps["text_encoder"]),
                     |vb| ClipText::new(&l, false, vb).map(drop),
                     none,
                 )
@@ -174,7 +155,8 @@ fn all_six_models_map_every_tensor_exactly_once() {
             check(
                 model,
                 "text_encoder_2",
-                ShapeBackend::audit(tensors(&comps["text_encoder_2"]), build_t5, none).unwrap(),
+                ShapeBackend::audit(manifest_tensors(&comps["text_encoder_2"]), build_t5, none)
+                    .unwrap(),
             );
         }
     }

@@ -143,24 +143,13 @@ fn images_match_diffusers_within_2_of_255() {
                 assert!((a - b).abs() <= 1e-6, "{name} run {k}: sigma {a} vs {b}");
             }
             let out = pipe.generate(&req, &mut |_| {}).unwrap();
-            let want = r[&format!("run.{k}.image")]
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<u8>()
-                .unwrap();
+            let want = reference_image(&r, k);
             assert_eq!(
                 out.image.data.len(),
                 want.len(),
                 "{name} run {k}: image size"
             );
-            let worst = out
-                .image
-                .data
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap();
+            let worst = max_u8_diff(&out.image.data, &want);
             println!("{name} run {k}: image max diff {worst}/255");
             assert!(worst <= 2, "{name} run {k}: image differs by {worst}/255");
         }

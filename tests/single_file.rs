@@ -50,19 +50,8 @@ fn images_match(file: PathBuf, twin: &str, components: PathBuf) {
     for (k, run) in meta["runs"].as_array().unwrap().iter().enumerate() {
         let req = fixture_request(twin, run, max_seq);
         let out = pipe.generate(&req, &mut |_| {}).unwrap();
-        let want = r[&format!("run.{k}.image")]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u8>()
-            .unwrap();
-        let worst = out
-            .image
-            .data
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
+        let want = reference_image(&r, k);
+        let worst = max_u8_diff(&out.image.data, &want);
         println!("single-file {twin} run {k}: image max diff {worst}/255");
         assert!(worst <= 2, "single-file {twin} run {k}: {worst}/255");
     }
@@ -108,26 +97,6 @@ fn bfl_flux_file_with_ae_beside_it_draws_its_twins_images() {
     );
 }
 
-fn metas(list: &Value) -> BTreeMap<String, TensorMeta> {
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            let shape = t["shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            let dtype = t["dtype"].as_str().unwrap().to_string();
-            (
-                t["name"].as_str().unwrap().to_string(),
-                TensorMeta { shape, dtype },
-            )
-        })
-        .collect()
-}
-
 fn shapes(m: &BTreeMap<String, TensorMeta>) -> BTreeMap<String, Vec<usize>> {
     m.iter()
         .map(|(k, v)| (k.clone(), v.shape.clone()))
@@ -150,10 +119,10 @@ fn every_tensor_of_the_six_real_single_files_maps_onto_the_diffusers_layout() {
         };
         let diffusers = read(&format!("{model}.json"));
         let single = read(&format!("{model}.single.json"));
-        let main = metas(&single["file"]);
+        let main = manifest_tensors(&single["file"]);
         let ae = single
             .get("ae")
-            .map(|a| (PathBuf::from("ae.safetensors"), metas(a)));
+            .map(|a| (PathBuf::from("ae.safetensors"), manifest_tensors(a)));
         let path = Path::new("checkpoint.safetensors");
         let s = SingleFile::from_metas(path, &main, ae).unwrap();
         let want_variant = if model == "sd3.5-large-turbo" {
@@ -189,7 +158,7 @@ fn every_tensor_of_the_six_real_single_files_maps_onto_the_diffusers_layout() {
             "{model}: components in the file"
         );
         for (name, m) in &s.components {
-            let want = shapes(&metas(&comps[*name]));
+            let want = shapes(&manifest_tensors(&comps[*name]));
             let got = shapes(&m.metas());
             let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
             let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();

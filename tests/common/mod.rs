@@ -190,14 +190,49 @@ pub fn bf16_psnr_of(model: &std::path::Path, name: &str) -> Vec<f64> {
     for (k, run) in meta["runs"].as_array().unwrap().iter().enumerate() {
         let req = fixture_request(name, run, max_seq);
         let got = pipe.generate(&req, &mut |_| {}).unwrap();
-        let want = r[&format!("run.{k}.image")]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u8>()
-            .unwrap();
-        let p = psnr(&got.image.data, &want);
+        let p = psnr(&got.image.data, &reference_image(&r, k));
         println!("{name} run {k}: bf16 image PSNR {p:.1} dB against diffusers f32");
         out.push(p);
     }
     out
+}
+
+/// The 8-bit image of recorded run `k` in a fixture's reference tensors.
+pub fn reference_image(r: &HashMap<String, Tensor>, k: usize) -> Vec<u8> {
+    r[&format!("run.{k}.image")]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap()
+}
+
+/// Largest per-byte difference of two 8-bit images of the same size.
+pub fn max_u8_diff(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len(), "image sizes differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
+/// A shape manifest's tensor list (`[{"name", "shape", "dtype"}]`) as header entries.
+pub fn manifest_tensors(
+    list: &serde_json::Value,
+) -> std::collections::BTreeMap<String, mmdit::loader::audit::TensorMeta> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let shape = t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            let dtype = t["dtype"].as_str().unwrap().to_string();
+            let meta = mmdit::loader::audit::TensorMeta { shape, dtype };
+            (t["name"].as_str().unwrap().to_string(), meta)
+        })
+        .collect()
 }

@@ -80,8 +80,8 @@ mod tests {
 
 /// Scaled dot-product attention. On CUDA with the `flash-attn` feature (f16/bf16) it runs flash
 /// attention, on Metal candle's fused kernel; otherwise queries are processed in blocks so the score
-/// matrix never exceeds a fixed budget (64 MiB of f32 scores on the CPU, 1 GiB on a GPU), with the
-/// softmax in f32.
+/// matrix never exceeds a fixed budget (256 MiB of f32 scores on the CPU, 1 GiB on a GPU), with the
+/// softmax accumulating in f32.
 ///
 /// # Shapes
 /// q: (b, h, n, d), k and v: (b, h, m, d) -> (b, h, n, d)
@@ -122,26 +122,26 @@ fn sdpa_inner(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     }
     let kt = k.transpose(2, 3)?.contiguous()?; // (b, h, d, m)
     let budget: usize = if q.device().is_cpu() {
-        16 << 20
+        64 << 20
     } else {
         256 << 20
     };
     let block = (budget / (b * h * m).max(1)).clamp(1, n);
-    // On a GPU in f16/bf16 the scores stay in that dtype (the matrix product already rounded them
-    // to it): the softmax kernel accumulates in f32, and the scale is folded into q. Elsewhere (the
-    // CPU's softmax accumulates in the input dtype) they are converted to f32.
-    let low_gpu = !q.device().is_cpu() && q.dtype() != DType::F32;
-    let q = if low_gpu { (q * scale)? } else { q.clone() };
+    // The scale is folded into q (n x d) rather than applied to the scores (n x m). On a GPU in
+    // f16/bf16 the scores stay in that dtype (the matrix product already rounded them to it) and the
+    // softmax kernel accumulates in f32; the CPU's softmax accumulates in the input dtype, so there
+    // low-precision scores are converted to f32 first.
+    let in_place = q.dtype() == DType::F32 || !q.device().is_cpu();
+    let q = (q * scale)?;
     let mut outs = Vec::with_capacity(n.div_ceil(block));
     let mut start = 0;
     while start < n {
         let len = block.min(n - start);
-        let qb = q.narrow(2, start, len)?;
-        let probs = if low_gpu {
-            candle_nn::ops::softmax_last_dim(&qb.matmul(&kt)?)?
+        let scores = q.narrow(2, start, len)?.matmul(&kt)?; // (b, h, len, m)
+        let probs = if in_place {
+            candle_nn::ops::softmax_last_dim(&scores)?
         } else {
-            let scores = (qb.matmul(&kt)? * scale)?.to_dtype(DType::F32)?; // (b, h, len, m)
-            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
         };
         outs.push(probs.matmul(v)?); // (b, h, len, d)
         start += len;

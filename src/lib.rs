@@ -12,6 +12,7 @@
 //! ```
 
 pub mod config;
+pub mod cpu;
 pub mod device;
 pub mod error;
 pub mod interrupt;

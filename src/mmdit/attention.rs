@@ -11,7 +11,8 @@ pub enum TokenOrder {
     ImageFirst,
     TextFirst,
 }
-use candle_nn::{Linear, VarBuilder};
+use super::linear::{linear, Linear};
+use candle_nn::VarBuilder;
 
 /// diffusers' `RMSNorm` over the head dim: `x / sqrt(mean(x^2) + eps) * weight`, statistics in f32.
 #[derive(Debug, Clone)]
@@ -79,7 +80,8 @@ mod tests {
 }
 
 /// Scaled dot-product attention. On CUDA with the `flash-attn` feature (f16/bf16) it runs flash
-/// attention, on Metal candle's fused kernel; otherwise queries are processed in blocks so the score
+/// attention, on Metal candle's fused kernel, on a CPU with AMX in bf16 [`crate::cpu::attention`];
+/// otherwise queries are processed in blocks so the score
 /// matrix never exceeds a fixed budget (256 MiB of f32 scores on the CPU, 1 GiB on a GPU), with the
 /// softmax accumulating in f32.
 ///
@@ -119,6 +121,16 @@ fn sdpa_inner(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             scale as f32,
             1.0,
         );
+    }
+    if q.device().is_cpu() && q.dtype() == DType::BF16 && crate::cpu::amx::available() {
+        let o = crate::cpu::with_bf16_slice(q, |q| {
+            crate::cpu::with_bf16_slice(k, |k| {
+                crate::cpu::with_bf16_slice(v, |v| {
+                    crate::cpu::attention::sdpa_bf16(q, k, v, b * h, n, m, d, scale as f32)
+                })
+            })
+        })???;
+        return Tensor::from_vec(o, (b, h, n, d), q.device());
     }
     let kt = k.transpose(2, 3)?.contiguous()?; // (b, h, d, m)
     let budget: usize = if q.device().is_cpu() {
@@ -196,9 +208,9 @@ impl QkvProj {
             }
         };
         Ok(Self {
-            q: candle_nn::linear(dim, inner, vb.pp(names[0]))?,
-            k: candle_nn::linear(dim, inner, vb.pp(names[1]))?,
-            v: candle_nn::linear(dim, inner, vb.pp(names[2]))?,
+            q: linear(dim, inner, vb.pp(names[0]))?,
+            k: linear(dim, inner, vb.pp(names[1]))?,
+            v: linear(dim, inner, vb.pp(names[2]))?,
             norm_q: norm(names[3])?,
             norm_k: norm(names[4])?,
             heads,
@@ -260,7 +272,7 @@ impl JointAttention {
             ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
             &vb,
         )?;
-        let to_out = candle_nn::linear(inner, dim, vb.pp("to_out.0"))?;
+        let to_out = linear(inner, dim, vb.pp("to_out.0"))?;
         let ctx = if joint {
             let names = [
                 "add_q_proj",
@@ -271,7 +283,7 @@ impl JointAttention {
             ];
             let proj = QkvProj::new(dim, heads, head_dim, qk_norm, names, &vb)?;
             let out = if ctx_out {
-                Some(candle_nn::linear(inner, dim, vb.pp("to_add_out"))?)
+                Some(linear(inner, dim, vb.pp("to_add_out"))?)
             } else {
                 None
             };

@@ -1,7 +1,8 @@
 //! Input embeddings: patches of the latent image, the timestep and the pooled text vector.
 
+use super::linear::{linear, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// Sinusoidal timestep embedding as diffusers' `get_timestep_embedding` with `flip_sin_to_cos=True`,
 /// `downscale_freq_shift=0`: `[cos(t f_k), sin(t f_k)]`, `f_k = exp(-ln(10000) k / half)`.
@@ -37,8 +38,8 @@ pub struct Mlp2 {
 impl Mlp2 {
     pub fn new(in_dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(in_dim, hidden, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(hidden, hidden, vb.pp("linear_2"))?,
+            linear_1: linear(in_dim, hidden, vb.pp("linear_1"))?,
+            linear_2: linear(hidden, hidden, vb.pp("linear_2"))?,
         })
     }
 }

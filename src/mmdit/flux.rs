@@ -4,12 +4,13 @@
 use super::attention::TokenOrder;
 use super::embed::TimeTextEmbed;
 use super::joint_block::{BlockSpec, JointBlock};
+use super::linear::{linear, Linear};
 use super::modulation::AdaNormContinuous;
 use super::rope::Rope;
 use super::single_block::SingleBlock;
 use crate::config::FluxTransformerConfig;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// RoPE base of every released Flux model.
 const ROPE_THETA: f64 = 10000.0;
@@ -56,12 +57,8 @@ impl FluxTransformer {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            x_embedder: candle_nn::linear(cfg.in_channels, dim, vb.pp("x_embedder"))?,
-            context_embedder: candle_nn::linear(
-                cfg.joint_attention_dim,
-                dim,
-                vb.pp("context_embedder"),
-            )?,
+            x_embedder: linear(cfg.in_channels, dim, vb.pp("x_embedder"))?,
+            context_embedder: linear(cfg.joint_attention_dim, dim, vb.pp("context_embedder"))?,
             time_text_embed: TimeTextEmbed::new(
                 dim,
                 cfg.pooled_projection_dim,
@@ -71,7 +68,7 @@ impl FluxTransformer {
             double,
             single,
             norm_out: AdaNormContinuous::new(dim, vb.pp("norm_out"))?,
-            proj_out: candle_nn::linear(
+            proj_out: linear(
                 dim,
                 cfg.patch_size * cfg.patch_size * cfg.out_channels(),
                 vb.pp("proj_out"),

@@ -2,11 +2,12 @@
 //! attention on dual-attention layers and the context-pre-only variant for the last block.
 
 use super::attention::{JointAttention, TokenOrder};
+use super::linear::{linear, Linear};
 use super::modulation::{gate, norm_modulate, AdaNormContinuous, Modulation};
 use super::rope::Rope;
 use crate::profile;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 const EPS: f64 = 1e-6;
 
@@ -20,8 +21,8 @@ pub struct FeedForward {
 impl FeedForward {
     pub fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            proj_in: candle_nn::linear(dim, hidden, vb.pp("net.0.proj"))?,
-            proj_out: candle_nn::linear(hidden, dim, vb.pp("net.2"))?,
+            proj_in: linear(dim, hidden, vb.pp("net.0.proj"))?,
+            proj_out: linear(hidden, dim, vb.pp("net.2"))?,
         })
     }
 }

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod embed;
 pub mod flux;
 pub mod joint_block;
+pub mod linear;
 pub mod modulation;
 pub mod rope;
 pub mod sd3;

@@ -1,7 +1,8 @@
 //! Adaptive layer norms: the conditioning vector sets a per-channel shift, scale and gate.
 
+use super::linear::{linear, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// LayerNorm over the last dim without learned affine parameters, computed in f32.
 pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
@@ -71,7 +72,7 @@ pub struct Modulation {
 impl Modulation {
     pub fn new(dim: usize, chunks: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            linear: candle_nn::linear(dim, chunks * dim, vb.pp("linear"))?,
+            linear: linear(dim, chunks * dim, vb.pp("linear"))?,
             chunks,
         })
     }

@@ -3,10 +3,11 @@
 use super::attention::TokenOrder;
 use super::embed::{PatchEmbed, TimeTextEmbed};
 use super::joint_block::{BlockSpec, JointBlock};
+use super::linear::{linear, Linear};
 use super::modulation::AdaNormContinuous;
 use crate::config::Sd3TransformerConfig;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
 pub struct Sd3Transformer {
@@ -37,7 +38,7 @@ impl Sd3Transformer {
             false,
             vb.pp("time_text_embed"),
         )?;
-        let context_embedder = candle_nn::linear(
+        let context_embedder = linear(
             cfg.joint_attention_dim,
             cfg.caption_projection_dim,
             vb.pp("context_embedder"),
@@ -57,7 +58,7 @@ impl Sd3Transformer {
             })
             .collect::<Result<Vec<_>>>()?;
         let norm_out = AdaNormContinuous::new(dim, vb.pp("norm_out"))?;
-        let proj_out = candle_nn::linear(dim, p * p * cfg.out_channels, vb.pp("proj_out"))?;
+        let proj_out = linear(dim, p * p * cfg.out_channels, vb.pp("proj_out"))?;
         Ok(Self {
             pos_embed,
             time_text_embed,

@@ -2,11 +2,12 @@
 //! sequence; attention and MLP run in parallel from one modulated norm and share one output projection.
 
 use super::attention::{merge_heads, sdpa, QkvProj};
+use super::linear::{linear, Linear};
 use super::modulation::{gate, norm_modulate, Modulation};
 use super::rope::Rope;
 use crate::profile;
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
 pub struct SingleBlock {
@@ -29,8 +30,8 @@ impl SingleBlock {
         Ok(Self {
             norm: Modulation::new(dim, 3, vb.pp("norm"))?,
             attn: QkvProj::new(dim, heads, head_dim, true, names, &vb.pp("attn"))?,
-            proj_mlp: candle_nn::linear(dim, mlp, vb.pp("proj_mlp"))?,
-            proj_out: candle_nn::linear(heads * head_dim + mlp, dim, vb.pp("proj_out"))?,
+            proj_mlp: linear(dim, mlp, vb.pp("proj_mlp"))?,
+            proj_out: linear(heads * head_dim + mlp, dim, vb.pp("proj_out"))?,
         })
     }
 

@@ -1,0 +1,493 @@
+//! bf16 matrix products on Intel AMX tiles (Sapphire Rapids and later), for the CPU bf16 path.
+//!
+//! `C = A · B (+ bias)` with A (m x k) bf16 row-major, B pre-packed once into AMX's VNNI tile layout,
+//! products accumulated in f32 over the whole of k and rounded once into the output (f32 or bf16),
+//! as PyTorch's oneDNN bf16 products do. Blocking is GotoBLAS-style: the rows of A are taken in chunks
+//! copied into a zero-padded buffer, k in blocks, n in panels, with a 32 x 32 micro-kernel that holds
+//! four accumulator tiles, two A tiles and two B tiles.
+//!
+//! [`available`] says whether the CPU has AMX-BF16 and the OS granted this process the tile state
+//! (Linux `arch_prctl(ARCH_REQ_XCOMP_PERM)`); `MMDIT_AMX=0` turns the path off. Callers fall back to
+//! candle's matmul when it is off, and the tests compare the two.
+
+use half::bf16;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Rows of A per task (copied into a padded buffer), k per block, n per panel.
+const MC: usize = 256;
+const KC: usize = 512;
+const NC: usize = 256;
+
+/// Whether AMX bf16 tiles can be used in this process (probed once).
+pub fn available() -> bool {
+    static AMX: OnceLock<bool> = OnceLock::new();
+    *AMX.get_or_init(|| std::env::var("MMDIT_AMX").map_or(true, |v| v != "0") && detect())
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    use std::arch::x86_64::__cpuid_count;
+    // SAFETY: cpuid is available on every x86_64 CPU.
+    let max_leaf = __cpuid_count(0, 0).eax;
+    if max_leaf < 7 {
+        return false;
+    }
+    let edx = __cpuid_count(7, 0).edx;
+    let (amx_bf16, amx_tile) = (edx & (1 << 22) != 0, edx & (1 << 24) != 0);
+    if !(amx_bf16 && amx_tile) {
+        return false;
+    }
+    // Linux hands out the 8 KiB tile state only on request; the grant is for the whole process.
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain syscall with integer arguments.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// The right-hand operand B (k x n) packed into 16 x 32 bf16 tiles: for each 32-column block of n
+/// and each 32-row block of k, two tiles (columns 0..16, 16..32), each 16 rows of k-pairs:
+/// `tile[r][2c + p] = B[32 kb + 2r + p][16 t + c]`. k and n are zero-padded to multiples of 32.
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    kp: usize,
+    np: usize,
+    data: Vec<bf16>,
+}
+
+impl PackedB {
+    /// From B given transposed, as a (n x k) row-major matrix (a linear layer's weight).
+    pub fn from_nk(w: &[bf16], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "weight is not {n} x {k}");
+        Self::pack(k, n, |kk, nn| w[nn * k + kk])
+    }
+
+    /// From B as a (k x n) row-major matrix.
+    pub fn from_kn(b: &[bf16], k: usize, n: usize) -> Self {
+        assert_eq!(b.len(), k * n, "matrix is not {k} x {n}");
+        Self::pack(k, n, |kk, nn| b[kk * n + nn])
+    }
+
+    fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> bf16 + Sync) -> Self {
+        let (kp, np) = (k.next_multiple_of(32), n.next_multiple_of(32));
+        let mut data = vec![bf16::ZERO; kp * np];
+        let kbs = kp / 32;
+        data.par_chunks_mut(kbs * 1024)
+            .enumerate()
+            .for_each(|(nb, panel)| {
+                for kb in 0..kbs {
+                    for t in 0..2 {
+                        for c in 0..16 {
+                            let nn = nb * 32 + t * 16 + c;
+                            if nn >= n {
+                                continue;
+                            }
+                            for r in 0..16 {
+                                for p in 0..2 {
+                                    let kk = kb * 32 + 2 * r + p;
+                                    if kk < k {
+                                        panel[kb * 1024 + t * 512 + r * 32 + 2 * c + p] =
+                                            at(kk, nn);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        Self { k, n, kp, np, data }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes held by the packed copy.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+
+    /// The two tiles (columns 32 nb .. 32 nb + 32) of k-block kb.
+    fn tiles(&self, nb: usize, kb: usize) -> *const bf16 {
+        let kbs = self.kp / 32;
+        self.data[(nb * kbs + kb) * 1024..].as_ptr()
+    }
+}
+
+/// An element type the product can be written as.
+pub trait Output: Copy + Send + Sync {
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Output for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Output for bf16 {
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint blocks.
+#[derive(Clone, Copy)]
+struct OutPtr<O>(*mut O);
+// SAFETY: every task writes a disjoint (rows x columns) block of the output.
+unsafe impl<O: Send> Send for OutPtr<O> {}
+unsafe impl<O: Send> Sync for OutPtr<O> {}
+
+impl<O> OutPtr<O> {
+    /// (A method, so that closures capture the wrapper rather than the bare pointer.)
+    fn get(&self) -> *mut O {
+        self.0
+    }
+}
+
+/// `out (m x n, row stride ldo) = a (m x k, row stride lda) · b (+ bias)`, on the rayon pool.
+/// Panics if [`available`] is false or the slices are too short for the shapes.
+pub fn matmul<O: Output>(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    out: &mut [O],
+    ldo: usize,
+) {
+    product(a, m, lda, b, bias, out, ldo, true)
+}
+
+/// [`matmul`] on the calling thread only (for callers that already split work across threads).
+pub fn matmul_serial<O: Output>(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    out: &mut [O],
+    ldo: usize,
+) {
+    product(a, m, lda, b, bias, out, ldo, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn product<O: Output>(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    out: &mut [O],
+    ldo: usize,
+    parallel: bool,
+) {
+    assert!(available(), "AMX matmul called where AMX is not available");
+    let (k, n) = (b.k, b.n);
+    assert!(lda >= k && ldo >= n, "row strides shorter than the rows");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * lda + k, "A is too short");
+    assert!(out.len() >= (m - 1) * ldo + n, "output is too short");
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), n, "bias length");
+    }
+    let mchunks = m.div_ceil(MC);
+    let nblocks = b.np / 32;
+    let optr = OutPtr(out.as_mut_ptr());
+    let run = |&(mc, nb_lo, nb_hi): &(usize, usize, usize)| {
+        let rows = MC.min(m - mc * MC);
+        // SAFETY: AMX is available (asserted); the task's output block is disjoint from the others'.
+        unsafe {
+            task(
+                a,
+                lda,
+                mc * MC,
+                rows,
+                b,
+                bias,
+                optr.get(),
+                ldo,
+                nb_lo,
+                nb_hi,
+            )
+        };
+    };
+    if !parallel {
+        (0..mchunks).for_each(|mc| run(&(mc, 0, nblocks)));
+        return;
+    }
+    // Tasks: row chunks x column ranges, enough of them to keep every thread busy.
+    let threads = rayon::current_num_threads().max(1);
+    let nsplit = (2 * threads).div_ceil(mchunks).clamp(1, nblocks);
+    let per = nblocks.div_ceil(nsplit);
+    let tasks: Vec<(usize, usize, usize)> = (0..mchunks)
+        .flat_map(|mc| {
+            (0..nsplit)
+                .map(move |s| (mc, s * per, ((s + 1) * per).min(nblocks)))
+                .filter(|&(_, lo, hi)| lo < hi)
+        })
+        .collect();
+    tasks.par_iter().for_each(run);
+}
+
+/// One (row chunk, column range): pad the rows of A, accumulate the f32 block, write it out.
+#[allow(clippy::too_many_arguments)]
+unsafe fn task<O: Output>(
+    a: &[bf16],
+    lda: usize,
+    row0: usize,
+    rows: usize,
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    out: *mut O,
+    ldo: usize,
+    nb_lo: usize,
+    nb_hi: usize,
+) {
+    let (k, kp) = (b.k, b.kp);
+    let mrows = rows.next_multiple_of(32);
+    let mut ap = vec![bf16::ZERO; mrows * kp];
+    for r in 0..rows {
+        let src = &a[(row0 + r) * lda..(row0 + r) * lda + k];
+        ap[r * kp..r * kp + k].copy_from_slice(src);
+    }
+    let width = (nb_hi - nb_lo) * 32;
+    let mut c = vec![0f32; mrows * width];
+    kernel::run(&ap, mrows, kp, b, nb_lo, nb_hi, &mut c, width);
+    let col0 = nb_lo * 32;
+    let cols = (b.n.min(nb_hi * 32)).saturating_sub(col0);
+    for r in 0..rows {
+        let crow = &c[r * width..r * width + cols];
+        let orow = out.add((row0 + r) * ldo + col0);
+        for (j, &v) in crow.iter().enumerate() {
+            let v = match bias {
+                Some(bias) => v + bias[col0 + j],
+                None => v,
+            };
+            *orow.add(j) = O::from_f32(v);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use super::{PackedB, KC, NC};
+    use half::bf16;
+    use std::arch::asm;
+
+    /// The tile configuration: palette 1, eight tiles of 16 rows x 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// `c (mrows x width f32, zeroed) += ap (mrows x kp) · b[:, 32 nb_lo .. 32 nb_hi]`.
+    /// mrows and kp are multiples of 32.
+    ///
+    /// # Safety
+    /// AMX must be available and permitted (see [`super::available`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn run(
+        ap: &[bf16],
+        mrows: usize,
+        kp: usize,
+        b: &PackedB,
+        nb_lo: usize,
+        nb_hi: usize,
+        c: &mut [f32],
+        width: usize,
+    ) {
+        let mut cfg = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for t in 0..8 {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = 16;
+        }
+        asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig, options(nostack));
+        let lda = (kp * 2) as isize; // bytes
+        let ldc = (width * 4) as isize;
+        let kbs = kp / 32;
+        let (kcb, ncb) = (KC / 32, NC / 32);
+        for kb0 in (0..kbs).step_by(kcb) {
+            let kb1 = (kb0 + kcb).min(kbs);
+            for nbp in (nb_lo..nb_hi).step_by(ncb) {
+                let nbp1 = (nbp + ncb).min(nb_hi);
+                for mb in 0..mrows / 32 {
+                    let a0 = ap.as_ptr().add(mb * 32 * kp);
+                    let a1 = a0.add(16 * kp);
+                    for nb in nbp..nbp1 {
+                        let c0 = c.as_mut_ptr().add(mb * 32 * width + (nb - nb_lo) * 32);
+                        let c1 = c0.add(16);
+                        let c2 = c0.add(16 * width);
+                        let c3 = c2.add(16);
+                        asm!(
+                            "tileloadd tmm0, [{c0} + {ldc}*1]",
+                            "tileloadd tmm1, [{c1} + {ldc}*1]",
+                            "tileloadd tmm2, [{c2} + {ldc}*1]",
+                            "tileloadd tmm3, [{c3} + {ldc}*1]",
+                            c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
+                            ldc = in(reg) ldc, options(nostack, readonly),
+                        );
+                        for kb in kb0..kb1 {
+                            let bt = b.tiles(nb, kb);
+                            asm!(
+                                "tileloadd tmm4, [{a0} + {lda}*1]",
+                                "tileloadd tmm6, [{b0} + {ldb}*1]",
+                                "tileloadd tmm5, [{a1} + {lda}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tileloadd tmm7, [{b1} + {ldb}*1]",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                a0 = in(reg) a0.add(kb * 32),
+                                a1 = in(reg) a1.add(kb * 32),
+                                b0 = in(reg) bt,
+                                b1 = in(reg) bt.add(512),
+                                lda = in(reg) lda,
+                                ldb = in(reg) 64isize,
+                                options(nostack, readonly),
+                            );
+                        }
+                        asm!(
+                            "tilestored [{c0} + {ldc}*1], tmm0",
+                            "tilestored [{c1} + {ldc}*1], tmm1",
+                            "tilestored [{c2} + {ldc}*1], tmm2",
+                            "tilestored [{c3} + {ldc}*1], tmm3",
+                            c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
+                            ldc = in(reg) ldc, options(nostack),
+                        );
+                    }
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod kernel {
+    use super::PackedB;
+    use half::bf16;
+
+    /// # Safety
+    /// Never called: [`super::available`] is false off x86_64.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn run(
+        _: &[bf16],
+        _: usize,
+        _: usize,
+        _: &PackedB,
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+        _: usize,
+    ) {
+        unreachable!("AMX exists only on x86_64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(a: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, bias: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    s += a[i * k + p].to_f64() * w[j * k + p].to_f64();
+                }
+                out[i * n + j] = s as f32 + bias[j];
+            }
+        }
+        out
+    }
+
+    fn random(len: usize, seed: u64) -> Vec<bf16> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+            })
+            .collect()
+    }
+
+    /// Odd shapes (padding in m, n and k), several tasks, bias, both output types: equal to an f64
+    /// reference within f32 accumulation error (f32 out) and one bf16 rounding (bf16 out).
+    #[test]
+    fn amx_matmul_equals_the_reference() {
+        if !available() {
+            eprintln!("AMX not available here: test skipped");
+            return;
+        }
+        for &(m, k, n) in &[
+            (1, 32, 32),
+            (5, 70, 33),
+            (300, 96, 700),
+            (37, 1000, 65),
+            (64, 64, 64),
+        ] {
+            let a = random(m * k, 1);
+            let w = random(n * k, 2);
+            let bias: Vec<f32> = random(n, 3).iter().map(|v| v.to_f32()).collect();
+            let want = reference(&a, m, k, &w, n, &bias);
+            let packed = PackedB::from_nk(&w, n, k);
+            let mut got = vec![0f32; m * n];
+            matmul(&a, m, k, &packed, Some(&bias), &mut got, n);
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                err < 1e-4 * (k as f32).sqrt(),
+                "{m}x{k}x{n}: f32 error {err}"
+            );
+            let mut got16 = vec![bf16::ZERO; m * n];
+            matmul(&a, m, k, &packed, Some(&bias), &mut got16, n);
+            for (g, w) in got16.iter().zip(&want) {
+                let tol = w.abs() * 2f32.powi(-8) + 1e-4 * (k as f32).sqrt();
+                assert!(
+                    (g.to_f32() - w).abs() <= tol,
+                    "{m}x{k}x{n}: bf16 {g} vs {w}"
+                );
+            }
+            // B given as (k x n) packs to the same tiles.
+            let bt: Vec<bf16> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            assert_eq!(PackedB::from_kn(&bt, k, n).data, packed.data);
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The transformer's linear layers: candle's `Linear`, except on a CPU with AMX in bf16, where the
+//! weight is packed once at load into AMX tiles (and candle's copy dropped) and products run on
+//! [`crate::cpu::amx`].
+
+use crate::cpu::amx::{self, PackedB};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct Linear(Inner);
+
+#[derive(Debug, Clone)]
+enum Inner {
+    Plain(candle_nn::Linear),
+    Amx(Arc<AmxWeight>),
+}
+
+#[derive(Debug)]
+struct AmxWeight {
+    packed: PackedB,
+    bias: Option<Vec<f32>>,
+}
+
+/// diffusers' `nn.Linear(in_dim, out_dim)` with bias, from `vb` (`weight`, `bias`).
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Linear::new(candle_nn::linear(in_dim, out_dim, vb)?)
+}
+
+impl Linear {
+    /// Wraps candle's layer, packing it for AMX when it is a bf16 CPU layer and AMX is available.
+    pub fn new(l: candle_nn::Linear) -> Result<Self> {
+        let w = l.weight();
+        if !(w.device().is_cpu() && w.dtype() == DType::BF16 && w.rank() == 2 && amx::available()) {
+            return Ok(Self(Inner::Plain(l)));
+        }
+        let (n, k) = w.dims2()?;
+        let packed = PackedB::from_nk(&w.flatten_all()?.to_vec1()?, n, k);
+        let bias = match l.bias() {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+            None => None,
+        };
+        Ok(Self(Inner::Amx(Arc::new(AmxWeight { packed, bias }))))
+    }
+
+    /// Whether products run on AMX tiles.
+    pub fn is_amx(&self) -> bool {
+        matches!(self.0, Inner::Amx(_))
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.0 {
+            Inner::Plain(l) => l.forward(x),
+            Inner::Amx(w) => {
+                let (k, n) = (w.packed.k(), w.packed.n());
+                if x.dtype() != DType::BF16
+                    || !x.device().is_cpu()
+                    || x.dim(candle_core::D::Minus1)? != k
+                {
+                    candle_core::bail!(
+                        "AMX linear ({k} -> {n}, bf16 CPU) given {:?} {:?} on {:?}",
+                        x.shape(),
+                        x.dtype(),
+                        x.device()
+                    );
+                }
+                let m = x.elem_count() / k;
+                let mut out = vec![half::bf16::ZERO; m * n];
+                crate::cpu::with_bf16_slice(x, |a| {
+                    amx::matmul(a, m, k, &w.packed, w.bias.as_deref(), &mut out, n)
+                })?;
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("rank >= 1") = n;
+                Tensor::from_vec(out, dims, &Device::Cpu)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AMX layer against the f32 product of the same bf16 values: one bf16 rounding of the result
+    /// (half an ulp), and no further from it than candle's bf16 layer (which rounds the product,
+    /// then adds the bias in bf16).
+    #[test]
+    fn amx_linear_rounds_once_and_beats_candles() {
+        if !amx::available() {
+            eprintln!("AMX not available here: test skipped");
+            return;
+        }
+        let dev = Device::Cpu;
+        let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let max = |t: Tensor| t.max_all().unwrap().to_scalar::<f32>().unwrap();
+        for &(m, k, n) in &[(3, 40, 24), (2 * 77, 256, 384)] {
+            let w = bf(Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap());
+            let b = bf(Tensor::randn(0f32, 1.0, n, &dev).unwrap());
+            let x = bf(Tensor::randn(0f32, 1.0, (2, m / 2 + 1, k), &dev).unwrap());
+            let exact = candle_nn::Linear::new(f(&w), Some(f(&b)))
+                .forward(&f(&x))
+                .unwrap();
+            let plain = candle_nn::Linear::new(w, Some(b));
+            let fast = Linear::new(plain.clone()).unwrap();
+            assert!(fast.is_amx());
+            let got = f(&fast.forward(&x).unwrap());
+            let err = (got - &exact).unwrap().abs().unwrap();
+            let half_ulp = ((exact.abs().unwrap() * 2f64.powi(-8)).unwrap() + 1e-5).unwrap();
+            let excess = max((&err - half_ulp).unwrap());
+            assert!(excess <= 0.0, "{m}x{k}x{n}: beyond half an ulp by {excess}");
+            let candle_err = (f(&plain.forward(&x).unwrap()) - &exact)
+                .unwrap()
+                .abs()
+                .unwrap();
+            assert!(
+                max(err) <= max(candle_err),
+                "{m}x{k}x{n}: AMX further off than candle"
+            );
+        }
+    }
+}

@@ -42,16 +42,30 @@ fn token_ids_and_text_embeddings_match() {
         for (i, p) in meta["prompts"].as_array().unwrap().iter().enumerate() {
             let p = p.as_str().unwrap();
             assert_eq!(
-                pipe.text.clip.1.encode_padded(p, 77).unwrap().ids,
+                pipe.text
+                    .as_ref()
+                    .unwrap()
+                    .clip
+                    .1
+                    .encode_padded(p, 77)
+                    .unwrap()
+                    .ids,
                 ids(&r[&format!("text.{i}.ids_clip")]),
                 "{name} CLIP ids of {p:?}"
             );
             assert_eq!(
-                pipe.text.t5.1.encode_padded(p, max_seq).unwrap().ids,
+                pipe.text
+                    .as_ref()
+                    .unwrap()
+                    .t5
+                    .1
+                    .encode_padded(p, max_seq)
+                    .unwrap()
+                    .ids,
                 ids(&r[&format!("text.{i}.ids_t5")]),
                 "{name} T5 ids of {p:?}"
             );
-            let (c, _) = pipe.text.encode(p, max_seq).unwrap();
+            let (c, _) = pipe.text.as_mut().unwrap().encode(p, max_seq).unwrap();
             assert_close_rel(
                 &format!("{name} context[{i}]"),
                 &c.context,

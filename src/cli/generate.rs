@@ -63,6 +63,10 @@ pub struct GenerateArgs {
     /// f32, f16 or bf16 (default: bf16 on CUDA and Metal, f32 on CPU).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Keep the text encoders in memory after encoding the prompt (by default they are released
+    /// before denoising, which lowers peak memory).
+    #[arg(long)]
+    pub keep_text_encoders: bool,
     /// Output PNG.
     #[arg(long, short, default_value = "out.png")]
     pub output: PathBuf,
@@ -214,6 +218,7 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     let _ = ctrlc::set_handler(mmdit::interrupt::request);
     let t0 = std::time::Instant::now();
     let mut pipe = spec.load(&dev, dtype).context("loading the model")?;
+    pipe.keep_text_encoders(a.keep_text_encoders);
     let load = t0.elapsed();
     let bar = indicatif::ProgressBar::new(resolved.steps as u64);
     bar.set_style(

@@ -194,46 +194,49 @@ impl FluxSpec {
     }
 
     pub fn load(self, device: &Device, dtype: DType) -> Result<FluxPipeline> {
-        let src = self.source.as_ref();
         let w = self.weights();
-        let weights = |dir: &str, _: &[&str], dt: DType| w.var_builder(dir, dt, device);
-        let diffusers = ["diffusion_pytorch_model", "model"];
-        let hf = ["model", "diffusion_pytorch_model"];
         let transformer = FluxTransformer::new(
             &self.transformer,
-            weights("transformer", &diffusers, dtype)?,
+            w.var_builder("transformer", dtype, device)?,
         )
         .map_err(tensor_error)?;
         let vae_dtype = super::vae_dtype(dtype, device);
-        let vae = VaeDecoder::new(&self.vae, weights("vae", &diffusers, vae_dtype)?)
+        let vae = VaeDecoder::new(&self.vae, w.var_builder("vae", vae_dtype, device)?)
             .map_err(tensor_error)?;
-        let clip = ClipText::new(&self.clip, false, weights("text_encoder", &hf, dtype)?)
-            .map_err(tensor_error)?;
+        let text = self.load_text(device, dtype)?;
+        Ok(FluxPipeline {
+            spec: self,
+            text: Some(text),
+            keep_text: true,
+            transformer,
+            vae,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Builds the text encoders (CLIP-L, T5) and their tokenizers.
+    pub fn load_text(&self, device: &Device, dtype: DType) -> Result<FluxTextEncoders> {
+        let src = self.source.as_ref();
+        let w = self.weights();
+        let clip = ClipText::new(
+            &self.clip,
+            false,
+            w.var_builder("text_encoder", dtype, device)?,
+        )
+        .map_err(tensor_error)?;
         let tok = TextTokenizer::from_dir(&tokenizer_dir(src, "tokenizer")?)?;
         let full: candle_transformers::models::t5::Config = crate::config::read_json(&self.t5.1)?;
-        let t5_dtype = if dtype == DType::F16 {
-            DType::F32
-        } else {
-            dtype
-        };
         let t5 = candle_transformers::models::t5::T5EncoderModel::load(
-            weights("text_encoder_2", &hf, t5_dtype)?,
+            w.var_builder("text_encoder_2", super::t5_dtype(dtype), device)?,
             &full,
         )
         .map_err(tensor_error)?;
         let t5_tok = TextTokenizer::from_dir(&tokenizer_dir(src, "tokenizer_2")?)?;
-        let text = FluxTextEncoders {
+        Ok(FluxTextEncoders {
             clip_len: self.clip.max_position_embeddings,
             clip: (clip, tok),
             t5: (t5, t5_tok),
-            device: device.clone(),
-            dtype,
-        };
-        Ok(FluxPipeline {
-            spec: self,
-            text,
-            transformer,
-            vae,
             device: device.clone(),
             dtype,
         })
@@ -242,7 +245,11 @@ impl FluxSpec {
 
 pub struct FluxPipeline {
     pub spec: FluxSpec,
-    pub text: FluxTextEncoders,
+    /// The text encoders; `None` once released (they are loaded again when next needed).
+    pub text: Option<FluxTextEncoders>,
+    /// Keep the text encoders loaded after encoding (default); `false` frees their memory for the
+    /// denoising and decoding of a one-off generation.
+    pub keep_text: bool,
     pub transformer: FluxTransformer,
     pub vae: VaeDecoder,
     pub device: Device,
@@ -288,16 +295,23 @@ impl FluxPipeline {
         let true_cfg = FluxSpec::uses_true_cfg(&r, req.negative_prompt.is_some());
         let mut timings = Timings::default();
         let t0 = Instant::now();
-        let (pos, mut truncations) = self.text.encode(&r.prompt, r.max_sequence_length)?;
-        let neg = if true_cfg {
-            let (n, cut) = self
+        let text = match &mut self.text {
+            Some(t) => t,
+            None => self
                 .text
-                .encode(&r.negative_prompt, r.max_sequence_length)?;
+                .insert(self.spec.load_text(&self.device, self.dtype)?),
+        };
+        let (pos, mut truncations) = text.encode(&r.prompt, r.max_sequence_length)?;
+        let neg = if true_cfg {
+            let (n, cut) = text.encode(&r.negative_prompt, r.max_sequence_length)?;
             truncations.extend(cut);
             Some(n)
         } else {
             None
         };
+        if !self.keep_text {
+            self.text = None;
+        }
         self.device.synchronize()?;
         timings.text = t0.elapsed();
 

@@ -166,6 +166,15 @@ impl Pipeline {
     }
 
     /// Runs text encoding, sampling and decoding. `on_step(i)` is called after each step.
+    /// Keep the text encoders loaded after encoding (the default), or release them after each
+    /// encoding (they are loaded again when next needed).
+    pub fn keep_text_encoders(&mut self, keep: bool) {
+        match self {
+            Pipeline::Sd3(p) => p.keep_text = keep,
+            Pipeline::Flux(p) => p.keep_text = keep,
+        }
+    }
+
     pub fn generate(&mut self, req: &Request, on_step: &mut dyn FnMut(usize)) -> Result<Generated> {
         match self {
             Pipeline::Sd3(p) => p.generate(req, on_step),
@@ -286,6 +295,15 @@ pub fn seeded_noise(
 /// bf16 kernel, so both fall back to f32.
 pub fn vae_dtype(dtype: DType, device: &Device) -> DType {
     if dtype == DType::F16 || (dtype == DType::BF16 && device.is_cpu()) {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// The dtype T5 runs in: it overflows in f16, so f32 then.
+pub fn t5_dtype(dtype: DType) -> DType {
+    if dtype == DType::F16 {
         DType::F32
     } else {
         dtype

@@ -185,41 +185,47 @@ impl Sd3Spec {
 
     /// Maps the weights and builds every component.
     pub fn load(self, device: &Device, dtype: DType) -> Result<Sd3Pipeline> {
-        let src = self.source.as_ref();
         let w = self.weights();
-        let weights = |dir: &str, _: &[&str], dt: DType| w.var_builder(dir, dt, device);
-        let diffusers = ["diffusion_pytorch_model", "model"];
-        let hf = ["model", "diffusion_pytorch_model"];
-        let tensor_err = |e: candle_core::Error| tensor_error(e);
         let transformer = Sd3Transformer::new(
             &self.transformer,
-            weights("transformer", &diffusers, dtype)?,
+            w.var_builder("transformer", dtype, device)?,
         )
-        .map_err(tensor_err)?;
+        .map_err(tensor_error)?;
         // f16 overflows in the VAE; it runs in f32 then.
         let vae_dtype = super::vae_dtype(dtype, device);
-        let vae = VaeDecoder::new(&self.vae, weights("vae", &diffusers, vae_dtype)?)
-            .map_err(tensor_err)?;
-        let clip_l = ClipText::new(&self.clip_l, true, weights("text_encoder", &hf, dtype)?)
-            .map_err(tensor_err)?;
-        let clip_g = ClipText::new(&self.clip_g, true, weights("text_encoder_2", &hf, dtype)?)
-            .map_err(tensor_err)?;
+        let vae = VaeDecoder::new(&self.vae, w.var_builder("vae", vae_dtype, device)?)
+            .map_err(tensor_error)?;
+        let text = self.load_text(device, dtype)?;
+        Ok(Sd3Pipeline {
+            spec: self,
+            text: Some(text),
+            keep_text: true,
+            transformer,
+            vae,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Builds the text encoders (CLIP-L, CLIP-G, optional T5) and their tokenizers.
+    pub fn load_text(&self, device: &Device, dtype: DType) -> Result<Sd3TextEncoders> {
+        let src = self.source.as_ref();
+        let w = self.weights();
+        let weights = |dir: &str, dt: DType| w.var_builder(dir, dt, device);
+        let clip_l = ClipText::new(&self.clip_l, true, weights("text_encoder", dtype)?)
+            .map_err(tensor_error)?;
+        let clip_g = ClipText::new(&self.clip_g, true, weights("text_encoder_2", dtype)?)
+            .map_err(tensor_error)?;
         let tok_l = TextTokenizer::from_dir(&tokenizer_dir(src, "tokenizer")?)?;
         let tok_g = TextTokenizer::from_dir(&tokenizer_dir(src, "tokenizer_2")?)?;
         let t5 = match &self.t5 {
             Some((_, cfg_path)) => {
                 let full: candle_transformers::models::t5::Config = config::read_json(cfg_path)?;
-                // T5 overflows in f16; it runs in f32 then.
-                let t5_dtype = if dtype == DType::F16 {
-                    DType::F32
-                } else {
-                    dtype
-                };
                 let model = candle_transformers::models::t5::T5EncoderModel::load(
-                    weights("text_encoder_3", &hf, t5_dtype)?,
+                    weights("text_encoder_3", super::t5_dtype(dtype))?,
                     &full,
                 )
-                .map_err(tensor_err)?;
+                .map_err(tensor_error)?;
                 Some((
                     model,
                     TextTokenizer::from_dir(&tokenizer_dir(src, "tokenizer_3")?)?,
@@ -227,7 +233,7 @@ impl Sd3Spec {
             }
             None => None,
         };
-        let text = Sd3TextEncoders {
+        Ok(Sd3TextEncoders {
             clip_len: self
                 .clip_l
                 .max_position_embeddings
@@ -238,14 +244,6 @@ impl Sd3Spec {
             joint_attention_dim: self.transformer.joint_attention_dim,
             device: device.clone(),
             dtype,
-        };
-        Ok(Sd3Pipeline {
-            spec: self,
-            text,
-            transformer,
-            vae,
-            device: device.clone(),
-            dtype,
         })
     }
 }
@@ -253,7 +251,11 @@ impl Sd3Spec {
 /// A loaded SD3 pipeline.
 pub struct Sd3Pipeline {
     pub spec: Sd3Spec,
-    pub text: Sd3TextEncoders,
+    /// The text encoders; `None` once released (they are loaded again when next needed).
+    pub text: Option<Sd3TextEncoders>,
+    /// Keep the text encoders loaded after encoding (default); `false` frees their memory for the
+    /// denoising and decoding of a one-off generation.
+    pub keep_text: bool,
     pub transformer: Sd3Transformer,
     pub vae: VaeDecoder,
     pub device: Device,
@@ -298,13 +300,17 @@ impl Velocity for Guided<'_> {
 impl Sd3Pipeline {
     /// Encodes a prompt pair for a resolved request: batch [negative, positive] with guidance, else [positive].
     pub fn encode(&mut self, r: &Resolved) -> Result<(Conditioning, Vec<Truncation>)> {
-        let (pos, mut cut) = self.text.encode(&r.prompt, r.max_sequence_length)?;
+        let text = match &mut self.text {
+            Some(t) => t,
+            None => self
+                .text
+                .insert(self.spec.load_text(&self.device, self.dtype)?),
+        };
+        let (pos, mut cut) = text.encode(&r.prompt, r.max_sequence_length)?;
         if !r.uses_cfg() {
             return Ok((pos, cut));
         }
-        let (neg, cut_neg) = self
-            .text
-            .encode(&r.negative_prompt, r.max_sequence_length)?;
+        let (neg, cut_neg) = text.encode(&r.negative_prompt, r.max_sequence_length)?;
         cut.extend(cut_neg.into_iter().map(|t| Truncation {
             encoder: t.encoder,
             ..t
@@ -320,6 +326,9 @@ impl Sd3Pipeline {
         let mut timings = Timings::default();
         let t0 = Instant::now();
         let (cond, truncations) = self.encode(&r)?;
+        if !self.keep_text {
+            self.text = None;
+        }
         self.device.synchronize()?;
         timings.text = t0.elapsed();
 

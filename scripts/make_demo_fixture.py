@@ -1,5 +1,6 @@
 """Reference images of the embedded demo model (models/demo) from diffusers, for given noise, so the
-Rust test (tests/demo.rs) can check mmdit draws the same pictures:
+Rust test (tests/demo.rs) can check mmdit draws the same pictures, and the PSNR of diffusers' own bf16
+images against its f32 ones (the floor of the bf16 test):
 
     python scripts/make_demo_fixture.py
 """
@@ -24,6 +25,7 @@ RUNS = [
 def main():
     os.makedirs(OUT, exist_ok=True)
     pipe = StableDiffusion3Pipeline.from_pretrained(os.path.join(ROOT, "models", "demo"), torch_dtype=torch.float32)
+    pipe16 = StableDiffusion3Pipeline.from_pretrained(os.path.join(ROOT, "models", "demo"), torch_dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(5)
     tensors, runs = {}, []
     for k, r in enumerate(RUNS):
@@ -32,7 +34,11 @@ def main():
         img = pipe(r["prompt"], num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=64, width=64,
                    latents=noise, max_sequence_length=16, output_type="pil").images[0]
         tensors[f"run.{k}.image"] = torch.from_numpy(np.array(img).copy())
-        runs.append(dict(r, noise=f"noise_{k}.safetensors"))
+        img16 = pipe16(r["prompt"], num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=64, width=64,
+                       latents=noise.to(torch.bfloat16), max_sequence_length=16, output_type="pil").images[0]
+        mse = ((np.array(img16, np.float64) - np.array(img, np.float64)) ** 2).mean()
+        psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+        runs.append(dict(r, noise=f"noise_{k}.safetensors", diffusers_bf16_psnr_db=round(psnr, 2)))
     save_file(tensors, os.path.join(OUT, "reference.safetensors"))
     with open(os.path.join(OUT, "fixture.json"), "w") as fh:
         json.dump({"generator": "scripts/make_demo_fixture.py", "torch": torch.__version__,

@@ -160,11 +160,42 @@ def train_mmdit(lat, idx, ctx, pooled, ctx_null, pooled_null, steps, batch, log)
     return model.eval(), ema
 
 
+def largest_component(mask):
+    """The largest 8-connected region of a boolean HxW mask (stray pixels, e.g. a decoder's corner
+    artefact, would otherwise stretch the bounding box)."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    best = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        stack, region = [(y0, x0)], []
+        while stack:
+            y, x = stack.pop()
+            region.append((y, x))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    yy, xx = y + dy, x + dx
+                    if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
+                        seen[yy, xx] = True
+                        stack.append((yy, xx))
+        if len(region) > len(best):
+            best = region
+    out = np.zeros_like(mask)
+    if best:
+        ys, xs = zip(*best)
+        out[list(ys), list(xs)] = True
+    return out
+
+
 def judge(img, shape, colour, bg):
-    """(colour ok, shape ok) for a uint8 HxWx3 image, by the simple measures the Rust test uses."""
+    """(colour ok, shape ok) for a uint8 HxWx3 image, by the simple measures the Rust test uses:
+    foreground = the largest 8-connected region of pixels far from the background colour; colour = the
+    palette entry nearest its mean; shape = fill ratio of its bounding box."""
     a = img.astype(np.float32)
     bgc = np.array(BACKGROUNDS[bg], np.float32)
-    fgm = np.abs(a - bgc).sum(-1) > 120
+    fgm = largest_component(np.abs(a - bgc).sum(-1) > 120)
     if fgm.sum() < 20:
         return False, False
     mean = a[fgm].mean(0)

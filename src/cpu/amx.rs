@@ -144,7 +144,7 @@ impl Output for f32 {
 
 impl Output for bf16 {
     fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
+        super::round_bf16(v)
     }
 }
 

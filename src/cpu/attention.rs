@@ -74,13 +74,13 @@ fn softmax_row(s: &mut [f32], p: &mut [bf16], scale: f32) {
     let sum: f32 = s.iter().sum();
     let inv = 1.0 / sum;
     for (pv, &x) in p.iter_mut().zip(s.iter()) {
-        *pv = bf16::from_f32(x * inv);
+        *pv = super::round_bf16(x * inv);
     }
 }
 
 /// `e^x` element-wise (x <= 0 here), to about 2 ulp of f32: 2^n · poly(r) with n = round(x / ln 2),
 /// written so that the compiler vectorises it.
-fn exp_in_place(xs: &mut [f32]) {
+pub(crate) fn exp_in_place(xs: &mut [f32]) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

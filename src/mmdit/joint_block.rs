@@ -29,7 +29,17 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+        self.proj_out
+            .forward(&gelu_tanh(&self.proj_in.forward(x)?)?)
+    }
+}
+
+/// tanh-GELU; bf16 on the CPU through a vectorised f32 kernel (one rounding, as PyTorch).
+pub(crate) fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::BF16 {
+        crate::cpu::gelu_tanh_bf16(x)
+    } else {
+        x.gelu()
     }
 }
 

@@ -45,7 +45,9 @@ impl SingleBlock {
             let h = norm_modulate(x, 1e-6, &m[0], &m[1])?;
             Ok((m, h))
         })?;
-        let mlp = profile::phase("feed-forward", dev, || self.proj_mlp.forward(&h)?.gelu())?;
+        let mlp = profile::phase("feed-forward", dev, || {
+            super::joint_block::gelu_tanh(&self.proj_mlp.forward(&h)?)
+        })?;
         let (q, k, v) = self.attn.forward(&h)?;
         let (q, k) = profile::phase("RoPE", dev, || Ok((rope.apply(&q)?, rope.apply(&k)?)))?;
         let o = sdpa(&q, &k, &v)?;

@@ -71,8 +71,8 @@ mod tests {
             0.0f32,
             -0.0,
             1.0,
-            1.00390625,
-            1.01171875,
+            1.0 + 1.0 / 256.0, // a tie: rounds to even (down)
+            1.0 + 3.0 / 256.0, // a tie: rounds to even (up)
             -3.3e-5,
             6.5e4,
             3.0e38,

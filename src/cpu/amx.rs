@@ -119,6 +119,16 @@ impl PackedB {
         self.n
     }
 
+    /// k rounded up to a multiple of 32 (the row length [`matmul_padded`] takes).
+    pub fn k_padded(&self) -> usize {
+        self.kp
+    }
+
+    /// n rounded up to a multiple of 32 (the row length [`matmul_padded`] writes).
+    pub fn n_padded(&self) -> usize {
+        self.np
+    }
+
     /// Bytes held by the packed copy.
     pub fn bytes(&self) -> usize {
         self.data.len() * 2
@@ -173,20 +183,7 @@ pub fn matmul<O: Output>(
     out: &mut [O],
     ldo: usize,
 ) {
-    product(a, m, lda, b, bias, out, ldo, true)
-}
-
-/// [`matmul`] on the calling thread only (for callers that already split work across threads).
-pub fn matmul_serial<O: Output>(
-    a: &[bf16],
-    m: usize,
-    lda: usize,
-    b: &PackedB,
-    bias: Option<&[f32]>,
-    out: &mut [O],
-    ldo: usize,
-) {
-    product(a, m, lda, b, bias, out, ldo, false)
+    product(a, m, lda, b, bias, out, ldo)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -198,7 +195,6 @@ fn product<O: Output>(
     bias: Option<&[f32]>,
     out: &mut [O],
     ldo: usize,
-    parallel: bool,
 ) {
     assert!(available(), "AMX matmul called where AMX is not available");
     let (k, n) = (b.k, b.n);
@@ -232,10 +228,6 @@ fn product<O: Output>(
             )
         };
     };
-    if !parallel {
-        (0..mchunks).for_each(|mc| run(&(mc, 0, nblocks)));
-        return;
-    }
     // Tasks: row chunks x column ranges, enough of them to keep every thread busy.
     let threads = rayon::current_num_threads().max(1);
     let nsplit = (2 * threads).div_ceil(mchunks).clamp(1, nblocks);
@@ -248,6 +240,17 @@ fn product<O: Output>(
         })
         .collect();
     tasks.par_iter().for_each(run);
+}
+
+/// `c (mrows x n_padded, f32) += a (mrows x k_padded, bf16)`, on the calling thread, with no copies:
+/// for callers that keep their operands in the padded layout (mrows a multiple of 32, padding zero).
+pub fn matmul_padded(a: &[bf16], mrows: usize, b: &PackedB, c: &mut [f32]) {
+    assert!(available(), "AMX matmul called where AMX is not available");
+    assert!(mrows.is_multiple_of(32), "rows not a multiple of 32");
+    assert_eq!(a.len(), mrows * b.kp, "A is not rows x k_padded");
+    assert_eq!(c.len(), mrows * b.np, "C is not rows x n_padded");
+    // SAFETY: AMX is available; the shapes are checked above.
+    unsafe { kernel::run(a, mrows, b.kp, b, 0, b.np / 32, c, b.np) };
 }
 
 /// One (row chunk, column range): pad the rows of A, accumulate the f32 block, write it out.
@@ -266,27 +269,51 @@ unsafe fn task<O: Output>(
 ) {
     let (k, kp) = (b.k, b.kp);
     let mrows = rows.next_multiple_of(32);
-    let mut ap = vec![bf16::ZERO; mrows * kp];
-    for r in 0..rows {
-        let src = &a[(row0 + r) * lda..(row0 + r) * lda + k];
-        ap[r * kp..r * kp + k].copy_from_slice(src);
-    }
-    let width = (nb_hi - nb_lo) * 32;
-    let mut c = vec![0f32; mrows * width];
-    kernel::run(&ap, mrows, kp, b, nb_lo, nb_hi, &mut c, width);
-    let col0 = nb_lo * 32;
-    let cols = (b.n.min(nb_hi * 32)).saturating_sub(col0);
-    for r in 0..rows {
-        let crow = &c[r * width..r * width + cols];
-        let orow = out.add((row0 + r) * ldo + col0);
-        for (j, &v) in crow.iter().enumerate() {
-            let v = match bias {
-                Some(bias) => v + bias[col0 + j],
-                None => v,
-            };
-            *orow.add(j) = O::from_f32(v);
+    SCRATCH.with(|scratch| {
+        let (ap, c) = &mut *scratch.borrow_mut();
+        // Reused per thread: fresh multi-megabyte buffers per call cost page faults.
+        ap.clear();
+        ap.resize(mrows * kp, bf16::ZERO);
+        for r in 0..rows {
+            let src = &a[(row0 + r) * lda..(row0 + r) * lda + k];
+            ap[r * kp..r * kp + k].copy_from_slice(src);
         }
-    }
+        // One column panel at a time, so its f32 accumulators stay in cache through all of k.
+        let ncb = NC / 32;
+        for p_lo in (nb_lo..nb_hi).step_by(ncb) {
+            let p_hi = (p_lo + ncb).min(nb_hi);
+            let width = (p_hi - p_lo) * 32;
+            c.clear();
+            c.resize(mrows * width, 0.0);
+            kernel::run(ap, mrows, kp, b, p_lo, p_hi, c, width);
+            let col0 = p_lo * 32;
+            let cols = (b.n.min(p_hi * 32)).saturating_sub(col0);
+            for r in 0..rows {
+                let crow = &c[r * width..r * width + cols];
+                let orow = out.add((row0 + r) * ldo + col0);
+                match bias {
+                    Some(bias) => {
+                        for (j, (&v, &bj)) in crow.iter().zip(&bias[col0..col0 + cols]).enumerate()
+                        {
+                            *orow.add(j) = O::from_f32(v + bj);
+                        }
+                    }
+                    None => {
+                        for (j, &v) in crow.iter().enumerate() {
+                            *orow.add(j) = O::from_f32(v);
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+thread_local! {
+    /// Per-thread padded rows of A and f32 accumulators of [`task`].
+    static SCRATCH: std::cell::RefCell<(Vec<bf16>, Vec<f32>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
 }
 
 #[cfg(target_arch = "x86_64")]

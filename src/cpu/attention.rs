@@ -44,16 +44,38 @@ pub fn sdpa_bf16(
         .par_iter()
         .map(|&(i, b)| {
             let rows = QB.min(n - b * QB);
-            let qs = &q[(i * n + b * QB) * d..(i * n + b * QB + rows) * d];
-            let mut s = vec![0f32; rows * m];
-            amx::matmul_serial(qs, rows, d, &kt[i], None, &mut s, m);
-            let mut p = vec![bf16::ZERO; rows * m];
-            for (srow, prow) in s.chunks_exact_mut(m).zip(p.chunks_exact_mut(m)) {
-                softmax_row(srow, prow, scale);
+            let mrows = rows.next_multiple_of(32);
+            let (kd, mp) = (kt[i].k_padded(), kt[i].n_padded()); // d and m, padded
+            let mut qs = vec![bf16::ZERO; mrows * kd];
+            for r in 0..rows {
+                let src = &q[(i * n + b * QB + r) * d..][..d];
+                qs[r * kd..r * kd + d].copy_from_slice(src);
             }
-            let mut o = vec![bf16::ZERO; rows * d];
-            amx::matmul_serial(&p, rows, m, &vp[i], None, &mut o, d);
-            (i, b, o)
+            // Scores, rows x m (row stride mp), then probabilities in the layout p v takes.
+            let mut s = vec![0f32; mrows * mp];
+            amx::matmul_padded(&qs, mrows, &kt[i], &mut s);
+            let kv = vp[i].k_padded(); // m padded
+            let mut p = vec![bf16::ZERO; mrows * kv];
+            for r in 0..rows {
+                softmax_row(
+                    &mut s[r * mp..r * mp + m],
+                    &mut p[r * kv..r * kv + m],
+                    scale,
+                );
+            }
+            let dp = vp[i].n_padded();
+            let mut o = vec![0f32; mrows * dp];
+            amx::matmul_padded(&p, mrows, &vp[i], &mut o);
+            let mut ob = vec![bf16::ZERO; rows * d];
+            for r in 0..rows {
+                for (x, &v) in ob[r * d..(r + 1) * d]
+                    .iter_mut()
+                    .zip(&o[r * dp..r * dp + d])
+                {
+                    *x = super::round_bf16(v);
+                }
+            }
+            (i, b, ob)
         })
         .collect();
     for (i, b, o) in blocks {
@@ -63,31 +85,58 @@ pub fn sdpa_bf16(
     out
 }
 
-/// `p = softmax(s · scale)` over one row, in f32, rounded to bf16.
-fn softmax_row(s: &mut [f32], p: &mut [bf16], scale: f32) {
-    let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+super::avx512_dispatch!(softmax_row, softmax_row_generic, (s: &mut [f32], p: &mut [bf16], scale: f32));
+
+/// `p = softmax(s · scale)` over one row, in f32, rounded to bf16. Reductions run over 16 lanes so
+/// that they vectorise.
+#[inline(always)]
+fn softmax_row_generic(s: &mut [f32], p: &mut [bf16], scale: f32) {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = s.chunks_exact(16);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    let max = lanes.iter().fold(tail, |a, &b| a.max(b));
     let shift = max * scale;
     for x in s.iter_mut() {
         *x = *x * scale - shift;
     }
-    exp_in_place(s);
-    let sum: f32 = s.iter().sum();
-    let inv = 1.0 / sum;
+    exp_generic(s);
+    let mut lanes = [0f32; 16];
+    let chunks = s.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    let inv = 1.0 / (lanes.iter().sum::<f32>() + tail);
     for (pv, &x) in p.iter_mut().zip(s.iter()) {
         *pv = super::round_bf16(x * inv);
     }
 }
 
-/// `e^x` element-wise (x <= 0 here), to about 2 ulp of f32: 2^n · poly(r) with n = round(x / ln 2),
-/// written so that the compiler vectorises it.
-pub(crate) fn exp_in_place(xs: &mut [f32]) {
+super::avx512_dispatch!(exp_in_place, exp_generic, (xs: &mut [f32]));
+
+/// `e^x` element-wise, to about 2 ulp of f32 for x in [-87, 88] (clamped outside): 2^n · poly(r) with
+/// n = round(x / ln 2), the integer taken from the bits of the rounding sum so that no float-to-int
+/// conversion stops the loop from vectorising.
+#[inline(always)]
+fn exp_generic(xs: &mut [f32]) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer in the low bits
     for x in xs.iter_mut() {
         let v = x.clamp(-87.0, 88.0);
-        let n = (v * LOG2E + ROUND) - ROUND;
+        let t = v * LOG2E + ROUND;
+        let n = t - ROUND;
         let r = v - n * LN2_HI - n * LN2_LO;
         let mut y = 1.987_569_1e-4_f32;
         y = y * r + 1.398_199_9e-3;
@@ -96,7 +145,8 @@ pub(crate) fn exp_in_place(xs: &mut [f32]) {
         y = y * r + 1.666_666_5e-1;
         y = y * r + 5e-1;
         y = y * r * r + r + 1.0;
-        *x = y * f32::from_bits(((n as i32 + 127) << 23) as u32);
+        let pow2 = (t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127)) << 23;
+        *x = y * f32::from_bits(pow2);
     }
 }
 
@@ -106,7 +156,7 @@ mod tests {
 
     #[test]
     fn exp_is_accurate() {
-        let mut xs: Vec<f32> = (0..20000).map(|i| -80.0 + i as f32 * 0.004).collect();
+        let mut xs: Vec<f32> = (0..40000).map(|i| -80.0 + i as f32 * 0.004).collect();
         let want: Vec<f32> = xs.iter().map(|x| x.exp()).collect();
         exp_in_place(&mut xs);
         for (g, w) in xs.iter().zip(&want) {

@@ -29,11 +29,19 @@ impl RmsNorm {
         })
     }
 
-    /// x: (..., dim). On a GPU one fused kernel (statistics in f32); on the CPU the composed f32 path.
+    pub fn from_weight(weight: Tensor, eps: f64) -> Self {
+        Self { weight, eps }
+    }
+
+    /// x: (..., dim). On a GPU one fused kernel (statistics in f32); on the CPU the composed f32
+    /// path, or in bf16 one vectorised pass with the same roundings.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         if !x.device().is_cpu() {
             return self.forward_fused(x);
+        }
+        if dtype == DType::BF16 {
+            return crate::cpu::rms_norm_bf16(x, &self.weight, self.eps);
         }
         let xf = x.to_dtype(DType::F32)?;
         let rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;

@@ -3,7 +3,7 @@
 
 use super::attention::{JointAttention, TokenOrder};
 use super::linear::{linear, Linear};
-use super::modulation::{gate, norm_modulate, AdaNormContinuous, Modulation};
+use super::modulation::{add_gated, norm_modulate, AdaNormContinuous, Modulation};
 use super::rope::Rope;
 use crate::profile;
 use candle_core::{Module, Result, Tensor};
@@ -151,26 +151,26 @@ impl JointBlock {
         let (attn, ctx_attn) =
             self.attn
                 .forward_joint(&x_attn_in, &ctx_attn_in, self.order, rope)?;
-        let mut x = profile::phase(norms, dev, || x + gate(&attn, &m[2])?)?;
+        let mut x = profile::phase(norms, dev, || add_gated(x, &attn, &m[2]))?;
         if let Some(attn2) = &self.attn2 {
             // The second attention reads the block's input, normed, with its own modulation.
             let x2_in = profile::phase(norms, dev, || norm_modulate(x_in, EPS, &m[6], &m[7]))?;
             let a2 = attn2.forward_self(&x2_in)?;
-            x = profile::phase(norms, dev, || x + gate(&a2, &m[8])?)?;
+            x = profile::phase(norms, dev, || add_gated(&x, &a2, &m[8]))?;
         }
         let ff_in = profile::phase(norms, dev, || norm_modulate(&x, EPS, &m[3], &m[4]))?;
         let ff = profile::phase("feed-forward", dev, || self.ff.forward(&ff_in))?;
-        let x = profile::phase(norms, dev, || &x + gate(&ff, &m[5])?)?;
+        let x = profile::phase(norms, dev, || add_gated(&x, &ff, &m[5]))?;
 
         let ctx = match (&self.ctx, ctx_mod, ctx_attn) {
             (ContextPath::Full { ff, .. }, Some(c), Some(ctx_attn)) => {
                 let (ctx, ff_in) = profile::phase(norms, dev, || {
-                    let ctx = (ctx + gate(&ctx_attn, &c[2])?)?;
+                    let ctx = add_gated(ctx, &ctx_attn, &c[2])?;
                     let ff_in = norm_modulate(&ctx, EPS, &c[3], &c[4])?;
                     Ok((ctx, ff_in))
                 })?;
                 let f = profile::phase("feed-forward", dev, || ff.forward(&ff_in))?;
-                Some(profile::phase(norms, dev, || &ctx + gate(&f, &c[5])?)?)
+                Some(profile::phase(norms, dev, || add_gated(&ctx, &f, &c[5]))?)
             }
             _ => None,
         };

@@ -15,11 +15,15 @@ pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// `modulate(layer_norm(x), shift, scale)`. On a GPU one fused kernel per sample (statistics in f32,
-/// `1 + scale` and `shift` as the norm's affine parameters); on the CPU the composed f32 path.
+/// `1 + scale` and `shift` as the norm's affine parameters); on the CPU the composed f32 path, or in
+/// bf16 one vectorised pass with the composed path's roundings ([`crate::cpu::norm_modulate_bf16`]).
 ///
 /// # Shapes
 /// x: (b, n, d); shift, scale: (b, d) -> (b, n, d)
 pub fn norm_modulate(x: &Tensor, eps: f64, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::BF16 {
+        return crate::cpu::norm_modulate_bf16(x, eps, shift, scale);
+    }
     if x.device().is_cpu() {
         return modulate(&layer_norm(x, eps)?, shift, scale);
     }
@@ -54,6 +58,15 @@ pub(crate) fn norm_modulate_fused(
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
         .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// `x + gate * y` with a per-sample gate (the gated residual update); bf16 on the CPU in one pass.
+/// x, y: (b, n, d); gate: (b, d)
+pub fn add_gated(x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::BF16 && y.dtype() == DType::BF16 {
+        return crate::cpu::add_gated_bf16(x, y, g);
+    }
+    x + gate(y, g)?
 }
 
 /// `gate * x` with a per-sample gate. x: (b, n, d); gate: (b, d)

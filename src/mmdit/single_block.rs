@@ -3,7 +3,7 @@
 
 use super::attention::{merge_heads, sdpa, QkvProj};
 use super::linear::{linear, Linear};
-use super::modulation::{gate, norm_modulate, Modulation};
+use super::modulation::{add_gated, norm_modulate, Modulation};
 use super::rope::Rope;
 use crate::profile;
 use candle_core::{Module, Result, Tensor, D};
@@ -55,6 +55,6 @@ impl SingleBlock {
             Tensor::cat(&[merge_heads(&o)?, mlp], D::Minus1)
         })?;
         let out = profile::phase("output projections", dev, || self.proj_out.forward(&joined))?;
-        profile::phase(norms, dev, || x + gate(&out, &m[2])?)
+        profile::phase(norms, dev, || add_gated(x, &out, &m[2]))
     }
 }

@@ -10,6 +10,7 @@
 //! (Linux `arch_prctl(ARCH_REQ_XCOMP_PERM)`); `MMDIT_AMX=0` turns the path off. Callers fall back to
 //! candle's matmul when it is off, and the tests compare the two.
 
+use super::aligned::Aligned;
 use half::bf16;
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -65,7 +66,7 @@ pub struct PackedB {
     n: usize,
     kp: usize,
     np: usize,
-    data: Vec<bf16>,
+    data: Aligned<bf16>,
 }
 
 impl PackedB {
@@ -83,7 +84,7 @@ impl PackedB {
 
     fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> bf16 + Sync) -> Self {
         let (kp, np) = (k.next_multiple_of(32), n.next_multiple_of(32));
-        let mut data = vec![bf16::ZERO; kp * np];
+        let mut data = Aligned::zeroed(kp * np);
         let kbs = kp / 32;
         data.par_chunks_mut(kbs * 1024)
             .enumerate()
@@ -207,39 +208,12 @@ fn product<O: Output>(
     if let Some(bias) = bias {
         assert_eq!(bias.len(), n, "bias length");
     }
-    let mchunks = m.div_ceil(MC);
-    let nblocks = b.np / 32;
     let optr = OutPtr(out.as_mut_ptr());
-    let run = |&(mc, nb_lo, nb_hi): &(usize, usize, usize)| {
-        let rows = MC.min(m - mc * MC);
+    let tasks = super::split_tasks(m, MC, 32, b.np / 32);
+    tasks.par_iter().for_each(|&(row0, rows, nb_lo, nb_hi)| {
         // SAFETY: AMX is available (asserted); the task's output block is disjoint from the others'.
-        unsafe {
-            task(
-                a,
-                lda,
-                mc * MC,
-                rows,
-                b,
-                bias,
-                optr.get(),
-                ldo,
-                nb_lo,
-                nb_hi,
-            )
-        };
-    };
-    // Tasks: row chunks x column ranges, enough of them to keep every thread busy.
-    let threads = rayon::current_num_threads().max(1);
-    let nsplit = (2 * threads).div_ceil(mchunks).clamp(1, nblocks);
-    let per = nblocks.div_ceil(nsplit);
-    let tasks: Vec<(usize, usize, usize)> = (0..mchunks)
-        .flat_map(|mc| {
-            (0..nsplit)
-                .map(move |s| (mc, s * per, ((s + 1) * per).min(nblocks)))
-                .filter(|&(_, lo, hi)| lo < hi)
-        })
-        .collect();
-    tasks.par_iter().for_each(run);
+        unsafe { task(a, lda, row0, rows, b, bias, optr.get(), ldo, nb_lo, nb_hi) };
+    });
 }
 
 /// `c (mrows x n_padded, f32) += a (mrows x k_padded, bf16)`, on the calling thread, with no copies:
@@ -272,8 +246,7 @@ unsafe fn task<O: Output>(
     SCRATCH.with(|scratch| {
         let (ap, c) = &mut *scratch.borrow_mut();
         // Reused per thread: fresh multi-megabyte buffers per call cost page faults.
-        ap.clear();
-        ap.resize(mrows * kp, bf16::ZERO);
+        ap.reset(mrows * kp);
         for r in 0..rows {
             let src = &a[(row0 + r) * lda..(row0 + r) * lda + k];
             ap[r * kp..r * kp + k].copy_from_slice(src);
@@ -283,8 +256,7 @@ unsafe fn task<O: Output>(
         for p_lo in (nb_lo..nb_hi).step_by(ncb) {
             let p_hi = (p_lo + ncb).min(nb_hi);
             let width = (p_hi - p_lo) * 32;
-            c.clear();
-            c.resize(mrows * width, 0.0);
+            c.reset(mrows * width);
             kernel::run(ap, mrows, kp, b, p_lo, p_hi, c, width);
             let col0 = p_lo * 32;
             let cols = (b.n.min(p_hi * 32)).saturating_sub(col0);
@@ -311,8 +283,8 @@ unsafe fn task<O: Output>(
 
 thread_local! {
     /// Per-thread padded rows of A and f32 accumulators of [`task`].
-    static SCRATCH: std::cell::RefCell<(Vec<bf16>, Vec<f32>)> = const {
-        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    static SCRATCH: std::cell::RefCell<(Aligned<bf16>, Aligned<f32>)> = const {
+        std::cell::RefCell::new((Aligned::new(), Aligned::new()))
     };
 }
 
@@ -514,7 +486,7 @@ mod tests {
             }
             // B given as (k x n) packs to the same tiles.
             let bt: Vec<bf16> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
-            assert_eq!(PackedB::from_kn(&bt, k, n).data, packed.data);
+            assert_eq!(&PackedB::from_kn(&bt, k, n).data[..], &packed.data[..]);
         }
     }
 }

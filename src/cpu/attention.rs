@@ -3,12 +3,15 @@
 //! bf16 for the product with v, output rounded once -- the order of PyTorch's CPU flash attention.
 //! No score matrix larger than one query block (64 rows x keys) exists at a time.
 
+use super::aligned::Aligned;
 use super::amx::{self, PackedB};
+use super::sgemm::{self, PackedF32};
 use half::bf16;
 use rayon::prelude::*;
 
-/// Queries per block.
+/// Queries per block (bf16: two 32-row AMX blocks; f32: eight 12-row micro-kernel groups).
 const QB: usize = 64;
+const QB_F32: usize = 96;
 
 /// `softmax(q kᵀ · scale) v` for `bh` (batch x head) slices: q (bh, n, d), k and v (bh, m, d), all
 /// row-major bf16; returns (bh, n, d). Panics if AMX is not [`amx::available`].
@@ -46,16 +49,16 @@ pub fn sdpa_bf16(
             let rows = QB.min(n - b * QB);
             let mrows = rows.next_multiple_of(32);
             let (kd, mp) = (kt[i].k_padded(), kt[i].n_padded()); // d and m, padded
-            let mut qs = vec![bf16::ZERO; mrows * kd];
+            let mut qs = Aligned::<bf16>::zeroed(mrows * kd);
             for r in 0..rows {
                 let src = &q[(i * n + b * QB + r) * d..][..d];
                 qs[r * kd..r * kd + d].copy_from_slice(src);
             }
             // Scores, rows x m (row stride mp), then probabilities in the layout p v takes.
-            let mut s = vec![0f32; mrows * mp];
+            let mut s = Aligned::<f32>::zeroed(mrows * mp);
             amx::matmul_padded(&qs, mrows, &kt[i], &mut s);
             let kv = vp[i].k_padded(); // m padded
-            let mut p = vec![bf16::ZERO; mrows * kv];
+            let mut p = Aligned::<bf16>::zeroed(mrows * kv);
             for r in 0..rows {
                 softmax_row(
                     &mut s[r * mp..r * mp + m],
@@ -64,7 +67,7 @@ pub fn sdpa_bf16(
                 );
             }
             let dp = vp[i].n_padded();
-            let mut o = vec![0f32; mrows * dp];
+            let mut o = Aligned::<f32>::zeroed(mrows * dp);
             amx::matmul_padded(&p, mrows, &vp[i], &mut o);
             let mut ob = vec![bf16::ZERO; rows * d];
             for r in 0..rows {
@@ -85,12 +88,80 @@ pub fn sdpa_bf16(
     out
 }
 
+/// `softmax(q kᵀ · scale) v` in f32 for `bh` (batch x head) slices, as [`sdpa_bf16`] but with the
+/// AVX-512 f32 kernel: per block of queries the scores (rows x keys, f32) are the only intermediate.
+/// Panics if [`sgemm::available`] is false.
+#[allow(clippy::too_many_arguments)]
+pub fn sdpa_f32(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bh: usize,
+    n: usize,
+    m: usize,
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
+    assert!(q.len() == bh * n * d && k.len() == bh * m * d && v.len() == bh * m * d);
+    let mut out = vec![0f32; bh * n * d];
+    if bh == 0 || n == 0 || m == 0 || d == 0 {
+        return out;
+    }
+    out.par_chunks_mut(n * d)
+        .zip(q.par_chunks(n * d))
+        .zip(k.par_chunks(m * d).zip(v.par_chunks(m * d)))
+        .for_each(|((o, q), (k, v))| {
+            let kt = PackedF32::from_nk(k, m, d);
+            let vp = PackedF32::from_kn(v, m, d);
+            o.par_chunks_mut(QB_F32 * d)
+                .zip(q.par_chunks(QB_F32 * d))
+                .for_each(|(o, q)| {
+                    let rows = q.len() / d;
+                    SCORES.with(|s| {
+                        let s = &mut *s.borrow_mut();
+                        s.reset(rows * m);
+                        sgemm::matmul_serial(q, rows, d, &kt, s, m);
+                        for row in s.chunks_exact_mut(m) {
+                            softmax_in_place(row, scale);
+                        }
+                        sgemm::matmul_serial(s, rows, m, &vp, o, d);
+                    });
+                });
+        });
+    out
+}
+
+thread_local! {
+    /// Per-thread scores of one query block in [`sdpa_f32`].
+    static SCORES: std::cell::RefCell<Aligned<f32>> = const { std::cell::RefCell::new(Aligned::new()) };
+}
+
 super::avx512_dispatch!(softmax_row, softmax_row_generic, (s: &mut [f32], p: &mut [bf16], scale: f32));
 
-/// `p = softmax(s · scale)` over one row, in f32, rounded to bf16. Reductions run over 16 lanes so
-/// that they vectorise.
+/// `p = softmax(s · scale)` over one row, in f32, rounded to bf16.
 #[inline(always)]
 fn softmax_row_generic(s: &mut [f32], p: &mut [bf16], scale: f32) {
+    let inv = exp_shifted(s, scale);
+    for (pv, &x) in p.iter_mut().zip(s.iter()) {
+        *pv = super::round_bf16(x * inv);
+    }
+}
+
+super::avx512_dispatch!(softmax_in_place, softmax_in_place_generic, (s: &mut [f32], scale: f32));
+
+/// `s = softmax(s · scale)` over one row, in f32.
+#[inline(always)]
+fn softmax_in_place_generic(s: &mut [f32], scale: f32) {
+    let inv = exp_shifted(s, scale);
+    for x in s.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// `s = e^(s · scale - max · scale)`; returns 1 / the sum. Reductions run over 16 lanes so that
+/// they vectorise.
+#[inline(always)]
+fn exp_shifted(s: &mut [f32], scale: f32) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
     let chunks = s.chunks_exact(16);
     let tail = chunks
@@ -116,10 +187,7 @@ fn softmax_row_generic(s: &mut [f32], p: &mut [bf16], scale: f32) {
             *l += v;
         }
     }
-    let inv = 1.0 / (lanes.iter().sum::<f32>() + tail);
-    for (pv, &x) in p.iter_mut().zip(s.iter()) {
-        *pv = super::round_bf16(x * inv);
-    }
+    1.0 / (lanes.iter().sum::<f32>() + tail)
 }
 
 super::avx512_dispatch!(exp_in_place, exp_generic, (xs: &mut [f32]));
@@ -164,6 +232,54 @@ mod tests {
         }
     }
 
+    /// `softmax(q kᵀ · scale) v` in f64, (bh, n, d).
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        bh: usize,
+        n: usize,
+        m: usize,
+        d: usize,
+        scale: f64,
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; bh * n * d];
+        for i in 0..bh {
+            for r in 0..n {
+                let qi = &q[(i * n + r) * d..][..d];
+                let s: Vec<f64> = (0..m)
+                    .map(|j| {
+                        let kj = &k[(i * m + j) * d..][..d];
+                        qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() * scale
+                    })
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for c in 0..d {
+                    out[(i * n + r) * d + c] =
+                        (0..m).map(|j| e[j] / z * v[(i * m + j) * d + c]).sum();
+                }
+            }
+        }
+        out
+    }
+
+    fn random(len: usize, seed: &mut u64) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 3.0
+            })
+            .collect()
+    }
+
+    const SHAPES: [(usize, usize, usize, usize); 3] =
+        [(3, 70, 45, 24), (2, 130, 200, 64), (1, 5, 300, 40)];
+
     /// Against an f64 reference of the same bf16 inputs: within bf16 rounding of the probabilities
     /// and of the output.
     #[test]
@@ -173,49 +289,52 @@ mod tests {
             return;
         }
         let mut seed = 7u64;
-        let mut rnd = |len: usize| -> Vec<bf16> {
-            (0..len)
-                .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    bf16::from_f32(((seed >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 3.0)
-                })
-                .collect()
-        };
-        for &(bh, n, m, d) in &[(3, 70, 45, 24), (2, 130, 200, 64)] {
+        for &(bh, n, m, d) in &SHAPES {
+            let mut rnd = |len| -> Vec<bf16> {
+                random(len, &mut seed)
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect()
+            };
             let (q, k, v) = (rnd(bh * n * d), rnd(bh * m * d), rnd(bh * m * d));
             let scale = 1.0 / (d as f32).sqrt();
             let got = sdpa_bf16(&q, &k, &v, bh, n, m, d, scale);
-            for i in 0..bh {
-                for r in 0..n {
-                    let qi = &q[(i * n + r) * d..][..d];
-                    let s: Vec<f64> = (0..m)
-                        .map(|j| {
-                            let kj = &k[(i * m + j) * d..][..d];
-                            qi.iter()
-                                .zip(kj)
-                                .map(|(a, b)| a.to_f64() * b.to_f64())
-                                .sum::<f64>()
-                                * scale as f64
-                        })
-                        .collect();
-                    let mx = s.iter().cloned().fold(f64::MIN, f64::max);
-                    let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
-                    let z: f64 = e.iter().sum();
-                    for c in 0..d {
-                        let want: f64 = (0..m)
-                            .map(|j| e[j] / z * v[(i * m + j) * d + c].to_f64())
-                            .sum();
-                        let g = got[(i * n + r) * d + c].to_f64();
-                        // bf16 probabilities (2^-9 relative each, |v| <= 3) and the output rounding.
-                        let tol = 3.0 * 2f64.powi(-8) + want.abs() * 2f64.powi(-8);
-                        assert!(
-                            (g - want).abs() <= tol,
-                            "({bh},{n},{m},{d}) [{i},{r},{c}]: {g} vs {want}"
-                        );
-                    }
-                }
+            let f = |x: &[bf16]| x.iter().map(|v| v.to_f64()).collect::<Vec<_>>();
+            let want = reference(&f(&q), &f(&k), &f(&v), bh, n, m, d, scale as f64);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                // bf16 probabilities (2^-9 relative each, |v| <= 3) and the output rounding.
+                let tol = 3.0 * 2f64.powi(-8) + w.abs() * 2f64.powi(-8);
+                assert!(
+                    (g.to_f64() - w).abs() <= tol,
+                    "({bh},{n},{m},{d}) [{i}]: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    /// Against an f64 reference of the same f32 inputs: within f32 summation error.
+    #[test]
+    fn sdpa_f32_equals_the_reference() {
+        if !sgemm::available() {
+            eprintln!("AVX-512 not available here: test skipped");
+            return;
+        }
+        let mut seed = 9u64;
+        for &(bh, n, m, d) in &SHAPES {
+            let (q, k, v) = (
+                random(bh * n * d, &mut seed),
+                random(bh * m * d, &mut seed),
+                random(bh * m * d, &mut seed),
+            );
+            let scale = 1.0 / (d as f32).sqrt();
+            let got = sdpa_f32(&q, &k, &v, bh, n, m, d, scale);
+            let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+            let want = reference(&f(&q), &f(&k), &f(&v), bh, n, m, d, scale as f64);
+            for (i, (&g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g as f64 - w).abs() <= 2e-5,
+                    "({bh},{n},{m},{d}) [{i}]: {g} vs {w}"
+                );
             }
         }
     }

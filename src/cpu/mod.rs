@@ -22,28 +22,60 @@ macro_rules! avx512_dispatch {
 }
 pub(crate) use avx512_dispatch;
 
+pub mod aligned;
 pub mod amx;
 pub mod attention;
+pub mod sgemm;
 
-use candle_core::{CpuStorage, Device, Result, Storage, Tensor};
+use candle_core::{Device, Result, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-/// Calls `f` with the elements of a bf16 CPU tensor in row-major order (copying only if the tensor
-/// is not contiguous).
-pub fn with_bf16_slice<R>(t: &Tensor, f: impl FnOnce(&[bf16]) -> R) -> Result<R> {
+/// Splits a product's m rows and `panels` column panels into tasks `(first row, rows, first panel,
+/// end panel)` for the rayon pool: row chunks of at most `max_rows` (a multiple of `granule` but
+/// the last), as even as the granule allows and a multiple of the thread count when there are
+/// enough rows; column ranges split further when there are fewer chunks than twice the threads.
+pub(crate) fn split_tasks(
+    m: usize,
+    max_rows: usize,
+    granule: usize,
+    panels: usize,
+) -> Vec<(usize, usize, usize, usize)> {
+    let threads = rayon::current_num_threads().max(1);
+    let mut chunks = m.div_ceil(max_rows);
+    if m >= threads * max_rows / 2 {
+        chunks = chunks.next_multiple_of(threads);
+    }
+    let per_chunk = m.div_ceil(chunks.max(1)).next_multiple_of(granule);
+    let chunks = m.div_ceil(per_chunk.max(1));
+    let split = (2 * threads)
+        .div_ceil(chunks.max(1))
+        .clamp(1, panels.max(1));
+    let per = panels.div_ceil(split);
+    (0..chunks)
+        .flat_map(|c| {
+            let (r0, rows) = (c * per_chunk, per_chunk.min(m - c * per_chunk));
+            (0..split)
+                .map(move |s| (r0, rows, s * per, ((s + 1) * per).min(panels)))
+                .filter(|&(_, _, lo, hi)| lo < hi)
+        })
+        .collect()
+}
+
+/// Calls `f` with the elements of a CPU tensor of element type `T` in row-major order (copying only
+/// if the tensor is not contiguous).
+pub fn with_slice<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
-        Storage::Cpu(CpuStorage::BF16(data)) => {
+        Storage::Cpu(cpu) => {
             let start = layout.start_offset();
-            Ok(f(&data[start..start + t.elem_count()]))
+            Ok(f(&cpu.as_slice::<T>()?[start..start + t.elem_count()]))
         }
-        _ => candle_core::bail!(
-            "expected a bf16 CPU tensor, got {:?} on {:?}",
-            t.dtype(),
-            t.device()
-        ),
+        _ => candle_core::bail!("expected a CPU tensor, got one on {:?}", t.device()),
     }
 }
 
@@ -59,7 +91,7 @@ pub fn round_bf16(v: f32) -> bf16 {
 /// for bf16): `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
 pub fn gelu_tanh_bf16(x: &Tensor) -> Result<Tensor> {
     const CHUNK: usize = 4096;
-    let out = with_bf16_slice(x, |xs| {
+    let out = with_slice::<bf16, _>(x, |xs| {
         let mut out = vec![bf16::ZERO; xs.len()];
         out.par_chunks_mut(CHUNK)
             .zip(xs.par_chunks(CHUNK))
@@ -119,7 +151,7 @@ pub fn norm_modulate_bf16(x: &Tensor, eps: f64, shift: &Tensor, scale: &Tensor) 
             scale.shape()
         );
     }
-    let out = with_bf16_slice(x, |xs| {
+    let out = with_slice::<bf16, _>(x, |xs| {
         let mut out = vec![bf16::ZERO; xs.len()];
         out.par_chunks_mut(d)
             .zip(xs.par_chunks(d))
@@ -193,7 +225,7 @@ pub fn rms_norm_bf16(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if w.len() != d {
         candle_core::bail!("rms_norm: x {:?}, weight {:?}", x.shape(), weight.shape());
     }
-    let out = with_bf16_slice(x, |xs| {
+    let out = with_slice::<bf16, _>(x, |xs| {
         let mut out = vec![bf16::ZERO; xs.len()];
         out.par_chunks_mut(d * 64)
             .zip(xs.par_chunks(d * 64))
@@ -242,8 +274,8 @@ pub fn add_gated_bf16(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
             gate.shape()
         );
     }
-    let out = with_bf16_slice(x, |xs| {
-        with_bf16_slice(y, |ys| {
+    let out = with_slice::<bf16, _>(x, |xs| {
+        with_slice::<bf16, _>(y, |ys| {
             let mut out = vec![bf16::ZERO; xs.len()];
             out.par_chunks_mut(d)
                 .zip(xs.par_chunks(d).zip(ys.par_chunks(d)))

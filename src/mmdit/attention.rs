@@ -131,10 +131,20 @@ fn sdpa_inner(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         );
     }
     if q.device().is_cpu() && q.dtype() == DType::BF16 && crate::cpu::amx::available() {
-        let o = crate::cpu::with_bf16_slice(q, |q| {
-            crate::cpu::with_bf16_slice(k, |k| {
-                crate::cpu::with_bf16_slice(v, |v| {
+        let o = crate::cpu::with_slice::<half::bf16, _>(q, |q| {
+            crate::cpu::with_slice::<half::bf16, _>(k, |k| {
+                crate::cpu::with_slice::<half::bf16, _>(v, |v| {
                     crate::cpu::attention::sdpa_bf16(q, k, v, b * h, n, m, d, scale as f32)
+                })
+            })
+        })???;
+        return Tensor::from_vec(o, (b, h, n, d), q.device());
+    }
+    if q.device().is_cpu() && q.dtype() == DType::F32 && crate::cpu::sgemm::available() {
+        let o = crate::cpu::with_slice::<f32, _>(q, |q| {
+            crate::cpu::with_slice::<f32, _>(k, |k| {
+                crate::cpu::with_slice::<f32, _>(v, |v| {
+                    crate::cpu::attention::sdpa_f32(q, k, v, b * h, n, m, d, scale as f32)
                 })
             })
         })???;

@@ -1,0 +1,57 @@
+//! Matrix-product throughput of the CPU kernels (GFLOP/s), for the figures in README.md:
+//! `cargo run --release --example gemm_bench`.
+use half::bf16;
+use mmdit::cpu::{amx, sgemm};
+use std::time::Instant;
+
+fn main() {
+    let shapes: &[(usize, usize, usize)] = &[
+        (2048, 2048, 2048),
+        (1536, 3072, 21504),
+        (1536, 15360, 3072),
+        (2714, 1536, 6144),
+        (2714, 6144, 1536),
+    ];
+    for &(m, k, n) in shapes {
+        let a: Vec<bf16> = (0..m * k)
+            .map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5))
+            .collect();
+        let w: Vec<bf16> = (0..n * k)
+            .map(|i| bf16::from_f32(((i * 104729) % 1000) as f32 / 1000.0 - 0.5))
+            .collect();
+        if sgemm::available() {
+            let af: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
+            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let p = sgemm::PackedF32::from_nk(&wf, n, k);
+            let mut out = vec![0f32; m * n];
+            sgemm::matmul(&af, m, k, &p, None, &mut out, n);
+            let t = Instant::now();
+            sgemm::matmul(&af, m, k, &p, None, &mut out, n);
+            let s = t.elapsed().as_secs_f64();
+            println!(
+                "avx512 f32 {m}x{k}x{n}: {:.0} GFLOP/s ({:.1} ms)",
+                2.0 * (m * k * n) as f64 / s / 1e9,
+                s * 1e3
+            );
+        }
+        if amx::available() {
+            let t = Instant::now();
+            let p = amx::PackedB::from_nk(&w, n, k);
+            let pack = t.elapsed().as_secs_f64();
+            let mut out = vec![bf16::ZERO; m * n];
+            amx::matmul(&a, m, k, &p, None, &mut out, n);
+            let reps = 3;
+            let t = Instant::now();
+            for _ in 0..reps {
+                amx::matmul(&a, m, k, &p, None, &mut out, n);
+            }
+            let s = t.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "amx bf16 {m}x{k}x{n}: {:.0} GFLOP/s ({:.1} ms), pack {:.1} ms",
+                2.0 * (m * k * n) as f64 / s / 1e9,
+                s * 1e3,
+                pack * 1e3
+            );
+        }
+    }
+}

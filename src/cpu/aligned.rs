@@ -1,0 +1,132 @@
+//! A zero-initialised buffer aligned to a cache line (64 bytes), for the operands of the CPU
+//! kernels: a 64-byte vector or tile row read from an unaligned address spans two cache lines.
+
+use half::bf16;
+use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+
+const ALIGN: usize = 64;
+
+/// Element types whose all-zero bit pattern is the value zero.
+pub trait Zeroed: Copy + Send + Sync + 'static {}
+impl Zeroed for f32 {}
+impl Zeroed for bf16 {}
+
+/// `len` elements on a 64-byte boundary (the allocation holds `cap` >= `len`).
+pub struct Aligned<T: Zeroed> {
+    ptr: NonNull<T>,
+    len: usize,
+    cap: usize,
+}
+
+// SAFETY: the buffer is owned, like a Vec<T>, and T is Send + Sync.
+unsafe impl<T: Zeroed> Send for Aligned<T> {}
+unsafe impl<T: Zeroed> Sync for Aligned<T> {}
+
+impl<T: Zeroed> Aligned<T> {
+    /// An empty buffer (no allocation).
+    pub const fn new() -> Self {
+        Self {
+            ptr: NonNull::dangling(),
+            len: 0,
+            cap: 0,
+        }
+    }
+
+    /// `len` zeros.
+    pub fn zeroed(len: usize) -> Self {
+        if len == 0 {
+            return Self::new();
+        }
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size; all-zero bits are a valid T (`Zeroed`).
+        let ptr = unsafe { alloc_zeroed(layout) } as *mut T;
+        let ptr = NonNull::new(ptr).unwrap_or_else(|| handle_alloc_error(layout));
+        Self { ptr, len, cap: len }
+    }
+
+    fn layout(len: usize) -> Layout {
+        Layout::array::<T>(len)
+            .and_then(|l| l.align_to(ALIGN))
+            .expect("buffer size overflows")
+    }
+
+    /// Makes the buffer `len` zeros, reusing the allocation when it is large enough.
+    pub fn reset(&mut self, len: usize) {
+        if len <= self.cap {
+            self.len = len;
+            // SAFETY: `len` <= `cap` elements are allocated; zero bytes are valid zeros.
+            unsafe { std::ptr::write_bytes(self.ptr.as_ptr(), 0, len) };
+        } else {
+            *self = Self::zeroed(len);
+        }
+    }
+}
+
+impl<T: Zeroed> Default for Aligned<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Zeroed> Drop for Aligned<T> {
+    fn drop(&mut self) {
+        if self.cap > 0 {
+            // SAFETY: allocated by `zeroed` with this layout.
+            unsafe { dealloc(self.ptr.as_ptr() as *mut u8, Self::layout(self.cap)) };
+        }
+    }
+}
+
+impl<T: Zeroed> Deref for Aligned<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: `len` initialised elements (or a dangling pointer with len 0).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Zeroed> DerefMut for Aligned<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in `deref`, and `&mut self` is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Zeroed> Clone for Aligned<T> {
+    fn clone(&self) -> Self {
+        let mut c = Self::zeroed(self.len);
+        c.copy_from_slice(self);
+        c
+    }
+}
+
+impl<T: Zeroed> std::fmt::Debug for Aligned<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Aligned<{}>[{}]", std::any::type_name::<T>(), self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buffers_are_aligned_zeroed_and_reusable() {
+        let mut a = Aligned::<f32>::zeroed(1000);
+        assert_eq!(a.as_ptr() as usize % ALIGN, 0);
+        assert!(a.iter().all(|&v| v == 0.0));
+        a[999] = 3.0;
+        let p = a.as_ptr();
+        a.reset(500);
+        assert_eq!((a.len(), a.as_ptr()), (500, p));
+        a[499] = 1.0;
+        a.reset(1000);
+        assert!(a.iter().all(|&v| v == 0.0));
+        a.reset(5000);
+        assert_eq!(a.as_ptr() as usize % ALIGN, 0);
+        assert_eq!(a.clone().len(), 5000);
+        assert!(Aligned::<bf16>::new().is_empty());
+    }
+}

@@ -25,6 +25,8 @@ pub(crate) use avx512_dispatch;
 pub mod aligned;
 pub mod amx;
 pub mod attention;
+pub mod conv;
+pub mod group_norm;
 pub mod sgemm;
 
 use candle_core::{Device, Result, Storage, Tensor};
@@ -90,37 +92,69 @@ pub fn round_bf16(v: f32) -> bf16 {
 /// tanh-approximated GELU of a bf16 CPU tensor, computed in f32 and rounded once (as PyTorch does
 /// for bf16): `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
 pub fn gelu_tanh_bf16(x: &Tensor) -> Result<Tensor> {
+    gelu_tanh_with(x, |x: &[bf16], o: &mut [bf16], buf: &mut [f32]| {
+        let (xf, e) = buf.split_at_mut(x.len());
+        for (f, v) in xf.iter_mut().zip(x) {
+            *f = v.to_f32();
+        }
+        gelu_bf16_chunk(xf, e, o)
+    })
+}
+
+/// tanh-approximated GELU of an f32 CPU tensor, vectorised (candle's is a scalar `tanh` per element).
+pub fn gelu_tanh_f32(x: &Tensor) -> Result<Tensor> {
+    gelu_tanh_with(x, |x: &[f32], o: &mut [f32], buf: &mut [f32]| {
+        gelu_f32_chunk(x, &mut buf[..x.len()], o)
+    })
+}
+
+/// Runs `chunk(x, out, scratch of 2 x len f32)` over a CPU tensor in parallel pieces.
+fn gelu_tanh_with<T: candle_core::WithDType>(
+    x: &Tensor,
+    chunk: impl Fn(&[T], &mut [T], &mut [f32]) + Sync,
+) -> Result<Tensor> {
     const CHUNK: usize = 4096;
-    let out = with_slice::<bf16, _>(x, |xs| {
-        let mut out = vec![bf16::ZERO; xs.len()];
+    let out = with_slice::<T, _>(x, |xs| {
+        let mut out = vec![T::zero(); xs.len()];
         out.par_chunks_mut(CHUNK)
             .zip(xs.par_chunks(CHUNK))
             .for_each(|(o, x)| {
                 let mut buf = vec![0f32; 2 * x.len()];
-                gelu_chunk(x, o, &mut buf);
+                chunk(x, o, &mut buf);
             });
         out
     })?;
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }
 
-avx512_dispatch!(gelu_chunk, gelu_chunk_generic, (x: &[bf16], o: &mut [bf16], buf: &mut [f32]));
+avx512_dispatch!(gelu_bf16_chunk, gelu_bf16_chunk_generic, (x: &[f32], e: &mut [f32], o: &mut [bf16]));
+avx512_dispatch!(gelu_f32_chunk, gelu_f32_chunk_generic, (x: &[f32], e: &mut [f32], o: &mut [f32]));
 
 #[inline(always)]
-fn gelu_chunk_generic(x: &[bf16], o: &mut [bf16], buf: &mut [f32]) {
-    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
-    let (xf, e) = buf.split_at_mut(x.len());
-    for (f, v) in xf.iter_mut().zip(x) {
-        *f = v.to_f32();
+fn gelu_bf16_chunk_generic(x: &[f32], e: &mut [f32], o: &mut [bf16]) {
+    gelu_tanh_in(x, e);
+    for (o, &g) in o.iter_mut().zip(e.iter()) {
+        *o = round_bf16(g);
     }
-    // tanh(u) = 1 - 2 / (e^(2u) + 1)
-    for (e, &v) in e.iter_mut().zip(xf.iter()) {
+}
+
+#[inline(always)]
+fn gelu_f32_chunk_generic(x: &[f32], e: &mut [f32], o: &mut [f32]) {
+    gelu_tanh_in(x, e);
+    o.copy_from_slice(e);
+}
+
+/// `e = gelu_tanh(x)` in f32, with tanh(u) = 1 - 2 / (e^(2u) + 1).
+#[inline(always)]
+fn gelu_tanh_in(x: &[f32], e: &mut [f32]) {
+    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+    for (e, &v) in e.iter_mut().zip(x) {
         *e = 2.0 * C * (v + 0.044715 * v * v * v);
     }
-    attention::exp_in_place(e);
-    for ((o, &v), &e) in o.iter_mut().zip(xf.iter()).zip(e.iter()) {
-        let t = 1.0 - 2.0 / (e + 1.0);
-        *o = round_bf16(0.5 * v * (1.0 + t));
+    attention::exp_generic(e);
+    for (e, &v) in e.iter_mut().zip(x) {
+        let t = 1.0 - 2.0 / (*e + 1.0);
+        *e = 0.5 * v * (1.0 + t);
     }
 }
 
@@ -394,6 +428,22 @@ mod tests {
         let want = (&x + y.broadcast_mul(&scale.unsqueeze(1).unwrap()).unwrap()).unwrap();
         let got = add_gated_bf16(&x, &y, &scale).unwrap();
         assert_eq!(compare(&got, &want), (0.0, 0.0));
+    }
+
+    /// Against candle's f32 GELU (tanh per element): within f32 rounding of the exp-based tanh.
+    #[test]
+    fn gelu_f32_equals_candles() {
+        let x = Tensor::randn(0f32, 3.0, (3, 5001), &Device::Cpu).unwrap();
+        let want = x.gelu().unwrap();
+        let got = gelu_tanh_f32(&x).unwrap();
+        let tol = ((want.abs().unwrap() * 1e-6).unwrap() + 5e-7).unwrap();
+        let excess = ((got - want).unwrap().abs().unwrap() - tol)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(excess <= 0.0, "beyond f32 rounding by {excess}");
     }
 
     /// Against candle's f32 GELU of the same bf16 inputs, rounded: within one bf16 rounding.

@@ -142,27 +142,57 @@ pub fn matmul(
     out: &mut [f32],
     ldo: usize,
 ) {
-    check(a, m, lda, b, bias, out, ldo);
+    matmul_taps(a, &[0], m, lda, std::slice::from_ref(b), bias, out, ldo)
+}
+
+/// `out (m x n) = Σ_t a[offsets[t] ..] (m x k, row stride lda) · bs[t] (+ bias)`: a sum of products
+/// whose left operands are one matrix read from shifted starts -- a convolution as the sum over its
+/// kernel taps, with no im2col copy. Each task runs all the taps over its block of rows, so the
+/// partial sums stay in cache. All `bs` have the same k and n. On the rayon pool.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_taps(
+    a: &[f32],
+    offsets: &[usize],
+    m: usize,
+    lda: usize,
+    bs: &[PackedF32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    assert_eq!(offsets.len(), bs.len(), "one offset per tap");
+    let Some(b) = bs.first() else {
+        panic!("no taps")
+    };
+    for (&off, bt) in offsets.iter().zip(bs) {
+        assert!(bt.k == b.k && bt.n == b.n, "taps differ in shape");
+        check(&a[off.min(a.len())..], m, lda, bt, bias, out, ldo);
+    }
     if m == 0 || b.n == 0 {
         return;
     }
     let tasks = super::split_tasks(m, MC, MR, b.panels());
     let optr = OutPtr(out.as_mut_ptr());
+    let last = bs.len() - 1;
     tasks.par_iter().for_each(|&(r0, rows, lo, hi)| {
-        // SAFETY: checked shapes; each task writes its own rows x panels block of out.
-        unsafe {
-            block(
-                &a[r0 * lda..],
-                rows,
-                lda,
-                b,
-                lo,
-                hi,
-                bias,
-                optr.get().add(r0 * ldo),
-                ldo,
-            )
-        };
+        for (t, (&off, bt)) in offsets.iter().zip(bs).enumerate() {
+            let bias = if t == last { bias } else { None };
+            // SAFETY: checked shapes; each task writes its own rows x panels block of out.
+            unsafe {
+                block(
+                    &a[off + r0 * lda..],
+                    rows,
+                    lda,
+                    bt,
+                    lo,
+                    hi,
+                    bias,
+                    optr.get().add(r0 * ldo),
+                    ldo,
+                    t > 0,
+                )
+            };
+        }
     });
 }
 
@@ -186,6 +216,7 @@ pub fn matmul_serial(a: &[f32], m: usize, lda: usize, b: &PackedF32, out: &mut [
                 None,
                 out.as_mut_ptr().add(c * MC * ldo),
                 ldo,
+                false,
             )
         };
     }
@@ -223,7 +254,8 @@ thread_local! {
     static APACK: std::cell::RefCell<Aligned<f32>> = const { std::cell::RefCell::new(Aligned::new()) };
 }
 
-/// Rows 0..rows (≤ MC) of a times panels lo..hi of b into out (row stride ldo).
+/// Rows 0..rows of a times panels lo..hi of b into out (row stride ldo), added to what out holds
+/// when `accumulate`.
 ///
 /// # Safety
 /// `out` must hold rows x (32 hi, capped at n) at stride ldo; AVX-512F must be available.
@@ -238,6 +270,7 @@ unsafe fn block(
     bias: Option<&[f32]>,
     out: *mut f32,
     ldo: usize,
+    accumulate: bool,
 ) {
     let k = b.k;
     let groups = rows.div_ceil(MR);
@@ -274,7 +307,7 @@ unsafe fn block(
                         ldo,
                         MR.min(rows - g * MR),
                         cols,
-                        !first,
+                        accumulate || !first,
                         bias,
                     );
                 }

@@ -87,11 +87,8 @@ mod tests {
     }
 }
 
-/// Scaled dot-product attention. On CUDA with the `flash-attn` feature (f16/bf16) it runs flash
-/// attention, on Metal candle's fused kernel, on a CPU with AMX in bf16 [`crate::cpu::attention`];
-/// otherwise queries are processed in blocks so the score
-/// matrix never exceeds a fixed budget (256 MiB of f32 scores on the CPU, 1 GiB on a GPU), with the
-/// softmax accumulating in f32.
+/// Scaled dot-product attention, timed as the transformer's "attention core" phase when profiling
+/// (see [`sdpa_unprofiled`]).
 ///
 /// # Shapes
 /// q: (b, h, n, d), k and v: (b, h, m, d) -> (b, h, n, d)
@@ -99,11 +96,19 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     profile::phase(
         "attention core (scores, softmax, values)",
         q.device(),
-        || sdpa_inner(q, k, v),
+        || sdpa_unprofiled(q, k, v),
     )
 }
 
-fn sdpa_inner(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+/// Scaled dot-product attention. On CUDA with the `flash-attn` feature (f16/bf16) it runs flash
+/// attention, on Metal candle's fused kernel, on a CPU [`crate::cpu::attention`] (bf16 with AMX,
+/// f32 with AVX-512); otherwise queries are processed in blocks so the score matrix never exceeds
+/// a fixed budget (64 Mi scores on the CPU, 256 Mi on a GPU), with the softmax accumulating
+/// in f32.
+///
+/// # Shapes
+/// q: (b, h, n, d), k and v: (b, h, m, d) -> (b, h, n, d)
+pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, h, n, d) = q.dims4()?;
     let m = k.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();

@@ -38,6 +38,8 @@ impl Module for FeedForward {
 pub(crate) fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::BF16 {
         crate::cpu::gelu_tanh_bf16(x)
+    } else if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        crate::cpu::gelu_tanh_f32(x)
     } else {
         x.gelu()
     }

@@ -1,12 +1,16 @@
 //! A zero-initialised buffer aligned to a cache line (64 bytes), for the operands of the CPU
 //! kernels: a 64-byte vector or tile row read from an unaligned address spans two cache lines.
+//! Buffers of 4 MiB and more are aligned to 2 MiB and, on Linux, asked to be backed by huge pages
+//! (packed weights: fewer page faults when they are written at load, fewer TLB misses when they
+//! are streamed through the products).
 
 use half::bf16;
-use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
+use std::alloc::{alloc, alloc_zeroed, dealloc, handle_alloc_error, Layout};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
 const ALIGN: usize = 64;
+const HUGE: usize = 2 << 20;
 
 /// Element types whose all-zero bit pattern is the value zero.
 pub trait Zeroed: Copy + Send + Sync + 'static {}
@@ -40,16 +44,27 @@ impl<T: Zeroed> Aligned<T> {
             return Self::new();
         }
         let layout = Self::layout(len);
-        // SAFETY: the layout has a non-zero size; all-zero bits are a valid T (`Zeroed`).
-        let ptr = unsafe { alloc_zeroed(layout) } as *mut T;
+        let ptr = if layout.size() >= 2 * HUGE {
+            // SAFETY: the layout has a non-zero size.
+            let p = unsafe { alloc(layout) };
+            if !p.is_null() {
+                advise_huge(p, layout.size());
+                // SAFETY: `p` holds `layout.size()` bytes; all-zero bits are a valid T.
+                unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
+            }
+            p
+        } else {
+            // SAFETY: the layout has a non-zero size; all-zero bits are a valid T (`Zeroed`).
+            unsafe { alloc_zeroed(layout) }
+        } as *mut T;
         let ptr = NonNull::new(ptr).unwrap_or_else(|| handle_alloc_error(layout));
         Self { ptr, len, cap: len }
     }
 
     fn layout(len: usize) -> Layout {
-        Layout::array::<T>(len)
-            .and_then(|l| l.align_to(ALIGN))
-            .expect("buffer size overflows")
+        let l = Layout::array::<T>(len).expect("buffer size overflows");
+        let align = if l.size() >= 2 * HUGE { HUGE } else { ALIGN };
+        l.align_to(align).expect("buffer size overflows")
     }
 
     /// Makes the buffer `len` zeros, reusing the allocation when it is large enough.
@@ -63,6 +78,16 @@ impl<T: Zeroed> Aligned<T> {
         }
     }
 }
+
+/// Asks Linux to back `[p, p + size)` (2 MiB-aligned) with transparent huge pages; a hint only.
+#[cfg(target_os = "linux")]
+fn advise_huge(p: *mut u8, size: usize) {
+    // SAFETY: madvise on memory this process owns; MADV_HUGEPAGE does not change its contents.
+    unsafe { libc::madvise(p as *mut libc::c_void, size, libc::MADV_HUGEPAGE) };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge(_: *mut u8, _: usize) {}
 
 impl<T: Zeroed> Default for Aligned<T> {
     fn default() -> Self {
@@ -126,6 +151,9 @@ mod tests {
         assert!(a.iter().all(|&v| v == 0.0));
         a.reset(5000);
         assert_eq!(a.as_ptr() as usize % ALIGN, 0);
+        let big = Aligned::<f32>::zeroed(3 << 20);
+        assert_eq!(big.as_ptr() as usize % HUGE, 0);
+        assert!(big.iter().all(|&v| v == 0.0));
         assert_eq!(a.clone().len(), 5000);
         assert!(Aligned::<bf16>::new().is_empty());
     }

@@ -59,10 +59,14 @@ impl PackedF32 {
             .par_chunks_mut(k * NR)
             .enumerate()
             .for_each(|(nb, panel)| {
-                for c in 0..NR.min(n - nb * NR) {
-                    let row = &w[(nb * NR + c) * k..][..k];
-                    for (kk, &v) in row.iter().enumerate() {
-                        panel[kk * NR + c] = v;
+                // Row by row of the panel: contiguous writes, and reads from 32 streams whose
+                // cache lines each serve 16 consecutive rows.
+                let rows: Vec<&[f32]> = (nb * NR..n.min(nb * NR + NR))
+                    .map(|c| &w[c * k..][..k])
+                    .collect();
+                for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                    for (d, row) in dst.iter_mut().zip(&rows) {
+                        *d = row[kk];
                     }
                 }
             });

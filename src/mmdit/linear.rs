@@ -48,7 +48,7 @@ impl Linear {
         }
         let (n, k) = w.dims2()?;
         if w.dtype() == DType::F32 && sgemm::available() {
-            let packed = PackedF32::from_nk(&w.flatten_all()?.to_vec1()?, n, k);
+            let packed = crate::cpu::with_slice::<f32, _>(w, |w| PackedF32::from_nk(w, n, k))?;
             let bias = match l.bias() {
                 Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
                 None => None,
@@ -58,7 +58,7 @@ impl Linear {
         if !(w.dtype() == DType::BF16 && amx::available()) {
             return Ok(Self(Inner::Plain(l)));
         }
-        let packed = PackedB::from_nk(&w.flatten_all()?.to_vec1()?, n, k);
+        let packed = crate::cpu::with_slice::<half::bf16, _>(w, |w| PackedB::from_nk(w, n, k))?;
         let bias = match l.bias() {
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
             None => None,

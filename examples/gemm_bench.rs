@@ -34,7 +34,7 @@ fn main() {
                 s * 1e3
             );
         }
-        if amx::available() {
+        if amx::available() && std::env::var("F32_ONLY").is_err() {
             let t = Instant::now();
             let p = amx::PackedB::from_nk(&w, n, k);
             let pack = t.elapsed().as_secs_f64();

@@ -9,9 +9,9 @@ use super::sgemm::{self, PackedF32};
 use half::bf16;
 use rayon::prelude::*;
 
-/// Queries per block (bf16: two 32-row AMX blocks; f32: eight 12-row micro-kernel groups).
+/// Queries per block (bf16: two 32-row AMX blocks; f32: seven micro-kernel row groups).
 const QB: usize = 64;
-const QB_F32: usize = 96;
+const QB_F32: usize = 7 * sgemm::MR;
 
 /// `softmax(q kᵀ · scale) v` for `bh` (batch x head) slices: q (bh, n, d), k and v (bh, m, d), all
 /// row-major bf16; returns (bh, n, d). Panics if AMX is not [`amx::available`].

@@ -1,11 +1,12 @@
 //! 2-D convolution (stride 1, square kernel, zero padding) in f32 on the CPU, for the VAE decoder.
 //!
 //! candle's CPU convolution copies the input into an im2col matrix (k² times the input: 1.2 GB for
-//! a 3x3 convolution over 128 channels at 512²) and multiplies that. Here each image is copied once
-//! into a zero-padded channels-last layout, and the output is the sum over the k² kernel taps of
-//! products of that image, read from shifted starts, with the tap's (c_in x c_out) weights
-//! ([`sgemm::matmul_taps`]). Output rows run over the padded width, so the two padding columns of
-//! each row are computed and dropped when the result is written back channels-first.
+//! a 3x3 convolution over 128 channels at 512²) and multiplies that. Here the image is copied, one
+//! band of rows at a time, into a zero-padded channels-last layout, and the output is the sum over
+//! the k² kernel taps of products of that band, read from shifted starts, with the tap's
+//! (c_in x c_out) weights ([`sgemm::matmul_taps`]). Output rows run over the padded width, so the
+//! padding columns of each row are computed and dropped when the result is written back
+//! channels-first. Beyond the input and output, a call holds about 64 MiB.
 
 use super::sgemm::{self, PackedF32};
 use rayon::prelude::*;
@@ -75,55 +76,70 @@ impl Conv2dF32 {
         let (ho, wo) = self
             .output_size(h, w)
             .expect("kernel larger than the image");
-        let (hp, wp) = (h + 2 * p, w + 2 * p);
+        let wp = w + 2 * p;
         let mut out = vec![0f32; b * cout * ho * wo];
         if out.is_empty() {
             return out;
         }
-        // The last tap reads k - 1 rows past the padded image (garbage rows, dropped).
-        let mut img = vec![0f32; (hp * wp + k) * cin];
-        let m = ho * wp;
-        let mut prod = vec![0f32; m * cout];
+        // Output rows are computed in bands, so that the channels-last copy and the product
+        // hold a band each (about BAND floats) rather than the whole image.
+        // (Small in unit tests, so that they cover several bands.)
+        const BAND: usize = if cfg!(test) { 1 << 14 } else { 8 << 20 };
+        let band = (BAND / (wp * cin.max(cout))).clamp(1, ho);
+        // A band of `rows` output rows reads rows + k - 1 padded rows, and the last tap k - 1
+        // elements past them (garbage columns, dropped).
+        let mut img = vec![0f32; ((band + k - 1) * wp + k) * cin];
+        let mut prod = vec![0f32; band * wp * cout];
         let offsets: Vec<usize> = (0..k * k).map(|t| (t / k * wp + t % k) * cin).collect();
-        for (x, out) in x.chunks(cin * h * w).zip(out.chunks_mut(cout * ho * wo)) {
-            // Channels-last, zero-padded.
-            img.par_chunks_mut(wp * cin)
-                .take(hp)
-                .enumerate()
-                .for_each(|(yp, row)| {
-                    if yp < p || yp >= h + p {
-                        return;
-                    }
-                    let y = yp - p;
-                    for c in 0..cin {
-                        let src = &x[(c * h + y) * w..][..w];
-                        for (xx, &v) in src.iter().enumerate() {
-                            row[(xx + p) * cin + c] = v;
+        let plane = ho * wo;
+        for (x, out) in x.chunks(cin * h * w).zip(out.chunks_mut(cout * plane)) {
+            for y0 in (0..ho).step_by(band) {
+                let rows = band.min(ho - y0);
+                // Padded rows y0 .. y0 + rows + k - 1, channels-last.
+                img.par_chunks_mut(wp * cin)
+                    .take(rows + k - 1)
+                    .enumerate()
+                    .for_each(|(i, row)| {
+                        row.fill(0.0);
+                        let yp = y0 + i;
+                        if yp < p || yp >= h + p {
+                            return;
                         }
-                    }
-                });
-            sgemm::matmul_taps(
-                &img,
-                &offsets,
-                m,
-                cin,
-                &self.taps,
-                self.bias.as_deref(),
-                &mut prod,
-                cout,
-            );
-            // Back to channels-first, dropping the padding columns.
-            let plane = ho * wo;
-            let optr = OutPtr(out.as_mut_ptr());
-            prod.par_chunks(wp * cout).enumerate().for_each(|(y, row)| {
-                for xx in 0..wo {
-                    let px = &row[xx * cout..][..cout];
-                    for (o, &v) in px.iter().enumerate() {
-                        // SAFETY: (o, y, xx) indexes out; each task writes its own row y.
-                        unsafe { *optr.get().add(o * plane + y * wo + xx) = v };
-                    }
-                }
-            });
+                        let y = yp - p;
+                        for c in 0..cin {
+                            let src = &x[(c * h + y) * w..][..w];
+                            for (xx, &v) in src.iter().enumerate() {
+                                row[(xx + p) * cin + c] = v;
+                            }
+                        }
+                    });
+                let m = rows * wp;
+                sgemm::matmul_taps(
+                    &img,
+                    &offsets,
+                    m,
+                    cin,
+                    &self.taps,
+                    self.bias.as_deref(),
+                    &mut prod[..m * cout],
+                    cout,
+                );
+                // Back to channels-first, dropping the padding columns.
+                let optr = OutPtr(out.as_mut_ptr());
+                prod[..m * cout]
+                    .par_chunks(wp * cout)
+                    .enumerate()
+                    .for_each(|(i, row)| {
+                        let y = y0 + i;
+                        for xx in 0..wo {
+                            let px = &row[xx * cout..][..cout];
+                            for (o, &v) in px.iter().enumerate() {
+                                // SAFETY: (o, y, xx) indexes out; each task writes its own row y.
+                                unsafe { *optr.get().add(o * plane + y * wo + xx) = v };
+                            }
+                        }
+                    });
+            }
         }
         out
     }
@@ -160,6 +176,7 @@ mod tests {
             (1, 40, 33, 17, 6, 3, 1),
             (2, 12, 20, 5, 4, 1, 0),
             (1, 3, 4, 4, 3, 3, 0),
+            (1, 64, 8, 30, 22, 3, 1),
         ] {
             let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 0.2, (cout, cin, k, k), &dev).unwrap();

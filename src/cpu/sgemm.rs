@@ -4,7 +4,7 @@
 //! weight) into panels of 32 columns, each k x 32 contiguous. GotoBLAS-style blocking: per task, a
 //! block of A rows x KC is copied into micro-panels (MR rows interleaved per k), each 32-column
 //! B micro-panel (KC x 32, 32 KiB) stays in L1 while every MR-row micro-panel of A streams past it,
-//! and a 12 x 32 micro-kernel keeps 24 vector accumulators. Products are summed in f32 and the bias
+//! and a 14 x 32 micro-kernel keeps 28 vector accumulators. Products are summed in f32 and the bias
 //! added once at the end, as `x·Wᵀ + b` computes it.
 //!
 //! [`available`] says whether the CPU has AVX-512F; `MMDIT_AVX512=0` turns the path off (callers
@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 /// Columns per B panel (two 16-lane vectors).
 pub const NR: usize = 32;
 /// Rows per micro-kernel.
-const MR: usize = 12;
+pub const MR: usize = 14;
 /// k per block.
 const KC: usize = 256;
 /// Rows per task (a multiple of MR).

@@ -78,7 +78,12 @@ fn group_norm(groups: usize, c: usize, vb: VarBuilder) -> Result<Norm> {
 impl Norm {
     fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         match &self.affine {
-            Some(ab) if x.dtype() == DType::F32 && x.device().is_cpu() && x.rank() >= 2 => {
+            Some(ab)
+                if x.dtype() == DType::F32
+                    && x.device().is_cpu()
+                    && x.rank() >= 2
+                    && x.dim(1)? == ab.0.len() =>
+            {
                 let (b, c) = (x.dim(0)?, x.dim(1)?);
                 let hw = x.elem_count() / (b * c).max(1);
                 let out = crate::cpu::with_slice::<f32, _>(x, |xs| {

@@ -1,14 +1,12 @@
 //! Flux's rotary position embedding over several id axes (diffusers `FluxPosEmbed` with
 //! `get_1d_rotary_pos_embed(..., repeat_interleave_real=True, use_real=True)`; BFL `flux/math.py`).
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 
-/// Per-token cos and sin tables, each (s, head_dim) with every frequency twice (the CPU path), and
-/// (s, head_dim / 2) once (the fused kernel on a GPU), f32.
+/// Per-token cos and sin tables, each (s, head_dim / 2), one entry per frequency (per adjacent
+/// channel pair), f32.
 #[derive(Debug, Clone)]
 pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
     cos_half: Tensor,
     sin_half: Tensor,
 }
@@ -27,20 +25,15 @@ impl Rope {
                     let freq = 1.0 / theta.powf((2 * k) as f64 / d as f64);
                     let angle = pos * freq;
                     // each frequency covers an adjacent pair of channels
-                    for _ in 0..2 {
-                        cos.push(angle.cos() as f32);
-                        sin.push(angle.sin() as f32);
-                    }
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
                 }
             }
         }
         let s = ids.len();
-        let half = |v: &[f32]| v.iter().step_by(2).copied().collect::<Vec<_>>();
         Ok(Self {
-            cos_half: Tensor::from_vec(half(&cos), (s, dim / 2), device)?,
-            sin_half: Tensor::from_vec(half(&sin), (s, dim / 2), device)?,
-            cos: Tensor::from_vec(cos, (s, dim), device)?,
-            sin: Tensor::from_vec(sin, (s, dim), device)?,
+            cos_half: Tensor::from_vec(cos, (s, dim / 2), device)?,
+            sin_half: Tensor::from_vec(sin, (s, dim / 2), device)?,
         })
     }
 
@@ -50,20 +43,26 @@ impl Rope {
     /// # Shapes
     /// x: (b, h, s, d) -> (b, h, s, d)
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's kernel, equal to the composed f32 path within f32 rounding (tested).
+        self.apply_fused(x)
+    }
+
+    /// The composed f32 path, as diffusers writes it (the reference for the fused kernel).
+    #[cfg(test)]
+    fn apply_composed(&self, x: &Tensor) -> Result<Tensor> {
+        use candle_core::D;
         let (b, h, s, d) = x.dims4()?;
         let dtype = x.dtype();
-        // On a GPU and for bf16 on the CPU, candle's kernel (equal to the composed f32 path within
-        // f32 rounding, tested); f32 on the CPU keeps the composed path of the parity fixtures.
-        if !x.device().is_cpu() || dtype == DType::BF16 {
-            return self.apply_fused(x);
-        }
+        // Every frequency twice, for both channels of its pair.
+        let full = |t: &Tensor| t.unsqueeze(2)?.repeat((1, 1, 2))?.reshape((s, d));
+        let (cos, sin) = (full(&self.cos_half)?, full(&self.sin_half)?);
         let xf = x.to_dtype(DType::F32)?;
         let pairs = xf.reshape((b, h, s, d / 2, 2))?;
         let x0 = pairs.narrow(D::Minus1, 0, 1)?;
         let x1 = pairs.narrow(D::Minus1, 1, 1)?;
         let rot = Tensor::cat(&[x1.neg()?, x0], D::Minus1)?.reshape((b, h, s, d))?;
-        let cos = self.cos.unsqueeze(0)?.unsqueeze(0)?;
-        let sin = self.sin.unsqueeze(0)?.unsqueeze(0)?;
+        let cos = cos.unsqueeze(0)?.unsqueeze(0)?;
+        let sin = sin.unsqueeze(0)?.unsqueeze(0)?;
         (xf.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?.to_dtype(dtype)
     }
 }
@@ -89,7 +88,7 @@ mod tests {
             .collect();
         let rope = Rope::new(&ids, &[2, 4, 4], 10000.0, &dev).unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 10), &dev).unwrap();
-        let d: f32 = (rope.apply(&x).unwrap() - rope.apply_fused(&x).unwrap())
+        let d: f32 = (rope.apply_composed(&x).unwrap() - rope.apply(&x).unwrap())
             .unwrap()
             .abs()
             .unwrap()

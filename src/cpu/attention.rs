@@ -28,7 +28,7 @@ pub fn sdpa_bf16(
 ) -> Vec<bf16> {
     assert!(q.len() == bh * n * d && k.len() == bh * m * d && v.len() == bh * m * d);
     let mut out = vec![bf16::ZERO; bh * n * d];
-    if bh == 0 || n == 0 || d == 0 {
+    if bh == 0 || n == 0 || m == 0 || d == 0 {
         return out;
     }
     // k as the transposed right operand of q kᵀ, v as the right operand of p v.
@@ -40,52 +40,72 @@ pub fn sdpa_bf16(
         .par_chunks(m * d)
         .map(|v| PackedB::from_kn(v, m, d))
         .collect();
-    let tasks: Vec<(usize, usize)> = (0..bh)
-        .flat_map(|i| (0..n.div_ceil(QB)).map(move |b| (i, b)))
-        .collect();
-    let blocks: Vec<(usize, usize, Vec<bf16>)> = tasks
-        .par_iter()
-        .map(|&(i, b)| {
-            let rows = QB.min(n - b * QB);
-            let mrows = rows.next_multiple_of(32);
-            let (kd, mp) = (kt[i].k_padded(), kt[i].n_padded()); // d and m, padded
-            let mut qs = Aligned::<bf16>::zeroed(mrows * kd);
-            for r in 0..rows {
-                let src = &q[(i * n + b * QB + r) * d..][..d];
-                qs[r * kd..r * kd + d].copy_from_slice(src);
-            }
-            // Scores, rows x m (row stride mp), then probabilities in the layout p v takes.
-            let mut s = Aligned::<f32>::zeroed(mrows * mp);
-            amx::matmul_padded(&qs, mrows, &kt[i], &mut s);
-            let kv = vp[i].k_padded(); // m padded
-            let mut p = Aligned::<bf16>::zeroed(mrows * kv);
-            for r in 0..rows {
-                softmax_row(
-                    &mut s[r * mp..r * mp + m],
-                    &mut p[r * kv..r * kv + m],
-                    scale,
-                );
-            }
-            let dp = vp[i].n_padded();
-            let mut o = Aligned::<f32>::zeroed(mrows * dp);
-            amx::matmul_padded(&p, mrows, &vp[i], &mut o);
-            let mut ob = vec![bf16::ZERO; rows * d];
-            for r in 0..rows {
-                for (x, &v) in ob[r * d..(r + 1) * d]
-                    .iter_mut()
-                    .zip(&o[r * dp..r * dp + d])
-                {
-                    *x = super::round_bf16(v);
-                }
-            }
-            (i, b, ob)
-        })
-        .collect();
-    for (i, b, o) in blocks {
-        let at = (i * n + b * QB) * d;
-        out[at..at + o.len()].copy_from_slice(&o);
-    }
+    out.par_chunks_mut(n * d)
+        .zip(q.par_chunks(n * d))
+        .zip(kt.par_iter().zip(vp.par_iter()))
+        .for_each(|((o, q), (kt, vp))| {
+            o.par_chunks_mut(QB * d)
+                .zip(q.par_chunks(QB * d))
+                .for_each(|(o, q)| {
+                    BF16_SCRATCH.with(|sc| {
+                        let (qs, s, p, acc) = &mut *sc.borrow_mut();
+                        block_bf16(q, o, kt, vp, m, d, scale, qs, s, p, acc)
+                    })
+                });
+        });
     out
+}
+
+thread_local! {
+    /// Per-thread padded queries, scores, probabilities and output of [`block_bf16`] (reused:
+    /// fresh buffers of this size cost page faults on every block).
+    #[allow(clippy::type_complexity)]
+    static BF16_SCRATCH: std::cell::RefCell<(Aligned<bf16>, Aligned<f32>, Aligned<bf16>, Aligned<f32>)> =
+        const { std::cell::RefCell::new((Aligned::new(), Aligned::new(), Aligned::new(), Aligned::new())) };
+}
+
+/// One block of queries q (rows x d) of one head into o (rows x d).
+#[allow(clippy::too_many_arguments)]
+fn block_bf16(
+    q: &[bf16],
+    o: &mut [bf16],
+    kt: &PackedB,
+    vp: &PackedB,
+    m: usize,
+    d: usize,
+    scale: f32,
+    qs: &mut Aligned<bf16>,
+    s: &mut Aligned<f32>,
+    p: &mut Aligned<bf16>,
+    acc: &mut Aligned<f32>,
+) {
+    let rows = q.len() / d;
+    let mrows = rows.next_multiple_of(32);
+    let (kd, mp) = (kt.k_padded(), kt.n_padded()); // d and m, padded
+    qs.reset(mrows * kd);
+    for (r, src) in q.chunks_exact(d).enumerate() {
+        qs[r * kd..r * kd + d].copy_from_slice(src);
+    }
+    // Scores, rows x m (row stride mp), then probabilities in the layout p v takes.
+    s.reset(mrows * mp);
+    amx::matmul_padded(qs, mrows, kt, s);
+    let kv = vp.k_padded(); // m padded
+    p.reset(mrows * kv);
+    for r in 0..rows {
+        softmax_row(
+            &mut s[r * mp..r * mp + m],
+            &mut p[r * kv..r * kv + m],
+            scale,
+        );
+    }
+    let dp = vp.n_padded();
+    acc.reset(mrows * dp);
+    amx::matmul_padded(p, mrows, vp, acc);
+    for (r, orow) in o.chunks_exact_mut(d).enumerate() {
+        for (x, &v) in orow.iter_mut().zip(&acc[r * dp..r * dp + d]) {
+            *x = super::round_bf16(v);
+        }
+    }
 }
 
 /// `softmax(q kᵀ · scale) v` in f32 for `bh` (batch x head) slices, as [`sdpa_bf16`] but with the

@@ -9,6 +9,10 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 static ENABLED: OnceLock<bool> = OnceLock::new();
+
+/// Phase names shared by the models.
+pub const EMBED: &str = "embeddings (patches, time, text)";
+pub const FINAL: &str = "final norm and projection";
 static TOTALS: Mutex<BTreeMap<&'static str, (Duration, u64)>> = Mutex::new(BTreeMap::new());
 
 /// Whether `MMDIT_PROFILE` is set to something other than `0` or empty.

@@ -102,9 +102,8 @@ impl TimeTextEmbed {
 /// flattened patches, same weights) plus a centred crop of the square sin-cos position table.
 #[derive(Debug, Clone)]
 pub struct PatchEmbed {
-    /// (hidden, c * p * p): the conv kernel flattened in (c, p, p) order.
-    weight: Tensor,
-    bias: Tensor,
+    /// The conv kernel flattened in (c, p, p) order, as a linear layer (c * p * p -> hidden).
+    proj: Linear,
     /// (1, m*m, hidden)
     pos_embed: Tensor,
     patch: usize,
@@ -124,10 +123,10 @@ impl PatchEmbed {
             .get((hidden, in_ch, patch, patch), "weight")?
             .reshape((hidden, in_ch * patch * patch))?;
         let bias = p.get(hidden, "bias")?;
+        let proj = Linear::new(candle_nn::Linear::new(weight, Some(bias)))?;
         let pos_embed = vb.get((1, max_size * max_size, hidden), "pos_embed")?;
         Ok(Self {
-            weight,
-            bias,
+            proj,
             pos_embed,
             patch,
             max_size,
@@ -154,9 +153,7 @@ impl PatchEmbed {
             .reshape((b, c, hp, p, wp, p))?
             .permute((0, 2, 4, 1, 3, 5))? // (b, hp, wp, c, p, p)
             .reshape((b, hp * wp, c * p * p))?;
-        let x = patches
-            .broadcast_matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?; // (b, hp*wp, hidden)
+        let x = self.proj.forward(&patches)?; // (b, hp*wp, hidden)
         let hidden = self.pos_embed.dim(2)?;
         let top = (self.max_size - hp) / 2;
         let left = (self.max_size - wp) / 2;
@@ -166,6 +163,8 @@ impl PatchEmbed {
             .narrow(1, top, hp)?
             .narrow(2, left, wp)?
             .reshape((1, hp * wp, hidden))?; // (1, hp*wp, hidden)
-        x.broadcast_add(&pos.to_dtype(x.dtype())?)
+                                             // Repeated over the batch first: candle's broadcasting add is slow on the CPU.
+        let pos = pos.to_dtype(x.dtype())?.repeat((b, 1, 1))?;
+        x + pos
     }
 }

@@ -9,6 +9,7 @@ use super::modulation::AdaNormContinuous;
 use super::rope::Rope;
 use super::single_block::SingleBlock;
 use crate::config::FluxTransformerConfig;
+use crate::profile::{EMBED, FINAL};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -115,14 +116,17 @@ impl FluxTransformer {
         rope: &Rope,
     ) -> Result<Tensor> {
         let dtype = x.dtype();
-        let mut img = self.x_embedder.forward(x)?; // (b, n, dim)
-        let t = (sigma.to_dtype(dtype)? * 1000.0)?;
-        let g = match guidance {
-            Some(g) if self.cfg.guidance_embeds => Some((g.to_dtype(dtype)? * 1000.0)?),
-            _ => None,
-        };
-        let temb = self.time_text_embed.forward(&t, g.as_ref(), pooled)?; // (b, dim)
-        let mut ctx = self.context_embedder.forward(context)?; // (b, s, dim)
+        let dev = x.device();
+        let (mut img, temb, mut ctx) = crate::profile::phase(EMBED, dev, || {
+            let img = self.x_embedder.forward(x)?; // (b, n, dim)
+            let t = (sigma.to_dtype(dtype)? * 1000.0)?;
+            let g = match guidance {
+                Some(g) if self.cfg.guidance_embeds => Some((g.to_dtype(dtype)? * 1000.0)?),
+                _ => None,
+            };
+            let temb = self.time_text_embed.forward(&t, g.as_ref(), pooled)?; // (b, dim)
+            Ok((img, temb, self.context_embedder.forward(context)?)) // ctx: (b, s, dim)
+        })?;
         for block in &self.double {
             let (i, c) = block.forward(&img, &ctx, &temb, Some(rope))?;
             img = i;
@@ -130,12 +134,16 @@ impl FluxTransformer {
         }
         let s = ctx.dim(1)?;
         let n = img.dim(1)?;
-        let mut joint = Tensor::cat(&[ctx, img], 1)?; // (b, s + n, dim)
+        let mut joint = crate::profile::phase("copies (heads, joins, splits)", dev, || {
+            Tensor::cat(&[ctx, img], 1) // (b, s + n, dim)
+        })?;
         for block in &self.single {
             joint = block.forward(&joint, &temb, rope)?;
         }
         let img = joint.narrow(1, s, n)?;
-        self.proj_out.forward(&self.norm_out.forward(&img, &temb)?)
+        crate::profile::phase(FINAL, dev, || {
+            self.proj_out.forward(&self.norm_out.forward(&img, &temb)?)
+        })
     }
 }
 

@@ -6,6 +6,7 @@ use super::joint_block::{BlockSpec, JointBlock};
 use super::linear::{linear, Linear};
 use super::modulation::AdaNormContinuous;
 use crate::config::Sd3TransformerConfig;
+use crate::profile::{EMBED, FINAL};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -88,9 +89,14 @@ impl Sd3Transformer {
     ) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         let p = self.cfg.patch_size;
-        let mut img = self.pos_embed.forward(x)?; // (b, n, dim)
-        let temb = self.time_text_embed.forward(t, None, pooled)?; // (b, dim)
-        let mut ctx = self.context_embedder.forward(context)?; // (b, s, dim)
+        let dev = x.device();
+        let (mut img, temb, mut ctx) = crate::profile::phase(EMBED, dev, || {
+            Ok((
+                self.pos_embed.forward(x)?,                     // (b, n, dim)
+                self.time_text_embed.forward(t, None, pooled)?, // (b, dim)
+                self.context_embedder.forward(context)?,        // (b, s, dim)
+            ))
+        })?;
         for block in &self.blocks {
             let (new_img, new_ctx) = block.forward(&img, &ctx, &temb, None)?;
             img = new_img;
@@ -98,9 +104,9 @@ impl Sd3Transformer {
                 ctx = c;
             }
         }
-        let img = self
-            .proj_out
-            .forward(&self.norm_out.forward(&img, &temb)?)?; // (b, n, p*p*c)
+        let img = crate::profile::phase(FINAL, dev, || {
+            self.proj_out.forward(&self.norm_out.forward(&img, &temb)?) // (b, n, p*p*c)
+        })?;
         let (hp, wp, c) = (h / p, w / p, self.cfg.out_channels);
         img.reshape((b, hp, wp, p, p, c))?
             .permute((0, 5, 1, 3, 2, 4))? // (b, c, hp, p, wp, p)

@@ -11,6 +11,7 @@
 //! candle's matmul when it is off, and the tests compare the two.
 
 use super::aligned::Aligned;
+use super::OutPtr;
 use half::bf16;
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -156,20 +157,6 @@ impl Output for f32 {
 impl Output for bf16 {
     fn from_f32(v: f32) -> Self {
         super::round_bf16(v)
-    }
-}
-
-/// A raw output pointer shared by tasks that write disjoint blocks.
-#[derive(Clone, Copy)]
-struct OutPtr<O>(*mut O);
-// SAFETY: every task writes a disjoint (rows x columns) block of the output.
-unsafe impl<O: Send> Send for OutPtr<O> {}
-unsafe impl<O: Send> Sync for OutPtr<O> {}
-
-impl<O> OutPtr<O> {
-    /// (A method, so that closures capture the wrapper rather than the bare pointer.)
-    fn get(&self) -> *mut O {
-        self.0
     }
 }
 
@@ -432,15 +419,10 @@ mod tests {
         out
     }
 
-    fn random(len: usize, seed: u64) -> Vec<bf16> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-            })
+    fn random(len: usize, mut seed: u64) -> Vec<bf16> {
+        crate::cpu::lcg_uniform(len, &mut seed, -1.0, 1.0)
+            .into_iter()
+            .map(bf16::from_f32)
             .collect()
     }
 

@@ -285,14 +285,7 @@ mod tests {
     }
 
     fn random(len: usize, seed: &mut u64) -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                *seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 3.0
-            })
-            .collect()
+        crate::cpu::lcg_uniform(len, seed, -3.0, 3.0)
     }
 
     const SHAPES: [(usize, usize, usize, usize); 3] =

@@ -9,6 +9,7 @@
 //! channels-first. Beyond the input and output, a call holds about 64 MiB.
 
 use super::sgemm::{self, PackedF32};
+use super::OutPtr;
 use rayon::prelude::*;
 
 /// A convolution's weights packed per tap.
@@ -142,19 +143,6 @@ impl Conv2dF32 {
             }
         }
         out
-    }
-}
-
-/// A raw output pointer shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(&self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -33,6 +33,20 @@ use candle_core::{Device, Result, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+/// A raw output pointer shared by parallel tasks that write disjoint parts of one output.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr<T>(pub(crate) *mut T);
+// SAFETY: users write disjoint elements from each task.
+unsafe impl<T: Send> Send for OutPtr<T> {}
+unsafe impl<T: Send> Sync for OutPtr<T> {}
+
+impl<T> OutPtr<T> {
+    /// (A method, so that closures capture the wrapper rather than the bare pointer.)
+    pub(crate) fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
 /// Splits a product's m rows and `panels` column panels into tasks `(first row, rows, first panel,
 /// end panel)` for the rayon pool: row chunks of at most `max_rows` (a multiple of `granule` but
 /// the last), as even as the granule allows and a multiple of the thread count when there are
@@ -331,6 +345,19 @@ fn add_gated_row_generic(x: &[bf16], y: &[bf16], g: &[f32], o: &mut [bf16]) {
     }
 }
 
+/// `len` values uniform in [lo, hi) from a 64-bit LCG, for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn lcg_uniform(len: usize, seed: &mut u64, lo: f32, hi: f32) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((*seed >> 40) as f32 / (1u64 << 24) as f32) * (hi - lo) + lo
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,8 +388,18 @@ mod tests {
         }
     }
 
-    fn bf16_rand(shape: (usize, usize, usize), std: f64) -> Tensor {
-        Tensor::randn(0f32, std as f32, shape, &Device::Cpu)
+    /// Normal(0, std) values (Box-Muller over the LCG, so that a run is reproducible) as bf16.
+    fn bf16_rand(shape: (usize, usize, usize), std: f64, mut seed: u64) -> Tensor {
+        let len = shape.0 * shape.1 * shape.2;
+        let u = lcg_uniform(2 * len, &mut seed, 0.0, 1.0);
+        let v: Vec<f32> = u
+            .chunks_exact(2)
+            .map(|p| {
+                let r = (-2.0 * (1.0 - p[0]).ln()).sqrt();
+                std as f32 * r * (std::f32::consts::TAU * p[1]).cos()
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap()
@@ -400,10 +437,10 @@ mod tests {
     #[test]
     fn fused_bf16_norms_and_gates_equal_the_composed_ops() {
         let (b, n, d) = (2, 37, 200);
-        let x = (bf16_rand((b, n, d), 2.0) + 0.5).unwrap();
-        let y = bf16_rand((b, n, d), 1.0);
-        let shift = bf16_rand((1, b, d), 1.0).squeeze(0).unwrap();
-        let scale = bf16_rand((1, b, d), 1.0).squeeze(0).unwrap();
+        let x = (bf16_rand((b, n, d), 2.0, 1) + 0.5).unwrap();
+        let y = bf16_rand((b, n, d), 1.0, 2);
+        let shift = bf16_rand((1, b, d), 1.0, 3).squeeze(0).unwrap();
+        let scale = bf16_rand((1, b, d), 1.0, 4).squeeze(0).unwrap();
         let want = crate::mmdit::modulation::modulate(
             &crate::mmdit::modulation::layer_norm(&x, 1e-6).unwrap(),
             &shift,

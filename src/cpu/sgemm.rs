@@ -11,6 +11,7 @@
 //! then use candle's matmul, and the tests compare the two).
 
 use super::aligned::Aligned;
+use super::OutPtr;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -118,20 +119,6 @@ impl PackedF32 {
 
     fn panels(&self) -> usize {
         self.n.div_ceil(NR)
-    }
-}
-
-/// A raw output pointer shared by tasks that write disjoint blocks.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes a disjoint (rows x columns) block of the output.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// (A method, so that closures capture the wrapper rather than the bare pointer.)
-    fn get(&self) -> *mut f32 {
-        self.0
     }
 }
 
@@ -419,16 +406,8 @@ mod kernel {
 mod tests {
     use super::*;
 
-    fn random(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+    fn random(len: usize, mut seed: u64) -> Vec<f32> {
+        crate::cpu::lcg_uniform(len, &mut seed, -1.0, 1.0)
     }
 
     /// Odd shapes (partial row groups, partial panels, k over several blocks and k = 0), strided

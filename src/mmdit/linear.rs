@@ -81,52 +81,58 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.0 {
             Inner::Plain(l) => l.forward(x),
-            Inner::Amx(w) => {
-                let (k, n) = (w.packed.k(), w.packed.n());
-                if x.dtype() != DType::BF16
-                    || !x.device().is_cpu()
-                    || x.dim(candle_core::D::Minus1)? != k
-                {
-                    candle_core::bail!(
-                        "AMX linear ({k} -> {n}, bf16 CPU) given {:?} {:?} on {:?}",
-                        x.shape(),
-                        x.dtype(),
-                        x.device()
-                    );
-                }
-                let m = x.elem_count() / k;
-                let mut out = vec![half::bf16::ZERO; m * n];
-                crate::cpu::with_slice::<half::bf16, _>(x, |a| {
-                    amx::matmul(a, m, k, &w.packed, w.bias.as_deref(), &mut out, n)
-                })?;
-                let mut dims = x.dims().to_vec();
-                *dims.last_mut().expect("rank >= 1") = n;
-                Tensor::from_vec(out, dims, &Device::Cpu)
-            }
+            Inner::Amx(w) => packed_forward(x, w.packed.k(), w.packed.n(), "AMX", |a, m, out| {
+                amx::matmul(
+                    a,
+                    m,
+                    w.packed.k(),
+                    &w.packed,
+                    w.bias.as_deref(),
+                    out,
+                    w.packed.n(),
+                )
+            }),
             Inner::Avx512(w) => {
-                let (k, n) = (w.packed.k(), w.packed.n());
-                if x.dtype() != DType::F32
-                    || !x.device().is_cpu()
-                    || x.dim(candle_core::D::Minus1)? != k
-                {
-                    candle_core::bail!(
-                        "AVX-512 linear ({k} -> {n}, f32 CPU) given {:?} {:?} on {:?}",
-                        x.shape(),
-                        x.dtype(),
-                        x.device()
-                    );
-                }
-                let m = x.elem_count() / k;
-                let mut out = vec![0f32; m * n];
-                crate::cpu::with_slice::<f32, _>(x, |a| {
-                    sgemm::matmul(a, m, k, &w.packed, w.bias.as_deref(), &mut out, n)
-                })?;
-                let mut dims = x.dims().to_vec();
-                *dims.last_mut().expect("rank >= 1") = n;
-                Tensor::from_vec(out, dims, &Device::Cpu)
+                packed_forward(x, w.packed.k(), w.packed.n(), "AVX-512", |a, m, out| {
+                    sgemm::matmul(
+                        a,
+                        m,
+                        w.packed.k(),
+                        &w.packed,
+                        w.bias.as_deref(),
+                        out,
+                        w.packed.n(),
+                    )
+                })
             }
         }
     }
+}
+
+/// `x (.., k) -> (.., n)` by `product(x rows, m, out)` for a packed layer whose kernel takes element
+/// type T: checks the input (its type, the CPU, k), then runs over its m rows.
+fn packed_forward<T: candle_core::WithDType>(
+    x: &Tensor,
+    k: usize,
+    n: usize,
+    kernel: &str,
+    product: impl FnOnce(&[T], usize, &mut [T]),
+) -> Result<Tensor> {
+    if x.dtype() != T::DTYPE || !x.device().is_cpu() || x.dim(candle_core::D::Minus1)? != k {
+        candle_core::bail!(
+            "{kernel} linear ({k} -> {n}, {} CPU) given {:?} {:?} on {:?}",
+            T::DTYPE.as_str(),
+            x.shape(),
+            x.dtype(),
+            x.device()
+        );
+    }
+    let m = x.elem_count() / k;
+    let mut out = vec![T::zero(); m * n];
+    crate::cpu::with_slice::<T, _>(x, |a| product(a, m, &mut out))?;
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = n;
+    Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 #      weights: full-width SD3-medium and FLUX.1-dev transformers (all layers), the real VAEs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TESTS=(parity_sd3 parity_flux)
+TESTS=(parity)
 PY=${PYTHON:-python3}
 # Overrides for a dry run of `run` without a GPU: GPU_CHECK_DEVICE=cpu GPU_CHECK_SIZE=256 GPU_CHECK_FULL=
 DEV=${GPU_CHECK_DEVICE:-cuda}

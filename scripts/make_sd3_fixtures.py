@@ -1,5 +1,5 @@
 """Builds tiny random SD3 pipelines in diffusers layout under tests/fixtures/ and the reference outputs
-the Rust parity tests compare against (tests/parity_sd3.rs).
+the Rust parity tests compare against (tests/parity.rs).
 
     pip install -r scripts/requirements.txt
     python scripts/make_sd3_fixtures.py

@@ -1,15 +1,24 @@
 //! Device and dtype selection from user strings, with errors that name the cargo feature to enable.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Message, Param, Result};
 use candle_core::{DType, Device};
 
 /// Parses `cpu`, `cuda`, `cuda:N`, `metal` or `auto` (CUDA, then Metal, then CPU).
 pub fn parse_device(s: &str) -> Result<Device> {
     let s = s.trim().to_ascii_lowercase();
     let not_built = |name: &str, feature: &str| {
-        Error::Device(format!(
-            "--device {name}: this mmdit was built without {name} support; rebuild with `cargo build --release --features {feature}`"
-        ))
+        Error::Device(Message::about(Param::Device).text(format!(
+            " {name}: this mmdit was built without {name} support; rebuild with `cargo build --release --features {feature}`"
+        )))
+    };
+    // "<device> <s>: <problem>; <fix>, or use <device> cpu"
+    let unusable = |problem: String| {
+        Error::Device(
+            Message::about(Param::Device)
+                .text(format!(" {s}: {problem}; use "))
+                .param(Param::Device)
+                .text(" cpu"),
+        )
     };
     match s.as_str() {
         "cpu" => Ok(Device::Cpu),
@@ -30,30 +39,28 @@ pub fn parse_device(s: &str) -> Result<Device> {
             if !cfg!(feature = "metal") {
                 return Err(not_built("metal", "metal"));
             }
-            Device::new_metal(0)
-                .map_err(|e| Error::Device(format!("--device metal: {e}; use --device cpu")))
+            Device::new_metal(0).map_err(|e| unusable(e.to_string()))
         }
         _ if s == "cuda" || s.starts_with("cuda:") => {
             let idx = match s.strip_prefix("cuda:") {
                 Some(n) => n.parse::<usize>().map_err(|_| {
-                    Error::request(format!(
-                        "--device {s}: expected cuda:N with N a GPU index, e.g. cuda:0"
-                    ))
+                    Error::invalid(
+                        Param::Device,
+                        format!(" {s}: expected cuda:N with N a GPU index, e.g. cuda:0"),
+                    )
                 })?,
                 None => 0,
             };
             if !cfg!(feature = "cuda") {
                 return Err(not_built("cuda", "cuda"));
             }
-            Device::new_cuda(idx).map_err(|e| {
-                Error::Device(format!(
-                    "--device {s}: no usable CUDA GPU ({e}); check the driver or use --device cpu"
-                ))
-            })
+            Device::new_cuda(idx)
+                .map_err(|e| unusable(format!("no usable CUDA GPU ({e}); check the driver")))
         }
-        _ => Err(Error::request(format!(
-            "--device {s}: unknown device; use cpu, cuda, cuda:N, metal or auto"
-        ))),
+        _ => Err(Error::invalid(
+            Param::Device,
+            format!(" {s}: unknown device; use cpu, cuda, cuda:N, metal or auto"),
+        )),
     }
 }
 
@@ -63,15 +70,16 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         "f32" | "float32" => Ok(DType::F32),
         "f16" | "float16" | "fp16" => Ok(DType::F16),
         "bf16" | "bfloat16" => Ok(DType::BF16),
-        other => Err(Error::request(format!(
-            "--dtype {other}: unknown dtype; use f32, f16 or bf16"
-        ))),
+        other => Err(Error::invalid(
+            Param::Dtype,
+            format!(" {other}: unknown dtype; use f32, f16 or bf16"),
+        )),
     }
 }
 
 /// The default dtype of a device: bf16 on CUDA and Metal (f16 overflows in T5 and in Flux's
 /// activations), f32 on the CPU. The VAE and T5 move to f32 where their dtype is unsafe
-/// (`pipeline::vae_dtype`).
+/// (`pipeline::vae_dtype`, `pipeline::t5_dtype`).
 pub fn default_dtype(device: &Device) -> DType {
     if device.is_cuda() || device.is_metal() {
         DType::BF16

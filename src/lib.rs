@@ -10,7 +10,13 @@
 //! mmdit::output::write_png("out.png".as_ref(), &out.image, &[])?;
 //! # Ok(()) }
 //! ```
+//!
+//! The layers, from the bottom: [`cpu`] (kernels on slices) -> [`nn`] (layers) -> [`mmdit`],
+//! [`vae`], [`text`] (models) -> [`pipeline`] (one generic pipeline, a file per family) ->
+//! [`presets`]; beside them [`config`], [`loader`], [`sampling`], [`output`]. `docs/architecture.md`
+//! draws them.
 
+pub mod bench;
 pub mod config;
 pub mod cpu;
 pub mod device;
@@ -18,6 +24,7 @@ pub mod error;
 pub mod interrupt;
 pub mod loader;
 pub mod mmdit;
+pub mod nn;
 pub mod output;
 pub mod pipeline;
 pub mod presets;
@@ -27,10 +34,8 @@ pub mod sampling;
 pub mod text;
 pub mod vae;
 
-pub use error::{Error, Result};
+pub use error::{Error, Message, Param, Result};
 pub use loader::ModelRef;
-pub use pipeline::{
-    FluxPipeline, FluxSpec, Generated, Pipeline, RgbImage, Sd3Pipeline, Sd3Spec, Spec,
-};
+pub use output::RgbImage;
+pub use pipeline::{Generated, Pipeline, Spec};
 pub use request::{Request, Resolved};
-pub mod bench;

@@ -1,36 +1,45 @@
-//! PNG output: written to a temporary file in the target folder and renamed into place, so an
-//! interrupted run leaves nothing half-written. Generation parameters go into tEXt chunks.
+//! Images out: the 8-bit RGB image a pipeline produces, and PNG files written to a temporary file in
+//! the target folder and renamed into place, so an interrupted run leaves nothing half-written.
+//! Generation parameters go into text chunks.
 
-use crate::error::{Error, Result};
-use crate::pipeline::RgbImage;
+use crate::error::{Error, Message, Param, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+/// An 8-bit RGB image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    /// Row-major RGB bytes, `width * height * 3` of them.
+    pub data: Vec<u8>,
+}
 
 /// Checks that `path` can be written, before any heavy work: its folder exists and is writable, it is
 /// not a symlink, and it does not exist unless `overwrite`.
 pub fn check_output_path(path: &Path, overwrite: bool) -> Result<()> {
     let shown = path.display();
+    let bad = |rest: String| Error::invalid(Param::Output, format!(" {shown}: {rest}"));
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_symlink() {
-            return Err(Error::request(format!(
-                "--output {shown}: is a symbolic link; name a regular file"
-            )));
+            return Err(bad("is a symbolic link; name a regular file".into()));
         }
         if meta.is_dir() {
-            return Err(Error::request(format!(
-                "--output {shown}: is a folder; name a .png file inside it"
-            )));
+            return Err(bad("is a folder; name a .png file inside it".into()));
         }
         if !overwrite {
-            return Err(Error::request(format!(
-                "--output {shown}: already exists; pass --overwrite to replace it"
-            )));
+            return Err(Error::InvalidRequest(
+                Message::about(Param::Output)
+                    .text(format!(" {shown}: already exists; pass "))
+                    .param(Param::Overwrite)
+                    .text(" to replace it"),
+            ));
         }
     }
     let dir = parent_dir(path);
     if !dir.is_dir() {
-        return Err(Error::request(format!(
-            "--output {shown}: folder {} does not exist; create it first",
+        return Err(bad(format!(
+            "folder {} does not exist; create it first",
             dir.display()
         )));
     }
@@ -40,8 +49,8 @@ pub fn check_output_path(path: &Path, overwrite: bool) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         if let Ok(m) = std::fs::metadata(&dir) {
             if m.permissions().mode() & 0o222 == 0 {
-                return Err(Error::request(format!(
-                    "--output {shown}: folder {} is read-only; choose a writable folder",
+                return Err(bad(format!(
+                    "folder {} is read-only; choose a writable folder",
                     dir.display()
                 )));
             }
@@ -58,8 +67,8 @@ pub fn check_output_path(path: &Path, overwrite: bool) -> Result<()> {
             let _ = std::fs::remove_file(&probe);
             Ok(())
         }
-        Err(e) => Err(Error::request(format!(
-            "--output {shown}: cannot write in {} ({e}); choose a writable folder",
+        Err(e) => Err(bad(format!(
+            "cannot write in {} ({e}); choose a writable folder",
             dir.display()
         ))),
     }

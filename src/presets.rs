@@ -1,7 +1,8 @@
 //! Model presets: data files in `models/` (embedded at build time) naming a Hub repo or a local folder
 //! and the defaults a user of that model expects.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Message, Param, Result};
+use crate::loader::single::{Detected, Fingerprint, SingleFile};
 use crate::loader::ModelRef;
 use crate::request::Request;
 use std::path::PathBuf;
@@ -60,6 +61,9 @@ pub struct Preset {
     pub download_gb: Option<f64>,
     #[serde(default)]
     pub defaults: Defaults,
+    /// The shapes of this model's original single-file checkpoint, by which such a file is recognised
+    /// as this model (absent where another preset has the same shapes).
+    pub single_file: Option<Fingerprint>,
 }
 
 impl Preset {
@@ -71,8 +75,12 @@ impl Preset {
         if p.repo.is_some() == p.path.is_some() {
             return bad("set exactly one of `repo` and `path`");
         }
-        if !matches!(p.family.as_str(), "sd3" | "flux") {
-            return bad("`family` must be sd3 or flux");
+        if crate::pipeline::family::by_name(&p.family).is_none() {
+            let names: Vec<&str> = crate::pipeline::family::FAMILIES
+                .iter()
+                .map(|f| f.name)
+                .collect();
+            return bad(&format!("`family` must be one of {}", names.join(", ")));
         }
         if p.layout != "diffusers" {
             return bad("`layout` must be diffusers");
@@ -81,7 +89,7 @@ impl Preset {
             crate::request::check_steps(s)?;
         }
         if let Some(g) = p.defaults.guidance {
-            crate::request::check_guidance("guidance", g)?;
+            crate::request::check_guidance(Param::Guidance, g)?;
         }
         if p.defaults
             .shift
@@ -133,6 +141,15 @@ impl Preset {
         }
     }
 
+    /// The preset whose single-file checkpoint has these shapes, if any.
+    pub fn for_single_file(d: &Detected) -> Option<Preset> {
+        Preset::all().into_iter().find(|p| {
+            p.single_file == Some(d.fingerprint)
+                && crate::pipeline::family::by_name(&p.family)
+                    .is_some_and(|f| f.single_file == d.format)
+        })
+    }
+
     /// Fills the request's unset fields from the preset's defaults.
     pub fn apply(&self, req: &mut Request) {
         let d = &self.defaults;
@@ -165,8 +182,9 @@ pub fn resolve_with(
     let (m, preset) = resolve(model, revision)?;
     let ModelRef::SingleFile { file, .. } = m else {
         if components.is_some() {
-            return Err(Error::request(
-                "--components applies to single-file .safetensors checkpoints only",
+            return Err(Error::invalid(
+                Param::Components,
+                " applies to single-file .safetensors checkpoints only",
             ));
         }
         return Ok((m, preset));
@@ -174,9 +192,9 @@ pub fn resolve_with(
     let (comps, preset) = match components {
         Some(c) => resolve(c, None)?,
         None => {
-            let single = crate::loader::single::SingleFile::open(&file)?;
-            let comps = crate::pipeline::default_components(&single)?;
-            (comps, single.detected.variant.and_then(Preset::find))
+            let single = SingleFile::open(&file)?;
+            let preset = default_preset(&single)?;
+            (preset.model_ref(None), Some(preset))
         }
     };
     Ok((
@@ -196,12 +214,27 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<(ModelRef, Option<
     ModelRef::parse(model, revision)
         .map(|m| (m, None))
         .map_err(|e| match e {
-            Error::InvalidRequest(m) => Error::InvalidRequest(format!(
-                "{m}; or a preset: {}",
+            Error::InvalidRequest(m) => Error::InvalidRequest(m.text(format!(
+                "; or a preset: {}",
                 FILES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-            )),
+            ))),
             e => e,
         })
+}
+
+/// The preset that completes a single-file checkpoint whose shapes are those of a released model.
+pub fn default_preset(single: &SingleFile) -> Result<Preset> {
+    Preset::for_single_file(&single.detected).ok_or_else(|| {
+        Error::InvalidRequest(
+            Message::from(format!(
+                "{}: a {} single-file checkpoint whose shapes match no released model; pass ",
+                single.path.display(),
+                single.detected.format.name()
+            ))
+            .param(Param::Components)
+            .text(" with a preset, folder or Hub repo that holds its configs and tokenizers"),
+        )
+    })
 }
 
 /// The folder of the local presets' files: `MMDIT_MODELS_DIR` when set (a binary moved away from its

@@ -1,7 +1,7 @@
-//! Where a transformer step's time goes, when `MMDIT_PROFILE=1`: each phase of a block (projections,
-//! attention core, norms and modulation, feed-forward, copies) is timed with the device synchronised
-//! before and after, and the totals are read back by `mmdit bench`. Off by default: then a phase is a
-//! plain call, with no synchronisation.
+//! Where a transformer step's time goes, when `MMDIT_PROFILE=1`: each [`Phase`] of a block
+//! (projections, attention core, norms and modulation, feed-forward, copies) is timed with the
+//! device synchronised before and after, and the totals are read back by `mmdit bench`. Off by
+//! default: then a phase is a plain call, with no synchronisation.
 
 use candle_core::Device;
 use std::collections::BTreeMap;
@@ -10,10 +10,39 @@ use std::time::{Duration, Instant};
 
 static ENABLED: OnceLock<bool> = OnceLock::new();
 
-/// Phase names shared by the models.
-pub const EMBED: &str = "embeddings (patches, time, text)";
-pub const FINAL: &str = "final norm and projection";
-static TOTALS: Mutex<BTreeMap<&'static str, (Duration, u64)>> = Mutex::new(BTreeMap::new());
+/// The parts of a transformer step that are timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Embeddings,
+    QkvProjections,
+    QkNorm,
+    Rope,
+    AttentionCore,
+    OutputProjections,
+    FeedForward,
+    Norms,
+    Copies,
+    Final,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Embeddings => "embeddings (patches, time, text)",
+            Phase::QkvProjections => "q/k/v projections",
+            Phase::QkNorm => "q/k RMSNorm",
+            Phase::Rope => "RoPE",
+            Phase::AttentionCore => "attention core (scores, softmax, values)",
+            Phase::OutputProjections => "output projections",
+            Phase::FeedForward => "feed-forward",
+            Phase::Norms => "norms, modulation, gates, residuals",
+            Phase::Copies => "copies (heads, joins, splits)",
+            Phase::Final => "final norm and projection",
+        }
+    }
+}
+
+static TOTALS: Mutex<BTreeMap<Phase, (Duration, u64)>> = Mutex::new(BTreeMap::new());
 
 /// Whether `MMDIT_PROFILE` is set to something other than `0` or empty.
 pub fn enabled() -> bool {
@@ -22,7 +51,7 @@ pub fn enabled() -> bool {
 
 /// Runs `f` as phase `what`, timing it when profiling is on.
 pub fn phase<T>(
-    what: &'static str,
+    what: Phase,
     dev: &Device,
     f: impl FnOnce() -> candle_core::Result<T>,
 ) -> candle_core::Result<T> {
@@ -47,7 +76,7 @@ pub fn reset() {
 }
 
 /// (phase, total time, calls), longest first.
-pub fn totals() -> Vec<(&'static str, Duration, u64)> {
+pub fn totals() -> Vec<(Phase, Duration, u64)> {
     let mut v: Vec<_> = TOTALS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -69,7 +98,8 @@ pub fn report(steps: usize, step_total: Duration) -> String {
         let s = d.as_secs_f64() / steps;
         sum += s;
         out += &format!(
-            "| {what} | {:.1} | {:.0}% | {:.0} |\n",
+            "| {} | {:.1} | {:.0}% | {:.0} |\n",
+            what.name(),
             s * 1e3,
             100.0 * s / total.max(1e-12),
             n as f64 / steps

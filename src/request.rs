@@ -1,6 +1,6 @@
 //! What the user asks for, and its checked, fully resolved form.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Message, Param, Result};
 use crate::sampling::Sampler;
 use candle_core::Tensor;
 
@@ -26,6 +26,14 @@ pub struct Request {
     pub sampler: Option<Sampler>,
 }
 
+/// Which optional values the request set itself; the rest of a [`Resolved`] are defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Given {
+    pub negative_prompt: bool,
+    pub guidance: bool,
+    pub true_cfg: bool,
+}
+
 /// A request with every value decided and checked against the model.
 #[derive(Debug, Clone)]
 pub struct Resolved {
@@ -36,16 +44,20 @@ pub struct Resolved {
     pub width: usize,
     pub height: usize,
     pub seed: u64,
+    /// The request's initial latents, checked against the latent shape; `None`: seeded noise.
+    pub noise: Option<Tensor>,
     pub max_sequence_length: usize,
     /// Flux true-CFG scale; 1 when off.
     pub true_cfg: f64,
     pub sampler: Sampler,
+    /// What the request said itself (a family's defaults and notices depend on it).
+    pub given: Given,
     /// Things the user should know about how the request was read (e.g. an ignored option).
-    pub notices: Vec<String>,
+    pub notices: Vec<Message>,
 }
 
 impl Resolved {
-    /// Classifier-free guidance runs when the scale is above 1, as diffusers decides.
+    /// Classifier-free guidance on the guidance scale runs when it is above 1, as diffusers decides.
     pub fn uses_cfg(&self) -> bool {
         self.guidance > 1.0
     }
@@ -56,7 +68,7 @@ pub const MAX_PIXELS: usize = 4096 * 4096;
 pub const MAX_STEPS: usize = 1000;
 
 /// Checks a side length: non-zero, a multiple of `multiple`, at most `max`.
-pub fn check_side(name: &str, v: usize, multiple: usize, max: usize) -> Result<()> {
+pub fn check_side(p: Param, v: usize, multiple: usize, max: usize) -> Result<()> {
     if v == 0 || !v.is_multiple_of(multiple) {
         let lo = (v / multiple).max(1) * multiple;
         let hi = lo + multiple;
@@ -65,32 +77,36 @@ pub fn check_side(name: &str, v: usize, multiple: usize, max: usize) -> Result<(
         } else {
             format!("{lo} or {hi}")
         };
-        return Err(Error::request(format!(
-            "--{name} {v}: must be a positive multiple of {multiple} for this model; try {hint}"
-        )));
+        return Err(Error::invalid(
+            p,
+            format!(" {v}: must be a positive multiple of {multiple} for this model; try {hint}"),
+        ));
     }
     if v > max {
-        return Err(Error::request(format!(
-            "--{name} {v}: larger than this model supports ({max}); use at most {max}"
-        )));
+        return Err(Error::invalid(
+            p,
+            format!(" {v}: larger than this model supports ({max}); use at most {max}"),
+        ));
     }
     Ok(())
 }
 
 pub fn check_steps(steps: usize) -> Result<()> {
     if steps == 0 || steps > MAX_STEPS {
-        return Err(Error::request(format!(
-            "--steps {steps}: must be between 1 and {MAX_STEPS}"
-        )));
+        return Err(Error::invalid(
+            Param::Steps,
+            format!(" {steps}: must be between 1 and {MAX_STEPS}"),
+        ));
     }
     Ok(())
 }
 
-pub fn check_guidance(name: &str, g: f64) -> Result<()> {
+pub fn check_guidance(p: Param, g: f64) -> Result<()> {
     if !g.is_finite() || !(0.0..=100.0).contains(&g) {
-        return Err(Error::request(format!(
-            "--{name} {g}: must be a number between 0 and 100 (1 turns guidance off)"
-        )));
+        return Err(Error::invalid(
+            p,
+            format!(" {g}: must be a number between 0 and 100 (1 turns guidance off)"),
+        ));
     }
     Ok(())
 }

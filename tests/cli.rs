@@ -2,42 +2,27 @@
 
 mod common;
 
-use std::process::Command;
+use common::{mmdit, tmp};
+use std::path::Path;
 
-fn mmdit() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_mmdit"))
-}
-
-fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("mmdit-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// `mmdit generate --model <fixture> --prompt "a red circle" --steps 2 <extra> --output <out>`.
+fn generate(model: &str, extra: &[&str], out: &Path) -> std::process::Output {
+    mmdit()
+        .args(["generate", "--model"])
+        .arg(common::fixture(model))
+        .args(["--prompt", "a red circle", "--steps", "2"])
+        .args(extra)
+        .arg("--output")
+        .arg(out)
+        .output()
+        .unwrap()
 }
 
 #[test]
 fn generate_writes_a_png_of_the_requested_size_with_metadata() {
-    let dir = tmp("gen");
-    let out = dir.join("img.png");
-    let st = mmdit()
-        .args(["generate", "--model"])
-        .arg(common::fixture("sd35-tiny"))
-        .args([
-            "--prompt",
-            "a red circle",
-            "--steps",
-            "2",
-            "--width",
-            "48",
-            "--height",
-            "32",
-            "--seed",
-            "7",
-        ])
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let out = tmp("gen").join("img.png");
+    let size = ["--width", "48", "--height", "32", "--seed", "7"];
+    let st = generate("sd35-tiny", &size, &out);
     assert!(
         st.status.success(),
         "{}",
@@ -51,62 +36,18 @@ fn generate_writes_a_png_of_the_requested_size_with_metadata() {
     assert_eq!(get("steps").as_deref(), Some("2"));
 
     // Same seed, same image; and the existing file is not overwritten without --overwrite.
-    let again = mmdit()
-        .args(["generate", "--model"])
-        .arg(common::fixture("sd35-tiny"))
-        .args([
-            "--prompt",
-            "a red circle",
-            "--steps",
-            "2",
-            "--width",
-            "48",
-            "--height",
-            "32",
-            "--seed",
-            "7",
-        ])
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let again = generate("sd35-tiny", &size, &out);
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
-    let st = mmdit()
-        .args(["generate", "--overwrite", "--model"])
-        .arg(common::fixture("sd35-tiny"))
-        .args([
-            "--prompt",
-            "a red circle",
-            "--steps",
-            "2",
-            "--width",
-            "48",
-            "--height",
-            "32",
-            "--seed",
-            "7",
-        ])
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let st = generate("sd35-tiny", &[&size[..], &["--overwrite"]].concat(), &out);
     assert!(st.status.success());
     assert_eq!(mmdit::output::read_png(&out).unwrap().0, img);
 }
 
 #[test]
 fn bad_size_is_refused_before_loading_with_the_nearest_valid_sizes() {
-    let dir = tmp("size");
-    let out = dir.join("img.png");
-    let st = mmdit()
-        .args(["generate", "--model"])
-        .arg(common::fixture("sd35-tiny"))
-        .args(["--prompt", "x", "--width", "50"])
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let out = tmp("size").join("img.png");
+    let st = generate("sd35-tiny", &["--width", "50"], &out);
     let err = String::from_utf8_lossy(&st.stderr);
     assert_eq!(st.status.code(), Some(2), "{err}");
     assert!(
@@ -128,26 +69,8 @@ fn generate_runs_both_tiny_flux_variants() {
         ),
     ] {
         let out = dir.join(format!("{name}.png"));
-        let st = mmdit()
-            .args(["generate", "--model"])
-            .arg(common::fixture(name))
-            .args([
-                "--prompt",
-                "a red circle",
-                "--steps",
-                "2",
-                "--width",
-                "40",
-                "--height",
-                "24",
-                "--seed",
-                "1",
-            ])
-            .args(&extra)
-            .arg("--output")
-            .arg(&out)
-            .output()
-            .unwrap();
+        let size = ["--width", "40", "--height", "24", "--seed", "1"];
+        let st = generate(name, &[&size[..], &extra].concat(), &out);
         let err = String::from_utf8_lossy(&st.stderr);
         assert!(st.status.success(), "{name}: {err}");
         let (img, _) = mmdit::output::read_png(&out).unwrap();
@@ -160,27 +83,15 @@ fn generate_runs_both_tiny_flux_variants() {
 
 #[test]
 fn generate_defaults_to_the_embedded_demo_model() {
-    let dir = tmp("demo");
-    let out = dir.join("demo.png");
+    let out = tmp("demo").join("demo.png");
     let st = mmdit()
-        .args([
-            "generate",
-            "--prompt",
-            "a red circle on a white background",
-            "--steps",
-            "4",
-            "--seed",
-            "1",
-        ])
-        .arg("--output")
+        .args(["generate", "--prompt", "a red circle on a white background"])
+        .args("--steps 4 --seed 1 --output".split(' '))
         .arg(&out)
         .output()
         .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(st.status.success(), "{err}");
     let (img, text) = mmdit::output::read_png(&out).unwrap();
     assert_eq!((img.width, img.height), (64, 64));
     assert!(text.iter().any(|(k, v)| k == "model" && v == "demo"));
@@ -191,15 +102,7 @@ fn models_lists_presets_and_inspect_checks_a_folder() {
     let o = mmdit().arg("models").output().unwrap();
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());
-    for name in [
-        "demo",
-        "sd3-medium",
-        "sd3.5-large",
-        "sd3.5-large-turbo",
-        "sd3.5-medium",
-        "flux.1-schnell",
-        "flux.1-dev",
-    ] {
+    for name in ["demo"].into_iter().chain(common::REAL_MODELS) {
         assert!(s.contains(&format!("| {name} |")), "{s}");
     }
     let o = mmdit()

@@ -114,16 +114,12 @@ fn judge(img: &RgbImage, shape: &str, colour: &str, bg: [f32; 3]) -> (bool, bool
     (best == colour, guess == shape)
 }
 
-fn demo() -> mmdit::Sd3Pipeline {
+fn demo() -> Pipeline {
     let p = Preset::find("demo").unwrap();
-    match Spec::open(&p.model_ref(None))
+    Spec::open(&p.model_ref(None))
         .unwrap()
         .load(&device(), DType::F32)
         .unwrap()
-    {
-        Pipeline::Sd3(p) => *p,
-        Pipeline::Flux(_) => unreachable!(),
-    }
 }
 
 fn request(prompt: &str, steps: usize, seed: u64) -> Request {
@@ -157,6 +153,7 @@ fn demo_matches_diffusers_for_the_same_noise() {
         );
         req.noise = Some(noise);
         req.guidance = run["guidance"].as_f64();
+        req.max_sequence_length = meta["max_sequence_length"].as_u64().map(|v| v as usize);
         let out = pipe.generate(&req, &mut |_| {}).unwrap();
         let want = reference_image(&r, k);
         let worst = max_u8_diff(&out.image.data, &want);
@@ -218,8 +215,10 @@ fn demo_in_bf16_stays_as_close_to_diffusers_f32_as_diffusers_bf16() {
             run["steps"].as_u64().unwrap() as usize,
             0,
         );
-        req.noise = fixture_request("demo-ref", run, 16).noise;
+        let max_seq = meta["max_sequence_length"].as_u64().unwrap() as usize;
+        req.noise = fixture_request("demo-ref", run, max_seq).noise;
         req.guidance = run["guidance"].as_f64();
+        req.max_sequence_length = Some(max_seq);
         let out = pipe.generate(&req, &mut |_| {}).unwrap();
         let want = reference_image(&r, k);
         let p = psnr(&out.image.data, &want);

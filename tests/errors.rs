@@ -535,20 +535,11 @@ fn from_png_replays_bit_for_bit() {
     let d = tmp("replay");
     let first = d.join("first.png");
     let o = mmdit()
-        .args([
-            "generate",
-            "--prompt",
-            "a blue square",
-            "--steps",
-            "3",
-            "--guidance",
-            "4.5",
-            "--sampler",
-            "heun",
-            "--model",
-        ])
+        .args(["generate", "--prompt", "a blue square"])
+        .args("--steps 3 --guidance 4.5 --sampler heun --width 40 --height 32".split(' '))
+        .arg("--model")
         .arg(fixture("sd35-tiny"))
-        .args(["--width", "40", "--height", "32", "--output"])
+        .arg("--output")
         .arg(&first)
         .output()
         .unwrap();

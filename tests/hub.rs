@@ -335,34 +335,35 @@ fn missing_repo_or_file_is_named() {
     common::assert_clean_error(code, &err, &["vae/"]);
 }
 
+/// `generate` from a fresh cache against a loopback Hub serving sd3-dummy that cuts the first
+/// download of `cut_once` and serves `truncate` short.
+fn generate_with(
+    cut_once: Option<&str>,
+    truncate: Option<&str>,
+    test: &str,
+) -> (Option<i32>, String, PathBuf) {
+    let faults = Faults {
+        cut_once: cut_once.map(Into::into),
+        truncate: truncate.map(Into::into),
+        ..Default::default()
+    };
+    let hub = Hub::start(common::fixture("sd3-dummy"), faults);
+    let home = common::tmp(&format!("hub-{test}-home"));
+    generate(&hub.endpoint(), &home, &[], test)
+}
+
 #[test]
 fn a_cut_connection_is_retried_to_completion() {
-    let home = common::tmp("hub-cut");
     let file = "transformer/diffusion_pytorch_model.safetensors";
-    let hub = Hub::start(
-        common::fixture("sd3-dummy"),
-        Faults {
-            cut_once: Some(file.into()),
-            ..Default::default()
-        },
-    );
-    let (code, err, out) = generate(&hub.endpoint(), &home, &[], "cut");
+    let (code, err, out) = generate_with(Some(file), None, "cut");
     assert_eq!(code, Some(0), "{err}");
     assert!(out.exists());
 }
 
 #[test]
 fn a_short_file_is_refused_before_use() {
-    let home = common::tmp("hub-short");
     let file = "vae/diffusion_pytorch_model.safetensors";
-    let hub = Hub::start(
-        common::fixture("sd3-dummy"),
-        Faults {
-            truncate: Some(file.into()),
-            ..Default::default()
-        },
-    );
-    let (code, err, out) = generate(&hub.endpoint(), &home, &[], "short");
+    let (code, err, out) = generate_with(None, Some(file), "short");
     common::assert_clean_error(
         code,
         &err,

@@ -13,7 +13,7 @@ use mmdit::loader::audit::{Audit, ShapeBackend, TensorMeta};
 use mmdit::mmdit::{FluxTransformer, Sd3Transformer};
 use mmdit::text::clip::ClipText;
 use mmdit::vae::VaeDecoder;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::BTreeMap;
 
 fn check(model: &str, comp: &str, a: Audit) {
@@ -71,92 +71,59 @@ fn vae() -> VaeConfig {
     .unwrap()
 }
 
+/// Builds a component on a var builder and drops it.
+type Build<'a> = Box<dyn Fn(VarBuilder) -> candle_core::Result<()> + 'a>;
+
 #[test]
 fn all_six_models_map_every_tensor_exactly_once() {
-    let none = |_: &str| false;
-    for model in [
-        "sd3-medium",
-        "sd3.5-large",
-        "sd3.5-large-turbo",
-        "sd3.5-medium",
-        "flux.1-schnell",
-        "flux.1-dev",
-    ] {
-        let path = common::fixture("manifests").join(format!("{model}.json"));
-        let m: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let comps = &m["components"];
+    let (l, g) = (
+        clip(768, 12, 12, 3072, 768, "quick_gelu"),
+        clip(1280, 32, 20, 5120, 1280, "gelu"),
+    );
+    let l = &l;
+    let clip_l =
+        |projection| -> Build { Box::new(move |vb| ClipText::new(l, projection, vb).map(drop)) };
+    let t5: Build =
+        Box::new(|vb| candle_transformers::models::t5::T5EncoderModel::load(vb, &t5()).map(drop));
+    for model in common::REAL_MODELS {
+        let m = common::read_json(common::fixture("manifests").join(format!("{model}.json")));
         let tcfg = m["transformer_config"].clone();
-        let a = if m["family"] == "sd3" {
+        let parts: Vec<(&str, Build)> = if m["family"] == "sd3" {
             let cfg: Sd3TransformerConfig = serde_json::from_value(tcfg).unwrap();
-            ShapeBackend::audit(
-                manifest_tensors(&comps["transformer"]),
-                |vb| Sd3Transformer::new(&cfg, vb).map(drop),
-                none,
-            )
+            vec![
+                (
+                    "transformer",
+                    Box::new(move |vb| Sd3Transformer::new(&cfg, vb).map(drop)),
+                ),
+                ("text_encoder", clip_l(true)),
+                (
+                    "text_encoder_2",
+                    Box::new(|vb| ClipText::new(&g, true, vb).map(drop)),
+                ),
+                ("text_encoder_3", Box::new(&t5)),
+            ]
         } else {
             let cfg: FluxTransformerConfig = serde_json::from_value(tcfg).unwrap();
-            ShapeBackend::audit(
-                manifest_tensors(&comps["transformer"]),
-                |vb| FluxTransformer::new(&cfg, vb).map(drop),
-                none,
-            )
+            vec![
+                (
+                    "transformer",
+                    Box::new(move |vb| FluxTransformer::new(&cfg, vb).map(drop)),
+                ),
+                ("text_encoder", clip_l(false)),
+                ("text_encoder_2", Box::new(&t5)),
+            ]
         };
-        check(model, "transformer", a.unwrap());
-        let encoder_side = |n: &str| n.starts_with("encoder.") || n.starts_with("quant_conv.");
-        let a = ShapeBackend::audit(
-            manifest_tensors(&comps["vae"]),
-            |vb| VaeDecoder::new(&vae(), vb).map(drop),
-            encoder_side,
-        );
-        check(model, "vae (decoder)", a.unwrap());
-        let l = clip(768, 12, 12, 3072, 768, "quick_gelu");
-        let g = clip(1280, 32, 20, 5120, 1280, "gelu");
-        let build_t5 = |vb: VarBuilder| {
-            candle_transformers::models::t5::T5EncoderModel::load(vb, &t5()).map(drop)
-        };
-        if m["family"] == "sd3" {
+        let vae: Build = Box::new(|vb| VaeDecoder::new(&vae(), vb).map(drop));
+        for (comp, build) in parts.into_iter().chain([("vae", vae)]) {
+            // The VAE encoder is the one part the engine does not read.
+            let ignore = |n: &str| {
+                comp == "vae" && (n.starts_with("encoder.") || n.starts_with("quant_conv."))
+            };
+            let tensors = manifest_tensors(&m["components"][comp]);
             check(
                 model,
-                "text_encoder",
-                ShapeBackend::audit(
-                    manifest_tensors(&comps["text_encoder"]),
-                    |vb| ClipText::new(&l, true, vb).map(drop),
-                    none,
-                )
-                .unwrap(),
-            );
-            check(
-                model,
-                "text_encoder_2",
-                ShapeBackend::audit(
-                    manifest_tensors(&comps["text_encoder_2"]),
-                    |vb| ClipText::new(&g, true, vb).map(drop),
-                    none,
-                )
-                .unwrap(),
-            );
-            check(
-                model,
-                "text_encoder_3",
-                ShapeBackend::audit(manifest_tensors(&comps["text_encoder_3"]), build_t5, none)
-                    .unwrap(),
-            );
-        } else {
-            check(
-                model,
-                "text_encoder",
-                ShapeBackend::audit(
-                    manifest_tensors(&comps["text_encoder"]),
-                    |vb| ClipText::new(&l, false, vb).map(drop),
-                    none,
-                )
-                .unwrap(),
-            );
-            check(
-                model,
-                "text_encoder_2",
-                ShapeBackend::audit(manifest_tensors(&comps["text_encoder_2"]), build_t5, none)
-                    .unwrap(),
+                comp,
+                ShapeBackend::audit(tensors, build, ignore).unwrap(),
             );
         }
     }

@@ -106,17 +106,8 @@ fn shapes(m: &BTreeMap<String, TensorMeta>) -> BTreeMap<String, Vec<usize>> {
 #[test]
 fn every_tensor_of_the_six_real_single_files_maps_onto_the_diffusers_layout() {
     let dir = fixture("manifests");
-    for model in [
-        "sd3-medium",
-        "sd3.5-large",
-        "sd3.5-large-turbo",
-        "sd3.5-medium",
-        "flux.1-schnell",
-        "flux.1-dev",
-    ] {
-        let read = |f: &str| -> Value {
-            serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap()
-        };
+    for model in REAL_MODELS {
+        let read = |f: &str| -> Value { read_json(dir.join(f)) };
         let diffusers = read(&format!("{model}.json"));
         let single = read(&format!("{model}.single.json"));
         let main = manifest_tensors(&single["file"]);
@@ -130,7 +121,8 @@ fn every_tensor_of_the_six_real_single_files_maps_onto_the_diffusers_layout() {
         } else {
             model
         };
-        assert_eq!(s.detected.variant, Some(want_variant), "{model}: variant");
+        let preset = mmdit::presets::Preset::for_single_file(&s.detected).map(|p| p.name);
+        assert_eq!(preset.as_deref(), Some(want_variant), "{model}: variant");
         assert_eq!(
             s.detected.format,
             if model.starts_with("flux") {
@@ -232,33 +224,30 @@ fn inspect_flags_a_foreign_tensor_in_a_single_file() {
     );
 }
 
+/// `mmdit generate --prompt x --model <file> [--components <dir>]` into a fresh folder.
+fn generate_single(file: &str, components: Option<PathBuf>, test: &str) -> (Option<i32>, String) {
+    let mut cmd = mmdit();
+    cmd.args(["generate", "--prompt", "x", "--model"])
+        .arg(single(file))
+        .arg("--output")
+        .arg(tmp(test).join("o.png"));
+    if let Some(c) = components {
+        cmd.arg("--components").arg(c);
+    }
+    let o = cmd.output().unwrap();
+    (o.status.code(), String::from_utf8_lossy(&o.stderr).into())
+}
+
 #[test]
 fn a_single_file_of_unknown_shapes_needs_components() {
-    let (code, err) = run(&[
-        "generate".as_ref(),
-        "--prompt".as_ref(),
-        "x".as_ref(),
-        "--model".as_ref(),
-        single("sd35-tiny/sd35_tiny.safetensors").as_os_str(),
-        "--output".as_ref(),
-        tmp("single-nocomp").join("o.png").as_os_str(),
-    ]);
+    let (code, err) = generate_single("sd35-tiny/sd35_tiny.safetensors", None, "single-nocomp");
     assert_clean_error(code, &err, &["--components"]);
 }
 
 #[test]
 fn a_single_file_with_components_of_the_other_family_is_refused() {
-    let (code, err) = run(&[
-        "generate".as_ref(),
-        "--prompt".as_ref(),
-        "x".as_ref(),
-        "--model".as_ref(),
-        single("flux-dev-tiny/flux1-dev-tiny.safetensors").as_os_str(),
-        "--components".as_ref(),
-        fixture("sd3-dummy").as_os_str(),
-        "--output".as_ref(),
-        tmp("single-family").join("o.png").as_os_str(),
-    ]);
+    let file = "flux-dev-tiny/flux1-dev-tiny.safetensors";
+    let (code, err) = generate_single(file, Some(fixture("sd3-dummy")), "single-family");
     assert_clean_error(code, &err, &["flux", "sd3", "--components"]);
 }
 

@@ -3,7 +3,7 @@
 pub mod plot;
 pub mod report;
 
-use crate::pipeline::RgbImage;
+use crate::output::RgbImage;
 use candle_core::{DType, Tensor};
 
 /// Median, min and max of a set of durations in seconds.

@@ -56,6 +56,43 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     }
 }
 
+impl Row {
+    /// The row's measurements in column order ([`ROW_COLUMNS`]), stats and numbers written by the
+    /// given formatters (a number comes with its count of decimals).
+    fn cells(
+        &self,
+        stat: impl Fn(&Option<Stat>) -> String,
+        num: impl Fn(Option<f64>, usize) -> String,
+    ) -> Vec<String> {
+        vec![
+            self.sampler.clone(),
+            self.steps.to_string(),
+            self.nfe.to_string(),
+            stat(&self.text_s),
+            stat(&self.step_s),
+            stat(&self.denoise_s),
+            stat(&self.decode_s),
+            num(self.steps_per_s, 2),
+            num(self.psnr_db, 2),
+            num(self.latent_rmse, 4),
+        ]
+    }
+}
+
+/// Column names of a row: (CSV, table).
+const ROW_COLUMNS: [(&str, &str); 10] = [
+    ("sampler", "sampler"),
+    ("steps", "steps"),
+    ("nfe", "NFE"),
+    ("text_s", "text s"),
+    ("step_s", "s/step median (min-max)"),
+    ("denoise_s", "denoise s"),
+    ("decode_s", "decode s"),
+    ("steps_per_s", "steps/s"),
+    ("psnr_db", "PSNR dB"),
+    ("latent_rmse", "latent RMSE"),
+];
+
 impl Results {
     /// A Markdown table: one row per sampler and step count.
     pub fn table(&self) -> String {
@@ -72,53 +109,35 @@ impl Results {
             self.peak_rss_bytes
                 .map_or("-".into(), |b| format!("{:.0} MiB", b as f64 / 1048576.0))
         );
-        s += "| sampler | steps | NFE | text s | s/step median (min-max) | denoise s | decode s | steps/s | PSNR dB | latent RMSE |\n";
-        s += "|---|---|---|---|---|---|---|---|---|---|\n";
+        let line = |cells: Vec<String>| format!("| {} |\n", cells.join(" | "));
+        s += &line(ROW_COLUMNS.iter().map(|c| c.1.to_string()).collect());
+        s += &line(vec!["---".into(); ROW_COLUMNS.len()]);
         for r in &self.rows {
-            s += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-                r.sampler,
-                r.steps,
-                r.nfe,
-                fmt_stat(&r.text_s),
-                fmt_stat(&r.step_s),
-                fmt_stat(&r.denoise_s),
-                fmt_stat(&r.decode_s),
-                fmt_opt(r.steps_per_s, 2),
-                fmt_opt(r.psnr_db, 2),
-                fmt_opt(r.latent_rmse, 4)
-            );
+            s += &line(r.cells(fmt_stat, fmt_opt));
         }
         s
     }
 
     pub fn csv(&self) -> String {
-        let mut s = String::from(
-            "engine,model,device,dtype,threads,width,height,sampler,steps,nfe,text_s,step_s,denoise_s,decode_s,steps_per_s,psnr_db,latent_rmse\n",
-        );
+        let run = [
+            "engine", "model", "device", "dtype", "threads", "width", "height",
+        ];
+        let header: Vec<&str> = run.into_iter().chain(ROW_COLUMNS.map(|c| c.0)).collect();
+        let mut s = header.join(",") + "\n";
+        let run = [
+            self.engine.clone(),
+            self.model.clone(),
+            self.device.clone(),
+            self.dtype.clone(),
+            self.threads.to_string(),
+            self.width.to_string(),
+            self.height.to_string(),
+        ];
         let med = |x: &Option<Stat>| x.map_or(String::new(), |s| format!("{:.6}", s.median));
-        let opt = |x: Option<f64>| x.map_or(String::new(), |v| format!("{v:.6}"));
+        let opt = |x: Option<f64>, _| x.map_or(String::new(), |v| format!("{v:.6}"));
         for r in &self.rows {
-            s += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
-                self.engine,
-                self.model,
-                self.device,
-                self.dtype,
-                self.threads,
-                self.width,
-                self.height,
-                r.sampler,
-                r.steps,
-                r.nfe,
-                med(&r.text_s),
-                med(&r.step_s),
-                med(&r.denoise_s),
-                med(&r.decode_s),
-                opt(r.steps_per_s),
-                opt(r.psnr_db),
-                opt(r.latent_rmse)
-            );
+            let cells: Vec<String> = run.iter().cloned().chain(r.cells(med, opt)).collect();
+            s += &(cells.join(",") + "\n");
         }
         s
     }
@@ -167,4 +186,54 @@ pub fn compare(ours: &Results, theirs: &Results) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_and_csv_list_every_column_once_per_row() {
+        let stat = Stat::of(&[1.0, 2.0]);
+        let row = Row {
+            sampler: "euler".into(),
+            steps: 4,
+            nfe: 4,
+            text_s: stat,
+            step_s: stat,
+            denoise_s: stat,
+            decode_s: None,
+            steps_per_s: Some(0.5),
+            psnr_db: Some(f64::INFINITY),
+            latent_rmse: None,
+        };
+        let r = Results {
+            engine: "mmdit".into(),
+            commit: "c".into(),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            threads: 2,
+            model: "m".into(),
+            width: 64,
+            height: 32,
+            reference_steps: 100,
+            repeat: 1,
+            load_s: 0.5,
+            peak_rss_bytes: None,
+            rows: vec![row],
+        };
+        let csv = r.csv();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], "engine,model,device,dtype,threads,width,height,sampler,steps,nfe,text_s,step_s,denoise_s,decode_s,steps_per_s,psnr_db,latent_rmse");
+        assert_eq!(
+            lines[1],
+            "mmdit,m,cpu,f32,2,64,32,euler,4,4,1.500000,1.500000,1.500000,,0.500000,inf,"
+        );
+        let table = r.table();
+        assert!(
+            table.contains("| sampler | steps | NFE | text s |"),
+            "{table}"
+        );
+        assert!(table.contains("| euler | 4 | 4 | 1.500 (1.000-2.000) | 1.500 (1.000-2.000) | 1.500 (1.000-2.000) | - | 0.50 | inf | - |"), "{table}");
+    }
 }

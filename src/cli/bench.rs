@@ -1,25 +1,20 @@
 //! `mmdit bench`: speed per phase and few-step fidelity against a many-step reference.
 
+use super::args::{ImageArgs, ModelArgs};
 use anyhow::Context;
 use clap::Args;
 use mmdit::bench::{self, report, Stat};
 use mmdit::sampling::Sampler;
-use mmdit::{device, output, Request, Spec};
+use mmdit::{device, output, Request};
 use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Model: a preset, a local folder in diffusers layout, a Hub repo id or a single-file
-    /// .safetensors checkpoint.
-    #[arg(long, default_value = super::generate::DEFAULT_MODEL)]
-    pub model: String,
-    #[arg(long)]
-    pub revision: Option<String>,
-    /// For a single-file .safetensors --model: a preset, folder or Hub repo with its configs,
-    /// tokenizers and the components the file lacks (default: the preset its shapes match).
-    #[arg(long)]
-    pub components: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub image: ImageArgs,
     /// Step counts to measure, comma-separated.
     #[arg(long, default_value = "4,10,28", value_delimiter = ',')]
     pub steps: Vec<usize>,
@@ -40,20 +35,6 @@ pub struct BenchArgs {
     /// Timed repeats of each configuration (after one warm-up run).
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
-    #[arg(long)]
-    pub width: Option<usize>,
-    #[arg(long)]
-    pub height: Option<usize>,
-    #[arg(long)]
-    pub guidance: Option<f64>,
-    #[arg(long)]
-    pub max_sequence_length: Option<usize>,
-    /// auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// f32, f16 or bf16 (default: bf16 on CUDA and Metal, f32 on CPU).
-    #[arg(long)]
-    pub dtype: Option<String>,
     /// table, json or csv (printed to stdout).
     #[arg(long, default_value = "table")]
     pub format: String,
@@ -96,7 +77,6 @@ fn commit() -> String {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
-    let dev = device::parse_device(&a.device)?;
     if !matches!(a.format.as_str(), "table" | "json" | "csv") {
         return Err(mmdit::Error::request(format!(
             "--format {}: use table, json or csv",
@@ -139,42 +119,29 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if let Some(d) = &a.output_dir {
         std::fs::create_dir_all(d).with_context(|| format!("--output-dir {}", d.display()))?;
     }
-    let (model, preset) =
-        mmdit::presets::resolve_with(&a.model, a.revision.as_deref(), a.components.as_deref())?;
-    let dtype = match a
-        .dtype
-        .as_deref()
-        .or_else(|| preset.as_ref().and_then(|p| p.dtype_for(&dev)))
-    {
-        Some(s) => device::parse_dtype(s)?,
-        None => device::default_dtype(&dev),
-    };
-    let mut spec = Spec::open(&model)?;
-    if let Some(s) = preset.as_ref().and_then(|p| p.defaults.shift) {
-        spec.set_shift(s);
-    }
+    let chosen = a.model.choose()?;
+    let (dev, dtype) = (&chosen.device, chosen.dtype);
+    let spec = chosen.open()?;
     let base = |prompt: &str, steps: usize, sampler: Sampler| {
         let mut r = Request {
             prompt: prompt.to_owned(),
             steps: Some(steps),
             sampler: Some(sampler),
             seed: Some(a.seed),
-            width: a.width,
-            height: a.height,
-            guidance: a.guidance,
-            max_sequence_length: a.max_sequence_length,
+            width: a.image.width,
+            height: a.image.height,
+            guidance: a.image.guidance,
+            max_sequence_length: a.image.max_sequence_length,
             ..Default::default()
         };
-        if let Some(p) = &preset {
-            p.apply(&mut r);
-        }
+        chosen.apply_preset(&mut r);
         r
     };
     let r0 = spec.resolve(&base(&prompts[0], a.steps[0], samplers[0]))?;
     let name = spec.name().to_string();
 
     let t0 = Instant::now();
-    let mut pipe = spec.load(&dev, dtype).context("loading the model")?;
+    let mut pipe = spec.load(dev, dtype).context("loading the model")?;
     let load_s = t0.elapsed().as_secs_f64();
     // Warm-up: one short run, not measured.
     pipe.generate(&base(&prompts[0], 1, Sampler::Euler), &mut |_| {})?;
@@ -256,14 +223,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let sched = |steps: usize| {
-        let r = mmdit::Resolved {
+        pipe.spec.schedule(&mmdit::Resolved {
             steps,
             ..r0.clone()
-        };
-        match &pipe {
-            mmdit::Pipeline::Sd3(p) => p.spec.schedule(&r),
-            mmdit::Pipeline::Flux(p) => p.spec.schedule(&r),
-        }
+        })
     };
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     for c in per_cfg {

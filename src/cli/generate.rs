@@ -1,28 +1,19 @@
 //! `mmdit generate`: one image from a prompt, or a replay of a PNG's recorded parameters (`--from`).
 
+use super::args::{ImageArgs, ModelArgs};
+use super::flag;
 use anyhow::Context;
 use clap::Args;
 use mmdit::sampling::Sampler;
-use mmdit::{device, output, ModelRef, Request, Spec};
+use mmdit::{device, output, ModelRef, Request};
 use std::path::{Path, PathBuf};
-
-/// The model `generate` and `bench` use when `--model` is not given: the demo preset (models/demo).
-pub const DEFAULT_MODEL: &str = "demo";
 
 #[derive(Args, Debug, Default)]
 pub struct GenerateArgs {
-    /// Model: a preset (`mmdit models`), a local folder in diffusers layout, a Hub repo id
-    /// (org/name) or a single-file .safetensors checkpoint (SAI SD3, BFL Flux). Default: the
-    /// embedded demo model.
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Hub revision (branch, tag or commit) when --model is a repo id.
-    #[arg(long)]
-    pub revision: Option<String>,
-    /// For a single-file .safetensors --model: a preset, folder or Hub repo with its configs,
-    /// tokenizers and the components the file lacks (default: the preset its shapes match).
-    #[arg(long)]
-    pub components: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub image: ImageArgs,
     /// The prompt (required unless --from gives one).
     #[arg(long)]
     pub prompt: Option<String>,
@@ -32,16 +23,6 @@ pub struct GenerateArgs {
     /// Sampling steps (default: 28 for SD3 and FLUX.1-dev, 4 for FLUX.1-schnell).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Guidance scale. SD3: classifier-free guidance, 1 or less turns it off (default 7.0).
-    /// FLUX.1-dev: the embedded guidance (default 3.5); ignored by FLUX.1-schnell.
-    #[arg(long)]
-    pub guidance: Option<f64>,
-    /// Image width in pixels (default: the model's native size).
-    #[arg(long)]
-    pub width: Option<usize>,
-    /// Image height in pixels (default: the model's native size).
-    #[arg(long)]
-    pub height: Option<usize>,
     /// Noise seed (random when absent; printed and stored in the PNG).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -54,15 +35,6 @@ pub struct GenerateArgs {
     /// Flux: true classifier-free guidance scale (needs --negative-prompt).
     #[arg(long)]
     pub true_cfg: Option<f64>,
-    /// T5 sequence length (default: 256 for SD3 and FLUX.1-schnell, 512 for FLUX.1-dev).
-    #[arg(long)]
-    pub max_sequence_length: Option<usize>,
-    /// auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// f32, f16 or bf16 (default: bf16 on CUDA and Metal, f32 on CPU).
-    #[arg(long)]
-    pub dtype: Option<String>,
     /// Keep the text encoders in memory after encoding the prompt (by default they are released
     /// before denoising, which lowers peak memory).
     #[arg(long)]
@@ -128,19 +100,21 @@ fn apply_from(a: &mut GenerateArgs, png: &Path) -> anyhow::Result<()> {
         .negative_prompt
         .take()
         .or(get("negative_prompt").filter(|s| !s.is_empty()));
-    a.model = a.model.take().or(get("model"));
-    a.revision = a.revision.take().or(get("revision"));
-    a.components = a.components.take().or(get("components"));
+    let m = &mut a.model;
+    m.model = m.model.take().or(get("model"));
+    m.revision = m.revision.take().or(get("revision"));
+    m.components = m.components.take().or(get("components"));
+    m.dtype = m.dtype.take().or(get("dtype"));
     a.sampler = a.sampler.take().or(get("sampler"));
-    a.dtype = a.dtype.take().or(get("dtype"));
     a.noise = a.noise.take().or(get("noise_file").map(PathBuf::from));
     a.seed = a.seed.or(num(get("seed"), "seed", png)?);
     a.steps = a.steps.or(num(get("steps"), "steps", png)?);
-    a.guidance = a.guidance.or(num(get("guidance"), "guidance", png)?);
-    a.width = a.width.or(num(get("width"), "width", png)?);
-    a.height = a.height.or(num(get("height"), "height", png)?);
-    a.max_sequence_length =
-        a.max_sequence_length
+    let i = &mut a.image;
+    i.guidance = i.guidance.or(num(get("guidance"), "guidance", png)?);
+    i.width = i.width.or(num(get("width"), "width", png)?);
+    i.height = i.height.or(num(get("height"), "height", png)?);
+    i.max_sequence_length =
+        i.max_sequence_length
             .or(num(get("max_sequence_length"), "max_sequence_length", png)?);
     let true_cfg: Option<f64> = num(get("true_cfg"), "true_cfg", png)?;
     a.true_cfg = a.true_cfg.or(true_cfg.filter(|&g| g != 1.0));
@@ -155,48 +129,33 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     let prompt = a.prompt.clone().ok_or_else(|| {
         mmdit::Error::request("--prompt is required (or --from a PNG made by mmdit)")
     })?;
-    let dev = device::parse_device(&a.device)?;
-    let model_str = a.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string());
-    let (model, preset) =
-        mmdit::presets::resolve_with(&model_str, a.revision.as_deref(), a.components.as_deref())?;
-    let dtype = match a
-        .dtype
-        .as_deref()
-        .or_else(|| preset.as_ref().and_then(|p| p.dtype_for(&dev)))
-    {
-        Some(s) => device::parse_dtype(s)?,
-        None => device::default_dtype(&dev),
-    };
+    let chosen = a.model.choose()?;
     let sampler = Sampler::parse(a.sampler.as_deref().unwrap_or("euler"))?;
     output::check_output_path(&a.output, a.overwrite)?;
     let noise = a.noise.as_deref().map(load_noise).transpose()?;
-    let mut spec = Spec::open(&model)?;
-    if let Some(s) = preset.as_ref().and_then(|p| p.defaults.shift) {
-        spec.set_shift(s);
-    }
+    let spec = chosen.open()?;
+    let i = &a.image;
     let mut req = Request {
         prompt,
         negative_prompt: a.negative_prompt.clone(),
         steps: a.steps,
-        guidance: a.guidance,
-        width: a.width,
-        height: a.height,
+        guidance: i.guidance,
+        width: i.width,
+        height: i.height,
         seed: a.seed,
         noise,
-        max_sequence_length: a.max_sequence_length,
+        max_sequence_length: i.max_sequence_length,
         true_cfg: a.true_cfg,
         sampler: Some(sampler),
     };
-    if let Some(p) = &preset {
-        p.apply(&mut req);
-    }
+    chosen.apply_preset(&mut req);
     let resolved = spec.resolve(&req)?;
     let req = Request {
         seed: Some(resolved.seed),
         ..req
     };
     for n in &resolved.notices {
-        eprintln!("notice: {n}");
+        eprintln!("notice: {}", n.render(&flag));
     }
     eprintln!(
         "model {} | {}x{} | {} steps {} | guidance {} | seed {}{}",
@@ -213,11 +172,12 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
             ""
         }
     );
+    let (dev, dtype) = (&chosen.device, chosen.dtype);
 
     // Ctrl-C stops at the next step; nothing is written.
     let _ = ctrlc::set_handler(mmdit::interrupt::request);
     let t0 = std::time::Instant::now();
-    let mut pipe = spec.load(&dev, dtype).context("loading the model")?;
+    let mut pipe = spec.load(dev, dtype).context("loading the model")?;
     pipe.keep_text_encoders(a.keep_text_encoders);
     let load = t0.elapsed();
     let bar = indicatif::ProgressBar::new(resolved.steps as u64);
@@ -248,14 +208,14 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         ("width", r.width.to_string()),
         ("height", r.height.to_string()),
         ("max_sequence_length", r.max_sequence_length.to_string()),
-        ("model", model_str.clone()),
+        ("model", chosen.name.clone()),
         ("dtype", device::dtype_name(dtype).to_string()),
         ("mmdit_version", env!("CARGO_PKG_VERSION").to_string()),
     ];
-    if let ModelRef::Hub { revision, .. } = &model {
+    if let ModelRef::Hub { revision, .. } = &chosen.model {
         text.push(("revision", revision.clone()));
     }
-    if let Some(c) = &a.components {
+    if let Some(c) = &a.model.components {
         text.push(("components", c.clone()));
     }
     if let Some(n) = &a.noise {

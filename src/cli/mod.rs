@@ -1,5 +1,6 @@
 //! Argument structs and dispatch, one file per subcommand.
 
+mod args;
 mod bench;
 mod generate;
 mod models;
@@ -41,18 +42,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// The error and its causes on one line.
+/// A library parameter as the CLI names it: its flag.
+pub fn flag(p: mmdit::Param) -> String {
+    format!("--{}", p.name().replace('_', "-"))
+}
+
+/// The error and its causes on one line, parameters named by their flags.
 pub fn one_line(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for c in e.chain() {
+        let text = match c.downcast_ref::<mmdit::Error>() {
+            Some(m) => m.render(&flag),
+            None => c.to_string(),
+        };
         // First line only: candle appends a backtrace to its messages when RUST_BACKTRACE is set.
-        let s = c
-            .to_string()
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+        let s = text.lines().next().unwrap_or_default().trim().to_string();
         if !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
         }

@@ -80,7 +80,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         };
         let comps = match &a.components {
             Some(c) => presets::resolve(c, None).map(|(m, _)| m),
-            None => mmdit::pipeline::default_components(&single),
+            None => presets::default_preset(&single).map(|p| p.model_ref(None)),
         };
         let opened = comps.and_then(|c| {
             Spec::open(&mmdit::ModelRef::SingleFile {
@@ -91,7 +91,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         match opened {
             Ok(spec) => spec,
             Err(e) => {
-                println!("configs not checked: {e}");
+                println!("configs not checked: {}", e.render(&super::flag));
                 return finish(problems);
             }
         }
@@ -195,11 +195,10 @@ fn inspect_file(
             format!(" (prefix `{}`)", d.prefix)
         }
     );
-    println!(
-        "detected {}",
-        d.variant
-            .unwrap_or("no released model's shapes (pass --components)")
-    );
+    match Preset::for_single_file(d) {
+        Some(p) => println!("detected {}", p.name),
+        None => println!("detected no released model's shapes (pass --components)"),
+    }
     for (name, m) in &single.components {
         let n: usize = m
             .metas()

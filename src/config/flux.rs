@@ -1,30 +1,30 @@
-use super::{check, check_dim, MAX_LAYERS};
+use super::{check, check_dim, check_dims, n, MAX_LAYERS};
 use crate::error::Result;
 use std::path::Path;
 
 /// `transformer/config.json` of a `FluxTransformer2DModel` (field names and defaults as diffusers).
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct FluxTransformerConfig {
-    #[serde(default = "d1")]
+    #[serde(default = "n::<1>")]
     pub patch_size: usize,
     /// Packed latent channels in (16 latent channels x 2 x 2).
-    #[serde(default = "d64")]
+    #[serde(default = "n::<64>")]
     pub in_channels: usize,
     #[serde(default)]
     pub out_channels: Option<usize>,
     /// Double-stream blocks.
-    #[serde(default = "d19")]
+    #[serde(default = "n::<19>")]
     pub num_layers: usize,
     /// Single-stream blocks.
-    #[serde(default = "d38")]
+    #[serde(default = "n::<38>")]
     pub num_single_layers: usize,
-    #[serde(default = "d128")]
+    #[serde(default = "n::<128>")]
     pub attention_head_dim: usize,
-    #[serde(default = "d24")]
+    #[serde(default = "n::<24>")]
     pub num_attention_heads: usize,
-    #[serde(default = "d4096")]
+    #[serde(default = "n::<4096>")]
     pub joint_attention_dim: usize,
-    #[serde(default = "d768")]
+    #[serde(default = "n::<768>")]
     pub pooled_projection_dim: usize,
     /// FLUX.1-dev embeds the guidance scale; schnell does not.
     #[serde(default)]
@@ -33,30 +33,6 @@ pub struct FluxTransformerConfig {
     pub axes_dims_rope: Vec<usize>,
 }
 
-fn d1() -> usize {
-    1
-}
-fn d19() -> usize {
-    19
-}
-fn d24() -> usize {
-    24
-}
-fn d38() -> usize {
-    38
-}
-fn d64() -> usize {
-    64
-}
-fn d128() -> usize {
-    128
-}
-fn d768() -> usize {
-    768
-}
-fn d4096() -> usize {
-    4096
-}
 fn daxes() -> Vec<usize> {
     vec![16, 56, 56]
 }
@@ -71,16 +47,16 @@ impl FluxTransformerConfig {
     }
 
     pub fn validate(&self, path: &Path) -> Result<()> {
-        for (n, v) in [
-            ("in_channels", self.in_channels),
-            ("out_channels", self.out_channels()),
-            ("attention_head_dim", self.attention_head_dim),
-            ("num_attention_heads", self.num_attention_heads),
-            ("joint_attention_dim", self.joint_attention_dim),
-            ("pooled_projection_dim", self.pooled_projection_dim),
-        ] {
-            check_dim(path, n, v)?;
-        }
+        check_dims!(
+            path,
+            self,
+            in_channels,
+            attention_head_dim,
+            num_attention_heads,
+            joint_attention_dim,
+            pooled_projection_dim
+        );
+        check_dim(path, "out_channels", self.out_channels())?;
         check_dim(path, "hidden size (heads x head dim)", self.hidden_size())?;
         check(path, self.patch_size == 1, || {
             format!(

@@ -22,6 +22,20 @@ use std::path::Path;
 pub(crate) const MAX_DIM: usize = 1 << 16;
 pub(crate) const MAX_LAYERS: usize = 512;
 
+/// Serde default of a `usize` field: `#[serde(default = "n::<16>")]`.
+pub(crate) fn n<const N: usize>() -> usize {
+    N
+}
+
+/// Checks that each named field of a config is a plausible dimension (1..=`MAX_DIM`), naming it
+/// in the error: `check_dims!(path, self, vocab_size, hidden_size)`.
+macro_rules! check_dims {
+    ($path:expr, $cfg:expr, $($field:ident),+ $(,)?) => {
+        $( $crate::config::check_dim($path, stringify!($field), $cfg.$field)?; )+
+    };
+}
+pub(crate) use check_dims;
+
 /// Reads and parses a JSON config file, naming the file in every error.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| {

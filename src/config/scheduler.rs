@@ -1,11 +1,11 @@
-use super::check;
+use super::{check, n};
 use crate::error::Result;
 use std::path::Path;
 
 /// `scheduler/scheduler_config.json` of a `FlowMatchEulerDiscreteScheduler`.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct SchedulerConfig {
-    #[serde(default = "d1000")]
+    #[serde(default = "n::<1000>")]
     pub num_train_timesteps: usize,
     #[serde(default = "d1")]
     pub shift: f64,
@@ -15,9 +15,9 @@ pub struct SchedulerConfig {
     pub base_shift: f64,
     #[serde(default = "d115")]
     pub max_shift: f64,
-    #[serde(default = "d256")]
+    #[serde(default = "n::<256>")]
     pub base_image_seq_len: usize,
-    #[serde(default = "d4096")]
+    #[serde(default = "n::<4096>")]
     pub max_image_seq_len: usize,
     /// Stretches the schedule so the last sigma equals this (SD3.5-large-turbo leaves it null).
     #[serde(default)]
@@ -44,15 +44,6 @@ fn d05() -> f64 {
 }
 fn d115() -> f64 {
     1.15
-}
-fn d256() -> usize {
-    256
-}
-fn d1000() -> usize {
-    1000
-}
-fn d4096() -> usize {
-    4096
 }
 fn dexp() -> String {
     "exponential".into()

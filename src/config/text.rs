@@ -1,4 +1,4 @@
-use super::{check, check_dim, MAX_LAYERS};
+use super::{check, check_dim, check_dims, n, MAX_LAYERS};
 use crate::error::Result;
 use std::path::Path;
 
@@ -13,7 +13,7 @@ pub struct ClipTextConfig {
     pub projection_dim: Option<usize>,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default = "d77")]
+    #[serde(default = "n::<77>")]
     pub max_position_embeddings: usize,
     /// `"quick_gelu"` (CLIP-L), `"gelu"` (CLIP-G) or `"gelu_new"`.
     #[serde(default = "dact")]
@@ -29,9 +29,6 @@ pub struct ClipTextConfig {
 fn d2() -> u32 {
     2
 }
-fn d77() -> usize {
-    77
-}
 fn dact() -> String {
     "quick_gelu".into()
 }
@@ -45,15 +42,15 @@ impl ClipTextConfig {
     }
 
     pub fn validate(&self, path: &Path) -> Result<()> {
-        for (n, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_attention_heads", self.num_attention_heads),
-            ("max_position_embeddings", self.max_position_embeddings),
-        ] {
-            check_dim(path, n, v)?;
-        }
+        check_dims!(
+            path,
+            self,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_attention_heads,
+            max_position_embeddings
+        );
         if let Some(p) = self.projection_dim {
             check_dim(path, "projection_dim", p)?;
         }
@@ -100,29 +97,22 @@ pub struct T5Config {
     pub d_ff: usize,
     pub num_layers: usize,
     pub num_heads: usize,
-    #[serde(default = "d32")]
+    #[serde(default = "n::<32>")]
     pub relative_attention_num_buckets: usize,
-}
-
-fn d32() -> usize {
-    32
 }
 
 impl T5Config {
     pub fn validate(&self, path: &Path) -> Result<()> {
-        for (n, v) in [
-            ("vocab_size", self.vocab_size),
-            ("d_model", self.d_model),
-            ("d_kv", self.d_kv),
-            ("d_ff", self.d_ff),
-            ("num_heads", self.num_heads),
-            (
-                "relative_attention_num_buckets",
-                self.relative_attention_num_buckets,
-            ),
-        ] {
-            check_dim(path, n, v)?;
-        }
+        check_dims!(
+            path,
+            self,
+            vocab_size,
+            d_model,
+            d_kv,
+            d_ff,
+            num_heads,
+            relative_attention_num_buckets
+        );
         check(path, (1..=MAX_LAYERS).contains(&self.num_layers), || {
             format!(
                 "`num_layers` is {}, expected 1..={MAX_LAYERS}",

@@ -1,4 +1,4 @@
-use super::{check, check_dim, MAX_LAYERS};
+use super::{check, check_dim, check_dims, n, MAX_LAYERS};
 use crate::error::Result;
 use std::path::Path;
 
@@ -6,35 +6,35 @@ use std::path::Path;
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Sd3TransformerConfig {
     /// Nominal latent size the model was trained at (informational).
-    #[serde(default = "d128")]
+    #[serde(default = "n::<128>")]
     pub sample_size: usize,
     /// Side of the square patches the latents are cut into.
-    #[serde(default = "d2")]
+    #[serde(default = "n::<2>")]
     pub patch_size: usize,
     /// Latent channels in.
-    #[serde(default = "d16")]
+    #[serde(default = "n::<16>")]
     pub in_channels: usize,
     /// Number of joint (MMDiT) blocks; the last one is `context_pre_only`.
-    #[serde(default = "d18")]
+    #[serde(default = "n::<18>")]
     pub num_layers: usize,
-    #[serde(default = "d64")]
+    #[serde(default = "n::<64>")]
     pub attention_head_dim: usize,
-    #[serde(default = "d18")]
+    #[serde(default = "n::<18>")]
     pub num_attention_heads: usize,
     /// Width of the text sequence fed to `context_embedder`.
-    #[serde(default = "d4096")]
+    #[serde(default = "n::<4096>")]
     pub joint_attention_dim: usize,
     /// Width of the context stream (equals the hidden size in every released model).
-    #[serde(default = "d1152")]
+    #[serde(default = "n::<1152>")]
     pub caption_projection_dim: usize,
     /// Width of the pooled text vector.
-    #[serde(default = "d2048")]
+    #[serde(default = "n::<2048>")]
     pub pooled_projection_dim: usize,
     /// Latent channels out.
-    #[serde(default = "d16")]
+    #[serde(default = "n::<16>")]
     pub out_channels: usize,
     /// Side of the square position-embedding table (in patches).
-    #[serde(default = "d96")]
+    #[serde(default = "n::<96>")]
     pub pos_embed_max_size: usize,
     /// Blocks (by index) that carry a second, image-only attention (MMDiT-X, SD3.5-medium).
     #[serde(default)]
@@ -42,34 +42,6 @@ pub struct Sd3TransformerConfig {
     /// `"rms_norm"` or absent.
     #[serde(default)]
     pub qk_norm: Option<String>,
-}
-
-fn d2() -> usize {
-    2
-}
-fn d16() -> usize {
-    16
-}
-fn d18() -> usize {
-    18
-}
-fn d64() -> usize {
-    64
-}
-fn d96() -> usize {
-    96
-}
-fn d128() -> usize {
-    128
-}
-fn d1152() -> usize {
-    1152
-}
-fn d2048() -> usize {
-    2048
-}
-fn d4096() -> usize {
-    4096
 }
 
 impl Sd3TransformerConfig {
@@ -85,19 +57,19 @@ impl Sd3TransformerConfig {
 
     /// Rejects values no real model has, before any allocation.
     pub fn validate(&self, path: &Path) -> Result<()> {
-        for (name, v) in [
-            ("patch_size", self.patch_size),
-            ("in_channels", self.in_channels),
-            ("attention_head_dim", self.attention_head_dim),
-            ("num_attention_heads", self.num_attention_heads),
-            ("joint_attention_dim", self.joint_attention_dim),
-            ("caption_projection_dim", self.caption_projection_dim),
-            ("pooled_projection_dim", self.pooled_projection_dim),
-            ("out_channels", self.out_channels),
-            ("pos_embed_max_size", self.pos_embed_max_size),
-        ] {
-            check_dim(path, name, v)?;
-        }
+        check_dims!(
+            path,
+            self,
+            patch_size,
+            in_channels,
+            attention_head_dim,
+            num_attention_heads,
+            joint_attention_dim,
+            caption_projection_dim,
+            pooled_projection_dim,
+            out_channels,
+            pos_embed_max_size
+        );
         check(path, self.patch_size <= 16, || {
             format!("`patch_size` is {}, expected at most 16", self.patch_size)
         })?;

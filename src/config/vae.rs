@@ -1,22 +1,22 @@
-use super::{check, check_dim};
+use super::{check, check_dim, check_dims, n};
 use crate::error::Result;
 use std::path::Path;
 
 /// `vae/config.json` of an `AutoencoderKL` (field names and defaults as diffusers).
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct VaeConfig {
-    #[serde(default = "d3")]
+    #[serde(default = "n::<3>")]
     pub in_channels: usize,
-    #[serde(default = "d3")]
+    #[serde(default = "n::<3>")]
     pub out_channels: usize,
     /// Channels of each resolution level, highest resolution first.
     #[serde(default = "dboc")]
     pub block_out_channels: Vec<usize>,
-    #[serde(default = "d1")]
+    #[serde(default = "n::<1>")]
     pub layers_per_block: usize,
-    #[serde(default = "d4")]
+    #[serde(default = "n::<4>")]
     pub latent_channels: usize,
-    #[serde(default = "d32")]
+    #[serde(default = "n::<32>")]
     pub norm_num_groups: usize,
     /// Latents are divided by this before decoding.
     #[serde(default = "dscale")]
@@ -32,18 +32,6 @@ pub struct VaeConfig {
     pub mid_block_add_attention: bool,
 }
 
-fn d1() -> usize {
-    1
-}
-fn d3() -> usize {
-    3
-}
-fn d4() -> usize {
-    4
-}
-fn d32() -> usize {
-    32
-}
 fn dboc() -> Vec<usize> {
     vec![64]
 }
@@ -80,10 +68,14 @@ impl VaeConfig {
                 )
             })?;
         }
-        check_dim(path, "in_channels", self.in_channels)?;
-        check_dim(path, "out_channels", self.out_channels)?;
-        check_dim(path, "latent_channels", self.latent_channels)?;
-        check_dim(path, "norm_num_groups", self.norm_num_groups)?;
+        check_dims!(
+            path,
+            self,
+            in_channels,
+            out_channels,
+            latent_channels,
+            norm_num_groups
+        );
         check(path, (1..=16).contains(&self.layers_per_block), || {
             format!(
                 "`layers_per_block` is {}, expected 1..=16",

@@ -12,10 +12,16 @@ use std::ptr::NonNull;
 const ALIGN: usize = 64;
 const HUGE: usize = 2 << 20;
 
-/// Element types whose all-zero bit pattern is the value zero.
-pub trait Zeroed: Copy + Send + Sync + 'static {}
-impl Zeroed for f32 {}
-impl Zeroed for bf16 {}
+/// Element types whose all-zero bit pattern is a valid value (zero).
+///
+/// # Safety
+/// Implementors must be plain data for which every byte being 0 is a valid value: `Aligned` hands
+/// out zero-filled memory as `T`.
+pub unsafe trait Zeroed: Copy + Send + Sync + 'static {}
+// SAFETY: 0.0f32 is all-zero bits.
+unsafe impl Zeroed for f32 {}
+// SAFETY: bf16 zero is all-zero bits.
+unsafe impl Zeroed for bf16 {}
 
 /// `len` elements on a 64-byte boundary (the allocation holds `cap` >= `len`).
 pub struct Aligned<T: Zeroed> {
@@ -24,8 +30,9 @@ pub struct Aligned<T: Zeroed> {
     cap: usize,
 }
 
-// SAFETY: the buffer is owned, like a Vec<T>, and T is Send + Sync.
+// SAFETY: the buffer is owned and uniquely pointed to, like a Vec<T>, and T is Send + Sync.
 unsafe impl<T: Zeroed> Send for Aligned<T> {}
+// SAFETY: shared access only reads (`Deref`), like &Vec<T>; T is Sync.
 unsafe impl<T: Zeroed> Sync for Aligned<T> {}
 
 impl<T: Zeroed> Aligned<T> {

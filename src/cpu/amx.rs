@@ -7,55 +7,23 @@
 //! four accumulator tiles, two A tiles and two B tiles.
 //!
 //! [`available`] says whether the CPU has AMX-BF16 and the OS granted this process the tile state
-//! (Linux `arch_prctl(ARCH_REQ_XCOMP_PERM)`); `MMDIT_AMX=0` turns the path off. Callers fall back to
-//! candle's matmul when it is off, and the tests compare the two.
+//! (Linux `arch_prctl(ARCH_REQ_XCOMP_PERM)`), unless `MMDIT_AMX=0` turned it off
+//! ([`super::features`]). Callers fall back to candle's matmul when it is off, and the tests compare
+//! the two.
 
 use super::aligned::Aligned;
 use super::OutPtr;
 use half::bf16;
 use rayon::prelude::*;
-use std::sync::OnceLock;
 
 /// Rows of A per task (copied into a padded buffer), k per block, n per panel.
 const MC: usize = 256;
 const KC: usize = 512;
 const NC: usize = 256;
 
-/// Whether AMX bf16 tiles can be used in this process (probed once).
+/// Whether AMX bf16 tiles can be used in this process (the feature switch, [`super::features`]).
 pub fn available() -> bool {
-    static AMX: OnceLock<bool> = OnceLock::new();
-    *AMX.get_or_init(|| std::env::var("MMDIT_AMX").map_or(true, |v| v != "0") && detect())
-}
-
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn detect() -> bool {
-    use std::arch::x86_64::__cpuid_count;
-    // SAFETY: cpuid is available on every x86_64 CPU.
-    let max_leaf = __cpuid_count(0, 0).eax;
-    if max_leaf < 7 {
-        return false;
-    }
-    let edx = __cpuid_count(7, 0).edx;
-    let (amx_bf16, amx_tile) = (edx & (1 << 22) != 0, edx & (1 << 24) != 0);
-    if !(amx_bf16 && amx_tile) {
-        return false;
-    }
-    // Linux hands out the 8 KiB tile state only on request; the grant is for the whole process.
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: a plain syscall with integer arguments.
-    unsafe {
-        libc::syscall(
-            libc::SYS_arch_prctl,
-            ARCH_REQ_XCOMP_PERM,
-            XFEATURE_XTILEDATA,
-        ) == 0
-    }
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn detect() -> bool {
-    false
+    super::features().amx
 }
 
 /// The right-hand operand B (k x n) packed into 16 x 32 bf16 tiles: for each 32-column block of n
@@ -162,20 +130,8 @@ impl Output for bf16 {
 
 /// `out (m x n, row stride ldo) = a (m x k, row stride lda) · b (+ bias)`, on the rayon pool.
 /// Panics if [`available`] is false or the slices are too short for the shapes.
-pub fn matmul<O: Output>(
-    a: &[bf16],
-    m: usize,
-    lda: usize,
-    b: &PackedB,
-    bias: Option<&[f32]>,
-    out: &mut [O],
-    ldo: usize,
-) {
-    product(a, m, lda, b, bias, out, ldo)
-}
-
 #[allow(clippy::too_many_arguments)]
-fn product<O: Output>(
+pub fn matmul<O: Output>(
     a: &[bf16],
     m: usize,
     lda: usize,
@@ -198,7 +154,8 @@ fn product<O: Output>(
     let optr = OutPtr(out.as_mut_ptr());
     let tasks = super::split_tasks(m, MC, 32, b.np / 32);
     tasks.par_iter().for_each(|&(row0, rows, nb_lo, nb_hi)| {
-        // SAFETY: AMX is available (asserted); the task's output block is disjoint from the others'.
+        // SAFETY: AMX is available (asserted); the slices hold the shapes (asserted); the task's
+        // rows x columns block of the output is written by no other task (split_tasks).
         unsafe { task(a, lda, row0, rows, b, bias, optr.get(), ldo, nb_lo, nb_hi) };
     });
 }
@@ -210,11 +167,17 @@ pub fn matmul_padded(a: &[bf16], mrows: usize, b: &PackedB, c: &mut [f32]) {
     assert!(mrows.is_multiple_of(32), "rows not a multiple of 32");
     assert_eq!(a.len(), mrows * b.kp, "A is not rows x k_padded");
     assert_eq!(c.len(), mrows * b.np, "C is not rows x n_padded");
-    // SAFETY: AMX is available; the shapes are checked above.
+    // SAFETY: AMX is available; a, b and c hold the padded shapes (asserted above).
     unsafe { kernel::run(a, mrows, b.kp, b, 0, b.np / 32, c, b.np) };
 }
 
 /// One (row chunk, column range): pad the rows of A, accumulate the f32 block, write it out.
+///
+/// # Safety
+/// AMX must be available. `a` holds rows `row0 .. row0 + rows` at stride `lda` (each `b.k` long);
+/// `out` is valid for writes of those rows at stride `ldo`, columns `32 nb_lo .. min(32 nb_hi, n)`,
+/// and no other thread touches that block while the call runs. (No alignment is needed: tiles are
+/// loaded from the aligned scratch, and the output is written element by element.)
 #[allow(clippy::too_many_arguments)]
 unsafe fn task<O: Output>(
     a: &[bf16],
@@ -244,22 +207,28 @@ unsafe fn task<O: Output>(
             let p_hi = (p_lo + ncb).min(nb_hi);
             let width = (p_hi - p_lo) * 32;
             c.reset(mrows * width);
-            kernel::run(ap, mrows, kp, b, p_lo, p_hi, c, width);
+            // SAFETY: AMX is available (the caller's contract); ap is mrows x kp and c mrows x
+            // width, both padded to tile multiples.
+            unsafe { kernel::run(ap, mrows, kp, b, p_lo, p_hi, c, width) };
             let col0 = p_lo * 32;
             let cols = (b.n.min(p_hi * 32)).saturating_sub(col0);
             for r in 0..rows {
                 let crow = &c[r * width..r * width + cols];
-                let orow = out.add((row0 + r) * ldo + col0);
+                // SAFETY: row row0 + r, columns col0 .. col0 + cols of out are this task's (the
+                // caller's contract).
+                let orow = unsafe { out.add((row0 + r) * ldo + col0) };
                 match bias {
                     Some(bias) => {
                         for (j, (&v, &bj)) in crow.iter().zip(&bias[col0..col0 + cols]).enumerate()
                         {
-                            *orow.add(j) = O::from_f32(v + bj);
+                            // SAFETY: j < cols, inside this task's block.
+                            unsafe { *orow.add(j) = O::from_f32(v + bj) };
                         }
                     }
                     None => {
                         for (j, &v) in crow.iter().enumerate() {
-                            *orow.add(j) = O::from_f32(v);
+                            // SAFETY: j < cols, inside this task's block.
+                            unsafe { *orow.add(j) = O::from_f32(v) };
                         }
                     }
                 }
@@ -292,10 +261,13 @@ mod kernel {
     }
 
     /// `c (mrows x width f32, zeroed) += ap (mrows x kp) · b[:, 32 nb_lo .. 32 nb_hi]`.
-    /// mrows and kp are multiples of 32.
     ///
     /// # Safety
-    /// AMX must be available and permitted (see [`super::available`]).
+    /// AMX must be available and permitted (see [`super::available`]). mrows and kp are multiples
+    /// of 32; `ap` holds mrows x kp elements, `c` mrows x width with width >= 32 (nb_hi - nb_lo),
+    /// and `b` has at least nb_hi column blocks and kp / 32 k-blocks. Tile rows are read and written
+    /// at any alignment (tileloadd/tilestored do not require one; 64-byte alignment only makes them
+    /// faster).
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run(
         ap: &[bf16],
@@ -318,64 +290,73 @@ mod kernel {
             cfg.colsb[t] = 64;
             cfg.rows[t] = 16;
         }
-        asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig, options(nostack));
-        let lda = (kp * 2) as isize; // bytes
-        let ldc = (width * 4) as isize;
-        let kbs = kp / 32;
-        let (kcb, ncb) = (KC / 32, NC / 32);
-        for kb0 in (0..kbs).step_by(kcb) {
-            let kb1 = (kb0 + kcb).min(kbs);
-            for nbp in (nb_lo..nb_hi).step_by(ncb) {
-                let nbp1 = (nbp + ncb).min(nb_hi);
-                for mb in 0..mrows / 32 {
-                    let a0 = ap.as_ptr().add(mb * 32 * kp);
-                    let a1 = a0.add(16 * kp);
-                    for nb in nbp..nbp1 {
-                        let c0 = c.as_mut_ptr().add(mb * 32 * width + (nb - nb_lo) * 32);
-                        let c1 = c0.add(16);
-                        let c2 = c0.add(16 * width);
-                        let c3 = c2.add(16);
-                        asm!(
-                            "tileloadd tmm0, [{c0} + {ldc}*1]",
-                            "tileloadd tmm1, [{c1} + {ldc}*1]",
-                            "tileloadd tmm2, [{c2} + {ldc}*1]",
-                            "tileloadd tmm3, [{c3} + {ldc}*1]",
-                            c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
-                            ldc = in(reg) ldc, options(nostack, readonly),
-                        );
-                        for kb in kb0..kb1 {
-                            let bt = b.tiles(nb, kb);
+        // SAFETY: AMX is available (the caller's contract), so the tile instructions exist and
+        // the tile state is granted. Every pointer stays inside its buffer: a0/a1 point at row
+        // blocks 32 mb and 32 mb + 16 (< mrows) of ap, read 16 rows of 64 bytes at stride 2 kp from
+        // column 32 kb < kp; c0..c3 are the four 16 x 16 quarters of the 32 x 32 block (mb, nb -
+        // nb_lo) of c, rows < mrows and columns < 32 (nb_hi - nb_lo) <= width; b.tiles(nb, kb) is a
+        // pair of 16 x 32 tiles inside b's data (nb < nb_hi, kb < kp / 32). Only tilestored writes
+        // memory, into c, which this call holds mutably.
+        unsafe {
+            asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig, options(nostack));
+            let lda = (kp * 2) as isize; // bytes
+            let ldc = (width * 4) as isize;
+            let kbs = kp / 32;
+            let (kcb, ncb) = (KC / 32, NC / 32);
+            for kb0 in (0..kbs).step_by(kcb) {
+                let kb1 = (kb0 + kcb).min(kbs);
+                for nbp in (nb_lo..nb_hi).step_by(ncb) {
+                    let nbp1 = (nbp + ncb).min(nb_hi);
+                    for mb in 0..mrows / 32 {
+                        let a0 = ap.as_ptr().add(mb * 32 * kp);
+                        let a1 = a0.add(16 * kp);
+                        for nb in nbp..nbp1 {
+                            let c0 = c.as_mut_ptr().add(mb * 32 * width + (nb - nb_lo) * 32);
+                            let c1 = c0.add(16);
+                            let c2 = c0.add(16 * width);
+                            let c3 = c2.add(16);
                             asm!(
-                                "tileloadd tmm4, [{a0} + {lda}*1]",
-                                "tileloadd tmm6, [{b0} + {ldb}*1]",
-                                "tileloadd tmm5, [{a1} + {lda}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tileloadd tmm7, [{b1} + {ldb}*1]",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                a0 = in(reg) a0.add(kb * 32),
-                                a1 = in(reg) a1.add(kb * 32),
-                                b0 = in(reg) bt,
-                                b1 = in(reg) bt.add(512),
-                                lda = in(reg) lda,
-                                ldb = in(reg) 64isize,
-                                options(nostack, readonly),
+                                "tileloadd tmm0, [{c0} + {ldc}*1]",
+                                "tileloadd tmm1, [{c1} + {ldc}*1]",
+                                "tileloadd tmm2, [{c2} + {ldc}*1]",
+                                "tileloadd tmm3, [{c3} + {ldc}*1]",
+                                c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
+                                ldc = in(reg) ldc, options(nostack, readonly),
+                            );
+                            for kb in kb0..kb1 {
+                                let bt = b.tiles(nb, kb);
+                                asm!(
+                                    "tileloadd tmm4, [{a0} + {lda}*1]",
+                                    "tileloadd tmm6, [{b0} + {ldb}*1]",
+                                    "tileloadd tmm5, [{a1} + {lda}*1]",
+                                    "tdpbf16ps tmm0, tmm4, tmm6",
+                                    "tileloadd tmm7, [{b1} + {ldb}*1]",
+                                    "tdpbf16ps tmm2, tmm5, tmm6",
+                                    "tdpbf16ps tmm1, tmm4, tmm7",
+                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    a0 = in(reg) a0.add(kb * 32),
+                                    a1 = in(reg) a1.add(kb * 32),
+                                    b0 = in(reg) bt,
+                                    b1 = in(reg) bt.add(512),
+                                    lda = in(reg) lda,
+                                    ldb = in(reg) 64isize,
+                                    options(nostack, readonly),
+                                );
+                            }
+                            asm!(
+                                "tilestored [{c0} + {ldc}*1], tmm0",
+                                "tilestored [{c1} + {ldc}*1], tmm1",
+                                "tilestored [{c2} + {ldc}*1], tmm2",
+                                "tilestored [{c3} + {ldc}*1], tmm3",
+                                c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
+                                ldc = in(reg) ldc, options(nostack),
                             );
                         }
-                        asm!(
-                            "tilestored [{c0} + {ldc}*1], tmm0",
-                            "tilestored [{c1} + {ldc}*1], tmm1",
-                            "tilestored [{c2} + {ldc}*1], tmm2",
-                            "tilestored [{c3} + {ldc}*1], tmm3",
-                            c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
-                            ldc = in(reg) ldc, options(nostack),
-                        );
                     }
                 }
             }
+            asm!("tilerelease", options(nostack, nomem));
         }
-        asm!("tilerelease", options(nostack, nomem));
     }
 }
 
@@ -405,20 +386,6 @@ mod kernel {
 mod tests {
     use super::*;
 
-    fn reference(a: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, bias: &[f32]) -> Vec<f32> {
-        let mut out = vec![0f32; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                let mut s = 0f64;
-                for p in 0..k {
-                    s += a[i * k + p].to_f64() * w[j * k + p].to_f64();
-                }
-                out[i * n + j] = s as f32 + bias[j];
-            }
-        }
-        out
-    }
-
     fn random(len: usize, mut seed: u64) -> Vec<bf16> {
         crate::cpu::lcg_uniform(len, &mut seed, -1.0, 1.0)
             .into_iter()
@@ -430,8 +397,7 @@ mod tests {
     /// reference within f32 accumulation error (f32 out) and one bf16 rounding (bf16 out).
     #[test]
     fn amx_matmul_equals_the_reference() {
-        if !available() {
-            eprintln!("AMX not available here: test skipped");
+        if !crate::cpu::test_has("amx") {
             return;
         }
         for &(m, k, n) in &[
@@ -444,7 +410,12 @@ mod tests {
             let a = random(m * k, 1);
             let w = random(n * k, 2);
             let bias: Vec<f32> = random(n, 3).iter().map(|v| v.to_f32()).collect();
-            let want = reference(&a, m, k, &w, n, &bias);
+            let f = |x: &[bf16]| x.iter().map(|v| v.to_f64()).collect::<Vec<_>>();
+            let want: Vec<f32> = crate::cpu::reference_product(&f(&a), m, k, &f(&w), n, k)
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| s as f32 + bias[i % n])
+                .collect();
             let packed = PackedB::from_nk(&w, n, k);
             let mut got = vec![0f32; m * n];
             matmul(&a, m, k, &packed, Some(&bias), &mut got, n);
@@ -467,7 +438,7 @@ mod tests {
                 );
             }
             // B given as (k x n) packs to the same tiles.
-            let bt: Vec<bf16> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            let bt = crate::cpu::transpose(&w, n, k);
             assert_eq!(&PackedB::from_kn(&bt, k, n).data[..], &packed.data[..]);
         }
     }

@@ -13,20 +13,28 @@ use rayon::prelude::*;
 const QB: usize = 64;
 const QB_F32: usize = 7 * sgemm::MR;
 
-/// `softmax(q kᵀ · scale) v` for `bh` (batch x head) slices: q (bh, n, d), k and v (bh, m, d), all
-/// row-major bf16; returns (bh, n, d). Panics if AMX is not [`amx::available`].
-#[allow(clippy::too_many_arguments)]
-pub fn sdpa_bf16(
-    q: &[bf16],
-    k: &[bf16],
-    v: &[bf16],
-    bh: usize,
-    n: usize,
-    m: usize,
-    d: usize,
-    scale: f32,
-) -> Vec<bf16> {
-    assert!(q.len() == bh * n * d && k.len() == bh * m * d && v.len() == bh * m * d);
+/// The shape of an attention: `bh` (batch x head) slices of `n` queries and `m` keys of width `d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heads {
+    pub bh: usize,
+    pub n: usize,
+    pub m: usize,
+    pub d: usize,
+}
+
+impl Heads {
+    /// Panics unless q is (bh, n, d) and k, v are (bh, m, d).
+    fn check<T>(&self, q: &[T], k: &[T], v: &[T]) {
+        let Heads { bh, n, m, d } = *self;
+        assert!(q.len() == bh * n * d && k.len() == bh * m * d && v.len() == bh * m * d);
+    }
+}
+
+/// `softmax(q kᵀ · scale) v` over [`Heads`]: q (bh, n, d), k and v (bh, m, d), all row-major bf16;
+/// returns (bh, n, d). Panics if AMX is not [`amx::available`].
+pub fn sdpa_bf16(q: &[bf16], k: &[bf16], v: &[bf16], heads: Heads, scale: f32) -> Vec<bf16> {
+    heads.check(q, k, v);
+    let Heads { bh, n, m, d } = heads;
     let mut out = vec![bf16::ZERO; bh * n * d];
     if bh == 0 || n == 0 || m == 0 || d == 0 {
         return out;
@@ -108,21 +116,12 @@ fn block_bf16(
     }
 }
 
-/// `softmax(q kᵀ · scale) v` in f32 for `bh` (batch x head) slices, as [`sdpa_bf16`] but with the
-/// AVX-512 f32 kernel: per block of queries the scores (rows x keys, f32) are the only intermediate.
-/// Panics if [`sgemm::available`] is false.
-#[allow(clippy::too_many_arguments)]
-pub fn sdpa_f32(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    bh: usize,
-    n: usize,
-    m: usize,
-    d: usize,
-    scale: f32,
-) -> Vec<f32> {
-    assert!(q.len() == bh * n * d && k.len() == bh * m * d && v.len() == bh * m * d);
+/// `softmax(q kᵀ · scale) v` in f32 over [`Heads`], as [`sdpa_bf16`] but with the AVX-512 f32
+/// kernel: per block of queries the scores (rows x keys, f32) are the only intermediate. Panics if
+/// [`sgemm::available`] is false.
+pub fn sdpa_f32(q: &[f32], k: &[f32], v: &[f32], heads: Heads, scale: f32) -> Vec<f32> {
+    heads.check(q, k, v);
+    let Heads { bh, n, m, d } = heads;
     let mut out = vec![0f32; bh * n * d];
     if bh == 0 || n == 0 || m == 0 || d == 0 {
         return out;
@@ -199,15 +198,7 @@ fn exp_shifted(s: &mut [f32], scale: f32) -> f32 {
         *x = *x * scale - shift;
     }
     exp_generic(s);
-    let mut lanes = [0f32; 16];
-    let chunks = s.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l += v;
-        }
-    }
-    1.0 / (lanes.iter().sum::<f32>() + tail)
+    1.0 / super::lane_sum(s, |v| v)
 }
 
 /// `e^x` element-wise, to about 2 ulp of f32 for x in [-87, 88] (clamped outside): 2^n · poly(r) with
@@ -291,62 +282,48 @@ mod tests {
     const SHAPES: [(usize, usize, usize, usize); 3] =
         [(3, 70, 45, 24), (2, 130, 200, 64), (1, 5, 300, 40)];
 
-    /// Against an f64 reference of the same bf16 inputs: within bf16 rounding of the probabilities
-    /// and of the output.
-    #[test]
-    fn sdpa_bf16_equals_the_reference() {
-        if !amx::available() {
-            eprintln!("AMX not available here: test skipped");
-            return;
-        }
-        let mut seed = 7u64;
+    /// Runs `sdpa` on random inputs of element type T for each of the shapes and checks every
+    /// output within `tol(|reference|)` of an f64 reference on the same (rounded) inputs.
+    #[allow(clippy::type_complexity)]
+    fn check_against_reference<T: Copy + std::fmt::Debug>(
+        mut seed: u64,
+        from: fn(f32) -> T,
+        to: fn(T) -> f64,
+        sdpa: fn(&[T], &[T], &[T], Heads, f32) -> Vec<T>,
+        tol: fn(f64) -> f64,
+    ) {
         for &(bh, n, m, d) in &SHAPES {
-            let mut rnd = |len| -> Vec<bf16> {
-                random(len, &mut seed)
-                    .into_iter()
-                    .map(bf16::from_f32)
-                    .collect()
-            };
+            let mut rnd =
+                |len| -> Vec<T> { random(len, &mut seed).into_iter().map(from).collect() };
             let (q, k, v) = (rnd(bh * n * d), rnd(bh * m * d), rnd(bh * m * d));
             let scale = 1.0 / (d as f32).sqrt();
-            let got = sdpa_bf16(&q, &k, &v, bh, n, m, d, scale);
-            let f = |x: &[bf16]| x.iter().map(|v| v.to_f64()).collect::<Vec<_>>();
+            let got = sdpa(&q, &k, &v, Heads { bh, n, m, d }, scale);
+            let f = |x: &[T]| x.iter().map(|&v| to(v)).collect::<Vec<_>>();
             let want = reference(&f(&q), &f(&k), &f(&v), bh, n, m, d, scale as f64);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                // bf16 probabilities (2^-9 relative each, |v| <= 3) and the output rounding.
-                let tol = 3.0 * 2f64.powi(-8) + w.abs() * 2f64.powi(-8);
+            for (i, (&g, w)) in got.iter().zip(&want).enumerate() {
                 assert!(
-                    (g.to_f64() - w).abs() <= tol,
-                    "({bh},{n},{m},{d}) [{i}]: {g} vs {w}"
+                    (to(g) - w).abs() <= tol(w.abs()),
+                    "({bh},{n},{m},{d}) [{i}]: {g:?} vs {w}"
                 );
             }
+        }
+    }
+
+    /// Against an f64 reference of the same bf16 inputs: within bf16 rounding of the probabilities
+    /// (2^-9 relative each, |v| <= 3) and of the output.
+    #[test]
+    fn sdpa_bf16_equals_the_reference() {
+        if crate::cpu::test_has("amx") {
+            let tol = |w: f64| 3.0 * 2f64.powi(-8) + w * 2f64.powi(-8);
+            check_against_reference(7, bf16::from_f32, |v| v.to_f64(), sdpa_bf16, tol);
         }
     }
 
     /// Against an f64 reference of the same f32 inputs: within f32 summation error.
     #[test]
     fn sdpa_f32_equals_the_reference() {
-        if !sgemm::available() {
-            eprintln!("AVX-512 not available here: test skipped");
-            return;
-        }
-        let mut seed = 9u64;
-        for &(bh, n, m, d) in &SHAPES {
-            let (q, k, v) = (
-                random(bh * n * d, &mut seed),
-                random(bh * m * d, &mut seed),
-                random(bh * m * d, &mut seed),
-            );
-            let scale = 1.0 / (d as f32).sqrt();
-            let got = sdpa_f32(&q, &k, &v, bh, n, m, d, scale);
-            let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
-            let want = reference(&f(&q), &f(&k), &f(&v), bh, n, m, d, scale as f64);
-            for (i, (&g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g as f64 - w).abs() <= 2e-5,
-                    "({bh},{n},{m},{d}) [{i}]: {g} vs {w}"
-                );
-            }
+        if crate::cpu::test_has("avx512") {
+            check_against_reference(9, |v| v, |v| v as f64, sdpa_f32, |_| 2e-5);
         }
     }
 }

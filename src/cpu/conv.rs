@@ -149,16 +149,13 @@ impl Conv2dF32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
 
     /// Against candle's conv2d (im2col) on odd sizes, 3x3 with padding 1 and 1x1 without, batch 2.
     #[test]
     fn conv_equals_candles() {
-        if !sgemm::available() {
-            eprintln!("AVX-512 not available here: test skipped");
+        if !crate::cpu::test_has("avx512") {
             return;
         }
-        let dev = Device::Cpu;
         for &(b, cin, cout, h, w, k, p) in &[
             (2, 5, 7, 9, 13, 3, 1),
             (1, 40, 33, 17, 6, 3, 1),
@@ -166,9 +163,9 @@ mod tests {
             (1, 3, 4, 4, 3, 3, 0),
             (1, 64, 8, 30, 22, 3, 1),
         ] {
-            let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
-            let wt = Tensor::randn(0f32, 0.2, (cout, cin, k, k), &dev).unwrap();
-            let bias = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+            let x = crate::cpu::normal_tensor((b, cin, h, w), 1.0, 1);
+            let wt = crate::cpu::normal_tensor((cout, cin, k, k), 0.2, 2);
+            let bias = crate::cpu::normal_tensor(cout, 1.0, 3);
             let want = x
                 .conv2d(&wt, p, 1, 1, 1)
                 .unwrap()

@@ -1,6 +1,7 @@
 //! GroupNorm (optionally followed by SiLU) in f32 on the CPU in two passes over the data, for the
 //! VAE decoder: candle composes it from a dozen whole-tensor ops (mean, centre, square, mean, ...).
 
+use super::lane_sum;
 use rayon::prelude::*;
 
 /// x: (b, c, hw) row-major; per (sample, group of c / groups channels): statistics in f64 over
@@ -43,11 +44,11 @@ pub fn group_norm_f32(
 /// One (sample, group): x and o are (channels, hw).
 fn group(x: &[f32], o: &mut [f32], hw: usize, gamma: &[f32], beta: &[f32], eps: f64, silu: bool) {
     let n = x.len() as f64;
-    let mean = x.chunks(hw).map(|r| sum(r) as f64).sum::<f64>() / n;
+    let mean = x.chunks(hw).map(|r| lane_sum(r, |v| v) as f64).sum::<f64>() / n;
     let m32 = mean as f32;
     let var = x
         .chunks(hw)
-        .map(|r| sum_sq_centred(r, m32) as f64)
+        .map(|r| lane_sum(r, |v| (v - m32) * (v - m32)) as f64)
         .sum::<f64>()
         / n;
     let rstd = 1.0 / (var + eps).sqrt();
@@ -81,49 +82,18 @@ fn affine_generic(x: &[f32], o: &mut [f32], scale: f32, shift: f32, silu: bool) 
     }
 }
 
-/// Sum over 16 lanes (so that it vectorises).
-fn sum(r: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let chunks = r.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l += v;
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
-/// Σ (v - mean)² over 16 lanes.
-fn sum_sq_centred(r: &[f32], mean: f32) -> f32 {
-    let mut lanes = [0f32; 16];
-    let chunks = r.chunks_exact(16);
-    let tail: f32 = chunks
-        .remainder()
-        .iter()
-        .map(|v| (v - mean) * (v - mean))
-        .sum();
-    for c in chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l += (v - mean) * (v - mean);
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Module, Tensor};
+    use candle_core::Module;
 
     /// Against candle's GroupNorm (and SiLU), offset inputs so that the centring matters.
     #[test]
     fn group_norm_equals_candles() {
-        let dev = Device::Cpu;
         for &(b, c, h, w, g) in &[(2, 8, 5, 7, 4), (1, 64, 16, 16, 32), (1, 6, 1, 3, 3)] {
-            let x = (Tensor::randn(0f32, 2.0, (b, c, h, w), &dev).unwrap() + 3.0).unwrap();
-            let gamma = Tensor::randn(1f32, 0.5, c, &dev).unwrap();
-            let beta = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
+            let x = (crate::cpu::normal_tensor((b, c, h, w), 2.0, 1) + 3.0).unwrap();
+            let gamma = (crate::cpu::normal_tensor(c, 0.5, 2) + 1.0).unwrap();
+            let beta = crate::cpu::normal_tensor(c, 0.5, 3);
             let gn = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, g, 1e-6).unwrap();
             let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let (gv, bv) = (gamma.to_vec1().unwrap(), beta.to_vec1().unwrap());

@@ -7,13 +7,12 @@
 //! and a 14 x 32 micro-kernel keeps 28 vector accumulators. Products are summed in f32 and the bias
 //! added once at the end, as `x·Wᵀ + b` computes it.
 //!
-//! [`available`] says whether the CPU has AVX-512F; `MMDIT_AVX512=0` turns the path off (callers
-//! then use candle's matmul, and the tests compare the two).
+//! [`available`] says whether the CPU has AVX-512F and `MMDIT_AVX512=0` did not turn it off
+//! ([`super::features`]); callers then use candle's matmul, and the tests compare the two.
 
 use super::aligned::Aligned;
 use super::OutPtr;
 use rayon::prelude::*;
-use std::sync::OnceLock;
 
 /// Columns per B panel (two 16-lane vectors).
 pub const NR: usize = 32;
@@ -24,20 +23,9 @@ const KC: usize = 256;
 /// Rows per task (a multiple of MR).
 const MC: usize = 32 * MR;
 
-/// Whether the AVX-512 f32 path can be used (probed once).
+/// Whether the AVX-512 f32 path can be used (the feature switch, [`super::features`]).
 pub fn available() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MMDIT_AVX512").map_or(true, |v| v != "0") && detect())
-}
-
-#[cfg(target_arch = "x86_64")]
-fn detect() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn detect() -> bool {
-    false
+    super::features().avx512
 }
 
 /// B (k x n) packed: panel p holds columns 32p .. 32p + 32 as k rows of 32 (zero beyond n).
@@ -168,7 +156,8 @@ pub fn matmul_taps(
     tasks.par_iter().for_each(|&(r0, rows, lo, hi)| {
         for (t, (&off, bt)) in offsets.iter().zip(bs).enumerate() {
             let bias = if t == last { bias } else { None };
-            // SAFETY: checked shapes; each task writes its own rows x panels block of out.
+            // SAFETY: AVX-512 is available and the slices hold the shapes (check); each task
+            // writes its own rows x panels block of out (split_tasks), which no other task touches.
             unsafe {
                 block(
                     &a[off + r0 * lda..],
@@ -195,7 +184,8 @@ pub fn matmul_serial(a: &[f32], m: usize, lda: usize, b: &PackedF32, out: &mut [
     }
     for c in 0..m.div_ceil(MC) {
         let rows = MC.min(m - c * MC);
-        // SAFETY: checked shapes.
+        // SAFETY: AVX-512 is available and the slices hold the shapes (check); rows of chunk c
+        // lie inside a and out.
         unsafe {
             block(
                 &a[c * MC * lda..],
@@ -249,7 +239,10 @@ thread_local! {
 /// when `accumulate`.
 ///
 /// # Safety
-/// `out` must hold rows x (32 hi, capped at n) at stride ldo; AVX-512F must be available.
+/// AVX-512F must be available. `a` holds `rows` rows at stride lda, each at least b.k long; `out`
+/// is valid for reads and writes of rows 0..rows at stride ldo, columns 32 lo .. min(32 hi, n),
+/// and no other thread touches them during the call; hi <= the panel count. No alignment is
+/// required of a or out (unaligned loads and stores); b's panels are 64-byte aligned (`Aligned`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
     a: &[f32],
@@ -284,23 +277,30 @@ unsafe fn block(
             let last = k0 + kc >= k;
             for p in lo..hi {
                 let cols = NR.min(b.n - p * NR);
-                let bp = b.data.as_ptr().add(p * k * NR + k0 * NR);
+                let bp = b.data[p * k * NR + k0 * NR..].as_ptr();
                 let bias = match (last, bias) {
                     (true, Some(bias)) => bias[p * NR..].as_ptr(),
                     _ => std::ptr::null(),
                 };
                 for g in 0..groups {
-                    kernel::run(
-                        ap.as_ptr().add(g * MR * kc),
-                        bp,
-                        kc,
-                        out.add(g * MR * ldo + p * NR),
-                        ldo,
-                        MR.min(rows - g * MR),
-                        cols,
-                        accumulate || !first,
-                        bias,
-                    );
+                    // SAFETY: AVX-512 is available (the caller's contract). The micro-panel of ap
+                    // (kc x MR) and the panel of b (kc x 32, from a 64-byte aligned buffer at a
+                    // multiple of 32 floats) are in bounds; out's rows g MR .. + MR.min(..) and
+                    // columns 32 p .. + cols are inside the block the caller lent us; bias is
+                    // null or has cols values from 32 p.
+                    unsafe {
+                        kernel::run(
+                            ap[g * MR * kc..].as_ptr(),
+                            bp,
+                            kc,
+                            out.add(g * MR * ldo + p * NR),
+                            ldo,
+                            MR.min(rows - g * MR),
+                            cols,
+                            accumulate || !first,
+                            bias,
+                        )
+                    };
                 }
             }
         }
@@ -315,7 +315,10 @@ mod kernel {
     /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`: a is kc x MR (interleaved), b kc x 32.
     ///
     /// # Safety
-    /// AVX-512F available; pointers valid for the shapes; bias null or `cols` long.
+    /// AVX-512F available. `a` is valid for reads of kc x MR floats; `b` for kc x 32 floats and
+    /// 64-byte aligned (aligned vector loads); `c` for reads and writes of `rows` (<= MR) rows of
+    /// `cols` (<= 32) floats at stride ldc, at any alignment (masked unaligned access); `bias` is
+    /// null or valid for `cols` floats.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn run(
@@ -329,54 +332,58 @@ mod kernel {
         load: bool,
         bias: *const f32,
     ) {
-        let m0: __mmask16 = if cols >= 16 {
-            0xffff
-        } else {
-            (1u32 << cols) as u16 - 1
-        };
-        let m1: __mmask16 = if cols >= 32 {
-            0xffff
-        } else if cols > 16 {
-            (1u32 << (cols - 16)) as u16 - 1
-        } else {
-            0
-        };
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        if load {
-            for (r, acc) in acc.iter_mut().enumerate() {
-                if r < rows {
-                    let p = c.add(r * ldc);
-                    acc[0] = _mm512_maskz_loadu_ps(m0, p);
-                    acc[1] = _mm512_maskz_loadu_ps(m1, p.add(16));
+        // SAFETY: every pointer below stays inside the extents the caller vouches for (see
+        // # Safety); the masks keep loads and stores of c and bias within `cols` columns.
+        unsafe {
+            let m0: __mmask16 = if cols >= 16 {
+                0xffff
+            } else {
+                (1u32 << cols) as u16 - 1
+            };
+            let m1: __mmask16 = if cols >= 32 {
+                0xffff
+            } else if cols > 16 {
+                (1u32 << (cols - 16)) as u16 - 1
+            } else {
+                0
+            };
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            if load {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    if r < rows {
+                        let p = c.add(r * ldc);
+                        acc[0] = _mm512_maskz_loadu_ps(m0, p);
+                        acc[1] = _mm512_maskz_loadu_ps(m1, p.add(16));
+                    }
                 }
             }
-        }
-        for kk in 0..kc {
-            let bk = b.add(kk * NR);
-            let b0 = _mm512_load_ps(bk);
-            let b1 = _mm512_load_ps(bk.add(16));
-            let ak = a.add(kk * MR);
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*ak.add(r));
-                acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+            for kk in 0..kc {
+                let bk = b.add(kk * NR);
+                let b0 = _mm512_load_ps(bk);
+                let b1 = _mm512_load_ps(bk.add(16));
+                let ak = a.add(kk * MR);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*ak.add(r));
+                    acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+                }
             }
-        }
-        if !bias.is_null() {
-            let (z0, z1) = (
-                _mm512_maskz_loadu_ps(m0, bias),
-                _mm512_maskz_loadu_ps(m1, bias.add(16)),
-            );
-            for acc in acc.iter_mut() {
-                acc[0] = _mm512_add_ps(acc[0], z0);
-                acc[1] = _mm512_add_ps(acc[1], z1);
+            if !bias.is_null() {
+                let (z0, z1) = (
+                    _mm512_maskz_loadu_ps(m0, bias),
+                    _mm512_maskz_loadu_ps(m1, bias.add(16)),
+                );
+                for acc in acc.iter_mut() {
+                    acc[0] = _mm512_add_ps(acc[0], z0);
+                    acc[1] = _mm512_add_ps(acc[1], z1);
+                }
             }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            if r < rows {
-                let p = c.add(r * ldc);
-                _mm512_mask_storeu_ps(p, m0, acc[0]);
-                _mm512_mask_storeu_ps(p.add(16), m1, acc[1]);
+            for (r, acc) in acc.iter().enumerate() {
+                if r < rows {
+                    let p = c.add(r * ldc);
+                    _mm512_mask_storeu_ps(p, m0, acc[0]);
+                    _mm512_mask_storeu_ps(p.add(16), m1, acc[1]);
+                }
             }
         }
     }
@@ -414,8 +421,7 @@ mod tests {
     /// rows, bias, parallel and serial: equal to an f64 reference within f32 summation error.
     #[test]
     fn sgemm_equals_the_reference() {
-        if !available() {
-            eprintln!("AVX-512 not available here: test skipped");
+        if !crate::cpu::test_has("avx512") {
             return;
         }
         for &(m, k, n) in &[
@@ -431,15 +437,11 @@ mod tests {
             let a = random(m * lda, 1);
             let w = random(n * k, 2);
             let bias = random(n, 3);
-            let mut want = vec![0f32; m * n];
-            for i in 0..m {
-                for j in 0..n {
-                    let s: f64 = (0..k)
-                        .map(|p| a[i * lda + p] as f64 * w[j * k + p] as f64)
-                        .sum();
-                    want[i * n + j] = s as f32;
-                }
-            }
+            let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+            let want: Vec<f32> = crate::cpu::reference_product(&f(&a), m, lda, &f(&w), n, k)
+                .into_iter()
+                .map(|s| s as f32)
+                .collect();
             let packed = PackedF32::from_nk(&w, n, k);
             let tol = 1e-6 * (k as f32).sqrt() + 1e-7;
             let mut got = vec![f32::NAN; m * ldo];
@@ -461,7 +463,7 @@ mod tests {
                 // The padding between rows is not written.
                 assert!(got[i * ldo + n..(i + 1) * ldo].iter().all(|v| v.is_nan()));
             }
-            let bt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            let bt = crate::cpu::transpose(&w, n, k);
             assert_eq!(&PackedF32::from_kn(&bt, k, n).data[..], &packed.data[..]);
         }
     }

@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
+use candle_nn::Init;
 use candle_nn::VarBuilder;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -99,14 +100,7 @@ impl ShapeBackend {
 struct Shared(std::sync::Arc<ShapeBackend>);
 
 impl SimpleBackend for Shared {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Tensor> {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
         let want = s.dims().to_vec();
         let mut log = self.0.log.lock().expect("no poisoned lock");
         match self.0.tensors.get(name) {

@@ -5,7 +5,7 @@ pub mod hub;
 pub mod single;
 pub mod weights;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Message, Param, Result};
 use std::path::{Path, PathBuf};
 
 /// A reference to a model as the user types it.
@@ -43,11 +43,11 @@ impl ModelRef {
                     file: p.to_path_buf(),
                     components: None,
                 }),
-                "ckpt" | "pt" | "pth" | "bin" => Err(Error::request(format!(
-                    "--model {s}: pickle checkpoints are not loaded (they can run code); use the .safetensors version"
+                "ckpt" | "pt" | "pth" | "bin" => Err(Error::invalid(Param::Model, format!(
+                    " {s}: pickle checkpoints are not loaded (they can run code); use the .safetensors version"
                 ))),
-                _ => Err(Error::request(format!(
-                    "--model {s}: is a file but not a .safetensors checkpoint; pass a single-file .safetensors checkpoint, a model folder in diffusers layout (with model_index.json) or a Hub repo id"
+                _ => Err(Error::invalid(Param::Model, format!(
+                    " {s}: is a file but not a .safetensors checkpoint; pass a single-file .safetensors checkpoint, a model folder in diffusers layout (with model_index.json) or a Hub repo id"
                 ))),
             };
         }
@@ -65,9 +65,10 @@ impl ModelRef {
                 revision: revision.unwrap_or("main").to_string(),
             });
         }
-        Err(Error::request(format!(
-            "--model {s}: no such folder, and not a Hub repo id of the form org/name"
-        )))
+        Err(Error::invalid(
+            Param::Model,
+            format!(" {s}: no such folder, and not a Hub repo id of the form org/name"),
+        ))
     }
 
     pub fn describe(&self) -> String {
@@ -129,13 +130,20 @@ pub fn open(model: &ModelRef) -> Result<Box<dyn FileSource>> {
         ModelRef::SingleFile {
             file,
             components: None,
-        } => {
-            return Err(Error::request(format!(
-                "{}: a single-file checkpoint needs --components (a preset, folder or Hub repo with its configs and tokenizers)",
-                file.display()
-            )))
-        }
+        } => return Err(needs_components(file)),
     })
+}
+
+/// The error for a single-file checkpoint opened without the model that completes it.
+pub fn needs_components(file: &Path) -> Error {
+    Error::InvalidRequest(
+        Message::from(format!(
+            "{}: a single-file checkpoint needs ",
+            file.display()
+        ))
+        .param(Param::Components)
+        .text(" (a preset, folder or Hub repo with its configs and tokenizers)"),
+    )
 }
 
 /// The local path of a file the model must have.

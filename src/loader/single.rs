@@ -13,8 +13,10 @@
 use super::audit::TensorMeta;
 use crate::error::{Error, Result};
 use candle_core::safetensors::MmapedSafetensors;
+use candle_core::Result as TensorResult;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
+use candle_nn::Init;
 use candle_nn::VarBuilder;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,7 +31,8 @@ pub enum Format {
 }
 
 impl Format {
-    pub fn family(self) -> &'static str {
+    /// The family's short name, for messages.
+    pub fn name(self) -> &'static str {
         match self {
             Format::Sd3 => "sd3",
             Format::Flux => "flux",
@@ -186,23 +189,15 @@ impl MappedBackend {
 }
 
 impl SimpleBackend for MappedBackend {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let t = self.read(name, dtype, dev)?;
+    fn get(&self, s: Shape, name: &str, _: Init, dt: DType, dev: &Device) -> TensorResult<Tensor> {
+        let t = self.read(name, dt, dev)?;
         if t.shape() != &s {
-            // The message candle's own backends give, which pipeline::tensor_error turns into a
-            // wrong-shape error naming the tensor.
-            return Err(candle_core::Error::Msg(format!(
-                "shape mismatch for {name}, expected: {:?}, got: {:?}",
-                s.dims(),
-                t.dims()
-            )));
+            // The error candle's own backends give.
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            });
         }
         Ok(t)
     }
@@ -216,20 +211,40 @@ impl SimpleBackend for MappedBackend {
     }
 }
 
+/// The shapes that tell released checkpoints of a format apart (the presets in `models/` list theirs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fingerprint {
+    /// Joint (SD3) or double-stream (Flux) blocks.
+    #[serde(default)]
+    pub blocks: usize,
+    /// Single-stream blocks (Flux).
+    #[serde(default)]
+    pub single_blocks: usize,
+    /// Width of the image stream.
+    #[serde(default)]
+    pub hidden: usize,
+    /// Entries of the position-embedding table (SD3).
+    #[serde(default)]
+    pub positions: usize,
+    /// Has a guidance embedding (FLUX.1-dev).
+    #[serde(default)]
+    pub guidance: bool,
+}
+
 /// What the names and shapes of a checkpoint say it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Detected {
     pub format: Format,
-    /// The preset this checkpoint is a copy of, when its shapes are those of a released model
-    /// (SD3.5 Large and Large Turbo share shapes: `sd3.5-large`).
-    pub variant: Option<&'static str>,
+    /// The shapes that identify a released model.
+    pub fingerprint: Fingerprint,
     /// `model.diffusion_model.` or empty.
     pub prefix: &'static str,
 }
 
 const DIFFUSION_PREFIX: &str = "model.diffusion_model.";
 
-/// Reads a file's header and names its format and variant.
+/// Reads a file's header and names its format and shapes.
 pub fn detect(metas: &BTreeMap<String, TensorMeta>, path: &Path) -> Result<Detected> {
     let prefix = if metas.keys().any(|k| k.starts_with(DIFFUSION_PREFIX)) {
         DIFFUSION_PREFIX
@@ -237,7 +252,12 @@ pub fn detect(metas: &BTreeMap<String, TensorMeta>, path: &Path) -> Result<Detec
         ""
     };
     let has = |k: &str| metas.contains_key(&format!("{prefix}{k}"));
-    let shape = |k: &str| metas.get(&format!("{prefix}{k}")).map(|m| m.shape.clone());
+    let dim = |k: &str, i: usize| {
+        metas
+            .get(&format!("{prefix}{k}"))
+            .and_then(|m| m.shape.get(i).copied())
+            .unwrap_or(0)
+    };
     let count = |block: &str| {
         metas
             .keys()
@@ -246,44 +266,35 @@ pub fn detect(metas: &BTreeMap<String, TensorMeta>, path: &Path) -> Result<Detec
             .max()
             .map_or(0, |m| m + 1)
     };
-    if has("x_embedder.proj.weight") && count("joint_blocks.") > 0 {
-        let layers = count("joint_blocks.");
-        let hidden = shape("x_embedder.proj.weight").map_or(0, |s| s[0]);
-        let pos = shape("pos_embed").map_or(0, |s| s.get(1).copied().unwrap_or(0));
-        let variant = match (layers, hidden, pos) {
-            (24, 1536, 36864) => Some("sd3-medium"),
-            (24, 1536, 147456) => Some("sd3.5-medium"),
-            (38, 2432, 36864) => Some("sd3.5-large"),
-            _ => None,
+    let (format, fingerprint) = if has("x_embedder.proj.weight") && count("joint_blocks.") > 0 {
+        let f = Fingerprint {
+            blocks: count("joint_blocks."),
+            hidden: dim("x_embedder.proj.weight", 0),
+            positions: dim("pos_embed", 1),
+            ..Default::default()
         };
-        return Ok(Detected {
-            format: Format::Sd3,
-            variant,
-            prefix,
-        });
-    }
-    if has("img_in.weight") && count("double_blocks.") > 0 {
-        let hidden = shape("img_in.weight").map_or(0, |s| s[0]);
-        let full = (count("double_blocks."), count("single_blocks."), hidden) == (19, 38, 3072);
-        let variant = full.then(|| {
-            if has("guidance_in.in_layer.weight") {
-                "flux.1-dev"
-            } else {
-                "flux.1-schnell"
-            }
-        });
-        return Ok(Detected {
-            format: Format::Flux,
-            variant,
-            prefix,
-        });
-    }
-    Err(Error::BadWeights {
-        path: path.to_path_buf(),
-        msg:
-            "not a single-file SD3/SD3.5 (joint_blocks.*) or FLUX.1 (double_blocks.*) checkpoint; \
-              pass a model folder in diffusers layout, a Hub repo id or a preset instead"
+        (Format::Sd3, f)
+    } else if has("img_in.weight") && count("double_blocks.") > 0 {
+        let f = Fingerprint {
+            blocks: count("double_blocks."),
+            single_blocks: count("single_blocks."),
+            hidden: dim("img_in.weight", 0),
+            guidance: has("guidance_in.in_layer.weight"),
+            ..Default::default()
+        };
+        (Format::Flux, f)
+    } else {
+        return Err(Error::BadWeights {
+            path: path.to_path_buf(),
+            msg: "not a single-file SD3/SD3.5 (joint_blocks.*) or FLUX.1 (double_blocks.*) checkpoint; \
+                  pass a model folder in diffusers layout, a Hub repo id or a preset instead"
                 .into(),
+        });
+    };
+    Ok(Detected {
+        format,
+        fingerprint,
+        prefix,
     })
 }
 

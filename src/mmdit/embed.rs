@@ -1,6 +1,6 @@
 //! Input embeddings: patches of the latent image, the timestep and the pooled text vector.
 
-use super::linear::{linear, Linear};
+use crate::nn::{Linear, Mlp};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -27,36 +27,13 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     }
 }
 
-/// Two linears with a SiLU between: diffusers' `TimestepEmbedding` and `PixArtAlphaTextProjection`
-/// (`act_fn="silu"`) share this shape and these names.
-#[derive(Debug, Clone)]
-pub struct Mlp2 {
-    linear_1: Linear,
-    linear_2: Linear,
-}
-
-impl Mlp2 {
-    pub fn new(in_dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            linear_1: linear(in_dim, hidden, vb.pp("linear_1"))?,
-            linear_2: linear(hidden, hidden, vb.pp("linear_2"))?,
-        })
-    }
-}
-
-impl Module for Mlp2 {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
-    }
-}
-
 /// `CombinedTimestepTextProjEmbeddings` (and, with a guidance embedder, Flux-dev's
 /// `CombinedTimestepGuidanceTextProjEmbeddings`): timestep [+ guidance] + pooled-text embedding.
 #[derive(Debug, Clone)]
 pub struct TimeTextEmbed {
-    timestep_embedder: Mlp2,
-    guidance_embedder: Option<Mlp2>,
-    text_embedder: Mlp2,
+    timestep_embedder: Mlp,
+    guidance_embedder: Option<Mlp>,
+    text_embedder: Mlp,
 }
 
 /// Width of the sinusoidal timestep features.
@@ -65,9 +42,9 @@ const TIME_FEATURES: usize = 256;
 impl TimeTextEmbed {
     pub fn new(hidden: usize, pooled_dim: usize, guidance: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            timestep_embedder: Mlp2::new(TIME_FEATURES, hidden, vb.pp("timestep_embedder"))?,
+            timestep_embedder: Mlp::embedding(TIME_FEATURES, hidden, vb.pp("timestep_embedder"))?,
             guidance_embedder: if guidance {
-                Some(Mlp2::new(
+                Some(Mlp::embedding(
                     TIME_FEATURES,
                     hidden,
                     vb.pp("guidance_embedder"),
@@ -75,7 +52,7 @@ impl TimeTextEmbed {
             } else {
                 None
             },
-            text_embedder: Mlp2::new(pooled_dim, hidden, vb.pp("text_embedder"))?,
+            text_embedder: Mlp::embedding(pooled_dim, hidden, vb.pp("text_embedder"))?,
         })
     }
 
@@ -87,7 +64,7 @@ impl TimeTextEmbed {
         guidance: Option<&Tensor>,
         pooled: &Tensor,
     ) -> Result<Tensor> {
-        let embed = |x: &Tensor, m: &Mlp2| {
+        let embed = |x: &Tensor, m: &Mlp| {
             m.forward(&timestep_embedding(x, TIME_FEATURES)?.to_dtype(pooled.dtype())?)
         };
         let mut temb = embed(t, &self.timestep_embedder)?;

@@ -4,12 +4,12 @@
 use super::attention::TokenOrder;
 use super::embed::TimeTextEmbed;
 use super::joint_block::{BlockSpec, JointBlock};
-use super::linear::{linear, Linear};
 use super::modulation::AdaNormContinuous;
 use super::rope::Rope;
 use super::single_block::SingleBlock;
 use crate::config::FluxTransformerConfig;
-use crate::profile::{EMBED, FINAL};
+use crate::nn::{linear, Linear};
+use crate::profile::{self, Phase};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -117,7 +117,7 @@ impl FluxTransformer {
     ) -> Result<Tensor> {
         let dtype = x.dtype();
         let dev = x.device();
-        let (mut img, temb, mut ctx) = crate::profile::phase(EMBED, dev, || {
+        let (mut img, temb, mut ctx) = profile::phase(Phase::Embeddings, dev, || {
             let img = self.x_embedder.forward(x)?; // (b, n, dim)
             let t = (sigma.to_dtype(dtype)? * 1000.0)?;
             let g = match guidance {
@@ -134,14 +134,14 @@ impl FluxTransformer {
         }
         let s = ctx.dim(1)?;
         let n = img.dim(1)?;
-        let mut joint = crate::profile::phase("copies (heads, joins, splits)", dev, || {
+        let mut joint = profile::phase(Phase::Copies, dev, || {
             Tensor::cat(&[ctx, img], 1) // (b, s + n, dim)
         })?;
         for block in &self.single {
             joint = block.forward(&joint, &temb, rope)?;
         }
         let img = joint.narrow(1, s, n)?;
-        crate::profile::phase(FINAL, dev, || {
+        profile::phase(Phase::Final, dev, || {
             self.proj_out.forward(&self.norm_out.forward(&img, &temb)?)
         })
     }

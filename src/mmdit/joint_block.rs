@@ -1,49 +1,14 @@
 //! The SD3 joint transformer block (diffusers `JointTransformerBlock`), with the MMDiT-X second
-//! attention on dual-attention layers and the context-pre-only variant for the last block.
+//! attention on dual-attention layers and the context-pre-only variant for the last block. Flux's
+//! double-stream block (`FluxTransformerBlock`) is the same block with the text first and RoPE.
 
 use super::attention::{JointAttention, TokenOrder};
-use super::linear::{linear, Linear};
-use super::modulation::{add_gated, norm_modulate, AdaNormContinuous, Modulation};
+use super::modulation::{AdaNormContinuous, BlockModulation, Modulation};
 use super::rope::Rope;
-use crate::profile;
+use crate::nn::Mlp;
+use crate::profile::{self, Phase};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-
-const EPS: f64 = 1e-6;
-
-/// `FeedForward(dim, activation_fn="gelu-approximate")`: `net.0.proj` -> tanh-GELU -> `net.2`.
-#[derive(Debug, Clone)]
-pub struct FeedForward {
-    proj_in: Linear,
-    proj_out: Linear,
-}
-
-impl FeedForward {
-    pub fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            proj_in: linear(dim, hidden, vb.pp("net.0.proj"))?,
-            proj_out: linear(hidden, dim, vb.pp("net.2"))?,
-        })
-    }
-}
-
-impl Module for FeedForward {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj_out
-            .forward(&gelu_tanh(&self.proj_in.forward(x)?)?)
-    }
-}
-
-/// tanh-GELU; bf16 on the CPU through a vectorised f32 kernel (one rounding, as PyTorch).
-pub(crate) fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::BF16 {
-        crate::cpu::gelu_tanh_bf16(x)
-    } else if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        crate::cpu::gelu_tanh_f32(x)
-    } else {
-        x.gelu()
-    }
-}
 
 /// Shape of one block, from the model config.
 #[derive(Debug, Clone, Copy)]
@@ -61,7 +26,7 @@ pub struct BlockSpec {
 #[derive(Debug, Clone)]
 enum ContextPath {
     /// Full context stream: AdaLayerNormZero, attention output, MLP.
-    Full { norm1: Modulation, ff: FeedForward },
+    Full { norm1: Modulation, ff: Mlp },
     /// Last block: the context only feeds keys and values.
     PreOnly { norm1: AdaNormContinuous },
 }
@@ -71,46 +36,41 @@ pub struct JointBlock {
     norm1: Modulation,
     attn: JointAttention,
     attn2: Option<JointAttention>,
-    ff: FeedForward,
+    ff: Mlp,
     ctx: ContextPath,
     order: TokenOrder,
 }
 
 impl JointBlock {
     pub fn new(s: BlockSpec, vb: VarBuilder) -> Result<Self> {
-        let chunks = if s.dual_attention { 9 } else { 6 };
-        let norm1 = Modulation::new(s.dim, chunks, vb.pp("norm1"))?;
-        let attn = JointAttention::new(
-            s.dim,
-            s.heads,
-            s.head_dim,
-            s.qk_norm,
-            true,
-            !s.context_pre_only,
-            vb.pp("attn"),
-        )?;
-        let attn2 = if s.dual_attention {
-            Some(JointAttention::new(
+        let triples = if s.dual_attention { 3 } else { 2 };
+        let norm1 = Modulation::new(s.dim, triples, vb.pp("norm1"))?;
+        let attention = |joint: bool, ctx_out: bool, name: &str| {
+            JointAttention::new(
                 s.dim,
                 s.heads,
                 s.head_dim,
                 s.qk_norm,
-                false,
-                false,
-                vb.pp("attn2"),
-            )?)
+                joint,
+                ctx_out,
+                vb.pp(name),
+            )
+        };
+        let attn = attention(true, !s.context_pre_only, "attn")?;
+        let attn2 = if s.dual_attention {
+            Some(attention(false, false, "attn2")?)
         } else {
             None
         };
-        let ff = FeedForward::new(s.dim, 4 * s.dim, vb.pp("ff"))?;
+        let ff = Mlp::feed_forward(s.dim, 4 * s.dim, vb.pp("ff"))?;
         let ctx = if s.context_pre_only {
             ContextPath::PreOnly {
                 norm1: AdaNormContinuous::new(s.dim, vb.pp("norm1_context"))?,
             }
         } else {
             ContextPath::Full {
-                norm1: Modulation::new(s.dim, 6, vb.pp("norm1_context"))?,
-                ff: FeedForward::new(s.dim, 4 * s.dim, vb.pp("ff_context"))?,
+                norm1: Modulation::new(s.dim, 2, vb.pp("norm1_context"))?,
+                ff: Mlp::feed_forward(s.dim, 4 * s.dim, vb.pp("ff_context"))?,
             }
         };
         Ok(Self {
@@ -133,17 +93,15 @@ impl JointBlock {
         temb: &Tensor,
         rope: Option<&Rope>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        // m: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift_msa2, scale_msa2, gate_msa2]
         let dev = x.device();
-        let x_in = x;
-        let norms = "norms, modulation, gates, residuals";
-        let (m, x_attn_in, ctx_attn_in, ctx_mod) = profile::phase(norms, dev, || {
-            let m = self.norm1.forward(temb)?;
-            let x_attn_in = norm_modulate(x, EPS, &m[0], &m[1])?;
+        let norms = |f: &mut dyn FnMut() -> Result<Tensor>| profile::phase(Phase::Norms, dev, f);
+        let (m, x_attn_in, ctx_attn_in, ctx_mod) = profile::phase(Phase::Norms, dev, || {
+            let m: BlockModulation = self.norm1.forward_block(temb)?;
+            let x_attn_in = m.msa.norm(x)?;
             let (ctx_attn_in, ctx_mod) = match &self.ctx {
                 ContextPath::Full { norm1, .. } => {
-                    let c = norm1.forward(temb)?;
-                    (norm_modulate(ctx, EPS, &c[0], &c[1])?, Some(c))
+                    let c = norm1.forward_block(temb)?;
+                    (c.msa.norm(ctx)?, Some(c))
                 }
                 ContextPath::PreOnly { norm1 } => (norm1.forward(ctx, temb)?, None),
             };
@@ -153,29 +111,29 @@ impl JointBlock {
         let (attn, ctx_attn) =
             self.attn
                 .forward_joint(&x_attn_in, &ctx_attn_in, self.order, rope)?;
-        let mut x = profile::phase(norms, dev, || add_gated(x, &attn, &m[2]))?;
-        if let Some(attn2) = &self.attn2 {
+        let mut h = norms(&mut || m.msa.gated(x, &attn))?;
+        if let (Some(attn2), Some(msa2)) = (&self.attn2, &m.msa2) {
             // The second attention reads the block's input, normed, with its own modulation.
-            let x2_in = profile::phase(norms, dev, || norm_modulate(x_in, EPS, &m[6], &m[7]))?;
-            let a2 = attn2.forward_self(&x2_in)?;
-            x = profile::phase(norms, dev, || add_gated(&x, &a2, &m[8]))?;
+            let a2 = attn2.forward_self(&norms(&mut || msa2.norm(x))?)?;
+            h = norms(&mut || msa2.gated(&h, &a2))?;
         }
-        let ff_in = profile::phase(norms, dev, || norm_modulate(&x, EPS, &m[3], &m[4]))?;
-        let ff = profile::phase("feed-forward", dev, || self.ff.forward(&ff_in))?;
-        let x = profile::phase(norms, dev, || add_gated(&x, &ff, &m[5]))?;
+        let h = self.feed_forward(&self.ff, &m, &h)?;
 
         let ctx = match (&self.ctx, ctx_mod, ctx_attn) {
             (ContextPath::Full { ff, .. }, Some(c), Some(ctx_attn)) => {
-                let (ctx, ff_in) = profile::phase(norms, dev, || {
-                    let ctx = add_gated(ctx, &ctx_attn, &c[2])?;
-                    let ff_in = norm_modulate(&ctx, EPS, &c[3], &c[4])?;
-                    Ok((ctx, ff_in))
-                })?;
-                let f = profile::phase("feed-forward", dev, || ff.forward(&ff_in))?;
-                Some(profile::phase(norms, dev, || add_gated(&ctx, &f, &c[5]))?)
+                let ctx = norms(&mut || c.msa.gated(ctx, &ctx_attn))?;
+                Some(self.feed_forward(ff, &c, &ctx)?)
             }
             _ => None,
         };
-        Ok((x, ctx))
+        Ok((h, ctx))
+    }
+
+    /// `x + gate_mlp * ff(norm(x) * (1 + scale_mlp) + shift_mlp)`
+    fn feed_forward(&self, ff: &Mlp, m: &BlockModulation, x: &Tensor) -> Result<Tensor> {
+        let dev = x.device();
+        let ff_in = profile::phase(Phase::Norms, dev, || m.mlp.norm(x))?;
+        let y = profile::phase(Phase::FeedForward, dev, || ff.forward(&ff_in))?;
+        profile::phase(Phase::Norms, dev, || m.mlp.gated(x, &y))
     }
 }

@@ -1,11 +1,11 @@
-//! The MMDiT transformer: shared pieces (embeddings, modulation, joint attention, joint blocks) and
-//! the SD3 model built from them.
+//! The MMDiT transformers: the pieces every MMDiT family shares (embeddings, modulation, joint
+//! attention, joint and single-stream blocks, RoPE) and the SD3 and FLUX.1 models built from them,
+//! on the layers of [`crate::nn`].
 
 pub mod attention;
 pub mod embed;
 pub mod flux;
 pub mod joint_block;
-pub mod linear;
 pub mod modulation;
 pub mod rope;
 pub mod sd3;

@@ -1,148 +1,109 @@
-//! Adaptive layer norms: the conditioning vector sets a per-channel shift, scale and gate.
+//! Adaptive layer norms: the conditioning vector sets a per-channel shift, scale and gate
+//! (diffusers' `AdaLayerNormZero`, `SD35AdaLayerNormZeroX`, `AdaLayerNormZeroSingle` and
+//! `AdaLayerNormContinuous`).
 
-use super::linear::{linear, Linear};
-use candle_core::{DType, Module, Result, Tensor, D};
+use crate::nn::modulate::{add_gated, norm_modulate};
+use crate::nn::{linear, Linear};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-/// LayerNorm over the last dim without learned affine parameters, computed in f32.
-pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
+/// The LayerNorm epsilon of every MMDiT modulation.
+const EPS: f64 = 1e-6;
+
+/// One (shift, scale, gate) triple: a sub-layer `f` runs as `x + gate * f(norm(x) * (1 + scale) +
+/// shift)`. Each tensor is (b, dim).
+#[derive(Debug, Clone)]
+pub struct ModulationOut {
+    pub shift: Tensor,
+    pub scale: Tensor,
+    pub gate: Tensor,
 }
 
-/// `modulate(layer_norm(x), shift, scale)`. On a GPU one fused kernel per sample (statistics in f32,
-/// `1 + scale` and `shift` as the norm's affine parameters); on the CPU the composed f32 path, or in
-/// bf16 one vectorised pass with the composed path's roundings ([`crate::cpu::norm_modulate_bf16`]).
-///
-/// # Shapes
-/// x: (b, n, d); shift, scale: (b, d) -> (b, n, d)
-pub fn norm_modulate(x: &Tensor, eps: f64, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::BF16 {
-        return crate::cpu::norm_modulate_bf16(x, eps, shift, scale);
+impl ModulationOut {
+    /// The sub-layer's input: `layer_norm(x) * (1 + scale) + shift`. x: (b, n, dim)
+    pub fn norm(&self, x: &Tensor) -> Result<Tensor> {
+        norm_modulate(x, EPS, &self.shift, &self.scale)
     }
-    if x.device().is_cpu() {
-        return modulate(&layer_norm(x, eps)?, shift, scale);
+
+    /// The residual update with the sub-layer's output y: `x + gate * y`. x, y: (b, n, dim)
+    pub fn gated(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        add_gated(x, y, &self.gate)
     }
-    norm_modulate_fused(x, eps, shift, scale)
 }
 
-/// The fused path of [`norm_modulate`] (any device; tested against the composed one on the CPU).
-pub(crate) fn norm_modulate_fused(
-    x: &Tensor,
-    eps: f64,
-    shift: &Tensor,
-    scale: &Tensor,
-) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let alpha = (scale.to_dtype(dtype)? + 1.0)?;
-    let beta = shift.to_dtype(dtype)?;
-    let x = x.contiguous()?;
-    let rows = (0..x.dim(0)?)
-        .map(|i| {
-            candle_nn::ops::layer_norm(
-                &x.get(i)?,
-                &alpha.get(i)?.contiguous()?,
-                &beta.get(i)?.contiguous()?,
-                eps as f32,
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::stack(&rows, 0)
-}
-
-/// `x * (1 + scale) + shift` with per-sample vectors. x: (b, n, d); shift, scale: (b, d)
-pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
-        .broadcast_add(&shift.unsqueeze(1)?)
-}
-
-/// `x + gate * y` with a per-sample gate (the gated residual update); bf16 on the CPU in one pass.
-/// x, y: (b, n, d); gate: (b, d)
-pub fn add_gated(x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::BF16 && y.dtype() == DType::BF16 {
-        return crate::cpu::add_gated_bf16(x, y, g);
-    }
-    x + gate(y, g)?
-}
-
-/// `gate * x` with a per-sample gate. x: (b, n, d); gate: (b, d)
-pub fn gate(x: &Tensor, gate: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&gate.unsqueeze(1)?)
-}
-
-/// `linear(silu(emb))` split into `n` equal chunks: the modulation of diffusers' `AdaLayerNormZero`
-/// (6 chunks), `SD35AdaLayerNormZeroX` (9) and `AdaLayerNormContinuous` (2, scale first).
+/// `linear(silu(emb))` cut into (shift, scale, gate) triples, in diffusers' order: one for
+/// `AdaLayerNormZeroSingle` (Flux's single blocks), two for `AdaLayerNormZero` (msa, mlp), three for
+/// `SD35AdaLayerNormZeroX` (msa, mlp, msa2).
 #[derive(Debug, Clone)]
 pub struct Modulation {
     linear: Linear,
-    chunks: usize,
+    triples: usize,
 }
 
 impl Modulation {
-    pub fn new(dim: usize, chunks: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, triples: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            linear: linear(dim, chunks * dim, vb.pp("linear"))?,
-            chunks,
+            linear: linear(dim, 3 * triples * dim, vb.pp("linear"))?,
+            triples,
         })
     }
 
-    /// emb: (b, dim) -> `chunks` tensors of (b, dim)
-    pub fn forward(&self, emb: &Tensor) -> Result<Vec<Tensor>> {
-        self.linear
+    /// emb: (b, dim) -> the triples, in order.
+    pub fn forward(&self, emb: &Tensor) -> Result<Vec<ModulationOut>> {
+        let c = self
+            .linear
             .forward(&emb.silu()?)?
-            .chunk(self.chunks, D::Minus1)
+            .chunk(3 * self.triples, D::Minus1)?;
+        Ok(c.chunks_exact(3)
+            .map(|t| ModulationOut {
+                shift: t[0].clone(),
+                scale: t[1].clone(),
+                gate: t[2].clone(),
+            })
+            .collect())
+    }
+}
+
+/// What `AdaLayerNormZero` (and its MMDiT-X form) gives a joint block's stream.
+#[derive(Debug, Clone)]
+pub struct BlockModulation {
+    /// Around the attention.
+    pub msa: ModulationOut,
+    /// Around the feed-forward.
+    pub mlp: ModulationOut,
+    /// Around the second, image-only attention of MMDiT-X layers.
+    pub msa2: Option<ModulationOut>,
+}
+
+impl Modulation {
+    /// The two or three triples of a joint block's stream.
+    pub fn forward_block(&self, emb: &Tensor) -> Result<BlockModulation> {
+        let mut t = self.forward(emb)?.into_iter();
+        match (t.next(), t.next(), t.next()) {
+            (Some(msa), Some(mlp), msa2) => Ok(BlockModulation { msa, mlp, msa2 }),
+            _ => candle_core::bail!("a block's modulation has {} triples", self.triples),
+        }
     }
 }
 
 /// Final `AdaLayerNormContinuous` (no affine, eps 1e-6): `norm(x) * (1 + scale) + shift`.
 #[derive(Debug, Clone)]
 pub struct AdaNormContinuous {
-    m: Modulation,
+    linear: Linear,
 }
 
 impl AdaNormContinuous {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            m: Modulation::new(dim, 2, vb)?,
+            linear: linear(dim, 2 * dim, vb.pp("linear"))?,
         })
     }
 
     /// x: (b, n, d); emb: (b, d)
     pub fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
-        let c = self.m.forward(emb)?;
         // diffusers orders this pair (scale, shift); the original checkpoints store (shift, scale).
-        norm_modulate(x, 1e-6, &c[1], &c[0])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn fused_norm_modulate_equals_the_composed_path() {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 7, 48), &dev)
-            .unwrap()
-            .affine(3.0, 0.5)
-            .unwrap();
-        let shift = Tensor::randn(0f32, 1.0, (2, 48), &dev).unwrap();
-        let scale = Tensor::randn(0f32, 1.0, (2, 48), &dev).unwrap();
-        let a = modulate(&layer_norm(&x, 1e-6).unwrap(), &shift, &scale).unwrap();
-        let b = norm_modulate_fused(&x, 1e-6, &shift, &scale).unwrap();
-        let d: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(d < 1e-5, "{d}");
+        let c = self.linear.forward(&emb.silu()?)?.chunk(2, D::Minus1)?;
+        let (scale, shift) = (&c[0], &c[1]);
+        norm_modulate(x, EPS, shift, scale)
     }
 }

@@ -87,15 +87,11 @@ mod tests {
             .map(|i| vec![0.0, i as f64, (2 * i) as f64])
             .collect();
         let rope = Rope::new(&ids, &[2, 4, 4], 10000.0, &dev).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 10), &dev).unwrap();
-        let d: f32 = (rope.apply_composed(&x).unwrap() - rope.apply(&x).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let x = crate::nn::test_util::normal((2, 3, 5, 10), 1.0, 1);
+        let d = crate::nn::test_util::max_abs_diff(
+            &rope.apply_composed(&x).unwrap(),
+            &rope.apply(&x).unwrap(),
+        );
         assert!(d < 1e-6, "{d}");
     }
 

@@ -3,10 +3,10 @@
 use super::attention::TokenOrder;
 use super::embed::{PatchEmbed, TimeTextEmbed};
 use super::joint_block::{BlockSpec, JointBlock};
-use super::linear::{linear, Linear};
 use super::modulation::AdaNormContinuous;
 use crate::config::Sd3TransformerConfig;
-use crate::profile::{EMBED, FINAL};
+use crate::nn::{linear, Linear};
+use crate::profile::{self, Phase};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -90,7 +90,7 @@ impl Sd3Transformer {
         let (b, _, h, w) = x.dims4()?;
         let p = self.cfg.patch_size;
         let dev = x.device();
-        let (mut img, temb, mut ctx) = crate::profile::phase(EMBED, dev, || {
+        let (mut img, temb, mut ctx) = profile::phase(Phase::Embeddings, dev, || {
             Ok((
                 self.pos_embed.forward(x)?,                     // (b, n, dim)
                 self.time_text_embed.forward(t, None, pooled)?, // (b, dim)
@@ -104,7 +104,7 @@ impl Sd3Transformer {
                 ctx = c;
             }
         }
-        let img = crate::profile::phase(FINAL, dev, || {
+        let img = profile::phase(Phase::Final, dev, || {
             self.proj_out.forward(&self.norm_out.forward(&img, &temb)?) // (b, n, p*p*c)
         })?;
         let (hp, wp, c) = (h / p, w / p, self.cfg.out_channels);

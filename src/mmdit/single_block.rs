@@ -1,11 +1,11 @@
 //! Flux's single-stream block (diffusers `FluxSingleTransformerBlock`): text and image tokens as one
 //! sequence; attention and MLP run in parallel from one modulated norm and share one output projection.
 
-use super::attention::{merge_heads, sdpa, QkvProj};
-use super::linear::{linear, Linear};
-use super::modulation::{add_gated, norm_modulate, Modulation};
+use super::attention::QkvProj;
+use super::modulation::Modulation;
 use super::rope::Rope;
-use crate::profile;
+use crate::nn::{gelu_tanh, linear, merge_heads, sdpa, Linear};
+use crate::profile::{self, Phase};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -28,7 +28,7 @@ impl SingleBlock {
         let mlp = (dim as f64 * mlp_ratio) as usize;
         let names = ["to_q", "to_k", "to_v", "norm_q", "norm_k"];
         Ok(Self {
-            norm: Modulation::new(dim, 3, vb.pp("norm"))?,
+            norm: Modulation::new(dim, 1, vb.pp("norm"))?,
             attn: QkvProj::new(dim, heads, head_dim, true, names, &vb.pp("attn"))?,
             proj_mlp: linear(dim, mlp, vb.pp("proj_mlp"))?,
             proj_out: linear(heads * head_dim + mlp, dim, vb.pp("proj_out"))?,
@@ -37,24 +37,24 @@ impl SingleBlock {
 
     /// x: (b, s + n, dim) joint tokens (text first); temb: (b, dim) -> (b, s + n, dim)
     pub fn forward(&self, x: &Tensor, temb: &Tensor, rope: &Rope) -> Result<Tensor> {
-        // m: shift, scale, gate
         let dev = x.device();
-        let norms = "norms, modulation, gates, residuals";
-        let (m, h) = profile::phase(norms, dev, || {
-            let m = self.norm.forward(temb)?;
-            let h = norm_modulate(x, 1e-6, &m[0], &m[1])?;
+        let (m, h) = profile::phase(Phase::Norms, dev, || {
+            let m = self.norm.forward(temb)?.remove(0);
+            let h = m.norm(x)?;
             Ok((m, h))
         })?;
-        let mlp = profile::phase("feed-forward", dev, || {
-            super::joint_block::gelu_tanh(&self.proj_mlp.forward(&h)?)
+        let mlp = profile::phase(Phase::FeedForward, dev, || {
+            gelu_tanh(&self.proj_mlp.forward(&h)?)
         })?;
         let (q, k, v) = self.attn.forward(&h)?;
-        let (q, k) = profile::phase("RoPE", dev, || Ok((rope.apply(&q)?, rope.apply(&k)?)))?;
+        let (q, k) = profile::phase(Phase::Rope, dev, || Ok((rope.apply(&q)?, rope.apply(&k)?)))?;
         let o = sdpa(&q, &k, &v)?;
-        let joined = profile::phase("copies (heads, joins, splits)", dev, || {
+        let joined = profile::phase(Phase::Copies, dev, || {
             Tensor::cat(&[merge_heads(&o)?, mlp], D::Minus1)
         })?;
-        let out = profile::phase("output projections", dev, || self.proj_out.forward(&joined))?;
-        profile::phase(norms, dev, || add_gated(x, &out, &m[2]))
+        let out = profile::phase(Phase::OutputProjections, dev, || {
+            self.proj_out.forward(&joined)
+        })?;
+        profile::phase(Phase::Norms, dev, || m.gated(x, &out))
     }
 }

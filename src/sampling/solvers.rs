@@ -2,7 +2,7 @@
 //! nothing of the model: they call a [`Velocity`] and walk a sigma schedule (stable-diffusion.cpp and
 //! k-diffusion keep samplers the same way, as free functions over a denoise callback).
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Param, Result};
 use candle_core::{DType, Tensor};
 
 /// The model as the solver sees it.
@@ -53,9 +53,10 @@ impl Sampler {
             .into_iter()
             .find(|k| k.name() == s.trim().to_ascii_lowercase())
             .ok_or_else(|| {
-                Error::request(format!(
-                    "--sampler {s}: unknown sampler; use euler, heun, midpoint or adams2"
-                ))
+                Error::invalid(
+                    Param::Sampler,
+                    format!(" {s}: unknown sampler; use euler, heun, midpoint or adams2"),
+                )
             })
     }
 

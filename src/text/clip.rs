@@ -113,6 +113,11 @@ impl ClipText {
         })
     }
 
+    /// Longest token sequence (the position table's length, 77 for the released models).
+    pub fn max_len(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
     /// The pooled token per row, as transformers picks it: argmax of the ids when `eos_token_id == 2`
     /// (legacy configs, where EOS has the highest id), else the first occurrence of `eos_token_id`.
     fn eos_positions(&self, ids: &[Vec<u32>]) -> Vec<usize> {
@@ -147,14 +152,14 @@ impl ClipText {
                 penultimate = Some(x.clone());
             }
             let h = l.ln1.forward(&x)?;
-            let q = crate::mmdit::attention::split_heads(&l.q.forward(&h)?, heads)?;
-            let k = crate::mmdit::attention::split_heads(&l.k.forward(&h)?, heads)?;
-            let v = crate::mmdit::attention::split_heads(&l.v.forward(&h)?, heads)?;
+            let q = crate::nn::split_heads(&l.q.forward(&h)?, heads)?;
+            let k = crate::nn::split_heads(&l.k.forward(&h)?, heads)?;
+            let v = crate::nn::split_heads(&l.v.forward(&h)?, heads)?;
             let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
             let scores = (q.matmul(&k.transpose(2, 3)?)? * scale)?.broadcast_add(&mask)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
                 .to_dtype(v.dtype())?;
-            let a = crate::mmdit::attention::merge_heads(&probs.matmul(&v)?)?;
+            let a = crate::nn::merge_heads(&probs.matmul(&v)?)?;
             x = (x + l.out.forward(&a)?)?;
             let h = l.ln2.forward(&x)?;
             x = (&x + l.fc2.forward(&self.act.forward(&l.fc1.forward(&h)?)?)?)?;

@@ -1,9 +1,13 @@
-//! SD3 prompt assembly, as diffusers' `StableDiffusion3Pipeline.encode_prompt` (diffusers 0.42.1):
-//! CLIP-L and CLIP-G penultimate states side by side, padded (or cropped) to the T5 width, followed by
-//! the T5 sequence (or zeros without T5); pooled = projected CLIP-L and CLIP-G outputs side by side.
+//! Prompt assembly for each family, as diffusers' pipelines do it (diffusers 0.42.1):
+//! - SD3 (`StableDiffusion3Pipeline.encode_prompt`): CLIP-L and CLIP-G penultimate states side by
+//!   side, padded (or cropped) to the T5 width, followed by the T5 sequence (or zeros without T5);
+//!   pooled = projected CLIP-L and CLIP-G outputs side by side.
+//! - Flux (`FluxPipeline.encode_prompt`): CLIP-L pooled output (no projection) and the T5 last
+//!   hidden state.
 
 use super::clip::ClipText;
 use super::tokenize::TextTokenizer;
+use super::PromptEncoder;
 use crate::error::Result;
 use candle_core::{DType, Device, Tensor, D};
 use candle_transformers::models::t5::T5EncoderModel;
@@ -25,38 +29,58 @@ pub struct Truncation {
     pub dropped: usize,
 }
 
+/// The ids of `prompt` padded or cut to `limit`; a cut is recorded in `cut` under `encoder`.
+fn token_ids(
+    tok: &TextTokenizer,
+    prompt: &str,
+    limit: usize,
+    encoder: &'static str,
+    cut: &mut Vec<Truncation>,
+) -> Result<Vec<u32>> {
+    let t = tok.encode_padded(prompt, limit)?;
+    if t.dropped > 0 {
+        cut.push(Truncation {
+            encoder,
+            limit,
+            dropped: t.dropped,
+        });
+    }
+    Ok(t.ids)
+}
+
+/// T5's last hidden state for a prompt, (1, max_seq, d_model), in `dtype`.
+fn t5_states(
+    (model, tok): &mut (T5EncoderModel, TextTokenizer),
+    prompt: &str,
+    max_seq: usize,
+    cut: &mut Vec<Truncation>,
+    device: &Device,
+    dtype: DType,
+) -> Result<Tensor> {
+    let ids = token_ids(tok, prompt, max_seq, "T5", cut)?;
+    let ids = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+    Ok(model.forward(&ids)?.to_dtype(dtype)?)
+}
+
 pub struct Sd3TextEncoders {
     pub clip_l: (ClipText, TextTokenizer),
     pub clip_g: (ClipText, TextTokenizer),
     pub t5: Option<(T5EncoderModel, TextTokenizer)>,
     /// Width of the zeros that stand in for T5 when it is absent.
     pub joint_attention_dim: usize,
-    /// CLIP context length (77).
-    pub clip_len: usize,
     pub device: Device,
     pub dtype: DType,
 }
 
-impl Sd3TextEncoders {
-    /// Encodes one prompt. `max_seq` is the T5 length (`--max-sequence-length`).
-    /// Returns the conditioning for a batch of one and any truncations.
-    pub fn encode(
-        &mut self,
-        prompt: &str,
-        max_seq: usize,
-    ) -> Result<(Conditioning, Vec<Truncation>)> {
+impl PromptEncoder for Sd3TextEncoders {
+    fn encode(&mut self, prompt: &str, max_seq: usize) -> Result<(Conditioning, Vec<Truncation>)> {
         let mut cut = Vec::new();
+        // Both CLIPs read the same length (77).
+        let clip_len = self.clip_l.0.max_len().min(self.clip_g.0.max_len());
         let mut clip =
             |enc: &(ClipText, TextTokenizer), name: &'static str| -> Result<(Tensor, Tensor)> {
-                let t = enc.1.encode_padded(prompt, self.clip_len)?;
-                if t.dropped > 0 {
-                    cut.push(Truncation {
-                        encoder: name,
-                        limit: self.clip_len,
-                        dropped: t.dropped,
-                    });
-                }
-                let out = enc.0.forward(&[t.ids], &self.device)?;
+                let ids = token_ids(&enc.1, prompt, clip_len, name, &mut cut)?;
+                let out = enc.0.forward(&[ids], &self.device)?;
                 let pooled = out.projected.unwrap_or(out.pooled);
                 Ok((out.penultimate, pooled))
             };
@@ -64,24 +88,13 @@ impl Sd3TextEncoders {
         let (g_seq, g_pool) = clip(&self.clip_g, "CLIP-G")?;
         let clip_seq = Tensor::cat(&[l_seq, g_seq], D::Minus1)?; // (1, 77, dl + dg)
         let t5_seq = match &mut self.t5 {
-            Some((model, tok)) => {
-                let t = tok.encode_padded(prompt, max_seq)?;
-                if t.dropped > 0 {
-                    cut.push(Truncation {
-                        encoder: "T5",
-                        limit: max_seq,
-                        dropped: t.dropped,
-                    });
-                }
-                let ids = Tensor::new(t.ids.as_slice(), &self.device)?.unsqueeze(0)?;
-                model.forward(&ids)?.to_dtype(self.dtype)? // (1, max_seq, d_t5)
-            }
+            Some(t5) => t5_states(t5, prompt, max_seq, &mut cut, &self.device, self.dtype)?,
             None => Tensor::zeros(
                 (1, max_seq, self.joint_attention_dim),
                 self.dtype,
                 &self.device,
             )?,
-        };
+        }; // (1, max_seq, d_t5)
         let width = t5_seq.dim(D::Minus1)?;
         let clip_w = clip_seq.dim(D::Minus1)?;
         let clip_seq = if clip_w < width {
@@ -94,49 +107,42 @@ impl Sd3TextEncoders {
         let pooled = Tensor::cat(&[l_pool, g_pool], D::Minus1)?.to_dtype(self.dtype)?;
         Ok((Conditioning { context, pooled }, cut))
     }
+
+    fn tokenizers(&self) -> Vec<(&'static str, &TextTokenizer)> {
+        let mut v = vec![("CLIP-L", &self.clip_l.1), ("CLIP-G", &self.clip_g.1)];
+        v.extend(self.t5.as_ref().map(|t| ("T5", &t.1)));
+        v
+    }
 }
 
-/// Flux prompt assembly, as diffusers' `FluxPipeline.encode_prompt`: CLIP-L pooled output (no
-/// projection) and the T5 last hidden state.
 pub struct FluxTextEncoders {
     pub clip: (ClipText, TextTokenizer),
     pub t5: (T5EncoderModel, TextTokenizer),
-    pub clip_len: usize,
     pub device: Device,
     pub dtype: DType,
 }
 
-impl FluxTextEncoders {
-    pub fn encode(
-        &mut self,
-        prompt: &str,
-        max_seq: usize,
-    ) -> Result<(Conditioning, Vec<Truncation>)> {
+impl PromptEncoder for FluxTextEncoders {
+    fn encode(&mut self, prompt: &str, max_seq: usize) -> Result<(Conditioning, Vec<Truncation>)> {
         let mut cut = Vec::new();
-        let t = self.clip.1.encode_padded(prompt, self.clip_len)?;
-        if t.dropped > 0 {
-            cut.push(Truncation {
-                encoder: "CLIP-L",
-                limit: self.clip_len,
-                dropped: t.dropped,
-            });
-        }
-        let pooled = self
-            .clip
-            .0
-            .forward(&[t.ids], &self.device)?
+        let (clip, tok) = &self.clip;
+        let ids = token_ids(tok, prompt, clip.max_len(), "CLIP-L", &mut cut)?;
+        let pooled = clip
+            .forward(&[ids], &self.device)?
             .pooled
             .to_dtype(self.dtype)?;
-        let t = self.t5.1.encode_padded(prompt, max_seq)?;
-        if t.dropped > 0 {
-            cut.push(Truncation {
-                encoder: "T5",
-                limit: max_seq,
-                dropped: t.dropped,
-            });
-        }
-        let ids = Tensor::new(t.ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        let context = self.t5.0.forward(&ids)?.to_dtype(self.dtype)?;
+        let context = t5_states(
+            &mut self.t5,
+            prompt,
+            max_seq,
+            &mut cut,
+            &self.device,
+            self.dtype,
+        )?;
         Ok((Conditioning { context, pooled }, cut))
+    }
+
+    fn tokenizers(&self) -> Vec<(&'static str, &TextTokenizer)> {
+        vec![("CLIP-L", &self.clip.1), ("T5", &self.t5.1)]
     }
 }

@@ -1,171 +1,35 @@
 //! `AutoencoderKL` decoder (diffusers names), the same class for SD3 and Flux.
 
 use crate::config::VaeConfig;
-use crate::cpu::conv::Conv2dF32;
-use crate::mmdit::linear::{linear, Linear};
-use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
-use std::sync::Arc;
+use crate::nn::{linear, sdpa_unprofiled, Conv2d, GroupNorm, Linear};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
 
 const EPS: f64 = 1e-6;
 
-/// A stride-1 convolution: candle's, or on a CPU with AVX-512 in f32 the im2col-free kernel of
-/// [`crate::cpu::conv`] (weights packed at load, candle's copy dropped).
-#[derive(Debug, Clone)]
-enum Conv {
-    Plain(Conv2d),
-    Fast(Arc<Conv2dF32>),
+fn conv3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv2d> {
+    Conv2d::new(in_c, out_c, 3, vb)
 }
 
-fn conv(in_c: usize, out_c: usize, k: usize, vb: VarBuilder) -> Result<Conv> {
-    let cfg = Conv2dConfig {
-        padding: k / 2,
-        ..Default::default()
-    };
-    let c = candle_nn::conv2d(in_c, out_c, k, cfg, vb)?;
-    let w = c.weight();
-    // (Non-contiguous weights are views, such as the weight audit's zero-stride stand-ins.)
-    if !(w.device().is_cpu()
-        && w.dtype() == DType::F32
-        && w.is_contiguous()
-        && crate::cpu::sgemm::available())
-    {
-        return Ok(Conv::Plain(c));
-    }
-    let bias = match c.bias() {
-        Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
-        None => None,
-    };
-    let weights = w.flatten_all()?.to_vec1()?;
-    Ok(Conv::Fast(Arc::new(Conv2dF32::new(
-        &weights,
-        bias,
-        out_c,
-        in_c,
-        k,
-        k / 2,
-    ))))
-}
-
-/// GroupNorm: candle's, or on the CPU in f32 the two-pass kernel of [`crate::cpu::group_norm`]
-/// (which also folds in the SiLU that follows most of them).
-#[derive(Debug, Clone)]
-struct Norm {
-    plain: GroupNorm,
-    groups: usize,
-    /// gamma, beta as f32 when the weights are contiguous f32 on the CPU.
-    affine: Option<Arc<(Vec<f32>, Vec<f32>)>>,
-}
-
-fn group_norm(groups: usize, c: usize, vb: VarBuilder) -> Result<Norm> {
-    let (w, b) = (vb.get(c, "weight")?, vb.get(c, "bias")?);
-    let plain = GroupNorm::new(w.clone(), b.clone(), c, groups, EPS)?;
-    let fast = [&w, &b]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous());
-    let affine = if fast {
-        Some(Arc::new((w.to_vec1()?, b.to_vec1()?)))
-    } else {
-        None
-    };
-    Ok(Norm {
-        plain,
-        groups,
-        affine,
-    })
-}
-
-impl Norm {
-    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        match &self.affine {
-            Some(ab)
-                if x.dtype() == DType::F32
-                    && x.device().is_cpu()
-                    && x.rank() >= 2
-                    && x.dim(1)? == ab.0.len() =>
-            {
-                let (b, c) = (x.dim(0)?, x.dim(1)?);
-                let hw = x.elem_count() / (b * c).max(1);
-                let out = crate::cpu::with_slice::<f32, _>(x, |xs| {
-                    crate::cpu::group_norm::group_norm_f32(
-                        xs,
-                        b,
-                        c,
-                        hw,
-                        self.groups,
-                        &ab.0,
-                        &ab.1,
-                        EPS,
-                        silu,
-                    )
-                })?;
-                Tensor::from_vec(out, x.shape(), x.device())
-            }
-            _ if silu => self.plain.forward(x)?.silu(),
-            _ => self.plain.forward(x),
-        }
-    }
-
-    /// GroupNorm then SiLU.
-    fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, true)
-    }
-}
-
-impl Module for Norm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, false)
-    }
-}
-
-fn conv3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv> {
-    conv(in_c, out_c, 3, vb)
-}
-
-impl Module for Conv {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Conv::Plain(c) => c.forward(x),
-            Conv::Fast(c) => {
-                let (b, ci, h, w) = x.dims4()?;
-                let size = c.output_size(h, w);
-                if x.dtype() != DType::F32
-                    || !x.device().is_cpu()
-                    || ci != c.cin()
-                    || size.is_none()
-                {
-                    candle_core::bail!(
-                        "f32 CPU convolution ({} -> {} channels) given {:?} {:?} on {:?}",
-                        c.cin(),
-                        c.cout(),
-                        x.shape(),
-                        x.dtype(),
-                        x.device()
-                    );
-                }
-                let (ho, wo) = size.expect("checked");
-                let out = crate::cpu::with_slice::<f32, _>(x, |xs| c.forward(xs, b, h, w))?;
-                Tensor::from_vec(out, (b, c.cout(), ho, wo), x.device())
-            }
-        }
-    }
+fn group_norm(groups: usize, c: usize, vb: VarBuilder) -> Result<GroupNorm> {
+    GroupNorm::new(groups, c, EPS, vb)
 }
 
 /// `ResnetBlock2D` without time embedding: two GroupNorm-SiLU-conv steps and a residual
 /// (1x1 `conv_shortcut` when the width changes).
 #[derive(Debug, Clone)]
 struct Resnet {
-    norm1: Norm,
-    conv1: Conv,
-    norm2: Norm,
-    conv2: Conv,
-    shortcut: Option<Conv>,
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
 }
 
 impl Resnet {
     fn new(in_c: usize, out_c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         let shortcut = if in_c != out_c {
-            Some(conv(in_c, out_c, 1, vb.pp("conv_shortcut"))?)
+            Some(Conv2d::new(in_c, out_c, 1, vb.pp("conv_shortcut"))?)
         } else {
             None
         };
@@ -193,7 +57,7 @@ impl Module for Resnet {
 /// Single-head spatial self-attention of the mid block, with a residual.
 #[derive(Debug, Clone)]
 struct SpatialAttention {
-    group_norm: Norm,
+    group_norm: GroupNorm,
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
@@ -224,7 +88,7 @@ impl Module for SpatialAttention {
         let q = self.to_q.forward(&t)?.unsqueeze(1)?; // (b, 1, hw, c)
         let k = self.to_k.forward(&t)?.unsqueeze(1)?;
         let v = self.to_v.forward(&t)?.unsqueeze(1)?;
-        let o = crate::mmdit::attention::sdpa_unprofiled(&q, &k, &v)?.squeeze(1)?; // (b, hw, c)
+        let o = sdpa_unprofiled(&q, &k, &v)?.squeeze(1)?; // (b, hw, c)
         let o = self
             .to_out
             .forward(&o)?
@@ -237,19 +101,19 @@ impl Module for SpatialAttention {
 #[derive(Debug, Clone)]
 struct UpBlock {
     resnets: Vec<Resnet>,
-    upsample: Option<Conv>,
+    upsample: Option<Conv2d>,
 }
 
 /// The decoder half of `AutoencoderKL`, with the latent scaling of its config.
 #[derive(Debug, Clone)]
 pub struct VaeDecoder {
-    post_quant_conv: Option<Conv>,
-    conv_in: Conv,
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
     mid_resnets: [Resnet; 2],
     mid_attn: Option<SpatialAttention>,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: Norm,
-    conv_out: Conv,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
     cfg: VaeConfig,
 }
 
@@ -261,7 +125,7 @@ impl VaeDecoder {
         let top = *boc.last().expect("validated: at least one level");
         let post_quant_conv = if cfg.use_post_quant_conv {
             let l = cfg.latent_channels;
-            Some(conv(l, l, 1, vb.pp("post_quant_conv"))?)
+            Some(Conv2d::new(l, l, 1, vb.pp("post_quant_conv"))?)
         } else {
             None
         };

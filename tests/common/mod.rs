@@ -28,9 +28,23 @@ pub fn reference(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &device()).unwrap()
 }
 
+/// The six released models whose shape manifests are in `tests/fixtures/manifests/`.
+pub const REAL_MODELS: [&str; 6] = [
+    "sd3-medium",
+    "sd3.5-large",
+    "sd3.5-large-turbo",
+    "sd3.5-medium",
+    "flux.1-schnell",
+    "flux.1-dev",
+];
+
+/// A JSON file's contents.
+pub fn read_json(path: impl AsRef<std::path::Path>) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 pub fn meta(name: &str) -> serde_json::Value {
-    let s = std::fs::read_to_string(fixture(name).join("fixture.json")).unwrap();
-    serde_json::from_str(&s).unwrap()
+    read_json(fixture(name).join("fixture.json"))
 }
 
 /// max |a - b| and max |b|, both as f32.
@@ -38,26 +52,8 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     let a = a.to_dtype(DType::F32).unwrap();
     let b = b.to_dtype(DType::F32).unwrap();
-    let d: f32 = (a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let m: f32 = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    (d, m)
+    let max_abs = |t: Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+    (max_abs((a - &b).unwrap()), max_abs(b))
 }
 
 /// Asserts max |a - b| <= rel * max |b| and prints the measured error.

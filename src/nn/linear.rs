@@ -1,7 +1,11 @@
-//! The transformer's linear layers: candle's `Linear`, except on the CPU where a faster kernel
-//! exists: in bf16 with AMX, the weight is packed once at load into AMX tiles and products run on
-//! [`crate::cpu::amx`]; in f32 with AVX-512, it is packed into 32-column panels for
-//! [`crate::cpu::sgemm`]. Either way candle's copy of the weight is dropped.
+//! Linear layers: candle's `Linear`, except on the CPU where a faster kernel exists: in bf16 with
+//! AMX, the weight is packed once at load into AMX tiles and products run on [`crate::cpu::amx`];
+//! in f32 with AVX-512, it is packed into 32-column panels for [`crate::cpu::sgemm`]. Either way
+//! candle's copy of the weight is dropped.
+//!
+//! How a layer's weight is held is its `Kernel`; quantized weights (GGUF blocks computed in
+//! place) are a further kernel, and a LoRA delta applied at run time is a term added to
+//! [`Linear::forward`]'s output, so the models that hold `Linear`s do not change for either.
 
 use crate::cpu::amx::{self, PackedB};
 use crate::cpu::sgemm::{self, PackedF32};
@@ -9,25 +13,25 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
 
+/// `y = x Wᵀ + b` (diffusers' and PyTorch's `nn.Linear`).
 #[derive(Debug, Clone)]
-pub struct Linear(Inner);
+pub struct Linear(Kernel);
 
+/// Where a layer's product runs, and the weight in the layout that kernel takes.
 #[derive(Debug, Clone)]
-enum Inner {
-    Plain(candle_nn::Linear),
-    Amx(Arc<AmxWeight>),
-    Avx512(Arc<F32Weight>),
+enum Kernel {
+    /// candle's matmul (GPUs; CPUs without a faster kernel for the dtype).
+    Candle(candle_nn::Linear),
+    /// bf16 on AMX tiles.
+    Amx(Arc<Packed<PackedB>>),
+    /// f32 on AVX-512.
+    Avx512(Arc<Packed<PackedF32>>),
 }
 
+/// A weight packed for a CPU kernel, and the bias in f32 (added once, to the f32 accumulators).
 #[derive(Debug)]
-struct F32Weight {
-    packed: PackedF32,
-    bias: Option<Vec<f32>>,
-}
-
-#[derive(Debug)]
-struct AmxWeight {
-    packed: PackedB,
+struct Packed<P> {
+    weight: P,
     bias: Option<Vec<f32>>,
 }
 
@@ -38,71 +42,60 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
 
 impl Linear {
     /// Wraps candle's layer, packing it for AMX when it is a bf16 CPU layer and AMX is available,
-    /// or for the AVX-512 kernel when it is an f32 CPU layer and the CPU has AVX-512.
+    /// or for the AVX-512 kernel when it is an f32 CPU layer and AVX-512 is (the feature switch,
+    /// [`crate::cpu::features`]).
     pub fn new(l: candle_nn::Linear) -> Result<Self> {
         let w = l.weight();
         // (A non-contiguous weight is a view, such as the zero-stride stand-ins of the weight
         // audit: packing it would materialise it. Loaded weights are contiguous.)
         if !(w.device().is_cpu() && w.rank() == 2 && w.is_contiguous()) {
-            return Ok(Self(Inner::Plain(l)));
+            return Ok(Self(Kernel::Candle(l)));
         }
         let (n, k) = w.dims2()?;
-        if w.dtype() == DType::F32 && sgemm::available() {
-            let packed = crate::cpu::with_slice::<f32, _>(w, |w| PackedF32::from_nk(w, n, k))?;
-            let bias = match l.bias() {
-                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
-                None => None,
-            };
-            return Ok(Self(Inner::Avx512(Arc::new(F32Weight { packed, bias }))));
-        }
-        if !(w.dtype() == DType::BF16 && amx::available()) {
-            return Ok(Self(Inner::Plain(l)));
-        }
-        let packed = crate::cpu::with_slice::<half::bf16, _>(w, |w| PackedB::from_nk(w, n, k))?;
-        let bias = match l.bias() {
-            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
-            None => None,
+        let cpu = crate::cpu::features();
+        let bias = || match l.bias() {
+            Some(b) => Ok::<_, candle_core::Error>(Some(b.to_dtype(DType::F32)?.to_vec1()?)),
+            None => Ok(None),
         };
-        Ok(Self(Inner::Amx(Arc::new(AmxWeight { packed, bias }))))
+        Ok(Self(match w.dtype() {
+            DType::F32 if cpu.avx512 => Kernel::Avx512(Arc::new(Packed {
+                weight: crate::cpu::with_slice(w, |w| PackedF32::from_nk(w, n, k))?,
+                bias: bias()?,
+            })),
+            DType::BF16 if cpu.amx => Kernel::Amx(Arc::new(Packed {
+                weight: crate::cpu::with_slice(w, |w| PackedB::from_nk(w, n, k))?,
+                bias: bias()?,
+            })),
+            _ => Kernel::Candle(l),
+        }))
     }
 
     /// Whether products run on AMX tiles.
     pub fn is_amx(&self) -> bool {
-        matches!(self.0, Inner::Amx(_))
+        matches!(self.0, Kernel::Amx(_))
     }
 
     /// Whether products run on the AVX-512 f32 kernel.
     pub fn is_avx512(&self) -> bool {
-        matches!(self.0, Inner::Avx512(_))
+        matches!(self.0, Kernel::Avx512(_))
     }
 }
 
 impl Module for Linear {
+    /// x: (.., in) -> (.., out)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.0 {
-            Inner::Plain(l) => l.forward(x),
-            Inner::Amx(w) => packed_forward(x, w.packed.k(), w.packed.n(), "AMX", |a, m, out| {
-                amx::matmul(
-                    a,
-                    m,
-                    w.packed.k(),
-                    &w.packed,
-                    w.bias.as_deref(),
-                    out,
-                    w.packed.n(),
-                )
-            }),
-            Inner::Avx512(w) => {
-                packed_forward(x, w.packed.k(), w.packed.n(), "AVX-512", |a, m, out| {
-                    sgemm::matmul(
-                        a,
-                        m,
-                        w.packed.k(),
-                        &w.packed,
-                        w.bias.as_deref(),
-                        out,
-                        w.packed.n(),
-                    )
+            Kernel::Candle(l) => l.forward(x),
+            Kernel::Amx(p) => {
+                let (k, n) = (p.weight.k(), p.weight.n());
+                packed_forward(x, k, n, "AMX", |a, m, out| {
+                    amx::matmul(a, m, k, &p.weight, p.bias.as_deref(), out, n)
+                })
+            }
+            Kernel::Avx512(p) => {
+                let (k, n) = (p.weight.k(), p.weight.n());
+                packed_forward(x, k, n, "AVX-512", |a, m, out| {
+                    sgemm::matmul(a, m, k, &p.weight, p.bias.as_deref(), out, n)
                 })
             }
         }
@@ -138,24 +131,23 @@ fn packed_forward<T: candle_core::WithDType>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::test_util::normal;
 
     /// The AMX layer against the f32 product of the same bf16 values: one bf16 rounding of the result
     /// (half an ulp), and no further from it than candle's bf16 layer (which rounds the product,
     /// then adds the bias in bf16).
     #[test]
     fn amx_linear_rounds_once_and_beats_candles() {
-        if !amx::available() {
-            eprintln!("AMX not available here: test skipped");
+        if !crate::cpu::test_has("amx") {
             return;
         }
-        let dev = Device::Cpu;
         let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
         let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let max = |t: Tensor| t.max_all().unwrap().to_scalar::<f32>().unwrap();
         for &(m, k, n) in &[(3, 40, 24), (2 * 77, 256, 384)] {
-            let w = bf(Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap());
-            let b = bf(Tensor::randn(0f32, 1.0, n, &dev).unwrap());
-            let x = bf(Tensor::randn(0f32, 1.0, (2, m / 2 + 1, k), &dev).unwrap());
+            let w = bf(normal((n, k), 0.1, 1));
+            let b = bf(normal(n, 1.0, 2));
+            let x = bf(normal((2, m / 2 + 1, k), 1.0, 3));
             let exact = candle_nn::Linear::new(f(&w), Some(f(&b)))
                 .forward(&f(&x))
                 .unwrap();
@@ -181,15 +173,13 @@ mod tests {
     /// The AVX-512 f32 layer against candle's f32 layer: the same sums in another order.
     #[test]
     fn avx512_linear_equals_candles() {
-        if !sgemm::available() {
-            eprintln!("AVX-512 not available here: test skipped");
+        if !crate::cpu::test_has("avx512") {
             return;
         }
-        let dev = Device::Cpu;
         for &(m, k, n, bias) in &[(3, 40, 24, true), (2 * 77, 300, 70, false)] {
-            let w = Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap();
-            let b = bias.then(|| Tensor::randn(0f32, 1.0, n, &dev).unwrap());
-            let x = Tensor::randn(0f32, 1.0, (2, m / 2 + 1, k), &dev).unwrap();
+            let w = normal((n, k), 0.1, 4);
+            let b = bias.then(|| normal(n, 1.0, 5));
+            let x = normal((2, m / 2 + 1, k), 1.0, 6);
             let plain = candle_nn::Linear::new(w, b);
             let fast = Linear::new(plain.clone()).unwrap();
             assert!(fast.is_avx512());

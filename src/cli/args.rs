@@ -1,0 +1,104 @@
+//! Arguments shared by `generate` and `bench` (flattened into both), and what they resolve to.
+
+use clap::Args;
+use mmdit::presets::{self, Preset};
+use mmdit::{device, ModelRef, Spec};
+
+/// The model `generate` and `bench` use when `--model` is not given: the demo preset (models/demo).
+pub const DEFAULT_MODEL: &str = "demo";
+
+/// Which model, where and in what dtype.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ModelArgs {
+    /// Model: a preset (`mmdit models`), a local folder in diffusers layout, a Hub repo id
+    /// (org/name) or a single-file .safetensors checkpoint (SAI SD3, BFL Flux). Default: the
+    /// embedded demo model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Hub revision (branch, tag or commit) when --model is a repo id.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// For a single-file .safetensors --model: a preset, folder or Hub repo with its configs,
+    /// tokenizers and the components the file lacks (default: the preset its shapes match).
+    #[arg(long)]
+    pub components: Option<String>,
+    /// auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// f32, f16 or bf16 (default: the preset's, else bf16 on CUDA and Metal, f32 on CPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+/// Size, guidance and T5 length of the images.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ImageArgs {
+    /// Image width in pixels (default: the model's native size).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (default: the model's native size).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Guidance scale. SD3: classifier-free guidance, 1 or less turns it off (default 7.0).
+    /// FLUX.1-dev: the embedded guidance (default 3.5); ignored by FLUX.1-schnell.
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// T5 sequence length (default: 256 for SD3 and FLUX.1-schnell, 512 for FLUX.1-dev).
+    #[arg(long)]
+    pub max_sequence_length: Option<usize>,
+}
+
+/// What [`ModelArgs`] name, checked; nothing opened yet.
+pub struct Chosen {
+    /// `--model` as given (or the default), for the PNG metadata.
+    pub name: String,
+    pub model: ModelRef,
+    pub preset: Option<Preset>,
+    pub device: candle_core::Device,
+    pub dtype: candle_core::DType,
+}
+
+impl ModelArgs {
+    /// Parses the device, resolves the model (a preset, folder, repo or single file and its
+    /// components) and picks the dtype: `--dtype`, else the preset's for the device, else the
+    /// device's default.
+    pub fn choose(&self) -> mmdit::Result<Chosen> {
+        let dev = device::parse_device(&self.device)?;
+        let name = self.model.clone().unwrap_or_else(|| DEFAULT_MODEL.into());
+        let (model, preset) =
+            presets::resolve_with(&name, self.revision.as_deref(), self.components.as_deref())?;
+        let dtype = match self
+            .dtype
+            .as_deref()
+            .or_else(|| preset.as_ref().and_then(|p| p.dtype_for(&dev)))
+        {
+            Some(s) => device::parse_dtype(s)?,
+            None => device::default_dtype(&dev),
+        };
+        Ok(Chosen {
+            name,
+            model,
+            preset,
+            device: dev,
+            dtype,
+        })
+    }
+}
+
+impl Chosen {
+    /// Reads and checks the model's configs, with the preset's scheduler shift.
+    pub fn open(&self) -> mmdit::Result<Spec> {
+        let mut spec = Spec::open(&self.model)?;
+        if let Some(s) = self.preset.as_ref().and_then(|p| p.defaults.shift) {
+            spec.set_shift(s);
+        }
+        Ok(spec)
+    }
+
+    /// Fills the request's unset fields from the preset's defaults.
+    pub fn apply_preset(&self, req: &mut mmdit::Request) {
+        if let Some(p) = &self.preset {
+            p.apply(req);
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Vectorised element-wise passes on CPU tensors: tanh-GELU (f32, and bf16 computed in f32 and
+//! rounded once), and the bf16 LayerNorm + modulation, RMSNorm and gated residual with the roundings
+//! of the composed bf16 ops. Each has a generic body that compiles to AVX-512 where the feature
+//! switch allows it ([`avx512_dispatch`](super::avx512_dispatch)).
+
+use super::{lane_sum, round_bf16, with_slice};
+use candle_core::{Device, Result, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+/// tanh-approximated GELU of a bf16 CPU tensor, computed in f32 and rounded once (as PyTorch does
+/// for bf16): `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+pub fn gelu_tanh_bf16(x: &Tensor) -> Result<Tensor> {
+    gelu_tanh_with(x, |x: &[bf16], o: &mut [bf16], buf: &mut [f32]| {
+        let (xf, e) = buf.split_at_mut(x.len());
+        for (f, v) in xf.iter_mut().zip(x) {
+            *f = v.to_f32();
+        }
+        gelu_bf16_chunk(xf, e, o)
+    })
+}
+
+/// tanh-approximated GELU of an f32 CPU tensor, vectorised (candle's is a scalar `tanh` per element).
+pub fn gelu_tanh_f32(x: &Tensor) -> Result<Tensor> {
+    gelu_tanh_with(x, |x: &[f32], o: &mut [f32], buf: &mut [f32]| {
+        gelu_f32_chunk(x, &mut buf[..x.len()], o)
+    })
+}
+
+/// Runs `chunk(x, out, scratch of 2 x len f32)` over a CPU tensor in parallel pieces.
+fn gelu_tanh_with<T: candle_core::WithDType>(
+    x: &Tensor,
+    chunk: impl Fn(&[T], &mut [T], &mut [f32]) + Sync,
+) -> Result<Tensor> {
+    const CHUNK: usize = 4096;
+    let out = with_slice::<T, _>(x, |xs| {
+        let mut out = vec![T::zero(); xs.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .for_each(|(o, x)| {
+                let mut buf = vec![0f32; 2 * x.len()];
+                chunk(x, o, &mut buf);
+            });
+        out
+    })?;
+    Tensor::from_vec(out, x.shape(), &Device::Cpu)
+}
+
+super::avx512_dispatch!(gelu_bf16_chunk, gelu_bf16_chunk_generic, (x: &[f32], e: &mut [f32], o: &mut [bf16]));
+super::avx512_dispatch!(gelu_f32_chunk, gelu_f32_chunk_generic, (x: &[f32], e: &mut [f32], o: &mut [f32]));
+
+#[inline(always)]
+fn gelu_bf16_chunk_generic(x: &[f32], e: &mut [f32], o: &mut [bf16]) {
+    gelu_tanh_in(x, e);
+    for (o, &g) in o.iter_mut().zip(e.iter()) {
+        *o = round_bf16(g);
+    }
+}
+
+#[inline(always)]
+fn gelu_f32_chunk_generic(x: &[f32], e: &mut [f32], o: &mut [f32]) {
+    gelu_tanh_in(x, e);
+    o.copy_from_slice(e);
+}
+
+/// `e = gelu_tanh(x)` in f32, with tanh(u) = 1 - 2 / (e^(2u) + 1).
+#[inline(always)]
+fn gelu_tanh_in(x: &[f32], e: &mut [f32]) {
+    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+    for (e, &v) in e.iter_mut().zip(x) {
+        *e = 2.0 * C * (v + 0.044715 * v * v * v);
+    }
+    super::attention::exp_generic(e);
+    for (e, &v) in e.iter_mut().zip(x) {
+        let t = 1.0 - 2.0 / (*e + 1.0);
+        *e = 0.5 * v * (1.0 + t);
+    }
+}
+
+/// Per-sample vectors (b, d) of a bf16 or f32 tensor as f32 rows.
+fn rows_f32(t: &Tensor) -> Result<Vec<Vec<f32>>> {
+    t.to_dtype(candle_core::DType::F32)?.to_vec2()
+}
+
+/// `modulate(layer_norm(x), shift, scale)` for bf16 CPU tensors, with the roundings of the composed
+/// bf16 path (and of PyTorch in bf16): the norm (f32 statistics) rounded, `1 + scale` rounded, the
+/// product rounded, the sum rounded. x: (b, n, d); shift, scale: (b, d).
+pub fn norm_modulate_bf16(x: &Tensor, eps: f64, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    let beta = rows_f32(shift)?;
+    let alpha: Vec<Vec<f32>> = rows_f32(scale)?
+        .into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(|s| round_bf16(s + 1.0).to_f32())
+                .collect()
+        })
+        .collect();
+    if beta.len() != b || alpha.len() != b || beta.iter().chain(&alpha).any(|r| r.len() != d) {
+        candle_core::bail!(
+            "norm_modulate: x {:?}, shift {:?}, scale {:?}",
+            x.shape(),
+            shift.shape(),
+            scale.shape()
+        );
+    }
+    let out = with_slice::<bf16, _>(x, |xs| {
+        let mut out = vec![bf16::ZERO; xs.len()];
+        out.par_chunks_mut(d)
+            .zip(xs.par_chunks(d))
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; d],
+                |buf, (row, (o, x))| {
+                    let i = row / n.max(1);
+                    ln_mod_row(x, o, &alpha[i], &beta[i], eps as f32, buf)
+                },
+            );
+        out
+    })?;
+    Tensor::from_vec(out, (b, n, d), &Device::Cpu)
+}
+
+super::avx512_dispatch!(ln_mod_row, ln_mod_row_generic, (x: &[bf16], o: &mut [bf16], alpha: &[f32], beta: &[f32], eps: f32, buf: &mut [f32]));
+
+#[inline(always)]
+fn ln_mod_row_generic(
+    x: &[bf16],
+    o: &mut [bf16],
+    alpha: &[f32],
+    beta: &[f32],
+    eps: f32,
+    buf: &mut [f32],
+) {
+    let d = x.len() as f32;
+    for (f, v) in buf.iter_mut().zip(x) {
+        *f = v.to_f32();
+    }
+    let mean = lane_sum(buf, |v| v) / d;
+    for f in buf.iter_mut() {
+        *f -= mean;
+    }
+    let var = lane_sum(buf, |v| v * v) / d;
+    let inv = 1.0 / (var + eps).sqrt();
+    for (((o, &v), &a), &b) in o.iter_mut().zip(buf.iter()).zip(alpha).zip(beta) {
+        let normed = round_bf16(v * inv).to_f32();
+        let scaled = round_bf16(normed * a).to_f32();
+        *o = round_bf16(scaled + b);
+    }
+}
+
+/// diffusers' `RMSNorm` for bf16 CPU tensors over the last dim, with its roundings: `x / rms(x)`
+/// in f32 rounded to bf16, then times the weight, rounded.
+pub fn rms_norm_bf16(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let w: Vec<f32> = weight.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    if w.len() != d {
+        candle_core::bail!("rms_norm: x {:?}, weight {:?}", x.shape(), weight.shape());
+    }
+    let out = with_slice::<bf16, _>(x, |xs| {
+        let mut out = vec![bf16::ZERO; xs.len()];
+        out.par_chunks_mut(d * 64)
+            .zip(xs.par_chunks(d * 64))
+            .for_each(|(o, x)| {
+                for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                    rms_row(x, o, &w, eps as f32)
+                }
+            });
+        out
+    })?;
+    Tensor::from_vec(out, x.shape(), &Device::Cpu)
+}
+
+super::avx512_dispatch!(rms_row, rms_row_generic, (x: &[bf16], o: &mut [bf16], w: &[f32], eps: f32));
+
+#[inline(always)]
+fn rms_row_generic(x: &[bf16], o: &mut [bf16], w: &[f32], eps: f32) {
+    let sq = lane_sum(x, |v| v.to_f32() * v.to_f32());
+    let inv = 1.0 / (sq / x.len() as f32 + eps).sqrt();
+    for ((o, v), &w) in o.iter_mut().zip(x).zip(w) {
+        *o = round_bf16(round_bf16(v.to_f32() * inv).to_f32() * w);
+    }
+}
+
+/// `x + gate * y` for bf16 CPU tensors with a per-sample gate, each operation rounded as in bf16.
+/// x, y: (b, n, d); gate: (b, d).
+pub fn add_gated_bf16(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    let g = rows_f32(gate)?;
+    if y.dims() != x.dims() || g.len() != b || g.iter().any(|r| r.len() != d) {
+        candle_core::bail!(
+            "add_gated: x {:?}, y {:?}, gate {:?}",
+            x.shape(),
+            y.shape(),
+            gate.shape()
+        );
+    }
+    let out = with_slice::<bf16, _>(x, |xs| {
+        with_slice::<bf16, _>(y, |ys| {
+            let mut out = vec![bf16::ZERO; xs.len()];
+            out.par_chunks_mut(d)
+                .zip(xs.par_chunks(d).zip(ys.par_chunks(d)))
+                .enumerate()
+                .for_each(|(row, (o, (x, y)))| add_gated_row(x, y, &g[row / n.max(1)], o));
+            out
+        })
+    })??;
+    Tensor::from_vec(out, (b, n, d), &Device::Cpu)
+}
+
+super::avx512_dispatch!(add_gated_row, add_gated_row_generic, (x: &[bf16], y: &[bf16], g: &[f32], o: &mut [bf16]));
+
+#[inline(always)]
+fn add_gated_row_generic(x: &[bf16], y: &[bf16], g: &[f32], o: &mut [bf16]) {
+    for (((o, x), y), &g) in o.iter_mut().zip(x).zip(y).zip(g) {
+        let t = round_bf16(y.to_f32() * g).to_f32();
+        *o = round_bf16(x.to_f32() + t);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    /// Normal(0, 3) inputs, reproducible.
+    fn normal(shape: (usize, usize), seed: u64) -> Tensor {
+        crate::cpu::normal_tensor(shape, 3.0, seed)
+    }
+
+    /// max over elements of |got - want| - (rel |want| + abs): at most 0 when within tolerance.
+    fn excess(got: &Tensor, want: &Tensor, rel: f64, abs: f64) -> f32 {
+        let tol = ((want.abs().unwrap() * rel).unwrap() + abs).unwrap();
+        ((got - want).unwrap().abs().unwrap() - tol)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Against candle's f32 GELU (tanh per element): within f32 rounding of the exp-based tanh.
+    #[test]
+    fn gelu_f32_equals_candles() {
+        let x = normal((3, 5001), 11);
+        let e = excess(&gelu_tanh_f32(&x).unwrap(), &x.gelu().unwrap(), 1e-6, 5e-7);
+        assert!(e <= 0.0, "beyond f32 rounding by {e}");
+    }
+
+    /// Against candle's f32 GELU of the same bf16 inputs, rounded: within one bf16 rounding.
+    #[test]
+    fn gelu_bf16_equals_f32_gelu_rounded() {
+        let x = normal((3, 5000), 12).to_dtype(DType::BF16).unwrap();
+        let want = x.to_dtype(DType::F32).unwrap().gelu().unwrap();
+        let got = gelu_tanh_bf16(&x).unwrap().to_dtype(DType::F32).unwrap();
+        let e = excess(&got, &want, 2f64.powi(-8), 1e-6);
+        assert!(e <= 0.0, "beyond one rounding by {e}");
+    }
+}

@@ -1,0 +1,122 @@
+//! Scaled dot-product attention on every backend, and the head split/merge around it.
+
+use crate::profile::{self, Phase};
+use candle_core::{DType, Result, Tensor};
+
+/// Scaled dot-product attention, timed as the transformer's "attention core" phase when profiling
+/// (see [`sdpa_unprofiled`]).
+///
+/// # Shapes
+/// q: (b, h, n, d), k and v: (b, h, m, d) -> (b, h, n, d)
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    profile::phase(Phase::AttentionCore, q.device(), || {
+        sdpa_unprofiled(q, k, v)
+    })
+}
+
+/// Scaled dot-product attention. On CUDA with the `flash-attn` feature (f16/bf16) it runs flash
+/// attention, on Metal candle's fused kernel, on a CPU [`crate::cpu::attention`] (bf16 with AMX,
+/// f32 with AVX-512); otherwise queries are processed in blocks so the score matrix never exceeds
+/// a fixed budget (64 Mi scores on the CPU, 256 Mi on a GPU), with the softmax accumulating
+/// in f32.
+///
+/// # Shapes
+/// q: (b, h, n, d), k and v: (b, h, m, d) -> (b, h, n, d)
+pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, h, n, d) = q.dims4()?;
+    let m = k.dim(2)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    #[cfg(feature = "flash-attn")]
+    if q.device().is_cuda()
+        && matches!(q.dtype(), DType::F16 | DType::BF16)
+        && d % 8 == 0
+        && d <= 256
+    {
+        // flash attention takes (b, n, h, d).
+        let t = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+        let o = candle_flash_attn::flash_attn(&t(q)?, &t(k)?, &t(v)?, scale as f32, false)?;
+        return o.transpose(1, 2)?.contiguous();
+    }
+    #[cfg(feature = "metal")]
+    if q.device().is_metal() && matches!(d, 32 | 64 | 72 | 80 | 96 | 128 | 256) {
+        return candle_nn::ops::sdpa(
+            &q.contiguous()?,
+            &k.contiguous()?,
+            &v.contiguous()?,
+            None,
+            false,
+            scale as f32,
+            1.0,
+        );
+    }
+    let cpu = crate::cpu::features();
+    let heads = crate::cpu::attention::Heads { bh: b * h, n, m, d };
+    if q.device().is_cpu() && q.dtype() == DType::BF16 && cpu.amx {
+        return on_slices(q, k, v, |q, k, v| {
+            crate::cpu::attention::sdpa_bf16(q, k, v, heads, scale as f32)
+        });
+    }
+    if q.device().is_cpu() && q.dtype() == DType::F32 && cpu.avx512 {
+        return on_slices(q, k, v, |q, k, v| {
+            crate::cpu::attention::sdpa_f32(q, k, v, heads, scale as f32)
+        });
+    }
+    let kt = k.transpose(2, 3)?.contiguous()?; // (b, h, d, m)
+    let budget: usize = if q.device().is_cpu() {
+        64 << 20
+    } else {
+        256 << 20
+    };
+    let block = (budget / (b * h * m).max(1)).clamp(1, n);
+    // The scale is folded into q (n x d) rather than applied to the scores (n x m). On a GPU in
+    // f16/bf16 the scores stay in that dtype (the matrix product already rounded them to it) and the
+    // softmax kernel accumulates in f32; the CPU's softmax accumulates in the input dtype, so there
+    // low-precision scores are converted to f32 first.
+    let in_place = q.dtype() == DType::F32 || !q.device().is_cpu();
+    let q = (q * scale)?;
+    let mut outs = Vec::with_capacity(n.div_ceil(block));
+    let mut start = 0;
+    while start < n {
+        let len = block.min(n - start);
+        let scores = q.narrow(2, start, len)?.matmul(&kt)?; // (b, h, len, m)
+        let probs = if in_place {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
+        };
+        outs.push(probs.matmul(v)?); // (b, h, len, d)
+        start += len;
+    }
+    if outs.len() == 1 {
+        return Ok(outs.remove(0));
+    }
+    Tensor::cat(&outs, 2)
+}
+
+/// Runs a CPU attention kernel of element type T on q, k and v as slices; its output has q's shape.
+fn on_slices<T: candle_core::WithDType>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kernel: impl FnOnce(&[T], &[T], &[T]) -> Vec<T>,
+) -> Result<Tensor> {
+    use crate::cpu::with_slice;
+    let o = with_slice::<T, _>(q, |qs| {
+        with_slice::<T, _>(k, |ks| with_slice::<T, _>(v, |vs| kernel(qs, ks, vs)))
+    })???;
+    Tensor::from_vec(o, q.shape(), q.device())
+}
+
+/// (b, n, h*d) -> (b, h, n, d)
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, hd) = x.dims3()?;
+    x.reshape((b, n, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// (b, h, n, d) -> (b, n, h*d)
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, n, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, n, h * d))
+}

@@ -1,0 +1,73 @@
+//! Stride-1 2-D convolutions with zero padding (the VAE's): candle's, or on the CPU in f32 with
+//! AVX-512 the im2col-free kernel of [`crate::cpu::conv`] (weights packed at load, candle's copy
+//! dropped).
+
+use crate::cpu::{self, conv::Conv2dF32};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use std::sync::Arc;
+
+/// `nn.Conv2d(in_c, out_c, k, padding=k // 2)` with bias, from `vb` (`weight`, `bias`).
+#[derive(Debug, Clone)]
+pub enum Conv2d {
+    Candle(candle_nn::Conv2d),
+    Packed(Arc<Conv2dF32>),
+}
+
+impl Conv2d {
+    pub fn new(in_c: usize, out_c: usize, k: usize, vb: VarBuilder) -> Result<Self> {
+        let cfg = candle_nn::Conv2dConfig {
+            padding: k / 2,
+            ..Default::default()
+        };
+        let c = candle_nn::conv2d(in_c, out_c, k, cfg, vb)?;
+        let w = c.weight();
+        // (Non-contiguous weights are views, such as the weight audit's zero-stride stand-ins.)
+        if !(w.device().is_cpu()
+            && w.dtype() == DType::F32
+            && w.is_contiguous()
+            && cpu::features().avx512)
+        {
+            return Ok(Self::Candle(c));
+        }
+        let bias = match c.bias() {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+            None => None,
+        };
+        let weights = w.flatten_all()?.to_vec1()?;
+        Ok(Self::Packed(Arc::new(Conv2dF32::new(
+            &weights,
+            bias,
+            out_c,
+            in_c,
+            k,
+            k / 2,
+        ))))
+    }
+}
+
+impl Module for Conv2d {
+    /// x: (b, c_in, h, w) -> (b, c_out, h, w)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = match self {
+            Self::Candle(c) => return c.forward(x),
+            Self::Packed(c) => c,
+        };
+        let (b, ci, h, w) = x.dims4()?;
+        let size = c.output_size(h, w);
+        let Some((ho, wo)) =
+            size.filter(|_| x.dtype() == DType::F32 && x.device().is_cpu() && ci == c.cin())
+        else {
+            candle_core::bail!(
+                "f32 CPU convolution ({} -> {} channels) given {:?} {:?} on {:?}",
+                c.cin(),
+                c.cout(),
+                x.shape(),
+                x.dtype(),
+                x.device()
+            );
+        };
+        let out = cpu::with_slice::<f32, _>(x, |xs| c.forward(xs, b, h, w))?;
+        Tensor::from_vec(out, (b, c.cout(), ho, wo), x.device())
+    }
+}

@@ -1,0 +1,62 @@
+//! Layers shared by every model: linear layers, attention, normalisations, the adaptive-norm
+//! arithmetic, activations, convolutions and two-layer MLPs. Each wraps candle's op and, where
+//! the CPU has a faster kernel for the dtype ([`crate::cpu`], chosen by its feature switch), that
+//! kernel instead. `mmdit/`, `vae/` and `text/` build their models from these; none of them takes
+//! a layer from another.
+//!
+//! Naming follows diffusers (`nn.Linear`, `RMSNorm`, `FeedForward`), so constructors mirror the
+//! checkpoint keys they read.
+
+pub mod activation;
+pub mod attention;
+pub mod conv;
+pub mod linear;
+pub mod mlp;
+pub mod modulate;
+pub mod norm;
+
+pub use activation::gelu_tanh;
+pub use attention::{merge_heads, sdpa, sdpa_unprofiled, split_heads};
+pub use conv::Conv2d;
+pub use linear::{linear, Linear};
+pub use mlp::{Activation, Mlp};
+pub use norm::{layer_norm, GroupNorm, RmsNorm};
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    pub(crate) use crate::cpu::normal_tensor as normal;
+    use candle_core::Tensor;
+
+    /// (max |a - b| / (|b| + 1), share of elements that differ)
+    pub fn compare(a: &Tensor, b: &Tensor) -> (f32, f32) {
+        let v = |t: &Tensor| {
+            t.to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (a, b) = (v(a), v(b));
+        let rel = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs() / (y.abs() + 1.0))
+            .fold(0f32, f32::max);
+        let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count() as f32 / a.len() as f32;
+        (rel, differ)
+    }
+
+    /// max |a - b| in f32.
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let f = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+        (f(a) - f(b))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+}

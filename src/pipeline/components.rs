@@ -1,0 +1,296 @@
+//! A model's components as files: configs read and checked, weights served per component folder
+//! (or from a single-file checkpoint), every component's tensors checked against the file headers
+//! before its weights are read, and the text encoders with their tokenizers.
+
+use crate::config::{self, ClipTextConfig, ModelIndex, T5Config, VaeConfig};
+use crate::error::{Error, Result};
+use crate::loader::audit::{Audit, ShapeBackend, TensorMeta};
+use crate::loader::single::SingleFile;
+use crate::loader::{self, FileSource};
+use crate::text::clip::ClipText;
+use crate::text::TextTokenizer;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use candle_transformers::models::t5::{self, T5EncoderModel};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// What a family reads its configs from when a model is opened.
+pub struct OpenCtx<'a> {
+    pub src: &'a dyn FileSource,
+    pub index: &'a ModelIndex,
+    /// `model_index.json`'s path, named in coupling errors.
+    pub index_path: &'a Path,
+    pub vae: &'a VaeConfig,
+}
+
+impl OpenCtx<'_> {
+    /// Reads a component config and validates it.
+    pub fn config<T: serde::de::DeserializeOwned + config::Validate>(
+        &self,
+        rel: &str,
+    ) -> Result<(T, PathBuf)> {
+        read_checked(self.src, rel)
+    }
+
+    /// Fails with a config error on `model_index.json` unless `ok`.
+    pub fn check(&self, ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
+        config::check(self.index_path, ok, msg)
+    }
+
+    /// T5's width must be the transformer's `joint_attention_dim`.
+    pub fn check_t5_width(&self, t5: &T5Config, joint_attention_dim: usize) -> Result<()> {
+        self.check(t5.d_model == joint_attention_dim, || {
+            format!(
+                "T5 width {} differs from the transformer's joint_attention_dim {joint_attention_dim}",
+                t5.d_model
+            )
+        })
+    }
+
+    /// The transformer takes `per_latent` input channels per VAE latent channel (4 when it packs
+    /// 2x2 patches).
+    pub fn check_latent_channels(&self, in_channels: usize, per_latent: usize) -> Result<()> {
+        let latent = self.vae.latent_channels;
+        self.check(latent * per_latent == in_channels, || {
+            let packed = if per_latent > 1 {
+                format!(" (= {per_latent} x latent channels when packed)")
+            } else {
+                String::new()
+            };
+            format!("the VAE has {latent} latent channels but the transformer takes {in_channels}{packed}")
+        })
+    }
+}
+
+/// Reads a JSON file of the model.
+pub(super) fn read<T: serde::de::DeserializeOwned>(
+    src: &dyn FileSource,
+    rel: &str,
+) -> Result<(T, PathBuf)> {
+    let p = loader::require(src, rel)?;
+    Ok((config::read_json(&p)?, p))
+}
+
+/// Reads a component config and validates it.
+pub(super) fn read_checked<T: serde::de::DeserializeOwned + config::Validate>(
+    src: &dyn FileSource,
+    rel: &str,
+) -> Result<(T, PathBuf)> {
+    let (c, p): (T, PathBuf) = read(src, rel)?;
+    c.validate(&p)?;
+    Ok((c, p))
+}
+
+/// The dtype the VAE runs in: f16 overflows in its decoder, and candle's CPU convolutions have no
+/// bf16 kernel, so both fall back to f32.
+pub fn vae_dtype(dtype: DType, device: &Device) -> DType {
+    if dtype == DType::F16 || (dtype == DType::BF16 && device.is_cpu()) {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// The dtype T5 runs in: it overflows in f16, so f32 then.
+pub fn t5_dtype(dtype: DType) -> DType {
+    if dtype == DType::F16 {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// One component's weights checked against its config, headers only.
+pub struct ComponentAudit {
+    pub name: &'static str,
+    pub files: Vec<PathBuf>,
+    pub audit: Audit,
+}
+
+/// Where each component's weights come from: the model's component folders, or, for a single-file
+/// checkpoint, the file for the components it holds and the components model for the rest.
+pub(crate) struct Weights<'a> {
+    pub src: &'a dyn FileSource,
+    pub single: Option<&'a SingleFile>,
+}
+
+const WEIGHT_STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
+
+impl Weights<'_> {
+    /// The component in folder `dir` as a [`VarBuilder`] at `dtype`.
+    fn var_builder(&self, dir: &str, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        if let Some(m) = self.single.and_then(|s| s.component(dir)) {
+            return m.var_builder(dtype, device);
+        }
+        let files = loader::component_weights(self.src, dir, &WEIGHT_STEMS)?;
+        loader::weights::var_builder(&files, dtype, device)
+    }
+
+    /// The component's files and its tensors' names and shapes (headers only).
+    fn headers(&self, dir: &str) -> Result<(Vec<PathBuf>, BTreeMap<String, TensorMeta>)> {
+        if let Some(m) = self.single.and_then(|s| s.component(dir)) {
+            return Ok((m.files.clone(), m.metas()));
+        }
+        let files = loader::component_weights(self.src, dir, &WEIGHT_STEMS)?;
+        let headers = loader::audit::read_headers(&files)?;
+        Ok((files, headers))
+    }
+
+    /// Builds the component in `dir` with `build`: first on the names and shapes of its files'
+    /// headers, so that a missing or misshapen tensor is named before any weight is read, then on
+    /// the weights themselves.
+    pub fn load<T>(
+        &self,
+        dir: &str,
+        dtype: DType,
+        device: &Device,
+        build: impl Fn(VarBuilder) -> candle_core::Result<T>,
+    ) -> Result<T> {
+        let (_, headers) = self.headers(dir)?;
+        let audit = ShapeBackend::audit(headers, |vb| build(vb).map(drop), |_| true)?;
+        if let Some((name, want)) = audit.missing.into_iter().next() {
+            return Err(Error::Tensor {
+                name,
+                msg: format!("missing from the weight files (expected shape {want:?})"),
+            });
+        }
+        if let Some((name, want, got)) = audit.wrong_shape.into_iter().next() {
+            return Err(Error::Tensor {
+                name,
+                msg: format!("wrong shape: expected {want:?}, got {got:?}"),
+            });
+        }
+        Ok(build(self.var_builder(dir, dtype, device)?)?)
+    }
+
+    /// Checks the component in `dir` against what `build` reads, headers only; `ignore` marks
+    /// tensors the engine deliberately does not read. A single-file model is audited for the
+    /// components its file holds.
+    pub fn audit(
+        &self,
+        dir: &'static str,
+        build: impl FnOnce(VarBuilder) -> candle_core::Result<()>,
+        ignore: impl Fn(&str) -> bool,
+    ) -> Result<Option<ComponentAudit>> {
+        if self.single.is_some_and(|s| s.component(dir).is_none()) {
+            return Ok(None);
+        }
+        let (files, headers) = self.headers(dir)?;
+        let audit = ShapeBackend::audit(headers, build, ignore)?;
+        Ok(Some(ComponentAudit {
+            name: dir,
+            files,
+            audit,
+        }))
+    }
+}
+
+/// The tokenizer folder `dir`, fetched (for Hub models) file by file: `tokenizer.json`, or the slow
+/// tokenizer's `vocab.json` + `merges.txt` when the folder has no `tokenizer.json` (CLIP in the SD3
+/// and Flux repos), and the special-token configs.
+pub(super) fn tokenizer_dir(src: &dyn FileSource, dir: &str) -> Result<PathBuf> {
+    let main = match src.file(&format!("{dir}/tokenizer.json"))? {
+        Some(p) => p,
+        None => match src.file(&format!("{dir}/vocab.json"))? {
+            Some(v) => {
+                loader::require(src, &format!("{dir}/merges.txt"))?;
+                v
+            }
+            None => loader::require(src, &format!("{dir}/tokenizer.json"))?,
+        },
+    };
+    for extra in ["tokenizer_config.json", "special_tokens_map.json"] {
+        src.file(&format!("{dir}/{extra}"))?;
+    }
+    Ok(main.parent().map(PathBuf::from).unwrap_or_default())
+}
+
+/// A CLIP text encoder of a pipeline and its tokenizer folder.
+#[derive(Debug, Clone)]
+pub struct ClipPart {
+    /// Component folder (`text_encoder`).
+    pub dir: &'static str,
+    pub tokenizer: &'static str,
+    pub config: ClipTextConfig,
+    /// Has `text_projection` (`CLIPTextModelWithProjection`).
+    pub projection: bool,
+}
+
+/// A T5 encoder of a pipeline and its tokenizer folder.
+#[derive(Debug, Clone)]
+pub struct T5Part {
+    pub dir: &'static str,
+    pub tokenizer: &'static str,
+    /// Its `config.json`, read whole by candle-transformers' T5.
+    pub config: PathBuf,
+}
+
+/// A text encoder of a pipeline.
+#[derive(Debug, Clone)]
+pub enum TextPart {
+    Clip(ClipPart),
+    T5(T5Part),
+}
+
+impl TextPart {
+    pub fn dir(&self) -> &'static str {
+        match self {
+            TextPart::Clip(p) => p.dir,
+            TextPart::T5(p) => p.dir,
+        }
+    }
+
+    pub fn tokenizer(&self) -> &'static str {
+        match self {
+            TextPart::Clip(p) => p.tokenizer,
+            TextPart::T5(p) => p.tokenizer,
+        }
+    }
+
+    /// What builds the encoder on a [`VarBuilder`] and drops it (for audits).
+    #[allow(clippy::type_complexity)]
+    pub(super) fn builder(
+        &self,
+    ) -> Result<Box<dyn Fn(VarBuilder) -> candle_core::Result<()> + '_>> {
+        Ok(match self {
+            TextPart::Clip(p) => {
+                Box::new(move |vb| ClipText::new(&p.config, p.projection, vb).map(drop))
+            }
+            TextPart::T5(p) => {
+                let cfg: t5::Config = config::read_json(&p.config)?;
+                Box::new(move |vb| T5EncoderModel::load(vb, &cfg).map(drop))
+            }
+        })
+    }
+}
+
+/// Loads a family's text encoders and tokenizers at the run's device and dtype (T5 in
+/// [`t5_dtype`]).
+pub struct TextLoader<'a> {
+    pub(super) weights: Weights<'a>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl TextLoader<'_> {
+    pub fn clip(&self, p: &ClipPart) -> Result<(ClipText, TextTokenizer)> {
+        let model = self.weights.load(p.dir, self.dtype, &self.device, |vb| {
+            ClipText::new(&p.config, p.projection, vb)
+        })?;
+        Ok((model, self.tokenizer(p.tokenizer)?))
+    }
+
+    pub fn t5(&self, p: &T5Part) -> Result<(T5EncoderModel, TextTokenizer)> {
+        let cfg: t5::Config = config::read_json(&p.config)?;
+        let dtype = t5_dtype(self.dtype);
+        let model = self.weights.load(p.dir, dtype, &self.device, |vb| {
+            T5EncoderModel::load(vb, &cfg)
+        })?;
+        Ok((model, self.tokenizer(p.tokenizer)?))
+    }
+
+    fn tokenizer(&self, dir: &str) -> Result<TextTokenizer> {
+        TextTokenizer::from_dir(&tokenizer_dir(self.weights.src, dir)?)
+    }
+}

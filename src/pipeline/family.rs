@@ -1,0 +1,146 @@
+//! What differs between model families, as traits the generic pipeline ([`super::Spec`],
+//! [`super::Pipeline`]) drives: which configs a family reads, its request defaults and guidance,
+//! its schedule, its text encoders and its transformer. Everything else (opening, request checks,
+//! weight checks and loading, text-encoder lifetime, noise, sampling, guidance, decoding) is written
+//! once in the pipeline.
+//!
+//! A family is a file in this folder that implements [`Family`] and [`Transformer`] and names
+//! itself in [`FAMILIES`].
+
+use super::components::{OpenCtx, TextLoader, TextPart};
+use super::{flux, sd3};
+use crate::config::{SchedulerConfig, VaeConfig};
+use crate::error::Result;
+use crate::loader::single::Format;
+use crate::request::Resolved;
+use crate::sampling::Schedule;
+use crate::text::{Conditioning, PromptEncoder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+/// A family as the registry knows it.
+#[derive(Debug)]
+pub struct FamilyEntry {
+    /// Short name (`sd3`), as presets name their family.
+    pub name: &'static str,
+    /// diffusers' pipeline class in `model_index.json`.
+    pub pipeline_class: &'static str,
+    /// The layout of this family's original single-file checkpoints.
+    pub single_file: Format,
+    /// Reads and checks the family's own configs (transformer, text encoders) and their coupling.
+    pub open: fn(&OpenCtx) -> Result<Box<dyn Family>>,
+}
+
+impl FamilyEntry {
+    const fn new(
+        name: &'static str,
+        pipeline_class: &'static str,
+        single_file: Format,
+        open: fn(&OpenCtx) -> Result<Box<dyn Family>>,
+    ) -> Self {
+        Self {
+            name,
+            pipeline_class,
+            single_file,
+            open,
+        }
+    }
+}
+
+/// Every family the engine runs.
+pub const FAMILIES: &[FamilyEntry] = &[
+    FamilyEntry::new("sd3", "StableDiffusion3Pipeline", Format::Sd3, sd3::open),
+    FamilyEntry::new("flux", "FluxPipeline", Format::Flux, flux::open),
+];
+
+/// The family whose pipeline class this is.
+pub fn by_class(class: &str) -> Option<&'static FamilyEntry> {
+    FAMILIES.iter().find(|f| f.pipeline_class == class)
+}
+
+/// The family of this short name.
+pub fn by_name(name: &str) -> Option<&'static FamilyEntry> {
+    FAMILIES.iter().find(|f| f.name == name)
+}
+
+/// A request's defaults and limits for one model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Defaults {
+    /// Image side (pixels) when the request gives none.
+    pub side: usize,
+    /// Image sides must be multiples of this: pixels per latent token.
+    pub size_multiple: usize,
+    /// Largest image side.
+    pub max_side: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    /// T5 length when the request gives none.
+    pub max_sequence_length: usize,
+    /// Longest T5 sequence the pipeline accepts.
+    pub max_sequence_limit: usize,
+}
+
+/// Classifier-free guidance of one request: `v = v_neg + scale (v_pos - v_neg)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cfg {
+    pub scale: f64,
+    /// Both prompts in one batch of two (SD3), or two model calls (Flux's true CFG), as diffusers
+    /// runs them.
+    pub batched: bool,
+}
+
+/// The configs and choices of one family's model.
+pub trait Family: Send + Sync {
+    /// One line on the model's variant (`mmdit inspect`).
+    fn describe(&self) -> String;
+
+    /// Request defaults and limits.
+    fn defaults(&self, vae: &VaeConfig) -> Defaults;
+
+    /// Checks and notices of the family's own (after the shared checks); `model` names the model.
+    fn check(&self, r: &mut Resolved, model: &str) -> Result<()>;
+
+    /// The classifier-free guidance a resolved request runs, if any.
+    fn guidance(&self, r: &Resolved) -> Option<Cfg>;
+
+    /// The schedule of `steps` steps for an image of `tokens` latent tokens.
+    fn schedule(&self, scheduler: &SchedulerConfig, steps: usize, tokens: usize) -> Schedule;
+
+    /// Builds the transformer on its weights (or on the weight audit's stand-ins).
+    fn transformer(&self, vb: VarBuilder) -> candle_core::Result<Box<dyn Transformer>>;
+
+    /// The text encoders and their tokenizers, in the order they are loaded.
+    fn text_parts(&self) -> Vec<TextPart>;
+
+    /// Loads the text encoders.
+    fn load_text(&self, load: &TextLoader) -> Result<Box<dyn PromptEncoder>>;
+}
+
+/// A transformer bound to one request.
+pub type Bound<'a> = Result<Box<dyn Denoise + 'a>>;
+
+/// A family's loaded transformer.
+pub trait Transformer: Send + Sync + AsAny {
+    /// The transformer bound to one request: `prompt` is the positive prompt's conditioning (its
+    /// length sets Flux's position ids), `latent` the (h, w) of the latents.
+    fn bind<'a>(&'a self, r: &Resolved, prompt: &Conditioning, latent: (usize, usize))
+        -> Bound<'a>;
+}
+
+/// The model itself, for callers that know its type (the parity tests).
+pub trait AsAny {
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+impl<T: std::any::Any> AsAny for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// One step's model call, as guidance sees it.
+pub trait Denoise {
+    /// The velocity for latents x (b, C, h, w) in the run dtype at `timestep` (sigma x 1000),
+    /// conditioned on a batch of b prompts; (b, C, h, w) in the run dtype.
+    fn velocity(&self, x: &Tensor, timestep: f32, cond: &Conditioning) -> Result<Tensor>;
+}

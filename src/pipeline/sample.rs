@@ -1,0 +1,161 @@
+//! The denoising loop around a family's transformer: seeded noise, classifier-free guidance, the
+//! sampler over the schedule with each step timed, and the checks for non-finite values.
+
+use super::family::{Cfg, Denoise};
+use crate::error::{Error, Result};
+use crate::request::Resolved;
+use crate::sampling::{Schedule, Velocity};
+use crate::text::Conditioning;
+use candle_core::{DType, Device, Tensor};
+use std::time::{Duration, Instant};
+
+/// Standard-normal latents from a seed (our own generator: seeds do not reproduce torch's noise;
+/// pass the noise itself for that).
+pub fn seeded_noise(
+    seed: u64,
+    shape: (usize, usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    let v: Vec<f32> = (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
+/// Fails with a clear error if `x` holds a NaN or an infinity (their sum is then not finite).
+pub fn check_finite(x: &Tensor, what: &'static str, step: usize, dtype: DType) -> Result<()> {
+    let s: f32 = x.to_dtype(DType::F32)?.sum_all()?.to_scalar()?;
+    if s.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::NonFinite {
+            what,
+            step: step + 1,
+            dtype: crate::device::dtype_name(dtype).into(),
+        })
+    }
+}
+
+/// A request's prompts, encoded: the negative one only when guidance runs.
+pub struct Prompts {
+    pub pos: Conditioning,
+    pub neg: Option<Conditioning>,
+}
+
+/// How the guided velocity calls the model.
+enum Mode<'a> {
+    Unguided(&'a Conditioning),
+    /// [negative, positive] as one batch of two.
+    Batched(Conditioning, f64),
+    /// Two calls.
+    Separate(&'a Conditioning, &'a Conditioning, f64),
+}
+
+/// A family's transformer with classifier-free guidance, as the sampler sees it: f32 latents in,
+/// the model run in `dtype`, f32 velocity out.
+pub(super) struct Guided<'a> {
+    model: &'a dyn Denoise,
+    mode: Mode<'a>,
+    dtype: DType,
+}
+
+impl<'a> Guided<'a> {
+    pub fn new(
+        model: &'a dyn Denoise,
+        prompts: &'a Prompts,
+        cfg: Option<Cfg>,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mode = match (cfg, &prompts.neg) {
+            (Some(c), Some(neg)) if c.batched => {
+                let both = Conditioning {
+                    context: Tensor::cat(&[&neg.context, &prompts.pos.context], 0)?,
+                    pooled: Tensor::cat(&[&neg.pooled, &prompts.pos.pooled], 0)?,
+                };
+                Mode::Batched(both, c.scale)
+            }
+            (Some(c), Some(neg)) => Mode::Separate(&prompts.pos, neg, c.scale),
+            _ => Mode::Unguided(&prompts.pos),
+        };
+        Ok(Self { model, mode, dtype })
+    }
+}
+
+/// `neg + scale (pos - neg)`
+fn combine(neg: &Tensor, pos: &Tensor, scale: f64) -> Result<Tensor> {
+    Ok((neg + ((pos - neg)? * scale)?)?)
+}
+
+impl Velocity for Guided<'_> {
+    fn velocity(&mut self, x: &Tensor, _sigma: f32, t: f32, step: usize) -> Result<Tensor> {
+        crate::interrupt::check()?;
+        let x = x.to_dtype(self.dtype)?;
+        let v = match &self.mode {
+            Mode::Unguided(c) => self.model.velocity(&x, t, c)?,
+            Mode::Batched(both, scale) => {
+                let v = self.model.velocity(&Tensor::cat(&[&x, &x], 0)?, t, both)?;
+                let (neg, pos) = (v.get(0)?.unsqueeze(0)?, v.get(1)?.unsqueeze(0)?);
+                combine(&neg, &pos, *scale)?
+            }
+            Mode::Separate(pos, neg, scale) => {
+                let vp = self.model.velocity(&x, t, pos)?;
+                let vn = self.model.velocity(&x, t, neg)?;
+                combine(&vn, &vp, *scale)?
+            }
+        };
+        let v = v.to_dtype(DType::F32)?;
+        check_finite(&v, "velocity", step, self.dtype)?;
+        Ok(v)
+    }
+}
+
+/// Wraps a model so each completed step is timed and reported.
+struct Timed<'a> {
+    inner: &'a mut dyn Velocity,
+    device: Device,
+    last: Instant,
+    steps: Vec<Duration>,
+    on_step: &'a mut dyn FnMut(usize),
+}
+
+impl Velocity for Timed<'_> {
+    fn velocity(&mut self, x: &Tensor, sigma: f32, timestep: f32, step: usize) -> Result<Tensor> {
+        self.inner.velocity(x, sigma, timestep, step)
+    }
+
+    fn end_step(&mut self, step: usize) {
+        // GPU work is asynchronous: wait for the step to finish before reading the clock.
+        let _ = self.device.synchronize();
+        self.steps.push(self.last.elapsed());
+        self.last = Instant::now();
+        (self.on_step)(step);
+    }
+}
+
+/// Runs the request's sampler from `noise` over the schedule, timing each step, and checks the
+/// final latents are finite.
+pub(super) fn sample(
+    model: &mut dyn Velocity,
+    r: &Resolved,
+    sched: &Schedule,
+    noise: Tensor,
+    dtype: DType,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<(Tensor, Vec<Duration>)> {
+    let mut timed = Timed {
+        inner: model,
+        device: noise.device().clone(),
+        last: Instant::now(),
+        steps: Vec::with_capacity(r.steps),
+        on_step,
+    };
+    let latents = r
+        .sampler
+        .run(&mut timed, noise, &sched.sigmas, &sched.timesteps)?;
+    check_finite(&latents, "latents", r.steps - 1, dtype)?;
+    Ok((latents, timed.steps))
+}

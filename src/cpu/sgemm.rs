@@ -1,7 +1,9 @@
 //! f32 matrix products on AVX-512, for the CPU f32 path.
 //!
 //! `C = A · B (+ bias)` with A (m x k) f32 row-major and B packed once (at load, for a linear layer's
-//! weight) into panels of 32 columns, each k x 32 contiguous. GotoBLAS-style blocking: per task, a
+//! weight) into panels of 32 columns, each k x 32 contiguous. The panels hold f32, or bf16 (a bf16
+//! layer on a CPU without AMX: half the memory, each value widened to f32 exactly as the kernel
+//! loads it, so the product is the f32 product of the bf16 values, rounded once by the caller). GotoBLAS-style blocking: per task, a
 //! block of A rows x KC is copied into micro-panels (MR rows interleaved per k), each 32-column
 //! B micro-panel (KC x 32, 32 KiB) stays in L1 while every MR-row micro-panel of A streams past it,
 //! and a 14 x 32 micro-kernel keeps 28 vector accumulators. Products are summed in f32 and the bias
@@ -10,8 +12,9 @@
 //! [`available`] says whether the CPU has AVX-512F and `MMDIT_AVX512=0` did not turn it off
 //! ([`super::features`]); callers then use candle's matmul, and the tests compare the two.
 
-use super::aligned::Aligned;
+use super::aligned::{Aligned, Zeroed};
 use super::OutPtr;
+use half::bf16;
 use rayon::prelude::*;
 
 /// Columns per B panel (two 16-lane vectors).
@@ -28,17 +31,36 @@ pub fn available() -> bool {
     super::features().avx512
 }
 
-/// B (k x n) packed: panel p holds columns 32p .. 32p + 32 as k rows of 32 (zero beyond n).
-#[derive(Debug, Clone)]
-pub struct PackedF32 {
-    k: usize,
-    n: usize,
-    data: Aligned<f32>,
+/// What B's panels hold.
+pub trait PanelElem: Zeroed {
+    /// Stored as bf16, widened to f32 by the kernel.
+    const BF16: bool;
 }
 
-impl PackedF32 {
+impl PanelElem for f32 {
+    const BF16: bool = false;
+}
+
+impl PanelElem for bf16 {
+    const BF16: bool = true;
+}
+
+/// B (k x n) packed: panel p holds columns 32p .. 32p + 32 as k rows of 32 (zero beyond n).
+#[derive(Debug, Clone)]
+pub struct Packed<E: PanelElem> {
+    k: usize,
+    n: usize,
+    data: Aligned<E>,
+}
+
+/// f32 panels.
+pub type PackedF32 = Packed<f32>;
+/// bf16 panels, computed in f32.
+pub type PackedBf16 = Packed<bf16>;
+
+impl<E: PanelElem> Packed<E> {
     /// From B given transposed, as a (n x k) row-major matrix (a linear layer's weight).
-    pub fn from_nk(w: &[f32], n: usize, k: usize) -> Self {
+    pub fn from_nk(w: &[E], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "weight is not {n} x {k}");
         let mut p = Self::zeroed(k, n);
         if k == 0 {
@@ -50,7 +72,7 @@ impl PackedF32 {
             .for_each(|(nb, panel)| {
                 // Row by row of the panel: contiguous writes, and reads from 32 streams whose
                 // cache lines each serve 16 consecutive rows.
-                let rows: Vec<&[f32]> = (nb * NR..n.min(nb * NR + NR))
+                let rows: Vec<&[E]> = (nb * NR..n.min(nb * NR + NR))
                     .map(|c| &w[c * k..][..k])
                     .collect();
                 for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
@@ -63,10 +85,10 @@ impl PackedF32 {
     }
 
     /// From B as a (k x n) row-major matrix.
-    pub fn from_kn(b: &[f32], k: usize, n: usize) -> Self {
+    pub fn from_kn(b: &[E], k: usize, n: usize) -> Self {
         assert_eq!(b.len(), k * n, "matrix is not {k} x {n}");
         let mut p = Self::zeroed(k, n);
-        let fill = |nb: usize, panel: &mut [f32]| {
+        let fill = |nb: usize, panel: &mut [E]| {
             let cols = NR.min(n - nb * NR);
             for kk in 0..k {
                 panel[kk * NR..kk * NR + cols].copy_from_slice(&b[kk * n + nb * NR..][..cols]);
@@ -112,11 +134,11 @@ impl PackedF32 {
 
 /// `out (m x n, row stride ldo) = a (m x k, row stride lda) · b (+ bias)`, on the rayon pool.
 /// Panics if [`available`] is false or the slices are too short for the shapes.
-pub fn matmul(
+pub fn matmul<E: PanelElem>(
     a: &[f32],
     m: usize,
     lda: usize,
-    b: &PackedF32,
+    b: &Packed<E>,
     bias: Option<&[f32]>,
     out: &mut [f32],
     ldo: usize,
@@ -129,12 +151,12 @@ pub fn matmul(
 /// kernel taps, with no im2col copy. Each task runs all the taps over its block of rows, so the
 /// partial sums stay in cache. All `bs` have the same k and n. On the rayon pool.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_taps(
+pub fn matmul_taps<E: PanelElem>(
     a: &[f32],
     offsets: &[usize],
     m: usize,
     lda: usize,
-    bs: &[PackedF32],
+    bs: &[Packed<E>],
     bias: Option<&[f32]>,
     out: &mut [f32],
     ldo: usize,
@@ -177,7 +199,14 @@ pub fn matmul_taps(
 }
 
 /// As [`matmul`] without bias, on the calling thread (for callers that parallelise outside).
-pub fn matmul_serial(a: &[f32], m: usize, lda: usize, b: &PackedF32, out: &mut [f32], ldo: usize) {
+pub fn matmul_serial<E: PanelElem>(
+    a: &[f32],
+    m: usize,
+    lda: usize,
+    b: &Packed<E>,
+    out: &mut [f32],
+    ldo: usize,
+) {
     check(a, m, lda, b, None, out, ldo);
     if m == 0 || b.n == 0 {
         return;
@@ -204,11 +233,11 @@ pub fn matmul_serial(a: &[f32], m: usize, lda: usize, b: &PackedF32, out: &mut [
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check(
+fn check<E: PanelElem>(
     a: &[f32],
     m: usize,
     lda: usize,
-    b: &PackedF32,
+    b: &Packed<E>,
     bias: Option<&[f32]>,
     out: &[f32],
     ldo: usize,
@@ -244,11 +273,11 @@ thread_local! {
 /// and no other thread touches them during the call; hi <= the panel count. No alignment is
 /// required of a or out (unaligned loads and stores); b's panels are 64-byte aligned (`Aligned`).
 #[allow(clippy::too_many_arguments)]
-unsafe fn block(
+unsafe fn block<E: PanelElem>(
     a: &[f32],
     rows: usize,
     lda: usize,
-    b: &PackedF32,
+    b: &Packed<E>,
     lo: usize,
     hi: usize,
     bias: Option<&[f32]>,
@@ -275,21 +304,28 @@ unsafe fn block(
             }
             let first = k0 == 0;
             let last = k0 + kc >= k;
+            // (A constant per E: the branch folds away.)
+            let run = if E::BF16 {
+                kernel::run::<true>
+            } else {
+                kernel::run::<false>
+            };
             for p in lo..hi {
                 let cols = NR.min(b.n - p * NR);
-                let bp = b.data[p * k * NR + k0 * NR..].as_ptr();
+                let bp = b.data[p * k * NR + k0 * NR..].as_ptr() as *const u8;
                 let bias = match (last, bias) {
                     (true, Some(bias)) => bias[p * NR..].as_ptr(),
                     _ => std::ptr::null(),
                 };
                 for g in 0..groups {
                     // SAFETY: AVX-512 is available (the caller's contract). The micro-panel of ap
-                    // (kc x MR) and the panel of b (kc x 32, from a 64-byte aligned buffer at a
-                    // multiple of 32 floats) are in bounds; out's rows g MR .. + MR.min(..) and
+                    // (kc x MR) and the panel of b (kc x 32 elements of E, from a 64-byte aligned
+                    // buffer at a multiple of 32 elements, so each row of 32 is 64-byte aligned
+                    // for f32 and bf16 alike) are in bounds; out's rows g MR .. + MR.min(..) and
                     // columns 32 p .. + cols are inside the block the caller lent us; bias is
                     // null or has cols values from 32 p.
                     unsafe {
-                        kernel::run(
+                        run(
                             ap[g * MR * kc..].as_ptr(),
                             bp,
                             kc,
@@ -312,18 +348,19 @@ mod kernel {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
-    /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`: a is kc x MR (interleaved), b kc x 32.
+    /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`: a is kc x MR (interleaved), b kc x 32 of f32, or
+    /// of bf16 widened to f32 as they are loaded when `BF16`.
     ///
     /// # Safety
-    /// AVX-512F available. `a` is valid for reads of kc x MR floats; `b` for kc x 32 floats and
-    /// 64-byte aligned (aligned vector loads); `c` for reads and writes of `rows` (<= MR) rows of
-    /// `cols` (<= 32) floats at stride ldc, at any alignment (masked unaligned access); `bias` is
-    /// null or valid for `cols` floats.
+    /// AVX-512F available. `a` is valid for reads of kc x MR floats; `b` for kc x 32 elements (f32,
+    /// or bf16 when `BF16`), each row of 32 64-byte aligned (aligned vector loads); `c` for reads
+    /// and writes of `rows` (<= MR) rows of `cols` (<= 32) floats at stride ldc, at any alignment
+    /// (masked unaligned access); `bias` is null or valid for `cols` floats.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn run(
+    pub(super) unsafe fn run<const BF16: bool>(
         a: *const f32,
-        b: *const f32,
+        b: *const u8,
         kc: usize,
         c: *mut f32,
         ldc: usize,
@@ -358,9 +395,19 @@ mod kernel {
                 }
             }
             for kk in 0..kc {
-                let bk = b.add(kk * NR);
-                let b0 = _mm512_load_ps(bk);
-                let b1 = _mm512_load_ps(bk.add(16));
+                let (b0, b1) = if BF16 {
+                    // bf16 is the high half of an f32: widen each to 32 bits, shift it up.
+                    let bk = b.add(kk * NR * 2) as *const __m256i;
+                    let lo = _mm512_cvtepu16_epi32(_mm256_load_si256(bk));
+                    let hi = _mm512_cvtepu16_epi32(_mm256_load_si256(bk.add(1)));
+                    (
+                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(lo)),
+                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(hi)),
+                    )
+                } else {
+                    let bk = b.add(kk * NR * 4) as *const f32;
+                    (_mm512_load_ps(bk), _mm512_load_ps(bk.add(16)))
+                };
                 let ak = a.add(kk * MR);
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let av = _mm512_set1_ps(*ak.add(r));
@@ -394,9 +441,9 @@ mod kernel {
     /// # Safety
     /// Never called: [`super::available`] is false off x86_64.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn run(
+    pub(super) unsafe fn run<const BF16: bool>(
         _: *const f32,
-        _: *const f32,
+        _: *const u8,
         _: usize,
         _: *mut f32,
         _: usize,
@@ -417,22 +464,25 @@ mod tests {
         crate::cpu::lcg_uniform(len, &mut seed, -1.0, 1.0)
     }
 
-    /// Odd shapes (partial row groups, partial panels, k over several blocks and k = 0), strided
-    /// rows, bias, parallel and serial: equal to an f64 reference within f32 summation error.
+    /// Odd shapes: partial row groups, partial panels, k over several blocks and k = 0.
+    const SHAPES: [(usize, usize, usize); 7] = [
+        (1, 1, 1),
+        (5, 70, 33),
+        (300, 96, 700),
+        (37, 1000, 65),
+        (13, 600, 16),
+        (145, 257, 64),
+        (4, 0, 9),
+    ];
+
+    /// Odd shapes, strided rows, bias, parallel and serial: equal to an f64 reference within f32
+    /// summation error.
     #[test]
     fn sgemm_equals_the_reference() {
         if !crate::cpu::test_has("avx512") {
             return;
         }
-        for &(m, k, n) in &[
-            (1, 1, 1),
-            (5, 70, 33),
-            (300, 96, 700),
-            (37, 1000, 65),
-            (13, 600, 16),
-            (145, 257, 64),
-            (4, 0, 9),
-        ] {
+        for &(m, k, n) in &SHAPES {
             let (lda, ldo) = (k + 3, n + 5);
             let a = random(m * lda, 1);
             let w = random(n * k, 2);
@@ -465,6 +515,41 @@ mod tests {
             }
             let bt = crate::cpu::transpose(&w, n, k);
             assert_eq!(&PackedF32::from_kn(&bt, k, n).data[..], &packed.data[..]);
+        }
+    }
+
+    /// bf16 panels widen each value exactly and sum in the f32 kernel's order: the f32 panels' result
+    /// of the same values, to the bit (parallel and serial, with bias).
+    #[test]
+    fn sgemm_on_bf16_panels_equals_f32_panels_of_the_same_values() {
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        for &(m, k, n) in &SHAPES {
+            let (lda, ldo) = (k + 3, n + 5);
+            let a = random(m * lda, 1);
+            let w: Vec<bf16> = random(n * k, 2).into_iter().map(bf16::from_f32).collect();
+            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let bias = random(n, 3);
+            let (pb, pf) = (PackedBf16::from_nk(&w, n, k), PackedF32::from_nk(&wf, n, k));
+            // The output's bits (NaN where nothing is written).
+            let bits = |f: &dyn Fn(&mut [f32])| {
+                let mut o = vec![f32::NAN; m * ldo];
+                f(&mut o);
+                o.into_iter().map(f32::to_bits).collect::<Vec<_>>()
+            };
+            assert_eq!(
+                bits(&|o| matmul(&a, m, lda, &pb, Some(&bias), o, ldo)),
+                bits(&|o| matmul(&a, m, lda, &pf, Some(&bias), o, ldo)),
+                "{m}x{k}x{n} parallel"
+            );
+            assert_eq!(
+                bits(&|o| matmul_serial(&a, m, lda, &pb, o, ldo)),
+                bits(&|o| matmul_serial(&a, m, lda, &pf, o, ldo)),
+                "{m}x{k}x{n} serial"
+            );
+            let bt = crate::cpu::transpose(&w, n, k);
+            assert_eq!(&PackedBf16::from_kn(&bt, k, n).data[..], &pb.data[..]);
         }
     }
 }

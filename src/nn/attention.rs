@@ -16,7 +16,7 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 /// Scaled dot-product attention. On CUDA with the `flash-attn` feature (f16/bf16) it runs flash
 /// attention, on Metal candle's fused kernel, on a CPU [`crate::cpu::attention`] (bf16 with AMX,
-/// f32 with AVX-512); otherwise queries are processed in blocks so the score matrix never exceeds
+/// f32 with AVX-512, and bf16 with AVX-512 but no AMX through the f32 kernel); otherwise queries are processed in blocks so the score matrix never exceeds
 /// a fixed budget (64 Mi scores on the CPU, 256 Mi on a GPU), with the softmax accumulating
 /// in f32.
 ///
@@ -60,6 +60,12 @@ pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         return on_slices(q, k, v, |q, k, v| {
             crate::cpu::attention::sdpa_f32(q, k, v, heads, scale as f32)
         });
+    }
+    if q.device().is_cpu() && q.dtype() == DType::BF16 && cpu.avx512 {
+        // No AMX: the f32 kernel on the (exactly widened) bf16 values, the output rounded once;
+        // candle's bf16 products would round the scores to bf16 before the softmax.
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        return sdpa_unprofiled(&f(q)?, &f(k)?, &f(v)?)?.to_dtype(DType::BF16);
     }
     let kt = k.transpose(2, 3)?.contiguous()?; // (b, h, d, m)
     let budget: usize = if q.device().is_cpu() {
@@ -119,4 +125,40 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, n, d) = x.dims4()?;
     x.transpose(1, 2)?.reshape((b, n, h * d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::test_util::normal;
+
+    /// bf16 on the CPU (AMX tiles, or the f32 kernel without AMX, or candle's blocked path): within
+    /// bf16 rounding of the probabilities and of the output of the f32 attention of the same values.
+    #[test]
+    fn bf16_attention_stays_within_bf16_rounding_of_f32() {
+        let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+        let (q, k, v) = (
+            bf(normal((2, 3, 70, 32), 1.5, 1)),
+            bf(normal((2, 3, 90, 32), 1.5, 2)),
+            bf(normal((2, 3, 90, 32), 1.5, 3)),
+        );
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let scale = 1.0 / (32f64).sqrt();
+        let scores = ((f(&q) * scale).unwrap())
+            .matmul(&f(&k).transpose(2, 3).unwrap().contiguous().unwrap())
+            .unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&scores)
+            .unwrap()
+            .matmul(&f(&v))
+            .unwrap();
+        let got = f(&sdpa_unprofiled(&q, &k, &v).unwrap());
+        let tol = ((want.abs().unwrap() * 2f64.powi(-8)).unwrap() + 6.0 * 2f64.powi(-9)).unwrap();
+        let excess: f32 = ((got - &want).unwrap().abs().unwrap() - tol)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(excess <= 0.0, "beyond bf16 rounding by {excess}");
+    }
 }

@@ -1,14 +1,15 @@
 //! Linear layers: candle's `Linear`, except on the CPU where a faster kernel exists: in bf16 with
 //! AMX, the weight is packed once at load into AMX tiles and products run on [`crate::cpu::amx`];
-//! in f32 with AVX-512, it is packed into 32-column panels for [`crate::cpu::sgemm`]. Either way
-//! candle's copy of the weight is dropped.
+//! in f32 with AVX-512, it is packed into 32-column panels for [`crate::cpu::sgemm`]; in bf16 with
+//! AVX-512 but no AMX, into bf16 panels of the same kernel, computed in f32. Either way candle's copy
+//! of the weight is dropped, and a bf16 product is rounded once, after the bias (as PyTorch's).
 //!
 //! How a layer's weight is held is its `Kernel`; quantized weights (GGUF blocks computed in
 //! place) are a further kernel, and a LoRA delta applied at run time is a term added to
 //! [`Linear::forward`]'s output, so the models that hold `Linear`s do not change for either.
 
 use crate::cpu::amx::{self, PackedB};
-use crate::cpu::sgemm::{self, PackedF32};
+use crate::cpu::sgemm::{self, PackedBf16, PackedF32};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
@@ -26,6 +27,8 @@ enum Kernel {
     Amx(Arc<Packed<PackedB>>),
     /// f32 on AVX-512.
     Avx512(Arc<Packed<PackedF32>>),
+    /// bf16 on AVX-512 without AMX: bf16 panels, f32 arithmetic.
+    Avx512Bf16(Arc<Packed<PackedBf16>>),
 }
 
 /// A weight packed for a CPU kernel, and the bias in f32 (added once, to the f32 accumulators).
@@ -66,6 +69,10 @@ impl Linear {
                 weight: crate::cpu::with_slice(w, |w| PackedB::from_nk(w, n, k))?,
                 bias: bias()?,
             })),
+            DType::BF16 if cpu.avx512 => Kernel::Avx512Bf16(Arc::new(Packed {
+                weight: crate::cpu::with_slice(w, |w| PackedBf16::from_nk(w, n, k))?,
+                bias: bias()?,
+            })),
             _ => Kernel::Candle(l),
         }))
     }
@@ -75,9 +82,9 @@ impl Linear {
         matches!(self.0, Kernel::Amx(_))
     }
 
-    /// Whether products run on the AVX-512 f32 kernel.
+    /// Whether products run on the AVX-512 kernel (f32, or bf16 panels).
     pub fn is_avx512(&self) -> bool {
-        matches!(self.0, Kernel::Avx512(_))
+        matches!(self.0, Kernel::Avx512(_) | Kernel::Avx512Bf16(_))
     }
 }
 
@@ -97,6 +104,18 @@ impl Module for Linear {
                 packed_forward(x, k, n, "AVX-512", |a, m, out| {
                     sgemm::matmul(a, m, k, &p.weight, p.bias.as_deref(), out, n)
                 })
+            }
+            Kernel::Avx512Bf16(p) => {
+                let (k, n) = (p.weight.k(), p.weight.n());
+                if x.dtype() != DType::BF16 {
+                    candle_core::bail!("bf16 linear ({k} -> {n}) given {:?}", x.dtype());
+                }
+                // The bf16 values widen exactly; the f32 result is rounded once.
+                let x = x.to_dtype(DType::F32)?;
+                packed_forward(&x, k, n, "AVX-512 bf16", |a, m, out| {
+                    sgemm::matmul(a, m, k, &p.weight, p.bias.as_deref(), out, n)
+                })?
+                .to_dtype(DType::BF16)
             }
         }
     }
@@ -133,14 +152,10 @@ mod tests {
     use super::*;
     use crate::nn::test_util::normal;
 
-    /// The AMX layer against the f32 product of the same bf16 values: one bf16 rounding of the result
-    /// (half an ulp), and no further from it than candle's bf16 layer (which rounds the product,
-    /// then adds the bias in bf16).
-    #[test]
-    fn amx_linear_rounds_once_and_beats_candles() {
-        if !crate::cpu::test_has("amx") {
-            return;
-        }
+    /// A bf16 layer against the f32 product of the same bf16 values: one bf16 rounding of the
+    /// result (half an ulp), and no further from it than candle's bf16 layer (which rounds the
+    /// product, then adds the bias in bf16). `kernel` builds the layer under test.
+    fn bf16_layer_rounds_once_and_beats_candles(kernel: impl Fn(&candle_nn::Linear) -> Linear) {
         let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
         let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let max = |t: Tensor| t.max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -152,9 +167,7 @@ mod tests {
                 .forward(&f(&x))
                 .unwrap();
             let plain = candle_nn::Linear::new(w, Some(b));
-            let fast = Linear::new(plain.clone()).unwrap();
-            assert!(fast.is_amx());
-            let got = f(&fast.forward(&x).unwrap());
+            let got = f(&kernel(&plain).forward(&x).unwrap());
             let err = (got - &exact).unwrap().abs().unwrap();
             let half_ulp = ((exact.abs().unwrap() * 2f64.powi(-8)).unwrap() + 1e-5).unwrap();
             let excess = max((&err - half_ulp).unwrap());
@@ -165,8 +178,38 @@ mod tests {
                 .unwrap();
             assert!(
                 max(err) <= max(candle_err),
-                "{m}x{k}x{n}: AMX further off than candle"
+                "{m}x{k}x{n}: further off than candle"
             );
+        }
+    }
+
+    #[test]
+    fn amx_linear_rounds_once_and_beats_candles() {
+        if crate::cpu::test_has("amx") {
+            bf16_layer_rounds_once_and_beats_candles(|l| {
+                let fast = Linear::new(l.clone()).unwrap();
+                assert!(fast.is_amx());
+                fast
+            });
+        }
+    }
+
+    /// The bf16 panels of the AVX-512 kernel (chosen where there is no AMX; built directly here, so
+    /// that an AMX machine tests them too).
+    #[test]
+    fn avx512_bf16_linear_rounds_once_and_beats_candles() {
+        if crate::cpu::test_has("avx512") {
+            bf16_layer_rounds_once_and_beats_candles(|l| {
+                let (n, k) = l.weight().dims2().unwrap();
+                let w = crate::cpu::with_slice(l.weight(), |w| PackedBf16::from_nk(w, n, k));
+                let bias = l
+                    .bias()
+                    .map(|b| b.to_dtype(DType::F32).unwrap().to_vec1().unwrap());
+                Linear(Kernel::Avx512Bf16(Arc::new(Packed {
+                    weight: w.unwrap(),
+                    bias,
+                })))
+            });
         }
     }
 

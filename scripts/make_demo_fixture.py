@@ -24,6 +24,9 @@ RUNS = [
 
 def main():
     os.makedirs(OUT, exist_ok=True)
+    # The T5 length the model was trained with (scripts/train_demo.py), as its preset uses.
+    with open(os.path.join(ROOT, "models", "demo", "training.json")) as fh:
+        max_seq = json.load(fh)["max_sequence_length"]
     pipe = StableDiffusion3Pipeline.from_pretrained(os.path.join(ROOT, "models", "demo"), torch_dtype=torch.float32)
     pipe16 = StableDiffusion3Pipeline.from_pretrained(os.path.join(ROOT, "models", "demo"), torch_dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(5)
@@ -32,17 +35,17 @@ def main():
         noise = torch.randn((1, 4, 16, 16), generator=g)
         save_file({"noise": noise}, os.path.join(OUT, f"noise_{k}.safetensors"))
         img = pipe(r["prompt"], num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=64, width=64,
-                   latents=noise, max_sequence_length=16, output_type="pil").images[0]
+                   latents=noise, max_sequence_length=max_seq, output_type="pil").images[0]
         tensors[f"run.{k}.image"] = torch.from_numpy(np.array(img).copy())
         img16 = pipe16(r["prompt"], num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=64, width=64,
-                       latents=noise.to(torch.bfloat16), max_sequence_length=16, output_type="pil").images[0]
+                       latents=noise.to(torch.bfloat16), max_sequence_length=max_seq, output_type="pil").images[0]
         mse = ((np.array(img16, np.float64) - np.array(img, np.float64)) ** 2).mean()
         psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
         runs.append(dict(r, noise=f"noise_{k}.safetensors", diffusers_bf16_psnr_db=round(psnr, 2)))
     save_file(tensors, os.path.join(OUT, "reference.safetensors"))
     with open(os.path.join(OUT, "fixture.json"), "w") as fh:
         json.dump({"generator": "scripts/make_demo_fixture.py", "torch": torch.__version__,
-                   "diffusers": diffusers.__version__, "seed": 5, "max_sequence_length": 16, "runs": runs}, fh, indent=1)
+                   "diffusers": diffusers.__version__, "seed": 5, "max_sequence_length": max_seq, "runs": runs}, fh, indent=1)
 
 
 if __name__ == "__main__":

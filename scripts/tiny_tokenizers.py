@@ -60,8 +60,9 @@ def clip_tokenizer(pad_token="<|endoftext|>", vocab_extra=300):
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
 
 
-def t5_tokenizer(vocab_size=400):
-    """T5 tokenizer: <pad>=0, </s>=1, <unk>=2, then a Unigram vocabulary; no extra ids."""
+def t5_tokenizer(vocab_size=400, words=()):
+    """T5 tokenizer: <pad>=0, </s>=1, <unk>=2, then a Unigram vocabulary trained on the shared corpus,
+    then `words` as whole-word pieces (the demo's caption words: one token each); no extra ids."""
     tok = Tokenizer(models.Unigram())
     base = T5Tokenizer(extra_ids=0)
     tok.pre_tokenizer = base.backend_tokenizer.pre_tokenizer
@@ -75,4 +76,7 @@ def t5_tokenizer(vocab_size=400):
     import json
 
     vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
+    known = {v[0] for v in vocab}
+    # A whole word scores far above any split of it, so the Unigram model keeps it whole.
+    vocab += [("\u2581" + w, -1.0) for w in dict.fromkeys(words) if "\u2581" + w not in known]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)

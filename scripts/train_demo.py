@@ -39,7 +39,6 @@ COLOURS = {
 }
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 SIZE = 64
-MAX_SEQ = 16
 OUT = os.path.join(os.path.dirname(__file__), "..", "models", "demo")
 
 
@@ -79,11 +78,19 @@ def dataset(n, seed):
     return torch.from_numpy(imgs), torch.from_numpy(idx)
 
 
+def caption_length(tok3):
+    """The T5 length: the longest caption's tokens (with </s>), rounded up to a multiple of 8, so that no
+    caption of the training set is cut (and so no prompt made of its words warns)."""
+    n = max(len(tok3(caption(*c)).input_ids) for c in combos())
+    return -(-n // 8) * 8
+
+
 def build_text(seed):
     te1 = clip(hidden=32, layers=2, heads=4, proj=32, act="quick_gelu", eos_token_id=2, inter=64)
     te2 = clip(hidden=32, layers=2, heads=4, proj=32, act="gelu", eos_token_id=2, inter=64)
     te3 = t5(d_model=64, layers=1, heads=4, d_kv=16, d_ff=64)
-    return te1, clip_tokenizer(), te2, clip_tokenizer(pad_token="!"), te3, t5_tokenizer()
+    words = " ".join(caption(*c) for c in combos()).split()
+    return te1, clip_tokenizer(), te2, clip_tokenizer(pad_token="!"), te3, t5_tokenizer(words=words)
 
 
 def train_vae(imgs, steps, log):
@@ -124,8 +131,8 @@ def encode_latents(vae, imgs):
     return torch.cat(out)
 
 
-def train_mmdit(lat, idx, ctx, pooled, ctx_null, pooled_null, steps, batch, log):
-    torch.manual_seed(0)
+def train_mmdit(lat, idx, ctx, pooled, ctx_null, pooled_null, steps, batch, seed, log):
+    torch.manual_seed(seed)
     model = SD3Transformer2DModel(
         sample_size=SIZE // 4, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
         num_attention_heads=4, joint_attention_dim=ctx.shape[-1], caption_projection_dim=128,
@@ -133,7 +140,7 @@ def train_mmdit(lat, idx, ctx, pooled, ctx_null, pooled_null, steps, batch, log)
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.03)
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(2 + seed)
     t0 = time.time()
     ema = None
     for step in range(steps):
@@ -213,6 +220,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--images", type=int, default=8000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mmdit-seed", type=int, default=0, help="seed of the MMDiT's initial weights and batches")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -238,10 +246,12 @@ def main():
         tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3,
     )
     caps = [caption(*c) for c in combos()]
+    max_seq = caption_length(tok3)
+    log(f"T5 length {max_seq}")
     with torch.no_grad():
-        ctx, _, pooled, _ = pipe.encode_prompt(caps, None, None, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQ)
-        ctx_null, _, pooled_null, _ = pipe.encode_prompt("", None, None, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQ)
-    model, mm_loss = train_mmdit(lat, idx, ctx, pooled, ctx_null, pooled_null, args.mmdit_steps, args.batch, log)
+        ctx, _, pooled, _ = pipe.encode_prompt(caps, None, None, do_classifier_free_guidance=False, max_sequence_length=max_seq)
+        ctx_null, _, pooled_null, _ = pipe.encode_prompt("", None, None, do_classifier_free_guidance=False, max_sequence_length=max_seq)
+    model, mm_loss = train_mmdit(lat, idx, ctx, pooled, ctx_null, pooled_null, args.mmdit_steps, args.batch, args.mmdit_seed, log)
     train_time = time.time() - start
     log(f"training took {train_time / 60:.1f} min")
 
@@ -259,7 +269,7 @@ def main():
             for k, (s, c, b) in enumerate(combos()):
                 gen = torch.Generator().manual_seed(1000 + k)
                 img = pipe(caption(s, c, b), num_inference_steps=steps, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
-                           generator=gen, max_sequence_length=MAX_SEQ, output_type="np").images[0]
+                           generator=gen, max_sequence_length=max_seq, output_type="np").images[0]
                 img = (img * 255).round().astype(np.uint8)
                 a, bb = judge(img, s, c, b)
                 ok_c += a
@@ -272,7 +282,7 @@ def main():
             "generator": "scripts/train_demo.py", "args": vars(args), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "train_minutes": round(train_time / 60, 2), "vae_final_loss": vae_loss, "mmdit_final_loss_ema": mm_loss,
-            "max_sequence_length": MAX_SEQ, "guidance": GUIDANCE, "diffusers_eval": results, "log": logf,
+            "max_sequence_length": max_seq, "guidance": GUIDANCE, "diffusers_eval": results, "log": logf,
         }, fh, indent=1)
 
 

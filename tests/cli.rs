@@ -81,6 +81,7 @@ fn generate_runs_both_tiny_flux_variants() {
     }
 }
 
+/// The README's quickstart: the default model, its prompt, no warning.
 #[test]
 fn generate_defaults_to_the_embedded_demo_model() {
     let out = tmp("demo").join("demo.png");
@@ -92,6 +93,7 @@ fn generate_defaults_to_the_embedded_demo_model() {
         .unwrap();
     let err = String::from_utf8_lossy(&st.stderr);
     assert!(st.status.success(), "{err}");
+    assert!(!err.contains("warning"), "{err}");
     let (img, text) = mmdit::output::read_png(&out).unwrap();
     assert_eq!((img.width, img.height), (64, 64));
     assert!(text.iter().any(|(k, v)| k == "model" && v == "demo"));

@@ -251,6 +251,7 @@ fn schnell_ignores_guidance_with_a_notice_and_refuses_odd_sizes() {
             ..Default::default()
         })
         .unwrap_err();
+    assert!(e.to_string().starts_with("width 30:"), "{e}");
     assert!(e.to_string().contains("28 or 32"), "{e}");
 }
 

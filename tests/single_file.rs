@@ -244,6 +244,30 @@ fn a_single_file_of_unknown_shapes_needs_components() {
     assert_clean_error(code, &err, &["--components"]);
 }
 
+/// The library names the parameter as its caller passes it; the CLI renders the same error with
+/// its flags (tested above).
+#[test]
+fn a_single_file_needs_components_that_are_not_another_single_file() {
+    let file = single("sd35-tiny/sd35_tiny.safetensors");
+    let bare = ModelRef::SingleFile {
+        file: file.clone(),
+        components: None,
+    };
+    let e = Spec::open(&bare).err().unwrap();
+    assert!(e.to_string().contains("needs components ("), "{e}");
+    let nested = ModelRef::SingleFile {
+        file,
+        components: Some(Box::new(bare)),
+    };
+    let e = Spec::open(&nested).err().unwrap();
+    assert!(
+        e.to_string().starts_with("components: pass a preset"),
+        "{e}"
+    );
+    let flags = e.render(&|p| format!("--{}", p.name()));
+    assert!(flags.starts_with("--components: pass a preset"), "{flags}");
+}
+
 #[test]
 fn a_single_file_with_components_of_the_other_family_is_refused() {
     let file = "flux-dev-tiny/flux1-dev-tiny.safetensors";

@@ -21,6 +21,7 @@ pub mod config;
 pub mod cpu;
 pub mod device;
 pub mod error;
+pub mod image_io;
 pub mod interrupt;
 pub mod loader;
 pub mod mmdit;

@@ -1,6 +1,7 @@
 //! What the user asks for, and its checked, fully resolved form.
 
 use crate::error::{Error, Message, Param, Result};
+use crate::output::RgbImage;
 use crate::sampling::Sampler;
 use candle_core::Tensor;
 
@@ -24,7 +25,19 @@ pub struct Request {
     pub true_cfg: Option<f64>,
     /// ODE integrator (default Euler, as diffusers).
     pub sampler: Option<Sampler>,
+    /// Editing (img2img): the image to start from, resized to the output size as diffusers' image
+    /// processor does. The output size defaults to the image's, rounded down to the model's multiple.
+    pub image: Option<RgbImage>,
+    /// With `image`: the share of the schedule that runs, in (0, 1]; 1 repaints everything, small
+    /// values keep the image (default 0.6, as diffusers).
+    pub strength: Option<f64>,
+    /// With `image`: the VAE latent distribution's sampling noise (1, C, H/f, W/f), replacing the
+    /// seeded draw (to reproduce another engine's run).
+    pub encode_noise: Option<Tensor>,
 }
+
+/// diffusers' default editing strength.
+pub const DEFAULT_STRENGTH: f64 = 0.6;
 
 /// Which optional values the request set itself; the rest of a [`Resolved`] are defaults.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -50,10 +63,24 @@ pub struct Resolved {
     /// Flux true-CFG scale; 1 when off.
     pub true_cfg: f64,
     pub sampler: Sampler,
+    /// Editing: the image to start from, at the output size.
+    pub init: Option<Init>,
     /// What the request said itself (a family's defaults and notices depend on it).
     pub given: Given,
     /// Things the user should know about how the request was read (e.g. an ignored option).
     pub notices: Vec<Message>,
+}
+
+/// The image an edit starts from and how far into the schedule it starts.
+#[derive(Debug, Clone)]
+pub struct Init {
+    /// The input image at the output size.
+    pub image: RgbImage,
+    pub strength: f64,
+    /// Index of the first schedule step that runs (diffusers' `t_start`).
+    pub start: usize,
+    /// The latent distribution's sampling noise, checked against the latent shape; `None`: seeded.
+    pub encode_noise: Option<Tensor>,
 }
 
 impl Resolved {
@@ -61,6 +88,46 @@ impl Resolved {
     pub fn uses_cfg(&self) -> bool {
         self.guidance > 1.0
     }
+
+    /// How many of the schedule's steps run: all of them, or those after an edit's start.
+    pub fn steps_to_run(&self) -> usize {
+        self.steps - self.init.as_ref().map_or(0, |i| i.start)
+    }
+}
+
+/// diffusers' `get_timesteps`: of `steps` steps, an edit at `strength` skips the first
+/// `int(max(steps - min(steps * strength, steps), 0))`.
+pub fn edit_start(steps: usize, strength: f64) -> usize {
+    let n = steps as f64;
+    let init = (n * strength).min(n);
+    (n - init).max(0.0) as usize
+}
+
+/// Checks an edit's strength against the step count: in (0, 1] and leaving at least one step.
+pub fn check_strength(strength: f64, steps: usize) -> Result<usize> {
+    if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
+        return Err(Error::invalid(
+            Param::Strength,
+            format!(
+                " {strength}: must be in (0, 1]: 1 repaints the whole image, small values keep it"
+            ),
+        ));
+    }
+    let start = edit_start(steps, strength);
+    if start >= steps {
+        // Rounded up, so that the suggestion itself leaves a step.
+        let least = (1000.0 / steps as f64).ceil() / 1000.0;
+        return Err(Error::InvalidRequest(
+            Message::about(Param::Strength)
+                .text(format!(
+                    " {strength}: with {steps} steps it leaves no step to run ({steps} x {strength} < 1); use "
+                ))
+                .param(Param::Strength)
+                .text(format!(" {least} or more, or more "))
+                .param(Param::Steps),
+        ));
+    }
+    Ok(start)
 }
 
 /// Largest image the engine accepts, in pixels (a 4096 x 4096 image).

@@ -3,6 +3,7 @@
 use clap::Args;
 use mmdit::presets::{self, Preset};
 use mmdit::{device, ModelRef, Spec};
+use std::path::{Path, PathBuf};
 
 /// The model `generate` and `bench` use when `--model` is not given: the demo preset (models/demo).
 pub const DEFAULT_MODEL: &str = "demo";
@@ -46,6 +47,58 @@ pub struct ImageArgs {
     /// T5 sequence length (default: 256 for SD3 and FLUX.1-schnell, 512 for FLUX.1-dev).
     #[arg(long)]
     pub max_sequence_length: Option<usize>,
+}
+
+/// Editing: the image to start from and how much of it to repaint.
+#[derive(Args, Debug, Default, Clone)]
+pub struct EditArgs {
+    /// Edit this image (PNG, JPEG or WebP) instead of starting from noise (img2img). The output
+    /// size defaults to the image's, rounded down to the model's multiple.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// With --image: how much to repaint, in (0, 1]: the share of the steps that run (default 0.6,
+    /// as diffusers).
+    #[arg(long)]
+    pub strength: Option<f64>,
+}
+
+/// An input image as read, with what the PNG metadata records of it.
+pub struct InputImage {
+    pub path: PathBuf,
+    pub image: mmdit::RgbImage,
+    /// SHA-256 of the file's bytes, in hex.
+    pub sha256: String,
+}
+
+impl EditArgs {
+    /// Reads `--image` (before any weight is read).
+    pub fn read(&self) -> mmdit::Result<Option<InputImage>> {
+        let Some(path) = &self.image else {
+            return Ok(None);
+        };
+        let image = mmdit::image_io::read_rgb(path, mmdit::Param::Image)?;
+        let sha256 = sha256_file(path)?;
+        Ok(Some(InputImage {
+            path: path.clone(),
+            image,
+            sha256,
+        }))
+    }
+}
+
+/// SHA-256 of a file's bytes, in lowercase hex.
+pub fn sha256_file(path: &Path) -> mmdit::Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).map_err(|e| {
+        mmdit::Error::invalid(
+            mmdit::Param::Image,
+            format!(" {}: cannot read it ({e})", path.display()),
+        )
+    })?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// What [`ModelArgs`] name, checked; nothing opened yet.

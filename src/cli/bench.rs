@@ -1,6 +1,6 @@
 //! `mmdit bench`: speed per phase and few-step fidelity against a many-step reference.
 
-use super::args::{ImageArgs, ModelArgs};
+use super::args::{EditArgs, ImageArgs, ModelArgs};
 use anyhow::Context;
 use clap::Args;
 use mmdit::bench::{self, report, Stat};
@@ -15,6 +15,8 @@ pub struct BenchArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub image: ImageArgs,
+    #[command(flatten)]
+    pub edit: EditArgs,
     /// Step counts to measure, comma-separated.
     #[arg(long, default_value = "4,10,28", value_delimiter = ',')]
     pub steps: Vec<usize>,
@@ -120,6 +122,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(d).with_context(|| format!("--output-dir {}", d.display()))?;
     }
     let chosen = a.model.choose()?;
+    let input = a.edit.read()?;
     let (dev, dtype) = (&chosen.device, chosen.dtype);
     let spec = chosen.open()?;
     let base = |prompt: &str, steps: usize, sampler: Sampler| {
@@ -132,12 +135,17 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             height: a.image.height,
             guidance: a.image.guidance,
             max_sequence_length: a.image.max_sequence_length,
+            image: input.as_ref().map(|i| i.image.clone()),
+            strength: a.edit.strength,
             ..Default::default()
         };
         chosen.apply_preset(&mut r);
         r
     };
     let r0 = spec.resolve(&base(&prompts[0], a.steps[0], samplers[0]))?;
+    for &steps in &a.steps[1..] {
+        spec.resolve(&base(&prompts[0], steps, samplers[0]))?;
+    }
     let name = spec.name().to_string();
 
     let t0 = Instant::now();

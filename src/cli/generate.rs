@@ -1,6 +1,6 @@
 //! `mmdit generate`: one image from a prompt, or a replay of a PNG's recorded parameters (`--from`).
 
-use super::args::{ImageArgs, ModelArgs};
+use super::args::{sha256_file, EditArgs, ImageArgs, ModelArgs};
 use super::flag;
 use anyhow::Context;
 use clap::Args;
@@ -14,6 +14,8 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub image: ImageArgs,
+    #[command(flatten)]
+    pub edit: EditArgs,
     /// The prompt (required unless --from gives one).
     #[arg(long)]
     pub prompt: Option<String>,
@@ -118,6 +120,29 @@ fn apply_from(a: &mut GenerateArgs, png: &Path) -> anyhow::Result<()> {
             .or(num(get("max_sequence_length"), "max_sequence_length", png)?);
     let true_cfg: Option<f64> = num(get("true_cfg"), "true_cfg", png)?;
     a.true_cfg = a.true_cfg.or(true_cfg.filter(|&g| g != 1.0));
+    // An edit replays from the same input file, unless --image names another.
+    if a.edit.image.is_none() {
+        if let Some(path) = get("image").map(PathBuf::from) {
+            let recorded = get("image_sha256").unwrap_or_default();
+            if !path.is_file() {
+                return Err(bad(format!(
+                    "the input image it was edited from, {}, is missing; put it back or pass --image",
+                    path.display()
+                ))
+                .into());
+            }
+            if sha256_file(&path)? != recorded {
+                return Err(bad(format!(
+                    "the input image it was edited from, {}, has changed since (its SHA-256 differs); pass --image {} to edit the file as it is now",
+                    path.display(),
+                    path.display()
+                ))
+                .into());
+            }
+            a.edit.image = Some(path);
+            a.edit.strength = a.edit.strength.or(num(get("strength"), "strength", png)?);
+        }
+    }
     Ok(())
 }
 
@@ -133,6 +158,7 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     let sampler = Sampler::parse(a.sampler.as_deref().unwrap_or("euler"))?;
     output::check_output_path(&a.output, a.overwrite)?;
     let noise = a.noise.as_deref().map(load_noise).transpose()?;
+    let input = a.edit.read()?;
     let spec = chosen.open()?;
     let i = &a.image;
     let mut req = Request {
@@ -147,6 +173,9 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         max_sequence_length: i.max_sequence_length,
         true_cfg: a.true_cfg,
         sampler: Some(sampler),
+        image: input.as_ref().map(|i| i.image.clone()),
+        strength: a.edit.strength,
+        encode_noise: None,
     };
     chosen.apply_preset(&mut req);
     let resolved = spec.resolve(&req)?;
@@ -157,8 +186,17 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     for n in &resolved.notices {
         eprintln!("notice: {}", n.render(&flag));
     }
+    let edit = match &resolved.init {
+        Some(i) => format!(
+            " | edit at strength {} ({} of {} steps run)",
+            i.strength,
+            resolved.steps_to_run(),
+            resolved.steps
+        ),
+        None => String::new(),
+    };
     eprintln!(
-        "model {} | {}x{} | {} steps {} | guidance {} | seed {}{}",
+        "model {} | {}x{} | {} steps {}{edit} | guidance {} | seed {}{}",
         spec.name(),
         resolved.width,
         resolved.height,
@@ -180,7 +218,7 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     let mut pipe = spec.load(dev, dtype).context("loading the model")?;
     pipe.keep_text_encoders(a.keep_text_encoders);
     let load = t0.elapsed();
-    let bar = indicatif::ProgressBar::new(resolved.steps as u64);
+    let bar = indicatif::ProgressBar::new(resolved.steps_to_run() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}]",
@@ -220,6 +258,12 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     }
     if let Some(n) = &a.noise {
         text.push(("noise_file", n.display().to_string()));
+    }
+    if let (Some(i), Some(init)) = (&input, &r.init) {
+        let path = std::fs::canonicalize(&i.path).unwrap_or_else(|_| i.path.clone());
+        text.push(("image", path.display().to_string()));
+        text.push(("image_sha256", i.sha256.clone()));
+        text.push(("strength", init.strength.to_string()));
     }
     let text: Vec<(String, String)> = text.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     output::write_png(&a.output, &out.image, &text)?;

@@ -1,6 +1,6 @@
-//! Stride-1 2-D convolutions with zero padding (the VAE's): candle's, or on the CPU in f32 with
+//! 2-D convolutions with zero padding (the VAE's). Stride 1: candle's, or on the CPU in f32 with
 //! AVX-512 the im2col-free kernel of [`crate::cpu::conv`] (weights packed at load, candle's copy
-//! dropped).
+//! dropped). Strided (the encoder's downsamplers): candle's.
 
 use crate::cpu::{self, conv::Conv2dF32};
 use candle_core::{DType, Module, Result, Tensor};
@@ -15,6 +15,23 @@ pub enum Conv2d {
 }
 
 impl Conv2d {
+    /// `nn.Conv2d(in_c, out_c, k, stride, padding)` with bias: candle's convolution.
+    pub fn strided(
+        in_c: usize,
+        out_c: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let cfg = candle_nn::Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        Ok(Self::Candle(candle_nn::conv2d(in_c, out_c, k, cfg, vb)?))
+    }
+
     pub fn new(in_c: usize, out_c: usize, k: usize, vb: VarBuilder) -> Result<Self> {
         let cfg = candle_nn::Conv2dConfig {
             padding: k / 2,

@@ -18,13 +18,14 @@ pub use sample::{check_finite, seeded_noise, Prompts};
 
 use crate::config::{ModelIndex, SchedulerConfig, VaeConfig};
 use crate::error::{Error, Message, Param, Result};
+use crate::image_io;
 use crate::loader::single::SingleFile;
 use crate::loader::{self, FileSource, ModelRef};
 use crate::output::RgbImage;
-use crate::request::{self, Given, Request, Resolved};
+use crate::request::{self, Given, Init, Request, Resolved};
 use crate::sampling::{Sampler, Schedule};
 use crate::text::{PromptEncoder, Truncation};
-use crate::vae::{self, VaeDecoder};
+use crate::vae::{self, VaeDecoder, VaeEncoder};
 use candle_core::{DType, Device, Tensor};
 use components::{read, read_checked, tokenizer_dir, OpenCtx, TextLoader, Weights};
 use std::path::PathBuf;
@@ -158,8 +159,11 @@ impl Spec {
     /// Checks a request against the model and fills in defaults. Cheap: call before `load`.
     pub fn resolve(&self, req: &Request) -> Result<Resolved> {
         let d = self.defaults();
-        let width = req.width.unwrap_or(d.side);
-        let height = req.height.unwrap_or(d.side);
+        let mut notices = Vec::new();
+        let (width, height) = match &req.image {
+            Some(img) => edit_size(img, req, &d, &mut notices)?,
+            None => (req.width.unwrap_or(d.side), req.height.unwrap_or(d.side)),
+        };
         request::check_side(Param::Width, width, d.size_multiple, d.max_side)?;
         request::check_side(Param::Height, height, d.size_multiple, d.max_side)?;
         if width * height > request::MAX_PIXELS {
@@ -182,6 +186,33 @@ impl Spec {
         }
         let guidance = req.guidance.unwrap_or(d.guidance);
         request::check_guidance(Param::Guidance, guidance)?;
+        let init = match &req.image {
+            Some(img) => {
+                let strength = req.strength.unwrap_or(request::DEFAULT_STRENGTH);
+                let start = request::check_strength(strength, steps)?;
+                Some(Init {
+                    image: image_io::lanczos_resize(img, width, height),
+                    strength,
+                    start,
+                    encode_noise: req.encode_noise.clone(),
+                })
+            }
+            None => {
+                let stray = [
+                    (req.strength.is_some(), Param::Strength),
+                    (req.encode_noise.is_some(), Param::EncodeNoise),
+                ];
+                if let Some((_, p)) = stray.iter().find(|(set, _)| *set) {
+                    return Err(Error::InvalidRequest(
+                        Message::about(*p)
+                            .text(" applies to editing only; pass ")
+                            .param(Param::Image)
+                            .text(" too, or leave it out"),
+                    ));
+                }
+                None
+            }
+        };
         let mut r = Resolved {
             prompt: req.prompt.clone(),
             negative_prompt: req.negative_prompt.clone().unwrap_or_default(),
@@ -194,28 +225,36 @@ impl Spec {
             max_sequence_length,
             true_cfg: req.true_cfg.unwrap_or(1.0),
             sampler: req.sampler.unwrap_or(Sampler::Euler),
+            init,
             given: Given {
                 negative_prompt: req.negative_prompt.is_some(),
                 guidance: req.guidance.is_some(),
                 true_cfg: req.true_cfg.is_some(),
             },
-            notices: Vec::new(),
+            notices,
         };
-        if let Some(noise) = &r.noise {
-            let want = self.noise_shape(&r);
-            if noise.dims4().ok() != Some(want) {
-                return Err(Error::InvalidRequest(
-                    Message::about(Param::Noise)
-                        .text(format!(
-                            ": tensor `noise` has shape {:?} but a {width}x{height} image needs {:?}; pass ",
-                            noise.dims(),
-                            [want.0, want.1, want.2, want.3]
-                        ))
-                        .param(Param::Width)
-                        .text("/")
-                        .param(Param::Height)
-                        .text(" that match the noise"),
-                ));
+        let want = self.noise_shape(&r);
+        let encode_noise = r.init.as_ref().and_then(|i| i.encode_noise.as_ref());
+        for (p, t) in [
+            (Param::Noise, r.noise.as_ref()),
+            (Param::EncodeNoise, encode_noise),
+        ] {
+            match t {
+                Some(t) if t.dims4().ok() != Some(want) => {
+                    return Err(Error::InvalidRequest(
+                        Message::about(p)
+                            .text(format!(
+                                ": tensor has shape {:?} but a {width}x{height} image needs {:?}; pass ",
+                                t.dims(),
+                                [want.0, want.1, want.2, want.3]
+                            ))
+                            .param(Param::Width)
+                            .text("/")
+                            .param(Param::Height)
+                            .text(" that match it"),
+                    ))
+                }
+                _ => {}
             }
         }
         self.family.check(&mut r, &self.name)?;
@@ -228,11 +267,18 @@ impl Spec {
         (1, self.vae.latent_channels, r.height / f, r.width / f)
     }
 
-    /// The sigma schedule for a resolved request.
+    /// The sigma schedule for a resolved request; an edit's starts at its first step that runs.
     pub fn schedule(&self, r: &Resolved) -> Schedule {
         let m = self.defaults().size_multiple;
         let tokens = (r.height / m) * (r.width / m);
-        self.family.schedule(&self.scheduler, r.steps, tokens)
+        let full = self.family.schedule(&self.scheduler, r.steps, tokens);
+        match &r.init {
+            Some(i) => Schedule {
+                sigmas: full.sigmas[i.start..].to_vec(),
+                timesteps: full.timesteps[i.start..].to_vec(),
+            },
+            None => full,
+        }
     }
 
     fn text_loader(&self, device: &Device, dtype: DType) -> TextLoader<'_> {
@@ -257,6 +303,7 @@ impl Spec {
             spec: self,
             transformer,
             vae,
+            encoder: None,
             text: Some(text),
             keep_text: true,
             device: device.clone(),
@@ -269,7 +316,7 @@ impl Spec {
     pub fn audit(&self) -> Result<Vec<ComponentAudit>> {
         let w = self.weights();
         let none = |_: &str| false;
-        // The VAE encoder is not used by a text-to-image engine; its tensors are expected, unread.
+        // The VAE encoder is checked when an edit first loads it; here its tensors are expected, unread.
         let encoder = |n: &str| n.starts_with("encoder.") || n.starts_with("quant_conv.");
         let mut all = vec![
             w.audit(
@@ -307,6 +354,60 @@ impl Spec {
     }
 }
 
+/// An edit's output size: the request's, else the input image's rounded down to the model's
+/// multiple (as diffusers' image processor rounds it), with a notice when rounding changed it.
+fn edit_size(
+    img: &RgbImage,
+    req: &Request,
+    d: &Defaults,
+    notices: &mut Vec<Message>,
+) -> Result<(usize, usize)> {
+    let m = d.size_multiple;
+    let round = |v: usize| v / m * m;
+    let width = req.width.unwrap_or(round(img.width));
+    let height = req.height.unwrap_or(round(img.height));
+    let (iw, ih) = (img.width, img.height);
+    if width == 0 || height == 0 {
+        return Err(Error::InvalidRequest(
+            Message::about(Param::Image)
+                .text(format!(
+                    ": {iw}x{ih} pixels is smaller than the model's {m}-pixel multiple; pass "
+                ))
+                .param(Param::Width)
+                .text(" and ")
+                .param(Param::Height)
+                .text(" to scale it up"),
+        ));
+    }
+    let defaulted = req.width.is_none() || req.height.is_none();
+    if defaulted
+        && (width > d.max_side || height > d.max_side || width * height > request::MAX_PIXELS)
+    {
+        return Err(Error::InvalidRequest(
+            Message::about(Param::Image)
+                .text(format!(
+                    ": {iw}x{ih} pixels is larger than this model generates (at most {} a side); pass ",
+                    d.max_side
+                ))
+                .param(Param::Width)
+                .text(" and ")
+                .param(Param::Height)
+                .text(" to scale it down"),
+        ));
+    }
+    if (width, height) != (iw, ih) {
+        let why = if defaulted {
+            format!("; sides are multiples of {m} for this model")
+        } else {
+            String::new()
+        };
+        notices.push(Message::about(Param::Image).text(format!(
+            ": {iw}x{ih} is resized to {width}x{height} (Lanczos, stretched, as diffusers does){why}"
+        )));
+    }
+    Ok((width, height))
+}
+
 /// Wall time of each stage of one generation.
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
@@ -337,6 +438,8 @@ pub struct Pipeline {
     pub spec: Spec,
     pub transformer: Box<dyn Transformer>,
     pub vae: VaeDecoder,
+    /// The VAE encoder, loaded with the first edit.
+    pub encoder: Option<VaeEncoder>,
     /// The text encoders; `None` once released (they are loaded again when next needed).
     pub text: Option<Box<dyn PromptEncoder>>,
     /// Keep the text encoders loaded after encoding (the default); `false` frees their memory for
@@ -412,11 +515,20 @@ impl Pipeline {
             Some(n) => n.to_device(&self.device)?.to_dtype(DType::F32)?,
             None => self.initial_noise(&r)?,
         };
-        let (_, _, h, w) = noise.dims4()?;
+        let sched = self.spec.schedule(&r);
+        let start = match &r.init {
+            // diffusers' `scale_noise`: the image's latents noised to the first sigma that runs.
+            Some(init) => {
+                let image = self.encode_image(init, r.seed)?;
+                let sigma = f64::from(sched.sigmas[0]);
+                ((&noise * sigma)? + (image * (1.0 - sigma))?)?
+            }
+            None => noise,
+        };
+        let (_, _, h, w) = start.dims4()?;
         let model = self.transformer.bind(&r, &prompts.pos, (h, w))?;
         let mut guided = sample::Guided::new(model.as_ref(), &prompts, cfg, self.dtype)?;
-        let sched = self.spec.schedule(&r);
-        let (latents, steps) = sample::sample(&mut guided, &r, &sched, noise, self.dtype, on_step)?;
+        let (latents, steps) = sample::sample(&mut guided, &r, &sched, start, self.dtype, on_step)?;
         timings.steps = steps;
 
         let t0 = Instant::now();
@@ -429,6 +541,38 @@ impl Pipeline {
             timings,
             truncations,
         })
+    }
+
+    /// The VAE encoder, loaded (after its tensors are checked) on first use.
+    pub fn vae_encoder(&mut self) -> Result<&VaeEncoder> {
+        if self.encoder.is_none() {
+            let dtype = vae_dtype(self.dtype, &self.device);
+            let cfg = &self.spec.vae;
+            let enc = self
+                .spec
+                .weights()
+                .load("vae", dtype, &self.device, |vb| VaeEncoder::new(cfg, vb))?;
+            self.encoder = Some(enc);
+        }
+        Ok(self.encoder.as_ref().expect("just loaded"))
+    }
+
+    /// An edit's input image -> its latents in sampler space (1, C, h, w) f32: encoded, sampled from
+    /// the latent distribution with the request's noise (or noise seeded from `seed`), scaled.
+    pub fn encode_image(&mut self, init: &Init, seed: u64) -> Result<Tensor> {
+        let device = self.device.clone();
+        let dtype = vae_dtype(self.dtype, &device);
+        let x = vae::from_rgb8(&init.image, &device)?.to_dtype(dtype)?;
+        let enc = self.vae_encoder()?;
+        let dist = enc.encode(&x)?;
+        let eps = match &init.encode_noise {
+            Some(e) => e.to_device(&device)?.to_dtype(DType::F32)?,
+            None => {
+                sample::seeded_noise(sample::encode_noise_seed(seed), dist.mean.dims4()?, &device)?
+            }
+        };
+        let z = dist.sample(&eps)?.to_dtype(DType::F32)?;
+        Ok(enc.scale(&z)?)
     }
 
     /// Latents in sampler space (1, C, h, w) -> RGB image through the VAE (in [`vae_dtype`]).

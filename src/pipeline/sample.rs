@@ -26,6 +26,11 @@ pub fn seeded_noise(
     Ok(Tensor::from_vec(v, shape, device)?)
 }
 
+/// The seed of an edit's latent-distribution noise: a stream apart from the initial noise's.
+pub fn encode_noise_seed(seed: u64) -> u64 {
+    seed ^ 0x9e37_79b9_7f4a_7c15
+}
+
 /// Fails with a clear error if `x` holds a NaN or an infinity (their sum is then not finite).
 pub fn check_finite(x: &Tensor, what: &'static str, step: usize, dtype: DType) -> Result<()> {
     let s: f32 = x.to_dtype(DType::F32)?.sum_all()?.to_scalar()?;
@@ -150,12 +155,12 @@ pub(super) fn sample(
         inner: model,
         device: noise.device().clone(),
         last: Instant::now(),
-        steps: Vec::with_capacity(r.steps),
+        steps: Vec::with_capacity(sched.timesteps.len()),
         on_step,
     };
     let latents = r
         .sampler
         .run(&mut timed, noise, &sched.sigmas, &sched.timesteps)?;
-    check_finite(&latents, "latents", r.steps - 1, dtype)?;
+    check_finite(&latents, "latents", r.steps_to_run() - 1, dtype)?;
     Ok((latents, timed.steps))
 }

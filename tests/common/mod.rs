@@ -151,6 +151,7 @@ pub fn fixture_request(name: &str, run: &serde_json::Value, max_seq: usize) -> m
         max_sequence_length: Some(max_seq),
         seed: None,
         sampler: None,
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,139 @@
+"""Reference outputs of diffusers' editing pipelines on the tiny random models of tests/fixtures/, for
+the editing parity tests (tests/edit.rs): the image processor's resize, the VAE encoder, and whole
+img2img runs from recorded noise.
+
+    pip install -r scripts/requirements.txt
+    python scripts/make_sd3_fixtures.py && python scripts/make_flux_fixtures.py   # the models
+    python scripts/make_edit_fixtures.py
+
+Writes tests/fixtures/edit/: the input images (PNG), `reference.safetensors` and `fixture.json` (the
+script, versions, seeds and every parameter of each run). Each run draws its noise from a torch
+generator seeded with the run's seed, as diffusers does: first the VAE latent distribution's sample
+noise (`eps`), then the initial noise (`noise`); both are saved so the Rust side can inject them.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+import diffusers
+import transformers
+from diffusers import FluxImg2ImgPipeline, FluxPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from safetensors.torch import save_file
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
+OUT = os.path.join(ROOT, "edit")
+
+
+def drawing(width, height, seed):
+    """A smooth colour gradient with a disc and a little noise: content a resize visibly changes."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([x / max(width - 1, 1), y / max(height - 1, 1), 0.5 + 0.5 * np.sin(x / 3.0 + y / 5.0)], -1)
+    cy, cx, r = height * 0.45, width * 0.55, min(width, height) * 0.3
+    disc = (x - cx) ** 2 + (y - cy) ** 2 < r * r
+    img[disc] = [0.9, 0.1, 0.15]
+    img = img * 255 + rng.normal(0, 6, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), "RGB")
+
+
+RUNS = [
+    # SD3.5-like (qk norm, dual attention, CFG with a negative prompt), input resized down and stretched.
+    dict(model="sd35-tiny", input=(45, 29), width=32, height=48, strength=0.6, steps=4, guidance=7.0,
+         negative_prompt="blurry", prompt="a blue circle on a white background", seed=11, max_sequence_length=32),
+    # No T5, dynamic shift, full strength, input at the output size (no resize).
+    dict(model="sd3-no-t5", input=(48, 32), width=48, height=32, strength=1.0, steps=3, guidance=4.5,
+         prompt="a red square", seed=12, max_sequence_length=16),
+    # FLUX.1-schnell-like: input resized up.
+    dict(model="flux-schnell-tiny", input=(21, 30), width=32, height=48, strength=0.75, steps=4, guidance=0.0,
+         prompt="a blue circle on a white background", seed=13, max_sequence_length=24),
+    # FLUX.1-dev-like (guidance embedding), low strength.
+    dict(model="flux-dev-tiny", input=(40, 24), width=40, height=24, strength=0.45, steps=5, guidance=3.5,
+         prompt="a green circle", seed=14, max_sequence_length=24),
+]
+
+
+def odd_inputs():
+    """Inputs that must be converted, not refused: a CMYK JPEG and a JPEG whose EXIF orientation says
+    "rotate 90 degrees clockwise". Each is saved with PIL's own reading of it (`*.expected.png`:
+    `ImageOps.exif_transpose` + RGB), which the decoder is compared against."""
+    from PIL import ImageOps
+
+    base = drawing(30, 20, seed=7)
+    cmyk = base.convert("CMYK")
+    cmyk.save(os.path.join(OUT, "cmyk.jpg"), quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    base.save(os.path.join(OUT, "exif6.jpg"), quality=95, exif=exif.tobytes())
+    for name in ["cmyk.jpg", "exif6.jpg"]:
+        with Image.open(os.path.join(OUT, name)) as im:
+            ImageOps.exif_transpose(im).convert("RGB").save(os.path.join(OUT, name.replace(".jpg", ".expected.png")))
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    odd_inputs()
+    torch.set_num_threads(2)
+    tensors = {}
+    meta = {
+        "generator": "scripts/make_edit_fixtures.py",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "runs": [],
+    }
+    for k, r in enumerate(RUNS):
+        folder = os.path.join(ROOT, r["model"])
+        flux = r["model"].startswith("flux")
+        with open(os.path.join(folder, "model_index.json")) as fh:
+            saved = json.load(fh)
+        # Components the tiny pipeline was saved without (e.g. no T5) are passed as None.
+        absent = {c: None for c in ["text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"]
+                  if saved.get(c, [None])[0] is None}
+        base = (FluxPipeline if flux else StableDiffusion3Pipeline).from_pretrained(
+            folder, torch_dtype=torch.float32, **absent)
+        pipe = (FluxImg2ImgPipeline if flux else StableDiffusion3Img2ImgPipeline).from_pipe(base)
+        pipe.set_progress_bar_config(disable=True)
+        img = drawing(*r["input"], seed=r["seed"])
+        name = f"input_{k}.png"
+        img.save(os.path.join(OUT, name))
+
+        # The image processor's resize and normalisation, and the VAE encoder on its output.
+        pre = pipe.image_processor.preprocess(img, height=r["height"], width=r["width"])
+        tensors[f"run.{k}.pre"] = pre
+        with torch.no_grad():
+            dist = pipe.vae.encode(pre).latent_dist
+        tensors[f"run.{k}.enc.mean"] = dist.mean
+        tensors[f"run.{k}.enc.logvar"] = dist.logvar
+
+        # The two draws the pipeline makes from its generator, in its order.
+        g = torch.Generator("cpu").manual_seed(r["seed"])
+        eps = randn_tensor(dist.mean.shape, generator=g, dtype=torch.float32)
+        noise = randn_tensor(dist.mean.shape, generator=g, dtype=torch.float32)
+        tensors[f"run.{k}.eps"] = eps
+        tensors[f"run.{k}.noise"] = noise
+
+        kwargs = dict(
+            prompt=r["prompt"], image=img, strength=r["strength"], num_inference_steps=r["steps"],
+            guidance_scale=r["guidance"], height=r["height"], width=r["width"],
+            max_sequence_length=r["max_sequence_length"], output_type="pil",
+            generator=torch.Generator("cpu").manual_seed(r["seed"]),
+        )
+        if "negative_prompt" in r:
+            kwargs["negative_prompt"] = r["negative_prompt"]
+        out = pipe(**kwargs).images[0]
+        tensors[f"run.{k}.image"] = torch.from_numpy(np.array(out).copy())
+        tensors[f"run.{k}.sigmas"] = pipe.scheduler.sigmas[pipe.scheduler.begin_index:].clone()
+        meta["runs"].append(dict(r, input=name, input_size=list(r["input"])))
+        print(f"run {k} ({r['model']}): {len(tensors[f'run.{k}.sigmas']) - 1} steps")
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "reference.safetensors"))
+    with open(os.path.join(OUT, "fixture.json"), "w") as fh:
+        json.dump(meta, fh, indent=1, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    main()

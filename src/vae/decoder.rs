@@ -1,0 +1,121 @@
+//! The decoder half of `AutoencoderKL`: latents to pixels.
+
+use super::blocks::{conv3, group_norm, Resnet, SpatialAttention};
+use crate::config::VaeConfig;
+use crate::nn::{Conv2d, GroupNorm};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+#[derive(Debug, Clone)]
+struct UpBlock {
+    resnets: Vec<Resnet>,
+    upsample: Option<Conv2d>,
+}
+
+/// The decoder half of `AutoencoderKL`, with the latent scaling of its config.
+#[derive(Debug, Clone)]
+pub struct VaeDecoder {
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_resnets: [Resnet; 2],
+    mid_attn: Option<SpatialAttention>,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    cfg: VaeConfig,
+}
+
+impl VaeDecoder {
+    /// `vb` is rooted at the VAE's weights (the decoder lives under `decoder.`).
+    pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let g = cfg.norm_num_groups;
+        let boc = &cfg.block_out_channels;
+        let top = *boc.last().expect("validated: at least one level");
+        let post_quant_conv = if cfg.use_post_quant_conv {
+            let l = cfg.latent_channels;
+            Some(Conv2d::new(l, l, 1, vb.pp("post_quant_conv"))?)
+        } else {
+            None
+        };
+        let vb = vb.pp("decoder");
+        let conv_in = conv3(cfg.latent_channels, top, vb.pp("conv_in"))?;
+        let mid = vb.pp("mid_block");
+        let mid_resnets = [
+            Resnet::new(top, top, g, mid.pp("resnets.0"))?,
+            Resnet::new(top, top, g, mid.pp("resnets.1"))?,
+        ];
+        let mid_attn = if cfg.mid_block_add_attention {
+            Some(SpatialAttention::new(top, g, mid.pp("attentions.0"))?)
+        } else {
+            None
+        };
+        let mut up_blocks = Vec::with_capacity(boc.len());
+        let mut prev = top;
+        for (i, &out) in boc.iter().rev().enumerate() {
+            let ub = vb.pp(format!("up_blocks.{i}"));
+            let resnets = (0..=cfg.layers_per_block)
+                .map(|j| {
+                    Resnet::new(
+                        if j == 0 { prev } else { out },
+                        out,
+                        g,
+                        ub.pp(format!("resnets.{j}")),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsample = if i + 1 < boc.len() {
+                Some(conv3(out, out, ub.pp("upsamplers.0.conv"))?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock { resnets, upsample });
+            prev = out;
+        }
+        let conv_norm_out = group_norm(g, boc[0], vb.pp("conv_norm_out"))?;
+        let conv_out = conv3(boc[0], cfg.out_channels, vb.pp("conv_out"))?;
+        Ok(Self {
+            post_quant_conv,
+            conv_in,
+            mid_resnets,
+            mid_attn,
+            up_blocks,
+            conv_norm_out,
+            conv_out,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.cfg
+    }
+
+    /// Undoes the sampler-space scaling: `z / scaling_factor + shift_factor`.
+    pub fn unscale(&self, latents: &Tensor) -> Result<Tensor> {
+        (latents / self.cfg.scaling_factor)? + self.cfg.shift_factor.unwrap_or(0.0)
+    }
+
+    /// Decodes unscaled latents. z: (b, latent_channels, h, w) -> (b, out_channels, h*f, w*f) in [-1, 1]-ish.
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let mut x = match &self.post_quant_conv {
+            Some(c) => c.forward(z)?,
+            None => z.clone(),
+        };
+        x = self.conv_in.forward(&x)?;
+        x = self.mid_resnets[0].forward(&x)?;
+        if let Some(a) = &self.mid_attn {
+            x = a.forward(&x)?;
+        }
+        x = self.mid_resnets[1].forward(&x)?;
+        for ub in &self.up_blocks {
+            for r in &ub.resnets {
+                x = r.forward(&x)?;
+            }
+            if let Some(conv) = &ub.upsample {
+                let (_, _, h, w) = x.dims4()?;
+                x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+            }
+        }
+        let x = self.conv_norm_out.forward_silu(&x)?;
+        self.conv_out.forward(&x)
+    }
+}

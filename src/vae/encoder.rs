@@ -1,0 +1,150 @@
+//! The encoder half of `AutoencoderKL`: pixels to the latent distribution (a diagonal Gaussian)
+//! that image editing starts from.
+
+use super::blocks::{conv3, group_norm, Resnet, SpatialAttention};
+use crate::config::VaeConfig;
+use crate::nn::{Conv2d, GroupNorm};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// `DownEncoderBlock2D`: resnets, then (except at the last level) a stride-2 convolution after
+/// padding one zero row and column on the bottom and right (`Downsample2D` with `padding=0`).
+#[derive(Debug, Clone)]
+struct DownBlock {
+    resnets: Vec<Resnet>,
+    downsample: Option<Conv2d>,
+}
+
+/// The encoder half of `AutoencoderKL`, with `quant_conv` when the config uses it.
+#[derive(Debug, Clone)]
+pub struct VaeEncoder {
+    conv_in: Conv2d,
+    down_blocks: Vec<DownBlock>,
+    mid_resnets: [Resnet; 2],
+    mid_attn: Option<SpatialAttention>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    quant_conv: Option<Conv2d>,
+    cfg: VaeConfig,
+}
+
+/// The encoder's output: `DiagonalGaussianDistribution` (mean and log-variance, clamped to
+/// [-30, 20] as diffusers does).
+#[derive(Debug, Clone)]
+pub struct LatentDist {
+    pub mean: Tensor,
+    pub logvar: Tensor,
+}
+
+impl LatentDist {
+    /// `mean + exp(logvar / 2) * eps` for standard-normal `eps` of the mean's shape.
+    pub fn sample(&self, eps: &Tensor) -> Result<Tensor> {
+        let std = (&self.logvar * 0.5)?.exp()?;
+        &self.mean + (std * eps.to_dtype(self.mean.dtype())?)?
+    }
+}
+
+impl VaeEncoder {
+    /// `vb` is rooted at the VAE's weights (the encoder lives under `encoder.`).
+    pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let g = cfg.norm_num_groups;
+        let boc = &cfg.block_out_channels;
+        let top = *boc.last().expect("validated: at least one level");
+        let l = cfg.latent_channels;
+        let quant_conv = if cfg.use_quant_conv {
+            Some(Conv2d::new(2 * l, 2 * l, 1, vb.pp("quant_conv"))?)
+        } else {
+            None
+        };
+        let vb = vb.pp("encoder");
+        let conv_in = conv3(cfg.in_channels, boc[0], vb.pp("conv_in"))?;
+        let mut down_blocks = Vec::with_capacity(boc.len());
+        let mut prev = boc[0];
+        for (i, &out) in boc.iter().enumerate() {
+            let db = vb.pp(format!("down_blocks.{i}"));
+            let resnets = (0..cfg.layers_per_block)
+                .map(|j| {
+                    let in_c = if j == 0 { prev } else { out };
+                    Resnet::new(in_c, out, g, db.pp(format!("resnets.{j}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let downsample = if i + 1 < boc.len() {
+                Some(Conv2d::strided(
+                    out,
+                    out,
+                    3,
+                    2,
+                    0,
+                    db.pp("downsamplers.0.conv"),
+                )?)
+            } else {
+                None
+            };
+            down_blocks.push(DownBlock {
+                resnets,
+                downsample,
+            });
+            prev = out;
+        }
+        let mid = vb.pp("mid_block");
+        let mid_resnets = [
+            Resnet::new(top, top, g, mid.pp("resnets.0"))?,
+            Resnet::new(top, top, g, mid.pp("resnets.1"))?,
+        ];
+        let mid_attn = if cfg.mid_block_add_attention {
+            Some(SpatialAttention::new(top, g, mid.pp("attentions.0"))?)
+        } else {
+            None
+        };
+        let conv_norm_out = group_norm(g, top, vb.pp("conv_norm_out"))?;
+        let conv_out = conv3(top, 2 * l, vb.pp("conv_out"))?;
+        Ok(Self {
+            conv_in,
+            down_blocks,
+            mid_resnets,
+            mid_attn,
+            conv_norm_out,
+            conv_out,
+            quant_conv,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.cfg
+    }
+
+    /// Pixels in [-1, 1], (b, in_channels, H, W) with H and W multiples of the scale factor ->
+    /// the latent distribution, (b, latent_channels, H / f, W / f) each.
+    pub fn encode(&self, x: &Tensor) -> Result<LatentDist> {
+        let mut x = self.conv_in.forward(x)?;
+        for db in &self.down_blocks {
+            for r in &db.resnets {
+                x = r.forward(&x)?;
+            }
+            if let Some(conv) = &db.downsample {
+                x = conv.forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+            }
+        }
+        x = self.mid_resnets[0].forward(&x)?;
+        if let Some(a) = &self.mid_attn {
+            x = a.forward(&x)?;
+        }
+        x = self.mid_resnets[1].forward(&x)?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
+        let mut moments = self.conv_out.forward(&x)?;
+        if let Some(q) = &self.quant_conv {
+            moments = q.forward(&moments)?;
+        }
+        let l = self.cfg.latent_channels;
+        Ok(LatentDist {
+            mean: moments.narrow(1, 0, l)?,
+            logvar: moments.narrow(1, l, l)?.clamp(-30f32, 20f32)?,
+        })
+    }
+
+    /// Into the sampler's space: `(z - shift_factor) * scaling_factor`.
+    pub fn scale(&self, z: &Tensor) -> Result<Tensor> {
+        (z - self.cfg.shift_factor.unwrap_or(0.0))? * self.cfg.scaling_factor
+    }
+}

@@ -1,0 +1,118 @@
+//! Editing (img2img) against diffusers 0.42.1 (`StableDiffusion3Img2ImgPipeline`,
+//! `FluxImg2ImgPipeline`) on the tiny random models, from `tests/fixtures/edit`
+//! (scripts/make_edit_fixtures.py): the image processor's resize and normalisation exactly, the VAE
+//! encoder within 1e-4 x max |reference|, the truncated schedule within 1e-6, the final 8-bit image
+//! within 2/255 from the same noise (f32, CPU), bf16 at least 30 dB PSNR against diffusers' f32.
+
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::*;
+use mmdit::{image_io, vae, ModelRef, Param, Pipeline, Request, Spec};
+
+const REL: f32 = 1e-4;
+
+fn runs() -> Vec<serde_json::Value> {
+    meta("edit")["runs"].as_array().unwrap().clone()
+}
+
+fn load(run: &serde_json::Value, dtype: DType) -> Pipeline {
+    let dir = fixture(run["model"].as_str().unwrap());
+    let m = ModelRef::parse(dir.to_str().unwrap(), None).unwrap();
+    Spec::open(&m).unwrap().load(&device(), dtype).unwrap()
+}
+
+fn input(run: &serde_json::Value) -> mmdit::RgbImage {
+    let path = fixture("edit").join(run["input"].as_str().unwrap());
+    image_io::read_rgb(&path, Param::Image).unwrap()
+}
+
+/// The recorded run `k` as a request, with diffusers' two noise draws.
+fn request(
+    k: usize,
+    run: &serde_json::Value,
+    r: &std::collections::HashMap<String, Tensor>,
+) -> Request {
+    let size = |key: &str| run[key].as_u64().map(|v| v as usize);
+    Request {
+        prompt: run["prompt"].as_str().unwrap().into(),
+        negative_prompt: run["negative_prompt"].as_str().map(Into::into),
+        steps: size("steps"),
+        guidance: run["guidance"].as_f64(),
+        width: size("width"),
+        height: size("height"),
+        max_sequence_length: size("max_sequence_length"),
+        noise: Some(r[&format!("run.{k}.noise")].clone()),
+        image: Some(input(run)),
+        strength: run["strength"].as_f64(),
+        encode_noise: Some(r[&format!("run.{k}.eps")].clone()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn resize_and_vae_encoder_match_diffusers() {
+    let r = reference("edit");
+    for (k, run) in runs().iter().enumerate() {
+        let mut pipe = load(run, DType::F32);
+        let size = |key: &str| run[key].as_u64().unwrap() as usize;
+        let img = image_io::lanczos_resize(&input(run), size("width"), size("height"));
+        let x = vae::from_rgb8(&img, &device()).unwrap();
+        let (worst, _) = max_diff(&x, &r[&format!("run.{k}.pre")]);
+        println!("run {k}: preprocessed image max diff {worst:e}");
+        assert!(
+            worst <= 1e-6,
+            "run {k}: preprocessed image differs by {worst}"
+        );
+        let dist = pipe.vae_encoder().unwrap().encode(&x).unwrap();
+        let model = run["model"].as_str().unwrap();
+        assert_close_rel(
+            &format!("{model} encoder mean"),
+            &dist.mean,
+            &r[&format!("run.{k}.enc.mean")],
+            REL,
+        );
+        assert_close_rel(
+            &format!("{model} encoder logvar"),
+            &dist.logvar,
+            &r[&format!("run.{k}.enc.logvar")],
+            REL,
+        );
+    }
+}
+
+#[test]
+fn edits_match_diffusers_within_2_of_255() {
+    let r = reference("edit");
+    for (k, run) in runs().iter().enumerate() {
+        let mut pipe = load(run, DType::F32);
+        let req = request(k, run, &r);
+        let resolved = pipe.resolve(&req).unwrap();
+        let sched = pipe.spec.schedule(&resolved);
+        let want: Vec<f32> = r[&format!("run.{k}.sigmas")].to_vec1().unwrap();
+        assert_eq!(sched.sigmas.len(), want.len(), "run {k}: steps that run");
+        for (a, b) in sched.sigmas.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-6, "run {k}: sigma {a} vs {b}");
+        }
+        let out = pipe.generate(&req, &mut |_| {}).unwrap();
+        assert_eq!(out.timings.steps.len(), want.len() - 1);
+        let worst = max_u8_diff(&out.image.data, &reference_image(&r, k));
+        println!("run {k} ({}): image max diff {worst}/255", run["model"]);
+        assert!(worst <= 2, "run {k}: image differs by {worst}/255");
+    }
+}
+
+#[test]
+fn bf16_edits_within_30_db_of_diffusers_f32() {
+    let r = reference("edit");
+    for (k, run) in runs().iter().enumerate() {
+        let mut pipe = load(run, DType::BF16);
+        let out = pipe.generate(&request(k, run, &r), &mut |_| {}).unwrap();
+        let p = psnr(&out.image.data, &reference_image(&r, k));
+        println!(
+            "run {k} ({}): bf16 PSNR {p:.1} dB against diffusers f32",
+            run["model"]
+        );
+        assert!(p >= 30.0, "run {k}: bf16 PSNR {p:.1} dB < 30 dB");
+    }
+}

@@ -1,0 +1,424 @@
+//! Editing from the command line: `--image`/`--strength` end to end on the demo model, replaying an
+//! edit with `--from`, `bench` on an edit, inputs that are converted (CMYK, EXIF-rotated, 16-bit,
+//! grayscale, RGBA WebP), and bad input: each a named test with one clear error line, exit 2 and no
+//! output file.
+
+mod common;
+
+use common::*;
+use mmdit::{image_io, output, Param};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+/// `mmdit generate` on the demo model ("a blue circle on a white background", 4 steps) plus
+/// `extra`, into `out`.
+fn edit(extra: &[&OsStr], out: &Path) -> (Option<i32>, String) {
+    let mut args: Vec<&OsStr> = [
+        "generate",
+        "--prompt",
+        "a blue circle on a white background",
+    ]
+    .iter()
+    .map(OsStr::new)
+    .collect();
+    if !extra.contains(&OsStr::new("--steps")) {
+        args.extend([OsStr::new("--steps"), OsStr::new("4")]);
+    }
+    args.extend(extra);
+    args.extend([OsStr::new("--output"), out.as_os_str()]);
+    run(&args)
+}
+
+/// A demo image to edit: a red circle, 64x64, written by the CLI into `dir`.
+fn red_circle(dir: &Path) -> PathBuf {
+    let p = dir.join("red.png");
+    let (code, err) = run(&[
+        "generate",
+        "--prompt",
+        "a red circle on a white background",
+        "--steps",
+        "4",
+        "--seed",
+        "1",
+        "--output",
+    ]
+    .iter()
+    .map(OsStr::new)
+    .chain([p.as_os_str()])
+    .collect::<Vec<_>>());
+    assert_eq!(code, Some(0), "{err}");
+    p
+}
+
+fn expect_error(extra: &[&OsStr], test: &str, needles: &[&str]) {
+    let out = tmp(test).join("out.png");
+    let (code, err) = edit(extra, &out);
+    assert_clean_error(code, &err, needles);
+    assert_eq!(code, Some(2), "{test}: exit code");
+    assert!(!out.exists(), "{test}: an output file was written");
+}
+
+fn os(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+#[test]
+fn an_edit_records_its_input_and_replays_only_from_the_same_file() {
+    let dir = tmp("edit-replay");
+    let input = red_circle(&dir);
+    let out = dir.join("blue.png");
+    let (code, err) = edit(
+        &[
+            os("--image"),
+            input.as_os_str(),
+            os("--strength"),
+            os("0.75"),
+            os("--seed"),
+            os("3"),
+        ],
+        &out,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("3 of 4 steps run"), "{err}");
+    let (img, text) = output::read_png(&out).unwrap();
+    assert_eq!((img.width, img.height), (64, 64));
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get("strength").as_deref(), Some("0.75"));
+    assert_eq!(get("image_sha256").unwrap().len(), 64);
+    assert!(get("image").unwrap().ends_with("red.png"));
+
+    // Replayed from the PNG alone: the same image.
+    let again = dir.join("again.png");
+    let (code, err) = run(&[
+        os("generate"),
+        os("--from"),
+        out.as_os_str(),
+        os("--output"),
+        again.as_os_str(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(output::read_png(&again).unwrap().0, img);
+
+    // The input changed: refused, naming the file.
+    let red = output::read_png(&input).unwrap().0;
+    let mut changed = red.clone();
+    changed.data[0] ^= 1;
+    output::write_png(&input, &changed, &[]).unwrap();
+    let third = dir.join("third.png");
+    let (code, err) = run(&[
+        os("generate"),
+        os("--from"),
+        out.as_os_str(),
+        os("--output"),
+        third.as_os_str(),
+    ]);
+    assert_clean_error(code, &err, &["red.png", "has changed", "--image"]);
+    assert!(!third.exists());
+
+    // The input is gone: refused.
+    std::fs::remove_file(&input).unwrap();
+    let (code, err) = run(&[
+        os("generate"),
+        os("--from"),
+        out.as_os_str(),
+        os("--output"),
+        third.as_os_str(),
+    ]);
+    assert_clean_error(code, &err, &["red.png", "is missing"]);
+    assert!(!third.exists());
+}
+
+#[test]
+fn an_edit_of_a_red_circle_to_blue_keeps_the_white_background() {
+    let dir = tmp("edit-recolour");
+    let input = red_circle(&dir);
+    let out = dir.join("blue.png");
+    let (code, err) = edit(
+        &[
+            os("--image"),
+            input.as_os_str(),
+            os("--strength"),
+            os("0.9"),
+            os("--steps"),
+            os("28"),
+            os("--seed"),
+            os("5"),
+        ],
+        &out,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let img = output::read_png(&out).unwrap().0;
+    // Mean colour of the pixels far from white: blue dominates.
+    let (mut sum, mut n) = ([0f64; 3], 0);
+    for p in img.data.chunks(3) {
+        if p.iter().map(|&v| 255 - i32::from(v)).sum::<i32>() > 150 {
+            for c in 0..3 {
+                sum[c] += f64::from(p[c]);
+            }
+            n += 1;
+        }
+    }
+    assert!(n > 100, "no foreground");
+    let mean: Vec<f64> = sum.iter().map(|s| s / f64::from(n)).collect();
+    assert!(
+        mean[2] > mean[0] + 60.0 && mean[2] > mean[1] + 60.0,
+        "not blue: {mean:?}"
+    );
+    // Corners stay near white.
+    let corner = &img.data[..3];
+    assert!(corner.iter().all(|&v| v > 200), "corner {corner:?}");
+}
+
+#[test]
+fn bench_measures_an_edit() {
+    let dir = tmp("edit-bench");
+    let input = red_circle(&dir);
+    let out = dir.join("bench");
+    let o = mmdit()
+        .args([
+            "bench",
+            "--steps",
+            "2,4",
+            "--no-reference",
+            "--strength",
+            "0.5",
+            "--image",
+        ])
+        .arg(&input)
+        .arg("--output-dir")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let rows = results["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+}
+
+// ---- inputs that are converted ------------------------------------------------------------------
+
+/// Mean absolute difference of two 8-bit images of the same size.
+fn mean_abs_diff(a: &mmdit::RgbImage, b: &mmdit::RgbImage) -> f64 {
+    assert_eq!((a.width, a.height), (b.width, b.height));
+    let s: u64 = a
+        .data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| u64::from(x.abs_diff(*y)))
+        .sum();
+    s as f64 / a.data.len() as f64
+}
+
+#[test]
+fn cmyk_and_exif_rotated_jpegs_read_as_pil_reads_them() {
+    for name in ["cmyk", "exif6"] {
+        let dir = fixture("edit");
+        let got = image_io::read_rgb(&dir.join(format!("{name}.jpg")), Param::Image).unwrap();
+        let want = output::read_png(&dir.join(format!("{name}.expected.png")))
+            .unwrap()
+            .0;
+        let d = mean_abs_diff(&got, &want);
+        println!("{name}: mean abs diff {d:.2} against PIL");
+        assert!(
+            d <= 2.0,
+            "{name}: mean abs diff {d:.2} against PIL's reading"
+        );
+    }
+}
+
+#[test]
+fn sixteen_bit_gray_and_rgba_webp_inputs_are_converted() {
+    let dir = tmp("edit-odd");
+    let (w, h) = (24u32, 16u32);
+    let deep = image::ImageBuffer::<image::Rgb<u16>, _>::from_fn(w, h, |x, _| {
+        image::Rgb([(x * 2000) as u16, 65535, 0])
+    });
+    let p16 = dir.join("deep.png");
+    deep.save(&p16).unwrap();
+    let got = image_io::read_rgb(&p16, Param::Image).unwrap();
+    assert_eq!((got.width, got.height), (24, 16));
+    assert_eq!(&got.data[3..6], &[8, 255, 0]); // 2000 / 257 rounds to 8
+
+    let gray = image::GrayImage::from_fn(w, h, |x, y| image::Luma([(x + y) as u8]));
+    let pg = dir.join("gray.png");
+    gray.save(&pg).unwrap();
+    assert_eq!(
+        &image_io::read_rgb(&pg, Param::Image).unwrap().data[..6],
+        &[0, 0, 0, 1, 1, 1]
+    );
+
+    let rgba = image::RgbaImage::from_fn(w, h, |x, _| {
+        image::Rgba([0, 0, 255, if x == 0 { 0 } else { 255 }])
+    });
+    let pw = dir.join("rgba.webp");
+    rgba.save(&pw).unwrap();
+    let got = image_io::read_rgb(&pw, Param::Image).unwrap();
+    assert_eq!(&got.data[..6], &[255, 255, 255, 0, 0, 255]);
+
+    // And the CLI edits it.
+    let out = dir.join("out.png");
+    let (code, err) = edit(
+        &[
+            os("--image"),
+            p16.as_os_str(),
+            os("--width"),
+            os("32"),
+            os("--height"),
+            os("16"),
+        ],
+        &out,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("24x16 is resized to 32x16"), "{err}");
+}
+
+// ---- bad input ------------------------------------------------------------------------------------
+
+#[test]
+fn image_missing() {
+    expect_error(
+        &[os("--image"), os("/nonexistent/in.png")],
+        "img-missing",
+        &["--image /nonexistent/in.png", "no such file"],
+    );
+}
+
+#[test]
+fn image_that_is_not_an_image() {
+    let dir = tmp("img-text");
+    let p = dir.join("notes.png");
+    std::fs::write(&p, "hello, not a picture").unwrap();
+    expect_error(
+        &[os("--image"), p.as_os_str()],
+        "img-text-run",
+        &["notes.png", "not a PNG, JPEG or WebP image"],
+    );
+}
+
+#[test]
+fn image_truncated() {
+    let dir = tmp("img-trunc");
+    let full = red_circle(&dir);
+    let bytes = std::fs::read(&full).unwrap();
+    let p = dir.join("cut.png");
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    expect_error(
+        &[os("--image"), p.as_os_str()],
+        "img-trunc-run",
+        &["cut.png", "damaged or truncated"],
+    );
+}
+
+/// CRC-32 (ISO-HDLC, as PNG chunks use).
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+#[test]
+fn image_header_of_100000_by_100000_is_refused_before_decoding() {
+    let dir = tmp("img-bomb");
+    let p = dir.join("bomb.png");
+    // Signature, IHDR (100000 x 100000, 8-bit RGB), one small IDAT, IEND: a few dozen bytes that
+    // promise 30 GB of pixels.
+    let mut ihdr = Vec::new();
+    ihdr.extend(100_000u32.to_be_bytes());
+    ihdr.extend(100_000u32.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+    for (kind, data) in [
+        (&b"IHDR"[..], ihdr),
+        (
+            b"IDAT",
+            vec![0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        ),
+        (b"IEND", vec![]),
+    ] {
+        bytes.extend((data.len() as u32).to_be_bytes());
+        let mut chunk = kind.to_vec();
+        chunk.extend(&data);
+        bytes.extend(&chunk);
+        bytes.extend(crc32(&chunk).to_be_bytes());
+    }
+    std::fs::write(&p, bytes).unwrap();
+    assert!(std::fs::metadata(&p).unwrap().len() < 1024);
+    expect_error(
+        &[os("--image"), p.as_os_str()],
+        "img-bomb-run",
+        &["bomb.png", "100000x100000", "at most 16384"],
+    );
+}
+
+#[test]
+fn image_smaller_than_one_latent_patch() {
+    let dir = tmp("img-tiny");
+    let p = dir.join("tiny.png");
+    image::RgbImage::new(3, 3).save(&p).unwrap();
+    expect_error(
+        &[os("--image"), p.as_os_str()],
+        "img-tiny-run",
+        &["--image: 3x3", "--width", "--height"],
+    );
+}
+
+#[test]
+fn strength_outside_zero_to_one() {
+    let dir = tmp("strength-range");
+    let input = red_circle(&dir);
+    for (i, s) in ["0", "1.5", "-0.2", "NaN"].iter().enumerate() {
+        let arg = format!("--strength={s}");
+        expect_error(
+            &[os("--image"), input.as_os_str(), os(&arg)],
+            &format!("strength-range-{i}"),
+            &[&format!("--strength {s}"), "(0, 1]"],
+        );
+    }
+}
+
+#[test]
+fn strength_so_small_that_no_step_runs() {
+    let dir = tmp("strength-small");
+    let input = red_circle(&dir);
+    expect_error(
+        &[
+            os("--image"),
+            input.as_os_str(),
+            os("--strength"),
+            os("1e-20"),
+            os("--steps"),
+            os("4"),
+        ],
+        "strength-small-run",
+        &[
+            "--strength 0.00000000000000000001",
+            "with 4 steps it leaves no step",
+            "--strength 0.25 or more",
+            "--steps",
+        ],
+    );
+}
+
+#[test]
+fn strength_without_image() {
+    expect_error(
+        &[os("--strength"), os("0.5")],
+        "strength-alone",
+        &["--strength applies to editing only", "--image"],
+    );
+}

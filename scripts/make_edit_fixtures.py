@@ -19,7 +19,14 @@ import numpy as np
 import torch
 import diffusers
 import transformers
-from diffusers import FluxImg2ImgPipeline, FluxPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+from diffusers import (
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
+    StableDiffusion3Pipeline,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors.torch import save_file
@@ -40,6 +47,16 @@ def drawing(width, height, seed):
     return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), "RGB")
 
 
+def mask_drawing(width, height, mode):
+    """A soft-edged ellipse, white inside: grays around 0.5 at its edge, so the resize and the
+    binarisation both matter."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    d = ((x - width * 0.4) / (width * 0.3)) ** 2 + ((y - height * 0.5) / (height * 0.35)) ** 2
+    v = np.clip((1.3 - d) / 0.6, 0, 1) * 255
+    img = Image.fromarray(v.round().astype(np.uint8), "L")
+    return img.convert(mode)
+
+
 RUNS = [
     # SD3.5-like (qk norm, dual attention, CFG with a negative prompt), input resized down and stretched.
     dict(model="sd35-tiny", input=(45, 29), width=32, height=48, strength=0.6, steps=4, guidance=7.0,
@@ -53,6 +70,17 @@ RUNS = [
     # FLUX.1-dev-like (guidance embedding), low strength.
     dict(model="flux-dev-tiny", input=(40, 24), width=40, height=24, strength=0.45, steps=5, guidance=3.5,
          prompt="a green circle", seed=14, max_sequence_length=24),
+    # Inpainting: SD3.5-like with CFG, a gray mask of another size than the image.
+    dict(model="sd35-tiny", input=(45, 29), width=32, height=48, strength=0.8, steps=4, guidance=7.0,
+         negative_prompt="blurry", prompt="a blue circle", seed=21, max_sequence_length=32,
+         mask=(30, 40), mask_mode="L"),
+    # Inpainting at full strength (pure noise start), an RGB mask at the image's size.
+    dict(model="sd3-no-t5", input=(48, 32), width=48, height=32, strength=1.0, steps=3, guidance=4.5,
+         prompt="a red square", seed=22, max_sequence_length=16, mask=(48, 32), mask_mode="RGB"),
+    dict(model="flux-schnell-tiny", input=(21, 30), width=32, height=48, strength=0.6, steps=4, guidance=0.0,
+         prompt="a blue circle", seed=23, max_sequence_length=24, mask=(16, 24), mask_mode="L"),
+    dict(model="flux-dev-tiny", input=(40, 24), width=40, height=24, strength=0.9, steps=5, guidance=3.5,
+         prompt="a green circle", seed=24, max_sequence_length=24, mask=(40, 24), mask_mode="L"),
 ]
 
 
@@ -95,7 +123,12 @@ def main():
                   if saved.get(c, [None])[0] is None}
         base = (FluxPipeline if flux else StableDiffusion3Pipeline).from_pretrained(
             folder, torch_dtype=torch.float32, **absent)
-        pipe = (FluxImg2ImgPipeline if flux else StableDiffusion3Img2ImgPipeline).from_pipe(base)
+        inpaint = "mask" in r
+        if inpaint:
+            cls = FluxInpaintPipeline if flux else StableDiffusion3InpaintPipeline
+        else:
+            cls = FluxImg2ImgPipeline if flux else StableDiffusion3Img2ImgPipeline
+        pipe = cls.from_pipe(base)
         pipe.set_progress_bar_config(disable=True)
         img = drawing(*r["input"], seed=r["seed"])
         name = f"input_{k}.png"
@@ -124,10 +157,32 @@ def main():
         )
         if "negative_prompt" in r:
             kwargs["negative_prompt"] = r["negative_prompt"]
+        extra = {}
+        if inpaint:
+            mask = mask_drawing(*r["mask"], r["mask_mode"])
+            extra["mask"] = f"mask_{k}.png"
+            extra["mask_size"] = list(r["mask"])
+            mask.save(os.path.join(OUT, extra["mask"]))
+            kwargs["mask_image"] = mask
+            tensors[f"run.{k}.mask"] = pipe.mask_processor.preprocess(mask, height=r["height"], width=r["width"])
         out = pipe(**kwargs).images[0]
         tensors[f"run.{k}.image"] = torch.from_numpy(np.array(out).copy())
+        if inpaint and not flux:
+            # diffusers 0.42.1's SD3 inpainting decodes `latents / scaling_factor` without adding
+            # `shift_factor` back (huggingface/diffusers#13611, issue 1; every other SD3 pipeline adds
+            # it). The reference is its latents decoded as the other SD3 pipelines decode them; the
+            # image as shipped is kept to measure the difference.
+            tensors[f"run.{k}.image_as_shipped"] = tensors[f"run.{k}.image"]
+            kwargs["generator"] = torch.Generator("cpu").manual_seed(r["seed"])
+            lat = pipe(**dict(kwargs, output_type="latent")).images
+            vc = pipe.vae.config
+            with torch.no_grad():
+                dec = pipe.vae.decode(lat / vc.scaling_factor + vc.shift_factor, return_dict=False)[0]
+            fixed = pipe.image_processor.postprocess(dec, output_type="pil")[0]
+            tensors[f"run.{k}.image"] = torch.from_numpy(np.array(fixed).copy())
+            extra["reference_decode"] = "latents / scaling_factor + shift_factor (diffusers#13611)"
         tensors[f"run.{k}.sigmas"] = pipe.scheduler.sigmas[pipe.scheduler.begin_index:].clone()
-        meta["runs"].append(dict(r, input=name, input_size=list(r["input"])))
+        meta["runs"].append(dict(r, input=name, input_size=list(r["input"]), **extra))
         print(f"run {k} ({r['model']}): {len(tensors[f'run.{k}.sigmas']) - 1} steps")
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "reference.safetensors"))

@@ -31,6 +31,9 @@ pub struct Request {
     /// With `image`: the share of the schedule that runs, in (0, 1]; 1 repaints everything, small
     /// values keep the image (default 0.6, as diffusers).
     pub strength: Option<f64>,
+    /// With `image`: inpainting. White repaints, black keeps the input; any size (it is resized to
+    /// the output size, as diffusers does).
+    pub mask: Option<RgbImage>,
     /// With `image`: the VAE latent distribution's sampling noise (1, C, H/f, W/f), replacing the
     /// seeded draw (to reproduce another engine's run).
     pub encode_noise: Option<Tensor>,
@@ -81,6 +84,9 @@ pub struct Init {
     pub start: usize,
     /// The latent distribution's sampling noise, checked against the latent shape; `None`: seeded.
     pub encode_noise: Option<Tensor>,
+    /// Inpainting: 1 where the model repaints, 0 where the input is kept, at the output size
+    /// (row-major, `width * height`).
+    pub mask: Option<Vec<u8>>,
 }
 
 impl Resolved {

@@ -422,3 +422,109 @@ fn strength_without_image() {
         &["--strength applies to editing only", "--image"],
     );
 }
+
+// ---- inpainting ------------------------------------------------------------------------------------
+
+/// A mask of `w` x `h`: white inside the centred square of side `side`, black elsewhere.
+fn square_mask(dir: &Path, name: &str, w: u32, h: u32, side: u32) -> PathBuf {
+    let (x0, y0) = ((w - side) / 2, (h - side) / 2);
+    let m = image::GrayImage::from_fn(w, h, |x, y| {
+        let inside = (x0..x0 + side).contains(&x) && (y0..y0 + side).contains(&y);
+        image::Luma([if inside { 255 } else { 0 }])
+    });
+    let p = dir.join(name);
+    m.save(&p).unwrap();
+    p
+}
+
+#[test]
+fn inpainting_keeps_the_input_outside_the_mask_and_records_the_mask() {
+    let dir = tmp("inpaint");
+    let input = red_circle(&dir);
+    // Of another size than the image: resized, with a notice.
+    let mask = square_mask(&dir, "mask.png", 32, 32, 8);
+    let out = dir.join("out.png");
+    let (code, err) = edit(
+        &[
+            os("--image"),
+            input.as_os_str(),
+            os("--mask"),
+            mask.as_os_str(),
+            os("--strength"),
+            os("1"),
+        ],
+        &out,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("--mask: 32x32 differs from the image's 64x64; both are resized to 64x64"),
+        "{err}"
+    );
+    let got = output::read_png(&out).unwrap();
+    let red = output::read_png(&input).unwrap().0;
+    // Far from the mask, the image is the input's VAE round trip: a few levels off at most.
+    let corner = |img: &mmdit::RgbImage| -> Vec<u8> {
+        (0..8)
+            .flat_map(|y| img.data[y * 64 * 3..y * 64 * 3 + 24].to_vec())
+            .collect()
+    };
+    let d = max_u8_diff(&corner(&got.0), &corner(&red));
+    println!("top-left 8x8 corner: max diff {d}/255 from the input");
+    assert!(d <= 12, "top-left corner moved by {d}/255");
+    let has = |k: &str| got.1.iter().any(|(key, _)| key == k);
+    assert!(has("mask") && has("mask_sha256"));
+}
+
+#[test]
+fn mask_that_selects_nothing_warns_and_returns_the_input() {
+    let dir = tmp("mask-empty");
+    let input = red_circle(&dir);
+    let mask = square_mask(&dir, "none.png", 64, 64, 0);
+    let out = dir.join("out.png");
+    let (code, err) = edit(
+        &[
+            os("--image"),
+            input.as_os_str(),
+            os("--mask"),
+            mask.as_os_str(),
+        ],
+        &out,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("--mask selects nothing to repaint"), "{err}");
+    // The input's VAE round trip: mean difference of a few levels.
+    let a = output::read_png(&out).unwrap().0;
+    let b = output::read_png(&input).unwrap().0;
+    let d = mean_abs_diff(&a, &b);
+    println!("empty mask: mean abs diff {d:.2} from the input");
+    assert!(d <= 4.0, "mean abs diff {d:.2}");
+}
+
+#[test]
+fn mask_without_image() {
+    let dir = tmp("mask-alone");
+    let mask = square_mask(&dir, "m.png", 64, 64, 8);
+    expect_error(
+        &[os("--mask"), mask.as_os_str()],
+        "mask-alone-run",
+        &["--mask needs --image"],
+    );
+}
+
+#[test]
+fn mask_that_is_not_an_image() {
+    let dir = tmp("mask-text");
+    let input = red_circle(&dir);
+    let p = dir.join("mask.png");
+    std::fs::write(&p, [0u8; 64]).unwrap();
+    expect_error(
+        &[
+            os("--image"),
+            input.as_os_str(),
+            os("--mask"),
+            p.as_os_str(),
+        ],
+        "mask-text-run",
+        &["--mask", "mask.png", "not a PNG, JPEG or WebP image"],
+    );
+}

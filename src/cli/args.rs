@@ -56,6 +56,10 @@ pub struct EditArgs {
     /// size defaults to the image's, rounded down to the model's multiple.
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// With --image: inpaint. White repaints, black keeps the input (any size: it is resized to the
+    /// output, as diffusers does).
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
     /// With --image: how much to repaint, in (0, 1]: the share of the steps that run (default 0.6,
     /// as diffusers).
     #[arg(long)]
@@ -73,27 +77,38 @@ pub struct InputImage {
 impl EditArgs {
     /// Reads `--image` (before any weight is read).
     pub fn read(&self) -> mmdit::Result<Option<InputImage>> {
-        let Some(path) = &self.image else {
-            return Ok(None);
-        };
-        let image = mmdit::image_io::read_rgb(path, mmdit::Param::Image)?;
-        let sha256 = sha256_file(path)?;
-        Ok(Some(InputImage {
-            path: path.clone(),
-            image,
-            sha256,
-        }))
+        read_input(self.image.as_deref(), mmdit::Param::Image)
+    }
+
+    /// Reads `--mask`; it needs `--image`.
+    pub fn read_mask(&self) -> mmdit::Result<Option<InputImage>> {
+        if self.mask.is_some() && self.image.is_none() {
+            return Err(mmdit::Error::request(
+                "--mask needs --image: the mask marks what to repaint in that image",
+            ));
+        }
+        read_input(self.mask.as_deref(), mmdit::Param::Mask)
     }
 }
 
+fn read_input(path: Option<&Path>, what: mmdit::Param) -> mmdit::Result<Option<InputImage>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let image = mmdit::image_io::read_rgb(path, what)?;
+    let sha256 = sha256_file(path, what)?;
+    Ok(Some(InputImage {
+        path: path.to_path_buf(),
+        image,
+        sha256,
+    }))
+}
+
 /// SHA-256 of a file's bytes, in lowercase hex.
-pub fn sha256_file(path: &Path) -> mmdit::Result<String> {
+pub fn sha256_file(path: &Path, what: mmdit::Param) -> mmdit::Result<String> {
     use sha2::{Digest, Sha256};
     let bytes = std::fs::read(path).map_err(|e| {
-        mmdit::Error::invalid(
-            mmdit::Param::Image,
-            format!(" {}: cannot read it ({e})", path.display()),
-        )
+        mmdit::Error::invalid(what, format!(" {}: cannot read it ({e})", path.display()))
     })?;
     Ok(Sha256::digest(&bytes)
         .iter()

@@ -123,6 +123,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     let chosen = a.model.choose()?;
     let input = a.edit.read()?;
+    let mask = a.edit.read_mask()?;
     let (dev, dtype) = (&chosen.device, chosen.dtype);
     let spec = chosen.open()?;
     let base = |prompt: &str, steps: usize, sampler: Sampler| {
@@ -137,6 +138,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             max_sequence_length: a.image.max_sequence_length,
             image: input.as_ref().map(|i| i.image.clone()),
             strength: a.edit.strength,
+            mask: mask.as_ref().map(|m| m.image.clone()),
             ..Default::default()
         };
         chosen.apply_preset(&mut r);

@@ -5,7 +5,7 @@ use super::flag;
 use anyhow::Context;
 use clap::Args;
 use mmdit::sampling::Sampler;
-use mmdit::{device, output, ModelRef, Request};
+use mmdit::{device, output, ModelRef, Param, Request};
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug, Default)]
@@ -120,28 +120,35 @@ fn apply_from(a: &mut GenerateArgs, png: &Path) -> anyhow::Result<()> {
             .or(num(get("max_sequence_length"), "max_sequence_length", png)?);
     let true_cfg: Option<f64> = num(get("true_cfg"), "true_cfg", png)?;
     a.true_cfg = a.true_cfg.or(true_cfg.filter(|&g| g != 1.0));
-    // An edit replays from the same input file, unless --image names another.
-    if a.edit.image.is_none() {
-        if let Some(path) = get("image").map(PathBuf::from) {
-            let recorded = get("image_sha256").unwrap_or_default();
-            if !path.is_file() {
-                return Err(bad(format!(
-                    "the input image it was edited from, {}, is missing; put it back or pass --image",
-                    path.display()
-                ))
-                .into());
-            }
-            if sha256_file(&path)? != recorded {
-                return Err(bad(format!(
-                    "the input image it was edited from, {}, has changed since (its SHA-256 differs); pass --image {} to edit the file as it is now",
-                    path.display(),
-                    path.display()
-                ))
-                .into());
-            }
-            a.edit.image = Some(path);
-            a.edit.strength = a.edit.strength.or(num(get("strength"), "strength", png)?);
+    // An edit replays from the same input files, unless --image / --mask name others.
+    let e = &mut a.edit;
+    for (key, slot) in [("image", &mut e.image), ("mask", &mut e.mask)] {
+        if slot.is_some() {
+            continue;
         }
+        let Some(path) = get(key).map(PathBuf::from) else {
+            continue;
+        };
+        let what = format!("the {key} it was edited from, {}", path.display());
+        if !path.is_file() {
+            return Err(bad(format!("{what}, is missing; put it back or pass --{key}")).into());
+        }
+        let param = if key == "image" {
+            Param::Image
+        } else {
+            Param::Mask
+        };
+        if sha256_file(&path, param)? != get(&format!("{key}_sha256")).unwrap_or_default() {
+            return Err(bad(format!(
+                "{what}, has changed since (its SHA-256 differs); pass --{key} {} to use the file as it is now",
+                path.display()
+            ))
+            .into());
+        }
+        *slot = Some(path);
+    }
+    if e.image.is_some() {
+        e.strength = e.strength.or(num(get("strength"), "strength", png)?);
     }
     Ok(())
 }
@@ -159,6 +166,7 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     output::check_output_path(&a.output, a.overwrite)?;
     let noise = a.noise.as_deref().map(load_noise).transpose()?;
     let input = a.edit.read()?;
+    let mask = a.edit.read_mask()?;
     let spec = chosen.open()?;
     let i = &a.image;
     let mut req = Request {
@@ -175,6 +183,7 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         sampler: Some(sampler),
         image: input.as_ref().map(|i| i.image.clone()),
         strength: a.edit.strength,
+        mask: mask.as_ref().map(|m| m.image.clone()),
         encode_noise: None,
     };
     chosen.apply_preset(&mut req);
@@ -259,10 +268,19 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(n) = &a.noise {
         text.push(("noise_file", n.display().to_string()));
     }
-    if let (Some(i), Some(init)) = (&input, &r.init) {
-        let path = std::fs::canonicalize(&i.path).unwrap_or_else(|_| i.path.clone());
-        text.push(("image", path.display().to_string()));
-        text.push(("image_sha256", i.sha256.clone()));
+    for (key, file) in [("image", &input), ("mask", &mask)] {
+        if let Some(f) = file {
+            let path = std::fs::canonicalize(&f.path).unwrap_or_else(|_| f.path.clone());
+            text.push((key, path.display().to_string()));
+            let sha_key = if key == "image" {
+                "image_sha256"
+            } else {
+                "mask_sha256"
+            };
+            text.push((sha_key, f.sha256.clone()));
+        }
+    }
+    if let Some(init) = &r.init {
         text.push(("strength", init.strength.to_string()));
     }
     let text: Vec<(String, String)> = text.into_iter().map(|(k, v)| (k.to_string(), v)).collect();

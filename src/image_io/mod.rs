@@ -6,3 +6,20 @@ mod resize;
 
 pub use read::{read_rgb, MAX_DECODED_BYTES, MAX_SIDE};
 pub use resize::lanczos_resize;
+
+use crate::output::RgbImage;
+
+/// An inpainting mask as diffusers' mask processor makes it: resized to `width` x `height` like the
+/// image, turned gray as PIL does (`L = (19595 R + 38470 G + 7471 B + 2^15) >> 16`), then 1 where
+/// it is at least half white (repaint) and 0 elsewhere (keep). Row-major, `width * height` values.
+pub fn binarize_mask(mask: &RgbImage, width: usize, height: usize) -> Vec<u8> {
+    let m = lanczos_resize(mask, width, height);
+    m.data
+        .chunks_exact(3)
+        .map(|p| {
+            let [r, g, b] = [p[0], p[1], p[2]].map(u32::from);
+            let l = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
+            u8::from(l as f32 / 255.0 >= 0.5)
+        })
+        .collect()
+}

@@ -190,15 +190,21 @@ impl Spec {
             Some(img) => {
                 let strength = req.strength.unwrap_or(request::DEFAULT_STRENGTH);
                 let start = request::check_strength(strength, steps)?;
+                let mask = match &req.mask {
+                    Some(m) => Some(self.check_mask(img, m, width, height, &mut notices)?),
+                    None => None,
+                };
                 Some(Init {
                     image: image_io::lanczos_resize(img, width, height),
                     strength,
                     start,
                     encode_noise: req.encode_noise.clone(),
+                    mask,
                 })
             }
             None => {
                 let stray = [
+                    (req.mask.is_some(), Param::Mask),
                     (req.strength.is_some(), Param::Strength),
                     (req.encode_noise.is_some(), Param::EncodeNoise),
                 ];
@@ -259,6 +265,33 @@ impl Spec {
         }
         self.family.check(&mut r, &self.name)?;
         Ok(r)
+    }
+
+    /// An inpainting mask at the output size, with notices when it was resized or selects nothing.
+    fn check_mask(
+        &self,
+        img: &RgbImage,
+        mask: &RgbImage,
+        width: usize,
+        height: usize,
+        notices: &mut Vec<Message>,
+    ) -> Result<Vec<u8>> {
+        if (mask.width, mask.height) != (img.width, img.height) {
+            notices.push(Message::about(Param::Mask).text(format!(
+                ": {}x{} differs from the image's {}x{}; both are resized to {width}x{height}, as diffusers does",
+                mask.width, mask.height, img.width, img.height
+            )));
+        }
+        let bits = image_io::binarize_mask(mask, width, height);
+        let f = self.vae.scale_factor();
+        let in_latents =
+            (0..height / f).any(|y| (0..width / f).any(|x| bits[y * f * width + x * f] == 1));
+        if !in_latents {
+            notices.push(Message::about(Param::Mask).text(
+                " selects nothing to repaint (no latent pixel is at least half white): the result is the input image",
+            ));
+        }
+        Ok(bits)
     }
 
     /// The shape of a resolved request's initial latents: (1, latent channels, h / f, w / f).
@@ -516,19 +549,36 @@ impl Pipeline {
             None => self.initial_noise(&r)?,
         };
         let sched = self.spec.schedule(&r);
+        let mut blend = None;
         let start = match &r.init {
             // diffusers' `scale_noise`: the image's latents noised to the first sigma that runs.
             Some(init) => {
                 let image = self.encode_image(init, r.seed)?;
                 let sigma = f64::from(sched.sigmas[0]);
-                ((&noise * sigma)? + (image * (1.0 - sigma))?)?
+                let start = ((&noise * sigma)? + (&image * (1.0 - sigma))?)?;
+                if let Some(bits) = &init.mask {
+                    blend = Some(sample::Blend {
+                        mask: self.latent_mask(bits, r.width, r.height)?,
+                        image,
+                        noise,
+                    });
+                }
+                start
             }
             None => noise,
         };
         let (_, _, h, w) = start.dims4()?;
         let model = self.transformer.bind(&r, &prompts.pos, (h, w))?;
         let mut guided = sample::Guided::new(model.as_ref(), &prompts, cfg, self.dtype)?;
-        let (latents, steps) = sample::sample(&mut guided, &r, &sched, start, self.dtype, on_step)?;
+        let (latents, steps) = sample::sample(
+            &mut guided,
+            &r,
+            &sched,
+            start,
+            blend.as_ref(),
+            self.dtype,
+            on_step,
+        )?;
         timings.steps = steps;
 
         let t0 = Instant::now();
@@ -541,6 +591,17 @@ impl Pipeline {
             timings,
             truncations,
         })
+    }
+
+    /// A pixel mask (0/1, `width * height`) at latent resolution, as `F.interpolate(mode="nearest")`
+    /// takes it: the pixel at each latent's top-left corner. (1, 1, h, w) f32.
+    fn latent_mask(&self, bits: &[u8], width: usize, height: usize) -> Result<Tensor> {
+        let f = self.spec.vae.scale_factor();
+        let (h, w) = (height / f, width / f);
+        let v: Vec<f32> = (0..h)
+            .flat_map(|y| (0..w).map(move |x| f32::from(bits[y * f * width + x * f])))
+            .collect();
+        Ok(Tensor::from_vec(v, (1, 1, h, w), &self.device)?)
     }
 
     /// The VAE encoder, loaded (after its tensors are checked) on first use.

@@ -118,9 +118,31 @@ impl Velocity for Guided<'_> {
     }
 }
 
-/// Wraps a model so each completed step is timed and reported.
+/// Inpainting as diffusers does it: after each step, outside the mask the latents are put back on
+/// the input image's path: its latents noised to the next step's sigma with the initial noise
+/// (clean after the last step).
+pub(super) struct Blend {
+    /// The input's latents in sampler space, (1, C, h, w) f32.
+    pub image: Tensor,
+    pub noise: Tensor,
+    /// 1 where the model repaints, 0 where the input is kept; (1, 1, h, w) f32.
+    pub mask: Tensor,
+}
+
+impl Blend {
+    fn apply(&self, x: Tensor, next_sigma: f32) -> Result<Tensor> {
+        let s = f64::from(next_sigma);
+        let kept = ((&self.noise * s)? + (&self.image * (1.0 - s))?)?;
+        let keep = (1.0 - &self.mask)?;
+        Ok((kept.broadcast_mul(&keep)? + x.broadcast_mul(&self.mask)?)?)
+    }
+}
+
+/// Wraps a model so each completed step is timed and reported (and blended, when inpainting).
 struct Timed<'a> {
     inner: &'a mut dyn Velocity,
+    blend: Option<&'a Blend>,
+    sigmas: &'a [f32],
     device: Device,
     last: Instant,
     steps: Vec<Duration>,
@@ -132,27 +154,35 @@ impl Velocity for Timed<'_> {
         self.inner.velocity(x, sigma, timestep, step)
     }
 
-    fn end_step(&mut self, step: usize) {
+    fn end_step(&mut self, step: usize, x: Tensor) -> Result<Tensor> {
+        let mut x = self.inner.end_step(step, x)?;
+        if let Some(b) = self.blend {
+            x = b.apply(x, self.sigmas[step + 1])?;
+        }
         // GPU work is asynchronous: wait for the step to finish before reading the clock.
         let _ = self.device.synchronize();
         self.steps.push(self.last.elapsed());
         self.last = Instant::now();
         (self.on_step)(step);
+        Ok(x)
     }
 }
 
-/// Runs the request's sampler from `noise` over the schedule, timing each step, and checks the
-/// final latents are finite.
+/// Runs the request's sampler from `noise` over the schedule, timing each step (and blending each
+/// with the input outside the mask, when inpainting), and checks the final latents are finite.
 pub(super) fn sample(
     model: &mut dyn Velocity,
     r: &Resolved,
     sched: &Schedule,
     noise: Tensor,
+    blend: Option<&Blend>,
     dtype: DType,
     on_step: &mut dyn FnMut(usize),
 ) -> Result<(Tensor, Vec<Duration>)> {
     let mut timed = Timed {
         inner: model,
+        blend,
+        sigmas: &sched.sigmas,
         device: noise.device().clone(),
         last: Instant::now(),
         steps: Vec::with_capacity(sched.timesteps.len()),

@@ -11,8 +11,11 @@ pub trait Velocity {
     /// scheduler's value on schedule points); `step` is the schedule index, for messages.
     /// x and the result are f32.
     fn velocity(&mut self, x: &Tensor, sigma: f32, timestep: f32, step: usize) -> Result<Tensor>;
-    /// Called when a step is complete (progress bars, timings).
-    fn end_step(&mut self, _step: usize) {}
+    /// Called when step `step` is complete with its result `x` (progress bars, timings); returns the
+    /// state the next step starts from (inpainting puts back the input outside the mask).
+    fn end_step(&mut self, _step: usize, x: Tensor) -> Result<Tensor> {
+        Ok(x)
+    }
 }
 
 /// The integrators `--sampler` offers.
@@ -118,7 +121,7 @@ impl Sampler {
                     next
                 }
             };
-            model.end_step(i);
+            x = model.end_step(i, x)?;
         }
         Ok(x)
     }

@@ -2,8 +2,9 @@
 //! pre-LayerNorm transformer; we return the penultimate hidden state and the pooled (EOS) output.
 
 use crate::config::ClipTextConfig;
+use crate::nn::{linear, Linear};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 #[derive(Debug, Clone, Copy)]
 enum Act {
@@ -80,20 +81,24 @@ impl ClipText {
                 let a = l.pp("self_attn");
                 Ok(Layer {
                     ln1: ln(l.pp("layer_norm1"))?,
-                    q: candle_nn::linear(d, d, a.pp("q_proj"))?,
-                    k: candle_nn::linear(d, d, a.pp("k_proj"))?,
-                    v: candle_nn::linear(d, d, a.pp("v_proj"))?,
-                    out: candle_nn::linear(d, d, a.pp("out_proj"))?,
+                    q: linear(d, d, a.pp("q_proj"))?,
+                    k: linear(d, d, a.pp("k_proj"))?,
+                    v: linear(d, d, a.pp("v_proj"))?,
+                    out: linear(d, d, a.pp("out_proj"))?,
                     ln2: ln(l.pp("layer_norm2"))?,
-                    fc1: candle_nn::linear(d, cfg.intermediate_size, l.pp("mlp.fc1"))?,
-                    fc2: candle_nn::linear(cfg.intermediate_size, d, l.pp("mlp.fc2"))?,
+                    fc1: linear(d, cfg.intermediate_size, l.pp("mlp.fc1"))?,
+                    fc2: linear(cfg.intermediate_size, d, l.pp("mlp.fc2"))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let final_ln = ln(t.pp("final_layer_norm"))?;
         let projection = if with_projection {
             let p = cfg.projection_dim.unwrap_or(d);
-            Some(candle_nn::linear_no_bias(d, p, vb.pp("text_projection"))?)
+            Some(Linear::new(candle_nn::linear_no_bias(
+                d,
+                p,
+                vb.pp("text_projection"),
+            )?)?)
         } else {
             None
         };
@@ -144,7 +149,7 @@ impl ClipText {
         let ids_t = Tensor::from_vec(flat, (b, n), device)?;
         let pos = self.position_embedding.narrow(0, 0, n)?;
         let mut x = self.token_embedding.forward(&ids_t)?.broadcast_add(&pos)?; // (b, n, d)
-        let mask = causal_mask(n, x.dtype(), device)?; // (n, n)
+        let mask = causal_mask(n, device)?; // (n, n) f32
         let heads = self.cfg.num_attention_heads;
         let mut penultimate = None;
         for (i, l) in self.layers.iter().enumerate() {
@@ -155,11 +160,14 @@ impl ClipText {
             let q = crate::nn::split_heads(&l.q.forward(&h)?, heads)?;
             let k = crate::nn::split_heads(&l.k.forward(&h)?, heads)?;
             let v = crate::nn::split_heads(&l.v.forward(&h)?, heads)?;
+            // In f32 and rounded once, as PyTorch's fused CPU attention does for bf16 inputs.
+            let f32 = |t: Tensor| t.to_dtype(DType::F32)?.contiguous();
+            let (q, k, v) = (f32(q)?, f32(k)?, f32(v)?);
             let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
             let scores = (q.matmul(&k.transpose(2, 3)?)? * scale)?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-                .to_dtype(v.dtype())?;
-            let a = crate::nn::merge_heads(&probs.matmul(&v)?)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let a = probs.matmul(&v)?.to_dtype(x.dtype())?;
+            let a = crate::nn::merge_heads(&a)?;
             x = (x + l.out.forward(&a)?)?;
             let h = l.ln2.forward(&x)?;
             x = (&x + l.fc2.forward(&self.act.forward(&l.fc1.forward(&h)?)?)?)?;
@@ -185,10 +193,10 @@ impl ClipText {
     }
 }
 
-/// (n, n) additive mask: 0 on and below the diagonal, -inf above.
-fn causal_mask(n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+/// (n, n) additive f32 mask: 0 on and below the diagonal, -inf above.
+fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
     let m: Vec<f32> = (0..n)
         .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
-    Tensor::from_vec(m, (n, n), device)?.to_dtype(dtype)
+    Tensor::from_vec(m, (n, n), device)
 }

@@ -321,7 +321,7 @@ def decoder_only(args, imgs, start, logf, log):
     minutes = (time.time() - start) / 60
     log(f"decoder tuning took {minutes:.1f} min")
     pipe.vae = vae
-    pipe.save_pretrained(OUT)
+    vae.save_pretrained(os.path.join(OUT, "vae"))
     results = evaluate(pipe, record["max_sequence_length"], log)
     record["args"]["decoder_steps"] = args.decoder_steps
     record["decoder_final_loss"] = dec_loss

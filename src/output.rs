@@ -1,6 +1,6 @@
-//! Images out: the 8-bit RGB image a pipeline produces, and PNG files written to a temporary file in
-//! the target folder and renamed into place, so an interrupted run leaves nothing half-written.
-//! Generation parameters go into text chunks.
+//! Images out: the 8-bit RGB image a pipeline produces, and image files written to a temporary file
+//! in the target folder and renamed into place, so an interrupted run leaves nothing half-written.
+//! PNG (generation parameters in text chunks), JPEG or WebP, chosen by the file's extension.
 
 use crate::error::{Error, Message, Param, Result};
 use std::io::Write;
@@ -15,11 +15,42 @@ pub struct RgbImage {
     pub data: Vec<u8>,
 }
 
-/// Checks that `path` can be written, before any heavy work: its folder exists and is writable, it is
-/// not a symlink, and it does not exist unless `overwrite`.
+/// The file formats images are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// With the generation parameters as text chunks (what `--from` reads).
+    Png,
+    /// Quality 95; no metadata.
+    Jpeg,
+    /// Lossless; no metadata.
+    WebP,
+}
+
+impl Format {
+    /// From the path's extension (case-insensitive); no extension means PNG.
+    pub fn of(path: &Path) -> Option<Self> {
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        match ext.as_deref() {
+            None | Some("png") => Some(Self::Png),
+            Some("jpg" | "jpeg") => Some(Self::Jpeg),
+            Some("webp") => Some(Self::WebP),
+            Some(_) => None,
+        }
+    }
+}
+
+/// Checks that `path` can be written, before any heavy work: a known extension, its folder exists and
+/// is writable, it is not a symlink, and it does not exist unless `overwrite`.
 pub fn check_output_path(path: &Path, overwrite: bool) -> Result<()> {
     let shown = path.display();
     let bad = |rest: String| Error::invalid(Param::Output, format!(" {shown}: {rest}"));
+    if Format::of(path).is_none() {
+        return Err(bad(
+            "unknown image extension; name a .png (with the generation parameters), .jpg or .webp file".into(),
+        ));
+    }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_symlink() {
             return Err(bad("is a symbolic link; name a regular file".into()));
@@ -89,13 +120,38 @@ fn temp_path(path: &Path) -> PathBuf {
     parent_dir(path).join(format!(".{name}.{}.partial", std::process::id()))
 }
 
+/// Writes `img` in the format of `path`'s extension ([`Format::of`]; `text` goes into a PNG's
+/// chunks, other formats carry none) and moves it into place atomically.
+pub fn write_image(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Result<()> {
+    match Format::of(path) {
+        Some(Format::Png) => write_png(path, img, text),
+        Some(f) => write_atomically(path, |w| {
+            use image::ImageEncoder;
+            let (w_px, h_px) = (img.width as u32, img.height as u32);
+            let rgb = image::ExtendedColorType::Rgb8;
+            let r = if f == Format::Jpeg {
+                image::codecs::jpeg::JpegEncoder::new_with_quality(w, 95)
+                    .write_image(&img.data, w_px, h_px, rgb)
+            } else {
+                image::codecs::webp::WebPEncoder::new_lossless(w)
+                    .write_image(&img.data, w_px, h_px, rgb)
+            };
+            r.map_err(|e| Error::Image(e.to_string()))
+        }),
+        None => Err(Error::invalid(
+            Param::Output,
+            format!(
+                " {}: unknown image extension; name a .png, .jpg or .webp file",
+                path.display()
+            ),
+        )),
+    }
+}
+
 /// Encodes `img` as PNG with `text` key/value chunks and moves it to `path` atomically.
 pub fn write_png(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Result<()> {
-    let tmp = temp_path(path);
-    let result = (|| -> Result<()> {
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut buf = std::io::BufWriter::new(&file);
-        let mut enc = png::Encoder::new(&mut buf, img.width as u32, img.height as u32);
+    write_atomically(path, |buf| {
+        let mut enc = png::Encoder::new(buf, img.width as u32, img.height as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         for (k, v) in text {
@@ -107,7 +163,21 @@ pub fn write_png(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Resu
             .map_err(|e| Error::Image(e.to_string()))?;
         w.write_image_data(&img.data)
             .map_err(|e| Error::Image(e.to_string()))?;
-        w.finish().map_err(|e| Error::Image(e.to_string()))?;
+        w.finish().map_err(|e| Error::Image(e.to_string()))
+    })
+}
+
+/// Runs `encode` into a temporary file beside `path`, syncs it and renames it to `path`; removes the
+/// temporary file on any failure.
+fn write_atomically(
+    path: &Path,
+    encode: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> Result<()>,
+) -> Result<()> {
+    let tmp = temp_path(path);
+    let result = (|| -> Result<()> {
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut buf = std::io::BufWriter::new(&file);
+        encode(&mut buf)?;
         buf.flush().map_err(|e| Error::io(&tmp, e))?;
         drop(buf);
         file.sync_all().map_err(|e| Error::io(&tmp, e))?;

@@ -142,3 +142,37 @@ fn inspect_lists_bad_tensors_and_exits_non_zero() {
     assert!(s.contains("unexpected  stray.weight"), "{s}");
     assert!(s.contains("wrong shape context_embedder.bias"), "{s}");
 }
+
+#[test]
+fn the_output_format_follows_the_extension() {
+    let dir = tmp("formats");
+    for (name, format) in [
+        ("a.jpg", image::ImageFormat::Jpeg),
+        ("b.WEBP", image::ImageFormat::WebP),
+        ("c.png", image::ImageFormat::Png),
+    ] {
+        let out = dir.join(name);
+        let st = generate("sd35-tiny", &["--width", "48", "--height", "32"], &out);
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let reader = image::ImageReader::open(&out)
+            .unwrap()
+            .with_guessed_format()
+            .unwrap();
+        assert_eq!(reader.format(), Some(format), "{name}");
+        let img = reader.decode().unwrap();
+        assert_eq!((img.width(), img.height()), (48, 32), "{name}");
+    }
+    let out = dir.join("d.gif");
+    let st = generate("sd35-tiny", &[], &out);
+    assert_eq!(st.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(
+        err.contains("--output") && err.contains("unknown image extension"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -41,7 +41,7 @@ pub struct GenerateArgs {
     /// before denoising, which lowers peak memory).
     #[arg(long)]
     pub keep_text_encoders: bool,
-    /// Output PNG.
+    /// Output image: .png (with the generation parameters, for --from), .jpg or .webp.
     #[arg(long, short, default_value = "out.png")]
     pub output: PathBuf,
     /// Replace the output file if it exists.
@@ -284,7 +284,7 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         text.push(("strength", init.strength.to_string()));
     }
     let text: Vec<(String, String)> = text.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-    output::write_png(&a.output, &out.image, &text)?;
+    output::write_image(&a.output, &out.image, &text)?;
     let t = &out.timings;
     eprintln!(
         "wrote {} | load {:.2}s, text {:.2}s, {} steps {:.2}s ({:.3}s/step), decode {:.2}s",

@@ -129,6 +129,39 @@ fn edits_match_diffusers_within_2_of_255() {
     }
 }
 
+/// The BFL single file of flux-dev-tiny with its `ae.safetensors` (LDM names, encoder included)
+/// edits as the folder does: the encoder's single-file mapping, downsamplers included.
+#[test]
+fn edits_from_a_bfl_single_file_and_ae_match_diffusers() {
+    let r = reference("edit");
+    let comps = copy_fixture("flux-dev-tiny", "edit-bfl");
+    for c in ["transformer", "vae"] {
+        for e in std::fs::read_dir(comps.join(c)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+    }
+    let m = ModelRef::SingleFile {
+        file: fixture("single").join("flux-dev-tiny/flux1-dev-tiny.safetensors"),
+        components: Some(Box::new(ModelRef::Folder(comps))),
+    };
+    let mut pipe = Spec::open(&m).unwrap().load(&device(), DType::F32).unwrap();
+    let mut n = 0;
+    for (k, run) in runs().iter().enumerate() {
+        if run["model"] != "flux-dev-tiny" {
+            continue;
+        }
+        let out = pipe.generate(&request(k, run, &r), &mut |_| {}).unwrap();
+        let worst = max_u8_diff(&out.image.data, &reference_image(&r, k));
+        println!("run {k} from the single file: image max diff {worst}/255");
+        assert!(worst <= 2, "run {k} from the single file: {worst}/255");
+        n += 1;
+    }
+    assert_eq!(n, 2, "the img2img and the inpainting run of flux-dev-tiny");
+}
+
 #[test]
 fn bf16_edits_within_30_db_of_diffusers_f32() {
     let r = reference("edit");

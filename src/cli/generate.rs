@@ -287,10 +287,15 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     output::write_image(&a.output, &out.image, &text)?;
     let t = &out.timings;
     eprintln!(
-        "wrote {} | load {:.2}s, text {:.2}s, {} steps {:.2}s ({:.3}s/step), decode {:.2}s",
+        "wrote {} | load {:.2}s, text {:.2}s, {}{} steps {:.2}s ({:.3}s/step), decode {:.2}s",
         a.output.display(),
         load.as_secs_f64(),
         t.text.as_secs_f64(),
+        if r.init.is_some() {
+            format!("encode {:.2}s, ", t.encode.as_secs_f64())
+        } else {
+            String::new()
+        },
         t.steps.len(),
         t.denoise().as_secs_f64(),
         t.denoise().as_secs_f64() / t.steps.len().max(1) as f64,

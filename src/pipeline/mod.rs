@@ -445,6 +445,8 @@ fn edit_size(
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
     pub text: Duration,
+    /// An edit's VAE encoding of its input (zero for text-to-image).
+    pub encode: Duration,
     pub steps: Vec<Duration>,
     pub decode: Duration,
 }
@@ -553,7 +555,10 @@ impl Pipeline {
         let start = match &r.init {
             // diffusers' `scale_noise`: the image's latents noised to the first sigma that runs.
             Some(init) => {
+                let t0 = Instant::now();
                 let image = self.encode_image(init, r.seed)?;
+                self.device.synchronize()?;
+                timings.encode = t0.elapsed();
                 let sigma = f64::from(sched.sigmas[0]);
                 let start = ((&noise * sigma)? + (&image * (1.0 - sigma))?)?;
                 if let Some(bits) = &init.mask {

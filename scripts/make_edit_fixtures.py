@@ -14,15 +14,18 @@ noise (`eps`), then the initial noise (`noise`); both are saved so the Rust side
 
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 import diffusers
 import transformers
 from diffusers import (
+    FluxFillPipeline,
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
     FluxPipeline,
+    FluxTransformer2DModel,
     StableDiffusion3Img2ImgPipeline,
     StableDiffusion3InpaintPipeline,
     StableDiffusion3Pipeline,
@@ -30,6 +33,9 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+from make_sd3_fixtures import randomize  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 OUT = os.path.join(ROOT, "edit")
@@ -81,6 +87,12 @@ RUNS = [
          prompt="a blue circle", seed=23, max_sequence_length=24, mask=(16, 24), mask_mode="L"),
     dict(model="flux-dev-tiny", input=(40, 24), width=40, height=24, strength=0.9, steps=5, guidance=3.5,
          prompt="a green circle", seed=24, max_sequence_length=24, mask=(40, 24), mask_mode="L"),
+    # FLUX.1 Fill: its default full strength, a resized input and a mask of another size.
+    dict(model="flux-fill-tiny", input=(45, 29), width=32, height=48, strength=1.0, steps=4, guidance=30.0,
+         prompt="a blue circle", seed=31, max_sequence_length=24, mask=(30, 40), mask_mode="L"),
+    # FLUX.1 Fill from the input's latents (strength below 1), non-square.
+    dict(model="flux-fill-tiny", input=(40, 24), width=40, height=24, strength=0.7, steps=5, guidance=10.0,
+         prompt="a green circle", seed=32, max_sequence_length=24, mask=(40, 24), mask_mode="RGB"),
 ]
 
 
@@ -101,8 +113,27 @@ def odd_inputs():
             ImageOps.exif_transpose(im).convert("RGB").save(os.path.join(OUT, name.replace(".jpg", ".expected.png")))
 
 
+def build_fill():
+    """tests/fixtures/flux-fill-tiny: flux-dev-tiny's VAE, text encoders and scheduler with a FLUX.1
+    Fill transformer (input: 4 x (latents + masked-image latents + the mask folded into f x f
+    channels) per 2x2 patch; output: 4 x latents)."""
+    dev = FluxPipeline.from_pretrained(os.path.join(ROOT, "flux-dev-tiny"), torch_dtype=torch.float32)
+    cfg = dict(dev.transformer.config)
+    latent, f = dev.vae.config.latent_channels, dev.vae_scale_factor
+    keep = ["patch_size", "num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads",
+            "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "axes_dims_rope"]
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(**{k: cfg[k] for k in keep}, in_channels=4 * (2 * latent + f * f),
+                                out_channels=4 * latent).eval()
+    randomize(tr)
+    fill = FluxFillPipeline(transformer=tr, scheduler=dev.scheduler, vae=dev.vae, text_encoder=dev.text_encoder,
+                            tokenizer=dev.tokenizer, text_encoder_2=dev.text_encoder_2, tokenizer_2=dev.tokenizer_2)
+    fill.save_pretrained(os.path.join(ROOT, "flux-fill-tiny"))
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
+    build_fill()
     odd_inputs()
     torch.set_num_threads(2)
     tensors = {}
@@ -124,7 +155,9 @@ def main():
         base = (FluxPipeline if flux else StableDiffusion3Pipeline).from_pretrained(
             folder, torch_dtype=torch.float32, **absent)
         inpaint = "mask" in r
-        if inpaint:
+        if r["model"] == "flux-fill-tiny":
+            cls = FluxFillPipeline
+        elif inpaint:
             cls = FluxInpaintPipeline if flux else StableDiffusion3InpaintPipeline
         else:
             cls = FluxImg2ImgPipeline if flux else StableDiffusion3Img2ImgPipeline
@@ -148,6 +181,9 @@ def main():
         noise = randn_tensor(dist.mean.shape, generator=g, dtype=torch.float32)
         tensors[f"run.{k}.eps"] = eps
         tensors[f"run.{k}.noise"] = noise
+        if cls is FluxFillPipeline:
+            # Fill encodes the masked image third.
+            tensors[f"run.{k}.eps2"] = randn_tensor(dist.mean.shape, generator=g, dtype=torch.float32)
 
         kwargs = dict(
             prompt=r["prompt"], image=img, strength=r["strength"], num_inference_steps=r["steps"],

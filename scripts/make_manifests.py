@@ -1,4 +1,4 @@
-"""Shape manifests of the six real models, from diffusers/transformers classes built with the real
+"""Shape manifests of the seven real models, from diffusers/transformers classes built with the real
 configs on the meta device (nothing is downloaded, nothing allocated):
 
     python scripts/make_manifests.py
@@ -39,6 +39,8 @@ MODELS = {
     "sd3.5-medium": ("sd3", "bf16", dict(SD3, num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))),
     "flux.1-schnell": ("flux", "bf16", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 56, 56))),
     "flux.1-dev": ("flux", "bf16", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
+    # FLUX.1 Fill [dev]: 4 x (16 latent + 16 masked-image latent + 8x8 mask) inputs, 4 x 16 outputs.
+    "flux.1-fill-dev": ("flux", "bf16", dict(patch_size=1, in_channels=384, out_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
 }
 
 

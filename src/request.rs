@@ -34,13 +34,11 @@ pub struct Request {
     /// With `image`: inpainting. White repaints, black keeps the input; any size (it is resized to
     /// the output size, as diffusers does).
     pub mask: Option<RgbImage>,
-    /// With `image`: the VAE latent distribution's sampling noise (1, C, H/f, W/f), replacing the
-    /// seeded draw (to reproduce another engine's run).
-    pub encode_noise: Option<Tensor>,
+    /// With `image`: the VAE latent distribution's sampling noise (1, C, H/f, W/f) of each encoding,
+    /// in diffusers' order (the input image's, then for FLUX.1 Fill the masked image's), replacing
+    /// the seeded draws (to reproduce another engine's run).
+    pub encode_noise: Vec<Tensor>,
 }
-
-/// diffusers' default editing strength.
-pub const DEFAULT_STRENGTH: f64 = 0.6;
 
 /// Which optional values the request set itself; the rest of a [`Resolved`] are defaults.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -82,8 +80,9 @@ pub struct Init {
     pub strength: f64,
     /// Index of the first schedule step that runs (diffusers' `t_start`).
     pub start: usize,
-    /// The latent distribution's sampling noise, checked against the latent shape; `None`: seeded.
-    pub encode_noise: Option<Tensor>,
+    /// The latent distributions' sampling noise, each checked against the latent shape; missing
+    /// ones are seeded.
+    pub encode_noise: Vec<Tensor>,
     /// Inpainting: 1 where the model repaints, 0 where the input is kept, at the output size
     /// (row-major, `width * height`).
     pub mask: Option<Vec<u8>>,

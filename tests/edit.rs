@@ -52,7 +52,10 @@ fn request(
         noise: Some(r[&format!("run.{k}.noise")].clone()),
         image: Some(input(run)),
         strength: run["strength"].as_f64(),
-        encode_noise: Some(r[&format!("run.{k}.eps")].clone()),
+        encode_noise: ["eps", "eps2"]
+            .iter()
+            .filter_map(|e| r.get(&format!("run.{k}.{e}")).cloned())
+            .collect(),
         mask: mask(run),
         ..Default::default()
     }

@@ -528,3 +528,56 @@ fn mask_that_is_not_an_image() {
         &["--mask", "mask.png", "not a PNG, JPEG or WebP image"],
     );
 }
+
+// ---- FLUX.1 Fill ---------------------------------------------------------------------------------
+
+#[test]
+fn fill_needs_an_image_and_a_mask() {
+    let fill = fixture("flux-fill-tiny");
+    expect_error(
+        &[os("--model"), fill.as_os_str()],
+        "fill-alone",
+        &["FLUX.1 Fill", "--image and --mask"],
+    );
+    let input = fixture("edit").join("input_0.png");
+    expect_error(
+        &[
+            os("--model"),
+            fill.as_os_str(),
+            os("--image"),
+            input.as_os_str(),
+        ],
+        "fill-no-mask",
+        &["FLUX.1 Fill", "--image and --mask"],
+    );
+}
+
+#[test]
+fn fill_runs_from_the_command_line() {
+    let dir = tmp("fill-cli");
+    let fill = fixture("flux-fill-tiny");
+    let input = fixture("edit").join("input_0.png");
+    let mask = fixture("edit").join("mask_4.png");
+    let out = dir.join("out.png");
+    let (code, err) = edit(
+        &[
+            os("--model"),
+            fill.as_os_str(),
+            os("--image"),
+            input.as_os_str(),
+            os("--mask"),
+            mask.as_os_str(),
+            os("--width"),
+            os("32"),
+            os("--height"),
+            os("48"),
+        ],
+        &out,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("edit at strength 1 (4 of 4 steps run)"),
+        "{err}"
+    );
+    assert_eq!(output::read_png(&out).unwrap().0.width, 32);
+}

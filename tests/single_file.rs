@@ -104,7 +104,7 @@ fn shapes(m: &BTreeMap<String, TensorMeta>) -> BTreeMap<String, Vec<usize>> {
 }
 
 #[test]
-fn every_tensor_of_the_six_real_single_files_maps_onto_the_diffusers_layout() {
+fn every_tensor_of_the_real_single_files_maps_onto_the_diffusers_layout() {
     let dir = fixture("manifests");
     for model in REAL_MODELS {
         let read = |f: &str| -> Value { read_json(dir.join(f)) };

@@ -184,7 +184,7 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         image: input.as_ref().map(|i| i.image.clone()),
         strength: a.edit.strength,
         mask: mask.as_ref().map(|m| m.image.clone()),
-        encode_noise: None,
+        encode_noise: Vec::new(),
     };
     chosen.apply_preset(&mut req);
     let resolved = spec.resolve(&req)?;

@@ -230,6 +230,10 @@ pub struct Fingerprint {
     /// Has a guidance embedding (FLUX.1-dev).
     #[serde(default)]
     pub guidance: bool,
+    /// Input channels of the patch embedding (16 for SD3's latents, 64 for Flux's packed ones,
+    /// 384 for FLUX.1 Fill's latents, masked image and mask).
+    #[serde(default)]
+    pub input_channels: usize,
 }
 
 /// What the names and shapes of a checkpoint say it is.
@@ -271,6 +275,7 @@ pub fn detect(metas: &BTreeMap<String, TensorMeta>, path: &Path) -> Result<Detec
             blocks: count("joint_blocks."),
             hidden: dim("x_embedder.proj.weight", 0),
             positions: dim("pos_embed", 1),
+            input_channels: dim("x_embedder.proj.weight", 1),
             ..Default::default()
         };
         (Format::Sd3, f)
@@ -280,6 +285,7 @@ pub fn detect(metas: &BTreeMap<String, TensorMeta>, path: &Path) -> Result<Detec
             single_blocks: count("single_blocks."),
             hidden: dim("img_in.weight", 0),
             guidance: has("guidance_in.in_layer.weight"),
+            input_channels: dim("img_in.weight", 1),
             ..Default::default()
         };
         (Format::Flux, f)

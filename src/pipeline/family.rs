@@ -51,6 +51,12 @@ impl FamilyEntry {
 pub const FAMILIES: &[FamilyEntry] = &[
     FamilyEntry::new("sd3", "StableDiffusion3Pipeline", Format::Sd3, sd3::open),
     FamilyEntry::new("flux", "FluxPipeline", Format::Flux, flux::open),
+    FamilyEntry::new(
+        "flux-fill",
+        "FluxFillPipeline",
+        Format::Flux,
+        flux::open_fill,
+    ),
 ];
 
 /// The family whose pipeline class this is.
@@ -89,6 +95,17 @@ pub struct Cfg {
     pub batched: bool,
 }
 
+/// How a family's model takes an edit's mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edit {
+    /// Inpainting by putting the input back outside the mask after each step (diffusers'
+    /// `*InpaintPipeline`s).
+    Latents,
+    /// The masked image's latents and the mask as extra input channels of a model trained for
+    /// them (FLUX.1 Fill); the mask is required.
+    MaskChannels,
+}
+
 /// The configs and choices of one family's model.
 pub trait Family: Send + Sync {
     /// One line on the model's variant (`mmdit inspect`).
@@ -114,6 +131,16 @@ pub trait Family: Send + Sync {
 
     /// Loads the text encoders.
     fn load_text(&self, load: &TextLoader) -> Result<Box<dyn PromptEncoder>>;
+
+    /// How the model takes an edit's mask.
+    fn edit(&self) -> Edit {
+        Edit::Latents
+    }
+
+    /// An edit's strength when the request gives none (diffusers' default for the pipeline).
+    fn default_strength(&self) -> f64 {
+        0.6
+    }
 }
 
 /// A transformer bound to one request.

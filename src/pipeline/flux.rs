@@ -3,9 +3,9 @@
 //! true classifier-free guidance with a negative prompt as two model calls.
 
 use super::components::{ClipPart, OpenCtx, T5Part, TextLoader, TextPart};
-use super::family::{Bound, Cfg, Defaults, Denoise, Family, Transformer};
+use super::family::{Bound, Cfg, Defaults, Denoise, Edit, Family, Transformer};
 use crate::config::{ClipTextConfig, FluxTransformerConfig, SchedulerConfig, T5Config, VaeConfig};
-use crate::error::{Message, Param, Result};
+use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::flux::{pack, unpack};
 use crate::mmdit::rope::Rope;
 use crate::mmdit::FluxTransformer;
@@ -17,12 +17,24 @@ use candle_nn::VarBuilder;
 
 /// A FLUX.1 model's own configs.
 pub struct Flux {
+    /// FLUX.1 Fill (`FluxFillPipeline`): the masked image and the mask are extra input channels.
+    pub fill: bool,
     pub transformer: FluxTransformerConfig,
     pub clip: ClipPart,
     pub t5: T5Part,
 }
 
 pub(super) fn open(c: &OpenCtx) -> Result<Box<dyn Family>> {
+    open_as(c, false)
+}
+
+/// FLUX.1 Fill: the transformer takes, per 2x2 patch, the latents, the masked image's latents and
+/// the mask folded into f x f channels per latent pixel (diffusers `FluxFillPipeline`).
+pub(super) fn open_fill(c: &OpenCtx) -> Result<Box<dyn Family>> {
+    open_as(c, true)
+}
+
+fn open_as(c: &OpenCtx, fill: bool) -> Result<Box<dyn Family>> {
     let (transformer, _): (FluxTransformerConfig, _) = c.config("transformer/config.json")?;
     let (clip, _): (ClipTextConfig, _) = c.config("text_encoder/config.json")?;
     let (t5, t5_path): (T5Config, _) = c.config("text_encoder_2/config.json")?;
@@ -36,8 +48,27 @@ pub(super) fn open(c: &OpenCtx) -> Result<Box<dyn Family>> {
         },
     )?;
     c.check_t5_width(&t5, transformer.joint_attention_dim)?;
-    c.check_latent_channels(transformer.in_channels, 4)?;
+    if fill {
+        let (l, f) = (c.vae.latent_channels, c.vae.scale_factor());
+        let want = 4 * (2 * l + f * f);
+        c.check(transformer.in_channels == want, || {
+            format!(
+                "a FLUX.1 Fill transformer takes 4 x (2 x {l} latent + {f}x{f} mask) = {want} input channels, this one {}",
+                transformer.in_channels
+            )
+        })?;
+        c.check(transformer.out_channels() == 4 * l, || {
+            format!(
+                "a FLUX.1 Fill transformer gives 4 x {l} = {} output channels, this one {}",
+                4 * l,
+                transformer.out_channels()
+            )
+        })?;
+    } else {
+        c.check_latent_channels(transformer.in_channels, 4)?;
+    }
     Ok(Box::new(Flux {
+        fill,
         transformer,
         clip: ClipPart {
             dir: "text_encoder",
@@ -65,7 +96,9 @@ impl Family for Flux {
         let t = &self.transformer;
         format!(
             "FLUX.1 {}: {} double + {} single blocks, width {}",
-            if t.guidance_embeds {
+            if self.fill {
+                "Fill (masked image and mask as input channels)"
+            } else if t.guidance_embeds {
                 "dev-like (guidance embedding)"
             } else {
                 "schnell-like"
@@ -82,7 +115,10 @@ impl Family for Flux {
         // diffusers' `FluxPipeline` defaults: 28 steps (schnell, without a guidance embedding, is
         // distilled for 4), guidance 3.5, `default_sample_size` 128 latent pixels; T5 lengths 512
         // for dev and 256 for schnell, as the BFL reference code.
-        let (steps, max_sequence_length) = if self.is_schnell() {
+        // `FluxFillPipeline`: 50 steps, guidance 30.
+        let (steps, max_sequence_length) = if self.fill {
+            (50, 512)
+        } else if self.is_schnell() {
             (4, 256)
         } else {
             (28, 512)
@@ -92,13 +128,23 @@ impl Family for Flux {
             size_multiple: m,
             max_side: request::MAX_PIXELS / m,
             steps,
-            guidance: 3.5,
+            guidance: if self.fill { 30.0 } else { 3.5 },
             max_sequence_length,
             max_sequence_limit: 512,
         }
     }
 
     fn check(&self, r: &mut Resolved, model: &str) -> Result<()> {
+        if self.fill && r.init.as_ref().is_none_or(|i| i.mask.is_none()) {
+            return Err(Error::InvalidRequest(
+                Message::from(format!(
+                    "{model} is a FLUX.1 Fill model: it repaints where a mask says; pass "
+                ))
+                .param(Param::Image)
+                .text(" and ")
+                .param(Param::Mask),
+            ));
+        }
         if self.is_schnell() && r.given.guidance {
             r.notices.push(
                 Message::about(Param::Guidance)
@@ -156,6 +202,23 @@ impl Family for Flux {
             TextPart::Clip(self.clip.clone()),
             TextPart::T5(self.t5.clone()),
         ]
+    }
+
+    fn edit(&self) -> Edit {
+        if self.fill {
+            Edit::MaskChannels
+        } else {
+            Edit::Latents
+        }
+    }
+
+    fn default_strength(&self) -> f64 {
+        // `FluxFillPipeline` repaints the masked region from noise by default.
+        if self.fill {
+            1.0
+        } else {
+            0.6
+        }
     }
 
     fn load_text(&self, load: &TextLoader) -> Result<Box<dyn PromptEncoder>> {

@@ -13,7 +13,7 @@ pub mod sample;
 pub mod sd3;
 
 pub use components::{t5_dtype, vae_dtype, ComponentAudit};
-pub use family::{Cfg, Defaults, Denoise, Family, FamilyEntry, Transformer};
+pub use family::{Cfg, Defaults, Denoise, Edit, Family, FamilyEntry, Transformer};
 pub use sample::{check_finite, seeded_noise, Prompts};
 
 use crate::config::{ModelIndex, SchedulerConfig, VaeConfig};
@@ -188,7 +188,7 @@ impl Spec {
         request::check_guidance(Param::Guidance, guidance)?;
         let init = match &req.image {
             Some(img) => {
-                let strength = req.strength.unwrap_or(request::DEFAULT_STRENGTH);
+                let strength = req.strength.unwrap_or(self.family.default_strength());
                 let start = request::check_strength(strength, steps)?;
                 let mask = match &req.mask {
                     Some(m) => Some(self.check_mask(img, m, width, height, &mut notices)?),
@@ -206,7 +206,7 @@ impl Spec {
                 let stray = [
                     (req.mask.is_some(), Param::Mask),
                     (req.strength.is_some(), Param::Strength),
-                    (req.encode_noise.is_some(), Param::EncodeNoise),
+                    (!req.encode_noise.is_empty(), Param::EncodeNoise),
                 ];
                 if let Some((_, p)) = stray.iter().find(|(set, _)| *set) {
                     return Err(Error::InvalidRequest(
@@ -240,12 +240,10 @@ impl Spec {
             notices,
         };
         let want = self.noise_shape(&r);
-        let encode_noise = r.init.as_ref().and_then(|i| i.encode_noise.as_ref());
-        for (p, t) in [
-            (Param::Noise, r.noise.as_ref()),
-            (Param::EncodeNoise, encode_noise),
-        ] {
-            match t {
+        let encode_noise = r.init.iter().flat_map(|i| &i.encode_noise);
+        let given = r.noise.iter().map(|t| (Param::Noise, t));
+        for (p, t) in given.chain(encode_noise.map(|t| (Param::EncodeNoise, t))) {
+            match Some(t) {
                 Some(t) if t.dims4().ok() != Some(want) => {
                     return Err(Error::InvalidRequest(
                         Message::about(p)
@@ -552,6 +550,7 @@ impl Pipeline {
         };
         let sched = self.spec.schedule(&r);
         let mut blend = None;
+        let mut channels = None;
         let start = match &r.init {
             // diffusers' `scale_noise`: the image's latents noised to the first sigma that runs.
             Some(init) => {
@@ -561,12 +560,18 @@ impl Pipeline {
                 timings.encode = t0.elapsed();
                 let sigma = f64::from(sched.sigmas[0]);
                 let start = ((&noise * sigma)? + (&image * (1.0 - sigma))?)?;
-                if let Some(bits) = &init.mask {
-                    blend = Some(sample::Blend {
-                        mask: self.latent_mask(bits, r.width, r.height)?,
-                        image,
-                        noise,
-                    });
+                match (&init.mask, self.spec.family.edit()) {
+                    (Some(bits), Edit::Latents) => {
+                        blend = Some(sample::Blend {
+                            mask: self.latent_mask(bits, r.width, r.height)?,
+                            image,
+                            noise,
+                        });
+                    }
+                    (Some(bits), Edit::MaskChannels) => {
+                        channels = Some(self.fill_channels(init, bits, r.seed)?);
+                    }
+                    (None, _) => {}
                 }
                 start
             }
@@ -574,6 +579,10 @@ impl Pipeline {
         };
         let (_, _, h, w) = start.dims4()?;
         let model = self.transformer.bind(&r, &prompts.pos, (h, w))?;
+        let model: Box<dyn Denoise + '_> = match channels {
+            Some(c) => Box::new(sample::WithChannels::new(model, c.to_dtype(self.dtype)?)),
+            None => model,
+        };
         let mut guided = sample::Guided::new(model.as_ref(), &prompts, cfg, self.dtype)?;
         let (latents, steps) = sample::sample(
             &mut guided,
@@ -623,22 +632,52 @@ impl Pipeline {
         Ok(self.encoder.as_ref().expect("just loaded"))
     }
 
-    /// An edit's input image -> its latents in sampler space (1, C, h, w) f32: encoded, sampled from
-    /// the latent distribution with the request's noise (or noise seeded from `seed`), scaled.
+    /// An edit's input image -> its latents in sampler space (1, C, h, w) f32.
     pub fn encode_image(&mut self, init: &Init, seed: u64) -> Result<Tensor> {
+        let x = vae::from_rgb8(&init.image, &self.device)?;
+        self.encode_pixels(&x, init.encode_noise.first(), seed, 0)
+    }
+
+    /// Pixels (1, 3, H, W) in [-1, 1] -> latents in sampler space (1, C, h, w) f32: encoded, sampled
+    /// from the latent distribution with `eps` (else noise seeded from `seed`, stream `stream`),
+    /// scaled as the family does.
+    fn encode_pixels(
+        &mut self,
+        x: &Tensor,
+        eps: Option<&Tensor>,
+        seed: u64,
+        stream: u64,
+    ) -> Result<Tensor> {
         let device = self.device.clone();
-        let dtype = vae_dtype(self.dtype, &device);
-        let x = vae::from_rgb8(&init.image, &device)?.to_dtype(dtype)?;
+        let x = x.to_dtype(vae_dtype(self.dtype, &device))?;
         let enc = self.vae_encoder()?;
         let dist = enc.encode(&x)?;
-        let eps = match &init.encode_noise {
+        let eps = match eps {
             Some(e) => e.to_device(&device)?.to_dtype(DType::F32)?,
             None => {
-                sample::seeded_noise(sample::encode_noise_seed(seed), dist.mean.dims4()?, &device)?
+                let seed = sample::encode_noise_seed(seed, stream);
+                sample::seeded_noise(seed, dist.mean.dims4()?, &device)?
             }
         };
         let z = dist.sample(&eps)?.to_dtype(DType::F32)?;
         Ok(enc.scale(&z)?)
+    }
+
+    /// FLUX.1 Fill's extra input channels: the masked image's latents (the input with the mask's
+    /// pixels set to 0, i.e. mid gray) and the full-resolution mask folded into f x f channels per
+    /// latent pixel, as `FluxFillPipeline.prepare_mask_latents` does. (1, C + f^2, h, w) f32.
+    fn fill_channels(&mut self, init: &Init, bits: &[u8], seed: u64) -> Result<Tensor> {
+        let (width, height) = (init.image.width, init.image.height);
+        let f = self.spec.vae.scale_factor();
+        let keep: Vec<f32> = bits.iter().map(|&b| 1.0 - f32::from(b)).collect();
+        let keep = Tensor::from_vec(keep, (1, 1, height, width), &self.device)?;
+        let x = vae::from_rgb8(&init.image, &self.device)?.broadcast_mul(&keep)?;
+        let masked = self.encode_pixels(&x, init.encode_noise.get(1), seed, 1)?;
+        let m: Vec<f32> = bits.iter().map(|&b| f32::from(b)).collect();
+        let folded = Tensor::from_vec(m, (1, height / f, f, width / f, f), &self.device)?
+            .permute((0, 2, 4, 1, 3))?
+            .reshape((1, f * f, height / f, width / f))?;
+        Ok(Tensor::cat(&[&masked, &folded], 1)?)
     }
 
     /// Latents in sampler space (1, C, h, w) -> RGB image through the VAE (in [`vae_dtype`]).

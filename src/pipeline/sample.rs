@@ -26,9 +26,35 @@ pub fn seeded_noise(
     Ok(Tensor::from_vec(v, shape, device)?)
 }
 
-/// The seed of an edit's latent-distribution noise: a stream apart from the initial noise's.
-pub fn encode_noise_seed(seed: u64) -> u64 {
-    seed ^ 0x9e37_79b9_7f4a_7c15
+/// The seed of an edit's latent-distribution noise for its `stream`-th encoding: streams apart from
+/// the initial noise's.
+pub fn encode_noise_seed(seed: u64, stream: u64) -> u64 {
+    seed ^ 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(stream + 1)
+}
+
+/// A model whose input carries extra channels after the latents' (FLUX.1 Fill's masked image and
+/// mask), the same at every step.
+pub(super) struct WithChannels<'a> {
+    inner: Box<dyn Denoise + 'a>,
+    /// (1, extra, h, w) in the run dtype.
+    channels: Tensor,
+}
+
+impl<'a> WithChannels<'a> {
+    pub fn new(inner: Box<dyn Denoise + 'a>, channels: Tensor) -> Self {
+        Self { inner, channels }
+    }
+}
+
+impl Denoise for WithChannels<'_> {
+    fn velocity(&self, x: &Tensor, t: f32, cond: &Conditioning) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let extra = self
+            .channels
+            .broadcast_as((b, self.channels.dim(1)?, h, w))?;
+        self.inner
+            .velocity(&Tensor::cat(&[x, &extra.contiguous()?], 1)?, t, cond)
+    }
 }
 
 /// Fails with a clear error if `x` holds a NaN or an infinity (their sum is then not finite).

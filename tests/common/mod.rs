@@ -29,13 +29,14 @@ pub fn reference(name: &str) -> HashMap<String, Tensor> {
 }
 
 /// The six released models whose shape manifests are in `tests/fixtures/manifests/`.
-pub const REAL_MODELS: [&str; 6] = [
+pub const REAL_MODELS: [&str; 7] = [
     "sd3-medium",
     "sd3.5-large",
     "sd3.5-large-turbo",
     "sd3.5-medium",
     "flux.1-schnell",
     "flux.1-dev",
+    "flux.1-fill-dev",
 ];
 
 /// A JSON file's contents.

@@ -259,7 +259,16 @@ mod tests {
             let p = Preset::parse(text).unwrap();
             assert_eq!(p.name, file);
         }
-        assert_eq!(Preset::all().len(), 7);
+        // Every preset file in models/ is embedded.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let on_disk = std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "toml"))
+            })
+            .count();
+        assert_eq!(Preset::all().len(), on_disk);
     }
 
     #[test]

@@ -96,3 +96,38 @@ impl Module for SpatialAttention {
         x + o
     }
 }
+
+/// `UNetMidBlock2D` without time embedding: resnet, optional single-head attention, resnet.
+#[derive(Debug, Clone)]
+pub(super) struct MidBlock {
+    resnets: [Resnet; 2],
+    attn: Option<SpatialAttention>,
+}
+
+impl MidBlock {
+    /// `vb` is rooted at `mid_block`.
+    pub(super) fn new(c: usize, groups: usize, attention: bool, vb: VarBuilder) -> Result<Self> {
+        let attn = if attention {
+            Some(SpatialAttention::new(c, groups, vb.pp("attentions.0"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets: [
+                Resnet::new(c, c, groups, vb.pp("resnets.0"))?,
+                Resnet::new(c, c, groups, vb.pp("resnets.1"))?,
+            ],
+            attn,
+        })
+    }
+}
+
+impl Module for MidBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = self.resnets[0].forward(x)?;
+        if let Some(a) = &self.attn {
+            x = a.forward(&x)?;
+        }
+        self.resnets[1].forward(&x)
+    }
+}

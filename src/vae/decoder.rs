@@ -1,6 +1,6 @@
 //! The decoder half of `AutoencoderKL`: latents to pixels.
 
-use super::blocks::{conv3, group_norm, Resnet, SpatialAttention};
+use super::blocks::{conv3, group_norm, MidBlock, Resnet};
 use crate::config::VaeConfig;
 use crate::nn::{Conv2d, GroupNorm};
 use candle_core::{Module, Result, Tensor};
@@ -17,8 +17,7 @@ struct UpBlock {
 pub struct VaeDecoder {
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
-    mid_resnets: [Resnet; 2],
-    mid_attn: Option<SpatialAttention>,
+    mid: MidBlock,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -39,16 +38,7 @@ impl VaeDecoder {
         };
         let vb = vb.pp("decoder");
         let conv_in = conv3(cfg.latent_channels, top, vb.pp("conv_in"))?;
-        let mid = vb.pp("mid_block");
-        let mid_resnets = [
-            Resnet::new(top, top, g, mid.pp("resnets.0"))?,
-            Resnet::new(top, top, g, mid.pp("resnets.1"))?,
-        ];
-        let mid_attn = if cfg.mid_block_add_attention {
-            Some(SpatialAttention::new(top, g, mid.pp("attentions.0"))?)
-        } else {
-            None
-        };
+        let mid = MidBlock::new(top, g, cfg.mid_block_add_attention, vb.pp("mid_block"))?;
         let mut up_blocks = Vec::with_capacity(boc.len());
         let mut prev = top;
         for (i, &out) in boc.iter().rev().enumerate() {
@@ -76,8 +66,7 @@ impl VaeDecoder {
         Ok(Self {
             post_quant_conv,
             conv_in,
-            mid_resnets,
-            mid_attn,
+            mid,
             up_blocks,
             conv_norm_out,
             conv_out,
@@ -101,11 +90,7 @@ impl VaeDecoder {
             None => z.clone(),
         };
         x = self.conv_in.forward(&x)?;
-        x = self.mid_resnets[0].forward(&x)?;
-        if let Some(a) = &self.mid_attn {
-            x = a.forward(&x)?;
-        }
-        x = self.mid_resnets[1].forward(&x)?;
+        x = self.mid.forward(&x)?;
         for ub in &self.up_blocks {
             for r in &ub.resnets {
                 x = r.forward(&x)?;

@@ -1,7 +1,7 @@
 //! The encoder half of `AutoencoderKL`: pixels to the latent distribution (a diagonal Gaussian)
 //! that image editing starts from.
 
-use super::blocks::{conv3, group_norm, Resnet, SpatialAttention};
+use super::blocks::{conv3, group_norm, MidBlock, Resnet};
 use crate::config::VaeConfig;
 use crate::nn::{Conv2d, GroupNorm};
 use candle_core::{Module, Result, Tensor};
@@ -20,8 +20,7 @@ struct DownBlock {
 pub struct VaeEncoder {
     conv_in: Conv2d,
     down_blocks: Vec<DownBlock>,
-    mid_resnets: [Resnet; 2],
-    mid_attn: Option<SpatialAttention>,
+    mid: MidBlock,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
@@ -86,23 +85,13 @@ impl VaeEncoder {
             });
             prev = out;
         }
-        let mid = vb.pp("mid_block");
-        let mid_resnets = [
-            Resnet::new(top, top, g, mid.pp("resnets.0"))?,
-            Resnet::new(top, top, g, mid.pp("resnets.1"))?,
-        ];
-        let mid_attn = if cfg.mid_block_add_attention {
-            Some(SpatialAttention::new(top, g, mid.pp("attentions.0"))?)
-        } else {
-            None
-        };
+        let mid = MidBlock::new(top, g, cfg.mid_block_add_attention, vb.pp("mid_block"))?;
         let conv_norm_out = group_norm(g, top, vb.pp("conv_norm_out"))?;
         let conv_out = conv3(top, 2 * l, vb.pp("conv_out"))?;
         Ok(Self {
             conv_in,
             down_blocks,
-            mid_resnets,
-            mid_attn,
+            mid,
             conv_norm_out,
             conv_out,
             quant_conv,
@@ -126,11 +115,7 @@ impl VaeEncoder {
                 x = conv.forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
             }
         }
-        x = self.mid_resnets[0].forward(&x)?;
-        if let Some(a) = &self.mid_attn {
-            x = a.forward(&x)?;
-        }
-        x = self.mid_resnets[1].forward(&x)?;
+        x = self.mid.forward(&x)?;
         let x = self.conv_norm_out.forward_silu(&x)?;
         let mut moments = self.conv_out.forward(&x)?;
         if let Some(q) = &self.quant_conv {

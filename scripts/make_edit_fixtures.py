@@ -23,6 +23,7 @@ import transformers
 from diffusers import (
     FluxFillPipeline,
     FluxImg2ImgPipeline,
+    FluxKontextPipeline,
     FluxInpaintPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -93,6 +94,11 @@ RUNS = [
     # FLUX.1 Fill from the input's latents (strength below 1), non-square.
     dict(model="flux-fill-tiny", input=(40, 24), width=40, height=24, strength=0.7, steps=5, guidance=10.0,
          prompt="a green circle", seed=32, max_sequence_length=24, mask=(40, 24), mask_mode="RGB"),
+    # FLUX.1 Kontext: a 45x29 reference (kept at its size rounded down, `_auto_resize=False`: the
+    # training resolutions would make thousands of reference tokens on a tiny model), a portrait
+    # output request that the pipeline rescales to its default area (256x256 for this model).
+    dict(model="flux-kontext-tiny", input=(45, 29), width=32, height=48, steps=3, guidance=2.5,
+         prompt="make it blue", seed=41, max_sequence_length=24, kontext=True),
 ]
 
 
@@ -131,9 +137,48 @@ def build_fill():
     fill.save_pretrained(os.path.join(ROOT, "flux-fill-tiny"))
 
 
+def kontext_run(pipe, r, k, img, name, tensors):
+    """A FLUX.1 Kontext run: the reference kept at its size rounded down to the multiple, the output
+    size rescaled to the pipeline's area (`max_area`, here the tiny model's default 256x256), the
+    noise the generator's first draw (the reference is encoded with `sample_mode="argmax"`)."""
+    m = pipe.vae_scale_factor * 2
+    rw, rh = r["input"][0] // m * m, r["input"][1] // m * m
+    ref = pipe.image_processor.preprocess(pipe.image_processor.resize(img, rh, rw), rh, rw)
+    tensors[f"run.{k}.pre"] = ref
+    with torch.no_grad():
+        dist = pipe.vae.encode(ref).latent_dist
+    tensors[f"run.{k}.enc.mean"] = dist.mean
+    tensors[f"run.{k}.enc.logvar"] = dist.logvar
+    area = (pipe.default_sample_size * pipe.vae_scale_factor) ** 2
+    ratio = r["width"] / r["height"]
+    w, h = round((area * ratio) ** 0.5) // m * m, round((area / ratio) ** 0.5) // m * m
+    g = torch.Generator("cpu").manual_seed(r["seed"])
+    c = pipe.vae.config.latent_channels
+    tensors[f"run.{k}.noise"] = randn_tensor((1, c, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor),
+                                             generator=g, dtype=torch.float32)
+    out = pipe(prompt=r["prompt"], image=img, num_inference_steps=r["steps"], guidance_scale=r["guidance"],
+               height=r["height"], width=r["width"], max_sequence_length=r["max_sequence_length"], max_area=area,
+               _auto_resize=False, output_type="pil", generator=torch.Generator("cpu").manual_seed(r["seed"])).images[0]
+    assert out.size == (w, h), (out.size, w, h)
+    tensors[f"run.{k}.image"] = torch.from_numpy(np.array(out).copy())
+    tensors[f"run.{k}.sigmas"] = pipe.scheduler.sigmas.clone()
+    print(f"run {k} ({r['model']}): {r['steps']} steps, reference {rw}x{rh}, output {w}x{h}")
+    return dict(r, input=name, input_size=list(r["input"]), reference_size=[rw, rh], output_size=[w, h])
+
+
+def build_kontext():
+    """tests/fixtures/flux-kontext-tiny: flux-dev-tiny as a FLUX.1 Kontext pipeline (the same
+    transformer; the reference image's latents join the sequence)."""
+    dev = FluxPipeline.from_pretrained(os.path.join(ROOT, "flux-dev-tiny"), torch_dtype=torch.float32)
+    FluxKontextPipeline(**{k: v for k, v in dev.components.items() if k in (
+        "transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+    ).save_pretrained(os.path.join(ROOT, "flux-kontext-tiny"))
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     build_fill()
+    build_kontext()
     odd_inputs()
     torch.set_num_threads(2)
     tensors = {}
@@ -157,6 +202,8 @@ def main():
         inpaint = "mask" in r
         if r["model"] == "flux-fill-tiny":
             cls = FluxFillPipeline
+        elif r.get("kontext"):
+            cls = FluxKontextPipeline
         elif inpaint:
             cls = FluxInpaintPipeline if flux else StableDiffusion3InpaintPipeline
         else:
@@ -166,6 +213,10 @@ def main():
         img = drawing(*r["input"], seed=r["seed"])
         name = f"input_{k}.png"
         img.save(os.path.join(OUT, name))
+
+        if cls is FluxKontextPipeline:
+            meta["runs"].append(kontext_run(pipe, r, k, img, name, tensors))
+            continue
 
         # The image processor's resize and normalisation, and the VAE encoder on its output.
         pre = pipe.image_processor.preprocess(img, height=r["height"], width=r["width"])

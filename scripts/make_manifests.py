@@ -1,4 +1,4 @@
-"""Shape manifests of the seven real models, from diffusers/transformers classes built with the real
+"""Shape manifests of the eight real models, from diffusers/transformers classes built with the real
 configs on the meta device (nothing is downloaded, nothing allocated):
 
     python scripts/make_manifests.py
@@ -40,6 +40,8 @@ MODELS = {
     "flux.1-schnell": ("flux", "bf16", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 56, 56))),
     "flux.1-dev": ("flux", "bf16", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
     # FLUX.1 Fill [dev]: 4 x (16 latent + 16 masked-image latent + 8x8 mask) inputs, 4 x 16 outputs.
+    # FLUX.1 Kontext [dev]: FLUX.1-dev's shapes (the reference image's tokens need no new weights).
+    "flux.1-kontext-dev": ("flux", "bf16", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
     "flux.1-fill-dev": ("flux", "bf16", dict(patch_size=1, in_channels=384, out_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
 }
 

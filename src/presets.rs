@@ -8,7 +8,7 @@ use crate::request::Request;
 use std::path::PathBuf;
 
 /// The preset files, embedded so the binary knows them from any working directory.
-const FILES: [(&str, &str); 8] = [
+const FILES: [(&str, &str); 9] = [
     ("demo", include_str!("../models/demo.toml")),
     ("sd3-medium", include_str!("../models/sd3-medium.toml")),
     ("sd3.5-large", include_str!("../models/sd3.5-large.toml")),
@@ -25,6 +25,10 @@ const FILES: [(&str, &str); 8] = [
     (
         "flux.1-fill-dev",
         include_str!("../models/flux.1-fill-dev.toml"),
+    ),
+    (
+        "flux.1-kontext-dev",
+        include_str!("../models/flux.1-kontext-dev.toml"),
     ),
 ];
 

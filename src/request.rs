@@ -38,6 +38,9 @@ pub struct Request {
     /// in diffusers' order (the input image's, then for FLUX.1 Fill the masked image's), replacing
     /// the seeded draws (to reproduce another engine's run).
     pub encode_noise: Vec<Tensor>,
+    /// FLUX.1 Kontext: resize the reference image to the training resolution nearest its aspect
+    /// ratio (default true, as diffusers' `_auto_resize`); `false` keeps its size, rounded down.
+    pub reference_auto_resize: Option<bool>,
 }
 
 /// Which optional values the request set itself; the rest of a [`Resolved`] are defaults.

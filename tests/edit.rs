@@ -57,6 +57,7 @@ fn request(
             .filter_map(|e| r.get(&format!("run.{k}.{e}")).cloned())
             .collect(),
         mask: mask(run),
+        reference_auto_resize: run["kontext"].as_bool().map(|_| false),
         ..Default::default()
     }
 }
@@ -67,7 +68,15 @@ fn resize_and_vae_encoder_match_diffusers() {
     for (k, run) in runs().iter().enumerate() {
         let mut pipe = load(run, DType::F32);
         let size = |key: &str| run[key].as_u64().unwrap() as usize;
-        let img = image_io::lanczos_resize(&input(run), size("width"), size("height"));
+        // Kontext's reference keeps its own size (rounded down); the others take the output's.
+        let (w, h) = match run["reference_size"].as_array() {
+            Some(s) => (
+                s[0].as_u64().unwrap() as usize,
+                s[1].as_u64().unwrap() as usize,
+            ),
+            None => (size("width"), size("height")),
+        };
+        let img = image_io::lanczos_resize(&input(run), w, h);
         let x = vae::from_rgb8(&img, &device()).unwrap();
         let (worst, _) = max_diff(&x, &r[&format!("run.{k}.pre")]);
         println!("run {k}: preprocessed image max diff {worst:e}");

@@ -581,3 +581,41 @@ fn fill_runs_from_the_command_line() {
     );
     assert_eq!(output::read_png(&out).unwrap().0.width, 32);
 }
+
+// ---- FLUX.1 Kontext ------------------------------------------------------------------------------
+
+#[test]
+fn kontext_needs_an_image_and_takes_no_mask_or_strength() {
+    let kontext = fixture("flux-kontext-tiny");
+    expect_error(
+        &[os("--model"), kontext.as_os_str()],
+        "kontext-alone",
+        &["FLUX.1 Kontext", "--image"],
+    );
+    let input = fixture("edit").join("input_0.png");
+    let mask = fixture("edit").join("mask_4.png");
+    expect_error(
+        &[
+            os("--model"),
+            kontext.as_os_str(),
+            os("--image"),
+            input.as_os_str(),
+            os("--mask"),
+            mask.as_os_str(),
+        ],
+        "kontext-mask",
+        &["--mask does not apply to", "reference image"],
+    );
+    expect_error(
+        &[
+            os("--model"),
+            kontext.as_os_str(),
+            os("--image"),
+            input.as_os_str(),
+            os("--strength"),
+            os("0.5"),
+        ],
+        "kontext-strength",
+        &["--strength does not apply to"],
+    );
+}

@@ -130,7 +130,7 @@ fn transformer_matches_diffusers() {
                 let (_, _, h, w) = r["pack.latents"].dims4().unwrap();
                 let ctx = &r["transformer.context"];
                 let rope = t
-                    .rope(ctx.dim(1).unwrap(), h / 2, w / 2, &device())
+                    .rope(ctx.dim(1).unwrap(), h / 2, w / 2, None, &device())
                     .unwrap();
                 t.forward(
                     &r["pack.packed"],

@@ -185,6 +185,7 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         strength: a.edit.strength,
         mask: mask.as_ref().map(|m| m.image.clone()),
         encode_noise: Vec::new(),
+        reference_auto_resize: None,
     };
     chosen.apply_preset(&mut req);
     let resolved = spec.resolve(&req)?;

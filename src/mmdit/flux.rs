@@ -89,12 +89,21 @@ impl FluxTransformer {
         txt_len: usize,
         h: usize,
         w: usize,
+        reference: Option<(usize, usize)>,
         device: &candle_core::Device,
     ) -> Result<Rope> {
         let mut ids = vec![vec![0.0; 3]; txt_len];
         for r in 0..h {
             for c in 0..w {
                 ids.push(vec![0.0, r as f64, c as f64]);
+            }
+        }
+        // Kontext's reference tokens: the same grid ids with the first axis set to 1.
+        if let Some((rh, rw)) = reference {
+            for r in 0..rh {
+                for c in 0..rw {
+                    ids.push(vec![1.0, r as f64, c as f64]);
+                }
             }
         }
         Rope::new(&ids, &self.cfg.axes_dims_rope, ROPE_THETA, device)

@@ -57,6 +57,12 @@ pub const FAMILIES: &[FamilyEntry] = &[
         Format::Flux,
         flux::open_fill,
     ),
+    FamilyEntry::new(
+        "flux-kontext",
+        "FluxKontextPipeline",
+        Format::Flux,
+        flux::open_kontext,
+    ),
 ];
 
 /// The family whose pipeline class this is.
@@ -104,6 +110,9 @@ pub enum Edit {
     /// The masked image's latents and the mask as extra input channels of a model trained for
     /// them (FLUX.1 Fill); the mask is required.
     MaskChannels,
+    /// The image is a reference: its latents are extra tokens beside the generated ones, which
+    /// start from noise (FLUX.1 Kontext); no mask, no strength.
+    Reference,
 }
 
 /// The configs and choices of one family's model.
@@ -149,9 +158,15 @@ pub type Bound<'a> = Result<Box<dyn Denoise + 'a>>;
 /// A family's loaded transformer.
 pub trait Transformer: Send + Sync + AsAny {
     /// The transformer bound to one request: `prompt` is the positive prompt's conditioning (its
-    /// length sets Flux's position ids), `latent` the (h, w) of the latents.
-    fn bind<'a>(&'a self, r: &Resolved, prompt: &Conditioning, latent: (usize, usize))
-        -> Bound<'a>;
+    /// length sets Flux's position ids), `latent` the (h, w) of the latents, `reference` an edit's
+    /// reference latents (1, C, h', w') for a family that takes them ([`Edit::Reference`]).
+    fn bind<'a>(
+        &'a self,
+        r: &Resolved,
+        prompt: &Conditioning,
+        latent: (usize, usize),
+        reference: Option<&Tensor>,
+    ) -> Bound<'a>;
 }
 
 /// The model itself, for callers that know its type (the parity tests).

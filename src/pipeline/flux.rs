@@ -16,25 +16,42 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 /// A FLUX.1 model's own configs.
+/// Which FLUX.1 pipeline a model is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// `FluxPipeline` (schnell and dev).
+    Text,
+    /// `FluxFillPipeline`: the masked image and the mask are extra input channels.
+    Fill,
+    /// `FluxKontextPipeline`: a reference image's tokens join the sequence.
+    Kontext,
+}
+
 pub struct Flux {
-    /// FLUX.1 Fill (`FluxFillPipeline`): the masked image and the mask are extra input channels.
-    pub fill: bool,
+    pub variant: Variant,
     pub transformer: FluxTransformerConfig,
     pub clip: ClipPart,
     pub t5: T5Part,
 }
 
 pub(super) fn open(c: &OpenCtx) -> Result<Box<dyn Family>> {
-    open_as(c, false)
+    open_as(c, Variant::Text)
+}
+
+/// FLUX.1 Kontext: the FLUX.1 transformer, with the reference image's latents as extra tokens
+/// (diffusers `FluxKontextPipeline`).
+pub(super) fn open_kontext(c: &OpenCtx) -> Result<Box<dyn Family>> {
+    open_as(c, Variant::Kontext)
 }
 
 /// FLUX.1 Fill: the transformer takes, per 2x2 patch, the latents, the masked image's latents and
 /// the mask folded into f x f channels per latent pixel (diffusers `FluxFillPipeline`).
 pub(super) fn open_fill(c: &OpenCtx) -> Result<Box<dyn Family>> {
-    open_as(c, true)
+    open_as(c, Variant::Fill)
 }
 
-fn open_as(c: &OpenCtx, fill: bool) -> Result<Box<dyn Family>> {
+fn open_as(c: &OpenCtx, variant: Variant) -> Result<Box<dyn Family>> {
+    let fill = variant == Variant::Fill;
     let (transformer, _): (FluxTransformerConfig, _) = c.config("transformer/config.json")?;
     let (clip, _): (ClipTextConfig, _) = c.config("text_encoder/config.json")?;
     let (t5, t5_path): (T5Config, _) = c.config("text_encoder_2/config.json")?;
@@ -68,7 +85,7 @@ fn open_as(c: &OpenCtx, fill: bool) -> Result<Box<dyn Family>> {
         c.check_latent_channels(transformer.in_channels, 4)?;
     }
     Ok(Box::new(Flux {
-        fill,
+        variant,
         transformer,
         clip: ClipPart {
             dir: "text_encoder",
@@ -96,8 +113,10 @@ impl Family for Flux {
         let t = &self.transformer;
         format!(
             "FLUX.1 {}: {} double + {} single blocks, width {}",
-            if self.fill {
+            if self.variant == Variant::Fill {
                 "Fill (masked image and mask as input channels)"
+            } else if self.variant == Variant::Kontext {
+                "Kontext (reference image tokens)"
             } else if t.guidance_embeds {
                 "dev-like (guidance embedding)"
             } else {
@@ -116,7 +135,7 @@ impl Family for Flux {
         // distilled for 4), guidance 3.5, `default_sample_size` 128 latent pixels; T5 lengths 512
         // for dev and 256 for schnell, as the BFL reference code.
         // `FluxFillPipeline`: 50 steps, guidance 30.
-        let (steps, max_sequence_length) = if self.fill {
+        let (steps, max_sequence_length) = if self.variant == Variant::Fill {
             (50, 512)
         } else if self.is_schnell() {
             (4, 256)
@@ -128,14 +147,26 @@ impl Family for Flux {
             size_multiple: m,
             max_side: request::MAX_PIXELS / m,
             steps,
-            guidance: if self.fill { 30.0 } else { 3.5 },
+            guidance: if self.variant == Variant::Fill {
+                30.0
+            } else {
+                3.5
+            },
             max_sequence_length,
             max_sequence_limit: 512,
         }
     }
 
     fn check(&self, r: &mut Resolved, model: &str) -> Result<()> {
-        if self.fill && r.init.as_ref().is_none_or(|i| i.mask.is_none()) {
+        if self.variant == Variant::Kontext && r.init.is_none() {
+            return Err(Error::InvalidRequest(
+                Message::from(format!(
+                    "{model} is a FLUX.1 Kontext model: it edits a reference image; pass "
+                ))
+                .param(Param::Image),
+            ));
+        }
+        if self.variant == Variant::Fill && r.init.as_ref().is_none_or(|i| i.mask.is_none()) {
             return Err(Error::InvalidRequest(
                 Message::from(format!(
                     "{model} is a FLUX.1 Fill model: it repaints where a mask says; pass "
@@ -205,16 +236,16 @@ impl Family for Flux {
     }
 
     fn edit(&self) -> Edit {
-        if self.fill {
-            Edit::MaskChannels
-        } else {
-            Edit::Latents
+        match self.variant {
+            Variant::Text => Edit::Latents,
+            Variant::Fill => Edit::MaskChannels,
+            Variant::Kontext => Edit::Reference,
         }
     }
 
     fn default_strength(&self) -> f64 {
         // `FluxFillPipeline` repaints the masked region from noise by default.
-        if self.fill {
+        if self.variant == Variant::Fill {
             1.0
         } else {
             0.6
@@ -232,10 +263,19 @@ impl Family for Flux {
 }
 
 impl Transformer for FluxTransformer {
-    fn bind<'a>(&'a self, r: &Resolved, prompt: &Conditioning, hw: (usize, usize)) -> Bound<'a> {
+    fn bind<'a>(
+        &'a self,
+        r: &Resolved,
+        prompt: &Conditioning,
+        hw: (usize, usize),
+        reference: Option<&Tensor>,
+    ) -> Bound<'a> {
         let (h, w) = hw;
         let dev = prompt.context.device();
-        let rope = self.rope(prompt.context.dim(1)?, h / 2, w / 2, dev)?;
+        let reference = reference.map(|t| t.dims4().map(|d| (t, d))).transpose()?;
+        let ref_grid = reference.map(|(_, (_, _, rh, rw))| (rh / 2, rw / 2));
+        let rope = self.rope(prompt.context.dim(1)?, h / 2, w / 2, ref_grid, dev)?;
+        let reference = reference.map(|(t, _)| pack(t)).transpose()?;
         let guidance = if self.config().guidance_embeds {
             Some(Tensor::full(r.guidance as f32, 1, dev)?)
         } else {
@@ -245,6 +285,7 @@ impl Transformer for FluxTransformer {
             model: self,
             rope,
             guidance,
+            reference,
         }))
     }
 }
@@ -254,6 +295,8 @@ struct Step<'a> {
     model: &'a FluxTransformer,
     rope: Rope,
     guidance: Option<Tensor>,
+    /// Kontext's packed reference tokens (1, n', C x 4), after the image tokens.
+    reference: Option<Tensor>,
 }
 
 impl Denoise for Step<'_> {
@@ -261,14 +304,26 @@ impl Denoise for Step<'_> {
         let (_, _, h, w) = x.dims4()?;
         // diffusers passes `timestep / 1000` and the model multiplies by 1000 again, both in f32.
         let sigma = Tensor::full(t / 1000.0, x.dim(0)?, x.device())?;
+        let packed = pack(x)?;
+        let n = packed.dim(1)?;
+        let input = match &self.reference {
+            Some(r) => {
+                let (b, _, c) = packed.dims3()?;
+                let r = r.to_dtype(packed.dtype())?;
+                let r = r.broadcast_as((b, r.dim(1)?, c))?.contiguous()?;
+                Tensor::cat(&[&packed, &r], 1)?
+            }
+            None => packed,
+        };
         let v = self.model.forward(
-            &pack(x)?,
+            &input,
             &sigma,
             self.guidance.as_ref(),
             &c.context,
             &c.pooled,
             &self.rope,
         )?;
-        Ok(unpack(&v, h, w)?)
+        // The reference tokens' predictions are dropped.
+        Ok(unpack(&v.narrow(1, 0, n)?, h, w)?)
     }
 }

@@ -160,7 +160,9 @@ impl Spec {
     pub fn resolve(&self, req: &Request) -> Result<Resolved> {
         let d = self.defaults();
         let mut notices = Vec::new();
+        let reference = self.family.edit() == Edit::Reference;
         let (width, height) = match &req.image {
+            Some(_) if reference => reference_output_size(req, &d, &mut notices),
             Some(img) => edit_size(img, req, &d, &mut notices)?,
             None => (req.width.unwrap_or(d.side), req.height.unwrap_or(d.side)),
         };
@@ -187,6 +189,27 @@ impl Spec {
         let guidance = req.guidance.unwrap_or(d.guidance);
         request::check_guidance(Param::Guidance, guidance)?;
         let init = match &req.image {
+            Some(img) if reference => {
+                let stray = [
+                    (req.mask.is_some(), Param::Mask),
+                    (req.strength.is_some(), Param::Strength),
+                ];
+                if let Some((_, p)) = stray.iter().find(|(set, _)| *set) {
+                    return Err(Error::InvalidRequest(Message::about(*p).text(format!(
+                        " does not apply to {}: it edits from the reference image's tokens; leave it out",
+                        self.name
+                    ))));
+                }
+                let auto = req.reference_auto_resize.unwrap_or(true);
+                let (rw, rh) = reference_size(img, d.size_multiple, auto)?;
+                Some(Init {
+                    image: image_io::lanczos_resize(img, rw, rh),
+                    strength: 1.0,
+                    start: 0,
+                    encode_noise: Vec::new(),
+                    mask: None,
+                })
+            }
             Some(img) => {
                 let strength = req.strength.unwrap_or(self.family.default_strength());
                 let start = request::check_strength(strength, steps)?;
@@ -439,6 +462,80 @@ fn edit_size(
     Ok((width, height))
 }
 
+/// FLUX.1 Kontext's training resolutions (width, height), as diffusers lists them.
+const KONTEXT_RESOLUTIONS: [(usize, usize); 17] = [
+    (672, 1568),
+    (688, 1504),
+    (720, 1456),
+    (752, 1392),
+    (800, 1328),
+    (832, 1248),
+    (880, 1184),
+    (944, 1104),
+    (1024, 1024),
+    (1104, 944),
+    (1184, 880),
+    (1248, 832),
+    (1328, 800),
+    (1392, 752),
+    (1456, 720),
+    (1504, 688),
+    (1568, 672),
+];
+
+/// A reference-image model's output size, as `FluxKontextPipeline` sets it: the requested (or
+/// default) aspect ratio at the default area (`round` half to even, as Python's), sides rounded down
+/// to the model's multiple; a notice when that changes a size the request gave.
+fn reference_output_size(
+    req: &Request,
+    d: &Defaults,
+    notices: &mut Vec<Message>,
+) -> (usize, usize) {
+    let (w0, h0) = (req.width.unwrap_or(d.side), req.height.unwrap_or(d.side));
+    let area = (d.side * d.side) as f64;
+    let ratio = w0 as f64 / h0 as f64;
+    let m = d.size_multiple;
+    let width = ((area * ratio).sqrt().round_ties_even() as usize) / m * m;
+    let height = ((area / ratio).sqrt().round_ties_even() as usize) / m * m;
+    if (req.width.is_some() || req.height.is_some()) && (width, height) != (w0, h0) {
+        notices.push(
+            Message::about(Param::Width)
+                .text("/")
+                .param(Param::Height)
+                .text(format!(
+                    " {w0}x{h0} becomes {width}x{height}: this model generates about {}x{} pixels at the requested aspect ratio, as diffusers does",
+                    d.side, d.side
+                )),
+        );
+    }
+    (width.max(m), height.max(m))
+}
+
+/// The size a reference image is resized to (diffusers' `FluxKontextPipeline`): its own, rounded
+/// down to the model's multiple, or with `auto` the training resolution nearest its aspect ratio.
+fn reference_size(img: &RgbImage, m: usize, auto: bool) -> Result<(usize, usize)> {
+    let (w, h) = (img.width / m * m, img.height / m * m);
+    if w == 0 || h == 0 {
+        return Err(Error::InvalidRequest(Message::about(Param::Image).text(
+            format!(
+                ": {}x{} pixels is smaller than the model's {m}-pixel multiple",
+                img.width, img.height
+            ),
+        )));
+    }
+    if !auto {
+        return Ok((w, h));
+    }
+    let ratio = w as f64 / h as f64;
+    // Python's `min` over (|difference|, w, h) tuples: ties go to the smaller width.
+    let (_, rw, rh) = KONTEXT_RESOLUTIONS
+        .iter()
+        .map(|&(rw, rh)| ((ratio - rw as f64 / rh as f64).abs(), rw, rh))
+        .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)))
+        .expect("a non-empty table");
+    Ok((rw / m * m, rh / m * m))
+}
+
 /// Wall time of each stage of one generation.
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
@@ -551,7 +648,17 @@ impl Pipeline {
         let sched = self.spec.schedule(&r);
         let mut blend = None;
         let mut channels = None;
+        let mut reference = None;
         let start = match &r.init {
+            // Kontext: the reference image's latents (the distribution's mean, as diffusers'
+            // `sample_mode="argmax"`) become extra tokens; sampling starts from noise.
+            Some(init) if self.spec.family.edit() == Edit::Reference => {
+                let t0 = Instant::now();
+                reference = Some(self.encode_reference(init)?.to_dtype(self.dtype)?);
+                self.device.synchronize()?;
+                timings.encode = t0.elapsed();
+                noise
+            }
             // diffusers' `scale_noise`: the image's latents noised to the first sigma that runs.
             Some(init) => {
                 let t0 = Instant::now();
@@ -571,14 +678,16 @@ impl Pipeline {
                     (Some(bits), Edit::MaskChannels) => {
                         channels = Some(self.fill_channels(init, bits, r.seed)?);
                     }
-                    (None, _) => {}
+                    (Some(_), Edit::Reference) | (None, _) => {}
                 }
                 start
             }
             None => noise,
         };
         let (_, _, h, w) = start.dims4()?;
-        let model = self.transformer.bind(&r, &prompts.pos, (h, w))?;
+        let model = self
+            .transformer
+            .bind(&r, &prompts.pos, (h, w), reference.as_ref())?;
         let model: Box<dyn Denoise + '_> = match channels {
             Some(c) => Box::new(sample::WithChannels::new(model, c.to_dtype(self.dtype)?)),
             None => model,
@@ -638,6 +747,15 @@ impl Pipeline {
         self.encode_pixels(&x, init.encode_noise.first(), seed, 0)
     }
 
+    /// A reference image -> the mean of its latent distribution in sampler space (1, C, h', w') f32.
+    fn encode_reference(&mut self, init: &Init) -> Result<Tensor> {
+        let x = vae::from_rgb8(&init.image, &self.device)?;
+        let x = x.to_dtype(vae_dtype(self.dtype, &self.device))?;
+        let enc = self.vae_encoder()?;
+        let mean = enc.encode(&x)?.mean.to_dtype(DType::F32)?;
+        Ok(enc.scale(&mean)?)
+    }
+
     /// Pixels (1, 3, H, W) in [-1, 1] -> latents in sampler space (1, C, h, w) f32: encoded, sampled
     /// from the latent distribution with `eps` (else noise seeded from `seed`, stream `stream`),
     /// scaled as the family does.
@@ -694,5 +812,39 @@ impl Pipeline {
             height,
             data,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against `FluxKontextPipeline`'s choice (diffusers 0.42.1, multiple 16), computed with its
+    /// own expression: `min((abs(ratio - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)`.
+    #[test]
+    fn kontext_references_take_the_training_resolution_nearest_their_aspect_ratio() {
+        let cases = [
+            ((1920, 1080), (1392, 752)),
+            ((1080, 1920), (752, 1392)),
+            ((500, 500), (1024, 1024)),
+            ((4000, 3000), (1184, 880)),
+            ((333, 1000), (672, 1568)),
+            ((1000, 250), (1568, 672)),
+            ((817, 613), (1184, 880)),
+        ];
+        for ((w, h), want) in cases {
+            let img = RgbImage {
+                width: w,
+                height: h,
+                data: Vec::new(),
+            };
+            assert_eq!(reference_size(&img, 16, true).unwrap(), want, "{w}x{h}");
+        }
+        let img = RgbImage {
+            width: 45,
+            height: 29,
+            data: Vec::new(),
+        };
+        assert_eq!(reference_size(&img, 4, false).unwrap(), (44, 28));
     }
 }

@@ -157,7 +157,13 @@ impl Family for Sd3 {
 }
 
 impl Transformer for Sd3Transformer {
-    fn bind<'a>(&'a self, _: &Resolved, _: &Conditioning, _: (usize, usize)) -> Bound<'a> {
+    fn bind<'a>(
+        &'a self,
+        _: &Resolved,
+        _: &Conditioning,
+        _: (usize, usize),
+        _: Option<&Tensor>,
+    ) -> Bound<'a> {
         Ok(Box::new(Step(self)))
     }
 }

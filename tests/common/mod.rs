@@ -29,7 +29,7 @@ pub fn reference(name: &str) -> HashMap<String, Tensor> {
 }
 
 /// The six released models whose shape manifests are in `tests/fixtures/manifests/`.
-pub const REAL_MODELS: [&str; 7] = [
+pub const REAL_MODELS: [&str; 8] = [
     "sd3-medium",
     "sd3.5-large",
     "sd3.5-large-turbo",
@@ -37,6 +37,7 @@ pub const REAL_MODELS: [&str; 7] = [
     "flux.1-schnell",
     "flux.1-dev",
     "flux.1-fill-dev",
+    "flux.1-kontext-dev",
 ];
 
 /// A JSON file's contents.

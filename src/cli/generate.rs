@@ -281,8 +281,10 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
             text.push((sha_key, f.sha256.clone()));
         }
     }
-    if let Some(init) = &r.init {
-        text.push(("strength", init.strength.to_string()));
+    // The strength as given: a replay on the same model takes the same default, and a model that
+    // takes no strength (FLUX.1 Kontext) gets none back.
+    if let Some(s) = a.edit.strength {
+        text.push(("strength", s.to_string()));
     }
     let text: Vec<(String, String)> = text.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     output::write_image(&a.output, &out.image, &text)?;

@@ -188,3 +188,19 @@ fn bf16_edits_within_30_db_of_diffusers_f32() {
         assert!(p >= 30.0, "run {k}: bf16 PSNR {p:.1} dB < 30 dB");
     }
 }
+
+/// Kontext encodes its reference to the distribution's mean: encode noise is refused, not ignored.
+#[test]
+fn kontext_refuses_encode_noise() {
+    let m = ModelRef::parse(fixture("flux-kontext-tiny").to_str().unwrap(), None).unwrap();
+    let spec = Spec::open(&m).unwrap();
+    let run = &runs()[10];
+    let req = Request {
+        prompt: "x".into(),
+        image: Some(input(run)),
+        encode_noise: vec![Tensor::zeros((1, 4, 12, 10), DType::F32, &device()).unwrap()],
+        ..Default::default()
+    };
+    let e = spec.resolve(&req).unwrap_err().to_string();
+    assert!(e.starts_with("encode_noise does not apply to"), "{e}");
+}

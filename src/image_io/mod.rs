@@ -9,6 +9,15 @@ pub use resize::lanczos_resize;
 
 use crate::output::RgbImage;
 
+/// A pixel mask (`width * height`) at latent resolution, as `F.interpolate(mode="nearest")` takes
+/// it for a factor `f`: the pixel at each latent's top-left corner. Row-major, `(width / f) * (height
+/// / f)` values.
+pub fn mask_at_latents(bits: &[u8], width: usize, height: usize, f: usize) -> Vec<u8> {
+    (0..height / f)
+        .flat_map(|y| (0..width / f).map(move |x| bits[y * f * width + x * f]))
+        .collect()
+}
+
 /// An inpainting mask as diffusers' mask processor makes it: resized to `width` x `height` like the
 /// image, turned gray as PIL does (`L = (19595 R + 38470 G + 7471 B + 2^15) >> 16`), then 1 where
 /// it is at least half white (repaint) and 0 elsewhere (keep). Row-major, `width * height` values.

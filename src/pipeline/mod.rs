@@ -190,12 +190,10 @@ impl Spec {
         request::check_guidance(Param::Guidance, guidance)?;
         let init = match &req.image {
             Some(img) if reference => {
-                let stray = [
-                    (req.mask.is_some(), Param::Mask),
-                    (req.strength.is_some(), Param::Strength),
-                ];
-                if let Some((_, p)) = stray.iter().find(|(set, _)| *set) {
-                    return Err(Error::InvalidRequest(Message::about(*p).text(format!(
+                if let Some(p) =
+                    first_given(req, &[Param::Mask, Param::Strength, Param::EncodeNoise])
+                {
+                    return Err(Error::InvalidRequest(Message::about(p).text(format!(
                         " does not apply to {}: it edits from the reference image's tokens; leave it out",
                         self.name
                     ))));
@@ -226,14 +224,11 @@ impl Spec {
                 })
             }
             None => {
-                let stray = [
-                    (req.mask.is_some(), Param::Mask),
-                    (req.strength.is_some(), Param::Strength),
-                    (!req.encode_noise.is_empty(), Param::EncodeNoise),
-                ];
-                if let Some((_, p)) = stray.iter().find(|(set, _)| *set) {
+                if let Some(p) =
+                    first_given(req, &[Param::Mask, Param::Strength, Param::EncodeNoise])
+                {
                     return Err(Error::InvalidRequest(
-                        Message::about(*p)
+                        Message::about(p)
                             .text(" applies to editing only; pass ")
                             .param(Param::Image)
                             .text(" too, or leave it out"),
@@ -266,22 +261,19 @@ impl Spec {
         let encode_noise = r.init.iter().flat_map(|i| &i.encode_noise);
         let given = r.noise.iter().map(|t| (Param::Noise, t));
         for (p, t) in given.chain(encode_noise.map(|t| (Param::EncodeNoise, t))) {
-            match Some(t) {
-                Some(t) if t.dims4().ok() != Some(want) => {
-                    return Err(Error::InvalidRequest(
-                        Message::about(p)
-                            .text(format!(
-                                ": tensor has shape {:?} but a {width}x{height} image needs {:?}; pass ",
-                                t.dims(),
-                                [want.0, want.1, want.2, want.3]
-                            ))
-                            .param(Param::Width)
-                            .text("/")
-                            .param(Param::Height)
-                            .text(" that match it"),
-                    ))
-                }
-                _ => {}
+            if t.dims4().ok() != Some(want) {
+                return Err(Error::InvalidRequest(
+                    Message::about(p)
+                        .text(format!(
+                            ": tensor has shape {:?} but a {width}x{height} image needs {:?}; pass ",
+                            t.dims(),
+                            [want.0, want.1, want.2, want.3]
+                        ))
+                        .param(Param::Width)
+                        .text("/")
+                        .param(Param::Height)
+                        .text(" that match it"),
+                ));
             }
         }
         self.family.check(&mut r, &self.name)?;
@@ -305,9 +297,7 @@ impl Spec {
         }
         let bits = image_io::binarize_mask(mask, width, height);
         let f = self.vae.scale_factor();
-        let in_latents =
-            (0..height / f).any(|y| (0..width / f).any(|x| bits[y * f * width + x * f] == 1));
-        if !in_latents {
+        if !image_io::mask_at_latents(&bits, width, height, f).contains(&1) {
             notices.push(Message::about(Param::Mask).text(
                 " selects nothing to repaint (no latent pixel is at least half white): the result is the input image",
             ));
@@ -408,6 +398,16 @@ impl Spec {
     }
 }
 
+/// The first of an edit's parameters (mask, strength, encode noise) that the request sets.
+fn first_given(req: &Request, params: &[Param]) -> Option<Param> {
+    params.iter().copied().find(|p| match p {
+        Param::Mask => req.mask.is_some(),
+        Param::Strength => req.strength.is_some(),
+        Param::EncodeNoise => !req.encode_noise.is_empty(),
+        _ => false,
+    })
+}
+
 /// An edit's output size: the request's, else the input image's rounded down to the model's
 /// multiple (as diffusers' image processor rounds it), with a notice when rounding changed it.
 fn edit_size(
@@ -460,6 +460,43 @@ fn edit_size(
         )));
     }
     Ok((width, height))
+}
+
+/// How a latent is taken from the VAE encoder's distribution.
+enum Draw<'a> {
+    /// The mean (diffusers' `sample_mode="argmax"`).
+    Mean,
+    /// `mean + std * eps`: the request's `eps`, else noise seeded from `seed`.
+    Sample { eps: Option<&'a Tensor>, seed: u64 },
+}
+
+impl<'a> Draw<'a> {
+    /// The `k`-th encoding of an edit: the request's `k`-th noise, else seed stream `k`.
+    fn sample(init: &'a Init, seed: u64, k: usize) -> Self {
+        Draw::Sample {
+            eps: init.encode_noise.get(k),
+            seed: sample::encode_noise_seed(seed, k as u64),
+        }
+    }
+}
+
+/// What sampling starts from and what an edit adds to each step.
+struct Prepared {
+    start: Tensor,
+    blend: Option<sample::Blend>,
+    channels: Option<Tensor>,
+    reference: Option<Tensor>,
+}
+
+impl Prepared {
+    fn from_noise(start: Tensor) -> Self {
+        Self {
+            start,
+            blend: None,
+            channels: None,
+            reference: None,
+        }
+    }
 }
 
 /// FLUX.1 Kontext's training resolutions (width, height), as diffusers lists them.
@@ -646,44 +683,18 @@ impl Pipeline {
             None => self.initial_noise(&r)?,
         };
         let sched = self.spec.schedule(&r);
-        let mut blend = None;
-        let mut channels = None;
-        let mut reference = None;
-        let start = match &r.init {
-            // Kontext: the reference image's latents (the distribution's mean, as diffusers'
-            // `sample_mode="argmax"`) become extra tokens; sampling starts from noise.
-            Some(init) if self.spec.family.edit() == Edit::Reference => {
-                let t0 = Instant::now();
-                reference = Some(self.encode_reference(init)?.to_dtype(self.dtype)?);
-                self.device.synchronize()?;
-                timings.encode = t0.elapsed();
-                noise
-            }
-            // diffusers' `scale_noise`: the image's latents noised to the first sigma that runs.
-            Some(init) => {
-                let t0 = Instant::now();
-                let image = self.encode_image(init, r.seed)?;
-                self.device.synchronize()?;
-                timings.encode = t0.elapsed();
-                let sigma = f64::from(sched.sigmas[0]);
-                let start = ((&noise * sigma)? + (&image * (1.0 - sigma))?)?;
-                match (&init.mask, self.spec.family.edit()) {
-                    (Some(bits), Edit::Latents) => {
-                        blend = Some(sample::Blend {
-                            mask: self.latent_mask(bits, r.width, r.height)?,
-                            image,
-                            noise,
-                        });
-                    }
-                    (Some(bits), Edit::MaskChannels) => {
-                        channels = Some(self.fill_channels(init, bits, r.seed)?);
-                    }
-                    (Some(_), Edit::Reference) | (None, _) => {}
-                }
-                start
-            }
-            None => noise,
+        let t0 = Instant::now();
+        let Prepared {
+            start,
+            blend,
+            channels,
+            reference,
+        } = match &r.init {
+            Some(init) => self.prepare_edit(&r, init, noise, sched.sigmas[0])?,
+            None => Prepared::from_noise(noise),
         };
+        self.device.synchronize()?;
+        timings.encode = t0.elapsed();
         let (_, _, h, w) = start.dims4()?;
         let model = self
             .transformer
@@ -716,15 +727,59 @@ impl Pipeline {
         })
     }
 
-    /// A pixel mask (0/1, `width * height`) at latent resolution, as `F.interpolate(mode="nearest")`
-    /// takes it: the pixel at each latent's top-left corner. (1, 1, h, w) f32.
+    /// What an edit starts from and adds to each step, by how the family takes the image: the
+    /// input's latents noised to the first `sigma` that runs (diffusers' `scale_noise`) and, with a
+    /// mask, the blend after each step or Fill's extra channels; or, for a reference (Kontext), the
+    /// distribution's mean (`sample_mode="argmax"`) as extra tokens and noise to start from.
+    fn prepare_edit(
+        &mut self,
+        r: &Resolved,
+        init: &Init,
+        noise: Tensor,
+        sigma: f32,
+    ) -> Result<Prepared> {
+        let edit = self.spec.family.edit();
+        if edit == Edit::Reference {
+            let x = vae::from_rgb8(&init.image, &self.device)?;
+            let reference = self.encode_pixels(&x, Draw::Mean)?.to_dtype(self.dtype)?;
+            return Ok(Prepared {
+                reference: Some(reference),
+                ..Prepared::from_noise(noise)
+            });
+        }
+        let image = self.encode_image(init, r.seed)?;
+        let sigma = f64::from(sigma);
+        let start = ((&noise * sigma)? + (&image * (1.0 - sigma))?)?;
+        let mut prepared = Prepared::from_noise(start);
+        match (&init.mask, edit) {
+            (Some(bits), Edit::Latents) => {
+                prepared.blend = Some(sample::Blend {
+                    mask: self.latent_mask(bits, r.width, r.height)?,
+                    image,
+                    noise,
+                });
+            }
+            (Some(bits), Edit::MaskChannels) => {
+                prepared.channels = Some(self.fill_channels(init, bits, r.seed)?);
+            }
+            (Some(_), Edit::Reference) | (None, _) => {}
+        }
+        Ok(prepared)
+    }
+
+    /// A pixel mask (0/1, `width * height`) at latent resolution ([`image_io::mask_at_latents`]),
+    /// (1, 1, h, w) f32.
     fn latent_mask(&self, bits: &[u8], width: usize, height: usize) -> Result<Tensor> {
         let f = self.spec.vae.scale_factor();
-        let (h, w) = (height / f, width / f);
-        let v: Vec<f32> = (0..h)
-            .flat_map(|y| (0..w).map(move |x| f32::from(bits[y * f * width + x * f])))
+        let v: Vec<f32> = image_io::mask_at_latents(bits, width, height, f)
+            .into_iter()
+            .map(f32::from)
             .collect();
-        Ok(Tensor::from_vec(v, (1, 1, h, w), &self.device)?)
+        Ok(Tensor::from_vec(
+            v,
+            (1, 1, height / f, width / f),
+            &self.device,
+        )?)
     }
 
     /// The VAE encoder, loaded (after its tensors are checked) on first use.
@@ -744,41 +799,24 @@ impl Pipeline {
     /// An edit's input image -> its latents in sampler space (1, C, h, w) f32.
     pub fn encode_image(&mut self, init: &Init, seed: u64) -> Result<Tensor> {
         let x = vae::from_rgb8(&init.image, &self.device)?;
-        self.encode_pixels(&x, init.encode_noise.first(), seed, 0)
+        self.encode_pixels(&x, Draw::sample(init, seed, 0))
     }
 
-    /// A reference image -> the mean of its latent distribution in sampler space (1, C, h', w') f32.
-    fn encode_reference(&mut self, init: &Init) -> Result<Tensor> {
-        let x = vae::from_rgb8(&init.image, &self.device)?;
-        let x = x.to_dtype(vae_dtype(self.dtype, &self.device))?;
-        let enc = self.vae_encoder()?;
-        let mean = enc.encode(&x)?.mean.to_dtype(DType::F32)?;
-        Ok(enc.scale(&mean)?)
-    }
-
-    /// Pixels (1, 3, H, W) in [-1, 1] -> latents in sampler space (1, C, h, w) f32: encoded, sampled
-    /// from the latent distribution with `eps` (else noise seeded from `seed`, stream `stream`),
-    /// scaled as the family does.
-    fn encode_pixels(
-        &mut self,
-        x: &Tensor,
-        eps: Option<&Tensor>,
-        seed: u64,
-        stream: u64,
-    ) -> Result<Tensor> {
+    /// Pixels (1, 3, H, W) in [-1, 1] -> latents in sampler space (1, C, h, w) f32: encoded, taken
+    /// from the latent distribution as `draw` says, scaled as the family does.
+    fn encode_pixels(&mut self, x: &Tensor, draw: Draw) -> Result<Tensor> {
         let device = self.device.clone();
         let x = x.to_dtype(vae_dtype(self.dtype, &device))?;
         let enc = self.vae_encoder()?;
         let dist = enc.encode(&x)?;
-        let eps = match eps {
-            Some(e) => e.to_device(&device)?.to_dtype(DType::F32)?,
-            None => {
-                let seed = sample::encode_noise_seed(seed, stream);
-                sample::seeded_noise(seed, dist.mean.dims4()?, &device)?
+        let z = match draw {
+            Draw::Mean => dist.mean,
+            Draw::Sample { eps: Some(e), .. } => dist.sample(&e.to_device(&device)?)?,
+            Draw::Sample { eps: None, seed } => {
+                dist.sample(&sample::seeded_noise(seed, dist.mean.dims4()?, &device)?)?
             }
         };
-        let z = dist.sample(&eps)?.to_dtype(DType::F32)?;
-        Ok(enc.scale(&z)?)
+        Ok(enc.scale(&z.to_dtype(DType::F32)?)?)
     }
 
     /// FLUX.1 Fill's extra input channels: the masked image's latents (the input with the mask's
@@ -790,7 +828,7 @@ impl Pipeline {
         let keep: Vec<f32> = bits.iter().map(|&b| 1.0 - f32::from(b)).collect();
         let keep = Tensor::from_vec(keep, (1, 1, height, width), &self.device)?;
         let x = vae::from_rgb8(&init.image, &self.device)?.broadcast_mul(&keep)?;
-        let masked = self.encode_pixels(&x, init.encode_noise.get(1), seed, 1)?;
+        let masked = self.encode_pixels(&x, Draw::sample(init, seed, 1))?;
         let m: Vec<f32> = bits.iter().map(|&b| f32::from(b)).collect();
         let folded = Tensor::from_vec(m, (1, height / f, f, width / f, f), &self.device)?
             .permute((0, 2, 4, 1, 3))?

@@ -33,6 +33,7 @@ pub enum Param {
     Dtype,
     Output,
     Overwrite,
+    Lora,
 }
 
 impl Param {
@@ -61,6 +62,7 @@ impl Param {
             Param::Dtype => "dtype",
             Param::Output => "output",
             Param::Overwrite => "overwrite",
+            Param::Lora => "loras",
         }
     }
 }
@@ -154,6 +156,10 @@ pub enum Error {
     /// A Hugging Face Hub download failed.
     #[error("{0}")]
     Hub(String),
+
+    /// A LoRA file that cannot be read, or does not fit the model; the message says why and what to do.
+    #[error("LoRA {path}: {msg}")]
+    Lora { path: PathBuf, msg: String },
 
     /// A non-finite value appeared while sampling.
     #[error("{}", non_finite(what, *step, dtype, &|p| p.name().to_string()))]

@@ -24,6 +24,7 @@ pub mod error;
 pub mod image_io;
 pub mod interrupt;
 pub mod loader;
+pub mod lora;
 pub mod mmdit;
 pub mod nn;
 pub mod output;

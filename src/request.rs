@@ -41,6 +41,9 @@ pub struct Request {
     /// FLUX.1 Kontext: resize the reference image to the training resolution nearest its aspect
     /// ratio (default true, as diffusers' `_auto_resize`); `false` keeps its size, rounded down.
     pub reference_auto_resize: Option<bool>,
+    /// LoRAs with their weights, combined as diffusers' `set_adapters` combines them. A pipeline
+    /// loaded with other LoRAs switches to these at run time.
+    pub loras: Vec<crate::lora::LoraSpec>,
 }
 
 /// Which optional values the request set itself; the rest of a [`Resolved`] are defaults.

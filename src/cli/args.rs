@@ -66,6 +66,41 @@ pub struct EditArgs {
     pub strength: Option<f64>,
 }
 
+/// LoRA adapters and how they are applied.
+#[derive(Args, Debug, Default, Clone)]
+pub struct LoraArgs {
+    /// A LoRA: a .safetensors file or a Hub repo org/name[/file.safetensors], with an optional
+    /// weight (`:0.8`, default 1). Repeat it to combine several (their weights as diffusers'
+    /// set_adapters). diffusers/PEFT, kohya, XLabs, AI-toolkit and BFL/ComfyUI files are read.
+    #[arg(long = "lora", value_name = "SPEC")]
+    pub lora: Vec<String>,
+    /// How LoRAs reach the transformer: merge (into the weights at load: no cost per step) or
+    /// runtime (a term of each layer's output, as for weights that cannot be merged).
+    #[arg(long, default_value = "merge", value_name = "HOW")]
+    pub lora_apply: String,
+}
+
+impl LoraArgs {
+    /// The parsed specs and the way to apply them (before any file is read).
+    pub fn parse(&self) -> mmdit::Result<(Vec<mmdit::lora::LoraSpec>, mmdit::lora::Apply)> {
+        let specs = self
+            .lora
+            .iter()
+            .map(|s| mmdit::lora::LoraSpec::parse(s))
+            .collect::<mmdit::Result<Vec<_>>>()?;
+        let apply = match self.lora_apply.as_str() {
+            "merge" => mmdit::lora::Apply::Merge,
+            "runtime" => mmdit::lora::Apply::Runtime,
+            other => {
+                return Err(mmdit::Error::request(format!(
+                    "--lora-apply {other}: unknown; use merge or runtime"
+                )))
+            }
+        };
+        Ok((specs, apply))
+    }
+}
+
 /// An input image as read, with what the PNG metadata records of it.
 pub struct InputImage {
     pub path: PathBuf,

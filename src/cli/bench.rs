@@ -1,6 +1,6 @@
 //! `mmdit bench`: speed per phase and few-step fidelity against a many-step reference.
 
-use super::args::{EditArgs, ImageArgs, ModelArgs};
+use super::args::{EditArgs, ImageArgs, LoraArgs, ModelArgs};
 use anyhow::Context;
 use clap::Args;
 use mmdit::bench::{self, report, Stat};
@@ -17,6 +17,8 @@ pub struct BenchArgs {
     pub image: ImageArgs,
     #[command(flatten)]
     pub edit: EditArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// Step counts to measure, comma-separated.
     #[arg(long, default_value = "4,10,28", value_delimiter = ',')]
     pub steps: Vec<usize>,
@@ -122,6 +124,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(d).with_context(|| format!("--output-dir {}", d.display()))?;
     }
     let chosen = a.model.choose()?;
+    let (lora_specs, lora_apply) = a.lora.parse()?;
     let input = a.edit.read()?;
     let mask = a.edit.read_mask()?;
     let (dev, dtype) = (&chosen.device, chosen.dtype);
@@ -139,6 +142,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             image: input.as_ref().map(|i| i.image.clone()),
             strength: a.edit.strength,
             mask: mask.as_ref().map(|m| m.image.clone()),
+            loras: lora_specs.clone(),
             ..Default::default()
         };
         chosen.apply_preset(&mut r);
@@ -150,8 +154,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     let name = spec.name().to_string();
 
+    let loras = spec.fit_loras(&lora_specs)?;
+    for n in loras.notices() {
+        eprintln!("warning: {}", n.render(&super::flag));
+    }
     let t0 = Instant::now();
-    let mut pipe = spec.load(dev, dtype).context("loading the model")?;
+    let mut pipe = spec
+        .load_with(dev, dtype, loras, lora_apply)
+        .context("loading the model")?;
     let load_s = t0.elapsed().as_secs_f64();
     // Warm-up: one short run, not measured.
     pipe.generate(&base(&prompts[0], 1, Sampler::Euler), &mut |_| {})?;

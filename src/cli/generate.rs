@@ -1,6 +1,6 @@
 //! `mmdit generate`: one image from a prompt, or a replay of a PNG's recorded parameters (`--from`).
 
-use super::args::{sha256_file, EditArgs, ImageArgs, ModelArgs};
+use super::args::{sha256_file, EditArgs, ImageArgs, LoraArgs, ModelArgs};
 use super::flag;
 use anyhow::Context;
 use clap::Args;
@@ -16,6 +16,8 @@ pub struct GenerateArgs {
     pub image: ImageArgs,
     #[command(flatten)]
     pub edit: EditArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// The prompt (required unless --from gives one).
     #[arg(long)]
     pub prompt: Option<String>,
@@ -150,6 +152,34 @@ fn apply_from(a: &mut GenerateArgs, png: &Path) -> anyhow::Result<()> {
     if e.image.is_some() {
         e.strength = e.strength.or(num(get("strength"), "strength", png)?);
     }
+    // LoRAs replay from the same files (each checked by its SHA-256), unless --lora names others.
+    if a.lora.lora.is_empty() {
+        let specs = get("lora").unwrap_or_default();
+        let shas = get("lora_sha256").unwrap_or_default();
+        let (specs, shas): (Vec<&str>, Vec<&str>) = (
+            specs.lines().filter(|l| !l.is_empty()).collect(),
+            shas.lines().collect(),
+        );
+        for (k, line) in specs.iter().enumerate() {
+            let spec = mmdit::lora::LoraSpec::parse(line)
+                .map_err(|_| bad(format!("recorded LoRA {line:?} is not valid")))?;
+            let path = spec.local_file().map_err(|_| {
+                bad(format!(
+                    "the LoRA it was made with, {}, is missing; put it back or pass --lora",
+                    spec.source
+                ))
+            })?;
+            if shas.get(k).copied() != Some(sha256_file(&path, Param::Lora)?.as_str()) {
+                return Err(bad(format!(
+                    "the LoRA it was made with, {}, has changed since (its SHA-256 differs); pass --lora {} to use the file as it is now",
+                    spec.source,
+                    line
+                ))
+                .into());
+            }
+            a.lora.lora.push(line.to_string());
+        }
+    }
     Ok(())
 }
 
@@ -162,6 +192,7 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         mmdit::Error::request("--prompt is required (or --from a PNG made by mmdit)")
     })?;
     let chosen = a.model.choose()?;
+    let (lora_specs, lora_apply) = a.lora.parse()?;
     let sampler = Sampler::parse(a.sampler.as_deref().unwrap_or("euler"))?;
     output::check_output_path(&a.output, a.overwrite)?;
     let noise = a.noise.as_deref().map(load_noise).transpose()?;
@@ -186,6 +217,7 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         mask: mask.as_ref().map(|m| m.image.clone()),
         encode_noise: Vec::new(),
         reference_auto_resize: None,
+        loras: lora_specs.clone(),
     };
     chosen.apply_preset(&mut req);
     let resolved = spec.resolve(&req)?;
@@ -221,11 +253,36 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         }
     );
     let (dev, dtype) = (&chosen.device, chosen.dtype);
+    // LoRA files are read and fitted to the model before its weights are.
+    let loras = spec.fit_loras(&lora_specs)?;
+    for n in loras.notices() {
+        eprintln!("warning: {}", n.render(&flag));
+    }
+    let lora_shas = lora_specs
+        .iter()
+        .map(|s| sha256_file(&s.local_file()?, Param::Lora))
+        .collect::<mmdit::Result<Vec<_>>>()?;
+    for (spec, f) in &loras.adapters {
+        eprintln!(
+            "LoRA {} ({}, rank {}) x {}: {} layers",
+            spec.source,
+            f.format.name(),
+            f.ranks
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join("/"),
+            spec.scale,
+            f.layers.len()
+        );
+    }
 
     // Ctrl-C stops at the next step; nothing is written.
     let _ = ctrlc::set_handler(mmdit::interrupt::request);
     let t0 = std::time::Instant::now();
-    let mut pipe = spec.load(dev, dtype).context("loading the model")?;
+    let mut pipe = spec
+        .load_with(dev, dtype, loras, lora_apply)
+        .context("loading the model")?;
     pipe.keep_text_encoders(a.keep_text_encoders);
     let load = t0.elapsed();
     let bar = indicatif::ProgressBar::new(resolved.steps_to_run() as u64);
@@ -280,6 +337,14 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
             };
             text.push((sha_key, f.sha256.clone()));
         }
+    }
+    if !lora_specs.is_empty() {
+        let lines = |v: Vec<String>| v.join("\n");
+        text.push((
+            "lora",
+            lines(lora_specs.iter().map(|s| s.display()).collect()),
+        ));
+        text.push(("lora_sha256", lines(lora_shas)));
     }
     // The strength as given: a replay on the same model takes the same default, and a model that
     // takes no strength (FLUX.1 Kontext) gets none back.

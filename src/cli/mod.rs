@@ -44,6 +44,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// A library parameter as the CLI names it: its flag.
 pub fn flag(p: mmdit::Param) -> String {
+    if p == mmdit::Param::Lora {
+        // The request's list `loras` is the repeatable `--lora`.
+        return "--lora".into();
+    }
     format!("--{}", p.name().replace('_', "-"))
 }
 
@@ -68,7 +72,7 @@ pub fn one_line(e: &anyhow::Error) -> String {
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     match e.downcast_ref::<mmdit::Error>() {
         Some(mmdit::Error::Interrupted) => 130,
-        Some(mmdit::Error::InvalidRequest(_)) => 2,
+        Some(mmdit::Error::InvalidRequest(_) | mmdit::Error::Lora { .. }) => 2,
         _ => 1,
     }
 }

@@ -16,7 +16,14 @@ pub struct FetchArgs {
 #[derive(Args, Debug)]
 pub struct InspectArgs {
     /// A preset, a Hub repo id, a model folder, or a single .safetensors file.
-    pub model: String,
+    pub model: Option<String>,
+    /// The model, as a flag (with --lora: the model the LoRA is fitted to).
+    #[arg(long = "model", value_name = "MODEL")]
+    pub model_flag: Option<String>,
+    /// A LoRA file (or Hub org/name[/file]): its format, ranks, the layers it touches and every key
+    /// that fits nothing (fitted to the model when one is given).
+    #[arg(long)]
+    pub lora: Option<String>,
     #[arg(long)]
     pub revision: Option<String>,
     /// For a single-file checkpoint: the preset, folder or repo with its configs (default: the
@@ -71,8 +78,23 @@ pub fn fetch(a: FetchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
-    let p = Path::new(&a.model);
+pub fn inspect(mut a: InspectArgs) -> anyhow::Result<()> {
+    let model = a.model_flag.take().or(a.model.take());
+    if let Some(l) = &a.lora {
+        return inspect_lora(l, model.as_deref(), &a);
+    }
+    let Some(model) = model else {
+        return Err(mmdit::Error::request(
+            "inspect needs a model (a preset, folder, Hub repo or .safetensors file) or --lora FILE",
+        )
+        .into());
+    };
+    let a = InspectArgs {
+        model: Some(model),
+        ..a
+    };
+    let model = a.model.as_deref().unwrap_or_default();
+    let p = Path::new(model);
     let mut problems = 0;
     let spec = if p.is_file() {
         let Some(single) = inspect_file(p, &mut problems)? else {
@@ -102,7 +124,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             )
             .into());
         }
-        let (model, _) = presets::resolve(&a.model, a.revision.as_deref())?;
+        let (model, _) = presets::resolve(model, a.revision.as_deref())?;
         let spec = Spec::open(&model)?;
         println!("model   {}", spec.name());
         println!("layout  diffusers (model_index.json)");
@@ -218,4 +240,66 @@ fn inspect_file(
     }
     *problems += unmapped.len();
     Ok(Some(single))
+}
+
+/// `inspect --lora FILE [--model M]`: what the file is, and with a model, what of it fits.
+fn inspect_lora(source: &str, model: Option<&str>, a: &InspectArgs) -> anyhow::Result<()> {
+    let spec = mmdit::lora::LoraSpec::parse(source)?;
+    let path = spec.local_file()?;
+    let file = mmdit::lora::LoraFile::read(&path)?;
+    let ranks: Vec<String> = file.ranks().iter().map(|r| r.to_string()).collect();
+    let alphas = file.modules.values().filter(|m| m.alpha.is_some()).count();
+    println!("LoRA    {}", path.display());
+    println!("format  {}", file.format.name());
+    println!(
+        "modules {} (rank {}; {} with alpha{})",
+        file.modules.len(),
+        ranks.join(", "),
+        alphas,
+        if file.adapter_metadata.is_some() {
+            "; PEFT LoraConfig metadata"
+        } else {
+            ""
+        }
+    );
+    let names = file.modules.keys().map(String::as_str);
+    if let Some(f) = mmdit::lora::names::made_for(names) {
+        println!("made for {f} (from its layer names)");
+    }
+    let Some(model) = model else {
+        for (name, m) in &file.modules {
+            let (o, i) = m.dims();
+            println!("  {name}  rank {}  {o}x{i}", m.rank());
+        }
+        for k in &file.other {
+            println!("  not a LoRA factor: {k}");
+        }
+        return Ok(());
+    };
+    let (mref, _) = presets::resolve_with(model, a.revision.as_deref(), a.components.as_deref())?;
+    let spec_m = Spec::open(&mref)?;
+    let fitted = mmdit::lora::fit(&file, &spec_m.model_layers()?)?;
+    println!("model   {} ({})", spec_m.name(), spec_m.variant());
+    let mut per: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (dir, _) in fitted.layers.keys() {
+        *per.entry(dir.as_str()).or_default() += 1;
+    }
+    let touched: Vec<String> = per.iter().map(|(d, n)| format!("{d} {n}")).collect();
+    println!("layers  {}", touched.join(", "));
+    for ((dir, weight), pieces) in &fitted.layers {
+        let layer = weight.strip_suffix(".weight").unwrap_or(weight);
+        for p in pieces {
+            println!(
+                "  {dir}/{layer} <- {} (rank {}, scale {})",
+                p.module,
+                p.down.dims()[0],
+                p.scale
+            );
+        }
+    }
+    println!("unmatched keys: {}", fitted.unmatched.len());
+    for k in &fitted.unmatched {
+        println!("  {k}");
+    }
+    Ok(())
 }

@@ -120,6 +120,15 @@ impl Mapping {
 
     /// Memory-maps the files and serves the component to candle at `dtype` on `device`.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        Ok(VarBuilder::from_backend(
+            self.backend()?,
+            dtype,
+            device.clone(),
+        ))
+    }
+
+    /// Memory-maps the files and serves the component under diffusers' names.
+    pub fn backend(&self) -> Result<Box<dyn SimpleBackend>> {
         let mut maps = Vec::with_capacity(self.files.len());
         for f in &self.files {
             super::weights::check_safetensors(f)?;
@@ -130,15 +139,10 @@ impl Mapping {
             })?;
             maps.push(m);
         }
-        let backend = MappedBackend {
+        Ok(Box::new(MappedBackend {
             maps,
             entries: self.entries.clone(),
-        };
-        Ok(VarBuilder::from_backend(
-            Box::new(backend),
-            dtype,
-            device.clone(),
-        ))
+        }))
     }
 }
 
@@ -390,7 +394,7 @@ fn map_components(
     let mut transformer = base();
     let sub = strip(main, d.prefix);
     match d.format {
-        Format::Sd3 => sd3_transformer(&mut transformer, &sub),
+        Format::Sd3 => sd3_transformer(&mut transformer, &sub, None),
         Format::Flux => flux_transformer(&mut transformer, &sub),
     }
     out.insert("transformer", transformer);
@@ -492,11 +496,36 @@ fn rename(rest: &str, table: &[(&str, &str)]) -> Option<String> {
         .find_map(|(from, to)| rest.strip_prefix(from).map(|r| format!("{to}{r}")))
 }
 
-fn sd3_transformer(m: &mut Mapping, keys: &[(String, String)]) {
-    let last = keys
-        .iter()
-        .filter_map(|(r, _)| block(r, "joint_blocks").map(|b| b.0))
-        .max();
+/// The transformer table of `format` applied to tensors under their original names (no prefix),
+/// given by shape: for each diffusers name, where it comes from. `last_block` is the model's last
+/// joint block, for tensors that are not a whole checkpoint (SD3 stores that block's context
+/// modulation swapped); LoRA files map their layers through this.
+pub fn transformer_table(
+    format: Format,
+    metas: &BTreeMap<String, TensorMeta>,
+    last_block: Option<usize>,
+) -> BTreeMap<String, Source> {
+    let mut m = Mapping {
+        metas: metas
+            .iter()
+            .map(|(k, t)| ((0, k.clone()), t.clone()))
+            .collect(),
+        ..Default::default()
+    };
+    let keys = strip(metas, "");
+    match format {
+        Format::Sd3 => sd3_transformer(&mut m, &keys, last_block),
+        Format::Flux => flux_transformer(&mut m, &keys),
+    }
+    m.entries
+}
+
+fn sd3_transformer(m: &mut Mapping, keys: &[(String, String)], last_block: Option<usize>) {
+    let last = last_block.or_else(|| {
+        keys.iter()
+            .filter_map(|(r, _)| block(r, "joint_blocks").map(|b| b.0))
+            .max()
+    });
     let top: &[(&str, &str)] = &[
         ("x_embedder.proj.", "pos_embed.proj."),
         (

@@ -1,7 +1,9 @@
 //! Opening safetensors weights: header checks with clear errors, sharded indexes, memory mapping.
 
 use crate::error::{Error, Result};
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
@@ -61,15 +63,24 @@ pub fn var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
+    Ok(VarBuilder::from_backend(
+        backend(files)?,
+        dtype,
+        device.clone(),
+    ))
+}
+
+/// Memory-maps checked weight files as one backend (for a [`VarBuilder`], or wrapped by one that
+/// changes the weights, as LoRA merging does).
+pub fn backend(files: &[PathBuf]) -> Result<Box<dyn SimpleBackend>> {
     for f in files {
         check_safetensors(f)?;
     }
     // SAFETY: the files were just validated; they must not be modified while mapped (the Hub cache
     // and model folders are written only by downloads that replace files atomically).
-    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|e| {
-        Error::BadWeights {
-            path: files.first().cloned().unwrap_or_default(),
-            msg: e.to_string(),
-        }
-    })
+    let m = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::BadWeights {
+        path: files.first().cloned().unwrap_or_default(),
+        msg: e.to_string(),
+    })?;
+    Ok(Box::new(m))
 }

@@ -8,15 +8,20 @@
 //! place) are a further kernel, and a LoRA delta applied at run time is a term added to
 //! [`Linear::forward`]'s output, so the models that hold `Linear`s do not change for either.
 
+use super::lora::{self, Slot};
 use crate::cpu::amx::{self, PackedB};
 use crate::cpu::sgemm::{self, PackedBf16, PackedF32};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
 
-/// `y = x Wᵀ + b` (diffusers' and PyTorch's `nn.Linear`).
+/// `y = x Wᵀ + b` (diffusers' and PyTorch's `nn.Linear`), plus the run-time LoRA term of its slot
+/// when one is set ([`super::lora`]).
 #[derive(Debug, Clone)]
-pub struct Linear(Kernel);
+pub struct Linear {
+    kernel: Kernel,
+    lora: Option<Arc<Slot>>,
+}
 
 /// Where a layer's product runs, and the weight in the layout that kernel takes.
 #[derive(Debug, Clone)]
@@ -38,9 +43,12 @@ struct Packed<P> {
     bias: Option<Vec<f32>>,
 }
 
-/// diffusers' `nn.Linear(in_dim, out_dim)` with bias, from `vb` (`weight`, `bias`).
+/// diffusers' `nn.Linear(in_dim, out_dim)` with bias, from `vb` (`weight`, `bias`); inside
+/// [`lora::collect`], with a run-time LoRA slot under `vb`'s prefix.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Linear::new(candle_nn::linear(in_dim, out_dim, vb)?)
+    let mut l = Linear::new(candle_nn::linear(in_dim, out_dim, vb.clone())?)?;
+    l.lora = lora::register(&vb.prefix());
+    Ok(l)
 }
 
 impl Linear {
@@ -52,7 +60,7 @@ impl Linear {
         // (A non-contiguous weight is a view, such as the zero-stride stand-ins of the weight
         // audit: packing it would materialise it. Loaded weights are contiguous.)
         if !(w.device().is_cpu() && w.rank() == 2 && w.is_contiguous()) {
-            return Ok(Self(Kernel::Candle(l)));
+            return Ok(Self::of(Kernel::Candle(l)));
         }
         let (n, k) = w.dims2()?;
         let cpu = crate::cpu::features();
@@ -60,7 +68,7 @@ impl Linear {
             Some(b) => Ok::<_, candle_core::Error>(Some(b.to_dtype(DType::F32)?.to_vec1()?)),
             None => Ok(None),
         };
-        Ok(Self(match w.dtype() {
+        Ok(Self::of(match w.dtype() {
             DType::F32 if cpu.avx512 => Kernel::Avx512(Arc::new(Packed {
                 weight: crate::cpu::with_slice(w, |w| PackedF32::from_nk(w, n, k))?,
                 bias: bias()?,
@@ -77,21 +85,23 @@ impl Linear {
         }))
     }
 
+    fn of(kernel: Kernel) -> Self {
+        Self { kernel, lora: None }
+    }
+
     /// Whether products run on AMX tiles.
     pub fn is_amx(&self) -> bool {
-        matches!(self.0, Kernel::Amx(_))
+        matches!(self.kernel, Kernel::Amx(_))
     }
 
     /// Whether products run on the AVX-512 kernel (f32, or bf16 panels).
     pub fn is_avx512(&self) -> bool {
-        matches!(self.0, Kernel::Avx512(_) | Kernel::Avx512Bf16(_))
+        matches!(self.kernel, Kernel::Avx512(_) | Kernel::Avx512Bf16(_))
     }
-}
 
-impl Module for Linear {
-    /// x: (.., in) -> (.., out)
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.0 {
+    /// `x Wᵀ + b` without the LoRA term.
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.kernel {
             Kernel::Candle(l) => l.forward(x),
             Kernel::Amx(p) => {
                 let (k, n) = (p.weight.k(), p.weight.n());
@@ -117,6 +127,17 @@ impl Module for Linear {
                 })?
                 .to_dtype(DType::BF16)
             }
+        }
+    }
+}
+
+impl Module for Linear {
+    /// x: (.., in) -> (.., out)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.product(x)?;
+        match self.lora.as_ref().and_then(|s| s.get()) {
+            Some(delta) => y + delta.forward(x)?,
+            None => Ok(y),
         }
     }
 }
@@ -205,7 +226,7 @@ mod tests {
                 let bias = l
                     .bias()
                     .map(|b| b.to_dtype(DType::F32).unwrap().to_vec1().unwrap());
-                Linear(Kernel::Avx512Bf16(Arc::new(Packed {
+                Linear::of(Kernel::Avx512Bf16(Arc::new(Packed {
                     weight: w.unwrap(),
                     bias,
                 })))

@@ -11,6 +11,7 @@ pub mod activation;
 pub mod attention;
 pub mod conv;
 pub mod linear;
+pub mod lora;
 pub mod mlp;
 pub mod modulate;
 pub mod norm;

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::loader::audit::{Audit, ShapeBackend, TensorMeta};
 use crate::loader::single::SingleFile;
 use crate::loader::{self, FileSource};
+use crate::lora::{LoraSet, MergeBackend};
 use crate::text::clip::ClipText;
 use crate::text::TextTokenizer;
 use candle_core::{DType, Device};
@@ -113,6 +114,8 @@ pub struct ComponentAudit {
 pub(crate) struct Weights<'a> {
     pub src: &'a dyn FileSource,
     pub single: Option<&'a SingleFile>,
+    /// LoRAs merged into the components they touch as their weights are read.
+    pub merge: &'a LoraSet,
 }
 
 const WEIGHT_STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
@@ -120,15 +123,27 @@ const WEIGHT_STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
 impl Weights<'_> {
     /// The component in folder `dir` as a [`VarBuilder`] at `dtype`.
     fn var_builder(&self, dir: &str, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        if let Some(m) = self.single.and_then(|s| s.component(dir)) {
-            return m.var_builder(dtype, device);
-        }
-        let files = loader::component_weights(self.src, dir, &WEIGHT_STEMS)?;
-        loader::weights::var_builder(&files, dtype, device)
+        let backend = match self.single.and_then(|s| s.component(dir)) {
+            Some(m) => m.backend()?,
+            None => {
+                let files = loader::component_weights(self.src, dir, &WEIGHT_STEMS)?;
+                loader::weights::backend(&files)?
+            }
+        };
+        let deltas = self.merge.deltas(dir);
+        let backend = if deltas.is_empty() {
+            backend
+        } else {
+            Box::new(MergeBackend {
+                inner: backend,
+                deltas,
+            })
+        };
+        Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
     }
 
     /// The component's files and its tensors' names and shapes (headers only).
-    fn headers(&self, dir: &str) -> Result<(Vec<PathBuf>, BTreeMap<String, TensorMeta>)> {
+    pub fn headers(&self, dir: &str) -> Result<(Vec<PathBuf>, BTreeMap<String, TensorMeta>)> {
         if let Some(m) = self.single.and_then(|s| s.component(dir)) {
             return Ok((m.files.clone(), m.metas()));
         }

@@ -21,13 +21,15 @@ use crate::error::{Error, Message, Param, Result};
 use crate::image_io;
 use crate::loader::single::SingleFile;
 use crate::loader::{self, FileSource, ModelRef};
+use crate::lora::{self, Apply, Fitted, LoraFile, LoraSet, LoraSpec, ModelLayers};
+use crate::nn;
 use crate::output::RgbImage;
 use crate::request::{self, Given, Init, Request, Resolved};
 use crate::sampling::{Sampler, Schedule};
 use crate::text::{PromptEncoder, Truncation};
 use crate::vae::{self, VaeDecoder, VaeEncoder};
 use candle_core::{DType, Device, Tensor};
-use components::{read, read_checked, tokenizer_dir, OpenCtx, TextLoader, Weights};
+use components::{read, read_checked, tokenizer_dir, OpenCtx, TextLoader, TextPart, Weights};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -125,10 +127,11 @@ impl Spec {
         self.source.as_ref()
     }
 
-    fn weights(&self) -> Weights<'_> {
+    fn weights<'a>(&'a self, merge: &'a LoraSet) -> Weights<'a> {
         Weights {
             src: self.source.as_ref(),
             single: self.single.as_deref(),
+            merge,
         }
     }
 
@@ -160,6 +163,9 @@ impl Spec {
     pub fn resolve(&self, req: &Request) -> Result<Resolved> {
         let d = self.defaults();
         let mut notices = Vec::new();
+        for l in &req.loras {
+            l.check()?;
+        }
         let reference = self.family.edit() == Edit::Reference;
         let (width, height) = match &req.image {
             Some(_) if reference => reference_output_size(req, &d, &mut notices),
@@ -325,9 +331,15 @@ impl Spec {
         }
     }
 
-    fn text_loader(&self, device: &Device, dtype: DType) -> TextLoader<'_> {
+    /// The text encoders' loader, merging the text-encoder parts of `loras`.
+    fn text_loader<'a>(
+        &'a self,
+        device: &Device,
+        dtype: DType,
+        loras: &'a LoraSet,
+    ) -> TextLoader<'a> {
         TextLoader {
-            weights: self.weights(),
+            weights: self.weights(loras),
             device: device.clone(),
             dtype,
         }
@@ -335,15 +347,70 @@ impl Spec {
 
     /// Checks every component's tensors against its config and maps the weights.
     pub fn load(self, device: &Device, dtype: DType) -> Result<Pipeline> {
-        let w = self.weights();
-        let transformer = w.load("transformer", dtype, device, |vb| {
-            self.family.transformer(vb)
-        })?;
+        self.load_with(device, dtype, LoraSet::default(), Apply::Merge)
+    }
+
+    /// The layers a LoRA can fit: the transformer's and text encoders' tensor names and shapes
+    /// (headers only).
+    pub fn model_layers(&self) -> Result<ModelLayers> {
+        let none = LoraSet::default();
+        let w = self.weights(&none);
+        let (_, transformer) = w.headers("transformer")?;
+        let mut text = Vec::new();
+        for part in self.family.text_parts() {
+            if let Ok((_, h)) = w.headers(part.dir()) {
+                text.push((part.dir(), matches!(part, TextPart::T5(_)), h));
+            }
+        }
+        Ok(ModelLayers::new(&transformer, text))
+    }
+
+    /// Reads each LoRA (downloading Hub ones) and fits it to this model: a file made for another
+    /// model, one that fits no layer, or a layer of another shape is refused here, before any
+    /// weight is read.
+    pub fn fit_loras(&self, specs: &[LoraSpec]) -> Result<LoraSet> {
+        if specs.is_empty() {
+            return Ok(LoraSet::default());
+        }
+        let layers = self.model_layers()?;
+        let mut set = LoraSet::default();
+        for spec in specs {
+            spec.check()?;
+            let file = LoraFile::read(&spec.local_file()?)?;
+            set.adapters
+                .push((spec.clone(), Arc::new(lora::fit(&file, &layers)?)));
+        }
+        Ok(set)
+    }
+
+    /// [`Spec::load`] with LoRAs: merged into the transformer's weights as they are read
+    /// ([`Apply::Merge`]), or set as run-time terms of its layers ([`Apply::Runtime`]); the
+    /// text encoders' parts are merged either way.
+    pub fn load_with(
+        self,
+        device: &Device,
+        dtype: DType,
+        loras: LoraSet,
+        apply: Apply,
+    ) -> Result<Pipeline> {
+        let (merged, runtime) = match apply {
+            Apply::Merge => (loras.clone(), LoraSet::default()),
+            Apply::Runtime => (loras.text_only(), loras.clone()),
+        };
+        let w = self.weights(&merged);
+        let (transformer, slots) = nn::lora::collect(|| {
+            w.load("transformer", dtype, device, |vb| {
+                self.family.transformer(vb)
+            })
+        });
+        let transformer = transformer?;
         let vae = w.load("vae", vae_dtype(dtype, device), device, |vb| {
             VaeDecoder::new(&self.vae, vb)
         })?;
-        let text = self.family.load_text(&self.text_loader(device, dtype))?;
-        Ok(Pipeline {
+        let text = self
+            .family
+            .load_text(&self.text_loader(device, dtype, &merged))?;
+        let mut pipe = Pipeline {
             spec: self,
             transformer,
             vae,
@@ -352,13 +419,27 @@ impl Spec {
             keep_text: true,
             device: device.clone(),
             dtype,
-        })
+            loras: LoraState {
+                merged: merged.clone(),
+                text: loras.text_only(),
+                active: loras.specs(),
+                slots,
+                cache: Vec::new(),
+            },
+        };
+        if !runtime.is_empty() {
+            pipe.loras.active.clear();
+            pipe.set_runtime(&runtime)?;
+            pipe.loras.active = runtime.specs();
+        }
+        Ok(pipe)
     }
 
     /// Checks every component's weight files against its config by reading only their headers
     /// (downloading them first for Hub models).
     pub fn audit(&self) -> Result<Vec<ComponentAudit>> {
-        let w = self.weights();
+        let no_loras = LoraSet::default();
+        let w = self.weights(&no_loras);
         let none = |_: &str| false;
         // The VAE encoder is checked when an edit first loads it; here its tensors are expected, unread.
         let encoder = |n: &str| n.starts_with("encoder.") || n.starts_with("quant_conv.");
@@ -614,9 +695,101 @@ pub struct Pipeline {
     pub keep_text: bool,
     pub device: Device,
     pub dtype: DType,
+    loras: LoraState,
+}
+
+/// The LoRAs a pipeline applies and how.
+struct LoraState {
+    /// Merged into the transformer's weights at load.
+    merged: LoraSet,
+    /// Merged into the loaded text encoders (their parts only).
+    text: LoraSet,
+    /// What the last request asked for (the load's LoRAs before the first).
+    active: Vec<LoraSpec>,
+    /// The transformer's run-time slots, by layer name.
+    slots: nn::lora::Slots,
+    /// Files already fitted, by local path.
+    cache: Vec<(PathBuf, Arc<Fitted>)>,
 }
 
 impl Pipeline {
+    /// The LoRAs applied now, with their weights.
+    pub fn loras(&self) -> &[LoraSpec] {
+        &self.loras.active
+    }
+
+    /// Applies `specs` from the next generation on (a request's `loras` does this itself). What
+    /// differs from the LoRAs merged at load becomes run-time terms of the transformer's layers;
+    /// the text encoders are loaded again with their parts when those change. Returns notices
+    /// (unmatched keys, a LoRA given twice).
+    pub fn set_loras(&mut self, specs: &[LoraSpec]) -> Result<Vec<Message>> {
+        if specs == self.loras.active.as_slice() {
+            return Ok(Vec::new());
+        }
+        let mut set = LoraSet::default();
+        let mut layers = None;
+        for spec in specs {
+            spec.check()?;
+            let path = spec.local_file()?;
+            let cached = self
+                .loras
+                .cache
+                .iter()
+                .find(|(p, _)| *p == path)
+                .map(|(_, f)| f.clone());
+            let fitted = match cached {
+                Some(f) => f,
+                None => {
+                    if layers.is_none() {
+                        layers = Some(self.spec.model_layers()?);
+                    }
+                    let file = LoraFile::read(&path)?;
+                    let f = Arc::new(lora::fit(&file, layers.as_ref().expect("just set"))?);
+                    self.loras.cache.push((path, f.clone()));
+                    f
+                }
+            };
+            set.adapters.push((spec.clone(), fitted));
+        }
+        self.set_runtime(&set)?;
+        let text = set.text_only();
+        if text.specs() != self.loras.text.specs() {
+            self.text = None;
+            self.loras.text = text;
+        }
+        self.loras.active = specs.to_vec();
+        Ok(set.notices())
+    }
+
+    /// Sets the transformer's run-time terms to `set` minus what is merged.
+    fn set_runtime(&mut self, set: &LoraSet) -> Result<()> {
+        let mut want = set.deltas("transformer");
+        let merged = self.loras.merged.deltas("transformer");
+        if set.transformer_specs() == self.loras.merged.transformer_specs() {
+            want.clear();
+        } else {
+            for (w, pieces) in merged {
+                let negated = pieces.into_iter().map(|(d, u, s)| (d, u, -s));
+                want.entry(w).or_default().extend(negated);
+            }
+        }
+        for w in want.keys() {
+            let layer = w.strip_suffix(".weight").unwrap_or(w);
+            if !self.loras.slots.contains_key(layer) {
+                return Err(Error::InvalidRequest(Message::about(Param::Lora).text(format!(
+                    ": layer `{layer}` takes no run-time LoRA term; load the model with this LoRA merged instead"
+                ))));
+            }
+        }
+        for (name, slot) in &self.loras.slots {
+            match want.get(&format!("{name}.weight")) {
+                Some(p) => slot.set(nn::lora::Delta::new(p)?),
+                None => slot.set(None),
+            }
+        }
+        Ok(())
+    }
+
     /// Checks a request against the loaded model and fills in defaults.
     pub fn resolve(&self, req: &Request) -> Result<Resolved> {
         self.spec.resolve(req)
@@ -636,10 +809,11 @@ impl Pipeline {
     /// The text encoders, loaded again if they were released.
     pub fn text_encoders(&mut self) -> Result<&mut dyn PromptEncoder> {
         if self.text.is_none() {
-            let text = self
-                .spec
-                .family
-                .load_text(&self.spec.text_loader(&self.device, self.dtype))?;
+            let text = self.spec.family.load_text(&self.spec.text_loader(
+                &self.device,
+                self.dtype,
+                &self.loras.text,
+            ))?;
             self.text = Some(text);
         }
         Ok(self.text.as_deref_mut().expect("just loaded"))
@@ -670,7 +844,8 @@ impl Pipeline {
 
     /// Runs text encoding, sampling and decoding. `on_step(i)` is called after each step.
     pub fn generate(&mut self, req: &Request, on_step: &mut dyn FnMut(usize)) -> Result<Generated> {
-        let r = self.spec.resolve(req)?;
+        let mut r = self.spec.resolve(req)?;
+        r.notices.extend(self.set_loras(&req.loras)?);
         let mut timings = Timings::default();
         let t0 = Instant::now();
         let cfg = self.spec.family.guidance(&r);
@@ -787,9 +962,10 @@ impl Pipeline {
         if self.encoder.is_none() {
             let dtype = vae_dtype(self.dtype, &self.device);
             let cfg = &self.spec.vae;
+            let no_loras = LoraSet::default();
             let enc = self
                 .spec
-                .weights()
+                .weights(&no_loras)
                 .load("vae", dtype, &self.device, |vb| VaeEncoder::new(cfg, vb))?;
             self.encoder = Some(enc);
         }

@@ -1,0 +1,331 @@
+//! LoRA adapters: files in every common naming scheme ([`file`] reads and groups them, [`names`]
+//! says where each name points, [`fit`] fits them to a model), combined with per-adapter weights
+//! as diffusers' `set_adapters` does, and applied either merged into the weights as they are read
+//! ([`MergeBackend`]) or at run time as a term of each layer ([`crate::nn::lora`]).
+
+pub mod file;
+pub mod fit;
+pub mod names;
+
+pub use file::{Format, LoraFile};
+pub use fit::{fit, Fitted, ModelLayers, Piece};
+
+use crate::error::{Error, Message, Param, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::Init;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The largest adapter weight accepted; beyond it an image is noise (diffusers takes any).
+pub const MAX_SCALE: f64 = 100.0;
+
+/// A LoRA as the user names it: a local `.safetensors` file or a Hub `org/name[/file]`, and its
+/// weight (`:SCALE`, default 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub source: String,
+    pub scale: f64,
+}
+
+impl LoraSpec {
+    /// `SOURCE[:SCALE]`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let (source, scale) = match s.rsplit_once(':') {
+            Some((src, tail)) if !tail.contains('/') => {
+                let v: f64 = tail.trim().parse().map_err(|_| {
+                    Error::invalid(
+                        Param::Lora,
+                        format!(" {s}: the scale after ':' must be a number, e.g. my_lora.safetensors:0.8"),
+                    )
+                })?;
+                (src, v)
+            }
+            _ => (s, 1.0),
+        };
+        if source.is_empty() {
+            return Err(Error::invalid(
+                Param::Lora,
+                " is empty; give a .safetensors file or a Hub repo org/name[/file.safetensors], optionally with :SCALE",
+            ));
+        }
+        let spec = Self {
+            source: source.to_string(),
+            scale,
+        };
+        spec.check()?;
+        Ok(spec)
+    }
+
+    /// The weight must be finite and at most [`MAX_SCALE`] in size.
+    pub fn check(&self) -> Result<()> {
+        if !self.scale.is_finite() || self.scale.abs() > MAX_SCALE {
+            return Err(Error::invalid(
+                Param::Lora,
+                format!(
+                    " {}: scale {} is out of range; use a number between -{MAX_SCALE} and {MAX_SCALE} (typically 0.5 to 1.2)",
+                    self.source, self.scale
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `SOURCE:SCALE`, as `parse` reads it back.
+    pub fn display(&self) -> String {
+        format!("{}:{}", self.source, self.scale)
+    }
+
+    /// The local file: the path itself, or the file downloaded from (or found in the cache of)
+    /// the Hub; diffusers' `pytorch_lora_weights.safetensors` when the spec names no file.
+    pub fn local_file(&self) -> Result<PathBuf> {
+        let p = Path::new(&self.source);
+        if p.is_file() {
+            return Ok(p.to_path_buf());
+        }
+        if p.exists() {
+            return Err(Error::invalid(
+                Param::Lora,
+                format!(
+                    " {}: is a folder; give the .safetensors file in it",
+                    self.source
+                ),
+            ));
+        }
+        let parts: Vec<&str> = self.source.split('/').collect();
+        // A path whose folder exists here is a missing local file, not a Hub file.
+        let local_dir = p
+            .parent()
+            .is_some_and(|d| !d.as_os_str().is_empty() && d.is_dir());
+        let hub_like = parts.len() >= 2
+            && !local_dir
+            && !self.source.starts_with('.')
+            && !self.source.starts_with('/')
+            && crate::loader::ModelRef::parse(&parts[..2].join("/"), None).is_ok();
+        if !hub_like {
+            return Err(Error::invalid(
+                Param::Lora,
+                format!(
+                    " {}: no such file, and not a Hub repo org/name[/file.safetensors]",
+                    self.source
+                ),
+            ));
+        }
+        let repo = parts[..2].join("/");
+        let rel = if parts.len() > 2 {
+            parts[2..].join("/")
+        } else {
+            "pytorch_lora_weights.safetensors".to_string()
+        };
+        use crate::loader::FileSource;
+        let src = crate::loader::hub::HubSource::new(&repo, "main")?;
+        let found = src.file(&rel).map_err(|e| {
+            Error::InvalidRequest(Message::about(Param::Lora).text(format!(
+                " {}: not a local file, so read as the Hub repo {repo}'s `{rel}`: {e}",
+                self.source
+            )))
+        })?;
+        found.ok_or_else(|| {
+            Error::InvalidRequest(Message::about(Param::Lora).text(format!(
+                " {}: the Hub repo {repo} has no file `{rel}`{}; name the file as {repo}/FILE.safetensors",
+                self.source,
+                src.missing_hint()
+            )))
+        })
+    }
+}
+
+/// How a pipeline applies its LoRAs to the transformer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Apply {
+    /// Added to the weights as they are read (no cost per step; the text encoders always so).
+    #[default]
+    Merge,
+    /// A term of each layer's output, switched between requests without reloading.
+    Runtime,
+}
+
+/// LoRAs fitted to one model, each with its weight.
+#[derive(Debug, Clone, Default)]
+pub struct LoraSet {
+    pub adapters: Vec<(LoraSpec, Arc<Fitted>)>,
+}
+
+impl LoraSet {
+    pub fn is_empty(&self) -> bool {
+        self.adapters.is_empty()
+    }
+
+    /// The specs, in order.
+    pub fn specs(&self) -> Vec<LoraSpec> {
+        self.adapters.iter().map(|(s, _)| s.clone()).collect()
+    }
+
+    /// Every adapter's pieces of one component, by weight name, each scale times its adapter's
+    /// weight.
+    pub fn deltas(&self, dir: &str) -> BTreeMap<String, Vec<(Tensor, Tensor, f64)>> {
+        let mut out: BTreeMap<String, Vec<(Tensor, Tensor, f64)>> = BTreeMap::new();
+        for (spec, f) in &self.adapters {
+            for ((d, w), pieces) in &f.layers {
+                if d == dir {
+                    let v = out.entry(w.clone()).or_default();
+                    v.extend(
+                        pieces
+                            .iter()
+                            .map(|p| (p.down.clone(), p.up.clone(), p.scale * spec.scale)),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// The adapters that change a text encoder, with only those parts.
+    pub fn text_only(&self) -> LoraSet {
+        self.part(|dir| dir != "transformer")
+    }
+
+    /// The specs of the adapters that change the transformer.
+    pub fn transformer_specs(&self) -> Vec<LoraSpec> {
+        self.part(|dir| dir == "transformer").specs()
+    }
+
+    /// The adapters with layers in the components `keep` accepts, with only those layers.
+    fn part(&self, keep: impl Fn(&str) -> bool) -> LoraSet {
+        let adapters = self
+            .adapters
+            .iter()
+            .filter_map(|(spec, f)| {
+                let layers: BTreeMap<_, _> = f
+                    .layers
+                    .iter()
+                    .filter(|((d, _), _)| keep(d))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                (!layers.is_empty()).then(|| {
+                    let mut g = (**f).clone();
+                    g.layers = layers;
+                    (spec.clone(), Arc::new(g))
+                })
+            })
+            .collect();
+        LoraSet { adapters }
+    }
+
+    /// Whether any adapter changes a component other than the transformer.
+    pub fn touches_text(&self) -> bool {
+        self.adapters
+            .iter()
+            .any(|(_, f)| f.layers.keys().any(|(d, _)| d != "transformer"))
+    }
+
+    /// What the user should know: keys that fit nothing, a LoRA given twice.
+    pub fn notices(&self) -> Vec<Message> {
+        let mut out = Vec::new();
+        for (i, (spec, f)) in self.adapters.iter().enumerate() {
+            if !f.unmatched.is_empty() {
+                let keys = f.unmatched.len() + f.layers.values().map(Vec::len).sum::<usize>();
+                out.push(Message::about(Param::Lora).text(format!(
+                    " {}: {} of its keys fit no layer of the model and are ignored (e.g. `{}`); `mmdit inspect --lora FILE --model M` lists them",
+                    spec.source,
+                    f.unmatched.len(),
+                    f.unmatched[0]
+                ) + &format!(" ({keys} keys in all)")));
+            }
+            if self.adapters[..i].iter().any(|(_, g)| g.path == f.path) {
+                out.push(Message::about(Param::Lora).text(format!(
+                    " {}: given more than once; its scales add up",
+                    spec.source
+                )));
+            }
+        }
+        out
+    }
+}
+
+/// Serves a component's weights with its LoRA deltas added: `W + Σ scale · up · down`, computed
+/// in f32 and rounded once to the run dtype.
+pub struct MergeBackend {
+    pub inner: Box<dyn SimpleBackend>,
+    /// Weight name -> (down, up, scale) pieces.
+    pub deltas: BTreeMap<String, Vec<(Tensor, Tensor, f64)>>,
+}
+
+impl MergeBackend {
+    fn merged(
+        &self,
+        w: Tensor,
+        name: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let Some(pieces) = self.deltas.get(name) else {
+            return Ok(w);
+        };
+        let shape = w.shape().clone();
+        let out = shape.dims()[0];
+        let mut acc = w
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .reshape((out, ()))?;
+        for (down, up, scale) in pieces {
+            acc = (acc + (up.matmul(down)? * *scale)?)?;
+        }
+        acc.reshape(shape)?.to_dtype(dtype)?.to_device(dev)
+    }
+}
+
+impl SimpleBackend for MergeBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if !self.deltas.contains_key(name) {
+            return self.inner.get(s, name, h, dtype, dev);
+        }
+        let w = self.inner.get(s, name, h, DType::F32, &Device::Cpu)?;
+        self.merged(w, name, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if !self.deltas.contains_key(name) {
+            return self.inner.get_unchecked(name, dtype, dev);
+        }
+        let w = self.inner.get_unchecked(name, DType::F32, &Device::Cpu)?;
+        self.merged(w, name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_with_and_without_scale() {
+        let s = LoraSpec::parse("a/b.safetensors:0.7").unwrap();
+        assert_eq!((s.source.as_str(), s.scale), ("a/b.safetensors", 0.7));
+        let s = LoraSpec::parse("org/name").unwrap();
+        assert_eq!((s.source.as_str(), s.scale), ("org/name", 1.0));
+        let s = LoraSpec::parse("x.safetensors:-0.3").unwrap();
+        assert_eq!(s.scale, -0.3);
+        for bad in [
+            "x.safetensors:NaN",
+            "x.safetensors:101",
+            "x.safetensors:inf",
+            "x.safetensors:abc",
+            ":1",
+            "",
+        ] {
+            assert!(LoraSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -53,6 +53,12 @@ class Gen:
         return down, up
 
 
+def hf4(name):
+    """A CLIP module's name as transformers 4 (which kohya's files were made with) names it:
+    under `text_model.` (transformers 5 drops that level)."""
+    return name if name.startswith("text_model.") else "text_model." + name
+
+
 def shape(module):
     return module.weight.shape  # (out, in)
 
@@ -174,7 +180,7 @@ def split_for_diffusers(sd, prefix, dim, te_prefix=None):
         alpha = next((v for k, v in keys.items() if k.endswith(".alpha")), None)
         s = alpha.item() / down.shape[0] if alpha is not None else 1.0
         if te_prefix and m.startswith(te_prefix):
-            n = "text_encoder." + m[len(te_prefix):].replace("_", ".").replace("text.model", "text_model") \
+            n = "text_encoder." + m[len(te_prefix):].replace("_", ".").replace("text.model.", "") \
                 .replace("self.attn", "self_attn").replace("q.proj", "q_proj").replace("k.proj", "k_proj") \
                 .replace("v.proj", "v_proj").replace("out.proj", "out_proj")
             side[f"{n}.lora_A.weight"], side[f"{n}.lora_B.weight"] = down, (up * s).contiguous()
@@ -209,7 +215,7 @@ def flux_kohya(t, gen, path, te=None):
         for n, m in te.named_modules():
             if isinstance(m, torch.nn.Linear) and ("layers.0.self_attn.v_proj" in n or "layers.2.mlp.fc2" in n):
                 d, u = gen.pair(*shape(m), 4)
-                key = "lora_te1_" + n.replace(".", "_")
+                key = "lora_te1_" + hf4(n).replace(".", "_")
                 sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = d, u
                 sd[f"{key}.alpha"] = torch.tensor(2.0)
     save_file(sd, path)
@@ -251,6 +257,29 @@ def flux_xlabs(t, gen, path):
             sd[f"single_blocks.{i}.processor.{p}.down.weight"], sd[f"single_blocks.{i}.processor.{p}.up.weight"] = d, u
     save_file(sd, path)
     return {}
+
+
+def flux_kohya_diffusers(t, te, gen, path):
+    """kohya's diffusers-names flavour (diffusers' "mixture"): `lora_transformer_<diffusers name with _>`
+    and `lora_te1_` lora_down/lora_up, alpha on every module. diffusers takes the transformer part
+    from the file; its `lora_te1_` part comes out under transformers 4's `text_model.` names, which
+    transformers 5's CLIP lacks, so that part is loaded as the equivalent PEFT modules."""
+    sd, side = {}, {}
+    for n, m in t.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".attn." in n and not n.endswith("norm"):
+            d, u = gen.pair(*shape(m), 4, strength=4.0)
+            key = "lora_transformer_" + n.replace(".", "_")
+            sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = d, u
+            sd[f"{key}.alpha"] = torch.tensor(2.0)
+    for n, m in te.named_modules():
+        if isinstance(m, torch.nn.Linear) and "layers.3.self_attn.k_proj" in n:
+            d, u = gen.pair(*shape(m), 4)
+            key = "lora_te1_" + hf4(n).replace(".", "_")
+            sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = d, u
+            sd[f"{key}.alpha"] = torch.tensor(8.0)
+            side[f"text_encoder.{n}.lora_A.weight"], side[f"text_encoder.{n}.lora_B.weight"] = d, u * 2.0
+    save_file(sd, path)
+    return {k: v for k, v in sd.items() if not k.startswith("lora_te1_")}, side
 
 
 def flux_aitoolkit(t, gen, path):
@@ -341,7 +370,7 @@ def sd3_kohya(t, te, gen, path):
     for n, m in te.named_modules():
         if isinstance(m, torch.nn.Linear) and "layers.1.self_attn.out_proj" in n:
             d, u = gen.pair(*shape(m), 4)
-            key = "lora_te1_" + n.replace(".", "_")
+            key = "lora_te1_" + hf4(n).replace(".", "_")
             sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"], sd[f"{key}.alpha"] = d, u, torch.tensor(4.0)
             conv[f"text_encoder.{n}.lora_A.weight"], conv[f"text_encoder.{n}.lora_B.weight"] = d, u
     save_file(sd, path)
@@ -358,6 +387,7 @@ RUNS = [
     ("flux-dev-tiny", [("flux_comfy.safetensors", 0.8)], 3, 32, 32, 3.5, "a red circle on a white background"),
     ("flux-dev-tiny", [("flux_xlabs.safetensors", 1.0)], 3, 32, 32, 3.5, "a green circle"),
     ("flux-dev-tiny", [("flux_aitoolkit.safetensors", 1.2)], 3, 32, 32, 3.5, "a green circle"),
+    ("flux-dev-tiny", [("flux_kohya_diffusers.safetensors", 1.0)], 3, 24, 40, 3.5, "a blue square"),
     ("flux-dev-tiny", [("flux_peft.safetensors", 0.7), ("flux_kohya.safetensors", -0.3)], 3, 32, 32, 3.5,
      "a red circle on a white background"),
     ("sd35-tiny", [("sd3_peft.safetensors", 1.0)], 3, 32, 32, 5.0, "a red circle on a white background"),
@@ -368,6 +398,7 @@ RUNS = [
 NOTES = {
     "flux_kohya.safetensors": "diffusers loads the double blocks and single linear2/modulation from the file; single_blocks.*.linear1 (its converter asserts FLUX.1's real widths), the top-level layers and lora_te1_ (which it drops) as the equivalent PEFT LoRA, a second adapter of equal weight",
     "flux_comfy.safetensors": "as flux_kohya: linear1 and the top-level layers as the equivalent PEFT LoRA",
+    "flux_kohya_diffusers.safetensors": "diffusers loads the lora_transformer_ part from the file; the lora_te1_ part (named for transformers 4's text_model. level, which transformers 5's CLIP lacks) as the equivalent PEFT modules",
     "sd3_kohya.safetensors": "diffusers has no kohya SD3 converter: the reference loads the script's PEFT conversion of it",
 }
 
@@ -394,6 +425,8 @@ def main():
     loads["flux_xlabs.safetensors"] = (f("flux_xlabs.safetensors"), None)
     flux_aitoolkit(fp.transformer, gen, f("flux_aitoolkit.safetensors"))
     loads["flux_aitoolkit.safetensors"] = (f("flux_aitoolkit.safetensors"), None)
+    loads["flux_kohya_diffusers.safetensors"] = flux_kohya_diffusers(
+        fp.transformer, fp.text_encoder, gen, f("flux_kohya_diffusers.safetensors"))
     sd3_peft(sp.transformer, sp.text_encoder, sp.text_encoder_2, gen, f("sd3_peft.safetensors"))
     loads["sd3_peft.safetensors"] = (f("sd3_peft.safetensors"), None)
     conv = sd3_kohya(sp.transformer, sp.text_encoder, gen, f("sd3_kohya.safetensors"))

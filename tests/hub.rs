@@ -371,3 +371,71 @@ fn a_short_file_is_refused_before_use() {
     );
     assert!(!out.exists());
 }
+
+/// `--lora org/name` takes diffusers' `pytorch_lora_weights.safetensors`, `--lora org/name/FILE:S`
+/// that file, both downloaded through the Hub client into the cache and then read offline.
+#[test]
+fn loras_come_from_the_hub_and_its_cache() {
+    let repo = common::tmp("hub-lora-repo");
+    let lora = common::fixture("lora").join("flux_xlabs.safetensors");
+    std::fs::copy(&lora, repo.join("pytorch_lora_weights.safetensors")).unwrap();
+    std::fs::copy(
+        common::fixture("lora").join("flux_peft.safetensors"),
+        repo.join("style.safetensors"),
+    )
+    .unwrap();
+    let home = common::tmp("hub-lora-home");
+    let run = |endpoint: &str, offline: bool, test: &str| {
+        let out = common::tmp(&format!("hub-lora-{test}")).join("img.png");
+        let mut cmd = common::mmdit();
+        cmd.args([
+            "generate",
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "1",
+            "--width",
+            "32",
+            "--height",
+            "32",
+        ])
+        .arg("--model")
+        .arg(common::fixture("flux-dev-tiny"))
+        .args([
+            "--lora",
+            "org/tiny",
+            "--lora",
+            "org/tiny/style.safetensors:0.5",
+            "--output",
+        ])
+        .arg(&out)
+        .env("HF_ENDPOINT", endpoint)
+        .env("HF_HOME", &home)
+        .env_remove("HF_TOKEN");
+        if offline {
+            cmd.env("HF_HUB_OFFLINE", "1");
+        } else {
+            cmd.env_remove("HF_HUB_OFFLINE");
+        }
+        let o = cmd.output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+            out,
+        )
+    };
+    let mut hub = Hub::start(repo, Faults::default());
+    let (code, err, out) = run(&hub.endpoint(), false, "online");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("LoRA org/tiny (XLabs"), "{err}");
+    assert!(
+        err.contains("LoRA org/tiny/style.safetensors (diffusers/PEFT"),
+        "{err}"
+    );
+    let (_, text) = mmdit::output::read_png(&out).unwrap();
+    let loras = text.iter().find(|(k, _)| k == "lora").unwrap().1.clone();
+    assert_eq!(loras, "org/tiny:1\norg/tiny/style.safetensors:0.5");
+    hub.stop();
+    let (code, err, _) = run("http://127.0.0.1:9", true, "offline");
+    assert_eq!(code, Some(0), "from the cache: {err}");
+}

@@ -127,7 +127,7 @@ fn runtime_loras_match_diffusers_and_the_merged_path() {
 fn merged_pipeline_switches_loras_per_request() {
     let r = reference("lora");
     let all = runs();
-    let (k0, k5) = (0, 5);
+    let (k0, k5) = (0, 6);
     let mut pipe = load(&all[k0], &specs(&all[k0]), Apply::Merge);
     for k in [k5, k0] {
         let out = pipe
@@ -150,6 +150,7 @@ fn formats_are_detected_and_both_bfl_spellings_agree() {
         ("flux_comfy_ab.safetensors", Format::Original),
         ("flux_xlabs.safetensors", Format::Xlabs),
         ("flux_aitoolkit.safetensors", Format::Peft),
+        ("flux_kohya_diffusers.safetensors", Format::Kohya),
         ("sd3_peft.safetensors", Format::Peft),
         ("sd3_kohya.safetensors", Format::Kohya),
     ] {
@@ -168,7 +169,13 @@ fn formats_are_detected_and_both_bfl_spellings_agree() {
     for (model, files) in [
         (
             "flux-dev-tiny",
-            &["flux_peft", "flux_kohya", "flux_xlabs", "flux_aitoolkit"][..],
+            &[
+                "flux_peft",
+                "flux_kohya",
+                "flux_xlabs",
+                "flux_aitoolkit",
+                "flux_kohya_diffusers",
+            ][..],
         ),
         ("sd35-tiny", &["sd3_peft", "sd3_kohya"][..]),
     ] {

@@ -259,13 +259,23 @@ fn resolve(
     m: &Module,
 ) -> Targets {
     let whole = |w: String| vec![(dir.to_string(), w, Transform::Whole)];
+    // CLIP's names are under `text_model.` in files saved by transformers 4 and not in those saved
+    // by transformers 5; a LoRA of either fits a model of either.
+    let text = dir != "transformer";
     let diffusers = |n: &str| {
-        let w = format!("{n}.weight");
-        if layers.contains_key(&w) {
-            whole(w)
-        } else {
-            vec![]
+        let mut names = vec![n.to_string()];
+        if text {
+            names.push(match n.strip_prefix("text_model.") {
+                Some(r) => r.to_string(),
+                None => format!("text_model.{n}"),
+            });
         }
+        names
+            .into_iter()
+            .map(|n| format!("{n}.weight"))
+            .find(|w| layers.contains_key(w))
+            .map(whole)
+            .unwrap_or_default()
     };
     let original = |o: &str| -> Targets {
         by_original
@@ -285,8 +295,13 @@ fn resolve(
                 .map(|k| (k.replace('.', "_"), k.to_string()))
                 .collect()
         });
+        let alt = match u.strip_prefix("text_model_") {
+            Some(r) => r.to_string(),
+            None => format!("text_model_{u}"),
+        };
         index
             .get(u)
+            .or_else(|| if text { index.get(&alt) } else { None })
             .map(|n| whole(format!("{n}.weight")))
             .unwrap_or_default()
     };

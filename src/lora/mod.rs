@@ -10,6 +10,7 @@ pub mod names;
 pub use file::{Format, LoraFile};
 pub use fit::{fit, Fitted, ModelLayers, Piece};
 
+use crate::cpu::sgemm::{self, PackedF32};
 use crate::error::{Error, Message, Param, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -265,14 +266,30 @@ impl MergeBackend {
         };
         let shape = w.shape().clone();
         let out = shape.dims()[0];
-        let mut acc = w
+        let w = w
             .to_device(&Device::Cpu)?
             .to_dtype(DType::F32)?
             .reshape((out, ()))?;
-        for (down, up, scale) in pieces {
-            acc = (acc + (up.matmul(down)? * *scale)?)?;
-        }
-        acc.reshape(shape)?.to_dtype(dtype)?.to_device(dev)
+        let merged = if crate::cpu::features().avx512 {
+            // W += (scale · up) · down on the packed kernel, in place in one f32 copy of W.
+            let inp = w.dim(1)?;
+            let mut acc = w.flatten_all()?.to_vec1::<f32>()?;
+            for (down, up, scale) in pieces {
+                let r = down.dim(0)?;
+                let up = (up * *scale)?.contiguous()?;
+                let down_t = down.t()?.contiguous()?; // (in, r): the kernel's (n, k)
+                let b = crate::cpu::with_slice(&down_t, |d| PackedF32::from_nk(d, inp, r))?;
+                crate::cpu::with_slice(&up, |u| sgemm::matmul_add(u, out, r, &b, &mut acc, inp))?;
+            }
+            Tensor::from_vec(acc, (out, inp), &Device::Cpu)?
+        } else {
+            let mut acc = w;
+            for (down, up, scale) in pieces {
+                acc = (acc + (up * *scale)?.matmul(down)?)?;
+            }
+            acc
+        };
+        merged.reshape(shape)?.to_dtype(dtype)?.to_device(dev)
     }
 }
 

@@ -109,35 +109,47 @@ impl Linear {
                     amx::matmul(a, m, k, &p.weight, p.bias.as_deref(), out, n)
                 })
             }
-            Kernel::Avx512(p) => {
-                let (k, n) = (p.weight.k(), p.weight.n());
-                packed_forward(x, k, n, "AVX-512", |a, m, out| {
-                    sgemm::matmul(a, m, k, &p.weight, p.bias.as_deref(), out, n)
-                })
-            }
-            Kernel::Avx512Bf16(p) => {
-                let (k, n) = (p.weight.k(), p.weight.n());
-                if x.dtype() != DType::BF16 {
-                    candle_core::bail!("bf16 linear ({k} -> {n}) given {:?}", x.dtype());
-                }
-                // The bf16 values widen exactly; the f32 result is rounded once.
-                let x = x.to_dtype(DType::F32)?;
-                packed_forward(&x, k, n, "AVX-512 bf16", |a, m, out| {
-                    sgemm::matmul(a, m, k, &p.weight, p.bias.as_deref(), out, n)
-                })?
-                .to_dtype(DType::BF16)
-            }
+            Kernel::Avx512(p) => sgemm_forward(x, p, None, "AVX-512"),
+            Kernel::Avx512Bf16(p) => sgemm_forward(x, p, None, "AVX-512 bf16"),
         }
     }
+}
+
+/// A layer on the AVX-512 kernel, plus a LoRA term added to the same f32 accumulators: f32 layers
+/// take f32, bf16 layers (bf16 panels) widen bf16 exactly and round the f32 result once.
+fn sgemm_forward<E: sgemm::PanelElem>(
+    x: &Tensor,
+    p: &Packed<sgemm::Packed<E>>,
+    delta: Option<&lora::Delta>,
+    kernel: &str,
+) -> Result<Tensor> {
+    let (k, n) = (p.weight.k(), p.weight.n());
+    let want = if E::BF16 { DType::BF16 } else { DType::F32 };
+    if x.dtype() != want {
+        candle_core::bail!("{kernel} linear ({k} -> {n}) given {:?}", x.dtype());
+    }
+    let xf = x.to_dtype(DType::F32)?;
+    let y = packed_forward(&xf, k, n, kernel, |a, m, out| {
+        sgemm::matmul(a, m, k, &p.weight, p.bias.as_deref(), out, n);
+        if let Some(d) = delta {
+            d.add_packed(a, m, out);
+        }
+    })?;
+    y.to_dtype(want)
 }
 
 impl Module for Linear {
     /// x: (.., in) -> (.., out)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.product(x)?;
-        match self.lora.as_ref().and_then(|s| s.get()) {
-            Some(delta) => y + delta.forward(x)?,
-            None => Ok(y),
+        let Some(delta) = self.lora.as_ref().and_then(|s| s.get()) else {
+            return self.product(x);
+        };
+        match &self.kernel {
+            Kernel::Avx512(p) if delta.is_packed() => sgemm_forward(x, p, Some(&delta), "AVX-512"),
+            Kernel::Avx512Bf16(p) if delta.is_packed() => {
+                sgemm_forward(x, p, Some(&delta), "AVX-512 bf16")
+            }
+            _ => self.product(x)? + delta.forward(x)?,
         }
     }
 }
@@ -232,6 +244,69 @@ mod tests {
                 })))
             });
         }
+    }
+
+    /// A run-time LoRA term in a packed layer (added to the f32 accumulators) against the plain
+    /// sum `x Wᵀ + b + s (x Aᵀ) Bᵀ`, f32 and bf16 panels.
+    #[test]
+    fn packed_layer_adds_its_lora_term() {
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        let (w, b) = (normal((24, 40), 0.1, 7), normal(24, 1.0, 8));
+        let (down, up) = (normal((3, 40), 0.3, 9), normal((24, 3), 0.3, 10));
+        let x = normal((2, 5, 40), 1.0, 11);
+        let delta = lora::Delta::new(&[(down.clone(), up.clone(), 0.7)], &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        assert!(delta.is_packed());
+        let want = (candle_nn::Linear::new(w.clone(), Some(b.clone()))
+            .forward(&x)
+            .unwrap()
+            + (x.broadcast_matmul(&down.t().unwrap()).unwrap())
+                .broadcast_matmul(&(up.t().unwrap() * 0.7).unwrap())
+                .unwrap())
+        .unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let plain = candle_nn::Linear::new(
+                w.to_dtype(dtype).unwrap(),
+                Some(b.to_dtype(dtype).unwrap()),
+            );
+            let ((), slots) = lora::collect(|| {
+                let vb = candle_nn::VarBuilder::from_tensors(
+                    [
+                        ("l.weight".to_string(), plain.weight().clone()),
+                        ("l.bias".to_string(), b.to_dtype(dtype).unwrap()),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    dtype,
+                    &Device::Cpu,
+                );
+                let l = linear(40, 24, vb.pp("l")).unwrap();
+                slots_layer(&l, &delta, &x, dtype, &want);
+            });
+            assert_eq!(slots.keys().collect::<Vec<_>>(), ["l"]);
+        }
+    }
+
+    fn slots_layer(l: &Linear, delta: &lora::Delta, x: &Tensor, dtype: DType, want: &Tensor) {
+        l.lora.as_ref().unwrap().set(Some(delta.clone()));
+        let got = l
+            .forward(&x.to_dtype(dtype).unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let err = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let tol = if dtype == DType::F32 { 1e-5 } else { 0.05 };
+        assert!(err <= tol, "{dtype:?}: {err}");
     }
 
     /// The AVX-512 f32 layer against candle's f32 layer: the same sums in another order.

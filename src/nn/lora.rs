@@ -7,7 +7,8 @@
 //! The registry is a thread-local that exists only while `collect` runs, so models keep their
 //! constructors' signatures (`new(cfg, vb)`) and layers built outside it carry no slot.
 
-use candle_core::{DType, Result, Tensor};
+use crate::cpu::sgemm::{self, PackedF32};
+use candle_core::{DType, Device, Result, Tensor};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -20,11 +21,14 @@ pub struct Delta {
     down_t: Tensor,
     /// (r, out): the up factors times their scales, transposed and concatenated.
     up_t: Tensor,
+    /// On a CPU with AVX-512: both factors packed for [`crate::cpu::sgemm`], so that a packed layer
+    /// adds the term to its f32 accumulators before rounding once.
+    packed: Option<(PackedF32, PackedF32)>,
 }
 
 impl Delta {
     /// From `(down (r_i, in), up (out, r_i), scale_i)` pieces, in f32 on the layer's device.
-    pub fn new(pieces: &[(Tensor, Tensor, f64)]) -> Result<Option<Self>> {
+    pub fn new(pieces: &[(Tensor, Tensor, f64)], device: &Device) -> Result<Option<Self>> {
         if pieces.is_empty() {
             return Ok(None);
         }
@@ -34,12 +38,40 @@ impl Delta {
             downs.push(down.to_dtype(DType::F32)?);
             ups.push((up.to_dtype(DType::F32)? * *scale)?);
         }
-        let down = Tensor::cat(&downs, 0)?; // (r, in)
-        let up = Tensor::cat(&ups, 1)?; // (out, r)
+        let down = Tensor::cat(&downs, 0)?.contiguous()?; // (r, in)
+        let up = Tensor::cat(&ups, 1)?.contiguous()?; // (out, r)
+        let packed = if device.is_cpu() && crate::cpu::features().avx512 {
+            let (r, k) = down.dims2()?;
+            let n = up.dim(0)?;
+            let d = crate::cpu::with_slice(&down, |w| PackedF32::from_nk(w, r, k))?;
+            let u = crate::cpu::with_slice(&up, |w| PackedF32::from_nk(w, n, r))?;
+            Some((d, u))
+        } else {
+            None
+        };
         Ok(Some(Self {
-            down_t: down.t()?.contiguous()?,
-            up_t: up.t()?.contiguous()?,
+            down_t: down.t()?.contiguous()?.to_device(device)?,
+            up_t: up.t()?.contiguous()?.to_device(device)?,
+            packed,
         }))
+    }
+
+    /// Adds the term for the f32 rows `x` (m x in) to `out` (m x out), when the factors are
+    /// packed; false (and nothing done) when they are not.
+    pub fn add_packed(&self, x: &[f32], m: usize, out: &mut [f32]) -> bool {
+        let Some((down, up)) = &self.packed else {
+            return false;
+        };
+        let (k, r, n) = (down.k(), down.n(), up.n());
+        let mut u = vec![0f32; m * r];
+        sgemm::matmul(x, m, k, down, None, &mut u, r); // (m, r)
+        sgemm::matmul_add(&u, m, r, up, out, n); // out += (m, r) · (r, n)
+        true
+    }
+
+    /// Whether [`Delta::add_packed`] can run.
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
     }
 
     /// The term for `x` (.., in) -> (.., out), in `x`'s dtype (computed in f32).
@@ -48,9 +80,7 @@ impl Delta {
         let mut dims = x.dims().to_vec();
         let m = x.elem_count() / in_dim;
         let x2 = x.to_dtype(DType::F32)?.reshape((m, in_dim))?;
-        let down = self.down_t.to_device(x.device())?;
-        let up = self.up_t.to_device(x.device())?;
-        let y = x2.matmul(&down)?.matmul(&up)?; // (m, out)
+        let y = x2.matmul(&self.down_t)?.matmul(&self.up_t)?; // (m, out)
         *dims.last_mut().expect("rank >= 1") = out_dim;
         y.reshape(dims)?.to_dtype(x.dtype())
     }
@@ -112,10 +142,13 @@ mod tests {
     fn delta_sums_scaled_products() {
         let (a1, b1) = (normal((3, 10), 1.0, 1), normal((7, 3), 1.0, 2));
         let (a2, b2) = (normal((2, 10), 1.0, 3), normal((7, 2), 1.0, 4));
-        let d = Delta::new(&[
-            (a1.clone(), b1.clone(), 0.7),
-            (a2.clone(), b2.clone(), -0.3),
-        ])
+        let d = Delta::new(
+            &[
+                (a1.clone(), b1.clone(), 0.7),
+                (a2.clone(), b2.clone(), -0.3),
+            ],
+            &Device::Cpu,
+        )
         .unwrap()
         .unwrap();
         let x = normal((2, 5, 10), 1.0, 5);

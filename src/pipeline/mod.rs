@@ -783,7 +783,7 @@ impl Pipeline {
         }
         for (name, slot) in &self.loras.slots {
             match want.get(&format!("{name}.weight")) {
-                Some(p) => slot.set(nn::lora::Delta::new(p)?),
+                Some(p) => slot.set(nn::lora::Delta::new(p, &self.device)?),
                 None => slot.set(None),
             }
         }

@@ -157,3 +157,102 @@ fn fuzz_safetensors_header_check_never_panics() {
     }
     println!("{} inputs, {ok} accepted", iters());
 }
+
+/// LoRA files as they come from the network: a mutated header (names, shapes, dtypes, offsets) is
+/// read, grouped and fitted to a model without a panic.
+#[test]
+fn fuzz_lora_files_never_panic() {
+    let seed = std::fs::read(common::fixture("lora").join("flux_kohya.safetensors")).unwrap();
+    let n = u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize;
+    let header = &seed[..8 + n];
+    let spec = mmdit::Spec::open(
+        &mmdit::ModelRef::parse(common::fixture("flux-dev-tiny").to_str().unwrap(), None).unwrap(),
+    )
+    .unwrap();
+    let layers = spec.model_layers().unwrap();
+    let mut rng = Rng(7);
+    let (mut read, mut fitted) = (0, 0);
+    for _ in 0..iters() / 3 {
+        let mut bytes = mutate(&mut rng, &header[8..]);
+        let mut full = (bytes.len() as u64).to_le_bytes().to_vec();
+        full.append(&mut bytes);
+        full.extend_from_slice(&seed[8 + n..]);
+        if let Ok(f) = mmdit::lora::LoraFile::from_bytes(&full, Path::new("fuzz.safetensors")) {
+            read += 1;
+            if mmdit::lora::fit(&f, &layers).is_ok() {
+                fitted += 1;
+            }
+        }
+    }
+    println!("{} inputs, {read} read, {fitted} fitted", iters() / 3);
+}
+
+/// Valid files with mutated contents: tensors renamed (block indices, roles, prefixes), reshaped
+/// (same size, other shape), dropped, or given odd alphas; read and fitted without a panic.
+#[test]
+fn fuzz_lora_contents_never_panic() {
+    use candle_core::{Device, Tensor};
+    let path = common::fixture("lora").join("flux_kohya.safetensors");
+    let base = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let mut keys: Vec<String> = base.keys().cloned().collect();
+    keys.sort();
+    let spec = mmdit::Spec::open(
+        &mmdit::ModelRef::parse(common::fixture("flux-dev-tiny").to_str().unwrap(), None).unwrap(),
+    )
+    .unwrap();
+    let layers = spec.model_layers().unwrap();
+    let dir = common::tmp("fuzz-lora");
+    let mut rng = Rng(11);
+    let swaps = [
+        ("lora_down", "lora_up"),
+        ("_0_", "_7_"),
+        ("lora_unet_", "lora_te2_"),
+        ("lora_unet_", "diffusion_model."),
+        ("lora_unet_", "lora_transformer_"),
+        ("qkv", "proj"),
+        ("linear1", "linear2"),
+        (".lora_down.weight", ".hada_w1_a"),
+    ];
+    let (mut read, mut fitted) = (0, 0);
+    let n = iters() / 20;
+    for i in 0..n {
+        let mut t = base.clone();
+        for _ in 0..1 + rng.below(3) {
+            let k = &keys[rng.below(keys.len())];
+            let Some(v) = t.remove(k) else { continue };
+            match rng.below(5) {
+                0 => {
+                    let (from, to) = swaps[rng.below(swaps.len())];
+                    t.insert(k.replace(from, to), v);
+                }
+                1 => {
+                    let dims = v.dims().to_vec();
+                    let shape: Vec<usize> = match rng.below(3) {
+                        0 => vec![v.elem_count()],
+                        1 => dims.iter().rev().copied().collect(),
+                        _ => [vec![1], dims].concat(),
+                    };
+                    t.insert(k.clone(), v.reshape(shape).unwrap());
+                }
+                2 => {}
+                3 => {
+                    let a = [0.0f32, -4.0, 1e30][rng.below(3)];
+                    t.insert(k.clone(), Tensor::new(&[a], &Device::Cpu).unwrap());
+                }
+                _ => {
+                    t.insert(k.clone(), v.zeros_like().unwrap());
+                }
+            }
+        }
+        let f = dir.join(format!("{i}.safetensors"));
+        candle_core::safetensors::save(&t, &f).unwrap();
+        if let Ok(file) = mmdit::lora::LoraFile::read(&f) {
+            read += 1;
+            if mmdit::lora::fit(&file, &layers).is_ok() {
+                fitted += 1;
+            }
+        }
+        std::fs::remove_file(&f).unwrap();
+    }
+    println!("{n} inputs, {read} read, {fitted} fitted");
+}

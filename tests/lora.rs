@@ -186,3 +186,65 @@ fn formats_are_detected_and_both_bfl_spellings_agree() {
         }
     }
 }
+
+/// A kohya FLUX.1 file's T5 part (`lora_te2_`) is merged into T5 (diffusers drops it; ComfyUI
+/// applies it): it lands on T5's layer, and the image changes with it.
+#[test]
+fn kohya_t5_modules_are_merged_into_t5() {
+    use candle_core::Device;
+    let dir = tmp("lora-t5");
+    let f = dir.join("t5.safetensors");
+    let down = Tensor::randn(0f32, 1.0, (4, 37), &Device::Cpu).unwrap();
+    let up = Tensor::randn(0f32, 1.0, (32, 4), &Device::Cpu).unwrap();
+    let key = "lora_te2_encoder_block_1_layer_1_DenseReluDense_wo";
+    let map: HashMap<String, Tensor> = [
+        (format!("{key}.lora_down.weight"), down),
+        (format!("{key}.lora_up.weight"), up),
+    ]
+    .into_iter()
+    .collect();
+    candle_core::safetensors::save(&map, &f).unwrap();
+    let spec = spec_of("flux-dev-tiny");
+    let fitted =
+        mmdit::lora::fit(&LoraFile::read(&f).unwrap(), &spec.model_layers().unwrap()).unwrap();
+    let keys: Vec<_> = fitted.layers.keys().cloned().collect();
+    assert_eq!(
+        keys,
+        [(
+            "text_encoder_2".to_string(),
+            "encoder.block.1.layer.1.DenseReluDense.wo.weight".to_string()
+        )]
+    );
+    let r = reference("lora");
+    let run = &runs()[0];
+    let lora = LoraSpec {
+        source: f.display().to_string(),
+        scale: 1.0,
+    };
+    let req = Request {
+        loras: vec![lora.clone()],
+        ..request(0, run, &r)
+    };
+    // T5's output (the context) moves; this tiny model's image barely depends on it.
+    let context = |p: &mut Pipeline| {
+        let (c, _) = p
+            .text_encoders()
+            .unwrap()
+            .encode("a red circle", 16)
+            .unwrap();
+        c.context
+    };
+    let mut plain = load(run, &[], Apply::Merge);
+    let mut pipe = load(run, &[lora], Apply::Merge);
+    let (a, b) = (context(&mut plain), context(&mut pipe));
+    let moved = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(moved > 0.1, "the T5 LoRA moved the context by {moved} only");
+    pipe.generate(&req, &mut |_| {}).unwrap();
+}

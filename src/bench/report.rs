@@ -38,6 +38,10 @@ pub struct Results {
     pub repeat: usize,
     pub load_s: f64,
     pub peak_rss_bytes: Option<u64>,
+    /// LoRAs as given (`SOURCE:SCALE`) and how they were applied (`merge`, `runtime`); absent in
+    /// results of engines that record none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<String>,
     pub rows: Vec<Row>,
 }
 
@@ -108,6 +112,11 @@ impl Results {
             self.load_s,
             self.peak_rss_bytes
                 .map_or("-".into(), |b| format!("{:.0} MiB", b as f64 / 1048576.0))
+                + &if self.loras.is_empty() {
+                    String::new()
+                } else {
+                    format!(" | LoRA {}", self.loras.join(", "))
+                }
         );
         let line = |cells: Vec<String>| format!("| {} |\n", cells.join(" | "));
         s += &line(ROW_COLUMNS.iter().map(|c| c.1.to_string()).collect());
@@ -220,6 +229,7 @@ mod tests {
             repeat: 1,
             load_s: 0.5,
             peak_rss_bytes: None,
+            loras: Vec::new(),
             rows: vec![row],
         };
         let csv = r.csv();

@@ -278,6 +278,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         repeat: a.repeat,
         load_s,
         peak_rss_bytes: bench::peak_rss_bytes(),
+        loras: lora_specs
+            .iter()
+            .map(|s| format!("{} ({})", s.display(), a.lora.lora_apply))
+            .collect(),
         rows,
     };
     match a.format.as_str() {

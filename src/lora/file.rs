@@ -121,19 +121,24 @@ impl LoraFile {
             ));
         }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// [`LoraFile::read`] on a file's bytes; `path` names it in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
         crate::loader::weights::check_safetensors_bytes(&bytes, path).map_err(|_| {
             bad(
                 path,
                 "is not a valid safetensors file (damaged or truncated); download it again",
             )
         })?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
             bad(
                 path,
                 format!("invalid safetensors ({e}); the file is damaged, download it again"),
             )
         })?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
             bad(
                 path,
                 format!("invalid safetensors ({e}); the file is damaged, download it again"),

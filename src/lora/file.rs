@@ -126,7 +126,7 @@ impl LoraFile {
 
     /// [`LoraFile::read`] on a file's bytes; `path` names it in errors.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
-        crate::loader::weights::check_safetensors_bytes(&bytes, path).map_err(|_| {
+        crate::loader::weights::check_safetensors_bytes(bytes, path).map_err(|_| {
             bad(
                 path,
                 "is not a valid safetensors file (damaged or truncated); download it again",

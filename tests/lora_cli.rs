@@ -551,3 +551,43 @@ fn lora_matching_no_layer_of_the_model() {
         &["made for a UNet model"],
     );
 }
+
+/// `mmdit inspect ... | head -1`: the reader goes away early; no panic message.
+#[test]
+fn a_closed_output_pipe_ends_quietly() {
+    use std::io::Read;
+    // More lines than a pipe holds (64 KiB), so the writer meets the closed pipe.
+    let f = tmp("lora-pipe").join("many.safetensors");
+    let tensors: Vec<(String, Tensor)> = (0..4000)
+        .flat_map(|i| {
+            let k = format!("lora_unet_double_blocks_{i}_img_attn_proj");
+            [
+                (format!("{k}.lora_down.weight"), randn(&[1, 2])),
+                (format!("{k}.lora_up.weight"), randn(&[2, 1])),
+            ]
+        })
+        .collect();
+    let refs: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.clone()))
+        .collect();
+    write_lora(&f, &refs);
+    let mut child = mmdit()
+        .args(["inspect", "--lora"])
+        .arg(&f)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -248,3 +248,27 @@ fn kohya_t5_modules_are_merged_into_t5() {
     assert!(moved > 0.1, "the T5 LoRA moved the context by {moved} only");
     pipe.generate(&req, &mut |_| {}).unwrap();
 }
+
+/// LyCORIS' LoRA files name kohya's layers under `lycoris_`: the same file renamed fits the same
+/// layers with the same factors.
+#[test]
+fn lycoris_prefix_reads_as_kohya() {
+    use candle_core::Device;
+    let path = fixture("lora").join("flux_kohya.safetensors");
+    let t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let renamed: HashMap<String, Tensor> = t
+        .into_iter()
+        .map(|(k, v)| (k.replace("lora_unet_", "lycoris_"), v))
+        .collect();
+    let f = tmp("lora-lycoris").join("lycoris.safetensors");
+    candle_core::safetensors::save(&renamed, &f).unwrap();
+    let layers = spec_of("flux-dev-tiny").model_layers().unwrap();
+    let a = mmdit::lora::fit(&LoraFile::read(&path).unwrap(), &layers).unwrap();
+    let b = mmdit::lora::fit(&LoraFile::read(&f).unwrap(), &layers).unwrap();
+    assert_eq!(b.format, mmdit::lora::Format::Kohya);
+    assert!(b.unmatched.is_empty(), "{:?}", b.unmatched);
+    assert_eq!(
+        a.layers.keys().collect::<Vec<_>>(),
+        b.layers.keys().collect::<Vec<_>>()
+    );
+}

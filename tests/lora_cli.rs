@@ -327,7 +327,7 @@ fn lora_tensor_shape_does_not_fit_its_layer() {
             "transformer_blocks.0.attn.to_q",
             "[64, 4]",
             "[32, 32]",
-            "another model size",
+            "trained for another model",
         ],
     );
 }

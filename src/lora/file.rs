@@ -303,6 +303,7 @@ fn detect(modules: &BTreeMap<String, Module>) -> Format {
     let any = |f: &dyn Fn(&str) -> bool| modules.keys().any(|k| f(k));
     if any(&|k| {
         k.starts_with("lora_unet_")
+            || k.starts_with("lycoris_")
             || k.starts_with("lora_te")
             || k.starts_with("lora_transformer_")
     }) {

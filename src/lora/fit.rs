@@ -373,7 +373,7 @@ fn piece(
     let (Ok(up), true, true) = (up, ok_up, layer_in == inp && shape.len() >= 2) else {
         let layer = weight.strip_suffix(".weight").unwrap_or(weight);
         return Err(bad(file, format!(
-            "module `{name}` (up {:?}, down {:?}: a {out}x{inp} layer) does not fit the model's layer `{layer}` of shape {shape:?}; the LoRA was trained for another model size",
+            "module `{name}` (up {:?}, down {:?}: a {out}x{inp} layer) does not fit the model's layer `{layer}` of shape {shape:?}; the LoRA was trained for another model or model size",
             m.up.dims(),
             m.down.dims()
         )));

@@ -57,6 +57,10 @@ const PREFIXES: &[(&str, Points)] = &[
     ("lora_unet_", |r| {
         name(Component::Transformer, Kind::OriginalUnderscored(r))
     }),
+    // LyCORIS' LoRA (LoCon) files name the same layers under their own prefix.
+    ("lycoris_", |r| {
+        name(Component::Transformer, Kind::OriginalUnderscored(r))
+    }),
     ("lora_transformer_", |r| {
         name(Component::Transformer, Kind::Underscored(r))
     }),

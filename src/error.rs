@@ -34,6 +34,7 @@ pub enum Param {
     Output,
     Overwrite,
     Lora,
+    Quantize,
 }
 
 impl Param {
@@ -63,6 +64,7 @@ impl Param {
             Param::Output => "output",
             Param::Overwrite => "overwrite",
             Param::Lora => "loras",
+            Param::Quantize => "quantize",
         }
     }
 }

@@ -29,6 +29,10 @@ pub struct ModelArgs {
     /// f32, f16 or bf16 (default: the preset's, else bf16 on CUDA and Metal, f32 on CPU).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Quantize the transformer's linear layers at load to a GGML block type (q8_0, q6_k, q5_k,
+    /// q5_1, q5_0, q4_k, q4_1, q4_0, q3_k, q2_k), computed on quantized kernels; CPU only.
+    #[arg(long, value_name = "TYPE")]
+    pub quantize: Option<String>,
 }
 
 /// Size, guidance and T5 length of the images.
@@ -159,6 +163,7 @@ pub struct Chosen {
     pub preset: Option<Preset>,
     pub device: candle_core::Device,
     pub dtype: candle_core::DType,
+    pub quantize: Option<candle_core::quantized::GgmlDType>,
 }
 
 impl ModelArgs {
@@ -178,12 +183,37 @@ impl ModelArgs {
             Some(s) => device::parse_dtype(s)?,
             None => device::default_dtype(&dev),
         };
+        let quantize = match &self.quantize {
+            None => None,
+            Some(q) => {
+                let names: Vec<&str> = mmdit::nn::quant::TYPES.iter().map(|(n, _)| *n).collect();
+                let t = mmdit::nn::quant::parse(q).ok_or_else(|| {
+                    mmdit::Error::invalid(
+                        mmdit::Param::Quantize,
+                        format!(
+                            " {q}: unknown; use one of {} (IQ types are not supported)",
+                            names.join(", ")
+                        ),
+                    )
+                })?;
+                if !dev.is_cpu() {
+                    return Err(mmdit::Error::invalid(
+                        mmdit::Param::Quantize,
+                        format!(
+                            " {q}: quantized layers run on the CPU only for now; pass --device cpu"
+                        ),
+                    ));
+                }
+                Some(t)
+            }
+        };
         Ok(Chosen {
             name,
             model,
             preset,
             device: dev,
             dtype,
+            quantize,
         })
     }
 }
@@ -195,6 +225,7 @@ impl Chosen {
         if let Some(s) = self.preset.as_ref().and_then(|p| p.defaults.shift) {
             spec.set_shift(s);
         }
+        spec.set_quantize(self.quantize);
         Ok(spec)
     }
 

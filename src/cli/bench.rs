@@ -269,7 +269,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         engine: "mmdit".into(),
         commit: commit(),
         device: format!("{dev:?}").to_lowercase(),
-        dtype: device::dtype_name(dtype).into(),
+        dtype: match chosen.quantize {
+            Some(q) => format!(
+                "{} ({})",
+                device::dtype_name(dtype),
+                mmdit::nn::quant::name(q)
+            ),
+            None => device::dtype_name(dtype).into(),
+        },
         threads: candle_core::utils::get_num_threads(),
         model: name,
         width: r0.width,

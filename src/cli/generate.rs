@@ -109,6 +109,7 @@ fn apply_from(a: &mut GenerateArgs, png: &Path) -> anyhow::Result<()> {
     m.revision = m.revision.take().or(get("revision"));
     m.components = m.components.take().or(get("components"));
     m.dtype = m.dtype.take().or(get("dtype"));
+    m.quantize = m.quantize.take().or(get("quantize"));
     a.sampler = a.sampler.take().or(get("sampler"));
     a.noise = a.noise.take().or(get("noise_file").map(PathBuf::from));
     a.seed = a.seed.or(num(get("seed"), "seed", png)?);
@@ -238,8 +239,12 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         None => String::new(),
     };
     eprintln!(
-        "model {} | {}x{} | {} steps {}{edit} | guidance {} | seed {}{}",
+        "model {}{} | {}x{} | {} steps {}{edit} | guidance {} | seed {}{}",
         spec.name(),
+        chosen.quantize.map_or(String::new(), |q| format!(
+            " ({})",
+            mmdit::nn::quant::name(q)
+        )),
         resolved.width,
         resolved.height,
         resolved.steps,
@@ -322,6 +327,9 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     }
     if let Some(c) = &a.model.components {
         text.push(("components", c.clone()));
+    }
+    if let Some(q) = chosen.quantize {
+        text.push(("quantize", mmdit::nn::quant::name(q).to_string()));
     }
     if let Some(n) = &a.noise {
         text.push(("noise_file", n.display().to_string()));

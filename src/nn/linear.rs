@@ -9,8 +9,10 @@
 //! [`Linear::forward`]'s output, so the models that hold `Linear`s do not change for either.
 
 use super::lora::{self, Slot};
+use super::quant;
 use crate::cpu::amx::{self, PackedB};
 use crate::cpu::sgemm::{self, PackedBf16, PackedF32};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
@@ -34,6 +36,9 @@ enum Kernel {
     Avx512(Arc<Packed<PackedF32>>),
     /// bf16 on AVX-512 without AMX: bf16 panels, f32 arithmetic.
     Avx512Bf16(Arc<Packed<PackedBf16>>),
+    /// GGML blocks on candle's quantized kernels ([`super::quant`]); f32 in and out, the bias
+    /// added in f32.
+    Quantized(Arc<QMatMul>, Option<Tensor>),
 }
 
 /// A weight packed for a CPU kernel, and the bias in f32 (added once, to the f32 accumulators).
@@ -46,7 +51,11 @@ struct Packed<P> {
 /// diffusers' `nn.Linear(in_dim, out_dim)` with bias, from `vb` (`weight`, `bias`); inside
 /// [`lora::collect`], with a run-time LoRA slot under `vb`'s prefix.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let mut l = Linear::new(candle_nn::linear(in_dim, out_dim, vb.clone())?)?;
+    let plain = candle_nn::linear(in_dim, out_dim, vb.clone())?;
+    let mut l = match quant::current() {
+        Some(q) => Linear::quantized(plain, q)?,
+        None => Linear::new(plain)?,
+    };
     l.lora = lora::register(&vb.prefix());
     Ok(l)
 }
@@ -89,6 +98,27 @@ impl Linear {
         Self { kernel, lora: None }
     }
 
+    /// The layer with its weight quantized to `dtype` on the CPU, when its input width is a whole
+    /// number of blocks; otherwise as [`Linear::new`] makes it.
+    pub fn quantized(l: candle_nn::Linear, dtype: GgmlDType) -> Result<Self> {
+        let w = l.weight();
+        let fits = w.rank() == 2 && w.dim(1)? % dtype.block_size() == 0;
+        if !(fits && w.device().is_cpu() && w.is_contiguous()) {
+            return Self::new(l);
+        }
+        let q = QTensor::quantize(&w.to_dtype(DType::F32)?, dtype)?;
+        let bias = l.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        Ok(Self::of(Kernel::Quantized(
+            Arc::new(QMatMul::from_qtensor(q)?),
+            bias,
+        )))
+    }
+
+    /// Whether the weight is held in GGML blocks.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.kernel, Kernel::Quantized(..))
+    }
+
     /// Whether products run on AMX tiles.
     pub fn is_amx(&self) -> bool {
         matches!(self.kernel, Kernel::Amx(_))
@@ -111,6 +141,14 @@ impl Linear {
             }
             Kernel::Avx512(p) => sgemm_forward(x, p, None, "AVX-512"),
             Kernel::Avx512Bf16(p) => sgemm_forward(x, p, None, "AVX-512 bf16"),
+            Kernel::Quantized(q, bias) => {
+                let y = q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;
+                let y = match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                y.to_dtype(x.dtype())
+            }
         }
     }
 }
@@ -307,6 +345,43 @@ mod tests {
             .unwrap();
         let tol = if dtype == DType::F32 { 1e-5 } else { 0.05 };
         assert!(err <= tol, "{dtype:?}: {err}");
+    }
+
+    /// Quantized layers against the f32 product, relative RMS error by type (the activations are
+    /// quantized to 8 bits too); a width that is not whole blocks stays unquantized.
+    #[test]
+    fn quantized_layers_are_close_to_f32() {
+        let (w, b) = (normal((48, 512), 0.05, 12), normal(48, 1.0, 13));
+        let x = normal((2, 7, 512), 1.0, 14);
+        let plain = candle_nn::Linear::new(w.clone(), Some(b.clone()));
+        let want = plain.forward(&x).unwrap();
+        let rms = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        for (dtype, tol) in [
+            (GgmlDType::Q8_0, 0.01),
+            (GgmlDType::Q6K, 0.03),
+            (GgmlDType::Q4K, 0.1),
+            (GgmlDType::Q4_0, 0.15),
+        ] {
+            let q = Linear::quantized(plain.clone(), dtype).unwrap();
+            assert!(q.is_quantized(), "{dtype:?}");
+            let got = q.forward(&x).unwrap();
+            let err = rms(&(got - &want).unwrap()) / rms(&want);
+            assert!(err < tol, "{dtype:?}: relative RMS error {err}");
+        }
+        // 40 inputs: not a whole number of Q8_0's 32-value blocks.
+        let narrow = candle_nn::Linear::new(normal((8, 40), 0.1, 15), None);
+        assert!(!Linear::quantized(narrow, GgmlDType::Q8_0)
+            .unwrap()
+            .is_quantized());
     }
 
     /// The AVX-512 f32 layer against candle's f32 layer: the same sums in another order.

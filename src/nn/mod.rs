@@ -15,6 +15,7 @@ pub mod lora;
 pub mod mlp;
 pub mod modulate;
 pub mod norm;
+pub mod quant;
 
 pub use activation::gelu_tanh;
 pub use attention::{merge_heads, sdpa, sdpa_unprofiled, split_heads};

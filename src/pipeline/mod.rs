@@ -28,6 +28,7 @@ use crate::request::{self, Given, Init, Request, Resolved};
 use crate::sampling::{Sampler, Schedule};
 use crate::text::{PromptEncoder, Truncation};
 use crate::vae::{self, VaeDecoder, VaeEncoder};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use components::{read, read_checked, tokenizer_dir, OpenCtx, TextLoader, TextPart, Weights};
 use std::path::PathBuf;
@@ -45,6 +46,8 @@ pub struct Spec {
     pub scheduler: SchedulerConfig,
     entry: &'static FamilyEntry,
     family: Box<dyn Family>,
+    /// The GGML block type the transformer's linear layers are quantized to at load.
+    quantize: Option<GgmlDType>,
 }
 
 impl Spec {
@@ -87,6 +90,7 @@ impl Spec {
             scheduler,
             entry,
             family,
+            quantize: None,
         })
     }
 
@@ -142,6 +146,12 @@ impl Spec {
     /// The model's family.
     pub fn family(&self) -> &'static FamilyEntry {
         self.entry
+    }
+
+    /// Quantizes the transformer's linear layers to a GGML block type at load (those whose input
+    /// width is a whole number of blocks), computed on candle's quantized kernels; CPU only.
+    pub fn set_quantize(&mut self, dtype: Option<GgmlDType>) {
+        self.quantize = dtype;
     }
 
     /// Overrides the scheduler's static shift (a preset's default).
@@ -398,9 +408,18 @@ impl Spec {
             Apply::Runtime => (loras.text_only(), loras.clone()),
         };
         let w = self.weights(&merged);
-        let (transformer, slots) = nn::lora::collect(|| {
-            w.load("transformer", dtype, device, |vb| {
-                self.family.transformer(vb)
+        if self.quantize.is_some() && !device.is_cpu() {
+            return Err(Error::Device(Message::about(Param::Quantize).text(
+                ": quantized layers run on the CPU only for now; use --device cpu",
+            )));
+        }
+        // Every linear layer of the transformer gets a run-time LoRA slot, and its GGML blocks
+        // when quantizing.
+        let (transformer, slots) = nn::quant::with(self.quantize, || {
+            nn::lora::collect(|| {
+                w.load("transformer", dtype, device, |vb| {
+                    self.family.transformer(vb)
+                })
             })
         });
         let transformer = transformer?;

@@ -1,0 +1,76 @@
+//! Weights quantized at load into GGML blocks (stable-diffusion.cpp's `--type`), computed on
+//! candle's quantized kernels: the activations are quantized to 8-bit blocks and the products run
+//! as integer dot products (AVX-512 VNNI where the CPU has it).
+//!
+//! A [`super::linear`] built inside [`with`] quantizes its weight when its input width is a whole
+//! number of the type's blocks (32 values, 256 for the K types), as stable-diffusion.cpp does;
+//! other layers keep their dtype. Like the LoRA slots, the setting is a thread-local that exists
+//! only while `with` runs, so model constructors keep their signatures.
+
+use candle_core::quantized::GgmlDType;
+use std::cell::Cell;
+
+thread_local! {
+    static MODE: Cell<Option<GgmlDType>> = const { Cell::new(None) };
+}
+
+/// Runs `build` with every [`super::linear`] it makes quantized to `dtype` (where its shape allows).
+pub fn with<T>(dtype: Option<GgmlDType>, build: impl FnOnce() -> T) -> T {
+    let outer = MODE.with(|m| m.replace(dtype));
+    let out = build();
+    MODE.with(|m| m.set(outer));
+    out
+}
+
+/// The type layers built now are quantized to.
+pub(super) fn current() -> Option<GgmlDType> {
+    MODE.with(Cell::get)
+}
+
+/// The block types `--quantize` takes, by their GGUF names.
+pub const TYPES: &[(&str, GgmlDType)] = &[
+    ("q8_0", GgmlDType::Q8_0),
+    ("q6_k", GgmlDType::Q6K),
+    ("q5_k", GgmlDType::Q5K),
+    ("q5_1", GgmlDType::Q5_1),
+    ("q5_0", GgmlDType::Q5_0),
+    ("q4_k", GgmlDType::Q4K),
+    ("q4_1", GgmlDType::Q4_1),
+    ("q4_0", GgmlDType::Q4_0),
+    ("q3_k", GgmlDType::Q3K),
+    ("q2_k", GgmlDType::Q2K),
+];
+
+/// A type by its name (`q8_0`, `q4_k`, ...).
+pub fn parse(name: &str) -> Option<GgmlDType> {
+    let n = name.to_ascii_lowercase();
+    TYPES.iter().find(|(k, _)| *k == n).map(|(_, t)| *t)
+}
+
+/// A type's name.
+pub fn name(dtype: GgmlDType) -> &'static str {
+    TYPES
+        .iter()
+        .find(|(_, t)| *t == dtype)
+        .map_or("?", |(k, _)| *k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_the_setting_is_scoped() {
+        for (n, t) in TYPES {
+            assert_eq!(parse(n), Some(*t));
+            assert_eq!(name(*t), *n);
+        }
+        assert_eq!(parse("Q4_K"), Some(GgmlDType::Q4K));
+        assert_eq!(parse("q9"), None);
+        assert_eq!(current(), None);
+        with(Some(GgmlDType::Q8_0), || {
+            assert_eq!(current(), Some(GgmlDType::Q8_0))
+        });
+        assert_eq!(current(), None);
+    }
+}

@@ -105,9 +105,14 @@ type Targets = Vec<(String, String, Transform)>;
 pub fn fit(file: &LoraFile, model: &ModelLayers) -> Result<Fitted> {
     let made_for = names::made_for(file.modules.keys().map(String::as_str));
     if let Some(f) = made_for.filter(|f| *f != model.family) {
+        // A name that says so.
+        let example = file
+            .modules
+            .keys()
+            .find(|k| names::made_for(std::iter::once(k.as_str())) == Some(f))
+            .map_or("", String::as_str);
         return Err(bad(file, format!(
-            "is made for {f} (its layer names, e.g. `{}`), but the model is {}; use a LoRA trained for this model",
-            file.modules.keys().next().map(String::as_str).unwrap_or(""),
+            "is made for {f} (its layer names, e.g. `{example}`), but the model is {}; use a LoRA trained for this model",
             model.family
         )));
     }
@@ -165,7 +170,6 @@ pub fn fit(file: &LoraFile, model: &ModelLayers) -> Result<Fitted> {
     let mut underscored: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     let mut layers: BTreeMap<(String, String), Vec<Piece>> = BTreeMap::new();
     let mut unmatched: Vec<String> = file.other.clone();
-    let mut matched_names = Vec::new();
     let alphas = Alphas::new(file);
     for (name, m) in &file.modules {
         let target = parsed
@@ -190,7 +194,6 @@ pub fn fit(file: &LoraFile, model: &ModelLayers) -> Result<Fitted> {
             let piece = piece(file, name, m, &weight, &shape, &t, scale)?;
             layers.entry((dir, weight)).or_default().push(piece);
         }
-        matched_names.push(name.clone());
     }
     if layers.is_empty() {
         let hint = made_for.map_or(

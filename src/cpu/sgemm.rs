@@ -161,6 +161,45 @@ pub fn matmul_taps<E: PanelElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
+    taps(a, offsets, m, lda, bs, bias, out, ldo, false)
+}
+
+/// `out (m x n, row stride ldo) += a (m x k, row stride lda) · b`, on the rayon pool (a second
+/// product added to a first, as a LoRA term to its layer's). Panics as [`matmul`] does.
+pub fn matmul_add<E: PanelElem>(
+    a: &[f32],
+    m: usize,
+    lda: usize,
+    b: &Packed<E>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    taps(
+        a,
+        &[0],
+        m,
+        lda,
+        std::slice::from_ref(b),
+        None,
+        out,
+        ldo,
+        true,
+    )
+}
+
+/// [`matmul_taps`], adding to `out` as it stands when `add`, else overwriting it.
+#[allow(clippy::too_many_arguments)]
+fn taps<E: PanelElem>(
+    a: &[f32],
+    offsets: &[usize],
+    m: usize,
+    lda: usize,
+    bs: &[Packed<E>],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+    add: bool,
+) {
     assert_eq!(offsets.len(), bs.len(), "one offset per tap");
     let Some(b) = bs.first() else {
         panic!("no taps")
@@ -191,46 +230,10 @@ pub fn matmul_taps<E: PanelElem>(
                     bias,
                     optr.get().add(r0 * ldo),
                     ldo,
-                    t > 0,
+                    add || t > 0,
                 )
             };
         }
-    });
-}
-
-/// `out (m x n, row stride ldo) += a (m x k, row stride lda) · b`, on the rayon pool (a second
-/// product added to a first, as a LoRA term to its layer's). Panics as [`matmul`] does.
-pub fn matmul_add<E: PanelElem>(
-    a: &[f32],
-    m: usize,
-    lda: usize,
-    b: &Packed<E>,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    check(a, m, lda, b, None, out, ldo);
-    if m == 0 || b.n == 0 {
-        return;
-    }
-    let tasks = super::split_tasks(m, MC, MR, b.panels());
-    let optr = OutPtr(out.as_mut_ptr());
-    tasks.par_iter().for_each(|&(r0, rows, lo, hi)| {
-        // SAFETY: AVX-512 is available and the slices hold the shapes (check); each task adds to
-        // its own rows x panels block of out (split_tasks), which no other task touches.
-        unsafe {
-            block(
-                &a[r0 * lda..],
-                rows,
-                lda,
-                b,
-                lo,
-                hi,
-                None,
-                optr.get().add(r0 * ldo),
-                ldo,
-                true,
-            )
-        };
     });
 }
 

@@ -72,6 +72,20 @@ fn write_lora(path: &Path, tensors: &[(&str, Tensor)]) {
     candle_core::safetensors::save(&map, path).unwrap();
 }
 
+/// A LoRA file (in `tmp(test)`) with one kohya module on FLUX.1's `double_blocks.0.img_attn.proj`.
+fn kohya_pair(test: &str, down: Tensor, up: Tensor) -> PathBuf {
+    let f = tmp(test).join("lora.safetensors");
+    let key = "lora_unet_double_blocks_0_img_attn_proj";
+    write_lora(
+        &f,
+        &[
+            (&format!("{key}.lora_down.weight"), down),
+            (&format!("{key}.lora_up.weight"), up),
+        ],
+    );
+    f
+}
+
 fn randn(shape: &[usize]) -> Tensor {
     Tensor::randn(0f32, 0.5, shape, &Device::Cpu).unwrap()
 }
@@ -334,20 +348,7 @@ fn lora_tensor_shape_does_not_fit_its_layer() {
 
 #[test]
 fn lora_down_and_up_ranks_differ() {
-    let f = tmp("lora-ranks").join("ranks.safetensors");
-    write_lora(
-        &f,
-        &[
-            (
-                "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight",
-                randn(&[4, 32]),
-            ),
-            (
-                "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight",
-                randn(&[32, 3]),
-            ),
-        ],
-    );
+    let f = kohya_pair("lora-ranks", randn(&[4, 32]), randn(&[32, 3]));
     expect_error(
         "flux-dev-tiny",
         &lora_arg(&f),
@@ -358,18 +359,8 @@ fn lora_down_and_up_ranks_differ() {
 
 #[test]
 fn lora_holds_nan() {
-    let f = tmp("lora-nan").join("nan.safetensors");
     let up = Tensor::full(f32::NAN, (32, 4), &Device::Cpu).unwrap();
-    write_lora(
-        &f,
-        &[
-            (
-                "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight",
-                randn(&[4, 32]),
-            ),
-            ("lora_unet_double_blocks_0_img_attn_proj.lora_up.weight", up),
-        ],
-    );
+    let f = kohya_pair("lora-nan", randn(&[4, 32]), up);
     expect_error(
         "flux-dev-tiny",
         &lora_arg(&f),
@@ -380,20 +371,10 @@ fn lora_holds_nan() {
 
 #[test]
 fn lora_holds_inf() {
-    let f = tmp("lora-inf").join("inf.safetensors");
-    let down = Tensor::full(f32::INFINITY, (4, 32), &Device::Cpu).unwrap();
-    write_lora(
-        &f,
-        &[
-            (
-                "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight",
-                down,
-            ),
-            (
-                "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight",
-                randn(&[32, 4]),
-            ),
-        ],
+    let f = kohya_pair(
+        "lora-inf",
+        Tensor::full(f32::INFINITY, (4, 32), &Device::Cpu).unwrap(),
+        randn(&[32, 4]),
     );
     expect_error(
         "flux-dev-tiny",

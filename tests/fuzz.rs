@@ -256,3 +256,65 @@ fn fuzz_lora_contents_never_panic() {
     }
     println!("{n} inputs, {read} read, {fitted} fitted");
 }
+
+/// GGUF files as they come from the network: a mutated small file (metadata with an
+/// `orig_shape` array, tensors of several types) is opened and every tensor it lists read, whole
+/// and by rows, without a panic.
+#[test]
+fn fuzz_gguf_files_never_panic() {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let dev = candle_core::Device::Cpu;
+    let mut tensors = Vec::new();
+    for (k, (t, cols)) in [
+        (GgmlDType::F32, 8),
+        (GgmlDType::BF16, 8),
+        (GgmlDType::Q8_0, 64),
+        (GgmlDType::Q4_0, 32),
+        (GgmlDType::Q4K, 256),
+        (GgmlDType::Q6K, 256),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let x = candle_core::Tensor::randn(0f32, 1.0, (2, cols), &dev).unwrap();
+        tensors.push((
+            format!("double_blocks.0.t{k}.weight"),
+            QTensor::quantize(&x, t).unwrap(),
+        ));
+    }
+    let arch = Value::String("flux".into());
+    let orig = Value::Array(vec![Value::I32(4), Value::I32(4)]);
+    let meta = [
+        ("general.architecture", &arch),
+        ("comfy.gguf.orig_shape.double_blocks.0.t0.weight", &orig),
+    ];
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    let mut seed = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut seed, &meta, &refs).unwrap();
+    let seed = seed.into_inner();
+    let dir = common::tmp("fuzz_gguf");
+    let path = dir.join("f.gguf");
+    let mut rng = Rng(7);
+    let (mut opened, mut read) = (0, 0);
+    for _ in 0..iters() {
+        // Mostly the header (the first 600 bytes), sometimes anywhere.
+        let cut = if rng.below(4) == 0 { seed.len() } else { 600 };
+        let mut bytes = mutate(&mut rng, &seed[..cut]);
+        bytes.extend_from_slice(&seed[cut..]);
+        std::fs::write(&path, &bytes).unwrap();
+        let Ok(g) = mmdit::loader::gguf::GgufFile::open(&path) else {
+            continue;
+        };
+        opened += 1;
+        for (k, t) in &g.tensors {
+            if g.dequantized(k).is_ok() {
+                read += 1;
+            }
+            let rows = t.shape[0];
+            let _ = g.blocks(k, &[(rows / 2, rows - rows / 2), (0, rows / 2)]);
+        }
+    }
+    println!("{} inputs, {opened} opened, {read} tensors read", iters());
+    assert!(opened > 0, "no mutation kept the file readable");
+}

@@ -12,14 +12,14 @@ pub const DEFAULT_MODEL: &str = "demo";
 #[derive(Args, Debug, Default, Clone)]
 pub struct ModelArgs {
     /// Model: a preset (`mmdit models`), a local folder in diffusers layout, a Hub repo id
-    /// (org/name) or a single-file .safetensors checkpoint (SAI SD3, BFL Flux). Default: the
-    /// embedded demo model.
+    /// (org/name) or a single-file .safetensors or .gguf checkpoint (SAI SD3/SD3.5, BFL FLUX.1).
+    /// Default: the embedded demo model.
     #[arg(long)]
     pub model: Option<String>,
     /// Hub revision (branch, tag or commit) when --model is a repo id.
     #[arg(long)]
     pub revision: Option<String>,
-    /// For a single-file .safetensors --model: a preset, folder or Hub repo with its configs,
+    /// For a single-file .safetensors or .gguf --model: a preset, folder or Hub repo with its configs,
     /// tokenizers and the components the file lacks (default: the preset its shapes match).
     #[arg(long)]
     pub components: Option<String>,
@@ -33,6 +33,10 @@ pub struct ModelArgs {
     /// q5_1, q5_0, q4_k, q4_1, q4_0, q3_k, q2_k), computed on quantized kernels; CPU only.
     #[arg(long, value_name = "TYPE")]
     pub quantize: Option<String>,
+    /// For a quantized .gguf --model: dequantize its weights at load and compute in --dtype
+    /// (a debug switch for parity; needs the memory of the unquantized model).
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
 /// Size, guidance and T5 length of the images.
@@ -164,6 +168,7 @@ pub struct Chosen {
     pub device: candle_core::Device,
     pub dtype: candle_core::DType,
     pub quantize: Option<candle_core::quantized::GgmlDType>,
+    pub dequantize: bool,
 }
 
 impl ModelArgs {
@@ -214,6 +219,7 @@ impl ModelArgs {
             device: dev,
             dtype,
             quantize,
+            dequantize: self.dequantize,
         })
     }
 }
@@ -226,6 +232,7 @@ impl Chosen {
             spec.set_shift(s);
         }
         spec.set_quantize(self.quantize);
+        spec.set_dequantize(self.dequantize);
         Ok(spec)
     }
 

@@ -1,6 +1,7 @@
 //! Where model files come from (a local folder or the Hugging Face Hub) and how weights are opened.
 
 pub mod audit;
+pub mod gguf;
 pub mod hub;
 pub mod single;
 pub mod weights;
@@ -15,7 +16,8 @@ pub enum ModelRef {
     Folder(PathBuf),
     /// A Hub repository id (`org/name`) at a revision.
     Hub { repo: String, revision: String },
-    /// An original single-file checkpoint (SAI SD3/SD3.5, BFL FLUX.1) and the model that completes
+    /// An original single-file checkpoint (SAI SD3/SD3.5, BFL FLUX.1; safetensors, or GGUF as
+    /// stable-diffusion.cpp and ComfyUI-GGUF name it) and the model that completes
     /// it: configs, tokenizers, scheduler, and the components the file lacks. Without `components`,
     /// the preset of the detected variant.
     SingleFile {
@@ -25,7 +27,7 @@ pub enum ModelRef {
 }
 
 impl ModelRef {
-    /// A path that exists is a folder or a `.safetensors` single-file checkpoint; `org/name` is a Hub
+    /// A path that exists is a folder or a `.safetensors` / `.gguf` single-file checkpoint; `org/name` is a Hub
     /// repo; anything else is an error that says what was expected.
     pub fn parse(s: &str, revision: Option<&str>) -> Result<Self> {
         let p = Path::new(s);
@@ -39,7 +41,7 @@ impl ModelRef {
                 .unwrap_or_default()
                 .to_ascii_lowercase();
             return match ext.as_str() {
-                "safetensors" => Ok(ModelRef::SingleFile {
+                "safetensors" | "gguf" => Ok(ModelRef::SingleFile {
                     file: p.to_path_buf(),
                     components: None,
                 }),
@@ -47,7 +49,7 @@ impl ModelRef {
                     " {s}: pickle checkpoints are not loaded (they can run code); use the .safetensors version"
                 ))),
                 _ => Err(Error::invalid(Param::Model, format!(
-                    " {s}: is a file but not a .safetensors checkpoint; pass a single-file .safetensors checkpoint, a model folder in diffusers layout (with model_index.json) or a Hub repo id"
+                    " {s}: is a file but not a .safetensors or .gguf checkpoint; pass a single-file .safetensors or .gguf checkpoint, a model folder in diffusers layout (with model_index.json) or a Hub repo id"
                 ))),
             };
         }

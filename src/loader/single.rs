@@ -11,7 +11,9 @@
 //! gives the mapped names and shapes for header-only audits.
 
 use super::audit::TensorMeta;
+use super::gguf::GgufFile;
 use crate::error::{Error, Result};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::Result as TensorResult;
 use candle_core::{DType, Device, Shape, Tensor};
@@ -20,6 +22,7 @@ use candle_nn::Init;
 use candle_nn::VarBuilder;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Which original layout a file is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,22 +130,96 @@ impl Mapping {
         ))
     }
 
-    /// Memory-maps the files and serves the component under diffusers' names.
+    /// Opens the files (memory-mapping safetensors, reading GGUF headers) and serves the
+    /// component under diffusers' names; GGUF tensors dequantized.
     pub fn backend(&self) -> Result<Box<dyn SimpleBackend>> {
         let mut maps = Vec::with_capacity(self.files.len());
         for f in &self.files {
+            if is_gguf(f) {
+                maps.push(Opened::Gguf(Arc::new(GgufFile::open(f)?)));
+                continue;
+            }
             super::weights::check_safetensors(f)?;
             // SAFETY: just validated; files are not modified while mapped (see weights::var_builder).
             let m = unsafe { MmapedSafetensors::new(f) }.map_err(|e| Error::BadWeights {
                 path: f.clone(),
                 msg: e.to_string(),
             })?;
-            maps.push(m);
+            maps.push(Opened::Safetensors(m));
         }
         Ok(Box::new(MappedBackend {
             maps,
             entries: self.entries.clone(),
         }))
+    }
+
+    /// The component's weights stored in GGML blocks (a GGUF file's quantized tensors), served
+    /// as blocks under diffusers' names; `None` when the component has none.
+    pub fn blocks(&self) -> Result<Option<Blocks>> {
+        let Some(path) = self.files.first().filter(|f| is_gguf(f)) else {
+            return Ok(None);
+        };
+        let file = GgufFile::open(path)?;
+        let any = self.entries.values().any(|s| {
+            s.file == 0
+                && file
+                    .tensors
+                    .get(&s.key)
+                    .is_some_and(|t| is_block_type(t.dtype))
+        });
+        Ok(any.then(|| Blocks {
+            file,
+            entries: self.entries.clone(),
+        }))
+    }
+}
+
+/// Whether a file is read as GGUF (by its extension, as `--model` tells them apart).
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Whether a GGML type is a block type (computed on the quantized kernels) rather than a float.
+fn is_block_type(t: GgmlDType) -> bool {
+    !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// A component's quantized tensors in a GGUF file, by diffusers name.
+pub struct Blocks {
+    file: GgufFile,
+    entries: BTreeMap<String, Source>,
+}
+
+impl Blocks {
+    /// The blocks of tensor `name` (a fused projection's rows sliced, swapped halves swapped, all
+    /// on whole rows of blocks), or `None` when it is not stored in a block type.
+    pub fn get(&self, name: &str) -> Option<candle_core::Result<QTensor>> {
+        let s = self.entries.get(name).filter(|s| s.file == 0)?;
+        let t = self.file.tensors.get(&s.key)?;
+        if !is_block_type(t.dtype) || !t.rows_are_blocks() {
+            return None;
+        }
+        let rows = t.shape.first().copied().unwrap_or(1);
+        let half = rows / 2;
+        let ranges = match &s.transform {
+            Transform::Whole => vec![(0, rows)],
+            Transform::Rows { start, len } => vec![(*start, *len)],
+            Transform::SwapHalves => vec![(half, half), (0, half)],
+            Transform::Squeeze1x1 | Transform::Identity(_) => return None,
+        };
+        Some(self.file.blocks(&s.key, &ranges))
+    }
+
+    /// The quantized tensors' count and bytes.
+    pub fn summary(&self) -> (usize, u64) {
+        let q = self
+            .file
+            .tensors
+            .values()
+            .filter(|t| is_block_type(t.dtype));
+        q.fold((0, 0), |(n, b), t| (n + 1, b + t.bytes))
     }
 }
 
@@ -161,9 +238,48 @@ fn mapped_shape(shape: &[usize], t: &Transform) -> Vec<usize> {
     }
 }
 
+/// A file of a mapping, opened.
+enum Opened {
+    Safetensors(MmapedSafetensors),
+    Gguf(Arc<GgufFile>),
+}
+
 struct MappedBackend {
-    maps: Vec<MmapedSafetensors>,
+    maps: Vec<Opened>,
     entries: BTreeMap<String, Source>,
+}
+
+/// `t` (a file tensor) made into the diffusers tensor by `transform`.
+fn transformed(t: Tensor, transform: &Transform) -> candle_core::Result<Tensor> {
+    Ok(match transform {
+        Transform::Whole | Transform::Identity(_) => t,
+        Transform::Rows { start, len } => t.narrow(0, *start, *len)?,
+        Transform::SwapHalves => {
+            let half = t.dim(0)? / 2;
+            Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?
+        }
+        Transform::Squeeze1x1 => {
+            let (o, i) = (t.dim(0)?, t.dim(1)?);
+            t.reshape((o, i))?
+        }
+    })
+}
+
+/// A GGUF tensor in f32 under `transform`: row ranges read as blocks where rows are whole blocks
+/// (only those rows are read), else the whole tensor dequantized and transformed.
+fn gguf_tensor(g: &GgufFile, key: &str, transform: &Transform) -> candle_core::Result<Tensor> {
+    let info = g
+        .tensors
+        .get(key)
+        .ok_or_else(|| candle_core::Error::CannotFindTensor { path: key.into() })?;
+    let rows = info.shape.first().copied().unwrap_or(1);
+    if let (true, Transform::Rows { start, len }) = (info.rows_are_blocks(), transform) {
+        return g.blocks(key, &[(*start, *len)])?.dequantize(&Device::Cpu);
+    }
+    if info.rows_are_blocks() && matches!(transform, Transform::Whole) {
+        return g.blocks(key, &[(0, rows)])?.dequantize(&Device::Cpu);
+    }
+    transformed(g.dequantized(key)?, transform)
 }
 
 impl MappedBackend {
@@ -172,21 +288,12 @@ impl MappedBackend {
             .entries
             .get(name)
             .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.into() })?;
-        let t = match &s.transform {
-            Transform::Identity(n) => return Tensor::eye(*n, dtype, dev),
-            _ => self.maps[s.file].load(&s.key, &Device::Cpu)?,
-        };
-        let t = match &s.transform {
-            Transform::Whole | Transform::Identity(_) => t,
-            Transform::Rows { start, len } => t.narrow(0, *start, *len)?,
-            Transform::SwapHalves => {
-                let half = t.dim(0)? / 2;
-                Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?
-            }
-            Transform::Squeeze1x1 => {
-                let (o, i) = (t.dim(0)?, t.dim(1)?);
-                t.reshape((o, i))?
-            }
+        if let Transform::Identity(n) = &s.transform {
+            return Tensor::eye(*n, dtype, dev);
+        }
+        let t = match &self.maps[s.file] {
+            Opened::Safetensors(m) => transformed(m.load(&s.key, &Device::Cpu)?, &s.transform)?,
+            Opened::Gguf(g) => gguf_tensor(g, &s.key, &s.transform)?,
         };
         t.to_dtype(dtype)?.to_device(dev)
     }
@@ -308,6 +415,30 @@ pub fn detect(metas: &BTreeMap<String, TensorMeta>, path: &Path) -> Result<Detec
     })
 }
 
+/// GGUF architectures of the image models this engine runs.
+fn known_image_arch(a: &str) -> bool {
+    a == "flux" || a == "sd3"
+}
+
+/// Refuses a GGUF file whose `general.architecture` is not a FLUX.1 or SD3 model (stable-diffusion.cpp
+/// files have none, and some converters write `pig`: their tensor names decide).
+fn check_architecture(arch: Option<&str>, path: &Path) -> Result<()> {
+    let bad = |msg: String| Error::BadWeights {
+        path: path.to_path_buf(),
+        msg,
+    };
+    match arch {
+        None | Some("pig") => Ok(()),
+        Some(a) if known_image_arch(a) => Ok(()),
+        Some(a @ ("t5" | "t5encoder" | "llama" | "qwen2" | "qwen2vl" | "qwen3" | "mistral" | "gemma2" | "gemma3" | "clip")) => Err(bad(format!(
+            "is a GGUF text model (architecture {a}), not a FLUX.1 or SD3 image model; pass the image model's .gguf as --model"
+        ))),
+        Some(a) => Err(bad(format!(
+            "is a GGUF {a} model; this engine runs FLUX.1 (flux) and SD3/SD3.5 (sd3) GGUF files"
+        ))),
+    }
+}
+
 /// A single-file checkpoint: its format and the components it holds, under diffusers' names.
 #[derive(Debug, Clone)]
 pub struct SingleFile {
@@ -319,11 +450,29 @@ pub struct SingleFile {
 
 impl SingleFile {
     /// Reads the headers of `path` (and, for Flux, of `ae.safetensors` beside it, when present) and
-    /// maps every component found.
+    /// maps every component found. A GGUF file holds the transformer alone.
     pub fn open(path: &Path) -> Result<Self> {
         let files = vec![path.to_path_buf()];
-        let main = super::audit::read_headers(&files)?;
+        let (main, architecture) = if is_gguf(path) {
+            let g = GgufFile::open(path)?;
+            let arch = g.architecture().map(str::to_string);
+            check_architecture(arch.as_deref(), path)?;
+            (g.metas(), arch)
+        } else {
+            (super::audit::read_headers(&files)?, None)
+        };
         let detected = detect(&main, path)?;
+        if let Some(a) = architecture.filter(|a| known_image_arch(a)) {
+            if a != detected.format.name() {
+                return Err(Error::BadWeights {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "says general.architecture = {a} but its tensors are a {} model; the file is mislabelled",
+                        detected.format.name()
+                    ),
+                });
+            }
+        }
         let ae_path = path.with_file_name("ae.safetensors");
         let ae = if detected.format == Format::Flux && ae_path.is_file() && ae_path != path {
             Some((

@@ -51,11 +51,29 @@ struct Packed<P> {
 /// diffusers' `nn.Linear(in_dim, out_dim)` with bias, from `vb` (`weight`, `bias`); inside
 /// [`lora::collect`], with a run-time LoRA slot under `vb`'s prefix.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let plain = candle_nn::linear(in_dim, out_dim, vb.clone())?;
-    let mut l = match quant::current() {
-        Some(q) => Linear::quantized(plain, q)?,
-        None => Linear::new(plain)?,
+    let mut l = match quant::stored(&format!("{}.weight", vb.prefix())) {
+        Some(blocks) => {
+            let w = blocks?;
+            let want = candle_core::Shape::from((out_dim, in_dim));
+            if w.shape() != &want {
+                // The error candle's own backends give.
+                return Err(candle_core::Error::UnexpectedShape {
+                    msg: format!("shape mismatch for {}.weight", vb.prefix()),
+                    expected: want,
+                    got: w.shape().clone(),
+                });
+            }
+            Linear::from_blocks(w, vb.get(out_dim, "bias")?)?
+        }
+        None => {
+            let plain = candle_nn::linear(in_dim, out_dim, vb.clone())?;
+            match quant::current() {
+                Some(q) => Linear::quantized(plain, q)?,
+                None => Linear::new(plain)?,
+            }
+        }
     };
+
     l.lora = lora::register(&vb.prefix());
     Ok(l)
 }
@@ -111,6 +129,14 @@ impl Linear {
         Ok(Self::of(Kernel::Quantized(
             Arc::new(QMatMul::from_qtensor(q)?),
             bias,
+        )))
+    }
+
+    /// A layer on weights already in GGML blocks (a GGUF file's), with its bias.
+    pub fn from_blocks(weight: QTensor, bias: Tensor) -> Result<Self> {
+        Ok(Self::of(Kernel::Quantized(
+            Arc::new(QMatMul::from_qtensor(weight)?),
+            Some(bias.to_dtype(DType::F32)?),
         )))
     }
 

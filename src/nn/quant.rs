@@ -5,13 +5,35 @@
 //! A [`super::linear`] built inside [`with`] quantizes its weight when its input width is a whole
 //! number of the type's blocks (32 values, 256 for the K types), as stable-diffusion.cpp does;
 //! other layers keep their dtype. Like the LoRA slots, the setting is a thread-local that exists
-//! only while `with` runs, so model constructors keep their signatures.
+//! only while `with` runs, so model constructors keep their signatures. Weights a GGUF file
+//! stores in blocks reach the layers the same way ([`with_stored`]).
 
-use candle_core::quantized::GgmlDType;
-use std::cell::Cell;
+use candle_core::quantized::{GgmlDType, QTensor};
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+
+/// Weights a file already stores in GGML blocks (a GGUF model), by their checkpoint name
+/// (`transformer_blocks.0.attn.to_q.weight`): `None` for a tensor stored otherwise.
+pub type Stored = Arc<dyn Fn(&str) -> Option<candle_core::Result<QTensor>> + Send + Sync>;
 
 thread_local! {
     static MODE: Cell<Option<GgmlDType>> = const { Cell::new(None) };
+    static STORED: RefCell<Option<Stored>> = const { RefCell::new(None) };
+}
+
+/// Runs `build` with every [`super::linear`] whose weight `stored` has taking those blocks as
+/// they are (read once, never dequantized), the others built as usual.
+pub fn with_stored<T>(stored: Option<Stored>, build: impl FnOnce() -> T) -> T {
+    let outer = STORED.with(|s| s.replace(stored));
+    let out = build();
+    STORED.with(|s| *s.borrow_mut() = outer);
+    out
+}
+
+/// The stored blocks of weight `name`, if the file has it in blocks.
+pub(super) fn stored(name: &str) -> Option<candle_core::Result<QTensor>> {
+    let f = STORED.with(|s| s.borrow().clone())?;
+    f(name)
 }
 
 /// Runs `build` with every [`super::linear`] it makes quantized to `dtype` (where its shape allows).

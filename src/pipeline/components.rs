@@ -142,6 +142,14 @@ impl Weights<'_> {
         Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
     }
 
+    /// The component's weights a GGUF file stores in GGML blocks, if it has any.
+    pub fn blocks(&self, dir: &str) -> Result<Option<loader::single::Blocks>> {
+        match self.single.and_then(|s| s.component(dir)) {
+            Some(m) => m.blocks(),
+            None => Ok(None),
+        }
+    }
+
     /// The component's files and its tensors' names and shapes (headers only).
     pub fn headers(&self, dir: &str) -> Result<(Vec<PathBuf>, BTreeMap<String, TensorMeta>)> {
         if let Some(m) = self.single.and_then(|s| s.component(dir)) {
@@ -163,7 +171,10 @@ impl Weights<'_> {
         build: impl Fn(VarBuilder) -> candle_core::Result<T>,
     ) -> Result<T> {
         let (_, headers) = self.headers(dir)?;
-        let audit = ShapeBackend::audit(headers, |vb| build(vb).map(drop), |_| true)?;
+        // On names and shapes only: blocks a file stores are not read for it.
+        let audit = crate::nn::quant::with_stored(None, || {
+            ShapeBackend::audit(headers, |vb| build(vb).map(drop), |_| true)
+        })?;
         if let Some((name, want)) = audit.missing.into_iter().next() {
             return Err(Error::Tensor {
                 name,

@@ -48,6 +48,9 @@ pub struct Spec {
     family: Box<dyn Family>,
     /// The GGML block type the transformer's linear layers are quantized to at load.
     quantize: Option<GgmlDType>,
+    /// Serve a GGUF file's blocks dequantized (computed in the run's dtype) instead of on the
+    /// quantized kernels: a debug switch for parity.
+    dequantize: bool,
 }
 
 impl Spec {
@@ -91,6 +94,7 @@ impl Spec {
             entry,
             family,
             quantize: None,
+            dequantize: false,
         })
     }
 
@@ -152,6 +156,21 @@ impl Spec {
     /// width is a whole number of blocks), computed on candle's quantized kernels; CPU only.
     pub fn set_quantize(&mut self, dtype: Option<GgmlDType>) {
         self.quantize = dtype;
+    }
+
+    /// Computes a GGUF model on its weights dequantized at load instead of on its blocks.
+    pub fn set_dequantize(&mut self, on: bool) {
+        self.dequantize = on;
+    }
+
+    /// Whether the transformer comes from a file that stores weights in GGML blocks (a quantized
+    /// GGUF), with the count of those tensors and their bytes.
+    pub fn stored_blocks(&self) -> Result<Option<(usize, u64)>> {
+        let none = LoraSet::default();
+        Ok(self
+            .weights(&none)
+            .blocks("transformer")?
+            .map(|b| b.summary()))
     }
 
     /// Overrides the scheduler's static shift (a preset's default).
@@ -403,22 +422,44 @@ impl Spec {
         loras: LoraSet,
         apply: Apply,
     ) -> Result<Pipeline> {
-        let (merged, runtime) = match apply {
-            Apply::Merge => (loras.clone(), LoraSet::default()),
-            Apply::Runtime => (loras.text_only(), loras.clone()),
+        let none = LoraSet::default();
+        let blocks = match self.dequantize {
+            true => None,
+            false => self.weights(&none).blocks("transformer")?,
         };
-        let w = self.weights(&merged);
         if self.quantize.is_some() && !device.is_cpu() {
             return Err(Error::Device(Message::about(Param::Quantize).text(
                 ": quantized layers run on the CPU only for now; use --device cpu",
             )));
         }
+        if blocks.is_some() && !device.is_cpu() {
+            return Err(Error::Device(Message::from(
+                "a quantized GGUF model runs on the CPU only for now; use --device cpu",
+            )));
+        }
+        // Weights in blocks cannot take a merged LoRA: its terms are added at run time.
+        let apply = if blocks.is_some() {
+            Apply::Runtime
+        } else {
+            apply
+        };
+        let (merged, runtime) = match apply {
+            Apply::Merge => (loras.clone(), LoraSet::default()),
+            Apply::Runtime => (loras.text_only(), loras.clone()),
+        };
+        let w = self.weights(&merged);
+        let stored = blocks.map(|b| {
+            let b = Arc::new(b);
+            Arc::new(move |name: &str| b.get(name)) as nn::quant::Stored
+        });
         // Every linear layer of the transformer gets a run-time LoRA slot, and its GGML blocks
-        // when quantizing.
-        let (transformer, slots) = nn::quant::with(self.quantize, || {
-            nn::lora::collect(|| {
-                w.load("transformer", dtype, device, |vb| {
-                    self.family.transformer(vb)
+        // when the file stores them or when quantizing.
+        let (transformer, slots) = nn::quant::with_stored(stored, || {
+            nn::quant::with(self.quantize, || {
+                nn::lora::collect(|| {
+                    w.load("transformer", dtype, device, |vb| {
+                        self.family.transformer(vb)
+                    })
                 })
             })
         });

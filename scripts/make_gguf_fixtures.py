@@ -1,0 +1,202 @@
+"""Tiny GGUF models in the ComfyUI-GGUF / stable-diffusion.cpp convention, and diffusers' images from
+the same files, for the GGUF loader (src/loader/gguf.rs, tests/gguf.rs):
+
+    python scripts/make_gguf_fixtures.py
+
+The K types quantize blocks of 256 values, so the tiny fixtures (width 32) cannot hold them: these
+models are 256 wide (FLUX.1-dev: 1 double + 1 single block, 2 heads of 128; SD3.5: 2 joint blocks,
+the first MMDiT-X, qk RMSNorm, 4 heads of 64), with the text encoders, tokenizers, VAE and scheduler
+of the tiny fixtures (flux-dev-tiny, sd35-tiny). Writes, under tests/fixtures/gguf/<name>/:
+
+- a diffusers-layout components folder (configs, tokenizers, text encoders, VAE; the transformer's
+  config only);
+- `<name>.gguf`: the transformer under its original BFL/SAI names (SD3 under `model.diffusion_model.`),
+  `general.architecture` flux/sd3, every tensor that is not a 2-D weight F32 and the 2-D weights cycling through Q8_0, Q6_K,
+  Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K, Q2_K, F16, BF16, F32 (a type whose blocks do not divide the
+  row is skipped for that tensor). Q/F types are quantized from a random diffusers model with the `gguf`
+  package; the `gguf` package cannot quantize the K types, so their blocks are random bytes with each
+  block's f16 scales set to give weights of the model's scale (every bit pattern of the quants and
+  sub-scales occurs);
+- `dequant.json`: for every tensor, its type, shape and the SHA-256 of the `gguf` package's f32
+  dequantization (little-endian bytes);
+- `reference.safetensors` + `fixture.json` + noise: diffusers' images from the GGUF file, loaded with
+  `from_single_file(..., quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))`.
+  diffusers' FLUX.1 converter assumes the real width (inner_dim = 3072); it is run here with the
+  model's width substituted in its source, nothing else changed.
+"""
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import sys
+
+import gguf
+import numpy as np
+import torch
+import diffusers
+from diffusers import (FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline)
+from diffusers.loaders import single_file_model, single_file_utils
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+from make_single_file_fixtures import flux_to_bfl, sd3_to_sai  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+FIX = os.path.join(ROOT, "tests", "fixtures")
+T = gguf.GGMLQuantizationType
+CYCLE = [T.Q8_0, T.Q6_K, T.Q5_K, T.Q5_1, T.Q5_0, T.Q4_K, T.Q4_1, T.Q4_0, T.Q3_K, T.Q2_K, T.F16, T.BF16, T.F32]
+# Byte offsets of each K type's f16 scales (d, and dmin where it has one) inside a block.
+K_SCALES = {T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+
+
+def k_blocks(rows, cols, t, rng, std):
+    """Random blocks of type t for a [rows, cols] weight, scaled so the weights' std is about std."""
+    bs, ts = gguf.GGML_QUANT_SIZES[t]
+    nb = rows * cols // bs
+    raw = rng.integers(0, 256, (nb, ts), dtype=np.uint8)
+    jitter = rng.uniform(0.5, 1.5, nb)
+
+    def set_scales(c):
+        for off in K_SCALES[t]:
+            raw[:, off:off + 2] = (c * jitter).astype(np.float16).view(np.uint8).reshape(nb, 2)
+
+    set_scales(1.0)
+    v = gguf.quants.dequantize(raw.reshape(rows, -1), t)
+    set_scales(std / float(v.std()))
+    return raw.reshape(rows, cols // bs * ts)
+
+
+def write_gguf(path, arch, state, rng):
+    w = gguf.GGUFWriter(path, arch=arch)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    i = 0
+    types = {}
+    for name in sorted(state):
+        x = state[name].float().numpy()
+        if x.ndim != 2:
+            t = T.F32
+        else:
+            cols = x.shape[-1]
+            for j in range(len(CYCLE)):
+                t = CYCLE[(i + j) % len(CYCLE)]
+                if cols % gguf.GGML_QUANT_SIZES[t][0] == 0:
+                    break
+            i += 1
+        if t in K_SCALES:
+            data = k_blocks(int(np.prod(x.shape[:-1])), x.shape[-1], t, rng, float(x.std()))
+            data = data.reshape(*x.shape[:-1], -1)
+        else:
+            data = gguf.quants.quantize(x, t)
+        w.add_tensor(name, data, raw_dtype=t)
+        types[name] = t.name
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return types
+
+
+def dequant_listing(path):
+    out = {}
+    for t in gguf.GGUFReader(path).tensors:
+        v = gguf.quants.dequantize(t.data, t.tensor_type).astype("<f4")
+        out[t.name] = {"type": t.tensor_type.name, "shape": [int(d) for d in reversed(t.shape)],
+                       "sha256": hashlib.sha256(v.tobytes()).hexdigest()}
+    return out
+
+
+def components(src, dst, tcfg):
+    if os.path.isdir(dst):
+        shutil.rmtree(dst)
+    shutil.copytree(os.path.join(FIX, src), dst,
+                    ignore=shutil.ignore_patterns("reference.safetensors", "fixture.json", "noise_*", "transformer"))
+    os.makedirs(os.path.join(dst, "transformer"))
+    with open(os.path.join(dst, "transformer", "config.json"), "w") as fh:
+        json.dump(tcfg, fh, indent=1)
+
+
+def flux_width_converter(width):
+    """diffusers' FLUX.1 converter with the model's width in place of 3072."""
+    src = inspect.getsource(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers)
+    assert "inner_dim = 3072" in src
+    ns = dict(single_file_utils.__dict__)
+    exec(src.replace("inner_dim = 3072", f"inner_dim = {width}"), ns)
+    fn = ns["convert_flux_transformer_checkpoint_to_diffusers"]
+    single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]["checkpoint_mapping_fn"] = fn
+
+
+def run_images(pipe, out, runs, max_seq, packed, meta):
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    c = pipe.vae.config.latent_channels
+    f = pipe.vae_scale_factor
+    for k, r in enumerate(runs):
+        noise = torch.randn((1, c, r["height"] // f, r["width"] // f), generator=g)
+        save_file({"noise": noise.contiguous()}, os.path.join(out, f"noise_{k}.safetensors"))
+        lat = pipe._pack_latents(noise, 1, c, noise.shape[2], noise.shape[3]) if packed else noise
+        kw = {}
+        if "negative_prompt" in r:
+            kw["negative_prompt"] = r["negative_prompt"]
+        if "true_cfg" in r:
+            kw["true_cfg_scale"] = r["true_cfg"]
+        img = pipe(prompt=r["prompt"], num_inference_steps=r["steps"], guidance_scale=r["guidance"],
+                   height=r["height"], width=r["width"], latents=lat, max_sequence_length=max_seq,
+                   output_type="pil", **kw).images[0]
+        tensors[f"run.{k}.image"] = torch.from_numpy(np.array(img).copy())
+        meta["runs"].append(dict(r, noise=f"noise_{k}.safetensors"))
+    save_file(tensors, os.path.join(out, "reference.safetensors"))
+    with open(os.path.join(out, "fixture.json"), "w") as fh:
+        json.dump(meta, fh, indent=1)
+
+
+def make(name, src, tcfg, model_cls, pipe_cls, to_original, prefix, arch, runs, max_seq):
+    out = os.path.join(FIX, "gguf", name)
+    components(src, out, tcfg)
+    torch.manual_seed(0)
+    model = model_cls.from_config({k: v for k, v in tcfg.items() if not k.startswith("_")})
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    state = {prefix + k: v for k, v in to_original(sd, tcfg).items()}
+    path = os.path.join(out, f"{name}.gguf")
+    types = write_gguf(path, arch, state, np.random.default_rng(0))
+    with open(os.path.join(out, "dequant.json"), "w") as fh:
+        json.dump(dequant_listing(path), fh, indent=0)
+    q = model_cls.from_single_file(path, config=out, subfolder="transformer", local_files_only=True,
+                                   quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+                                   torch_dtype=torch.float32)
+    pipe = pipe_cls.from_pretrained(out, transformer=q, torch_dtype=torch.float32, local_files_only=True)
+    meta = {"generator": "scripts/make_gguf_fixtures.py", "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "gguf": "0.19.0", "seed": 0, "max_sequence_length": max_seq,
+            "types": sorted(set(types.values())), "runs": []}
+    run_images(pipe, out, runs, max_seq, pipe_cls is FluxPipeline, meta)
+    print(f"wrote tests/fixtures/gguf/{name}: {len(types)} tensors, {os.path.getsize(path)} bytes,",
+          ", ".join(f"{t} x{list(types.values()).count(t)}" for t in meta["types"]))
+
+
+def main():
+    torch.set_grad_enabled(False)
+    flux = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": diffusers.__version__,
+            "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "guidance_embeds": True,
+            "in_channels": 16, "joint_attention_dim": 32, "num_attention_heads": 2, "num_layers": 1,
+            "num_single_layers": 1, "out_channels": None, "patch_size": 1, "pooled_projection_dim": 32}
+    flux_width_converter(256)
+    make("flux-dev-256", "flux-dev-tiny", flux, FluxTransformer2DModel, FluxPipeline,
+         lambda sd, c: flux_to_bfl(sd, c["num_layers"], c["num_single_layers"]), "", "flux",
+         [{"prompt": "a red circle on a white background", "steps": 3, "guidance": 3.5, "height": 32, "width": 32},
+          {"prompt": "a cat", "negative_prompt": "blurry", "true_cfg": 2.0, "steps": 2, "guidance": 4.0,
+           "height": 40, "width": 24}], 24)
+    sd35 = {"_class_name": "SD3Transformer2DModel", "_diffusers_version": diffusers.__version__,
+            "attention_head_dim": 64, "caption_projection_dim": 256, "dual_attention_layers": [0],
+            "in_channels": 16, "joint_attention_dim": 64, "num_attention_heads": 4, "num_layers": 2,
+            "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 64, "pos_embed_max_size": 16,
+            "qk_norm": "rms_norm", "sample_size": 16}
+    make("sd35-256", "sd35-tiny", sd35, SD3Transformer2DModel, StableDiffusion3Pipeline,
+         lambda sd, c: sd3_to_sai(sd, c["num_layers"]), "model.diffusion_model.", "sd3",
+         [{"prompt": "a red circle on a white background", "negative_prompt": "blurry", "steps": 3,
+           "guidance": 7.0, "height": 48, "width": 32}], 32)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+//! Issue 18: GGUF models as stable-diffusion.cpp and ComfyUI-GGUF run them.
+//! - Two 256-wide GGUF models (scripts/make_gguf_fixtures.py: FLUX.1-dev in BFL names, SD3.5 in SAI
+//!   names under `model.diffusion_model.`) hold every type (Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K,
+//!   Q4_1, Q4_0, Q3_K, Q2_K, F16, BF16, F32). Every tensor dequantizes bit for bit as the `gguf`
+//!   package does (SHA-256 of the f32 values).
+//! - Dequantized at load (`--dequantize`), both draw diffusers' images from the same file
+//!   (`GGUFQuantizationConfig`, f32) within 2/255; computed on the blocks, within the PSNR floor
+//!   below, with the blocks actually used.
+//! - Damaged and foreign files are refused by name before anything is loaded.
+
+mod common;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use mmdit::loader::gguf::GgufFile;
+use mmdit::{ModelRef, Spec};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+const MODELS: [&str; 2] = ["flux-dev-256", "sd35-256"];
+
+fn gguf_path(name: &str) -> PathBuf {
+    fixture("gguf").join(name).join(format!("{name}.gguf"))
+}
+
+fn model(name: &str) -> ModelRef {
+    ModelRef::SingleFile {
+        file: gguf_path(name),
+        components: Some(Box::new(ModelRef::Folder(fixture("gguf").join(name)))),
+    }
+}
+
+#[test]
+fn every_tensor_dequantizes_as_the_gguf_package_does() {
+    for name in MODELS {
+        let want = read_json(fixture("gguf").join(name).join("dequant.json"));
+        let want = want.as_object().unwrap();
+        let g = GgufFile::open(&gguf_path(name)).unwrap();
+        assert_eq!(g.tensors.len(), want.len());
+        let mut types = std::collections::BTreeSet::new();
+        for (key, t) in &g.tensors {
+            let w = &want[key];
+            let v: Vec<f32> = g
+                .dequantized(key)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let hex: String = Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(hex, w["sha256"].as_str().unwrap(), "{name}: {key}");
+            let shape: Vec<usize> = w["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(t.shape, shape, "{name}: {key}");
+            let tn = mmdit::loader::gguf::type_name(t.dtype);
+            assert_eq!(tn, w["type"].as_str().unwrap(), "{name}: {key}");
+            types.insert(tn);
+        }
+        println!("{name}: {} tensors, types {types:?}", g.tensors.len());
+        assert_eq!(types.len(), 13, "{name}: every type");
+    }
+}
+
+/// Every recorded run of a fixture, on a pipeline loaded from its GGUF file.
+fn images(name: &str, dequantize: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut spec = Spec::open(&model(name)).unwrap();
+    spec.set_dequantize(dequantize);
+    let mut pipe = spec.load(&device(), DType::F32).unwrap();
+    let r = reference(&format!("gguf/{name}"));
+    let meta = meta(&format!("gguf/{name}"));
+    let max_seq = meta["max_sequence_length"].as_u64().unwrap() as usize;
+    let mut out = Vec::new();
+    for (k, run) in meta["runs"].as_array().unwrap().iter().enumerate() {
+        let req = fixture_request(&format!("gguf/{name}"), run, max_seq);
+        let got = pipe.generate(&req, &mut |_| {}).unwrap().image.data;
+        out.push((got, reference_image(&r, k)));
+    }
+    out
+}
+
+#[test]
+fn dequantized_gguf_models_draw_diffusers_images() {
+    for name in MODELS {
+        for (k, (got, want)) in images(name, true).iter().enumerate() {
+            let worst = max_u8_diff(got, want);
+            println!("{name} run {k}: dequantized image max diff {worst}/255");
+            assert!(worst <= 2, "{name} run {k}: {worst}/255");
+        }
+    }
+}
+
+/// Computed on the blocks, the activations are quantized to 8-bit blocks (Q8_0 / Q8_K) for the
+/// integer dot products: the images stay within 30 dB of diffusers' (which dequantizes the
+/// weights and computes in f32), the bf16 floor.
+#[test]
+fn gguf_models_computed_on_their_blocks_stay_within_the_bf16_floor() {
+    for name in MODELS {
+        let spec = Spec::open(&model(name)).unwrap();
+        let (count, bytes) = spec.stored_blocks().unwrap().expect("quantized tensors");
+        println!("{name}: {count} tensors in blocks, {bytes} bytes");
+        let listing = read_json(fixture("gguf").join(name).join("dequant.json"));
+        let quantized = listing
+            .as_object()
+            .unwrap()
+            .values()
+            .filter(|t| t["type"].as_str().unwrap().starts_with('Q'))
+            .count();
+        assert_eq!(count, quantized, "{name}");
+        let exact = images(name, true);
+        for (k, (got, want)) in images(name, false).iter().enumerate() {
+            let p = psnr(got, want);
+            println!("{name} run {k}: image on the blocks, PSNR {p:.1} dB against diffusers");
+            assert!(p >= 30.0, "{name} run {k}: {p:.1} dB");
+            assert_ne!(got, &exact[k].0, "{name} run {k}: the blocks were not used");
+        }
+    }
+}
+
+/// A LoRA on a GGUF model goes to the run-time path (blocks cannot be merged into) and matches
+/// the same LoRA on the dequantized model.
+#[test]
+fn a_lora_applies_to_a_gguf_model_at_run_time() {
+    let dir = tmp("gguf_lora");
+    let lora = dir.join("lora.safetensors");
+    // kohya names on two quantized layers (Q types) and one F32 layer (img_in).
+    let mut tensors = std::collections::HashMap::new();
+    let dev = Device::Cpu;
+    for (module, (inp, out)) in [
+        ("lora_unet_double_blocks_0_img_attn_proj", (256, 256)),
+        ("lora_unet_single_blocks_0_linear2", (1280, 256)),
+        ("lora_unet_img_in", (16, 256)),
+    ] {
+        let down = Tensor::randn(0f32, 0.5, (4, inp), &dev).unwrap();
+        let up = Tensor::randn(0f32, 0.5, (out, 4), &dev).unwrap();
+        tensors.insert(format!("{module}.lora_down.weight"), down);
+        tensors.insert(format!("{module}.lora_up.weight"), up);
+        tensors.insert(format!("{module}.alpha"), Tensor::new(4f32, &dev).unwrap());
+    }
+    candle_core::safetensors::save(&tensors, &lora).unwrap();
+    let spec = mmdit::lora::LoraSpec {
+        source: lora.display().to_string(),
+        scale: 1.0,
+    };
+    let name = "flux-dev-256";
+    let meta = meta(&format!("gguf/{name}"));
+    let run = &meta["runs"][0];
+    let req = mmdit::Request {
+        loras: vec![spec.clone()],
+        ..fixture_request(&format!("gguf/{name}"), run, 24)
+    };
+    let mut imgs = Vec::new();
+    for dequantize in [false, true] {
+        let mut s = Spec::open(&model(name)).unwrap();
+        s.set_dequantize(dequantize);
+        let set = s.fit_loras(std::slice::from_ref(&spec)).unwrap();
+        let mut pipe = s
+            .load_with(&device(), DType::F32, set, mmdit::lora::Apply::Merge)
+            .unwrap();
+        imgs.push(pipe.generate(&req, &mut |_| {}).unwrap().image.data);
+    }
+    let plain = images(name, false).remove(0).0;
+    let p = psnr(&imgs[0], &imgs[1]);
+    println!("LoRA on the blocks against LoRA on the dequantized model: {p:.1} dB");
+    assert!(p >= 30.0, "{p:.1} dB");
+    assert_ne!(imgs[0], plain, "the LoRA changed nothing");
+}
+
+// ---- damaged and foreign files ----
+
+/// A GGUF file written with candle's writer: `arch` (if any) and the tensors.
+fn write(path: &Path, arch: Option<&str>, tensors: &[(&str, &QTensor)]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let a = arch.map(|a| Value::String(a.into()));
+    let meta: Vec<(&str, &Value)> = a.iter().map(|v| ("general.architecture", v)).collect();
+    gguf_file::write(&mut f, &meta, tensors).unwrap();
+}
+
+fn refs(all: &[(String, QTensor)]) -> Vec<(&str, &QTensor)> {
+    all.iter().map(|(n, q)| (n.as_str(), q)).collect()
+}
+
+/// The flux fixture's tensors, as blocks.
+fn flux_tensors() -> Vec<(String, QTensor)> {
+    let g = GgufFile::open(&gguf_path("flux-dev-256")).unwrap();
+    g.tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), g.blocks(k, &[(0, t.shape[0])]).unwrap()))
+        .collect()
+}
+
+fn generate(file: &Path) -> (Option<i32>, String) {
+    let c = fixture("gguf/flux-dev-256");
+    run(&[
+        "generate".as_ref(),
+        "--prompt".as_ref(),
+        "x".as_ref(),
+        "--steps".as_ref(),
+        "1".as_ref(),
+        "--model".as_ref(),
+        file.as_os_str(),
+        "--components".as_ref(),
+        c.as_os_str(),
+        "--output".as_ref(),
+        file.with_extension("png").as_os_str(),
+    ])
+}
+
+/// A one-tensor file (`t`, F32, 4 values, no metadata) for byte-level damage: the tensor count is
+/// at 8, the metadata count at 16, the tensor's dimension count at 33, its dimension at 37, its
+/// type at 45.
+fn small() -> Vec<u8> {
+    let p = tmp("gguf_small").join("small.gguf");
+    let q = QTensor::quantize(
+        &Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
+    write(&p, None, &[("t", &q)]);
+    std::fs::read(p).unwrap()
+}
+
+fn damaged(test: &str, edit: impl FnOnce(&mut Vec<u8>)) -> (Option<i32>, String) {
+    let mut b = small();
+    edit(&mut b);
+    let p = tmp(test).join("model.gguf");
+    std::fs::write(&p, &b).unwrap();
+    let out = generate(&p);
+    assert!(
+        !p.with_extension("png").exists(),
+        "{test}: an image was written"
+    );
+    out
+}
+
+#[test]
+fn a_file_that_is_not_gguf_is_named() {
+    let (c, e) = damaged("gguf_magic", |b| b[..4].copy_from_slice(b"GGML"));
+    assert_clean_error(c, &e, &["model.gguf", "not a GGUF file", "GGML"]);
+}
+
+#[test]
+fn an_unsupported_gguf_version_is_named() {
+    let (c, e) = damaged("gguf_version", |b| {
+        b[4..8].copy_from_slice(&1u32.to_le_bytes())
+    });
+    assert_clean_error(c, &e, &["GGUF version 1 is not supported"]);
+    let (c, e) = damaged("gguf_version9", |b| {
+        b[4..8].copy_from_slice(&9u32.to_le_bytes())
+    });
+    assert_clean_error(c, &e, &["GGUF version 9 is not supported"]);
+}
+
+#[test]
+fn a_truncated_header_is_named() {
+    let (c, e) = damaged("gguf_truncated", |b| b.truncate(30));
+    assert_clean_error(c, &e, &["declares 1 tensors", "truncated or damaged"]);
+    // Cut inside the tensor listing of a real file.
+    let p = tmp("gguf_truncated_listing").join("model.gguf");
+    let b = std::fs::read(gguf_path("flux-dev-256")).unwrap();
+    std::fs::write(&p, &b[..2000]).unwrap();
+    let (c, e) = generate(&p);
+    assert_clean_error(c, &e, &["truncated: ", "the file has 2000"]);
+}
+
+#[test]
+fn tensor_data_past_the_end_is_named() {
+    let (c, e) = damaged("gguf_past_end", |b| {
+        let n = b.len();
+        b.truncate(n - 24);
+    });
+    assert_clean_error(
+        c,
+        &e,
+        &["tensor `t` lies past the end of the file", "incomplete"],
+    );
+}
+
+#[test]
+fn absurd_counts_and_sizes_are_refused_before_allocating() {
+    let (c, e) = damaged("gguf_tensor_count", |b| {
+        b[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes())
+    });
+    assert_clean_error(c, &e, &["declares 1099511627776 tensors"]);
+    let (c, e) = damaged("gguf_meta_count", |b| {
+        b[16..24].copy_from_slice(&u64::MAX.to_le_bytes())
+    });
+    assert_clean_error(c, &e, &["metadata entries"]);
+    let (c, e) = damaged("gguf_dims", |b| {
+        b[33..37].copy_from_slice(&9u32.to_le_bytes())
+    });
+    assert_clean_error(c, &e, &["tensor `t` has 9 dimensions"]);
+    let (c, e) = damaged("gguf_dim", |b| {
+        b[37..45].copy_from_slice(&u64::MAX.to_le_bytes())
+    });
+    assert_clean_error(
+        c,
+        &e,
+        &["tensor `t` has dimensions", "more than any model has"],
+    );
+    let (c, e) = damaged("gguf_name_len", |b| {
+        b[24..32].copy_from_slice(&(1u64 << 50).to_le_bytes())
+    });
+    assert_clean_error(c, &e, &["a tensor name is", "bytes long"]);
+}
+
+#[test]
+fn iq_and_unknown_types_are_refused_by_name() {
+    let (c, e) = damaged("gguf_iq", |b| {
+        b[45..49].copy_from_slice(&16u32.to_le_bytes())
+    });
+    assert_clean_error(c, &e, &["tensor `t` is IQ2_XXS", "Q4_K"]);
+    let (c, e) = damaged("gguf_unknown_type", |b| {
+        b[45..49].copy_from_slice(&77u32.to_le_bytes())
+    });
+    assert_clean_error(c, &e, &["tensor `t` has GGML type id 77"]);
+}
+
+#[test]
+fn a_text_model_or_another_architecture_is_refused() {
+    let dir = tmp("gguf_arch");
+    let q = QTensor::quantize(
+        &Tensor::zeros(32, DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
+    for (arch, needle) in [
+        ("llama", "GGUF text model (architecture llama)"),
+        ("t5encoder", "GGUF text model (architecture t5encoder)"),
+        ("sdxl", "is a GGUF sdxl model"),
+    ] {
+        let p = dir.join(format!("{arch}.gguf"));
+        write(&p, Some(arch), &[("token_embd.weight", &q)]);
+        let (c, e) = generate(&p);
+        assert_clean_error(c, &e, &[needle]);
+    }
+    // The flux fixture's tensors labelled sd3.
+    let p = dir.join("mislabelled.gguf");
+    write(&p, Some("sd3"), &refs(&flux_tensors()));
+    let (c, e) = generate(&p);
+    assert_clean_error(c, &e, &["general.architecture = sd3", "flux model"]);
+}
+
+#[test]
+fn a_missing_or_misshapen_tensor_is_named() {
+    let dir = tmp("gguf_tensors");
+    let all = flux_tensors();
+    let p = dir.join("missing.gguf");
+    let fewer: Vec<_> = refs(&all)
+        .into_iter()
+        .filter(|(k, _)| *k != "double_blocks.0.img_mlp.2.weight")
+        .collect();
+    write(&p, Some("flux"), &fewer);
+    let (c, e) = generate(&p);
+    assert_clean_error(c, &e, &["transformer_blocks.0.ff.net.2.weight", "missing"]);
+    let p = dir.join("misshapen.gguf");
+    let wrong = QTensor::quantize(
+        &Tensor::zeros((256, 512), DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::Q8_0,
+    )
+    .unwrap();
+    let swapped: Vec<_> = refs(&all)
+        .into_iter()
+        .map(|(k, q)| match k {
+            "double_blocks.0.img_mlp.2.weight" => (k, &wrong),
+            _ => (k, q),
+        })
+        .collect();
+    write(&p, Some("flux"), &swapped);
+    let (c, e) = generate(&p);
+    assert_clean_error(
+        c,
+        &e,
+        &["transformer_blocks.0.ff.net.2.weight", "wrong shape"],
+    );
+}
+
+/// A file candle's writer produced from the fixture's blocks reads back identically (the header
+/// reader agrees with another writer, the data offsets with its alignment).
+#[test]
+fn a_rewritten_file_reads_back_the_same_blocks() {
+    let p = tmp("gguf_rewrite").join("flux.gguf");
+    let all = flux_tensors();
+    write(&p, Some("flux"), &refs(&all));
+    let g = GgufFile::open(&p).unwrap();
+    for (k, q) in &all {
+        let back = g.blocks(k, &[(0, q.shape().dims()[0])]).unwrap();
+        assert_eq!(back.data().unwrap(), q.data().unwrap(), "{k}");
+        assert_eq!(back.dtype(), q.dtype(), "{k}");
+    }
+}

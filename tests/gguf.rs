@@ -398,3 +398,235 @@ fn a_rewritten_file_reads_back_the_same_blocks() {
         assert_eq!(back.dtype(), q.dtype(), "{k}");
     }
 }
+
+// ---- mmdit convert ----
+
+/// Converts a fixture's transformer to `t` and opens the file with the fixture as components.
+fn converted(
+    name: &str,
+    t: GgmlDType,
+    test: &str,
+) -> (PathBuf, mmdit::pipeline::convert::Converted) {
+    let out = tmp(test).join(format!("{name}.gguf"));
+    let m = ModelRef::parse(fixture(name).to_str().unwrap(), None).unwrap();
+    let mut calls = 0;
+    let done = Spec::open(&m)
+        .unwrap()
+        .write_gguf(&out, t, &mut |_, _| calls += 1)
+        .unwrap();
+    assert!(calls > 0);
+    (out, done)
+}
+
+fn single_of(file: &Path, components: &str) -> ModelRef {
+    ModelRef::SingleFile {
+        file: file.to_path_buf(),
+        components: Some(Box::new(ModelRef::Folder(fixture(components)))),
+    }
+}
+
+/// Every recorded run of `name` on `model`.
+fn run_images(model: &ModelRef, name: &str) -> Vec<Vec<u8>> {
+    let mut pipe = Spec::open(model)
+        .unwrap()
+        .load(&device(), DType::F32)
+        .unwrap();
+    let meta = meta(name);
+    let max_seq = meta["max_sequence_length"].as_u64().unwrap() as usize;
+    meta["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| {
+            let req = fixture_request(name, run, max_seq);
+            pipe.generate(&req, &mut |_| {}).unwrap().image.data
+        })
+        .collect()
+}
+
+/// Written at F32 in the original layout (fused q/k/v, FLUX.1's linear1, the swapped
+/// modulations) and read back, a transformer draws exactly the folder's images.
+#[test]
+fn convert_at_f32_reads_back_exactly() {
+    for name in ["flux-dev-tiny", "sd35-tiny", "sd3-dummy"] {
+        let (out, done) = converted(name, GgmlDType::F32, &format!("convert_f32_{name}"));
+        assert_eq!(done.types.len(), 1, "{name}: {:?}", done.types);
+        let g = GgufFile::open(&out).unwrap();
+        let want = if name.starts_with("flux") {
+            "flux"
+        } else {
+            "sd3"
+        };
+        assert_eq!(g.architecture(), Some(want));
+        assert!(
+            g.tensors.keys().all(|k| !k.starts_with("model.")),
+            "no prefix"
+        );
+        let folder = ModelRef::parse(fixture(name).to_str().unwrap(), None).unwrap();
+        assert_eq!(
+            run_images(&single_of(&out, name), name),
+            run_images(&folder, name),
+            "{name}"
+        );
+    }
+}
+
+/// Q8_0 and Q4_K files: the 2-D weights in blocks (Q4_K falling back to Q5_0 where rows are not
+/// whole 256-blocks), 1-D tensors and FLUX.1's embedders and final layer F32; the images within
+/// 30 dB of diffusers' f32 images.
+#[test]
+fn converted_files_keep_the_layers_comfyui_keeps_and_draw_close_images() {
+    for (t, name) in [
+        (GgmlDType::Q8_0, "flux-dev-tiny"),
+        (GgmlDType::Q4K, "flux-dev-tiny"),
+        (GgmlDType::Q8_0, "sd35-tiny"),
+    ] {
+        let test = format!("convert_{t:?}_{name}");
+        let (out, done) = converted(name, t, &test);
+        println!("{name} {t:?}: {:?}, {} bytes", done.types, done.bytes);
+        let g = GgufFile::open(&out).unwrap();
+        for (k, info) in &g.tensors {
+            let ty = mmdit::loader::gguf::type_name(info.dtype);
+            let kept = [
+                "time_in.",
+                "txt_in.",
+                "vector_in.",
+                "img_in.",
+                "guidance_in.",
+                "final_layer.",
+            ]
+            .iter()
+            .any(|p| k.starts_with(p));
+            if info.shape.len() != 2 || kept {
+                assert_eq!(ty, "F32", "{k}");
+            } else {
+                assert!(ty.starts_with('Q'), "{k}: {ty}");
+            }
+        }
+        let r = reference(name);
+        for (k, img) in run_images(&single_of(&out, name), name).iter().enumerate() {
+            let p = psnr(img, &reference_image(&r, k));
+            println!("{name} {t:?} run {k}: {p:.1} dB against diffusers f32");
+            assert!(p >= 30.0, "{name} {t:?} run {k}: {p:.1} dB");
+        }
+    }
+}
+
+/// A GGUF converted again to another type: the blocks of the first are dequantized and
+/// quantized anew.
+#[test]
+fn a_gguf_model_converts_to_another_type() {
+    let out = tmp("convert_gguf").join("q4_0.gguf");
+    let done = Spec::open(&model("flux-dev-256"))
+        .unwrap()
+        .write_gguf(&out, GgmlDType::Q4_0, &mut |_, _| {})
+        .unwrap();
+    assert!(done.types.contains_key("Q4_0"), "{:?}", done.types);
+    let g = GgufFile::open(&out).unwrap();
+    assert_eq!(
+        g.tensors.len(),
+        GgufFile::open(&gguf_path("flux-dev-256"))
+            .unwrap()
+            .tensors
+            .len()
+    );
+}
+
+fn convert_cli(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let mut all: Vec<&std::ffi::OsStr> = vec!["convert".as_ref()];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+#[test]
+fn convert_refuses_bad_arguments_before_reading_weights() {
+    let dir = tmp("convert_bad");
+    let m = fixture("flux-dev-tiny");
+    let out = dir.join("x.gguf");
+    let (c, e) = convert_cli(&[
+        m.as_os_str(),
+        "--quantize".as_ref(),
+        "iq4_xs".as_ref(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert_clean_error(c, &e, &["--quantize iq4_xs: unknown", "q8_0"]);
+    let bad = dir.join("x.safetensors");
+    let (c, e) = convert_cli(&[
+        m.as_os_str(),
+        "--quantize".as_ref(),
+        "q8_0".as_ref(),
+        "-o".as_ref(),
+        bad.as_os_str(),
+    ]);
+    assert_clean_error(c, &e, &["name the file .gguf"]);
+    let nodir = dir.join("no/such/x.gguf");
+    let (c, e) = convert_cli(&[
+        m.as_os_str(),
+        "--quantize".as_ref(),
+        "q8_0".as_ref(),
+        "-o".as_ref(),
+        nodir.as_os_str(),
+    ]);
+    assert_clean_error(c, &e, &["does not exist"]);
+    let src = gguf_path("flux-dev-256");
+    let (c, e) = convert_cli(&[
+        src.as_os_str(),
+        "--quantize".as_ref(),
+        "q8_0".as_ref(),
+        "-o".as_ref(),
+        src.as_os_str(),
+        "--components".as_ref(),
+        fixture("gguf/flux-dev-256").as_os_str(),
+    ]);
+    assert_clean_error(c, &e, &["is the model being converted"]);
+    assert!(!out.exists() && !bad.exists());
+}
+
+/// A model whose weights fail part-way leaves no file and no partial file.
+#[test]
+fn a_failed_convert_leaves_nothing_behind() {
+    let dir = copy_fixture("flux-dev-tiny", "convert_fail");
+    // The transformer's weights cut short: the header is read, the data is not there.
+    let w = dir.join("transformer/diffusion_pytorch_model.safetensors");
+    let b = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &b[..b.len() / 2]).unwrap();
+    let out = dir.join("out.gguf");
+    let (c, e) = convert_cli(&[
+        dir.as_os_str(),
+        "--quantize".as_ref(),
+        "q8_0".as_ref(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert_clean_error(c, &e, &[]);
+    assert!(!out.exists(), "{e}");
+    assert!(!out.with_extension("gguf.partial").exists(), "{e}");
+}
+
+#[test]
+fn inspect_shows_the_architecture_and_the_type_of_every_tensor_group() {
+    let o = mmdit()
+        .args(["inspect"])
+        .arg(gguf_path("flux-dev-256"))
+        .arg("--components")
+        .arg(fixture("gguf/flux-dev-256"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for needle in [
+        "gguf    version 3, architecture flux",
+        "Q4_K x2",
+        "double_blocks.*.img_attn.qkv.weight",
+        "Q6_K x1",
+        "format  BFL FLUX.1 single-file checkpoint",
+        "all tensors match their configs",
+    ] {
+        assert!(out.contains(needle), "lacks {needle:?}:\n{out}");
+    }
+}

@@ -1,7 +1,7 @@
 //! Weights quantized at load (`--quantize`, `Spec::set_quantize`): every recorded run of the tiny
 //! FLUX.1 and SD3.5 fixtures with the transformer's layers in Q8_0 blocks (their widths are whole
-//! blocks of 32; the K types' 256-value blocks do not fit them, see the unit tests in
-//! `nn::linear`), against diffusers' f32 image: at least 30 dB PSNR (the bf16 floor), and not equal
+//! blocks of 32; the K types' 256-value blocks do not fit them and fall back to a 32-value type, see
+//! the unit tests in `nn::linear` and `nn::quant`), against diffusers' f32 image: at least 30 dB PSNR (the bf16 floor), and not equal
 //! to our f32 image (the layers are quantized). A LoRA applies at run time on top.
 
 mod common;

@@ -173,6 +173,41 @@ fn every_tensor_of_the_real_single_files_maps_onto_the_diffusers_layout() {
     }
 }
 
+/// The other direction (`mmdit convert`): every real transformer, from its diffusers manifest,
+/// laid out in its original names gives exactly the transformer tensors of its single-file
+/// manifest, names and shapes.
+#[test]
+fn every_real_transformer_lays_out_as_its_original_checkpoint() {
+    let dir = fixture("manifests");
+    for model in REAL_MODELS {
+        let diffusers = read_json(dir.join(format!("{model}.json")));
+        let single = read_json(dir.join(format!("{model}.single.json")));
+        let (format, prefix) = if model.starts_with("flux") {
+            (Format::Flux, "")
+        } else {
+            (Format::Sd3, "model.diffusion_model.")
+        };
+        let transformer = manifest_tensors(&diffusers["components"]["transformer"]);
+        let layout = mmdit::loader::single::original_layout(format, &transformer).unwrap();
+        let got: BTreeMap<String, Vec<usize>> = layout
+            .iter()
+            .map(|(k, (m, _))| (k.clone(), m.shape.clone()))
+            .collect();
+        let want: BTreeMap<String, Vec<usize>> = manifest_tensors(&single["file"])
+            .into_iter()
+            .filter_map(|(k, m)| {
+                let k = match format {
+                    Format::Sd3 => k.strip_prefix(prefix)?.to_string(),
+                    Format::Flux => k,
+                };
+                Some((k, m.shape))
+            })
+            .collect();
+        assert_eq!(got, want, "{model}");
+        println!("{model}: {} original tensors", got.len());
+    }
+}
+
 #[test]
 fn inspect_reports_a_single_file_and_its_component_audit() {
     let comps = components_without("sd3-dummy", &[], "inspect-single");

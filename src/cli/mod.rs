@@ -2,6 +2,7 @@
 
 mod args;
 mod bench;
+mod convert;
 mod generate;
 mod models;
 
@@ -30,6 +31,9 @@ pub enum Command {
     Fetch(models::FetchArgs),
     /// Check a model's weights against its configs, reading only file headers.
     Inspect(models::InspectArgs),
+    /// Write a model's transformer as a quantized GGUF file (stable-diffusion.cpp / ComfyUI-GGUF
+    /// naming).
+    Convert(convert::ConvertArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -39,6 +43,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models => models::list(),
         Command::Fetch(a) => models::fetch(a),
         Command::Inspect(a) => models::inspect(a),
+        Command::Convert(a) => convert::run(a),
     }
 }
 

@@ -15,7 +15,7 @@ pub struct FetchArgs {
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// A preset, a Hub repo id, a model folder, or a single .safetensors file.
+    /// A preset, a Hub repo id, a model folder, or a single .safetensors or .gguf file.
     pub model: Option<String>,
     /// The model, as a flag (with --lora: the model the LoRA is fitted to).
     #[arg(long = "model", value_name = "MODEL")]
@@ -173,7 +173,14 @@ fn inspect_file(
     p: &Path,
     problems: &mut usize,
 ) -> anyhow::Result<Option<mmdit::loader::single::SingleFile>> {
-    let headers = mmdit::loader::audit::read_headers(&[p.to_path_buf()])?;
+    let gguf = match mmdit::loader::single::is_gguf(p) {
+        true => Some(mmdit::loader::gguf::GgufFile::open(p)?),
+        false => None,
+    };
+    let headers = match &gguf {
+        Some(g) => g.metas(),
+        None => mmdit::loader::audit::read_headers(&[p.to_path_buf()])?,
+    };
     let params: usize = headers
         .values()
         .map(|t| t.shape.iter().product::<usize>())
@@ -189,6 +196,9 @@ fn inspect_file(
         params,
         dtypes
     );
+    if let Some(g) = &gguf {
+        print_gguf(g);
+    }
     let single = match mmdit::loader::single::SingleFile::open(p) {
         Ok(s) => s,
         Err(_) => {
@@ -240,6 +250,49 @@ fn inspect_file(
     }
     *problems += unmapped.len();
     Ok(Some(single))
+}
+
+/// A GGUF file's header: version, architecture, bytes per type, and the type of every group of
+/// tensors (block numbers as `*`).
+fn print_gguf(g: &mmdit::loader::gguf::GgufFile) {
+    use mmdit::loader::gguf::type_name;
+    use std::collections::BTreeMap;
+    println!(
+        "gguf    version {}, architecture {}",
+        g.version,
+        g.architecture().unwrap_or("(none: named by its tensors)")
+    );
+    let mut types: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+    let mut groups: BTreeMap<String, BTreeMap<&str, usize>> = BTreeMap::new();
+    for (name, t) in &g.tensors {
+        let ty = type_name(t.dtype);
+        let e = types.entry(ty).or_default();
+        e.0 += 1;
+        e.1 += t.bytes;
+        let group: Vec<&str> = name
+            .split('.')
+            .map(|p| if p.parse::<usize>().is_ok() { "*" } else { p })
+            .collect();
+        *groups
+            .entry(group.join("."))
+            .or_default()
+            .entry(ty)
+            .or_default() += 1;
+    }
+    let total: u64 = types.values().map(|t| t.1).sum();
+    let list: Vec<String> = types
+        .iter()
+        .map(|(t, (n, b))| format!("{t} x{n} ({:.1} MB)", *b as f64 / 1e6))
+        .collect();
+    println!(
+        "types   {} | {:.1} MB of tensor data",
+        list.join(", "),
+        total as f64 / 1e6
+    );
+    for (group, ts) in &groups {
+        let ts: Vec<String> = ts.iter().map(|(t, n)| format!("{t} x{n}")).collect();
+        println!("  {group:<58} {}", ts.join(", "));
+    }
 }
 
 /// `inspect --lora FILE [--model M]`: what the file is, and with a model, what of it fits.

@@ -506,6 +506,116 @@ impl GgufFile {
     }
 }
 
+/// A tensor to be written: its name, shape (outermost first) and type.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: GgmlDType,
+}
+
+impl Planned {
+    fn bytes(&self) -> u64 {
+        let elems: usize = self.shape.iter().product();
+        (elems / self.dtype.block_size() * self.dtype.type_size()) as u64
+    }
+}
+
+const ALIGNMENT: u64 = 32;
+
+/// Writes a GGUF file (version 3, 32-byte alignment): `metadata` (strings and u32 values), then
+/// each planned tensor's data as `data(i)` returns it (its bytes, in the planned type), one at a
+/// time. It is written to `<path>.partial` and renamed when complete, so a failure leaves nothing
+/// behind under `path`. Returns the file's size.
+pub fn write(
+    path: &Path,
+    metadata: &[(&str, Value)],
+    tensors: &[Planned],
+    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<u64> {
+    use std::io::Write;
+    let mut h: Vec<u8> = Vec::new();
+    let string = |h: &mut Vec<u8>, s: &str| {
+        h.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        h.extend_from_slice(s.as_bytes());
+    };
+    h.extend_from_slice(b"GGUF");
+    h.extend_from_slice(&3u32.to_le_bytes());
+    h.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    h.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (k, v) in metadata {
+        string(&mut h, k);
+        match v {
+            Value::Str(s) => {
+                h.extend_from_slice(&8u32.to_le_bytes());
+                string(&mut h, s);
+            }
+            Value::Int(i) => {
+                h.extend_from_slice(&4u32.to_le_bytes());
+                h.extend_from_slice(&(*i as u32).to_le_bytes());
+            }
+            other => {
+                return Err(Error::Candle(candle_core::Error::Msg(format!(
+                    "gguf::write: metadata `{k}` = {other} is not written"
+                ))))
+            }
+        }
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        string(&mut h, &t.name);
+        h.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
+        for d in t.shape.iter().rev() {
+            h.extend_from_slice(&(*d as u64).to_le_bytes());
+        }
+        let id = TYPES
+            .iter()
+            .find(|(_, _, ty)| *ty == Some(t.dtype))
+            .map_or(0, |(i, _, _)| *i);
+        h.extend_from_slice(&id.to_le_bytes());
+        h.extend_from_slice(&offset.to_le_bytes());
+        offset += t.bytes().div_ceil(ALIGNMENT) * ALIGNMENT;
+    }
+    h.resize(
+        (h.len() as u64).div_ceil(ALIGNMENT) as usize * ALIGNMENT as usize,
+        0,
+    );
+    let partial = path.with_extension("gguf.partial");
+    let io = |e| Error::io(&partial, e);
+    let result = (|| {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&partial).map_err(io)?);
+        f.write_all(&h).map_err(io)?;
+        let mut size = h.len() as u64;
+        for (i, t) in tensors.iter().enumerate() {
+            let b = data(i)?;
+            if b.len() as u64 != t.bytes() {
+                return Err(Error::Candle(candle_core::Error::Msg(format!(
+                    "gguf::write: `{}` has {} bytes, its type and shape take {}",
+                    t.name,
+                    b.len(),
+                    t.bytes()
+                ))));
+            }
+            f.write_all(&b).map_err(io)?;
+            let pad = t.bytes().div_ceil(ALIGNMENT) * ALIGNMENT - t.bytes();
+            f.write_all(&vec![0u8; pad as usize]).map_err(io)?;
+            size += t.bytes() + pad;
+        }
+        f.flush().map_err(io)?;
+        Ok(size)
+    })();
+    match result {
+        Ok(size) => {
+            std::fs::rename(&partial, path).map_err(|e| Error::io(path, e))?;
+            Ok(size)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -669,49 +669,108 @@ pub fn transformer_table(
     m.entries
 }
 
+/// SAI SD3 top-level prefixes -> diffusers.
+const SD3_TOP: &[(&str, &str)] = &[
+    ("x_embedder.proj.", "pos_embed.proj."),
+    (
+        "t_embedder.mlp.0.",
+        "time_text_embed.timestep_embedder.linear_1.",
+    ),
+    (
+        "t_embedder.mlp.2.",
+        "time_text_embed.timestep_embedder.linear_2.",
+    ),
+    (
+        "y_embedder.mlp.0.",
+        "time_text_embed.text_embedder.linear_1.",
+    ),
+    (
+        "y_embedder.mlp.2.",
+        "time_text_embed.text_embedder.linear_2.",
+    ),
+    ("context_embedder.", "context_embedder."),
+    ("final_layer.linear.", "proj_out."),
+];
+
+/// SAI SD3 joint-block prefixes -> diffusers (after `joint_blocks.<i>.`).
+const SD3_BLOCK: &[(&str, &str)] = &[
+    ("x_block.attn.proj.", "attn.to_out.0."),
+    ("x_block.attn.ln_q.", "attn.norm_q."),
+    ("x_block.attn.ln_k.", "attn.norm_k."),
+    ("x_block.attn2.proj.", "attn2.to_out.0."),
+    ("x_block.attn2.ln_q.", "attn2.norm_q."),
+    ("x_block.attn2.ln_k.", "attn2.norm_k."),
+    ("x_block.adaLN_modulation.1.", "norm1.linear."),
+    ("x_block.mlp.fc1.", "ff.net.0.proj."),
+    ("x_block.mlp.fc2.", "ff.net.2."),
+    ("context_block.attn.proj.", "attn.to_add_out."),
+    ("context_block.attn.ln_q.", "attn.norm_added_q."),
+    ("context_block.attn.ln_k.", "attn.norm_added_k."),
+    ("context_block.mlp.fc1.", "ff_context.net.0.proj."),
+    ("context_block.mlp.fc2.", "ff_context.net.2."),
+];
+
+/// BFL FLUX.1 top-level prefixes -> diffusers.
+const FLUX_TOP: &[(&str, &str)] = &[
+    (
+        "time_in.in_layer.",
+        "time_text_embed.timestep_embedder.linear_1.",
+    ),
+    (
+        "time_in.out_layer.",
+        "time_text_embed.timestep_embedder.linear_2.",
+    ),
+    (
+        "vector_in.in_layer.",
+        "time_text_embed.text_embedder.linear_1.",
+    ),
+    (
+        "vector_in.out_layer.",
+        "time_text_embed.text_embedder.linear_2.",
+    ),
+    (
+        "guidance_in.in_layer.",
+        "time_text_embed.guidance_embedder.linear_1.",
+    ),
+    (
+        "guidance_in.out_layer.",
+        "time_text_embed.guidance_embedder.linear_2.",
+    ),
+    ("txt_in.", "context_embedder."),
+    ("img_in.", "x_embedder."),
+    ("final_layer.linear.", "proj_out."),
+];
+
+/// BFL FLUX.1 double-block prefixes -> diffusers (after `double_blocks.<i>.`).
+const FLUX_DOUBLE: &[(&str, &str)] = &[
+    ("img_mod.lin.", "norm1.linear."),
+    ("txt_mod.lin.", "norm1_context.linear."),
+    ("img_attn.norm.query_norm.scale", "attn.norm_q.weight"),
+    ("img_attn.norm.key_norm.scale", "attn.norm_k.weight"),
+    ("txt_attn.norm.query_norm.scale", "attn.norm_added_q.weight"),
+    ("txt_attn.norm.key_norm.scale", "attn.norm_added_k.weight"),
+    ("img_attn.proj.", "attn.to_out.0."),
+    ("txt_attn.proj.", "attn.to_add_out."),
+    ("img_mlp.0.", "ff.net.0.proj."),
+    ("img_mlp.2.", "ff.net.2."),
+    ("txt_mlp.0.", "ff_context.net.0.proj."),
+    ("txt_mlp.2.", "ff_context.net.2."),
+];
+
+/// BFL FLUX.1 single-block prefixes -> diffusers (after `single_blocks.<i>.`).
+const FLUX_SINGLE: &[(&str, &str)] = &[
+    ("linear2.", "proj_out."),
+    ("norm.query_norm.scale", "attn.norm_q.weight"),
+    ("norm.key_norm.scale", "attn.norm_k.weight"),
+    ("modulation.lin.", "norm.linear."),
+];
+
 fn sd3_transformer(m: &mut Mapping, keys: &[(String, String)], last_block: Option<usize>) {
     let last = last_block.or_else(|| {
         keys.iter()
             .filter_map(|(r, _)| block(r, "joint_blocks").map(|b| b.0))
             .max()
     });
-    let top: &[(&str, &str)] = &[
-        ("x_embedder.proj.", "pos_embed.proj."),
-        (
-            "t_embedder.mlp.0.",
-            "time_text_embed.timestep_embedder.linear_1.",
-        ),
-        (
-            "t_embedder.mlp.2.",
-            "time_text_embed.timestep_embedder.linear_2.",
-        ),
-        (
-            "y_embedder.mlp.0.",
-            "time_text_embed.text_embedder.linear_1.",
-        ),
-        (
-            "y_embedder.mlp.2.",
-            "time_text_embed.text_embedder.linear_2.",
-        ),
-        ("context_embedder.", "context_embedder."),
-        ("final_layer.linear.", "proj_out."),
-    ];
-    let in_block: &[(&str, &str)] = &[
-        ("x_block.attn.proj.", "attn.to_out.0."),
-        ("x_block.attn.ln_q.", "attn.norm_q."),
-        ("x_block.attn.ln_k.", "attn.norm_k."),
-        ("x_block.attn2.proj.", "attn2.to_out.0."),
-        ("x_block.attn2.ln_q.", "attn2.norm_q."),
-        ("x_block.attn2.ln_k.", "attn2.norm_k."),
-        ("x_block.adaLN_modulation.1.", "norm1.linear."),
-        ("x_block.mlp.fc1.", "ff.net.0.proj."),
-        ("x_block.mlp.fc2.", "ff.net.2."),
-        ("context_block.attn.proj.", "attn.to_add_out."),
-        ("context_block.attn.ln_q.", "attn.norm_added_q."),
-        ("context_block.attn.ln_k.", "attn.norm_added_k."),
-        ("context_block.mlp.fc1.", "ff_context.net.0.proj."),
-        ("context_block.mlp.fc2.", "ff_context.net.2."),
-    ];
     for (rest, full) in keys {
         if rest == "pos_embed" {
             m.add("pos_embed.pos_embed".into(), 0, full, Transform::Whole);
@@ -741,65 +800,16 @@ fn sd3_transformer(m: &mut Mapping, keys: &[(String, String)], last_block: Optio
                     Transform::Whole
                 };
                 m.add(format!("{b}norm1_context.linear.{p}"), 0, full, t);
-            } else if let Some(n) = rename(r, in_block) {
+            } else if let Some(n) = rename(r, SD3_BLOCK) {
                 m.add(format!("{b}{n}"), 0, full, Transform::Whole);
             }
-        } else if let Some(n) = rename(rest, top) {
+        } else if let Some(n) = rename(rest, SD3_TOP) {
             m.add(n, 0, full, Transform::Whole);
         }
     }
 }
 
 fn flux_transformer(m: &mut Mapping, keys: &[(String, String)]) {
-    let top: &[(&str, &str)] = &[
-        (
-            "time_in.in_layer.",
-            "time_text_embed.timestep_embedder.linear_1.",
-        ),
-        (
-            "time_in.out_layer.",
-            "time_text_embed.timestep_embedder.linear_2.",
-        ),
-        (
-            "vector_in.in_layer.",
-            "time_text_embed.text_embedder.linear_1.",
-        ),
-        (
-            "vector_in.out_layer.",
-            "time_text_embed.text_embedder.linear_2.",
-        ),
-        (
-            "guidance_in.in_layer.",
-            "time_text_embed.guidance_embedder.linear_1.",
-        ),
-        (
-            "guidance_in.out_layer.",
-            "time_text_embed.guidance_embedder.linear_2.",
-        ),
-        ("txt_in.", "context_embedder."),
-        ("img_in.", "x_embedder."),
-        ("final_layer.linear.", "proj_out."),
-    ];
-    let double: &[(&str, &str)] = &[
-        ("img_mod.lin.", "norm1.linear."),
-        ("txt_mod.lin.", "norm1_context.linear."),
-        ("img_attn.norm.query_norm.scale", "attn.norm_q.weight"),
-        ("img_attn.norm.key_norm.scale", "attn.norm_k.weight"),
-        ("txt_attn.norm.query_norm.scale", "attn.norm_added_q.weight"),
-        ("txt_attn.norm.key_norm.scale", "attn.norm_added_k.weight"),
-        ("img_attn.proj.", "attn.to_out.0."),
-        ("txt_attn.proj.", "attn.to_add_out."),
-        ("img_mlp.0.", "ff.net.0.proj."),
-        ("img_mlp.2.", "ff.net.2."),
-        ("txt_mlp.0.", "ff_context.net.0.proj."),
-        ("txt_mlp.2.", "ff_context.net.2."),
-    ];
-    let single: &[(&str, &str)] = &[
-        ("linear2.", "proj_out."),
-        ("norm.query_norm.scale", "attn.norm_q.weight"),
-        ("norm.key_norm.scale", "attn.norm_k.weight"),
-        ("modulation.lin.", "norm.linear."),
-    ];
     for (rest, full) in keys {
         if let Some(p) = rest.strip_prefix("final_layer.adaLN_modulation.1.") {
             m.add(
@@ -817,7 +827,7 @@ fn flux_transformer(m: &mut Mapping, keys: &[(String, String)]) {
             } else if r.starts_with("txt_attn.qkv.") {
                 let names = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"];
                 split3(m, full, qkv(names));
-            } else if let Some(n) = rename(r, double) {
+            } else if let Some(n) = rename(r, FLUX_DOUBLE) {
                 m.add(format!("{b}{n}"), 0, full, Transform::Whole);
             }
         } else if let Some((i, r)) = block(rest, "single_blocks") {
@@ -849,13 +859,148 @@ fn flux_transformer(m: &mut Mapping, keys: &[(String, String)]) {
                         Transform::Rows { start, len },
                     );
                 }
-            } else if let Some(n) = rename(r, single) {
+            } else if let Some(n) = rename(r, FLUX_SINGLE) {
                 m.add(format!("{b}{n}"), 0, full, Transform::Whole);
             }
-        } else if let Some(n) = rename(rest, top) {
+        } else if let Some(n) = rename(rest, FLUX_TOP) {
             m.add(n, 0, full, Transform::Whole);
         }
     }
+}
+
+/// The original name (`format`'s layout, no prefix) a diffusers transformer tensor is stored
+/// under: its own, or the fused tensor it is a slice of. The tables above read backwards.
+fn original_name(format: Format, name: &str) -> Option<String> {
+    let unrename = |rest: &str, table: &[(&str, &str)]| {
+        table
+            .iter()
+            .find_map(|(from, to)| rest.strip_prefix(to).map(|r| format!("{from}{r}")))
+    };
+    let p = param(name);
+    if let Some(q) = name.strip_prefix("norm_out.linear.") {
+        return Some(format!("final_layer.adaLN_modulation.1.{q}"));
+    }
+    let fused = |r: &str, parts: &[(&[&str], &str)]| {
+        let stem = r.strip_suffix(&format!(".{p}"))?;
+        parts
+            .iter()
+            .find(|(names, _)| names.contains(&stem))
+            .map(|(_, to)| format!("{to}.{p}"))
+    };
+    match format {
+        Format::Sd3 => {
+            if name == "pos_embed.pos_embed" {
+                return Some("pos_embed".into());
+            }
+            if let Some((i, r)) = block(name, "transformer_blocks") {
+                let b = format!("joint_blocks.{i}.");
+                let qkv: &[(&[&str], &str)] = &[
+                    (&["attn.to_q", "attn.to_k", "attn.to_v"], "x_block.attn.qkv"),
+                    (
+                        &["attn2.to_q", "attn2.to_k", "attn2.to_v"],
+                        "x_block.attn2.qkv",
+                    ),
+                    (
+                        &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+                        "context_block.attn.qkv",
+                    ),
+                ];
+                if let Some(f) = fused(r, qkv) {
+                    return Some(format!("{b}{f}"));
+                }
+                if let Some(q) = r.strip_prefix("norm1_context.linear.") {
+                    return Some(format!("{b}context_block.adaLN_modulation.1.{q}"));
+                }
+                return unrename(r, SD3_BLOCK).map(|n| format!("{b}{n}"));
+            }
+            unrename(name, SD3_TOP)
+        }
+        Format::Flux => {
+            if let Some((i, r)) = block(name, "transformer_blocks") {
+                let b = format!("double_blocks.{i}.");
+                let qkv: &[(&[&str], &str)] = &[
+                    (&["attn.to_q", "attn.to_k", "attn.to_v"], "img_attn.qkv"),
+                    (
+                        &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+                        "txt_attn.qkv",
+                    ),
+                ];
+                if let Some(f) = fused(r, qkv) {
+                    return Some(format!("{b}{f}"));
+                }
+                return unrename(r, FLUX_DOUBLE).map(|n| format!("{b}{n}"));
+            }
+            if let Some((i, r)) = block(name, "single_transformer_blocks") {
+                let b = format!("single_blocks.{i}.");
+                let parts: &[(&[&str], &str)] = &[(
+                    &["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+                    "linear1",
+                )];
+                if let Some(f) = fused(r, parts) {
+                    return Some(format!("{b}{f}"));
+                }
+                return unrename(r, FLUX_SINGLE).map(|n| format!("{b}{n}"));
+            }
+            unrename(name, FLUX_TOP)
+        }
+    }
+}
+
+/// A transformer in diffusers names (`metas`) laid out as `format`'s original checkpoint: each
+/// original tensor's shape and dtype, and for each, the diffusers tensors it is made of and how
+/// (the [`transformer_table`] of that layout, which is checked to give back exactly `metas`).
+#[allow(clippy::type_complexity)]
+pub fn original_layout(
+    format: Format,
+    metas: &BTreeMap<String, TensorMeta>,
+) -> std::result::Result<BTreeMap<String, (TensorMeta, Vec<(String, Transform)>)>, String> {
+    let mut shapes: BTreeMap<String, TensorMeta> = BTreeMap::new();
+    for (name, m) in metas {
+        let orig = original_name(format, name)
+            .ok_or_else(|| format!("`{name}` has no place in the {} layout", format.name()))?;
+        let e = shapes.entry(orig).or_insert_with(|| TensorMeta {
+            shape: Vec::new(),
+            dtype: m.dtype.clone(),
+        });
+        if e.shape.is_empty() {
+            e.shape = m.shape.clone();
+        } else if let Some(d) = e.shape.first_mut() {
+            // A slice of a fused tensor: the rows add up.
+            *d += m.shape.first().copied().unwrap_or(0);
+        }
+    }
+    let table = transformer_table(format, &shapes, None);
+    let back: BTreeMap<&String, Vec<usize>> = table
+        .iter()
+        .map(|(n, s)| (n, mapped_shape(&shapes[&s.key].shape, &s.transform)))
+        .collect();
+    for (name, m) in metas {
+        match back.get(name) {
+            Some(shape) if *shape == m.shape => {}
+            Some(shape) => {
+                return Err(format!(
+                    "`{name}` would read back as {shape:?}, not {:?}",
+                    m.shape
+                ))
+            }
+            None => return Err(format!("`{name}` would not read back")),
+        }
+    }
+    if let Some(extra) = table.keys().find(|n| !metas.contains_key(*n)) {
+        return Err(format!(
+            "`{extra}` would read back but the model has no such tensor"
+        ));
+    }
+    let mut out: BTreeMap<String, (TensorMeta, Vec<(String, Transform)>)> = shapes
+        .into_iter()
+        .map(|(k, m)| (k, (m, Vec::new())))
+        .collect();
+    for (name, s) in table {
+        if let Some(e) = out.get_mut(&s.key) {
+            e.1.push((name, s.transform));
+        }
+    }
+    Ok(out)
 }
 
 /// LDM (original Stable Diffusion / BFL) VAE names -> diffusers `AutoencoderKL`.

@@ -116,14 +116,17 @@ impl Linear {
         Self { kernel, lora: None }
     }
 
-    /// The layer with its weight quantized to `dtype` on the CPU, when its input width is a whole
-    /// number of blocks; otherwise as [`Linear::new`] makes it.
+    /// The layer with its weight quantized to `dtype` (or its fallback, [`quant::fit`]) on the
+    /// CPU, when its input width is a whole number of blocks; otherwise as [`Linear::new`] makes it.
     pub fn quantized(l: candle_nn::Linear, dtype: GgmlDType) -> Result<Self> {
         let w = l.weight();
-        let fits = w.rank() == 2 && w.dim(1)? % dtype.block_size() == 0;
-        if !(fits && w.device().is_cpu() && w.is_contiguous()) {
+        let fit = match w.rank() {
+            2 => quant::fit(dtype, w.dim(1)?),
+            _ => None,
+        };
+        let Some(dtype) = fit.filter(|_| w.device().is_cpu() && w.is_contiguous()) else {
             return Self::new(l);
-        }
+        };
         let q = QTensor::quantize(&w.to_dtype(DType::F32)?, dtype)?;
         let bias = l.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
         Ok(Self::of(Kernel::Quantized(

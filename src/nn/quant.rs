@@ -3,8 +3,8 @@
 //! as integer dot products (AVX-512 VNNI where the CPU has it).
 //!
 //! A [`super::linear`] built inside [`with`] quantizes its weight when its input width is a whole
-//! number of the type's blocks (32 values, 256 for the K types), as stable-diffusion.cpp does;
-//! other layers keep their dtype. Like the LoRA slots, the setting is a thread-local that exists
+//! number of the type's blocks (32 values, 256 for the K types), a K type falling back to a
+//! 32-value type where it does not fit ([`fit`], as llama.cpp does); other layers keep their dtype. Like the LoRA slots, the setting is a thread-local that exists
 //! only while `with` runs, so model constructors keep their signatures. Weights a GGUF file
 //! stores in blocks reach the layers the same way ([`with_stored`]).
 
@@ -69,6 +69,25 @@ pub fn parse(name: &str) -> Option<GgmlDType> {
     TYPES.iter().find(|(k, _)| *k == n).map(|(_, t)| *t)
 }
 
+/// The type a layer whose rows hold `cols` values is quantized to when `want` is asked for:
+/// `want` when a row is whole blocks of it; for a K type (256-value blocks) that does not fit, the
+/// 32-value type llama.cpp falls back to (Q6_K -> Q8_0, Q5_K -> Q5_1, Q4_K -> Q5_0, Q3_K and Q2_K
+/// -> Q4_0); `None` when nothing fits (the layer keeps its float type).
+pub fn fit(want: GgmlDType, cols: usize) -> Option<GgmlDType> {
+    let t = if cols.is_multiple_of(want.block_size()) {
+        want
+    } else {
+        match want {
+            GgmlDType::Q6K => GgmlDType::Q8_0,
+            GgmlDType::Q5K => GgmlDType::Q5_1,
+            GgmlDType::Q4K => GgmlDType::Q5_0,
+            GgmlDType::Q3K | GgmlDType::Q2K => GgmlDType::Q4_0,
+            _ => return None,
+        }
+    };
+    cols.is_multiple_of(t.block_size()).then_some(t)
+}
+
 /// A type's name.
 pub fn name(dtype: GgmlDType) -> &'static str {
     TYPES
@@ -94,5 +113,11 @@ mod tests {
             assert_eq!(current(), Some(GgmlDType::Q8_0))
         });
         assert_eq!(current(), None);
+        assert_eq!(fit(GgmlDType::Q4K, 512), Some(GgmlDType::Q4K));
+        assert_eq!(fit(GgmlDType::Q4K, 128), Some(GgmlDType::Q5_0));
+        assert_eq!(fit(GgmlDType::Q6K, 96), Some(GgmlDType::Q8_0));
+        assert_eq!(fit(GgmlDType::Q2K, 64), Some(GgmlDType::Q4_0));
+        assert_eq!(fit(GgmlDType::Q4K, 16), None);
+        assert_eq!(fit(GgmlDType::Q8_0, 48), None);
     }
 }

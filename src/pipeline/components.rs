@@ -122,7 +122,12 @@ const WEIGHT_STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
 
 impl Weights<'_> {
     /// The component in folder `dir` as a [`VarBuilder`] at `dtype`.
-    fn var_builder(&self, dir: &str, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    pub(super) fn var_builder(
+        &self,
+        dir: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
         let backend = match self.single.and_then(|s| s.component(dir)) {
             Some(m) => m.backend()?,
             None => {

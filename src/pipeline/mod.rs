@@ -7,6 +7,7 @@
 //! [`Spec::load`] checks each component's tensors against its file headers, then reads the weights.
 
 pub mod components;
+pub mod convert;
 pub mod family;
 pub mod flux;
 pub mod sample;

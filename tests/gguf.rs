@@ -630,3 +630,54 @@ fn inspect_shows_the_architecture_and_the_type_of_every_tensor_group() {
         assert!(out.contains(needle), "lacks {needle:?}:\n{out}");
     }
 }
+
+/// The README's table of GGUF sizes per real preset is what `mmdit convert` would write for each
+/// shape manifest (tensor bytes), and its "fits" columns follow from them: the highest-precision
+/// type whose transformer weights plus 1 GiB (activations at 1024x1024) fit in the memory.
+#[test]
+fn the_readme_gguf_size_table_is_computed_from_the_manifests() {
+    use mmdit::loader::single::Format;
+    use mmdit::pipeline::convert::{plan, planned_bytes};
+    let types = [
+        ("F16", GgmlDType::F16),
+        ("Q8_0", GgmlDType::Q8_0),
+        ("Q5_K", GgmlDType::Q5K),
+        ("Q4_K", GgmlDType::Q4K),
+    ];
+    let mut table = String::from(
+        "| preset | F16 GB | Q8_0 GB | Q5_K GB | Q4_K GB | 8 GB | 12 GB | 16 GB | 24 GB |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for model in REAL_MODELS {
+        let m = read_json(fixture("manifests").join(format!("{model}.json")));
+        let metas = manifest_tensors(&m["components"]["transformer"]);
+        let format = if model.starts_with("flux") {
+            Format::Flux
+        } else {
+            Format::Sd3
+        };
+        let sizes: Vec<u64> = types
+            .iter()
+            .map(|(_, t)| planned_bytes(&plan(format, &metas, *t).unwrap().0))
+            .collect();
+        let mut row = format!("| `{model}` |");
+        for s in &sizes {
+            row += &format!(" {:.1} |", *s as f64 / 1e9);
+        }
+        for gib in [8u64, 12, 16, 24] {
+            let fits = types
+                .iter()
+                .zip(&sizes)
+                .find(|(_, s)| **s + (1 << 30) <= gib << 30)
+                .map_or("–", |((n, _), _)| *n);
+            row += &format!(" {fits} |");
+        }
+        table += &row;
+        table += "\n";
+    }
+    println!("{table}");
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    assert!(
+        readme.contains(&table),
+        "README.md lacks this table (copy it in):\n{table}"
+    );
+}

@@ -515,7 +515,8 @@ pub struct Planned {
 }
 
 impl Planned {
-    fn bytes(&self) -> u64 {
+    /// Its data's bytes.
+    pub fn bytes(&self) -> u64 {
         let elems: usize = self.shape.iter().product();
         (elems / self.dtype.block_size() * self.dtype.type_size()) as u64
     }

@@ -5,10 +5,12 @@
 //! Which tensors take the type follows ComfyUI-GGUF's converter: 2-D weights whose rows are a
 //! whole number of the type's blocks (a K type falling back as `--quantize` does,
 //! [`crate::nn::quant::fit`]); everything else (biases, norms, SD3's position table and
-//! patch convolution) and FLUX.1's embedders and final layer stay F32, as that converter keeps them.
+//! patch convolution) and FLUX.1's embedders and final layer stay at full precision, as that
+//! converter keeps them: F32, or the source's BF16/F16 where it has them (lossless, half the bytes).
 
 use super::Spec;
 use crate::error::{Error, Result};
+use crate::loader::audit::TensorMeta;
 use crate::loader::gguf::{self, Planned, Value};
 use crate::loader::single::{self, Format, Transform};
 use crate::lora::LoraSet;
@@ -36,8 +38,10 @@ pub struct Converted {
     pub bytes: u64,
 }
 
-/// The type an original tensor is stored in when `want` is asked for.
-pub fn storage_type(name: &str, shape: &[usize], want: GgmlDType) -> GgmlDType {
+/// The type an original tensor is stored in when `want` is asked for; `source` is the dtype of
+/// its weights (safetensors' `BF16`, `F16`, ...), kept for what is not quantized when that is
+/// lossless (16-bit floats as they are, anything else F32).
+pub fn storage_type(name: &str, shape: &[usize], source: &str, want: GgmlDType) -> GgmlDType {
     let weight = shape.len() == 2 && name.ends_with(".weight");
     let kept = KEEP_F32.iter().any(|k| name.starts_with(k));
     let float = matches!(want, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
@@ -46,7 +50,45 @@ pub fn storage_type(name: &str, shape: &[usize], want: GgmlDType) -> GgmlDType {
         (true, true) => Some(want),
         (true, false) => shape.last().and_then(|&c| crate::nn::quant::fit(want, c)),
     };
-    fit.unwrap_or(GgmlDType::F32)
+    fit.unwrap_or(match source.to_ascii_uppercase().as_str() {
+        "BF16" => GgmlDType::BF16,
+        "F16" | "FP16" => GgmlDType::F16,
+        _ => GgmlDType::F32,
+    })
+}
+
+/// A transformer (diffusers names and shapes, `metas`) laid out as a GGUF file of `format`
+/// with weights in `want`: each original tensor, and the diffusers tensors it is made of.
+#[allow(clippy::type_complexity)]
+pub fn plan(
+    format: Format,
+    metas: &BTreeMap<String, TensorMeta>,
+    want: GgmlDType,
+) -> Result<(Vec<Planned>, Vec<Vec<(String, Transform)>>)> {
+    let layout = single::original_layout(format, metas).map_err(|msg| Error::Tensor {
+        name: "transformer".into(),
+        msg: format!(
+            "cannot be laid out as a {} checkpoint: {msg}",
+            format.name()
+        ),
+    })?;
+    Ok(layout
+        .into_iter()
+        .map(|(name, (meta, parts))| {
+            let dtype = storage_type(&name, &meta.shape, &meta.dtype, want);
+            let p = Planned {
+                name,
+                shape: meta.shape,
+                dtype,
+            };
+            (p, parts)
+        })
+        .unzip())
+}
+
+/// The tensor bytes of a planned file (its header adds a few kilobytes).
+pub fn planned_bytes(plan: &[Planned]) -> u64 {
+    plan.iter().map(Planned::bytes).sum()
 }
 
 impl Spec {
@@ -63,23 +105,8 @@ impl Spec {
         let w = self.weights(&none);
         let (_, metas) = w.headers("transformer")?;
         let format = self.entry.single_file;
-        let layout = single::original_layout(format, &metas).map_err(|msg| Error::Tensor {
-            name: "transformer".into(),
-            msg: format!(
-                "cannot be laid out as a {} checkpoint: {msg}",
-                format.name()
-            ),
-        })?;
-        let plan: Vec<Planned> = layout
-            .iter()
-            .map(|(name, (meta, _))| Planned {
-                name: name.clone(),
-                shape: meta.shape.clone(),
-                dtype: storage_type(name, &meta.shape, want),
-            })
-            .collect();
+        let (plan, parts) = plan(format, &metas, want)?;
         let vb = w.var_builder("transformer", DType::F32, &Device::Cpu)?;
-        let parts: Vec<&Vec<(String, Transform)>> = layout.values().map(|(_, p)| p).collect();
         let total = plan.len();
         let arch = match format {
             Format::Flux => "flux",
@@ -92,7 +119,7 @@ impl Spec {
         ];
         let mut types: BTreeMap<&'static str, (usize, u64)> = BTreeMap::new();
         let bytes = gguf::write(out, &metadata, &plan, |i| {
-            let t = assemble(parts[i], &|n: &str| vb.get_unchecked_dtype(n, DType::F32))?;
+            let t = assemble(&parts[i], &|n: &str| vb.get_unchecked_dtype(n, DType::F32))?;
             let q = QTensor::quantize(&t, plan[i].dtype)?;
             let data = q.data()?.into_owned();
             let e = types.entry(gguf::type_name(plan[i].dtype)).or_default();

@@ -318,3 +318,60 @@ fn fuzz_gguf_files_never_panic() {
     println!("{} inputs, {opened} opened, {read} tensors read", iters());
     assert!(opened > 0, "no mutation kept the file readable");
 }
+
+/// Single-file headers as they come from the network: names and shapes of a FLUX.1 and an SD3
+/// checkpoint with shapes emptied, zeroed or enlarged and names cut, mapped to the diffusers layout
+/// and back without a panic.
+#[test]
+fn fuzz_single_file_mappings_never_panic() {
+    use mmdit::loader::single::{original_layout, Format, SingleFile};
+    let mut corpus = Vec::new();
+    for (fx, f) in [
+        ("flux-dev-tiny", "flux1-dev-tiny.safetensors"),
+        ("sd3-dummy", "sd3_dummy.safetensors"),
+    ] {
+        let p = common::fixture("single").join(fx).join(f);
+        corpus.push(mmdit::loader::audit::read_headers(&[p]).unwrap());
+    }
+    let mut rng = Rng(11);
+    for _ in 0..iters() {
+        let mut metas = corpus[rng.below(corpus.len())].clone();
+        let keys: Vec<String> = metas.keys().cloned().collect();
+        for _ in 0..1 + rng.below(6) {
+            let k = &keys[rng.below(keys.len())];
+            let Some(mut m) = metas.remove(k) else {
+                continue;
+            };
+            let name = match rng.below(5) {
+                0 => {
+                    m.shape.clear();
+                    k.clone()
+                }
+                1 => {
+                    m.shape = vec![0, 0];
+                    k.clone()
+                }
+                2 => {
+                    m.shape = vec![rng.below(1 << 20) + 1];
+                    k.clone()
+                }
+                3 => format!("{k}.scale_weight"),
+                _ => k[..rng.below(k.len())].to_string(),
+            };
+            metas.insert(name, m);
+        }
+        let path = Path::new("fuzz.safetensors");
+        if let Ok(s) = SingleFile::from_metas(path, &metas, None) {
+            let _ = s.unmapped(&metas);
+            for m in s.components.values() {
+                let _ = m.metas();
+            }
+            if let Some(t) = s.component("transformer") {
+                let _ = original_layout(s.detected.format, &t.metas());
+            }
+        }
+        for f in [Format::Flux, Format::Sd3] {
+            let _ = mmdit::loader::single::transformer_table(f, &metas, None);
+        }
+    }
+}

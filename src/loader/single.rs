@@ -14,7 +14,6 @@ use super::audit::TensorMeta;
 use super::gguf::GgufFile;
 use crate::error::{Error, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::Result as TensorResult;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -139,12 +138,7 @@ impl Mapping {
                 maps.push(Opened::Gguf(Arc::new(GgufFile::open(f)?)));
                 continue;
             }
-            super::weights::check_safetensors(f)?;
-            // SAFETY: just validated; files are not modified while mapped (see weights::var_builder).
-            let m = unsafe { MmapedSafetensors::new(f) }.map_err(|e| Error::BadWeights {
-                path: f.clone(),
-                msg: e.to_string(),
-            })?;
+            let m = super::weights::Safetensors::open(std::slice::from_ref(f))?;
             maps.push(Opened::Safetensors(m));
         }
         Ok(Box::new(MappedBackend {
@@ -240,7 +234,7 @@ fn mapped_shape(shape: &[usize], t: &Transform) -> Vec<usize> {
 
 /// A file of a mapping, opened.
 enum Opened {
-    Safetensors(MmapedSafetensors),
+    Safetensors(super::weights::Safetensors),
     Gguf(Arc<GgufFile>),
 }
 
@@ -292,7 +286,7 @@ impl MappedBackend {
             return Tensor::eye(*n, dtype, dev);
         }
         let t = match &self.maps[s.file] {
-            Opened::Safetensors(m) => transformed(m.load(&s.key, &Device::Cpu)?, &s.transform)?,
+            Opened::Safetensors(m) => transformed(m.load(&s.key)?, &s.transform)?,
             Opened::Gguf(g) => gguf_tensor(g, &s.key, &s.transform)?,
         };
         t.to_dtype(dtype)?.to_device(dev)
@@ -519,7 +513,7 @@ impl SingleFile {
             .map(|s| s.key.as_str())
             .collect();
         main.keys()
-            .filter(|k| !used.contains(k.as_str()) && !k.ends_with("position_ids"))
+            .filter(|k| !used.contains(k.as_str()) && !k.ends_with("position_ids") && !fp8_extra(k))
             .cloned()
             .collect()
     }
@@ -582,13 +576,14 @@ fn map_components(
             }
         }
         if identity_projection && !m.entries.contains_key("text_projection.weight") {
-            if let Some(w) = main.get(&format!("{prefix}text_model.final_layer_norm.weight")) {
+            let norm = main.get(&format!("{prefix}text_model.final_layer_norm.weight"));
+            if let Some(&width) = norm.and_then(|w| w.shape.first()) {
                 m.entries.insert(
                     "text_projection.weight".into(),
                     Source {
                         file: 0,
                         key: String::new(),
-                        transform: Transform::Identity(w.shape[0]),
+                        transform: Transform::Identity(width),
                     },
                 );
             }
@@ -606,6 +601,14 @@ fn strip(metas: &BTreeMap<String, TensorMeta>, prefix: &str) -> Vec<(String, Str
         .collect()
 }
 
+/// Scaled fp8's tensors beside the weights: each weight's scale (read with the weight,
+/// [`super::weights::Safetensors`]), the input scales and the file's marker (unused).
+fn fp8_extra(name: &str) -> bool {
+    name.ends_with("scaled_fp8")
+        || name.ends_with(".scale_weight")
+        || name.ends_with(".scale_input")
+}
+
 /// Splits `name = <block>.<i>.<rest>` into (i, rest).
 fn block<'a>(name: &'a str, block: &str) -> Option<(usize, &'a str)> {
     let r = name.strip_prefix(block)?.strip_prefix('.')?;
@@ -618,7 +621,8 @@ fn split3(m: &mut Mapping, full: &str, names: [String; 3]) {
     let rows = m
         .metas
         .get(&(0, full.to_string()))
-        .map_or(0, |t| t.shape[0]);
+        .and_then(|t| t.shape.first().copied())
+        .unwrap_or(0);
     let len = rows / 3;
     for (k, n) in names.into_iter().enumerate() {
         m.add(
@@ -771,7 +775,7 @@ fn sd3_transformer(m: &mut Mapping, keys: &[(String, String)], last_block: Optio
             .filter_map(|(r, _)| block(r, "joint_blocks").map(|b| b.0))
             .max()
     });
-    for (rest, full) in keys {
+    for (rest, full) in keys.iter().filter(|(r, _)| !fp8_extra(r)) {
         if rest == "pos_embed" {
             m.add("pos_embed.pos_embed".into(), 0, full, Transform::Whole);
         } else if let Some(p) = rest.strip_prefix("final_layer.adaLN_modulation.1.") {
@@ -810,7 +814,7 @@ fn sd3_transformer(m: &mut Mapping, keys: &[(String, String)], last_block: Optio
 }
 
 fn flux_transformer(m: &mut Mapping, keys: &[(String, String)]) {
-    for (rest, full) in keys {
+    for (rest, full) in keys.iter().filter(|(r, _)| !fp8_extra(r)) {
         if let Some(p) = rest.strip_prefix("final_layer.adaLN_modulation.1.") {
             m.add(
                 format!("norm_out.linear.{p}"),

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use std::collections::BTreeSet;
@@ -73,14 +73,140 @@ pub fn var_builder(
 /// Memory-maps checked weight files as one backend (for a [`VarBuilder`], or wrapped by one that
 /// changes the weights, as LoRA merging does).
 pub fn backend(files: &[PathBuf]) -> Result<Box<dyn SimpleBackend>> {
-    for f in files {
-        check_safetensors(f)?;
+    Ok(Box::new(Safetensors::open(files)?))
+}
+
+/// Memory-mapped safetensors files. float8 weights are widened to f32 as they are read: `F8_E4M3`
+/// (PyTorch's `float8_e4m3fn`) and `F8_E5M2`, each multiplied by its `<layer>.scale_weight` when
+/// the file has one ("scaled fp8", as ComfyUI publishes Flux and SD3.5).
+pub struct Safetensors {
+    maps: MmapedSafetensors,
+}
+
+impl Safetensors {
+    /// Checks each file's header, then maps them.
+    pub fn open(files: &[PathBuf]) -> Result<Self> {
+        for f in files {
+            check_safetensors(f)?;
+        }
+        // SAFETY: the files were just validated; they must not be modified while mapped (the Hub
+        // cache and model folders are written only by downloads that replace files atomically).
+        let maps = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::BadWeights {
+            path: files.first().cloned().unwrap_or_default(),
+            msg: e.to_string(),
+        })?;
+        Ok(Self { maps })
     }
-    // SAFETY: the files were just validated; they must not be modified while mapped (the Hub cache
-    // and model folders are written only by downloads that replace files atomically).
-    let m = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::BadWeights {
-        path: files.first().cloned().unwrap_or_default(),
-        msg: e.to_string(),
-    })?;
-    Ok(Box::new(m))
+
+    /// Tensor `name` on the CPU: as stored, or widened to f32 and scaled when it is float8.
+    pub fn load(&self, name: &str) -> candle_core::Result<Tensor> {
+        let view = self.maps.get(name)?;
+        // (By name: candle links its own version of the safetensors crate.)
+        let table = match format!("{:?}", view.dtype()).as_str() {
+            "F8_E4M3" => &*E4M3,
+            "F8_E5M2" => &*E5M2,
+            _ => return self.maps.load(name, &Device::Cpu),
+        };
+        let values: Vec<f32> = view.data().iter().map(|b| table[*b as usize]).collect();
+        let t = Tensor::from_vec(values, view.shape(), &Device::Cpu)?;
+        let Some(scale) = name
+            .strip_suffix(".weight")
+            .map(|stem| format!("{stem}.scale_weight"))
+            .filter(|s| self.maps.get(s).is_ok())
+        else {
+            return Ok(t);
+        };
+        let s = self.maps.load(&scale, &Device::Cpu)?.to_dtype(DType::F32)?;
+        if s.elem_count() != 1 {
+            candle_core::bail!(
+                "{scale}: a per-tensor scale has one value, not {:?}",
+                s.dims()
+            );
+        }
+        t.broadcast_mul(&s.flatten_all()?)
+    }
+}
+
+/// Every float8 value in f32, by its bits: `e` exponent bits, `m` mantissa bits, and whether the
+/// all-ones exponent holds infinities and NaNs (e5m2, IEEE-like) or only NaN at all-ones (e4m3fn,
+/// "finite": its top exponent still holds numbers up to 448).
+fn float8_table(e: u32, m: u32, ieee: bool) -> [f32; 256] {
+    let mut t = [0f32; 256];
+    let bias = (1 << (e - 1)) - 1;
+    for (bits, v) in t.iter_mut().enumerate() {
+        let b = bits as u32;
+        let sign = if b >> 7 == 1 { -1.0f32 } else { 1.0 };
+        let exp = (b >> m) & ((1 << e) - 1);
+        let man = b & ((1 << m) - 1);
+        let top = exp == (1 << e) - 1;
+        *v = if ieee && top {
+            if man == 0 {
+                sign * f32::INFINITY
+            } else {
+                f32::NAN
+            }
+        } else if !ieee && top && man == (1 << m) - 1 {
+            f32::NAN
+        } else if exp == 0 {
+            sign * man as f32 / (1 << m) as f32 * 2f32.powi(1 - bias)
+        } else {
+            sign * (1.0 + man as f32 / (1 << m) as f32) * 2f32.powi(exp as i32 - bias)
+        };
+    }
+    t
+}
+
+static E4M3: std::sync::LazyLock<[f32; 256]> =
+    std::sync::LazyLock::new(|| float8_table(4, 3, false));
+static E5M2: std::sync::LazyLock<[f32; 256]> =
+    std::sync::LazyLock::new(|| float8_table(5, 2, true));
+
+impl SimpleBackend for Safetensors {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            // The error candle's own backends give.
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.maps.get(name).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn float8_tables_hold_the_formats_landmarks() {
+        let (e4, e5) = (&*E4M3, &*E5M2);
+        assert_eq!(e4[0x38], 1.0);
+        assert_eq!(e4[0x7E], 448.0);
+        assert!(e4[0x7F].is_nan() && e4[0xFF].is_nan());
+        assert_eq!(e4[0x01], 2f32.powi(-9));
+        assert_eq!(e4[0xB8], -1.0);
+        assert_eq!(e5[0x3C], 1.0);
+        assert_eq!(e5[0x7B], 57344.0);
+        assert_eq!(e5[0x7C], f32::INFINITY);
+        assert!(e5[0x7D].is_nan());
+        assert_eq!(e5[0x01], 2f32.powi(-16));
+    }
 }

@@ -681,3 +681,43 @@ fn the_readme_gguf_size_table_is_computed_from_the_manifests() {
         "README.md lacks this table (copy it in):\n{table}"
     );
 }
+
+/// `generate` from a GGUF file records the file, its components and `--dequantize` in the PNG, and
+/// `--from` replays each image bit for bit.
+#[test]
+fn a_gguf_image_replays_from_its_png() {
+    let dir = tmp("gguf_replay");
+    let c = fixture("gguf/flux-dev-256");
+    let mut images = Vec::new();
+    for (name, extra) in [("blocks", None), ("dequantized", Some("--dequantize"))] {
+        let out = dir.join(format!("{name}.png"));
+        let mut cmd = mmdit();
+        cmd.args([
+            "generate", "--prompt", "a cat", "--steps", "2", "--width", "32", "--height", "32",
+            "--seed", "5",
+        ])
+        .arg("--model")
+        .arg(gguf_path("flux-dev-256"))
+        .arg("--components")
+        .arg(&c)
+        .arg("--output")
+        .arg(&out);
+        cmd.args(extra);
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let again = dir.join(format!("{name}-again.png"));
+        let o = mmdit()
+            .arg("generate")
+            .arg("--from")
+            .arg(&out)
+            .arg("--output")
+            .arg(&again)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let a = std::fs::read(&out).unwrap();
+        assert_eq!(a, std::fs::read(&again).unwrap(), "{name}: replay differs");
+        images.push(a);
+    }
+    assert_ne!(images[0], images[1], "--dequantize changed nothing");
+}

@@ -110,6 +110,7 @@ fn apply_from(a: &mut GenerateArgs, png: &Path) -> anyhow::Result<()> {
     m.components = m.components.take().or(get("components"));
     m.dtype = m.dtype.take().or(get("dtype"));
     m.quantize = m.quantize.take().or(get("quantize"));
+    m.dequantize = m.dequantize || get("dequantize").is_some_and(|v| v == "true");
     a.sampler = a.sampler.take().or(get("sampler"));
     a.noise = a.noise.take().or(get("noise_file").map(PathBuf::from));
     a.seed = a.seed.or(num(get("seed"), "seed", png)?);
@@ -330,6 +331,9 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     }
     if let Some(q) = chosen.quantize {
         text.push(("quantize", mmdit::nn::quant::name(q).to_string()));
+    }
+    if chosen.dequantize {
+        text.push(("dequantize", "true".to_string()));
     }
     if let Some(n) = &a.noise {
         text.push(("noise_file", n.display().to_string()));

@@ -73,7 +73,6 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
             }
         }
     };
-
     l.lora = lora::register(&vb.prefix());
     Ok(l)
 }

@@ -4,9 +4,10 @@
 //!
 //! A [`super::linear`] built inside [`with`] quantizes its weight when its input width is a whole
 //! number of the type's blocks (32 values, 256 for the K types), a K type falling back to a
-//! 32-value type where it does not fit ([`fit`], as llama.cpp does); other layers keep their dtype. Like the LoRA slots, the setting is a thread-local that exists
-//! only while `with` runs, so model constructors keep their signatures. Weights a GGUF file
-//! stores in blocks reach the layers the same way ([`with_stored`]).
+//! 32-value type where it does not fit ([`fit`], as llama.cpp does); other layers keep their
+//! dtype. Like the LoRA slots, the setting is a thread-local that exists only while `with` runs,
+//! so model constructors keep their signatures. Weights a GGUF file stores in blocks reach the
+//! layers the same way ([`with_stored`]).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use std::cell::{Cell, RefCell};

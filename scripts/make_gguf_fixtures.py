@@ -23,6 +23,13 @@ of the tiny fixtures (flux-dev-tiny, sd35-tiny). Writes, under tests/fixtures/gg
   `from_single_file(..., quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))`.
   diffusers' FLUX.1 converter assumes the real width (inner_dim = 3072); it is run here with the
   model's width substituted in its source, nothing else changed.
+
+and tests/fixtures/gguf/t5-tiny/: sd35-tiny's T5 encoder as a GGUF T5 file in llama.cpp's names
+(`token_embd`, `enc.blk.<i>.attn_q`, ..., `enc.output_norm`; `general.architecture` t5encoder, as
+city96's t5-v1_1-xxl-encoder-gguf), its weights cycling through the 32-value types, with
+`dequant.json` and `reference.safetensors`: diffusers' SD3 prompt embeddings (`encode_prompt`) of the
+sd35-tiny prompts with that T5 (transformers' `T5EncoderModel` on the `gguf` package's
+dequantization).
 """
 
 import hashlib
@@ -175,8 +182,85 @@ def make(name, src, tcfg, model_cls, pipe_cls, to_original, prefix, arch, runs, 
           ", ".join(f"{t} x{list(types.values()).count(t)}" for t in meta["types"]))
 
 
+T5_BLOCK = [("layer.0.SelfAttention.q.", "attn_q."), ("layer.0.SelfAttention.k.", "attn_k."),
+            ("layer.0.SelfAttention.v.", "attn_v."), ("layer.0.SelfAttention.o.", "attn_o."),
+            ("layer.0.SelfAttention.relative_attention_bias.", "attn_rel_b."), ("layer.0.layer_norm.", "attn_norm."),
+            ("layer.1.DenseReluDense.wi_0.", "ffn_gate."), ("layer.1.DenseReluDense.wi_1.", "ffn_up."),
+            ("layer.1.DenseReluDense.wo.", "ffn_down."), ("layer.1.layer_norm.", "ffn_norm.")]
+
+
+def t5_llama_name(k):
+    if k.startswith("shared."):
+        return "token_embd." + k[len("shared."):]
+    if k.startswith("encoder.final_layer_norm."):
+        return "enc.output_norm." + k[len("encoder.final_layer_norm."):]
+    _, _, i, rest = k.split(".", 3)
+    for hf, ll in T5_BLOCK:
+        if rest.startswith(hf):
+            return f"enc.blk.{i}.{ll}{rest[len(hf):]}"
+    raise KeyError(k)
+
+
+def t5_fixture():
+    from safetensors.torch import load_file
+    from transformers import T5EncoderModel
+    src = os.path.join(FIX, "sd35-tiny")
+    out = os.path.join(FIX, "gguf", "t5-tiny")
+    os.makedirs(out, exist_ok=True)
+    sd = load_file(os.path.join(src, "text_encoder_3", "model.safetensors"))
+    sd = {k: v for k, v in sd.items() if k != "encoder.embed_tokens.weight"}
+    state = {t5_llama_name(k): v for k, v in sd.items()}
+    path = os.path.join(out, "t5-tiny.gguf")
+    cycle = [T.Q8_0, T.Q5_1, T.Q5_0, T.Q4_1, T.Q4_0, T.F16, T.BF16]
+    w = gguf.GGUFWriter(path, arch="t5encoder")
+    types = {}
+    for i, name in enumerate(sorted(state)):
+        x = state[name].float().numpy()
+        t = T.F32
+        if x.ndim == 2 and "attn_rel_b" not in name:
+            for j in range(len(cycle)):
+                t = cycle[(i + j) % len(cycle)]
+                if x.shape[-1] % gguf.GGML_QUANT_SIZES[t][0] == 0:
+                    break
+        w.add_tensor(name, gguf.quants.quantize(x, t), raw_dtype=t)
+        types[name] = t.name
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    listing = dequant_listing(path)
+    with open(os.path.join(out, "dequant.json"), "w") as fh:
+        json.dump(listing, fh, indent=0)
+    hf = {k: None for k in sd}
+    deq = {}
+    for t in gguf.GGUFReader(path).tensors:
+        deq[t.name] = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+    for k in hf:
+        hf[k] = deq[t5_llama_name(k)].reshape(sd[k].shape)
+    t5 = T5EncoderModel.from_pretrained(os.path.join(src, "text_encoder_3"), torch_dtype=torch.float32)
+    missing, unexpected = t5.load_state_dict(hf, strict=False)
+    assert not [m for m in missing if m != "encoder.embed_tokens.weight"] and not unexpected, (missing, unexpected)
+    pipe = StableDiffusion3Pipeline.from_pretrained(src, text_encoder_3=t5, torch_dtype=torch.float32,
+                                                    local_files_only=True)
+    meta = json.load(open(os.path.join(src, "fixture.json")))
+    tensors = {}
+    for i, p in enumerate(meta["prompts"]):
+        emb, _, pooled, _ = pipe.encode_prompt(p, p, p, do_classifier_free_guidance=False,
+                                               max_sequence_length=meta["max_sequence_length"])
+        tensors[f"text.{i}.context"] = emb.contiguous()
+        tensors[f"text.{i}.pooled"] = pooled.contiguous()
+    save_file(tensors, os.path.join(out, "reference.safetensors"))
+    with open(os.path.join(out, "fixture.json"), "w") as fh:
+        json.dump({"generator": "scripts/make_gguf_fixtures.py", "torch": torch.__version__,
+                   "diffusers": diffusers.__version__, "gguf": "0.19.0", "components": "sd35-tiny",
+                   "max_sequence_length": meta["max_sequence_length"], "prompts": meta["prompts"],
+                   "types": sorted(set(types.values()))}, fh, indent=1)
+    print(f"wrote tests/fixtures/gguf/t5-tiny: {len(types)} tensors,", sorted(set(types.values())))
+
+
 def main():
     torch.set_grad_enabled(False)
+    t5_fixture()
     flux = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": diffusers.__version__,
             "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "guidance_embeds": True,
             "in_channels": 16, "joint_attention_dim": 32, "num_attention_heads": 2, "num_layers": 1,

@@ -35,6 +35,7 @@ pub enum Param {
     Overwrite,
     Lora,
     Quantize,
+    T5,
 }
 
 impl Param {
@@ -65,6 +66,7 @@ impl Param {
             Param::Overwrite => "overwrite",
             Param::Lora => "loras",
             Param::Quantize => "quantize",
+            Param::T5 => "t5",
         }
     }
 }

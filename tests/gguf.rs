@@ -721,3 +721,109 @@ fn a_gguf_image_replays_from_its_png() {
     }
     assert_ne!(images[0], images[1], "--dequantize changed nothing");
 }
+
+// ---- a GGUF T5 encoder (--t5) ----
+
+/// sd35-tiny with its T5 from a GGUF file in llama.cpp's names (scripts/make_gguf_fixtures.py):
+/// the prompt embeddings against diffusers' with that T5 (transformers on the `gguf` package's
+/// dequantization): within 1e-4 x max dequantized, and within 2% of the largest value on the
+/// blocks (activations quantized to 8 bits), which are used.
+#[test]
+fn a_gguf_t5_encoder_gives_diffusers_prompt_embeddings() {
+    let dir = fixture("gguf/t5-tiny");
+    let meta = read_json(dir.join("fixture.json"));
+    let r = reference("gguf/t5-tiny");
+    let max_seq = meta["max_sequence_length"].as_u64().unwrap() as usize;
+    let folder = ModelRef::parse(fixture("sd35-tiny").to_str().unwrap(), None).unwrap();
+    for (dequantize, rel) in [(true, 1e-4f32), (false, 2e-2)] {
+        let mut spec = Spec::open(&folder).unwrap();
+        spec.set_t5_file(&dir.join("t5-tiny.gguf")).unwrap();
+        spec.set_dequantize(dequantize);
+        let mut pipe = spec.load(&device(), DType::F32).unwrap();
+        let mut plain = Spec::open(&folder)
+            .unwrap()
+            .load(&device(), DType::F32)
+            .unwrap();
+        for (i, p) in meta["prompts"].as_array().unwrap().iter().enumerate() {
+            let p = p.as_str().unwrap();
+            let (c, _) = pipe.text_encoders().unwrap().encode(p, max_seq).unwrap();
+            let want = &r[&format!("text.{i}.context")];
+            let (diff, max) = max_diff(&c.context, want);
+            println!("dequantize {dequantize} prompt {i}: max diff {diff:.2e} of max {max:.2}");
+            assert!(
+                diff <= rel * max,
+                "dequantize {dequantize} prompt {i}: {diff} > {rel} x {max}"
+            );
+            let (own, _) = plain.text_encoders().unwrap().encode(p, max_seq).unwrap();
+            assert!(
+                max_diff(&own.context, &c.context).0 > 0.0,
+                "the file's T5 was not used"
+            );
+        }
+    }
+}
+
+/// The model's own T5 weights given as a safetensors file draw the same images as the folder.
+#[test]
+fn a_safetensors_t5_file_replaces_the_models_t5() {
+    let folder = ModelRef::parse(fixture("sd35-tiny").to_str().unwrap(), None).unwrap();
+    let mut spec = Spec::open(&folder).unwrap();
+    spec.set_t5_file(&fixture("sd35-tiny").join("text_encoder_3/model.safetensors"))
+        .unwrap();
+    let mut pipe = spec.load(&device(), DType::F32).unwrap();
+    let meta = meta("sd35-tiny");
+    let run = &meta["runs"][0];
+    let req = fixture_request("sd35-tiny", run, 32);
+    let got = pipe.generate(&req, &mut |_| {}).unwrap().image.data;
+    assert_eq!(got, run_images(&folder, "sd35-tiny")[0]);
+}
+
+#[test]
+fn a_t5_file_that_is_not_one_is_refused() {
+    let dir = tmp("t5_bad");
+    let m = fixture("sd35-tiny");
+    let t5 = |f: &Path| {
+        run(&[
+            "generate".as_ref(),
+            "--prompt".as_ref(),
+            "x".as_ref(),
+            "--model".as_ref(),
+            m.as_os_str(),
+            "--t5".as_ref(),
+            f.as_os_str(),
+            "--output".as_ref(),
+            dir.join("o.png").as_os_str(),
+        ])
+    };
+    let (c, e) = t5(&dir.join("none.gguf"));
+    assert_clean_error(c, &e, &["--t5", "no such file"]);
+    let txt = dir.join("t5.bin");
+    std::fs::write(&txt, b"x").unwrap();
+    let (c, e) = t5(&txt);
+    assert_clean_error(c, &e, &["--t5", "as .gguf or .safetensors"]);
+    let (c, e) = t5(&gguf_path("flux-dev-256"));
+    assert_clean_error(c, &e, &["is a GGUF flux model, not a T5 encoder"]);
+    // A CLIP's weights: no T5 layers.
+    let (c, e) = t5(&m.join("text_encoder/model.safetensors"));
+    assert_clean_error(c, &e, &["holds no T5 encoder layers"]);
+    // Another T5's (flux-dev-tiny's, 32 wide): named by the audit.
+    let (c, e) = t5(&fixture("flux-dev-tiny").join("text_encoder_2/model.safetensors"));
+    assert_clean_error(c, &e, &["wrong shape"]);
+    // A model without T5.
+    let o = mmdit()
+        .args(["generate", "--prompt", "x", "--model"])
+        .arg(fixture("sd3-no-t5"))
+        .arg("--t5")
+        .arg(m.join("text_encoder_3/model.safetensors"))
+        .arg("--output")
+        .arg(dir.join("o.png"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_clean_error(
+        o.status.code(),
+        &e,
+        &["--t5", "this model has no T5 encoder"],
+    );
+    assert!(!dir.join("o.png").exists());
+}

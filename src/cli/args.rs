@@ -37,6 +37,11 @@ pub struct ModelArgs {
     /// (a debug switch for parity; needs the memory of the unquantized model).
     #[arg(long)]
     pub dequantize: bool,
+    /// The T5 encoder's weights from this file instead of the model's: a GGUF T5 encoder
+    /// (llama.cpp names, as city96's t5-v1_1-xxl-encoder-gguf; computed on its blocks on the CPU)
+    /// or a .safetensors one (transformers' names, e.g. ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn).
+    #[arg(long, value_name = "FILE")]
+    pub t5: Option<PathBuf>,
 }
 
 /// Size, guidance and T5 length of the images.
@@ -169,6 +174,7 @@ pub struct Chosen {
     pub dtype: candle_core::DType,
     pub quantize: Option<candle_core::quantized::GgmlDType>,
     pub dequantize: bool,
+    pub t5: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -188,6 +194,24 @@ impl ModelArgs {
             Some(s) => device::parse_dtype(s)?,
             None => device::default_dtype(&dev),
         };
+        if let Some(f) = &self.t5 {
+            let ext = f.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if !f.is_file() {
+                return Err(mmdit::Error::invalid(
+                    mmdit::Param::T5,
+                    format!(" {}: no such file", f.display()),
+                ));
+            }
+            if !["gguf", "safetensors"].contains(&ext.to_ascii_lowercase().as_str()) {
+                return Err(mmdit::Error::invalid(
+                    mmdit::Param::T5,
+                    format!(
+                        " {}: pass a T5 encoder as .gguf or .safetensors",
+                        f.display()
+                    ),
+                ));
+            }
+        }
         let quantize = match &self.quantize {
             None => None,
             Some(q) => {
@@ -220,6 +244,7 @@ impl ModelArgs {
             dtype,
             quantize,
             dequantize: self.dequantize,
+            t5: self.t5.clone(),
         })
     }
 }
@@ -233,6 +258,9 @@ impl Chosen {
         }
         spec.set_quantize(self.quantize);
         spec.set_dequantize(self.dequantize);
+        if let Some(f) = &self.t5 {
+            spec.set_t5_file(f)?;
+        }
         Ok(spec)
     }
 

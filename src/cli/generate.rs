@@ -111,6 +111,7 @@ fn apply_from(a: &mut GenerateArgs, png: &Path) -> anyhow::Result<()> {
     m.dtype = m.dtype.take().or(get("dtype"));
     m.quantize = m.quantize.take().or(get("quantize"));
     m.dequantize = m.dequantize || get("dequantize").is_some_and(|v| v == "true");
+    m.t5 = m.t5.take().or(get("t5").map(PathBuf::from));
     a.sampler = a.sampler.take().or(get("sampler"));
     a.noise = a.noise.take().or(get("noise_file").map(PathBuf::from));
     a.seed = a.seed.or(num(get("seed"), "seed", png)?);
@@ -334,6 +335,10 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     }
     if chosen.dequantize {
         text.push(("dequantize", "true".to_string()));
+    }
+    if let Some(f) = &chosen.t5 {
+        let path = std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());
+        text.push(("t5", path.display().to_string()));
     }
     if let Some(n) = &a.noise {
         text.push(("noise_file", n.display().to_string()));

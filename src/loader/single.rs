@@ -1007,6 +1007,90 @@ pub fn original_layout(
     Ok(out)
 }
 
+/// llama.cpp's T5 encoder names (GGUF T5 files such as city96's `t5-v1_1-xxl-encoder-gguf`) ->
+/// transformers' `T5EncoderModel`; block parts after `enc.blk.<i>.`.
+const T5_GGUF_BLOCK: &[(&str, &str)] = &[
+    ("attn_q.", "layer.0.SelfAttention.q."),
+    ("attn_k.", "layer.0.SelfAttention.k."),
+    ("attn_v.", "layer.0.SelfAttention.v."),
+    ("attn_o.", "layer.0.SelfAttention.o."),
+    (
+        "attn_rel_b.",
+        "layer.0.SelfAttention.relative_attention_bias.",
+    ),
+    ("attn_norm.", "layer.0.layer_norm."),
+    ("ffn_gate.", "layer.1.DenseReluDense.wi_0."),
+    ("ffn_up.", "layer.1.DenseReluDense.wi_1."),
+    ("ffn_down.", "layer.1.DenseReluDense.wo."),
+    ("ffn_norm.", "layer.1.layer_norm."),
+];
+
+/// Prefixes a T5 encoder file may carry before transformers' names (ComfyUI's full checkpoints).
+const T5_PREFIXES: &[&str] = &["text_encoders.t5xxl.transformer.", "t5xxl.transformer."];
+
+/// A T5 encoder in one file, served under transformers' names: a GGUF file in llama.cpp's names
+/// (`token_embd`, `enc.blk.<i>.attn_q`, ..., ungated T5's `ffn_up` as `wi`) or transformers' own,
+/// or a safetensors file in transformers' names (ComfyUI's `t5xxl_fp16` / `t5xxl_fp8_e4m3fn`).
+pub fn t5_file(path: &Path) -> Result<Mapping> {
+    let bad = |msg: String| Error::BadWeights {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let metas = if is_gguf(path) {
+        let g = GgufFile::open(path)?;
+        match g.architecture() {
+            None | Some("t5" | "t5encoder") => {}
+            Some(a) => {
+                return Err(bad(format!(
+                    "is a GGUF {a} model, not a T5 encoder; pass a T5 encoder file (architecture t5encoder)"
+                )))
+            }
+        }
+        g.metas()
+    } else {
+        super::audit::read_headers(&[path.to_path_buf()])?
+    };
+    let gated = metas.keys().any(|k| k.contains(".ffn_gate."));
+    let mut m = Mapping {
+        files: vec![path.to_path_buf()],
+        metas: metas
+            .iter()
+            .map(|(k, t)| ((0, k.clone()), t.clone()))
+            .collect(),
+        ..Default::default()
+    };
+    for key in metas
+        .keys()
+        .filter(|k| !k.ends_with("position_ids") && !fp8_extra(k))
+    {
+        let plain = T5_PREFIXES
+            .iter()
+            .find_map(|p| key.strip_prefix(p))
+            .unwrap_or(key);
+        let name = if let Some(r) = plain.strip_prefix("token_embd.") {
+            format!("shared.{r}")
+        } else if let Some(r) = plain.strip_prefix("enc.output_norm.") {
+            format!("encoder.final_layer_norm.{r}")
+        } else if let Some((i, r)) = block(plain, "enc.blk") {
+            let r = match (r.strip_prefix("ffn_up."), gated) {
+                (Some(p), false) => format!("layer.1.DenseReluDense.wi.{p}"),
+                _ => rename(r, T5_GGUF_BLOCK).unwrap_or_else(|| r.to_string()),
+            };
+            format!("encoder.block.{i}.{r}")
+        } else {
+            plain.to_string()
+        };
+        m.add(name, 0, key, Transform::Whole);
+    }
+    if !m.entries.keys().any(|k| k.starts_with("encoder.block.")) {
+        return Err(bad(
+            "holds no T5 encoder layers (encoder.block.* or enc.blk.*); pass a T5 encoder file"
+                .into(),
+        ));
+    }
+    Ok(m)
+}
+
 /// LDM (original Stable Diffusion / BFL) VAE names -> diffusers `AutoencoderKL`.
 fn ldm_vae(m: &mut Mapping, file: usize, keys: &[(String, String)]) {
     let levels = keys

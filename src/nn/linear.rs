@@ -51,6 +51,15 @@ struct Packed<P> {
 /// diffusers' `nn.Linear(in_dim, out_dim)` with bias, from `vb` (`weight`, `bias`); inside
 /// [`lora::collect`], with a run-time LoRA slot under `vb`'s prefix.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    build(in_dim, out_dim, vb, true)
+}
+
+/// `nn.Linear(in_dim, out_dim, bias=False)` from `vb` (`weight`), built as [`linear`] is.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    build(in_dim, out_dim, vb, false)
+}
+
+fn build(in_dim: usize, out_dim: usize, vb: VarBuilder, bias: bool) -> Result<Linear> {
     let mut l = match quant::stored(&format!("{}.weight", vb.prefix())) {
         Some(blocks) => {
             let w = blocks?;
@@ -63,10 +72,14 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
                     got: w.shape().clone(),
                 });
             }
-            Linear::from_blocks(w, vb.get(out_dim, "bias")?)?
+            let b = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
+            Linear::from_blocks(w, b)?
         }
         None => {
-            let plain = candle_nn::linear(in_dim, out_dim, vb.clone())?;
+            let plain = match bias {
+                true => candle_nn::linear(in_dim, out_dim, vb.clone())?,
+                false => candle_nn::linear_no_bias(in_dim, out_dim, vb.clone())?,
+            };
             match quant::current() {
                 Some(q) => Linear::quantized(plain, q)?,
                 None => Linear::new(plain)?,
@@ -134,11 +147,11 @@ impl Linear {
         )))
     }
 
-    /// A layer on weights already in GGML blocks (a GGUF file's), with its bias.
-    pub fn from_blocks(weight: QTensor, bias: Tensor) -> Result<Self> {
+    /// A layer on weights already in GGML blocks (a GGUF file's), with its bias if it has one.
+    pub fn from_blocks(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         Ok(Self::of(Kernel::Quantized(
             Arc::new(QMatMul::from_qtensor(weight)?),
-            Some(bias.to_dtype(DType::F32)?),
+            bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
         )))
     }
 

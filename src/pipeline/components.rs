@@ -5,14 +5,15 @@
 use crate::config::{self, ClipTextConfig, ModelIndex, T5Config, VaeConfig};
 use crate::error::{Error, Result};
 use crate::loader::audit::{Audit, ShapeBackend, TensorMeta};
-use crate::loader::single::SingleFile;
+use crate::loader::single::{Mapping, SingleFile};
 use crate::loader::{self, FileSource};
 use crate::lora::{LoraSet, MergeBackend};
 use crate::text::clip::ClipText;
+use crate::text::t5::T5Encoder;
 use crate::text::TextTokenizer;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use candle_transformers::models::t5::{self, T5EncoderModel};
+use candle_transformers::models::t5;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -114,6 +115,10 @@ pub struct ComponentAudit {
 pub(crate) struct Weights<'a> {
     pub src: &'a dyn FileSource,
     pub single: Option<&'a SingleFile>,
+    /// A text encoder's weights from a file of their own (`--t5`): its folder and mapping.
+    pub own: Option<(&'static str, &'a Mapping)>,
+    /// GGUF blocks served dequantized, never as blocks (`--dequantize`).
+    pub dequantize: bool,
     /// LoRAs merged into the components they touch as their weights are read.
     pub merge: &'a LoraSet,
 }
@@ -121,6 +126,15 @@ pub(crate) struct Weights<'a> {
 const WEIGHT_STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
 
 impl Weights<'_> {
+    /// Where component `dir` comes from when not from its folder: a file of its own, or the
+    /// single-file checkpoint.
+    fn mapping(&self, dir: &str) -> Option<&Mapping> {
+        match self.own {
+            Some((d, m)) if d == dir => Some(m),
+            _ => self.single.and_then(|s| s.component(dir)),
+        }
+    }
+
     /// The component in folder `dir` as a [`VarBuilder`] at `dtype`.
     pub(super) fn var_builder(
         &self,
@@ -128,7 +142,7 @@ impl Weights<'_> {
         dtype: DType,
         device: &Device,
     ) -> Result<VarBuilder<'static>> {
-        let backend = match self.single.and_then(|s| s.component(dir)) {
+        let backend = match self.mapping(dir) {
             Some(m) => m.backend()?,
             None => {
                 let files = loader::component_weights(self.src, dir, &WEIGHT_STEMS)?;
@@ -149,7 +163,10 @@ impl Weights<'_> {
 
     /// The component's weights a GGUF file stores in GGML blocks, if it has any.
     pub fn blocks(&self, dir: &str) -> Result<Option<loader::single::Blocks>> {
-        match self.single.and_then(|s| s.component(dir)) {
+        if self.dequantize {
+            return Ok(None);
+        }
+        match self.mapping(dir) {
             Some(m) => m.blocks(),
             None => Ok(None),
         }
@@ -157,7 +174,7 @@ impl Weights<'_> {
 
     /// The component's files and its tensors' names and shapes (headers only).
     pub fn headers(&self, dir: &str) -> Result<(Vec<PathBuf>, BTreeMap<String, TensorMeta>)> {
-        if let Some(m) = self.single.and_then(|s| s.component(dir)) {
+        if let Some(m) = self.mapping(dir) {
             return Ok((m.files.clone(), m.metas()));
         }
         let files = loader::component_weights(self.src, dir, &WEIGHT_STEMS)?;
@@ -204,7 +221,7 @@ impl Weights<'_> {
         build: impl FnOnce(VarBuilder) -> candle_core::Result<()>,
         ignore: impl Fn(&str) -> bool,
     ) -> Result<Option<ComponentAudit>> {
-        if self.single.is_some_and(|s| s.component(dir).is_none()) {
+        if self.single.is_some() && self.mapping(dir).is_none() {
             return Ok(None);
         }
         let (files, headers) = self.headers(dir)?;
@@ -290,7 +307,7 @@ impl TextPart {
             }
             TextPart::T5(p) => {
                 let cfg: t5::Config = config::read_json(&p.config)?;
-                Box::new(move |vb| T5EncoderModel::load(vb, &cfg).map(drop))
+                Box::new(move |vb| T5Encoder::new(vb, &cfg).map(drop))
             }
         })
     }
@@ -312,11 +329,27 @@ impl TextLoader<'_> {
         Ok((model, self.tokenizer(p.tokenizer)?))
     }
 
-    pub fn t5(&self, p: &T5Part) -> Result<(T5EncoderModel, TextTokenizer)> {
+    /// T5, on the GGML blocks of a GGUF file when it comes from one (unless a LoRA must be merged
+    /// into it: then dequantized).
+    pub fn t5(&self, p: &T5Part) -> Result<(T5Encoder, TextTokenizer)> {
         let cfg: t5::Config = config::read_json(&p.config)?;
         let dtype = t5_dtype(self.dtype);
-        let model = self.weights.load(p.dir, dtype, &self.device, |vb| {
-            T5EncoderModel::load(vb, &cfg)
+        let blocks = match self.weights.merge.deltas(p.dir).is_empty() {
+            true => self.weights.blocks(p.dir)?,
+            false => None,
+        };
+        if blocks.is_some() && !self.device.is_cpu() {
+            return Err(Error::Device(crate::error::Message::from(
+                "a quantized GGUF T5 runs on the CPU only for now; use --device cpu",
+            )));
+        }
+        let stored = blocks.map(|b| {
+            let b = std::sync::Arc::new(b);
+            std::sync::Arc::new(move |name: &str| b.get(name)) as crate::nn::quant::Stored
+        });
+        let model = crate::nn::quant::with_stored(stored, || {
+            self.weights
+                .load(p.dir, dtype, &self.device, |vb| T5Encoder::new(vb, &cfg))
         })?;
         Ok((model, self.tokenizer(p.tokenizer)?))
     }

@@ -52,6 +52,8 @@ pub struct Spec {
     /// Serve a GGUF file's blocks dequantized (computed in the run's dtype) instead of on the
     /// quantized kernels: a debug switch for parity.
     dequantize: bool,
+    /// The T5 encoder's weights from a file of their own (`--t5`): its folder and mapping.
+    t5: Option<(&'static str, Arc<loader::single::Mapping>)>,
 }
 
 impl Spec {
@@ -96,6 +98,7 @@ impl Spec {
             family,
             quantize: None,
             dequantize: false,
+            t5: None,
         })
     }
 
@@ -140,6 +143,8 @@ impl Spec {
         Weights {
             src: self.source.as_ref(),
             single: self.single.as_deref(),
+            own: self.t5.as_ref().map(|(d, m)| (*d, m.as_ref())),
+            dequantize: self.dequantize,
             merge,
         }
     }
@@ -159,13 +164,35 @@ impl Spec {
         self.quantize = dtype;
     }
 
+    /// Takes the T5 encoder's weights from `file` (GGUF, in llama.cpp's or transformers' names, or
+    /// safetensors in transformers' names) instead of the model's folder; its config and tokenizer
+    /// stay the model's. The file's tensors are checked against that config at load.
+    pub fn set_t5_file(&mut self, file: &std::path::Path) -> Result<()> {
+        let dir = self
+            .family
+            .text_parts()
+            .into_iter()
+            .find_map(|p| match p {
+                TextPart::T5(t) => Some(t.dir),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                Error::invalid(
+                    Param::T5,
+                    format!(" {}: this model has no T5 encoder", file.display()),
+                )
+            })?;
+        self.t5 = Some((dir, Arc::new(loader::single::t5_file(file)?)));
+        Ok(())
+    }
+
     /// Computes a GGUF model on its weights dequantized at load instead of on its blocks.
     pub fn set_dequantize(&mut self, on: bool) {
         self.dequantize = on;
     }
 
     /// Whether the transformer comes from a file that stores weights in GGML blocks (a quantized
-    /// GGUF), with the count of those tensors and their bytes.
+    /// GGUF, not `--dequantize`d), with the count of those tensors and their bytes.
     pub fn stored_blocks(&self) -> Result<Option<(usize, u64)>> {
         let none = LoraSet::default();
         Ok(self
@@ -424,10 +451,7 @@ impl Spec {
         apply: Apply,
     ) -> Result<Pipeline> {
         let none = LoraSet::default();
-        let blocks = match self.dequantize {
-            true => None,
-            false => self.weights(&none).blocks("transformer")?,
-        };
+        let blocks = self.weights(&none).blocks("transformer")?;
         if self.quantize.is_some() && !device.is_cpu() {
             return Err(Error::Device(Message::about(Param::Quantize).text(
                 ": quantized layers run on the CPU only for now; use --device cpu",

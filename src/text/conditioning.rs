@@ -6,11 +6,11 @@
 //!   hidden state.
 
 use super::clip::ClipText;
+use super::t5::T5Encoder;
 use super::tokenize::TextTokenizer;
 use super::PromptEncoder;
 use crate::error::Result;
 use candle_core::{DType, Device, Tensor, D};
-use candle_transformers::models::t5::T5EncoderModel;
 
 /// What the transformer is conditioned on.
 #[derive(Debug, Clone)]
@@ -50,7 +50,7 @@ fn token_ids(
 
 /// T5's last hidden state for a prompt, (1, max_seq, d_model), in `dtype`.
 fn t5_states(
-    (model, tok): &mut (T5EncoderModel, TextTokenizer),
+    (model, tok): &mut (T5Encoder, TextTokenizer),
     prompt: &str,
     max_seq: usize,
     cut: &mut Vec<Truncation>,
@@ -65,7 +65,7 @@ fn t5_states(
 pub struct Sd3TextEncoders {
     pub clip_l: (ClipText, TextTokenizer),
     pub clip_g: (ClipText, TextTokenizer),
-    pub t5: Option<(T5EncoderModel, TextTokenizer)>,
+    pub t5: Option<(T5Encoder, TextTokenizer)>,
     /// Width of the zeros that stand in for T5 when it is absent.
     pub joint_attention_dim: usize,
     pub device: Device,
@@ -117,7 +117,7 @@ impl PromptEncoder for Sd3TextEncoders {
 
 pub struct FluxTextEncoders {
     pub clip: (ClipText, TextTokenizer),
-    pub t5: (T5EncoderModel, TextTokenizer),
+    pub t5: (T5Encoder, TextTokenizer),
     pub device: Device,
     pub dtype: DType,
 }

@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod conditioning;
+pub mod t5;
 pub mod tokenize;
 
 pub use conditioning::{Conditioning, FluxTextEncoders, Sd3TextEncoders, Truncation};

@@ -1,0 +1,254 @@
+//! The T5 encoder (transformers' `T5EncoderModel`: T5 v1.1 as SD3 and FLUX.1 use it) on our layers:
+//! its projections are [`crate::nn::linear`]s, so they run on the packed CPU kernels, and on
+//! GGML blocks when a GGUF file stores them ([`crate::nn::quant::with_stored`]). The arithmetic is
+//! candle-transformers' `t5` module's (which matches transformers): RMS layer norm in f32, no
+//! scaling of the attention scores, the relative position bias of the first layer shared by all.
+
+use crate::nn::{self, Linear};
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Embedding, VarBuilder};
+use candle_transformers::models::t5::Config;
+
+/// T5's layer norm: x / sqrt(mean(x²) + eps) in f32, back to x's dtype, times the weight.
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(h: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(h, "weight")?,
+            eps,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let x = xs.to_dtype(DType::F32)?;
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        x.to_dtype(dtype)?
+            .broadcast_mul(&self.weight.to_dtype(dtype)?)
+    }
+}
+
+/// The feed-forward layer: gated (v1.1: act(wi_0 x) * wi_1 x) or plain (act(wi x)), then wo.
+#[derive(Debug, Clone)]
+struct FeedForward {
+    norm: LayerNorm,
+    wi: Linear,
+    gate: Option<Linear>,
+    wo: Linear,
+    act: candle_nn::Activation,
+}
+
+impl FeedForward {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let norm = LayerNorm::new(cfg.d_model, cfg.layer_norm_epsilon, vb.pp("layer_norm"))?;
+        let d = vb.pp("DenseReluDense");
+        let (wi, gate) = if cfg.feed_forward_proj.gated {
+            (
+                nn::linear_no_bias(cfg.d_model, cfg.d_ff, d.pp("wi_1"))?,
+                Some(nn::linear_no_bias(cfg.d_model, cfg.d_ff, d.pp("wi_0"))?),
+            )
+        } else {
+            (nn::linear_no_bias(cfg.d_model, cfg.d_ff, d.pp("wi"))?, None)
+        };
+        let act = match cfg.feed_forward_proj.gated {
+            true => cfg.feed_forward_proj.activation,
+            false => candle_nn::Activation::Relu,
+        };
+        Ok(Self {
+            norm,
+            wi,
+            gate,
+            wo: nn::linear_no_bias(cfg.d_ff, cfg.d_model, d.pp("wo"))?,
+            act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.norm.forward(xs)?;
+        let y = match &self.gate {
+            Some(g) => self
+                .act
+                .forward(&g.forward(&h)?)?
+                .mul(&self.wi.forward(&h)?)?,
+            None => self.act.forward(&self.wi.forward(&h)?)?,
+        };
+        xs + self.wo.forward(&y)?
+    }
+}
+
+/// Self-attention with its layer norm; the first layer's holds the relative position bias.
+#[derive(Debug, Clone)]
+struct SelfAttention {
+    norm: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    d_kv: usize,
+    bias: Option<Embedding>,
+    buckets: usize,
+    max_distance: usize,
+}
+
+impl SelfAttention {
+    fn new(cfg: &Config, with_bias: bool, vb: VarBuilder) -> Result<Self> {
+        let norm = LayerNorm::new(cfg.d_model, cfg.layer_norm_epsilon, vb.pp("layer_norm"))?;
+        let a = vb.pp("SelfAttention");
+        let inner = cfg.num_heads * cfg.d_kv;
+        let bias = match with_bias {
+            true => {
+                let w = a.get(
+                    (cfg.relative_attention_num_buckets, cfg.num_heads),
+                    "relative_attention_bias.weight",
+                )?;
+                Some(Embedding::new(w, cfg.num_heads))
+            }
+            false => None,
+        };
+        Ok(Self {
+            norm,
+            q: nn::linear_no_bias(cfg.d_model, inner, a.pp("q"))?,
+            k: nn::linear_no_bias(cfg.d_model, inner, a.pp("k"))?,
+            v: nn::linear_no_bias(cfg.d_model, inner, a.pp("v"))?,
+            o: nn::linear_no_bias(inner, cfg.d_model, a.pp("o"))?,
+            heads: cfg.num_heads,
+            d_kv: cfg.d_kv,
+            bias,
+            buckets: cfg.relative_attention_num_buckets,
+            max_distance: cfg.relative_attention_max_distance,
+        })
+    }
+
+    /// The bidirectional relative-position bucket of key `j` for query `i` (transformers'
+    /// `_relative_position_bucket`, as candle-transformers computes it).
+    fn bucket(&self, i: u32, j: u32) -> u32 {
+        let half = self.buckets as u32 / 2;
+        let exact = half / 2;
+        let far = |d: u32| {
+            let b = f32::log(
+                d as f32 / exact as f32,
+                self.max_distance as f32 / exact as f32,
+            ) * (half - exact) as f32;
+            exact + b as u32
+        };
+        if i < j {
+            match j - i < exact {
+                true => j - i + half,
+                false => u32::min(far(j - i) + half, self.buckets as u32 - 1),
+            }
+        } else {
+            match i - j < exact {
+                true => i - j,
+                false => u32::min(far(i - j), half - 1),
+            }
+        }
+    }
+
+    /// (1, heads, n, n) in `dtype`.
+    fn position_bias(
+        &self,
+        emb: &Embedding,
+        n: usize,
+        dtype: DType,
+        dev: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let ids: Vec<u32> = (0..n as u32)
+            .flat_map(|i| (0..n as u32).map(move |j| (i, j)))
+            .map(|(i, j)| self.bucket(i, j))
+            .collect();
+        let ids = Tensor::from_vec(ids, (n, n), dev)?;
+        emb.forward(&ids)?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?
+            .to_dtype(dtype)
+    }
+
+    /// The layer's output and the position bias (computed here by the first layer, passed on).
+    fn forward(&self, xs: &Tensor, bias: Option<Tensor>) -> Result<(Tensor, Tensor)> {
+        let (b, n, _) = xs.dims3()?;
+        let h = self.norm.forward(xs)?;
+        let split = |t: Tensor| {
+            t.reshape((b, n, self.heads, self.d_kv))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q.forward(&h)?)?;
+        let k = split(self.k.forward(&h)?)?;
+        let v = split(self.v.forward(&h)?)?;
+        let scores = q.matmul(&k.t()?)?;
+        let bias = match (bias, &self.bias) {
+            (Some(p), _) => p,
+            (None, Some(emb)) => self.position_bias(emb, n, scores.dtype(), scores.device())?,
+            (None, None) => {
+                candle_core::bail!("T5: the first layer has no relative attention bias")
+            }
+        };
+        let w = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&bias)?)?;
+        let y = w
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * self.d_kv))?;
+        Ok(((xs + self.o.forward(&y)?)?, bias))
+    }
+}
+
+/// transformers' `T5EncoderModel`: the token embedding, the layers and the final norm.
+#[derive(Debug, Clone)]
+pub struct T5Encoder {
+    embed: Embedding,
+    layers: Vec<(SelfAttention, FeedForward)>,
+    norm: LayerNorm,
+}
+
+impl T5Encoder {
+    /// Built from `vb` in transformers' names (`shared.weight`, `encoder.block.<i>.layer.<0|1>...`,
+    /// `encoder.final_layer_norm.weight`).
+    pub fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let table = match vb.contains_tensor("shared.weight") {
+            true => vb.pp("shared"),
+            false => vb.pp("encoder.embed_tokens"),
+        };
+        let embed = Embedding::new(
+            table.get((cfg.vocab_size, cfg.d_model), "weight")?,
+            cfg.d_model,
+        );
+        let e = vb.pp("encoder");
+        let layers = (0..cfg.num_layers)
+            .map(|i| {
+                let l = e.pp(format!("block.{i}.layer"));
+                Ok((
+                    SelfAttention::new(cfg, i == 0, l.pp("0"))?,
+                    FeedForward::new(cfg, l.pp("1"))?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed,
+            layers,
+            norm: LayerNorm::new(
+                cfg.d_model,
+                cfg.layer_norm_epsilon,
+                e.pp("final_layer_norm"),
+            )?,
+        })
+    }
+
+    /// The last hidden state, (batch, len, d_model), for token ids (batch, len).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut x = self.embed.forward(ids)?;
+        let mut bias = None;
+        for (attn, ff) in &self.layers {
+            let (y, b) = attn.forward(&x, bias)?;
+            bias = Some(b);
+            x = ff.forward(&y)?;
+        }
+        self.norm.forward(&x)
+    }
+}

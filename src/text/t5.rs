@@ -131,22 +131,24 @@ impl SelfAttention {
     fn bucket(&self, i: u32, j: u32) -> u32 {
         let half = self.buckets as u32 / 2;
         let exact = half / 2;
+        // (Saturating: a config of one bucket must give bucket 0, not a panic.)
+        let last = (self.buckets as u32).saturating_sub(1);
         let far = |d: u32| {
             let b = f32::log(
                 d as f32 / exact as f32,
                 self.max_distance as f32 / exact as f32,
             ) * (half - exact) as f32;
-            exact + b as u32
+            exact.saturating_add(b as u32)
         };
         if i < j {
             match j - i < exact {
                 true => j - i + half,
-                false => u32::min(far(j - i) + half, self.buckets as u32 - 1),
+                false => u32::min(far(j - i).saturating_add(half), last),
             }
         } else {
             match i - j < exact {
                 true => i - j,
-                false => u32::min(far(i - j), half - 1),
+                false => u32::min(far(i - j), half.saturating_sub(1)),
             }
         }
     }
@@ -250,5 +252,65 @@ impl T5Encoder {
             x = ff.forward(&y)?;
         }
         self.norm.forward(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attention(buckets: usize, max_distance: usize) -> SelfAttention {
+        let l = || {
+            Linear::new(candle_nn::Linear::new(
+                Tensor::zeros((1, 1), DType::F32, &candle_core::Device::Cpu).unwrap(),
+                None,
+            ))
+            .unwrap()
+        };
+        SelfAttention {
+            norm: LayerNorm {
+                weight: Tensor::ones(1, DType::F32, &candle_core::Device::Cpu).unwrap(),
+                eps: 1e-6,
+            },
+            q: l(),
+            k: l(),
+            v: l(),
+            o: l(),
+            heads: 1,
+            d_kv: 1,
+            bias: None,
+            buckets,
+            max_distance,
+        }
+    }
+
+    /// transformers' buckets for T5's 32 buckets and distance 128 (bidirectional), and every
+    /// bucket of a degenerate config within range.
+    #[test]
+    fn relative_position_buckets() {
+        let a = attention(32, 128);
+        // From transformers' T5Attention._relative_position_bucket; keys after the query use
+        // the upper half.
+        let want = [
+            (0, 0, 0),
+            (5, 0, 5),
+            (0, 5, 21),
+            (20, 0, 10),
+            (0, 20, 26),
+            (500, 0, 15),
+            (0, 500, 31),
+        ];
+        for (i, j, b) in want {
+            assert_eq!(a.bucket(i, j), b, "({i}, {j})");
+        }
+        for (n, d) in [(1, 128), (2, 0), (3, 1)] {
+            let a = attention(n, d);
+            for (i, j) in [(0, 0), (0, 9), (9, 0), (0, 1000), (1000, 0)] {
+                assert!(
+                    (a.bucket(i, j) as usize) < n.max(1),
+                    "{n} buckets: ({i}, {j})"
+                );
+            }
+        }
     }
 }

@@ -234,6 +234,12 @@ impl Weights<'_> {
     }
 }
 
+/// A file's blocks as the layers built in [`crate::nn::quant::with_stored`] take them.
+pub(super) fn stored(blocks: loader::single::Blocks) -> crate::nn::quant::Stored {
+    let b = std::sync::Arc::new(blocks);
+    std::sync::Arc::new(move |name: &str| b.get(name))
+}
+
 /// The tokenizer folder `dir`, fetched (for Hub models) file by file: `tokenizer.json`, or the slow
 /// tokenizer's `vocab.json` + `merges.txt` when the folder has no `tokenizer.json` (CLIP in the SD3
 /// and Flux repos), and the special-token configs.
@@ -343,11 +349,7 @@ impl TextLoader<'_> {
                 "a quantized GGUF T5 runs on the CPU only for now; use --device cpu",
             )));
         }
-        let stored = blocks.map(|b| {
-            let b = std::sync::Arc::new(b);
-            std::sync::Arc::new(move |name: &str| b.get(name)) as crate::nn::quant::Stored
-        });
-        let model = crate::nn::quant::with_stored(stored, || {
+        let model = crate::nn::quant::with_stored(blocks.map(stored), || {
             self.weights
                 .load(p.dir, dtype, &self.device, |vb| T5Encoder::new(vb, &cfg))
         })?;

@@ -473,10 +473,7 @@ impl Spec {
             Apply::Runtime => (loras.text_only(), loras.clone()),
         };
         let w = self.weights(&merged);
-        let stored = blocks.map(|b| {
-            let b = Arc::new(b);
-            Arc::new(move |name: &str| b.get(name)) as nn::quant::Stored
-        });
+        let stored = blocks.map(components::stored);
         // Every linear layer of the transformer gets a run-time LoRA slot, and its GGML blocks
         // when the file stores them or when quantizing.
         let (transformer, slots) = nn::quant::with_stored(stored, || {

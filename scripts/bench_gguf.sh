@@ -20,18 +20,23 @@ for m in flux-bench sd3-bench; do
   done
 done
 
+# bench M T STEPS SIZE: one bench run of model M with weights T (bf16: the folder; else its GGUF),
+# printed as "file MB|load s|s/step|peak RSS MiB".
+bench() {
+  local m=$1 t=$2 args mb=- out
+  if [ "$t" = bf16 ]; then args=(--model "bench-models/$m")
+  else args=(--model "$G/$m-$t.gguf" --components "bench-models/$m")
+       mb=$(( $(stat -c %s "$G/$m-$t.gguf") / 1000000 )); fi
+  out=$($M bench "${args[@]}" --dtype bf16 --steps "$3" --width "$4" --height "$4" --no-reference 2>&1)
+  echo "$mb|$(echo "$out" | sed -n 's/.*| load \([0-9.]*\)s.*/\1/p')|$(echo "$out" | awk -F'|' '/^\| euler/ {print $6}' | awk '{print $1}')|$(echo "$out" | sed -n 's/.*peak RSS \([0-9]*\) MiB.*/\1/p')"
+}
+
 echo "## speed and memory (bf16 compute, 512x512, 4 steps)"
 echo "| model | weights | file MB | load s | s/step | peak RSS MiB |"
 echo "|---|---|---|---|---|---|"
 for m in flux-bench sd3-bench; do
   for t in bf16 q8_0 q4_k; do
-    if [ "$t" = bf16 ]; then args=(--model "bench-models/$m"); mb=-
-    else args=(--model "$G/$m-$t.gguf" --components "bench-models/$m")
-         mb=$(( $(stat -c %s "$G/$m-$t.gguf") / 1000000 )); fi
-    out=$($M bench "${args[@]}" --dtype bf16 --steps 4 --width 512 --height 512 --no-reference 2>&1)
-    load=$(echo "$out" | sed -n 's/.*| load \([0-9.]*\)s.*/\1/p')
-    rss=$(echo "$out" | sed -n 's/.*peak RSS \([0-9]*\) MiB.*/\1/p')
-    step=$(echo "$out" | awk -F'|' '/^\| euler/ {print $6}' | awk '{print $1}')
+    IFS='|' read -r mb load step rss <<< "$(bench "$m" "$t" 4 512)"
     echo "| $m | $t | $mb | $load | $step | $rss |"
   done
 done
@@ -42,11 +47,7 @@ echo "| model | weights | file MB | peak RSS MiB |"
 echo "|---|---|---|---|"
 for m in flux-bench sd3-bench; do
   for t in bf16 q8_0 q4_k; do
-    if [ "$t" = bf16 ]; then args=(--model "bench-models/$m"); mb=-
-    else args=(--model "$G/$m-$t.gguf" --components "bench-models/$m")
-         mb=$(( $(stat -c %s "$G/$m-$t.gguf") / 1000000 )); fi
-    out=$($M bench "${args[@]}" --dtype bf16 --steps 1 --width 64 --height 64 --no-reference 2>&1)
-    rss=$(echo "$out" | sed -n 's/.*peak RSS \([0-9]*\) MiB.*/\1/p')
+    IFS='|' read -r mb _ _ rss <<< "$(bench "$m" "$t" 1 64)"
     echo "| $m | $t | $mb | $rss |"
   done
 done

@@ -74,19 +74,7 @@ fn float8_twins_draw_diffusers_images() {
 #[test]
 fn inspect_accepts_the_scales_of_a_scaled_fp8_file() {
     let v = "flux-dev-tiny-e4m3fn-scaled";
-    let o = mmdit()
-        .args(["inspect"])
-        .arg(dir(v).join("model.safetensors"))
-        .arg("--components")
-        .arg(fixture("flux-dev-tiny"))
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let out = inspect_ok(&dir(v).join("model.safetensors"), &fixture("flux-dev-tiny"));
     assert!(out.contains("F8_E4M3"), "{out}");
     assert!(!out.contains("unexpected"), "{out}");
 }

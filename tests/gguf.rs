@@ -606,19 +606,7 @@ fn a_failed_convert_leaves_nothing_behind() {
 
 #[test]
 fn inspect_shows_the_architecture_and_the_type_of_every_tensor_group() {
-    let o = mmdit()
-        .args(["inspect"])
-        .arg(gguf_path("flux-dev-256"))
-        .arg("--components")
-        .arg(fixture("gguf/flux-dev-256"))
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let out = inspect_ok(&gguf_path("flux-dev-256"), &fixture("gguf/flux-dev-256"));
     for needle in [
         "gguf    version 3, architecture flux",
         "Q4_K x2",

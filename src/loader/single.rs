@@ -57,6 +57,20 @@ pub enum Transform {
     Identity(usize),
 }
 
+impl Transform {
+    /// The transform as row ranges of a tensor of `rows` rows, concatenated (`start`, `len`):
+    /// `None` for those that are not a choice of rows.
+    fn row_ranges(&self, rows: usize) -> Option<Vec<(usize, usize)>> {
+        let half = rows / 2;
+        match self {
+            Transform::Whole => Some(vec![(0, rows)]),
+            Transform::Rows { start, len } => Some(vec![(*start, *len)]),
+            Transform::SwapHalves => Some(vec![(half, half), (0, half)]),
+            Transform::Squeeze1x1 | Transform::Identity(_) => None,
+        }
+    }
+}
+
 /// Where one diffusers tensor comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
@@ -195,14 +209,9 @@ impl Blocks {
         if !is_block_type(t.dtype) || !t.rows_are_blocks() {
             return None;
         }
-        let rows = t.shape.first().copied().unwrap_or(1);
-        let half = rows / 2;
-        let ranges = match &s.transform {
-            Transform::Whole => vec![(0, rows)],
-            Transform::Rows { start, len } => vec![(*start, *len)],
-            Transform::SwapHalves => vec![(half, half), (0, half)],
-            Transform::Squeeze1x1 | Transform::Identity(_) => return None,
-        };
+        let ranges = s
+            .transform
+            .row_ranges(t.shape.first().copied().unwrap_or(1))?;
         Some(self.file.blocks(&s.key, &ranges))
     }
 
@@ -259,7 +268,7 @@ fn transformed(t: Tensor, transform: &Transform) -> candle_core::Result<Tensor> 
     })
 }
 
-/// A GGUF tensor in f32 under `transform`: row ranges read as blocks where rows are whole blocks
+/// A GGUF tensor in f32 under `transform`: its rows read as blocks where rows are whole blocks
 /// (only those rows are read), else the whole tensor dequantized and transformed.
 fn gguf_tensor(g: &GgufFile, key: &str, transform: &Transform) -> candle_core::Result<Tensor> {
     let info = g
@@ -267,13 +276,13 @@ fn gguf_tensor(g: &GgufFile, key: &str, transform: &Transform) -> candle_core::R
         .get(key)
         .ok_or_else(|| candle_core::Error::CannotFindTensor { path: key.into() })?;
     let rows = info.shape.first().copied().unwrap_or(1);
-    if let (true, Transform::Rows { start, len }) = (info.rows_are_blocks(), transform) {
-        return g.blocks(key, &[(*start, *len)])?.dequantize(&Device::Cpu);
+    match transform
+        .row_ranges(rows)
+        .filter(|_| info.rows_are_blocks())
+    {
+        Some(ranges) => g.blocks(key, &ranges)?.dequantize(&Device::Cpu),
+        None => transformed(g.dequantized(key)?, transform),
     }
-    if info.rows_are_blocks() && matches!(transform, Transform::Whole) {
-        return g.blocks(key, &[(0, rows)])?.dequantize(&Device::Cpu);
-    }
-    transformed(g.dequantized(key)?, transform)
 }
 
 impl MappedBackend {
@@ -295,16 +304,7 @@ impl MappedBackend {
 
 impl SimpleBackend for MappedBackend {
     fn get(&self, s: Shape, name: &str, _: Init, dt: DType, dev: &Device) -> TensorResult<Tensor> {
-        let t = self.read(name, dt, dev)?;
-        if t.shape() != &s {
-            // The error candle's own backends give.
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: s,
-                got: t.shape().clone(),
-            });
-        }
-        Ok(t)
+        super::weights::expect_shape(self.read(name, dt, dev)?, s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

@@ -161,6 +161,18 @@ static E4M3: std::sync::LazyLock<[f32; 256]> =
 static E5M2: std::sync::LazyLock<[f32; 256]> =
     std::sync::LazyLock::new(|| float8_table(5, 2, true));
 
+/// `t` if it has shape `s`, else the error candle's own backends give for tensor `name`.
+pub fn expect_shape(t: Tensor, s: candle_core::Shape, name: &str) -> candle_core::Result<Tensor> {
+    if t.shape() != &s {
+        return Err(candle_core::Error::UnexpectedShape {
+            msg: format!("shape mismatch for {name}"),
+            expected: s,
+            got: t.shape().clone(),
+        });
+    }
+    Ok(t)
+}
+
 impl SimpleBackend for Safetensors {
     fn get(
         &self,
@@ -170,16 +182,7 @@ impl SimpleBackend for Safetensors {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            // The error candle's own backends give.
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: s,
-                got: t.shape().clone(),
-            });
-        }
-        Ok(t)
+        expect_shape(self.get_unchecked(name, dtype, dev)?, s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

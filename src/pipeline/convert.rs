@@ -108,12 +108,8 @@ impl Spec {
         let (plan, parts) = plan(format, &metas, want)?;
         let vb = w.var_builder("transformer", DType::F32, &Device::Cpu)?;
         let total = plan.len();
-        let arch = match format {
-            Format::Flux => "flux",
-            Format::Sd3 => "sd3",
-        };
         let metadata = [
-            ("general.architecture", Value::Str(arch.into())),
+            ("general.architecture", Value::Str(format.name().into())),
             ("general.quantization_version", Value::Int(2)),
             ("general.alignment", Value::Int(32)),
         ];

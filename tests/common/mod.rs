@@ -100,6 +100,24 @@ pub fn mmdit() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_mmdit"))
 }
 
+/// `mmdit inspect FILE --components C`'s output, the run asserted successful.
+pub fn inspect_ok(file: &std::path::Path, components: &std::path::Path) -> String {
+    let o = mmdit()
+        .arg("inspect")
+        .arg(file)
+        .arg("--components")
+        .arg(components)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
 /// Runs the binary and returns (exit code, stderr).
 pub fn run(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
     let o = mmdit().args(args).output().unwrap();

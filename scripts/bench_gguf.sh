@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # What GGUF weights cost and save on this CPU (issue 18), one run:
-# 1. flux-bench and sd3-bench (scripts/make_bench_models.py) converted by `mmdit convert` to Q8_0 and
-#    Q4_K, benched beside the bf16 folder: s/step, load, peak RSS (bf16, 512x512, 4 Euler steps);
-# 2. peak RSS of a small run (64x64, 1 step: activations near zero) against the file's bytes;
+# 1. flux-bench and sd3-bench (scripts/make_bench_models.py) converted by `mmdit convert` to Q8_0,
+#    Q4_K and Q4_0, benched beside the bf16 folder: s/step, load, peak RSS (bf16, 512x512, 4 Euler
+#    steps);
+# 2. peak RSS of a small run (64x64, 1 step: activations near zero) against the bytes of the weights
+#    the run holds (scripts/resident_weights.py);
 # 3. the demo model converted to every type, its image (bf16, same seed) against the bf16 image: PSNR
 #    and file size.
 #   bash scripts/bench_gguf.sh
@@ -15,7 +17,7 @@ M=./target/release/mmdit
 G=bench-models/gguf
 mkdir -p "$G" bench-results/gguf
 for m in flux-bench sd3-bench; do
-  for t in q8_0 q4_k; do
+  for t in q8_0 q4_k q4_0; do
     [ -f "$G/$m-$t.gguf" ] || $M convert "bench-models/$m" --quantize "$t" -o "$G/$m-$t.gguf"
   done
 done
@@ -35,20 +37,22 @@ echo "## speed and memory (bf16 compute, 512x512, 4 steps)"
 echo "| model | weights | file MB | load s | s/step | peak RSS MiB |"
 echo "|---|---|---|---|---|---|"
 for m in flux-bench sd3-bench; do
-  for t in bf16 q8_0 q4_k; do
+  for t in bf16 q8_0 q4_k q4_0; do
     IFS='|' read -r mb load step rss <<< "$(bench "$m" "$t" 4 512)"
     echo "| $m | $t | $mb | $load | $step | $rss |"
   done
 done
 
 echo
-echo "## peak RSS with activations near zero (64x64, 1 step)"
-echo "| model | weights | file MB | peak RSS MiB |"
-echo "|---|---|---|---|"
+echo "## peak RSS with activations near zero (64x64, 1 step) against the weights the run holds"
+echo "| model | weights | file MB | peak RSS MiB | weights held MiB | ratio |"
+echo "|---|---|---|---|---|---|"
 for m in flux-bench sd3-bench; do
-  for t in bf16 q8_0 q4_k; do
+  for t in bf16 q8_0 q4_k q4_0; do
     IFS='|' read -r mb _ _ rss <<< "$(bench "$m" "$t" 1 64)"
-    echo "| $m | $t | $mb | $rss |"
+    if [ "$t" = bf16 ]; then held=$(python3 scripts/resident_weights.py "bench-models/$m")
+    else held=$(python3 scripts/resident_weights.py "bench-models/$m" "$G/$m-$t.gguf"); fi
+    echo "| $m | $t | $mb | $rss | $held | $(python3 -c "print(f'{$rss / $held:.2f}')") |"
   done
 done
 

@@ -22,6 +22,8 @@ pub unsafe trait Zeroed: Copy + Send + Sync + 'static {}
 unsafe impl Zeroed for f32 {}
 // SAFETY: bf16 zero is all-zero bits.
 unsafe impl Zeroed for bf16 {}
+// SAFETY: 0u8 is all-zero bits.
+unsafe impl Zeroed for u8 {}
 
 /// `len` elements on a 64-byte boundary (the allocation holds `cap` >= `len`).
 pub struct Aligned<T: Zeroed> {

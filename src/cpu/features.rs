@@ -3,8 +3,8 @@
 //! vectorised passes compile their AVX-512 version in only when it says so), so `MMDIT_AVX512=0`
 //! really runs the generic code everywhere and `MMDIT_AMX=0` never touches a tile.
 //!
-//! Kernel tests skip, with a line on stderr, where a feature is off; with `MMDIT_REQUIRE_AVX512=1`
-//! or `MMDIT_REQUIRE_AMX=1` set (CI sets them where the CPU lists the feature) they fail instead.
+//! Kernel tests skip, with a line on stderr, where a feature is off; with `MMDIT_REQUIRE_AVX512=1`,
+//! `MMDIT_REQUIRE_AMX=1` or `MMDIT_REQUIRE_VNNI=1` set (CI sets them where the CPU lists the feature) they fail instead.
 
 use std::sync::OnceLock;
 
@@ -17,6 +17,9 @@ pub struct Features {
     /// AMX-BF16 tiles, granted to this process by the OS: the bf16 matrix product and attention.
     /// `MMDIT_AMX=0` turns it off.
     pub amx: bool,
+    /// AVX-512 VNNI (with BW), under the AVX-512 switch: the products on GGML blocks
+    /// ([`super::qgemm`]). `MMDIT_VNNI=0` turns it off alone.
+    pub vnni: bool,
 }
 
 /// This process's features (probed and read from the environment on the first call).
@@ -25,6 +28,7 @@ pub fn features() -> Features {
     *F.get_or_init(|| Features {
         avx512: enabled("MMDIT_AVX512") && detect_avx512(),
         amx: enabled("MMDIT_AMX") && detect_amx(),
+        vnni: enabled("MMDIT_AVX512") && enabled("MMDIT_VNNI") && detect_avx512() && detect_vnni(),
     })
 }
 
@@ -40,6 +44,17 @@ fn detect_avx512() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect_avx512() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_vnni() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_vnni() -> bool {
     false
 }
 
@@ -75,7 +90,7 @@ fn detect_amx() -> bool {
     false
 }
 
-/// For kernel tests: whether `feature` (`"avx512"` or `"amx"`) is on. When it is off the test
+/// For kernel tests: whether `feature` (`"avx512"`, `"amx"` or `"vnni"`) is on. When it is off the test
 /// should return early; this says so on stderr, or panics when `MMDIT_REQUIRE_<FEATURE>=1` asks for
 /// the feature (a machine that has it must not skip its tests silently).
 pub fn test_has(feature: &str) -> bool {
@@ -83,6 +98,7 @@ pub fn test_has(feature: &str) -> bool {
     let on = match feature {
         "avx512" => f.avx512,
         "amx" => f.amx,
+        "vnni" => f.vnni,
         other => panic!("unknown CPU feature {other:?}"),
     };
     if !on {
@@ -111,5 +127,9 @@ mod tests {
         if std::env::var("MMDIT_AMX").is_ok_and(|v| v == "0") {
             assert!(!f.amx);
         }
+        if std::env::var("MMDIT_VNNI").is_ok_and(|v| v == "0") {
+            assert!(!f.vnni);
+        }
+        assert!(!f.vnni || f.avx512);
     }
 }

@@ -39,9 +39,99 @@ pub mod conv;
 pub mod elementwise;
 mod features;
 pub mod group_norm;
+pub mod qgemm;
 pub mod sgemm;
 
 pub use features::{features, test_has, Features};
+
+/// What the 32-column micro-kernels ([`sgemm`], [`qgemm`]) share: an output row is two vectors of
+/// 16 f32, `cols` (<= 32) of them written.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod rows32 {
+    use std::arch::x86_64::*;
+
+    /// The masks of the first and second 16 columns for `cols` (<= 32) columns.
+    #[inline(always)]
+    pub(crate) fn masks(cols: usize) -> (__mmask16, __mmask16) {
+        let lo = if cols >= 16 {
+            0xffff
+        } else {
+            ((1u32 << cols) - 1) as u16
+        };
+        let hi = if cols >= 32 {
+            0xffff
+        } else if cols > 16 {
+            ((1u32 << (cols - 16)) - 1) as u16
+        } else {
+            0
+        };
+        (lo, hi)
+    }
+
+    /// R accumulator rows: the first `rows` read from `c` at stride ldc (columns masked by `m`)
+    /// when `load`, the others zero.
+    ///
+    /// # Safety
+    /// AVX-512F available; with `load`, `c` valid for reads of `rows` rows of the masked columns.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(crate) unsafe fn start<const R: usize>(
+        load: bool,
+        rows: usize,
+        c: *const f32,
+        ldc: usize,
+        (m0, m1): (__mmask16, __mmask16),
+    ) -> [[__m512; 2]; R] {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        if load {
+            for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                // SAFETY: row r < rows of c, masked (# Safety).
+                unsafe {
+                    let p = c.add(r * ldc);
+                    acc[0] = _mm512_maskz_loadu_ps(m0, p);
+                    acc[1] = _mm512_maskz_loadu_ps(m1, p.add(16));
+                }
+            }
+        }
+        acc
+    }
+
+    /// Adds `bias` (unless null) to every accumulator row and stores the first `rows` rows to
+    /// `c` at stride ldc, columns masked by `m`.
+    ///
+    /// # Safety
+    /// AVX-512F available; `c` valid for writes of `rows` rows of the masked columns at stride
+    /// ldc; `bias` null or valid for reads of the masked columns.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(crate) unsafe fn finish<const R: usize>(
+        acc: &mut [[__m512; 2]; R],
+        rows: usize,
+        c: *mut f32,
+        ldc: usize,
+        (m0, m1): (__mmask16, __mmask16),
+        bias: *const f32,
+    ) {
+        // SAFETY: the masks keep every access within the extents of # Safety.
+        unsafe {
+            if !bias.is_null() {
+                let (z0, z1) = (
+                    _mm512_maskz_loadu_ps(m0, bias),
+                    _mm512_maskz_loadu_ps(m1, bias.add(16)),
+                );
+                for acc in acc.iter_mut() {
+                    acc[0] = _mm512_add_ps(acc[0], z0);
+                    acc[1] = _mm512_add_ps(acc[1], z1);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate().take(rows) {
+                let p = c.add(r * ldc);
+                _mm512_mask_storeu_ps(p, m0, acc[0]);
+                _mm512_mask_storeu_ps(p.add(16), m1, acc[1]);
+            }
+        }
+    }
+}
 
 use candle_core::{Result, Storage, Tensor};
 use half::bf16;

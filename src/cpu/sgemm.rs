@@ -411,28 +411,8 @@ mod kernel {
         // SAFETY: every pointer below stays inside the extents the caller vouches for (see
         // # Safety); the masks keep loads and stores of c and bias within `cols` columns.
         unsafe {
-            let m0: __mmask16 = if cols >= 16 {
-                0xffff
-            } else {
-                (1u32 << cols) as u16 - 1
-            };
-            let m1: __mmask16 = if cols >= 32 {
-                0xffff
-            } else if cols > 16 {
-                (1u32 << (cols - 16)) as u16 - 1
-            } else {
-                0
-            };
-            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-            if load {
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    if r < rows {
-                        let p = c.add(r * ldc);
-                        acc[0] = _mm512_maskz_loadu_ps(m0, p);
-                        acc[1] = _mm512_maskz_loadu_ps(m1, p.add(16));
-                    }
-                }
-            }
+            let (m0, m1) = super::super::rows32::masks(cols);
+            let mut acc = super::super::rows32::start::<MR>(load, rows, c, ldc, (m0, m1));
             for kk in 0..kc {
                 let (b0, b1) = if BF16 {
                     // bf16 is the high half of an f32: widen each to 32 bits, shift it up.
@@ -454,23 +434,7 @@ mod kernel {
                     acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
                 }
             }
-            if !bias.is_null() {
-                let (z0, z1) = (
-                    _mm512_maskz_loadu_ps(m0, bias),
-                    _mm512_maskz_loadu_ps(m1, bias.add(16)),
-                );
-                for acc in acc.iter_mut() {
-                    acc[0] = _mm512_add_ps(acc[0], z0);
-                    acc[1] = _mm512_add_ps(acc[1], z1);
-                }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                if r < rows {
-                    let p = c.add(r * ldc);
-                    _mm512_mask_storeu_ps(p, m0, acc[0]);
-                    _mm512_mask_storeu_ps(p.add(16), m1, acc[1]);
-                }
-            }
+            super::super::rows32::finish(&mut acc, rows, c, ldc, (m0, m1), bias);
         }
     }
 }

@@ -448,11 +448,40 @@ impl GgufFile {
     /// tensor `key` as GGML blocks on the CPU. Rows are whole blocks (checked at open), so slicing
     /// them is exact for every type.
     pub fn blocks(&self, key: &str, ranges: &[(usize, usize)]) -> candle_core::Result<QTensor> {
+        let t = self.block_info(key)?;
+        self.read(key, t, ranges)
+    }
+
+    /// [`Self::blocks`] as the file stores them: type, shape and bytes (for the kernels that take
+    /// GGML blocks as they are, [`crate::cpu::qgemm`] by way of the layers).
+    pub fn block_bytes(
+        &self,
+        key: &str,
+        ranges: &[(usize, usize)],
+    ) -> candle_core::Result<BlockBytes> {
+        let t = self.block_info(key)?;
+        let (shape, len) = Self::rows_of(t, ranges);
+        let mut bytes = vec![0u8; len];
+        self.read_into(key, t, ranges, &mut bytes)?;
+        Ok((t.dtype, shape, bytes))
+    }
+
+    fn block_info(&self, key: &str) -> candle_core::Result<&TensorInfo> {
         let t = self.info(key)?;
         if !t.rows_are_blocks() {
             candle_core::bail!("{key}: rows of {:?} are not whole blocks", t.shape);
         }
-        self.read(key, t, ranges)
+        Ok(t)
+    }
+
+    /// The shape and byte length of rows `ranges` of `t`.
+    fn rows_of(t: &TensorInfo, ranges: &[(usize, usize)]) -> (Vec<usize>, usize) {
+        let total: usize = ranges.iter().map(|r| r.1).sum();
+        let mut shape = t.shape.clone();
+        if let Some(d) = shape.first_mut() {
+            *d = total;
+        }
+        (shape, total * t.row_bytes())
     }
 
     fn read(
@@ -461,30 +490,39 @@ impl GgufFile {
         t: &TensorInfo,
         ranges: &[(usize, usize)],
     ) -> candle_core::Result<QTensor> {
-        let row = t.row_bytes();
-        let total: usize = ranges.iter().map(|r| r.1).sum();
+        let (shape, len) = Self::rows_of(t, ranges);
         // u64 storage keeps the bytes 8-aligned, as candle reinterprets them as blocks of f16/f32
         // fields (at most 4-byte alignment).
-        let mut buf = vec![0u64; (total * row).div_ceil(8)];
+        let mut buf = vec![0u64; len.div_ceil(8)];
         // SAFETY: a u64 buffer viewed as its own bytes; the length is within the allocation.
-        let bytes =
-            unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), total * row) };
+        let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), len) };
+        self.read_into(key, t, ranges, bytes)?;
+        candle_core::quantized::ggml_file::qtensor_from_ggml(t.dtype, bytes, shape, &Device::Cpu)
+    }
+
+    /// Reads rows `ranges` of `t` into `dst` (their length, [`Self::rows_of`]).
+    fn read_into(
+        &self,
+        key: &str,
+        t: &TensorInfo,
+        ranges: &[(usize, usize)],
+        dst: &mut [u8],
+    ) -> candle_core::Result<()> {
+        let row = t.row_bytes();
         let mut at = 0;
         for &(start, len) in ranges {
             if start + len > t.rows() {
                 candle_core::bail!("{key}: rows {start}..{} of {}", start + len, t.rows());
             }
-            let dst = &mut bytes[at..at + len * row];
             self.file
-                .read_exact_at(dst, t.offset + (start * row) as u64)
+                .read_exact_at(
+                    &mut dst[at..at + len * row],
+                    t.offset + (start * row) as u64,
+                )
                 .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", self.path.display())))?;
             at += len * row;
         }
-        let mut shape = t.shape.clone();
-        if let Some(d) = shape.first_mut() {
-            *d = total;
-        }
-        candle_core::quantized::ggml_file::qtensor_from_ggml(t.dtype, bytes, shape, &Device::Cpu)
+        Ok(())
     }
 
     /// The whole tensor `key` in f32 (dequantized; F16/BF16 widened exactly).
@@ -505,6 +543,9 @@ impl GgufFile {
         }
     }
 }
+
+/// A tensor's rows as a GGUF file stores them: type, shape (outermost first) and bytes.
+pub type BlockBytes = (GgmlDType, Vec<usize>, Vec<u8>);
 
 /// A tensor to be written: its name, shape (outermost first) and type.
 #[derive(Debug, Clone)]

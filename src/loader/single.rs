@@ -13,7 +13,7 @@
 use super::audit::TensorMeta;
 use super::gguf::GgufFile;
 use crate::error::{Error, Result};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::Result as TensorResult;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -202,8 +202,9 @@ pub struct Blocks {
 
 impl Blocks {
     /// The blocks of tensor `name` (a fused projection's rows sliced, swapped halves swapped, all
-    /// on whole rows of blocks), or `None` when it is not stored in a block type.
-    pub fn get(&self, name: &str) -> Option<candle_core::Result<QTensor>> {
+    /// on whole rows of blocks) as type, shape and bytes, or `None` when it is not stored in a
+    /// block type.
+    pub fn get(&self, name: &str) -> Option<candle_core::Result<super::gguf::BlockBytes>> {
         let s = self.entries.get(name).filter(|s| s.file == 0)?;
         let t = self.file.tensors.get(&s.key)?;
         if !is_block_type(t.dtype) || !t.rows_are_blocks() {
@@ -212,7 +213,7 @@ impl Blocks {
         let ranges = s
             .transform
             .row_ranges(t.shape.first().copied().unwrap_or(1))?;
-        Some(self.file.blocks(&s.key, &ranges))
+        Some(self.file.block_bytes(&s.key, &ranges))
     }
 
     /// The quantized tensors' count and bytes.

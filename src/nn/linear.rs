@@ -4,17 +4,19 @@
 //! AVX-512 but no AMX, into bf16 panels of the same kernel, computed in f32. Either way candle's copy
 //! of the weight is dropped, and a bf16 product is rounded once, after the bias (as PyTorch's).
 //!
-//! How a layer's weight is held is its `Kernel`; quantized weights (GGUF blocks computed in
-//! place) are a further kernel, and a LoRA delta applied at run time is a term added to
+//! How a layer's weight is held is its `Kernel`; quantized weights (GGML blocks, as a GGUF file
+//! stores them, computed in place on [`crate::cpu::qgemm`]) are a further kernel, and a LoRA delta applied at run time is a term added to
 //! [`Linear::forward`]'s output, so the models that hold `Linear`s do not change for either.
 
 use super::lora::{self, Slot};
 use super::quant;
 use crate::cpu::amx::{self, PackedB};
+use crate::cpu::qgemm::{self, QWeight};
 use crate::cpu::sgemm::{self, PackedBf16, PackedF32};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use half::bf16;
 use std::sync::Arc;
 
 /// `y = x Wᵀ + b` (diffusers' and PyTorch's `nn.Linear`), plus the run-time LoRA term of its slot
@@ -36,7 +38,10 @@ enum Kernel {
     Avx512(Arc<Packed<PackedF32>>),
     /// bf16 on AVX-512 without AMX: bf16 panels, f32 arithmetic.
     Avx512Bf16(Arc<Packed<PackedBf16>>),
-    /// GGML blocks on candle's quantized kernels ([`super::quant`]); f32 in and out, the bias
+    /// GGML blocks on AVX-512 VNNI ([`super::quant`]), as the file stores them; f32 or bf16 in,
+    /// the bias added to the f32 sums.
+    Blocks(Arc<Packed<QWeight>>),
+    /// GGML blocks on candle's quantized kernels, where VNNI is missing; f32 in and out, the bias
     /// added in f32.
     Quantized(Arc<QMatMul>, Option<Tensor>),
 }
@@ -63,13 +68,12 @@ fn build(in_dim: usize, out_dim: usize, vb: VarBuilder, bias: bool) -> Result<Li
     let mut l = match quant::stored(&format!("{}.weight", vb.prefix())) {
         Some(blocks) => {
             let w = blocks?;
-            let want = candle_core::Shape::from((out_dim, in_dim));
-            if w.shape() != &want {
+            if w.shape != [out_dim, in_dim] {
                 // The error candle's own backends give.
                 return Err(candle_core::Error::UnexpectedShape {
                     msg: format!("shape mismatch for {}.weight", vb.prefix()),
-                    expected: want,
-                    got: w.shape().clone(),
+                    expected: (out_dim, in_dim).into(),
+                    got: w.shape.clone().into(),
                 });
             }
             let b = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
@@ -140,24 +144,50 @@ impl Linear {
             return Self::new(l);
         };
         let q = QTensor::quantize(&w.to_dtype(DType::F32)?, dtype)?;
-        let bias = l.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
-        Ok(Self::of(Kernel::Quantized(
-            Arc::new(QMatMul::from_qtensor(q)?),
-            bias,
-        )))
+        let stored = quant::StoredWeight {
+            dtype,
+            shape: w.dims().to_vec(),
+            bytes: q.data()?.into_owned(),
+        };
+        drop(q);
+        Self::from_blocks(stored, l.bias().cloned())
     }
 
-    /// A layer on weights already in GGML blocks (a GGUF file's), with its bias if it has one.
-    pub fn from_blocks(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
+    /// A layer on a weight already in GGML blocks (a GGUF file's), with its bias if it has one:
+    /// on [`qgemm`] where the CPU has VNNI, else on candle's quantized kernels.
+    pub fn from_blocks(weight: quant::StoredWeight, bias: Option<Tensor>) -> Result<Self> {
+        let quant::StoredWeight {
+            dtype,
+            shape,
+            bytes,
+        } = weight;
+        let &[n, k] = shape.as_slice() else {
+            candle_core::bail!("GGML blocks of shape {shape:?} given to a linear layer");
+        };
+        if qgemm::available() && qgemm::group(dtype).is_some() {
+            let bias = match bias {
+                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+                None => None,
+            };
+            let weight = QWeight::new(dtype, n, k, bytes).map_err(candle_core::Error::Msg)?;
+            return Ok(Self::of(Kernel::Blocks(Arc::new(Packed { weight, bias }))));
+        }
         Ok(Self::of(Kernel::Quantized(
-            Arc::new(QMatMul::from_qtensor(weight)?),
+            Arc::new(QMatMul::from_qtensor(quant::qtensor(
+                dtype, shape, &bytes,
+            )?)?),
             bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
         )))
     }
 
     /// Whether the weight is held in GGML blocks.
     pub fn is_quantized(&self) -> bool {
-        matches!(self.kernel, Kernel::Quantized(..))
+        matches!(self.kernel, Kernel::Blocks(_) | Kernel::Quantized(..))
+    }
+
+    /// Whether the GGML blocks run on our VNNI kernel ([`qgemm`]).
+    pub fn is_vnni(&self) -> bool {
+        matches!(self.kernel, Kernel::Blocks(_))
     }
 
     /// Whether products run on AMX tiles.
@@ -182,6 +212,28 @@ impl Linear {
             }
             Kernel::Avx512(p) => sgemm_forward(x, p, None, "AVX-512"),
             Kernel::Avx512Bf16(p) => sgemm_forward(x, p, None, "AVX-512 bf16"),
+            Kernel::Blocks(p) => {
+                let (k, n) = (p.weight.k(), p.weight.n());
+                let y = match x.dtype() {
+                    DType::BF16 => packed_forward::<bf16>(x, k, n, "GGML blocks", |a, m, out| {
+                        let mut acc = vec![0f32; m * n];
+                        qgemm::matmul(a, m, &p.weight, p.bias.as_deref(), &mut acc);
+                        for (o, v) in out.iter_mut().zip(acc) {
+                            *o = crate::cpu::round_bf16(v);
+                        }
+                    })?,
+                    // f32, and f16 by way of f32.
+                    dtype => packed_forward::<f32>(
+                        &x.to_dtype(DType::F32)?,
+                        k,
+                        n,
+                        "GGML blocks",
+                        |a, m, out| qgemm::matmul(a, m, &p.weight, p.bias.as_deref(), out),
+                    )?
+                    .to_dtype(dtype)?,
+                };
+                Ok(y)
+            }
             Kernel::Quantized(q, bias) => {
                 let y = q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;
                 let y = match bias {
@@ -414,6 +466,7 @@ mod tests {
         ] {
             let q = Linear::quantized(plain.clone(), dtype).unwrap();
             assert!(q.is_quantized(), "{dtype:?}");
+            assert_eq!(q.is_vnni(), crate::cpu::qgemm::available());
             let got = q.forward(&x).unwrap();
             let err = rms(&(got - &want).unwrap()) / rms(&want);
             assert!(err < tol, "{dtype:?}: relative RMS error {err}");

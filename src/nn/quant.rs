@@ -1,6 +1,6 @@
 //! Weights quantized at load into GGML blocks (stable-diffusion.cpp's `--type`), computed on
-//! candle's quantized kernels: the activations are quantized to 8-bit blocks and the products run
-//! as integer dot products (AVX-512 VNNI where the CPU has it).
+//! [`crate::cpu::qgemm`] (candle's quantized kernels where the CPU lacks AVX-512 VNNI): the
+//! activations are quantized to 8-bit blocks and the products run as integer dot products.
 //!
 //! A [`super::linear`] built inside [`with`] quantizes its weight when its input width is a whole
 //! number of the type's blocks (32 values, 256 for the K types), a K type falling back to a
@@ -15,7 +15,35 @@ use std::sync::Arc;
 
 /// Weights a file already stores in GGML blocks (a GGUF model), by their checkpoint name
 /// (`transformer_blocks.0.attn.to_q.weight`): `None` for a tensor stored otherwise.
-pub type Stored = Arc<dyn Fn(&str) -> Option<candle_core::Result<QTensor>> + Send + Sync>;
+pub type Stored = Arc<dyn Fn(&str) -> Option<candle_core::Result<StoredWeight>> + Send + Sync>;
+
+/// A weight in GGML blocks as a file stores it: type, shape (outermost first) and bytes.
+pub struct StoredWeight {
+    pub dtype: GgmlDType,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// `bytes` (GGML blocks of `dtype`) as candle's quantized tensor on the CPU, for its kernels (the
+/// fallback where [`crate::cpu::qgemm`] is not available).
+pub(super) fn qtensor(
+    dtype: GgmlDType,
+    shape: Vec<usize>,
+    bytes: &[u8],
+) -> candle_core::Result<QTensor> {
+    // candle reads the bytes as blocks of f16/f32 fields: copy them to 8-byte alignment first.
+    let mut buf = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: a u64 buffer viewed as its own bytes; the length is within the allocation.
+    let aligned =
+        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), bytes.len()) };
+    aligned.copy_from_slice(bytes);
+    candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype,
+        aligned,
+        shape,
+        &candle_core::Device::Cpu,
+    )
+}
 
 thread_local! {
     static MODE: Cell<Option<GgmlDType>> = const { Cell::new(None) };
@@ -32,7 +60,7 @@ pub fn with_stored<T>(stored: Option<Stored>, build: impl FnOnce() -> T) -> T {
 }
 
 /// The stored blocks of weight `name`, if the file has it in blocks.
-pub(super) fn stored(name: &str) -> Option<candle_core::Result<QTensor>> {
+pub(super) fn stored(name: &str) -> Option<candle_core::Result<StoredWeight>> {
     let f = STORED.with(|s| s.borrow().clone())?;
     f(name)
 }

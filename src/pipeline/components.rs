@@ -237,7 +237,15 @@ impl Weights<'_> {
 /// A file's blocks as the layers built in [`crate::nn::quant::with_stored`] take them.
 pub(super) fn stored(blocks: loader::single::Blocks) -> crate::nn::quant::Stored {
     let b = std::sync::Arc::new(blocks);
-    std::sync::Arc::new(move |name: &str| b.get(name))
+    std::sync::Arc::new(move |name: &str| {
+        b.get(name).map(|r| {
+            r.map(|(dtype, shape, bytes)| crate::nn::quant::StoredWeight {
+                dtype,
+                shape,
+                bytes,
+            })
+        })
+    })
 }
 
 /// The tokenizer folder `dir`, fetched (for Hub models) file by file: `tokenizer.json`, or the slow

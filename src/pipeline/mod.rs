@@ -159,7 +159,7 @@ impl Spec {
     }
 
     /// Quantizes the transformer's linear layers to a GGML block type at load (those whose input
-    /// width is a whole number of blocks), computed on candle's quantized kernels; CPU only.
+    /// width is a whole number of blocks), computed on the blocks ([`crate::cpu::qgemm`]); CPU only.
     pub fn set_quantize(&mut self, dtype: Option<GgmlDType>) {
         self.quantize = dtype;
     }

@@ -100,6 +100,14 @@ impl Message {
         self
     }
 
+    /// The first parameter the message names (the one it is about).
+    pub fn first_param(&self) -> Option<Param> {
+        self.0.iter().find_map(|p| match p {
+            Piece::Param(p) => Some(*p),
+            Piece::Text(_) => None,
+        })
+    }
+
     /// The message with each parameter named by `name`.
     pub fn render(&self, name: &dyn Fn(Param) -> String) -> String {
         self.0

@@ -1,6 +1,7 @@
 //! The `mmdit` command: parse arguments and dispatch; the work happens in the library.
 
 mod cli;
+mod server;
 
 use clap::Parser;
 

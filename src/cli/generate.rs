@@ -309,21 +309,7 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     let r = &out.request;
-    let mut text = vec![
-        ("prompt", r.prompt.clone()),
-        ("negative_prompt", r.negative_prompt.clone()),
-        ("seed", r.seed.to_string()),
-        ("steps", r.steps.to_string()),
-        ("sampler", r.sampler.name().to_string()),
-        ("guidance", r.guidance.to_string()),
-        ("true_cfg", r.true_cfg.to_string()),
-        ("width", r.width.to_string()),
-        ("height", r.height.to_string()),
-        ("max_sequence_length", r.max_sequence_length.to_string()),
-        ("model", chosen.name.clone()),
-        ("dtype", device::dtype_name(dtype).to_string()),
-        ("mmdit_version", env!("CARGO_PKG_VERSION").to_string()),
-    ];
+    let mut text = Vec::new();
     if let ModelRef::Hub { revision, .. } = &chosen.model {
         text.push(("revision", revision.clone()));
     }
@@ -368,7 +354,11 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(s) = a.edit.strength {
         text.push(("strength", s.to_string()));
     }
-    let text: Vec<(String, String)> = text.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let text: Vec<(String, String)> =
+        output::parameters(r, &chosen.name, device::dtype_name(dtype))
+            .into_iter()
+            .chain(text.into_iter().map(|(k, v)| (k.to_string(), v)))
+            .collect();
     output::write_image(&a.output, &out.image, &text)?;
     let t = &out.timings;
     eprintln!(

@@ -5,6 +5,7 @@ mod bench;
 mod convert;
 mod generate;
 mod models;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,9 @@ pub enum Command {
     /// Write a model's transformer as a quantized GGUF file (stable-diffusion.cpp / ComfyUI-GGUF
     /// naming).
     Convert(convert::ConvertArgs),
+    /// Serve the model over HTTP: OpenAI's images API, with a bounded queue, an optional API key
+    /// and Prometheus metrics.
+    Serve(serve::ServeArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -44,6 +48,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fetch(a) => models::fetch(a),
         Command::Inspect(a) => models::inspect(a),
         Command::Convert(a) => convert::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

@@ -84,7 +84,7 @@ impl ModelRef {
 }
 
 /// Gives local paths for files of a model, fetching them first when they live on the Hub.
-pub trait FileSource {
+pub trait FileSource: Send + Sync {
     /// Local path of `rel` (e.g. `transformer/config.json`), or `None` when the model has no such file.
     fn file(&self, rel: &str) -> Result<Option<PathBuf>>;
     /// Human-readable name of the model, for messages.

@@ -1,0 +1,70 @@
+//! `mmdit serve`: the model behind OpenAI's images API ([`crate::server`]).
+
+use super::args::ModelArgs;
+use crate::server;
+use clap::Args;
+use mmdit::device;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (loopback by default; 0.0.0.0 serves the network).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Requests that may wait while one runs; more are answered 429 with Retry-After.
+    #[arg(long, default_value_t = 16)]
+    pub queue: usize,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health (also from
+    /// MMDIT_API_KEY).
+    #[arg(long, env = "MMDIT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Folder of LoRA .safetensors files that requests name in `loras`.
+    #[arg(long)]
+    pub lora_dir: Option<PathBuf>,
+}
+
+pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    // Everything given is checked before the model loads.
+    if a.queue == 0 {
+        return Err(mmdit::Error::request("--queue 0: must be at least 1").into());
+    }
+    if a.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        return Err(mmdit::Error::request(
+            "--api-key is empty; give a key, or leave it out to serve without one",
+        )
+        .into());
+    }
+    if let Some(d) = &a.lora_dir {
+        if !d.is_dir() {
+            return Err(mmdit::Error::request(format!(
+                "--lora-dir {}: no such folder",
+                d.display()
+            ))
+            .into());
+        }
+    }
+    let chosen = a.model.choose()?;
+    let spec = chosen.open()?;
+    let load_spec = chosen.open()?;
+    let (dev, dtype) = (chosen.device.clone(), chosen.dtype);
+    let cfg = server::Config {
+        host: a.host,
+        port: a.port,
+        queue: a.queue,
+        api_key: a.api_key.map(|k| k.trim().to_string()),
+        lora_dir: a.lora_dir,
+        model: chosen.name.clone(),
+        dtype: device::dtype_name(dtype).to_string(),
+        preset: chosen.preset.clone(),
+    };
+    let load: server::Load = Box::new(move || {
+        let loras = mmdit::lora::LoraSet::default();
+        load_spec.load_with(&dev, dtype, loras, mmdit::lora::Apply::Runtime)
+    });
+    server::run(cfg, spec, load)
+}

@@ -1,0 +1,315 @@
+//! The OpenAI images API as this server speaks it: the request body of
+//! `POST /v1/images/generations` (OpenAI's fields and ours), turned into a [`Request`], and errors
+//! in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`).
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use mmdit::{Param, Request};
+use serde::Deserialize;
+use std::path::Path;
+
+/// Most images one request may ask for.
+pub const MAX_N: usize = 8;
+
+/// `POST /v1/images/generations`. Unknown fields are refused by name (a misspelt `stpes` would
+/// otherwise be ignored); OpenAI's fields that do not apply ([`IGNORED`]) are accepted and
+/// ignored.
+#[derive(Deserialize, Debug)]
+pub struct Generation {
+    pub prompt: Option<String>,
+    pub n: Option<i64>,
+    /// "WxH", or "auto" for the model's size.
+    pub size: Option<String>,
+    /// `b64_json` (the default) or `url`.
+    pub response_format: Option<String>,
+    pub negative_prompt: Option<String>,
+    pub steps: Option<i64>,
+    pub guidance: Option<f64>,
+    pub seed: Option<u64>,
+    pub sampler: Option<String>,
+    pub loras: Option<Vec<LoraRef>>,
+    /// OpenAI's fields with no meaning here (this server serves one model, as PNG): accepted
+    /// and ignored.
+    #[serde(flatten)]
+    pub ignored: std::collections::HashMap<String, serde_json::Value>,
+}
+
+/// OpenAI's request fields that have no meaning here: this server serves one model, as PNG.
+pub const IGNORED: &[&str] = &[
+    "model",
+    "quality",
+    "style",
+    "user",
+    "output_format",
+    "output_compression",
+    "background",
+    "moderation",
+];
+
+/// A LoRA by its file name in `--lora-dir` (with or without `.safetensors`), and its weight.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct LoraRef {
+    pub name: String,
+    pub scale: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    B64Json,
+    Url,
+}
+
+/// A checked generation request: the library request, the image count and the answer's format.
+pub struct Checked {
+    pub req: Request,
+    pub n: usize,
+    pub format: Format,
+}
+
+impl Generation {
+    /// The library request, checked field by field (the model's own checks follow, in
+    /// `Spec::resolve`).
+    pub fn check(self, lora_dir: Option<&Path>) -> Result<Checked, ApiError> {
+        if let Some(k) = self.ignored.keys().find(|k| !IGNORED.contains(&k.as_str())) {
+            return Err(ApiError::bad(
+                k,
+                format!("unknown field {k:?}; the fields are prompt, n, size, response_format, negative_prompt, steps, guidance, seed, sampler and loras"),
+            ));
+        }
+        let prompt = self
+            .prompt
+            .filter(|p| !p.trim().is_empty())
+            .ok_or_else(|| ApiError::bad("prompt", "prompt is required and must not be empty"))?;
+        let n = match self.n {
+            None => 1,
+            Some(n) if (1..=MAX_N as i64).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(ApiError::bad(
+                    "n",
+                    format!("n {n}: must be between 1 and {MAX_N}"),
+                ))
+            }
+        };
+        let (width, height) = match self.size.as_deref() {
+            None | Some("auto") => (None, None),
+            Some(s) => {
+                let parsed = s.split_once('x').and_then(|(w, h)| {
+                    Some((
+                        w.trim().parse::<usize>().ok()?,
+                        h.trim().parse::<usize>().ok()?,
+                    ))
+                });
+                match parsed {
+                    Some((w, h)) => (Some(w), Some(h)),
+                    None => {
+                        return Err(ApiError::bad(
+                            "size",
+                            format!(
+                            "size {s:?}: write it as WIDTHxHEIGHT, e.g. \"1024x1024\", or \"auto\""
+                        ),
+                        ))
+                    }
+                }
+            }
+        };
+        let format = match self.response_format.as_deref() {
+            None | Some("b64_json") => Format::B64Json,
+            Some("url") => Format::Url,
+            Some(f) => {
+                return Err(ApiError::bad(
+                    "response_format",
+                    format!("response_format {f:?}: use \"b64_json\" or \"url\""),
+                ))
+            }
+        };
+        let steps = match self.steps {
+            None => None,
+            Some(s) if s >= 1 => Some(s as usize),
+            Some(s) => {
+                return Err(ApiError::bad(
+                    "steps",
+                    format!("steps {s}: must be at least 1"),
+                ))
+            }
+        };
+        let sampler = self
+            .sampler
+            .as_deref()
+            .map(mmdit::sampling::Sampler::parse)
+            .transpose()
+            .map_err(|e| ApiError::from_library(&e))?;
+        let loras = match self.loras {
+            None => Vec::new(),
+            Some(list) => {
+                let dir = lora_dir.ok_or_else(|| {
+                    ApiError::bad(
+                        "loras",
+                        "this server has no LoRA folder; start it with --lora-dir DIR",
+                    )
+                })?;
+                list.into_iter()
+                    .map(|l| lora_spec(dir, l))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        Ok(Checked {
+            req: Request {
+                prompt,
+                negative_prompt: self.negative_prompt,
+                steps,
+                guidance: self.guidance,
+                width,
+                height,
+                seed: self.seed,
+                sampler,
+                loras,
+                ..Request::default()
+            },
+            n,
+            format,
+        })
+    }
+}
+
+/// A LoRA named in a request: a plain file name inside `dir`, never a path.
+fn lora_spec(dir: &Path, l: LoraRef) -> Result<mmdit::lora::LoraSpec, ApiError> {
+    let name = l.name.trim();
+    let plain = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_. ".contains(c));
+    if !plain {
+        return Err(ApiError::bad(
+            "loras",
+            format!("LoRA {name:?}: give the file name of a LoRA in the server's LoRA folder (letters, digits, - _ . and spaces), not a path"),
+        ));
+    }
+    let file = if name.ends_with(".safetensors") {
+        name.to_string()
+    } else {
+        format!("{name}.safetensors")
+    };
+    let path = dir.join(&file);
+    if !path.is_file() {
+        return Err(ApiError::bad(
+            "loras",
+            format!(
+                "LoRA {name:?}: no such LoRA in the server's LoRA folder; GET /v1/loras lists them"
+            ),
+        ));
+    }
+    let scale = l.scale.unwrap_or(1.0);
+    if !scale.is_finite() || scale.abs() > 100.0 {
+        return Err(ApiError::bad(
+            "loras",
+            format!(
+                "LoRA {name:?}: scale {scale} is out of range; use a weight between -100 and 100"
+            ),
+        ));
+    }
+    Ok(mmdit::lora::LoraSpec {
+        source: path.display().to_string(),
+        scale,
+    })
+}
+
+/// The LoRA files in `dir`, by the names requests give.
+pub fn lora_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().into_string().ok()?;
+                    name.strip_suffix(".safetensors").map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// An error answer in OpenAI's shape.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub param: Option<String>,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+        }
+    }
+
+    /// A 400 about request field `param`.
+    pub fn bad(param: &str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.into()),
+            ..Self::new(StatusCode::BAD_REQUEST, message)
+        }
+    }
+
+    /// A library error: bad input (400, its parameter named as the API names it) or a failure
+    /// of the server's (500).
+    pub fn from_library(e: &mmdit::Error) -> Self {
+        let text = e.render(&api_name);
+        let text = text.lines().next().unwrap_or_default().to_string();
+        match e {
+            mmdit::Error::InvalidRequest(m) => Self {
+                param: m.first_param().map(api_name),
+                ..Self::new(StatusCode::BAD_REQUEST, text)
+            },
+            mmdit::Error::Lora { .. } => Self {
+                param: Some("loras".into()),
+                ..Self::new(StatusCode::BAD_REQUEST, text)
+            },
+            mmdit::Error::Interrupted => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the request was cancelled (the server is shutting down, or the job was cancelled)",
+            ),
+            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, text),
+        }
+    }
+}
+
+/// A library parameter by the API field that sets it.
+pub fn api_name(p: Param) -> String {
+    match p {
+        Param::Width | Param::Height => format!("size ({})", p.name()),
+        Param::Lora => "loras".into(),
+        p => p.name().into(),
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = match self.status.as_u16() {
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        let body = serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": kind,
+                "param": self.param,
+                "code": self.status.as_u16(),
+            }
+        });
+        let mut r = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}

@@ -1,0 +1,162 @@
+//! The model's thread: it owns the loaded pipeline and runs one job at a time from a bounded FIFO
+//! queue. A job is cancelled through its flag (`interrupt::with_job_flag`), at the next step.
+
+use super::metrics::Metrics;
+use mmdit::{Pipeline, Request};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+/// Images of one job: PNG bytes with the parameters that made them.
+pub type Images = Vec<Vec<u8>>;
+
+/// One request for `n` images (seeds `req.seed`, +1, ...).
+pub struct Job {
+    pub req: Request,
+    pub n: usize,
+    pub cancel: Arc<AtomicBool>,
+    pub reply: oneshot::Sender<mmdit::Result<Images>>,
+}
+
+/// The sending end of the queue, shared by the handlers.
+pub struct Queue {
+    tx: SyncSender<Job>,
+    /// Jobs waiting (not the one running).
+    waiting: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+/// The queue was full: the job is handed back.
+pub struct Full;
+
+impl Queue {
+    /// Queues a job, or refuses it when `capacity` jobs are waiting already.
+    pub fn submit(&self, job: Job) -> Result<(), Full> {
+        // Counted before the send, so that the worker's decrement never runs first.
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.capacity {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Full);
+        }
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                Err(Full)
+            }
+        }
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.waiting() >= self.capacity
+    }
+}
+
+/// What the worker records in each image.
+pub struct Recorded {
+    pub model: String,
+    pub dtype: String,
+}
+
+/// Starts the model's thread: it loads the pipeline (`ready` is set once it has, and `loaded`
+/// told either way), then runs the jobs of a queue of `capacity` waiting jobs. Jobs that arrive
+/// after `stopping` is set are answered with `Error::Interrupted` without running; the thread
+/// ends when every [`Queue`] is dropped.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn(
+    load: super::Load,
+    capacity: usize,
+    metrics: Arc<Metrics>,
+    recorded: Recorded,
+    stopping: Arc<AtomicBool>,
+    ready: Arc<AtomicBool>,
+    loaded: oneshot::Sender<Result<(), String>>,
+) -> (Queue, std::thread::JoinHandle<()>) {
+    let (tx, rx) = sync_channel::<Job>(capacity);
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let queue = Queue {
+        tx,
+        waiting: waiting.clone(),
+        capacity,
+    };
+    let handle = std::thread::Builder::new()
+        .name("mmdit-model".into())
+        .spawn(move || {
+            let t0 = Instant::now();
+            let mut pipe = match load() {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = loaded.send(Err(e.render(&super::api::api_name)));
+                    return;
+                }
+            };
+            eprintln!("model loaded in {:.1}s", t0.elapsed().as_secs_f64());
+            ready.store(true, Ordering::SeqCst);
+            let _ = loaded.send(Ok(()));
+            run(&mut pipe, rx, &waiting, &metrics, &recorded, &stopping)
+        })
+        .expect("spawning the model thread");
+    (queue, handle)
+}
+
+fn run(
+    pipe: &mut Pipeline,
+    rx: Receiver<Job>,
+    waiting: &AtomicUsize,
+    metrics: &Metrics,
+    recorded: &Recorded,
+    stopping: &AtomicBool,
+) {
+    while let Ok(job) = rx.recv() {
+        waiting.fetch_sub(1, Ordering::SeqCst);
+        metrics
+            .queue_depth
+            .set(waiting.load(Ordering::SeqCst) as i64);
+        if stopping.load(Ordering::SeqCst) || job.cancel.load(Ordering::SeqCst) {
+            let _ = job.reply.send(Err(mmdit::Error::Interrupted));
+            continue;
+        }
+        let out = mmdit::interrupt::with_job_flag(job.cancel.clone(), || {
+            run_job(pipe, &job, metrics, recorded)
+        });
+        let _ = job.reply.send(out);
+    }
+}
+
+fn run_job(
+    pipe: &mut Pipeline,
+    job: &Job,
+    metrics: &Metrics,
+    recorded: &Recorded,
+) -> mmdit::Result<Images> {
+    let seed = job.req.seed.unwrap_or(0);
+    let mut images = Vec::with_capacity(job.n);
+    for i in 0..job.n {
+        let req = Request {
+            seed: Some(seed.wrapping_add(i as u64)),
+            ..job.req.clone()
+        };
+        let (mut last, mut steps) = (Instant::now(), 0);
+        let out = pipe.generate(&req, &mut |_| {
+            metrics.step_seconds.observe(last.elapsed().as_secs_f64());
+            last = Instant::now();
+            steps += 1;
+        });
+        if let Err(mmdit::Error::Interrupted) = out {
+            eprintln!(
+                "{}",
+                serde_json::json!({"event": "cancelled", "image": i, "steps_run": steps})
+            );
+        }
+        let out = out?;
+        let text = mmdit::output::parameters(&out.request, &recorded.model, &recorded.dtype);
+        images.push(mmdit::output::png_bytes(&out.image, &text)?);
+        metrics.images.inc();
+    }
+    Ok(images)
+}

@@ -1,0 +1,590 @@
+//! `mmdit serve` from the outside: the binary started on 127.0.0.1 (a free port), spoken to with
+//! curl, stopped with SIGTERM. Every wait is bounded in count and time.
+
+mod common;
+
+use common::{mmdit, tmp};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A running server and the lines it wrote to stderr.
+struct Server {
+    child: Child,
+    url: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts `mmdit serve --port 0 ARGS` and waits (at most a minute) until it is ready.
+    fn start(args: &[&str]) -> Self {
+        let mut child = mmdit()
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .env_remove("MMDIT_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(u) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(u.to_string());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("no `listening on` line: {:?}", log.lock().unwrap())
+            });
+        let s = Self { child, url, log };
+        let t0 = Instant::now();
+        let key = args
+            .windows(2)
+            .find(|w| w[0] == "--api-key")
+            .map(|w| w[1].to_string());
+        loop {
+            let mut extra = Vec::new();
+            if let Some(k) = &key {
+                extra = vec!["-H".to_string(), format!("Authorization: Bearer {k}")];
+            }
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            if s.get("/ready", &extra).0 == 200 {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "not ready in 2 minutes: {:?}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// `curl URL PATH EXTRA...`: (status, body), at most `seconds`.
+    fn curl(&self, path: &str, extra: &[&str], seconds: u32) -> (u16, Vec<u8>) {
+        curl(&format!("{}{path}", self.url), extra, seconds)
+    }
+
+    fn get(&self, path: &str, extra: &[&str]) -> (u16, Vec<u8>) {
+        self.curl(path, extra, 30)
+    }
+
+    /// POSTs a JSON body to the generations endpoint: (status, JSON answer).
+    fn generate(&self, body: &serde_json::Value, extra: &[&str]) -> (u16, serde_json::Value) {
+        let body = body.to_string();
+        let mut args = vec![
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &body,
+        ];
+        args.extend_from_slice(extra);
+        let (code, out) = self.curl("/v1/images/generations", &args, 300);
+        let json = serde_json::from_slice(&out)
+            .unwrap_or_else(|_| panic!("{code}: not JSON: {}", String::from_utf8_lossy(&out)));
+        (code, json)
+    }
+
+    /// SIGTERM, then the exit code (within 60 s).
+    fn stop(mut self) -> Option<i32> {
+        // SAFETY: kill(2) with the pid of our own child and a valid signal number.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `curl -sS -m SECONDS URL EXTRA...`: (HTTP status, body); status 0 when curl got no answer.
+fn curl(url: &str, extra: &[&str], seconds: u32) -> (u16, Vec<u8>) {
+    let out = Command::new("curl")
+        .args(["-sS", "-m", &seconds.to_string(), "-w", "\n%{http_code}"])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl is installed");
+    let text = out.stdout;
+    let cut = text.iter().rposition(|&b| b == b'\n').unwrap_or(0);
+    let code = String::from_utf8_lossy(&text[cut..])
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (code, text[..cut].to_vec())
+}
+
+/// The pixels and text chunks of PNG bytes.
+fn png(bytes: &[u8], dir: &Path, name: &str) -> (Vec<u8>, Vec<(String, String)>) {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    let (img, text) = mmdit::output::read_png(&p).unwrap();
+    (img.data, text)
+}
+
+fn b64(v: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(v.as_str().expect("a base64 string"))
+        .unwrap()
+}
+
+fn cli_image(dir: &Path, name: &str, args: &[&str]) -> Vec<u8> {
+    let out: PathBuf = dir.join(name);
+    let o = mmdit()
+        .args(["generate", "--model", "demo", "--output"])
+        .arg(&out)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    mmdit::output::read_png(&out).unwrap().0.data
+}
+
+/// Two images from one request are the CLI's images for seeds s and s + 1, as PNGs that record
+/// their parameters; the other endpoints answer as the API says.
+#[test]
+fn serves_the_clis_images_and_its_endpoints() {
+    let dir = tmp("serve-images");
+    let s = Server::start(&["--model", "demo"]);
+    assert_eq!(s.get("/health", &[]), (200, b"ok".to_vec()));
+    let (code, body) = s.get("/v1/models", &[]);
+    let models: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (code, models["data"][0]["id"].as_str()),
+        (200, Some("demo"))
+    );
+    let (code, out) = s.generate(
+        &serde_json::json!({"prompt": "a red circle", "n": 2, "size": "64x48", "steps": 3,
+                            "seed": 7, "guidance": 5.0, "negative_prompt": "blue"}),
+        &[],
+    );
+    assert_eq!(code, 200, "{out}");
+    assert!(out["created"].as_u64().is_some());
+    let data = out["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    for (k, seed) in [(0, "7"), (1, "8")] {
+        let (pixels, text) = png(&b64(&data[k]["b64_json"]), &dir, &format!("{k}.png"));
+        let want = cli_image(
+            &dir,
+            &format!("cli-{k}.png"),
+            &[
+                "--prompt",
+                "a red circle",
+                "--width",
+                "64",
+                "--height",
+                "48",
+                "--steps",
+                "3",
+                "--seed",
+                seed,
+                "--guidance",
+                "5",
+                "--negative-prompt",
+                "blue",
+            ],
+        );
+        assert!(pixels == want, "image {k} differs from the CLI's");
+        assert!(text.contains(&("seed".into(), seed.into())), "{text:?}");
+        assert!(text.contains(&("prompt".into(), "a red circle".into())));
+    }
+    let (code, body) = s.get("/metrics", &[]);
+    let metrics = String::from_utf8_lossy(&body);
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("mmdit_images_generated_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mmdit_requests_total{status=\"200\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mmdit_step_seconds_count 6"), "{metrics}");
+    // One JSON log line per request.
+    let log = s.log();
+    let lines: Vec<serde_json::Value> = log
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(lines
+        .iter()
+        .any(|l| l["path"] == "/v1/images/generations" && l["status"] == 200));
+    assert_eq!(s.get("/nowhere", &[]).0, 404);
+    assert_eq!(s.stop(), Some(0));
+}
+
+/// `response_format: url` answers with links this server serves; unknown images are 404s.
+#[test]
+fn url_images_are_served_by_the_server() {
+    let s = Server::start(&["--model", "demo"]);
+    let (code, out) = s.generate(
+        &serde_json::json!({"prompt": "a lighthouse", "size": "32x32", "steps": 2,
+                            "response_format": "url"}),
+        &[],
+    );
+    assert_eq!(code, 200, "{out}");
+    let url = out["data"][0]["url"].as_str().unwrap();
+    assert!(url.starts_with(&s.url), "{url}");
+    let (code, body) = curl(url, &[], 30);
+    assert_eq!(code, 200);
+    assert!(body.starts_with(b"\x89PNG"));
+    let (code, body) = s.get("/v1/images/img-0000.png", &[]);
+    assert_eq!(code, 404, "{}", String::from_utf8_lossy(&body));
+}
+
+/// Bad requests are 400s in OpenAI's error shape, naming the field and what to send, before
+/// anything queues; the server stays up.
+#[test]
+fn bad_requests_get_a_400_that_names_the_field() {
+    let s = Server::start(&["--model", "demo"]);
+    for (body, param, needle) in [
+        (serde_json::json!({"n": 1}), "prompt", "prompt is required"),
+        (
+            serde_json::json!({"prompt": "  "}),
+            "prompt",
+            "must not be empty",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "n": 0}),
+            "n",
+            "between 1 and 8",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "n": 99}),
+            "n",
+            "between 1 and 8",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "size": "big"}),
+            "size",
+            "WIDTHxHEIGHT",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "size": "50x64"}),
+            "size (width)",
+            "positive multiple of",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "steps": 0}),
+            "steps",
+            "at least 1",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "guidance": -3.0}),
+            "guidance",
+            "guidance",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "sampler": "ddim"}),
+            "sampler",
+            "euler",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "response_format": "gif"}),
+            "response_format",
+            "b64_json",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "loras": [{"name": "a"}]}),
+            "loras",
+            "--lora-dir",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "stpes": 4}),
+            "stpes",
+            "unknown field",
+        ),
+    ] {
+        let (code, out) = s.generate(&body, &[]);
+        assert_eq!(code, 400, "{body}: {out}");
+        let e = &out["error"];
+        assert_eq!(e["param"].as_str(), Some(param), "{body}: {out}");
+        assert_eq!(e["type"], "invalid_request_error");
+        let msg = e["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{body}: {msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+    // Not JSON, a misspelt field, the wrong type: 400 with the reason.
+    for (raw, needle) in [
+        ("{\"prompt\": ", "EOF"),
+        ("{\"prompt\": \"x\", \"steps\": \"four\"}", "steps"),
+    ] {
+        let (code, out) = s.curl(
+            "/v1/images/generations",
+            &["-H", "Content-Type: application/json", "--data-binary", raw],
+            30,
+        );
+        let out = String::from_utf8_lossy(&out);
+        assert_eq!(code, 400, "{raw}: {out}");
+        assert!(out.contains(needle), "{raw}: {out}");
+    }
+    // A body over the limit (1 MiB) is refused unread.
+    let big = dir_file(
+        "serve-big",
+        &format!("{{\"prompt\": \"{}\"}}", "x".repeat(2 << 20)),
+    );
+    let (code, _) = s.curl(
+        "/v1/images/generations",
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &format!("@{}", big.display()),
+        ],
+        30,
+    );
+    assert_eq!(code, 413);
+    assert_eq!(s.get("/health", &[]).0, 200);
+    let (code, body) = s.get("/metrics", &[]);
+    assert_eq!(code, 200);
+    assert!(!String::from_utf8_lossy(&body).contains("images_generated_total 1"));
+}
+
+fn dir_file(test: &str, text: &str) -> PathBuf {
+    let p = tmp(test).join("body.json");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// With a key, every endpoint but /health wants it as a Bearer token.
+#[test]
+fn an_api_key_guards_every_endpoint_but_health() {
+    let s = Server::start(&["--model", "demo", "--api-key", "s3cret"]);
+    assert_eq!(s.get("/health", &[]).0, 200);
+    for path in ["/v1/models", "/metrics", "/ready"] {
+        assert_eq!(s.get(path, &[]).0, 401, "{path}");
+        assert_eq!(
+            s.get(path, &["-H", "Authorization: Bearer nope"]).0,
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            s.get(path, &["-H", "Authorization: Bearer s3cret"]).0,
+            200,
+            "{path}"
+        );
+    }
+    let body = serde_json::json!({"prompt": "x", "size": "32x32", "steps": 1});
+    let (code, out) = s.generate(&body, &[]);
+    assert_eq!(code, 401, "{out}");
+    assert!(out["error"]["message"].as_str().unwrap().contains("Bearer"));
+    let (code, out) = s.generate(&body, &["-H", "Authorization: Bearer s3cret"]);
+    assert_eq!(code, 200, "{out}");
+}
+
+/// With one request running and one waiting, a third is answered 429 with Retry-After; clients
+/// that give up cancel their jobs (the running one within a step), so a later request is served
+/// at once rather than after thousands of steps.
+#[test]
+fn a_full_queue_answers_429_and_a_client_that_leaves_cancels_its_job() {
+    let s = Server::start(&["--model", "demo", "--queue", "1"]);
+    let long = serde_json::json!({"prompt": "x", "size": "256x256", "steps": 1000}).to_string();
+    let url = format!("{}/v1/images/generations", s.url);
+    let post = |seconds: u32| {
+        let (url, long) = (url.clone(), long.clone());
+        std::thread::spawn(move || {
+            curl(
+                &url,
+                &[
+                    "-D",
+                    "-",
+                    "-H",
+                    "Content-Type: application/json",
+                    "--data-binary",
+                    &long,
+                ],
+                seconds,
+            )
+        })
+    };
+    let running = post(4);
+    std::thread::sleep(Duration::from_millis(700));
+    let waiting = post(4);
+    std::thread::sleep(Duration::from_millis(700));
+    let (code, head) = post(30).join().unwrap();
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert_eq!(code, 429, "{head}");
+    assert!(head.contains("retry-after: 5"), "{head}");
+    assert!(head.contains("queue is full"), "{head}");
+    // Both clients time out (curl status 0): their jobs are cancelled.
+    assert_eq!(running.join().unwrap().0, 0);
+    assert_eq!(waiting.join().unwrap().0, 0);
+    let t0 = Instant::now();
+    let (code, out) = s.generate(
+        &serde_json::json!({"prompt": "x", "size": "32x32", "steps": 2}),
+        &[],
+    );
+    assert_eq!(code, 200, "{out}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    let (_, body) = s.get("/metrics", &[]);
+    let metrics = String::from_utf8_lossy(&body).into_owned();
+    assert!(
+        metrics.contains("mmdit_requests_total{status=\"499\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mmdit_requests_total{status=\"429\"} 1"),
+        "{metrics}"
+    );
+    // Each job that ran stopped within a step of its client leaving, far from its 1000 steps
+    // (the waiting one may have started when the first was cancelled).
+    let cancelled: Vec<serde_json::Value> = s
+        .log()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["event"] == "cancelled")
+        .collect();
+    assert!((1..=2).contains(&cancelled.len()), "{:?}", s.log());
+    for c in &cancelled {
+        assert!(c["steps_run"].as_u64().unwrap() < 1000, "{cancelled:?}");
+    }
+    assert_eq!(s.stop(), Some(0));
+}
+
+/// Flags are checked before the model loads; a port in use is named.
+#[test]
+fn bad_serve_flags_are_one_line_errors() {
+    let missing = tmp("serve-flags").join("nowhere");
+    for (args, needle) in [
+        (vec!["--queue", "0"], "--queue 0"),
+        (
+            vec!["--lora-dir", missing.to_str().unwrap()],
+            "no such folder",
+        ),
+        (vec!["--api-key", " "], "--api-key is empty"),
+        (
+            vec!["--model", "no-such-model-anywhere"],
+            "no-such-model-anywhere",
+        ),
+    ] {
+        let o = mmdit()
+            .args(["serve", "--port", "0"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        common::assert_clean_error(o.status.code(), &err, &[needle]);
+    }
+    let s = Server::start(&["--model", "demo"]);
+    let port = s.url.rsplit(':').next().unwrap().to_string();
+    let o = mmdit()
+        .args(["serve", "--model", "demo", "--port", &port])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    common::assert_clean_error(o.status.code(), &err, &["cannot listen there"]);
+}
+
+/// LoRAs by name from `--lora-dir`, switched per request on the loaded model: each image is the
+/// CLI's with the same LoRA on the run-time path, and a request without LoRAs is the plain image.
+#[test]
+fn requests_name_loras_from_the_lora_folder() {
+    let dir = tmp("serve-lora");
+    let model = common::fixture("flux-dev-tiny");
+    let loras = common::fixture("lora");
+    let s = Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--lora-dir",
+        loras.to_str().unwrap(),
+    ]);
+    let (code, body) = s.get("/v1/loras", &[]);
+    let list: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == "flux_peft"),
+        "{list}"
+    );
+    let cli = |name: &str, lora: Option<&str>| {
+        let out = dir.join(name);
+        let mut c = mmdit();
+        c.args(["generate", "--model"])
+            .arg(&model)
+            .arg("--output")
+            .arg(&out)
+            .args([
+                "--prompt", "a cat", "--width", "32", "--height", "32", "--steps", "2", "--seed",
+                "3",
+            ]);
+        if let Some(l) = lora {
+            c.args(["--lora", l, "--lora-apply", "runtime"]);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        mmdit::output::read_png(&out).unwrap().0.data
+    };
+    let request = |loras: serde_json::Value| {
+        let (code, out) = s.generate(
+            &serde_json::json!({"prompt": "a cat", "size": "32x32", "steps": 2, "seed": 3,
+                                "loras": loras}),
+            &[],
+        );
+        assert_eq!(code, 200, "{out}");
+        png(&b64(&out["data"][0]["b64_json"]), &dir, "server.png").0
+    };
+    let peft = loras.join("flux_peft.safetensors");
+    let with = request(serde_json::json!([{"name": "flux_peft", "scale": 0.8}]));
+    assert!(with == cli("cli-lora.png", Some(&format!("{}:0.8", peft.display()))));
+    let without = request(serde_json::json!([]));
+    assert!(without == cli("cli-plain.png", None));
+    assert!(with != without, "the LoRA changed nothing");
+    for (name, needle) in [
+        ("../lora/flux_peft", "not a path"),
+        ("/etc/passwd", "not a path"),
+        ("nothing_here", "no such LoRA"),
+    ] {
+        let (code, out) = s.generate(
+            &serde_json::json!({"prompt": "x", "loras": [{"name": name}]}),
+            &[],
+        );
+        assert_eq!(
+            (code, out["error"]["param"].as_str()),
+            (400, Some("loras")),
+            "{out}"
+        );
+        assert!(
+            out["error"]["message"].as_str().unwrap().contains(needle),
+            "{out}"
+        );
+    }
+    // A LoRA for another family fails its request only.
+    let (code, out) = s.generate(
+        &serde_json::json!({"prompt": "x", "size": "32x32", "steps": 1,
+                            "loras": [{"name": "sd3_kohya"}]}),
+        &[],
+    );
+    assert_eq!(code, 400, "{out}");
+    assert_eq!(s.get("/health", &[]).0, 200);
+}

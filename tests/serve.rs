@@ -588,3 +588,171 @@ fn requests_name_loras_from_the_lora_folder() {
     assert_eq!(code, 400, "{out}");
     assert_eq!(s.get("/health", &[]).0, 200);
 }
+
+/// `POST /v1/jobs` answers at once; the job's events are Server-Sent Events, a `progress` event
+/// per step and one `done` event with the images' urls; its image is the synchronous request's.
+#[test]
+fn jobs_report_every_step_as_server_sent_events() {
+    let dir = tmp("serve-jobs");
+    let s = Server::start(&["--model", "demo"]);
+    let body = serde_json::json!({"prompt": "a tree", "size": "32x32", "steps": 4, "seed": 11});
+    let (code, out) = s.curl(
+        "/v1/jobs",
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &body.to_string(),
+        ],
+        30,
+    );
+    assert_eq!(code, 202, "{}", String::from_utf8_lossy(&out));
+    let job: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    let (code, events) = s.curl(&format!("/v1/jobs/{id}/events"), &["-N"], 120);
+    assert_eq!(code, 200);
+    let events = String::from_utf8_lossy(&events).into_owned();
+    let parsed: Vec<(String, serde_json::Value)> = events
+        .split("\n\n")
+        .filter_map(|e| {
+            let kind = e.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = e.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((kind.to_string(), serde_json::from_str(data).unwrap()))
+        })
+        .collect();
+    let (last, done) = parsed.last().expect("events");
+    assert_eq!(last, "done", "{events}");
+    assert_eq!(
+        (done["step"].as_u64(), done["total"].as_u64()),
+        (Some(4), Some(4)),
+        "{events}"
+    );
+    let steps: Vec<u64> = parsed
+        .iter()
+        .filter(|(k, v)| k == "progress" && v["status"] == "running")
+        .map(|(_, v)| v["step"].as_u64().unwrap())
+        .collect();
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
+    assert!(!steps.is_empty(), "{events}");
+    let url = done["data"][0]["url"].as_str().unwrap();
+    let (code, png_bytes) = curl(url, &[], 30);
+    assert_eq!(code, 200);
+    let (code, sync) = s.generate(&body, &[]);
+    assert_eq!(code, 200);
+    assert!(
+        png(&png_bytes, &dir, "job.png").0
+            == png(&b64(&sync["data"][0]["b64_json"]), &dir, "sync.png").0
+    );
+    let (code, state) = s.get(&format!("/v1/jobs/{id}"), &[]);
+    let state: serde_json::Value = serde_json::from_slice(&state).unwrap();
+    assert_eq!(
+        (code, state["status"].as_str()),
+        (200, Some("done")),
+        "{state}"
+    );
+    assert_eq!(s.get("/v1/jobs/job-nothing", &[]).0, 404);
+}
+
+/// `DELETE /v1/jobs/{id}` stops a running job at its next step.
+#[test]
+fn a_deleted_job_stops_at_its_next_step() {
+    let s = Server::start(&["--model", "demo"]);
+    let body = serde_json::json!({"prompt": "x", "size": "256x256", "steps": 1000});
+    let (code, out) = s.curl(
+        "/v1/jobs",
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &body.to_string(),
+        ],
+        30,
+    );
+    assert_eq!(code, 202);
+    let job: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let path = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
+    let state =
+        |s: &Server| -> serde_json::Value { serde_json::from_slice(&s.get(&path, &[]).1).unwrap() };
+    let t0 = Instant::now();
+    while state(&s)["step"].as_u64() < Some(1) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(s.curl(&path, &["-X", "DELETE"], 30).0, 200);
+    let t0 = Instant::now();
+    let last = loop {
+        let st = state(&s);
+        if st["status"] == "cancelled" {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "not cancelled: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(last["step"].as_u64().unwrap() < 1000, "{last}");
+    assert_eq!(last["data"], serde_json::json!([]));
+}
+
+/// The `openai` Python package (scripts/requirements-ci.txt) as a client: its images and models
+/// calls, our fields through `extra_body`, its API key, and a 400 raised as its BadRequestError.
+#[test]
+fn the_openai_python_client_speaks_to_the_server() {
+    let dir = tmp("serve-openai");
+    let s = Server::start(&["--model", "demo", "--api-key", "k-123"]);
+    let script = r#"
+import base64, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="k-123", max_retries=0, timeout=120)
+print("model", c.models.list().data[0].id)
+r = c.images.generate(prompt="a red circle", size="32x32", n=2, response_format="b64_json",
+                      extra_body={"steps": 2, "seed": 5})
+for i, d in enumerate(r.data):
+    open(f"{sys.argv[2]}/openai-{i}.png", "wb").write(base64.b64decode(d.b64_json))
+try:
+    c.images.generate(prompt="x", extra_body={"steps": 0})
+    print("no error")
+except openai.BadRequestError as e:
+    print("bad request", e.body["param"])
+try:
+    openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="wrong", max_retries=0).models.list()
+except openai.AuthenticationError:
+    print("refused")
+"#;
+    let o = Command::new("python3")
+        .args(["-c", script, &s.url, dir.to_str().unwrap()])
+        .output()
+        .expect("python3 runs");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("model demo"), "{out}");
+    assert!(out.contains("bad request steps"), "{out}");
+    assert!(out.contains("refused"), "{out}");
+    for (k, seed) in [(0, "5"), (1, "6")] {
+        let got = mmdit::output::read_png(&dir.join(format!("openai-{k}.png")))
+            .unwrap()
+            .0
+            .data;
+        let want = cli_image(
+            &dir,
+            &format!("cli-{k}.png"),
+            &[
+                "--prompt",
+                "a red circle",
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--steps",
+                "2",
+                "--seed",
+                seed,
+            ],
+        );
+        assert!(got == want, "image {k} differs from the CLI's");
+    }
+}

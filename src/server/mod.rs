@@ -13,6 +13,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request as HttpRequest, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,13 +25,16 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
+use worker::Progress;
 
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 1 << 20;
 /// How long `url` images stay available, and how many are kept at most.
 const URL_TTL: Duration = Duration::from_secs(3600);
 const URL_MAX: usize = 256;
+/// Jobs kept (for an hour) at most.
+const JOBS_MAX: usize = 1024;
 
 pub struct Config {
     pub host: String,
@@ -58,6 +62,7 @@ struct AppState {
     stopping: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     images: Mutex<UrlImages>,
+    jobs: Mutex<HashMap<String, JobEntry>>,
     created: u64,
     key: Option<[u8; 32]>,
 }
@@ -111,6 +116,7 @@ async fn serve(cfg: Config, spec: mmdit::Spec, load: Load) -> anyhow::Result<()>
         stopping: stopping.clone(),
         metrics,
         images: Mutex::new(UrlImages::default()),
+        jobs: Mutex::new(HashMap::new()),
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -180,6 +186,9 @@ fn router(state: Shared) -> Router {
         .route("/v1/loras", get(loras))
         .route("/v1/images/generations", post(generations))
         .route("/v1/images/{file}", get(url_image))
+        .route("/v1/jobs", post(create_job))
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route("/v1/jobs/{id}/events", get(job_events))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(state.clone(), log))
@@ -320,11 +329,15 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn generations(
-    State(s): State<Shared>,
-    headers: HeaderMap,
-    body: Result<Json<Generation>, JsonRejection>,
-) -> Result<Response, ApiError> {
+/// A request checked (field by field, then against the model) and queued.
+struct Queued {
+    rx: oneshot::Receiver<mmdit::Result<worker::Images>>,
+    progress: watch::Receiver<Progress>,
+    cancel: Arc<AtomicBool>,
+    format: Format,
+}
+
+fn enqueue(s: &Shared, body: Result<Json<Generation>, JsonRejection>) -> Result<Queued, ApiError> {
     let Json(g) = body.map_err(|e| {
         // A body too large stays 413 and a missing JSON content type 415; everything else
         // about the body is a 400, as OpenAI answers (axum's 422 included).
@@ -357,11 +370,15 @@ async fn generations(
     };
     let (tx, rx) = oneshot::channel();
     let cancel = Arc::new(AtomicBool::new(false));
+    let steps = resolved.steps_to_run();
+    let (progress_tx, progress) = watch::channel(Progress::queued(checked.n * steps));
     let job = worker::Job {
         req,
         n: checked.n,
+        steps,
         cancel: cancel.clone(),
         reply: tx,
+        progress: progress_tx,
     };
     if s.queue.submit(job).is_err() {
         let mut e = ApiError::new(
@@ -375,18 +392,50 @@ async fn generations(
         return Err(e);
     }
     s.metrics.queue_depth.set(s.queue.waiting() as i64);
-    let mut guard = CancelOnDrop {
+    Ok(Queued {
+        rx,
+        progress,
         cancel,
+        format: checked.format,
+    })
+}
+
+/// The host a request was sent to, for the `url`s of the answer.
+fn host(headers: &HeaderMap) -> String {
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1")
+        .to_string()
+}
+
+/// The images as `url`s this server serves for an hour.
+fn urls(s: &Shared, host: &str, images: worker::Images) -> Vec<String> {
+    let mut store = s.images.lock().expect("not poisoned");
+    images
+        .into_iter()
+        .map(|png| format!("http://{host}/v1/images/{}.png", store.put(png)))
+        .collect()
+}
+
+async fn generations(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<Generation>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let q = enqueue(&s, body)?;
+    let mut guard = CancelOnDrop {
+        cancel: q.cancel,
         armed: true,
         state: s.clone(),
         t0: Instant::now(),
     };
-    let answer = rx.await;
+    let answer = q.rx.await;
     guard.armed = false;
     let images = answer
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the model thread ended"))?
         .map_err(|e| ApiError::from_library(&e))?;
-    let data: Vec<serde_json::Value> = match checked.format {
+    let data: Vec<serde_json::Value> = match q.format {
         Format::B64Json => images
             .iter()
             .map(|png| {
@@ -395,26 +444,220 @@ async fn generations(
                 })
             })
             .collect(),
-        Format::Url => {
-            let host = headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("127.0.0.1")
-                .to_string();
-            let mut store = s.images.lock().expect("not poisoned");
-            images
-                .into_iter()
-                .map(|png| {
-                    let id = store.put(png);
-                    serde_json::json!({"url": format!("http://{host}/v1/images/{id}.png")})
-                })
-                .collect()
-        }
+        Format::Url => urls(&s, &host(&headers), images)
+            .into_iter()
+            .map(|u| serde_json::json!({ "url": u }))
+            .collect(),
     };
-    let created = SystemTime::now()
+    Ok(Json(serde_json::json!({"created": unix_now(), "data": data})).into_response())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Ok(Json(serde_json::json!({"created": created, "data": data})).into_response())
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A job started by `POST /v1/jobs`.
+#[derive(Clone)]
+struct JobEntry {
+    created: Instant,
+    progress: watch::Receiver<Progress>,
+    /// Set once the job has ended and its images are served.
+    finished: watch::Receiver<Option<Finished>>,
+    cancel: Arc<AtomicBool>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+struct Finished {
+    status: &'static str,
+    /// The images' `url`s.
+    data: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<serde_json::Value>,
+}
+
+/// `POST /v1/jobs`: the generation body, queued; answers 202 with the job's id at once. The
+/// images are served as `url`s when it is done.
+async fn create_job(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<Generation>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let q = enqueue(&s, body)?;
+    let id = format!("job-{:032x}", rand::random::<u128>());
+    let (finished_tx, finished) = watch::channel(None);
+    {
+        let mut jobs = s.jobs.lock().expect("not poisoned");
+        jobs.retain(|_, j| j.created.elapsed() < URL_TTL);
+        if jobs.len() >= JOBS_MAX {
+            let oldest = jobs
+                .iter()
+                .filter(|(_, j)| j.finished.borrow().is_some())
+                .min_by_key(|(_, j)| j.created)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                jobs.remove(&k);
+            }
+        }
+        jobs.insert(
+            id.clone(),
+            JobEntry {
+                created: Instant::now(),
+                progress: q.progress.clone(),
+                finished,
+                cancel: q.cancel.clone(),
+            },
+        );
+    }
+    let (state, host) = (s.clone(), host(&headers));
+    tokio::spawn(async move {
+        let done = match q.rx.await {
+            Ok(Ok(images)) => Finished {
+                status: "done",
+                data: urls(&state, &host, images)
+                    .into_iter()
+                    .map(|u| serde_json::json!({ "url": u }))
+                    .collect(),
+                error: None,
+            },
+            Ok(Err(mmdit::Error::Interrupted)) => Finished {
+                status: "cancelled",
+                data: Vec::new(),
+                error: None,
+            },
+            Ok(Err(e)) => Finished {
+                status: "failed",
+                data: Vec::new(),
+                error: Some(error_body(&ApiError::from_library(&e))),
+            },
+            Err(_) => Finished {
+                status: "failed",
+                data: Vec::new(),
+                error: Some(serde_json::json!({"message": "the model thread ended"})),
+            },
+        };
+        finished_tx.send_replace(Some(done));
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/v1/jobs/{id}"))],
+        Json(serde_json::json!({"id": id, "status": "queued"})),
+    )
+        .into_response())
+}
+
+fn error_body(e: &ApiError) -> serde_json::Value {
+    serde_json::json!({"message": e.message, "param": e.param, "code": e.status.as_u16()})
+}
+
+/// The job `id`'s handles (404 when there is none).
+fn job(s: &Shared, id: &str) -> Result<JobEntry, ApiError> {
+    s.jobs
+        .lock()
+        .expect("not poisoned")
+        .get(id)
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no job {id}: jobs are kept for an hour"),
+            )
+        })
+}
+
+/// A job's state: its progress while it runs, then its end and images.
+fn job_view(id: &str, progress: &Progress, finished: Option<&Finished>) -> serde_json::Value {
+    let mut v = serde_json::json!({"id": id});
+    let fields = match finished {
+        Some(f) => serde_json::json!({
+            "status": f.status, "step": progress.step, "total": progress.total,
+            "elapsed": progress.elapsed, "data": f.data, "error": f.error,
+        }),
+        // The worker's last word comes before the images are served: still running until then.
+        None if progress.is_final() => serde_json::json!({
+            "status": "running", "step": progress.step, "total": progress.total,
+            "elapsed": progress.elapsed,
+        }),
+        None => serde_json::to_value(progress).expect("serialisable"),
+    };
+    if let (Some(v), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
+        v.extend(f);
+    }
+    v
+}
+
+async fn get_job(
+    State(s): State<Shared>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let j = job(&s, &id)?;
+    let p = j.progress.borrow().clone();
+    let f = j.finished.borrow().clone();
+    Ok(Json(job_view(&id, &p, f.as_ref())).into_response())
+}
+
+/// `DELETE /v1/jobs/{id}`: cancels the job (at its next step, or before it starts).
+async fn cancel_job(
+    State(s): State<Shared>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let j = job(&s, &id)?;
+    j.cancel.store(true, Ordering::SeqCst);
+    let p = j.progress.borrow().clone();
+    let f = j.finished.borrow().clone();
+    Ok(Json(job_view(&id, &p, f.as_ref())).into_response())
+}
+
+/// `GET /v1/jobs/{id}/events`: Server-Sent Events, a `progress` event at every step (status,
+/// step, total, elapsed), then one `done`, `failed` or `cancelled` event with the job's state and
+/// images, and the stream ends.
+async fn job_events(
+    State(s): State<Shared>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError>
+{
+    let j = job(&s, &id)?;
+    let stream = futures_util::stream::unfold(
+        (j.progress, j.finished, id, false),
+        |(mut progress, mut finished, id, ended)| async move {
+            if ended {
+                return None;
+            }
+            // The job's end, once its images are served.
+            let end = finished.borrow_and_update().clone();
+            if let Some(f) = end {
+                let p = progress.borrow().clone();
+                let event = Event::default()
+                    .event(f.status)
+                    .json_data(job_view(&id, &p, Some(&f)))
+                    .expect("serialisable");
+                return Some((Ok(event), (progress, finished, id, true)));
+            }
+            let p = progress.borrow_and_update().clone();
+            if p.is_final() {
+                // Wait for the images, then report the end.
+                let _ = finished.changed().await;
+                let f = finished.borrow_and_update().clone()?;
+                let event = Event::default()
+                    .event(f.status)
+                    .json_data(job_view(&id, &p, Some(&f)))
+                    .expect("serialisable");
+                return Some((Ok(event), (progress, finished, id, true)));
+            }
+            let event = Event::default()
+                .event("progress")
+                .json_data(job_view(&id, &p, None))
+                .expect("serialisable");
+            // The next change of either; a closed channel ends the wait too.
+            tokio::select! {
+                _ = progress.changed() => {}
+                _ = finished.changed() => {}
+            }
+            Some((Ok(event), (progress, finished, id, false)))
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 async fn url_image(State(s): State<Shared>, UrlPath(file): UrlPath<String>) -> Response {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 /// Images of one job: PNG bytes with the parameters that made them.
 pub type Images = Vec<Vec<u8>>;
@@ -16,8 +16,43 @@ pub type Images = Vec<Vec<u8>>;
 pub struct Job {
     pub req: Request,
     pub n: usize,
+    /// Sampling steps per image, as the request resolved (for the progress).
+    pub steps: usize,
     pub cancel: Arc<AtomicBool>,
     pub reply: oneshot::Sender<mmdit::Result<Images>>,
+    /// Where the job reports its state at each step.
+    pub progress: watch::Sender<Progress>,
+}
+
+/// A job's state as `GET /v1/jobs/{id}` and its event stream report it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Progress {
+    /// queued, running, done, failed or cancelled.
+    pub status: &'static str,
+    /// Steps done over all the job's images, of `total`.
+    pub step: usize,
+    pub total: usize,
+    /// Seconds since the job started running.
+    pub elapsed: f64,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Progress {
+    pub fn queued(total: usize) -> Self {
+        Self {
+            status: "queued",
+            step: 0,
+            total,
+            elapsed: 0.0,
+            error: None,
+        }
+    }
+
+    pub fn is_final(&self) -> bool {
+        matches!(self.status, "done" | "failed" | "cancelled")
+    }
 }
 
 /// The sending end of the queue, shared by the handlers.
@@ -117,12 +152,31 @@ fn run(
         metrics
             .queue_depth
             .set(waiting.load(Ordering::SeqCst) as i64);
+        let total = job.n * job.steps;
         if stopping.load(Ordering::SeqCst) || job.cancel.load(Ordering::SeqCst) {
+            job.progress.send_replace(Progress {
+                status: "cancelled",
+                ..Progress::queued(total)
+            });
             let _ = job.reply.send(Err(mmdit::Error::Interrupted));
             continue;
         }
+        let t0 = Instant::now();
         let out = mmdit::interrupt::with_job_flag(job.cancel.clone(), || {
-            run_job(pipe, &job, metrics, recorded)
+            run_job(pipe, &job, metrics, recorded, t0)
+        });
+        let last = job.progress.borrow().step;
+        let (status, error) = match &out {
+            Ok(_) => ("done", None),
+            Err(mmdit::Error::Interrupted) => ("cancelled", None),
+            Err(e) => ("failed", Some(e.render(&super::api::api_name))),
+        };
+        job.progress.send_replace(Progress {
+            status,
+            step: last,
+            total,
+            elapsed: t0.elapsed().as_secs_f64(),
+            error,
         });
         let _ = job.reply.send(out);
     }
@@ -133,7 +187,19 @@ fn run_job(
     job: &Job,
     metrics: &Metrics,
     recorded: &Recorded,
+    t0: Instant,
 ) -> mmdit::Result<Images> {
+    let total = job.n * job.steps;
+    let report = |step| {
+        job.progress.send_replace(Progress {
+            status: "running",
+            step,
+            total,
+            elapsed: t0.elapsed().as_secs_f64(),
+            error: None,
+        });
+    };
+    report(0);
     let seed = job.req.seed.unwrap_or(0);
     let mut images = Vec::with_capacity(job.n);
     for i in 0..job.n {
@@ -146,6 +212,7 @@ fn run_job(
             metrics.step_seconds.observe(last.elapsed().as_secs_f64());
             last = Instant::now();
             steps += 1;
+            report(i * job.steps + steps);
         });
         if let Err(mmdit::Error::Interrupted) = out {
             eprintln!(

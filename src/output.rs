@@ -153,29 +153,6 @@ pub fn write_png(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Resu
     write_atomically(path, |buf| encode_png(buf, img, text))
 }
 
-/// What a PNG records of how it was made (read back by `generate --from`): the resolved request,
-/// the model as it was named and the dtype.
-pub fn parameters(r: &crate::request::Resolved, model: &str, dtype: &str) -> Vec<(String, String)> {
-    [
-        ("prompt", r.prompt.clone()),
-        ("negative_prompt", r.negative_prompt.clone()),
-        ("seed", r.seed.to_string()),
-        ("steps", r.steps.to_string()),
-        ("sampler", r.sampler.name().to_string()),
-        ("guidance", r.guidance.to_string()),
-        ("true_cfg", r.true_cfg.to_string()),
-        ("width", r.width.to_string()),
-        ("height", r.height.to_string()),
-        ("max_sequence_length", r.max_sequence_length.to_string()),
-        ("model", model.to_string()),
-        ("dtype", dtype.to_string()),
-        ("mmdit_version", env!("CARGO_PKG_VERSION").to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
-}
-
 /// `img` as the bytes of a PNG with `text` key/value chunks.
 pub fn png_bytes(img: &RgbImage, text: &[(String, String)]) -> Result<Vec<u8>> {
     let mut out = Vec::new();

@@ -100,6 +100,29 @@ impl Resolved {
         self.guidance > 1.0
     }
 
+    /// What a PNG records of how it was made (read back by `generate --from`): this request,
+    /// the model as it was named and the dtype.
+    pub fn parameters(&self, model: &str, dtype: &str) -> Vec<(String, String)> {
+        [
+            ("prompt", self.prompt.clone()),
+            ("negative_prompt", self.negative_prompt.clone()),
+            ("seed", self.seed.to_string()),
+            ("steps", self.steps.to_string()),
+            ("sampler", self.sampler.name().to_string()),
+            ("guidance", self.guidance.to_string()),
+            ("true_cfg", self.true_cfg.to_string()),
+            ("width", self.width.to_string()),
+            ("height", self.height.to_string()),
+            ("max_sequence_length", self.max_sequence_length.to_string()),
+            ("model", model.to_string()),
+            ("dtype", dtype.to_string()),
+            ("mmdit_version", env!("CARGO_PKG_VERSION").to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
     /// How many of the schedule's steps run: all of them, or those after an edit's start.
     pub fn steps_to_run(&self) -> usize {
         self.steps - self.init.as_ref().map_or(0, |i| i.start)

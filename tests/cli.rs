@@ -176,3 +176,66 @@ fn the_output_format_follows_the_extension() {
     );
     assert!(!out.exists());
 }
+
+/// `--preview-every 2` writes a preview of every second step's prediction beside the output, at
+/// latent resolution; the last one looks like the image (the map is fitted to the demo's VAE).
+#[test]
+fn previews_are_written_every_n_steps() {
+    let dir = common::tmp("cli-previews");
+    let out = dir.join("out.png");
+    let o = common::mmdit()
+        .args([
+            "generate",
+            "--prompt",
+            "a red circle on a white background",
+            "--steps",
+            "6",
+            "--seed",
+            "1",
+            "--preview-every",
+            "2",
+            "--output",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = mmdit::output::read_png(&out).unwrap().0;
+    for step in [2, 4, 6] {
+        let p = dir.join(format!("out-preview-{step:03}.png"));
+        let (pv, _) = mmdit::output::read_png(&p).unwrap();
+        assert_eq!((pv.width, pv.height), (img.width / 4, img.height / 4));
+    }
+    assert!(!dir.join("out-preview-001.png").exists());
+    // The last preview against the image's 4x4 block means.
+    let pv = mmdit::output::read_png(&dir.join("out-preview-006.png"))
+        .unwrap()
+        .0;
+    let mut se = 0f64;
+    for i in 0..pv.height {
+        for j in 0..pv.width {
+            for k in 0..3 {
+                let mut m = 0f64;
+                for py in i * 4..i * 4 + 4 {
+                    for px in j * 4..j * 4 + 4 {
+                        m += img.data[(py * img.width + px) * 3 + k] as f64 / 16.0;
+                    }
+                }
+                se += (m - pv.data[(i * pv.width + j) * 3 + k] as f64).powi(2);
+            }
+        }
+    }
+    let psnr = 10.0 * (255f64.powi(2) / (se / (pv.data.len() as f64))).log10();
+    println!("preview PSNR {psnr:.1} dB");
+    assert!(psnr >= 12.0, "{psnr}");
+    let (code, err) = common::run(&[
+        "generate".as_ref(),
+        "--prompt".as_ref(),
+        "x".as_ref(),
+        "--preview-every".as_ref(),
+        "0".as_ref(),
+        "--output".as_ref(),
+        dir.join("z.png").as_os_str(),
+    ]);
+    common::assert_clean_error(code, &err, &["--preview-every 0"]);
+}

@@ -594,7 +594,7 @@ fn requests_name_loras_from_the_lora_folder() {
 #[test]
 fn jobs_report_every_step_as_server_sent_events() {
     let dir = tmp("serve-jobs");
-    let s = Server::start(&["--model", "demo"]);
+    let s = Server::start(&["--model", "demo", "--preview-every", "2"]);
     let body = serde_json::json!({"prompt": "a tree", "size": "32x32", "steps": 4, "seed": 11});
     let (code, out) = s.curl(
         "/v1/jobs",
@@ -634,6 +634,9 @@ fn jobs_report_every_step_as_server_sent_events() {
         .collect();
     assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
     assert!(!steps.is_empty(), "{events}");
+    // The last preview (step 4), at latent resolution (the demo's VAE is 4x).
+    let (preview, _) = png(&b64(&done["preview"]), &dir, "preview.png");
+    assert_eq!(preview.len(), 8 * 8 * 3);
     let url = done["data"][0]["url"].as_str().unwrap();
     let (code, png_bytes) = curl(url, &[], 30);
     assert_eq!(code, 200);
@@ -755,4 +758,92 @@ except openai.AuthenticationError:
         );
         assert!(got == want, "image {k} differs from the CLI's");
     }
+}
+
+/// Headless Chromium (Debian's package) on the page at `/`, with the API key in the URL's
+/// fragment: the form runs a job through the jobs API, follows its events, shows the preview and
+/// adds the image to the gallery; with a wrong key it shows the server's error. The page reports
+/// how each run ended on the console.
+#[test]
+fn the_web_page_runs_a_job_in_headless_chromium() {
+    let dir = tmp("serve-page");
+    let s = Server::start(&[
+        "--model",
+        "demo",
+        "--api-key",
+        "page-key",
+        "--preview-every",
+        "1",
+    ]);
+    let (code, page) = s.get("/", &[]);
+    assert_eq!(code, 200);
+    assert!(String::from_utf8_lossy(&page).contains("<form id=\"form\">"));
+    let run = |key: &str, name: &str| -> serde_json::Value {
+        let url = format!(
+            "{}/?prompt=a%20red%20circle&steps=3&seed=5&width=32&height=32&run=1#key={key}",
+            s.url
+        );
+        let mut child = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--enable-logging=stderr",
+                "--v=0",
+            ])
+            .arg(format!("--user-data-dir={}", dir.join(name).display()))
+            .arg(&url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("chromium is installed (Debian's `chromium` package)");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("\"mmdit-run ") {
+                    let _ = tx.send(line[i + 11..].to_string());
+                }
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(90));
+        let _ = child.kill();
+        let _ = child.wait();
+        let line = line.expect("the page reported no run within 90 s");
+        // The console line quotes the message: cut at the JSON object's end.
+        let json = &line[..line.rfind('}').unwrap() + 1];
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"))
+    };
+    let ok = run("page-key", "ok");
+    assert_eq!(ok["end"], "done", "{ok}");
+    assert_eq!(ok["preview"], true, "{ok}");
+    assert!(
+        ok["captions"][0].as_str().unwrap().contains("seed 5"),
+        "{ok}"
+    );
+    let (code, bytes) = curl(ok["results"][0].as_str().unwrap(), &[], 30);
+    assert_eq!(code, 200);
+    let want = cli_image(
+        &dir,
+        "cli.png",
+        &[
+            "--prompt",
+            "a red circle",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+        ],
+    );
+    assert!(
+        png(&bytes, &dir, "page.png").0 == want,
+        "the page's image differs from the CLI's"
+    );
+    let bad = run("wrong", "bad");
+    assert_eq!(bad["end"], "error", "{bad}");
+    assert!(bad["error"].as_str().unwrap().contains("API key"), "{bad}");
 }

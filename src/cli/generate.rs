@@ -52,6 +52,10 @@ pub struct GenerateArgs {
     /// Replay the parameters recorded in a PNG made by mmdit; flags given here override them.
     #[arg(long)]
     pub from: Option<PathBuf>,
+    /// Every N steps, write a preview of the step's prediction (a linear map of the latents,
+    /// fitted to the model's VAE at load) beside the output: OUT-preview-STEP.png.
+    #[arg(long, value_name = "N")]
+    pub preview_every: Option<usize>,
 }
 
 fn load_noise(path: &Path) -> anyhow::Result<candle_core::Tensor> {
@@ -191,6 +195,12 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(png) = a.from.clone() {
         apply_from(&mut a, &png)?;
     }
+    if a.preview_every == Some(0) {
+        return Err(mmdit::Error::request(
+            "--preview-every 0: must be at least 1 (steps between previews)",
+        )
+        .into());
+    }
     let prompt = a.prompt.clone().ok_or_else(|| {
         mmdit::Error::request("--prompt is required (or --from a PNG made by mmdit)")
     })?;
@@ -299,7 +309,24 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         )
         .expect("valid template"),
     );
-    let out = pipe.generate(&req, &mut |_| bar.inc(1));
+    let out = match a.preview_every {
+        None => pipe.generate(&req, &mut |_| bar.inc(1)),
+        Some(every) => {
+            let preview = mmdit::pipeline::preview::Preview::fit(&mut pipe)?;
+            let mut obs = Previews {
+                every,
+                preview,
+                output: a.output.clone(),
+                bar: &bar,
+                error: None,
+            };
+            let out = pipe.generate_observed(&req, &mut obs);
+            if let Some(e) = obs.error {
+                return Err(e.into());
+            }
+            out
+        }
+    };
     bar.finish_and_clear();
     let out = out?;
     for t in &out.truncations {
@@ -354,11 +381,11 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(s) = a.edit.strength {
         text.push(("strength", s.to_string()));
     }
-    let text: Vec<(String, String)> =
-        output::parameters(r, &chosen.name, device::dtype_name(dtype))
-            .into_iter()
-            .chain(text.into_iter().map(|(k, v)| (k.to_string(), v)))
-            .collect();
+    let text: Vec<(String, String)> = r
+        .parameters(&chosen.name, device::dtype_name(dtype))
+        .into_iter()
+        .chain(text.into_iter().map(|(k, v)| (k.to_string(), v)))
+        .collect();
     output::write_image(&a.output, &out.image, &text)?;
     let t = &out.timings;
     eprintln!(
@@ -377,4 +404,45 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         t.decode.as_secs_f64()
     );
     Ok(())
+}
+
+/// Writes a preview PNG beside the output every `every` steps.
+struct Previews<'a> {
+    every: usize,
+    preview: mmdit::pipeline::preview::Preview,
+    output: PathBuf,
+    bar: &'a indicatif::ProgressBar,
+    error: Option<mmdit::Error>,
+}
+
+impl Previews<'_> {
+    fn path(&self, step: usize) -> PathBuf {
+        let stem = self
+            .output
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy();
+        self.output
+            .with_file_name(format!("{stem}-preview-{step:03}.png"))
+    }
+}
+
+impl mmdit::pipeline::sample::Observer for Previews<'_> {
+    fn step(&mut self, _: usize) {
+        self.bar.inc(1);
+    }
+
+    fn wants_prediction(&self, i: usize) -> bool {
+        (i + 1).is_multiple_of(self.every)
+    }
+
+    fn prediction(&mut self, i: usize, x0: &candle_core::Tensor) {
+        let written = self
+            .preview
+            .image(x0)
+            .and_then(|img| output::write_png(&self.path(i + 1), &img, &[]));
+        if let Err(e) = written {
+            self.error.get_or_insert(e);
+        }
+    }
 }

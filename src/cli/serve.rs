@@ -26,6 +26,10 @@ pub struct ServeArgs {
     /// Folder of LoRA .safetensors files that requests name in `loras`.
     #[arg(long)]
     pub lora_dir: Option<PathBuf>,
+    /// Steps between the previews in a job's progress (0: none). The preview map is fitted to
+    /// the model's VAE at load.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub preview_every: usize,
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
@@ -61,6 +65,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         model: chosen.name.clone(),
         dtype: device::dtype_name(dtype).to_string(),
         preset: chosen.preset.clone(),
+        preview_every: a.preview_every,
     };
     let load: server::Load = Box::new(move || {
         let loras = mmdit::lora::LoraSet::default();

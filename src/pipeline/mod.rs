@@ -10,6 +10,7 @@ pub mod components;
 pub mod convert;
 pub mod family;
 pub mod flux;
+pub mod preview;
 pub mod sample;
 pub mod sd3;
 
@@ -926,6 +927,16 @@ impl Pipeline {
 
     /// Runs text encoding, sampling and decoding. `on_step(i)` is called after each step.
     pub fn generate(&mut self, req: &Request, on_step: &mut dyn FnMut(usize)) -> Result<Generated> {
+        self.generate_observed(req, &mut |i| on_step(i))
+    }
+
+    /// [`Pipeline::generate`], the steps seen by `observer` (with the predictions of the final
+    /// latents it asks for: previews).
+    pub fn generate_observed(
+        &mut self,
+        req: &Request,
+        on_step: &mut dyn sample::Observer,
+    ) -> Result<Generated> {
         let mut r = self.spec.resolve(req)?;
         r.notices.extend(self.set_loras(&req.loras)?);
         let mut timings = Timings::default();
@@ -1058,6 +1069,12 @@ impl Pipeline {
     pub fn encode_image(&mut self, init: &Init, seed: u64) -> Result<Tensor> {
         let x = vae::from_rgb8(&init.image, &self.device)?;
         self.encode_pixels(&x, Draw::sample(init, seed, 0))
+    }
+
+    /// An image -> the mean of its latent distribution in sampler space (1, C, h, w) f32.
+    pub fn encode_mean(&mut self, img: &RgbImage) -> Result<Tensor> {
+        let x = vae::from_rgb8(img, &self.device)?;
+        self.encode_pixels(&x, Draw::Mean)
     }
 
     /// Pixels (1, 3, H, W) in [-1, 1] -> latents in sampler space (1, C, h, w) f32: encoded, taken

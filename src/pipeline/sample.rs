@@ -172,12 +172,40 @@ struct Timed<'a> {
     device: Device,
     last: Instant,
     steps: Vec<Duration>,
-    on_step: &'a mut dyn FnMut(usize),
+    observer: &'a mut dyn Observer,
+    /// The step whose prediction of the final latents is taken, and the prediction.
+    predicted: Option<(usize, Tensor)>,
+}
+
+/// What a caller sees of the sampling: each step's end, and, when it asks, each step's prediction
+/// of the final latents (for previews). Any `FnMut(usize)` observes the steps alone.
+pub trait Observer {
+    /// After step `i` (0-based) of the steps that run.
+    fn step(&mut self, i: usize);
+    /// Whether to be handed step `i`'s prediction (a few tensor operations more).
+    fn wants_prediction(&self, _i: usize) -> bool {
+        false
+    }
+    /// Step `i`'s prediction of the final latents from its first model call, `x - σ v`
+    /// ((1, C, h, w) f32, sampler space), before [`Observer::step`].
+    fn prediction(&mut self, _i: usize, _x0: &Tensor) {}
+}
+
+impl<F: FnMut(usize)> Observer for F {
+    fn step(&mut self, i: usize) {
+        self(i)
+    }
 }
 
 impl Velocity for Timed<'_> {
     fn velocity(&mut self, x: &Tensor, sigma: f32, timestep: f32, step: usize) -> Result<Tensor> {
-        self.inner.velocity(x, sigma, timestep, step)
+        let v = self.inner.velocity(x, sigma, timestep, step)?;
+        let first = self.predicted.as_ref().is_none_or(|(s, _)| *s != step);
+        if first && self.observer.wants_prediction(step) {
+            let x0 = (x.to_dtype(DType::F32)? - (v.to_dtype(DType::F32)? * f64::from(sigma))?)?;
+            self.predicted = Some((step, x0));
+        }
+        Ok(v)
     }
 
     fn end_step(&mut self, step: usize, x: Tensor) -> Result<Tensor> {
@@ -189,7 +217,12 @@ impl Velocity for Timed<'_> {
         let _ = self.device.synchronize();
         self.steps.push(self.last.elapsed());
         self.last = Instant::now();
-        (self.on_step)(step);
+        if let Some((s, x0)) = self.predicted.take() {
+            if s == step {
+                self.observer.prediction(step, &x0);
+            }
+        }
+        self.observer.step(step);
         Ok(x)
     }
 }
@@ -203,7 +236,7 @@ pub(super) fn sample(
     noise: Tensor,
     blend: Option<&Blend>,
     dtype: DType,
-    on_step: &mut dyn FnMut(usize),
+    observer: &mut dyn Observer,
 ) -> Result<(Tensor, Vec<Duration>)> {
     let mut timed = Timed {
         inner: model,
@@ -212,7 +245,8 @@ pub(super) fn sample(
         device: noise.device().clone(),
         last: Instant::now(),
         steps: Vec::with_capacity(sched.timesteps.len()),
-        on_step,
+        observer,
+        predicted: None,
     };
     let latents = r
         .sampler

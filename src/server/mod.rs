@@ -14,7 +14,7 @@ use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request as HttpRequest, S
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
@@ -27,6 +27,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{oneshot, watch};
 use worker::Progress;
+
+/// The web page at `/`: a form over the jobs API, with the live progress and preview and a gallery
+/// of the results.
+const PAGE: &str = include_str!("page.html");
 
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 1 << 20;
@@ -48,6 +52,8 @@ pub struct Config {
     pub dtype: String,
     /// The preset's defaults, filled into each request as `generate` does.
     pub preset: Option<mmdit::presets::Preset>,
+    /// Steps between the previews of a job's progress (0: none).
+    pub preview_every: usize,
 }
 
 /// Loads the pipeline, on the model's thread.
@@ -98,6 +104,7 @@ async fn serve(cfg: Config, spec: mmdit::Spec, load: Load) -> anyhow::Result<()>
         worker::Recorded {
             model: cfg.model.clone(),
             dtype: cfg.dtype.clone(),
+            preview_every: cfg.preview_every,
         },
         stopping.clone(),
         ready.clone(),
@@ -179,6 +186,7 @@ async fn stop_signal() {
 
 fn router(state: Shared) -> Router {
     Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
@@ -228,11 +236,12 @@ fn log_line(method: &str, path: &str, status: u16, t0: Instant) {
     );
 }
 
-/// With an API key set, every endpoint but `/health` and the `url` images (whose names are
-/// unguessable) wants `Authorization: Bearer KEY`; the key is compared by its SHA-256 digest, in
-/// constant time.
+/// With an API key set, every endpoint but `/health`, the page (which holds no data; its calls
+/// send the key) and the `url` images (whose names are unguessable) wants
+/// `Authorization: Bearer KEY`; the key is compared by its SHA-256 digest, in constant time.
 async fn authorize(State(s): State<Shared>, req: HttpRequest, next: Next) -> Response {
-    let open = req.uri().path() == "/health" || req.uri().path().starts_with("/v1/images/img-");
+    let path = req.uri().path();
+    let open = path == "/health" || path == "/" || path.starts_with("/v1/images/img-");
     if let (Some(want), false) = (s.key, open) {
         let given = req
             .headers()
@@ -573,11 +582,12 @@ fn job_view(id: &str, progress: &Progress, finished: Option<&Finished>) -> serde
         Some(f) => serde_json::json!({
             "status": f.status, "step": progress.step, "total": progress.total,
             "elapsed": progress.elapsed, "data": f.data, "error": f.error,
+            "preview": progress.preview,
         }),
         // The worker's last word comes before the images are served: still running until then.
         None if progress.is_final() => serde_json::json!({
             "status": "running", "step": progress.step, "total": progress.total,
-            "elapsed": progress.elapsed,
+            "elapsed": progress.elapsed, "preview": progress.preview,
         }),
         None => serde_json::to_value(progress).expect("serialisable"),
     };

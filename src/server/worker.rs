@@ -2,6 +2,7 @@
 //! queue. A job is cancelled through its flag (`interrupt::with_job_flag`), at the next step.
 
 use super::metrics::Metrics;
+use mmdit::pipeline::preview::Preview;
 use mmdit::{Pipeline, Request};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -37,6 +38,9 @@ pub struct Progress {
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The latest preview of the image (a PNG at latent resolution, base64), every few steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preview: Option<String>,
 }
 
 impl Progress {
@@ -47,6 +51,7 @@ impl Progress {
             total,
             elapsed: 0.0,
             error: None,
+            preview: None,
         }
     }
 
@@ -92,10 +97,12 @@ impl Queue {
     }
 }
 
-/// What the worker records in each image.
+/// What the worker records in each image, and how often it previews.
 pub struct Recorded {
     pub model: String,
     pub dtype: String,
+    /// Steps between previews (0: none).
+    pub preview_every: usize,
 }
 
 /// Starts the model's thread: it loads the pipeline (`ready` is set once it has, and `loaded`
@@ -130,10 +137,31 @@ pub fn spawn(
                     return;
                 }
             };
+            let preview = match recorded.preview_every {
+                0 => None,
+                _ => match mmdit::pipeline::preview::Preview::fit(&mut pipe) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        let _ = loaded.send(Err(format!(
+                            "fitting the previews: {}",
+                            e.render(&super::api::api_name)
+                        )));
+                        return;
+                    }
+                },
+            };
             eprintln!("model loaded in {:.1}s", t0.elapsed().as_secs_f64());
             ready.store(true, Ordering::SeqCst);
             let _ = loaded.send(Ok(()));
-            run(&mut pipe, rx, &waiting, &metrics, &recorded, &stopping)
+            run(
+                &mut pipe,
+                preview.as_ref(),
+                rx,
+                &waiting,
+                &metrics,
+                &recorded,
+                &stopping,
+            )
         })
         .expect("spawning the model thread");
     (queue, handle)
@@ -141,6 +169,7 @@ pub fn spawn(
 
 fn run(
     pipe: &mut Pipeline,
+    preview: Option<&Preview>,
     rx: Receiver<Job>,
     waiting: &AtomicUsize,
     metrics: &Metrics,
@@ -163,7 +192,7 @@ fn run(
         }
         let t0 = Instant::now();
         let out = mmdit::interrupt::with_job_flag(job.cancel.clone(), || {
-            run_job(pipe, &job, metrics, recorded, t0)
+            run_job(pipe, preview, &job, metrics, t0, recorded)
         });
         let last = job.progress.borrow().step;
         let (status, error) = match &out {
@@ -171,57 +200,112 @@ fn run(
             Err(mmdit::Error::Interrupted) => ("cancelled", None),
             Err(e) => ("failed", Some(e.render(&super::api::api_name))),
         };
+        let preview = job.progress.borrow().preview.clone();
         job.progress.send_replace(Progress {
             status,
             step: last,
             total,
             elapsed: t0.elapsed().as_secs_f64(),
             error,
+            preview,
         });
         let _ = job.reply.send(out);
     }
 }
 
+/// Sees a job's steps: its progress, the step-time histogram and the previews.
+struct Steps<'a> {
+    job: &'a Job,
+    metrics: &'a Metrics,
+    preview: Option<&'a Preview>,
+    every: usize,
+    /// Steps of the job's earlier images.
+    done: usize,
+    steps: usize,
+    last: Instant,
+    t0: Instant,
+    image: Option<String>,
+}
+
+impl Steps<'_> {
+    fn report(&self) {
+        self.job.progress.send_replace(Progress {
+            status: "running",
+            step: self.done + self.steps,
+            total: self.job.n * self.job.steps,
+            elapsed: self.t0.elapsed().as_secs_f64(),
+            error: None,
+            preview: self.image.clone(),
+        });
+    }
+}
+
+impl mmdit::pipeline::sample::Observer for Steps<'_> {
+    fn step(&mut self, _: usize) {
+        self.metrics
+            .step_seconds
+            .observe(self.last.elapsed().as_secs_f64());
+        self.last = Instant::now();
+        self.steps += 1;
+        self.report();
+    }
+
+    fn wants_prediction(&self, i: usize) -> bool {
+        self.preview.is_some() && self.every > 0 && (i + 1).is_multiple_of(self.every)
+    }
+
+    fn prediction(&mut self, _: usize, x0: &candle_core::Tensor) {
+        use base64::Engine;
+        let png = self
+            .preview
+            .map(|p| p.image(x0))
+            .transpose()
+            .and_then(|img| img.map(|i| mmdit::output::png_bytes(&i, &[])).transpose());
+        if let Ok(Some(png)) = png {
+            self.image = Some(base64::engine::general_purpose::STANDARD.encode(png));
+        }
+    }
+}
+
 fn run_job(
     pipe: &mut Pipeline,
+    preview: Option<&Preview>,
     job: &Job,
     metrics: &Metrics,
-    recorded: &Recorded,
     t0: Instant,
+    recorded: &Recorded,
 ) -> mmdit::Result<Images> {
-    let total = job.n * job.steps;
-    let report = |step| {
-        job.progress.send_replace(Progress {
-            status: "running",
-            step,
-            total,
-            elapsed: t0.elapsed().as_secs_f64(),
-            error: None,
-        });
-    };
-    report(0);
     let seed = job.req.seed.unwrap_or(0);
     let mut images = Vec::with_capacity(job.n);
+    let mut obs = Steps {
+        job,
+        metrics,
+        preview,
+        every: recorded.preview_every,
+        done: 0,
+        steps: 0,
+        last: Instant::now(),
+        t0,
+        image: None,
+    };
+    obs.report();
     for i in 0..job.n {
         let req = Request {
             seed: Some(seed.wrapping_add(i as u64)),
             ..job.req.clone()
         };
-        let (mut last, mut steps) = (Instant::now(), 0);
-        let out = pipe.generate(&req, &mut |_| {
-            metrics.step_seconds.observe(last.elapsed().as_secs_f64());
-            last = Instant::now();
-            steps += 1;
-            report(i * job.steps + steps);
-        });
+        obs.done = i * job.steps;
+        obs.steps = 0;
+        obs.last = Instant::now();
+        let out = pipe.generate_observed(&req, &mut obs);
         if let Err(mmdit::Error::Interrupted) = out {
             eprintln!(
                 "{}",
-                serde_json::json!({"event": "cancelled", "image": i, "steps_run": steps})
+                serde_json::json!({"event": "cancelled", "image": i, "steps_run": obs.steps})
             );
         }
         let out = out?;
-        let text = mmdit::output::parameters(&out.request, &recorded.model, &recorded.dtype);
+        let text = out.request.parameters(&recorded.model, &recorded.dtype);
         images.push(mmdit::output::png_bytes(&out.image, &text)?);
         metrics.images.inc();
     }

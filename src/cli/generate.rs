@@ -52,6 +52,10 @@ pub struct GenerateArgs {
     /// Replay the parameters recorded in a PNG made by mmdit; flags given here override them.
     #[arg(long)]
     pub from: Option<PathBuf>,
+    /// Images to make, with seeds seed, seed + 1, ...: written as OUT-1.png .. OUT-N.png (one
+    /// after the other, the model loaded once).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub num_images: usize,
     /// Every N steps, write a preview of the step's prediction (a linear map of the latents,
     /// fitted to the model's VAE at load) beside the output: OUT-preview-STEP.png.
     #[arg(long, value_name = "N")]
@@ -207,7 +211,13 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     let chosen = a.model.choose()?;
     let (lora_specs, lora_apply) = a.lora.parse()?;
     let sampler = Sampler::parse(a.sampler.as_deref().unwrap_or("euler"))?;
-    output::check_output_path(&a.output, a.overwrite)?;
+    if a.num_images == 0 {
+        return Err(mmdit::Error::request("--num-images 0: must be at least 1").into());
+    }
+    let outputs = numbered(&a.output, a.num_images);
+    for o in &outputs {
+        output::check_output_path(o, a.overwrite)?;
+    }
     let noise = a.noise.as_deref().map(load_noise).transpose()?;
     let input = a.edit.read()?;
     let mask = a.edit.read_mask()?;
@@ -302,108 +312,133 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         .context("loading the model")?;
     pipe.keep_text_encoders(a.keep_text_encoders);
     let load = t0.elapsed();
-    let bar = indicatif::ProgressBar::new(resolved.steps_to_run() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("valid template"),
-    );
-    let out = match a.preview_every {
-        None => pipe.generate(&req, &mut |_| bar.inc(1)),
-        Some(every) => {
-            let preview = mmdit::pipeline::preview::Preview::fit(&mut pipe)?;
-            let mut obs = Previews {
-                every,
-                preview,
-                output: a.output.clone(),
-                bar: &bar,
-                error: None,
-            };
-            let out = pipe.generate_observed(&req, &mut obs);
-            if let Some(e) = obs.error {
-                return Err(e.into());
-            }
-            out
+    let mut preview = None;
+    for (k, out_path) in outputs.iter().enumerate() {
+        let req_k = Request {
+            seed: Some(resolved.seed.wrapping_add(k as u64)),
+            ..req.clone()
+        };
+        if a.preview_every.is_some() && preview.is_none() {
+            preview = Some(mmdit::pipeline::preview::Preview::fit(&mut pipe)?);
         }
-    };
-    bar.finish_and_clear();
-    let out = out?;
-    for t in &out.truncations {
+        let bar = indicatif::ProgressBar::new(resolved.steps_to_run() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        let out = match a.preview_every {
+            None => pipe.generate(&req_k, &mut |_| bar.inc(1)),
+            Some(every) => {
+                let preview = mmdit::pipeline::preview::Preview::fit(&mut pipe)?;
+                let mut obs = Previews {
+                    every,
+                    preview,
+                    output: out_path.clone(),
+                    bar: &bar,
+                    error: None,
+                };
+                let out = pipe.generate_observed(&req_k, &mut obs);
+                if let Some(e) = obs.error {
+                    return Err(e.into());
+                }
+                out
+            }
+        };
+        bar.finish_and_clear();
+        let out = out?;
+        for t in &out.truncations {
+            eprintln!(
+                "warning: prompt too long for {} ({} tokens): {} tokens were dropped",
+                t.encoder, t.limit, t.dropped
+            );
+        }
+        let r = &out.request;
+        let mut text = Vec::new();
+        if let ModelRef::Hub { revision, .. } = &chosen.model {
+            text.push(("revision", revision.clone()));
+        }
+        if let Some(c) = &a.model.components {
+            text.push(("components", c.clone()));
+        }
+        if let Some(q) = chosen.quantize {
+            text.push(("quantize", mmdit::nn::quant::name(q).to_string()));
+        }
+        if chosen.dequantize {
+            text.push(("dequantize", "true".to_string()));
+        }
+        if let Some(f) = &chosen.t5 {
+            let path = std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());
+            text.push(("t5", path.display().to_string()));
+        }
+        if let Some(n) = &a.noise {
+            text.push(("noise_file", n.display().to_string()));
+        }
+        for (key, file) in [("image", &input), ("mask", &mask)] {
+            if let Some(f) = file {
+                let path = std::fs::canonicalize(&f.path).unwrap_or_else(|_| f.path.clone());
+                text.push((key, path.display().to_string()));
+                let sha_key = if key == "image" {
+                    "image_sha256"
+                } else {
+                    "mask_sha256"
+                };
+                text.push((sha_key, f.sha256.clone()));
+            }
+        }
+        if !lora_specs.is_empty() {
+            let lines = |v: Vec<String>| v.join("\n");
+            text.push((
+                "lora",
+                lines(lora_specs.iter().map(|s| s.display()).collect()),
+            ));
+            text.push(("lora_sha256", lines(lora_shas.clone())));
+        }
+        // The strength as given: a replay on the same model takes the same default, and a model that
+        // takes no strength (FLUX.1 Kontext) gets none back.
+        if let Some(s) = a.edit.strength {
+            text.push(("strength", s.to_string()));
+        }
+        let text: Vec<(String, String)> = r
+            .parameters(&chosen.name, device::dtype_name(dtype))
+            .into_iter()
+            .chain(text.into_iter().map(|(k, v)| (k.to_string(), v)))
+            .collect();
+        output::write_image(out_path, &out.image, &text)?;
+        let t = &out.timings;
         eprintln!(
-            "warning: prompt too long for {} ({} tokens): {} tokens were dropped",
-            t.encoder, t.limit, t.dropped
+            "wrote {} | load {:.2}s, text {:.2}s, {}{} steps {:.2}s ({:.3}s/step), decode {:.2}s",
+            out_path.display(),
+            load.as_secs_f64(),
+            t.text.as_secs_f64(),
+            if r.init.is_some() {
+                format!("encode {:.2}s, ", t.encode.as_secs_f64())
+            } else {
+                String::new()
+            },
+            t.steps.len(),
+            t.denoise().as_secs_f64(),
+            t.denoise().as_secs_f64() / t.steps.len().max(1) as f64,
+            t.decode.as_secs_f64()
         );
     }
-    let r = &out.request;
-    let mut text = Vec::new();
-    if let ModelRef::Hub { revision, .. } = &chosen.model {
-        text.push(("revision", revision.clone()));
-    }
-    if let Some(c) = &a.model.components {
-        text.push(("components", c.clone()));
-    }
-    if let Some(q) = chosen.quantize {
-        text.push(("quantize", mmdit::nn::quant::name(q).to_string()));
-    }
-    if chosen.dequantize {
-        text.push(("dequantize", "true".to_string()));
-    }
-    if let Some(f) = &chosen.t5 {
-        let path = std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());
-        text.push(("t5", path.display().to_string()));
-    }
-    if let Some(n) = &a.noise {
-        text.push(("noise_file", n.display().to_string()));
-    }
-    for (key, file) in [("image", &input), ("mask", &mask)] {
-        if let Some(f) = file {
-            let path = std::fs::canonicalize(&f.path).unwrap_or_else(|_| f.path.clone());
-            text.push((key, path.display().to_string()));
-            let sha_key = if key == "image" {
-                "image_sha256"
-            } else {
-                "mask_sha256"
-            };
-            text.push((sha_key, f.sha256.clone()));
-        }
-    }
-    if !lora_specs.is_empty() {
-        let lines = |v: Vec<String>| v.join("\n");
-        text.push((
-            "lora",
-            lines(lora_specs.iter().map(|s| s.display()).collect()),
-        ));
-        text.push(("lora_sha256", lines(lora_shas)));
-    }
-    // The strength as given: a replay on the same model takes the same default, and a model that
-    // takes no strength (FLUX.1 Kontext) gets none back.
-    if let Some(s) = a.edit.strength {
-        text.push(("strength", s.to_string()));
-    }
-    let text: Vec<(String, String)> = r
-        .parameters(&chosen.name, device::dtype_name(dtype))
-        .into_iter()
-        .chain(text.into_iter().map(|(k, v)| (k.to_string(), v)))
-        .collect();
-    output::write_image(&a.output, &out.image, &text)?;
-    let t = &out.timings;
-    eprintln!(
-        "wrote {} | load {:.2}s, text {:.2}s, {}{} steps {:.2}s ({:.3}s/step), decode {:.2}s",
-        a.output.display(),
-        load.as_secs_f64(),
-        t.text.as_secs_f64(),
-        if r.init.is_some() {
-            format!("encode {:.2}s, ", t.encode.as_secs_f64())
-        } else {
-            String::new()
-        },
-        t.steps.len(),
-        t.denoise().as_secs_f64(),
-        t.denoise().as_secs_f64() / t.steps.len().max(1) as f64,
-        t.decode.as_secs_f64()
-    );
     Ok(())
+}
+
+/// `out.png` for one image; `out-1.png` .. `out-N.png` for N.
+fn numbered(out: &Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+    let ext = out
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    (1..=n)
+        .map(|k| out.with_file_name(format!("{stem}-{k}{ext}")))
+        .collect()
 }
 
 /// Writes a preview PNG beside the output every `every` steps.

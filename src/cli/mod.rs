@@ -1,6 +1,7 @@
 //! Argument structs and dispatch, one file per subcommand.
 
 mod args;
+mod batch;
 mod bench;
 mod convert;
 mod generate;
@@ -35,6 +36,9 @@ pub enum Command {
     /// Write a model's transformer as a quantized GGUF file (stable-diffusion.cpp / ComfyUI-GGUF
     /// naming).
     Convert(convert::ConvertArgs),
+    /// Generate one image (or n) per line of a JSONL file of requests, by line number; shardable
+    /// and resumable.
+    Batch(batch::BatchArgs),
     /// Serve the model over HTTP: OpenAI's images API, with a bounded queue, an optional API key
     /// and Prometheus metrics.
     Serve(serve::ServeArgs),
@@ -49,6 +53,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => models::inspect(a),
         Command::Convert(a) => convert::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Batch(a) => batch::run(a),
     }
 }
 

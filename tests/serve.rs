@@ -847,3 +847,216 @@ fn the_web_page_runs_a_job_in_headless_chromium() {
     assert_eq!(bad["end"], "error", "{bad}");
     assert!(bad["error"].as_str().unwrap().contains("API key"), "{bad}");
 }
+
+/// `POST /v1/images/edits` (multipart, as OpenAI's clients send it): the image, an optional mask
+/// and the fields as text; each answer is the CLI's edit of the same files.
+#[test]
+fn edits_take_multipart_uploads_and_equal_the_clis_edits() {
+    let dir = tmp("serve-edits");
+    let input = dir.join("in.png");
+    generate_demo(
+        &input,
+        &[
+            "--prompt",
+            "a blue square on a black background",
+            "--seed",
+            "2",
+            "--steps",
+            "4",
+        ],
+    );
+    // A mask: the left half repainted.
+    let (w, h) = (64usize, 64usize);
+    let mut data = vec![0u8; w * h * 3];
+    for y in 0..h {
+        for x in 0..w / 2 {
+            data[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&[255, 255, 255]);
+        }
+    }
+    let mask = dir.join("mask.png");
+    mmdit::output::write_png(
+        &mask,
+        &mmdit::RgbImage {
+            width: w,
+            height: h,
+            data,
+        },
+        &[],
+    )
+    .unwrap();
+    let s = Server::start(&["--model", "demo"]);
+    let form = |extra: &[String]| -> (u16, serde_json::Value) {
+        let mut args: Vec<String> = vec![
+            "-F".into(),
+            format!("image=@{}", input.display()),
+            "-F".into(),
+            "prompt=a red circle on a white background".into(),
+            "-F".into(),
+            "strength=0.6".into(),
+            "-F".into(),
+            "steps=5".into(),
+            "-F".into(),
+            "seed=3".into(),
+        ];
+        args.extend(extra.iter().cloned());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out) = s.curl("/v1/images/edits", &refs, 120);
+        (
+            code,
+            serde_json::from_slice(&out)
+                .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out))),
+        )
+    };
+    let cli = |name: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec![
+            "--prompt",
+            "a red circle on a white background",
+            "--strength",
+            "0.6",
+            "--steps",
+            "5",
+            "--seed",
+            "3",
+            "--image",
+            input.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        generate_demo(&out, &args);
+        mmdit::output::read_png(&out).unwrap().0.data
+    };
+    let (code, out) = form(&[]);
+    assert_eq!(code, 200, "{out}");
+    assert!(png(&b64(&out["data"][0]["b64_json"]), &dir, "edit.png").0 == cli("cli-edit.png", &[]));
+    let (code, out) = form(&["-F".into(), format!("mask=@{}", mask.display())]);
+    assert_eq!(code, 200, "{out}");
+    let masked = png(&b64(&out["data"][0]["b64_json"]), &dir, "inpaint.png").0;
+    assert!(masked == cli("cli-inpaint.png", &["--mask", mask.to_str().unwrap()]));
+    // Bad uploads and fields: 400s naming the field.
+    let junk = dir.join("junk.png");
+    std::fs::write(&junk, b"not an image").unwrap();
+    for (extra, param, needle) in [
+        (
+            vec!["-F".to_string(), "strength=1.5".to_string()],
+            "strength",
+            "strength",
+        ),
+        (
+            vec!["-F".to_string(), "steps=four".to_string()],
+            "steps",
+            "must be a number",
+        ),
+        (
+            vec!["-F".to_string(), format!("mask=@{}", junk.display())],
+            "mask",
+            "is not a PNG",
+        ),
+    ] {
+        let (code, out) = form(&extra);
+        assert_eq!(code, 400, "{out}");
+        assert_eq!(out["error"]["param"].as_str(), Some(param), "{out}");
+        assert!(
+            out["error"]["message"].as_str().unwrap().contains(needle),
+            "{out}"
+        );
+    }
+    let (code, out) = s.curl("/v1/images/edits", &["-F", "prompt=x"], 30);
+    let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(
+        (code, out["error"]["param"].as_str()),
+        (400, Some("image")),
+        "{out}"
+    );
+    let (code, out) = s.curl(
+        "/v1/images/edits",
+        &[
+            "-F",
+            &format!("image=@{}", junk.display()),
+            "-F",
+            "prompt=x",
+        ],
+        30,
+    );
+    let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(
+        (code, out["error"]["param"].as_str()),
+        (400, Some("image")),
+        "{out}"
+    );
+}
+
+fn generate_demo(out: &Path, args: &[&str]) {
+    let o = mmdit()
+        .args(["generate", "--model", "demo", "--overwrite", "--output"])
+        .arg(out)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// CORS is off unless `--cors ORIGIN`: then that origin's preflight is answered (before the API
+/// key is asked for) and its requests carry the allow-origin header.
+#[test]
+fn cors_is_off_unless_an_origin_is_given() {
+    let head = |s: &Server, args: &[&str]| -> String {
+        let mut a = vec!["-s", "-D", "-", "-o", "/dev/null"];
+        a.extend_from_slice(args);
+        let (_, out) = s.curl("/v1/models", &a, 30);
+        String::from_utf8_lossy(&out).to_ascii_lowercase()
+    };
+    let plain = Server::start(&["--model", "demo"]);
+    let h = head(&plain, &["-H", "Origin: https://example.com"]);
+    assert!(!h.contains("access-control-allow-origin"), "{h}");
+    drop(plain);
+    let s = Server::start(&[
+        "--model",
+        "demo",
+        "--cors",
+        "https://example.com",
+        "--api-key",
+        "c",
+    ]);
+    let pre = head(
+        &s,
+        &[
+            "-X",
+            "OPTIONS",
+            "-H",
+            "Origin: https://example.com",
+            "-H",
+            "Access-Control-Request-Method: POST",
+            "-H",
+            "Access-Control-Request-Headers: authorization, content-type",
+        ],
+    );
+    assert!(pre.starts_with("http/1.1 200"), "{pre}");
+    assert!(
+        pre.contains("access-control-allow-origin: https://example.com"),
+        "{pre}"
+    );
+    assert!(pre.contains("authorization"), "{pre}");
+    let h = head(
+        &s,
+        &[
+            "-H",
+            "Origin: https://example.com",
+            "-H",
+            "Authorization: Bearer c",
+        ],
+    );
+    assert!(
+        h.starts_with("http/1.1 200")
+            && h.contains("access-control-allow-origin: https://example.com"),
+        "{h}"
+    );
+    let o = mmdit()
+        .args(["serve", "--port", "0", "--cors", "example.com/"])
+        .output()
+        .unwrap();
+    common::assert_clean_error(
+        o.status.code(),
+        &String::from_utf8_lossy(&o.stderr),
+        &["--cors example.com/"],
+    );
+}

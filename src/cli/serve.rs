@@ -26,6 +26,10 @@ pub struct ServeArgs {
     /// Folder of LoRA .safetensors files that requests name in `loras`.
     #[arg(long)]
     pub lora_dir: Option<PathBuf>,
+    /// Let pages from this origin (e.g. https://example.com) call the API from a browser (CORS);
+    /// off by default.
+    #[arg(long, value_name = "ORIGIN")]
+    pub cors: Option<String>,
     /// Steps between the previews in a job's progress (0: none). The preview map is fitted to
     /// the model's VAE at load.
     #[arg(long, default_value_t = 4, value_name = "N")]
@@ -52,6 +56,18 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             .into());
         }
     }
+    let cors = match &a.cors {
+        None => None,
+        Some(o) => {
+            let ok = (o.starts_with("http://") || o.starts_with("https://")) && !o.ends_with('/');
+            let value = o.parse::<axum::http::HeaderValue>().ok().filter(|_| ok);
+            Some(value.ok_or_else(|| {
+                mmdit::Error::request(format!(
+                    "--cors {o}: give an origin, scheme and host without a path, e.g. https://example.com"
+                ))
+            })?)
+        }
+    };
     let chosen = a.model.choose()?;
     let spec = chosen.open()?;
     let load_spec = chosen.open()?;
@@ -66,6 +82,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         dtype: device::dtype_name(dtype).to_string(),
         preset: chosen.preset.clone(),
         preview_every: a.preview_every,
+        cors,
     };
     let load: server::Load = Box::new(move || {
         let loras = mmdit::lora::LoraSet::default();

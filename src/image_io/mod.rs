@@ -4,7 +4,7 @@
 mod read;
 mod resize;
 
-pub use read::{read_rgb, MAX_DECODED_BYTES, MAX_SIDE};
+pub use read::{read_rgb, read_rgb_bytes, MAX_DECODED_BYTES, MAX_SIDE};
 pub use resize::lanczos_resize;
 
 use crate::output::RgbImage;

@@ -14,7 +14,7 @@ pub const MAX_DECODED_BYTES: u64 = 256 << 20;
 
 /// Reads `path` (PNG, JPEG or WebP) as 8-bit RGB; `what` names the parameter in errors.
 pub fn read_rgb(path: &Path, what: Param) -> Result<RgbImage> {
-    let shown = path.display();
+    let shown = path.display().to_string();
     let bad = |rest: String| Error::invalid(what, format!(" {shown}: {rest}"));
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => bad("no such file".into()),
@@ -24,7 +24,21 @@ pub fn read_rgb(path: &Path, what: Param) -> Result<RgbImage> {
         return Err(bad("is a folder; name an image file".into()));
     }
     let file = std::fs::File::open(path).map_err(|e| bad(format!("cannot read it ({e})")))?;
-    let mut reader = ImageReader::new(std::io::BufReader::new(file))
+    decode(std::io::BufReader::new(file), &shown, what)
+}
+
+/// [`read_rgb`] for an image's bytes (an upload); `name` is how errors call it.
+pub fn read_rgb_bytes(bytes: &[u8], name: &str, what: Param) -> Result<RgbImage> {
+    decode(std::io::Cursor::new(bytes), name, what)
+}
+
+fn decode(
+    source: impl std::io::BufRead + std::io::Seek,
+    shown: &str,
+    what: Param,
+) -> Result<RgbImage> {
+    let bad = |rest: String| Error::invalid(what, format!(" {shown}: {rest}"));
+    let mut reader = ImageReader::new(source)
         .with_guessed_format()
         .map_err(|e| bad(format!("cannot read it ({e})")))?;
     let not_image = || bad("is not a PNG, JPEG or WebP image".into());

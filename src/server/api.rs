@@ -29,6 +29,8 @@ pub struct Generation {
     pub seed: Option<u64>,
     pub sampler: Option<String>,
     pub loras: Option<Vec<LoraRef>>,
+    /// Editing (`/v1/images/edits`): the share of the schedule that runs.
+    pub strength: Option<f64>,
     /// OpenAI's fields with no meaning here (this server serves one model, as PNG): accepted
     /// and ignored.
     #[serde(flatten)]
@@ -75,7 +77,7 @@ impl Generation {
         if let Some(k) = self.ignored.keys().find(|k| !IGNORED.contains(&k.as_str())) {
             return Err(ApiError::bad(
                 k,
-                format!("unknown field {k:?}; the fields are prompt, n, size, response_format, negative_prompt, steps, guidance, seed, sampler and loras"),
+                format!("unknown field {k:?}; the fields are prompt, n, size, response_format, negative_prompt, steps, guidance, seed, sampler, loras (and for edits image, mask and strength)"),
             ));
         }
         let prompt = self
@@ -165,6 +167,7 @@ impl Generation {
                 seed: self.seed,
                 sampler,
                 loras,
+                strength: self.strength,
                 ..Request::default()
             },
             n,
@@ -311,5 +314,32 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         r
+    }
+}
+
+/// Fields of `/v1/images/edits` (multipart) that are numbers; the others are text.
+const NUMBERS: &[&str] = &["n", "steps", "guidance", "seed", "strength"];
+
+/// A multipart text field as the JSON value the generation body would hold.
+pub fn form_value(name: &str, text: &str) -> Result<serde_json::Value, ApiError> {
+    if NUMBERS.contains(&name) {
+        let v: serde_json::Value = serde_json::from_str(text.trim())
+            .map_err(|_| ApiError::bad(name, format!("{name} {text:?}: must be a number")))?;
+        if !v.is_number() {
+            return Err(ApiError::bad(
+                name,
+                format!("{name} {text:?}: must be a number"),
+            ));
+        }
+        Ok(v)
+    } else if name == "loras" {
+        serde_json::from_str(text).map_err(|_| {
+            ApiError::bad(
+                "loras",
+                "loras: give a JSON list, e.g. [{\"name\": \"x\", \"scale\": 0.8}]",
+            )
+        })
+    } else {
+        Ok(serde_json::Value::String(text.to_string()))
     }
 }

@@ -34,6 +34,8 @@ const PAGE: &str = include_str!("page.html");
 
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 1 << 20;
+/// Largest `/v1/images/edits` body (the image and mask uploads).
+const UPLOAD_LIMIT: usize = 64 << 20;
 /// How long `url` images stay available, and how many are kept at most.
 const URL_TTL: Duration = Duration::from_secs(3600);
 const URL_MAX: usize = 256;
@@ -54,6 +56,8 @@ pub struct Config {
     pub preset: Option<mmdit::presets::Preset>,
     /// Steps between the previews of a job's progress (0: none).
     pub preview_every: usize,
+    /// The origin whose pages may call the API from a browser (CORS); none by default.
+    pub cors: Option<axum::http::HeaderValue>,
 }
 
 /// Loads the pipeline, on the model's thread.
@@ -185,7 +189,7 @@ async fn stop_signal() {
 }
 
 fn router(state: Shared) -> Router {
-    Router::new()
+    let app = Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
@@ -193,6 +197,10 @@ fn router(state: Shared) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/loras", get(loras))
         .route("/v1/images/generations", post(generations))
+        .route(
+            "/v1/images/edits",
+            post(edits).layer(DefaultBodyLimit::max(UPLOAD_LIMIT)),
+        )
         .route("/v1/images/{file}", get(url_image))
         .route("/v1/jobs", post(create_job))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
@@ -200,8 +208,22 @@ fn router(state: Shared) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(state.clone(), log))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT));
+    // Outermost, so that a browser's preflight is answered before the key is asked for.
+    let app = match state.cfg.cors.clone() {
+        Some(origin) => app.layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(origin)
+                .allow_methods([
+                    axum::http::Method::GET,
+                    axum::http::Method::POST,
+                    axum::http::Method::DELETE,
+                ])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+        ),
+        None => app,
+    };
+    app.with_state(state)
 }
 
 /// One JSON line per request on stderr, and the request counters.
@@ -347,7 +369,13 @@ struct Queued {
 }
 
 fn enqueue(s: &Shared, body: Result<Json<Generation>, JsonRejection>) -> Result<Queued, ApiError> {
-    let Json(g) = body.map_err(|e| {
+    let Json(g) = json_body(body)?;
+    enqueue_checked(s, g, None)
+}
+
+/// The JSON body, or the reason it is not one.
+fn json_body(body: Result<Json<Generation>, JsonRejection>) -> Result<Json<Generation>, ApiError> {
+    body.map_err(|e| {
         // A body too large stays 413 and a missing JSON content type 415; everything else
         // about the body is a 400, as OpenAI answers (axum's 422 included).
         let status = match e.status() {
@@ -358,8 +386,26 @@ fn enqueue(s: &Shared, body: Result<Json<Generation>, JsonRejection>) -> Result<
             status,
             format!("the body is not a valid request: {}", e.body_text()),
         )
-    })?;
+    })
+}
+
+/// An upload of `/v1/images/edits`: the image to edit and the optional mask.
+struct Uploads {
+    image: mmdit::RgbImage,
+    mask: Option<mmdit::RgbImage>,
+}
+
+/// Checks a request (field by field, then against the model) and queues it.
+fn enqueue_checked(
+    s: &Shared,
+    g: Generation,
+    uploads: Option<Uploads>,
+) -> Result<Queued, ApiError> {
     let mut checked = g.check(s.cfg.lora_dir.as_deref())?;
+    if let Some(u) = uploads {
+        checked.req.image = Some(u.image);
+        checked.req.mask = u.mask;
+    }
     if let Some(p) = &s.cfg.preset {
         p.apply(&mut checked.req);
     }
@@ -427,12 +473,76 @@ fn urls(s: &Shared, host: &str, images: worker::Images) -> Vec<String> {
         .collect()
 }
 
+/// `POST /v1/images/edits` (multipart, as OpenAI's): `image` and optional `mask` files, and the
+/// generation fields as text (`prompt`, `strength`, `n`, `size`, ...); answered as generations.
+async fn edits(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    form: Result<axum::extract::Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let mut form = form.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not a multipart form: {}", e.body_text()),
+        )
+    })?;
+    let mut fields = serde_json::Map::new();
+    let (mut image, mut mask) = (None, None);
+    let bad_form = |e: axum::extract::multipart::MultipartError| {
+        ApiError::new(
+            e.status(),
+            format!("the form cannot be read: {}", e.body_text()),
+        )
+    };
+    while let Some(field) = form.next_field().await.map_err(bad_form)? {
+        let name = field.name().unwrap_or_default().to_string();
+        match name.as_str() {
+            "image" | "image[]" | "mask" => {
+                let file = field.file_name().unwrap_or(&name).to_string();
+                let bytes = field.bytes().await.map_err(bad_form)?;
+                let what = if name == "mask" {
+                    mmdit::Param::Mask
+                } else {
+                    mmdit::Param::Image
+                };
+                let img = mmdit::image_io::read_rgb_bytes(&bytes, &file, what)
+                    .map_err(|e| ApiError::from_library(&e))?;
+                if name == "mask" {
+                    mask = Some(img);
+                } else if image.replace(img).is_some() {
+                    return Err(ApiError::bad("image", "give one image to edit"));
+                }
+            }
+            _ => {
+                let text = field.text().await.map_err(bad_form)?;
+                fields.insert(name.clone(), api::form_value(&name, &text)?);
+            }
+        }
+    }
+    let image =
+        image.ok_or_else(|| ApiError::bad("image", "image is required: the file to edit"))?;
+    let g: Generation = serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the form is not a valid request: {e}"),
+        )
+    })?;
+    let q = enqueue_checked(&s, g, Some(Uploads { image, mask }))?;
+    answer(&s, &headers, q).await
+}
+
 async fn generations(
     State(s): State<Shared>,
     headers: HeaderMap,
     body: Result<Json<Generation>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let q = enqueue(&s, body)?;
+    answer(&s, &headers, q).await
+}
+
+/// Waits for a queued request's images (cancelling it if the client goes away) and answers them
+/// as OpenAI does.
+async fn answer(s: &Shared, headers: &HeaderMap, q: Queued) -> Result<Response, ApiError> {
     let mut guard = CancelOnDrop {
         cancel: q.cancel,
         armed: true,
@@ -453,7 +563,7 @@ async fn generations(
                 })
             })
             .collect(),
-        Format::Url => urls(&s, &host(&headers), images)
+        Format::Url => urls(s, &host(headers), images)
             .into_iter()
             .map(|u| serde_json::json!({ "url": u }))
             .collect(),

@@ -429,6 +429,10 @@ fn a_full_queue_answers_429_and_a_client_that_leaves_cancels_its_job() {
     std::thread::sleep(Duration::from_millis(700));
     let waiting = post(4);
     std::thread::sleep(Duration::from_millis(700));
+    // A full queue: not ready.
+    let (code, ready) = s.get("/ready", &[]);
+    assert_eq!(code, 503, "{}", String::from_utf8_lossy(&ready));
+    assert!(String::from_utf8_lossy(&ready).contains("queue full"));
     let (code, head) = post(30).join().unwrap();
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
     assert_eq!(code, 429, "{head}");
@@ -1059,4 +1063,168 @@ fn cors_is_off_unless_an_origin_is_given() {
         &String::from_utf8_lossy(&o.stderr),
         &["--cors example.com/"],
     );
+}
+
+/// Two replicas behind a real nginx (docs/serving.md's configuration): requests through nginx
+/// are served by both, each image the one a single server gives; with one replica stopped, the
+/// other serves them all.
+#[test]
+fn replicas_behind_nginx_share_the_requests() {
+    let dir = tmp("serve-nginx");
+    let a = Server::start(&["--model", "demo"]);
+    let b = Server::start(&["--model", "demo"]);
+    let port = |s: &Server| s.url.rsplit(':').next().unwrap().to_string();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let front = free.local_addr().unwrap().port();
+    drop(free);
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "pid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\nhttp {{\n\
+             access_log off;\nclient_body_temp_path {d}/body;\nproxy_temp_path {d}/proxy;\n\
+             upstream mmdit {{ server 127.0.0.1:{pa} max_fails=0; server 127.0.0.1:{pb} max_fails=0; }}\n\
+             server {{ listen 127.0.0.1:{front}; client_max_body_size 64m;\n\
+             location / {{ proxy_pass http://mmdit; proxy_next_upstream error timeout http_429 non_idempotent;\n\
+             proxy_read_timeout 3600s; proxy_buffering off; proxy_set_header Host $http_host; }} }}\n}}\n",
+            d = dir.display(),
+            pa = port(&a),
+            pb = port(&b),
+        ),
+    )
+    .unwrap();
+    let mut nginx = Command::new("nginx")
+        .args([
+            "-c",
+            conf.to_str().unwrap(),
+            "-p",
+            dir.to_str().unwrap(),
+            "-g",
+            "daemon off; master_process off;",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nginx is installed (Debian's `nginx` package)");
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = {
+        let t0 = Instant::now();
+        while curl(&format!("http://127.0.0.1:{front}/health"), &[], 5).0 != 200 {
+            if let Some(status) = nginx.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(nginx.stderr.as_mut().unwrap(), &mut err).unwrap();
+                panic!("nginx exited ({status}): {err}");
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "nginx did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Kill(nginx)
+    };
+    let via = |seed: u64| -> Vec<u8> {
+        let body = serde_json::json!({"prompt": "a red circle", "size": "32x32", "steps": 2, "seed": seed});
+        let (code, out) = curl(
+            &format!("http://127.0.0.1:{front}/v1/images/generations"),
+            &[
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &body.to_string(),
+            ],
+            120,
+        );
+        let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(code, 200, "{out}");
+        png(
+            &b64(&out["data"][0]["b64_json"]),
+            &dir,
+            &format!("via-{seed}.png"),
+        )
+        .0
+    };
+    let served = |s: &Server| {
+        s.log()
+            .iter()
+            .filter(|l| {
+                l.contains("\"path\":\"/v1/images/generations\"") && l.contains("\"status\":200")
+            })
+            .count()
+    };
+    let images: Vec<Vec<u8>> = (0..4).map(via).collect();
+    assert!(
+        served(&a) >= 1 && served(&b) >= 1,
+        "round robin: {} and {}",
+        served(&a),
+        served(&b)
+    );
+    assert_eq!(served(&a) + served(&b), 4);
+    for (seed, img) in images.iter().enumerate() {
+        let want = cli_image(
+            &dir,
+            &format!("cli-{seed}.png"),
+            &[
+                "--prompt",
+                "a red circle",
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--steps",
+                "2",
+                "--seed",
+                &seed.to_string(),
+            ],
+        );
+        assert!(*img == want, "seed {seed}");
+    }
+    // One replica gone: the other answers everything.
+    assert_eq!(b.stop(), Some(0));
+    let before = served(&a);
+    for seed in 10..13 {
+        via(seed);
+    }
+    assert_eq!(served(&a), before + 3);
+}
+
+/// SIGTERM: the server stops accepting, finishes the running request, answers the queued one 503
+/// and exits 0.
+#[test]
+fn sigterm_finishes_the_running_request_and_refuses_the_queued() {
+    let s = Server::start(&["--model", "demo"]);
+    let url = format!("{}/v1/images/generations", s.url);
+    let post = |steps: u32| {
+        let url = url.clone();
+        let body =
+            serde_json::json!({"prompt": "x", "size": "256x256", "steps": steps}).to_string();
+        std::thread::spawn(move || {
+            curl(
+                &url,
+                &[
+                    "-H",
+                    "Content-Type: application/json",
+                    "--data-binary",
+                    &body,
+                ],
+                120,
+            )
+        })
+    };
+    let running = post(60);
+    std::thread::sleep(Duration::from_millis(700));
+    let queued = post(60);
+    std::thread::sleep(Duration::from_millis(700));
+    let log = s.log.clone();
+    assert_eq!(s.stop(), Some(0), "{:?}", log.lock().unwrap());
+    let (code, out) = running.join().unwrap();
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
+    let (code, out) = queued.join().unwrap();
+    assert_eq!(code, 503, "{}", String::from_utf8_lossy(&out));
+    assert!(log.lock().unwrap().iter().any(|l| l == "stopped"));
 }

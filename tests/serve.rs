@@ -1228,3 +1228,137 @@ fn sigterm_finishes_the_running_request_and_refuses_the_queued() {
     assert_eq!(code, 503, "{}", String::from_utf8_lossy(&out));
     assert!(log.lock().unwrap().iter().any(|l| l == "stopped"));
 }
+
+/// Whatever a client sends, the server answers it (never a 5xx, never a dropped connection) and
+/// stays up: 120 requests of junk bodies, junk JSON and junk forms on every endpoint, bounded.
+#[test]
+fn junk_from_clients_gets_answers_not_crashes() {
+    let dir = tmp("serve-junk");
+    let s = Server::start(&["--model", "demo", "--queue", "2"]);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let fields = [
+        "prompt",
+        "n",
+        "size",
+        "steps",
+        "guidance",
+        "seed",
+        "sampler",
+        "loras",
+        "strength",
+        "response_format",
+        "negative_prompt",
+    ];
+    let values = [
+        "null",
+        "-1",
+        "0",
+        "1e308",
+        "\"\"",
+        "\"x\"",
+        "[]",
+        "{}",
+        "true",
+        "\"99999x99999\"",
+        "18446744073709551616",
+        "\"\\u0000\"",
+        "[{\"name\": 5}]",
+        "0.5",
+        "\"NaN\"",
+    ];
+    let body_file = dir.join("body");
+    let t0 = Instant::now();
+    for k in 0..120 {
+        let r = next();
+        let (path, args): (&str, Vec<String>) = match k % 4 {
+            0 => {
+                // Random bytes as JSON.
+                let bytes: Vec<u8> = (0..(r % 300)).map(|i| (next() >> (i % 56)) as u8).collect();
+                std::fs::write(&body_file, bytes).unwrap();
+                (
+                    "/v1/images/generations",
+                    vec![
+                        "-H".into(),
+                        "Content-Type: application/json".into(),
+                        "--data-binary".into(),
+                        format!("@{}", body_file.display()),
+                    ],
+                )
+            }
+            1 | 2 => {
+                // A JSON object of random fields and values (small sizes and steps: it may run).
+                let mut obj = serde_json::Map::new();
+                obj.insert("prompt".into(), "x".into());
+                obj.insert("size".into(), "16x16".into());
+                obj.insert("steps".into(), 1.into());
+                for _ in 0..(r % 4) {
+                    let f = fields[(next() % fields.len() as u64) as usize];
+                    let v = values[(next() % values.len() as u64) as usize];
+                    obj.insert(f.into(), serde_json::from_str(v).unwrap());
+                }
+                let path = if k % 4 == 1 {
+                    "/v1/images/generations"
+                } else {
+                    "/v1/jobs"
+                };
+                (
+                    path,
+                    vec![
+                        "-H".into(),
+                        "Content-Type: application/json".into(),
+                        "--data-binary".into(),
+                        serde_json::Value::Object(obj).to_string(),
+                    ],
+                )
+            }
+            _ => {
+                // A form with a junk image and random text fields.
+                std::fs::write(
+                    &body_file,
+                    (0..(r % 2000)).map(|i| (i * 7) as u8).collect::<Vec<u8>>(),
+                )
+                .unwrap();
+                let f = fields[(r % fields.len() as u64) as usize];
+                let v = values[(next() % values.len() as u64) as usize];
+                (
+                    "/v1/images/edits",
+                    vec![
+                        "-F".into(),
+                        format!("image=@{}", body_file.display()),
+                        "-F".into(),
+                        "prompt=x".into(),
+                        "-F".into(),
+                        format!("{f}={v}"),
+                    ],
+                )
+            }
+        };
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out) = s.curl(path, &refs, 60);
+        assert!(
+            (200..500).contains(&code),
+            "{path} {args:?}: {code} {}",
+            String::from_utf8_lossy(&out)
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(240),
+            "too slow: {k} requests"
+        );
+    }
+    for path in [
+        "/v1/jobs/%00",
+        "/v1/images/..%2f..%2fetc%2fpasswd",
+        "/v1/jobs/x/events",
+    ] {
+        let (code, _) = s.get(path, &[]);
+        assert!((400..500).contains(&code), "{path}: {code}");
+    }
+    assert_eq!(s.get("/health", &[]).0, 200);
+    assert_eq!(s.stop(), Some(0));
+}

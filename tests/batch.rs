@@ -11,13 +11,7 @@ fn pixels(p: &Path) -> Vec<u8> {
 }
 
 fn generate(out: &Path, args: &[&str]) {
-    let o = mmdit()
-        .args(["generate", "--model", "demo", "--output"])
-        .arg(out)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::run_demo(out, args);
 }
 
 #[test]

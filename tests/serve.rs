@@ -157,15 +157,7 @@ fn b64(v: &serde_json::Value) -> Vec<u8> {
 }
 
 fn cli_image(dir: &Path, name: &str, args: &[&str]) -> Vec<u8> {
-    let out: PathBuf = dir.join(name);
-    let o = mmdit()
-        .args(["generate", "--model", "demo", "--output"])
-        .arg(&out)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    mmdit::output::read_png(&out).unwrap().0.data
+    common::generate_demo(&dir.join(name), args)
 }
 
 /// Two images from one request are the CLI's images for seeds s and s + 1, as PNGs that record
@@ -858,7 +850,7 @@ fn the_web_page_runs_a_job_in_headless_chromium() {
 fn edits_take_multipart_uploads_and_equal_the_clis_edits() {
     let dir = tmp("serve-edits");
     let input = dir.join("in.png");
-    generate_demo(
+    common::generate_demo(
         &input,
         &[
             "--prompt",
@@ -926,8 +918,7 @@ fn edits_take_multipart_uploads_and_equal_the_clis_edits() {
             input.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        generate_demo(&out, &args);
-        mmdit::output::read_png(&out).unwrap().0.data
+        common::generate_demo(&out, &args)
     };
     let (code, out) = form(&[]);
     assert_eq!(code, 200, "{out}");
@@ -987,16 +978,6 @@ fn edits_take_multipart_uploads_and_equal_the_clis_edits() {
         (400, Some("image")),
         "{out}"
     );
-}
-
-fn generate_demo(out: &Path, args: &[&str]) {
-    let o = mmdit()
-        .args(["generate", "--model", "demo", "--overwrite", "--output"])
-        .arg(out)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// CORS is off unless `--cors ORIGIN`: then that origin's preflight is answered (before the API

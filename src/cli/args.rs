@@ -271,3 +271,24 @@ impl Chosen {
         }
     }
 }
+
+/// A folder of LoRA files that requests name in `loras` (`serve`, `batch`).
+#[derive(Args, Debug, Default, Clone)]
+pub struct LoraDirArgs {
+    /// Folder of LoRA .safetensors files that requests name in `loras`.
+    #[arg(long)]
+    pub lora_dir: Option<PathBuf>,
+}
+
+impl LoraDirArgs {
+    /// The folder, checked to exist.
+    pub fn checked(&self) -> mmdit::Result<Option<&Path>> {
+        match &self.lora_dir {
+            Some(d) if !d.is_dir() => Err(mmdit::Error::request(format!(
+                "--lora-dir {}: no such folder",
+                d.display()
+            ))),
+            d => Ok(d.as_deref()),
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //! N-th line and `--resume` skips the lines whose outputs exist, so the jobs of any scheduler's
 //! array (Slurm, Kubernetes Indexed Jobs) split a prompt list with no coordination.
 
-use super::args::ModelArgs;
+use super::args::{LoraDirArgs, ModelArgs};
 use crate::server::api::Generation;
 use anyhow::Context;
 use clap::Args;
@@ -28,9 +28,8 @@ pub struct BatchArgs {
     /// Skip the lines whose images all exist (a rerun after an interruption).
     #[arg(long)]
     pub resume: bool,
-    /// Folder of LoRA .safetensors files that lines name in `loras`.
-    #[arg(long)]
-    pub lora_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub lora_dir: LoraDirArgs,
 }
 
 /// A line to run: its number, request, image count and output files.
@@ -82,15 +81,7 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
-    if let Some(d) = &a.lora_dir {
-        if !d.is_dir() {
-            return Err(mmdit::Error::request(format!(
-                "--lora-dir {}: no such folder",
-                d.display()
-            ))
-            .into());
-        }
-    }
+    let lora_dir = a.lora_dir.checked()?;
     let text = std::fs::read_to_string(&a.requests).map_err(|e| {
         mmdit::Error::request(format!("{}: cannot read it ({e})", a.requests.display()))
     })?;
@@ -109,9 +100,7 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
         };
         let body: Generation =
             serde_json::from_str(raw).map_err(|e| at(format!("not a request ({e})")))?;
-        let checked = body
-            .check(a.lora_dir.as_deref())
-            .map_err(|e| at(e.message))?;
+        let checked = body.check(lora_dir).map_err(|e| at(e.message))?;
         let mut req = checked.req;
         req.seed = req.seed.or(Some(number as u64));
         chosen.apply_preset(&mut req);

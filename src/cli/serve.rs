@@ -1,6 +1,6 @@
 //! `mmdit serve`: the model behind OpenAI's images API ([`crate::server`]).
 
-use super::args::ModelArgs;
+use super::args::{LoraDirArgs, ModelArgs};
 use crate::server;
 use clap::Args;
 use mmdit::device;
@@ -23,9 +23,8 @@ pub struct ServeArgs {
     /// MMDIT_API_KEY).
     #[arg(long, env = "MMDIT_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Folder of LoRA .safetensors files that requests name in `loras`.
-    #[arg(long)]
-    pub lora_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub lora_dir: LoraDirArgs,
     /// Let pages from this origin (e.g. https://example.com) call the API from a browser (CORS);
     /// off by default.
     #[arg(long, value_name = "ORIGIN")]
@@ -47,15 +46,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         )
         .into());
     }
-    if let Some(d) = &a.lora_dir {
-        if !d.is_dir() {
-            return Err(mmdit::Error::request(format!(
-                "--lora-dir {}: no such folder",
-                d.display()
-            ))
-            .into());
-        }
-    }
+    let lora_dir = a.lora_dir.checked()?.map(PathBuf::from);
     let cors = match &a.cors {
         None => None,
         Some(o) => {
@@ -77,7 +68,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         port: a.port,
         queue: a.queue,
         api_key: a.api_key.map(|k| k.trim().to_string()),
-        lora_dir: a.lora_dir,
+        lora_dir,
         model: chosen.name.clone(),
         dtype: device::dtype_name(dtype).to_string(),
         preset: chosen.preset.clone(),

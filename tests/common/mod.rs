@@ -253,3 +253,20 @@ pub fn manifest_tensors(
         })
         .collect()
 }
+
+/// `mmdit generate --model demo --overwrite --output OUT ARGS`, asserted successful.
+pub fn run_demo(out: &std::path::Path, args: &[&str]) {
+    let o = mmdit()
+        .args(["generate", "--model", "demo", "--overwrite", "--output"])
+        .arg(out)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// [`run_demo`] for one image: its pixels.
+pub fn generate_demo(out: &std::path::Path, args: &[&str]) -> Vec<u8> {
+    run_demo(out, args);
+    mmdit::output::read_png(out).unwrap().0.data
+}

@@ -219,7 +219,8 @@ fn serves_the_clis_images_and_its_endpoints() {
         metrics.contains("mmdit_requests_total{status=\"200\"}"),
         "{metrics}"
     );
-    assert!(metrics.contains("mmdit_step_seconds_count 6"), "{metrics}");
+    // Both images in one batched forward: 3 steps, not 6.
+    assert!(metrics.contains("mmdit_step_seconds_count 3"), "{metrics}");
     // One JSON log line per request.
     let log = s.log();
     let lines: Vec<serde_json::Value> = log

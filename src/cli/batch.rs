@@ -152,20 +152,27 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
         .expect("valid template"),
     );
     for line in &lines {
+        // Batched forwards where the size allows ([`mmdit::Pipeline::batch_size`]).
+        let batch = pipe.batch_size(&pipe.resolve(&line.req)?);
         let seed = line.req.seed.unwrap_or(0);
-        for (k, out) in line.outputs.iter().enumerate() {
+        for first in (0..line.n).step_by(batch) {
+            let len = batch.min(line.n - first);
             let req = mmdit::Request {
-                seed: Some(seed.wrapping_add(k as u64)),
+                seed: Some(seed.wrapping_add(first as u64)),
                 ..line.req.clone()
             };
-            let g = pipe
-                .generate(&req, &mut |_| {})
-                .with_context(|| format!("line {}", line.number))?;
-            let text = g
-                .request
-                .parameters(&chosen.name, device::dtype_name(dtype));
-            mmdit::output::write_png(out, &g.image, &text)?;
-            bar.inc(1);
+            let made = match len {
+                1 => pipe.generate(&req, &mut |_| {}).map(|g| vec![g]),
+                _ => pipe.generate_batch(&req, len, &mut |_| {}),
+            }
+            .with_context(|| format!("line {}", line.number))?;
+            for (k, g) in made.into_iter().enumerate() {
+                let text = g
+                    .request
+                    .parameters(&chosen.name, device::dtype_name(dtype));
+                mmdit::output::write_png(&line.outputs[first + k], &g.image, &text)?;
+                bar.inc(1);
+            }
         }
     }
     bar.finish_and_clear();

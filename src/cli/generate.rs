@@ -313,9 +313,12 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     pipe.keep_text_encoders(a.keep_text_encoders);
     let load = t0.elapsed();
     let mut preview = None;
-    for (k, out_path) in outputs.iter().enumerate() {
+    // Images of one batched forward (text-to-image; edits and given noise run one at a time).
+    let batch = pipe.batch_size(&resolved);
+    for chunk in (0..outputs.len()).step_by(batch) {
+        let len = batch.min(outputs.len() - chunk);
         let req_k = Request {
-            seed: Some(resolved.seed.wrapping_add(k as u64)),
+            seed: Some(resolved.seed.wrapping_add(chunk as u64)),
             ..req.clone()
         };
         if a.preview_every.is_some() && preview.is_none() {
@@ -328,100 +331,105 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
             )
             .expect("valid template"),
         );
-        let out = match a.preview_every {
-            None => pipe.generate(&req_k, &mut |_| bar.inc(1)),
-            Some(every) => {
-                let preview = mmdit::pipeline::preview::Preview::fit(&mut pipe)?;
+        let mut run = |obs: &mut dyn mmdit::pipeline::sample::Observer| match len {
+            1 => pipe.generate_observed(&req_k, obs).map(|g| vec![g]),
+            _ => pipe.generate_batch(&req_k, len, obs),
+        };
+        let outs = match (a.preview_every, &preview) {
+            (Some(every), Some(preview)) => {
                 let mut obs = Previews {
                     every,
-                    preview,
-                    output: out_path.clone(),
+                    preview: preview.clone(),
+                    output: outputs[chunk].clone(),
                     bar: &bar,
                     error: None,
                 };
-                let out = pipe.generate_observed(&req_k, &mut obs);
+                let outs = run(&mut obs);
                 if let Some(e) = obs.error {
                     return Err(e.into());
                 }
-                out
+                outs
             }
+            _ => run(&mut |_| bar.inc(1)),
         };
         bar.finish_and_clear();
-        let out = out?;
-        for t in &out.truncations {
+        for (j, out) in outs?.into_iter().enumerate() {
+            let out_path = &outputs[chunk + j];
+            for t in &out.truncations {
+                eprintln!(
+                    "warning: prompt too long for {} ({} tokens): {} tokens were dropped",
+                    t.encoder, t.limit, t.dropped
+                );
+            }
+            let r = &out.request;
+            let mut text = Vec::new();
+            if let ModelRef::Hub { revision, .. } = &chosen.model {
+                text.push(("revision", revision.clone()));
+            }
+            if let Some(c) = &a.model.components {
+                text.push(("components", c.clone()));
+            }
+            if let Some(q) = chosen.quantize {
+                text.push(("quantize", mmdit::nn::quant::name(q).to_string()));
+            }
+            if chosen.dequantize {
+                text.push(("dequantize", "true".to_string()));
+            }
+            if let Some(f) = &chosen.t5 {
+                let path = std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());
+                text.push(("t5", path.display().to_string()));
+            }
+            if let Some(n) = &a.noise {
+                text.push(("noise_file", n.display().to_string()));
+            }
+            for (key, file) in [("image", &input), ("mask", &mask)] {
+                if let Some(f) = file {
+                    let path = std::fs::canonicalize(&f.path).unwrap_or_else(|_| f.path.clone());
+                    text.push((key, path.display().to_string()));
+                    let sha_key = if key == "image" {
+                        "image_sha256"
+                    } else {
+                        "mask_sha256"
+                    };
+                    text.push((sha_key, f.sha256.clone()));
+                }
+            }
+            if !lora_specs.is_empty() {
+                let lines = |v: Vec<String>| v.join("\n");
+                text.push((
+                    "lora",
+                    lines(lora_specs.iter().map(|s| s.display()).collect()),
+                ));
+                text.push(("lora_sha256", lines(lora_shas.clone())));
+            }
+            // The strength as given: a replay on the same model takes the same default, and a model that
+            // takes no strength (FLUX.1 Kontext) gets none back.
+            if let Some(s) = a.edit.strength {
+                text.push(("strength", s.to_string()));
+            }
+            let text: Vec<(String, String)> = r
+                .parameters(&chosen.name, device::dtype_name(dtype))
+                .into_iter()
+                .chain(text.into_iter().map(|(k, v)| (k.to_string(), v)))
+                .collect();
+            output::write_image(out_path, &out.image, &text)?;
+            let t = &out.timings;
             eprintln!(
-                "warning: prompt too long for {} ({} tokens): {} tokens were dropped",
-                t.encoder, t.limit, t.dropped
+                "wrote {} | load {:.2}s, text {:.2}s, {}{} steps {:.2}s ({:.3}s/step), decode {:.2}s",
+                out_path.display(),
+                load.as_secs_f64(),
+                t.text.as_secs_f64(),
+                if r.init.is_some() {
+                    format!("encode {:.2}s, ", t.encode.as_secs_f64())
+                } else {
+                    String::new()
+                },
+                t.steps.len(),
+                t.denoise().as_secs_f64(),
+                t.denoise().as_secs_f64() / t.steps.len().max(1) as f64,
+                t.decode.as_secs_f64()
             );
         }
-        let r = &out.request;
-        let mut text = Vec::new();
-        if let ModelRef::Hub { revision, .. } = &chosen.model {
-            text.push(("revision", revision.clone()));
-        }
-        if let Some(c) = &a.model.components {
-            text.push(("components", c.clone()));
-        }
-        if let Some(q) = chosen.quantize {
-            text.push(("quantize", mmdit::nn::quant::name(q).to_string()));
-        }
-        if chosen.dequantize {
-            text.push(("dequantize", "true".to_string()));
-        }
-        if let Some(f) = &chosen.t5 {
-            let path = std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());
-            text.push(("t5", path.display().to_string()));
-        }
-        if let Some(n) = &a.noise {
-            text.push(("noise_file", n.display().to_string()));
-        }
-        for (key, file) in [("image", &input), ("mask", &mask)] {
-            if let Some(f) = file {
-                let path = std::fs::canonicalize(&f.path).unwrap_or_else(|_| f.path.clone());
-                text.push((key, path.display().to_string()));
-                let sha_key = if key == "image" {
-                    "image_sha256"
-                } else {
-                    "mask_sha256"
-                };
-                text.push((sha_key, f.sha256.clone()));
-            }
-        }
-        if !lora_specs.is_empty() {
-            let lines = |v: Vec<String>| v.join("\n");
-            text.push((
-                "lora",
-                lines(lora_specs.iter().map(|s| s.display()).collect()),
-            ));
-            text.push(("lora_sha256", lines(lora_shas.clone())));
-        }
-        // The strength as given: a replay on the same model takes the same default, and a model that
-        // takes no strength (FLUX.1 Kontext) gets none back.
-        if let Some(s) = a.edit.strength {
-            text.push(("strength", s.to_string()));
-        }
-        let text: Vec<(String, String)> = r
-            .parameters(&chosen.name, device::dtype_name(dtype))
-            .into_iter()
-            .chain(text.into_iter().map(|(k, v)| (k.to_string(), v)))
-            .collect();
-        output::write_image(out_path, &out.image, &text)?;
-        let t = &out.timings;
-        eprintln!(
-            "wrote {} | load {:.2}s, text {:.2}s, {}{} steps {:.2}s ({:.3}s/step), decode {:.2}s",
-            out_path.display(),
-            load.as_secs_f64(),
-            t.text.as_secs_f64(),
-            if r.init.is_some() {
-                format!("encode {:.2}s, ", t.encode.as_secs_f64())
-            } else {
-                String::new()
-            },
-            t.steps.len(),
-            t.denoise().as_secs_f64(),
-            t.denoise().as_secs_f64() / t.steps.len().max(1) as f64,
-            t.decode.as_secs_f64()
-        );
     }
     Ok(())
 }

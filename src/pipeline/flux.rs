@@ -315,10 +315,16 @@ impl Denoise for Step<'_> {
             }
             None => packed,
         };
+        // One guidance value for every sample of the batch.
+        let guidance = self
+            .guidance
+            .as_ref()
+            .map(|g| g.broadcast_as(x.dim(0)?)?.contiguous())
+            .transpose()?;
         let v = self.model.forward(
             &input,
             &sigma,
-            self.guidance.as_ref(),
+            guidance.as_ref(),
             &c.context,
             &c.pooled,
             &self.rope,

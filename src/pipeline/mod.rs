@@ -764,6 +764,10 @@ pub struct Generated {
     pub truncations: Vec<Truncation>,
 }
 
+/// Image tokens (latent pixels / 4) one batched forward takes at most ([`Pipeline::batch_size`]):
+/// four 512x512 images, one 1024x1024.
+pub const BATCH_TOKENS: usize = 4096;
+
 /// A loaded pipeline of any family.
 pub struct Pipeline {
     pub spec: Spec,
@@ -995,6 +999,78 @@ impl Pipeline {
         })
     }
 
+    /// Images of one batched forward at this size at most: as many as keep the batch within
+    /// [`BATCH_TOKENS`] image tokens (one image when a single one is larger), and one for edits
+    /// and requests that bring their own noise (those run one at a time).
+    pub fn batch_size(&self, r: &Resolved) -> usize {
+        if r.init.is_some() || r.noise.is_some() {
+            return 1;
+        }
+        let f = self.spec.vae.scale_factor() * 2;
+        let tokens = (r.width / f).max(1) * (r.height / f).max(1);
+        (BATCH_TOKENS / tokens).max(1)
+    }
+
+    /// `n` images of one text-to-image request in one batched forward, with seeds `seed`,
+    /// `seed + 1`, ...: the images [`Pipeline::generate`] makes for each seed. Edits and
+    /// requests with their own noise are refused (run them one at a time); `observer` sees the
+    /// batch's steps.
+    pub fn generate_batch(
+        &mut self,
+        req: &Request,
+        n: usize,
+        observer: &mut dyn sample::Observer,
+    ) -> Result<Vec<Generated>> {
+        let mut r = self.spec.resolve(req)?;
+        if r.init.is_some() || r.noise.is_some() || n == 0 {
+            return Err(Error::request(
+                "a batch is text-to-image from seeds: run edits and given noise one at a time",
+            ));
+        }
+        r.notices.extend(self.set_loras(&req.loras)?);
+        let mut timings = Timings::default();
+        let t0 = Instant::now();
+        let cfg = self.spec.family.guidance(&r);
+        let (prompts, truncations) = self.encode(&r, cfg.is_some())?;
+        let prompts = prompts.repeated(n)?;
+        self.device.synchronize()?;
+        timings.text = t0.elapsed();
+        let seeds: Vec<u64> = (0..n as u64).map(|k| r.seed.wrapping_add(k)).collect();
+        let noise: Vec<Tensor> = seeds
+            .iter()
+            .map(|&s| seeded_noise(s, self.spec.noise_shape(&r), &self.device))
+            .collect::<Result<_>>()?;
+        let start = Tensor::cat(&noise, 0)?;
+        let sched = self.spec.schedule(&r);
+        let (_, _, h, w) = start.dims4()?;
+        let model = self.transformer.bind(&r, &prompts.pos, (h, w), None)?;
+        let mut guided = sample::Guided::new(model.as_ref(), &prompts, cfg, self.dtype)?;
+        let (latents, steps) =
+            sample::sample(&mut guided, &r, &sched, start, None, self.dtype, observer)?;
+        timings.steps = steps;
+        drop(guided);
+        drop(model);
+        let t0 = Instant::now();
+        let images = self.decode_all(&latents)?;
+        timings.decode = t0.elapsed();
+        images
+            .into_iter()
+            .zip(seeds)
+            .enumerate()
+            .map(|(k, (image, seed))| {
+                let mut request = r.clone();
+                request.seed = seed;
+                Ok(Generated {
+                    image,
+                    latents: latents.narrow(0, k, 1)?,
+                    request,
+                    timings: timings.clone(),
+                    truncations: truncations.clone(),
+                })
+            })
+            .collect()
+    }
+
     /// What an edit starts from and adds to each step, by how the family takes the image: the
     /// input's latents noised to the first `sigma` that runs (diffusers' `scale_noise`) and, with a
     /// mask, the blend after each step or Fill's extra channels; or, for a reference (Kontext), the
@@ -1113,18 +1189,28 @@ impl Pipeline {
 
     /// Latents in sampler space (1, C, h, w) -> RGB image through the VAE (in [`vae_dtype`]).
     pub fn decode(&self, latents: &Tensor) -> Result<RgbImage> {
+        Ok(self.decode_all(latents)?.remove(0))
+    }
+
+    /// Latents in sampler space (b, C, h, w) -> b RGB images, decoded one at a time (the VAE's
+    /// activations are the largest of a run).
+    pub fn decode_all(&self, latents: &Tensor) -> Result<Vec<RgbImage>> {
         let dtype = vae_dtype(self.dtype, latents.device());
-        let z = self
-            .vae
-            .unscale(&latents.to_dtype(DType::F32)?)?
-            .to_dtype(dtype)?;
-        let x = self.vae.decode(&z)?;
-        let (height, width, data) = vae::to_rgb8(&x)?.remove(0);
-        Ok(RgbImage {
-            width,
-            height,
-            data,
-        })
+        (0..latents.dim(0)?)
+            .map(|k| {
+                let z = self
+                    .vae
+                    .unscale(&latents.narrow(0, k, 1)?.to_dtype(DType::F32)?)?
+                    .to_dtype(dtype)?;
+                let x = self.vae.decode(&z)?;
+                let (height, width, data) = vae::to_rgb8(&x)?.remove(0);
+                Ok(RgbImage {
+                    width,
+                    height,
+                    data,
+                })
+            })
+            .collect()
     }
 }
 

@@ -132,8 +132,9 @@ impl Preview {
         Ok(Self { channels: c, w })
     }
 
-    /// The preview of latents (1, C, h, w) in sampler space: an h x w image.
+    /// The preview of latents (b, C, h, w) in sampler space: an h x w image of the first.
     pub fn image(&self, latents: &Tensor) -> Result<RgbImage> {
+        let latents = latents.narrow(0, 0, 1)?;
         let (_, c, h, w) = latents.dims4()?;
         if c != self.channels {
             return Err(crate::Error::request(format!(

@@ -77,6 +77,27 @@ pub struct Prompts {
     pub neg: Option<Conditioning>,
 }
 
+impl Prompts {
+    /// The prompts repeated for a batch of `n` images.
+    pub fn repeated(&self, n: usize) -> Result<Self> {
+        let rep = |c: &Conditioning| -> Result<Conditioning> {
+            let expand = |t: &Tensor| -> Result<Tensor> {
+                let mut dims = t.dims().to_vec();
+                dims[0] = n;
+                Ok(t.broadcast_as(dims)?.contiguous()?)
+            };
+            Ok(Conditioning {
+                context: expand(&c.context)?,
+                pooled: expand(&c.pooled)?,
+            })
+        };
+        Ok(Self {
+            pos: rep(&self.pos)?,
+            neg: self.neg.as_ref().map(rep).transpose()?,
+        })
+    }
+}
+
 /// How the guided velocity calls the model.
 enum Mode<'a> {
     Unguided(&'a Conditioning),
@@ -128,8 +149,10 @@ impl Velocity for Guided<'_> {
         let v = match &self.mode {
             Mode::Unguided(c) => self.model.velocity(&x, t, c)?,
             Mode::Batched(both, scale) => {
+                // [negatives; positives], each half the batch of x.
+                let b = x.dim(0)?;
                 let v = self.model.velocity(&Tensor::cat(&[&x, &x], 0)?, t, both)?;
-                let (neg, pos) = (v.get(0)?.unsqueeze(0)?, v.get(1)?.unsqueeze(0)?);
+                let (neg, pos) = (v.narrow(0, 0, b)?, v.narrow(0, b, b)?);
                 combine(&neg, &pos, *scale)?
             }
             Mode::Separate(pos, neg, scale) => {

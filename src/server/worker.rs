@@ -221,6 +221,8 @@ struct Steps<'a> {
     every: usize,
     /// Steps of the job's earlier images.
     done: usize,
+    /// Images of the running batch: each step advances them all.
+    batch: usize,
     steps: usize,
     last: Instant,
     t0: Instant,
@@ -231,7 +233,7 @@ impl Steps<'_> {
     fn report(&self) {
         self.job.progress.send_replace(Progress {
             status: "running",
-            step: self.done + self.steps,
+            step: self.done + self.steps * self.batch,
             total: self.job.n * self.job.steps,
             elapsed: self.t0.elapsed().as_secs_f64(),
             error: None,
@@ -283,31 +285,40 @@ fn run_job(
         preview,
         every: recorded.preview_every,
         done: 0,
+        batch: 1,
         steps: 0,
         last: Instant::now(),
         t0,
         image: None,
     };
     obs.report();
-    for i in 0..job.n {
+    // Batched forwards where the size allows ([`Pipeline::batch_size`]).
+    let batch = pipe.batch_size(&pipe.resolve(&job.req)?);
+    for first in (0..job.n).step_by(batch) {
+        let len = batch.min(job.n - first);
         let req = Request {
-            seed: Some(seed.wrapping_add(i as u64)),
+            seed: Some(seed.wrapping_add(first as u64)),
             ..job.req.clone()
         };
-        obs.done = i * job.steps;
+        obs.done = first * job.steps;
+        obs.batch = len;
         obs.steps = 0;
         obs.last = Instant::now();
-        let out = pipe.generate_observed(&req, &mut obs);
+        let out = match len {
+            1 => pipe.generate_observed(&req, &mut obs).map(|g| vec![g]),
+            _ => pipe.generate_batch(&req, len, &mut obs),
+        };
         if let Err(mmdit::Error::Interrupted) = out {
             eprintln!(
                 "{}",
-                serde_json::json!({"event": "cancelled", "image": i, "steps_run": obs.steps})
+                serde_json::json!({"event": "cancelled", "image": first, "steps_run": obs.steps})
             );
         }
-        let out = out?;
-        let text = out.request.parameters(&recorded.model, &recorded.dtype);
-        images.push(mmdit::output::png_bytes(&out.image, &text)?);
-        metrics.images.inc();
+        for g in out? {
+            let text = g.request.parameters(&recorded.model, &recorded.dtype);
+            images.push(mmdit::output::png_bytes(&g.image, &text)?);
+            metrics.images.inc();
+        }
     }
     Ok(images)
 }

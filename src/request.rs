@@ -166,6 +166,10 @@ pub fn check_strength(strength: f64, steps: usize) -> Result<usize> {
 
 /// Largest image the engine accepts, in pixels (a 4096 x 4096 image).
 pub const MAX_PIXELS: usize = 4096 * 4096;
+
+/// Longest prompt (or negative prompt) accepted, in bytes: far beyond the 512 tokens the text
+/// encoders read, short of what would make tokenizing a request slow.
+pub const MAX_PROMPT_BYTES: usize = 64 << 10;
 pub const MAX_STEPS: usize = 1000;
 
 /// Checks a side length: non-zero, a multiple of `multiple`, at most `max`.

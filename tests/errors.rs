@@ -597,3 +597,14 @@ fn from_a_png_without_parameters_is_refused() {
     ]);
     assert_clean_error(code, &err, &["no mmdit generation parameters"]);
 }
+
+#[test]
+fn a_prompt_longer_than_64_kib_is_refused() {
+    let long = "a".repeat(70_000);
+    let (code, err) = run(&["generate".as_ref(), "--prompt".as_ref(), long.as_ref()]);
+    assert_clean_error(
+        code,
+        &err,
+        &["--prompt of 70000 bytes is longer than accepted (at most 65536)"],
+    );
+}

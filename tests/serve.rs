@@ -1344,3 +1344,108 @@ fn junk_from_clients_gets_answers_not_crashes() {
     assert_eq!(s.get("/health", &[]).0, 200);
     assert_eq!(s.stop(), Some(0));
 }
+
+/// The bad fields: each a 400 whose message is the CLI's, the parameter named as the API
+/// names it (`size (width)` for `--width`).
+#[test]
+fn bad_fields_get_the_clis_messages() {
+    let s = Server::start(&["--model", "demo"]);
+    let out = tmp("serve-cli-messages").join("x.png");
+    let cli_error = |args: &[&str]| -> String {
+        let o = mmdit()
+            .args(["generate", "--model", "demo", "--prompt", "x", "--output"])
+            .arg(&out)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        err.lines()
+            .find_map(|l| l.strip_prefix("error: "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    for (body, param, args, flag) in [
+        (
+            serde_json::json!({"prompt": "x", "size": "0x0"}),
+            "size (width)",
+            vec!["--width", "0", "--height", "0"],
+            "--width",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "steps": 10000}),
+            "steps",
+            vec!["--steps", "10000"],
+            "--steps",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "sampler": "ddim"}),
+            "sampler",
+            vec!["--sampler", "ddim"],
+            "--sampler",
+        ),
+    ] {
+        let (code, out) = s.generate(&body, &[]);
+        assert_eq!(code, 400, "{out}");
+        let api = out["error"]["message"].as_str().unwrap().to_string();
+        let cli = cli_error(&args);
+        let tail = |m: &str, name: &str| m.split_once(name).map(|(_, t)| t.trim().to_string());
+        assert_eq!(
+            tail(&api, param),
+            tail(&cli, flag),
+            "API: {api}\nCLI: {cli}"
+        );
+        assert!(tail(&api, param).is_some_and(|t| !t.is_empty()), "{api}");
+    }
+    let (code, out) = s.generate(&serde_json::json!({"prompt": "x", "n": 1000}), &[]);
+    assert_eq!(
+        (code, out["error"]["param"].as_str()),
+        (400, Some("n")),
+        "{out}"
+    );
+    // A 1 MB prompt fits the body limit and is refused by the library's check (the CLI's too).
+    let big = dir_file(
+        "serve-prompt",
+        &serde_json::json!({"prompt": "a".repeat(1_000_000)}).to_string(),
+    );
+    let (code, out) = s.curl(
+        "/v1/images/generations",
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &format!("@{}", big.display()),
+        ],
+        30,
+    );
+    let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(
+        (code, out["error"]["param"].as_str()),
+        (400, Some("prompt")),
+        "{out}"
+    );
+    assert!(
+        out["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1000000 bytes is longer than accepted"),
+        "{out}"
+    );
+    // Invalid JSON and the wrong content type: 400s too.
+    for args in [
+        vec![
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            "{\"prompt\":",
+        ],
+        vec![
+            "-H",
+            "Content-Type: text/plain",
+            "--data-binary",
+            "{\"prompt\": \"x\"}",
+        ],
+    ] {
+        let (code, out) = s.curl("/v1/images/generations", &args, 30);
+        assert_eq!(code, 400, "{}", String::from_utf8_lossy(&out));
+    }
+}

@@ -224,6 +224,22 @@ impl Spec {
         for l in &req.loras {
             l.check()?;
         }
+        let negative = req.negative_prompt.as_deref().unwrap_or_default();
+        for (p, text) in [
+            (Param::Prompt, req.prompt.as_str()),
+            (Param::NegativePrompt, negative),
+        ] {
+            if text.len() > request::MAX_PROMPT_BYTES {
+                return Err(Error::invalid(
+                    p,
+                    format!(
+                        " of {} bytes is longer than accepted (at most {}); the text encoders read at most 512 tokens of it",
+                        text.len(),
+                        request::MAX_PROMPT_BYTES
+                    ),
+                ));
+            }
+        }
         let reference = self.family.edit() == Edit::Reference;
         let (width, height) = match &req.image {
             Some(_) if reference => reference_output_size(req, &d, &mut notices),

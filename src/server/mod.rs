@@ -376,11 +376,11 @@ fn enqueue(s: &Shared, body: Result<Json<Generation>, JsonRejection>) -> Result<
 /// The JSON body, or the reason it is not one.
 fn json_body(body: Result<Json<Generation>, JsonRejection>) -> Result<Json<Generation>, ApiError> {
     body.map_err(|e| {
-        // A body too large stays 413 and a missing JSON content type 415; everything else
-        // about the body is a 400, as OpenAI answers (axum's 422 included).
+        // A body too large stays 413; everything else about the body is a 400, as OpenAI
+        // answers (axum's 415 and 422 included).
         let status = match e.status() {
-            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
-            s => s,
+            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
         };
         ApiError::new(
             status,

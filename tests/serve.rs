@@ -1562,3 +1562,83 @@ fn sixty_four_clients_get_200_or_429_and_memory_stays_flat() {
     assert_eq!(s.get("/health", &[]).0, 200);
     assert_eq!(s.stop(), Some(0));
 }
+
+/// As a user would (scripts/page_check.py over Chromium's DevTools protocol): type a prompt and
+/// the settings into the page, click Generate, watch the progress bar move step by step and the
+/// image appear in the gallery; it is the CLI's image. (docs/serve-page.png is this run's
+/// screenshot at the demo's size.)
+#[test]
+fn a_user_types_a_prompt_clicks_generate_and_sees_progress_and_the_image() {
+    let dir = tmp("serve-user");
+    let s = Server::start(&["--model", "demo", "--api-key", "ui-key"]);
+    let shot = dir.join("page.png");
+    let o = Command::new("python3")
+        .arg(common::root().join("scripts/page_check.py"))
+        .args([
+            &s.url,
+            shot.to_str().unwrap(),
+            "--key",
+            "ui-key",
+            "--size",
+            "256x256",
+        ])
+        .args([
+            "--steps",
+            "12",
+            "--seed",
+            "5",
+            "--prompt",
+            "a red circle on a white background",
+        ])
+        .output()
+        .expect("python3 runs");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let state: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let seen: Vec<u64> = state["progress_seen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as u64)
+        .collect();
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert!(
+        seen.len() >= 3 && seen.last() == Some(&12),
+        "the bar did not move: {seen:?}"
+    );
+    assert_eq!(state["preview"], true, "{state}");
+    assert!(
+        state["state"]
+            .as_str()
+            .unwrap()
+            .starts_with("done: step 12 of 12"),
+        "{state}"
+    );
+    let (code, bytes) = curl(state["results"][0].as_str().unwrap(), &[], 30);
+    assert_eq!(code, 200);
+    let want = cli_image(
+        &dir,
+        "cli.png",
+        &[
+            "--prompt",
+            "a red circle on a white background",
+            "--width",
+            "256",
+            "--height",
+            "256",
+            "--steps",
+            "12",
+            "--seed",
+            "5",
+        ],
+    );
+    assert!(
+        png(&bytes, &dir, "got.png").0 == want,
+        "the page's image differs from the CLI's"
+    );
+    assert!(std::fs::metadata(&shot).unwrap().len() > 1000);
+}

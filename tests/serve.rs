@@ -592,7 +592,8 @@ fn requests_name_loras_from_the_lora_folder() {
 fn jobs_report_every_step_as_server_sent_events() {
     let dir = tmp("serve-jobs");
     let s = Server::start(&["--model", "demo", "--preview-every", "2"]);
-    let body = serde_json::json!({"prompt": "a tree", "size": "32x32", "steps": 4, "seed": 11});
+    // Long enough (about 0.7 s here) that the events connection sees it run.
+    let body = serde_json::json!({"prompt": "a tree", "size": "256x256", "steps": 6, "seed": 11});
     let (code, out) = s.curl(
         "/v1/jobs",
         &[
@@ -621,7 +622,7 @@ fn jobs_report_every_step_as_server_sent_events() {
     assert_eq!(last, "done", "{events}");
     assert_eq!(
         (done["step"].as_u64(), done["total"].as_u64()),
-        (Some(4), Some(4)),
+        (Some(6), Some(6)),
         "{events}"
     );
     let steps: Vec<u64> = parsed
@@ -631,9 +632,9 @@ fn jobs_report_every_step_as_server_sent_events() {
         .collect();
     assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
     assert!(!steps.is_empty(), "{events}");
-    // The last preview (step 4), at latent resolution (the demo's VAE is 4x).
+    // The last preview (step 6), at latent resolution (the demo's VAE is 4x).
     let (preview, _) = png(&b64(&done["preview"]), &dir, "preview.png");
-    assert_eq!(preview.len(), 8 * 8 * 3);
+    assert_eq!(preview.len(), 64 * 64 * 3);
     let url = done["data"][0]["url"].as_str().unwrap();
     let (code, png_bytes) = curl(url, &[], 30);
     assert_eq!(code, 200);

@@ -39,6 +39,8 @@ const UPLOAD_LIMIT: usize = 64 << 20;
 /// How long `url` images stay available, and how many are kept at most.
 const URL_TTL: Duration = Duration::from_secs(3600);
 const URL_MAX: usize = 256;
+/// Bytes of `url` images kept at most.
+const URL_BYTES: usize = 512 << 20;
 /// Jobs kept (for an hour) at most.
 const JOBS_MAX: usize = 1024;
 
@@ -792,7 +794,8 @@ async fn url_image(State(s): State<Shared>, UrlPath(file): UrlPath<String>) -> R
     }
 }
 
-/// Images answered by `url`: kept for [`URL_TTL`], at most [`URL_MAX`] (the oldest go first).
+/// Images answered by `url`: kept for [`URL_TTL`], at most [`URL_MAX`] of them and [`URL_BYTES`]
+/// in all (the oldest go first).
 #[derive(Default)]
 struct UrlImages {
     images: HashMap<String, (Instant, Vec<u8>)>,
@@ -801,7 +804,12 @@ struct UrlImages {
 impl UrlImages {
     fn put(&mut self, png: Vec<u8>) -> String {
         self.images.retain(|_, (t, _)| t.elapsed() < URL_TTL);
-        while self.images.len() >= URL_MAX {
+        let bytes = |m: &HashMap<String, (Instant, Vec<u8>)>| {
+            m.values().map(|(_, p)| p.len()).sum::<usize>()
+        };
+        while !self.images.is_empty()
+            && (self.images.len() >= URL_MAX || bytes(&self.images) + png.len() > URL_BYTES)
+        {
             let oldest = self
                 .images
                 .iter()
@@ -822,5 +830,27 @@ impl UrlImages {
             .get(id)
             .filter(|(t, _)| t.elapsed() < URL_TTL)
             .map(|(_, png)| png.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `url` images stay within both caps, the oldest going first.
+    #[test]
+    fn url_images_keep_within_their_count_and_bytes() {
+        let mut store = UrlImages::default();
+        let first = store.put(vec![0; 10]);
+        for _ in 0..URL_MAX {
+            store.put(vec![0; 10]);
+        }
+        assert_eq!(store.images.len(), URL_MAX);
+        assert!(store.get(&first).is_none(), "the oldest went first");
+        let big = store.put(vec![0; URL_BYTES / 2]);
+        let bigger = store.put(vec![0; URL_BYTES / 2 + 1]);
+        assert!(store.get(&big).is_none() && store.get(&bigger).is_some());
+        let total: usize = store.images.values().map(|(_, p)| p.len()).sum();
+        assert!(total <= URL_BYTES);
     }
 }

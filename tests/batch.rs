@@ -200,22 +200,7 @@ fn a_batched_forward_equals_single_runs() {
             };
             let single = pipe.generate(&one, &mut |_| {}).unwrap();
             assert_eq!(b.request.seed, 11 + k as u64);
-            let d = (&b.latents - &single.latents)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let m = single
-                .latents
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let (d, m) = common::max_diff(&b.latents, &single.latents);
             println!(
                 "{} image {k}: latents max diff {d:e} of {m}",
                 pipe.spec.name()

@@ -955,20 +955,62 @@ impl Pipeline {
     pub fn generate_observed(
         &mut self,
         req: &Request,
-        on_step: &mut dyn sample::Observer,
+        observer: &mut dyn sample::Observer,
     ) -> Result<Generated> {
+        Ok(self.generate_batch(req, 1, observer)?.remove(0))
+    }
+
+    /// Images of one batched forward at this size at most: as many as keep the batch within
+    /// [`BATCH_TOKENS`] image tokens (one image when a single one is larger), and one for edits
+    /// and requests that bring their own noise (those run one at a time).
+    pub fn batch_size(&self, r: &Resolved) -> usize {
+        if r.init.is_some() || r.noise.is_some() {
+            return 1;
+        }
+        let f = self.spec.vae.scale_factor() * 2;
+        let tokens = (r.width / f).max(1) * (r.height / f).max(1);
+        (BATCH_TOKENS / tokens).max(1)
+    }
+
+    /// `n` images of one request in one batched forward, with seeds `seed`, `seed + 1`, ...: the
+    /// images [`Pipeline::generate`] makes for each seed. Runs text encoding, sampling and
+    /// decoding; `observer` sees the batch's steps. A batch of more than one is text-to-image from
+    /// seeds: edits and requests with their own noise are refused (run them one at a time).
+    pub fn generate_batch(
+        &mut self,
+        req: &Request,
+        n: usize,
+        observer: &mut dyn sample::Observer,
+    ) -> Result<Vec<Generated>> {
         let mut r = self.spec.resolve(req)?;
+        if n == 0 || (n > 1 && (r.init.is_some() || r.noise.is_some())) {
+            return Err(Error::request(
+                "a batch is text-to-image from seeds: run edits and given noise one at a time",
+            ));
+        }
         r.notices.extend(self.set_loras(&req.loras)?);
         let mut timings = Timings::default();
         let t0 = Instant::now();
         let cfg = self.spec.family.guidance(&r);
         let (prompts, truncations) = self.encode(&r, cfg.is_some())?;
+        let prompts = match n {
+            1 => prompts,
+            _ => prompts.repeated(n)?,
+        };
         self.device.synchronize()?;
         timings.text = t0.elapsed();
 
+        let seeds: Vec<u64> = (0..n as u64).map(|k| r.seed.wrapping_add(k)).collect();
         let noise = match &r.noise {
             Some(n) => n.to_device(&self.device)?.to_dtype(DType::F32)?,
-            None => self.initial_noise(&r)?,
+            None => {
+                let shape = self.spec.noise_shape(&r);
+                let each: Vec<Tensor> = seeds
+                    .iter()
+                    .map(|&s| seeded_noise(s, shape, &self.device))
+                    .collect::<Result<_>>()?;
+                Tensor::cat(&each, 0)?
+            }
         };
         let sched = self.spec.schedule(&r);
         let t0 = Instant::now();
@@ -999,73 +1041,10 @@ impl Pipeline {
             start,
             blend.as_ref(),
             self.dtype,
-            on_step,
+            observer,
         )?;
         timings.steps = steps;
 
-        let t0 = Instant::now();
-        let image = self.decode(&latents)?;
-        timings.decode = t0.elapsed();
-        Ok(Generated {
-            image,
-            latents,
-            request: r,
-            timings,
-            truncations,
-        })
-    }
-
-    /// Images of one batched forward at this size at most: as many as keep the batch within
-    /// [`BATCH_TOKENS`] image tokens (one image when a single one is larger), and one for edits
-    /// and requests that bring their own noise (those run one at a time).
-    pub fn batch_size(&self, r: &Resolved) -> usize {
-        if r.init.is_some() || r.noise.is_some() {
-            return 1;
-        }
-        let f = self.spec.vae.scale_factor() * 2;
-        let tokens = (r.width / f).max(1) * (r.height / f).max(1);
-        (BATCH_TOKENS / tokens).max(1)
-    }
-
-    /// `n` images of one text-to-image request in one batched forward, with seeds `seed`,
-    /// `seed + 1`, ...: the images [`Pipeline::generate`] makes for each seed. Edits and
-    /// requests with their own noise are refused (run them one at a time); `observer` sees the
-    /// batch's steps.
-    pub fn generate_batch(
-        &mut self,
-        req: &Request,
-        n: usize,
-        observer: &mut dyn sample::Observer,
-    ) -> Result<Vec<Generated>> {
-        let mut r = self.spec.resolve(req)?;
-        if r.init.is_some() || r.noise.is_some() || n == 0 {
-            return Err(Error::request(
-                "a batch is text-to-image from seeds: run edits and given noise one at a time",
-            ));
-        }
-        r.notices.extend(self.set_loras(&req.loras)?);
-        let mut timings = Timings::default();
-        let t0 = Instant::now();
-        let cfg = self.spec.family.guidance(&r);
-        let (prompts, truncations) = self.encode(&r, cfg.is_some())?;
-        let prompts = prompts.repeated(n)?;
-        self.device.synchronize()?;
-        timings.text = t0.elapsed();
-        let seeds: Vec<u64> = (0..n as u64).map(|k| r.seed.wrapping_add(k)).collect();
-        let noise: Vec<Tensor> = seeds
-            .iter()
-            .map(|&s| seeded_noise(s, self.spec.noise_shape(&r), &self.device))
-            .collect::<Result<_>>()?;
-        let start = Tensor::cat(&noise, 0)?;
-        let sched = self.spec.schedule(&r);
-        let (_, _, h, w) = start.dims4()?;
-        let model = self.transformer.bind(&r, &prompts.pos, (h, w), None)?;
-        let mut guided = sample::Guided::new(model.as_ref(), &prompts, cfg, self.dtype)?;
-        let (latents, steps) =
-            sample::sample(&mut guided, &r, &sched, start, None, self.dtype, observer)?;
-        timings.steps = steps;
-        drop(guided);
-        drop(model);
         let t0 = Instant::now();
         let images = self.decode_all(&latents)?;
         timings.decode = t0.elapsed();

@@ -161,11 +161,9 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
                 seed: Some(seed.wrapping_add(first as u64)),
                 ..line.req.clone()
             };
-            let made = match len {
-                1 => pipe.generate(&req, &mut |_| {}).map(|g| vec![g]),
-                _ => pipe.generate_batch(&req, len, &mut |_| {}),
-            }
-            .with_context(|| format!("line {}", line.number))?;
+            let made = pipe
+                .generate_batch(&req, len, &mut |_| {})
+                .with_context(|| format!("line {}", line.number))?;
             for (k, g) in made.into_iter().enumerate() {
                 let text = g
                     .request

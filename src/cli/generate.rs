@@ -331,10 +331,8 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
             )
             .expect("valid template"),
         );
-        let mut run = |obs: &mut dyn mmdit::pipeline::sample::Observer| match len {
-            1 => pipe.generate_observed(&req_k, obs).map(|g| vec![g]),
-            _ => pipe.generate_batch(&req_k, len, obs),
-        };
+        let mut run =
+            |obs: &mut dyn mmdit::pipeline::sample::Observer| pipe.generate_batch(&req_k, len, obs);
         let outs = match (a.preview_every, &preview) {
             (Some(every), Some(preview)) => {
                 let mut obs = Previews {

@@ -304,10 +304,7 @@ fn run_job(
         obs.batch = len;
         obs.steps = 0;
         obs.last = Instant::now();
-        let out = match len {
-            1 => pipe.generate_observed(&req, &mut obs).map(|g| vec![g]),
-            _ => pipe.generate_batch(&req, len, &mut obs),
-        };
+        let out = pipe.generate_batch(&req, len, &mut obs);
         if let Err(mmdit::Error::Interrupted) = out {
             eprintln!(
                 "{}",

@@ -1,4 +1,4 @@
-"""Shape manifests of the eight real models, from diffusers/transformers classes built with the real
+"""Shape manifests of the ten real models, from diffusers/transformers classes built with the real
 configs on the meta device (nothing is downloaded, nothing allocated):
 
     python scripts/make_manifests.py
@@ -15,7 +15,7 @@ import os
 import torch
 import diffusers
 import transformers
-from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import AutoencoderKL, ChromaTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "manifests")
@@ -43,6 +43,9 @@ MODELS = {
     # FLUX.1 Kontext [dev]: FLUX.1-dev's shapes (the reference image's tokens need no new weights).
     "flux.1-kontext-dev": ("flux", "bf16", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
     "flux.1-fill-dev": ("flux", "bf16", dict(patch_size=1, in_channels=384, out_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
+    # Chroma1-HD and Chroma1-Base (lodestones/Chroma1-*/transformer/config.json): diffusers' defaults.
+    "chroma1-hd": ("chroma", "bf16", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56), approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=5)),
+    "chroma1-base": ("chroma", "bf16", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56), approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=5)),
 }
 
 
@@ -64,12 +67,15 @@ def main():
                 tr = SD3Transformer2DModel(**cfg)
                 comps = {"transformer": shapes(tr, dt), "vae": shapes(vae, dt), "text_encoder": shapes(clip_l_proj, "fp16"),
                          "text_encoder_2": shapes(clip_g, "fp16"), "text_encoder_3": shapes(t5, "fp16")}
+            elif family == "chroma":
+                tr = ChromaTransformer2DModel(**cfg)
+                comps = {"transformer": shapes(tr, dt), "vae": shapes(vae, dt), "text_encoder": shapes(t5, dt)}
             else:
                 tr = FluxTransformer2DModel(**cfg)
                 comps = {"transformer": shapes(tr, dt), "vae": shapes(vae, dt), "text_encoder": shapes(clip_l, dt),
                          "text_encoder_2": shapes(t5, dt)}
             # transformers 5 ties T5's `encoder.embed_tokens` to `shared`: the Hub files store `shared.weight`.
-            for k in ("text_encoder_3", "text_encoder_2"):
+            for k in ("text_encoder_3", "text_encoder_2", "text_encoder"):
                 if k in comps and any(t["name"] == "shared.weight" for t in comps[k]):
                     comps[k] = [t for t in comps[k] if t["name"] != "encoder.embed_tokens.weight"]
             doc = {"generator": "scripts/make_manifests.py", "diffusers": diffusers.__version__,

@@ -10,8 +10,10 @@ Writes, under tests/fixtures/single/:
 - sd35-tiny/sd35_tiny.safetensors: the sd35-tiny MMDiT alone (qk RMSNorm, MMDiT-X), no prefix;
 - flux-dev-tiny/flux1-dev-tiny.safetensors + ae.safetensors: the flux-dev-tiny transformer in BFL names
   and its VAE in LDM names, as Black Forest Labs ships them;
+- chroma-tiny/chroma-tiny.safetensors + ae.safetensors: the chroma-tiny transformer in the original
+  Chroma names (FLUX.1's without the modulation layers, plus `distilled_guidance_layer.*`) and its VAE;
 and tests/fixtures/manifests/<model>.single.json: the tensors (name, shape, dtype) a single-file copy of each
-real model holds (SAI files with encoders and VAE; BFL transformer + ae), from the diffusers manifests.
+real model holds (SAI files with encoders and VAE; BFL and Chroma transformer + ae), from the diffusers manifests.
 
 The inverse mapping here (diffusers -> original names) is checked against diffusers' own converter: every
 fixture file is loaded back with diffusers' `from_single_file` and must equal its twin tensor for tensor.
@@ -23,7 +25,7 @@ import sys
 
 import torch
 import diffusers
-from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import AutoencoderKL, ChromaTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -79,6 +81,11 @@ def sd3_to_sai(sd, num_layers):
         stem, p = k.rsplit(".", 1)
         if stem in ren:
             out[f"{ren[stem]}.{p}"] = take(sd, k)
+        elif stem.startswith("distilled_guidance_layer.layers."):
+            i, rest = stem[len("distilled_guidance_layer.layers."):].split(".", 1)
+            out[f"distilled_guidance_layer.layers.{i}.{apx[rest]}.{p}"] = take(sd, k)
+        elif stem.startswith("distilled_guidance_layer.norms."):
+            out[f"{stem}.scale"] = take(sd, k)
         elif stem.startswith("transformer_blocks."):
             _, i, rest = stem.split(".", 2)
             out[f"joint_blocks.{i}.{blk[rest]}.{p}"] = take(sd, k)
@@ -96,7 +103,11 @@ def flux_to_bfl(sd, num_layers, num_single):
         "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
         "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
         "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear",
+        # Chroma's approximator
+        "distilled_guidance_layer.in_proj": "distilled_guidance_layer.in_proj",
+        "distilled_guidance_layer.out_proj": "distilled_guidance_layer.out_proj",
     }
+    apx = {"linear_1": "in_layer", "linear_2": "out_layer"}
     dbl = {
         "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "attn.to_out.0": "img_attn.proj",
         "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
@@ -125,6 +136,11 @@ def flux_to_bfl(sd, num_layers, num_single):
         stem, p = k.rsplit(".", 1)
         if stem in ren:
             out[f"{ren[stem]}.{p}"] = take(sd, k)
+        elif stem.startswith("distilled_guidance_layer.layers."):
+            i, rest = stem[len("distilled_guidance_layer.layers."):].split(".", 1)
+            out[f"distilled_guidance_layer.layers.{i}.{apx[rest]}.{p}"] = take(sd, k)
+        elif stem.startswith("distilled_guidance_layer.norms."):
+            out[f"{stem}.scale"] = take(sd, k)
         elif stem.startswith("transformer_blocks."):
             _, i, rest = stem.split(".", 2)
             if rest in dbl_norm:
@@ -260,6 +276,24 @@ def check_flux_at_real_width(tmp):
     os.remove(path)
 
 
+def check_chroma_at_real_width(tmp):
+    """The same for a Chroma-width transformer (1 double + 1 single block, 1 approximator layer)."""
+    cfg = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+               num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=[16, 56, 56],
+               approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=1)
+    model = ChromaTransformer2DModel(**cfg)
+    sd = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    d = os.path.join(tmp, "chroma")
+    os.makedirs(os.path.join(d, "transformer"), exist_ok=True)
+    model.save_config(os.path.join(d, "transformer"))
+    path = os.path.join(d, "chroma-check.safetensors")
+    save_file(contiguous(flux_to_bfl(sd, 1, 1)), path)
+    back = ChromaTransformer2DModel.from_single_file(path, config=d, subfolder="transformer", local_files_only=True,
+                                                     torch_dtype=torch.bfloat16)
+    check_same("Chroma-width transformer (1+1 blocks)", back.state_dict(), sd)
+    os.remove(path)
+
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -302,13 +336,16 @@ def main():
     sd3_file("sd3-dummy", os.path.join(single, "sd3-dummy", "sd3_dummy.safetensors"), "model.diffusion_model.", True)
     sd3_file("sd35-tiny", os.path.join(single, "sd35-tiny", "sd35_tiny.safetensors"), "", False)
     flux_files("flux-dev-tiny", os.path.join(single, "flux-dev-tiny"), "flux1-dev-tiny.safetensors")
+    flux_files("chroma-tiny", os.path.join(single, "chroma-tiny"), "chroma-tiny.safetensors")
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         check_flux_at_real_width(tmp)
+        check_chroma_at_real_width(tmp)
     with open(os.path.join(single, "fixture.json"), "w") as fh:
         json.dump({"generator": "scripts/make_single_file_fixtures.py", "torch": torch.__version__,
                    "diffusers": diffusers.__version__, "seed": 0,
-                   "twins": {"sd3-dummy": "sd3-dummy", "sd35-tiny": "sd35-tiny", "flux-dev-tiny": "flux-dev-tiny"}},
+                   "twins": {"sd3-dummy": "sd3-dummy", "sd35-tiny": "sd35-tiny", "flux-dev-tiny": "flux-dev-tiny",
+                             "chroma-tiny": "chroma-tiny"}},
                   fh, indent=1)
     mdir = os.path.join(FIX, "manifests")
     for f in sorted(os.listdir(mdir)):

@@ -8,7 +8,7 @@ use crate::request::Request;
 use std::path::PathBuf;
 
 /// The preset files, embedded so the binary knows them from any working directory.
-const FILES: [(&str, &str); 9] = [
+const FILES: [(&str, &str); 11] = [
     ("demo", include_str!("../models/demo.toml")),
     ("sd3-medium", include_str!("../models/sd3-medium.toml")),
     ("sd3.5-large", include_str!("../models/sd3.5-large.toml")),
@@ -30,6 +30,8 @@ const FILES: [(&str, &str); 9] = [
         "flux.1-kontext-dev",
         include_str!("../models/flux.1-kontext-dev.toml"),
     ),
+    ("chroma1-hd", include_str!("../models/chroma1-hd.toml")),
+    ("chroma1-base", include_str!("../models/chroma1-base.toml")),
 ];
 
 /// Defaults a preset sets; each applies only when the user gives no value.

@@ -624,7 +624,6 @@ fn inspect_shows_the_architecture_and_the_type_of_every_tensor_group() {
 /// type whose transformer weights plus 1 GiB (activations at 1024x1024) fit in the memory.
 #[test]
 fn the_readme_gguf_size_table_is_computed_from_the_manifests() {
-    use mmdit::loader::single::Format;
     use mmdit::pipeline::convert::{plan, planned_bytes};
     let types = [
         ("F16", GgmlDType::F16),
@@ -638,11 +637,7 @@ fn the_readme_gguf_size_table_is_computed_from_the_manifests() {
     for model in REAL_MODELS {
         let m = read_json(fixture("manifests").join(format!("{model}.json")));
         let metas = manifest_tensors(&m["components"]["transformer"]);
-        let format = if model.starts_with("flux") {
-            Format::Flux
-        } else {
-            Format::Sd3
-        };
+        let format = real_format(model);
         let sizes: Vec<u64> = types
             .iter()
             .map(|(_, t)| planned_bytes(&plan(format, &metas, *t).unwrap().0))

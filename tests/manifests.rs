@@ -8,9 +8,11 @@ mod common;
 use common::manifest_tensors;
 
 use candle_nn::VarBuilder;
-use mmdit::config::{ClipTextConfig, FluxTransformerConfig, Sd3TransformerConfig, VaeConfig};
+use mmdit::config::{
+    ChromaTransformerConfig, ClipTextConfig, FluxTransformerConfig, Sd3TransformerConfig, VaeConfig,
+};
 use mmdit::loader::audit::{Audit, ShapeBackend, TensorMeta};
-use mmdit::mmdit::{FluxTransformer, Sd3Transformer};
+use mmdit::mmdit::{ChromaTransformer, FluxTransformer, Sd3Transformer};
 use mmdit::text::clip::ClipText;
 use mmdit::vae::{VaeDecoder, VaeEncoder};
 use serde_json::json;
@@ -101,6 +103,15 @@ fn every_real_model_maps_every_tensor_exactly_once() {
                     Box::new(|vb| ClipText::new(&g, true, vb).map(drop)),
                 ),
                 ("text_encoder_3", Box::new(&t5)),
+            ]
+        } else if m["family"] == "chroma" {
+            let cfg: ChromaTransformerConfig = serde_json::from_value(tcfg).unwrap();
+            vec![
+                (
+                    "transformer",
+                    Box::new(move |vb| ChromaTransformer::new(&cfg, vb).map(drop)),
+                ),
+                ("text_encoder", Box::new(&t5)),
             ]
         } else {
             let cfg: FluxTransformerConfig = serde_json::from_value(tcfg).unwrap();

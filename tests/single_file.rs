@@ -121,18 +121,12 @@ fn every_tensor_of_the_real_single_files_maps_onto_the_diffusers_layout() {
         let want_variant = match model {
             "sd3.5-large-turbo" => "sd3.5-large",
             "flux.1-kontext-dev" => "flux.1-dev",
+            "chroma1-base" => "chroma1-hd",
             m => m,
         };
         let preset = mmdit::presets::Preset::for_single_file(&s.detected).map(|p| p.name);
         assert_eq!(preset.as_deref(), Some(want_variant), "{model}: variant");
-        assert_eq!(
-            s.detected.format,
-            if model.starts_with("flux") {
-                Format::Flux
-            } else {
-                Format::Sd3
-            }
-        );
+        assert_eq!(s.detected.format, real_format(model));
         assert!(
             s.unmapped(&main).is_empty(),
             "{model}: unmapped {:?}",
@@ -143,7 +137,7 @@ fn every_tensor_of_the_real_single_files_maps_onto_the_diffusers_layout() {
             s.components.keys().copied().collect::<Vec<_>>(),
             {
                 let mut k: Vec<&str> = comps.keys().map(String::as_str).collect();
-                if model.starts_with("flux") {
+                if real_format(model) != Format::Sd3 {
                     k.retain(|c| *c == "transformer" || *c == "vae");
                 }
                 k.sort();
@@ -182,10 +176,10 @@ fn every_real_transformer_lays_out_as_its_original_checkpoint() {
     for model in REAL_MODELS {
         let diffusers = read_json(dir.join(format!("{model}.json")));
         let single = read_json(dir.join(format!("{model}.single.json")));
-        let (format, prefix) = if model.starts_with("flux") {
-            (Format::Flux, "")
-        } else {
-            (Format::Sd3, "model.diffusion_model.")
+        let format = real_format(model);
+        let prefix = match format {
+            Format::Sd3 => "model.diffusion_model.",
+            _ => "",
         };
         let transformer = manifest_tensors(&diffusers["components"]["transformer"]);
         let layout = mmdit::loader::single::original_layout(format, &transformer).unwrap();
@@ -198,7 +192,7 @@ fn every_real_transformer_lays_out_as_its_original_checkpoint() {
             .filter_map(|(k, m)| {
                 let k = match format {
                     Format::Sd3 => k.strip_prefix(prefix)?.to_string(),
-                    Format::Flux => k,
+                    _ => k,
                 };
                 Some((k, m.shape))
             })

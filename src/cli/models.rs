@@ -220,6 +220,7 @@ fn inspect_file(
         match d.format {
             mmdit::loader::single::Format::Sd3 => "SAI SD3/SD3.5",
             mmdit::loader::single::Format::Flux => "BFL FLUX.1",
+            mmdit::loader::single::Format::Chroma => "Chroma",
         },
         if d.prefix.is_empty() {
             String::new()

@@ -98,3 +98,54 @@ impl FluxTransformerConfig {
         )
     }
 }
+
+/// `transformer/config.json` of a `ChromaTransformer2DModel`: FLUX.1's shape (its pooled and
+/// guidance fields unused) and the approximator that computes every block's modulation.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ChromaTransformerConfig {
+    #[serde(flatten)]
+    pub flux: FluxTransformerConfig,
+    /// Width of the approximator's input: timestep, guidance and modulation-index features, a
+    /// quarter, a quarter and a half of it.
+    #[serde(default = "n::<64>")]
+    pub approximator_num_channels: usize,
+    #[serde(default = "n::<5120>")]
+    pub approximator_hidden_dim: usize,
+    #[serde(default = "n::<5>")]
+    pub approximator_layers: usize,
+}
+
+impl ChromaTransformerConfig {
+    /// Rows of modulation the approximator gives: (shift, scale, gate) per single block, two
+    /// (shift, scale, gate) pairs per double block for each stream, and the output norm's
+    /// (shift, scale).
+    pub fn modulation_rows(&self) -> usize {
+        3 * self.flux.num_single_layers + 2 * 6 * self.flux.num_layers + 2
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        self.flux.validate(path)?;
+        check_dims!(
+            path,
+            self,
+            approximator_num_channels,
+            approximator_hidden_dim
+        );
+        check(
+            path,
+            self.approximator_num_channels.is_multiple_of(4),
+            || {
+                format!(
+                    "`approximator_num_channels` ({}) must be a multiple of 4 (timestep, guidance and index features of a quarter, a quarter and a half)",
+                    self.approximator_num_channels
+                )
+            },
+        )?;
+        check(path, self.approximator_layers <= MAX_LAYERS, || {
+            format!(
+                "`approximator_layers` is {}, expected 0..={MAX_LAYERS}",
+                self.approximator_layers
+            )
+        })
+    }
+}

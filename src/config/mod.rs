@@ -7,7 +7,7 @@ mod text;
 mod transformer;
 mod vae;
 
-pub use flux::FluxTransformerConfig;
+pub use flux::{ChromaTransformerConfig, FluxTransformerConfig};
 pub use scheduler::SchedulerConfig;
 pub use text::{ClipTextConfig, T5Config};
 pub use transformer::Sd3TransformerConfig;
@@ -89,6 +89,7 @@ macro_rules! impl_validate {
 impl_validate!(
     Sd3TransformerConfig,
     FluxTransformerConfig,
+    ChromaTransformerConfig,
     VaeConfig,
     SchedulerConfig,
     ClipTextConfig,

@@ -30,6 +30,9 @@ pub enum Format {
     Sd3,
     /// Black Forest Labs FLUX.1.
     Flux,
+    /// Lodestone Rock's Chroma: FLUX.1's names without the modulation layers, plus
+    /// `distilled_guidance_layer.*`.
+    Chroma,
 }
 
 impl Format {
@@ -38,6 +41,7 @@ impl Format {
         match self {
             Format::Sd3 => "sd3",
             Format::Flux => "flux",
+            Format::Chroma => "chroma",
         }
     }
 }
@@ -385,6 +389,15 @@ pub fn detect(metas: &BTreeMap<String, TensorMeta>, path: &Path) -> Result<Detec
             ..Default::default()
         };
         (Format::Sd3, f)
+    } else if has("img_in.weight") && has("distilled_guidance_layer.in_proj.weight") {
+        let f = Fingerprint {
+            blocks: count("double_blocks."),
+            single_blocks: count("single_blocks."),
+            hidden: dim("img_in.weight", 0),
+            input_channels: dim("img_in.weight", 1),
+            ..Default::default()
+        };
+        (Format::Chroma, f)
     } else if has("img_in.weight") && count("double_blocks.") > 0 {
         let f = Fingerprint {
             blocks: count("double_blocks."),
@@ -398,7 +411,7 @@ pub fn detect(metas: &BTreeMap<String, TensorMeta>, path: &Path) -> Result<Detec
     } else {
         return Err(Error::BadWeights {
             path: path.to_path_buf(),
-            msg: "not a single-file SD3/SD3.5 (joint_blocks.*) or FLUX.1 (double_blocks.*) checkpoint; \
+            msg: "not a single-file SD3/SD3.5 (joint_blocks.*), FLUX.1 or Chroma (double_blocks.*) checkpoint; \
                   pass a model folder in diffusers layout, a Hub repo id or a preset instead"
                 .into(),
         });
@@ -412,7 +425,7 @@ pub fn detect(metas: &BTreeMap<String, TensorMeta>, path: &Path) -> Result<Detec
 
 /// GGUF architectures of the image models this engine runs.
 fn known_image_arch(a: &str) -> bool {
-    a == "flux" || a == "sd3"
+    a == "flux" || a == "sd3" || a == "chroma"
 }
 
 /// Refuses a GGUF file whose `general.architecture` is not a FLUX.1 or SD3 model (stable-diffusion.cpp
@@ -429,7 +442,7 @@ fn check_architecture(arch: Option<&str>, path: &Path) -> Result<()> {
             "is a GGUF text model (architecture {a}), not a FLUX.1 or SD3 image model; pass the image model's .gguf as --model"
         ))),
         Some(a) => Err(bad(format!(
-            "is a GGUF {a} model; this engine runs FLUX.1 (flux) and SD3/SD3.5 (sd3) GGUF files"
+            "is a GGUF {a} model; this engine runs FLUX.1 (flux), Chroma (chroma) and SD3/SD3.5 (sd3) GGUF files"
         ))),
     }
 }
@@ -469,7 +482,8 @@ impl SingleFile {
             }
         }
         let ae_path = path.with_file_name("ae.safetensors");
-        let ae = if detected.format == Format::Flux && ae_path.is_file() && ae_path != path {
+        let flux_like = matches!(detected.format, Format::Flux | Format::Chroma);
+        let ae = if flux_like && ae_path.is_file() && ae_path != path {
             Some((
                 ae_path.clone(),
                 super::audit::read_headers(std::slice::from_ref(&ae_path))?,
@@ -539,7 +553,7 @@ fn map_components(
     let sub = strip(main, d.prefix);
     match d.format {
         Format::Sd3 => sd3_transformer(&mut transformer, &sub, None),
-        Format::Flux => flux_transformer(&mut transformer, &sub),
+        Format::Flux | Format::Chroma => flux_transformer(&mut transformer, &sub),
     }
     out.insert("transformer", transformer);
     // SAI files may embed the VAE and the text encoders.
@@ -669,7 +683,7 @@ pub fn transformer_table(
     let keys = strip(metas, "");
     match format {
         Format::Sd3 => sd3_transformer(&mut m, &keys, last_block),
-        Format::Flux => flux_transformer(&mut m, &keys),
+        Format::Flux | Format::Chroma => flux_transformer(&mut m, &keys),
     }
     m.entries
 }
@@ -744,7 +758,21 @@ const FLUX_TOP: &[(&str, &str)] = &[
     ("txt_in.", "context_embedder."),
     ("img_in.", "x_embedder."),
     ("final_layer.linear.", "proj_out."),
+    // Chroma's approximator; its layers are renamed by `CHROMA_APPROXIMATOR`.
+    (
+        "distilled_guidance_layer.in_proj.",
+        "distilled_guidance_layer.in_proj.",
+    ),
+    (
+        "distilled_guidance_layer.out_proj.",
+        "distilled_guidance_layer.out_proj.",
+    ),
 ];
+
+/// Chroma's approximator layers -> diffusers (after `distilled_guidance_layer.layers.<i>.`; the
+/// norms are `distilled_guidance_layer.norms.<i>.scale`).
+const CHROMA_APPROXIMATOR: &[(&str, &str)] =
+    &[("in_layer.", "linear_1."), ("out_layer.", "linear_2.")];
 
 /// BFL FLUX.1 double-block prefixes -> diffusers (after `double_blocks.<i>.`).
 const FLUX_DOUBLE: &[(&str, &str)] = &[
@@ -867,6 +895,14 @@ fn flux_transformer(m: &mut Mapping, keys: &[(String, String)]) {
             } else if let Some(n) = rename(r, FLUX_SINGLE) {
                 m.add(format!("{b}{n}"), 0, full, Transform::Whole);
             }
+        } else if let Some((i, r)) = block(rest, "distilled_guidance_layer.layers") {
+            if let Some(n) = rename(r, CHROMA_APPROXIMATOR) {
+                let name = format!("distilled_guidance_layer.layers.{i}.{n}");
+                m.add(name, 0, full, Transform::Whole);
+            }
+        } else if let Some((i, "scale")) = block(rest, "distilled_guidance_layer.norms") {
+            let name = format!("distilled_guidance_layer.norms.{i}.weight");
+            m.add(name, 0, full, Transform::Whole);
         } else if let Some(n) = rename(rest, FLUX_TOP) {
             m.add(n, 0, full, Transform::Whole);
         }
@@ -920,7 +956,14 @@ fn original_name(format: Format, name: &str) -> Option<String> {
             }
             unrename(name, SD3_TOP)
         }
-        Format::Flux => {
+        Format::Flux | Format::Chroma => {
+            if let Some((i, r)) = block(name, "distilled_guidance_layer.layers") {
+                let b = format!("distilled_guidance_layer.layers.{i}.");
+                return unrename(r, CHROMA_APPROXIMATOR).map(|n| format!("{b}{n}"));
+            }
+            if let Some((i, "weight")) = block(name, "distilled_guidance_layer.norms") {
+                return Some(format!("distilled_guidance_layer.norms.{i}.scale"));
+            }
             if let Some((i, r)) = block(name, "transformer_blocks") {
                 let b = format!("double_blocks.{i}.");
                 let qkv: &[(&[&str], &str)] = &[

@@ -1,20 +1,27 @@
 //! Input embeddings: patches of the latent image, the timestep and the pooled text vector.
 
-use crate::nn::{Linear, Mlp};
+use crate::nn::{linear, Linear, Mlp, RmsNorm};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// Sinusoidal timestep embedding as diffusers' `get_timestep_embedding` with `flip_sin_to_cos=True`,
 /// `downscale_freq_shift=0`: `[cos(t f_k), sin(t f_k)]`, `f_k = exp(-ln(10000) k / half)`.
 ///
+/// The frequencies are rounded as torch rounds them (`-ln(10000) * k` in f32, then `/ half` in
+/// f32, then `exp`), so that large arguments (Chroma's modulation index x 1000, up to ~3e5) land
+/// on the same f32 values.
+///
 /// # Shapes
 /// t: (b,) -> (b, dim), always f32.
 pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     let half = dim / 2;
-    let dev = t.device();
-    let exponent = (Tensor::arange(0u32, half as u32, dev)?.to_dtype(DType::F32)?
-        * (-(10000f64.ln()) / half as f64))?;
-    let freqs = exponent.exp()?; // (half,)
+    let freqs: Vec<f32> = (0..half)
+        .map(|k| {
+            let e = (-(10000f64.ln()) as f32 * k as f32) / half as f32;
+            (e as f64).exp() as f32
+        })
+        .collect();
+    let freqs = Tensor::from_vec(freqs, half, t.device())?;
     let args = t
         .to_dtype(DType::F32)?
         .unsqueeze(1)?
@@ -143,5 +150,74 @@ impl PatchEmbed {
                                              // Repeated over the batch first: candle's broadcasting add is slow on the CPU.
         let pos = pos.to_dtype(x.dtype())?.repeat((b, 1, 1))?;
         x + pos
+    }
+}
+
+/// Chroma's `distilled_guidance_layer` (diffusers `ChromaApproximator`) with its input
+/// (`ChromaCombinedTimestepTextProjEmbeddings`): every modulation of the model, computed from the
+/// timestep alone. Row `i` of the input is `[emb(t), emb(0), emb(1000 i)]` (the middle one is the
+/// guidance feature, always 0); an input projection, `layers` residual SiLU MLPs on RMS-normed
+/// input, and an output projection give row `i`'s modulation vector.
+#[derive(Debug, Clone)]
+pub struct Approximator {
+    in_proj: Linear,
+    layers: Vec<(RmsNorm, Mlp)>,
+    out_proj: Linear,
+    /// (rows, channels / 2): the index features, the same for every step.
+    index: Tensor,
+    channels: usize,
+}
+
+impl Approximator {
+    /// `channels` input features, `rows` modulation vectors of width `out`.
+    pub fn new(
+        channels: usize,
+        hidden: usize,
+        out: usize,
+        layers: usize,
+        rows: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        // diffusers builds `nn.RMSNorm(hidden)` without eps: torch then uses the f32 epsilon.
+        let eps = f32::EPSILON as f64;
+        let layers = (0..layers)
+            .map(|i| {
+                Ok((
+                    RmsNorm::new(hidden, eps, vb.pp(format!("norms.{i}")))?,
+                    Mlp::embedding(hidden, hidden, vb.pp(format!("layers.{i}")))?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ids: Vec<f32> = (0..rows).map(|i| (i * 1000) as f32).collect();
+        let index = timestep_embedding(&Tensor::from_vec(ids, rows, vb.device())?, channels / 2)?;
+        Ok(Self {
+            in_proj: linear(channels, hidden, vb.pp("in_proj"))?,
+            layers,
+            out_proj: linear(hidden, out, vb.pp("out_proj"))?,
+            index,
+            channels,
+        })
+    }
+
+    /// t: (b,) timesteps in [0, 1000] -> (b, rows, out) in `dtype`.
+    pub fn forward(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        let b = t.dim(0)?;
+        let rows = self.index.dim(0)?;
+        let quarter = self.channels / 4;
+        let time = timestep_embedding(t, quarter)?; // (b, c/4)
+        let guidance = timestep_embedding(&Tensor::zeros(b, DType::F32, t.device())?, quarter)?;
+        let both = Tensor::cat(&[time, guidance], D::Minus1)?
+            .unsqueeze(1)?
+            .broadcast_as((b, rows, 2 * quarter))?;
+        let index = self
+            .index
+            .unsqueeze(0)?
+            .broadcast_as((b, rows, self.channels / 2))?;
+        let input = Tensor::cat(&[both, index], D::Minus1)?.to_dtype(dtype)?;
+        let mut x = self.in_proj.forward(&input)?;
+        for (norm, mlp) in &self.layers {
+            x = (&x + mlp.forward(&norm.forward(&x)?)?)?;
+        }
+        self.out_proj.forward(&x)
     }
 }

@@ -31,32 +31,7 @@ pub struct FluxTransformer {
 impl FluxTransformer {
     pub fn new(cfg: &FluxTransformerConfig, vb: VarBuilder) -> Result<Self> {
         let dim = cfg.hidden_size();
-        let (heads, hd) = (cfg.num_attention_heads, cfg.attention_head_dim);
-        let double = (0..cfg.num_layers)
-            .map(|i| {
-                let spec = BlockSpec {
-                    dim,
-                    heads,
-                    head_dim: hd,
-                    qk_norm: true,
-                    dual_attention: false,
-                    context_pre_only: false,
-                    order: TokenOrder::TextFirst,
-                };
-                JointBlock::new(spec, vb.pp(format!("transformer_blocks.{i}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let single = (0..cfg.num_single_layers)
-            .map(|i| {
-                SingleBlock::new(
-                    dim,
-                    heads,
-                    hd,
-                    4.0,
-                    vb.pp(format!("single_transformer_blocks.{i}")),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let (double, single) = blocks(cfg, true, &vb)?;
         Ok(Self {
             x_embedder: linear(cfg.in_channels, dim, vb.pp("x_embedder"))?,
             context_embedder: linear(cfg.joint_attention_dim, dim, vb.pp("context_embedder"))?,
@@ -82,8 +57,8 @@ impl FluxTransformer {
         &self.cfg
     }
 
-    /// Rotary tables for `txt_len` text tokens (ids 0) followed by an `h x w` grid of packed latents
-    /// (ids `[0, row, col]`).
+    /// Rotary tables for `txt_len` text tokens followed by an `h x w` grid of packed latents and
+    /// Kontext's reference grid ([`rope`]).
     pub fn rope(
         &self,
         txt_len: usize,
@@ -92,21 +67,7 @@ impl FluxTransformer {
         reference: Option<(usize, usize)>,
         device: &candle_core::Device,
     ) -> Result<Rope> {
-        let mut ids = vec![vec![0.0; 3]; txt_len];
-        for r in 0..h {
-            for c in 0..w {
-                ids.push(vec![0.0, r as f64, c as f64]);
-            }
-        }
-        // Kontext's reference tokens: the same grid ids with the first axis set to 1.
-        if let Some((rh, rw)) = reference {
-            for r in 0..rh {
-                for c in 0..rw {
-                    ids.push(vec![1.0, r as f64, c as f64]);
-                }
-            }
-        }
-        Rope::new(&ids, &self.cfg.axes_dims_rope, ROPE_THETA, device)
+        rope(&self.cfg.axes_dims_rope, txt_len, h, w, reference, device)
     }
 
     /// Predicts the flow velocity on packed latents.
@@ -154,6 +115,72 @@ impl FluxTransformer {
             self.proj_out.forward(&self.norm_out.forward(&img, &temb)?)
         })
     }
+}
+
+/// The double- and single-stream blocks of a FLUX.1-shaped model; `own_modulation`: each block
+/// has its modulation layers (FLUX.1), or is given its modulation (Chroma).
+pub(super) fn blocks(
+    cfg: &FluxTransformerConfig,
+    own_modulation: bool,
+    vb: &VarBuilder,
+) -> Result<(Vec<JointBlock>, Vec<SingleBlock>)> {
+    let dim = cfg.hidden_size();
+    let (heads, hd) = (cfg.num_attention_heads, cfg.attention_head_dim);
+    let double = (0..cfg.num_layers)
+        .map(|i| {
+            let spec = BlockSpec {
+                dim,
+                heads,
+                head_dim: hd,
+                qk_norm: true,
+                dual_attention: false,
+                context_pre_only: false,
+                order: TokenOrder::TextFirst,
+                own_modulation,
+            };
+            JointBlock::new(spec, vb.pp(format!("transformer_blocks.{i}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let single = (0..cfg.num_single_layers)
+        .map(|i| {
+            SingleBlock::new(
+                dim,
+                heads,
+                hd,
+                4.0,
+                own_modulation,
+                vb.pp(format!("single_transformer_blocks.{i}")),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((double, single))
+}
+
+/// Rotary tables for `txt_len` text tokens (ids 0) followed by an `h x w` grid of packed latents
+/// (ids `[0, row, col]`) and a reference grid (ids `[1, row, col]`), with FLUX.1's axes.
+pub(super) fn rope(
+    axes: &[usize],
+    txt_len: usize,
+    h: usize,
+    w: usize,
+    reference: Option<(usize, usize)>,
+    device: &candle_core::Device,
+) -> Result<Rope> {
+    let mut ids = vec![vec![0.0; 3]; txt_len];
+    for r in 0..h {
+        for c in 0..w {
+            ids.push(vec![0.0, r as f64, c as f64]);
+        }
+    }
+    // Kontext's reference tokens: the same grid ids with the first axis set to 1.
+    if let Some((rh, rw)) = reference {
+        for r in 0..rh {
+            for c in 0..rw {
+                ids.push(vec![1.0, r as f64, c as f64]);
+            }
+        }
+    }
+    Rope::new(&ids, axes, ROPE_THETA, device)
 }
 
 /// (b, c, h, w) -> (b, h/2 * w/2, c * 4): 2x2 patches, channel-major inside each patch.

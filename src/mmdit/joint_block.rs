@@ -21,19 +21,29 @@ pub struct BlockSpec {
     pub context_pre_only: bool,
     /// SD3 puts the text after the image tokens, Flux before.
     pub order: TokenOrder,
+    /// The block has its own modulation layers (`norm1.linear`, `norm1_context.linear`); Chroma's
+    /// blocks have none and are given their modulation.
+    pub own_modulation: bool,
 }
 
 #[derive(Debug, Clone)]
 enum ContextPath {
-    /// Full context stream: AdaLayerNormZero, attention output, MLP.
-    Full { norm1: Modulation, ff: Mlp },
+    /// Full context stream: AdaLayerNormZero (absent when given), attention output, MLP.
+    Full { norm1: Option<Modulation>, ff: Mlp },
     /// Last block: the context only feeds keys and values.
     PreOnly { norm1: AdaNormContinuous },
 }
 
+/// The context stream's modulation: a full block's triples, or the last SD3 block's context
+/// already normed (by its continuous AdaLN).
+enum ContextMod {
+    Full(BlockModulation),
+    PreOnly(Tensor),
+}
+
 #[derive(Debug, Clone)]
 pub struct JointBlock {
-    norm1: Modulation,
+    norm1: Option<Modulation>,
     attn: JointAttention,
     attn2: Option<JointAttention>,
     ff: Mlp,
@@ -44,7 +54,13 @@ pub struct JointBlock {
 impl JointBlock {
     pub fn new(s: BlockSpec, vb: VarBuilder) -> Result<Self> {
         let triples = if s.dual_attention { 3 } else { 2 };
-        let norm1 = Modulation::new(s.dim, triples, vb.pp("norm1"))?;
+        let own = |name: &str, triples: usize| -> Result<Option<Modulation>> {
+            match s.own_modulation {
+                true => Ok(Some(Modulation::new(s.dim, triples, vb.pp(name))?)),
+                false => Ok(None),
+            }
+        };
+        let norm1 = own("norm1", triples)?;
         let attention = |joint: bool, ctx_out: bool, name: &str| {
             JointAttention::new(
                 s.dim,
@@ -69,7 +85,7 @@ impl JointBlock {
             }
         } else {
             ContextPath::Full {
-                norm1: Modulation::new(s.dim, 2, vb.pp("norm1_context"))?,
+                norm1: own("norm1_context", 2)?,
                 ff: Mlp::feed_forward(s.dim, 4 * s.dim, vb.pp("ff_context"))?,
             }
         };
@@ -93,19 +109,64 @@ impl JointBlock {
         temb: &Tensor,
         rope: Option<&Rope>,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        let missing = || {
+            candle_core::Error::Msg(
+                "a block without modulation layers was not given its modulation".into(),
+            )
+        };
+        let (m, c) = profile::phase(Phase::Norms, x.device(), || {
+            let m = self
+                .norm1
+                .as_ref()
+                .ok_or_else(missing)?
+                .forward_block(temb)?;
+            let c = match &self.ctx {
+                ContextPath::Full { norm1, .. } => {
+                    ContextMod::Full(norm1.as_ref().ok_or_else(missing)?.forward_block(temb)?)
+                }
+                ContextPath::PreOnly { norm1 } => ContextMod::PreOnly(norm1.forward(ctx, temb)?),
+            };
+            Ok((m, c))
+        })?;
+        self.modulated(x, ctx, &m, c, rope)
+    }
+
+    /// [`Self::forward`] with the modulation of both streams given (Chroma's approximator) instead
+    /// of computed by the block.
+    pub fn forward_given(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        img: &BlockModulation,
+        txt: &BlockModulation,
+        rope: Option<&Rope>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (h, c) = self.modulated(x, ctx, img, ContextMod::Full(txt.clone()), rope)?;
+        let c = c.ok_or_else(|| {
+            candle_core::Error::Msg(
+                "a context-pre-only block was given a context modulation".into(),
+            )
+        })?;
+        Ok((h, c))
+    }
+
+    fn modulated(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        m: &BlockModulation,
+        c: ContextMod,
+        rope: Option<&Rope>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let dev = x.device();
         let norms = |f: &mut dyn FnMut() -> Result<Tensor>| profile::phase(Phase::Norms, dev, f);
-        let (m, x_attn_in, ctx_attn_in, ctx_mod) = profile::phase(Phase::Norms, dev, || {
-            let m: BlockModulation = self.norm1.forward_block(temb)?;
+        let (x_attn_in, ctx_attn_in, ctx_mod) = profile::phase(Phase::Norms, dev, || {
             let x_attn_in = m.msa.norm(x)?;
-            let (ctx_attn_in, ctx_mod) = match &self.ctx {
-                ContextPath::Full { norm1, .. } => {
-                    let c = norm1.forward_block(temb)?;
-                    (c.msa.norm(ctx)?, Some(c))
-                }
-                ContextPath::PreOnly { norm1 } => (norm1.forward(ctx, temb)?, None),
+            let (ctx_attn_in, ctx_mod) = match c {
+                ContextMod::Full(c) => (c.msa.norm(ctx)?, Some(c)),
+                ContextMod::PreOnly(normed) => (normed, None),
             };
-            Ok((m, x_attn_in, ctx_attn_in, ctx_mod))
+            Ok((x_attn_in, ctx_attn_in, ctx_mod))
         })?;
 
         let (attn, ctx_attn) =
@@ -117,7 +178,7 @@ impl JointBlock {
             let a2 = attn2.forward_self(&norms(&mut || msa2.norm(x))?)?;
             h = norms(&mut || msa2.gated(&h, &a2))?;
         }
-        let h = self.feed_forward(&self.ff, &m, &h)?;
+        let h = self.feed_forward(&self.ff, m, &h)?;
 
         let ctx = match (&self.ctx, ctx_mod, ctx_attn) {
             (ContextPath::Full { ff, .. }, Some(c), Some(ctx_attn)) => {

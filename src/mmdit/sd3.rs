@@ -54,6 +54,7 @@ impl Sd3Transformer {
                     dual_attention: cfg.dual_attention_layers.contains(&i),
                     context_pre_only: i + 1 == cfg.num_layers,
                     order: TokenOrder::ImageFirst,
+                    own_modulation: true,
                 };
                 JointBlock::new(spec, vb.pp(format!("transformer_blocks.{i}")))
             })

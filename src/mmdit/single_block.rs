@@ -2,7 +2,7 @@
 //! sequence; attention and MLP run in parallel from one modulated norm and share one output projection.
 
 use super::attention::QkvProj;
-use super::modulation::Modulation;
+use super::modulation::{Modulation, ModulationOut};
 use super::rope::Rope;
 use crate::nn::{gelu_tanh, linear, merge_heads, sdpa, Linear};
 use crate::profile::{self, Phase};
@@ -11,7 +11,8 @@ use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
 pub struct SingleBlock {
-    norm: Modulation,
+    /// Absent in Chroma's blocks, which are given their modulation.
+    norm: Option<Modulation>,
     attn: QkvProj,
     proj_mlp: Linear,
     proj_out: Linear,
@@ -23,12 +24,16 @@ impl SingleBlock {
         heads: usize,
         head_dim: usize,
         mlp_ratio: f64,
+        own_modulation: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
         let mlp = (dim as f64 * mlp_ratio) as usize;
         let names = ["to_q", "to_k", "to_v", "norm_q", "norm_k"];
         Ok(Self {
-            norm: Modulation::new(dim, 1, vb.pp("norm"))?,
+            norm: match own_modulation {
+                true => Some(Modulation::new(dim, 1, vb.pp("norm"))?),
+                false => None,
+            },
             attn: QkvProj::new(dim, heads, head_dim, true, names, &vb.pp("attn"))?,
             proj_mlp: linear(dim, mlp, vb.pp("proj_mlp"))?,
             proj_out: linear(heads * head_dim + mlp, dim, vb.pp("proj_out"))?,
@@ -37,12 +42,19 @@ impl SingleBlock {
 
     /// x: (b, s + n, dim) joint tokens (text first); temb: (b, dim) -> (b, s + n, dim)
     pub fn forward(&self, x: &Tensor, temb: &Tensor, rope: &Rope) -> Result<Tensor> {
-        let dev = x.device();
-        let (m, h) = profile::phase(Phase::Norms, dev, || {
-            let m = self.norm.forward(temb)?.remove(0);
-            let h = m.norm(x)?;
-            Ok((m, h))
+        let m = profile::phase(Phase::Norms, x.device(), || match &self.norm {
+            Some(norm) => Ok(norm.forward(temb)?.remove(0)),
+            None => {
+                candle_core::bail!("a block without modulation layers was not given its modulation")
+            }
         })?;
+        self.forward_given(x, &m, rope)
+    }
+
+    /// [`Self::forward`] with the modulation given (Chroma's approximator).
+    pub fn forward_given(&self, x: &Tensor, m: &ModulationOut, rope: &Rope) -> Result<Tensor> {
+        let dev = x.device();
+        let h = profile::phase(Phase::Norms, dev, || m.norm(x))?;
         let mlp = profile::phase(Phase::FeedForward, dev, || {
             gelu_tanh(&self.proj_mlp.forward(&h)?)
         })?;

@@ -8,7 +8,7 @@
 //! itself in [`FAMILIES`].
 
 use super::components::{OpenCtx, TextLoader, TextPart};
-use super::{flux, sd3};
+use super::{chroma, flux, sd3};
 use crate::config::{SchedulerConfig, VaeConfig};
 use crate::error::Result;
 use crate::loader::single::Format;
@@ -63,6 +63,7 @@ pub const FAMILIES: &[FamilyEntry] = &[
         Format::Flux,
         flux::open_kontext,
     ),
+    FamilyEntry::new("chroma", "ChromaPipeline", Format::Chroma, chroma::open),
 ];
 
 /// The family whose pipeline class this is.

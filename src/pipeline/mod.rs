@@ -6,6 +6,7 @@
 //! [`Spec::open`] reads and validates the configs, [`Spec::resolve`] checks a request against them,
 //! [`Spec::load`] checks each component's tensors against its file headers, then reads the weights.
 
+pub mod chroma;
 pub mod components;
 pub mod convert;
 pub mod family;

@@ -4,6 +4,9 @@
 //!   pooled = projected CLIP-L and CLIP-G outputs side by side.
 //! - Flux (`FluxPipeline.encode_prompt`): CLIP-L pooled output (no projection) and the T5 last
 //!   hidden state.
+//! - Chroma (`ChromaPipeline._get_t5_prompt_embeds`): T5 alone, run with the tokenizer's attention
+//!   mask, and only the prompt's tokens and the first padding token kept: the transformer masks
+//!   the rest (no pooled vector).
 
 use super::clip::ClipText;
 use super::t5::T5Encoder;
@@ -17,7 +20,7 @@ use candle_core::{DType, Device, Tensor, D};
 pub struct Conditioning {
     /// (b, s, joint_attention_dim)
     pub context: Tensor,
-    /// (b, pooled_projection_dim)
+    /// (b, pooled_projection_dim); (b, 0) for a family without one (Chroma).
     pub pooled: Tensor,
 }
 
@@ -144,5 +147,39 @@ impl PromptEncoder for FluxTextEncoders {
 
     fn tokenizers(&self) -> Vec<(&'static str, &TextTokenizer)> {
         vec![("CLIP-L", &self.clip.1), ("T5", &self.t5.1)]
+    }
+}
+
+pub struct ChromaTextEncoder {
+    pub t5: (T5Encoder, TextTokenizer),
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl PromptEncoder for ChromaTextEncoder {
+    /// The context is the first `len + 1` of `max_seq` tokens (the prompt's, then one padding
+    /// token), `len + 1 <= max_seq`: the T5 states diffusers computes there, and exactly what its
+    /// transformer attends to once it masks the rest.
+    fn encode(&mut self, prompt: &str, max_seq: usize) -> Result<(Conditioning, Vec<Truncation>)> {
+        let mut cut = Vec::new();
+        let (model, tok) = &self.t5;
+        let t = tok.encode_padded(prompt, max_seq)?;
+        if t.dropped > 0 {
+            cut.push(Truncation {
+                encoder: "T5",
+                limit: max_seq,
+                dropped: t.dropped,
+            });
+        }
+        let keep = (t.len + 1).min(max_seq);
+        let ids = Tensor::new(&t.ids[..keep], &self.device)?.unsqueeze(0)?;
+        // The kept padding token attends to the prompt only, as under the full-length mask.
+        let context = model.forward_masked(&ids, t.len)?.to_dtype(self.dtype)?;
+        let pooled = Tensor::zeros((1, 0), self.dtype, &self.device)?;
+        Ok((Conditioning { context, pooled }, cut))
+    }
+
+    fn tokenizers(&self) -> Vec<(&'static str, &TextTokenizer)> {
+        vec![("T5", &self.t5.1)]
     }
 }

@@ -6,7 +6,9 @@ pub mod conditioning;
 pub mod t5;
 pub mod tokenize;
 
-pub use conditioning::{Conditioning, FluxTextEncoders, Sd3TextEncoders, Truncation};
+pub use conditioning::{
+    ChromaTextEncoder, Conditioning, FluxTextEncoders, Sd3TextEncoders, Truncation,
+};
 pub use tokenize::TextTokenizer;
 
 /// A family's text encoders and tokenizers, as its pipeline uses them.

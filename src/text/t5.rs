@@ -172,8 +172,9 @@ impl SelfAttention {
             .to_dtype(dtype)
     }
 
-    /// The layer's output and the position bias (computed here by the first layer, passed on).
-    fn forward(&self, xs: &Tensor, bias: Option<Tensor>) -> Result<(Tensor, Tensor)> {
+    /// The layer's output and the position bias (computed here by the first layer, with the key
+    /// mask of the first `valid` tokens folded in, and passed on).
+    fn forward(&self, xs: &Tensor, bias: Option<Tensor>, valid: usize) -> Result<(Tensor, Tensor)> {
         let (b, n, _) = xs.dims3()?;
         let h = self.norm.forward(xs)?;
         let split = |t: Tensor| {
@@ -187,7 +188,10 @@ impl SelfAttention {
         let scores = q.matmul(&k.t()?)?;
         let bias = match (bias, &self.bias) {
             (Some(p), _) => p,
-            (None, Some(emb)) => self.position_bias(emb, n, scores.dtype(), scores.device())?,
+            (None, Some(emb)) => {
+                let bias = self.position_bias(emb, n, scores.dtype(), scores.device())?;
+                key_mask(bias, valid)?
+            }
             (None, None) => {
                 candle_core::bail!("T5: the first layer has no relative attention bias")
             }
@@ -199,6 +203,23 @@ impl SelfAttention {
             .reshape((b, n, self.heads * self.d_kv))?;
         Ok(((xs + self.o.forward(&y)?)?, bias))
     }
+}
+
+/// transformers' key mask on a (1, heads, n, n) bias: the dtype's lowest value added to the
+/// columns of keys at `valid` and after (their softmax weights become exactly 0).
+fn key_mask(bias: Tensor, valid: usize) -> Result<Tensor> {
+    let n = bias.dim(3)?;
+    if valid >= n {
+        return Ok(bias);
+    }
+    let low = match bias.dtype() {
+        DType::BF16 => half::bf16::MIN.to_f32(),
+        DType::F16 => half::f16::MIN.to_f32(),
+        _ => f32::MIN,
+    };
+    let mask: Vec<f32> = (0..n).map(|j| if j < valid { 0.0 } else { low }).collect();
+    let mask = Tensor::from_vec(mask, (1, 1, 1, n), bias.device())?.to_dtype(bias.dtype())?;
+    bias.broadcast_add(&mask)
 }
 
 /// transformers' `T5EncoderModel`: the token embedding, the layers and the final norm.
@@ -244,10 +265,16 @@ impl T5Encoder {
 
     /// The last hidden state, (batch, len, d_model), for token ids (batch, len).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_masked(ids, ids.dim(1)?)
+    }
+
+    /// [`Self::forward`] with transformers' attention mask of ones on the first `valid` tokens:
+    /// no token attends to those after them.
+    pub fn forward_masked(&self, ids: &Tensor, valid: usize) -> Result<Tensor> {
         let mut x = self.embed.forward(ids)?;
         let mut bias = None;
         for (attn, ff) in &self.layers {
-            let (y, b) = attn.forward(&x, bias)?;
+            let (y, b) = attn.forward(&x, bias, valid)?;
             bias = Some(b);
             x = ff.forward(&y)?;
         }

@@ -18,6 +18,9 @@ pub struct Tokens {
     pub ids: Vec<u32>,
     /// Tokens cut off the end to fit (0 when the prompt fit).
     pub dropped: usize,
+    /// The prompt's tokens (special ones included) before the padding: the tokenizer's
+    /// attention mask is 1 on `ids[..len]`.
+    pub len: usize,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -119,8 +122,9 @@ impl TextTokenizer {
         .map_err(err)?;
         let mut ids = tok.encode(text, true).map_err(err)?.get_ids().to_vec();
         let dropped = full.saturating_sub(ids.len());
+        let len = ids.len().min(max_len);
         ids.resize(max_len, self.pad_id);
-        Ok(Tokens { ids, dropped })
+        Ok(Tokens { ids, dropped, len })
     }
 }
 

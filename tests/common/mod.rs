@@ -28,8 +28,8 @@ pub fn reference(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &device()).unwrap()
 }
 
-/// The six released models whose shape manifests are in `tests/fixtures/manifests/`.
-pub const REAL_MODELS: [&str; 8] = [
+/// The released models whose shape manifests are in `tests/fixtures/manifests/`.
+pub const REAL_MODELS: [&str; 10] = [
     "sd3-medium",
     "sd3.5-large",
     "sd3.5-large-turbo",
@@ -38,7 +38,21 @@ pub const REAL_MODELS: [&str; 8] = [
     "flux.1-dev",
     "flux.1-fill-dev",
     "flux.1-kontext-dev",
+    "chroma1-hd",
+    "chroma1-base",
 ];
+
+/// The original single-file layout of a real model.
+pub fn real_format(model: &str) -> mmdit::loader::single::Format {
+    use mmdit::loader::single::Format;
+    if model.starts_with("flux") {
+        Format::Flux
+    } else if model.starts_with("chroma") {
+        Format::Chroma
+    } else {
+        Format::Sd3
+    }
+}
 
 /// A JSON file's contents.
 pub fn read_json(path: impl AsRef<std::path::Path>) -> serde_json::Value {

@@ -30,7 +30,7 @@ import torch
 import diffusers
 import transformers
 import peft
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers import ChromaPipeline, FluxPipeline, StableDiffusion3Pipeline
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import save_file
 
@@ -380,6 +380,70 @@ def sd3_kohya(t, te, gen, path):
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# Chroma files: FLUX.1's names without the modulation layers, plus the approximator
+
+
+def chroma_modules(t):
+    """(original name, diffusers parts [(name, first row, rows)], (out, in)) of Chroma's linear layers."""
+    cfg = t.config
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    mods = []
+    for i in range(cfg.num_layers):
+        b, p = t.transformer_blocks[i], f"transformer_blocks.{i}."
+        qkv = lambda names: [(p + n, k * dim, dim) for k, n in enumerate(names)]  # noqa: E731
+        mods += [(f"double_blocks.{i}.img_attn.qkv", qkv(["attn.to_q", "attn.to_k", "attn.to_v"]), (3 * dim, dim)),
+                 (f"double_blocks.{i}.txt_attn.qkv", qkv(["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
+                  (3 * dim, dim)),
+                 (f"double_blocks.{i}.img_attn.proj", [(p + "attn.to_out.0", 0, dim)], (dim, dim)),
+                 (f"double_blocks.{i}.txt_mlp.0", [(p + "ff_context.net.0.proj", 0, shape(b.ff_context.net[0].proj)[0])],
+                  shape(b.ff_context.net[0].proj))]
+    for i in range(cfg.num_single_layers):
+        b, p = t.single_transformer_blocks[i], f"single_transformer_blocks.{i}."
+        mlp = b.proj_mlp.weight.shape[0]
+        mods += [(f"single_blocks.{i}.linear1", [(p + "attn.to_q", 0, dim), (p + "attn.to_k", dim, dim),
+                                                  (p + "attn.to_v", 2 * dim, dim), (p + "proj_mlp", 3 * dim, mlp)],
+                  (3 * dim + mlp, dim)),
+                 (f"single_blocks.{i}.linear2", [(p + "proj_out", 0, dim)], shape(b.proj_out))]
+    dg = t.distilled_guidance_layer
+    for i, layer in enumerate(dg.layers):
+        mods += [(f"distilled_guidance_layer.layers.{i}.in_layer",
+                  [(f"distilled_guidance_layer.layers.{i}.linear_1", 0, shape(layer.linear_1)[0])], shape(layer.linear_1))]
+    mods += [("distilled_guidance_layer.out_proj", [("distilled_guidance_layer.out_proj", 0, dim)], shape(dg.out_proj)),
+             ("img_in", [("x_embedder", 0, dim)], shape(t.x_embedder)),
+             ("final_layer.linear", [("proj_out", 0, shape(t.proj_out)[0])], shape(t.proj_out))]
+    return mods
+
+
+def chroma_comfy(t, gen, path):
+    """ComfyUI's layout of Chroma's names (`diffusion_model.<name>.lora_down/lora_up/alpha`); diffusers
+    loads the PEFT equivalent (down shared, up rows split, alpha / rank folded into up)."""
+    sd, peft_sd = {}, {}
+    for name, parts, (o, i) in chroma_modules(t):
+        r = 4
+        d, u = gen.pair(o, i, r)
+        key = "diffusion_model." + name
+        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = d, u
+        sd[f"{key}.alpha"] = torch.tensor(2.0)
+        for n, start, rows in parts:
+            peft_sd[f"transformer.{n}.lora_A.weight"] = d
+            peft_sd[f"transformer.{n}.lora_B.weight"] = (u[start:start + rows] * (2.0 / r)).contiguous()
+    save_file(sd, path)
+    return peft_sd
+
+
+def chroma_peft(t, gen, path):
+    """diffusers' names under `transformer.` (lora_A / lora_B, no alpha), the approximator included."""
+    sd = {}
+    for n, m in t.named_modules():
+        if isinstance(m, torch.nn.Linear) and any(s in n for s in ["attn.to_k", "attn.add_v_proj", "ff.net.0.proj",
+                                                                    "proj_out", "distilled_guidance_layer.in_proj",
+                                                                    "context_embedder"]):
+            d, u = gen.pair(*shape(m), 4)
+            sd[f"transformer.{n}.lora_A.weight"], sd[f"transformer.{n}.lora_B.weight"] = d, u
+    save_file(sd, path)
+
+
 RUNS = [
     # (model, [(file, weight)], steps, width, height, guidance, prompt)
     ("flux-dev-tiny", [("flux_peft.safetensors", 1.0)], 3, 32, 32, 3.5, "a red circle on a white background"),
@@ -393,6 +457,8 @@ RUNS = [
     ("sd35-tiny", [("sd3_peft.safetensors", 1.0)], 3, 32, 32, 5.0, "a red circle on a white background"),
     ("sd35-tiny", [("sd3_kohya.safetensors", 0.9)], 3, 48, 32, 5.0, "a blue square"),
     ("sd35-tiny", [("sd3_peft.safetensors", 0.7), ("sd3_kohya.safetensors", -0.3)], 3, 32, 32, 5.0, "a green circle"),
+    ("chroma-tiny", [("chroma_peft.safetensors", 1.0)], 3, 40, 24, 4.0, "a red circle on a white background"),
+    ("chroma-tiny", [("chroma_comfy.safetensors", 0.8)], 3, 32, 32, 4.0, "a blue square"),
 ]
 
 NOTES = {
@@ -400,6 +466,8 @@ NOTES = {
     "flux_comfy.safetensors": "as flux_kohya: linear1 and the top-level layers as the equivalent PEFT LoRA",
     "flux_kohya_diffusers.safetensors": "diffusers loads the lora_transformer_ part from the file; the lora_te1_ part (named for transformers 4's text_model. level, which transformers 5's CLIP lacks) as the equivalent PEFT modules",
     "sd3_kohya.safetensors": "diffusers has no kohya SD3 converter: the reference loads the script's PEFT conversion of it",
+    "chroma_comfy.safetensors": "diffusers' converters assume FLUX.1's widths and layers: the reference loads the script's PEFT conversion of it",
+    "chroma-tiny": "Chroma runs pass the T5 attention mask as booleans (see scripts/make_chroma_fixtures.py)",
 }
 
 
@@ -431,6 +499,10 @@ def main():
     loads["sd3_peft.safetensors"] = (f("sd3_peft.safetensors"), None)
     conv = sd3_kohya(sp.transformer, sp.text_encoder, gen, f("sd3_kohya.safetensors"))
     loads["sd3_kohya.safetensors"] = (conv, None)
+    cp = ChromaPipeline.from_pretrained(os.path.join(ROOT, "chroma-tiny"))
+    chroma_peft(cp.transformer, gen, f("chroma_peft.safetensors"))
+    loads["chroma_peft.safetensors"] = (f("chroma_peft.safetensors"), None)
+    loads["chroma_comfy.safetensors"] = (chroma_comfy(cp.transformer, gen, f("chroma_comfy.safetensors")), None)
 
     meta = {
         "generator": "scripts/make_lora_fixtures.py",
@@ -445,7 +517,7 @@ def main():
     tensors = {}
     for k, (model, loras, steps, w, h, guidance, prompt) in enumerate(RUNS):
         # A fresh pipeline per run: nothing a LoRA load did to the last one carries over.
-        cls = FluxPipeline if model.startswith("flux") else StableDiffusion3Pipeline
+        cls = {"flux": FluxPipeline, "sd35": StableDiffusion3Pipeline, "chroma": ChromaPipeline}[model.split("-")[0]]
         pipe = cls.from_pretrained(os.path.join(ROOT, model))
         names, weights = [], []
         for j, (file, weight) in enumerate(loras):
@@ -460,12 +532,19 @@ def main():
                 weights.append(weight)
         pipe.set_adapters(names, adapter_weights=weights)
         c = pipe.transformer.config.in_channels
-        c = c // 4 if model.startswith("flux") else c
+        c = c // 4 if model.startswith(("flux", "chroma")) else c
         vsf = pipe.vae_scale_factor
         noise = randn_tensor((1, c, h // vsf, w // vsf), generator=torch.Generator().manual_seed(SEED + k),
                              dtype=torch.float32)
         kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, width=w, height=h,
                       max_sequence_length=16, output_type="pil")
+        if model.startswith("chroma"):
+            # The mask as booleans (scripts/make_chroma_fixtures.py).
+            pe, pm = pipe._get_t5_prompt_embeds(prompt=prompt, max_sequence_length=16, device="cpu")
+            ne, nm = pipe._get_t5_prompt_embeds(prompt="", max_sequence_length=16, device="cpu")
+            del kwargs["prompt"]
+            kwargs.update(prompt_embeds=pe, prompt_attention_mask=pm.bool(), negative_prompt_embeds=ne,
+                          negative_prompt_attention_mask=nm.bool())
         gen_k = lambda: torch.Generator().manual_seed(SEED + k)  # noqa: E731
         img = pipe(**kwargs, generator=gen_k()).images[0]
         pipe = cls.from_pretrained(os.path.join(ROOT, model))

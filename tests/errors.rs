@@ -608,3 +608,77 @@ fn a_prompt_longer_than_64_kib_is_refused() {
         &["--prompt of 70000 bytes is longer than accepted (at most 65536)"],
     );
 }
+
+// ---- 14. Chroma ----------------------------------------------------------------------------------
+
+/// Chroma's `--guidance` is already true CFG: FLUX.1's `--true-cfg` is refused and says so.
+#[test]
+fn chroma_refuses_flux_true_cfg_naming_guidance() {
+    expect_error(
+        &fixture("chroma-tiny"),
+        &["--true-cfg", "3", "--negative-prompt", "blurry"],
+        "chroma-true-cfg",
+        &[
+            "Chroma",
+            "--true-cfg is FLUX.1's",
+            "--guidance",
+            "drop --true-cfg",
+        ],
+    );
+}
+
+/// Another model's text encoder in Chroma's T5 folder is named as such, not by a missing field.
+#[test]
+fn chroma_with_a_clip_in_its_t5_folder() {
+    let m = copy_fixture("chroma-tiny", "chroma-clip-t5");
+    std::fs::remove_dir_all(m.join("text_encoder")).unwrap();
+    let src = fixture("flux-dev-tiny").join("text_encoder");
+    std::fs::create_dir_all(m.join("text_encoder")).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, m.join("text_encoder").join(p.file_name().unwrap())).unwrap();
+    }
+    expect_error(
+        &m,
+        &[],
+        "chroma-clip-t5",
+        &[
+            "text_encoder/config.json",
+            "`clip_text_model`",
+            "T5 encoder",
+        ],
+    );
+}
+
+/// A T5 of another width than the transformer's `joint_attention_dim`.
+#[test]
+fn chroma_with_a_t5_of_another_width() {
+    let m = copy_fixture("chroma-tiny", "chroma-t5-width");
+    std::fs::remove_dir_all(m.join("text_encoder")).unwrap();
+    let src = fixture("sd35-tiny").join("text_encoder_3");
+    std::fs::create_dir_all(m.join("text_encoder")).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, m.join("text_encoder").join(p.file_name().unwrap())).unwrap();
+    }
+    expect_error(
+        &m,
+        &[],
+        "chroma-t5-width",
+        &["T5 width 64", "joint_attention_dim 32"],
+    );
+}
+
+/// The size and step checks every family has.
+#[test]
+fn chroma_checks_sizes_and_steps() {
+    let m = fixture("chroma-tiny");
+    expect_error(&m, &["--width", "30"], "chroma-width", &["--width 30"]);
+    expect_error(&m, &["--steps", "0"], "chroma-steps", &["--steps"]);
+    expect_error(
+        &m,
+        &["--max-sequence-length", "600"],
+        "chroma-t5-len",
+        &["--max-sequence-length 600"],
+    );
+}

@@ -445,14 +445,15 @@ fn run_images(model: &ModelRef, name: &str) -> Vec<Vec<u8>> {
 }
 
 /// Written at F32 in the original layout (fused q/k/v, FLUX.1's linear1, the swapped
-/// modulations) and read back, a transformer draws exactly the folder's images.
+/// modulations, Chroma's approximator) and read back, a transformer draws exactly the folder's
+/// images. Chroma's files say `flux`, as ComfyUI-GGUF's do.
 #[test]
 fn convert_at_f32_reads_back_exactly() {
-    for name in ["flux-dev-tiny", "sd35-tiny", "sd3-dummy"] {
+    for name in ["flux-dev-tiny", "sd35-tiny", "sd3-dummy", "chroma-tiny"] {
         let (out, done) = converted(name, GgmlDType::F32, &format!("convert_f32_{name}"));
         assert_eq!(done.types.len(), 1, "{name}: {:?}", done.types);
         let g = GgufFile::open(&out).unwrap();
-        let want = if name.starts_with("flux") {
+        let want = if name.starts_with("flux") || name.starts_with("chroma") {
             "flux"
         } else {
             "sd3"
@@ -480,6 +481,7 @@ fn converted_files_keep_the_layers_comfyui_keeps_and_draw_close_images() {
         (GgmlDType::Q8_0, "flux-dev-tiny"),
         (GgmlDType::Q4K, "flux-dev-tiny"),
         (GgmlDType::Q8_0, "sd35-tiny"),
+        (GgmlDType::Q8_0, "chroma-tiny"),
     ] {
         let test = format!("convert_{t:?}_{name}");
         let (out, done) = converted(name, t, &test);
@@ -497,7 +499,9 @@ fn converted_files_keep_the_layers_comfyui_keeps_and_draw_close_images() {
             ]
             .iter()
             .any(|p| k.starts_with(p));
-            if info.shape.len() != 2 || kept {
+            // A row narrower than a block (Chroma's tiny approximator input) cannot be quantized.
+            let narrow = info.shape.last().is_some_and(|c| c % 32 != 0);
+            if info.shape.len() != 2 || kept || narrow {
                 assert_eq!(ty, "F32", "{k}");
             } else {
                 assert!(ty.starts_with('Q'), "{k}: {ty}");

@@ -1,5 +1,5 @@
-//! LoRA against diffusers 0.42.1 (`load_lora_weights` + `set_adapters`) on the tiny random SD3.5 and
-//! FLUX.1-dev models, from `tests/fixtures/lora` (scripts/make_lora_fixtures.py): one file per format
+//! LoRA against diffusers 0.42.1 (`load_lora_weights` + `set_adapters`) on the tiny random SD3.5,
+//! FLUX.1-dev and Chroma models, from `tests/fixtures/lora` (scripts/make_lora_fixtures.py): one file per format
 //! (diffusers/PEFT with LoraConfig metadata, kohya, ComfyUI/BFL names, XLabs, AI-toolkit; SD3 in the
 //! PEFT and kohya forms; text-encoder parts), two at once with weights 0.7 and -0.3. The final 8-bit
 //! image is within 2/255 of diffusers' from the same noise (f32, CPU), merged at load and applied at
@@ -178,6 +178,7 @@ fn formats_are_detected_and_both_bfl_spellings_agree() {
             ][..],
         ),
         ("sd35-tiny", &["sd3_peft", "sd3_kohya"][..]),
+        ("chroma-tiny", &["chroma_peft", "chroma_comfy"][..]),
     ] {
         let layers = spec_of(model).model_layers().unwrap();
         for n in files {
@@ -271,4 +272,47 @@ fn lycoris_prefix_reads_as_kohya() {
         a.layers.keys().collect::<Vec<_>>(),
         b.layers.keys().collect::<Vec<_>>()
     );
+}
+
+/// kohya's underscored spelling of Chroma's original names (the approximator's three-word
+/// `distilled_guidance_layer` included) lands on the same layers, with the same factors, as the
+/// ComfyUI spelling.
+#[test]
+fn chroma_kohya_names_fit_as_the_comfyui_names() {
+    let dev = candle_core::Device::Cpu;
+    let comfy = fixture("lora").join("chroma_comfy.safetensors");
+    let kohya: HashMap<String, Tensor> = candle_core::safetensors::load(&comfy, &dev)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| {
+            let k = k.strip_prefix("diffusion_model.").unwrap();
+            let (module, param) = match k.split_once(".lora_") {
+                Some((m, p)) => (m, format!("lora_{p}")),
+                None => (k.strip_suffix(".alpha").unwrap(), "alpha".to_string()),
+            };
+            (format!("lora_unet_{}.{param}", module.replace('.', "_")), v)
+        })
+        .collect();
+    let path = tmp("lora-chroma-kohya").join("chroma_kohya.safetensors");
+    candle_core::safetensors::save(&kohya, &path).unwrap();
+    let layers = spec_of("chroma-tiny").model_layers().unwrap();
+    let a = mmdit::lora::fit(&LoraFile::read(&comfy).unwrap(), &layers).unwrap();
+    let b = mmdit::lora::fit(&LoraFile::read(&path).unwrap(), &layers).unwrap();
+    assert!(b.unmatched.is_empty(), "{:?}", b.unmatched);
+    assert_eq!(
+        a.layers.keys().collect::<Vec<_>>(),
+        b.layers.keys().collect::<Vec<_>>()
+    );
+    assert!(a
+        .layers
+        .keys()
+        .any(|(_, w)| w.starts_with("distilled_guidance_layer.layers.")));
+    for (k, pa) in &a.layers {
+        let pb = &b.layers[k];
+        assert_eq!(pa.len(), pb.len(), "{k:?}");
+        for (x, y) in pa.iter().zip(pb) {
+            assert_eq!(x.scale, y.scale, "{k:?}");
+            assert_eq!(max_diff(&x.up, &y.up).0, 0.0, "{k:?}");
+        }
+    }
 }

@@ -572,3 +572,35 @@ fn a_closed_output_pipe_ends_quietly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Chroma keeps FLUX.1's block names: a LoRA naming Chroma's approximator is refused on FLUX.1,
+/// and a FLUX.1 LoRA on the modulation layers Chroma lacks is refused on Chroma, each by name.
+#[test]
+fn chroma_and_flux_loras_are_refused_on_each_other() {
+    expect_error(
+        "flux-dev-tiny",
+        &lora_arg(lora_file("chroma_comfy.safetensors")),
+        "lora-chroma-on-flux",
+        &[
+            "made for chroma",
+            "distilled_guidance_layer",
+            "the model is flux",
+        ],
+    );
+    expect_error(
+        "flux-dev-tiny",
+        &lora_arg(lora_file("chroma_peft.safetensors")),
+        "lora-chroma-peft-on-flux",
+        &["made for chroma", "the model is flux"],
+    );
+    expect_error(
+        "chroma-tiny",
+        &lora_arg(lora_file("flux_kohya.safetensors")),
+        "lora-flux-on-chroma",
+        &[
+            "img_mod_lin",
+            "norm1.linear",
+            "which this model does not have",
+        ],
+    );
+}

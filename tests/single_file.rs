@@ -97,6 +97,18 @@ fn bfl_flux_file_with_ae_beside_it_draws_its_twins_images() {
     );
 }
 
+/// Chroma's original layout: FLUX.1's names without the modulation layers, plus the
+/// approximator's (`distilled_guidance_layer.layers.<i>.in_layer`, `norms.<i>.scale`).
+#[test]
+fn chroma_file_with_ae_beside_it_draws_its_twins_images() {
+    let comps = components_without("chroma-tiny", &["transformer", "vae"], "chroma-single");
+    images_match(
+        single("chroma-tiny/chroma-tiny.safetensors"),
+        "chroma-tiny",
+        comps,
+    );
+}
+
 fn shapes(m: &BTreeMap<String, TensorMeta>) -> BTreeMap<String, Vec<usize>> {
     m.iter()
         .map(|(k, v)| (k.clone(), v.shape.clone()))
@@ -304,6 +316,18 @@ fn a_single_file_with_components_of_the_other_family_is_refused() {
     let file = "flux-dev-tiny/flux1-dev-tiny.safetensors";
     let (code, err) = generate_single(file, Some(fixture("sd3-dummy")), "single-family");
     assert_clean_error(code, &err, &["flux", "sd3", "--components"]);
+}
+
+/// Chroma and FLUX.1 files share their block names: each is told by the approximator, and
+/// refused with the other's components.
+#[test]
+fn chroma_and_flux_files_are_refused_with_each_others_components() {
+    let file = "chroma-tiny/chroma-tiny.safetensors";
+    let (code, err) = generate_single(file, Some(fixture("flux-dev-tiny")), "single-chroma-flux");
+    assert_clean_error(code, &err, &["chroma", "flux", "--components"]);
+    let file = "flux-dev-tiny/flux1-dev-tiny.safetensors";
+    let (code, err) = generate_single(file, Some(fixture("chroma-tiny")), "single-flux-chroma");
+    assert_clean_error(code, &err, &["chroma", "flux", "--components"]);
 }
 
 #[test]

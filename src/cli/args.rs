@@ -12,7 +12,7 @@ pub const DEFAULT_MODEL: &str = "demo";
 #[derive(Args, Debug, Default, Clone)]
 pub struct ModelArgs {
     /// Model: a preset (`mmdit models`), a local folder in diffusers layout, a Hub repo id
-    /// (org/name) or a single-file .safetensors or .gguf checkpoint (SAI SD3/SD3.5, BFL FLUX.1).
+    /// (org/name) or a single-file .safetensors or .gguf checkpoint (SAI SD3/SD3.5, BFL FLUX.1, Chroma).
     /// Default: the embedded demo model.
     #[arg(long)]
     pub model: Option<String>,
@@ -54,10 +54,13 @@ pub struct ImageArgs {
     #[arg(long)]
     pub height: Option<usize>,
     /// Guidance scale. SD3: classifier-free guidance, 1 or less turns it off (default 7.0).
-    /// FLUX.1-dev: the embedded guidance (default 3.5); ignored by FLUX.1-schnell.
+    /// FLUX.1-dev: the embedded guidance (default 3.5); ignored by FLUX.1-schnell. Chroma:
+    /// classifier-free guidance against --negative-prompt ("" by default), 1 or less turns it off
+    /// (default 5; the Chroma1 presets 3).
     #[arg(long)]
     pub guidance: Option<f64>,
-    /// T5 sequence length (default: 256 for SD3 and FLUX.1-schnell, 512 for FLUX.1-dev).
+    /// T5 sequence length (default: 256 for SD3 and FLUX.1-schnell, 512 for FLUX.1-dev and
+    /// Chroma).
     #[arg(long)]
     pub max_sequence_length: Option<usize>,
 }

@@ -36,7 +36,8 @@ pub struct GenerateArgs {
     /// ODE integrator: euler (as diffusers), heun, midpoint or adams2.
     #[arg(long)]
     pub sampler: Option<String>,
-    /// Flux: true classifier-free guidance scale (needs --negative-prompt).
+    /// FLUX.1: true classifier-free guidance scale (needs --negative-prompt); Chroma takes
+    /// --guidance for this.
     #[arg(long)]
     pub true_cfg: Option<f64>,
     /// Keep the text encoders in memory after encoding the prompt (by default they are released

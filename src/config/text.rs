@@ -91,11 +91,21 @@ impl ClipTextConfig {
 /// file is handed to candle-transformers' T5.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct T5Config {
+    /// transformers' `model_type`: told apart first, so that another model's config (a CLIP in
+    /// the T5's folder) is named as such rather than by a missing field.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    #[serde(default)]
     pub vocab_size: usize,
+    #[serde(default)]
     pub d_model: usize,
+    #[serde(default)]
     pub d_kv: usize,
+    #[serde(default)]
     pub d_ff: usize,
+    #[serde(default)]
     pub num_layers: usize,
+    #[serde(default)]
     pub num_heads: usize,
     #[serde(default = "n::<32>")]
     pub relative_attention_num_buckets: usize,
@@ -103,6 +113,11 @@ pub struct T5Config {
 
 impl T5Config {
     pub fn validate(&self, path: &Path) -> Result<()> {
+        if let Some(t) = self.model_type.as_deref() {
+            check(path, matches!(t, "t5" | "umt5" | "mt5"), || {
+                format!("is a `{t}` model where the T5 encoder belongs (transformers' T5EncoderModel); this folder holds another model's text encoder")
+            })?;
+        }
         check_dims!(
             path,
             self,

@@ -44,6 +44,16 @@ impl Format {
             Format::Chroma => "chroma",
         }
     }
+
+    /// The `general.architecture` GGUF files of this layout carry: ComfyUI-GGUF's converter labels
+    /// Chroma files `flux` (its FLUX.1 keys match them) and its loader knows no `chroma`, so
+    /// `convert` writes `flux` too; the tensors tell the two apart.
+    pub fn gguf_architecture(self) -> &'static str {
+        match self {
+            Format::Chroma => "flux",
+            f => f.name(),
+        }
+    }
 }
 
 /// How a diffusers tensor is made from a file tensor.
@@ -471,7 +481,7 @@ impl SingleFile {
         };
         let detected = detect(&main, path)?;
         if let Some(a) = architecture.filter(|a| known_image_arch(a)) {
-            if a != detected.format.name() {
+            if a != detected.format.name() && a != detected.format.gguf_architecture() {
                 return Err(Error::BadWeights {
                     path: path.to_path_buf(),
                     msg: format!(

@@ -381,8 +381,13 @@ fn piece(
     };
     let layer_in: usize = shape.iter().skip(1).product();
     let ok_up = up.as_ref().ok().map(|u| u.dims()[0]) == shape.first().copied();
+    let layer = weight.strip_suffix(".weight").unwrap_or(weight);
+    if shape.is_empty() {
+        return Err(bad(file, format!(
+            "module `{name}` names the layer `{layer}`, which this model does not have; the LoRA was trained for another model (a FLUX.1 LoRA on its modulation layers, on Chroma, say)"
+        )));
+    }
     let (Ok(up), true, true) = (up, ok_up, layer_in == inp && shape.len() >= 2) else {
-        let layer = weight.strip_suffix(".weight").unwrap_or(weight);
         return Err(bad(file, format!(
             "module `{name}` (up {:?}, down {:?}: a {out}x{inp} layer) does not fit the model's layer `{layer}` of shape {shape:?}; the LoRA was trained for another model or model size",
             m.up.dims(),

@@ -143,6 +143,10 @@ const COMPOUNDS: &[&str] = &[
     "guidance_in",
     "in_layer",
     "out_layer",
+    // Chroma's approximator
+    "distilled_guidance_layer",
+    "in_proj",
+    "out_proj",
     "final_layer",
     "adaLN_modulation",
     "query_norm",
@@ -160,12 +164,20 @@ const COMPOUNDS: &[&str] = &[
 ];
 
 /// kohya's underscored original name back to dots: `double_blocks_0_img_attn_qkv` ->
-/// `double_blocks.0.img_attn.qkv`.
+/// `double_blocks.0.img_attn.qkv` (names of two or three words kept whole).
 pub fn original_from_underscored(s: &str) -> String {
     let parts: Vec<&str> = s.split('_').collect();
     let mut out: Vec<String> = Vec::new();
     let mut i = 0;
     while i < parts.len() {
+        if i + 2 < parts.len() {
+            let three = parts[i..i + 3].join("_");
+            if COMPOUNDS.contains(&three.as_str()) {
+                out.push(three);
+                i += 3;
+                continue;
+            }
+        }
         if i + 1 < parts.len() {
             let two = format!("{}_{}", parts[i], parts[i + 1]);
             if COMPOUNDS.contains(&two.as_str()) {
@@ -212,6 +224,14 @@ pub enum Xlabs {
 /// The family a set of module names was made for, when the names say it: `flux`, `sd3`, or a
 /// UNet model's (SD 1.x / SDXL).
 pub fn made_for<'a>(modules: impl Iterator<Item = &'a str>) -> Option<&'static str> {
+    let modules: Vec<&str> = modules.collect();
+    // Chroma keeps FLUX.1's block names; its approximator is its own.
+    if modules
+        .iter()
+        .any(|m| m.contains("distilled_guidance_layer"))
+    {
+        return Some("chroma");
+    }
     let mut found = None;
     for m in modules {
         let f = if [
@@ -276,6 +296,14 @@ mod tests {
             (
                 "joint_blocks_0_x_block_attn2_qkv",
                 "joint_blocks.0.x_block.attn2.qkv",
+            ),
+            (
+                "distilled_guidance_layer_layers_4_out_layer",
+                "distilled_guidance_layer.layers.4.out_layer",
+            ),
+            (
+                "distilled_guidance_layer_in_proj",
+                "distilled_guidance_layer.in_proj",
             ),
         ] {
             assert_eq!(original_from_underscored(u), d);

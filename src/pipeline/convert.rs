@@ -109,7 +109,10 @@ impl Spec {
         let vb = w.var_builder("transformer", DType::F32, &Device::Cpu)?;
         let total = plan.len();
         let metadata = [
-            ("general.architecture", Value::Str(format.name().into())),
+            (
+                "general.architecture",
+                Value::Str(format.gguf_architecture().into()),
+            ),
             ("general.quantization_version", Value::Int(2)),
             ("general.alignment", Value::Int(32)),
         ];

@@ -86,6 +86,22 @@ def main():
                 json.dump(doc, fh, separators=(",", ":"))
             n = sum(1 for c in comps.values() for _ in c)
             print(name, n, "tensors")
+    flux2_transformer()
+
+
+def flux2_transformer():
+    """FLUX.2 [dev]'s transformer alone (diffusers' `Flux2Transformer2DModel` defaults are [dev]'s
+    config): the shapes of the layers the FLUX.2 transformer is built from, until the family is
+    wired (text encoder, VAE)."""
+    from diffusers import Flux2Transformer2DModel
+    with torch.device("meta"):
+        tr = Flux2Transformer2DModel()
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in tr.config.items() if not k.startswith("_")}
+    doc = {"generator": "scripts/make_manifests.py", "diffusers": diffusers.__version__, "model": "flux.2-dev",
+           "transformer_config": cfg, "components": {"transformer": shapes(tr, "bf16")}}
+    with open(os.path.join(OUT, "flux.2-dev.transformer.json"), "w") as fh:
+        json.dump(doc, fh, separators=(",", ":"))
+    print("flux.2-dev transformer", len(doc["components"]["transformer"]), "tensors")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 //! `validate()` methods that reject absurd values before anything is allocated. Derived values are methods.
 
 mod flux;
+mod flux2;
 mod scheduler;
 mod text;
 mod transformer;
 mod vae;
 
 pub use flux::{ChromaTransformerConfig, FluxTransformerConfig};
+pub use flux2::Flux2TransformerConfig;
 pub use scheduler::SchedulerConfig;
 pub use text::{ClipTextConfig, T5Config};
 pub use transformer::Sd3TransformerConfig;
@@ -90,6 +92,7 @@ impl_validate!(
     Sd3TransformerConfig,
     FluxTransformerConfig,
     ChromaTransformerConfig,
+    Flux2TransformerConfig,
     VaeConfig,
     SchedulerConfig,
     ClipTextConfig,

@@ -2,7 +2,7 @@
 //! the image and text streams attend together over their concatenated tokens.
 
 use super::rope::Rope;
-use crate::nn::{linear, merge_heads, sdpa, split_heads, Linear, RmsNorm};
+use crate::nn::{linear_with, merge_heads, sdpa, split_heads, Linear, RmsNorm};
 use crate::profile::{self, Phase};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -26,12 +26,14 @@ pub struct QkvProj {
 }
 
 impl QkvProj {
-    /// `names` = (q, k, v, norm_q, norm_k) weight names under `vb`.
+    /// `names` = (q, k, v, norm_q, norm_k) weight names under `vb`; `bias`: the projections have
+    /// biases (all but FLUX.2's).
     pub fn new(
         dim: usize,
         heads: usize,
         head_dim: usize,
         qk_norm: bool,
+        bias: bool,
         names: [&str; 5],
         vb: &VarBuilder,
     ) -> Result<Self> {
@@ -44,9 +46,9 @@ impl QkvProj {
             }
         };
         Ok(Self {
-            q: linear(dim, inner, vb.pp(names[0]))?,
-            k: linear(dim, inner, vb.pp(names[1]))?,
-            v: linear(dim, inner, vb.pp(names[2]))?,
+            q: linear_with(dim, inner, bias, vb.pp(names[0]))?,
+            k: linear_with(dim, inner, bias, vb.pp(names[1]))?,
+            v: linear_with(dim, inner, bias, vb.pp(names[2]))?,
             norm_q: norm(names[3])?,
             norm_k: norm(names[4])?,
             heads,
@@ -89,7 +91,9 @@ pub struct JointAttention {
 }
 
 impl JointAttention {
-    /// `joint`: has a context stream; `ctx_out`: the context stream has an output projection.
+    /// `joint`: has a context stream; `ctx_out`: the context stream has an output projection;
+    /// `bias`: every projection has a bias (all but FLUX.2's).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         dim: usize,
         heads: usize,
@@ -97,6 +101,7 @@ impl JointAttention {
         qk_norm: bool,
         joint: bool,
         ctx_out: bool,
+        bias: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
         let inner = heads * head_dim;
@@ -105,10 +110,11 @@ impl JointAttention {
             heads,
             head_dim,
             qk_norm,
+            bias,
             ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
             &vb,
         )?;
-        let to_out = linear(inner, dim, vb.pp("to_out.0"))?;
+        let to_out = linear_with(inner, dim, bias, vb.pp("to_out.0"))?;
         let ctx = if joint {
             let names = [
                 "add_q_proj",
@@ -117,9 +123,9 @@ impl JointAttention {
                 "norm_added_q",
                 "norm_added_k",
             ];
-            let proj = QkvProj::new(dim, heads, head_dim, qk_norm, names, &vb)?;
+            let proj = QkvProj::new(dim, heads, head_dim, qk_norm, bias, names, &vb)?;
             let out = if ctx_out {
-                Some(linear(inner, dim, vb.pp("to_add_out"))?)
+                Some(linear_with(inner, dim, bias, vb.pp("to_add_out"))?)
             } else {
                 None
             };

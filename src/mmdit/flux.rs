@@ -3,7 +3,7 @@
 
 use super::attention::TokenOrder;
 use super::embed::TimeTextEmbed;
-use super::joint_block::{BlockSpec, JointBlock};
+use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
 use super::modulation::AdaNormContinuous;
 use super::rope::Rope;
 use super::single_block::SingleBlock;
@@ -137,6 +137,8 @@ pub(super) fn blocks(
                 context_pre_only: false,
                 order: TokenOrder::TextFirst,
                 own_modulation,
+                bias: true,
+                ff: FeedForwardKind::Gelu,
             };
             JointBlock::new(spec, vb.pp(format!("transformer_blocks.{i}")))
         })

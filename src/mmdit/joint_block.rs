@@ -5,7 +5,7 @@
 use super::attention::{JointAttention, TokenOrder};
 use super::modulation::{AdaNormContinuous, BlockModulation, Modulation};
 use super::rope::Rope;
-use crate::nn::Mlp;
+use crate::nn::{FeedForward, Mlp, SwiGlu};
 use crate::profile::{self, Phase};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -22,14 +22,41 @@ pub struct BlockSpec {
     /// SD3 puts the text after the image tokens, Flux before.
     pub order: TokenOrder,
     /// The block has its own modulation layers (`norm1.linear`, `norm1_context.linear`); Chroma's
-    /// blocks have none and are given their modulation.
+    /// and FLUX.2's blocks have none and are given their modulation.
     pub own_modulation: bool,
+    /// The projections have biases (all but FLUX.2's).
+    pub bias: bool,
+    /// The feed-forward of both streams.
+    pub ff: FeedForwardKind,
+}
+
+/// Which feed-forward a block's streams have.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FeedForwardKind {
+    /// diffusers' `FeedForward`: 4x, tanh-GELU, with biases (`net.0.proj`, `net.2`).
+    Gelu,
+    /// FLUX.2's SwiGLU at this ratio, no biases (`linear_in`, `linear_out`).
+    SwiGlu(f64),
+}
+
+impl FeedForwardKind {
+    fn build(self, dim: usize, vb: VarBuilder) -> Result<FeedForward> {
+        Ok(match self {
+            FeedForwardKind::Gelu => FeedForward::Gelu(Mlp::feed_forward(dim, 4 * dim, vb)?),
+            FeedForwardKind::SwiGlu(r) => {
+                FeedForward::SwiGlu(SwiGlu::new(dim, (dim as f64 * r) as usize, vb)?)
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
 enum ContextPath {
     /// Full context stream: AdaLayerNormZero (absent when given), attention output, MLP.
-    Full { norm1: Option<Modulation>, ff: Mlp },
+    Full {
+        norm1: Option<Modulation>,
+        ff: FeedForward,
+    },
     /// Last block: the context only feeds keys and values.
     PreOnly { norm1: AdaNormContinuous },
 }
@@ -46,7 +73,7 @@ pub struct JointBlock {
     norm1: Option<Modulation>,
     attn: JointAttention,
     attn2: Option<JointAttention>,
-    ff: Mlp,
+    ff: FeedForward,
     ctx: ContextPath,
     order: TokenOrder,
 }
@@ -69,6 +96,7 @@ impl JointBlock {
                 s.qk_norm,
                 joint,
                 ctx_out,
+                s.bias,
                 vb.pp(name),
             )
         };
@@ -78,7 +106,7 @@ impl JointBlock {
         } else {
             None
         };
-        let ff = Mlp::feed_forward(s.dim, 4 * s.dim, vb.pp("ff"))?;
+        let ff = s.ff.build(s.dim, vb.pp("ff"))?;
         let ctx = if s.context_pre_only {
             ContextPath::PreOnly {
                 norm1: AdaNormContinuous::new(s.dim, vb.pp("norm1_context"))?,
@@ -86,7 +114,7 @@ impl JointBlock {
         } else {
             ContextPath::Full {
                 norm1: own("norm1_context", 2)?,
-                ff: Mlp::feed_forward(s.dim, 4 * s.dim, vb.pp("ff_context"))?,
+                ff: s.ff.build(s.dim, vb.pp("ff_context"))?,
             }
         };
         Ok(Self {
@@ -191,7 +219,7 @@ impl JointBlock {
     }
 
     /// `x + gate_mlp * ff(norm(x) * (1 + scale_mlp) + shift_mlp)`
-    fn feed_forward(&self, ff: &Mlp, m: &BlockModulation, x: &Tensor) -> Result<Tensor> {
+    fn feed_forward(&self, ff: &FeedForward, m: &BlockModulation, x: &Tensor) -> Result<Tensor> {
         let dev = x.device();
         let ff_in = profile::phase(Phase::Norms, dev, || m.mlp.norm(x))?;
         let y = profile::phase(Phase::FeedForward, dev, || ff.forward(&ff_in))?;

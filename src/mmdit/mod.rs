@@ -1,11 +1,12 @@
 //! The MMDiT transformers: the pieces every MMDiT family shares (embeddings, modulation, joint
-//! attention, joint and single-stream blocks, RoPE) and the SD3, FLUX.1 and Chroma models built from them,
+//! attention, joint and single-stream blocks, RoPE) and the SD3, FLUX.1, Chroma and FLUX.2 models built from them,
 //! on the layers of [`crate::nn`].
 
 pub mod attention;
 pub mod chroma;
 pub mod embed;
 pub mod flux;
+pub mod flux2;
 pub mod joint_block;
 pub mod modulation;
 pub mod rope;
@@ -14,4 +15,5 @@ pub mod single_block;
 
 pub use chroma::ChromaTransformer;
 pub use flux::FluxTransformer;
+pub use flux2::Flux2Transformer;
 pub use sd3::Sd3Transformer;

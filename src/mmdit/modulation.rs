@@ -3,7 +3,7 @@
 //! `AdaLayerNormContinuous`).
 
 use crate::nn::modulate::{add_gated, norm_modulate};
-use crate::nn::{linear, Linear};
+use crate::nn::{linear_with, Linear};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -42,8 +42,13 @@ pub struct Modulation {
 
 impl Modulation {
     pub fn new(dim: usize, triples: usize, vb: VarBuilder) -> Result<Self> {
+        Self::with_bias(dim, triples, true, vb)
+    }
+
+    /// [`Self::new`] with or without the layer's bias (FLUX.2's shared modulations have none).
+    pub fn with_bias(dim: usize, triples: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            linear: linear(dim, 3 * triples * dim, vb.pp("linear"))?,
+            linear: linear_with(dim, 3 * triples * dim, bias, vb.pp("linear"))?,
             triples,
         })
     }
@@ -94,8 +99,13 @@ pub struct AdaNormContinuous {
 
 impl AdaNormContinuous {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Self::with_bias(dim, true, vb)
+    }
+
+    /// [`Self::new`] with or without the layer's bias (FLUX.2's has none).
+    pub fn with_bias(dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            linear: linear(dim, 2 * dim, vb.pp("linear"))?,
+            linear: linear_with(dim, 2 * dim, bias, vb.pp("linear"))?,
         })
     }
 

@@ -2,7 +2,7 @@
 
 use super::attention::TokenOrder;
 use super::embed::{PatchEmbed, TimeTextEmbed};
-use super::joint_block::{BlockSpec, JointBlock};
+use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
 use super::modulation::AdaNormContinuous;
 use crate::config::Sd3TransformerConfig;
 use crate::nn::{linear, Linear};
@@ -55,6 +55,8 @@ impl Sd3Transformer {
                     context_pre_only: i + 1 == cfg.num_layers,
                     order: TokenOrder::ImageFirst,
                     own_modulation: true,
+                    bias: true,
+                    ff: FeedForwardKind::Gelu,
                 };
                 JointBlock::new(spec, vb.pp(format!("transformer_blocks.{i}")))
             })

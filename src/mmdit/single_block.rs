@@ -34,7 +34,7 @@ impl SingleBlock {
                 true => Some(Modulation::new(dim, 1, vb.pp("norm"))?),
                 false => None,
             },
-            attn: QkvProj::new(dim, heads, head_dim, true, names, &vb.pp("attn"))?,
+            attn: QkvProj::new(dim, heads, head_dim, true, true, names, &vb.pp("attn"))?,
             proj_mlp: linear(dim, mlp, vb.pp("proj_mlp"))?,
             proj_out: linear(heads * head_dim + mlp, dim, vb.pp("proj_out"))?,
         })

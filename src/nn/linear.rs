@@ -64,6 +64,11 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
     build(in_dim, out_dim, vb, false)
 }
 
+/// [`linear`] or [`linear_no_bias`] as the checkpoint has it (FLUX.2's layers have no biases).
+pub fn linear_with(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    build(in_dim, out_dim, vb, bias)
+}
+
 fn build(in_dim: usize, out_dim: usize, vb: VarBuilder, bias: bool) -> Result<Linear> {
     let mut l = match quant::stored(&format!("{}.weight", vb.prefix())) {
         Some(blocks) => {

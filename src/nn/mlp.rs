@@ -2,7 +2,7 @@
 //! `TimestepEmbedding` and `PixArtAlphaTextProjection` (SiLU) share this shape and differ in names.
 
 use super::activation::gelu_tanh;
-use super::linear::{linear, Linear};
+use super::linear::{linear_with, Linear};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -39,10 +39,21 @@ impl Mlp {
         names: [&str; 2],
         vb: VarBuilder,
     ) -> Result<Self> {
+        Self::with_bias(dims, act, names, true, vb)
+    }
+
+    /// [`Self::new`] with or without the layers' biases.
+    pub fn with_bias(
+        dims: (usize, usize, usize),
+        act: Activation,
+        names: [&str; 2],
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let (i, h, o) = dims;
         Ok(Self {
-            first: linear(i, h, vb.pp(names[0]))?,
-            second: linear(h, o, vb.pp(names[1]))?,
+            first: linear_with(i, h, bias, vb.pp(names[0]))?,
+            second: linear_with(h, o, bias, vb.pp(names[1]))?,
             act,
         })
     }
@@ -74,5 +85,54 @@ impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.second
             .forward(&self.act.forward(&self.first.forward(x)?)?)
+    }
+}
+
+/// FLUX.2's feed-forward (diffusers `Flux2FeedForward`): `linear_in` to twice the inner width,
+/// `silu(first half) * second half`, `linear_out`; no biases.
+#[derive(Debug, Clone)]
+pub struct SwiGlu {
+    linear_in: Linear,
+    linear_out: Linear,
+}
+
+impl SwiGlu {
+    pub fn new(dim: usize, inner: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            linear_in: linear_with(dim, 2 * inner, false, vb.pp("linear_in"))?,
+            linear_out: linear_with(inner, dim, false, vb.pp("linear_out"))?,
+        })
+    }
+
+    /// `silu(x[..half]) * x[half..]` over the last dim.
+    pub fn gate(x: &Tensor) -> Result<Tensor> {
+        let half = x.dim(candle_core::D::Minus1)? / 2;
+        let a = x.narrow(candle_core::D::Minus1, 0, half)?;
+        let b = x.narrow(candle_core::D::Minus1, half, half)?;
+        a.silu()? * b
+    }
+}
+
+impl Module for SwiGlu {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_out
+            .forward(&Self::gate(&self.linear_in.forward(x)?)?)
+    }
+}
+
+/// A transformer block's feed-forward: diffusers' `FeedForward` (tanh-GELU, FLUX.1 and SD3) or
+/// FLUX.2's SwiGLU.
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    Gelu(Mlp),
+    SwiGlu(SwiGlu),
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            FeedForward::Gelu(m) => m.forward(x),
+            FeedForward::SwiGlu(m) => m.forward(x),
+        }
     }
 }

@@ -20,8 +20,8 @@ pub mod quant;
 pub use activation::gelu_tanh;
 pub use attention::{merge_heads, sdpa, sdpa_unprofiled, split_heads};
 pub use conv::Conv2d;
-pub use linear::{linear, linear_no_bias, Linear};
-pub use mlp::{Activation, Mlp};
+pub use linear::{linear, linear_no_bias, linear_with, Linear};
+pub use mlp::{Activation, FeedForward, Mlp, SwiGlu};
 pub use norm::{layer_norm, GroupNorm, RmsNorm};
 
 #[cfg(test)]

@@ -1,0 +1,243 @@
+//! `Flux2Transformer2DModel` (FLUX.2 [klein] and [dev]): FLUX.1's double-stream blocks without
+//! biases, with SwiGLU feed-forwards and one modulation per stream shared by every block; parallel
+//! single-stream blocks whose q/k/v and MLP input are one projection; 4-axis RoPE (t, h, w, l).
+
+use super::attention::TokenOrder;
+use super::embed::timestep_embedding;
+use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
+use super::modulation::{AdaNormContinuous, Modulation, ModulationOut};
+use super::rope::Rope;
+use crate::config::Flux2TransformerConfig;
+use crate::nn::{
+    linear_with, merge_heads, sdpa, split_heads, Activation, Linear, Mlp, RmsNorm, SwiGlu,
+};
+use crate::profile::{self, Phase};
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// FLUX.2's parallel single-stream block (diffusers `Flux2SingleTransformerBlock`): one projection
+/// gives q, k, v and the SwiGLU input; one projection takes the attention and MLP outputs side by
+/// side.
+#[derive(Debug, Clone)]
+pub struct ParallelBlock {
+    to_qkv_mlp: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+    to_out: Linear,
+    heads: usize,
+    inner: usize,
+}
+
+impl ParallelBlock {
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        mlp: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        let a = vb.pp("attn");
+        Ok(Self {
+            to_qkv_mlp: linear_with(dim, 3 * inner + 2 * mlp, false, a.pp("to_qkv_mlp_proj"))?,
+            norm_q: RmsNorm::new(head_dim, 1e-6, a.pp("norm_q"))?,
+            norm_k: RmsNorm::new(head_dim, 1e-6, a.pp("norm_k"))?,
+            to_out: linear_with(inner + mlp, dim, false, a.pp("to_out"))?,
+            heads,
+            inner,
+        })
+    }
+
+    /// x: (b, s + n, dim) joint tokens (text first); m: the shared single-stream modulation ->
+    /// (b, s + n, dim)
+    pub fn forward(&self, x: &Tensor, m: &ModulationOut, rope: &Rope) -> Result<Tensor> {
+        let dev = x.device();
+        let h = profile::phase(Phase::Norms, dev, || m.norm(x))?;
+        let proj = profile::phase(Phase::QkvProjections, dev, || self.to_qkv_mlp.forward(&h))?;
+        let inner = self.inner;
+        let width = proj.dim(D::Minus1)?;
+        let (q, k, v, mlp) = profile::phase(Phase::Copies, dev, || {
+            let part =
+                |at: usize, len: usize| split_heads(&proj.narrow(D::Minus1, at, len)?, self.heads);
+            Ok((
+                part(0, inner)?,
+                part(inner, inner)?,
+                part(2 * inner, inner)?,
+                proj.narrow(D::Minus1, 3 * inner, width - 3 * inner)?,
+            ))
+        })?;
+        let (q, k) = profile::phase(Phase::QkNorm, dev, || {
+            Ok((self.norm_q.forward(&q)?, self.norm_k.forward(&k)?))
+        })?;
+        let (q, k) = profile::phase(Phase::Rope, dev, || Ok((rope.apply(&q)?, rope.apply(&k)?)))?;
+        let o = sdpa(&q, &k, &v)?;
+        let mlp = profile::phase(Phase::FeedForward, dev, || SwiGlu::gate(&mlp))?;
+        let joined = profile::phase(Phase::Copies, dev, || {
+            Tensor::cat(&[merge_heads(&o)?, mlp], D::Minus1)
+        })?;
+        let out = profile::phase(Phase::OutputProjections, dev, || {
+            self.to_out.forward(&joined)
+        })?;
+        profile::phase(Phase::Norms, dev, || m.gated(x, &out))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Flux2Transformer {
+    x_embedder: Linear,
+    context_embedder: Linear,
+    timestep_embedder: Mlp,
+    guidance_embedder: Option<Mlp>,
+    mod_img: Modulation,
+    mod_txt: Modulation,
+    mod_single: Modulation,
+    double: Vec<JointBlock>,
+    single: Vec<ParallelBlock>,
+    norm_out: AdaNormContinuous,
+    proj_out: Linear,
+    cfg: Flux2TransformerConfig,
+}
+
+impl Flux2Transformer {
+    pub fn new(cfg: &Flux2TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.hidden_size();
+        let (heads, hd) = (cfg.num_attention_heads, cfg.attention_head_dim);
+        let double = (0..cfg.num_layers)
+            .map(|i| {
+                let spec = BlockSpec {
+                    dim,
+                    heads,
+                    head_dim: hd,
+                    qk_norm: true,
+                    dual_attention: false,
+                    context_pre_only: false,
+                    order: TokenOrder::TextFirst,
+                    own_modulation: false,
+                    bias: false,
+                    ff: FeedForwardKind::SwiGlu(cfg.mlp_ratio),
+                };
+                JointBlock::new(spec, vb.pp(format!("transformer_blocks.{i}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let single = (0..cfg.num_single_layers)
+            .map(|i| {
+                let b = vb.pp(format!("single_transformer_blocks.{i}"));
+                ParallelBlock::new(dim, heads, hd, cfg.mlp_hidden(), b)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let te = vb.pp("time_guidance_embed");
+        let embedding = |name: &str| {
+            Mlp::with_bias(
+                (cfg.timestep_guidance_channels, dim, dim),
+                Activation::Silu,
+                ["linear_1", "linear_2"],
+                false,
+                te.pp(name),
+            )
+        };
+        Ok(Self {
+            x_embedder: linear_with(cfg.in_channels, dim, false, vb.pp("x_embedder"))?,
+            context_embedder: linear_with(
+                cfg.joint_attention_dim,
+                dim,
+                false,
+                vb.pp("context_embedder"),
+            )?,
+            timestep_embedder: embedding("timestep_embedder")?,
+            guidance_embedder: cfg
+                .guidance_embeds
+                .then(|| embedding("guidance_embedder"))
+                .transpose()?,
+            mod_img: Modulation::with_bias(dim, 2, false, vb.pp("double_stream_modulation_img"))?,
+            mod_txt: Modulation::with_bias(dim, 2, false, vb.pp("double_stream_modulation_txt"))?,
+            mod_single: Modulation::with_bias(dim, 1, false, vb.pp("single_stream_modulation"))?,
+            double,
+            single,
+            norm_out: AdaNormContinuous::with_bias(dim, false, vb.pp("norm_out"))?,
+            proj_out: linear_with(
+                dim,
+                cfg.patch_size * cfg.patch_size * cfg.out_channels(),
+                false,
+                vb.pp("proj_out"),
+            )?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Flux2TransformerConfig {
+        &self.cfg
+    }
+
+    /// Rotary tables for `txt_len` text tokens (ids `[0, 0, 0, l]`) followed by an `h x w` grid of
+    /// packed latents (ids `[0, row, col, 0]`), diffusers' `_prepare_text_ids` and
+    /// `_prepare_latent_ids`.
+    pub fn rope(
+        &self,
+        txt_len: usize,
+        h: usize,
+        w: usize,
+        device: &candle_core::Device,
+    ) -> Result<Rope> {
+        let mut ids: Vec<Vec<f64>> = (0..txt_len)
+            .map(|l| vec![0.0, 0.0, 0.0, l as f64])
+            .collect();
+        for r in 0..h {
+            for c in 0..w {
+                ids.push(vec![0.0, r as f64, c as f64, 0.0]);
+            }
+        }
+        Rope::new(&ids, &self.cfg.axes_dims_rope, self.cfg.rope_theta, device)
+    }
+
+    /// Predicts the flow velocity on packed latents.
+    ///
+    /// # Shapes
+    /// x: (b, n, in_channels) packed latents; sigma: (b,) in [0, 1] (scaled by 1000 inside);
+    /// guidance: (b,) scale ([dev]); context: (b, s, joint_attention_dim); rope over s + n tokens
+    /// -> (b, n, out_channels)
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        sigma: &Tensor,
+        guidance: Option<&Tensor>,
+        context: &Tensor,
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let dev = x.device();
+        let (mut img, temb, mut ctx) = profile::phase(Phase::Embeddings, dev, || {
+            let embed = |t: &Tensor, m: &Mlp| -> Result<Tensor> {
+                // diffusers rounds t x 1000 to the run dtype before embedding it.
+                let t = (t.to_dtype(dtype)? * 1000.0)?;
+                let f = timestep_embedding(&t, self.cfg.timestep_guidance_channels)?;
+                m.forward(&f.to_dtype(dtype)?)
+            };
+            let mut temb = embed(sigma, &self.timestep_embedder)?;
+            if let (Some(g), Some(m)) = (guidance, &self.guidance_embedder) {
+                temb = (temb + embed(g, m)?)?;
+            }
+            let img = self.x_embedder.forward(x)?;
+            Ok((img, temb, self.context_embedder.forward(context)?))
+        })?;
+        let (mi, mt, ms) = profile::phase(Phase::Norms, dev, || {
+            Ok((
+                self.mod_img.forward_block(&temb)?,
+                self.mod_txt.forward_block(&temb)?,
+                self.mod_single.forward(&temb)?.remove(0),
+            ))
+        })?;
+        for block in &self.double {
+            (img, ctx) = block.forward_given(&img, &ctx, &mi, &mt, Some(rope))?;
+        }
+        let s = ctx.dim(1)?;
+        let n = img.dim(1)?;
+        let mut joint = profile::phase(Phase::Copies, dev, || Tensor::cat(&[ctx, img], 1))?;
+        for block in &self.single {
+            joint = block.forward(&joint, &ms, rope)?;
+        }
+        let img = joint.narrow(1, s, n)?;
+        profile::phase(Phase::Final, dev, || {
+            self.proj_out.forward(&self.norm_out.forward(&img, &temb)?)
+        })
+    }
+}

@@ -1,0 +1,101 @@
+//! The FLUX.2 transformer (`Flux2Transformer2DModel`) against diffusers 0.42.1 on tiny random
+//! [klein]-like and [dev]-like models (scripts/make_flux2_fixtures.py): output within
+//! 1e-4 x max |reference| in f32, on a non-square latent grid and a batch of two timesteps.
+
+mod common;
+
+use candle_core::DType;
+use common::*;
+use mmdit::config::Flux2TransformerConfig;
+use mmdit::mmdit::Flux2Transformer;
+
+#[test]
+fn flux2_transformer_matches_diffusers() {
+    for name in ["klein-tiny", "dev-tiny"] {
+        let dir = fixture("flux2-transformer").join(name);
+        let cfg: Flux2TransformerConfig =
+            mmdit::config::read_json(&dir.join("config.json")).unwrap();
+        cfg.validate(&dir.join("config.json")).unwrap();
+        let weights = dir.join("diffusion_pytorch_model.safetensors");
+        // SAFETY: the fixture file is not modified while the test maps it.
+        let vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &device())
+        }
+        .unwrap();
+        let model = Flux2Transformer::new(&cfg, vb).unwrap();
+        let r =
+            candle_core::safetensors::load(dir.join("reference.safetensors"), &device()).unwrap();
+        let meta = read_json(dir.join("fixture.json"));
+        let (h, w) = (
+            meta["grid"][0].as_u64().unwrap() as usize,
+            meta["grid"][1].as_u64().unwrap() as usize,
+        );
+        let ctx = &r["context"];
+        let rope = model.rope(ctx.dim(1).unwrap(), h, w, &device()).unwrap();
+        let out = model
+            .forward(&r["x"], &r["sigma"], r.get("guidance"), ctx, &rope)
+            .unwrap();
+        assert_close_rel(&format!("FLUX.2 {name} transformer"), &out, &r["out"], 1e-4);
+    }
+}
+
+/// Configs that cannot be a FLUX.2 model are refused by name before anything is built.
+#[test]
+fn flux2_configs_are_checked() {
+    let path = std::path::Path::new("transformer/config.json");
+    let parse =
+        |j: serde_json::Value| -> Flux2TransformerConfig { serde_json::from_value(j).unwrap() };
+    for (bad, needle) in [
+        (
+            serde_json::json!({"axes_dims_rope": [32, 32, 32, 30]}),
+            "axes_dims_rope",
+        ),
+        (serde_json::json!({"mlp_ratio": -1.0}), "mlp_ratio"),
+        (serde_json::json!({"patch_size": 2}), "patch_size"),
+        (serde_json::json!({"eps": 1e-5}), "eps"),
+        (
+            serde_json::json!({"num_layers": 0, "num_single_layers": 0}),
+            "at least one block",
+        ),
+    ] {
+        let e = parse(bad).validate(path).unwrap_err().to_string();
+        assert!(e.contains(needle), "{e}");
+    }
+    parse(serde_json::json!({})).validate(path).unwrap();
+}
+
+/// FLUX.2 [dev]'s transformer at its real size (`tests/fixtures/manifests/flux.2-dev.transformer.json`,
+/// built by scripts/make_manifests.py from diffusers' class on the meta device): every tensor maps
+/// to exactly one parameter of the right shape.
+#[test]
+fn flux2_dev_transformer_maps_every_real_tensor() {
+    use mmdit::loader::audit::ShapeBackend;
+    let m = read_json(fixture("manifests").join("flux.2-dev.transformer.json"));
+    let cfg: Flux2TransformerConfig =
+        serde_json::from_value(m["transformer_config"].clone()).unwrap();
+    cfg.validate(std::path::Path::new("config.json")).unwrap();
+    let tensors = manifest_tensors(&m["components"]["transformer"]);
+    let build = move |vb: candle_nn::VarBuilder| Flux2Transformer::new(&cfg, vb).map(drop);
+    let a = ShapeBackend::audit(tensors, build, |_: &str| false).unwrap();
+    assert!(
+        a.missing.is_empty(),
+        "missing {:?}",
+        &a.missing[..a.missing.len().min(5)]
+    );
+    assert!(
+        a.wrong_shape.is_empty(),
+        "wrong shape {:?}",
+        &a.wrong_shape[..a.wrong_shape.len().min(5)]
+    );
+    assert!(
+        a.unexpected.is_empty(),
+        "unexpected {:?}",
+        &a.unexpected[..a.unexpected.len().min(5)]
+    );
+    assert!(a.requested.values().all(|&n| n == 1), "a tensor read twice");
+    println!(
+        "FLUX.2 [dev] transformer: {} tensors, {} parameters",
+        a.requested.len(),
+        a.params
+    );
+}

@@ -1,6 +1,7 @@
 //! Parity with diffusers 0.42.1 on tiny random pipelines of every family: SD3 (fixtures from
 //! scripts/make_sd3_fixtures.py), FLUX.1 (scripts/make_flux_fixtures.py) and Chroma
-//! (scripts/make_chroma_fixtures.py, with the attention mask as booleans: see that script). One harness runs each
+//! (scripts/make_chroma_fixtures.py, with the attention mask as booleans: see that script) and
+//! FLUX.2 [klein] (scripts/make_flux2_fixtures.py). One harness runs each
 //! check over every fixture through the generic pipeline; only the transformer's inputs differ by
 //! family. Tolerances (issue 2): embeddings and transformer max abs diff <= 1e-4 x max |reference|;
 //! Flux packing exact; sigmas within 1e-6; final 8-bit image within 2/255; bf16 images at least
@@ -11,13 +12,13 @@ mod common;
 use candle_core::{DType, Tensor};
 use common::*;
 use mmdit::mmdit::flux::{pack, unpack};
-use mmdit::mmdit::{ChromaTransformer, FluxTransformer, Sd3Transformer};
+use mmdit::mmdit::{ChromaTransformer, Flux2Transformer, FluxTransformer, Sd3Transformer};
 use mmdit::{ModelRef, Pipeline, Request, Spec};
 
 const REL: f32 = 1e-4;
 
 /// The fixtures, each with its family.
-const FIXTURES: [(&str, Family); 7] = [
+const FIXTURES: [(&str, Family); 9] = [
     ("sd3-dummy", Family::Sd3),
     ("sd35-tiny", Family::Sd3),
     ("sd3-no-t5", Family::Sd3),
@@ -25,6 +26,8 @@ const FIXTURES: [(&str, Family); 7] = [
     ("flux-schnell-tiny", Family::Flux),
     ("flux-dev-tiny", Family::Flux),
     ("chroma-tiny", Family::Chroma),
+    ("flux2-klein-tiny", Family::Flux2),
+    ("flux2-klein-distilled-tiny", Family::Flux2),
 ];
 
 #[derive(Clone, Copy, PartialEq)]
@@ -32,6 +35,7 @@ enum Family {
     Sd3,
     Flux,
     Chroma,
+    Flux2,
 }
 
 impl Family {
@@ -42,6 +46,7 @@ impl Family {
             (Family::Sd3, "CLIP-G") => "ids_g",
             (Family::Flux, "CLIP-L") => "ids_clip",
             (_, "T5") => "ids_t5",
+            (Family::Flux2, "Qwen3") => "ids_qwen",
             (_, e) => panic!("no reference ids for {e}"),
         }
     }
@@ -84,10 +89,19 @@ fn token_ids_match_transformers() {
         let text = pipe.text_encoders().unwrap();
         for (i, p) in prompts.iter().enumerate() {
             for (encoder, tok) in text.tokenizers() {
-                let len = if encoder == "T5" { max_seq } else { 77 };
+                let len = if encoder == "T5" || encoder == "Qwen3" {
+                    max_seq
+                } else {
+                    77
+                };
                 let key = format!("text.{i}.{}", family.ids_key(encoder));
+                // Qwen3 reads the prompt as a chat message.
+                let text = match encoder {
+                    "Qwen3" => tok.apply_chat_template(p).unwrap(),
+                    _ => p.clone(),
+                };
                 assert_eq!(
-                    tok.encode_padded(p, len).unwrap().ids,
+                    tok.encode_padded(&text, len).unwrap().ids,
                     ids(&r[&key]),
                     "{name} {encoder} ids of {p:?}"
                 );
@@ -159,6 +173,22 @@ fn transformer_matches_diffusers() {
                 t.forward(&r["pack.packed"], &r["transformer.sigma"], ctx, &rope)
                     .unwrap()
             }
+            Family::Flux2 => {
+                let t = pipe.transformer_as::<Flux2Transformer>().unwrap();
+                let lat = &r["pack.latents"];
+                let (b, c, h, w) = lat.dims4().unwrap();
+                let ctx = &r["transformer.context"];
+                let rope = t.rope(ctx.dim(1).unwrap(), h, w, &device()).unwrap();
+                let x = lat.reshape((b, c, h * w)).unwrap().transpose(1, 2).unwrap();
+                t.forward(
+                    &x.contiguous().unwrap(),
+                    &r["transformer.sigma"],
+                    None,
+                    ctx,
+                    &rope,
+                )
+                .unwrap()
+            }
         };
         assert_close_rel(
             &format!("{name} transformer"),
@@ -229,7 +259,7 @@ fn long_prompts_report_dropped_tokens() {
 #[test]
 fn flux_packing_matches_and_round_trips() {
     for (name, family) in FIXTURES {
-        if family == Family::Sd3 {
+        if matches!(family, Family::Sd3 | Family::Flux2) {
             continue;
         }
         let r = reference(name);

@@ -221,6 +221,7 @@ fn inspect_file(
             mmdit::loader::single::Format::Sd3 => "SAI SD3/SD3.5",
             mmdit::loader::single::Format::Flux => "BFL FLUX.1",
             mmdit::loader::single::Format::Chroma => "Chroma",
+            mmdit::loader::single::Format::Flux2 => "BFL FLUX.2",
         },
         if d.prefix.is_empty() {
             String::new()

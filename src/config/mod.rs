@@ -11,7 +11,7 @@ mod vae;
 pub use flux::{ChromaTransformerConfig, FluxTransformerConfig};
 pub use flux2::Flux2TransformerConfig;
 pub use scheduler::SchedulerConfig;
-pub use text::{ClipTextConfig, T5Config};
+pub use text::{ClipTextConfig, Qwen3Config, T5Config};
 pub use transformer::Sd3TransformerConfig;
 pub use vae::VaeConfig;
 
@@ -96,7 +96,8 @@ impl_validate!(
     VaeConfig,
     SchedulerConfig,
     ClipTextConfig,
-    T5Config
+    T5Config,
+    Qwen3Config
 );
 
 pub(crate) fn check(path: &Path, ok: bool, msg: impl FnOnce() -> String) -> Result<()> {

@@ -136,3 +136,131 @@ impl T5Config {
         })
     }
 }
+
+/// `text_encoder/config.json` of a transformers `Qwen3ForCausalLM` (FLUX.2 [klein]'s text
+/// encoder): the fields its layers need.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Qwen3Config {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    #[serde(default)]
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub hidden_size: usize,
+    #[serde(default)]
+    pub intermediate_size: usize,
+    #[serde(default)]
+    pub num_hidden_layers: usize,
+    #[serde(default)]
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: usize,
+    /// Absent: hidden_size / num_attention_heads.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "qwen_eps")]
+    pub rms_norm_eps: f64,
+    /// transformers 4 writes `rope_theta`, transformers 5 `rope_parameters.rope_theta`.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default = "qwen_act")]
+    pub hidden_act: String,
+}
+
+/// transformers 5's `rope_parameters`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct RopeParameters {
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_type: Option<String>,
+}
+
+fn qwen_eps() -> f64 {
+    1e-6
+}
+
+fn qwen_act() -> String {
+    "silu".into()
+}
+
+impl Qwen3Config {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// The RoPE base (transformers' default 10000 when the config gives none).
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10000.0)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        if let Some(t) = self.model_type.as_deref() {
+            check(path, t == "qwen3", || {
+                format!("is a `{t}` model where the Qwen3 text encoder belongs (transformers' Qwen3ForCausalLM); this folder holds another model's text encoder")
+            })?;
+        }
+        check_dims!(
+            path,
+            self,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_attention_heads,
+            num_key_value_heads
+        );
+        check_dim(path, "head_dim", self.head_dim())?;
+        check(
+            path,
+            (1..=MAX_LAYERS).contains(&self.num_hidden_layers),
+            || {
+                format!(
+                    "`num_hidden_layers` is {}, expected 1..={MAX_LAYERS}",
+                    self.num_hidden_layers
+                )
+            },
+        )?;
+        check(
+            path,
+            self.num_attention_heads
+                .is_multiple_of(self.num_key_value_heads),
+            || {
+                format!(
+                    "`num_key_value_heads` ({}) does not divide `num_attention_heads` ({})",
+                    self.num_key_value_heads, self.num_attention_heads
+                )
+            },
+        )?;
+        check(path, self.head_dim().is_multiple_of(2), || {
+            format!("`head_dim` {} is odd; RoPE needs pairs", self.head_dim())
+        })?;
+        let rope_type = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_type.as_deref());
+        check(path, matches!(rope_type, None | Some("default")), || {
+            format!("RoPE type {rope_type:?} is not supported (default only)")
+        })?;
+        check(path, self.hidden_act == "silu", || {
+            format!("`hidden_act` {:?} is not supported (silu)", self.hidden_act)
+        })?;
+        check(
+            path,
+            self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0,
+            || format!("`rms_norm_eps` is {}, expected above 0", self.rms_norm_eps),
+        )?;
+        let theta = self.rope_theta();
+        check(path, theta.is_finite() && theta > 1.0, || {
+            format!("`rope_theta` is {theta}, expected above 1")
+        })
+    }
+}

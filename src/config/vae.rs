@@ -30,6 +30,20 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "dtrue")]
     pub mid_block_add_attention: bool,
+    /// `AutoencoderKLFlux2`: the decoder's own level widths (absent: `block_out_channels`).
+    #[serde(default)]
+    pub decoder_block_out_channels: Option<Vec<usize>>,
+    /// `AutoencoderKLFlux2`: the sampler works on p x p patches of latents, normalised by the
+    /// VAE's batch-norm statistics (`bn.running_mean`, `bn.running_var`), not by
+    /// `scaling_factor` / `shift_factor`.
+    #[serde(default)]
+    pub patch_size: Option<Vec<usize>>,
+    #[serde(default = "dbn_eps")]
+    pub batch_norm_eps: f64,
+}
+
+fn dbn_eps() -> f64 {
+    1e-4
 }
 
 fn dboc() -> Vec<usize> {
@@ -48,6 +62,31 @@ impl VaeConfig {
         1 << (self.block_out_channels.len() - 1)
     }
 
+    /// The side of the latent patches the sampler works on (1 but for FLUX.2's VAE).
+    pub fn patch(&self) -> usize {
+        self.patch_size
+            .as_ref()
+            .and_then(|p| p.first().copied())
+            .unwrap_or(1)
+    }
+
+    /// How many pixels one latent of the sampler's space covers per side.
+    pub fn latent_factor(&self) -> usize {
+        self.scale_factor() * self.patch()
+    }
+
+    /// Channels of the sampler's latents: the VAE's latent channels x patch².
+    pub fn sampler_channels(&self) -> usize {
+        self.latent_channels * self.patch() * self.patch()
+    }
+
+    /// The decoder's level widths, highest resolution first.
+    pub fn decoder_channels(&self) -> &[usize] {
+        self.decoder_block_out_channels
+            .as_deref()
+            .unwrap_or(&self.block_out_channels)
+    }
+
     pub fn validate(&self, path: &Path) -> Result<()> {
         check(
             path,
@@ -59,7 +98,37 @@ impl VaeConfig {
                 )
             },
         )?;
-        for &c in &self.block_out_channels {
+        if let Some(d) = &self.decoder_block_out_channels {
+            check(path, d.len() == self.block_out_channels.len(), || {
+                format!(
+                    "`decoder_block_out_channels` has {} levels, `block_out_channels` {}",
+                    d.len(),
+                    self.block_out_channels.len()
+                )
+            })?;
+        }
+        if let Some(p) = &self.patch_size {
+            check(
+                path,
+                p.len() == 2 && p[0] == p[1] && (1..=4).contains(&p[0]),
+                || format!("`patch_size` {p:?}: expected two equal sides of 1 to 4"),
+            )?;
+            check(
+                path,
+                self.batch_norm_eps.is_finite() && self.batch_norm_eps > 0.0,
+                || {
+                    format!(
+                        "`batch_norm_eps` is {}, expected above 0",
+                        self.batch_norm_eps
+                    )
+                },
+            )?;
+        }
+        for &c in self
+            .block_out_channels
+            .iter()
+            .chain(self.decoder_channels())
+        {
             check_dim(path, "block_out_channels", c)?;
             check(path, c % self.norm_num_groups.max(1) == 0, || {
                 format!(

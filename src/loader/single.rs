@@ -33,6 +33,9 @@ pub enum Format {
     /// Lodestone Rock's Chroma: FLUX.1's names without the modulation layers, plus
     /// `distilled_guidance_layer.*`.
     Chroma,
+    /// Black Forest Labs FLUX.2: FLUX.1's block names, shared modulations
+    /// (`double_stream_modulation_img.lin`, ...), fused single-block projections kept whole.
+    Flux2,
 }
 
 impl Format {
@@ -42,6 +45,7 @@ impl Format {
             Format::Sd3 => "sd3",
             Format::Flux => "flux",
             Format::Chroma => "chroma",
+            Format::Flux2 => "flux2",
         }
     }
 
@@ -399,6 +403,16 @@ pub fn detect(metas: &BTreeMap<String, TensorMeta>, path: &Path) -> Result<Detec
             ..Default::default()
         };
         (Format::Sd3, f)
+    } else if has("img_in.weight") && has("double_stream_modulation_img.lin.weight") {
+        let f = Fingerprint {
+            blocks: count("double_blocks."),
+            single_blocks: count("single_blocks."),
+            hidden: dim("img_in.weight", 0),
+            guidance: has("guidance_in.in_layer.weight"),
+            input_channels: dim("img_in.weight", 1),
+            ..Default::default()
+        };
+        (Format::Flux2, f)
     } else if has("img_in.weight") && has("distilled_guidance_layer.in_proj.weight") {
         let f = Fingerprint {
             blocks: count("double_blocks."),
@@ -435,7 +449,7 @@ pub fn detect(metas: &BTreeMap<String, TensorMeta>, path: &Path) -> Result<Detec
 
 /// GGUF architectures of the image models this engine runs.
 fn known_image_arch(a: &str) -> bool {
-    a == "flux" || a == "sd3" || a == "chroma"
+    a == "flux" || a == "sd3" || a == "chroma" || a == "flux2"
 }
 
 /// Refuses a GGUF file whose `general.architecture` is not a FLUX.1 or SD3 model (stable-diffusion.cpp
@@ -564,6 +578,7 @@ fn map_components(
     match d.format {
         Format::Sd3 => sd3_transformer(&mut transformer, &sub, None),
         Format::Flux | Format::Chroma => flux_transformer(&mut transformer, &sub),
+        Format::Flux2 => flux2_transformer(&mut transformer, &sub),
     }
     out.insert("transformer", transformer);
     // SAI files may embed the VAE and the text encoders.
@@ -694,6 +709,7 @@ pub fn transformer_table(
     match format {
         Format::Sd3 => sd3_transformer(&mut m, &keys, last_block),
         Format::Flux | Format::Chroma => flux_transformer(&mut m, &keys),
+        Format::Flux2 => flux2_transformer(&mut m, &keys),
     }
     m.entries
 }
@@ -919,6 +935,96 @@ fn flux_transformer(m: &mut Mapping, keys: &[(String, String)]) {
     }
 }
 
+/// BFL FLUX.2 top-level prefixes -> diffusers.
+const FLUX2_TOP: &[(&str, &str)] = &[
+    ("img_in.", "x_embedder."),
+    ("txt_in.", "context_embedder."),
+    (
+        "time_in.in_layer.",
+        "time_guidance_embed.timestep_embedder.linear_1.",
+    ),
+    (
+        "time_in.out_layer.",
+        "time_guidance_embed.timestep_embedder.linear_2.",
+    ),
+    (
+        "guidance_in.in_layer.",
+        "time_guidance_embed.guidance_embedder.linear_1.",
+    ),
+    (
+        "guidance_in.out_layer.",
+        "time_guidance_embed.guidance_embedder.linear_2.",
+    ),
+    (
+        "double_stream_modulation_img.lin.",
+        "double_stream_modulation_img.linear.",
+    ),
+    (
+        "double_stream_modulation_txt.lin.",
+        "double_stream_modulation_txt.linear.",
+    ),
+    (
+        "single_stream_modulation.lin.",
+        "single_stream_modulation.linear.",
+    ),
+    ("final_layer.linear.", "proj_out."),
+];
+
+/// BFL FLUX.2 double-block prefixes -> diffusers (after `double_blocks.<i>.`).
+const FLUX2_DOUBLE: &[(&str, &str)] = &[
+    ("img_attn.norm.query_norm.scale", "attn.norm_q.weight"),
+    ("img_attn.norm.key_norm.scale", "attn.norm_k.weight"),
+    ("txt_attn.norm.query_norm.scale", "attn.norm_added_q.weight"),
+    ("txt_attn.norm.key_norm.scale", "attn.norm_added_k.weight"),
+    ("img_attn.proj.", "attn.to_out.0."),
+    ("txt_attn.proj.", "attn.to_add_out."),
+    ("img_mlp.0.", "ff.linear_in."),
+    ("img_mlp.2.", "ff.linear_out."),
+    ("txt_mlp.0.", "ff_context.linear_in."),
+    ("txt_mlp.2.", "ff_context.linear_out."),
+];
+
+/// BFL FLUX.2 single-block prefixes -> diffusers (after `single_blocks.<i>.`); `linear1` stays
+/// fused (q, k, v and the SwiGLU input are one projection in diffusers too).
+const FLUX2_SINGLE: &[(&str, &str)] = &[
+    ("linear1.", "attn.to_qkv_mlp_proj."),
+    ("linear2.", "attn.to_out."),
+    ("norm.query_norm.scale", "attn.norm_q.weight"),
+    ("norm.key_norm.scale", "attn.norm_k.weight"),
+];
+
+fn flux2_transformer(m: &mut Mapping, keys: &[(String, String)]) {
+    for (rest, full) in keys.iter().filter(|(r, _)| !fp8_extra(r)) {
+        if let Some(p) = rest.strip_prefix("final_layer.adaLN_modulation.1.") {
+            m.add(
+                format!("norm_out.linear.{p}"),
+                0,
+                full,
+                Transform::SwapHalves,
+            );
+        } else if let Some((i, r)) = block(rest, "double_blocks") {
+            let b = format!("transformer_blocks.{i}.");
+            let p = param(r);
+            let qkv = |names: [&str; 3]| names.map(|n| format!("{b}{n}.{p}"));
+            if r.starts_with("img_attn.qkv.") {
+                split3(m, full, qkv(["attn.to_q", "attn.to_k", "attn.to_v"]));
+            } else if r.starts_with("txt_attn.qkv.") {
+                let names = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"];
+                split3(m, full, qkv(names));
+            } else if let Some(n) = rename(r, FLUX2_DOUBLE) {
+                m.add(format!("{b}{n}"), 0, full, Transform::Whole);
+            }
+        } else if let Some((i, r)) = block(rest, "single_blocks") {
+            if let Some(n) = rename(r, FLUX2_SINGLE) {
+                let name = format!("single_transformer_blocks.{i}.{n}");
+                m.add(name, 0, full, Transform::Whole);
+            }
+        } else if let Some(n) = rename(rest, FLUX2_TOP) {
+            m.add(n, 0, full, Transform::Whole);
+        }
+    }
+}
+
 /// The original name (`format`'s layout, no prefix) a diffusers transformer tensor is stored
 /// under: its own, or the fused tensor it is a slice of. The tables above read backwards.
 fn original_name(format: Format, name: &str) -> Option<String> {
@@ -1000,6 +1106,26 @@ fn original_name(format: Format, name: &str) -> Option<String> {
                 return unrename(r, FLUX_SINGLE).map(|n| format!("{b}{n}"));
             }
             unrename(name, FLUX_TOP)
+        }
+        Format::Flux2 => {
+            if let Some((i, r)) = block(name, "transformer_blocks") {
+                let b = format!("double_blocks.{i}.");
+                let qkv: &[(&[&str], &str)] = &[
+                    (&["attn.to_q", "attn.to_k", "attn.to_v"], "img_attn.qkv"),
+                    (
+                        &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+                        "txt_attn.qkv",
+                    ),
+                ];
+                if let Some(f) = fused(r, qkv) {
+                    return Some(format!("{b}{f}"));
+                }
+                return unrename(r, FLUX2_DOUBLE).map(|n| format!("{b}{n}"));
+            }
+            if let Some((i, r)) = block(name, "single_transformer_blocks") {
+                return unrename(r, FLUX2_SINGLE).map(|n| format!("single_blocks.{i}.{n}"));
+            }
+            unrename(name, FLUX2_TOP)
         }
     }
 }

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 /// A model's layers as a LoRA sees them: each component's tensor names and shapes (diffusers names).
 #[derive(Debug, Clone)]
 pub struct ModelLayers {
-    /// `flux`, `chroma` or `sd3`.
+    /// `flux`, `chroma`, `flux2` or `sd3`.
     pub family: &'static str,
     pub transformer: BTreeMap<String, Vec<usize>>,
     /// The text encoders in the family's order (CLIP-L first).
@@ -35,6 +35,11 @@ impl ModelLayers {
                 .collect()
         };
         let family = if transformer
+            .keys()
+            .any(|k| k.starts_with("double_stream_modulation_img."))
+        {
+            "flux2"
+        } else if transformer
             .keys()
             .any(|k| k.starts_with("distilled_guidance_layer."))
         {
@@ -109,8 +114,10 @@ type Targets = Vec<(String, String, Transform)>;
 /// module whose shape does not fit the layer it names.
 pub fn fit(file: &LoraFile, model: &ModelLayers) -> Result<Fitted> {
     let made_for = names::made_for(file.modules.keys().map(String::as_str));
-    // Chroma keeps FLUX.1's layer names: its LoRAs name themselves as FLUX.1's do.
-    let fits = |f: &str| f == model.family || (f == "flux" && model.family == "chroma");
+    // Chroma and FLUX.2 keep FLUX.1's block names: their LoRAs may name themselves as FLUX.1's do
+    // (the layers' names and shapes then decide).
+    let fits =
+        |f: &str| f == model.family || (f == "flux" && matches!(model.family, "chroma" | "flux2"));
     if let Some(f) = made_for.filter(|f| !fits(f)) {
         // A name that says so.
         let example = file
@@ -126,6 +133,7 @@ pub fn fit(file: &LoraFile, model: &ModelLayers) -> Result<Fitted> {
     let format_table = match model.family {
         "flux" => single::Format::Flux,
         "chroma" => single::Format::Chroma,
+        "flux2" => single::Format::Flux2,
         _ => single::Format::Sd3,
     };
     // The original names in the file, with the shape their layer would have, for the single-file

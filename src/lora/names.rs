@@ -221,8 +221,8 @@ pub enum Xlabs {
     SingleQkv(String),
 }
 
-/// The family a set of module names was made for, when the names say it: `flux`, `sd3`, or a
-/// UNet model's (SD 1.x / SDXL).
+/// The family a set of module names was made for, when the names say it: `flux`, `chroma`,
+/// `flux2`, `sd3`, or a UNet model's (SD 1.x / SDXL).
 pub fn made_for<'a>(modules: impl Iterator<Item = &'a str>) -> Option<&'static str> {
     let modules: Vec<&str> = modules.collect();
     // Chroma keeps FLUX.1's block names; its approximator is its own.
@@ -231,6 +231,16 @@ pub fn made_for<'a>(modules: impl Iterator<Item = &'a str>) -> Option<&'static s
         .any(|m| m.contains("distilled_guidance_layer"))
     {
         return Some("chroma");
+    }
+    // FLUX.2's shared modulations, fused single-block projection and SwiGLU layers.
+    let flux2 = [
+        "stream_modulation",
+        "to_qkv_mlp_proj",
+        "linear_in",
+        "linear_out",
+    ];
+    if modules.iter().any(|m| flux2.iter().any(|k| m.contains(k))) {
+        return Some("flux2");
     }
     let mut found = None;
     for m in modules {

@@ -2,13 +2,14 @@
 //! (or from a single-file checkpoint), every component's tensors checked against the file headers
 //! before its weights are read, and the text encoders with their tokenizers.
 
-use crate::config::{self, ClipTextConfig, ModelIndex, T5Config, VaeConfig};
+use crate::config::{self, ClipTextConfig, ModelIndex, Qwen3Config, T5Config, VaeConfig};
 use crate::error::{Error, Result};
 use crate::loader::audit::{Audit, ShapeBackend, TensorMeta};
 use crate::loader::single::{Mapping, SingleFile};
 use crate::loader::{self, FileSource};
 use crate::lora::{LoraSet, MergeBackend};
 use crate::text::clip::ClipText;
+use crate::text::qwen3::Qwen3Encoder;
 use crate::text::t5::T5Encoder;
 use crate::text::TextTokenizer;
 use candle_core::{DType, Device};
@@ -262,7 +263,11 @@ pub(super) fn tokenizer_dir(src: &dyn FileSource, dir: &str) -> Result<PathBuf> 
             None => loader::require(src, &format!("{dir}/tokenizer.json"))?,
         },
     };
-    for extra in ["tokenizer_config.json", "special_tokens_map.json"] {
+    for extra in [
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ] {
         src.file(&format!("{dir}/{extra}"))?;
     }
     Ok(main.parent().map(PathBuf::from).unwrap_or_default())
@@ -288,11 +293,23 @@ pub struct T5Part {
     pub config: PathBuf,
 }
 
+/// A Qwen3 text encoder of a pipeline (FLUX.2 [klein]), its tokenizer folder and the hidden states
+/// taken from it.
+#[derive(Debug, Clone)]
+pub struct Qwen3Part {
+    pub dir: &'static str,
+    pub tokenizer: &'static str,
+    pub config: Qwen3Config,
+    /// Indices into transformers' `hidden_states` (diffusers' `text_encoder_out_layers`).
+    pub layers: Vec<usize>,
+}
+
 /// A text encoder of a pipeline.
 #[derive(Debug, Clone)]
 pub enum TextPart {
     Clip(ClipPart),
     T5(T5Part),
+    Qwen3(Qwen3Part),
 }
 
 impl TextPart {
@@ -300,6 +317,7 @@ impl TextPart {
         match self {
             TextPart::Clip(p) => p.dir,
             TextPart::T5(p) => p.dir,
+            TextPart::Qwen3(p) => p.dir,
         }
     }
 
@@ -307,6 +325,16 @@ impl TextPart {
         match self {
             TextPart::Clip(p) => p.tokenizer,
             TextPart::T5(p) => p.tokenizer,
+            TextPart::Qwen3(p) => p.tokenizer,
+        }
+    }
+
+    /// Tensors of the checkpoint the encoder deliberately leaves unread (a language model's head
+    /// and the layers after the last hidden state taken).
+    pub fn unread(&self, name: &str) -> bool {
+        match self {
+            TextPart::Qwen3(p) => Qwen3Encoder::unread(&p.config, &p.layers, name),
+            _ => false,
         }
     }
 
@@ -322,6 +350,9 @@ impl TextPart {
             TextPart::T5(p) => {
                 let cfg: t5::Config = config::read_json(&p.config)?;
                 Box::new(move |vb| T5Encoder::new(vb, &cfg).map(drop))
+            }
+            TextPart::Qwen3(p) => {
+                Box::new(move |vb| Qwen3Encoder::new(&p.config, &p.layers, vb).map(drop))
             }
         })
     }
@@ -360,6 +391,14 @@ impl TextLoader<'_> {
         let model = crate::nn::quant::with_stored(blocks.map(stored), || {
             self.weights
                 .load(p.dir, dtype, &self.device, |vb| T5Encoder::new(vb, &cfg))
+        })?;
+        Ok((model, self.tokenizer(p.tokenizer)?))
+    }
+
+    /// Qwen3 at the run's dtype, taking `p.layers`.
+    pub fn qwen3(&self, p: &Qwen3Part) -> Result<(Qwen3Encoder, TextTokenizer)> {
+        let model = self.weights.load(p.dir, self.dtype, &self.device, |vb| {
+            Qwen3Encoder::new(&p.config, &p.layers, vb)
         })?;
         Ok((model, self.tokenizer(p.tokenizer)?))
     }

@@ -8,7 +8,7 @@
 //! itself in [`FAMILIES`].
 
 use super::components::{OpenCtx, TextLoader, TextPart};
-use super::{chroma, flux, sd3};
+use super::{chroma, flux, flux2, sd3};
 use crate::config::{SchedulerConfig, VaeConfig};
 use crate::error::Result;
 use crate::loader::single::Format;
@@ -64,6 +64,12 @@ pub const FAMILIES: &[FamilyEntry] = &[
         flux::open_kontext,
     ),
     FamilyEntry::new("chroma", "ChromaPipeline", Format::Chroma, chroma::open),
+    FamilyEntry::new(
+        "flux2-klein",
+        "Flux2KleinPipeline",
+        Format::Flux2,
+        flux2::open_klein,
+    ),
 ];
 
 /// The family whose pipeline class this is.

@@ -11,6 +11,7 @@ pub mod components;
 pub mod convert;
 pub mod family;
 pub mod flux;
+pub mod flux2;
 pub mod preview;
 pub mod sample;
 pub mod sd3;
@@ -386,10 +387,11 @@ impl Spec {
         Ok(bits)
     }
 
-    /// The shape of a resolved request's initial latents: (1, latent channels, h / f, w / f).
+    /// The shape of a resolved request's initial latents in the sampler's space: (1, C, h / f,
+    /// w / f), with FLUX.2's VAE C = latent channels x patch² and f = VAE factor x patch.
     pub fn noise_shape(&self, r: &Resolved) -> (usize, usize, usize, usize) {
-        let f = self.vae.scale_factor();
-        (1, self.vae.latent_channels, r.height / f, r.width / f)
+        let f = self.vae.latent_factor();
+        (1, self.vae.sampler_channels(), r.height / f, r.width / f)
     }
 
     /// The sigma schedule for a resolved request; an edit's starts at its first step that runs.
@@ -542,7 +544,11 @@ impl Spec {
         let w = self.weights(&no_loras);
         let none = |_: &str| false;
         // The VAE encoder is checked when an edit first loads it; here its tensors are expected, unread.
-        let encoder = |n: &str| n.starts_with("encoder.") || n.starts_with("quant_conv.");
+        let encoder = |n: &str| {
+            n.starts_with("encoder.")
+                || n.starts_with("quant_conv.")
+                || n == "bn.num_batches_tracked"
+        };
         let mut all = vec![
             w.audit(
                 "transformer",
@@ -556,7 +562,7 @@ impl Spec {
             )?,
         ];
         for part in self.family.text_parts() {
-            all.push(w.audit(part.dir(), part.builder()?, none)?);
+            all.push(w.audit(part.dir(), part.builder()?, |n: &str| part.unread(n))?);
         }
         Ok(all.into_iter().flatten().collect())
     }

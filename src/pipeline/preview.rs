@@ -43,8 +43,8 @@ impl Preview {
     /// regressed on the mean colour of the f x f block it decodes to. The encoder is released
     /// again unless it was loaded before.
     pub fn fit(pipe: &mut Pipeline) -> Result<Self> {
-        let c = pipe.spec.vae.latent_channels;
-        let f = pipe.spec.vae.scale_factor();
+        let c = pipe.spec.vae.sampler_channels();
+        let f = pipe.spec.vae.latent_factor();
         let had_encoder = pipe.encoder.is_some();
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
         let mut x: Vec<Vec<f64>> = Vec::new();

@@ -7,8 +7,11 @@
 //! - Chroma (`ChromaPipeline._get_t5_prompt_embeds`): T5 alone, run with the tokenizer's attention
 //!   mask, and only the prompt's tokens and the first padding token kept: the transformer masks
 //!   the rest (no pooled vector).
+//! - FLUX.2 [klein] (`Flux2KleinPipeline._get_qwen3_prompt_embeds`): Qwen3's hidden states after
+//!   layers 9, 18 and 27 of the chat-templated prompt, side by side (no pooled vector).
 
 use super::clip::ClipText;
+use super::qwen3::Qwen3Encoder;
 use super::t5::T5Encoder;
 use super::tokenize::TextTokenizer;
 use super::PromptEncoder;
@@ -181,5 +184,39 @@ impl PromptEncoder for ChromaTextEncoder {
 
     fn tokenizers(&self) -> Vec<(&'static str, &TextTokenizer)> {
         vec![("T5", &self.t5.1)]
+    }
+}
+
+pub struct Flux2TextEncoder {
+    pub qwen: (Qwen3Encoder, TextTokenizer),
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl PromptEncoder for Flux2TextEncoder {
+    /// FLUX.2 [klein] (`Flux2KleinPipeline._get_qwen3_prompt_embeds`): the prompt as a user
+    /// message through the chat template, padded or cut to `max_seq` tokens, and the hidden states
+    /// taken from Qwen3, side by side per token (all `max_seq` tokens, padding included: the
+    /// transformer attends to every one).
+    fn encode(&mut self, prompt: &str, max_seq: usize) -> Result<(Conditioning, Vec<Truncation>)> {
+        let mut cut = Vec::new();
+        let (model, tok) = &self.qwen;
+        let text = tok.apply_chat_template(prompt)?;
+        let t = tok.encode_padded(&text, max_seq)?;
+        if t.dropped > 0 {
+            cut.push(Truncation {
+                encoder: "Qwen3",
+                limit: max_seq,
+                dropped: t.dropped,
+            });
+        }
+        let ids = Tensor::new(t.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        let context = model.forward(&ids, t.len)?.to_dtype(self.dtype)?;
+        let pooled = Tensor::zeros((1, 0), self.dtype, &self.device)?;
+        Ok((Conditioning { context, pooled }, cut))
+    }
+
+    fn tokenizers(&self) -> Vec<(&'static str, &TextTokenizer)> {
+        vec![("Qwen3", &self.qwen.1)]
     }
 }

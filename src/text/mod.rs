@@ -3,11 +3,13 @@
 
 pub mod clip;
 pub mod conditioning;
+pub mod qwen3;
 pub mod t5;
 pub mod tokenize;
 
 pub use conditioning::{
-    ChromaTextEncoder, Conditioning, FluxTextEncoders, Sd3TextEncoders, Truncation,
+    ChromaTextEncoder, Conditioning, Flux2TextEncoder, FluxTextEncoders, Sd3TextEncoders,
+    Truncation,
 };
 pub use tokenize::TextTokenizer;
 

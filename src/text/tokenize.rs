@@ -10,6 +10,9 @@ pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     pad_id: u32,
     path: PathBuf,
+    /// The Jinja chat template (`chat_template.jinja`, or `chat_template` in
+    /// `tokenizer_config.json`), for text encoders that read prompts as chat messages.
+    chat_template: Option<String>,
 }
 
 /// Token ids padded or truncated to a fixed length.
@@ -33,6 +36,9 @@ struct TokenizerConfig {
     bos_token: Option<serde_json::Value>,
     #[serde(default)]
     unk_token: Option<serde_json::Value>,
+    /// A template string, or a list of `{"name", "template"}` (the one named `default` is used).
+    #[serde(default)]
+    chat_template: Option<serde_json::Value>,
 }
 
 /// A special token in `tokenizer_config.json` is a string or `{"content": "..."}`.
@@ -61,8 +67,23 @@ impl TextTokenizer {
                 cfg.eos_token = cfg.eos_token.or(c.eos_token);
                 cfg.bos_token = cfg.bos_token.or(c.bos_token);
                 cfg.unk_token = cfg.unk_token.or(c.unk_token);
+                cfg.chat_template = cfg.chat_template.or(c.chat_template);
             }
         }
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template = if jinja.is_file() {
+            Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?)
+        } else {
+            match cfg.chat_template.take() {
+                Some(serde_json::Value::String(s)) => Some(s),
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t["name"] == "default")
+                    .and_then(|t| t["template"].as_str())
+                    .map(str::to_owned),
+                _ => None,
+            }
+        };
         let file = dir.join("tokenizer.json");
         let err = |msg: String| Error::Tokenizer {
             path: file.clone(),
@@ -96,7 +117,45 @@ impl TextTokenizer {
             inner,
             pad_id,
             path: file,
+            chat_template,
         })
+    }
+
+    /// The prompt as one user message through the tokenizer's chat template, with the assistant's
+    /// turn opened and thinking off (transformers' `apply_chat_template(..., tokenize=False,
+    /// add_generation_prompt=True, enable_thinking=False)`, whose Jinja environment trims blocks).
+    pub fn apply_chat_template(&self, prompt: &str) -> Result<String> {
+        let err = |msg: String| Error::Tokenizer {
+            path: self.path.clone(),
+            msg,
+        };
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| err("the tokenizer has no chat template (chat_template.jinja or `chat_template` in tokenizer_config.json)".into()))?;
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| err(format!("chat template: {e}")))?;
+        let ctx = minijinja::context! {
+            messages => vec![minijinja::context! { role => "user", content => prompt }],
+            add_generation_prompt => true,
+            enable_thinking => false,
+        };
+        env.get_template("chat")
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| err(format!("chat template: {e}")))
     }
 
     pub fn pad_id(&self) -> u32 {

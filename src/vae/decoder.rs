@@ -1,6 +1,7 @@
 //! The decoder half of `AutoencoderKL`: latents to pixels.
 
 use super::blocks::{conv3, group_norm, MidBlock, Resnet};
+use super::PatchNorm;
 use crate::config::VaeConfig;
 use crate::nn::{Conv2d, GroupNorm};
 use candle_core::{Module, Result, Tensor};
@@ -15,6 +16,8 @@ struct UpBlock {
 /// The decoder half of `AutoencoderKL`, with the latent scaling of its config.
 #[derive(Debug, Clone)]
 pub struct VaeDecoder {
+    /// FLUX.2's patches and batch-norm statistics, in place of the scaling factors.
+    patches: Option<PatchNorm>,
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
     mid: MidBlock,
@@ -28,8 +31,9 @@ impl VaeDecoder {
     /// `vb` is rooted at the VAE's weights (the decoder lives under `decoder.`).
     pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
         let g = cfg.norm_num_groups;
-        let boc = &cfg.block_out_channels;
+        let boc = cfg.decoder_channels();
         let top = *boc.last().expect("validated: at least one level");
+        let patches = PatchNorm::new(cfg, &vb)?;
         let post_quant_conv = if cfg.use_post_quant_conv {
             let l = cfg.latent_channels;
             Some(Conv2d::new(l, l, 1, vb.pp("post_quant_conv"))?)
@@ -64,6 +68,7 @@ impl VaeDecoder {
         let conv_norm_out = group_norm(g, boc[0], vb.pp("conv_norm_out"))?;
         let conv_out = conv3(boc[0], cfg.out_channels, vb.pp("conv_out"))?;
         Ok(Self {
+            patches,
             post_quant_conv,
             conv_in,
             mid,
@@ -78,9 +83,13 @@ impl VaeDecoder {
         &self.cfg
     }
 
-    /// Undoes the sampler-space scaling: `z / scaling_factor + shift_factor`.
+    /// Sampler latents to the VAE's: `z / scaling_factor + shift_factor`, or for FLUX.2's VAE the
+    /// batch-norm statistics undone and the patches unfolded.
     pub fn unscale(&self, latents: &Tensor) -> Result<Tensor> {
-        (latents / self.cfg.scaling_factor)? + self.cfg.shift_factor.unwrap_or(0.0)
+        match &self.patches {
+            Some(p) => p.inverse(latents),
+            None => (latents / self.cfg.scaling_factor)? + self.cfg.shift_factor.unwrap_or(0.0),
+        }
     }
 
     /// Decodes unscaled latents. z: (b, latent_channels, h, w) -> (b, out_channels, h*f, w*f) in [-1, 1]-ish.

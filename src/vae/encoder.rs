@@ -2,6 +2,7 @@
 //! that image editing starts from.
 
 use super::blocks::{conv3, group_norm, MidBlock, Resnet};
+use super::PatchNorm;
 use crate::config::VaeConfig;
 use crate::nn::{Conv2d, GroupNorm};
 use candle_core::{Module, Result, Tensor};
@@ -24,6 +25,8 @@ pub struct VaeEncoder {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
+    /// FLUX.2's patches and batch-norm statistics, in place of the scaling factors.
+    patches: Option<PatchNorm>,
     cfg: VaeConfig,
 }
 
@@ -55,6 +58,7 @@ impl VaeEncoder {
         } else {
             None
         };
+        let patches = PatchNorm::new(cfg, &vb)?;
         let vb = vb.pp("encoder");
         let conv_in = conv3(cfg.in_channels, boc[0], vb.pp("conv_in"))?;
         let mut down_blocks = Vec::with_capacity(boc.len());
@@ -95,6 +99,7 @@ impl VaeEncoder {
             conv_norm_out,
             conv_out,
             quant_conv,
+            patches,
             cfg: cfg.clone(),
         })
     }
@@ -128,8 +133,12 @@ impl VaeEncoder {
         })
     }
 
-    /// Into the sampler's space: `(z - shift_factor) * scaling_factor`.
+    /// Into the sampler's space: `(z - shift_factor) * scaling_factor`, or for FLUX.2's VAE folded
+    /// into patches and standardised by the batch-norm statistics.
     pub fn scale(&self, z: &Tensor) -> Result<Tensor> {
-        (z - self.cfg.shift_factor.unwrap_or(0.0))? * self.cfg.scaling_factor
+        match &self.patches {
+            Some(p) => p.forward(z),
+            None => (z - self.cfg.shift_factor.unwrap_or(0.0))? * self.cfg.scaling_factor,
+        }
     }
 }

@@ -39,3 +39,62 @@ pub fn from_rgb8(img: &crate::output::RgbImage, device: &candle_core::Device) ->
         .permute((0, 3, 1, 2))?
         .contiguous()
 }
+
+/// `AutoencoderKLFlux2`'s normalisation of the sampler's latents: p x p patches of the VAE's
+/// latents (`_patchify_latents`), standardised by the VAE's batch-norm running statistics.
+#[derive(Debug, Clone)]
+pub struct PatchNorm {
+    /// (1, C p², 1, 1) each, f32.
+    mean: Tensor,
+    std: Tensor,
+    patch: usize,
+}
+
+impl PatchNorm {
+    /// The statistics under `bn.` of the VAE's weights, for `cfg`'s patch size; `None` for a VAE
+    /// without patches.
+    pub fn new(cfg: &crate::config::VaeConfig, vb: &candle_nn::VarBuilder) -> Result<Option<Self>> {
+        if cfg.patch_size.is_none() {
+            return Ok(None);
+        }
+        let c = cfg.sampler_channels();
+        let get = |n: &str| -> Result<Tensor> {
+            vb.pp("bn")
+                .get(c, n)?
+                .to_dtype(candle_core::DType::F32)?
+                .reshape((1, c, 1, 1))
+        };
+        let std = (get("running_var")? + cfg.batch_norm_eps)?.sqrt()?;
+        Ok(Some(Self {
+            mean: get("running_mean")?,
+            std,
+            patch: cfg.patch(),
+        }))
+    }
+
+    /// VAE latents (b, C, H, W) -> sampler latents (b, C p², H / p, W / p): channel-major inside
+    /// each patch, then standardised.
+    pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = z.dims4()?;
+        let p = self.patch;
+        let x = z
+            .reshape((b, c, h / p, p, w / p, p))?
+            .permute((0, 1, 3, 5, 2, 4))?
+            .reshape((b, c * p * p, h / p, w / p))?;
+        x.broadcast_sub(&self.mean.to_dtype(x.dtype())?)?
+            .broadcast_div(&self.std.to_dtype(x.dtype())?)
+    }
+
+    /// The inverse of [`Self::forward`].
+    pub fn inverse(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x
+            .broadcast_mul(&self.std.to_dtype(x.dtype())?)?
+            .broadcast_add(&self.mean.to_dtype(x.dtype())?)?;
+        let (b, cp, h, w) = x.dims4()?;
+        let p = self.patch;
+        let c = cp / (p * p);
+        x.reshape((b, c, p, p, h, w))?
+            .permute((0, 1, 4, 2, 5, 3))?
+            .reshape((b, c, h * p, w * p))
+    }
+}

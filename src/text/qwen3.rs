@@ -1,0 +1,247 @@
+//! Qwen3 as FLUX.2 [klein]'s text encoder: transformers' `Qwen3ForCausalLM` decoder layers (GQA
+//! attention with per-head q/k RMSNorm and RoPE, SwiGLU MLP) run causally over a right-padded
+//! prompt, returning the hidden states after chosen layers (diffusers takes those after 9, 18 and
+//! 27 layers), side by side. Only the layers up to the last one taken are loaded.
+
+use crate::config::Qwen3Config;
+use crate::nn::{linear_with, Linear, RmsNorm};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, VarBuilder};
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    post_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Layer {
+    fn new(cfg: &Qwen3Config, vb: VarBuilder) -> Result<Self> {
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (h, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let eps = cfg.rms_norm_eps;
+        let b = cfg.attention_bias;
+        let a = vb.pp("self_attn");
+        let m = vb.pp("mlp");
+        Ok(Self {
+            input_norm: RmsNorm::new(d, eps, vb.pp("input_layernorm"))?,
+            q: linear_with(d, h * hd, b, a.pp("q_proj"))?,
+            k: linear_with(d, kv * hd, b, a.pp("k_proj"))?,
+            v: linear_with(d, kv * hd, b, a.pp("v_proj"))?,
+            o: linear_with(h * hd, d, false, a.pp("o_proj"))?,
+            q_norm: RmsNorm::new(hd, eps, a.pp("q_norm"))?,
+            k_norm: RmsNorm::new(hd, eps, a.pp("k_norm"))?,
+            post_norm: RmsNorm::new(d, eps, vb.pp("post_attention_layernorm"))?,
+            gate: linear_with(d, cfg.intermediate_size, false, m.pp("gate_proj"))?,
+            up: linear_with(d, cfg.intermediate_size, false, m.pp("up_proj"))?,
+            down: linear_with(cfg.intermediate_size, d, false, m.pp("down_proj"))?,
+        })
+    }
+}
+
+/// The decoder up to the last layer whose output is taken.
+#[derive(Debug, Clone)]
+pub struct Qwen3Encoder {
+    embed: Embedding,
+    layers: Vec<Layer>,
+    /// The final norm, applied when the output of the last layer of the model is taken.
+    norm: Option<RmsNorm>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    theta: f64,
+    /// After how many layers the hidden states are taken.
+    taken: Vec<usize>,
+}
+
+impl Qwen3Encoder {
+    /// `taken`: the indices into transformers' `hidden_states` (0 = the embeddings, k = after k
+    /// layers, `num_hidden_layers` = after the final norm), each at most `num_hidden_layers`.
+    pub fn new(cfg: &Qwen3Config, taken: &[usize], vb: VarBuilder) -> Result<Self> {
+        let n = cfg.num_hidden_layers;
+        let last = taken.iter().copied().max().unwrap_or(0);
+        if last > n {
+            candle_core::bail!(
+                "the text encoder has {n} layers; hidden state {last} was asked for"
+            );
+        }
+        let m = vb.pp("model");
+        let embed = Embedding::new(
+            m.pp("embed_tokens")
+                .get((cfg.vocab_size, cfg.hidden_size), "weight")?,
+            cfg.hidden_size,
+        );
+        let layers = (0..last.min(n))
+            .map(|i| Layer::new(cfg, m.pp(format!("layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = (last == n)
+            .then(|| RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm")))
+            .transpose()?;
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim(),
+            theta: cfg.rope_theta(),
+            taken: taken.to_vec(),
+        })
+    }
+
+    /// The names of the checkpoint's tensors this encoder does not read: the layers after the
+    /// last one taken, the final norm unless taken, and the language-model head.
+    pub fn unread(cfg: &Qwen3Config, taken: &[usize], name: &str) -> bool {
+        let last = taken.iter().copied().max().unwrap_or(0);
+        if name.starts_with("lm_head.") {
+            return true;
+        }
+        if name.starts_with("model.norm.") {
+            return last < cfg.num_hidden_layers;
+        }
+        let layer = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        layer.is_some_and(|i| i >= last)
+    }
+
+    /// RoPE tables (L, head_dim) as transformers computes them in f32: `inv_freq = 1 /
+    /// theta^(2i/d)`, angles `pos * inv_freq`, each frequency for both halves.
+    fn rope(&self, len: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let d = self.head_dim;
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / (self.theta as f32).powf((2 * i) as f32 / d as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(len * d);
+        let mut sin = Vec::with_capacity(len * d);
+        for p in 0..len {
+            // the same frequencies for both halves of the head
+            for _ in 0..2 {
+                for f in &inv {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (len, d), dev)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (len, d), dev)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// ids: (1, L), the first `valid` of them the prompt's (then padding) -> (1, L, taken x
+    /// hidden): the hidden states after each taken layer, side by side, in `taken`'s order.
+    pub fn forward(&self, ids: &Tensor, valid: usize) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let dev = ids.device();
+        let mut x = self.embed.forward(ids)?;
+        let dtype = x.dtype();
+        let (cos, sin) = self.rope(l, dtype, dev)?;
+        // Causal, and no token attends to padding (transformers' mask from the attention mask).
+        let mask: Vec<f32> = (0..l)
+            .flat_map(|i| {
+                (0..l).map(move |j| {
+                    if j <= i && j < valid {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, l, l), dev)?.to_dtype(dtype)?;
+        let mut states = vec![None; self.layers.len() + 1];
+        let keep = |k: usize| self.taken.contains(&k);
+        if keep(0) {
+            states[0] = Some(x.clone());
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer(layer, &x, &cos, &sin, &mask, b, l)?;
+            if keep(i + 1) {
+                states[i + 1] = Some(x.clone());
+            }
+        }
+        if let Some(norm) = &self.norm {
+            let n = self.layers.len();
+            states[n] = Some(norm.forward(&x)?);
+        }
+        let taken = self
+            .taken
+            .iter()
+            .map(|&k| {
+                states[k].clone().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("hidden state {k} was not kept"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&taken, D::Minus1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        w: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        b: usize,
+        l: usize,
+    ) -> Result<Tensor> {
+        let hd = self.head_dim;
+        let h = w.input_norm.forward(x)?;
+        let heads = |t: Tensor, n: usize| t.reshape((b, l, n, hd));
+        let q = w
+            .q_norm
+            .forward(&heads(w.q.forward(&h)?, self.heads)?)?
+            .transpose(1, 2)?;
+        let k = w
+            .k_norm
+            .forward(&heads(w.k.forward(&h)?, self.kv_heads)?)?
+            .transpose(1, 2)?;
+        let v = heads(w.v.forward(&h)?, self.kv_heads)?.transpose(1, 2)?;
+        let q = rotate(&q, cos, sin)?;
+        let k = rotate(&k, cos, sin)?;
+        let rep = self.heads / self.kv_heads;
+        let expand = |t: Tensor| -> Result<Tensor> {
+            if rep == 1 {
+                return t.contiguous();
+            }
+            t.unsqueeze(2)?
+                .broadcast_as((b, self.kv_heads, rep, l, hd))?
+                .reshape((b, self.heads, l, hd))
+        };
+        let (k, v) = (expand(k)?, expand(v)?);
+        let scores = (q.contiguous()?.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
+        let o = p
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, l, self.heads * hd))?;
+        let x = (x + w.o.forward(&o)?)?;
+        let h = w.post_norm.forward(&x)?;
+        let mlp = w
+            .down
+            .forward(&(w.gate.forward(&h)?.silu()? * w.up.forward(&h)?)?)?;
+        x + mlp
+    }
+}
+
+/// transformers' `apply_rotary_pos_emb`: `x * cos + rotate_half(x) * sin`, `rotate_half(x) =
+/// [-x2, x1]` over the two halves of the head. x: (b, h, L, d); cos, sin: (L, d).
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}

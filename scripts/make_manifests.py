@@ -1,4 +1,4 @@
-"""Shape manifests of the ten real models, from diffusers/transformers classes built with the real
+"""Shape manifests of the twelve real models, from diffusers/transformers classes built with the real
 configs on the meta device (nothing is downloaded, nothing allocated):
 
     python scripts/make_manifests.py
@@ -15,8 +15,10 @@ import os
 import torch
 import diffusers
 import transformers
-from diffusers import AutoencoderKL, ChromaTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from diffusers import (AutoencoderKL, AutoencoderKLFlux2, ChromaTransformer2DModel, Flux2Transformer2DModel,
+                       FluxTransformer2DModel, SD3Transformer2DModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Qwen3Config, Qwen3ForCausalLM,
+                          T5Config, T5EncoderModel)
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "manifests")
 
@@ -46,6 +48,23 @@ MODELS = {
     # Chroma1-HD and Chroma1-Base (lodestones/Chroma1-*/transformer/config.json): diffusers' defaults.
     "chroma1-hd": ("chroma", "bf16", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56), approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=5)),
     "chroma1-base": ("chroma", "bf16", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56), approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=5)),
+    # FLUX.2 [klein] 4B and 9B (black-forest-labs/FLUX.2-klein-{4B,9B}): the transformer's
+    # published shape (5 + 20 blocks at width 3072; 8 + 24 at 4096), Qwen3-4B / Qwen3-8B as text
+    # encoders (hidden states 9, 18, 27 side by side: joint_attention_dim = 3 x their width) and
+    # AutoencoderKLFlux2's defaults. Written from the model cards' figures; to be checked against the
+    # Hub's config.json files where the Hub is reachable.
+    "flux.2-klein-4b": ("flux2-klein", "bf16", dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False)),
+    "flux.2-klein-9b": ("flux2-klein", "bf16", dict(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288, guidance_embeds=False)),
+}
+
+# Qwen3-4B and Qwen3-8B (Qwen/Qwen3-{4B,8B}/config.json); the 4B ties its output embedding.
+QWEN3 = {
+    "flux.2-klein-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                            num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                            rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"}),
+    "flux.2-klein-9b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                            num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                            rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"}),
 }
 
 
@@ -63,7 +82,18 @@ def main():
         for name, (family, dt, cfg) in MODELS.items():
             vae = AutoencoderKL(**VAE, scaling_factor=1.5305 if family == "sd3" else 0.3611,
                                 shift_factor=0.0609 if family == "sd3" else 0.1159)
-            if family == "sd3":
+            extra = {}
+            if family == "flux2-klein":
+                tr = Flux2Transformer2DModel(**cfg)
+                vae = AutoencoderKLFlux2()
+                qwen = Qwen3ForCausalLM(Qwen3Config(**QWEN3[name]))
+                te = [t for t in shapes(qwen, dt) if not (QWEN3[name]["tie_word_embeddings"] and t["name"] == "lm_head.weight")]
+                comps = {"transformer": shapes(tr, dt), "vae": [t for t in shapes(vae, dt) if not t["name"].endswith("num_batches_tracked")],
+                         "text_encoder": te}
+                extra = {"vae_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vae.config.items()
+                                        if not k.startswith("_")},
+                         "text_config": QWEN3[name]}
+            elif family == "sd3":
                 tr = SD3Transformer2DModel(**cfg)
                 comps = {"transformer": shapes(tr, dt), "vae": shapes(vae, dt), "text_encoder": shapes(clip_l_proj, "fp16"),
                          "text_encoder_2": shapes(clip_g, "fp16"), "text_encoder_3": shapes(t5, "fp16")}
@@ -81,7 +111,7 @@ def main():
             doc = {"generator": "scripts/make_manifests.py", "diffusers": diffusers.__version__,
                    "transformers": transformers.__version__, "model": name, "family": family,
                    "transformer_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-                   "components": comps}
+                   "components": comps, **extra}
             with open(os.path.join(OUT, f"{name}.json"), "w") as fh:
                 json.dump(doc, fh, separators=(",", ":"))
             n = sum(1 for c in comps.values() for _ in c)

@@ -13,7 +13,8 @@ Writes, under tests/fixtures/single/:
 - chroma-tiny/chroma-tiny.safetensors + ae.safetensors: the chroma-tiny transformer in the original
   Chroma names (FLUX.1's without the modulation layers, plus `distilled_guidance_layer.*`) and its VAE;
 and tests/fixtures/manifests/<model>.single.json: the tensors (name, shape, dtype) a single-file copy of each
-real model holds (SAI files with encoders and VAE; BFL and Chroma transformer + ae), from the diffusers manifests.
+real model holds (SAI files with encoders and VAE; BFL and Chroma transformer + ae; BFL FLUX.2 transformer), from the
+diffusers manifests.
 
 The inverse mapping here (diffusers -> original names) is checked against diffusers' own converter: every
 fixture file is loaded back with diffusers' `from_single_file` and must equal its twin tensor for tensor.
@@ -155,6 +156,72 @@ def flux_to_bfl(sd, num_layers, num_single):
                 out[f"single_blocks.{i}.{sgl[rest]}.{p}"] = take(sd, k)
     assert not sd, f"unmapped Flux tensors: {sorted(sd)[:5]}"
     return out
+
+
+def flux2_to_bfl(sd):
+    """diffusers FLUX.2 transformer names -> BFL's (the inverse of diffusers' FLUX.2 converter): q/k/v
+    fused per stream, the final modulation's halves swapped, single blocks' fused projections as
+    they are."""
+    sd, out = dict(sd), {}
+    top = {"x_embedder": "img_in", "context_embedder": "txt_in",
+           "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+           "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+           "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+           "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+           "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+           "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+           "single_stream_modulation.linear": "single_stream_modulation.lin", "proj_out": "final_layer.linear"}
+    dbl = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.linear_in": "img_mlp.0",
+           "ff.linear_out": "img_mlp.2", "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"}
+    dbl_norm = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+    sgl = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
+    sgl_norm = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+    if "norm_out.linear.weight" in sd:
+        out["final_layer.adaLN_modulation.1.weight"] = swap(take(sd, "norm_out.linear.weight"))
+    for k in [k for k in sd if k.startswith("transformer_blocks.") and ".attn.to_q." in k]:
+        b, p = k.split(".attn.to_q.")
+        i = b.split(".")[1]
+        for fused, parts in [("img_attn.qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
+                             ("txt_attn.qkv", ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"])]:
+            out[f"double_blocks.{i}.{fused}.{p}"] = torch.cat([take(sd, f"{b}.{q}.{p}") for q in parts], 0)
+    for k in list(sd):
+        stem, p = k.rsplit(".", 1)
+        if stem in top:
+            out[f"{top[stem]}.{p}"] = take(sd, k)
+        elif stem.startswith("transformer_blocks."):
+            _, i, rest = stem.split(".", 2)
+            if rest in dbl_norm:
+                out[f"double_blocks.{i}.{dbl_norm[rest]}.scale"] = take(sd, k)
+            else:
+                out[f"double_blocks.{i}.{dbl[rest]}.{p}"] = take(sd, k)
+        elif stem.startswith("single_transformer_blocks."):
+            _, i, rest = stem.split(".", 2)
+            if rest in sgl_norm:
+                out[f"single_blocks.{i}.{sgl_norm[rest]}.scale"] = take(sd, k)
+            else:
+                out[f"single_blocks.{i}.{sgl[rest]}.{p}"] = take(sd, k)
+    assert not sd, f"unmapped FLUX.2 tensors: {sorted(sd)[:5]}"
+    return out
+
+
+def check_flux2_at_real_width(tmp):
+    """A FLUX.2 [klein] 4B-width transformer (1 double + 1 single block) through flux2_to_bfl and back
+    through diffusers' from_single_file must be unchanged."""
+    from diffusers import Flux2Transformer2DModel
+    cfg = dict(num_layers=1, num_single_layers=1, num_attention_heads=24, joint_attention_dim=7680,
+               guidance_embeds=True)
+    model = Flux2Transformer2DModel(**cfg)
+    sd = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    d = os.path.join(tmp, "flux2")
+    os.makedirs(os.path.join(d, "transformer"), exist_ok=True)
+    model.save_config(os.path.join(d, "transformer"))
+    path = os.path.join(d, "flux2-check.safetensors")
+    save_file(contiguous(flux2_to_bfl(sd)), path)
+    back = Flux2Transformer2DModel.from_single_file(path, config=d, subfolder="transformer", local_files_only=True,
+                                                    torch_dtype=torch.bfloat16)
+    check_same("FLUX.2-width transformer (1+1 blocks)", back.state_dict(), sd)
+    os.remove(path)
 
 
 def vae_to_ldm(sd):
@@ -321,6 +388,9 @@ def single_manifest(path):
         f.update(prefixed(comps["text_encoder_2"], "text_encoders.clip_g.transformer."))
         f.update(prefixed(comps["text_encoder_3"], "text_encoders.t5xxl.transformer."))
         out["file"] = listing(f)
+    elif m["family"] == "flux2-klein":
+        # BFL ships FLUX.2's transformer alone (the VAE and Qwen3 come from --components).
+        out["file"] = listing(flux2_to_bfl(comps["transformer"]))
     else:
         out["file"] = listing(flux_to_bfl(comps["transformer"], cfg["num_layers"], cfg["num_single_layers"]))
         out["ae"] = listing(vae_to_ldm(comps["vae"]))
@@ -341,6 +411,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         check_flux_at_real_width(tmp)
         check_chroma_at_real_width(tmp)
+        check_flux2_at_real_width(tmp)
     with open(os.path.join(single, "fixture.json"), "w") as fh:
         json.dump({"generator": "scripts/make_single_file_fixtures.py", "torch": torch.__version__,
                    "diffusers": diffusers.__version__, "seed": 0,
@@ -349,7 +420,7 @@ def main():
                   fh, indent=1)
     mdir = os.path.join(FIX, "manifests")
     for f in sorted(os.listdir(mdir)):
-        if f.endswith(".json") and not f.endswith(".single.json"):
+        if f.endswith(".json") and not f.endswith((".single.json", ".transformer.json")):
             single_manifest(os.path.join(mdir, f))
 
 

@@ -8,7 +8,7 @@ use crate::request::Request;
 use std::path::PathBuf;
 
 /// The preset files, embedded so the binary knows them from any working directory.
-const FILES: [(&str, &str); 11] = [
+const FILES: [(&str, &str); 13] = [
     ("demo", include_str!("../models/demo.toml")),
     ("sd3-medium", include_str!("../models/sd3-medium.toml")),
     ("sd3.5-large", include_str!("../models/sd3.5-large.toml")),
@@ -32,6 +32,14 @@ const FILES: [(&str, &str); 11] = [
     ),
     ("chroma1-hd", include_str!("../models/chroma1-hd.toml")),
     ("chroma1-base", include_str!("../models/chroma1-base.toml")),
+    (
+        "flux.2-klein-4b",
+        include_str!("../models/flux.2-klein-4b.toml"),
+    ),
+    (
+        "flux.2-klein-9b",
+        include_str!("../models/flux.2-klein-9b.toml"),
+    ),
 ];
 
 /// Defaults a preset sets; each applies only when the user gives no value.

@@ -9,17 +9,24 @@ use common::manifest_tensors;
 
 use candle_nn::VarBuilder;
 use mmdit::config::{
-    ChromaTransformerConfig, ClipTextConfig, FluxTransformerConfig, Sd3TransformerConfig, VaeConfig,
+    ChromaTransformerConfig, ClipTextConfig, Flux2TransformerConfig, FluxTransformerConfig,
+    Qwen3Config, Sd3TransformerConfig, VaeConfig,
 };
+use mmdit::text::qwen3::Qwen3Encoder;
 use mmdit::loader::audit::{Audit, ShapeBackend, TensorMeta};
-use mmdit::mmdit::{ChromaTransformer, FluxTransformer, Sd3Transformer};
+use mmdit::mmdit::{ChromaTransformer, Flux2Transformer, FluxTransformer, Sd3Transformer};
 use mmdit::text::clip::ClipText;
 use mmdit::vae::{VaeDecoder, VaeEncoder};
 use serde_json::json;
 use std::collections::BTreeMap;
 
 fn check(model: &str, comp: &str, a: Audit) {
-    let twice: Vec<_> = a.requested.iter().filter(|(_, &n)| n != 1).collect();
+    // FLUX.2's VAE statistics are read by both halves (the decoder and the encoder).
+    let twice: Vec<_> = a
+        .requested
+        .iter()
+        .filter(|(k, &n)| n != 1 && !(k.starts_with("bn.running_") && n == 2))
+        .collect();
     assert!(
         a.missing.is_empty(),
         "{model}/{comp}: missing {:?}",
@@ -104,6 +111,21 @@ fn every_real_model_maps_every_tensor_exactly_once() {
                 ),
                 ("text_encoder_3", Box::new(&t5)),
             ]
+        } else if m["family"] == "flux2-klein" {
+            let cfg: Flux2TransformerConfig = serde_json::from_value(tcfg).unwrap();
+            let q: Qwen3Config = serde_json::from_value(m["text_config"].clone()).unwrap();
+            q.validate(std::path::Path::new("text_encoder/config.json"))
+                .unwrap();
+            vec![
+                (
+                    "transformer",
+                    Box::new(move |vb| Flux2Transformer::new(&cfg, vb).map(drop)),
+                ),
+                (
+                    "text_encoder",
+                    Box::new(move |vb| Qwen3Encoder::new(&q, &[9, 18, 27], vb).map(drop)),
+                ),
+            ]
         } else if m["family"] == "chroma" {
             let cfg: ChromaTransformerConfig = serde_json::from_value(tcfg).unwrap();
             vec![
@@ -125,12 +147,27 @@ fn every_real_model_maps_every_tensor_exactly_once() {
             ]
         };
         // Both halves of the VAE: the decoder for every image, the encoder for edits.
+        let vae_cfg: VaeConfig = match m.get("vae_config") {
+            Some(v) => serde_json::from_value(v.clone()).unwrap(),
+            None => vae(),
+        };
+        vae_cfg
+            .validate(std::path::Path::new("vae/config.json"))
+            .unwrap();
         let vae: Build = Box::new(|vb| {
-            VaeDecoder::new(&vae(), vb.clone())?;
-            VaeEncoder::new(&vae(), vb).map(drop)
+            VaeDecoder::new(&vae_cfg, vb.clone())?;
+            VaeEncoder::new(&vae_cfg, vb).map(drop)
         });
+        let text_config: Option<Qwen3Config> =
+            m.get("text_config").map(|t| serde_json::from_value(t.clone()).unwrap());
         for (comp, build) in parts.into_iter().chain([("vae", vae)]) {
-            let ignore = |_: &str| false;
+            // Qwen3's layers after the last hidden state taken (and its head) are left unread.
+            let ignore = |n: &str| {
+                comp == "text_encoder"
+                    && text_config
+                        .as_ref()
+                        .is_some_and(|q| Qwen3Encoder::unread(q, &[9, 18, 27], n))
+            };
             let tensors = manifest_tensors(&m["components"][comp]);
             check(
                 model,

@@ -149,7 +149,9 @@ fn every_tensor_of_the_real_single_files_maps_onto_the_diffusers_layout() {
             s.components.keys().copied().collect::<Vec<_>>(),
             {
                 let mut k: Vec<&str> = comps.keys().map(String::as_str).collect();
-                if real_format(model) != Format::Sd3 {
+                if real_format(model) == Format::Flux2 {
+                    k.retain(|c| *c == "transformer");
+                } else if real_format(model) != Format::Sd3 {
                     k.retain(|c| *c == "transformer" || *c == "vae");
                 }
                 k.sort();

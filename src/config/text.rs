@@ -212,13 +212,16 @@ impl Qwen3Config {
         check_dims!(
             path,
             self,
-            vocab_size,
             hidden_size,
             intermediate_size,
             num_attention_heads,
             num_key_value_heads
         );
         check_dim(path, "head_dim", self.head_dim())?;
+        // Language models' vocabularies are far larger than any width (Qwen's 151936).
+        check(path, (1..=1 << 20).contains(&self.vocab_size), || {
+            format!("`vocab_size` is {}, expected 1..={}", self.vocab_size, 1 << 20)
+        })?;
         check(
             path,
             (1..=MAX_LAYERS).contains(&self.num_hidden_layers),

@@ -29,7 +29,7 @@ pub fn reference(name: &str) -> HashMap<String, Tensor> {
 }
 
 /// The released models whose shape manifests are in `tests/fixtures/manifests/`.
-pub const REAL_MODELS: [&str; 10] = [
+pub const REAL_MODELS: [&str; 12] = [
     "sd3-medium",
     "sd3.5-large",
     "sd3.5-large-turbo",
@@ -40,12 +40,16 @@ pub const REAL_MODELS: [&str; 10] = [
     "flux.1-kontext-dev",
     "chroma1-hd",
     "chroma1-base",
+    "flux.2-klein-4b",
+    "flux.2-klein-9b",
 ];
 
 /// The original single-file layout of a real model.
 pub fn real_format(model: &str) -> mmdit::loader::single::Format {
     use mmdit::loader::single::Format;
-    if model.starts_with("flux") {
+    if model.starts_with("flux.2") {
+        Format::Flux2
+    } else if model.starts_with("flux") {
         Format::Flux
     } else if model.starts_with("chroma") {
         Format::Chroma

@@ -30,7 +30,7 @@ import torch
 import diffusers
 import transformers
 import peft
-from diffusers import ChromaPipeline, FluxPipeline, StableDiffusion3Pipeline
+from diffusers import ChromaPipeline, Flux2KleinPipeline, FluxPipeline, StableDiffusion3Pipeline
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import save_file
 
@@ -444,6 +444,62 @@ def chroma_peft(t, gen, path):
     save_file(sd, path)
 
 
+# ---------------------------------------------------------------------------------------------
+# FLUX.2 files
+
+
+def flux2_modules(t):
+    """(BFL name, diffusers parts [(name, first row, rows)], (out, in)) of FLUX.2 layers a LoRA touches."""
+    cfg = t.config
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    mods = []
+    for i in range(cfg.num_layers):
+        b, p = t.transformer_blocks[i], f"transformer_blocks.{i}."
+        mods += [(f"double_blocks.{i}.img_attn.qkv", [(p + n, k * dim, dim) for k, n in
+                                                     enumerate(["attn.to_q", "attn.to_k", "attn.to_v"])], (3 * dim, dim)),
+                 (f"double_blocks.{i}.txt_attn.proj", [(p + "attn.to_add_out", 0, dim)], (dim, dim)),
+                 (f"double_blocks.{i}.img_mlp.0", [(p + "ff.linear_in", 0, shape(b.ff.linear_in)[0])],
+                  shape(b.ff.linear_in))]
+    for i in range(cfg.num_single_layers):
+        b = t.single_transformer_blocks[i]
+        p = f"single_transformer_blocks.{i}."
+        mods += [(f"single_blocks.{i}.linear1", [(p + "attn.to_qkv_mlp_proj", 0, shape(b.attn.to_qkv_mlp_proj)[0])],
+                  shape(b.attn.to_qkv_mlp_proj)),
+                 (f"single_blocks.{i}.linear2", [(p + "attn.to_out", 0, dim)], shape(b.attn.to_out))]
+    mods += [("double_stream_modulation_img.lin", [("double_stream_modulation_img.linear", 0, 6 * dim)],
+              shape(t.double_stream_modulation_img.linear)),
+             ("txt_in", [("context_embedder", 0, dim)], shape(t.context_embedder))]
+    return mods
+
+
+def flux2_comfy(t, gen, path):
+    """ComfyUI's layout of BFL's FLUX.2 names; diffusers loads the PEFT equivalent."""
+    sd, peft_sd = {}, {}
+    for name, parts, (o, i) in flux2_modules(t):
+        d, u = gen.pair(o, i, 4)
+        key = "diffusion_model." + name
+        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = d, u
+        sd[f"{key}.alpha"] = torch.tensor(4.0)
+        for n, start, rows in parts:
+            peft_sd[f"transformer.{n}.lora_A.weight"] = d
+            peft_sd[f"transformer.{n}.lora_B.weight"] = u[start:start + rows].contiguous()
+    save_file(sd, path)
+    return peft_sd
+
+
+def flux2_peft(t, gen, path):
+    """diffusers' names under `transformer.` (lora_A / lora_B): SwiGLU, fused single-block and shared
+    modulation layers included."""
+    sd = {}
+    for n, m in t.named_modules():
+        if isinstance(m, torch.nn.Linear) and any(s in n for s in ["attn.to_v", "add_k_proj", "ff_context.linear_out",
+                                                                    "to_qkv_mlp_proj", "single_stream_modulation",
+                                                                    "x_embedder"]):
+            d, u = gen.pair(*shape(m), 4)
+            sd[f"transformer.{n}.lora_A.weight"], sd[f"transformer.{n}.lora_B.weight"] = d, u
+    save_file(sd, path)
+
+
 RUNS = [
     # (model, [(file, weight)], steps, width, height, guidance, prompt)
     ("flux-dev-tiny", [("flux_peft.safetensors", 1.0)], 3, 32, 32, 3.5, "a red circle on a white background"),
@@ -459,6 +515,8 @@ RUNS = [
     ("sd35-tiny", [("sd3_peft.safetensors", 0.7), ("sd3_kohya.safetensors", -0.3)], 3, 32, 32, 5.0, "a green circle"),
     ("chroma-tiny", [("chroma_peft.safetensors", 1.0)], 3, 40, 24, 4.0, "a red circle on a white background"),
     ("chroma-tiny", [("chroma_comfy.safetensors", 0.8)], 3, 32, 32, 4.0, "a blue square"),
+    ("flux2-klein-tiny", [("flux2_peft.safetensors", 1.0)], 3, 32, 48, 4.0, "a red circle on a white background"),
+    ("flux2-klein-tiny", [("flux2_comfy.safetensors", 0.9)], 3, 32, 32, 4.0, "a blue square"),
 ]
 
 NOTES = {
@@ -468,6 +526,7 @@ NOTES = {
     "sd3_kohya.safetensors": "diffusers has no kohya SD3 converter: the reference loads the script's PEFT conversion of it",
     "chroma_comfy.safetensors": "diffusers' converters assume FLUX.1's widths and layers: the reference loads the script's PEFT conversion of it",
     "chroma-tiny": "Chroma runs pass the T5 attention mask as booleans (see scripts/make_chroma_fixtures.py)",
+    "flux2_comfy.safetensors": "the reference loads the script's PEFT conversion of it (down shared, up rows split, alpha / rank folded)",
 }
 
 
@@ -503,6 +562,10 @@ def main():
     chroma_peft(cp.transformer, gen, f("chroma_peft.safetensors"))
     loads["chroma_peft.safetensors"] = (f("chroma_peft.safetensors"), None)
     loads["chroma_comfy.safetensors"] = (chroma_comfy(cp.transformer, gen, f("chroma_comfy.safetensors")), None)
+    kp = Flux2KleinPipeline.from_pretrained(os.path.join(ROOT, "flux2-klein-tiny"))
+    flux2_peft(kp.transformer, gen, f("flux2_peft.safetensors"))
+    loads["flux2_peft.safetensors"] = (f("flux2_peft.safetensors"), None)
+    loads["flux2_comfy.safetensors"] = (flux2_comfy(kp.transformer, gen, f("flux2_comfy.safetensors")), None)
 
     meta = {
         "generator": "scripts/make_lora_fixtures.py",
@@ -517,7 +580,8 @@ def main():
     tensors = {}
     for k, (model, loras, steps, w, h, guidance, prompt) in enumerate(RUNS):
         # A fresh pipeline per run: nothing a LoRA load did to the last one carries over.
-        cls = {"flux": FluxPipeline, "sd35": StableDiffusion3Pipeline, "chroma": ChromaPipeline}[model.split("-")[0]]
+        cls = {"flux": FluxPipeline, "sd35": StableDiffusion3Pipeline, "chroma": ChromaPipeline,
+               "flux2": Flux2KleinPipeline}[model.split("-")[0]]
         pipe = cls.from_pretrained(os.path.join(ROOT, model))
         names, weights = [], []
         for j, (file, weight) in enumerate(loras):
@@ -532,8 +596,8 @@ def main():
                 weights.append(weight)
         pipe.set_adapters(names, adapter_weights=weights)
         c = pipe.transformer.config.in_channels
-        c = c // 4 if model.startswith(("flux", "chroma")) else c
-        vsf = pipe.vae_scale_factor
+        c = c // 4 if model.startswith(("flux-", "chroma")) else c
+        vsf = pipe.vae_scale_factor * (2 if model.startswith("flux2") else 1)
         noise = randn_tensor((1, c, h // vsf, w // vsf), generator=torch.Generator().manual_seed(SEED + k),
                              dtype=torch.float32)
         kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, width=w, height=h,

@@ -682,3 +682,54 @@ fn chroma_checks_sizes_and_steps() {
         &["--max-sequence-length 600"],
     );
 }
+
+// ---- 15. FLUX.2 ----------------------------------------------------------------------------------
+
+/// Another model's text encoder in FLUX.2 [klein]'s Qwen3 folder is named as such.
+#[test]
+fn flux2_with_a_t5_in_its_qwen3_folder() {
+    let m = copy_fixture("flux2-klein-tiny", "flux2-t5-qwen");
+    std::fs::remove_dir_all(m.join("text_encoder")).unwrap();
+    let src = fixture("chroma-tiny").join("text_encoder");
+    std::fs::create_dir_all(m.join("text_encoder")).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, m.join("text_encoder").join(p.file_name().unwrap())).unwrap();
+    }
+    expect_error(
+        &m,
+        &[],
+        "flux2-t5-qwen",
+        &["text_encoder/config.json", "`t5`", "Qwen3"],
+    );
+}
+
+/// FLUX.1's `--true-cfg` and (for now) reference images are refused by name.
+#[test]
+fn flux2_refuses_true_cfg_and_reference_images() {
+    let m = fixture("flux2-klein-tiny");
+    expect_error(
+        &m,
+        &["--true-cfg", "2", "--negative-prompt", "x"],
+        "flux2-true-cfg",
+        &["FLUX.2 [klein]", "--true-cfg is FLUX.1's", "--guidance"],
+    );
+    let img = tmp("flux2-image").join("in.png");
+    mmdit::output::write_png(
+        &img,
+        &mmdit::output::RgbImage {
+            width: 32,
+            height: 32,
+            data: vec![128; 32 * 32 * 3],
+        },
+        &[],
+    )
+    .unwrap();
+    expect_error(
+        &m,
+        &["--image", img.to_str().unwrap()],
+        "flux2-image",
+        &["FLUX.2", "not supported yet", "--image"],
+    );
+    expect_error(&m, &["--width", "30"], "flux2-width", &["--width 30"]);
+}

@@ -449,11 +449,19 @@ fn run_images(model: &ModelRef, name: &str) -> Vec<Vec<u8>> {
 /// images. Chroma's files say `flux`, as ComfyUI-GGUF's do.
 #[test]
 fn convert_at_f32_reads_back_exactly() {
-    for name in ["flux-dev-tiny", "sd35-tiny", "sd3-dummy", "chroma-tiny"] {
+    for name in [
+        "flux-dev-tiny",
+        "sd35-tiny",
+        "sd3-dummy",
+        "chroma-tiny",
+        "flux2-klein-tiny",
+    ] {
         let (out, done) = converted(name, GgmlDType::F32, &format!("convert_f32_{name}"));
         assert_eq!(done.types.len(), 1, "{name}: {:?}", done.types);
         let g = GgufFile::open(&out).unwrap();
-        let want = if name.starts_with("flux") || name.starts_with("chroma") {
+        let want = if name.starts_with("flux2") {
+            "flux2"
+        } else if name.starts_with("flux") || name.starts_with("chroma") {
             "flux"
         } else {
             "sd3"
@@ -482,6 +490,7 @@ fn converted_files_keep_the_layers_comfyui_keeps_and_draw_close_images() {
         (GgmlDType::Q4K, "flux-dev-tiny"),
         (GgmlDType::Q8_0, "sd35-tiny"),
         (GgmlDType::Q8_0, "chroma-tiny"),
+        (GgmlDType::Q8_0, "flux2-klein-tiny"),
     ] {
         let test = format!("convert_{t:?}_{name}");
         let (out, done) = converted(name, t, &test);

@@ -1,5 +1,5 @@
 //! LoRA against diffusers 0.42.1 (`load_lora_weights` + `set_adapters`) on the tiny random SD3.5,
-//! FLUX.1-dev and Chroma models, from `tests/fixtures/lora` (scripts/make_lora_fixtures.py): one file per format
+//! FLUX.1-dev, Chroma and FLUX.2 [klein] models, from `tests/fixtures/lora` (scripts/make_lora_fixtures.py): one file per format
 //! (diffusers/PEFT with LoraConfig metadata, kohya, ComfyUI/BFL names, XLabs, AI-toolkit; SD3 in the
 //! PEFT and kohya forms; text-encoder parts), two at once with weights 0.7 and -0.3. The final 8-bit
 //! image is within 2/255 of diffusers' from the same noise (f32, CPU), merged at load and applied at
@@ -179,6 +179,7 @@ fn formats_are_detected_and_both_bfl_spellings_agree() {
         ),
         ("sd35-tiny", &["sd3_peft", "sd3_kohya"][..]),
         ("chroma-tiny", &["chroma_peft", "chroma_comfy"][..]),
+        ("flux2-klein-tiny", &["flux2_peft", "flux2_comfy"][..]),
     ] {
         let layers = spec_of(model).model_layers().unwrap();
         for n in files {

@@ -604,3 +604,23 @@ fn chroma_and_flux_loras_are_refused_on_each_other() {
         ],
     );
 }
+
+/// FLUX.2 LoRAs name FLUX.2's own layers (shared modulations, fused single-block projections,
+/// SwiGLU): refused on FLUX.1 and Chroma; a FLUX.1 LoRA on the layers FLUX.2 lacks is refused on it.
+#[test]
+fn flux2_and_flux1_loras_are_refused_on_each_other() {
+    for model in ["flux-dev-tiny", "chroma-tiny"] {
+        expect_error(
+            model,
+            &lora_arg(lora_file("flux2_peft.safetensors")),
+            &format!("lora-flux2-on-{model}"),
+            &["made for flux2", "the model is"],
+        );
+    }
+    expect_error(
+        "flux2-klein-tiny",
+        &lora_arg(lora_file("flux_kohya.safetensors")),
+        "lora-flux-on-flux2",
+        &["lora_unet_", "the LoRA was trained for another model"],
+    );
+}

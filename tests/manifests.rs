@@ -12,10 +12,10 @@ use mmdit::config::{
     ChromaTransformerConfig, ClipTextConfig, Flux2TransformerConfig, FluxTransformerConfig,
     Qwen3Config, Sd3TransformerConfig, VaeConfig,
 };
-use mmdit::text::qwen3::Qwen3Encoder;
 use mmdit::loader::audit::{Audit, ShapeBackend, TensorMeta};
 use mmdit::mmdit::{ChromaTransformer, Flux2Transformer, FluxTransformer, Sd3Transformer};
 use mmdit::text::clip::ClipText;
+use mmdit::text::qwen3::Qwen3Encoder;
 use mmdit::vae::{VaeDecoder, VaeEncoder};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -158,8 +158,9 @@ fn every_real_model_maps_every_tensor_exactly_once() {
             VaeDecoder::new(&vae_cfg, vb.clone())?;
             VaeEncoder::new(&vae_cfg, vb).map(drop)
         });
-        let text_config: Option<Qwen3Config> =
-            m.get("text_config").map(|t| serde_json::from_value(t.clone()).unwrap());
+        let text_config: Option<Qwen3Config> = m
+            .get("text_config")
+            .map(|t| serde_json::from_value(t.clone()).unwrap());
         for (comp, build) in parts.into_iter().chain([("vae", vae)]) {
             // Qwen3's layers after the last hidden state taken (and its head) are left unread.
             let ignore = |n: &str| {

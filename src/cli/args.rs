@@ -12,7 +12,7 @@ pub const DEFAULT_MODEL: &str = "demo";
 #[derive(Args, Debug, Default, Clone)]
 pub struct ModelArgs {
     /// Model: a preset (`mmdit models`), a local folder in diffusers layout, a Hub repo id
-    /// (org/name) or a single-file .safetensors or .gguf checkpoint (SAI SD3/SD3.5, BFL FLUX.1, Chroma).
+    /// (org/name) or a single-file .safetensors or .gguf checkpoint (SAI SD3/SD3.5, BFL FLUX.1, Chroma, BFL FLUX.2 [klein]).
     /// Default: the embedded demo model.
     #[arg(long)]
     pub model: Option<String>,
@@ -56,11 +56,12 @@ pub struct ImageArgs {
     /// Guidance scale. SD3: classifier-free guidance, 1 or less turns it off (default 7.0).
     /// FLUX.1-dev: the embedded guidance (default 3.5); ignored by FLUX.1-schnell. Chroma:
     /// classifier-free guidance against --negative-prompt ("" by default), 1 or less turns it off
-    /// (default 5; the Chroma1 presets 3).
+    /// (default 5; the Chroma1 presets 3). FLUX.2 [klein]: classifier-free guidance as Chroma's,
+    /// ignored by the step-distilled 4B and 9B.
     #[arg(long)]
     pub guidance: Option<f64>,
-    /// T5 sequence length (default: 256 for SD3 and FLUX.1-schnell, 512 for FLUX.1-dev and
-    /// Chroma).
+    /// Text sequence length: T5's, or for FLUX.2 Qwen3's (default: 256 for SD3 and FLUX.1-schnell,
+    /// 512 for FLUX.1-dev, Chroma and FLUX.2).
     #[arg(long)]
     pub max_sequence_length: Option<usize>,
 }

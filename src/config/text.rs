@@ -220,7 +220,11 @@ impl Qwen3Config {
         check_dim(path, "head_dim", self.head_dim())?;
         // Language models' vocabularies are far larger than any width (Qwen's 151936).
         check(path, (1..=1 << 20).contains(&self.vocab_size), || {
-            format!("`vocab_size` is {}, expected 1..={}", self.vocab_size, 1 << 20)
+            format!(
+                "`vocab_size` is {}, expected 1..={}",
+                self.vocab_size,
+                1 << 20
+            )
         })?;
         check(
             path,

@@ -2,7 +2,8 @@
 # Speed comparison with diffusers on the synthetic real-width models (scripts/make_bench_models.py),
 # same machine, same size, same steps, 2 threads. Writes bench-results/<model>-<dtype>-{mmdit,diffusers}.json
 # and prints the side-by-side tables.
-#   bash scripts/bench_all.sh [steps] [python]      (DTYPES="bf16" to run one dtype)
+#   bash scripts/bench_all.sh [steps] [python]      (DTYPES="bf16" to run one dtype, MODELS="flux2-bench"
+#   to run one model)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-4}
@@ -10,8 +11,9 @@ PY=${2:-python3}
 export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2
 mkdir -p bench-results
 [ -d bench-models/sd3-bench ] || "$PY" scripts/make_bench_models.py
+[ -d bench-models/flux2-bench ] || "$PY" scripts/make_bench_models.py --only flux2
 cargo build --release -q
-for model in sd3-bench flux-bench; do
+for model in ${MODELS:-sd3-bench flux-bench flux2-bench}; do
   for dtype in ${DTYPES:-f32 bf16}; do
     "$PY" scripts/bench_diffusers.py --model "bench-models/$model" --steps "$STEPS" --width 512 --height 512 \
       --dtype "$dtype" --threads 2 --out "bench-results/$model-$dtype-diffusers.json" >/dev/null

@@ -6,6 +6,9 @@
   encoders with the real output widths (CLIP pooled 768 + 1280, T5 width 4096).
 - flux-bench: Flux width (3072, 24 heads x 128), 1 double + 2 single blocks, schnell-like (no guidance
   embedding), the real Flux VAE, tiny text encoders with the real output widths (CLIP 768, T5 4096).
+- flux2-bench: FLUX.2 [klein] 4B width (3072, 24 heads x 128, text width 7680), 1 double + 2 single
+  blocks, step-distilled (no guidance), the real FLUX.2 VAE (AutoencoderKLFlux2 defaults), a narrow
+  28-layer Qwen3 with the real output width (2560 per hidden state).
 Both engines load the same folders (diffusers layout).
 
 With --full (for a GPU: 4 + 24 GB in bf16), all layers at the real configs instead:
@@ -19,12 +22,13 @@ import os
 import sys
 
 import torch
-from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
-                       SD3Transformer2DModel, StableDiffusion3Pipeline)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from diffusers import (AutoencoderKL, AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                       Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_tokenizers import clip_tokenizer, t5_tokenizer  # noqa: E402
+from tiny_tokenizers import clip_tokenizer, qwen_tokenizer, t5_tokenizer  # noqa: E402
 from make_sd3_fixtures import t5  # noqa: E402
 
 
@@ -47,7 +51,7 @@ def main():
     ap.add_argument("--full", action="store_true", help="all layers (SD3-medium, FLUX.1-dev)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
-    ap.add_argument("--only", default=None, choices=["sd3", "flux"])
+    ap.add_argument("--only", default=None, choices=["sd3", "flux", "flux2"])
     args = ap.parse_args()
     torch.manual_seed(0)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -65,6 +69,8 @@ def main():
             make_sd3(sd3_layers, t5_enc, lambda p: save(p, ("sd3-medium" if args.full else "sd3") + suffix))
         if args.only in (None, "flux"):
             make_flux(flux_layers, args.full, t5_enc, lambda p: save(p, ("flux-dev" if args.full else "flux") + suffix))
+        if args.only in (None, "flux2") and not args.full:
+            make_flux2(lambda p: save(p, "flux2-bench"))
     print("wrote", os.path.abspath(args.out))
 
 
@@ -92,6 +98,18 @@ def make_flux(layers, guidance, t5_enc, save):
         text_encoder=clip(hidden=768), tokenizer=clip_tokenizer(), text_encoder_2=t5_enc(), tokenizer_2=t5_tokenizer(),
     )
     save(flux)
+
+
+def make_flux2(save):
+    qwen = Qwen3ForCausalLM(Qwen3Config(vocab_size=600, hidden_size=2560, intermediate_size=64, num_hidden_layers=28,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=64)).eval()
+    flux2 = Flux2KleinPipeline(
+        transformer=Flux2Transformer2DModel(num_layers=1, num_single_layers=2, num_attention_heads=24,
+                                            joint_attention_dim=7680, guidance_embeds=False),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae=AutoencoderKLFlux2(),
+        text_encoder=qwen, tokenizer=qwen_tokenizer(), is_distilled=True,
+    )
+    save(flux2)
 
 
 if __name__ == "__main__":

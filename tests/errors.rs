@@ -611,6 +611,18 @@ fn a_prompt_longer_than_64_kib_is_refused() {
 
 // ---- 14. Chroma ----------------------------------------------------------------------------------
 
+/// A copy of fixture `name` whose `text_encoder` folder holds the files of `src` instead.
+fn with_text_encoder_of(name: &str, test: &str, src: &Path) -> PathBuf {
+    let m = copy_fixture(name, test);
+    std::fs::remove_dir_all(m.join("text_encoder")).unwrap();
+    std::fs::create_dir_all(m.join("text_encoder")).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, m.join("text_encoder").join(p.file_name().unwrap())).unwrap();
+    }
+    m
+}
+
 /// Chroma's `--guidance` is already true CFG: FLUX.1's `--true-cfg` is refused and says so.
 #[test]
 fn chroma_refuses_flux_true_cfg_naming_guidance() {
@@ -630,14 +642,7 @@ fn chroma_refuses_flux_true_cfg_naming_guidance() {
 /// Another model's text encoder in Chroma's T5 folder is named as such, not by a missing field.
 #[test]
 fn chroma_with_a_clip_in_its_t5_folder() {
-    let m = copy_fixture("chroma-tiny", "chroma-clip-t5");
-    std::fs::remove_dir_all(m.join("text_encoder")).unwrap();
-    let src = fixture("flux-dev-tiny").join("text_encoder");
-    std::fs::create_dir_all(m.join("text_encoder")).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, m.join("text_encoder").join(p.file_name().unwrap())).unwrap();
-    }
+    let m = with_text_encoder_of("chroma-tiny", "chroma-clip-t5", &fixture("flux-dev-tiny").join("text_encoder"));
     expect_error(
         &m,
         &[],
@@ -653,14 +658,7 @@ fn chroma_with_a_clip_in_its_t5_folder() {
 /// A T5 of another width than the transformer's `joint_attention_dim`.
 #[test]
 fn chroma_with_a_t5_of_another_width() {
-    let m = copy_fixture("chroma-tiny", "chroma-t5-width");
-    std::fs::remove_dir_all(m.join("text_encoder")).unwrap();
-    let src = fixture("sd35-tiny").join("text_encoder_3");
-    std::fs::create_dir_all(m.join("text_encoder")).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, m.join("text_encoder").join(p.file_name().unwrap())).unwrap();
-    }
+    let m = with_text_encoder_of("chroma-tiny", "chroma-t5-width", &fixture("sd35-tiny").join("text_encoder_3"));
     expect_error(
         &m,
         &[],
@@ -688,14 +686,7 @@ fn chroma_checks_sizes_and_steps() {
 /// Another model's text encoder in FLUX.2 [klein]'s Qwen3 folder is named as such.
 #[test]
 fn flux2_with_a_t5_in_its_qwen3_folder() {
-    let m = copy_fixture("flux2-klein-tiny", "flux2-t5-qwen");
-    std::fs::remove_dir_all(m.join("text_encoder")).unwrap();
-    let src = fixture("chroma-tiny").join("text_encoder");
-    std::fs::create_dir_all(m.join("text_encoder")).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, m.join("text_encoder").join(p.file_name().unwrap())).unwrap();
-    }
+    let m = with_text_encoder_of("flux2-klein-tiny", "flux2-t5-qwen", &fixture("chroma-tiny").join("text_encoder"));
     expect_error(
         &m,
         &[],

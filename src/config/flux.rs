@@ -1,4 +1,4 @@
-use super::{check, check_dim, check_dims, n, MAX_LAYERS};
+use super::{check, check_blocks, check_dim, check_dims, check_rope_axes, n, MAX_LAYERS};
 use crate::error::Result;
 use std::path::Path;
 
@@ -70,32 +70,8 @@ impl FluxTransformerConfig {
                 self.in_channels
             )
         })?;
-        check(
-            path,
-            self.num_layers <= MAX_LAYERS
-                && self.num_single_layers <= MAX_LAYERS
-                && self.num_layers + self.num_single_layers > 0,
-            || {
-                format!("{} double and {} single blocks: expected 0..={MAX_LAYERS} each, at least one block", self.num_layers, self.num_single_layers)
-            },
-        )?;
-        // saturating: absurd axis sizes must fail the check below, not overflow
-        let rope = self
-            .axes_dims_rope
-            .iter()
-            .fold(0usize, |a, &d| a.saturating_add(d));
-        check(
-            path,
-            rope == self.attention_head_dim
-                && self.axes_dims_rope.iter().all(|d| d % 2 == 0)
-                && !self.axes_dims_rope.is_empty(),
-            || {
-                format!(
-                    "`axes_dims_rope` {:?} must be even and sum to attention_head_dim {}",
-                    self.axes_dims_rope, self.attention_head_dim
-                )
-            },
-        )
+        check_blocks(path, self.num_layers, self.num_single_layers)?;
+        check_rope_axes(path, &self.axes_dims_rope, self.attention_head_dim)
     }
 }
 

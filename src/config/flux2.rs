@@ -1,4 +1,4 @@
-use super::{check, check_dim, check_dims, n, MAX_LAYERS};
+use super::{check, check_blocks, check_dim, check_dims, check_rope_axes, n};
 use crate::error::Result;
 use std::path::Path;
 
@@ -112,30 +112,7 @@ impl Flux2TransformerConfig {
             self.rope_theta.is_finite() && self.rope_theta > 1.0,
             || format!("`rope_theta` is {}, expected above 1", self.rope_theta),
         )?;
-        check(
-            path,
-            self.num_layers <= MAX_LAYERS
-                && self.num_single_layers <= MAX_LAYERS
-                && self.num_layers + self.num_single_layers > 0,
-            || {
-                format!("{} double and {} single blocks: expected 0..={MAX_LAYERS} each, at least one block", self.num_layers, self.num_single_layers)
-            },
-        )?;
-        let rope = self
-            .axes_dims_rope
-            .iter()
-            .fold(0usize, |a, &d| a.saturating_add(d));
-        check(
-            path,
-            rope == self.attention_head_dim
-                && self.axes_dims_rope.iter().all(|d| d % 2 == 0)
-                && !self.axes_dims_rope.is_empty(),
-            || {
-                format!(
-                    "`axes_dims_rope` {:?} must be even and sum to attention_head_dim {}",
-                    self.axes_dims_rope, self.attention_head_dim
-                )
-            },
-        )
+        check_blocks(path, self.num_layers, self.num_single_layers)?;
+        check_rope_axes(path, &self.axes_dims_rope, self.attention_head_dim)
     }
 }

@@ -113,3 +113,29 @@ pub(crate) fn check_dim(path: &Path, name: &str, v: usize) -> Result<()> {
         format!("`{name}` is {v}, expected 1..={MAX_DIM}")
     })
 }
+
+/// A FLUX-shaped transformer's block counts: each within [`MAX_LAYERS`], at least one block.
+pub(crate) fn check_blocks(path: &Path, double: usize, single: usize) -> Result<()> {
+    check(
+        path,
+        double <= MAX_LAYERS && single <= MAX_LAYERS && double + single > 0,
+        || {
+            format!("{double} double and {single} single blocks: expected 0..={MAX_LAYERS} each, at least one block")
+        },
+    )
+}
+
+/// RoPE axes: even sizes summing to the head dim.
+pub(crate) fn check_rope_axes(path: &Path, axes: &[usize], head_dim: usize) -> Result<()> {
+    // saturating: absurd axis sizes must fail the check, not overflow
+    let sum = axes.iter().fold(0usize, |a, &d| a.saturating_add(d));
+    check(
+        path,
+        sum == head_dim && axes.iter().all(|d| d % 2 == 0) && !axes.is_empty(),
+        || {
+            format!(
+                "`axes_dims_rope` {axes:?} must be even and sum to attention_head_dim {head_dim}"
+            )
+        },
+    )
+}

@@ -800,6 +800,32 @@ const FLUX_TOP: &[(&str, &str)] = &[
 const CHROMA_APPROXIMATOR: &[(&str, &str)] =
     &[("in_layer.", "linear_1."), ("out_layer.", "linear_2.")];
 
+/// BFL's fused q/k/v of a double block (FLUX.1, Chroma, FLUX.2) and the diffusers layers they
+/// split into.
+const BFL_QKV: &[(&[&str], &str)] = &[
+    (&["attn.to_q", "attn.to_k", "attn.to_v"], "img_attn.qkv"),
+    (
+        &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+        "txt_attn.qkv",
+    ),
+];
+
+/// Maps a BFL double block's fused q/k/v tensor (`r` after `double_blocks.<i>.`) onto the diffusers
+/// block `b`; false when `r` is not one.
+fn bfl_qkv(m: &mut Mapping, b: &str, r: &str, full: &str) -> bool {
+    let p = param(r);
+    match BFL_QKV
+        .iter()
+        .find(|(_, fused)| r.starts_with(&format!("{fused}.")))
+    {
+        Some((names, _)) => {
+            split3(m, full, [0, 1, 2].map(|k| format!("{b}{}.{p}", names[k])));
+            true
+        }
+        None => false,
+    }
+}
+
 /// BFL FLUX.1 double-block prefixes -> diffusers (after `double_blocks.<i>.`).
 const FLUX_DOUBLE: &[(&str, &str)] = &[
     ("img_mod.lin.", "norm1.linear."),
@@ -879,15 +905,10 @@ fn flux_transformer(m: &mut Mapping, keys: &[(String, String)]) {
             );
         } else if let Some((i, r)) = block(rest, "double_blocks") {
             let b = format!("transformer_blocks.{i}.");
-            let p = param(r);
-            let qkv = |names: [&str; 3]| names.map(|n| format!("{b}{n}.{p}"));
-            if r.starts_with("img_attn.qkv.") {
-                split3(m, full, qkv(["attn.to_q", "attn.to_k", "attn.to_v"]));
-            } else if r.starts_with("txt_attn.qkv.") {
-                let names = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"];
-                split3(m, full, qkv(names));
-            } else if let Some(n) = rename(r, FLUX_DOUBLE) {
-                m.add(format!("{b}{n}"), 0, full, Transform::Whole);
+            if !bfl_qkv(m, &b, r, full) {
+                if let Some(n) = rename(r, FLUX_DOUBLE) {
+                    m.add(format!("{b}{n}"), 0, full, Transform::Whole);
+                }
             }
         } else if let Some((i, r)) = block(rest, "single_blocks") {
             let b = format!("single_transformer_blocks.{i}.");
@@ -1004,15 +1025,10 @@ fn flux2_transformer(m: &mut Mapping, keys: &[(String, String)]) {
             );
         } else if let Some((i, r)) = block(rest, "double_blocks") {
             let b = format!("transformer_blocks.{i}.");
-            let p = param(r);
-            let qkv = |names: [&str; 3]| names.map(|n| format!("{b}{n}.{p}"));
-            if r.starts_with("img_attn.qkv.") {
-                split3(m, full, qkv(["attn.to_q", "attn.to_k", "attn.to_v"]));
-            } else if r.starts_with("txt_attn.qkv.") {
-                let names = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"];
-                split3(m, full, qkv(names));
-            } else if let Some(n) = rename(r, FLUX2_DOUBLE) {
-                m.add(format!("{b}{n}"), 0, full, Transform::Whole);
+            if !bfl_qkv(m, &b, r, full) {
+                if let Some(n) = rename(r, FLUX2_DOUBLE) {
+                    m.add(format!("{b}{n}"), 0, full, Transform::Whole);
+                }
             }
         } else if let Some((i, r)) = block(rest, "single_blocks") {
             if let Some(n) = rename(r, FLUX2_SINGLE) {
@@ -1082,14 +1098,7 @@ fn original_name(format: Format, name: &str) -> Option<String> {
             }
             if let Some((i, r)) = block(name, "transformer_blocks") {
                 let b = format!("double_blocks.{i}.");
-                let qkv: &[(&[&str], &str)] = &[
-                    (&["attn.to_q", "attn.to_k", "attn.to_v"], "img_attn.qkv"),
-                    (
-                        &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-                        "txt_attn.qkv",
-                    ),
-                ];
-                if let Some(f) = fused(r, qkv) {
+                if let Some(f) = fused(r, BFL_QKV) {
                     return Some(format!("{b}{f}"));
                 }
                 return unrename(r, FLUX_DOUBLE).map(|n| format!("{b}{n}"));
@@ -1110,14 +1119,7 @@ fn original_name(format: Format, name: &str) -> Option<String> {
         Format::Flux2 => {
             if let Some((i, r)) = block(name, "transformer_blocks") {
                 let b = format!("double_blocks.{i}.");
-                let qkv: &[(&[&str], &str)] = &[
-                    (&["attn.to_q", "attn.to_k", "attn.to_v"], "img_attn.qkv"),
-                    (
-                        &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-                        "txt_attn.qkv",
-                    ),
-                ];
-                if let Some(f) = fused(r, qkv) {
+                if let Some(f) = fused(r, BFL_QKV) {
                     return Some(format!("{b}{f}"));
                 }
                 return unrename(r, FLUX2_DOUBLE).map(|n| format!("{b}{n}"));

@@ -211,15 +211,7 @@ impl Family for Flux {
     /// Sigmas `linspace(1, 1/N, N)`, shifted by the scheduler (dynamically from the packed
     /// sequence length when it asks for it).
     fn schedule(&self, scheduler: &SchedulerConfig, n: usize, tokens: usize) -> Schedule {
-        let base: Vec<f64> = (0..n)
-            .map(|i| {
-                if n == 1 {
-                    1.0
-                } else {
-                    1.0 + (1.0 / n as f64 - 1.0) * i as f64 / (n - 1) as f64
-                }
-            })
-            .collect();
+        let base = schedule::linear_sigmas(n);
         let mu = schedule::calculate_shift(tokens, scheduler);
         Schedule::flow_match_custom(scheduler, &base, Some(mu))
     }

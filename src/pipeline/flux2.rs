@@ -10,7 +10,7 @@ use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::rope::Rope;
 use crate::mmdit::Flux2Transformer;
 use crate::request::{self, Resolved};
-use crate::sampling::Schedule;
+use crate::sampling::{schedule, Schedule};
 use crate::text::{Conditioning, Flux2TextEncoder, PromptEncoder};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -158,15 +158,7 @@ impl Family for Flux2 {
 
     /// Sigmas `linspace(1, 1/N, N)`, shifted by the scheduler with FLUX.2's empirical mu.
     fn schedule(&self, scheduler: &SchedulerConfig, n: usize, tokens: usize) -> Schedule {
-        let base: Vec<f64> = (0..n)
-            .map(|i| {
-                if n == 1 {
-                    1.0
-                } else {
-                    1.0 + (1.0 / n as f64 - 1.0) * i as f64 / (n - 1) as f64
-                }
-            })
-            .collect();
+        let base = schedule::linear_sigmas(n);
         Schedule::flow_match_custom(scheduler, &base, Some(empirical_mu(tokens, n)))
     }
 

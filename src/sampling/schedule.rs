@@ -33,6 +33,11 @@ pub fn calculate_shift(seq_len: usize, cfg: &SchedulerConfig) -> f64 {
     seq_len as f64 * m + b
 }
 
+/// The FLUX.1, Chroma and FLUX.2 pipelines' sigmas before shifting: `np.linspace(1, 1/n, n)`.
+pub fn linear_sigmas(n: usize) -> Vec<f64> {
+    linspace(1.0, 1.0 / n as f64, n)
+}
+
 /// `linspace(start, end, n)` as numpy computes it.
 fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
     match n {

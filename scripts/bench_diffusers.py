@@ -56,7 +56,8 @@ def main():
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     sync()
     load_s = time.perf_counter() - t0
-    is_flux = type(pipe).__name__.startswith("Flux")
+    is_flux2 = type(pipe).__name__.startswith("Flux2")
+    is_flux = type(pipe).__name__.startswith("Flux") and not is_flux2
     kw = {}
     if a.max_sequence_length:
         kw["max_sequence_length"] = a.max_sequence_length
@@ -64,6 +65,11 @@ def main():
         kw["guidance_scale"] = a.guidance
 
     def encode():
+        if is_flux2:
+            # FLUX.2 [klein]: Qwen3's embeddings (the bench models are step-distilled: no negative).
+            pe, _ = pipe.encode_prompt(a.prompt, **({"max_sequence_length": a.max_sequence_length}
+                                                   if a.max_sequence_length else {}))
+            return {"prompt_embeds": pe}
         if is_flux:
             pe, ppe, _ = pipe.encode_prompt(a.prompt, None, **({"max_sequence_length": a.max_sequence_length} if a.max_sequence_length else {}))
             return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
@@ -94,7 +100,9 @@ def main():
         t0 = time.perf_counter()
         if is_flux:
             lat = pipe._unpack_latents(lat, a.height, a.width, pipe.vae_scale_factor)
-        lat = lat / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
+        if not is_flux2:
+            # FLUX.2's "latent" output is already the VAE's (statistics undone, patches unfolded).
+            lat = lat / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
         pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)
         sync()
         decode = time.perf_counter() - t0

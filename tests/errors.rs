@@ -642,7 +642,11 @@ fn chroma_refuses_flux_true_cfg_naming_guidance() {
 /// Another model's text encoder in Chroma's T5 folder is named as such, not by a missing field.
 #[test]
 fn chroma_with_a_clip_in_its_t5_folder() {
-    let m = with_text_encoder_of("chroma-tiny", "chroma-clip-t5", &fixture("flux-dev-tiny").join("text_encoder"));
+    let m = with_text_encoder_of(
+        "chroma-tiny",
+        "chroma-clip-t5",
+        &fixture("flux-dev-tiny").join("text_encoder"),
+    );
     expect_error(
         &m,
         &[],
@@ -658,7 +662,11 @@ fn chroma_with_a_clip_in_its_t5_folder() {
 /// A T5 of another width than the transformer's `joint_attention_dim`.
 #[test]
 fn chroma_with_a_t5_of_another_width() {
-    let m = with_text_encoder_of("chroma-tiny", "chroma-t5-width", &fixture("sd35-tiny").join("text_encoder_3"));
+    let m = with_text_encoder_of(
+        "chroma-tiny",
+        "chroma-t5-width",
+        &fixture("sd35-tiny").join("text_encoder_3"),
+    );
     expect_error(
         &m,
         &[],
@@ -686,7 +694,11 @@ fn chroma_checks_sizes_and_steps() {
 /// Another model's text encoder in FLUX.2 [klein]'s Qwen3 folder is named as such.
 #[test]
 fn flux2_with_a_t5_in_its_qwen3_folder() {
-    let m = with_text_encoder_of("flux2-klein-tiny", "flux2-t5-qwen", &fixture("chroma-tiny").join("text_encoder"));
+    let m = with_text_encoder_of(
+        "flux2-klein-tiny",
+        "flux2-t5-qwen",
+        &fixture("chroma-tiny").join("text_encoder"),
+    );
     expect_error(
         &m,
         &[],

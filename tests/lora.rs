@@ -275,45 +275,59 @@ fn lycoris_prefix_reads_as_kohya() {
     );
 }
 
-/// kohya's underscored spelling of Chroma's original names (the approximator's three-word
-/// `distilled_guidance_layer` included) lands on the same layers, with the same factors, as the
-/// ComfyUI spelling.
+/// kohya's underscored spelling of Chroma's and FLUX.2's original names (Chroma's three-word
+/// `distilled_guidance_layer`, FLUX.2's four-word `double_stream_modulation_img` included) lands on
+/// the same layers, with the same factors, as the ComfyUI spelling.
 #[test]
-fn chroma_kohya_names_fit_as_the_comfyui_names() {
+fn kohya_names_fit_as_the_comfyui_names_for_chroma_and_flux2() {
     let dev = candle_core::Device::Cpu;
-    let comfy = fixture("lora").join("chroma_comfy.safetensors");
-    let kohya: HashMap<String, Tensor> = candle_core::safetensors::load(&comfy, &dev)
-        .unwrap()
-        .into_iter()
-        .map(|(k, v)| {
-            let k = k.strip_prefix("diffusion_model.").unwrap();
-            let (module, param) = match k.split_once(".lora_") {
-                Some((m, p)) => (m, format!("lora_{p}")),
-                None => (k.strip_suffix(".alpha").unwrap(), "alpha".to_string()),
-            };
-            (format!("lora_unet_{}.{param}", module.replace('.', "_")), v)
-        })
-        .collect();
-    let path = tmp("lora-chroma-kohya").join("chroma_kohya.safetensors");
-    candle_core::safetensors::save(&kohya, &path).unwrap();
-    let layers = spec_of("chroma-tiny").model_layers().unwrap();
-    let a = mmdit::lora::fit(&LoraFile::read(&comfy).unwrap(), &layers).unwrap();
-    let b = mmdit::lora::fit(&LoraFile::read(&path).unwrap(), &layers).unwrap();
-    assert!(b.unmatched.is_empty(), "{:?}", b.unmatched);
-    assert_eq!(
-        a.layers.keys().collect::<Vec<_>>(),
-        b.layers.keys().collect::<Vec<_>>()
-    );
-    assert!(a
-        .layers
-        .keys()
-        .any(|(_, w)| w.starts_with("distilled_guidance_layer.layers.")));
-    for (k, pa) in &a.layers {
-        let pb = &b.layers[k];
-        assert_eq!(pa.len(), pb.len(), "{k:?}");
-        for (x, y) in pa.iter().zip(pb) {
-            assert_eq!(x.scale, y.scale, "{k:?}");
-            assert_eq!(max_diff(&x.up, &y.up).0, 0.0, "{k:?}");
+    for (file, model, marker) in [
+        (
+            "chroma_comfy",
+            "chroma-tiny",
+            "distilled_guidance_layer.layers.",
+        ),
+        (
+            "flux2_comfy",
+            "flux2-klein-tiny",
+            "double_stream_modulation_img.",
+        ),
+    ] {
+        let comfy = fixture("lora").join(format!("{file}.safetensors"));
+        let kohya: HashMap<String, Tensor> = candle_core::safetensors::load(&comfy, &dev)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| {
+                let k = k.strip_prefix("diffusion_model.").unwrap();
+                let (module, param) = match k.split_once(".lora_") {
+                    Some((m, p)) => (m, format!("lora_{p}")),
+                    None => (k.strip_suffix(".alpha").unwrap(), "alpha".to_string()),
+                };
+                (format!("lora_unet_{}.{param}", module.replace('.', "_")), v)
+            })
+            .collect();
+        let path = tmp(&format!("lora-kohya-{model}")).join("kohya.safetensors");
+        candle_core::safetensors::save(&kohya, &path).unwrap();
+        let layers = spec_of(model).model_layers().unwrap();
+        let a = mmdit::lora::fit(&LoraFile::read(&comfy).unwrap(), &layers).unwrap();
+        let b = mmdit::lora::fit(&LoraFile::read(&path).unwrap(), &layers).unwrap();
+        assert!(b.unmatched.is_empty(), "{model}: {:?}", b.unmatched);
+        assert_eq!(
+            a.layers.keys().collect::<Vec<_>>(),
+            b.layers.keys().collect::<Vec<_>>(),
+            "{model}"
+        );
+        assert!(
+            a.layers.keys().any(|(_, w)| w.starts_with(marker)),
+            "{model}"
+        );
+        for (k, pa) in &a.layers {
+            let pb = &b.layers[k];
+            assert_eq!(pa.len(), pb.len(), "{k:?}");
+            for (x, y) in pa.iter().zip(pb) {
+                assert_eq!(x.scale, y.scale, "{k:?}");
+                assert_eq!(max_diff(&x.up, &y.up).0, 0.0, "{k:?}");
+            }
         }
     }
 }

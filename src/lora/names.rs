@@ -143,6 +143,10 @@ const COMPOUNDS: &[&str] = &[
     "guidance_in",
     "in_layer",
     "out_layer",
+    // FLUX.2's shared modulations
+    "double_stream_modulation_img",
+    "double_stream_modulation_txt",
+    "single_stream_modulation",
     // Chroma's approximator
     "distilled_guidance_layer",
     "in_proj",
@@ -164,30 +168,27 @@ const COMPOUNDS: &[&str] = &[
 ];
 
 /// kohya's underscored original name back to dots: `double_blocks_0_img_attn_qkv` ->
-/// `double_blocks.0.img_attn.qkv` (names of two or three words kept whole).
+/// `double_blocks.0.img_attn.qkv` (names of up to four words kept whole, the longest first).
 pub fn original_from_underscored(s: &str) -> String {
     let parts: Vec<&str> = s.split('_').collect();
     let mut out: Vec<String> = Vec::new();
     let mut i = 0;
     while i < parts.len() {
-        if i + 2 < parts.len() {
-            let three = parts[i..i + 3].join("_");
-            if COMPOUNDS.contains(&three.as_str()) {
-                out.push(three);
-                i += 3;
-                continue;
+        let whole = (2..=4usize)
+            .rev()
+            .filter(|n| i + n <= parts.len())
+            .map(|n| (n, parts[i..i + n].join("_")))
+            .find(|(_, w)| COMPOUNDS.contains(&w.as_str()));
+        match whole {
+            Some((n, w)) => {
+                out.push(w);
+                i += n;
+            }
+            None => {
+                out.push(parts[i].to_string());
+                i += 1;
             }
         }
-        if i + 1 < parts.len() {
-            let two = format!("{}_{}", parts[i], parts[i + 1]);
-            if COMPOUNDS.contains(&two.as_str()) {
-                out.push(two);
-                i += 2;
-                continue;
-            }
-        }
-        out.push(parts[i].to_string());
-        i += 1;
     }
     out.join(".")
 }
@@ -314,6 +315,14 @@ mod tests {
             (
                 "distilled_guidance_layer_in_proj",
                 "distilled_guidance_layer.in_proj",
+            ),
+            (
+                "double_stream_modulation_img_lin",
+                "double_stream_modulation_img.lin",
+            ),
+            (
+                "single_stream_modulation_lin",
+                "single_stream_modulation.lin",
             ),
         ] {
             assert_eq!(original_from_underscored(u), d);

@@ -577,8 +577,8 @@ fn map_components(
     let sub = strip(main, d.prefix);
     match d.format {
         Format::Sd3 => sd3_transformer(&mut transformer, &sub, None),
-        Format::Flux | Format::Chroma => flux_transformer(&mut transformer, &sub),
-        Format::Flux2 => flux2_transformer(&mut transformer, &sub),
+        Format::Flux | Format::Chroma => bfl_transformer(&mut transformer, &sub, &BFL_FLUX),
+        Format::Flux2 => bfl_transformer(&mut transformer, &sub, &BFL_FLUX2),
     }
     out.insert("transformer", transformer);
     // SAI files may embed the VAE and the text encoders.
@@ -708,8 +708,8 @@ pub fn transformer_table(
     let keys = strip(metas, "");
     match format {
         Format::Sd3 => sd3_transformer(&mut m, &keys, last_block),
-        Format::Flux | Format::Chroma => flux_transformer(&mut m, &keys),
-        Format::Flux2 => flux2_transformer(&mut m, &keys),
+        Format::Flux | Format::Chroma => bfl_transformer(&mut m, &keys, &BFL_FLUX),
+        Format::Flux2 => bfl_transformer(&mut m, &keys, &BFL_FLUX2),
     }
     m.entries
 }
@@ -894,7 +894,40 @@ fn sd3_transformer(m: &mut Mapping, keys: &[(String, String)], last_block: Optio
     }
 }
 
-fn flux_transformer(m: &mut Mapping, keys: &[(String, String)]) {
+/// The tables of one BFL layout: FLUX.1's (Chroma's too: it lacks the modulation layers and adds
+/// the approximator, which only it has), or FLUX.2's.
+struct Bfl {
+    top: &'static [(&'static str, &'static str)],
+    double: &'static [(&'static str, &'static str)],
+    single: &'static [(&'static str, &'static str)],
+    /// FLUX.1's single-block `linear1` splits into q, k, v and the MLP input; FLUX.2's stays whole.
+    split_linear1: bool,
+}
+
+const BFL_FLUX: Bfl = Bfl {
+    top: FLUX_TOP,
+    double: FLUX_DOUBLE,
+    single: FLUX_SINGLE,
+    split_linear1: true,
+};
+
+const BFL_FLUX2: Bfl = Bfl {
+    top: FLUX2_TOP,
+    double: FLUX2_DOUBLE,
+    single: FLUX2_SINGLE,
+    split_linear1: false,
+};
+
+/// The BFL tables of `format`, if it is a BFL layout.
+fn bfl(format: Format) -> Option<&'static Bfl> {
+    match format {
+        Format::Flux | Format::Chroma => Some(&BFL_FLUX),
+        Format::Flux2 => Some(&BFL_FLUX2),
+        Format::Sd3 => None,
+    }
+}
+
+fn bfl_transformer(m: &mut Mapping, keys: &[(String, String)], t: &Bfl) {
     for (rest, full) in keys.iter().filter(|(r, _)| !fp8_extra(r)) {
         if let Some(p) = rest.strip_prefix("final_layer.adaLN_modulation.1.") {
             m.add(
@@ -906,13 +939,13 @@ fn flux_transformer(m: &mut Mapping, keys: &[(String, String)]) {
         } else if let Some((i, r)) = block(rest, "double_blocks") {
             let b = format!("transformer_blocks.{i}.");
             if !bfl_qkv(m, &b, r, full) {
-                if let Some(n) = rename(r, FLUX_DOUBLE) {
+                if let Some(n) = rename(r, t.double) {
                     m.add(format!("{b}{n}"), 0, full, Transform::Whole);
                 }
             }
         } else if let Some((i, r)) = block(rest, "single_blocks") {
             let b = format!("single_transformer_blocks.{i}.");
-            if r.starts_with("linear1.") {
+            if t.split_linear1 && r.starts_with("linear1.") {
                 // rows: q, k, v (hidden each), then the MLP input (the rest).
                 let meta = m.metas.get(&(0, full.clone())).cloned();
                 let shape = meta.map(|t| t.shape).unwrap_or_default();
@@ -939,7 +972,7 @@ fn flux_transformer(m: &mut Mapping, keys: &[(String, String)]) {
                         Transform::Rows { start, len },
                     );
                 }
-            } else if let Some(n) = rename(r, FLUX_SINGLE) {
+            } else if let Some(n) = rename(r, t.single) {
                 m.add(format!("{b}{n}"), 0, full, Transform::Whole);
             }
         } else if let Some((i, r)) = block(rest, "distilled_guidance_layer.layers") {
@@ -950,7 +983,7 @@ fn flux_transformer(m: &mut Mapping, keys: &[(String, String)]) {
         } else if let Some((i, "scale")) = block(rest, "distilled_guidance_layer.norms") {
             let name = format!("distilled_guidance_layer.norms.{i}.weight");
             m.add(name, 0, full, Transform::Whole);
-        } else if let Some(n) = rename(rest, FLUX_TOP) {
+        } else if let Some(n) = rename(rest, t.top) {
             m.add(n, 0, full, Transform::Whole);
         }
     }
@@ -1014,33 +1047,6 @@ const FLUX2_SINGLE: &[(&str, &str)] = &[
     ("norm.key_norm.scale", "attn.norm_k.weight"),
 ];
 
-fn flux2_transformer(m: &mut Mapping, keys: &[(String, String)]) {
-    for (rest, full) in keys.iter().filter(|(r, _)| !fp8_extra(r)) {
-        if let Some(p) = rest.strip_prefix("final_layer.adaLN_modulation.1.") {
-            m.add(
-                format!("norm_out.linear.{p}"),
-                0,
-                full,
-                Transform::SwapHalves,
-            );
-        } else if let Some((i, r)) = block(rest, "double_blocks") {
-            let b = format!("transformer_blocks.{i}.");
-            if !bfl_qkv(m, &b, r, full) {
-                if let Some(n) = rename(r, FLUX2_DOUBLE) {
-                    m.add(format!("{b}{n}"), 0, full, Transform::Whole);
-                }
-            }
-        } else if let Some((i, r)) = block(rest, "single_blocks") {
-            if let Some(n) = rename(r, FLUX2_SINGLE) {
-                let name = format!("single_transformer_blocks.{i}.{n}");
-                m.add(name, 0, full, Transform::Whole);
-            }
-        } else if let Some(n) = rename(rest, FLUX2_TOP) {
-            m.add(n, 0, full, Transform::Whole);
-        }
-    }
-}
-
 /// The original name (`format`'s layout, no prefix) a diffusers transformer tensor is stored
 /// under: its own, or the fused tensor it is a slice of. The tables above read backwards.
 fn original_name(format: Format, name: &str) -> Option<String> {
@@ -1088,7 +1094,8 @@ fn original_name(format: Format, name: &str) -> Option<String> {
             }
             unrename(name, SD3_TOP)
         }
-        Format::Flux | Format::Chroma => {
+        Format::Flux | Format::Chroma | Format::Flux2 => {
+            let t = bfl(format)?;
             if let Some((i, r)) = block(name, "distilled_guidance_layer.layers") {
                 let b = format!("distilled_guidance_layer.layers.{i}.");
                 return unrename(r, CHROMA_APPROXIMATOR).map(|n| format!("{b}{n}"));
@@ -1101,7 +1108,7 @@ fn original_name(format: Format, name: &str) -> Option<String> {
                 if let Some(f) = fused(r, BFL_QKV) {
                     return Some(format!("{b}{f}"));
                 }
-                return unrename(r, FLUX_DOUBLE).map(|n| format!("{b}{n}"));
+                return unrename(r, t.double).map(|n| format!("{b}{n}"));
             }
             if let Some((i, r)) = block(name, "single_transformer_blocks") {
                 let b = format!("single_blocks.{i}.");
@@ -1109,25 +1116,12 @@ fn original_name(format: Format, name: &str) -> Option<String> {
                     &["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
                     "linear1",
                 )];
-                if let Some(f) = fused(r, parts) {
+                if let Some(f) = fused(r, parts).filter(|_| t.split_linear1) {
                     return Some(format!("{b}{f}"));
                 }
-                return unrename(r, FLUX_SINGLE).map(|n| format!("{b}{n}"));
+                return unrename(r, t.single).map(|n| format!("{b}{n}"));
             }
-            unrename(name, FLUX_TOP)
-        }
-        Format::Flux2 => {
-            if let Some((i, r)) = block(name, "transformer_blocks") {
-                let b = format!("double_blocks.{i}.");
-                if let Some(f) = fused(r, BFL_QKV) {
-                    return Some(format!("{b}{f}"));
-                }
-                return unrename(r, FLUX2_DOUBLE).map(|n| format!("{b}{n}"));
-            }
-            if let Some((i, r)) = block(name, "single_transformer_blocks") {
-                return unrename(r, FLUX2_SINGLE).map(|n| format!("single_blocks.{i}.{n}"));
-            }
-            unrename(name, FLUX2_TOP)
+            unrename(name, t.top)
         }
     }
 }

@@ -117,6 +117,13 @@ impl FluxTransformer {
     }
 }
 
+/// `n` double-stream blocks of one shape under `transformer_blocks.<i>` (FLUX.1, Chroma, FLUX.2).
+pub(super) fn double_blocks(n: usize, spec: BlockSpec, vb: &VarBuilder) -> Result<Vec<JointBlock>> {
+    (0..n)
+        .map(|i| JointBlock::new(spec, vb.pp(format!("transformer_blocks.{i}"))))
+        .collect()
+}
+
 /// The double- and single-stream blocks of a FLUX.1-shaped model; `own_modulation`: each block
 /// has its modulation layers (FLUX.1), or is given its modulation (Chroma).
 pub(super) fn blocks(
@@ -126,23 +133,19 @@ pub(super) fn blocks(
 ) -> Result<(Vec<JointBlock>, Vec<SingleBlock>)> {
     let dim = cfg.hidden_size();
     let (heads, hd) = (cfg.num_attention_heads, cfg.attention_head_dim);
-    let double = (0..cfg.num_layers)
-        .map(|i| {
-            let spec = BlockSpec {
-                dim,
-                heads,
-                head_dim: hd,
-                qk_norm: true,
-                dual_attention: false,
-                context_pre_only: false,
-                order: TokenOrder::TextFirst,
-                own_modulation,
-                bias: true,
-                ff: FeedForwardKind::Gelu,
-            };
-            JointBlock::new(spec, vb.pp(format!("transformer_blocks.{i}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let spec = BlockSpec {
+        dim,
+        heads,
+        head_dim: hd,
+        qk_norm: true,
+        dual_attention: false,
+        context_pre_only: false,
+        order: TokenOrder::TextFirst,
+        own_modulation,
+        bias: true,
+        ff: FeedForwardKind::Gelu,
+    };
+    let double = double_blocks(cfg.num_layers, spec, vb)?;
     let single = (0..cfg.num_single_layers)
         .map(|i| {
             SingleBlock::new(

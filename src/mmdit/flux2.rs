@@ -4,6 +4,7 @@
 
 use super::attention::TokenOrder;
 use super::embed::timestep_embedding;
+use super::flux::double_blocks;
 use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
 use super::modulation::{AdaNormContinuous, Modulation, ModulationOut};
 use super::rope::Rope;
@@ -102,23 +103,19 @@ impl Flux2Transformer {
     pub fn new(cfg: &Flux2TransformerConfig, vb: VarBuilder) -> Result<Self> {
         let dim = cfg.hidden_size();
         let (heads, hd) = (cfg.num_attention_heads, cfg.attention_head_dim);
-        let double = (0..cfg.num_layers)
-            .map(|i| {
-                let spec = BlockSpec {
-                    dim,
-                    heads,
-                    head_dim: hd,
-                    qk_norm: true,
-                    dual_attention: false,
-                    context_pre_only: false,
-                    order: TokenOrder::TextFirst,
-                    own_modulation: false,
-                    bias: false,
-                    ff: FeedForwardKind::SwiGlu(cfg.mlp_ratio),
-                };
-                JointBlock::new(spec, vb.pp(format!("transformer_blocks.{i}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let spec = BlockSpec {
+            dim,
+            heads,
+            head_dim: hd,
+            qk_norm: true,
+            dual_attention: false,
+            context_pre_only: false,
+            order: TokenOrder::TextFirst,
+            own_modulation: false,
+            bias: false,
+            ff: FeedForwardKind::SwiGlu(cfg.mlp_ratio),
+        };
+        let double = double_blocks(cfg.num_layers, spec, &vb)?;
         let single = (0..cfg.num_single_layers)
             .map(|i| {
                 let b = vb.pp(format!("single_transformer_blocks.{i}"));

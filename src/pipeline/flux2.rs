@@ -192,16 +192,16 @@ impl Transformer for Flux2Transformer {
         let txt = prompt.context.dim(1)?;
         Ok(Box::new(Step {
             model: self,
-            rope: (txt, self.rope(txt, h, w, dev)?),
+            rope: self.rope(txt, h, w, dev)?,
         }))
     }
 }
 
-/// The FLUX.2 transformer on the sampler's latents (b, C, h, w), with the rotary tables of the
-/// positive prompt's length.
+/// The FLUX.2 transformer on the sampler's latents (b, C, h, w), with its rotary tables (every
+/// prompt, the negative one too, is padded to the same length).
 struct Step<'a> {
     model: &'a Flux2Transformer,
-    rope: (usize, Rope),
+    rope: Rope,
 }
 
 impl Denoise for Step<'_> {
@@ -211,17 +211,9 @@ impl Denoise for Step<'_> {
         let sigma = Tensor::full(t / 1000.0, b, x.device())?;
         // `_pack_latents`: one token per latent patch, row-major.
         let packed = x.reshape((b, ch, h * w))?.transpose(1, 2)?.contiguous()?;
-        let txt = c.context.dim(1)?;
-        let own;
-        let rope = if txt == self.rope.0 {
-            &self.rope.1
-        } else {
-            own = self.model.rope(txt, h, w, x.device())?;
-            &own
-        };
         let v = self
             .model
-            .forward(&packed, &sigma, None, &c.context, rope)?;
+            .forward(&packed, &sigma, None, &c.context, &self.rope)?;
         Ok(v.transpose(1, 2)?.reshape((b, ch, h, w))?)
     }
 }

@@ -17,6 +17,7 @@
 //! draws them.
 
 pub mod bench;
+pub mod cache;
 pub mod config;
 pub mod cpu;
 pub mod device;

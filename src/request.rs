@@ -1,5 +1,6 @@
 //! What the user asks for, and its checked, fully resolved form.
 
+use crate::cache::CacheSpec;
 use crate::error::{Error, Message, Param, Result};
 use crate::output::RgbImage;
 use crate::sampling::Sampler;
@@ -25,6 +26,8 @@ pub struct Request {
     pub true_cfg: Option<f64>,
     /// ODE integrator (default Euler, as diffusers).
     pub sampler: Option<Sampler>,
+    /// Step caching (none by default).
+    pub cache: Option<CacheSpec>,
     /// Editing (img2img): the image to start from, resized to the output size as diffusers' image
     /// processor does. The output size defaults to the image's, rounded down to the model's multiple.
     pub image: Option<RgbImage>,
@@ -70,6 +73,7 @@ pub struct Resolved {
     /// Flux true-CFG scale; 1 when off.
     pub true_cfg: f64,
     pub sampler: Sampler,
+    pub cache: Option<CacheSpec>,
     /// Editing: the image to start from, at the output size.
     pub init: Option<Init>,
     /// What the request said itself (a family's defaults and notices depend on it).
@@ -109,6 +113,10 @@ impl Resolved {
             ("seed", self.seed.to_string()),
             ("steps", self.steps.to_string()),
             ("sampler", self.sampler.name().to_string()),
+            (
+                "cache",
+                self.cache.map_or_else(|| "none".into(), |c| c.to_string()),
+            ),
             ("guidance", self.guidance.to_string()),
             ("true_cfg", self.true_cfg.to_string()),
             ("width", self.width.to_string()),

@@ -352,6 +352,56 @@ fn unknown_sampler_device_dtype() {
 }
 
 #[test]
+fn bad_cache_specs_are_named() {
+    for (spec, says) in [
+        ("deepcache:0.1", "unknown cache"),
+        ("fbcache:nan", "must be a number of at least 0"),
+        ("fbcache:-0.2", "must be a number of at least 0"),
+        ("teacache:NaN", "must be a number of at least 0"),
+        ("taylorseer:0:4", "order 0 must be between 1 and 4"),
+        ("taylorseer:5:4", "order 5 must be between 1 and 4"),
+        ("taylorseer:1:0", "interval 0"),
+        ("fbcache:0.1:1:2", "too many numbers"),
+    ] {
+        expect_error(
+            &dummy(),
+            &["--cache", spec],
+            "cache",
+            &[&format!("--cache {spec}"), says],
+        );
+    }
+    // bench checks every listed cache before loading the model.
+    let (code, err) = run(&[
+        OsStr::new("bench"),
+        OsStr::new("--model"),
+        dummy().as_os_str(),
+        OsStr::new("--cache"),
+        OsStr::new("none,taylorseer:9:2"),
+    ]);
+    assert_clean_error(code, &err, &["--cache taylorseer:9:2", "between 1 and 4"]);
+}
+
+/// A cache that cannot skip a call in so few steps runs, and says so.
+#[test]
+fn a_cache_on_a_two_step_run_says_it_has_no_effect() {
+    for steps in ["1", "2"] {
+        let (code, err, out) = generate(
+            &dummy(),
+            &["--steps", steps, "--cache", "fbcache:0.1"],
+            &format!("cache-short-{steps}"),
+        );
+        assert_eq!(code, Some(0), "{err}");
+        assert!(out.exists());
+        assert!(
+            err.contains(&format!(
+                "notice: --cache fbcache:0.1:1 has no effect on a {steps}-step run"
+            )),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn missing_model_folder_or_bad_repo_id() {
     expect_error(
         Path::new("/nonexistent/model"),

@@ -208,19 +208,53 @@ fn serves_the_clis_images_and_its_endpoints() {
         assert!(text.contains(&("seed".into(), seed.into())), "{text:?}");
         assert!(text.contains(&("prompt".into(), "a red circle".into())));
     }
+    // A step cache in the request is the CLI's --cache, and the PNG records it.
+    let (code, out) = s.generate(
+        &serde_json::json!({"prompt": "a red circle", "size": "64x48", "steps": 8, "seed": 7,
+                            "cache": "taylorseer:1:2"}),
+        &[],
+    );
+    assert_eq!(code, 200, "{out}");
+    let (pixels, text) = png(&b64(&out["data"][0]["b64_json"]), &dir, "cached.png");
+    let args = [
+        "--prompt",
+        "a red circle",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--steps",
+        "8",
+        "--seed",
+        "7",
+    ];
+    let want = cli_image(
+        &dir,
+        "cli-cached.png",
+        &[&args[..], &["--cache", "taylorseer:1:2"]].concat(),
+    );
+    assert!(pixels == want, "the cached image differs from the CLI's");
+    assert!(
+        pixels != cli_image(&dir, "cli-uncached.png", &args),
+        "the cache skipped nothing"
+    );
+    assert!(
+        text.contains(&("cache".into(), "taylorseer:1:2:3".into())),
+        "{text:?}"
+    );
     let (code, body) = s.get("/metrics", &[]);
     let metrics = String::from_utf8_lossy(&body);
     assert_eq!(code, 200);
     assert!(
-        metrics.contains("mmdit_images_generated_total 2"),
+        metrics.contains("mmdit_images_generated_total 3"),
         "{metrics}"
     );
     assert!(
         metrics.contains("mmdit_requests_total{status=\"200\"}"),
         "{metrics}"
     );
-    // Both images in one batched forward: 3 steps, not 6.
-    assert!(metrics.contains("mmdit_step_seconds_count 3"), "{metrics}");
+    // Both images in one batched forward: 3 steps, not 6 (and the cached request's 8).
+    assert!(metrics.contains("mmdit_step_seconds_count 11"), "{metrics}");
     // One JSON log line per request.
     let log = s.log();
     let lines: Vec<serde_json::Value> = log
@@ -299,6 +333,16 @@ fn bad_requests_get_a_400_that_names_the_field() {
             serde_json::json!({"prompt": "x", "sampler": "ddim"}),
             "sampler",
             "euler",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "cache": "fbcache:-1"}),
+            "cache",
+            "at least 0",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "cache": "taylorseer:0:3"}),
+            "cache",
+            "between 1 and 4",
         ),
         (
             serde_json::json!({"prompt": "x", "response_format": "gif"}),
@@ -1269,6 +1313,7 @@ fn junk_from_clients_gets_answers_not_crashes() {
         "guidance",
         "seed",
         "sampler",
+        "cache",
         "loras",
         "strength",
         "response_format",
@@ -1419,6 +1464,12 @@ fn bad_fields_get_the_clis_messages() {
             "sampler",
             vec!["--sampler", "ddim"],
             "--sampler",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "cache": "teacache:nan"}),
+            "cache",
+            vec!["--cache", "teacache:nan"],
+            "--cache",
         ),
     ] {
         let (code, out) = s.generate(&body, &[]);

@@ -3,13 +3,23 @@
 use super::Stat;
 use serde::{Deserialize, Serialize};
 
-/// One (sampler, steps) configuration's measurements.
+/// One (sampler, steps, cache) configuration's measurements.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     pub sampler: String,
     pub steps: usize,
+    /// The step cache (`none`; absent in other engines' results).
+    #[serde(default = "no_cache")]
+    pub cache: String,
     /// Model evaluations per image (a second-order step costs two).
     pub nfe: usize,
+    /// Of those, the ones that ran every block and the ones that ran the model without most of
+    /// its blocks (a step cache's), per guidance branch, mean over prompts; the rest were
+    /// predicted without running the model.
+    #[serde(default)]
+    pub nfe_full: Option<f64>,
+    #[serde(default)]
+    pub nfe_partial: Option<f64>,
     pub text_s: Option<Stat>,
     /// Seconds per step (all model evaluations of the step).
     pub step_s: Option<Stat>,
@@ -45,6 +55,10 @@ pub struct Results {
     pub rows: Vec<Row>,
 }
 
+fn no_cache() -> String {
+    "none".into()
+}
+
 fn fmt_stat(s: &Option<Stat>) -> String {
     match s {
         Some(s) => format!("{:.3} ({:.3}-{:.3})", s.median, s.min, s.max),
@@ -71,7 +85,10 @@ impl Row {
         vec![
             self.sampler.clone(),
             self.steps.to_string(),
+            self.cache.clone(),
             self.nfe.to_string(),
+            num(self.nfe_full, 1),
+            num(self.nfe_partial, 1),
             stat(&self.text_s),
             stat(&self.step_s),
             stat(&self.denoise_s),
@@ -84,10 +101,13 @@ impl Row {
 }
 
 /// Column names of a row: (CSV, table).
-const ROW_COLUMNS: [(&str, &str); 10] = [
+const ROW_COLUMNS: [(&str, &str); 13] = [
     ("sampler", "sampler"),
     ("steps", "steps"),
+    ("cache", "cache"),
     ("nfe", "NFE"),
+    ("nfe_full", "NFE full"),
+    ("nfe_partial", "NFE partial"),
     ("text_s", "text s"),
     ("step_s", "s/step median (min-max)"),
     ("denoise_s", "denoise s"),
@@ -157,7 +177,7 @@ impl Results {
 }
 
 /// Side-by-side per-phase medians of two runs (ours vs another engine's JSON) with the ratio ours/theirs,
-/// matched on sampler and step count.
+/// matched on sampler and step count (uncached rows: other engines' runs have no cache).
 pub fn compare(ours: &Results, theirs: &Results) -> String {
     let mut s = format!(
         "{} vs {} | {} | {} | {} threads | {}x{}\n\n| sampler | steps | phase | {} s | {} s | ratio |\n|---|---|---|---|---|---|\n",
@@ -169,11 +189,11 @@ pub fn compare(ours: &Results, theirs: &Results) -> String {
         theirs.load_s,
         ours.load_s / theirs.load_s
     );
-    for r in &ours.rows {
+    for r in ours.rows.iter().filter(|r| r.cache == "none") {
         let Some(t) = theirs
             .rows
             .iter()
-            .find(|t| t.sampler == r.sampler && t.steps == r.steps)
+            .find(|t| t.sampler == r.sampler && t.steps == r.steps && t.cache == "none")
         else {
             continue;
         };
@@ -207,7 +227,10 @@ mod tests {
         let row = Row {
             sampler: "euler".into(),
             steps: 4,
+            cache: "none".into(),
             nfe: 4,
+            nfe_full: Some(4.0),
+            nfe_partial: Some(0.0),
             text_s: stat,
             step_s: stat,
             denoise_s: stat,
@@ -234,16 +257,20 @@ mod tests {
         };
         let csv = r.csv();
         let lines: Vec<&str> = csv.lines().collect();
-        assert_eq!(lines[0], "engine,model,device,dtype,threads,width,height,sampler,steps,nfe,text_s,step_s,denoise_s,decode_s,steps_per_s,psnr_db,latent_rmse");
+        assert_eq!(lines[0], "engine,model,device,dtype,threads,width,height,sampler,steps,cache,nfe,nfe_full,nfe_partial,text_s,step_s,denoise_s,decode_s,steps_per_s,psnr_db,latent_rmse");
         assert_eq!(
             lines[1],
-            "mmdit,m,cpu,f32,2,64,32,euler,4,4,1.500000,1.500000,1.500000,,0.500000,inf,"
+            "mmdit,m,cpu,f32,2,64,32,euler,4,none,4,4.000000,0.000000,1.500000,1.500000,1.500000,,0.500000,inf,"
         );
         let table = r.table();
         assert!(
-            table.contains("| sampler | steps | NFE | text s |"),
+            table.contains("| sampler | steps | cache | NFE | NFE full | NFE partial | text s |"),
             "{table}"
         );
-        assert!(table.contains("| euler | 4 | 4 | 1.500 (1.000-2.000) | 1.500 (1.000-2.000) | 1.500 (1.000-2.000) | - | 0.50 | inf | - |"), "{table}");
+        assert!(table.contains("| euler | 4 | none | 4 | 4.0 | 0.0 | 1.500 (1.000-2.000) | 1.500 (1.000-2.000) | 1.500 (1.000-2.000) | - | 0.50 | inf | - |"), "{table}");
+        // Other engines' results (no cache columns) still read.
+        let theirs = r.json().replace("\"cache\": \"none\",", "");
+        let back: Results = serde_json::from_str(&theirs).unwrap();
+        assert_eq!(back.rows[0].cache, "none");
     }
 }

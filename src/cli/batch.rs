@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 pub struct BatchArgs {
     /// The requests, one JSON object per line: `prompt` and optionally `n`, `size` ("WxH"),
     /// `negative_prompt`, `steps`, `guidance`, `seed` (default: the line number), `sampler`,
-    /// `loras` (names in --lora-dir). Blank lines are skipped but counted.
+    /// `cache`, `loras` (names in --lora-dir). Blank lines are skipped but counted.
     pub requests: PathBuf,
     #[command(flatten)]
     pub model: ModelArgs,

@@ -4,6 +4,7 @@ use super::args::{EditArgs, ImageArgs, LoraArgs, ModelArgs};
 use anyhow::Context;
 use clap::Args;
 use mmdit::bench::{self, report, Stat};
+use mmdit::cache::{CacheSpec, CallKind};
 use mmdit::sampling::Sampler;
 use mmdit::{device, output, Request};
 use std::path::PathBuf;
@@ -25,6 +26,10 @@ pub struct BenchArgs {
     /// Samplers to measure, comma-separated (euler, heun, midpoint, adams2).
     #[arg(long, default_value = "euler", value_delimiter = ',')]
     pub sampler: Vec<String>,
+    /// Step caches to measure, comma-separated (none, fbcache:THRESHOLD, teacache:THRESHOLD,
+    /// taylorseer:ORDER:INTERVAL); the reference runs uncached.
+    #[arg(long, default_value = "none", value_delimiter = ',')]
+    pub cache: Vec<String>,
     /// Steps of the Euler reference image that fidelity is measured against.
     #[arg(long, default_value_t = 100)]
     pub reference_steps: usize,
@@ -53,11 +58,15 @@ pub struct BenchArgs {
     pub no_reference: bool,
 }
 
-/// Measurements of one (sampler, steps) configuration, over prompts and repeats.
+/// Measurements of one (sampler, steps, cache) configuration, over prompts and repeats.
 #[derive(Default)]
 struct Acc {
     sampler: Sampler,
     steps: usize,
+    cache: Option<CacheSpec>,
+    /// Per prompt: model calls per branch that ran in full, and partly.
+    full: Vec<f64>,
+    partial: Vec<f64>,
     text: Vec<f64>,
     step: Vec<f64>,
     denoise: Vec<f64>,
@@ -92,6 +101,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .sampler
         .iter()
         .map(|s| Sampler::parse(s))
+        .collect::<mmdit::Result<Vec<_>>>()?;
+    let caches = a
+        .cache
+        .iter()
+        .map(|c| CacheSpec::parse(c))
         .collect::<mmdit::Result<Vec<_>>>()?;
     for &s in a.steps.iter().chain([&a.reference_steps]) {
         mmdit::request::check_steps(s)?;
@@ -134,6 +148,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             prompt: prompt.to_owned(),
             steps: Some(steps),
             sampler: Some(sampler),
+            cache: None,
             seed: Some(a.seed),
             width: a.image.width,
             height: a.image.height,
@@ -151,6 +166,20 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let r0 = spec.resolve(&base(&prompts[0], a.steps[0], samplers[0]))?;
     for &steps in &a.steps[1..] {
         spec.resolve(&base(&prompts[0], steps, samplers[0]))?;
+    }
+    // Caches that cannot skip a call at some step count are said once, before the runs.
+    for &cache in caches.iter().flatten() {
+        for &sampler in &samplers {
+            for &steps in &a.steps {
+                let r = spec.resolve(&Request {
+                    cache: Some(cache),
+                    ..base(&prompts[0], steps, sampler)
+                })?;
+                for n in &r.notices {
+                    eprintln!("notice: {}", n.render(&super::flag));
+                }
+            }
+        }
     }
     let name = spec.name().to_string();
 
@@ -171,7 +200,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     let mut grid_images = Vec::new();
-    let cols = a.steps.len() + usize::from(!a.no_reference);
+    let cols = a.steps.len() * caches.len() + usize::from(!a.no_reference);
     let mut per_cfg: Vec<Acc> = Vec::new();
     for prompt in &prompts {
         let r = pipe.resolve(&base(prompt, 1, Sampler::Euler))?;
@@ -193,16 +222,21 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             Some(out)
         };
         for &sampler in &samplers {
-            for &steps in &a.steps {
+            for (&steps, &cache) in a
+                .steps
+                .iter()
+                .flat_map(|s| caches.iter().map(move |c| (s, c)))
+            {
                 let idx = match per_cfg
                     .iter()
-                    .position(|c| c.sampler == sampler && c.steps == steps)
+                    .position(|c| c.sampler == sampler && c.steps == steps && c.cache == cache)
                 {
                     Some(i) => i,
                     None => {
                         per_cfg.push(Acc {
                             sampler,
                             steps,
+                            cache,
                             ..Default::default()
                         });
                         per_cfg.len() - 1
@@ -210,13 +244,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 };
                 for rep in 0..a.repeat {
                     eprintln!(
-                        "{} x {steps} steps, repeat {}/{} for {prompt:?}",
+                        "{} x {steps} steps, cache {}, repeat {}/{} for {prompt:?}",
                         sampler.name(),
+                        cache_name(cache),
                         rep + 1,
                         a.repeat
                     );
                     let req = Request {
                         noise: Some(noise.clone()),
+                        cache,
                         ..base(prompt, steps, sampler)
                     };
                     let out = pipe.generate(&req, &mut |_| {})?;
@@ -229,6 +265,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                     c.denoise.push(out.timings.denoise().as_secs_f64());
                     c.decode.push(out.timings.decode.as_secs_f64());
                     if rep == 0 {
+                        let (full, partial) = calls(&out.cache_calls, out.timings.steps.len());
+                        c.full.push(full);
+                        c.partial.push(partial);
                         if let Some(refr) = &reference {
                             c.psnr.push(bench::psnr(&out.image, &refr.image));
                             c.rmse.push(bench::rmse(&out.latents, &refr.latents)?);
@@ -252,10 +291,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     for c in per_cfg {
         let sigmas = sched(c.steps).sigmas;
         let step_s = Stat::of(&c.step);
+        let nfe = c.sampler.nfe(c.steps, &sigmas);
         rows.push(report::Row {
             sampler: c.sampler.name().into(),
             steps: c.steps,
-            nfe: c.sampler.nfe(c.steps, &sigmas),
+            cache: cache_name(c.cache),
+            nfe,
+            nfe_full: mean(&c.full).map(|f| if c.cache.is_none() { nfe as f64 } else { f }),
+            nfe_partial: mean(&c.partial),
             text_s: Stat::of(&c.text),
             step_s,
             denoise_s: Stat::of(&c.denoise),
@@ -313,6 +356,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             std::fs::write(d.join("profile.md"), p)?;
         }
         std::fs::write(d.join("plot.svg"), bench::plot::svg(&results))?;
+        std::fs::write(d.join("pareto.svg"), bench::plot::pareto_svg(&results))?;
         let g = bench::grid(&grid_images, cols);
         let grid_path = d.join("grid.png");
         let _ = std::fs::remove_file(&grid_path);
@@ -321,13 +365,28 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             &g,
             &[(
                 "columns".into(),
-                format!("steps {:?} then reference", a.steps),
+                format!("steps {:?} x caches {:?} then reference", a.steps, a.cache),
             )],
         )?;
         eprintln!(
-            "wrote {}/{{results.json,results.csv,plot.svg,grid.png}}",
+            "wrote {}/{{results.json,results.csv,plot.svg,pareto.svg,grid.png}}",
             d.display()
         );
     }
     Ok(())
+}
+
+fn cache_name(c: Option<CacheSpec>) -> String {
+    c.map_or_else(|| "none".into(), |c| c.to_string())
+}
+
+/// Model calls per guidance branch that ran in full and partly; without a cache, every one of
+/// the `steps` steps' calls ran in full (`steps` stands in: the row's NFE replaces it).
+fn calls(kinds: &[Vec<CallKind>], steps: usize) -> (f64, f64) {
+    if kinds.is_empty() {
+        return (steps as f64, 0.0);
+    }
+    let n = kinds.len() as f64;
+    let count = |k: CallKind| kinds.iter().flatten().filter(|&&x| x == k).count() as f64 / n;
+    (count(CallKind::Full), count(CallKind::Partial))
 }

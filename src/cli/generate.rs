@@ -36,6 +36,10 @@ pub struct GenerateArgs {
     /// ODE integrator: euler (as diffusers), heun, midpoint or adams2.
     #[arg(long)]
     pub sampler: Option<String>,
+    /// Step caching: fbcache:THRESHOLD, teacache:THRESHOLD or taylorseer:ORDER:INTERVAL, each
+    /// with an optional :WARMUP (none by default).
+    #[arg(long, value_name = "SPEC")]
+    pub cache: Option<String>,
     /// FLUX.1: true classifier-free guidance scale (needs --negative-prompt); Chroma takes
     /// --guidance for this.
     #[arg(long)]
@@ -122,6 +126,7 @@ fn apply_from(a: &mut GenerateArgs, png: &Path) -> anyhow::Result<()> {
     m.dequantize = m.dequantize || get("dequantize").is_some_and(|v| v == "true");
     m.t5 = m.t5.take().or(get("t5").map(PathBuf::from));
     a.sampler = a.sampler.take().or(get("sampler"));
+    a.cache = a.cache.take().or(get("cache"));
     a.noise = a.noise.take().or(get("noise_file").map(PathBuf::from));
     a.seed = a.seed.or(num(get("seed"), "seed", png)?);
     a.steps = a.steps.or(num(get("steps"), "steps", png)?);
@@ -212,6 +217,10 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     let chosen = a.model.choose()?;
     let (lora_specs, lora_apply) = a.lora.parse()?;
     let sampler = Sampler::parse(a.sampler.as_deref().unwrap_or("euler"))?;
+    let cache = match &a.cache {
+        Some(c) => mmdit::cache::CacheSpec::parse(c)?,
+        None => None,
+    };
     if a.num_images == 0 {
         return Err(mmdit::Error::request("--num-images 0: must be at least 1").into());
     }
@@ -236,6 +245,7 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         max_sequence_length: i.max_sequence_length,
         true_cfg: a.true_cfg,
         sampler: Some(sampler),
+        cache,
         image: input.as_ref().map(|i| i.image.clone()),
         strength: a.edit.strength,
         mask: mask.as_ref().map(|m| m.image.clone()),
@@ -428,6 +438,9 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
                 t.denoise().as_secs_f64() / t.steps.len().max(1) as f64,
                 t.decode.as_secs_f64()
             );
+            if let Some(c) = r.cache {
+                eprintln!("cache {c}: {}", mmdit::cache::summary(&out.cache_calls));
+            }
         }
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! approximator computes every block's (shift, scale, gate) rows from the timestep alone. No
 //! pooled text, no guidance embedding.
 
+use super::cache::{run_two_stacks, BlockCache};
 use super::embed::Approximator;
 use super::flux::blocks;
 use super::joint_block::JointBlock;
@@ -110,9 +111,21 @@ impl ChromaTransformer {
         context: &Tensor,
         rope: &Rope,
     ) -> Result<Tensor> {
+        self.forward_cached(x, sigma, context, rope, None)
+    }
+
+    /// [`Self::forward`] with the blocks run under a step cache.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        sigma: &Tensor,
+        context: &Tensor,
+        rope: &Rope,
+        cache: Option<&mut dyn BlockCache>,
+    ) -> Result<Tensor> {
         let dtype = x.dtype();
         let dev = x.device();
-        let (mut img, m, mut ctx) = profile::phase(Phase::Embeddings, dev, || {
+        let (img, m, ctx) = profile::phase(Phase::Embeddings, dev, || {
             let img = self.x_embedder.forward(x)?; // (b, n, dim)
                                                    // diffusers rounds t x 1000 to the run dtype before embedding it.
             let t = (sigma.to_dtype(dtype)? * 1000.0)?;
@@ -124,18 +137,21 @@ impl ChromaTransformer {
         // output norm's (shift, scale).
         let img_rows = 3 * ns;
         let txt_rows = img_rows + 6 * nd;
-        for (i, block) in self.double.iter().enumerate() {
-            let mi = block_rows(&m, img_rows + 6 * i)?;
-            let mt = block_rows(&m, txt_rows + 6 * i)?;
-            (img, ctx) = block.forward_given(&img, &ctx, &mi, &mt, Some(rope))?;
-        }
-        let s = ctx.dim(1)?;
-        let n = img.dim(1)?;
-        let mut joint = profile::phase(Phase::Copies, dev, || Tensor::cat(&[ctx, img], 1))?;
-        for (i, block) in self.single.iter().enumerate() {
-            joint = block.forward_given(&joint, &triple(&m, 3 * i)?, rope)?;
-        }
-        let img = joint.narrow(1, s, n)?;
+        let img = run_two_stacks(
+            cache,
+            (img, ctx),
+            (nd, ns),
+            |img| match nd {
+                0 => triple(&m, 0)?.norm(img),
+                _ => block_rows(&m, img_rows)?.msa.norm(img),
+            },
+            |i, img, ctx| {
+                let mi = block_rows(&m, img_rows + 6 * i)?;
+                let mt = block_rows(&m, txt_rows + 6 * i)?;
+                self.double[i].forward_given(img, ctx, &mi, &mt, Some(rope))
+            },
+            |i, joint| self.single[i].forward_given(joint, &triple(&m, 3 * i)?, rope),
+        )?;
         profile::phase(Phase::Final, dev, || {
             let last = m.dim(1)? - 2;
             let (shift, scale) = (row(&m, last)?, row(&m, last + 1)?);

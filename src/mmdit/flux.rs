@@ -2,6 +2,7 @@
 //! single-stream blocks, AdaLN-continuous output norm.
 
 use super::attention::TokenOrder;
+use super::cache::{run_two_stacks, BlockCache};
 use super::embed::TimeTextEmbed;
 use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
 use super::modulation::AdaNormContinuous;
@@ -85,9 +86,24 @@ impl FluxTransformer {
         pooled: &Tensor,
         rope: &Rope,
     ) -> Result<Tensor> {
+        self.forward_cached(x, sigma, guidance, context, pooled, rope, None)
+    }
+
+    /// [`Self::forward`] with the blocks run under a step cache.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        sigma: &Tensor,
+        guidance: Option<&Tensor>,
+        context: &Tensor,
+        pooled: &Tensor,
+        rope: &Rope,
+        cache: Option<&mut dyn BlockCache>,
+    ) -> Result<Tensor> {
         let dtype = x.dtype();
         let dev = x.device();
-        let (mut img, temb, mut ctx) = profile::phase(Phase::Embeddings, dev, || {
+        let (img, temb, ctx) = profile::phase(Phase::Embeddings, dev, || {
             let img = self.x_embedder.forward(x)?; // (b, n, dim)
             let t = (sigma.to_dtype(dtype)? * 1000.0)?;
             let g = match guidance {
@@ -97,20 +113,20 @@ impl FluxTransformer {
             let temb = self.time_text_embed.forward(&t, g.as_ref(), pooled)?; // (b, dim)
             Ok((img, temb, self.context_embedder.forward(context)?)) // ctx: (b, s, dim)
         })?;
-        for block in &self.double {
-            let (i, c) = block.forward(&img, &ctx, &temb, Some(rope))?;
-            img = i;
-            ctx = c.expect("double blocks keep the context stream");
-        }
-        let s = ctx.dim(1)?;
-        let n = img.dim(1)?;
-        let mut joint = profile::phase(Phase::Copies, dev, || {
-            Tensor::cat(&[ctx, img], 1) // (b, s + n, dim)
-        })?;
-        for block in &self.single {
-            joint = block.forward(&joint, &temb, rope)?;
-        }
-        let img = joint.narrow(1, s, n)?;
+        let img = run_two_stacks(
+            cache,
+            (img, ctx),
+            (self.double.len(), self.single.len()),
+            |img| match self.double.first() {
+                Some(b) => b.modulation(&temb)?.msa.norm(img),
+                None => self.single[0].modulation(&temb)?.norm(img),
+            },
+            |i, img, ctx| {
+                let (img, ctx) = self.double[i].forward(img, ctx, &temb, Some(rope))?;
+                Ok((img, ctx.expect("double blocks keep the context stream")))
+            },
+            |i, joint| self.single[i].forward(joint, &temb, rope),
+        )?;
         profile::phase(Phase::Final, dev, || {
             self.proj_out.forward(&self.norm_out.forward(&img, &temb)?)
         })

@@ -3,6 +3,7 @@
 //! single-stream blocks whose q/k/v and MLP input are one projection; 4-axis RoPE (t, h, w, l).
 
 use super::attention::TokenOrder;
+use super::cache::{run_two_stacks, BlockCache};
 use super::embed::timestep_embedding;
 use super::flux::double_blocks;
 use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
@@ -200,9 +201,22 @@ impl Flux2Transformer {
         context: &Tensor,
         rope: &Rope,
     ) -> Result<Tensor> {
+        self.forward_cached(x, sigma, guidance, context, rope, None)
+    }
+
+    /// [`Self::forward`] with the blocks run under a step cache.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        sigma: &Tensor,
+        guidance: Option<&Tensor>,
+        context: &Tensor,
+        rope: &Rope,
+        cache: Option<&mut dyn BlockCache>,
+    ) -> Result<Tensor> {
         let dtype = x.dtype();
         let dev = x.device();
-        let (mut img, temb, mut ctx) = profile::phase(Phase::Embeddings, dev, || {
+        let (img, temb, ctx) = profile::phase(Phase::Embeddings, dev, || {
             let embed = |t: &Tensor, m: &Mlp| -> Result<Tensor> {
                 // diffusers rounds t x 1000 to the run dtype before embedding it.
                 let t = (t.to_dtype(dtype)? * 1000.0)?;
@@ -223,16 +237,17 @@ impl Flux2Transformer {
                 self.mod_single.forward(&temb)?.remove(0),
             ))
         })?;
-        for block in &self.double {
-            (img, ctx) = block.forward_given(&img, &ctx, &mi, &mt, Some(rope))?;
-        }
-        let s = ctx.dim(1)?;
-        let n = img.dim(1)?;
-        let mut joint = profile::phase(Phase::Copies, dev, || Tensor::cat(&[ctx, img], 1))?;
-        for block in &self.single {
-            joint = block.forward(&joint, &ms, rope)?;
-        }
-        let img = joint.narrow(1, s, n)?;
+        let img = run_two_stacks(
+            cache,
+            (img, ctx),
+            (self.double.len(), self.single.len()),
+            |img| match self.double.is_empty() {
+                true => ms.norm(img),
+                false => mi.msa.norm(img),
+            },
+            |i, img, ctx| self.double[i].forward_given(img, ctx, &mi, &mt, Some(rope)),
+            |i, joint| self.single[i].forward(joint, &ms, rope),
+        )?;
         profile::phase(Phase::Final, dev, || {
             self.proj_out.forward(&self.norm_out.forward(&img, &temb)?)
         })

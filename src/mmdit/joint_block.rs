@@ -127,6 +127,16 @@ impl JointBlock {
         })
     }
 
+    /// The image stream's modulation from `temb` (blocks with their own modulation layers).
+    pub fn modulation(&self, temb: &Tensor) -> Result<BlockModulation> {
+        match &self.norm1 {
+            Some(norm1) => norm1.forward_block(temb),
+            None => {
+                candle_core::bail!("a block without modulation layers was not given its modulation")
+            }
+        }
+    }
+
     /// x: (b, n, dim) image tokens; ctx: (b, s, dim) text tokens; temb: (b, dim); rope: Flux's
     /// rotary tables over the joint sequence. Returns the new image tokens and, unless
     /// context-pre-only, the new text tokens.
@@ -143,11 +153,7 @@ impl JointBlock {
             )
         };
         let (m, c) = profile::phase(Phase::Norms, x.device(), || {
-            let m = self
-                .norm1
-                .as_ref()
-                .ok_or_else(missing)?
-                .forward_block(temb)?;
+            let m = self.modulation(temb)?;
             let c = match &self.ctx {
                 ContextPath::Full { norm1, .. } => {
                     ContextMod::Full(norm1.as_ref().ok_or_else(missing)?.forward_block(temb)?)

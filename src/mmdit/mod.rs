@@ -3,6 +3,7 @@
 //! on the layers of [`crate::nn`].
 
 pub mod attention;
+pub mod cache;
 pub mod chroma;
 pub mod embed;
 pub mod flux;

@@ -1,6 +1,7 @@
 //! `SD3Transformer2DModel`: SD3, SD3.5 (qk RMSNorm) and SD3.5-medium (MMDiT-X dual attention).
 
 use super::attention::TokenOrder;
+use super::cache::{run_blocks, BlockCache};
 use super::embed::{PatchEmbed, TimeTextEmbed};
 use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
 use super::modulation::AdaNormContinuous;
@@ -90,23 +91,46 @@ impl Sd3Transformer {
         context: &Tensor,
         pooled: &Tensor,
     ) -> Result<Tensor> {
+        self.forward_cached(x, t, context, pooled, None)
+    }
+
+    /// [`Self::forward`] with the blocks run under a step cache.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        pooled: &Tensor,
+        cache: Option<&mut dyn BlockCache>,
+    ) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         let p = self.cfg.patch_size;
         let dev = x.device();
-        let (mut img, temb, mut ctx) = profile::phase(Phase::Embeddings, dev, || {
+        let (img, temb, ctx) = profile::phase(Phase::Embeddings, dev, || {
             Ok((
                 self.pos_embed.forward(x)?,                     // (b, n, dim)
                 self.time_text_embed.forward(t, None, pooled)?, // (b, dim)
                 self.context_embedder.forward(context)?,        // (b, s, dim)
             ))
         })?;
-        for block in &self.blocks {
-            let (new_img, new_ctx) = block.forward(&img, &ctx, &temb, None)?;
-            img = new_img;
-            if let Some(c) = new_ctx {
-                ctx = c;
-            }
-        }
+        // The last block leaves no context; the one before it is kept (and not read again).
+        let block = |b: &JointBlock, img: &Tensor, ctx: Tensor| -> Result<(Tensor, Tensor)> {
+            let (img, new_ctx) = b.forward(img, &ctx, &temb, None)?;
+            Ok((img, new_ctx.unwrap_or(ctx)))
+        };
+        let img = run_blocks(
+            cache,
+            img,
+            ctx,
+            |img| self.blocks[0].modulation(&temb)?.msa.norm(img),
+            |img, ctx| block(&self.blocks[0], img, ctx),
+            |mut img, mut ctx| {
+                for b in &self.blocks[1..] {
+                    (img, ctx) = block(b, &img, ctx)?;
+                }
+                Ok(img)
+            },
+        )?;
         let img = profile::phase(Phase::Final, dev, || {
             self.proj_out.forward(&self.norm_out.forward(&img, &temb)?) // (b, n, p*p*c)
         })?;

@@ -40,14 +40,19 @@ impl SingleBlock {
         })
     }
 
-    /// x: (b, s + n, dim) joint tokens (text first); temb: (b, dim) -> (b, s + n, dim)
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, rope: &Rope) -> Result<Tensor> {
-        let m = profile::phase(Phase::Norms, x.device(), || match &self.norm {
+    /// The block's modulation from `temb` (blocks with their own modulation layers).
+    pub fn modulation(&self, temb: &Tensor) -> Result<ModulationOut> {
+        match &self.norm {
             Some(norm) => Ok(norm.forward(temb)?.remove(0)),
             None => {
                 candle_core::bail!("a block without modulation layers was not given its modulation")
             }
-        })?;
+        }
+    }
+
+    /// x: (b, s + n, dim) joint tokens (text first); temb: (b, dim) -> (b, s + n, dim)
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, rope: &Rope) -> Result<Tensor> {
+        let m = profile::phase(Phase::Norms, x.device(), || self.modulation(temb))?;
         self.forward_given(x, &m, rope)
     }
 

@@ -7,6 +7,7 @@ use super::components::{OpenCtx, T5Part, TextLoader, TextPart};
 use super::family::{Bound, Cfg, Defaults, Denoise, Family, Transformer};
 use crate::config::{ChromaTransformerConfig, SchedulerConfig, T5Config, VaeConfig};
 use crate::error::{Error, Message, Param, Result};
+use crate::mmdit::cache::BlockCache;
 use crate::mmdit::flux::{pack, unpack};
 use crate::mmdit::rope::Rope;
 use crate::mmdit::ChromaTransformer;
@@ -148,7 +149,13 @@ struct Step<'a> {
 }
 
 impl Denoise for Step<'_> {
-    fn velocity(&self, x: &Tensor, t: f32, c: &Conditioning) -> Result<Tensor> {
+    fn velocity(
+        &self,
+        x: &Tensor,
+        t: f32,
+        c: &Conditioning,
+        cache: Option<&mut dyn BlockCache>,
+    ) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         // diffusers passes `timestep / 1000` and the model multiplies by 1000 again, both in f32.
         let sigma = Tensor::full(t / 1000.0, x.dim(0)?, x.device())?;
@@ -162,7 +169,9 @@ impl Denoise for Step<'_> {
             own = self.model.rope(txt, h / 2, w / 2, x.device())?;
             &own
         };
-        let v = self.model.forward(&packed, &sigma, &c.context, rope)?;
+        let v = self
+            .model
+            .forward_cached(&packed, &sigma, &c.context, rope, cache)?;
         Ok(unpack(&v, h, w)?)
     }
 }

@@ -12,6 +12,7 @@ use super::{chroma, flux, flux2, sd3};
 use crate::config::{SchedulerConfig, VaeConfig};
 use crate::error::Result;
 use crate::loader::single::Format;
+use crate::mmdit::cache::BlockCache;
 use crate::request::Resolved;
 use crate::sampling::Schedule;
 use crate::text::{Conditioning, PromptEncoder};
@@ -157,6 +158,12 @@ pub trait Family: Send + Sync {
     fn default_strength(&self) -> f64 {
         0.6
     }
+
+    /// TeaCache's rescaling polynomial for the model ([`crate::cache`]); the identity unless a
+    /// fit was published.
+    fn teacache_rescale(&self) -> &'static [f64] {
+        crate::cache::IDENTITY_RESCALE
+    }
 }
 
 /// A transformer bound to one request.
@@ -190,6 +197,13 @@ impl<T: std::any::Any> AsAny for T {
 /// One step's model call, as guidance sees it.
 pub trait Denoise {
     /// The velocity for latents x (b, C, h, w) in the run dtype at `timestep` (sigma x 1000),
-    /// conditioned on a batch of b prompts; (b, C, h, w) in the run dtype.
-    fn velocity(&self, x: &Tensor, timestep: f32, cond: &Conditioning) -> Result<Tensor>;
+    /// conditioned on a batch of b prompts; (b, C, h, w) in the run dtype. `cache`: a step
+    /// cache's hold on the blocks, for this call.
+    fn velocity(
+        &self,
+        x: &Tensor,
+        timestep: f32,
+        cond: &Conditioning,
+        cache: Option<&mut dyn BlockCache>,
+    ) -> Result<Tensor>;
 }

@@ -6,6 +6,7 @@ use super::components::{ClipPart, OpenCtx, T5Part, TextLoader, TextPart};
 use super::family::{Bound, Cfg, Defaults, Denoise, Edit, Family, Transformer};
 use crate::config::{ClipTextConfig, FluxTransformerConfig, SchedulerConfig, T5Config, VaeConfig};
 use crate::error::{Error, Message, Param, Result};
+use crate::mmdit::cache::BlockCache;
 use crate::mmdit::flux::{pack, unpack};
 use crate::mmdit::rope::Rope;
 use crate::mmdit::FluxTransformer;
@@ -107,6 +108,16 @@ impl Flux {
         !self.transformer.guidance_embeds
     }
 }
+
+/// TeaCache's rescaling polynomial for FLUX.1 (TeaCache4FLUX's fit of the output's change
+/// against the modulated input's, highest power first).
+const TEACACHE_FLUX: &[f64] = &[
+    4.98651651e+02,
+    -2.83781631e+02,
+    5.58554382e+01,
+    -3.82021401e+00,
+    2.64230861e-01,
+];
 
 impl Family for Flux {
     fn describe(&self) -> String {
@@ -244,6 +255,10 @@ impl Family for Flux {
         }
     }
 
+    fn teacache_rescale(&self) -> &'static [f64] {
+        TEACACHE_FLUX
+    }
+
     fn load_text(&self, load: &TextLoader) -> Result<Box<dyn PromptEncoder>> {
         Ok(Box::new(FluxTextEncoders {
             clip: load.clip(&self.clip)?,
@@ -292,7 +307,13 @@ struct Step<'a> {
 }
 
 impl Denoise for Step<'_> {
-    fn velocity(&self, x: &Tensor, t: f32, c: &Conditioning) -> Result<Tensor> {
+    fn velocity(
+        &self,
+        x: &Tensor,
+        t: f32,
+        c: &Conditioning,
+        cache: Option<&mut dyn BlockCache>,
+    ) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         // diffusers passes `timestep / 1000` and the model multiplies by 1000 again, both in f32.
         let sigma = Tensor::full(t / 1000.0, x.dim(0)?, x.device())?;
@@ -313,13 +334,14 @@ impl Denoise for Step<'_> {
             .as_ref()
             .map(|g| g.broadcast_as(x.dim(0)?)?.contiguous())
             .transpose()?;
-        let v = self.model.forward(
+        let v = self.model.forward_cached(
             &input,
             &sigma,
             guidance.as_ref(),
             &c.context,
             &c.pooled,
             &self.rope,
+            cache,
         )?;
         // The reference tokens' predictions are dropped.
         Ok(unpack(&v.narrow(1, 0, n)?, h, w)?)

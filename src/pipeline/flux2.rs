@@ -7,6 +7,7 @@ use super::components::{OpenCtx, Qwen3Part, TextLoader, TextPart};
 use super::family::{Bound, Cfg, Defaults, Denoise, Family, Transformer};
 use crate::config::{Flux2TransformerConfig, Qwen3Config, SchedulerConfig, VaeConfig};
 use crate::error::{Error, Message, Param, Result};
+use crate::mmdit::cache::BlockCache;
 use crate::mmdit::rope::Rope;
 use crate::mmdit::Flux2Transformer;
 use crate::request::{self, Resolved};
@@ -205,7 +206,13 @@ struct Step<'a> {
 }
 
 impl Denoise for Step<'_> {
-    fn velocity(&self, x: &Tensor, t: f32, c: &Conditioning) -> Result<Tensor> {
+    fn velocity(
+        &self,
+        x: &Tensor,
+        t: f32,
+        c: &Conditioning,
+        cache: Option<&mut dyn BlockCache>,
+    ) -> Result<Tensor> {
         let (b, ch, h, w) = x.dims4()?;
         // diffusers passes `timestep / 1000` and the model multiplies by 1000 again, both in f32.
         let sigma = Tensor::full(t / 1000.0, b, x.device())?;
@@ -213,7 +220,7 @@ impl Denoise for Step<'_> {
         let packed = x.reshape((b, ch, h * w))?.transpose(1, 2)?.contiguous()?;
         let v = self
             .model
-            .forward(&packed, &sigma, None, &c.context, &self.rope)?;
+            .forward_cached(&packed, &sigma, None, &c.context, &self.rope, cache)?;
         Ok(v.transpose(1, 2)?.reshape((b, ch, h, w))?)
     }
 }

@@ -20,6 +20,7 @@ pub use components::{t5_dtype, vae_dtype, ComponentAudit};
 pub use family::{Cfg, Defaults, Denoise, Edit, Family, FamilyEntry, Transformer};
 pub use sample::{check_finite, seeded_noise, Prompts};
 
+use crate::cache::{CacheSpec, CallKind};
 use crate::config::{ModelIndex, SchedulerConfig, VaeConfig};
 use crate::error::{Error, Message, Param, Result};
 use crate::image_io;
@@ -331,6 +332,7 @@ impl Spec {
             max_sequence_length,
             true_cfg: req.true_cfg.unwrap_or(1.0),
             sampler: req.sampler.unwrap_or(Sampler::Euler),
+            cache: req.cache,
             init,
             given: Given {
                 negative_prompt: req.negative_prompt.is_some(),
@@ -359,7 +361,21 @@ impl Spec {
             }
         }
         self.family.check(&mut r, &self.name)?;
+        if let Some(c) = r.cache {
+            let calls = self.cache_calls(&r);
+            if !c.has_effect(calls) {
+                r.notices
+                    .push(crate::cache::no_effect(&c, r.steps_to_run()));
+            }
+        }
         Ok(r)
+    }
+
+    /// Model calls per guidance branch of a resolved request: its sampler's evaluations over the
+    /// steps that run.
+    pub fn cache_calls(&self, r: &Resolved) -> usize {
+        let sched = self.schedule(r);
+        r.sampler.nfe(sched.timesteps.len(), &sched.sigmas)
     }
 
     /// An inpainting mask at the output size, with notices when it was resized or selects nothing.
@@ -785,6 +801,9 @@ pub struct Generated {
     pub request: Resolved,
     pub timings: Timings,
     pub truncations: Vec<Truncation>,
+    /// With a step cache: what each model call cost, per guidance branch (one branch, or the
+    /// positive then the negative prompt's for two-call guidance); empty without.
+    pub cache_calls: Vec<Vec<CallKind>>,
 }
 
 /// Image tokens (latent pixels / 4) one batched forward takes at most ([`Pipeline::batch_size`]):
@@ -968,10 +987,15 @@ impl Pipeline {
     }
 
     /// Images of one batched forward at this size at most: as many as keep the batch within
-    /// [`BATCH_TOKENS`] image tokens (one image when a single one is larger), and one for edits
-    /// and requests that bring their own noise (those run one at a time).
+    /// [`BATCH_TOKENS`] image tokens (one image when a single one is larger), and one for edits,
+    /// requests that bring their own noise and caches that decide on the model's output (each
+    /// image decides for itself, as in a run of its own).
     pub fn batch_size(&self, r: &Resolved) -> usize {
-        if r.init.is_some() || r.noise.is_some() {
+        let deciding = matches!(
+            r.cache,
+            Some(CacheSpec::FirstBlock { .. } | CacheSpec::TeaCache { .. })
+        );
+        if r.init.is_some() || r.noise.is_some() || deciding {
             return 1;
         }
         let f = self.spec.vae.scale_factor() * 2;
@@ -1040,7 +1064,14 @@ impl Pipeline {
             Some(c) => Box::new(sample::WithChannels::new(model, c.to_dtype(self.dtype)?)),
             None => model,
         };
-        let mut guided = sample::Guided::new(model.as_ref(), &prompts, cfg, self.dtype)?;
+        let cache = r.cache.map(|c| {
+            (
+                c,
+                self.spec.cache_calls(&r),
+                self.spec.family.teacache_rescale(),
+            )
+        });
+        let mut guided = sample::Guided::new(model.as_ref(), &prompts, cfg, self.dtype, cache)?;
         let (latents, steps) = sample::sample(
             &mut guided,
             &r,
@@ -1051,6 +1082,7 @@ impl Pipeline {
             observer,
         )?;
         timings.steps = steps;
+        let cache_calls = guided.cache_calls();
 
         let t0 = Instant::now();
         let images = self.decode_all(&latents)?;
@@ -1068,6 +1100,7 @@ impl Pipeline {
                     request,
                     timings: timings.clone(),
                     truncations: truncations.clone(),
+                    cache_calls: cache_calls.clone(),
                 })
             })
             .collect()

@@ -2,7 +2,9 @@
 //! sampler over the schedule with each step timed, and the checks for non-finite values.
 
 use super::family::{Cfg, Denoise};
+use crate::cache::{CacheSpec, CallKind, StepCache};
 use crate::error::{Error, Result};
+use crate::mmdit::cache::BlockCache;
 use crate::request::Resolved;
 use crate::sampling::{Schedule, Velocity};
 use crate::text::Conditioning;
@@ -47,13 +49,19 @@ impl<'a> WithChannels<'a> {
 }
 
 impl Denoise for WithChannels<'_> {
-    fn velocity(&self, x: &Tensor, t: f32, cond: &Conditioning) -> Result<Tensor> {
+    fn velocity(
+        &self,
+        x: &Tensor,
+        t: f32,
+        cond: &Conditioning,
+        cache: Option<&mut dyn BlockCache>,
+    ) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         let extra = self
             .channels
             .broadcast_as((b, self.channels.dim(1)?, h, w))?;
         self.inner
-            .velocity(&Tensor::cat(&[x, &extra.contiguous()?], 1)?, t, cond)
+            .velocity(&Tensor::cat(&[x, &extra.contiguous()?], 1)?, t, cond, cache)
     }
 }
 
@@ -108,11 +116,13 @@ enum Mode<'a> {
 }
 
 /// A family's transformer with classifier-free guidance, as the sampler sees it: f32 latents in,
-/// the model run in `dtype`, f32 velocity out.
+/// the model run in `dtype`, f32 velocity out; under a step cache, one per model call branch.
 pub(super) struct Guided<'a> {
     model: &'a dyn Denoise,
     mode: Mode<'a>,
     dtype: DType,
+    /// [branch] (one) or [positive, negative] (two calls).
+    caches: Vec<StepCache>,
 }
 
 impl<'a> Guided<'a> {
@@ -121,6 +131,7 @@ impl<'a> Guided<'a> {
         prompts: &'a Prompts,
         cfg: Option<Cfg>,
         dtype: DType,
+        cache: Option<(CacheSpec, usize, &'static [f64])>,
     ) -> Result<Self> {
         let mode = match (cfg, &prompts.neg) {
             (Some(c), Some(neg)) if c.batched => {
@@ -133,7 +144,36 @@ impl<'a> Guided<'a> {
             (Some(c), Some(neg)) => Mode::Separate(&prompts.pos, neg, c.scale),
             _ => Mode::Unguided(&prompts.pos),
         };
-        Ok(Self { model, mode, dtype })
+        let branches = match mode {
+            Mode::Separate(..) => 2,
+            _ => 1,
+        };
+        let caches = match cache {
+            Some((spec, calls, rescale)) => (0..branches)
+                .map(|_| StepCache::new(spec, calls, rescale))
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok(Self {
+            model,
+            mode,
+            dtype,
+            caches,
+        })
+    }
+
+    /// What each model call cost, per branch (empty without a cache).
+    pub fn cache_calls(&self) -> Vec<Vec<CallKind>> {
+        self.caches.iter().map(|c| c.kinds.clone()).collect()
+    }
+
+    /// The model's velocity for `x` on `cond`, through branch `k`'s cache when there is one.
+    fn call(&mut self, k: usize, x: &Tensor, t: f32, cond: &Conditioning) -> Result<Tensor> {
+        let model = self.model;
+        match self.caches.get_mut(k) {
+            Some(c) => c.call(&mut |hook| model.velocity(x, t, cond, hook)),
+            None => model.velocity(x, t, cond, None),
+        }
     }
 }
 
@@ -146,19 +186,20 @@ impl Velocity for Guided<'_> {
     fn velocity(&mut self, x: &Tensor, _sigma: f32, t: f32, step: usize) -> Result<Tensor> {
         crate::interrupt::check()?;
         let x = x.to_dtype(self.dtype)?;
-        let v = match &self.mode {
-            Mode::Unguided(c) => self.model.velocity(&x, t, c)?,
-            Mode::Batched(both, scale) => {
+        let v = match self.mode {
+            Mode::Unguided(c) => self.call(0, &x, t, c)?,
+            Mode::Batched(ref both, scale) => {
                 // [negatives; positives], each half the batch of x.
                 let b = x.dim(0)?;
-                let v = self.model.velocity(&Tensor::cat(&[&x, &x], 0)?, t, both)?;
+                let both = both.clone();
+                let v = self.call(0, &Tensor::cat(&[&x, &x], 0)?, t, &both)?;
                 let (neg, pos) = (v.narrow(0, 0, b)?, v.narrow(0, b, b)?);
-                combine(&neg, &pos, *scale)?
+                combine(&neg, &pos, scale)?
             }
             Mode::Separate(pos, neg, scale) => {
-                let vp = self.model.velocity(&x, t, pos)?;
-                let vn = self.model.velocity(&x, t, neg)?;
-                combine(&vn, &vp, *scale)?
+                let vp = self.call(0, &x, t, pos)?;
+                let vn = self.call(1, &x, t, neg)?;
+                combine(&vn, &vp, scale)?
             }
         };
         let v = v.to_dtype(DType::F32)?;

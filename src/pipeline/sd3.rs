@@ -6,6 +6,7 @@ use super::components::{ClipPart, OpenCtx, T5Part, TextLoader, TextPart};
 use super::family::{Bound, Cfg, Defaults, Denoise, Family, Transformer};
 use crate::config::{ClipTextConfig, SchedulerConfig, Sd3TransformerConfig, T5Config, VaeConfig};
 use crate::error::{Error, Message, Param, Result};
+use crate::mmdit::cache::BlockCache;
 use crate::mmdit::Sd3Transformer;
 use crate::request::{self, Resolved};
 use crate::sampling::{schedule, Schedule};
@@ -172,8 +173,16 @@ impl Transformer for Sd3Transformer {
 struct Step<'a>(&'a Sd3Transformer);
 
 impl Denoise for Step<'_> {
-    fn velocity(&self, x: &Tensor, t: f32, c: &Conditioning) -> Result<Tensor> {
+    fn velocity(
+        &self,
+        x: &Tensor,
+        t: f32,
+        c: &Conditioning,
+        cache: Option<&mut dyn BlockCache>,
+    ) -> Result<Tensor> {
         let ts = Tensor::full(t, x.dim(0)?, x.device())?;
-        Ok(self.0.forward(x, &ts, &c.context, &c.pooled)?)
+        Ok(self
+            .0
+            .forward_cached(x, &ts, &c.context, &c.pooled, cache)?)
     }
 }

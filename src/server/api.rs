@@ -28,6 +28,8 @@ pub struct Generation {
     pub guidance: Option<f64>,
     pub seed: Option<u64>,
     pub sampler: Option<String>,
+    /// Step caching, as `--cache` (`fbcache:0.08`, ...).
+    pub cache: Option<String>,
     pub loras: Option<Vec<LoraRef>>,
     /// Editing (`/v1/images/edits`): the share of the schedule that runs.
     pub strength: Option<f64>,
@@ -77,7 +79,7 @@ impl Generation {
         if let Some(k) = self.ignored.keys().find(|k| !IGNORED.contains(&k.as_str())) {
             return Err(ApiError::bad(
                 k,
-                format!("unknown field {k:?}; the fields are prompt, n, size, response_format, negative_prompt, steps, guidance, seed, sampler, loras (and for edits image, mask and strength)"),
+                format!("unknown field {k:?}; the fields are prompt, n, size, response_format, negative_prompt, steps, guidance, seed, sampler, cache, loras (and for edits image, mask and strength)"),
             ));
         }
         let prompt = self
@@ -142,6 +144,10 @@ impl Generation {
             .map(mmdit::sampling::Sampler::parse)
             .transpose()
             .map_err(|e| ApiError::from_library(&e))?;
+        let cache = match self.cache.as_deref() {
+            Some(c) => mmdit::cache::CacheSpec::parse(c).map_err(|e| ApiError::from_library(&e))?,
+            None => None,
+        };
         let loras = match self.loras {
             None => Vec::new(),
             Some(list) => {
@@ -166,6 +172,7 @@ impl Generation {
                 height,
                 seed: self.seed,
                 sampler,
+                cache,
                 loras,
                 strength: self.strength,
                 ..Request::default()

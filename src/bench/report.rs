@@ -29,6 +29,9 @@ pub struct Row {
     /// Mean over prompts of PSNR (dB, 8-bit image) against the reference; null for engines that do
     /// not measure it.
     pub psnr_db: Option<f64>,
+    /// The lowest PSNR over prompts.
+    #[serde(default)]
+    pub psnr_min_db: Option<f64>,
     /// Mean over prompts of latent RMSE against the reference.
     pub latent_rmse: Option<f64>,
 }
@@ -95,13 +98,14 @@ impl Row {
             stat(&self.decode_s),
             num(self.steps_per_s, 2),
             num(self.psnr_db, 2),
+            num(self.psnr_min_db, 2),
             num(self.latent_rmse, 4),
         ]
     }
 }
 
 /// Column names of a row: (CSV, table).
-const ROW_COLUMNS: [(&str, &str); 13] = [
+const ROW_COLUMNS: [(&str, &str); 14] = [
     ("sampler", "sampler"),
     ("steps", "steps"),
     ("cache", "cache"),
@@ -114,6 +118,7 @@ const ROW_COLUMNS: [(&str, &str); 13] = [
     ("decode_s", "decode s"),
     ("steps_per_s", "steps/s"),
     ("psnr_db", "PSNR dB"),
+    ("psnr_min_db", "PSNR min dB"),
     ("latent_rmse", "latent RMSE"),
 ];
 
@@ -237,6 +242,7 @@ mod tests {
             decode_s: None,
             steps_per_s: Some(0.5),
             psnr_db: Some(f64::INFINITY),
+            psnr_min_db: None,
             latent_rmse: None,
         };
         let r = Results {
@@ -257,17 +263,17 @@ mod tests {
         };
         let csv = r.csv();
         let lines: Vec<&str> = csv.lines().collect();
-        assert_eq!(lines[0], "engine,model,device,dtype,threads,width,height,sampler,steps,cache,nfe,nfe_full,nfe_partial,text_s,step_s,denoise_s,decode_s,steps_per_s,psnr_db,latent_rmse");
+        assert_eq!(lines[0], "engine,model,device,dtype,threads,width,height,sampler,steps,cache,nfe,nfe_full,nfe_partial,text_s,step_s,denoise_s,decode_s,steps_per_s,psnr_db,psnr_min_db,latent_rmse");
         assert_eq!(
             lines[1],
-            "mmdit,m,cpu,f32,2,64,32,euler,4,none,4,4.000000,0.000000,1.500000,1.500000,1.500000,,0.500000,inf,"
+            "mmdit,m,cpu,f32,2,64,32,euler,4,none,4,4.000000,0.000000,1.500000,1.500000,1.500000,,0.500000,inf,,"
         );
         let table = r.table();
         assert!(
             table.contains("| sampler | steps | cache | NFE | NFE full | NFE partial | text s |"),
             "{table}"
         );
-        assert!(table.contains("| euler | 4 | none | 4 | 4.0 | 0.0 | 1.500 (1.000-2.000) | 1.500 (1.000-2.000) | 1.500 (1.000-2.000) | - | 0.50 | inf | - |"), "{table}");
+        assert!(table.contains("| euler | 4 | none | 4 | 4.0 | 0.0 | 1.500 (1.000-2.000) | 1.500 (1.000-2.000) | 1.500 (1.000-2.000) | - | 0.50 | inf | - | - |"), "{table}");
         // Other engines' results (no cache columns) still read.
         let theirs = r.json().replace("\"cache\": \"none\",", "");
         let back: Results = serde_json::from_str(&theirs).unwrap();

@@ -303,8 +303,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             step_s,
             denoise_s: Stat::of(&c.denoise),
             decode_s: Stat::of(&c.decode),
-            steps_per_s: step_s.map(|s| 1.0 / s.median),
+            // Steps over the whole denoise: a cache's steps differ in cost.
+            steps_per_s: Stat::of(&c.denoise)
+                .map(|d| c.step.len() as f64 / c.denoise.len() as f64 / d.median),
             psnr_db: mean(&c.psnr),
+            psnr_min_db: c.psnr.iter().copied().reduce(f64::min),
             latent_rmse: mean(&c.rmse),
         });
     }

@@ -144,6 +144,13 @@ fn batch_names_the_bad_line() {
     std::fs::write(&list, "{\"prompt\": \"x\"}\nnot json\n").unwrap();
     let (code, err) = batch(&[l, "--output-dir", d]);
     assert_clean_error(code, &err, &["line 2", "not a request"]);
+    std::fs::write(
+        &list,
+        "{\"prompt\": \"x\"}\n{\"prompt\": \"x\", \"cache\": \"fbcache:-1\"}\n",
+    )
+    .unwrap();
+    let (code, err) = batch(&[l, "--output-dir", d]);
+    assert_clean_error(code, &err, &["line 2", "cache fbcache:-1", "at least 0"]);
     std::fs::write(&list, "{\"prompt\": \"x\", \"size\": \"50x50\"}\n").unwrap();
     let (code, err) = batch(&[l, "--output-dir", d]);
     assert_clean_error(code, &err, &["line 1", "size (width) 50"]);
@@ -211,5 +218,65 @@ fn a_batched_forward_equals_single_runs() {
                 "image {k}"
             );
         }
+    }
+}
+
+/// A line's `cache` is `generate --cache`: a TaylorSeer line of two images (one batched forward) and
+/// a first-block-cache line of two (each image deciding for itself) equal single runs.
+#[test]
+fn batch_lines_take_a_cache() {
+    let dir = tmp("batch-cache");
+    let out = dir.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let list = dir.join("p.jsonl");
+    std::fs::write(
+        &list,
+        concat!(
+            "{\"prompt\": \"a red circle on a white background\", \"size\": \"32x32\", \"steps\": 8, \"n\": 2, \"seed\": 3, \"cache\": \"taylorseer:1:2\"}\n",
+            "{\"prompt\": \"a blue square on a black background\", \"size\": \"32x32\", \"steps\": 8, \"n\": 2, \"seed\": 3, \"cache\": \"fbcache:0.08\"}\n",
+        ),
+    )
+    .unwrap();
+    let (code, err) = batch(&[
+        list.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    for (file, prompt, seed, cache) in [
+        (
+            "1-1.png",
+            "a red circle on a white background",
+            "3",
+            "taylorseer:1:2",
+        ),
+        (
+            "1-2.png",
+            "a red circle on a white background",
+            "4",
+            "taylorseer:1:2",
+        ),
+        (
+            "2-1.png",
+            "a blue square on a black background",
+            "3",
+            "fbcache:0.08",
+        ),
+        (
+            "2-2.png",
+            "a blue square on a black background",
+            "4",
+            "fbcache:0.08",
+        ),
+    ] {
+        let one = dir.join(format!("one-{file}"));
+        generate(
+            &one,
+            &[
+                "--prompt", prompt, "--seed", seed, "--steps", "8", "--width", "32", "--height",
+                "32", "--cache", cache,
+            ],
+        );
+        assert!(pixels(&out.join(file)) == pixels(&one), "{file}");
     }
 }

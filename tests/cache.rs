@@ -61,6 +61,7 @@ fn caches_compute_the_calls_diffusers_computes_and_draw_its_images() {
             .to_vec1()
             .unwrap();
         let d = max_u8_diff(&out.image.data, &want);
+        eprintln!("{what}: {theirs:?} computed, image within {d}/255");
         assert!(d <= 2, "{what}: image differs by {d}/255");
     }
     assert!(skipped >= 30, "the fixtures cache some calls ({skipped})");
@@ -138,4 +139,92 @@ fn no_effect_is_said_and_threshold_zero_is_uncached() {
         assert!(out.cache_calls[0].iter().all(|&c| c == CallKind::Full));
         assert_eq!(out.image.data, plain.image.data, "{spec}");
     }
+}
+
+/// Every family runs its blocks through the cache hooks: threshold 0 computes every call and draws
+/// the uncached image exactly; a huge threshold skips every call but the warm-up and the last;
+/// TaylorSeer predicts its calls in between. Chroma and FLUX.2 have no diffusers fixture (diffusers'
+/// Chroma pipeline sets no cache context, and its first-block cache cannot run FLUX.2's single
+/// blocks, which return the joint sequence).
+#[test]
+fn every_family_runs_under_each_cache() {
+    for model in [
+        "sd35-tiny",
+        "flux-dev-tiny",
+        "chroma-tiny",
+        "flux2-klein-tiny",
+    ] {
+        let mut pipe = load(model, DType::F32);
+        let base = Request {
+            prompt: "a red circle".into(),
+            steps: Some(6),
+            width: Some(32),
+            height: Some(48),
+            seed: Some(5),
+            ..Default::default()
+        };
+        let plain = pipe.generate(&base, &mut |_| {}).unwrap();
+        let run = |pipe: &mut Pipeline, spec: &str| {
+            pipe.generate(
+                &Request {
+                    cache: CacheSpec::parse(spec).unwrap(),
+                    ..base.clone()
+                },
+                &mut |_| {},
+            )
+            .unwrap()
+        };
+        let kinds = |out: &mmdit::pipeline::Generated| -> String {
+            out.cache_calls
+                .iter()
+                .map(|b| {
+                    b.iter()
+                        .map(|k| match k {
+                            CallKind::Full => 'F',
+                            CallKind::Partial => 'P',
+                            CallKind::Predicted => '-',
+                        })
+                        .collect::<String>()
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        for spec in ["fbcache:0", "teacache:0"] {
+            let out = run(&mut pipe, spec);
+            assert!(
+                !kinds(&out).contains('P'),
+                "{model} {spec}: {}",
+                kinds(&out)
+            );
+            assert_eq!(out.image.data, plain.image.data, "{model} {spec}");
+        }
+        let branches = plain_branches(&mut pipe, &base);
+        for (spec, want) in [
+            ("fbcache:1e9", "FPPPPF"),
+            ("teacache:1e9:2", "FFPPPF"),
+            ("taylorseer:1:2:2", "FF-F-F"),
+        ] {
+            let out = run(&mut pipe, spec);
+            let want = vec![want; branches].join(" ");
+            assert_eq!(kinds(&out), want, "{model} {spec}");
+            assert_ne!(out.image.data, plain.image.data, "{model} {spec}");
+            let p = common::psnr(&out.image.data, &plain.image.data);
+            assert!(p.is_finite() && p > 5.0, "{model} {spec}: {p:.1} dB");
+        }
+    }
+}
+
+/// Guidance branches a request runs: two for two-call guidance, one otherwise.
+fn plain_branches(pipe: &mut Pipeline, base: &Request) -> usize {
+    let out = pipe
+        .generate(
+            &Request {
+                cache: CacheSpec::parse("fbcache:0").unwrap(),
+                steps: Some(3),
+                ..base.clone()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    out.cache_calls.len()
 }

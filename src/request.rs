@@ -34,6 +34,9 @@ pub struct Request {
     /// With `image`: the share of the schedule that runs, in (0, 1]; 1 repaints everything, small
     /// values keep the image (default 0.6, as diffusers).
     pub strength: Option<f64>,
+    /// Further reference images after `image`, for models that take several (FLUX.2); each keeps
+    /// its own size.
+    pub reference_images: Vec<RgbImage>,
     /// With `image`: inpainting. White repaints, black keeps the input; any size (it is resized to
     /// the output size, as diffusers does).
     pub mask: Option<RgbImage>,
@@ -96,6 +99,8 @@ pub struct Init {
     /// Inpainting: 1 where the model repaints, 0 where the input is kept, at the output size
     /// (row-major, `width * height`).
     pub mask: Option<Vec<u8>>,
+    /// FLUX.2: the further reference images after `image`, each cropped to the model's multiple.
+    pub references: Vec<RgbImage>,
 }
 
 impl Resolved {
@@ -179,6 +184,8 @@ pub const MAX_PIXELS: usize = 4096 * 4096;
 /// encoders read, short of what would make tokenizing a request slow.
 pub const MAX_PROMPT_BYTES: usize = 64 << 10;
 pub const MAX_STEPS: usize = 1000;
+/// Most input images of one request (FLUX.2 takes up to 10 references).
+pub const MAX_IMAGES: usize = 10;
 
 /// Checks a side length: non-zero, a multiple of `multiple`, at most `max`.
 pub fn check_side(p: Param, v: usize, multiple: usize, max: usize) -> Result<()> {

@@ -619,3 +619,93 @@ fn kontext_needs_an_image_and_takes_no_mask_or_strength() {
         &["--strength does not apply to"],
     );
 }
+
+/// FLUX.2 takes several `--image`s as references: the image equals the library's run with the same
+/// references, the PNG records every input (one per line) and `--from` replays it.
+#[test]
+fn flux2_takes_repeated_images_and_replays_them() {
+    let dir = tmp("flux2-refs");
+    let edit_dir = fixture("flux2-edit");
+    let (a, b) = (edit_dir.join("input_0.png"), edit_dir.join("input_1.png"));
+    let model = fixture("flux2-klein-distilled-tiny");
+    let out = dir.join("out.png");
+    let args = |out: &Path| -> Vec<std::ffi::OsString> {
+        [
+            "generate",
+            "--model",
+            "MODEL",
+            "--prompt",
+            "make it blue",
+            "--steps",
+            "2",
+            "--seed",
+            "4",
+            "--image",
+            "A",
+            "--image",
+            "B",
+            "--output",
+            "OUT",
+        ]
+        .iter()
+        .map(|s| match *s {
+            "MODEL" => model.clone().into_os_string(),
+            "A" => a.clone().into_os_string(),
+            "B" => b.clone().into_os_string(),
+            "OUT" => out.as_os_str().to_owned(),
+            s => s.into(),
+        })
+        .collect()
+    };
+    let argv = args(&out);
+    let (code, err) = run(&argv.iter().map(|s| s.as_os_str()).collect::<Vec<_>>());
+    assert_eq!(code, Some(0), "{err}");
+    let (img, text) = output::read_png(&out).unwrap();
+    // The first reference's size (70x90), cropped to the tiny model's multiple of 4.
+    assert_eq!((img.width, img.height), (68, 88));
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    let images = get("image").unwrap();
+    let lines: Vec<&str> = images.lines().collect();
+    assert_eq!(lines.len(), 2, "{images}");
+    assert!(lines[0].ends_with("input_0.png") && lines[1].ends_with("input_1.png"));
+    assert_eq!(get("image_sha256").unwrap().lines().count(), 2);
+
+    let m = mmdit::ModelRef::parse(model.to_str().unwrap(), None).unwrap();
+    let mut pipe = mmdit::Spec::open(&m)
+        .unwrap()
+        .load(&device(), candle_core::DType::F32)
+        .unwrap();
+    let read = |p: &Path| image_io::read_rgb(p, Param::Image).unwrap();
+    let lib = pipe
+        .generate(
+            &mmdit::Request {
+                prompt: "make it blue".into(),
+                steps: Some(2),
+                seed: Some(4),
+                image: Some(read(&a)),
+                reference_images: vec![read(&b)],
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(
+        lib.image == img,
+        "the CLI's image differs from the library's"
+    );
+
+    let again = dir.join("again.png");
+    let (code, err) = run(&[
+        os("generate"),
+        os("--from"),
+        out.as_os_str(),
+        os("--output"),
+        again.as_os_str(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(output::read_png(&again).unwrap().0, img);
+}

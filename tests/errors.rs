@@ -757,9 +757,10 @@ fn flux2_with_a_t5_in_its_qwen3_folder() {
     );
 }
 
-/// FLUX.1's `--true-cfg` and (for now) reference images are refused by name.
+/// FLUX.1's `--true-cfg`, references FLUX.2 cannot take, and an edit's strength and mask are
+/// refused by name; several images on a one-image model too.
 #[test]
-fn flux2_refuses_true_cfg_and_reference_images() {
+fn flux2_refuses_true_cfg_and_bad_reference_images() {
     let m = fixture("flux2-klein-tiny");
     expect_error(
         &m,
@@ -767,22 +768,52 @@ fn flux2_refuses_true_cfg_and_reference_images() {
         "flux2-true-cfg",
         &["FLUX.2 [klein]", "--true-cfg is FLUX.1's", "--guidance"],
     );
-    let img = tmp("flux2-image").join("in.png");
-    mmdit::output::write_png(
-        &img,
-        &mmdit::output::RgbImage {
-            width: 32,
-            height: 32,
-            data: vec![128; 32 * 32 * 3],
-        },
-        &[],
-    )
-    .unwrap();
+    let dir = tmp("flux2-image");
+    let png = |name: &str, w: usize, h: usize| {
+        let p = dir.join(name);
+        mmdit::output::write_png(
+            &p,
+            &mmdit::output::RgbImage {
+                width: w,
+                height: h,
+                data: vec![128; w * h * 3],
+            },
+            &[],
+        )
+        .unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (ok, small, narrow) = (
+        png("ok.png", 64, 72),
+        png("small.png", 32, 80),
+        png("narrow.png", 600, 64),
+    );
     expect_error(
         &m,
-        &["--image", img.to_str().unwrap()],
-        "flux2-image",
-        &["FLUX.2", "not supported yet", "--image"],
+        &["--image", &ok, "--image", &small],
+        "flux2-small",
+        &[
+            "--image #2: 32x80 pixels is too small",
+            "at least 64 pixels",
+        ],
+    );
+    expect_error(
+        &m,
+        &["--image", &narrow],
+        "flux2-narrow",
+        &["--image #1: 600x64", "aspect ratio at most 8:1"],
+    );
+    expect_error(
+        &m,
+        &["--image", &ok, "--strength", "0.5"],
+        "flux2-strength",
+        &["--strength does not apply", "reference"],
+    );
+    expect_error(
+        &fixture("flux-dev-tiny"),
+        &["--image", &ok, "--image", &ok],
+        "flux-two-images",
+        &["--image was given 2 times", "only FLUX.2 takes several"],
     );
     expect_error(&m, &["--width", "30"], "flux2-width", &["--width 30"]);
 }

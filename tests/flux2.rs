@@ -1,6 +1,7 @@
 //! The FLUX.2 transformer (`Flux2Transformer2DModel`) against diffusers 0.42.1 on tiny random
 //! [klein]-like and [dev]-like models (scripts/make_flux2_fixtures.py): output within
-//! 1e-4 x max |reference| in f32, on a non-square latent grid and a batch of two timesteps.
+//! 1e-4 x max |reference| in f32, on a non-square latent grid and a batch of two timesteps; and
+//! reference-image editing (`Flux2KleinPipeline(image=[...])`, scripts/make_flux2_edit_fixtures.py).
 
 mod common;
 
@@ -31,7 +32,9 @@ fn flux2_transformer_matches_diffusers() {
             meta["grid"][1].as_u64().unwrap() as usize,
         );
         let ctx = &r["context"];
-        let rope = model.rope(ctx.dim(1).unwrap(), h, w, &device()).unwrap();
+        let rope = model
+            .rope(ctx.dim(1).unwrap(), h, w, &[], &device())
+            .unwrap();
         let out = model
             .forward(&r["x"], &r["sigma"], r.get("guidance"), ctx, &rope)
             .unwrap();
@@ -98,4 +101,100 @@ fn flux2_dev_transformer_maps_every_real_tensor() {
         a.requested.len(),
         a.params
     );
+}
+
+/// One and two reference images of their own sizes (cropped at the centre to the model's
+/// multiple), with guidance and step-distilled: the references' latents within 1e-4 x max and the
+/// image within 2/255 of diffusers' in f32, >= 30 dB in bf16.
+#[test]
+fn flux2_reference_editing_matches_diffusers() {
+    let meta = common::meta("flux2-edit");
+    let r = reference("flux2-edit");
+    let dir = fixture("flux2-edit");
+    let inputs: Vec<mmdit::RgbImage> = meta["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            mmdit::output::read_png(&dir.join(p.as_str().unwrap()))
+                .unwrap()
+                .0
+        })
+        .collect();
+    for (k, run) in meta["runs"].as_array().unwrap().iter().enumerate() {
+        let model = run["model"].as_str().unwrap();
+        let images: Vec<mmdit::RgbImage> = run["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| inputs[i.as_u64().unwrap() as usize].clone())
+            .collect();
+        let m = mmdit::ModelRef::parse(fixture(model).to_str().unwrap(), None).unwrap();
+        // Without a size, the output takes the first reference's.
+        let size_given = run["size_given"].as_bool().unwrap();
+        let req = mmdit::Request {
+            prompt: run["prompt"].as_str().unwrap().into(),
+            steps: Some(run["steps"].as_u64().unwrap() as usize),
+            guidance: run["guidance"].as_f64(),
+            max_sequence_length: Some(run["max_sequence_length"].as_u64().unwrap() as usize),
+            noise: Some(r[&format!("run.{k}.noise")].clone()),
+            width: size_given.then(|| run["width"].as_u64().unwrap() as usize),
+            height: size_given.then(|| run["height"].as_u64().unwrap() as usize),
+            image: Some(images[0].clone()),
+            reference_images: images[1..].to_vec(),
+            ..Default::default()
+        };
+        let want: Vec<u8> = r[&format!("run.{k}.image")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let mut pipe = mmdit::Spec::open(&m)
+                .unwrap()
+                .load(&device(), dtype)
+                .unwrap();
+            if dtype == DType::F32 {
+                // The references as the pipeline prepares them, packed one after the other.
+                let res = pipe.resolve(&req).unwrap();
+                let init = res.init.as_ref().unwrap();
+                let packed: Vec<candle_core::Tensor> = std::iter::once(&init.image)
+                    .chain(&init.references)
+                    .map(|img| {
+                        let z = pipe.encode_mean(img).unwrap();
+                        let (_, c, h, w) = z.dims4().unwrap();
+                        z.reshape((1, c, h * w)).unwrap().transpose(1, 2).unwrap()
+                    })
+                    .collect();
+                let ours = candle_core::Tensor::cat(&packed, 1).unwrap();
+                assert_close_rel(
+                    &format!("run {k} references"),
+                    &ours,
+                    &r[&format!("run.{k}.references")],
+                    1e-4,
+                );
+            }
+            let out = pipe.generate(&req, &mut |_| {}).unwrap();
+            assert_eq!(
+                (out.image.width, out.image.height),
+                (
+                    run["width"].as_u64().unwrap() as usize,
+                    run["height"].as_u64().unwrap() as usize
+                ),
+                "run {k}: the output size"
+            );
+            if dtype == DType::F32 {
+                let d = max_u8_diff(&out.image.data, &want);
+                eprintln!(
+                    "run {k} ({model}, {} references): within {d}/255",
+                    images.len()
+                );
+                assert!(d <= 2, "run {k}: {d}/255");
+            } else {
+                let p = psnr(&out.image.data, &want);
+                eprintln!("run {k} bf16: {p:.1} dB");
+                assert!(p >= 30.0, "run {k} bf16: {p:.1} dB");
+            }
+        }
+    }
 }

@@ -178,7 +178,7 @@ fn transformer_matches_diffusers() {
                 let lat = &r["pack.latents"];
                 let (b, c, h, w) = lat.dims4().unwrap();
                 let ctx = &r["transformer.context"];
-                let rope = t.rope(ctx.dim(1).unwrap(), h, w, &device()).unwrap();
+                let rope = t.rope(ctx.dim(1).unwrap(), h, w, &[], &device()).unwrap();
                 let x = lat.reshape((b, c, h * w)).unwrap().transpose(1, 2).unwrap();
                 t.forward(
                     &x.contiguous().unwrap(),

@@ -992,6 +992,12 @@ fn edits_take_multipart_uploads_and_equal_the_clis_edits() {
             "mask",
             "is not a PNG",
         ),
+        // A second image is FLUX.2's; the demo (SD3) edits from one.
+        (
+            vec!["-F".to_string(), format!("image[]=@{}", input.display())],
+            "image",
+            "was given 2 times",
+        ),
     ] {
         let (code, out) = form(&extra);
         assert_eq!(code, 400, "{out}");

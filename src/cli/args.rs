@@ -70,9 +70,10 @@ pub struct ImageArgs {
 #[derive(Args, Debug, Default, Clone)]
 pub struct EditArgs {
     /// Edit this image (PNG, JPEG or WebP) instead of starting from noise (img2img). The output
-    /// size defaults to the image's, rounded down to the model's multiple.
+    /// size defaults to the image's, rounded down to the model's multiple. FLUX.2 takes it as a
+    /// reference, and several: repeat --image.
     #[arg(long)]
-    pub image: Option<PathBuf>,
+    pub image: Vec<PathBuf>,
     /// With --image: inpaint. White repaints, black keeps the input (any size: it is resized to the
     /// output, as diffusers does).
     #[arg(long)]
@@ -129,12 +130,24 @@ pub struct InputImage {
 impl EditArgs {
     /// Reads `--image` (before any weight is read).
     pub fn read(&self) -> mmdit::Result<Option<InputImage>> {
-        read_input(self.image.as_deref(), mmdit::Param::Image)
+        read_input(
+            self.image.first().map(PathBuf::as_path),
+            mmdit::Param::Image,
+        )
+    }
+
+    /// Reads the further `--image`s (FLUX.2's references after the first).
+    pub fn read_references(&self) -> mmdit::Result<Vec<InputImage>> {
+        self.image
+            .iter()
+            .skip(1)
+            .map(|p| Ok(read_input(Some(p), mmdit::Param::Image)?.expect("a path was given")))
+            .collect()
     }
 
     /// Reads `--mask`; it needs `--image`.
     pub fn read_mask(&self) -> mmdit::Result<Option<InputImage>> {
-        if self.mask.is_some() && self.image.is_none() {
+        if self.mask.is_some() && self.image.is_empty() {
             return Err(mmdit::Error::request(
                 "--mask needs --image: the mask marks what to repaint in that image",
             ));

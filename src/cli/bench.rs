@@ -140,6 +140,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let chosen = a.model.choose()?;
     let (lora_specs, lora_apply) = a.lora.parse()?;
     let input = a.edit.read()?;
+    let more = a.edit.read_references()?;
     let mask = a.edit.read_mask()?;
     let (dev, dtype) = (&chosen.device, chosen.dtype);
     let spec = chosen.open()?;
@@ -155,6 +156,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             guidance: a.image.guidance,
             max_sequence_length: a.image.max_sequence_length,
             image: input.as_ref().map(|i| i.image.clone()),
+            reference_images: more.iter().map(|i| i.image.clone()).collect(),
             strength: a.edit.strength,
             mask: mask.as_ref().map(|m| m.image.clone()),
             loras: lora_specs.clone(),

@@ -1,6 +1,6 @@
 //! `mmdit generate`: one image from a prompt, or a replay of a PNG's recorded parameters (`--from`).
 
-use super::args::{sha256_file, EditArgs, ImageArgs, LoraArgs, ModelArgs};
+use super::args::{sha256_file, EditArgs, ImageArgs, InputImage, LoraArgs, ModelArgs};
 use super::flag;
 use anyhow::Context;
 use clap::Args;
@@ -141,32 +141,44 @@ fn apply_from(a: &mut GenerateArgs, png: &Path) -> anyhow::Result<()> {
     a.true_cfg = a.true_cfg.or(true_cfg.filter(|&g| g != 1.0));
     // An edit replays from the same input files, unless --image / --mask name others.
     let e = &mut a.edit;
-    for (key, slot) in [("image", &mut e.image), ("mask", &mut e.mask)] {
-        if slot.is_some() {
+    let mut mask: Vec<PathBuf> = e.mask.take().into_iter().collect();
+    // Several images (FLUX.2's references) are recorded one per line.
+    for (key, slot) in [("image", &mut e.image), ("mask", &mut mask)] {
+        if !slot.is_empty() {
             continue;
         }
-        let Some(path) = get(key).map(PathBuf::from) else {
-            continue;
-        };
-        let what = format!("the {key} it was edited from, {}", path.display());
-        if !path.is_file() {
-            return Err(bad(format!("{what}, is missing; put it back or pass --{key}")).into());
+        let (paths, shas) = (
+            get(key).unwrap_or_default(),
+            get(&format!("{key}_sha256")).unwrap_or_default(),
+        );
+        let shas: Vec<&str> = shas.lines().collect();
+        for (k, path) in paths
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(PathBuf::from)
+            .enumerate()
+        {
+            let what = format!("the {key} it was edited from, {}", path.display());
+            if !path.is_file() {
+                return Err(bad(format!("{what}, is missing; put it back or pass --{key}")).into());
+            }
+            let param = if key == "image" {
+                Param::Image
+            } else {
+                Param::Mask
+            };
+            if sha256_file(&path, param)? != shas.get(k).copied().unwrap_or_default() {
+                return Err(bad(format!(
+                    "{what}, has changed since (its SHA-256 differs); pass --{key} {} to use the file as it is now",
+                    path.display()
+                ))
+                .into());
+            }
+            slot.push(path);
         }
-        let param = if key == "image" {
-            Param::Image
-        } else {
-            Param::Mask
-        };
-        if sha256_file(&path, param)? != get(&format!("{key}_sha256")).unwrap_or_default() {
-            return Err(bad(format!(
-                "{what}, has changed since (its SHA-256 differs); pass --{key} {} to use the file as it is now",
-                path.display()
-            ))
-            .into());
-        }
-        *slot = Some(path);
     }
-    if e.image.is_some() {
+    e.mask = mask.pop();
+    if !e.image.is_empty() {
         e.strength = e.strength.or(num(get("strength"), "strength", png)?);
     }
     // LoRAs replay from the same files (each checked by its SHA-256), unless --lora names others.
@@ -230,6 +242,7 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
     }
     let noise = a.noise.as_deref().map(load_noise).transpose()?;
     let input = a.edit.read()?;
+    let more = a.edit.read_references()?;
     let mask = a.edit.read_mask()?;
     let spec = chosen.open()?;
     let i = &a.image;
@@ -247,6 +260,7 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
         sampler: Some(sampler),
         cache,
         image: input.as_ref().map(|i| i.image.clone()),
+        reference_images: more.iter().map(|i| i.image.clone()).collect(),
         strength: a.edit.strength,
         mask: mask.as_ref().map(|m| m.image.clone()),
         encode_noise: Vec::new(),
@@ -391,17 +405,26 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
             if let Some(n) = &a.noise {
                 text.push(("noise_file", n.display().to_string()));
             }
-            for (key, file) in [("image", &input), ("mask", &mask)] {
-                if let Some(f) = file {
-                    let path = std::fs::canonicalize(&f.path).unwrap_or_else(|_| f.path.clone());
-                    text.push((key, path.display().to_string()));
-                    let sha_key = if key == "image" {
-                        "image_sha256"
-                    } else {
-                        "mask_sha256"
-                    };
-                    text.push((sha_key, f.sha256.clone()));
+            let images: Vec<&InputImage> = input.iter().chain(&more).collect();
+            for (key, files) in [("image", images), ("mask", mask.iter().collect())] {
+                if files.is_empty() {
+                    continue;
                 }
+                let path = |f: &InputImage| {
+                    let p = std::fs::canonicalize(&f.path).unwrap_or_else(|_| f.path.clone());
+                    p.display().to_string()
+                };
+                let lines = |v: Vec<String>| v.join("\n");
+                text.push((key, lines(files.iter().map(|f| path(f)).collect())));
+                let sha_key = if key == "image" {
+                    "image_sha256"
+                } else {
+                    "mask_sha256"
+                };
+                text.push((
+                    sha_key,
+                    lines(files.iter().map(|f| f.sha256.clone()).collect()),
+                ));
             }
             if !lora_specs.is_empty() {
                 let lines = |v: Vec<String>| v.join("\n");

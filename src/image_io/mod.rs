@@ -7,6 +7,22 @@ mod resize;
 pub use read::{read_rgb, read_rgb_bytes, MAX_DECODED_BYTES, MAX_SIDE};
 pub use resize::lanczos_resize;
 
+/// The `width` x `height` rectangle at the centre of `img` (PIL's `crop` at `((W - w) // 2, (H - h)
+/// // 2)`); `width` and `height` must not exceed the image's.
+pub fn center_crop(img: &RgbImage, width: usize, height: usize) -> RgbImage {
+    let (left, top) = ((img.width - width) / 2, (img.height - height) / 2);
+    let mut data = Vec::with_capacity(width * height * 3);
+    for y in top..top + height {
+        let at = (y * img.width + left) * 3;
+        data.extend_from_slice(&img.data[at..at + width * 3]);
+    }
+    RgbImage {
+        width,
+        height,
+        data,
+    }
+}
+
 use crate::output::RgbImage;
 
 /// A pixel mask (`width * height`) at latent resolution, as `F.interpolate(mode="nearest")` takes

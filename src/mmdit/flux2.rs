@@ -167,22 +167,30 @@ impl Flux2Transformer {
     }
 
     /// Rotary tables for `txt_len` text tokens (ids `[0, 0, 0, l]`) followed by an `h x w` grid of
-    /// packed latents (ids `[0, row, col, 0]`), diffusers' `_prepare_text_ids` and
-    /// `_prepare_latent_ids`.
+    /// packed latents (ids `[0, row, col, 0]`) and the reference grids (ids `[10 (i + 1), row, col,
+    /// 0]`), diffusers' `_prepare_text_ids`, `_prepare_latent_ids` and `_prepare_image_ids`.
     pub fn rope(
         &self,
         txt_len: usize,
         h: usize,
         w: usize,
+        references: &[(usize, usize)],
         device: &candle_core::Device,
     ) -> Result<Rope> {
         let mut ids: Vec<Vec<f64>> = (0..txt_len)
             .map(|l| vec![0.0, 0.0, 0.0, l as f64])
             .collect();
-        for r in 0..h {
-            for c in 0..w {
-                ids.push(vec![0.0, r as f64, c as f64, 0.0]);
+        let grid = |ids: &mut Vec<Vec<f64>>, t: f64, h: usize, w: usize| {
+            for r in 0..h {
+                for c in 0..w {
+                    ids.push(vec![t, r as f64, c as f64, 0.0]);
+                }
             }
+        };
+        grid(&mut ids, 0.0, h, w);
+        // `_prepare_image_ids`: reference i at time 10 (i + 1).
+        for (i, &(rh, rw)) in references.iter().enumerate() {
+            grid(&mut ids, 10.0 * (i + 1) as f64, rh, rw);
         }
         Rope::new(&ids, &self.cfg.axes_dims_rope, self.cfg.rope_theta, device)
     }

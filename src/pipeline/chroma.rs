@@ -129,7 +129,7 @@ impl Transformer for ChromaTransformer {
         _: &Resolved,
         prompt: &Conditioning,
         hw: (usize, usize),
-        _: Option<&Tensor>,
+        _: &[Tensor],
     ) -> Bound<'a> {
         let (h, w) = hw;
         let dev = prompt.context.device();

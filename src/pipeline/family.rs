@@ -121,6 +121,9 @@ pub enum Edit {
     /// The image is a reference: its latents are extra tokens beside the generated ones, which
     /// start from noise (FLUX.1 Kontext); no mask, no strength.
     Reference,
+    /// Several reference images, each at its own size (cropped to the model's multiple), their
+    /// tokens after the generated ones with time ids 10, 20, ... (FLUX.2); no mask, no strength.
+    References,
 }
 
 /// The configs and choices of one family's model.
@@ -172,14 +175,15 @@ pub type Bound<'a> = Result<Box<dyn Denoise + 'a>>;
 /// A family's loaded transformer.
 pub trait Transformer: Send + Sync + AsAny {
     /// The transformer bound to one request: `prompt` is the positive prompt's conditioning (its
-    /// length sets Flux's position ids), `latent` the (h, w) of the latents, `reference` an edit's
-    /// reference latents (1, C, h', w') for a family that takes them ([`Edit::Reference`]).
+    /// length sets Flux's position ids), `latent` the (h, w) of the latents, `references` an
+    /// edit's reference latents, each (1, C, h', w'), for a family that takes them
+    /// ([`Edit::Reference`], [`Edit::References`]).
     fn bind<'a>(
         &'a self,
         r: &Resolved,
         prompt: &Conditioning,
         latent: (usize, usize),
-        reference: Option<&Tensor>,
+        references: &[Tensor],
     ) -> Bound<'a>;
 }
 

@@ -275,10 +275,12 @@ impl Transformer for FluxTransformer {
         r: &Resolved,
         prompt: &Conditioning,
         hw: (usize, usize),
-        reference: Option<&Tensor>,
+        references: &[Tensor],
     ) -> Bound<'a> {
         let (h, w) = hw;
         let dev = prompt.context.device();
+        // Kontext takes one reference.
+        let reference = references.first();
         let reference = reference.map(|t| t.dims4().map(|d| (t, d))).transpose()?;
         let ref_grid = reference.map(|(_, (_, _, rh, rw))| (rh / 2, rw / 2));
         let rope = self.rope(prompt.context.dim(1)?, h / 2, w / 2, ref_grid, dev)?;

@@ -4,7 +4,7 @@
 //! shift, and classifier-free guidance as two model calls unless the model is step-distilled.
 
 use super::components::{OpenCtx, Qwen3Part, TextLoader, TextPart};
-use super::family::{Bound, Cfg, Defaults, Denoise, Family, Transformer};
+use super::family::{Bound, Cfg, Defaults, Denoise, Edit, Family, Transformer};
 use crate::config::{Flux2TransformerConfig, Qwen3Config, SchedulerConfig, VaeConfig};
 use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::cache::BlockCache;
@@ -130,14 +130,6 @@ impl Family for Flux2 {
                     .param(Param::Guidance),
             ));
         }
-        if r.init.is_some() {
-            return Err(Error::InvalidRequest(
-                Message::from(format!(
-                    "{model} is a FLUX.2 model: its reference-image editing is not supported yet; drop "
-                ))
-                .param(Param::Image),
-            ));
-        }
         request::check_guidance(Param::Guidance, r.guidance)?;
         if self.distilled && r.given.guidance {
             r.notices.push(Message::about(Param::Guidance).text(format!(
@@ -171,6 +163,11 @@ impl Family for Flux2 {
         vec![TextPart::Qwen3(self.qwen.clone())]
     }
 
+    /// diffusers' `Flux2KleinPipeline(image=[...])`: the images are references.
+    fn edit(&self) -> Edit {
+        Edit::References
+    }
+
     fn load_text(&self, load: &TextLoader) -> Result<Box<dyn PromptEncoder>> {
         Ok(Box::new(Flux2TextEncoder {
             qwen: load.qwen3(&self.qwen)?,
@@ -186,16 +183,33 @@ impl Transformer for Flux2Transformer {
         _: &Resolved,
         prompt: &Conditioning,
         hw: (usize, usize),
-        _: Option<&Tensor>,
+        references: &[Tensor],
     ) -> Bound<'a> {
         let (h, w) = hw;
         let dev = prompt.context.device();
         let txt = prompt.context.dim(1)?;
+        let grids = references
+            .iter()
+            .map(|t| Ok(t.dims4().map(|(_, _, h, w)| (h, w))?))
+            .collect::<Result<Vec<_>>>()?;
+        // `prepare_image_latents`: each reference packed, one after the other.
+        let tokens = references.iter().map(pack).collect::<Result<Vec<_>>>()?;
+        let references = match tokens.is_empty() {
+            true => None,
+            false => Some(Tensor::cat(&tokens, 1)?),
+        };
         Ok(Box::new(Step {
             model: self,
-            rope: self.rope(txt, h, w, dev)?,
+            rope: self.rope(txt, h, w, &grids, dev)?,
+            references,
         }))
     }
+}
+
+/// `_pack_latents`: (b, C, h, w) -> (b, h w, C), one token per latent patch, row-major.
+fn pack(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?)
 }
 
 /// The FLUX.2 transformer on the sampler's latents (b, C, h, w), with its rotary tables (every
@@ -203,6 +217,8 @@ impl Transformer for Flux2Transformer {
 struct Step<'a> {
     model: &'a Flux2Transformer,
     rope: Rope,
+    /// An edit's reference tokens (1, N, C) in the run dtype, after the generated ones.
+    references: Option<Tensor>,
 }
 
 impl Denoise for Step<'_> {
@@ -216,11 +232,20 @@ impl Denoise for Step<'_> {
         let (b, ch, h, w) = x.dims4()?;
         // diffusers passes `timestep / 1000` and the model multiplies by 1000 again, both in f32.
         let sigma = Tensor::full(t / 1000.0, b, x.device())?;
-        // `_pack_latents`: one token per latent patch, row-major.
-        let packed = x.reshape((b, ch, h * w))?.transpose(1, 2)?.contiguous()?;
+        let packed = pack(x)?;
+        let input = match &self.references {
+            Some(r) => {
+                let r = r.to_dtype(packed.dtype())?;
+                let r = r.broadcast_as((b, r.dim(1)?, ch))?.contiguous()?;
+                Tensor::cat(&[&packed, &r], 1)?
+            }
+            None => packed,
+        };
         let v = self
             .model
-            .forward_cached(&packed, &sigma, None, &c.context, &self.rope, cache)?;
+            .forward_cached(&input, &sigma, None, &c.context, &self.rope, cache)?;
+        // The reference tokens' predictions are dropped.
+        let v = v.narrow(1, 0, h * w)?;
         Ok(v.transpose(1, 2)?.reshape((b, ch, h, w))?)
     }
 }

@@ -243,11 +243,47 @@ impl Spec {
                 ));
             }
         }
-        let reference = self.family.edit() == Edit::Reference;
-        let (width, height) = match &req.image {
-            Some(_) if reference => reference_output_size(req, &d, &mut notices),
-            Some(img) => edit_size(img, req, &d, &mut notices)?,
-            None => (req.width.unwrap_or(d.side), req.height.unwrap_or(d.side)),
+        let edit = self.family.edit();
+        let reference = matches!(edit, Edit::Reference | Edit::References);
+        if req.image.is_none() && !req.reference_images.is_empty() {
+            return Err(Error::request(
+                "reference_images come after image: give the first reference as image",
+            ));
+        }
+        if req.reference_images.len() >= request::MAX_IMAGES {
+            return Err(Error::InvalidRequest(Message::about(Param::Image).text(
+                format!(
+                    " was given {} times: at most {} images",
+                    req.reference_images.len() + 1,
+                    request::MAX_IMAGES
+                ),
+            )));
+        }
+        if !req.reference_images.is_empty() && edit != Edit::References {
+            return Err(Error::InvalidRequest(Message::about(Param::Image).text(format!(
+                " was given {} times: {} edits from one image; only FLUX.2 takes several references",
+                req.reference_images.len() + 1,
+                self.name
+            ))));
+        }
+        // FLUX.2's references, each cropped to the model's multiple.
+        let refs = match (&req.image, edit) {
+            (Some(first), Edit::References) => std::iter::once(first)
+                .chain(&req.reference_images)
+                .enumerate()
+                .map(|(i, img)| flux2_reference(img, i, d.size_multiple))
+                .collect::<Result<Vec<_>>>()?,
+            _ => Vec::new(),
+        };
+        let (width, height) = match (&req.image, refs.first()) {
+            // diffusers' `Flux2KleinPipeline`: the first reference's size unless given.
+            (Some(_), Some(first)) => (
+                req.width.unwrap_or(first.width),
+                req.height.unwrap_or(first.height),
+            ),
+            (Some(_), None) if reference => reference_output_size(req, &d, &mut notices),
+            (Some(img), _) => edit_size(img, req, &d, &mut notices)?,
+            (None, _) => (req.width.unwrap_or(d.side), req.height.unwrap_or(d.side)),
         };
         request::check_side(Param::Width, width, d.size_multiple, d.max_side)?;
         request::check_side(Param::Height, height, d.size_multiple, d.max_side)?;
@@ -281,14 +317,21 @@ impl Spec {
                         self.name
                     ))));
                 }
-                let auto = req.reference_auto_resize.unwrap_or(true);
-                let (rw, rh) = reference_size(img, d.size_multiple, auto)?;
+                let image = match refs.first() {
+                    Some(first) => first.clone(),
+                    None => {
+                        let auto = req.reference_auto_resize.unwrap_or(true);
+                        let (rw, rh) = reference_size(img, d.size_multiple, auto)?;
+                        image_io::lanczos_resize(img, rw, rh)
+                    }
+                };
                 Some(Init {
-                    image: image_io::lanczos_resize(img, rw, rh),
+                    image,
                     strength: 1.0,
                     start: 0,
                     encode_noise: Vec::new(),
                     mask: None,
+                    references: refs.iter().skip(1).cloned().collect(),
                 })
             }
             Some(img) => {
@@ -304,6 +347,7 @@ impl Spec {
                     start,
                     encode_noise: req.encode_noise.clone(),
                     mask,
+                    references: Vec::new(),
                 })
             }
             None => {
@@ -688,7 +732,8 @@ struct Prepared {
     start: Tensor,
     blend: Option<sample::Blend>,
     channels: Option<Tensor>,
-    reference: Option<Tensor>,
+    /// Reference latents (1, C, h', w') in the run dtype, in order.
+    references: Vec<Tensor>,
 }
 
 impl Prepared {
@@ -697,7 +742,7 @@ impl Prepared {
             start,
             blend: None,
             channels: None,
-            reference: None,
+            references: Vec::new(),
         }
     }
 }
@@ -722,6 +767,43 @@ const KONTEXT_RESOLUTIONS: [(usize, usize); 17] = [
     (1504, 688),
     (1568, 672),
 ];
+
+/// FLUX.2's largest reference area (diffusers resizes larger images down to it).
+const FLUX2_REFERENCE_AREA: usize = 1024 * 1024;
+
+/// A FLUX.2 reference image (the `i`-th, from 0) as `Flux2KleinPipeline` prepares it: checked as
+/// `Flux2ImageProcessor.check_image_input` does (sides of at least 64 pixels, aspect ratio at most
+/// 8), resized down to 1024 x 1024 pixels of area when larger (PIL's Lanczos, sides truncated),
+/// then cropped at its centre to the model's multiple `m`.
+fn flux2_reference(img: &RgbImage, i: usize, m: usize) -> Result<RgbImage> {
+    let (w, h) = (img.width, img.height);
+    let bad = |why: String| {
+        Error::InvalidRequest(Message::about(Param::Image).text(format!(" #{}: {why}", i + 1)))
+    };
+    if w < 64 || h < 64 {
+        return Err(bad(format!(
+            "{w}x{h} pixels is too small; FLUX.2 takes references of at least 64 pixels a side"
+        )));
+    }
+    if w.max(h) as f64 / w.min(h) as f64 > 8.0 {
+        return Err(bad(format!(
+            "{w}x{h} pixels is too narrow; FLUX.2 takes references of aspect ratio at most 8:1"
+        )));
+    }
+    let img = match w * h > FLUX2_REFERENCE_AREA {
+        true => {
+            let scale = (FLUX2_REFERENCE_AREA as f64 / (w * h) as f64).sqrt();
+            let (sw, sh) = ((w as f64 * scale) as usize, (h as f64 * scale) as usize);
+            image_io::lanczos_resize(img, sw, sh)
+        }
+        false => img.clone(),
+    };
+    Ok(image_io::center_crop(
+        &img,
+        img.width / m * m,
+        img.height / m * m,
+    ))
+}
 
 /// A reference-image model's output size, as `FluxKontextPipeline` sets it: the requested (or
 /// default) aspect ratio at the default area (`round` half to even, as Python's), sides rounded down
@@ -1049,7 +1131,7 @@ impl Pipeline {
             start,
             blend,
             channels,
-            reference,
+            references,
         } = match &r.init {
             Some(init) => self.prepare_edit(&r, init, noise, sched.sigmas[0])?,
             None => Prepared::from_noise(noise),
@@ -1059,7 +1141,7 @@ impl Pipeline {
         let (_, _, h, w) = start.dims4()?;
         let model = self
             .transformer
-            .bind(&r, &prompts.pos, (h, w), reference.as_ref())?;
+            .bind(&r, &prompts.pos, (h, w), &references)?;
         let model: Box<dyn Denoise + '_> = match channels {
             Some(c) => Box::new(sample::WithChannels::new(model, c.to_dtype(self.dtype)?)),
             None => model,
@@ -1118,11 +1200,13 @@ impl Pipeline {
         sigma: f32,
     ) -> Result<Prepared> {
         let edit = self.spec.family.edit();
-        if edit == Edit::Reference {
-            let x = vae::from_rgb8(&init.image, &self.device)?;
-            let reference = self.encode_pixels(&x, Draw::Mean)?.to_dtype(self.dtype)?;
+        if matches!(edit, Edit::Reference | Edit::References) {
+            let mut references = Vec::new();
+            for img in std::iter::once(&init.image).chain(&init.references) {
+                references.push(self.encode_mean(img)?.to_dtype(self.dtype)?);
+            }
             return Ok(Prepared {
-                reference: Some(reference),
+                references,
                 ..Prepared::from_noise(noise)
             });
         }
@@ -1141,7 +1225,7 @@ impl Pipeline {
             (Some(bits), Edit::MaskChannels) => {
                 prepared.channels = Some(self.fill_channels(init, bits, r.seed)?);
             }
-            (Some(_), Edit::Reference) | (None, _) => {}
+            (Some(_), Edit::Reference | Edit::References) | (None, _) => {}
         }
         Ok(prepared)
     }
@@ -1252,6 +1336,28 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// FLUX.2's reference sizes, against `Flux2KleinPipeline`'s (diffusers 0.42.1, multiple 16,
+    /// computed with its expressions): larger than 1024 x 1024 pixels resized down to that area
+    /// (sides truncated), then cropped to the multiple.
+    #[test]
+    fn flux2_references_keep_their_size_up_to_a_megapixel() {
+        for ((w, h), want) in [
+            ((1100, 1000), (1072, 976)),
+            ((2000, 500), (2000, 496)),
+            ((1024, 1024), (1024, 1024)),
+            ((1025, 1024), (1024, 1008)),
+            ((4000, 3000), (1168, 880)),
+        ] {
+            let img = RgbImage {
+                width: w,
+                height: h,
+                data: vec![7; w * h * 3],
+            };
+            let r = flux2_reference(&img, 0, 16).unwrap();
+            assert_eq!((r.width, r.height), want, "{w}x{h}");
+        }
+    }
 
     /// Against `FluxKontextPipeline`'s choice (diffusers 0.42.1, multiple 16), computed with its
     /// own expression: `min((abs(ratio - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)`.

@@ -163,7 +163,7 @@ impl Transformer for Sd3Transformer {
         _: &Resolved,
         _: &Conditioning,
         _: (usize, usize),
-        _: Option<&Tensor>,
+        _: &[Tensor],
     ) -> Bound<'a> {
         Ok(Box::new(Step(self)))
     }

@@ -393,7 +393,8 @@ fn json_body(body: Result<Json<Generation>, JsonRejection>) -> Result<Json<Gener
 
 /// An upload of `/v1/images/edits`: the image to edit and the optional mask.
 struct Uploads {
-    image: mmdit::RgbImage,
+    /// The image to edit and, for FLUX.2, further references.
+    images: Vec<mmdit::RgbImage>,
     mask: Option<mmdit::RgbImage>,
 }
 
@@ -405,7 +406,9 @@ fn enqueue_checked(
 ) -> Result<Queued, ApiError> {
     let mut checked = g.check(s.cfg.lora_dir.as_deref())?;
     if let Some(u) = uploads {
-        checked.req.image = Some(u.image);
+        let mut images = u.images.into_iter();
+        checked.req.image = images.next();
+        checked.req.reference_images = images.collect();
         checked.req.mask = u.mask;
     }
     if let Some(p) = &s.cfg.preset {
@@ -489,7 +492,7 @@ async fn edits(
         )
     })?;
     let mut fields = serde_json::Map::new();
-    let (mut image, mut mask) = (None, None);
+    let (mut images, mut mask) = (Vec::new(), None);
     let bad_form = |e: axum::extract::multipart::MultipartError| {
         ApiError::new(
             e.status(),
@@ -511,8 +514,13 @@ async fn edits(
                     .map_err(|e| ApiError::from_library(&e))?;
                 if name == "mask" {
                     mask = Some(img);
-                } else if image.replace(img).is_some() {
-                    return Err(ApiError::bad("image", "give one image to edit"));
+                } else if images.len() == mmdit::request::MAX_IMAGES {
+                    return Err(ApiError::bad(
+                        "image",
+                        format!("give at most {} images", mmdit::request::MAX_IMAGES),
+                    ));
+                } else {
+                    images.push(img);
                 }
             }
             _ => {
@@ -521,15 +529,19 @@ async fn edits(
             }
         }
     }
-    let image =
-        image.ok_or_else(|| ApiError::bad("image", "image is required: the file to edit"))?;
+    if images.is_empty() {
+        return Err(ApiError::bad(
+            "image",
+            "image is required: the file to edit",
+        ));
+    }
     let g: Generation = serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("the form is not a valid request: {e}"),
         )
     })?;
-    let q = enqueue_checked(&s, g, Some(Uploads { image, mask }))?;
+    let q = enqueue_checked(&s, g, Some(Uploads { images, mask }))?;
     answer(&s, &headers, q).await
 }
 

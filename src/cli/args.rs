@@ -42,6 +42,10 @@ pub struct ModelArgs {
     /// or a .safetensors one (transformers' names, e.g. ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn).
     #[arg(long, value_name = "FILE")]
     pub t5: Option<PathBuf>,
+    /// Decode (and encode) with the VAE in overlapping tiles, blended as diffusers'
+    /// `enable_tiling()`: memory follows the tile, not the image (for large images).
+    #[arg(long)]
+    pub vae_tiling: bool,
 }
 
 /// Size, guidance and T5 length of the images.
@@ -192,6 +196,7 @@ pub struct Chosen {
     pub quantize: Option<candle_core::quantized::GgmlDType>,
     pub dequantize: bool,
     pub t5: Option<PathBuf>,
+    pub vae_tiling: bool,
 }
 
 impl ModelArgs {
@@ -262,6 +267,7 @@ impl ModelArgs {
             quantize,
             dequantize: self.dequantize,
             t5: self.t5.clone(),
+            vae_tiling: self.vae_tiling,
         })
     }
 }
@@ -275,6 +281,7 @@ impl Chosen {
         }
         spec.set_quantize(self.quantize);
         spec.set_dequantize(self.dequantize);
+        spec.set_vae_tiling(self.vae_tiling);
         if let Some(f) = &self.t5 {
             spec.set_t5_file(f)?;
         }

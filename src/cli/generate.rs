@@ -125,6 +125,7 @@ fn apply_from(a: &mut GenerateArgs, png: &Path) -> anyhow::Result<()> {
     m.quantize = m.quantize.take().or(get("quantize"));
     m.dequantize = m.dequantize || get("dequantize").is_some_and(|v| v == "true");
     m.t5 = m.t5.take().or(get("t5").map(PathBuf::from));
+    m.vae_tiling = m.vae_tiling || get("vae_tiling").is_some_and(|v| v == "true");
     a.sampler = a.sampler.take().or(get("sampler"));
     a.cache = a.cache.take().or(get("cache"));
     a.noise = a.noise.take().or(get("noise_file").map(PathBuf::from));
@@ -397,6 +398,9 @@ pub fn run(mut a: GenerateArgs) -> anyhow::Result<()> {
             }
             if chosen.dequantize {
                 text.push(("dequantize", "true".to_string()));
+            }
+            if chosen.vae_tiling {
+                text.push(("vae_tiling", "true".to_string()));
             }
             if let Some(f) = &chosen.t5 {
                 let path = std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());

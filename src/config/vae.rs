@@ -40,6 +40,10 @@ pub struct VaeConfig {
     pub patch_size: Option<Vec<usize>>,
     #[serde(default = "dbn_eps")]
     pub batch_norm_eps: f64,
+    /// Pixels per tile when tiling (an int, or a list whose first is taken, as diffusers does);
+    /// absent: 32, `AutoencoderKL`'s default.
+    #[serde(default)]
+    pub sample_size: Option<serde_json::Value>,
 }
 
 fn dbn_eps() -> f64 {
@@ -57,6 +61,16 @@ fn dtrue() -> bool {
 }
 
 impl VaeConfig {
+    /// A tile's side in pixels when tiling (`tile_sample_min_size`).
+    pub fn tile_sample_size(&self) -> usize {
+        let v = match &self.sample_size {
+            Some(serde_json::Value::Array(a)) => a.first(),
+            v => v.as_ref(),
+        };
+        v.and_then(serde_json::Value::as_u64)
+            .map_or(32, |n| n.clamp(1, 1 << 16) as usize)
+    }
+
     /// How many pixels one latent covers per side: 2^(levels - 1).
     pub fn scale_factor(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)

@@ -56,6 +56,8 @@ pub struct Spec {
     /// Serve a GGUF file's blocks dequantized (computed in the run's dtype) instead of on the
     /// quantized kernels: a debug switch for parity.
     dequantize: bool,
+    /// Decode and encode in overlapping tiles (diffusers' `enable_tiling()`).
+    vae_tiling: bool,
     /// The T5 encoder's weights from a file of their own (`--t5`): its folder and mapping.
     t5: Option<(&'static str, Arc<loader::single::Mapping>)>,
 }
@@ -102,6 +104,7 @@ impl Spec {
             family,
             quantize: None,
             dequantize: false,
+            vae_tiling: false,
             t5: None,
         })
     }
@@ -188,6 +191,17 @@ impl Spec {
             })?;
         self.t5 = Some((dir, Arc::new(loader::single::t5_file(file)?)));
         Ok(())
+    }
+
+    /// Decodes and encodes in overlapping tiles as diffusers' `enable_tiling()` does: memory
+    /// follows the tile (the VAE config's `sample_size` pixels), not the image.
+    pub fn set_vae_tiling(&mut self, on: bool) {
+        self.vae_tiling = on;
+    }
+
+    /// Whether the VAE decodes and encodes in tiles.
+    pub fn vae_tiling(&self) -> bool {
+        self.vae_tiling
     }
 
     /// Computes a GGUF model on its weights dequantized at load instead of on its blocks.
@@ -1277,8 +1291,9 @@ impl Pipeline {
     fn encode_pixels(&mut self, x: &Tensor, draw: Draw) -> Result<Tensor> {
         let device = self.device.clone();
         let x = x.to_dtype(vae_dtype(self.dtype, &device))?;
+        let tiling = self.spec.vae_tiling;
         let enc = self.vae_encoder()?;
-        let dist = enc.encode(&x)?;
+        let dist = enc.encode_with(&x, tiling)?;
         let z = match draw {
             Draw::Mean => dist.mean,
             Draw::Sample { eps: Some(e), .. } => dist.sample(&e.to_device(&device)?)?,
@@ -1321,7 +1336,7 @@ impl Pipeline {
                     .vae
                     .unscale(&latents.narrow(0, k, 1)?.to_dtype(DType::F32)?)?
                     .to_dtype(dtype)?;
-                let x = self.vae.decode(&z)?;
+                let x = self.vae.decode_with(&z, self.spec.vae_tiling)?;
                 let (height, width, data) = vae::to_rgb8(&x)?.remove(0);
                 Ok(RgbImage {
                     width,

@@ -2,6 +2,7 @@
 
 use super::blocks::{conv3, group_norm, MidBlock, Resnet};
 use super::PatchNorm;
+use super::Tiles;
 use crate::config::VaeConfig;
 use crate::nn::{Conv2d, GroupNorm};
 use candle_core::{Module, Result, Tensor};
@@ -89,6 +90,25 @@ impl VaeDecoder {
         match &self.patches {
             Some(p) => p.inverse(latents),
             None => (latents / self.cfg.scaling_factor)? + self.cfg.shift_factor.unwrap_or(0.0),
+        }
+    }
+
+    /// diffusers' tiles of this VAE.
+    pub fn tiles(&self) -> Tiles {
+        Tiles::new(
+            self.cfg.tile_sample_size(),
+            self.cfg.block_out_channels.len(),
+        )
+    }
+
+    /// [`Self::decode`], tiled as diffusers' `enable_tiling()` when `tiling` and the latents are
+    /// larger than a tile.
+    pub fn decode_with(&self, z: &Tensor, tiling: bool) -> Result<Tensor> {
+        let (_, _, h, w) = z.dims4()?;
+        let tiles = self.tiles();
+        match tiling && tiles.decodes_tiled(h, w) {
+            true => tiles.decode(z, |t| self.decode(t)),
+            false => self.decode(z),
         }
     }
 

@@ -3,6 +3,7 @@
 
 use super::blocks::{conv3, group_norm, MidBlock, Resnet};
 use super::PatchNorm;
+use super::Tiles;
 use crate::config::VaeConfig;
 use crate::nn::{Conv2d, GroupNorm};
 use candle_core::{Module, Result, Tensor};
@@ -111,6 +112,30 @@ impl VaeEncoder {
     /// Pixels in [-1, 1], (b, in_channels, H, W) with H and W multiples of the scale factor ->
     /// the latent distribution, (b, latent_channels, H / f, W / f) each.
     pub fn encode(&self, x: &Tensor) -> Result<LatentDist> {
+        self.encode_with(x, false)
+    }
+
+    /// [`Self::encode`], tiled as diffusers' `enable_tiling()` when `tiling` and the image is
+    /// larger than a tile (the moments blended tile to tile).
+    pub fn encode_with(&self, x: &Tensor, tiling: bool) -> Result<LatentDist> {
+        let (_, _, h, w) = x.dims4()?;
+        let tiles = Tiles::new(
+            self.cfg.tile_sample_size(),
+            self.cfg.block_out_channels.len(),
+        );
+        let moments = match tiling && tiles.encodes_tiled(h, w) {
+            true => tiles.encode(x, |t| self.moments(t))?,
+            false => self.moments(x)?,
+        };
+        let l = self.cfg.latent_channels;
+        Ok(LatentDist {
+            mean: moments.narrow(1, 0, l)?,
+            logvar: moments.narrow(1, l, l)?.clamp(-30f32, 20f32)?,
+        })
+    }
+
+    /// The encoder's output: mean and log-variance side by side, (b, 2 latent_channels, h, w).
+    fn moments(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = self.conv_in.forward(x)?;
         for db in &self.down_blocks {
             for r in &db.resnets {
@@ -126,11 +151,7 @@ impl VaeEncoder {
         if let Some(q) = &self.quant_conv {
             moments = q.forward(&moments)?;
         }
-        let l = self.cfg.latent_channels;
-        Ok(LatentDist {
-            mean: moments.narrow(1, 0, l)?,
-            logvar: moments.narrow(1, l, l)?.clamp(-30f32, 20f32)?,
-        })
+        Ok(moments)
     }
 
     /// Into the sampler's space: `(z - shift_factor) * scaling_factor`, or for FLUX.2's VAE folded

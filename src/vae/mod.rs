@@ -4,9 +4,11 @@
 mod blocks;
 mod decoder;
 mod encoder;
+mod tiling;
 
 pub use decoder::VaeDecoder;
 pub use encoder::{LatentDist, VaeEncoder};
+pub use tiling::Tiles;
 
 use candle_core::{Result, Tensor};
 

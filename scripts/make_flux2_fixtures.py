@@ -141,6 +141,74 @@ def klein(name, distilled, runs):
     print(name, "written")
 
 
+def dev_pipeline():
+    """A tiny `Flux2Pipeline`: Mistral3ForConditionalGeneration (a 32-layer tiny Mistral language model,
+    a one-layer Pixtral vision tower the pipeline never runs), a left-padding Mistral-style tokenizer
+    with a Mistral-3.1-style chat template, a [dev]-like transformer (guidance embedding) and the
+    klein fixtures' VAE."""
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+    from tiny_tokenizers import mistral_tokenizer
+
+    torch.manual_seed(SEED)
+    tc = MistralConfig(vocab_size=600, hidden_size=16, intermediate_size=32, num_hidden_layers=32,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=None,
+                       rope_parameters={"rope_theta": 1e9, "rope_type": "default"})
+    vc = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             head_dim=8, image_size=28, patch_size=14)
+    mistral = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=tc, vision_config=vc, image_token_index=7, spatial_merge_size=2,
+        multimodal_projector_bias=False)).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(SEED + 6)
+        for p in mistral.model.language_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 / p.shape[-1] ** 0.5 if p.ndim > 1 else 0.1) + (1.0 if p.ndim == 1 else 0.0))
+    klein = klein_pipeline(False)
+    torch.manual_seed(SEED)
+    transformer = Flux2Transformer2DModel(**dict(TINY, joint_attention_dim=3 * 16), guidance_embeds=True).eval()
+    randomize(transformer)
+    return Flux2Pipeline(scheduler=klein.scheduler, vae=klein.vae, text_encoder=mistral, tokenizer=mistral_tokenizer(),
+                         transformer=transformer)
+
+
+def dev(name, runs):
+    """tests/fixtures/flux2-dev-tiny: token ids and embeddings of the prompts (system message, chat
+    template, left padding), and images with embedded guidance."""
+    pipe = dev_pipeline()
+    out = os.path.join(ROOT, name)
+    pipe.save_pretrained(out)
+    # The system message alone is 107 tokens of the tiny vocabulary: short prompts are padded, the
+    # longest is cut.
+    max_seq = 160
+    tensors = {}
+    meta = {"generator": "scripts/make_flux2_fixtures.py", "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "seed": SEED, "max_sequence_length": max_seq, "prompts": PROMPTS,
+            "runs": []}
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+    g = torch.Generator().manual_seed(SEED + 7)
+    for i, p in enumerate(PROMPTS):
+        ids = pipe.tokenizer.apply_chat_template(format_input([p], pipe.system_message), add_generation_prompt=False,
+                                                 tokenize=True, return_dict=True, return_tensors="pt",
+                                                 padding="max_length", truncation=True, max_length=max_seq)
+        tensors[f"text.{i}.ids_mistral"] = ids["input_ids"]
+        tensors[f"text.{i}.context"] = pipe._get_mistral_3_small_prompt_embeds(
+            pipe.text_encoder, pipe.tokenizer, p, max_sequence_length=max_seq)
+    c = pipe.transformer.config.in_channels
+    f = pipe.vae_scale_factor * 2
+    for k, r in enumerate(runs):
+        noise = torch.randn((1, c, r["height"] // f, r["width"] // f), generator=g)
+        save_file({"noise": noise.contiguous()}, os.path.join(out, f"noise_{k}.safetensors"))
+        img = pipe(prompt=r["prompt"], num_inference_steps=r["steps"], guidance_scale=r["guidance"],
+                   height=r["height"], width=r["width"], latents=noise, max_sequence_length=max_seq,
+                   output_type="pil").images[0]
+        tensors[f"run.{k}.image"] = torch.from_numpy(np.array(img).copy())
+        meta["runs"].append(dict(r, noise=f"noise_{k}.safetensors"))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "reference.safetensors"))
+    with open(os.path.join(out, "fixture.json"), "w") as fh:
+        json.dump(meta, fh, indent=1, ensure_ascii=False)
+    print(name, "written")
+
+
 if __name__ == "__main__":
     main()
     klein("flux2-klein-tiny", False, [
@@ -148,3 +216,7 @@ if __name__ == "__main__":
         dict(prompt=PROMPTS[3], steps=2, guidance=1.0, height=32, width=32),
     ])
     klein("flux2-klein-distilled-tiny", True, [dict(prompt=PROMPTS[0], steps=2, guidance=4.0, height=32, width=48)])
+    dev("flux2-dev-tiny", [
+        dict(prompt=PROMPTS[0], steps=3, guidance=4.0, height=48, width=32),
+        dict(prompt=PROMPTS[3], steps=2, guidance=2.5, height=32, width=48),
+    ])

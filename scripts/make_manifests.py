@@ -10,6 +10,7 @@ OpenCLIP bigG/14 text towers and T5-v1.1-XXL encoder.
 """
 
 import json
+import math
 import os
 
 import torch
@@ -116,22 +117,57 @@ def main():
                 json.dump(doc, fh, separators=(",", ":"))
             n = sum(1 for c in comps.values() for _ in c)
             print(name, n, "tensors")
-    flux2_transformer()
+    flux2_dev()
 
 
-def flux2_transformer():
-    """FLUX.2 [dev]'s transformer alone (diffusers' `Flux2Transformer2DModel` defaults are [dev]'s
-    config): the shapes of the layers the FLUX.2 transformer is built from, until the family is
-    wired (text encoder, VAE)."""
-    from diffusers import Flux2Transformer2DModel
+# Mistral Small 3.1 (mistralai/Mistral-Small-3.1-24B-Instruct-2503/config.json), FLUX.2 [dev]'s text
+# encoder: the language model and the Pixtral vision tower the pipeline never runs. Written from the
+# published config; to be checked against the Hub's where it is reachable.
+MISTRAL3_TEXT = dict(vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                     max_position_embeddings=131072, sliding_window=None,
+                     rope_parameters={"rope_theta": 1000000000.0, "rope_type": "default"})
+MISTRAL3_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       head_dim=64, image_size=1540, patch_size=14, rope_theta=10000.0)
+
+
+def flux2_dev():
+    """FLUX.2 [dev] (black-forest-labs/FLUX.2-dev): diffusers' `Flux2Transformer2DModel` and
+    `AutoencoderKLFlux2` defaults are [dev]'s configs; Mistral Small 3.1 as text encoder, its tensors
+    named as transformers saves `Mistral3ForConditionalGeneration` (`language_model.model.*`)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
     with torch.device("meta"):
         tr = Flux2Transformer2DModel()
+        vae = AutoencoderKLFlux2()
+        te = Mistral3ForConditionalGeneration(Mistral3Config(
+            text_config=MistralConfig(**MISTRAL3_TEXT), vision_config=PixtralVisionConfig(**MISTRAL3_VISION),
+            image_token_index=10, spatial_merge_size=2, multimodal_projector_bias=False,
+            projector_hidden_act="gelu", vision_feature_layer=-1))
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in tr.config.items() if not k.startswith("_")}
-    doc = {"generator": "scripts/make_manifests.py", "diffusers": diffusers.__version__, "model": "flux.2-dev",
-           "transformer_config": cfg, "components": {"transformer": shapes(tr, "bf16")}}
-    with open(os.path.join(OUT, "flux.2-dev.transformer.json"), "w") as fh:
+    # The names transformers writes (its save reverses the in-memory `model.language_model` layout).
+    names = {}
+    for n, p in te.state_dict().items():
+        for new, old in (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
+                         ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")):
+            if n.startswith(new):
+                n = old + n[len(new):]
+                break
+        names[n] = list(p.shape)
+    text = [{"name": n, "shape": s, "dtype": "bf16"} for n, s in names.items()]
+    doc = {"generator": "scripts/make_manifests.py", "diffusers": diffusers.__version__,
+           "transformers": transformers.__version__, "model": "flux.2-dev", "family": "flux2-dev",
+           "transformer_config": cfg,
+           "components": {"transformer": shapes(tr, "bf16"),
+                          "vae": [t for t in shapes(vae, "bf16") if not t["name"].endswith("num_batches_tracked")],
+                          "text_encoder": text},
+           "vae_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vae.config.items()
+                          if not k.startswith("_")},
+           "text_config": dict(MISTRAL3_TEXT, model_type="mistral")}
+    with open(os.path.join(OUT, "flux.2-dev.json"), "w") as fh:
         json.dump(doc, fh, separators=(",", ":"))
-    print("flux.2-dev transformer", len(doc["components"]["transformer"]), "tensors")
+    n = {k: len(v) for k, v in doc["components"].items()}
+    params = sum(math.prod(t["shape"]) for c in doc["components"].values() for t in c)
+    print("flux.2-dev", n, "tensors,", params / 1e9, "B parameters")
 
 
 if __name__ == "__main__":

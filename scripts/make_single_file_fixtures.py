@@ -388,7 +388,7 @@ def single_manifest(path):
         f.update(prefixed(comps["text_encoder_2"], "text_encoders.clip_g.transformer."))
         f.update(prefixed(comps["text_encoder_3"], "text_encoders.t5xxl.transformer."))
         out["file"] = listing(f)
-    elif m["family"] == "flux2-klein":
+    elif m["family"] in ("flux2-klein", "flux2-dev"):
         # BFL ships FLUX.2's transformer alone (the VAE and Qwen3 come from --components).
         out["file"] = listing(flux2_to_bfl(comps["transformer"]))
     else:

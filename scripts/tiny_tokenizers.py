@@ -166,3 +166,72 @@ def qwen_tokenizer(vocab_size=600):
     q.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
     q.chat_template = QWEN3_CHAT_TEMPLATE
     return q
+
+
+# A Mistral-3.1-style chat template (system prompt block, [INST] turns whose content is a string or a
+# list of text/image blocks, a default system message dated by `strftime_now`): the kind of template
+# FLUX.2 [dev]'s tokenizer carries, written here for the tiny fixtures.
+MISTRAL3_CHAT_TEMPLATE = (
+    "{%- set today = strftime_now(\"%Y-%m-%d\") %}\n"
+    "{%- set default_system_message = \"You are a tiny test model. Today is \" + today + \".\" %}\n"
+    "{{- bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- if messages[0]['content'] is string %}\n"
+    "        {%- set system_message = messages[0]['content'] %}\n"
+    "    {%- else %}\n"
+    "        {%- set system_message = messages[0]['content'][0]['text'] %}\n"
+    "    {%- endif %}\n"
+    "    {%- set loop_messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set system_message = default_system_message %}\n"
+    "    {%- set loop_messages = messages %}\n"
+    "{%- endif %}\n"
+    "{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}\n"
+    "{%- for message in loop_messages %}\n"
+    "    {%- if message['role'] == 'user' %}\n"
+    "        {%- if message['content'] is string %}\n"
+    "            {{- '[INST]' + message['content'] + '[/INST]' }}\n"
+    "        {%- else %}\n"
+    "            {{- '[INST]' }}\n"
+    "            {%- for block in message['content'] %}\n"
+    "                {%- if block['type'] == 'text' %}\n"
+    "                    {{- block['text'] }}\n"
+    "                {%- elif block['type'] in ['image', 'image_url'] %}\n"
+    "                    {{- '[IMG]' }}\n"
+    "                {%- else %}\n"
+    "                    {{- raise_exception('Only text and image blocks are supported in message content!') }}\n"
+    "                {%- endif %}\n"
+    "            {%- endfor %}\n"
+    "            {{- '[/INST]' }}\n"
+    "        {%- endif %}\n"
+    "    {%- elif message['role'] == 'assistant' %}\n"
+    "        {{- message['content'] + eos_token }}\n"
+    "    {%- else %}\n"
+    "        {{- raise_exception('Only user, system and assistant roles are supported!') }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+)
+
+MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                    "<pad>"]
+
+
+def mistral_tokenizer(vocab_size=600, padding_side="left"):
+    """A Tekken-like byte-level BPE with Mistral's control tokens first (`<s>` 1, `</s>` 2), padded on
+    the left as Mistral's tokenizers are, with a Mistral-3.1-style chat template; adds no BOS of its
+    own (the template writes it)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=ByteLevel.alphabet(),
+                                  show_progress=False, special_tokens=MISTRAL_SPECIALS)
+    tok.train_from_iterator(_words(CORPUS) + ["system", "model", "Today"], trainer)
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                pad_token="<pad>", padding_side=padding_side, model_max_length=512)
+    t.add_special_tokens({"additional_special_tokens": MISTRAL_SPECIALS[3:8]})
+    t.chat_template = MISTRAL3_CHAT_TEMPLATE
+    return t

@@ -148,7 +148,7 @@ pub enum Error {
     InvalidRequest(Message),
 
     /// A config file is missing fields, has wrong types or absurd values.
-    #[error("invalid config {path}: {msg}; the model files are damaged or not an SD3, FLUX.1 or Chroma model, re-download them")]
+    #[error("invalid config {path}: {msg}; the model files are damaged or not an SD3, FLUX.1, Chroma or FLUX.2 model, re-download them")]
     InvalidConfig { path: PathBuf, msg: String },
 
     /// A model folder or file is missing a part.

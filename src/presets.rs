@@ -8,7 +8,7 @@ use crate::request::Request;
 use std::path::PathBuf;
 
 /// The preset files, embedded so the binary knows them from any working directory.
-const FILES: [(&str, &str); 13] = [
+const FILES: [(&str, &str); 14] = [
     ("demo", include_str!("../models/demo.toml")),
     ("sd3-medium", include_str!("../models/sd3-medium.toml")),
     ("sd3.5-large", include_str!("../models/sd3.5-large.toml")),
@@ -40,6 +40,7 @@ const FILES: [(&str, &str); 13] = [
         "flux.2-klein-9b",
         include_str!("../models/flux.2-klein-9b.toml"),
     ),
+    ("flux.2-dev", include_str!("../models/flux.2-dev.toml")),
 ];
 
 /// Defaults a preset sets; each applies only when the user gives no value.

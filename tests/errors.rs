@@ -757,6 +757,52 @@ fn flux2_with_a_t5_in_its_qwen3_folder() {
     );
 }
 
+/// FLUX.2 [dev]'s Mistral 3 folder holding [klein]'s Qwen3 (and the reverse) is named as such.
+#[test]
+fn flux2_dev_and_klein_text_encoders_are_not_swapped() {
+    let m = with_text_encoder_of(
+        "flux2-dev-tiny",
+        "flux2-dev-qwen",
+        &fixture("flux2-klein-tiny").join("text_encoder"),
+    );
+    expect_error(
+        &m,
+        &[],
+        "flux2-dev-qwen",
+        &["text_encoder/config.json", "`qwen3`", "Mistral 3"],
+    );
+    let m = with_text_encoder_of(
+        "flux2-klein-tiny",
+        "flux2-klein-mistral",
+        &fixture("flux2-dev-tiny").join("text_encoder"),
+    );
+    expect_error(
+        &m,
+        &[],
+        "flux2-klein-mistral",
+        &["text_encoder/config.json", "`mistral3`", "Qwen3"],
+    );
+}
+
+/// FLUX.2 [dev] refuses FLUX.1's `--true-cfg` and says a negative prompt is not used.
+#[test]
+fn flux2_dev_refuses_true_cfg_and_ignores_a_negative_prompt() {
+    let m = fixture("flux2-dev-tiny");
+    expect_error(
+        &m,
+        &["--true-cfg", "2", "--negative-prompt", "x"],
+        "flux2-dev-true-cfg",
+        &["FLUX.2 [dev]", "--true-cfg is FLUX.1's", "--guidance"],
+    );
+    let (code, err, out) = generate(&m, &["--negative-prompt", "blurry"], "flux2-dev-neg");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.exists());
+    assert!(
+        err.contains("notice: --negative-prompt is ignored") && err.contains("guidance embedding"),
+        "{err}"
+    );
+}
+
 /// FLUX.1's `--true-cfg`, references FLUX.2 cannot take, and an edit's strength and mask are
 /// refused by name; several images on a one-image model too.
 #[test]

@@ -67,42 +67,6 @@ fn flux2_configs_are_checked() {
     parse(serde_json::json!({})).validate(path).unwrap();
 }
 
-/// FLUX.2 [dev]'s transformer at its real size (`tests/fixtures/manifests/flux.2-dev.transformer.json`,
-/// built by scripts/make_manifests.py from diffusers' class on the meta device): every tensor maps
-/// to exactly one parameter of the right shape.
-#[test]
-fn flux2_dev_transformer_maps_every_real_tensor() {
-    use mmdit::loader::audit::ShapeBackend;
-    let m = read_json(fixture("manifests").join("flux.2-dev.transformer.json"));
-    let cfg: Flux2TransformerConfig =
-        serde_json::from_value(m["transformer_config"].clone()).unwrap();
-    cfg.validate(std::path::Path::new("config.json")).unwrap();
-    let tensors = manifest_tensors(&m["components"]["transformer"]);
-    let build = move |vb: candle_nn::VarBuilder| Flux2Transformer::new(&cfg, vb).map(drop);
-    let a = ShapeBackend::audit(tensors, build, |_: &str| false).unwrap();
-    assert!(
-        a.missing.is_empty(),
-        "missing {:?}",
-        &a.missing[..a.missing.len().min(5)]
-    );
-    assert!(
-        a.wrong_shape.is_empty(),
-        "wrong shape {:?}",
-        &a.wrong_shape[..a.wrong_shape.len().min(5)]
-    );
-    assert!(
-        a.unexpected.is_empty(),
-        "unexpected {:?}",
-        &a.unexpected[..a.unexpected.len().min(5)]
-    );
-    assert!(a.requested.values().all(|&n| n == 1), "a tensor read twice");
-    println!(
-        "FLUX.2 [dev] transformer: {} tensors, {} parameters",
-        a.requested.len(),
-        a.params
-    );
-}
-
 /// One and two reference images of their own sizes (cropped at the centre to the model's
 /// multiple), with guidance and step-distilled: the references' latents within 1e-4 x max and the
 /// image within 2/255 of diffusers' in f32, >= 30 dB in bf16.
@@ -196,5 +160,79 @@ fn flux2_reference_editing_matches_diffusers() {
                 assert!(p >= 30.0, "run {k} bf16: {p:.1} dB");
             }
         }
+    }
+}
+
+/// FLUX.2 [dev] (`Flux2Pipeline`) on a tiny Mistral 3 (scripts/make_flux2_fixtures.py): the chat
+/// template (system message, text blocks, `strftime_now`) tokenized without added specials and
+/// padded on the left, the hidden states after layers 10, 20 and 30 (padding included, the first
+/// rows of a left-padded prompt attending to nothing), and images with embedded guidance.
+#[test]
+fn flux2_dev_matches_diffusers() {
+    let name = "flux2-dev-tiny";
+    let meta = common::meta(name);
+    let r = reference(name);
+    let max_seq = meta["max_sequence_length"].as_u64().unwrap() as usize;
+    let m = mmdit::ModelRef::parse(fixture(name).to_str().unwrap(), None).unwrap();
+    let spec = mmdit::Spec::open(&m).unwrap();
+    assert!(
+        spec.variant().starts_with("FLUX.2 [dev]"),
+        "{}",
+        spec.variant()
+    );
+    let mut pipe = spec.load(&device(), DType::F32).unwrap();
+    let tok = mmdit::text::TextTokenizer::from_dir(&fixture(name).join("tokenizer")).unwrap();
+    for (i, p) in meta["prompts"].as_array().unwrap().iter().enumerate() {
+        let p = p.as_str().unwrap();
+        let msg = |role, text| mmdit::text::tokenize::ChatMessage {
+            role,
+            text,
+            blocks: true,
+        };
+        let text = tok
+            .render_chat(
+                &[
+                    msg("system", mmdit::text::FLUX2_SYSTEM_MESSAGE),
+                    msg("user", p),
+                ],
+                false,
+            )
+            .unwrap();
+        let (t, _) = tok.encode_chat(&text, max_seq).unwrap();
+        let want: Vec<u32> = r[&format!("text.{i}.ids_mistral")]
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(t.ids, want, "prompt {i}: token ids");
+        let (c, _) = pipe.text_encoders().unwrap().encode(p, max_seq).unwrap();
+        assert_close_rel(
+            &format!("prompt {i} context"),
+            &c.context,
+            &r[&format!("text.{i}.context")],
+            1e-4,
+        );
+    }
+    for (k, run) in meta["runs"].as_array().unwrap().iter().enumerate() {
+        let req = fixture_request(name, run, max_seq);
+        let want = reference_image(&r, k);
+        let out = pipe.generate(&req, &mut |_| {}).unwrap();
+        let d = max_u8_diff(&out.image.data, &want);
+        eprintln!("run {k}: within {d}/255");
+        assert!(d <= 2, "run {k}: {d}/255");
+    }
+    let mut bf = mmdit::Spec::open(&m)
+        .unwrap()
+        .load(&device(), DType::BF16)
+        .unwrap();
+    for (k, run) in meta["runs"].as_array().unwrap().iter().enumerate() {
+        let out = bf
+            .generate(&fixture_request(name, run, max_seq), &mut |_| {})
+            .unwrap();
+        let p = psnr(&out.image.data, &reference_image(&r, k));
+        eprintln!("run {k} bf16: {p:.1} dB");
+        assert!(p >= 30.0, "run {k} bf16: {p:.1} dB");
     }
 }

@@ -15,7 +15,7 @@ use mmdit::config::{
 use mmdit::loader::audit::{Audit, ShapeBackend, TensorMeta};
 use mmdit::mmdit::{ChromaTransformer, Flux2Transformer, FluxTransformer, Sd3Transformer};
 use mmdit::text::clip::ClipText;
-use mmdit::text::qwen3::Qwen3Encoder;
+use mmdit::text::lm::{LmEncoder, LmKind};
 use mmdit::vae::{VaeDecoder, VaeEncoder};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -97,6 +97,12 @@ fn every_real_model_maps_every_tensor_exactly_once() {
     for model in common::REAL_MODELS {
         let m = common::read_json(common::fixture("manifests").join(format!("{model}.json")));
         let tcfg = m["transformer_config"].clone();
+        // FLUX.2's language models and the hidden states their pipelines take.
+        let lm: Option<(LmKind, &[usize])> = match m["family"].as_str() {
+            Some("flux2-klein") => Some((LmKind::Qwen3, &[9, 18, 27])),
+            Some("flux2-dev") => Some((LmKind::Mistral3, &[10, 20, 30])),
+            _ => None,
+        };
         let parts: Vec<(&str, Build)> = if m["family"] == "sd3" {
             let cfg: Sd3TransformerConfig = serde_json::from_value(tcfg).unwrap();
             vec![
@@ -111,10 +117,10 @@ fn every_real_model_maps_every_tensor_exactly_once() {
                 ),
                 ("text_encoder_3", Box::new(&t5)),
             ]
-        } else if m["family"] == "flux2-klein" {
+        } else if let Some((kind, layers)) = lm {
             let cfg: Flux2TransformerConfig = serde_json::from_value(tcfg).unwrap();
             let q: Qwen3Config = serde_json::from_value(m["text_config"].clone()).unwrap();
-            q.validate(std::path::Path::new("text_encoder/config.json"))
+            q.check_decoder(std::path::Path::new("text_encoder/config.json"))
                 .unwrap();
             vec![
                 (
@@ -123,7 +129,7 @@ fn every_real_model_maps_every_tensor_exactly_once() {
                 ),
                 (
                     "text_encoder",
-                    Box::new(move |vb| Qwen3Encoder::new(&q, &[9, 18, 27], vb).map(drop)),
+                    Box::new(move |vb| LmEncoder::new(&q, kind, layers, vb).map(drop)),
                 ),
             ]
         } else if m["family"] == "chroma" {
@@ -162,12 +168,14 @@ fn every_real_model_maps_every_tensor_exactly_once() {
             .get("text_config")
             .map(|t| serde_json::from_value(t.clone()).unwrap());
         for (comp, build) in parts.into_iter().chain([("vae", vae)]) {
-            // Qwen3's layers after the last hidden state taken (and its head) are left unread.
+            // A language model's layers after the last hidden state taken (and its head, and
+            // Mistral 3's vision tower) are left unread.
             let ignore = |n: &str| {
                 comp == "text_encoder"
                     && text_config
                         .as_ref()
-                        .is_some_and(|q| Qwen3Encoder::unread(q, &[9, 18, 27], n))
+                        .zip(lm)
+                        .is_some_and(|(q, (kind, layers))| LmEncoder::unread(q, kind, layers, n))
             };
             let tensors = manifest_tensors(&m["components"][comp]);
             check(

@@ -11,7 +11,7 @@ mod vae;
 pub use flux::{ChromaTransformerConfig, FluxTransformerConfig};
 pub use flux2::Flux2TransformerConfig;
 pub use scheduler::SchedulerConfig;
-pub use text::{ClipTextConfig, Qwen3Config, T5Config};
+pub use text::{ClipTextConfig, Mistral3Config, Qwen3Config, T5Config};
 pub use transformer::Sd3TransformerConfig;
 pub use vae::VaeConfig;
 
@@ -97,7 +97,8 @@ impl_validate!(
     SchedulerConfig,
     ClipTextConfig,
     T5Config,
-    Qwen3Config
+    Qwen3Config,
+    Mistral3Config
 );
 
 pub(crate) fn check(path: &Path, ok: bool, msg: impl FnOnce() -> String) -> Result<()> {

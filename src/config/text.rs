@@ -171,6 +171,46 @@ pub struct Qwen3Config {
     pub hidden_act: String,
 }
 
+/// transformers' `Mistral3ForConditionalGeneration` config (FLUX.2 [dev]'s text encoder, Mistral
+/// Small 3.1): its language model's fields are `text_config` (the same fields as Qwen3's, without
+/// the per-head q/k norms); the vision tower is never run.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Mistral3Config {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// Always present once validated.
+    #[serde(default)]
+    pub text_config: Option<Qwen3Config>,
+}
+
+impl Mistral3Config {
+    /// The language model's config (checked present by [`Self::validate`]).
+    pub fn text(&self) -> &Qwen3Config {
+        self.text_config
+            .as_ref()
+            .expect("validated Mistral 3 configs have a text_config")
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let Some(text) = &self.text_config else {
+            let t = self.model_type.as_deref().unwrap_or("?");
+            return Err(crate::error::Error::InvalidConfig {
+                path: path.to_path_buf(),
+                msg: format!("is a `{t}` model where the Mistral 3 text encoder belongs (transformers' Mistral3ForConditionalGeneration, with a `text_config`); this folder holds another model's text encoder"),
+            });
+        };
+        let types = (self.model_type.as_deref(), text.model_type.as_deref());
+        check(
+            path,
+            matches!(types, (None | Some("mistral3"), None | Some("mistral"))),
+            || {
+                format!("is a `{}` model where the Mistral 3 text encoder belongs (transformers' Mistral3ForConditionalGeneration); this folder holds another model's text encoder", types.0.or(types.1).unwrap_or("?"))
+            },
+        )?;
+        text.check_decoder(path)
+    }
+}
+
 /// transformers 5's `rope_parameters`.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct RopeParameters {
@@ -209,6 +249,11 @@ impl Qwen3Config {
                 format!("is a `{t}` model where the Qwen3 text encoder belongs (transformers' Qwen3ForCausalLM); this folder holds another model's text encoder")
             })?;
         }
+        self.check_decoder(path)
+    }
+
+    /// The decoder's shapes and choices (Qwen3's, or a Mistral `text_config`'s).
+    pub fn check_decoder(&self, path: &Path) -> Result<()> {
         check_dims!(
             path,
             self,

@@ -9,7 +9,7 @@ use crate::loader::single::{Mapping, SingleFile};
 use crate::loader::{self, FileSource};
 use crate::lora::{LoraSet, MergeBackend};
 use crate::text::clip::ClipText;
-use crate::text::qwen3::Qwen3Encoder;
+use crate::text::lm::{LmEncoder, LmKind};
 use crate::text::t5::T5Encoder;
 use crate::text::TextTokenizer;
 use candle_core::{DType, Device};
@@ -293,12 +293,14 @@ pub struct T5Part {
     pub config: PathBuf,
 }
 
-/// A Qwen3 text encoder of a pipeline (FLUX.2 [klein]), its tokenizer folder and the hidden states
-/// taken from it.
+/// A language model as text encoder of a pipeline (FLUX.2's Qwen3 or Mistral 3), its tokenizer
+/// folder and the hidden states taken from it.
 #[derive(Debug, Clone)]
-pub struct Qwen3Part {
+pub struct LmPart {
     pub dir: &'static str,
     pub tokenizer: &'static str,
+    pub kind: LmKind,
+    /// The decoder's config (Mistral 3's `text_config`).
     pub config: Qwen3Config,
     /// Indices into transformers' `hidden_states` (diffusers' `text_encoder_out_layers`).
     pub layers: Vec<usize>,
@@ -309,7 +311,7 @@ pub struct Qwen3Part {
 pub enum TextPart {
     Clip(ClipPart),
     T5(T5Part),
-    Qwen3(Qwen3Part),
+    Lm(LmPart),
 }
 
 impl TextPart {
@@ -317,7 +319,7 @@ impl TextPart {
         match self {
             TextPart::Clip(p) => p.dir,
             TextPart::T5(p) => p.dir,
-            TextPart::Qwen3(p) => p.dir,
+            TextPart::Lm(p) => p.dir,
         }
     }
 
@@ -325,7 +327,7 @@ impl TextPart {
         match self {
             TextPart::Clip(p) => p.tokenizer,
             TextPart::T5(p) => p.tokenizer,
-            TextPart::Qwen3(p) => p.tokenizer,
+            TextPart::Lm(p) => p.tokenizer,
         }
     }
 
@@ -333,7 +335,7 @@ impl TextPart {
     /// and the layers after the last hidden state taken).
     pub fn unread(&self, name: &str) -> bool {
         match self {
-            TextPart::Qwen3(p) => Qwen3Encoder::unread(&p.config, &p.layers, name),
+            TextPart::Lm(p) => LmEncoder::unread(&p.config, p.kind, &p.layers, name),
             _ => false,
         }
     }
@@ -351,8 +353,8 @@ impl TextPart {
                 let cfg: t5::Config = config::read_json(&p.config)?;
                 Box::new(move |vb| T5Encoder::new(vb, &cfg).map(drop))
             }
-            TextPart::Qwen3(p) => {
-                Box::new(move |vb| Qwen3Encoder::new(&p.config, &p.layers, vb).map(drop))
+            TextPart::Lm(p) => {
+                Box::new(move |vb| LmEncoder::new(&p.config, p.kind, &p.layers, vb).map(drop))
             }
         })
     }
@@ -395,10 +397,10 @@ impl TextLoader<'_> {
         Ok((model, self.tokenizer(p.tokenizer)?))
     }
 
-    /// Qwen3 at the run's dtype, taking `p.layers`.
-    pub fn qwen3(&self, p: &Qwen3Part) -> Result<(Qwen3Encoder, TextTokenizer)> {
+    /// A language model at the run's dtype, taking `p.layers`.
+    pub fn lm(&self, p: &LmPart) -> Result<(LmEncoder, TextTokenizer)> {
         let model = self.weights.load(p.dir, self.dtype, &self.device, |vb| {
-            Qwen3Encoder::new(&p.config, &p.layers, vb)
+            LmEncoder::new(&p.config, p.kind, &p.layers, vb)
         })?;
         Ok((model, self.tokenizer(p.tokenizer)?))
     }

@@ -65,6 +65,7 @@ pub const FAMILIES: &[FamilyEntry] = &[
         flux::open_kontext,
     ),
     FamilyEntry::new("chroma", "ChromaPipeline", Format::Chroma, chroma::open),
+    FamilyEntry::new("flux2-dev", "Flux2Pipeline", Format::Flux2, flux2::open_dev),
     FamilyEntry::new(
         "flux2-klein",
         "Flux2KleinPipeline",

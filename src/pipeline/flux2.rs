@@ -1,50 +1,108 @@
-//! FLUX.2 [klein] (diffusers `Flux2KleinPipeline`): Qwen3's hidden states of the chat-templated
-//! prompt, the FLUX.2 transformer on the VAE's 2x2 latent patches (standardised by its batch-norm
-//! statistics) as tokens with (t, h, w, l) position ids, linear sigmas with FLUX.2's empirical
-//! shift, and classifier-free guidance as two model calls unless the model is step-distilled.
+//! FLUX.2 [klein] (diffusers `Flux2KleinPipeline`) and FLUX.2 [dev] (`Flux2Pipeline`): a language
+//! model's hidden states of the chat-templated prompt (Qwen3's for [klein], Mistral Small 3.1's
+//! after BFL's system message for [dev]), the FLUX.2 transformer on the VAE's 2x2 latent patches
+//! (standardised by its batch-norm statistics) as tokens with (t, h, w, l) position ids, an edit's
+//! reference images as more tokens, and linear sigmas with FLUX.2's empirical shift. [klein] guides
+//! with classifier-free guidance as two model calls unless step-distilled; [dev] with its guidance
+//! embedding.
 
-use super::components::{OpenCtx, Qwen3Part, TextLoader, TextPart};
+use super::components::{LmPart, OpenCtx, TextLoader, TextPart};
 use super::family::{Bound, Cfg, Defaults, Denoise, Edit, Family, Transformer};
-use crate::config::{Flux2TransformerConfig, Qwen3Config, SchedulerConfig, VaeConfig};
+use crate::config::{
+    Flux2TransformerConfig, Mistral3Config, Qwen3Config, SchedulerConfig, VaeConfig,
+};
 use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::cache::BlockCache;
 use crate::mmdit::rope::Rope;
 use crate::mmdit::Flux2Transformer;
 use crate::request::{self, Resolved};
 use crate::sampling::{schedule, Schedule};
-use crate::text::{Conditioning, Flux2TextEncoder, PromptEncoder};
+use crate::text::lm::LmKind;
+use crate::text::{Conditioning, Flux2TextEncoder, PromptEncoder, FLUX2_SYSTEM_MESSAGE};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 /// The Qwen3 hidden states [klein] takes (diffusers' `text_encoder_out_layers`).
 const QWEN3_LAYERS: [usize; 3] = [9, 18, 27];
+/// The Mistral 3 hidden states [dev] takes.
+const MISTRAL3_LAYERS: [usize; 3] = [10, 20, 30];
+
+/// Which FLUX.2 pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// [klein]; step-distilled models (`is_distilled` in `model_index.json`) run without guidance.
+    Klein { distilled: bool },
+    /// [dev]: guidance through the transformer's guidance embedding, no negative prompt.
+    Dev,
+}
 
 pub struct Flux2 {
     pub transformer: Flux2TransformerConfig,
-    pub qwen: Qwen3Part,
-    /// Step-distilled: no classifier-free guidance (`is_distilled` in `model_index.json`).
-    pub distilled: bool,
+    pub text: LmPart,
+    pub variant: Variant,
 }
 
 pub(super) fn open_klein(c: &OpenCtx) -> Result<Box<dyn Family>> {
-    let (transformer, _): (Flux2TransformerConfig, _) = c.config("transformer/config.json")?;
     let (qwen, _): (Qwen3Config, _) = c.config("text_encoder/config.json")?;
-    let taken = QWEN3_LAYERS.len();
+    let distilled = c
+        .index
+        .components
+        .get("is_distilled")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    open(
+        c,
+        qwen,
+        LmKind::Qwen3,
+        &QWEN3_LAYERS,
+        Variant::Klein { distilled },
+    )
+}
+
+pub(super) fn open_dev(c: &OpenCtx) -> Result<Box<dyn Family>> {
+    let (mistral, _): (Mistral3Config, _) = c.config("text_encoder/config.json")?;
+    open(
+        c,
+        mistral.text().clone(),
+        LmKind::Mistral3,
+        &MISTRAL3_LAYERS,
+        Variant::Dev,
+    )
+}
+
+fn open(
+    c: &OpenCtx,
+    lm: Qwen3Config,
+    kind: LmKind,
+    layers: &[usize],
+    variant: Variant,
+) -> Result<Box<dyn Family>> {
+    let (transformer, _): (Flux2TransformerConfig, _) = c.config("transformer/config.json")?;
+    let name = match kind {
+        LmKind::Qwen3 => "Qwen3",
+        LmKind::Mistral3 => "Mistral 3",
+    };
+    let pipeline = match variant {
+        Variant::Klein { .. } => "FLUX.2 [klein]",
+        Variant::Dev => "FLUX.2 [dev]",
+    };
     c.check(
-        qwen.num_hidden_layers >= *QWEN3_LAYERS.iter().max().unwrap_or(&0),
+        lm.num_hidden_layers >= layers.iter().copied().max().unwrap_or(0),
         || {
             format!(
-                "the Qwen3 text encoder has {} layers; FLUX.2 [klein] takes the hidden states after layers {QWEN3_LAYERS:?}",
-                qwen.num_hidden_layers
+                "the {name} text encoder has {} layers; {pipeline} takes the hidden states after layers {layers:?}",
+                lm.num_hidden_layers
             )
         },
     )?;
     c.check(
-        transformer.joint_attention_dim == taken * qwen.hidden_size,
+        transformer.joint_attention_dim == layers.len() * lm.hidden_size,
         || {
             format!(
-                "the transformer's joint_attention_dim {} is not {taken} x the Qwen3 width {}",
-                transformer.joint_attention_dim, qwen.hidden_size
+                "the transformer's joint_attention_dim {} is not {} x the {name} width {}",
+                transformer.joint_attention_dim,
+                layers.len(),
+                lm.hidden_size
             )
         },
     )?;
@@ -59,21 +117,16 @@ pub(super) fn open_klein(c: &OpenCtx) -> Result<Box<dyn Family>> {
             c.vae.sampler_channels()
         )
     })?;
-    let distilled = c
-        .index
-        .components
-        .get("is_distilled")
-        .and_then(serde_json::Value::as_bool)
-        .unwrap_or(false);
     Ok(Box::new(Flux2 {
         transformer,
-        qwen: Qwen3Part {
+        text: LmPart {
             dir: "text_encoder",
             tokenizer: "tokenizer",
-            config: qwen,
-            layers: QWEN3_LAYERS.to_vec(),
+            kind,
+            config: lm,
+            layers: layers.to_vec(),
         },
-        distilled,
+        variant,
     }))
 }
 
@@ -96,20 +149,25 @@ pub fn empirical_mu(tokens: usize, steps: usize) -> f64 {
 impl Family for Flux2 {
     fn describe(&self) -> String {
         let t = &self.transformer;
+        let (pipeline, text) = match self.variant {
+            Variant::Klein { distilled: true } => ("FLUX.2 [klein] (step-distilled)", "Qwen3"),
+            Variant::Klein { distilled: false } => ("FLUX.2 [klein]", "Qwen3"),
+            Variant::Dev => ("FLUX.2 [dev]", "Mistral 3"),
+        };
         format!(
-            "FLUX.2 [klein]{}: {} double + {} single blocks, width {}, Qwen3 text encoder of width {}",
-            if self.distilled { " (step-distilled)" } else { "" },
+            "{pipeline}: {} double + {} single blocks, width {}, {text} text encoder of width {}",
             t.num_layers,
             t.num_single_layers,
             t.hidden_size(),
-            self.qwen.config.hidden_size
+            self.text.config.hidden_size
         )
     }
 
     fn defaults(&self, vae: &VaeConfig) -> Defaults {
         let m = vae.latent_factor();
-        // diffusers' `Flux2KleinPipeline` defaults: 50 steps, guidance 4, `default_sample_size`
-        // 128 VAE latents, Qwen3 length 512. The presets carry the model cards' own.
+        // diffusers' `Flux2KleinPipeline` and `Flux2Pipeline` defaults: 50 steps, guidance 4,
+        // `default_sample_size` 128 VAE latents, text length 512. The presets carry the model
+        // cards' own.
         Defaults {
             side: 128 * vae.scale_factor(),
             size_multiple: m,
@@ -122,16 +180,25 @@ impl Family for Flux2 {
     }
 
     fn check(&self, r: &mut Resolved, model: &str) -> Result<()> {
+        let pipeline = match self.variant {
+            Variant::Klein { .. } => "FLUX.2 [klein]",
+            Variant::Dev => "FLUX.2 [dev]",
+        };
         if r.given.true_cfg {
             return Err(Error::InvalidRequest(
-                Message::from(format!("{model} is a FLUX.2 [klein] model: "))
+                Message::from(format!("{model} is a {pipeline} model: "))
                     .param(Param::TrueCfg)
                     .text(" is FLUX.1's; use ")
                     .param(Param::Guidance),
             ));
         }
         request::check_guidance(Param::Guidance, r.guidance)?;
-        if self.distilled && r.given.guidance {
+        if self.variant == Variant::Dev && r.given.negative_prompt {
+            r.notices.push(Message::about(Param::NegativePrompt).text(format!(
+                " is ignored: {model} is FLUX.2 [dev], guided by its guidance embedding (--guidance), not against a negative prompt"
+            )));
+        }
+        if self.variant == (Variant::Klein { distilled: true }) && r.given.guidance {
             r.notices.push(Message::about(Param::Guidance).text(format!(
                 " {} is ignored: {model} is step-distilled and runs without guidance",
                 r.guidance
@@ -140,10 +207,12 @@ impl Family for Flux2 {
         Ok(())
     }
 
-    /// diffusers guides when the scale is above 1 and the model is not step-distilled, against
-    /// "" (or the request's negative prompt), as two model calls.
+    /// [klein]: diffusers guides when the scale is above 1 and the model is not step-distilled,
+    /// against "" (or the request's negative prompt), as two model calls. [dev]: never (its
+    /// guidance is embedded).
     fn guidance(&self, r: &Resolved) -> Option<Cfg> {
-        (!self.distilled && r.uses_cfg()).then_some(Cfg {
+        let cfg = self.variant == (Variant::Klein { distilled: false });
+        (cfg && r.uses_cfg()).then_some(Cfg {
             scale: r.guidance,
             batched: false,
         })
@@ -160,17 +229,22 @@ impl Family for Flux2 {
     }
 
     fn text_parts(&self) -> Vec<TextPart> {
-        vec![TextPart::Qwen3(self.qwen.clone())]
+        vec![TextPart::Lm(self.text.clone())]
     }
 
-    /// diffusers' `Flux2KleinPipeline(image=[...])`: the images are references.
+    /// diffusers' `Flux2KleinPipeline(image=[...])` and `Flux2Pipeline(image=[...])`: the images
+    /// are references.
     fn edit(&self) -> Edit {
         Edit::References
     }
 
     fn load_text(&self, load: &TextLoader) -> Result<Box<dyn PromptEncoder>> {
         Ok(Box::new(Flux2TextEncoder {
-            qwen: load.qwen3(&self.qwen)?,
+            lm: load.lm(&self.text)?,
+            system: match self.variant {
+                Variant::Dev => Some(FLUX2_SYSTEM_MESSAGE),
+                Variant::Klein { .. } => None,
+            },
             device: load.device.clone(),
             dtype: load.dtype,
         }))
@@ -180,7 +254,7 @@ impl Family for Flux2 {
 impl Transformer for Flux2Transformer {
     fn bind<'a>(
         &'a self,
-        _: &Resolved,
+        r: &Resolved,
         prompt: &Conditioning,
         hw: (usize, usize),
         references: &[Tensor],
@@ -198,10 +272,16 @@ impl Transformer for Flux2Transformer {
             true => None,
             false => Some(Tensor::cat(&tokens, 1)?),
         };
+        // [dev]'s embedded guidance (`torch.full([1], guidance_scale)`), for models that embed it.
+        let guidance = match self.config().guidance_embeds {
+            true => Some(Tensor::new(&[r.guidance as f32], dev)?),
+            false => None,
+        };
         Ok(Box::new(Step {
             model: self,
             rope: self.rope(txt, h, w, &grids, dev)?,
             references,
+            guidance,
         }))
     }
 }
@@ -219,6 +299,8 @@ struct Step<'a> {
     rope: Rope,
     /// An edit's reference tokens (1, N, C) in the run dtype, after the generated ones.
     references: Option<Tensor>,
+    /// The embedded guidance scale (1,) f32, for models with a guidance embedding.
+    guidance: Option<Tensor>,
 }
 
 impl Denoise for Step<'_> {
@@ -241,9 +323,19 @@ impl Denoise for Step<'_> {
             }
             None => packed,
         };
-        let v = self
-            .model
-            .forward_cached(&input, &sigma, None, &c.context, &self.rope, cache)?;
+        let guidance = self
+            .guidance
+            .as_ref()
+            .map(|g| g.broadcast_as(b)?.contiguous())
+            .transpose()?;
+        let v = self.model.forward_cached(
+            &input,
+            &sigma,
+            guidance.as_ref(),
+            &c.context,
+            &self.rope,
+            cache,
+        )?;
         // The reference tokens' predictions are dropped.
         let v = v.narrow(1, 0, h * w)?;
         Ok(v.transpose(1, 2)?.reshape((b, ch, h, w))?)

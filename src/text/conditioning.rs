@@ -11,9 +11,9 @@
 //!   layers 9, 18 and 27 of the chat-templated prompt, side by side (no pooled vector).
 
 use super::clip::ClipText;
-use super::qwen3::Qwen3Encoder;
+use super::lm::LmEncoder;
 use super::t5::T5Encoder;
-use super::tokenize::TextTokenizer;
+use super::tokenize::{ChatMessage, TextTokenizer};
 use super::PromptEncoder;
 use crate::error::Result;
 use candle_core::{DType, Device, Tensor, D};
@@ -187,36 +187,72 @@ impl PromptEncoder for ChromaTextEncoder {
     }
 }
 
+/// FLUX.2 [dev]'s system message (BFL's, as diffusers' `SYSTEM_MESSAGE`).
+pub const FLUX2_SYSTEM_MESSAGE: &str = "You are an AI that reasons about image descriptions. You give structured responses focusing on object relationships, object\nattribution and actions without speculation.";
+
+/// FLUX.2's text encoder: a language model's hidden states of the chat-templated prompt.
 pub struct Flux2TextEncoder {
-    pub qwen: (Qwen3Encoder, TextTokenizer),
+    pub lm: (LmEncoder, TextTokenizer),
+    /// [dev] (Mistral 3): the prompt follows this system message; [klein] (Qwen3): none.
+    pub system: Option<&'static str>,
     pub device: Device,
     pub dtype: DType,
 }
 
+impl Flux2TextEncoder {
+    fn name(&self) -> &'static str {
+        match self.system {
+            Some(_) => "Mistral 3",
+            None => "Qwen3",
+        }
+    }
+}
+
 impl PromptEncoder for Flux2TextEncoder {
     /// FLUX.2 [klein] (`Flux2KleinPipeline._get_qwen3_prompt_embeds`): the prompt as a user
-    /// message through the chat template, padded or cut to `max_seq` tokens, and the hidden states
-    /// taken from Qwen3, side by side per token (all `max_seq` tokens, padding included: the
-    /// transformer attends to every one).
+    /// message through the chat template, with the assistant's turn opened, tokenized with the
+    /// tokenizer's special tokens and right-padded. FLUX.2 [dev]
+    /// (`Flux2Pipeline._get_mistral_3_small_prompt_embeds`): the system message and the prompt
+    /// (without `[IMG]`) as text blocks through the chat template, tokenized as it is (no special
+    /// tokens added) and padded on the tokenizer's side. Either way padded or cut to `max_seq`
+    /// tokens, and the hidden states taken side by side per token (all `max_seq` tokens, padding
+    /// included: the transformer attends to every one).
     fn encode(&mut self, prompt: &str, max_seq: usize) -> Result<(Conditioning, Vec<Truncation>)> {
         let mut cut = Vec::new();
-        let (model, tok) = &self.qwen;
-        let text = tok.apply_chat_template(prompt)?;
-        let t = tok.encode_padded(&text, max_seq)?;
+        let name = self.name();
+        let (model, tok) = &self.lm;
+        let (t, valid) = match self.system {
+            None => {
+                let t = tok.encode_padded(&tok.apply_chat_template(prompt)?, max_seq)?;
+                let valid = (0..max_seq).map(|i| i < t.len).collect::<Vec<_>>();
+                (t, valid)
+            }
+            Some(system) => {
+                let prompt = prompt.replace("[IMG]", "");
+                let msg = |role, text| ChatMessage {
+                    role,
+                    text,
+                    blocks: true,
+                };
+                let text =
+                    tok.render_chat(&[msg("system", system), msg("user", &prompt)], false)?;
+                tok.encode_chat(&text, max_seq)?
+            }
+        };
         if t.dropped > 0 {
             cut.push(Truncation {
-                encoder: "Qwen3",
+                encoder: name,
                 limit: max_seq,
                 dropped: t.dropped,
             });
         }
         let ids = Tensor::new(t.ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        let context = model.forward(&ids, t.len)?.to_dtype(self.dtype)?;
+        let context = model.forward(&ids, &valid)?.to_dtype(self.dtype)?;
         let pooled = Tensor::zeros((1, 0), self.dtype, &self.device)?;
         Ok((Conditioning { context, pooled }, cut))
     }
 
     fn tokenizers(&self) -> Vec<(&'static str, &TextTokenizer)> {
-        vec![("Qwen3", &self.qwen.1)]
+        vec![(self.name(), &self.lm.1)]
     }
 }

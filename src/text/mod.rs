@@ -3,13 +3,13 @@
 
 pub mod clip;
 pub mod conditioning;
-pub mod qwen3;
+pub mod lm;
 pub mod t5;
 pub mod tokenize;
 
 pub use conditioning::{
     ChromaTextEncoder, Conditioning, Flux2TextEncoder, FluxTextEncoders, Sd3TextEncoders,
-    Truncation,
+    Truncation, FLUX2_SYSTEM_MESSAGE,
 };
 pub use tokenize::TextTokenizer;
 

@@ -29,7 +29,7 @@ pub fn reference(name: &str) -> HashMap<String, Tensor> {
 }
 
 /// The released models whose shape manifests are in `tests/fixtures/manifests/`.
-pub const REAL_MODELS: [&str; 12] = [
+pub const REAL_MODELS: [&str; 13] = [
     "sd3-medium",
     "sd3.5-large",
     "sd3.5-large-turbo",
@@ -42,6 +42,7 @@ pub const REAL_MODELS: [&str; 12] = [
     "chroma1-base",
     "flux.2-klein-4b",
     "flux.2-klein-9b",
+    "flux.2-dev",
 ];
 
 /// The original single-file layout of a real model.

@@ -1,12 +1,49 @@
-//! Qwen3 as FLUX.2 [klein]'s text encoder: transformers' `Qwen3ForCausalLM` decoder layers (GQA
-//! attention with per-head q/k RMSNorm and RoPE, SwiGLU MLP) run causally over a right-padded
-//! prompt, returning the hidden states after chosen layers (diffusers takes those after 9, 18 and
-//! 27 layers), side by side. Only the layers up to the last one taken are loaded.
+//! Decoder-only language models as text encoders: Qwen3 (FLUX.2 [klein], transformers'
+//! `Qwen3ForCausalLM`) and Mistral (FLUX.2 [dev], the language model of
+//! `Mistral3ForConditionalGeneration`). Their decoder layers (GQA attention with RoPE, per-head q/k
+//! RMSNorm in Qwen3's, SwiGLU MLP) run causally over a padded prompt, returning the hidden states
+//! after chosen layers (diffusers takes 9, 18, 27 of Qwen3 and 10, 20, 30 of Mistral), side by side.
+//! Only the layers up to the last one taken are loaded.
 
 use crate::config::Qwen3Config;
 use crate::nn::{linear_with, Linear, RmsNorm};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
+
+/// Which language model: where its decoder's weights sit and whether its heads have q/k norms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LmKind {
+    /// `model.*`, q/k norms.
+    Qwen3,
+    /// `language_model.model.*` (as transformers saves `Mistral3ForConditionalGeneration`) or
+    /// `model.language_model.*`; no q/k norms.
+    Mistral3,
+}
+
+impl LmKind {
+    /// Where the decoder's weights may sit, in the order they are looked for.
+    fn prefixes(self) -> &'static [&'static str] {
+        match self {
+            LmKind::Qwen3 => &["model"],
+            LmKind::Mistral3 => &["language_model.model", "model.language_model"],
+        }
+    }
+
+    /// The language-model heads and other parts of the checkpoint an encoder never reads.
+    fn unread_parts(self) -> &'static [&'static str] {
+        match self {
+            LmKind::Qwen3 => &["lm_head."],
+            LmKind::Mistral3 => &[
+                "lm_head.",
+                "language_model.lm_head.",
+                "vision_tower.",
+                "model.vision_tower.",
+                "multi_modal_projector.",
+                "model.multi_modal_projector.",
+            ],
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 struct Layer {
@@ -15,8 +52,8 @@ struct Layer {
     k: Linear,
     v: Linear,
     o: Linear,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
+    /// Qwen3's per-head norms.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     post_norm: RmsNorm,
     gate: Linear,
     up: Linear,
@@ -24,7 +61,7 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(cfg: &Qwen3Config, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &Qwen3Config, qk_norm: bool, vb: VarBuilder) -> Result<Self> {
         let (d, hd) = (cfg.hidden_size, cfg.head_dim());
         let (h, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let eps = cfg.rms_norm_eps;
@@ -37,8 +74,13 @@ impl Layer {
             k: linear_with(d, kv * hd, b, a.pp("k_proj"))?,
             v: linear_with(d, kv * hd, b, a.pp("v_proj"))?,
             o: linear_with(h * hd, d, false, a.pp("o_proj"))?,
-            q_norm: RmsNorm::new(hd, eps, a.pp("q_norm"))?,
-            k_norm: RmsNorm::new(hd, eps, a.pp("k_norm"))?,
+            qk_norm: match qk_norm {
+                true => Some((
+                    RmsNorm::new(hd, eps, a.pp("q_norm"))?,
+                    RmsNorm::new(hd, eps, a.pp("k_norm"))?,
+                )),
+                false => None,
+            },
             post_norm: RmsNorm::new(d, eps, vb.pp("post_attention_layernorm"))?,
             gate: linear_with(d, cfg.intermediate_size, false, m.pp("gate_proj"))?,
             up: linear_with(d, cfg.intermediate_size, false, m.pp("up_proj"))?,
@@ -49,7 +91,7 @@ impl Layer {
 
 /// The decoder up to the last layer whose output is taken.
 #[derive(Debug, Clone)]
-pub struct Qwen3Encoder {
+pub struct LmEncoder {
     embed: Embedding,
     layers: Vec<Layer>,
     /// The final norm, applied when the output of the last layer of the model is taken.
@@ -62,10 +104,10 @@ pub struct Qwen3Encoder {
     taken: Vec<usize>,
 }
 
-impl Qwen3Encoder {
+impl LmEncoder {
     /// `taken`: the indices into transformers' `hidden_states` (0 = the embeddings, k = after k
     /// layers, `num_hidden_layers` = after the final norm), each at most `num_hidden_layers`.
-    pub fn new(cfg: &Qwen3Config, taken: &[usize], vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &Qwen3Config, kind: LmKind, taken: &[usize], vb: VarBuilder) -> Result<Self> {
         let n = cfg.num_hidden_layers;
         let last = taken.iter().copied().max().unwrap_or(0);
         if last > n {
@@ -73,14 +115,19 @@ impl Qwen3Encoder {
                 "the text encoder has {n} layers; hidden state {last} was asked for"
             );
         }
-        let m = vb.pp("model");
+        let prefixes = kind.prefixes();
+        let prefix = prefixes
+            .iter()
+            .find(|p| vb.contains_tensor(&format!("{p}.embed_tokens.weight")))
+            .unwrap_or(&prefixes[0]);
+        let m = vb.pp(*prefix);
         let embed = Embedding::new(
             m.pp("embed_tokens")
                 .get((cfg.vocab_size, cfg.hidden_size), "weight")?,
             cfg.hidden_size,
         );
         let layers = (0..last.min(n))
-            .map(|i| Layer::new(cfg, m.pp(format!("layers.{i}"))))
+            .map(|i| Layer::new(cfg, kind == LmKind::Qwen3, m.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let norm = (last == n)
             .then(|| RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm")))
@@ -98,17 +145,25 @@ impl Qwen3Encoder {
     }
 
     /// The names of the checkpoint's tensors this encoder does not read: the layers after the
-    /// last one taken, the final norm unless taken, and the language-model head.
-    pub fn unread(cfg: &Qwen3Config, taken: &[usize], name: &str) -> bool {
+    /// last one taken, the final norm unless taken, the language-model head (and Mistral 3's
+    /// vision tower and projector).
+    pub fn unread(cfg: &Qwen3Config, kind: LmKind, taken: &[usize], name: &str) -> bool {
         let last = taken.iter().copied().max().unwrap_or(0);
-        if name.starts_with("lm_head.") {
+        if kind.unread_parts().iter().any(|p| name.starts_with(p)) {
             return true;
         }
-        if name.starts_with("model.norm.") {
+        let Some(rest) = kind
+            .prefixes()
+            .iter()
+            .find_map(|p| name.strip_prefix(p)?.strip_prefix('.'))
+        else {
+            return false;
+        };
+        if rest.starts_with("norm.") {
             return last < cfg.num_hidden_layers;
         }
-        let layer = name
-            .strip_prefix("model.layers.")
+        let layer = rest
+            .strip_prefix("layers.")
             .and_then(|r| r.split('.').next())
             .and_then(|i| i.parse::<usize>().ok());
         layer.is_some_and(|i| i >= last)
@@ -138,27 +193,38 @@ impl Qwen3Encoder {
         Ok((cos, sin))
     }
 
-    /// ids: (1, L), the first `valid` of them the prompt's (then padding) -> (1, L, taken x
-    /// hidden): the hidden states after each taken layer, side by side, in `taken`'s order.
-    pub fn forward(&self, ids: &Tensor, valid: usize) -> Result<Tensor> {
+    /// ids: (1, L), `valid[i]` whether token i is the prompt's (false: padding, on either side)
+    /// -> (1, L, taken x hidden): the hidden states after each taken layer, side by side, in
+    /// `taken`'s order. Positions count from 0 at the first token, padding included, as
+    /// transformers counts them when given no position ids.
+    pub fn forward(&self, ids: &Tensor, valid: &[bool]) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
+        if valid.len() != l {
+            candle_core::bail!("{} validity flags for {l} tokens", valid.len());
+        }
         let dev = ids.device();
         let mut x = self.embed.forward(ids)?;
         let dtype = x.dtype();
         let (cos, sin) = self.rope(l, dtype, dev)?;
         // Causal, and no token attends to padding (transformers' mask from the attention mask).
+        // A row with no key left (left padding's first tokens) attends to nothing: torch's SDPA
+        // gives it zeros, so its weights are zeroed after the softmax (`rows`).
+        let allowed = |i: usize, j: usize| j <= i && valid[j];
+        let rows: Vec<f32> = (0..l)
+            .map(|i| f32::from(u8::from((0..=i).any(|j| allowed(i, j)))))
+            .collect();
         let mask: Vec<f32> = (0..l)
             .flat_map(|i| {
-                (0..l).map(move |j| {
-                    if j <= i && j < valid {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
+                let empty = rows[i] == 0.0;
+                (0..l).map(move |j| match allowed(i, j) || empty {
+                    true => 0.0,
+                    false => f32::NEG_INFINITY,
                 })
             })
             .collect();
         let mask = Tensor::from_vec(mask, (1, 1, l, l), dev)?.to_dtype(dtype)?;
+        let rows = Tensor::from_vec(rows, (1, 1, l, 1), dev)?.to_dtype(dtype)?;
+        let mask = (mask, rows);
         let mut states = vec![None; self.layers.len() + 1];
         let keep = |k: usize| self.taken.contains(&k);
         if keep(0) {
@@ -193,21 +259,22 @@ impl Qwen3Encoder {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        (mask, rows): &(Tensor, Tensor),
         b: usize,
         l: usize,
     ) -> Result<Tensor> {
         let hd = self.head_dim;
         let h = w.input_norm.forward(x)?;
         let heads = |t: Tensor, n: usize| t.reshape((b, l, n, hd));
-        let q = w
-            .q_norm
-            .forward(&heads(w.q.forward(&h)?, self.heads)?)?
-            .transpose(1, 2)?;
-        let k = w
-            .k_norm
-            .forward(&heads(w.k.forward(&h)?, self.kv_heads)?)?
-            .transpose(1, 2)?;
+        let (mut q, mut k) = (
+            heads(w.q.forward(&h)?, self.heads)?,
+            heads(w.k.forward(&h)?, self.kv_heads)?,
+        );
+        if let Some((q_norm, k_norm)) = &w.qk_norm {
+            q = q_norm.forward(&q)?;
+            k = k_norm.forward(&k)?;
+        }
+        let (q, k) = (q.transpose(1, 2)?, k.transpose(1, 2)?);
         let v = heads(w.v.forward(&h)?, self.kv_heads)?.transpose(1, 2)?;
         let q = rotate(&q, cos, sin)?;
         let k = rotate(&k, cos, sin)?;
@@ -222,7 +289,8 @@ impl Qwen3Encoder {
         };
         let (k, v) = (expand(k)?, expand(v)?);
         let scores = (q.contiguous()?.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
+        let p =
+            candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?.broadcast_mul(rows)?;
         let o = p
             .matmul(&v)?
             .transpose(1, 2)?

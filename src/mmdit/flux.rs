@@ -204,6 +204,18 @@ pub(super) fn rope(
     Rope::new(&ids, axes, ROPE_THETA, device)
 }
 
+/// Packed tokens (b, n, c) followed by an edit's reference tokens (1, m, c), the same for every
+/// sample of the batch (Kontext's and FLUX.2's references): (b, n + m, c) in the tokens' dtype.
+pub fn with_references(packed: &Tensor, references: Option<&Tensor>) -> Result<Tensor> {
+    let Some(r) = references else {
+        return Ok(packed.clone());
+    };
+    let (b, _, c) = packed.dims3()?;
+    let r = r.to_dtype(packed.dtype())?;
+    let r = r.broadcast_as((b, r.dim(1)?, c))?.contiguous()?;
+    Tensor::cat(&[packed, &r], 1)
+}
+
 /// (b, c, h, w) -> (b, h/2 * w/2, c * 4): 2x2 patches, channel-major inside each patch.
 pub fn pack(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;

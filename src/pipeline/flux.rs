@@ -7,7 +7,7 @@ use super::family::{Bound, Cfg, Defaults, Denoise, Edit, Family, Transformer};
 use crate::config::{ClipTextConfig, FluxTransformerConfig, SchedulerConfig, T5Config, VaeConfig};
 use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::cache::BlockCache;
-use crate::mmdit::flux::{pack, unpack};
+use crate::mmdit::flux::{pack, unpack, with_references};
 use crate::mmdit::rope::Rope;
 use crate::mmdit::FluxTransformer;
 use crate::request::{self, Resolved};
@@ -321,15 +321,7 @@ impl Denoise for Step<'_> {
         let sigma = Tensor::full(t / 1000.0, x.dim(0)?, x.device())?;
         let packed = pack(x)?;
         let n = packed.dim(1)?;
-        let input = match &self.reference {
-            Some(r) => {
-                let (b, _, c) = packed.dims3()?;
-                let r = r.to_dtype(packed.dtype())?;
-                let r = r.broadcast_as((b, r.dim(1)?, c))?.contiguous()?;
-                Tensor::cat(&[&packed, &r], 1)?
-            }
-            None => packed,
-        };
+        let input = with_references(&packed, self.reference.as_ref())?;
         // One guidance value for every sample of the batch.
         let guidance = self
             .guidance

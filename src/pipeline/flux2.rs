@@ -13,6 +13,7 @@ use crate::config::{
 };
 use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::cache::BlockCache;
+use crate::mmdit::flux::with_references;
 use crate::mmdit::rope::Rope;
 use crate::mmdit::Flux2Transformer;
 use crate::request::{self, Resolved};
@@ -315,14 +316,7 @@ impl Denoise for Step<'_> {
         // diffusers passes `timestep / 1000` and the model multiplies by 1000 again, both in f32.
         let sigma = Tensor::full(t / 1000.0, b, x.device())?;
         let packed = pack(x)?;
-        let input = match &self.references {
-            Some(r) => {
-                let r = r.to_dtype(packed.dtype())?;
-                let r = r.broadcast_as((b, r.dim(1)?, ch))?.contiguous()?;
-                Tensor::cat(&[&packed, &r], 1)?
-            }
-            None => packed,
-        };
+        let input = with_references(&packed, self.references.as_ref())?;
         let guidance = self
             .guidance
             .as_ref()

@@ -23,6 +23,7 @@ import torch
 import diffusers
 import numpy as np
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from PIL import Image
 from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -198,9 +199,12 @@ def dev(name, runs):
     for k, r in enumerate(runs):
         noise = torch.randn((1, c, r["height"] // f, r["width"] // f), generator=g)
         save_file({"noise": noise.contiguous()}, os.path.join(out, f"noise_{k}.safetensors"))
+        # A run with reference images takes them from tests/fixtures/flux2-edit (written by
+        # scripts/make_flux2_edit_fixtures.py).
+        images = [Image.open(os.path.join(ROOT, "flux2-edit", p)).convert("RGB") for p in r.get("images", [])]
         img = pipe(prompt=r["prompt"], num_inference_steps=r["steps"], guidance_scale=r["guidance"],
                    height=r["height"], width=r["width"], latents=noise, max_sequence_length=max_seq,
-                   output_type="pil").images[0]
+                   output_type="pil", image=images or None).images[0]
         tensors[f"run.{k}.image"] = torch.from_numpy(np.array(img).copy())
         meta["runs"].append(dict(r, noise=f"noise_{k}.safetensors"))
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "reference.safetensors"))
@@ -219,4 +223,5 @@ if __name__ == "__main__":
     dev("flux2-dev-tiny", [
         dict(prompt=PROMPTS[0], steps=3, guidance=4.0, height=48, width=32),
         dict(prompt=PROMPTS[3], steps=2, guidance=2.5, height=32, width=48),
+        dict(prompt="make it blue", steps=2, guidance=4.0, height=40, width=32, images=["input_1.png", "input_0.png"]),
     ])

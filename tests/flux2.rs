@@ -166,7 +166,8 @@ fn flux2_reference_editing_matches_diffusers() {
 /// FLUX.2 [dev] (`Flux2Pipeline`) on a tiny Mistral 3 (scripts/make_flux2_fixtures.py): the chat
 /// template (system message, text blocks, `strftime_now`) tokenized without added specials and
 /// padded on the left, the hidden states after layers 10, 20 and 30 (padding included, the first
-/// rows of a left-padded prompt attending to nothing), and images with embedded guidance.
+/// rows of a left-padded prompt attending to nothing), and images with embedded guidance, one of
+/// them edited from two reference images.
 #[test]
 fn flux2_dev_matches_diffusers() {
     let name = "flux2-dev-tiny";
@@ -215,8 +216,20 @@ fn flux2_dev_matches_diffusers() {
             1e-4,
         );
     }
+    // A run's reference images (from tests/fixtures/flux2-edit), as `image` and the rest.
+    let request = |run: &serde_json::Value| {
+        let mut req = fixture_request(name, run, max_seq);
+        let mut images = run["images"].as_array().into_iter().flatten().map(|p| {
+            mmdit::output::read_png(&fixture("flux2-edit").join(p.as_str().unwrap()))
+                .unwrap()
+                .0
+        });
+        req.image = images.next();
+        req.reference_images = images.collect();
+        req
+    };
     for (k, run) in meta["runs"].as_array().unwrap().iter().enumerate() {
-        let req = fixture_request(name, run, max_seq);
+        let req = request(run);
         let want = reference_image(&r, k);
         let out = pipe.generate(&req, &mut |_| {}).unwrap();
         let d = max_u8_diff(&out.image.data, &want);
@@ -228,9 +241,7 @@ fn flux2_dev_matches_diffusers() {
         .load(&device(), DType::BF16)
         .unwrap();
     for (k, run) in meta["runs"].as_array().unwrap().iter().enumerate() {
-        let out = bf
-            .generate(&fixture_request(name, run, max_seq), &mut |_| {})
-            .unwrap();
+        let out = bf.generate(&request(run), &mut |_| {}).unwrap();
         let p = psnr(&out.image.data, &reference_image(&r, k));
         eprintln!("run {k} bf16: {p:.1} dB");
         assert!(p >= 30.0, "run {k} bf16: {p:.1} dB");

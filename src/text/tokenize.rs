@@ -37,8 +37,9 @@ pub struct Tokens {
     pub ids: Vec<u32>,
     /// Tokens cut off the end to fit (0 when the prompt fit).
     pub dropped: usize,
-    /// The prompt's tokens (special ones included) before the padding: the tokenizer's
-    /// attention mask is 1 on `ids[..len]`.
+    /// How many of `ids` are the prompt's (special ones included), the rest padding: after them
+    /// (the attention mask is 1 on `ids[..len]`), or before them for left-padding tokenizers
+    /// ([`TextTokenizer::encode_chat`] says which).
     pub len: usize,
 }
 
@@ -221,7 +222,7 @@ impl TextTokenizer {
 
     /// A rendered chat as transformers' `apply_chat_template(..., tokenize=True, padding=
     /// "max_length", truncation=True, max_length)` tokenizes it: no special tokens added (the
-    /// template wrote them), cut at `max_len` from the end, padded on the tokenizer's side. Returns
+    /// template wrote them), cut after `max_len` tokens, padded on the tokenizer's side. Returns
     /// the ids and which of them are the chat's (the attention mask).
     pub fn encode_chat(&self, text: &str, max_len: usize) -> Result<(Tokens, Vec<bool>)> {
         let err = |e: tokenizers::Error| Error::Tokenizer {

@@ -115,6 +115,13 @@ pub(crate) fn check_dim(path: &Path, name: &str, v: usize) -> Result<()> {
     })
 }
 
+/// A layer count `name` (`num_layers`, `num_hidden_layers`): 1..=[`MAX_LAYERS`].
+pub(crate) fn check_layers(path: &Path, name: &str, n: usize) -> Result<()> {
+    check(path, (1..=MAX_LAYERS).contains(&n), || {
+        format!("`{name}` is {n}, expected 1..={MAX_LAYERS}")
+    })
+}
+
 /// A FLUX-shaped transformer's block counts: each within [`MAX_LAYERS`], at least one block.
 pub(crate) fn check_blocks(path: &Path, double: usize, single: usize) -> Result<()> {
     check(

@@ -1,4 +1,4 @@
-use super::{check, check_dim, check_dims, n, MAX_LAYERS};
+use super::{check, check_dim, check_dims, check_layers, n};
 use crate::error::Result;
 use std::path::Path;
 
@@ -54,16 +54,7 @@ impl ClipTextConfig {
         if let Some(p) = self.projection_dim {
             check_dim(path, "projection_dim", p)?;
         }
-        check(
-            path,
-            (1..=MAX_LAYERS).contains(&self.num_hidden_layers),
-            || {
-                format!(
-                    "`num_hidden_layers` is {}, expected 1..={MAX_LAYERS}",
-                    self.num_hidden_layers
-                )
-            },
-        )?;
+        check_layers(path, "num_hidden_layers", self.num_hidden_layers)?;
         check(
             path,
             self.hidden_size.is_multiple_of(self.num_attention_heads),
@@ -128,12 +119,7 @@ impl T5Config {
             num_heads,
             relative_attention_num_buckets
         );
-        check(path, (1..=MAX_LAYERS).contains(&self.num_layers), || {
-            format!(
-                "`num_layers` is {}, expected 1..={MAX_LAYERS}",
-                self.num_layers
-            )
-        })
+        check_layers(path, "num_layers", self.num_layers)
     }
 }
 
@@ -271,16 +257,7 @@ impl Qwen3Config {
                 1 << 20
             )
         })?;
-        check(
-            path,
-            (1..=MAX_LAYERS).contains(&self.num_hidden_layers),
-            || {
-                format!(
-                    "`num_hidden_layers` is {}, expected 1..={MAX_LAYERS}",
-                    self.num_hidden_layers
-                )
-            },
-        )?;
+        check_layers(path, "num_hidden_layers", self.num_hidden_layers)?;
         check(
             path,
             self.num_attention_heads

@@ -1,4 +1,4 @@
-use super::{check, check_dim, check_dims, n, MAX_LAYERS};
+use super::{check, check_dim, check_dims, check_layers, n};
 use crate::error::Result;
 use std::path::Path;
 
@@ -73,12 +73,7 @@ impl Sd3TransformerConfig {
         check(path, self.patch_size <= 16, || {
             format!("`patch_size` is {}, expected at most 16", self.patch_size)
         })?;
-        check(path, (1..=MAX_LAYERS).contains(&self.num_layers), || {
-            format!(
-                "`num_layers` is {}, expected 1..={MAX_LAYERS}",
-                self.num_layers
-            )
-        })?;
+        check_layers(path, "num_layers", self.num_layers)?;
         check_dim(path, "hidden size (heads x head dim)", self.hidden_size())?;
         check(
             path,

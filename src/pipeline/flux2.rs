@@ -37,6 +37,16 @@ pub enum Variant {
     Dev,
 }
 
+impl Variant {
+    /// The pipeline's name in messages.
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Klein { .. } => "FLUX.2 [klein]",
+            Variant::Dev => "FLUX.2 [dev]",
+        }
+    }
+}
+
 pub struct Flux2 {
     pub transformer: Flux2TransformerConfig,
     pub text: LmPart,
@@ -79,14 +89,8 @@ fn open(
     variant: Variant,
 ) -> Result<Box<dyn Family>> {
     let (transformer, _): (Flux2TransformerConfig, _) = c.config("transformer/config.json")?;
-    let name = match kind {
-        LmKind::Qwen3 => "Qwen3",
-        LmKind::Mistral3 => "Mistral 3",
-    };
-    let pipeline = match variant {
-        Variant::Klein { .. } => "FLUX.2 [klein]",
-        Variant::Dev => "FLUX.2 [dev]",
-    };
+    let name = kind.label();
+    let pipeline = variant.label();
     c.check(
         lm.num_hidden_layers >= layers.iter().copied().max().unwrap_or(0),
         || {
@@ -150,13 +154,14 @@ pub fn empirical_mu(tokens: usize, steps: usize) -> f64 {
 impl Family for Flux2 {
     fn describe(&self) -> String {
         let t = &self.transformer;
-        let (pipeline, text) = match self.variant {
-            Variant::Klein { distilled: true } => ("FLUX.2 [klein] (step-distilled)", "Qwen3"),
-            Variant::Klein { distilled: false } => ("FLUX.2 [klein]", "Qwen3"),
-            Variant::Dev => ("FLUX.2 [dev]", "Mistral 3"),
+        let distilled = match self.variant {
+            Variant::Klein { distilled: true } => " (step-distilled)",
+            _ => "",
         };
+        let text = self.text.kind.label();
         format!(
-            "{pipeline}: {} double + {} single blocks, width {}, {text} text encoder of width {}",
+            "{}{distilled}: {} double + {} single blocks, width {}, {text} text encoder of width {}",
+            self.variant.label(),
             t.num_layers,
             t.num_single_layers,
             t.hidden_size(),
@@ -181,10 +186,7 @@ impl Family for Flux2 {
     }
 
     fn check(&self, r: &mut Resolved, model: &str) -> Result<()> {
-        let pipeline = match self.variant {
-            Variant::Klein { .. } => "FLUX.2 [klein]",
-            Variant::Dev => "FLUX.2 [dev]",
-        };
+        let pipeline = self.variant.label();
         if r.given.true_cfg {
             return Err(Error::InvalidRequest(
                 Message::from(format!("{model} is a {pipeline} model: "))

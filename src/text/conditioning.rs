@@ -201,10 +201,7 @@ pub struct Flux2TextEncoder {
 
 impl Flux2TextEncoder {
     fn name(&self) -> &'static str {
-        match self.system {
-            Some(_) => "Mistral 3",
-            None => "Qwen3",
-        }
+        self.lm.0.kind().label()
     }
 }
 

@@ -21,6 +21,13 @@ pub enum LmKind {
 }
 
 impl LmKind {
+    /// The model's name in messages.
+    pub fn label(self) -> &'static str {
+        match self {
+            LmKind::Qwen3 => "Qwen3",
+            LmKind::Mistral3 => "Mistral 3",
+        }
+    }
     /// Where the decoder's weights may sit, in the order they are looked for.
     fn prefixes(self) -> &'static [&'static str] {
         match self {
@@ -102,6 +109,7 @@ pub struct LmEncoder {
     theta: f64,
     /// After how many layers the hidden states are taken.
     taken: Vec<usize>,
+    kind: LmKind,
 }
 
 impl LmEncoder {
@@ -141,7 +149,13 @@ impl LmEncoder {
             head_dim: cfg.head_dim(),
             theta: cfg.rope_theta(),
             taken: taken.to_vec(),
+            kind,
         })
+    }
+
+    /// Which language model this is.
+    pub fn kind(&self) -> LmKind {
+        self.kind
     }
 
     /// The names of the checkpoint's tensors this encoder does not read: the layers after the

@@ -1,7 +1,7 @@
 //! Matrix-product throughput of the CPU kernels (GFLOP/s), for the figures in README.md:
 //! `cargo run --release --example gemm_bench`.
 use half::bf16;
-use mmdit::cpu::{amx, sgemm};
+use mmdit::cpu::{amx, dpbf16, sgemm};
 use std::time::Instant;
 
 fn main() {
@@ -32,6 +32,36 @@ fn main() {
                 "avx512 f32 {m}x{k}x{n}: {:.0} GFLOP/s ({:.1} ms)",
                 2.0 * (m * k * n) as f64 / s / 1e9,
                 s * 1e3
+            );
+        }
+        if sgemm::available() && !amx::available() && std::env::var("F32_ONLY").is_err() {
+            let af: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
+            let p = sgemm::PackedBf16::from_nk(&w, n, k);
+            let mut out = vec![0f32; m * n];
+            sgemm::matmul(&af, m, k, &p, None, &mut out, n);
+            let t = Instant::now();
+            sgemm::matmul(&af, m, k, &p, None, &mut out, n);
+            let s = t.elapsed().as_secs_f64();
+            println!(
+                "avx512 bf16 panels {m}x{k}x{n}: {:.0} GFLOP/s ({:.1} ms)",
+                2.0 * (m * k * n) as f64 / s / 1e9,
+                s * 1e3
+            );
+        }
+        if dpbf16::available() && std::env::var("F32_ONLY").is_err() {
+            let t = Instant::now();
+            let p = dpbf16::PackedPairs::from_nk(&w, n, k);
+            let pack = t.elapsed().as_secs_f64();
+            let mut out = vec![0f32; m * n];
+            dpbf16::matmul(&a, m, k, &p, None, &mut out, n);
+            let t = Instant::now();
+            dpbf16::matmul(&a, m, k, &p, None, &mut out, n);
+            let s = t.elapsed().as_secs_f64();
+            println!(
+                "avx512-bf16 {m}x{k}x{n}: {:.0} GFLOP/s ({:.1} ms), pack {:.1} ms",
+                2.0 * (m * k * n) as f64 / s / 1e9,
+                s * 1e3,
+                pack * 1e3
             );
         }
         if amx::available() && std::env::var("F32_ONLY").is_err() {

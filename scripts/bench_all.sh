@@ -12,8 +12,9 @@ export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2
 mkdir -p bench-results
 [ -d bench-models/sd3-bench ] || "$PY" scripts/make_bench_models.py
 [ -d bench-models/flux2-bench ] || "$PY" scripts/make_bench_models.py --only flux2
+[ -d bench-models/text-bench ] || "$PY" scripts/make_bench_models.py --only text
 cargo build --release -q
-for model in ${MODELS:-sd3-bench flux-bench flux2-bench}; do
+for model in ${MODELS:-sd3-bench flux-bench flux2-bench text-bench}; do
   for dtype in ${DTYPES:-f32 bf16}; do
     "$PY" scripts/bench_diffusers.py --model "bench-models/$model" --steps "$STEPS" --width 512 --height 512 \
       --dtype "$dtype" --threads 2 --out "bench-results/$model-$dtype-diffusers.json" >/dev/null

@@ -9,6 +9,10 @@
 - flux2-bench: FLUX.2 [klein] 4B width (3072, 24 heads x 128, text width 7680), 1 double + 2 single
   blocks, step-distilled (no guidance), the real FLUX.2 VAE (AutoencoderKLFlux2 defaults), a narrow
   28-layer Qwen3 with the real output width (2560 per hidden state).
+- text-bench: the text encoders at real width for the text phase: CLIP-L (768 wide, 12 heads, 3072
+  MLP), CLIP-G (1280, 20 heads, 5120) and T5-XXL (4096, 64 heads x 64, gated-GELU 10240, 32 relative
+  buckets up to 128), 2 layers each, in an SD3 pipeline with a narrow 1-layer transformer and a small
+  VAE (its step and decode are not what it measures).
 Both engines load the same folders (diffusers layout).
 
 With --full (for a GPU: 4 + 24 GB in bf16), all layers at the real configs instead:
@@ -25,7 +29,8 @@ import torch
 from diffusers import (AutoencoderKL, AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
                        Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
                        StableDiffusion3Pipeline)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Qwen3Config, Qwen3ForCausalLM
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Qwen3Config, Qwen3ForCausalLM,
+                          T5Config, T5EncoderModel)
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_tokenizers import clip_tokenizer, qwen_tokenizer, t5_tokenizer  # noqa: E402
@@ -51,7 +56,7 @@ def main():
     ap.add_argument("--full", action="store_true", help="all layers (SD3-medium, FLUX.1-dev)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
-    ap.add_argument("--only", default=None, choices=["sd3", "flux", "flux2"])
+    ap.add_argument("--only", default=None, choices=["sd3", "flux", "flux2", "text"])
     args = ap.parse_args()
     torch.manual_seed(0)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -71,6 +76,8 @@ def main():
             make_flux(flux_layers, args.full, t5_enc, lambda p: save(p, ("flux-dev" if args.full else "flux") + suffix))
         if args.only in (None, "flux2") and not args.full:
             make_flux2(lambda p: save(p, "flux2-bench"))
+        if args.only in (None, "text") and not args.full:
+            make_text(lambda p: save(p, "text-bench"))
     print("wrote", os.path.abspath(args.out))
 
 
@@ -110,6 +117,34 @@ def make_flux2(save):
         text_encoder=qwen, tokenizer=qwen_tokenizer(), is_distilled=True,
     )
     save(flux2)
+
+
+def make_text(save):
+    def real_clip(hidden, inter, heads):
+        cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                             num_hidden_layers=2, vocab_size=1000, projection_dim=hidden, hidden_act="gelu",
+                             eos_token_id=2)
+        return CLIPTextModelWithProjection(cfg).eval()
+
+    t5_xxl = T5EncoderModel(T5Config(vocab_size=400, d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64,
+                                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                                     feed_forward_proj="gated-gelu", is_encoder_decoder=False)).eval()
+    small_vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                              up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32),
+                              layers_per_block=1, latent_channels=16, norm_num_groups=32, sample_size=1024,
+                              use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+                              shift_factor=0.0609)
+    sd3 = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=1,
+                                          attention_head_dim=32, num_attention_heads=2, joint_attention_dim=4096,
+                                          caption_projection_dim=64, pooled_projection_dim=2048, out_channels=16,
+                                          pos_embed_max_size=192),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=small_vae,
+        text_encoder=real_clip(768, 3072, 12), tokenizer=clip_tokenizer(),
+        text_encoder_2=real_clip(1280, 5120, 20), tokenizer_2=clip_tokenizer(pad_token="!"),
+        text_encoder_3=t5_xxl, tokenizer_3=t5_tokenizer(),
+    )
+    save(sd3)
 
 
 if __name__ == "__main__":

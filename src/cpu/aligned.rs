@@ -24,6 +24,8 @@ unsafe impl Zeroed for f32 {}
 unsafe impl Zeroed for bf16 {}
 // SAFETY: 0u8 is all-zero bits.
 unsafe impl Zeroed for u8 {}
+// SAFETY: 0u32 is all-zero bits.
+unsafe impl Zeroed for u32 {}
 
 /// `len` elements on a 64-byte boundary (the allocation holds `cap` >= `len`).
 pub struct Aligned<T: Zeroed> {

@@ -1,10 +1,12 @@
 //! Attention for bf16 on the CPU with AMX: per (batch, head) and block of queries, scores
 //! `q kᵀ` in f32 on AMX tiles, the scale and softmax in f32 (vectorised exp), probabilities rounded to
 //! bf16 for the product with v, output rounded once -- the order of PyTorch's CPU flash attention.
-//! No score matrix larger than one query block (64 rows x keys) exists at a time.
+//! No score matrix larger than one query block (64 rows x keys) exists at a time. Without AMX the
+//! same order runs on AVX512-BF16 dot products ([`sdpa_dpbf16`]), or in f32 ([`sdpa_f32`]).
 
 use super::aligned::Aligned;
 use super::amx::{self, PackedB};
+use super::dpbf16::{self, PackedPairs};
 use super::sgemm::{self, PackedF32};
 use half::bf16;
 use rayon::prelude::*;
@@ -114,6 +116,52 @@ fn block_bf16(
             *x = super::round_bf16(v);
         }
     }
+}
+
+/// [`sdpa_bf16`] on AVX512-BF16 dot products ([`dpbf16`]) where there is no AMX: the same
+/// roundings (scores summed in f32 from exact products, probabilities rounded to bf16, output
+/// rounded once). Panics if [`dpbf16::available`] is false.
+pub fn sdpa_dpbf16(q: &[bf16], k: &[bf16], v: &[bf16], heads: Heads, scale: f32) -> Vec<bf16> {
+    heads.check(q, k, v);
+    let Heads { bh, n, m, d } = heads;
+    let mut out = vec![bf16::ZERO; bh * n * d];
+    if bh == 0 || n == 0 || m == 0 || d == 0 {
+        return out;
+    }
+    out.par_chunks_mut(n * d)
+        .zip(q.par_chunks(n * d))
+        .zip(k.par_chunks(m * d).zip(v.par_chunks(m * d)))
+        .for_each(|((o, q), (k, v))| {
+            let kt = PackedPairs::from_nk(k, m, d);
+            let vp = PackedPairs::from_kn(v, m, d);
+            o.par_chunks_mut(QB_F32 * d)
+                .zip(q.par_chunks(QB_F32 * d))
+                .for_each(|(o, q)| {
+                    DPBF16_SCRATCH.with(|sc| {
+                        let (s, p, acc) = &mut *sc.borrow_mut();
+                        let rows = q.len() / d;
+                        s.reset(rows * m);
+                        dpbf16::matmul_serial(q, rows, d, &kt, s, m);
+                        p.reset(rows * m);
+                        for (s, p) in s.chunks_exact_mut(m).zip(p.chunks_exact_mut(m)) {
+                            softmax_row(s, p, scale);
+                        }
+                        acc.reset(rows * d);
+                        dpbf16::matmul_serial(p, rows, m, &vp, acc, d);
+                        for (x, &v) in o.iter_mut().zip(acc.iter()) {
+                            *x = super::round_bf16(v);
+                        }
+                    })
+                });
+        });
+    out
+}
+
+thread_local! {
+    /// Per-thread scores, probabilities and output of one query block in [`sdpa_dpbf16`].
+    #[allow(clippy::type_complexity)]
+    static DPBF16_SCRATCH: std::cell::RefCell<(Aligned<f32>, Aligned<bf16>, Aligned<f32>)> =
+        const { std::cell::RefCell::new((Aligned::new(), Aligned::new(), Aligned::new())) };
 }
 
 /// `softmax(q kᵀ · scale) v` in f32 over [`Heads`], as [`sdpa_bf16`] but with the AVX-512 f32
@@ -316,6 +364,15 @@ mod tests {
         if crate::cpu::test_has("amx") {
             let tol = |w: f64| 3.0 * 2f64.powi(-8) + w * 2f64.powi(-8);
             check_against_reference(7, bf16::from_f32, |v| v.to_f64(), sdpa_bf16, tol);
+        }
+    }
+
+    /// As [`sdpa_bf16_equals_the_reference`], on AVX512-BF16 dot products.
+    #[test]
+    fn sdpa_dpbf16_equals_the_reference() {
+        if crate::cpu::test_has("avx512_bf16") {
+            let tol = |w: f64| 3.0 * 2f64.powi(-8) + w * 2f64.powi(-8);
+            check_against_reference(7, bf16::from_f32, |v| v.to_f64(), sdpa_dpbf16, tol);
         }
     }
 

@@ -218,6 +218,25 @@ fn add_gated_row_generic(x: &[bf16], y: &[bf16], g: &[f32], o: &mut [bf16]) {
     }
 }
 
+/// `o = x` rounded to bf16 (nearest even), in parallel pieces: the one rounding of a bf16 product
+/// summed in f32.
+pub fn round_to_bf16(x: &[f32], o: &mut [bf16]) {
+    assert_eq!(x.len(), o.len(), "round_to_bf16: lengths differ");
+    const CHUNK: usize = 1 << 14;
+    o.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| round_chunk(x, o));
+}
+
+super::avx512_dispatch!(round_chunk, round_chunk_generic, (x: &[f32], o: &mut [bf16]));
+
+#[inline(always)]
+fn round_chunk_generic(x: &[f32], o: &mut [bf16]) {
+    for (o, &v) in o.iter_mut().zip(x) {
+        *o = round_bf16(v);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

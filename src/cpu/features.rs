@@ -4,7 +4,7 @@
 //! really runs the generic code everywhere and `MMDIT_AMX=0` never touches a tile.
 //!
 //! Kernel tests skip, with a line on stderr, where a feature is off; with `MMDIT_REQUIRE_AVX512=1`,
-//! `MMDIT_REQUIRE_AMX=1` or `MMDIT_REQUIRE_VNNI=1` set (CI sets them where the CPU lists the feature) they fail instead.
+//! `MMDIT_REQUIRE_AMX=1`, `MMDIT_REQUIRE_VNNI=1` or `MMDIT_REQUIRE_AVX512_BF16=1` set (CI sets them where the CPU lists the feature) they fail instead.
 
 use std::sync::OnceLock;
 
@@ -20,6 +20,9 @@ pub struct Features {
     /// AVX-512 VNNI (with BW), under the AVX-512 switch: the products on GGML blocks
     /// ([`super::qgemm`]). `MMDIT_VNNI=0` turns it off alone.
     pub vnni: bool,
+    /// AVX512-BF16 (`vdpbf16ps`), under the AVX-512 switch: the bf16 matrix product and attention
+    /// where there is no AMX ([`super::dpbf16`]). `MMDIT_AVX512_BF16=0` turns it off alone.
+    pub avx512_bf16: bool,
 }
 
 /// This process's features (probed and read from the environment on the first call).
@@ -29,6 +32,10 @@ pub fn features() -> Features {
         avx512: enabled("MMDIT_AVX512") && detect_avx512(),
         amx: enabled("MMDIT_AMX") && detect_amx(),
         vnni: enabled("MMDIT_AVX512") && enabled("MMDIT_VNNI") && detect_avx512() && detect_vnni(),
+        avx512_bf16: enabled("MMDIT_AVX512")
+            && enabled("MMDIT_AVX512_BF16")
+            && detect_avx512()
+            && detect_avx512_bf16(),
     })
 }
 
@@ -55,6 +62,16 @@ fn detect_vnni() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect_vnni() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx512_bf16() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx512_bf16() -> bool {
     false
 }
 
@@ -90,7 +107,7 @@ fn detect_amx() -> bool {
     false
 }
 
-/// For kernel tests: whether `feature` (`"avx512"`, `"amx"` or `"vnni"`) is on. When it is off the test
+/// For kernel tests: whether `feature` (`"avx512"`, `"amx"`, `"vnni"` or `"avx512_bf16"`) is on. When it is off the test
 /// should return early; this says so on stderr, or panics when `MMDIT_REQUIRE_<FEATURE>=1` asks for
 /// the feature (a machine that has it must not skip its tests silently).
 pub fn test_has(feature: &str) -> bool {
@@ -99,6 +116,7 @@ pub fn test_has(feature: &str) -> bool {
         "avx512" => f.avx512,
         "amx" => f.amx,
         "vnni" => f.vnni,
+        "avx512_bf16" => f.avx512_bf16,
         other => panic!("unknown CPU feature {other:?}"),
     };
     if !on {
@@ -130,6 +148,10 @@ mod tests {
         if std::env::var("MMDIT_VNNI").is_ok_and(|v| v == "0") {
             assert!(!f.vnni);
         }
+        if std::env::var("MMDIT_AVX512_BF16").is_ok_and(|v| v == "0") {
+            assert!(!f.avx512_bf16);
+        }
         assert!(!f.vnni || f.avx512);
+        assert!(!f.avx512_bf16 || f.avx512);
     }
 }

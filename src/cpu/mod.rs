@@ -1,5 +1,5 @@
-//! CPU kernels that candle lacks or that are slow there: matrix products on AVX-512 (f32) and AMX
-//! (bf16) with weights packed at load, fused attention, im2col-free convolution, GroupNorm, and
+//! CPU kernels that candle lacks or that are slow there: matrix products on AVX-512 (f32), AMX
+//! (bf16) and AVX512-BF16 (bf16 without AMX) with weights packed at load, fused attention, im2col-free convolution, GroupNorm, and
 //! vectorised element-wise passes. They work on slices; the layers in `nn` choose them by
 //! [`features()`] and wrap them as tensors.
 //!
@@ -36,6 +36,7 @@ pub mod aligned;
 pub mod amx;
 pub mod attention;
 pub mod conv;
+pub mod dpbf16;
 pub mod elementwise;
 mod features;
 pub mod group_norm;

@@ -16,7 +16,8 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 /// Scaled dot-product attention. On CUDA with the `flash-attn` feature (f16/bf16) it runs flash
 /// attention, on Metal candle's fused kernel, on a CPU [`crate::cpu::attention`] (bf16 with AMX,
-/// f32 with AVX-512, and bf16 with AVX-512 but no AMX through the f32 kernel); otherwise queries are processed in blocks so the score matrix never exceeds
+/// bf16 with AVX512-BF16 but no AMX on its dot products, f32 with AVX-512, and bf16 with AVX-512
+/// alone through the f32 kernel); otherwise queries are processed in blocks so the score matrix never exceeds
 /// a fixed budget (64 Mi scores on the CPU, 256 Mi on a GPU), with the softmax accumulating
 /// in f32.
 ///
@@ -61,8 +62,13 @@ pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             crate::cpu::attention::sdpa_f32(q, k, v, heads, scale as f32)
         });
     }
+    if q.device().is_cpu() && q.dtype() == DType::BF16 && cpu.avx512_bf16 {
+        return on_slices(q, k, v, |q, k, v| {
+            crate::cpu::attention::sdpa_dpbf16(q, k, v, heads, scale as f32)
+        });
+    }
     if q.device().is_cpu() && q.dtype() == DType::BF16 && cpu.avx512 {
-        // No AMX: the f32 kernel on the (exactly widened) bf16 values, the output rounded once;
+        // No AMX nor AVX512-BF16: the f32 kernel on the (exactly widened) bf16 values, the output rounded once;
         // candle's bf16 products would round the scores to bf16 before the softmax.
         let f = |t: &Tensor| t.to_dtype(DType::F32);
         return sdpa_unprofiled(&f(q)?, &f(k)?, &f(v)?)?.to_dtype(DType::BF16);
@@ -132,7 +138,7 @@ mod tests {
     use super::*;
     use crate::nn::test_util::normal;
 
-    /// bf16 on the CPU (AMX tiles, or the f32 kernel without AMX, or candle's blocked path): within
+    /// bf16 on the CPU (AMX tiles, AVX512-BF16, the f32 kernel, or candle's blocked path): within
     /// bf16 rounding of the probabilities and of the output of the f32 attention of the same values.
     #[test]
     fn bf16_attention_stays_within_bf16_rounding_of_f32() {

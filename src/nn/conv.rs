@@ -1,17 +1,36 @@
 //! 2-D convolutions with zero padding (the VAE's). Stride 1: candle's, or on the CPU in f32 with
 //! AVX-512 the im2col-free kernel of [`crate::cpu::conv`] (weights packed at load, candle's copy
-//! dropped). Strided (the encoder's downsamplers): candle's.
+//! dropped), with bf16 operands inside [`with_bf16_operands`] where the CPU has AVX512-BF16.
+//! Strided (the encoder's downsamplers): candle's.
 
-use crate::cpu::{self, conv::Conv2dF32};
+use crate::cpu::{
+    self,
+    conv::{Operands, PackedConv2d},
+};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use std::cell::Cell;
 use std::sync::Arc;
+
+thread_local! {
+    static BF16_OPERANDS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `build` with every packed convolution it makes taking bf16 operands (its input and weights
+/// rounded to bf16, sums in f32) when `on` and the CPU has AVX512-BF16: a bf16 run's VAE on the CPU,
+/// whose tensors stay f32 between layers ([`crate::pipeline::vae_dtype`]).
+pub fn with_bf16_operands<T>(on: bool, build: impl FnOnce() -> T) -> T {
+    let outer = BF16_OPERANDS.with(|b| b.replace(on));
+    let out = build();
+    BF16_OPERANDS.with(|b| b.set(outer));
+    out
+}
 
 /// `nn.Conv2d(in_c, out_c, k, padding=k // 2)` with bias, from `vb` (`weight`, `bias`).
 #[derive(Debug, Clone)]
 pub enum Conv2d {
     Candle(candle_nn::Conv2d),
-    Packed(Arc<Conv2dF32>),
+    Packed(Arc<PackedConv2d>),
 }
 
 impl Conv2d {
@@ -52,13 +71,15 @@ impl Conv2d {
             None => None,
         };
         let weights = w.flatten_all()?.to_vec1()?;
-        Ok(Self::Packed(Arc::new(Conv2dF32::new(
+        let operands = match BF16_OPERANDS.with(Cell::get) && cpu::features().avx512_bf16 {
+            true => Operands::Bf16,
+            false => Operands::F32,
+        };
+        Ok(Self::Packed(Arc::new(PackedConv2d::new(
             &weights,
             bias,
-            out_c,
-            in_c,
-            k,
-            k / 2,
+            (out_c, in_c, k, k / 2),
+            operands,
         ))))
     }
 }

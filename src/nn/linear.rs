@@ -1,8 +1,9 @@
 //! Linear layers: candle's `Linear`, except on the CPU where a faster kernel exists: in bf16 with
 //! AMX, the weight is packed once at load into AMX tiles and products run on [`crate::cpu::amx`];
 //! in f32 with AVX-512, it is packed into 32-column panels for [`crate::cpu::sgemm`]; in bf16 with
-//! AVX-512 but no AMX, into bf16 panels of the same kernel, computed in f32. Either way candle's copy
-//! of the weight is dropped, and a bf16 product is rounded once, after the bias (as PyTorch's).
+//! AVX512-BF16 but no AMX, into pairs of k for its dot products ([`crate::cpu::dpbf16`]); in bf16 with
+//! AVX-512 alone, into bf16 panels of the f32 kernel, computed in f32. Either way candle's copy of the
+//! weight is dropped, and a bf16 product is rounded once, after the bias (as PyTorch's).
 //!
 //! How a layer's weight is held is its `Kernel`; quantized weights (GGML blocks, as a GGUF file
 //! stores them, computed in place on [`crate::cpu::qgemm`]) are a further kernel, and a LoRA delta applied at run time is a term added to
@@ -11,6 +12,7 @@
 use super::lora::{self, Slot};
 use super::quant;
 use crate::cpu::amx::{self, PackedB};
+use crate::cpu::dpbf16::{self, PackedPairs};
 use crate::cpu::qgemm::{self, QWeight};
 use crate::cpu::sgemm::{self, PackedBf16, PackedF32};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -36,7 +38,9 @@ enum Kernel {
     Amx(Arc<Packed<PackedB>>),
     /// f32 on AVX-512.
     Avx512(Arc<Packed<PackedF32>>),
-    /// bf16 on AVX-512 without AMX: bf16 panels, f32 arithmetic.
+    /// bf16 on AVX512-BF16 dot products, without AMX.
+    Dpbf16(Arc<Packed<PackedPairs>>),
+    /// bf16 on AVX-512 without AMX or AVX512-BF16: bf16 panels, f32 arithmetic.
     Avx512Bf16(Arc<Packed<PackedBf16>>),
     /// GGML blocks on AVX-512 VNNI ([`super::quant`]), as the file stores them; f32 or bf16 in,
     /// the bias added to the f32 sums.
@@ -125,6 +129,10 @@ impl Linear {
                 weight: crate::cpu::with_slice(w, |w| PackedB::from_nk(w, n, k))?,
                 bias: bias()?,
             })),
+            DType::BF16 if cpu.avx512_bf16 => Kernel::Dpbf16(Arc::new(Packed {
+                weight: crate::cpu::with_slice(w, |w| PackedPairs::from_nk(w, n, k))?,
+                bias: bias()?,
+            })),
             DType::BF16 if cpu.avx512 => Kernel::Avx512Bf16(Arc::new(Packed {
                 weight: crate::cpu::with_slice(w, |w| PackedBf16::from_nk(w, n, k))?,
                 bias: bias()?,
@@ -200,9 +208,12 @@ impl Linear {
         matches!(self.kernel, Kernel::Amx(_))
     }
 
-    /// Whether products run on the AVX-512 kernel (f32, or bf16 panels).
+    /// Whether products run on an AVX-512 kernel (f32, bf16 panels, or AVX512-BF16 pairs).
     pub fn is_avx512(&self) -> bool {
-        matches!(self.kernel, Kernel::Avx512(_) | Kernel::Avx512Bf16(_))
+        matches!(
+            self.kernel,
+            Kernel::Avx512(_) | Kernel::Avx512Bf16(_) | Kernel::Dpbf16(_)
+        )
     }
 
     /// `x Wᵀ + b` without the LoRA term.
@@ -217,6 +228,7 @@ impl Linear {
             }
             Kernel::Avx512(p) => sgemm_forward(x, p, None, "AVX-512"),
             Kernel::Avx512Bf16(p) => sgemm_forward(x, p, None, "AVX-512 bf16"),
+            Kernel::Dpbf16(p) => dpbf16_forward(x, p, None),
             Kernel::Blocks(p) => {
                 let (k, n) = (p.weight.k(), p.weight.n());
                 let y = match x.dtype() {
@@ -274,6 +286,25 @@ fn sgemm_forward<E: sgemm::PanelElem>(
     y.to_dtype(want)
 }
 
+/// A layer on the AVX512-BF16 kernel: bf16 in, f32 sums (plus a LoRA term, on the exactly widened
+/// input), rounded once.
+fn dpbf16_forward(
+    x: &Tensor,
+    p: &Packed<PackedPairs>,
+    delta: Option<&lora::Delta>,
+) -> Result<Tensor> {
+    let (k, n) = (p.weight.k(), p.weight.n());
+    packed_forward::<bf16>(x, k, n, "AVX512-BF16", |a, m, out| {
+        let mut acc = vec![0f32; m * n];
+        dpbf16::matmul(a, m, k, &p.weight, p.bias.as_deref(), &mut acc, n);
+        if let Some(d) = delta {
+            let af: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
+            d.add_packed(&af, m, &mut acc);
+        }
+        crate::cpu::elementwise::round_to_bf16(&acc, out);
+    })
+}
+
 impl Module for Linear {
     /// x: (.., in) -> (.., out)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -285,6 +316,7 @@ impl Module for Linear {
             Kernel::Avx512Bf16(p) if delta.is_packed() => {
                 sgemm_forward(x, p, Some(&delta), "AVX-512 bf16")
             }
+            Kernel::Dpbf16(p) if delta.is_packed() => dpbf16_forward(x, p, Some(&delta)),
             _ => self.product(x)? + delta.forward(x)?,
         }
     }
@@ -359,6 +391,31 @@ mod tests {
                 let fast = Linear::new(l.clone()).unwrap();
                 assert!(fast.is_amx());
                 fast
+            });
+        }
+    }
+
+    /// The AVX512-BF16 kernel (chosen where there is no AMX; built directly here, so that an AMX
+    /// machine tests it too).
+    #[test]
+    fn dpbf16_linear_rounds_once_and_beats_candles() {
+        if crate::cpu::test_has("avx512_bf16") {
+            bf16_layer_rounds_once_and_beats_candles(|l| {
+                if !crate::cpu::features().amx {
+                    assert!(matches!(
+                        Linear::new(l.clone()).unwrap().kernel,
+                        Kernel::Dpbf16(_)
+                    ));
+                }
+                let (n, k) = l.weight().dims2().unwrap();
+                let w = crate::cpu::with_slice(l.weight(), |w| PackedPairs::from_nk(w, n, k));
+                let bias = l
+                    .bias()
+                    .map(|b| b.to_dtype(DType::F32).unwrap().to_vec1().unwrap());
+                Linear::of(Kernel::Dpbf16(Arc::new(Packed {
+                    weight: w.unwrap(),
+                    bias,
+                })))
             });
         }
     }

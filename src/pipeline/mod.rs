@@ -16,7 +16,7 @@ pub mod preview;
 pub mod sample;
 pub mod sd3;
 
-pub use components::{t5_dtype, vae_dtype, ComponentAudit};
+pub use components::{t5_dtype, vae_bf16_operands, vae_dtype, ComponentAudit};
 pub use family::{Cfg, Defaults, Denoise, Edit, Family, FamilyEntry, Transformer};
 pub use sample::{check_finite, seeded_noise, Prompts};
 
@@ -580,8 +580,10 @@ impl Spec {
             })
         });
         let transformer = transformer?;
-        let vae = w.load("vae", vae_dtype(dtype, device), device, |vb| {
-            VaeDecoder::new(&self.vae, vb)
+        let vae = nn::conv::with_bf16_operands(vae_bf16_operands(dtype, device), || {
+            w.load("vae", vae_dtype(dtype, device), device, |vb| {
+                VaeDecoder::new(&self.vae, vb)
+            })
         })?;
         let text = self
             .family
@@ -1265,10 +1267,11 @@ impl Pipeline {
             let dtype = vae_dtype(self.dtype, &self.device);
             let cfg = &self.spec.vae;
             let no_loras = LoraSet::default();
-            let enc = self
-                .spec
-                .weights(&no_loras)
-                .load("vae", dtype, &self.device, |vb| VaeEncoder::new(cfg, vb))?;
+            let weights = self.spec.weights(&no_loras);
+            let bf16 = vae_bf16_operands(self.dtype, &self.device);
+            let enc = nn::conv::with_bf16_operands(bf16, || {
+                weights.load("vae", dtype, &self.device, |vb| VaeEncoder::new(cfg, vb))
+            })?;
             self.encoder = Some(enc);
         }
         Ok(self.encoder.as_ref().expect("just loaded"))

@@ -1,0 +1,471 @@
+//! bf16 matrix products on the AVX512-BF16 dot product (`vdpbf16ps`), for bf16 layers on CPUs that
+//! have it but no AMX (AMD Zen 4 and later, Intel Cooper Lake).
+//!
+//! `C = A · B (+ bias)` with A (m x k) bf16 row-major and B packed once (at load, for a linear
+//! layer's weight) into panels of 32 columns whose rows are *pairs* of k: pair row q of a panel holds
+//! `[b(2q, j), b(2q+1, j)]` for its 32 columns j, so one vector of B is 16 columns x 2 k. Each
+//! `vdpbf16ps` adds, per column, `a(i, 2q) b(2q, j) + a(i, 2q+1) b(2q+1, j)` to an f32 accumulator
+//! (the bf16 products are exact in f32; the sums round to nearest even): 32 multiply-adds per
+//! instruction where the f32 kernel ([`super::sgemm`]) does 16, on the same bf16 values PyTorch's
+//! oneDNN multiplies on this instruction. An odd k is padded with a zero.
+//!
+//! The blocking is [`super::sgemm`]'s (a 14 x 32 micro-kernel with 28 accumulators; per task a
+//! block of A rows is copied into micro-panels of MR rows interleaved per pair), with a longer k
+//! block ([`KC`]). Results are f32 (the caller rounds once, after the bias) and a sum over
+//! shifted starts of A ([`matmul_taps`]) is a convolution without im2col, as in `sgemm`.
+//!
+//! [`available`] says whether the CPU has AVX-512F with AVX512-BF16 and neither `MMDIT_AVX512=0`
+//! nor `MMDIT_AVX512_BF16=0` turned it off ([`super::features`]).
+
+use super::aligned::Aligned;
+use super::OutPtr;
+use half::bf16;
+use rayon::prelude::*;
+
+/// Columns per B panel (two 16-lane vectors).
+pub const NR: usize = 32;
+/// Rows per micro-kernel.
+pub const MR: usize = 14;
+/// k per block (1024 pairs). A B micro-panel (128 KiB) then streams from L2 rather than sitting in
+/// L1, but every further block of k reloads the 28 accumulators: on a 2-core Zen 4, 256/512/1024/2048
+/// measured about 330/355/400/410 GFLOP/s on the transformers' shapes (`examples/gemm_bench.rs`).
+const KC: usize = 2048;
+/// Rows per task (a multiple of MR).
+const MC: usize = 32 * MR;
+
+/// Whether the AVX512-BF16 kernel can be used (the feature switch, [`super::features`]).
+pub fn available() -> bool {
+    super::features().avx512_bf16
+}
+
+/// B (k x n) packed in pairs of k: panel p holds columns 32p .. 32p + 32 as k.div_ceil(2) rows of
+/// 32 pairs (zero beyond n and beyond k).
+#[derive(Debug, Clone)]
+pub struct PackedPairs {
+    k: usize,
+    n: usize,
+    data: Aligned<bf16>,
+}
+
+impl PackedPairs {
+    /// From B given transposed, as a (n x k) row-major matrix (a linear layer's weight).
+    pub fn from_nk(w: &[bf16], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "weight is not {n} x {k}");
+        Self::fill(k, n, |c, kk| w[c * k + kk])
+    }
+
+    /// From B as a (k x n) row-major matrix.
+    pub fn from_kn(b: &[bf16], k: usize, n: usize) -> Self {
+        assert_eq!(b.len(), k * n, "matrix is not {k} x {n}");
+        Self::fill(k, n, |c, kk| b[kk * n + c])
+    }
+
+    /// Packs `at(column, k)` for columns < n and k < self.k.
+    fn fill(k: usize, n: usize, at: impl Fn(usize, usize) -> bf16 + Sync) -> Self {
+        let pairs = k.div_ceil(2);
+        let mut data = Aligned::zeroed(n.div_ceil(NR) * NR * 2 * pairs);
+        let panel = 2 * NR * pairs;
+        let fill = |nb: usize, dst: &mut [bf16]| {
+            let cols = NR.min(n - nb * NR);
+            for (q, row) in dst.chunks_exact_mut(2 * NR).enumerate() {
+                for j in 0..cols {
+                    let c = nb * NR + j;
+                    row[2 * j] = at(c, 2 * q);
+                    if 2 * q + 1 < k {
+                        row[2 * j + 1] = at(c, 2 * q + 1);
+                    }
+                }
+            }
+        };
+        if panel > 0 {
+            if k * n >= 1 << 16 {
+                data.par_chunks_mut(panel)
+                    .enumerate()
+                    .for_each(|(nb, d)| fill(nb, d));
+            } else {
+                // Small (attention's per-head operands): not worth the pool.
+                for (nb, d) in data.chunks_mut(panel).enumerate() {
+                    fill(nb, d)
+                }
+            }
+        }
+        Self { k, n, data }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    fn panels(&self) -> usize {
+        self.n.div_ceil(NR)
+    }
+
+    /// Elements per pair row of a panel (32 pairs).
+    const ROW: usize = 2 * NR;
+}
+
+/// `out (m x n, row stride ldo) = a (m x k, row stride lda) · b (+ bias)` in f32, on the rayon
+/// pool. Panics if [`available`] is false or the slices are too short for the shapes.
+pub fn matmul(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    b: &PackedPairs,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    matmul_taps(a, &[0], m, lda, std::slice::from_ref(b), bias, out, ldo)
+}
+
+/// `out (m x n) = Σ_t a[offsets[t] ..] (m x k, row stride lda) · bs[t] (+ bias)`: a convolution as
+/// the sum over its kernel taps ([`super::sgemm::matmul_taps`]'s contract, on bf16 A).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_taps(
+    a: &[bf16],
+    offsets: &[usize],
+    m: usize,
+    lda: usize,
+    bs: &[PackedPairs],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    assert_eq!(offsets.len(), bs.len(), "one offset per tap");
+    let Some(b) = bs.first() else {
+        panic!("no taps")
+    };
+    for (&off, bt) in offsets.iter().zip(bs) {
+        assert!(bt.k == b.k && bt.n == b.n, "taps differ in shape");
+        check(&a[off.min(a.len())..], m, lda, bt, bias, out, ldo);
+    }
+    if m == 0 || b.n == 0 {
+        return;
+    }
+    let tasks = super::split_tasks(m, MC, MR, b.panels());
+    let optr = OutPtr(out.as_mut_ptr());
+    let last = bs.len() - 1;
+    tasks.par_iter().for_each(|&(r0, rows, lo, hi)| {
+        for (t, (&off, bt)) in offsets.iter().zip(bs).enumerate() {
+            let bias = if t == last { bias } else { None };
+            // SAFETY: the kernel's features are available and the slices hold the shapes (check);
+            // each task writes its own rows x panels block of out (split_tasks), which no other
+            // task touches.
+            unsafe {
+                block(
+                    &a[off + r0 * lda..],
+                    rows,
+                    lda,
+                    bt,
+                    lo,
+                    hi,
+                    bias,
+                    optr.get().add(r0 * ldo),
+                    ldo,
+                    t > 0,
+                )
+            };
+        }
+    });
+}
+
+/// As [`matmul`] without bias, on the calling thread (for callers that parallelise outside).
+pub fn matmul_serial(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    b: &PackedPairs,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    check(a, m, lda, b, None, out, ldo);
+    if m == 0 || b.n == 0 {
+        return;
+    }
+    for c in 0..m.div_ceil(MC) {
+        let rows = MC.min(m - c * MC);
+        // SAFETY: the kernel's features are available and the slices hold the shapes (check);
+        // rows of chunk c lie inside a and out.
+        unsafe {
+            block(
+                &a[c * MC * lda..],
+                rows,
+                lda,
+                b,
+                0,
+                b.panels(),
+                None,
+                out.as_mut_ptr().add(c * MC * ldo),
+                ldo,
+                false,
+            )
+        };
+    }
+}
+
+fn check(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    b: &PackedPairs,
+    bias: Option<&[f32]>,
+    out: &[f32],
+    ldo: usize,
+) {
+    assert!(
+        available(),
+        "AVX512-BF16 matmul called where AVX512-BF16 is not available"
+    );
+    assert!(
+        lda >= b.k && ldo >= b.n,
+        "row strides shorter than the rows"
+    );
+    if m > 0 {
+        assert!(a.len() >= (m - 1) * lda + b.k, "A is too short");
+        assert!(out.len() >= (m - 1) * ldo + b.n, "output is too short");
+    }
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), b.n, "bias length");
+    }
+}
+
+thread_local! {
+    /// Per-thread packed micro-panels of A (bf16 pairs as 32-bit words).
+    static APACK: std::cell::RefCell<Aligned<u32>> = const { std::cell::RefCell::new(Aligned::new()) };
+}
+
+/// Rows 0..rows of a times panels lo..hi of b into out (row stride ldo), added to what out holds
+/// when `accumulate`.
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16 must be available. `a` holds `rows` rows at stride lda, each at least
+/// b.k long; `out` is valid for reads and writes of rows 0..rows at stride ldo, columns 32 lo ..
+/// min(32 hi, n), and no other thread touches them during the call; hi <= the panel count. No
+/// alignment is required of a or out; b's panels are 64-byte aligned (`Aligned`).
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
+    a: &[bf16],
+    rows: usize,
+    lda: usize,
+    b: &PackedPairs,
+    lo: usize,
+    hi: usize,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    ldo: usize,
+    accumulate: bool,
+) {
+    let k = b.k;
+    let pairs = k.div_ceil(2);
+    let groups = rows.div_ceil(MR);
+    APACK.with(|ap| {
+        let ap = &mut *ap.borrow_mut();
+        for k0 in (0..k.max(1)).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let qc = kc.div_ceil(2);
+            // A rows 0..rows, columns k0..k0+kc, as groups of MR rows interleaved per pair (the
+            // first of a pair in the low half; an odd last column paired with zero).
+            ap.reset(groups * MR * qc);
+            for g in 0..groups {
+                let dst = &mut ap[g * MR * qc..(g + 1) * MR * qc];
+                for r in 0..MR.min(rows - g * MR) {
+                    let src = &a[(g * MR + r) * lda + k0..][..kc];
+                    let mut pairs = src.chunks_exact(2);
+                    for (q, p) in pairs.by_ref().enumerate() {
+                        dst[q * MR + r] = p[0].to_bits() as u32 | (p[1].to_bits() as u32) << 16;
+                    }
+                    if let [last] = pairs.remainder() {
+                        dst[(qc - 1) * MR + r] = last.to_bits() as u32;
+                    }
+                }
+            }
+            let first = k0 == 0;
+            let end = k0 + kc >= k;
+            for p in lo..hi {
+                let cols = NR.min(b.n - p * NR);
+                let bp = b.data[(p * pairs + k0 / 2) * PackedPairs::ROW..].as_ptr();
+                let bias = match (end, bias) {
+                    (true, Some(bias)) => bias[p * NR..].as_ptr(),
+                    _ => std::ptr::null(),
+                };
+                for g in 0..groups {
+                    // SAFETY: the features are available (the caller's contract). The micro-panel
+                    // of ap (qc x MR words) and the panel rows of b (qc rows of 64 bf16, from a
+                    // 64-byte aligned buffer at a multiple of 64 elements, so each row is two
+                    // aligned vectors) are in bounds; out's rows g MR .. + MR.min(..) and columns
+                    // 32 p .. + cols are inside the block the caller lent us; bias is null or has
+                    // cols values from 32 p.
+                    unsafe {
+                        kernel::run(
+                            ap[g * MR * qc..].as_ptr(),
+                            bp,
+                            qc,
+                            out.add(g * MR * ldo + p * NR),
+                            ldo,
+                            MR.min(rows - g * MR),
+                            cols,
+                            accumulate || !first,
+                            bias,
+                        )
+                    };
+                }
+            }
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use super::{MR, NR};
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`: a is qc x MR pairs (interleaved), b qc rows of
+    /// 32 pairs.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 available. `a` is valid for reads of qc x MR words; `b` for qc x 64
+    /// bf16, each row 64-byte aligned (aligned vector loads); `c` for reads and writes of `rows`
+    /// (<= MR) rows of `cols` (<= 32) floats at stride ldc, at any alignment (masked unaligned
+    /// access); `bias` is null or valid for `cols` floats.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn run(
+        a: *const u32,
+        b: *const bf16,
+        qc: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        load: bool,
+        bias: *const f32,
+    ) {
+        // SAFETY: every pointer below stays inside the extents the caller vouches for (see
+        // # Safety); the masks keep loads and stores of c and bias within `cols` columns. The
+        // transmutes reinterpret 512 bits as 32 bf16, which is what the vectors hold.
+        unsafe {
+            let (m0, m1) = super::super::rows32::masks(cols);
+            let mut acc = super::super::rows32::start::<MR>(load, rows, c, ldc, (m0, m1));
+            for q in 0..qc {
+                let bq = b.add(q * 2 * NR) as *const __m512i;
+                let b0: __m512bh = std::mem::transmute(_mm512_load_si512(bq));
+                let b1: __m512bh = std::mem::transmute(_mm512_load_si512(bq.add(1)));
+                let aq = a.add(q * MR);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*aq.add(r) as i32));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+                }
+            }
+            super::super::rows32::finish(&mut acc, rows, c, ldc, (m0, m1), bias);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod kernel {
+    /// # Safety
+    /// Never called: [`super::available`] is false off x86_64.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn run(
+        _: *const u32,
+        _: *const half::bf16,
+        _: usize,
+        _: *mut f32,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: bool,
+        _: *const f32,
+    ) {
+        unreachable!("AVX512-BF16 exists only on x86_64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(len: usize, mut seed: u64) -> Vec<bf16> {
+        crate::cpu::lcg_uniform(len, &mut seed, -1.0, 1.0)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect()
+    }
+
+    /// Odd shapes: partial row groups, partial panels, odd k, k over several blocks and k = 0.
+    const SHAPES: [(usize, usize, usize); 9] = [
+        (1, 1, 1),
+        (9, 2 * KC + 77, 40),
+        (5, 70, 33),
+        (300, 96, 700),
+        (37, 1001, 65),
+        (13, 600, 16),
+        (145, 257, 64),
+        (4, 0, 9),
+        (2, 1537, 3),
+    ];
+
+    /// Odd shapes, strided rows, bias, parallel and serial, and a sum of two taps: equal to an f64
+    /// reference of the same bf16 values within f32 summation error.
+    #[test]
+    fn dpbf16_equals_the_reference() {
+        if !crate::cpu::test_has("avx512_bf16") {
+            return;
+        }
+        for &(m, k, n) in &SHAPES {
+            let (lda, ldo) = (k + 3, n + 5);
+            let a = random(m * lda + 1, 1);
+            let w = random(n * k, 2);
+            let w2 = random(n * k, 4);
+            let bias: Vec<f32> = random(n, 3).iter().map(|v| v.to_f32()).collect();
+            let f = |x: &[bf16]| x.iter().map(|v| v.to_f64()).collect::<Vec<_>>();
+            let want = crate::cpu::reference_product(&f(&a), m, lda, &f(&w), n, k);
+            let want2 = crate::cpu::reference_product(&f(&a[1..]), m, lda, &f(&w2), n, k);
+            let (packed, packed2) = (
+                PackedPairs::from_nk(&w, n, k),
+                PackedPairs::from_nk(&w2, n, k),
+            );
+            let tol = 1e-6 * (k as f64).sqrt() + 1e-7;
+            let mut got = vec![f32::NAN; m * ldo];
+            matmul(&a, m, lda, &packed, Some(&bias), &mut got, ldo);
+            let mut serial = vec![f32::NAN; m * ldo];
+            matmul_serial(&a, m, lda, &packed, &mut serial, ldo);
+            let mut taps = vec![f32::NAN; m * ldo];
+            let both = [packed.clone(), packed2];
+            matmul_taps(&a, &[0, 1], m, lda, &both, None, &mut taps, ldo);
+            for i in 0..m {
+                for j in 0..n {
+                    let (g, s, t) = (got[i * ldo + j], serial[i * ldo + j], taps[i * ldo + j]);
+                    let w = want[i * n + j];
+                    // (Summation error grows with the sums too: long k reaches |w| ~ 20.)
+                    let tol = tol + 2e-6 * w.abs();
+                    assert!(
+                        (g as f64 - bias[j] as f64 - w).abs() <= tol,
+                        "{m}x{k}x{n} [{i},{j}]: {} vs {w}",
+                        g - bias[j]
+                    );
+                    assert!(
+                        (s as f64 - w).abs() <= tol,
+                        "{m}x{k}x{n}: serial {s} vs {w}"
+                    );
+                    let w2 = w + want2[i * n + j];
+                    let tol2 = 2.0 * tol + 2e-6 * w2.abs();
+                    assert!(
+                        (t as f64 - w2).abs() <= tol2,
+                        "{m}x{k}x{n}: taps {t} vs {w2}"
+                    );
+                }
+                // The padding between rows is not written.
+                assert!(got[i * ldo + n..(i + 1) * ldo].iter().all(|v| v.is_nan()));
+            }
+            let bt = crate::cpu::transpose(&w, n, k);
+            assert_eq!(&PackedPairs::from_kn(&bt, k, n).data[..], &packed.data[..]);
+        }
+    }
+}

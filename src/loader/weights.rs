@@ -79,8 +79,9 @@ pub fn backend(files: &[PathBuf]) -> Result<Box<dyn SimpleBackend>> {
 /// Memory-mapped safetensors files. float8 weights are widened to f32 as they are read: `F8_E4M3`
 /// (PyTorch's `float8_e4m3fn`) and `F8_E5M2`, each multiplied by its `<layer>.scale_weight` when
 /// the file has one ("scaled fp8", as ComfyUI publishes Flux and SD3.5).
+#[derive(Clone)]
 pub struct Safetensors {
-    maps: MmapedSafetensors,
+    maps: std::sync::Arc<MmapedSafetensors>,
 }
 
 impl Safetensors {
@@ -95,7 +96,30 @@ impl Safetensors {
             path: files.first().cloned().unwrap_or_default(),
             msg: e.to_string(),
         })?;
-        Ok(Self { maps })
+        Ok(Self {
+            maps: std::sync::Arc::new(maps),
+        })
+    }
+
+    /// `f(dtype, shape, bytes)` with tensor `name`'s bytes as the file stores them, when it is f32,
+    /// bf16 or f16 (the dtypes a layer can pack straight from the mapping); None when the files
+    /// have no such tensor or it is stored otherwise. The range's pages are then released.
+    pub fn with_raw<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(DType, &[usize], &[u8]) -> R,
+    ) -> Option<R> {
+        let view = self.maps.get(name).ok()?;
+        let dtype = match format!("{:?}", view.dtype()).as_str() {
+            "F32" => DType::F32,
+            "BF16" => DType::BF16,
+            "F16" => DType::F16,
+            _ => return None,
+        };
+        let data = view.data();
+        let out = f(dtype, view.shape(), data);
+        release(data);
+        Some(out)
     }
 
     /// Tensor `name` on the CPU: as stored, or widened to f32 and scaled when it is float8.
@@ -124,6 +148,28 @@ impl Safetensors {
             );
         }
         t.broadcast_mul(&s.flatten_all()?)
+    }
+}
+
+/// Drops this process's resident pages of a range of the mapping (whole pages inside it), once a
+/// layer has packed the tensor there: the packed copy is what the process keeps, and the file's
+/// pages stay in the page cache, read again only if the range is touched again.
+fn release(data: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no memory effects.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let start = (data.as_ptr() as usize).next_multiple_of(page);
+        let end = (data.as_ptr() as usize + data.len()) / page * page;
+        if end > start {
+            // SAFETY: [start, end) lies inside `data`, which lies inside a read-only file mapping
+            // (memmap2's `Mmap`, via `MmapedSafetensors`). MADV_DONTNEED on a file mapping only
+            // unmaps the pages from this process: their contents are unchanged and a later read
+            // faults them in again from the file, so every reference into the mapping stays valid.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
     }
 }
 

@@ -19,7 +19,31 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
+use std::cell::RefCell;
 use std::sync::Arc;
+
+/// Where layers built inside [`with_source`] may read their weights' bytes: `read(name, f)` calls
+/// `f(dtype, shape, bytes)` with the bytes the weight files store for tensor `name` and returns
+/// whether they had it (f32, bf16 or f16). A layer that packs its weight for a CPU kernel then packs
+/// it straight from those bytes, with no tensor copy in between.
+pub type Source = Arc<dyn Fn(&str, &mut Visit) -> bool + Send + Sync>;
+
+/// What a [`Source`] calls with a weight's dtype, shape and bytes.
+pub type Visit<'a> = dyn FnMut(DType, &[usize], &[u8]) + 'a;
+
+thread_local! {
+    static SOURCE: RefCell<Option<Source>> = const { RefCell::new(None) };
+}
+
+/// Runs `build` with every [`linear`] it makes that packs its weight for a CPU kernel reading the
+/// weight's bytes from `source` (when it has them, at the layer's dtype or f32 for a bf16 layer)
+/// rather than from its `VarBuilder`.
+pub fn with_source<T>(source: Option<Source>, build: impl FnOnce() -> T) -> T {
+    let outer = SOURCE.with(|s| s.replace(source));
+    let out = build();
+    SOURCE.with(|s| *s.borrow_mut() = outer);
+    out
+}
 
 /// `y = x Wᵀ + b` (diffusers' and PyTorch's `nn.Linear`), plus the run-time LoRA term of its slot
 /// when one is set ([`super::lora`]).
@@ -88,19 +112,119 @@ fn build(in_dim: usize, out_dim: usize, vb: VarBuilder, bias: bool) -> Result<Li
             let b = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
             Linear::from_blocks(w, b)?
         }
-        None => {
-            let plain = match bias {
-                true => candle_nn::linear(in_dim, out_dim, vb.clone())?,
-                false => candle_nn::linear_no_bias(in_dim, out_dim, vb.clone())?,
-            };
-            match quant::current() {
-                Some(q) => Linear::quantized(plain, q)?,
-                None => Linear::new(plain)?,
+        None => match from_source(in_dim, out_dim, bias, &vb)? {
+            Some(l) => l,
+            None => {
+                let plain = match bias {
+                    true => candle_nn::linear(in_dim, out_dim, vb.clone())?,
+                    false => candle_nn::linear_no_bias(in_dim, out_dim, vb.clone())?,
+                };
+                match quant::current() {
+                    Some(q) => Linear::quantized(plain, q)?,
+                    None => Linear::new(plain)?,
+                }
             }
-        }
+        },
     };
     l.lora = lora::register(&vb.prefix());
     Ok(l)
+}
+
+/// The layer packed straight from the [`with_source`] bytes of its weight, when there are such
+/// bytes of the right shape, the CPU has a packing kernel for the layer's dtype and the bytes are
+/// aligned for their type, and the layer is not being quantized; None to build it the usual way.
+fn from_source(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: &VarBuilder,
+) -> Result<Option<Linear>> {
+    let Some(source) = SOURCE.with(|s| s.borrow().clone()) else {
+        return Ok(None);
+    };
+    if !vb.device().is_cpu() || quant::current().is_some() {
+        return Ok(None);
+    }
+    let (want, cpu, (n, k)) = (vb.dtype(), crate::cpu::features(), (out_dim, in_dim));
+    let mut kernel = None;
+    source(
+        &format!("{}.weight", vb.prefix()),
+        &mut |dtype, shape, bytes| {
+            if shape != [n, k] {
+                return; // (the usual path names the mismatch)
+            }
+            kernel = match (want, dtype) {
+                (DType::F32, DType::F32) if cpu.avx512 => {
+                    values::<f32>(bytes).map(|w| Weight::F32(PackedF32::from_nk(w, n, k)))
+                }
+                (DType::BF16, DType::BF16) => {
+                    values::<bf16>(bytes).and_then(|w| bf16_weight(w, n, k))
+                }
+                (DType::BF16, DType::F32) => values::<f32>(bytes).and_then(|w| {
+                    let mut b = vec![bf16::ZERO; w.len()];
+                    crate::cpu::elementwise::round_to_bf16(w, &mut b);
+                    bf16_weight(&b, n, k)
+                }),
+                _ => None,
+            };
+        },
+    );
+    let Some(weight) = kernel else {
+        return Ok(None);
+    };
+    let bias = match bias {
+        true => Some(vb.get(out_dim, "bias")?.to_dtype(DType::F32)?.to_vec1()?),
+        false => None,
+    };
+    Ok(Some(Linear::of(match weight {
+        Weight::F32(weight) => Kernel::Avx512(Arc::new(Packed { weight, bias })),
+        Weight::Amx(weight) => Kernel::Amx(Arc::new(Packed { weight, bias })),
+        Weight::Pairs(weight) => Kernel::Dpbf16(Arc::new(Packed { weight, bias })),
+        Weight::Bf16(weight) => Kernel::Avx512Bf16(Arc::new(Packed { weight, bias })),
+    })))
+}
+
+/// A weight packed for one of the CPU kernels, before its bias joins it.
+enum Weight {
+    F32(PackedF32),
+    Amx(PackedB),
+    Pairs(PackedPairs),
+    Bf16(PackedBf16),
+}
+
+/// A bf16 weight (n x k) packed for the kernel [`Linear::new`] would choose, if any.
+fn bf16_weight(w: &[bf16], n: usize, k: usize) -> Option<Weight> {
+    let cpu = crate::cpu::features();
+    if cpu.amx {
+        Some(Weight::Amx(PackedB::from_nk(w, n, k)))
+    } else if cpu.avx512_bf16 {
+        Some(Weight::Pairs(PackedPairs::from_nk(w, n, k)))
+    } else if cpu.avx512 {
+        Some(Weight::Bf16(PackedBf16::from_nk(w, n, k)))
+    } else {
+        None
+    }
+}
+
+/// Types for which every bit pattern is a value.
+///
+/// # Safety
+/// Implementors are plain data with no invalid bit patterns and no padding.
+unsafe trait AnyBits: Copy {}
+// SAFETY: every 32-bit pattern is an f32 (NaNs included).
+unsafe impl AnyBits for f32 {}
+// SAFETY: bf16 is a u16 underneath; every pattern is a value.
+unsafe impl AnyBits for bf16 {}
+
+/// Little-endian bytes as values of T, when they are aligned for T and whole.
+fn values<T: AnyBits>(bytes: &[u8]) -> Option<&[T]> {
+    if !cfg!(target_endian = "little") {
+        return None;
+    }
+    // SAFETY: every bit pattern is a T (AnyBits); align_to only hands out the correctly aligned
+    // middle part.
+    let (head, mid, tail) = unsafe { bytes.align_to::<T>() };
+    (head.is_empty() && tail.is_empty()).then_some(mid)
 }
 
 impl Linear {
@@ -500,6 +624,98 @@ mod tests {
             .unwrap();
         let tol = if dtype == DType::F32 { 1e-5 } else { 0.05 };
         assert!(err <= tol, "{dtype:?}: {err}");
+    }
+
+    /// A layer built inside [`with_source`] packs the source's bytes (the `VarBuilder` holds zeros
+    /// here, so the output tells which was read): the same layer as one built from a tensor of
+    /// those values, f32 and bf16, and a bf16 layer from f32 bytes (rounded as candle's
+    /// conversion rounds). Misaligned bytes or a wrong shape fall back to the `VarBuilder`.
+    #[test]
+    fn layers_pack_straight_from_the_source_bytes() {
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        let (n, k) = (24, 40);
+        let w = normal((n, k), 0.1, 21);
+        let b = normal(n, 1.0, 22);
+        let x = normal((3, k), 1.0, 23);
+        let bytes_of = |t: &Tensor, dtype: DType| -> Vec<u8> {
+            match dtype {
+                DType::F32 => t
+                    .to_vec2::<f32>()
+                    .unwrap()
+                    .concat()
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+                _ => t
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_vec2::<bf16>()
+                    .unwrap()
+                    .concat()
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            }
+        };
+        let build = |dtype: DType, source: Option<Source>, weight: &Tensor| {
+            let vb = VarBuilder::from_tensors(
+                [
+                    ("l.weight".to_string(), weight.to_dtype(dtype).unwrap()),
+                    ("l.bias".to_string(), b.to_dtype(dtype).unwrap()),
+                ]
+                .into_iter()
+                .collect(),
+                dtype,
+                &Device::Cpu,
+            );
+            let l = with_source(source, || linear(k, n, vb.pp("l")).unwrap());
+            l.forward(&x.to_dtype(dtype).unwrap())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let source = |dtype: DType, shift: usize, shape: [usize; 2]| -> Source {
+            let mut bytes = vec![0u8; shift];
+            bytes.extend(bytes_of(&w, dtype));
+            Arc::new(move |name: &str, f: &mut Visit| {
+                if name != "l.weight" {
+                    return false;
+                }
+                f(dtype, &shape, &bytes[shift..]);
+                true
+            })
+        };
+        let zeros = w.zeros_like().unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        for (run, file) in [
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::BF16),
+            (DType::BF16, DType::F32),
+        ] {
+            let want = build(run, None, &w);
+            let from_bytes = build(run, Some(source(file, 0, [n, k])), &zeros);
+            assert_eq!(diff(&from_bytes, &want), 0.0, "{run:?} from {file:?} bytes");
+            let fallback = build(run, None, &zeros);
+            for (shift, shape) in [(1, [n, k]), (0, [k, n])] {
+                let got = build(run, Some(source(file, shift, shape)), &zeros);
+                assert_eq!(
+                    diff(&got, &fallback),
+                    0.0,
+                    "{run:?}: shift {shift}, {shape:?}"
+                );
+            }
+        }
     }
 
     /// Quantized layers against the f32 product, relative RMS error by type (the activations are

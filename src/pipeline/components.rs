@@ -150,14 +150,33 @@ impl Weights<'_> {
         dtype: DType,
         device: &Device,
     ) -> Result<VarBuilder<'static>> {
-        let backend = match self.mapping(dir) {
-            Some(m) => m.backend()?,
-            None => {
-                let files = loader::component_weights(self.src, dir, &WEIGHT_STEMS)?;
-                loader::weights::backend(&files)?
-            }
-        };
+        Ok(self.var_builder_and_source(dir, dtype, device)?.0)
+    }
+
+    /// [`Self::var_builder`], and for a folder's safetensors files read as they are (no LoRA
+    /// merged in) the [`crate::nn::linear::Source`] its packed layers read their bytes from.
+    fn var_builder_and_source(
+        &self,
+        dir: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(VarBuilder<'static>, Option<crate::nn::linear::Source>)> {
         let deltas = self.merge.deltas(dir);
+        let (backend, source): (Box<dyn candle_nn::var_builder::SimpleBackend>, _) =
+            match self.mapping(dir) {
+                Some(m) => (m.backend()?, None),
+                None => {
+                    let files = loader::component_weights(self.src, dir, &WEIGHT_STEMS)?;
+                    let st = loader::weights::Safetensors::open(&files)?;
+                    let source = deltas.is_empty().then(|| {
+                        let st = st.clone();
+                        std::sync::Arc::new(move |name: &str, f: &mut crate::nn::linear::Visit| {
+                            st.with_raw(name, |d, s, b| f(d, s, b)).is_some()
+                        }) as crate::nn::linear::Source
+                    });
+                    (Box::new(st), source)
+                }
+            };
         let backend = if deltas.is_empty() {
             backend
         } else {
@@ -166,7 +185,10 @@ impl Weights<'_> {
                 deltas,
             })
         };
-        Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
+        Ok((
+            VarBuilder::from_backend(backend, dtype, device.clone()),
+            source,
+        ))
     }
 
     /// The component's weights a GGUF file stores in GGML blocks, if it has any.
@@ -217,7 +239,8 @@ impl Weights<'_> {
                 msg: format!("wrong shape: expected {want:?}, got {got:?}"),
             });
         }
-        Ok(build(self.var_builder(dir, dtype, device)?)?)
+        let (vb, source) = self.var_builder_and_source(dir, dtype, device)?;
+        Ok(crate::nn::linear::with_source(source, || build(vb))?)
     }
 
     /// Checks the component in `dir` against what `build` reads, headers only; `ignore` marks

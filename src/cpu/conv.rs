@@ -16,6 +16,9 @@ use super::OutPtr;
 use half::bf16;
 use rayon::prelude::*;
 
+/// Channels x pixels per tile of the layout changes around the products.
+const TILE: usize = 16;
+
 /// A convolution's weights packed per tap.
 #[derive(Debug, Clone)]
 pub struct PackedConv2d {
@@ -174,10 +177,17 @@ impl PackedConv2d {
                             return;
                         }
                         let y = yp - p;
-                        for c in 0..cin {
-                            let src = &x[(c * h + y) * w..][..w];
-                            for (xx, &v) in src.iter().enumerate() {
-                                row[(xx + p) * cin + c] = to(v);
+                        // In tiles of T channels x T pixels: the T input rows read stay in L1
+                        // while each pixel's T channels are written side by side.
+                        for c0 in (0..cin).step_by(TILE) {
+                            let cn = TILE.min(cin - c0);
+                            for x0 in (0..w).step_by(TILE) {
+                                for xx in x0..(x0 + TILE).min(w) {
+                                    let dst = &mut row[(xx + p) * cin + c0..][..cn];
+                                    for (ci, d) in dst.iter_mut().enumerate() {
+                                        *d = to(x[((c0 + ci) * h + y) * w + xx]);
+                                    }
+                                }
                             }
                         }
                     });
@@ -190,11 +200,24 @@ impl PackedConv2d {
                     .enumerate()
                     .for_each(|(i, row)| {
                         let y = y0 + i;
-                        for xx in 0..wo {
-                            let px = &row[xx * cout..][..cout];
-                            for (o, &v) in px.iter().enumerate() {
-                                // SAFETY: (o, y, xx) indexes out; each task writes its own row y.
-                                unsafe { *optr.get().add(o * plane + y * wo + xx) = v };
+                        // In tiles of T channels x T pixels, each channel's T pixels written side
+                        // by side (rather than one value per channel plane per pixel).
+                        for o0 in (0..cout).step_by(TILE) {
+                            for x0 in (0..wo).step_by(TILE) {
+                                let xn = TILE.min(wo - x0);
+                                for o in o0..(o0 + TILE).min(cout) {
+                                    // SAFETY: (o, y, x0 .. x0 + xn) indexes out (o < cout,
+                                    // y < ho, x0 + xn <= wo); each task writes its own row y.
+                                    let dst = unsafe {
+                                        std::slice::from_raw_parts_mut(
+                                            optr.get().add(o * plane + y * wo + x0),
+                                            xn,
+                                        )
+                                    };
+                                    for (xi, d) in dst.iter_mut().enumerate() {
+                                        *d = row[(x0 + xi) * cout + o];
+                                    }
+                                }
                             }
                         }
                     });

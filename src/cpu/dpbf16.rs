@@ -241,6 +241,11 @@ thread_local! {
 /// Rows 0..rows of a times panels lo..hi of b into out (row stride ldo), added to what out holds
 /// when `accumulate`.
 ///
+/// A is read in place (each micro-kernel row broadcast straight from its row of `a`) when every
+/// row starts on a whole pair (even lda and k) and the copy would not pay; otherwise it is copied
+/// into micro-panels of MR rows interleaved per pair. The copy costs about as much as the products
+/// when n is small (a convolution tap's 128 output channels), and is redone for every tap.
+///
 /// # Safety
 /// AVX-512F and AVX512-BF16 must be available. `a` holds `rows` rows at stride lda, each at least
 /// b.k long; `out` is valid for reads and writes of rows 0..rows at stride ldo, columns 32 lo ..
@@ -262,27 +267,47 @@ unsafe fn block(
     let k = b.k;
     let pairs = k.div_ceil(2);
     let groups = rows.div_ceil(MR);
+    // In place where the copy would not pay: few panels to share it, or a block of A small
+    // enough to stay in L2 across the panels (a convolution's band); the transformers' long-k,
+    // many-panel products keep the copy (gemm_bench: in place there lost 25%).
+    let in_place = lda.is_multiple_of(2)
+        && k.is_multiple_of(2)
+        && (hi - lo <= 8 || rows * KC.min(k) * std::mem::size_of::<bf16>() <= 512 << 10);
     APACK.with(|ap| {
         let ap = &mut *ap.borrow_mut();
         for k0 in (0..k.max(1)).step_by(KC) {
             let kc = KC.min(k - k0);
             let qc = kc.div_ceil(2);
-            // A rows 0..rows, columns k0..k0+kc, as groups of MR rows interleaved per pair (the
-            // first of a pair in the low half; an odd last column paired with zero).
-            ap.reset(groups * MR * qc);
-            for g in 0..groups {
-                let dst = &mut ap[g * MR * qc..(g + 1) * MR * qc];
-                for r in 0..MR.min(rows - g * MR) {
-                    let src = &a[(g * MR + r) * lda + k0..][..kc];
-                    let mut pairs = src.chunks_exact(2);
-                    for (q, p) in pairs.by_ref().enumerate() {
-                        dst[q * MR + r] = p[0].to_bits() as u32 | (p[1].to_bits() as u32) << 16;
-                    }
-                    if let [last] = pairs.remainder() {
-                        dst[(qc - 1) * MR + r] = last.to_bits() as u32;
+            // Where the micro-kernel reads group g's pairs: (first word, row stride, pair stride)
+            // in 32-bit words.
+            let (base, rs, ps): (*const u32, usize, usize) = if in_place {
+                (a[k0..].as_ptr().cast(), lda / 2, 1)
+            } else {
+                // A rows 0..rows, columns k0..k0+kc, as groups of MR rows interleaved per pair
+                // (the first of a pair in the low half; an odd last column paired with zero).
+                ap.reset(groups * MR * qc);
+                for g in 0..groups {
+                    let dst = &mut ap[g * MR * qc..(g + 1) * MR * qc];
+                    for r in 0..MR.min(rows - g * MR) {
+                        let src = &a[(g * MR + r) * lda + k0..][..kc];
+                        let mut pairs = src.chunks_exact(2);
+                        for (q, p) in pairs.by_ref().enumerate() {
+                            dst[q * MR + r] = p[0].to_bits() as u32 | (p[1].to_bits() as u32) << 16;
+                        }
+                        if let [last] = pairs.remainder() {
+                            dst[(qc - 1) * MR + r] = last.to_bits() as u32;
+                        }
                     }
                 }
-            }
+                (ap.as_ptr(), 1, MR)
+            };
+            // Group g's first word: in place, row g MR; packed, its micro-panel.
+            let group = |g: usize| {
+                (
+                    g * MR * if in_place { rs } else { qc },
+                    MR.min(rows - g * MR),
+                )
+            };
             let first = k0 == 0;
             let end = k0 + kc >= k;
             for p in lo..hi {
@@ -293,20 +318,25 @@ unsafe fn block(
                     _ => std::ptr::null(),
                 };
                 for g in 0..groups {
-                    // SAFETY: the features are available (the caller's contract). The micro-panel
-                    // of ap (qc x MR words) and the panel rows of b (qc rows of 64 bf16, from a
+                    let (off, grows) = group(g);
+                    // SAFETY: the features are available (the caller's contract). The kernel
+                    // reads words at off + r rs + q ps for r < grows and q < qc: in place, pairs
+                    // k0/2 .. + qc of rows g MR + r < rows of a (whole pairs: lda and k even, and
+                    // bf16 needs only 2-byte alignment, the words are read unaligned); packed, the
+                    // group's micro-panel of ap. The panel rows of b (qc rows of 64 bf16, from a
                     // 64-byte aligned buffer at a multiple of 64 elements, so each row is two
-                    // aligned vectors) are in bounds; out's rows g MR .. + MR.min(..) and columns
+                    // aligned vectors) are in bounds; out's rows g MR .. + grows and columns
                     // 32 p .. + cols are inside the block the caller lent us; bias is null or has
                     // cols values from 32 p.
                     unsafe {
                         kernel::run(
-                            ap[g * MR * qc..].as_ptr(),
+                            base.add(off),
+                            (rs, ps),
                             bp,
                             qc,
                             out.add(g * MR * ldo + p * NR),
                             ldo,
-                            MR.min(rows - g * MR),
+                            grows,
                             cols,
                             accumulate || !first,
                             bias,
@@ -324,18 +354,21 @@ mod kernel {
     use half::bf16;
     use std::arch::x86_64::*;
 
-    /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`: a is qc x MR pairs (interleaved), b qc rows of
-    /// 32 pairs.
+    /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`: row r's pair q of a is the word at
+    /// `a + r rs + q ps` (read for r < rows only; rows beyond repeat the last), b is qc rows of 32
+    /// pairs.
     ///
     /// # Safety
-    /// AVX-512F and AVX512-BF16 available. `a` is valid for reads of qc x MR words; `b` for qc x 64
-    /// bf16, each row 64-byte aligned (aligned vector loads); `c` for reads and writes of `rows`
-    /// (<= MR) rows of `cols` (<= 32) floats at stride ldc, at any alignment (masked unaligned
-    /// access); `bias` is null or valid for `cols` floats.
+    /// AVX-512F and AVX512-BF16 available. `a` is valid for unaligned reads of the words at
+    /// `r rs + q ps` for r < rows (>= 1), q < qc; `b` for qc x 64 bf16, each row 64-byte aligned
+    /// (aligned vector loads); `c` for reads and writes of `rows` (<= MR) rows of `cols` (<= 32)
+    /// floats at stride ldc, at any alignment (masked unaligned access); `bias` is null or valid
+    /// for `cols` floats.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn run(
         a: *const u32,
+        (rs, ps): (usize, usize),
         b: *const bf16,
         qc: usize,
         c: *mut f32,
@@ -346,18 +379,21 @@ mod kernel {
         bias: *const f32,
     ) {
         // SAFETY: every pointer below stays inside the extents the caller vouches for (see
-        // # Safety); the masks keep loads and stores of c and bias within `cols` columns. The
-        // transmutes reinterpret 512 bits as 32 bf16, which is what the vectors hold.
+        // # Safety: row indices are capped at rows - 1); the masks keep loads and stores of c and
+        // bias within `cols` columns. The transmutes reinterpret 512 bits as 32 bf16, which is
+        // what the vectors hold.
         unsafe {
             let (m0, m1) = super::super::rows32::masks(cols);
             let mut acc = super::super::rows32::start::<MR>(load, rows, c, ldc, (m0, m1));
+            let last = rows.max(1) - 1;
+            let row: [*const u32; MR] = std::array::from_fn(|r| a.add(r.min(last) * rs));
             for q in 0..qc {
                 let bq = b.add(q * 2 * NR) as *const __m512i;
                 let b0: __m512bh = std::mem::transmute(_mm512_load_si512(bq));
                 let b1: __m512bh = std::mem::transmute(_mm512_load_si512(bq.add(1)));
-                let aq = a.add(q * MR);
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*aq.add(r) as i32));
+                for (acc, &ar) in acc.iter_mut().zip(&row) {
+                    let word = ar.add(q * ps).read_unaligned();
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(word as i32));
                     acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
                     acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
                 }
@@ -374,6 +410,7 @@ mod kernel {
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run(
         _: *const u32,
+        _: (usize, usize),
         _: *const half::bf16,
         _: usize,
         _: *mut f32,
@@ -411,15 +448,16 @@ mod tests {
         (2, 1537, 3),
     ];
 
-    /// Odd shapes, strided rows, bias, parallel and serial, and a sum of two taps: equal to an f64
-    /// reference of the same bf16 values within f32 summation error.
+    /// Odd shapes, strided rows (A copied and read in place), bias, parallel and serial, and a sum
+    /// of two taps: equal to an f64 reference of the same bf16 values within f32 summation error.
     #[test]
     fn dpbf16_equals_the_reference() {
         if !crate::cpu::test_has("avx512_bf16") {
             return;
         }
-        for &(m, k, n) in &SHAPES {
-            let (lda, ldo) = (k + 3, n + 5);
+        // An odd row stride makes A be copied; an even one (with even k) read in place.
+        for (&(m, k, n), extra) in SHAPES.iter().flat_map(|s| [(s, 3), (s, 4)]) {
+            let (lda, ldo) = (k + extra, n + 5);
             let a = random(m * lda + 1, 1);
             let w = random(n * k, 2);
             let w2 = random(n * k, 4);

@@ -72,13 +72,21 @@ impl FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.norm.forward(xs)?;
         let y = match &self.gate {
-            Some(g) => self
-                .act
-                .forward(&g.forward(&h)?)?
-                .mul(&self.wi.forward(&h)?)?,
-            None => self.act.forward(&self.wi.forward(&h)?)?,
+            Some(g) => self.act(&g.forward(&h)?)?.mul(&self.wi.forward(&h)?)?,
+            None => self.act(&self.wi.forward(&h)?)?,
         };
         xs + self.wo.forward(&y)?
+    }
+
+    /// The activation; tanh-GELU (`gelu_new`, T5 v1.1's) on [`nn::gelu_tanh`]'s vectorised CPU
+    /// kernels rather than candle's per-element op.
+    fn act(&self, x: &Tensor) -> Result<Tensor> {
+        match self.act {
+            candle_nn::Activation::NewGelu | candle_nn::Activation::GeluPytorchTanh => {
+                nn::gelu_tanh(x)
+            }
+            act => act.forward(x),
+        }
     }
 }
 
@@ -182,9 +190,13 @@ impl SelfAttention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split(self.q.forward(&h)?)?;
-        let k = split(self.k.forward(&h)?)?;
-        let v = split(self.v.forward(&h)?)?;
+        // Scores, softmax and values in f32, rounded once (as CLIP's attention here): candle's
+        // bf16 products are slow on the CPU and its softmax sums in the input dtype, where
+        // transformers' T5 takes the softmax in f32.
+        let f32 = |t: Tensor| split(t)?.to_dtype(DType::F32);
+        let q = f32(self.q.forward(&h)?)?;
+        let k = f32(self.k.forward(&h)?)?;
+        let v = f32(self.v.forward(&h)?)?;
         let scores = q.matmul(&k.t()?)?;
         let bias = match (bias, &self.bias) {
             (Some(p), _) => p,
@@ -199,6 +211,7 @@ impl SelfAttention {
         let w = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&bias)?)?;
         let y = w
             .matmul(&v)?
+            .to_dtype(xs.dtype())?
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.d_kv))?;
         Ok(((xs + self.o.forward(&y)?)?, bias))

@@ -18,7 +18,6 @@
 //! nor `MMDIT_AVX512_BF16=0` turned it off ([`super::features`]).
 
 use super::aligned::Aligned;
-use super::OutPtr;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -100,10 +99,6 @@ impl PackedPairs {
         self.n
     }
 
-    fn panels(&self) -> usize {
-        self.n.div_ceil(NR)
-    }
-
     /// Elements per pair row of a panel (32 pairs).
     const ROW: usize = 2 * NR;
 }
@@ -135,42 +130,7 @@ pub fn matmul_taps(
     out: &mut [f32],
     ldo: usize,
 ) {
-    assert_eq!(offsets.len(), bs.len(), "one offset per tap");
-    let Some(b) = bs.first() else {
-        panic!("no taps")
-    };
-    for (&off, bt) in offsets.iter().zip(bs) {
-        assert!(bt.k == b.k && bt.n == b.n, "taps differ in shape");
-        check(&a[off.min(a.len())..], m, lda, bt, bias, out, ldo);
-    }
-    if m == 0 || b.n == 0 {
-        return;
-    }
-    let tasks = super::split_tasks(m, MC, MR, b.panels());
-    let optr = OutPtr(out.as_mut_ptr());
-    let last = bs.len() - 1;
-    tasks.par_iter().for_each(|&(r0, rows, lo, hi)| {
-        for (t, (&off, bt)) in offsets.iter().zip(bs).enumerate() {
-            let bias = if t == last { bias } else { None };
-            // SAFETY: the kernel's features are available and the slices hold the shapes (check);
-            // each task writes its own rows x panels block of out (split_tasks), which no other
-            // task touches.
-            unsafe {
-                block(
-                    &a[off + r0 * lda..],
-                    rows,
-                    lda,
-                    bt,
-                    lo,
-                    hi,
-                    bias,
-                    optr.get().add(r0 * ldo),
-                    ldo,
-                    t > 0,
-                )
-            };
-        }
-    });
+    PRODUCT.taps(a, offsets, m, lda, bs, bias, out, ldo, false)
 }
 
 /// As [`matmul`] without bias, on the calling thread (for callers that parallelise outside).
@@ -182,56 +142,30 @@ pub fn matmul_serial(
     out: &mut [f32],
     ldo: usize,
 ) {
-    check(a, m, lda, b, None, out, ldo);
-    if m == 0 || b.n == 0 {
-        return;
+    PRODUCT.serial(a, m, lda, b, out, ldo)
+}
+
+impl super::PackedOperand for PackedPairs {
+    fn k(&self) -> usize {
+        self.k
     }
-    for c in 0..m.div_ceil(MC) {
-        let rows = MC.min(m - c * MC);
-        // SAFETY: the kernel's features are available and the slices hold the shapes (check);
-        // rows of chunk c lie inside a and out.
-        unsafe {
-            block(
-                &a[c * MC * lda..],
-                rows,
-                lda,
-                b,
-                0,
-                b.panels(),
-                None,
-                out.as_mut_ptr().add(c * MC * ldo),
-                ldo,
-                false,
-            )
-        };
+
+    fn n(&self) -> usize {
+        self.n
+    }
+
+    fn panels(&self) -> usize {
+        self.n.div_ceil(NR)
     }
 }
 
-fn check(
-    a: &[bf16],
-    m: usize,
-    lda: usize,
-    b: &PackedPairs,
-    bias: Option<&[f32]>,
-    out: &[f32],
-    ldo: usize,
-) {
-    assert!(
-        available(),
-        "AVX512-BF16 matmul called where AVX512-BF16 is not available"
-    );
-    assert!(
-        lda >= b.k && ldo >= b.n,
-        "row strides shorter than the rows"
-    );
-    if m > 0 {
-        assert!(a.len() >= (m - 1) * lda + b.k, "A is too short");
-        assert!(out.len() >= (m - 1) * ldo + b.n, "output is too short");
-    }
-    if let Some(bias) = bias {
-        assert_eq!(bias.len(), b.n, "bias length");
-    }
-}
+/// This kernel as the shared drivers ([`super::Product`]) run it.
+const PRODUCT: super::Product<bf16, PackedPairs> = super::Product {
+    name: "AVX512-BF16",
+    available,
+    block,
+    rows: (MC, MR),
+};
 
 thread_local! {
     /// Per-thread packed micro-panels of A (bf16 pairs as 32-bit words).

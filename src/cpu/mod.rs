@@ -136,6 +136,7 @@ pub(crate) mod rows32 {
 
 use candle_core::{Result, Storage, Tensor};
 use half::bf16;
+use rayon::prelude::*;
 
 /// A raw output pointer shared by parallel tasks that write disjoint parts of one output.
 #[derive(Clone, Copy)]
@@ -194,6 +195,149 @@ fn split_tasks_for(
                 .filter(|&(_, _, lo, hi)| lo < hi)
         })
         .collect()
+}
+
+/// A packed right operand (k x n, in panels of `NR` columns), as the shared product drivers see it.
+pub(crate) trait PackedOperand: Sync {
+    fn k(&self) -> usize;
+    fn n(&self) -> usize;
+    /// Column panels.
+    fn panels(&self) -> usize;
+}
+
+/// A kernel's block: rows 0..rows of `a` (stride lda) times panels lo..hi of `b` (+ bias, when
+/// given) into `out` (stride ldo), added to what it holds when `accumulate`.
+///
+/// Its safety contract, which the drivers below meet: the kernel's CPU features are available; `a`
+/// holds `rows` rows at stride lda, each at least b.k long; `out` is valid for reads and writes of
+/// rows 0..rows at stride ldo, columns of panels lo..hi below n, and no other thread touches them
+/// during the call; hi <= the panel count; bias is None or has n values.
+pub(crate) type Block<A, B> =
+    unsafe fn(&[A], usize, usize, &B, usize, usize, Option<&[f32]>, *mut f32, usize, bool);
+
+/// A packed product's kernel: its name, whether its features are available, its block and its
+/// (max rows per task, rows per micro-kernel).
+pub(crate) struct Product<A: 'static, B: 'static> {
+    pub name: &'static str,
+    pub available: fn() -> bool,
+    pub block: Block<A, B>,
+    pub rows: (usize, usize),
+}
+
+impl<A: Sync, B: PackedOperand> Product<A, B> {
+    /// Panics unless the kernel is available and the operands hold the shapes.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        &self,
+        a: &[A],
+        m: usize,
+        lda: usize,
+        b: &B,
+        bias: Option<&[f32]>,
+        out: &[f32],
+        ldo: usize,
+    ) {
+        let name = self.name;
+        assert!(
+            (self.available)(),
+            "{name} matmul called where {name} is not available"
+        );
+        assert!(
+            lda >= b.k() && ldo >= b.n(),
+            "row strides shorter than the rows"
+        );
+        if m > 0 {
+            assert!(a.len() >= (m - 1) * lda + b.k(), "A is too short");
+            assert!(out.len() >= (m - 1) * ldo + b.n(), "output is too short");
+        }
+        if let Some(bias) = bias {
+            assert_eq!(bias.len(), b.n(), "bias length");
+        }
+    }
+
+    /// `out (m x n) (+)= Σ_t a[offsets[t] ..] (m x k, row stride lda) · bs[t] (+ bias, with the
+    /// last tap)` on the rayon pool, each task running every tap over its block of rows and panels
+    /// ([`split_tasks`]); added to `out` as it stands when `add`. Panics on a shape mismatch.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn taps(
+        &self,
+        a: &[A],
+        offsets: &[usize],
+        m: usize,
+        lda: usize,
+        bs: &[B],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        ldo: usize,
+        add: bool,
+    ) {
+        assert_eq!(offsets.len(), bs.len(), "one offset per tap");
+        let Some(b) = bs.first() else {
+            panic!("no taps")
+        };
+        for (&off, bt) in offsets.iter().zip(bs) {
+            assert!(bt.k() == b.k() && bt.n() == b.n(), "taps differ in shape");
+            self.check(&a[off.min(a.len())..], m, lda, bt, bias, out, ldo);
+        }
+        if m == 0 || b.n() == 0 {
+            return;
+        }
+        let (max_rows, granule) = self.rows;
+        let tasks = split_tasks(m, max_rows, granule, b.panels());
+        let optr = OutPtr(out.as_mut_ptr());
+        let last = bs.len() - 1;
+        tasks.par_iter().for_each(|&(r0, rows, lo, hi)| {
+            for (t, (&off, bt)) in offsets.iter().zip(bs).enumerate() {
+                let bias = if t == last { bias } else { None };
+                // SAFETY: the kernel is available and the slices hold the shapes (check); each
+                // task writes its own rows x panels block of out (split_tasks), which no other task
+                // touches.
+                unsafe {
+                    (self.block)(
+                        &a[off + r0 * lda..],
+                        rows,
+                        lda,
+                        bt,
+                        lo,
+                        hi,
+                        bias,
+                        optr.get().add(r0 * ldo),
+                        ldo,
+                        add || t > 0,
+                    )
+                };
+            }
+        });
+    }
+
+    /// `out (m x n) = a · b` without bias, on the calling thread (for callers that parallelise
+    /// outside). Panics on a shape mismatch.
+    pub(crate) fn serial(&self, a: &[A], m: usize, lda: usize, b: &B, out: &mut [f32], ldo: usize) {
+        self.check(a, m, lda, b, None, out, ldo);
+        if m == 0 || b.n() == 0 {
+            return;
+        }
+        let chunk = self.rows.0;
+        for c in 0..m.div_ceil(chunk) {
+            let rows = chunk.min(m - c * chunk);
+            // SAFETY: the kernel is available and the slices hold the shapes (check); rows of
+            // chunk c lie inside a and out, which this thread holds exclusively.
+            unsafe {
+                (self.block)(
+                    &a[c * chunk * lda..],
+                    rows,
+                    lda,
+                    b,
+                    0,
+                    b.panels(),
+                    None,
+                    out.as_mut_ptr().add(c * chunk * ldo),
+                    ldo,
+                    false,
+                )
+            };
+        }
+    }
 }
 
 /// Calls `f` with the elements of a CPU tensor of element type `T` in row-major order (copying only

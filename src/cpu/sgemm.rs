@@ -13,7 +13,6 @@
 //! ([`super::features`]); callers then use candle's matmul, and the tests compare the two.
 
 use super::aligned::{Aligned, Zeroed};
-use super::OutPtr;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -128,10 +127,6 @@ impl<E: PanelElem> Packed<E> {
     pub fn n(&self) -> usize {
         self.n
     }
-
-    fn panels(&self) -> usize {
-        self.n.div_ceil(NR)
-    }
 }
 
 /// `out (m x n, row stride ldo) = a (m x k, row stride lda) · b (+ bias)`, on the rayon pool.
@@ -163,7 +158,7 @@ pub fn matmul_taps<E: PanelElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    taps(a, offsets, m, lda, bs, bias, out, ldo, false)
+    product::<E>().taps(a, offsets, m, lda, bs, bias, out, ldo, false)
 }
 
 /// `out (m x n, row stride ldo) += a (m x k, row stride lda) · b`, on the rayon pool (a second
@@ -176,7 +171,7 @@ pub fn matmul_add<E: PanelElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    taps(
+    product::<E>().taps(
         a,
         &[0],
         m,
@@ -189,56 +184,6 @@ pub fn matmul_add<E: PanelElem>(
     )
 }
 
-/// [`matmul_taps`], adding to `out` as it stands when `add`, else overwriting it.
-#[allow(clippy::too_many_arguments)]
-fn taps<E: PanelElem>(
-    a: &[f32],
-    offsets: &[usize],
-    m: usize,
-    lda: usize,
-    bs: &[Packed<E>],
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-    ldo: usize,
-    add: bool,
-) {
-    assert_eq!(offsets.len(), bs.len(), "one offset per tap");
-    let Some(b) = bs.first() else {
-        panic!("no taps")
-    };
-    for (&off, bt) in offsets.iter().zip(bs) {
-        assert!(bt.k == b.k && bt.n == b.n, "taps differ in shape");
-        check(&a[off.min(a.len())..], m, lda, bt, bias, out, ldo);
-    }
-    if m == 0 || b.n == 0 {
-        return;
-    }
-    let tasks = super::split_tasks(m, MC, MR, b.panels());
-    let optr = OutPtr(out.as_mut_ptr());
-    let last = bs.len() - 1;
-    tasks.par_iter().for_each(|&(r0, rows, lo, hi)| {
-        for (t, (&off, bt)) in offsets.iter().zip(bs).enumerate() {
-            let bias = if t == last { bias } else { None };
-            // SAFETY: AVX-512 is available and the slices hold the shapes (check); each task
-            // writes its own rows x panels block of out (split_tasks), which no other task touches.
-            unsafe {
-                block(
-                    &a[off + r0 * lda..],
-                    rows,
-                    lda,
-                    bt,
-                    lo,
-                    hi,
-                    bias,
-                    optr.get().add(r0 * ldo),
-                    ldo,
-                    add || t > 0,
-                )
-            };
-        }
-    });
-}
-
 /// As [`matmul`] without bias, on the calling thread (for callers that parallelise outside).
 pub fn matmul_serial<E: PanelElem>(
     a: &[f32],
@@ -248,55 +193,30 @@ pub fn matmul_serial<E: PanelElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    check(a, m, lda, b, None, out, ldo);
-    if m == 0 || b.n == 0 {
-        return;
+    product::<E>().serial(a, m, lda, b, out, ldo)
+}
+
+impl<E: PanelElem> super::PackedOperand for Packed<E> {
+    fn k(&self) -> usize {
+        self.k
     }
-    for c in 0..m.div_ceil(MC) {
-        let rows = MC.min(m - c * MC);
-        // SAFETY: AVX-512 is available and the slices hold the shapes (check); rows of chunk c
-        // lie inside a and out.
-        unsafe {
-            block(
-                &a[c * MC * lda..],
-                rows,
-                lda,
-                b,
-                0,
-                b.panels(),
-                None,
-                out.as_mut_ptr().add(c * MC * ldo),
-                ldo,
-                false,
-            )
-        };
+
+    fn n(&self) -> usize {
+        self.n
+    }
+
+    fn panels(&self) -> usize {
+        self.n.div_ceil(NR)
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn check<E: PanelElem>(
-    a: &[f32],
-    m: usize,
-    lda: usize,
-    b: &Packed<E>,
-    bias: Option<&[f32]>,
-    out: &[f32],
-    ldo: usize,
-) {
-    assert!(
-        available(),
-        "AVX-512 matmul called where AVX-512 is not available"
-    );
-    assert!(
-        lda >= b.k && ldo >= b.n,
-        "row strides shorter than the rows"
-    );
-    if m > 0 {
-        assert!(a.len() >= (m - 1) * lda + b.k, "A is too short");
-        assert!(out.len() >= (m - 1) * ldo + b.n, "output is too short");
-    }
-    if let Some(bias) = bias {
-        assert_eq!(bias.len(), b.n, "bias length");
+/// This kernel as the shared drivers ([`super::Product`]) run it.
+fn product<E: PanelElem>() -> super::Product<f32, Packed<E>> {
+    super::Product {
+        name: "AVX-512",
+        available,
+        block: block::<E>,
+        rows: (MC, MR),
     }
 }
 

@@ -109,7 +109,9 @@ def main():
         return text, step_times, decode
 
     with torch.no_grad():
-        run(1)  # warm-up
+        t0 = time.perf_counter()
+        run(1)  # warm-up (timed apart: memory-mapped weights are read here)
+        first_run_s = time.perf_counter() - t0
         rows = []
         for steps in [int(s) for s in a.steps.split(",")]:
             texts, steps_t, denoise, decodes = [], [], [], []
@@ -128,6 +130,7 @@ def main():
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(), "model": a.model,
         "width": a.width, "height": a.height, "reference_steps": 0, "repeat": a.repeat, "load_s": load_s,
+        "first_run_s": first_run_s,
         "peak_rss_bytes": peak_rss(), "rows": rows,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if a.device == "cuda" else None,
     }

@@ -50,6 +50,10 @@ pub struct Results {
     pub reference_steps: usize,
     pub repeat: usize,
     pub load_s: f64,
+    /// The warm-up: the first one-step run after loading, where weights that are read on first
+    /// use (memory-mapped, or packed on a layer's first product) are read; absent in older results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_run_s: Option<f64>,
     pub peak_rss_bytes: Option<u64>,
     /// LoRAs as given (`SOURCE:SCALE`) and how they were applied (`merge`, `runtime`); absent in
     /// results of engines that record none.
@@ -194,6 +198,17 @@ pub fn compare(ours: &Results, theirs: &Results) -> String {
         theirs.load_s,
         ours.load_s / theirs.load_s
     );
+    if let (Some(a), Some(b)) = (ours.first_run_s, theirs.first_run_s) {
+        s += &format!(
+            "| - | - | first run (1 step) | {a:.3} | {b:.3} | {:.2} |\n",
+            a / b
+        );
+        let (a, b) = (ours.load_s + a, theirs.load_s + b);
+        s += &format!(
+            "| - | - | load + first run | {a:.3} | {b:.3} | {:.2} |\n",
+            a / b
+        );
+    }
     for r in ours.rows.iter().filter(|r| r.cache == "none") {
         let Some(t) = theirs
             .rows
@@ -257,6 +272,7 @@ mod tests {
             reference_steps: 100,
             repeat: 1,
             load_s: 0.5,
+            first_run_s: Some(1.0),
             peak_rss_bytes: None,
             loras: Vec::new(),
             rows: vec![row],

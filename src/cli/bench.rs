@@ -194,8 +194,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .load_with(dev, dtype, loras, lora_apply)
         .context("loading the model")?;
     let load_s = t0.elapsed().as_secs_f64();
-    // Warm-up: one short run, not measured.
+    // Warm-up: one short run, timed apart from the measured runs (it reads the weights that are
+    // read on first use).
+    let t0 = Instant::now();
     pipe.generate(&base(&prompts[0], 1, Sampler::Euler), &mut |_| {})?;
+    let first_run_s = t0.elapsed().as_secs_f64();
     mmdit::profile::reset();
     // Steps and their wall time since the warm-up, for the profile's per-step figures.
     let mut prof = (0usize, std::time::Duration::ZERO);
@@ -332,6 +335,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         reference_steps: a.reference_steps,
         repeat: a.repeat,
         load_s,
+        first_run_s: Some(first_run_s),
         peak_rss_bytes: bench::peak_rss_bytes(),
         loras: lora_specs
             .iter()

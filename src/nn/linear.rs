@@ -20,12 +20,14 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 /// Where layers built inside [`with_source`] may read their weights' bytes: `read(name, f)` calls
 /// `f(dtype, shape, bytes)` with the bytes the weight files store for tensor `name` and returns
 /// whether they had it (f32, bf16 or f16). A layer that packs its weight for a CPU kernel then packs
-/// it straight from those bytes, with no tensor copy in between.
+/// it straight from those bytes, with no tensor copy in between, on its first product: building
+/// the layer reads the source once for the dtype and shape only (no byte is touched), and the
+/// first product reads it again and packs. A source must hand out the same bytes every time.
 pub type Source = Arc<dyn Fn(&str, &mut Visit) -> bool + Send + Sync>;
 
 /// What a [`Source`] calls with a weight's dtype, shape and bytes.
@@ -37,7 +39,8 @@ thread_local! {
 
 /// Runs `build` with every [`linear`] it makes that packs its weight for a CPU kernel reading the
 /// weight's bytes from `source` (when it has them, at the layer's dtype or f32 for a bf16 layer)
-/// rather than from its `VarBuilder`.
+/// rather than from its `VarBuilder`, when the layer first runs: loading reads no weight bytes of
+/// these layers, as diffusers' memory-mapped loading does not.
 pub fn with_source<T>(source: Option<Source>, build: impl FnOnce() -> T) -> T {
     let outer = SOURCE.with(|s| s.replace(source));
     let out = build();
@@ -75,10 +78,39 @@ enum Kernel {
 }
 
 /// A weight packed for a CPU kernel, and the bias in f32 (added once, to the f32 accumulators).
+/// A layer built from a [`with_source`] holds how to pack its weight instead, and packs it on its
+/// first product ([`Packed::weight`]; concurrent first products wait for one packing).
 #[derive(Debug)]
 struct Packed<P> {
-    weight: P,
+    weight: LazyLock<Option<P>, Pack<P>>,
     bias: Option<Vec<f32>>,
+}
+
+/// How a weight is packed on first use: None when its source no longer hands out its bytes.
+type Pack<P> = Box<dyn FnOnce() -> Option<P> + Send>;
+
+impl<P: Send + 'static> Packed<P> {
+    /// A weight packed now.
+    fn new(weight: P, bias: Option<Vec<f32>>) -> Self {
+        Self::deferred(Box::new(move || Some(weight)), bias)
+    }
+
+    /// A weight packed by `pack` on first use.
+    fn deferred(pack: Pack<P>, bias: Option<Vec<f32>>) -> Self {
+        Self {
+            weight: LazyLock::new(pack),
+            bias,
+        }
+    }
+
+    /// The packed weight, packing it first if this is its first use.
+    fn weight(&self) -> Result<&P> {
+        LazyLock::force(&self.weight).as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(
+                "a weight file changed while the model was loaded; load the model again".into(),
+            )
+        })
+    }
 }
 
 /// diffusers' `nn.Linear(in_dim, out_dim)` with bias, from `vb` (`weight`, `bias`); inside
@@ -130,9 +162,10 @@ fn build(in_dim: usize, out_dim: usize, vb: VarBuilder, bias: bool) -> Result<Li
     Ok(l)
 }
 
-/// The layer packed straight from the [`with_source`] bytes of its weight, when there are such
-/// bytes of the right shape, the CPU has a packing kernel for the layer's dtype and the bytes are
-/// aligned for their type, and the layer is not being quantized; None to build it the usual way.
+/// The layer packed straight from the [`with_source`] bytes of its weight on its first product,
+/// when there are such bytes of the right shape, the CPU has a packing kernel for the layer's dtype
+/// and the bytes are aligned for their type, and the layer is not being quantized; None to build it
+/// the usual way. Only the dtype, shape and alignment are read here (no page of the bytes).
 fn from_source(
     in_dim: usize,
     out_dim: usize,
@@ -146,63 +179,88 @@ fn from_source(
         return Ok(None);
     }
     let (want, cpu, (n, k)) = (vb.dtype(), crate::cpu::features(), (out_dim, in_dim));
-    let mut kernel = None;
-    source(
-        &format!("{}.weight", vb.prefix()),
-        &mut |dtype, shape, bytes| {
-            if shape != [n, k] {
-                return; // (the usual path names the mismatch)
-            }
-            kernel = match (want, dtype) {
-                (DType::F32, DType::F32) if cpu.avx512 => {
-                    values::<f32>(bytes).map(|w| Weight::F32(PackedF32::from_nk(w, n, k)))
-                }
-                (DType::BF16, DType::BF16) => {
-                    values::<bf16>(bytes).and_then(|w| bf16_weight(w, n, k))
-                }
-                (DType::BF16, DType::F32) => values::<f32>(bytes).and_then(|w| {
-                    let mut b = vec![bf16::ZERO; w.len()];
-                    crate::cpu::elementwise::round_to_bf16(w, &mut b);
-                    bf16_weight(&b, n, k)
-                }),
-                _ => None,
+    let name = format!("{}.weight", vb.prefix());
+    let mut packable = false;
+    source(&name, &mut |dtype, shape, bytes| {
+        // (A wrong shape: the usual path names the mismatch.)
+        packable = shape == [n, k]
+            && match (want, dtype) {
+                (DType::F32, DType::F32) => cpu.avx512 && values::<f32>(bytes).is_some(),
+                (DType::BF16, DType::BF16) => bf16_kernel() && values::<bf16>(bytes).is_some(),
+                (DType::BF16, DType::F32) => bf16_kernel() && values::<f32>(bytes).is_some(),
+                _ => false,
             };
-        },
-    );
-    let Some(weight) = kernel else {
+    });
+    if !packable {
         return Ok(None);
-    };
+    }
     let bias = match bias {
         true => Some(vb.get(out_dim, "bias")?.to_dtype(DType::F32)?.to_vec1()?),
         false => None,
     };
-    Ok(Some(Linear::of(match weight {
-        Weight::F32(weight) => Kernel::Avx512(Arc::new(Packed { weight, bias })),
-        Weight::Amx(weight) => Kernel::Amx(Arc::new(Packed { weight, bias })),
-        Weight::Pairs(weight) => Kernel::Dpbf16(Arc::new(Packed { weight, bias })),
-        Weight::Bf16(weight) => Kernel::Avx512Bf16(Arc::new(Packed { weight, bias })),
+    Ok(Some(Linear::of(if want == DType::F32 {
+        Kernel::Avx512(Arc::new(Packed::deferred(
+            deferred(source, name, move |_, b| {
+                values::<f32>(b).map(|w| PackedF32::from_nk(w, n, k))
+            }),
+            bias,
+        )))
+    } else if cpu.amx {
+        Kernel::Amx(Arc::new(Packed::deferred(
+            deferred(source, name, move |d, b| {
+                with_bf16(d, b, |w| PackedB::from_nk(w, n, k))
+            }),
+            bias,
+        )))
+    } else if cpu.avx512_bf16 {
+        Kernel::Dpbf16(Arc::new(Packed::deferred(
+            deferred(source, name, move |d, b| {
+                with_bf16(d, b, |w| PackedPairs::from_nk(w, n, k))
+            }),
+            bias,
+        )))
+    } else {
+        Kernel::Avx512Bf16(Arc::new(Packed::deferred(
+            deferred(source, name, move |d, b| {
+                with_bf16(d, b, |w| PackedBf16::from_nk(w, n, k))
+            }),
+            bias,
+        )))
     })))
 }
 
-/// A weight packed for one of the CPU kernels, before its bias joins it.
-enum Weight {
-    F32(PackedF32),
-    Amx(PackedB),
-    Pairs(PackedPairs),
-    Bf16(PackedBf16),
+/// Whether the CPU has a kernel that packs bf16 weights (the choice [`Linear::new`] makes).
+fn bf16_kernel() -> bool {
+    let cpu = crate::cpu::features();
+    cpu.amx || cpu.avx512_bf16 || cpu.avx512
 }
 
-/// A bf16 weight (n x k) packed for the kernel [`Linear::new`] would choose, if any.
-fn bf16_weight(w: &[bf16], n: usize, k: usize) -> Option<Weight> {
-    let cpu = crate::cpu::features();
-    if cpu.amx {
-        Some(Weight::Amx(PackedB::from_nk(w, n, k)))
-    } else if cpu.avx512_bf16 {
-        Some(Weight::Pairs(PackedPairs::from_nk(w, n, k)))
-    } else if cpu.avx512 {
-        Some(Weight::Bf16(PackedBf16::from_nk(w, n, k)))
-    } else {
-        None
+/// Packing of weight `name` from `source`'s bytes by `pack(dtype, bytes)`, for when it is first used.
+fn deferred<P: Send + 'static>(
+    source: Source,
+    name: String,
+    pack: impl FnOnce(DType, &[u8]) -> Option<P> + Send + 'static,
+) -> Pack<P> {
+    Box::new(move || {
+        let (mut pack, mut out) = (Some(pack), None);
+        source(&name, &mut |dtype, _, bytes| {
+            out = pack.take().and_then(|p| p(dtype, bytes));
+        });
+        out
+    })
+}
+
+/// `f` of a weight's bytes as bf16 values: as stored, or rounded from f32 (as candle's conversion
+/// rounds); None when they are neither or not aligned.
+fn with_bf16<R>(dtype: DType, bytes: &[u8], f: impl FnOnce(&[bf16]) -> R) -> Option<R> {
+    match dtype {
+        DType::BF16 => values::<bf16>(bytes).map(f),
+        DType::F32 => values::<f32>(bytes).map(|w| {
+            let mut b = vec![bf16::ZERO; w.len()];
+            crate::cpu::elementwise::round_to_bf16(w, &mut b);
+            f(&b)
+        }),
+        _ => None,
     }
 }
 
@@ -245,22 +303,22 @@ impl Linear {
             None => Ok(None),
         };
         Ok(Self::of(match w.dtype() {
-            DType::F32 if cpu.avx512 => Kernel::Avx512(Arc::new(Packed {
-                weight: crate::cpu::with_slice(w, |w| PackedF32::from_nk(w, n, k))?,
-                bias: bias()?,
-            })),
-            DType::BF16 if cpu.amx => Kernel::Amx(Arc::new(Packed {
-                weight: crate::cpu::with_slice(w, |w| PackedB::from_nk(w, n, k))?,
-                bias: bias()?,
-            })),
-            DType::BF16 if cpu.avx512_bf16 => Kernel::Dpbf16(Arc::new(Packed {
-                weight: crate::cpu::with_slice(w, |w| PackedPairs::from_nk(w, n, k))?,
-                bias: bias()?,
-            })),
-            DType::BF16 if cpu.avx512 => Kernel::Avx512Bf16(Arc::new(Packed {
-                weight: crate::cpu::with_slice(w, |w| PackedBf16::from_nk(w, n, k))?,
-                bias: bias()?,
-            })),
+            DType::F32 if cpu.avx512 => Kernel::Avx512(Arc::new(Packed::new(
+                crate::cpu::with_slice(w, |w| PackedF32::from_nk(w, n, k))?,
+                bias()?,
+            ))),
+            DType::BF16 if cpu.amx => Kernel::Amx(Arc::new(Packed::new(
+                crate::cpu::with_slice(w, |w| PackedB::from_nk(w, n, k))?,
+                bias()?,
+            ))),
+            DType::BF16 if cpu.avx512_bf16 => Kernel::Dpbf16(Arc::new(Packed::new(
+                crate::cpu::with_slice(w, |w| PackedPairs::from_nk(w, n, k))?,
+                bias()?,
+            ))),
+            DType::BF16 if cpu.avx512 => Kernel::Avx512Bf16(Arc::new(Packed::new(
+                crate::cpu::with_slice(w, |w| PackedBf16::from_nk(w, n, k))?,
+                bias()?,
+            ))),
             _ => Kernel::Candle(l),
         }))
     }
@@ -307,7 +365,9 @@ impl Linear {
                 None => None,
             };
             let weight = QWeight::new(dtype, n, k, bytes).map_err(candle_core::Error::Msg)?;
-            return Ok(Self::of(Kernel::Blocks(Arc::new(Packed { weight, bias }))));
+            return Ok(Self::of(Kernel::Blocks(Arc::new(Packed::new(
+                weight, bias,
+            )))));
         }
         Ok(Self::of(Kernel::Quantized(
             Arc::new(QMatMul::from_qtensor(quant::qtensor(
@@ -345,20 +405,22 @@ impl Linear {
         match &self.kernel {
             Kernel::Candle(l) => l.forward(x),
             Kernel::Amx(p) => {
-                let (k, n) = (p.weight.k(), p.weight.n());
+                let w = p.weight()?;
+                let (k, n) = (w.k(), w.n());
                 packed_forward(x, k, n, "AMX", |a, m, out| {
-                    amx::matmul(a, m, k, &p.weight, p.bias.as_deref(), out, n)
+                    amx::matmul(a, m, k, w, p.bias.as_deref(), out, n)
                 })
             }
             Kernel::Avx512(p) => sgemm_forward(x, p, None, "AVX-512"),
             Kernel::Avx512Bf16(p) => sgemm_forward(x, p, None, "AVX-512 bf16"),
             Kernel::Dpbf16(p) => dpbf16_forward(x, p, None),
             Kernel::Blocks(p) => {
-                let (k, n) = (p.weight.k(), p.weight.n());
+                let w = p.weight()?;
+                let (k, n) = (w.k(), w.n());
                 let y = match x.dtype() {
                     DType::BF16 => packed_forward::<bf16>(x, k, n, "GGML blocks", |a, m, out| {
                         let mut acc = vec![0f32; m * n];
-                        qgemm::matmul(a, m, &p.weight, p.bias.as_deref(), &mut acc);
+                        qgemm::matmul(a, m, w, p.bias.as_deref(), &mut acc);
                         for (o, v) in out.iter_mut().zip(acc) {
                             *o = crate::cpu::round_bf16(v);
                         }
@@ -369,7 +431,7 @@ impl Linear {
                         k,
                         n,
                         "GGML blocks",
-                        |a, m, out| qgemm::matmul(a, m, &p.weight, p.bias.as_deref(), out),
+                        |a, m, out| qgemm::matmul(a, m, w, p.bias.as_deref(), out),
                     )?
                     .to_dtype(dtype)?,
                 };
@@ -395,14 +457,15 @@ fn sgemm_forward<E: sgemm::PanelElem>(
     delta: Option<&lora::Delta>,
     kernel: &str,
 ) -> Result<Tensor> {
-    let (k, n) = (p.weight.k(), p.weight.n());
+    let w = p.weight()?;
+    let (k, n) = (w.k(), w.n());
     let want = if E::BF16 { DType::BF16 } else { DType::F32 };
     if x.dtype() != want {
         candle_core::bail!("{kernel} linear ({k} -> {n}) given {:?}", x.dtype());
     }
     let xf = x.to_dtype(DType::F32)?;
     let y = packed_forward(&xf, k, n, kernel, |a, m, out| {
-        sgemm::matmul(a, m, k, &p.weight, p.bias.as_deref(), out, n);
+        sgemm::matmul(a, m, k, w, p.bias.as_deref(), out, n);
         if let Some(d) = delta {
             d.add_packed(a, m, out);
         }
@@ -417,10 +480,11 @@ fn dpbf16_forward(
     p: &Packed<PackedPairs>,
     delta: Option<&lora::Delta>,
 ) -> Result<Tensor> {
-    let (k, n) = (p.weight.k(), p.weight.n());
+    let w = p.weight()?;
+    let (k, n) = (w.k(), w.n());
     packed_forward::<bf16>(x, k, n, "AVX512-BF16", |a, m, out| {
         let mut acc = vec![0f32; m * n];
-        dpbf16::matmul(a, m, k, &p.weight, p.bias.as_deref(), &mut acc, n);
+        dpbf16::matmul(a, m, k, w, p.bias.as_deref(), &mut acc, n);
         if let Some(d) = delta {
             let af: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
             d.add_packed(&af, m, &mut acc);
@@ -536,10 +600,7 @@ mod tests {
                 let bias = l
                     .bias()
                     .map(|b| b.to_dtype(DType::F32).unwrap().to_vec1().unwrap());
-                Linear::of(Kernel::Dpbf16(Arc::new(Packed {
-                    weight: w.unwrap(),
-                    bias,
-                })))
+                Linear::of(Kernel::Dpbf16(Arc::new(Packed::new(w.unwrap(), bias))))
             });
         }
     }
@@ -555,10 +616,7 @@ mod tests {
                 let bias = l
                     .bias()
                     .map(|b| b.to_dtype(DType::F32).unwrap().to_vec1().unwrap());
-                Linear::of(Kernel::Avx512Bf16(Arc::new(Packed {
-                    weight: w.unwrap(),
-                    bias,
-                })))
+                Linear::of(Kernel::Avx512Bf16(Arc::new(Packed::new(w.unwrap(), bias))))
             });
         }
     }
@@ -716,6 +774,71 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A layer built from a source reads the weight's dtype and shape when it is built and packs on
+    /// its first product, once. The source here hands out zeros on its first visit and the weight
+    /// afterwards, so the output tells which visit was packed; a source that no longer has the
+    /// weight at first use gives an error, not a panic.
+    #[test]
+    fn source_layers_pack_on_first_use_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        let (n, k) = (24, 40);
+        let w = normal((n, k), 0.1, 31);
+        let x = normal((2, k), 1.0, 32);
+        let bytes: Vec<u8> = (w.to_vec2::<f32>().unwrap().concat().iter())
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let source = |visits: Arc<AtomicUsize>, last: usize| -> Source {
+            let bytes = bytes.clone();
+            Arc::new(move |name: &str, f: &mut Visit| {
+                let visit = visits.fetch_add(1, SeqCst);
+                if name != "l.weight" || visit >= last {
+                    return false;
+                }
+                let zeros = vec![0u8; bytes.len()];
+                f(
+                    DType::F32,
+                    &[n, k],
+                    if visit == 0 { &zeros } else { &bytes },
+                );
+                true
+            })
+        };
+        let vb = VarBuilder::from_tensors(
+            [("l.weight".to_string(), w.zeros_like().unwrap())]
+                .into_iter()
+                .collect(),
+            DType::F32,
+            &Device::Cpu,
+        );
+        let visits = Arc::new(AtomicUsize::new(0));
+        let l = with_source(Some(source(visits.clone(), usize::MAX)), || {
+            linear_no_bias(k, n, vb.pp("l")).unwrap()
+        });
+        assert_eq!(visits.load(SeqCst), 1, "built");
+        let want = candle_nn::Linear::new(w.clone(), None).forward(&x).unwrap();
+        let copy = l.clone();
+        for layer in [&l, &l, &copy] {
+            let diff = (layer.forward(&x).unwrap() - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff <= 2e-6, "not the weight of the second visit: {diff}");
+        }
+        assert_eq!(visits.load(SeqCst), 2, "packed once, by the first product");
+        let gone = with_source(Some(source(Arc::new(AtomicUsize::new(0)), 1)), || {
+            linear_no_bias(k, n, vb.pp("l")).unwrap()
+        });
+        let err = gone.forward(&x).unwrap_err().to_string();
+        assert!(err.contains("load the model again"), "{err}");
     }
 
     /// Quantized layers against the f32 product, relative RMS error by type (the activations are

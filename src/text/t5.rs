@@ -72,16 +72,33 @@ impl FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.norm.forward(xs)?;
         let y = match &self.gate {
-            Some(g) => self.act(&g.forward(&h)?)?.mul(&self.wi.forward(&h)?)?,
+            Some(g) => {
+                let (gate, up) = (g.forward(&h)?, self.wi.forward(&h)?);
+                match self.act {
+                    // candle's bf16 op, vectorised, and the product with it.
+                    candle_nn::Activation::NewGelu
+                        if gate.device().is_cpu() && gate.dtype() == DType::BF16 =>
+                    {
+                        crate::cpu::elementwise::gelu_new_mul_bf16(&gate, &up)?
+                    }
+                    // In f32 the roundings are f32's: the vectorised tanh-GELU is within them.
+                    candle_nn::Activation::NewGelu if gate.dtype() == DType::F32 => {
+                        nn::gelu_tanh(&gate)?.mul(&up)?
+                    }
+                    _ => self.act(&gate)?.mul(&up)?,
+                }
+            }
             None => self.act(&self.wi.forward(&h)?)?,
         };
         xs + self.wo.forward(&y)?
     }
 
     /// The activation. `gelu_pytorch_tanh` (PyTorch's fused op, one rounding) on
-    /// [`nn::gelu_tanh`]'s vectorised kernels; `gelu_new` (T5 v1.1's) stays candle's op, whose
-    /// roundings in bf16 follow transformers' composed one more closely (with the fused kernel the
-    /// demo's bf16 image of the green square fell from 27.4 to 24.5 dB against diffusers' f32).
+    /// [`nn::gelu_tanh`]'s vectorised kernels; `gelu_new` (T5 v1.1's) keeps candle's op, whose
+    /// roundings in bf16 follow transformers' composed one (with a fused kernel rounding once the
+    /// demo's bf16 image of the green square fell from 27.4 to 24.5 dB against diffusers' f32); in
+    /// the gated bf16 layer on the CPU the same roundings run vectorised
+    /// ([`crate::cpu::elementwise::gelu_new_mul_bf16`]), and in f32 it is [`nn::gelu_tanh`].
     fn act(&self, x: &Tensor) -> Result<Tensor> {
         match self.act {
             candle_nn::Activation::GeluPytorchTanh => nn::gelu_tanh(x),

@@ -78,6 +78,18 @@ impl<T: Zeroed> Aligned<T> {
         l.align_to(align).expect("buffer size overflows")
     }
 
+    /// Makes the buffer `len` long without clearing it, reusing the allocation when it is large
+    /// enough: what it held stays (zeros where nothing was written), for a caller that writes
+    /// every value it reads.
+    pub fn resize(&mut self, len: usize) {
+        if len <= self.cap {
+            // (Every element up to `cap` is initialised: zeroed at allocation, then written.)
+            self.len = len;
+        } else {
+            *self = Self::zeroed(len);
+        }
+    }
+
     /// Makes the buffer `len` zeros, reusing the allocation when it is large enough.
     pub fn reset(&mut self, len: usize) {
         if len <= self.cap {
@@ -160,6 +172,15 @@ mod tests {
         a[499] = 1.0;
         a.reset(1000);
         assert!(a.iter().all(|&v| v == 0.0));
+        a[7] = 2.0;
+        a.resize(10);
+        assert_eq!(
+            (a.len(), a.as_ptr(), a[7]),
+            (10, p, 2.0),
+            "resize keeps values"
+        );
+        a.resize(1000);
+        assert_eq!(a[7], 2.0);
         a.reset(5000);
         assert_eq!(a.as_ptr() as usize % ALIGN, 0);
         let big = Aligned::<f32>::zeroed(3 << 20);

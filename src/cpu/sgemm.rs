@@ -253,14 +253,20 @@ unsafe fn block<E: PanelElem>(
         for k0 in (0..k.max(1)).step_by(KC) {
             let kc = KC.min(k - k0);
             // A rows 0..rows, columns k0..k0+kc, as groups of MR rows interleaved per k.
-            ap.reset(groups * MR * kc);
+            // (Not cleared first: every value is written, the last group's rows beyond `rows`
+            // with zeros.)
+            ap.resize(groups * MR * kc);
             for g in 0..groups {
                 let dst = &mut ap[g * MR * kc..(g + 1) * MR * kc];
-                for r in 0..MR.min(rows - g * MR) {
+                let live = MR.min(rows - g * MR);
+                for r in 0..live {
                     let src = &a[(g * MR + r) * lda + k0..][..kc];
                     for (kk, &v) in src.iter().enumerate() {
                         dst[kk * MR + r] = v;
                     }
+                }
+                for row in dst.chunks_exact_mut(MR) {
+                    row[live..].fill(0.0);
                 }
             }
             let first = k0 == 0;

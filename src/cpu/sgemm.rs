@@ -248,34 +248,50 @@ unsafe fn block<E: PanelElem>(
 ) {
     let k = b.k;
     let groups = rows.div_ceil(MR);
+    // In place where the copy would not pay: few panels to share it (a narrow layer, a
+    // convolution tap's output channels), or a block of A small enough to stay in L2 across the
+    // panels; wide products keep the copy, which the micro-kernel streams contiguously.
+    let in_place = hi - lo <= 8 || rows * KC.min(k) * std::mem::size_of::<f32>() <= 512 << 10;
     APACK.with(|ap| {
         let ap = &mut *ap.borrow_mut();
         for k0 in (0..k.max(1)).step_by(KC) {
             let kc = KC.min(k - k0);
-            // A rows 0..rows, columns k0..k0+kc, as groups of MR rows interleaved per k.
-            // (Not cleared first: every value is written, the last group's rows beyond `rows`
-            // with zeros.)
-            ap.resize(groups * MR * kc);
-            for g in 0..groups {
-                let dst = &mut ap[g * MR * kc..(g + 1) * MR * kc];
-                let live = MR.min(rows - g * MR);
-                for r in 0..live {
-                    let src = &a[(g * MR + r) * lda + k0..][..kc];
-                    for (kk, &v) in src.iter().enumerate() {
-                        dst[kk * MR + r] = v;
+            // Where the rows of A start, and the row stride the micro-kernel reads them at.
+            let (base, stride) = if in_place {
+                (a[k0.min(a.len())..].as_ptr(), lda)
+            } else {
+                // A rows 0..rows, columns k0..k0+kc, as groups of MR rows interleaved per k (not
+                // cleared first: every value is written, the last group's rows beyond `rows`
+                // with zeros).
+                ap.resize(groups * MR * kc);
+                for g in 0..groups {
+                    let dst = &mut ap[g * MR * kc..(g + 1) * MR * kc];
+                    let live = MR.min(rows - g * MR);
+                    for r in 0..live {
+                        let src = &a[(g * MR + r) * lda + k0..][..kc];
+                        for (kk, &v) in src.iter().enumerate() {
+                            dst[kk * MR + r] = v;
+                        }
+                    }
+                    for row in dst.chunks_exact_mut(MR) {
+                        row[live..].fill(0.0);
                     }
                 }
-                for row in dst.chunks_exact_mut(MR) {
-                    row[live..].fill(0.0);
-                }
-            }
+                (ap.as_ptr(), 0)
+            };
+            // Group g's first value: in place, row g MR; copied, its micro-panel.
+            let group = |g: usize| match in_place {
+                true => g * MR * lda,
+                false => g * MR * kc,
+            };
             let first = k0 == 0;
             let last = k0 + kc >= k;
-            // (A constant per E: the branch folds away.)
-            let run = if E::BF16 {
-                kernel::run::<true>
-            } else {
-                kernel::run::<false>
+            // (Constants per E and per call: the branches fold away or are taken once.)
+            let run = match (E::BF16, in_place) {
+                (true, false) => kernel::run::<true, false>,
+                (false, false) => kernel::run::<false, false>,
+                (true, true) => kernel::run::<true, true>,
+                (false, true) => kernel::run::<false, true>,
             };
             for p in lo..hi {
                 let cols = NR.min(b.n - p * NR);
@@ -285,15 +301,18 @@ unsafe fn block<E: PanelElem>(
                     _ => std::ptr::null(),
                 };
                 for g in 0..groups {
-                    // SAFETY: AVX-512 is available (the caller's contract). The micro-panel of ap
-                    // (kc x MR) and the panel of b (kc x 32 elements of E, from a 64-byte aligned
+                    // SAFETY: AVX-512 is available (the caller's contract). What the kernel reads
+                    // of A is in bounds: in place, columns k0 .. k0 + kc of rows g MR + r < rows
+                    // of a (each at least k long at stride lda); copied, group g's micro-panel of
+                    // ap (kc x MR). The panel of b (kc x 32 elements of E, from a 64-byte aligned
                     // buffer at a multiple of 32 elements, so each row of 32 is 64-byte aligned
-                    // for f32 and bf16 alike) are in bounds; out's rows g MR .. + MR.min(..) and
+                    // for f32 and bf16 alike) is in bounds; out's rows g MR .. + MR.min(..) and
                     // columns 32 p .. + cols are inside the block the caller lent us; bias is
                     // null or has cols values from 32 p.
                     unsafe {
                         run(
-                            ap[g * MR * kc..].as_ptr(),
+                            base.add(group(g)),
+                            stride,
                             bp,
                             kc,
                             out.add(g * MR * ldo + p * NR),
@@ -315,18 +334,21 @@ mod kernel {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
-    /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`: a is kc x MR (interleaved), b kc x 32 of f32, or
-    /// of bf16 widened to f32 as they are loaded when `BF16`.
+    /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`: a is kc x MR (interleaved), or with `IN_PLACE`
+    /// rows of kc at stride `lda` (read for r < rows only; rows beyond repeat the last); b kc x 32
+    /// of f32, or of bf16 widened to f32 as they are loaded when `BF16`.
     ///
     /// # Safety
-    /// AVX-512F available. `a` is valid for reads of kc x MR floats; `b` for kc x 32 elements (f32,
+    /// AVX-512F available. `a` is valid for reads of kc x MR floats (with `IN_PLACE`: of kc floats
+    /// at `a + r lda` for r < rows, rows >= 1); `b` for kc x 32 elements (f32,
     /// or bf16 when `BF16`), each row of 32 64-byte aligned (aligned vector loads); `c` for reads
     /// and writes of `rows` (<= MR) rows of `cols` (<= 32) floats at stride ldc, at any alignment
     /// (masked unaligned access); `bias` is null or valid for `cols` floats.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn run<const BF16: bool>(
+    pub(super) unsafe fn run<const BF16: bool, const IN_PLACE: bool>(
         a: *const f32,
+        lda: usize,
         b: *const u8,
         kc: usize,
         c: *mut f32,
@@ -341,6 +363,8 @@ mod kernel {
         unsafe {
             let (m0, m1) = super::super::rows32::masks(cols);
             let mut acc = super::super::rows32::start::<MR>(load, rows, c, ldc, (m0, m1));
+            let last = rows.max(1) - 1;
+            let row: [*const f32; MR] = std::array::from_fn(|r| a.add(r.min(last) * lda));
             for kk in 0..kc {
                 let (b0, b1) = if BF16 {
                     // bf16 is the high half of an f32: widen each to 32 bits, shift it up.
@@ -357,7 +381,10 @@ mod kernel {
                 };
                 let ak = a.add(kk * MR);
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*ak.add(r));
+                    let av = match IN_PLACE {
+                        true => _mm512_set1_ps(row[r].add(kk).read_unaligned()),
+                        false => _mm512_set1_ps(*ak.add(r)),
+                    };
                     acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
                     acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
                 }
@@ -372,8 +399,9 @@ mod kernel {
     /// # Safety
     /// Never called: [`super::available`] is false off x86_64.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn run<const BF16: bool>(
+    pub(super) unsafe fn run<const BF16: bool, const IN_PLACE: bool>(
         _: *const f32,
+        _: usize,
         _: *const u8,
         _: usize,
         _: *mut f32,
@@ -396,7 +424,7 @@ mod tests {
     }
 
     /// Odd shapes: partial row groups, partial panels, k over several blocks and k = 0.
-    const SHAPES: [(usize, usize, usize); 8] = [
+    const SHAPES: [(usize, usize, usize); 9] = [
         (1, 1, 1),
         (9, 2 * KC + 77, 40),
         (5, 70, 33),
@@ -405,6 +433,7 @@ mod tests {
         (13, 600, 16),
         (145, 257, 64),
         (4, 0, 9),
+        (460, 1030, 300),
     ];
 
     /// Odd shapes, strided rows, bias, parallel and serial: equal to an f64 reference within f32

@@ -541,6 +541,33 @@ mod tests {
     use super::*;
     use crate::nn::test_util::normal;
 
+    /// max |a - b| over all elements.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// A 2-d weight's little-endian bytes as a file stores it, in f32 or rounded to bf16.
+    fn file_bytes(t: &Tensor, dtype: DType) -> Vec<u8> {
+        match dtype {
+            DType::F32 => (t.to_vec2::<f32>().unwrap().concat().iter())
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            _ => (t.to_dtype(DType::BF16).unwrap().to_vec2::<bf16>())
+                .unwrap()
+                .concat()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        }
+    }
+
     /// A bf16 layer against the f32 product of the same bf16 values: one bf16 rounding of the
     /// result (half an ulp), and no further from it than candle's bf16 layer (which rounds the
     /// product, then adds the bias in bf16). `kernel` builds the layer under test.
@@ -672,14 +699,7 @@ mod tests {
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
-        let err = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = max_diff(&got, want);
         let tol = if dtype == DType::F32 { 1e-5 } else { 0.05 };
         assert!(err <= tol, "{dtype:?}: {err}");
     }
@@ -697,26 +717,6 @@ mod tests {
         let w = normal((n, k), 0.1, 21);
         let b = normal(n, 1.0, 22);
         let x = normal((3, k), 1.0, 23);
-        let bytes_of = |t: &Tensor, dtype: DType| -> Vec<u8> {
-            match dtype {
-                DType::F32 => t
-                    .to_vec2::<f32>()
-                    .unwrap()
-                    .concat()
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-                _ => t
-                    .to_dtype(DType::BF16)
-                    .unwrap()
-                    .to_vec2::<bf16>()
-                    .unwrap()
-                    .concat()
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            }
-        };
         let build = |dtype: DType, source: Option<Source>, weight: &Tensor| {
             let vb = VarBuilder::from_tensors(
                 [
@@ -736,7 +736,7 @@ mod tests {
         };
         let source = |dtype: DType, shift: usize, shape: [usize; 2]| -> Source {
             let mut bytes = vec![0u8; shift];
-            bytes.extend(bytes_of(&w, dtype));
+            bytes.extend(file_bytes(&w, dtype));
             Arc::new(move |name: &str, f: &mut Visit| {
                 if name != "l.weight" {
                     return false;
@@ -746,16 +746,6 @@ mod tests {
             })
         };
         let zeros = w.zeros_like().unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         for (run, file) in [
             (DType::F32, DType::F32),
             (DType::BF16, DType::BF16),
@@ -763,12 +753,16 @@ mod tests {
         ] {
             let want = build(run, None, &w);
             let from_bytes = build(run, Some(source(file, 0, [n, k])), &zeros);
-            assert_eq!(diff(&from_bytes, &want), 0.0, "{run:?} from {file:?} bytes");
+            assert_eq!(
+                max_diff(&from_bytes, &want),
+                0.0,
+                "{run:?} from {file:?} bytes"
+            );
             let fallback = build(run, None, &zeros);
             for (shift, shape) in [(1, [n, k]), (0, [k, n])] {
                 let got = build(run, Some(source(file, shift, shape)), &zeros);
                 assert_eq!(
-                    diff(&got, &fallback),
+                    max_diff(&got, &fallback),
                     0.0,
                     "{run:?}: shift {shift}, {shape:?}"
                 );
@@ -789,9 +783,7 @@ mod tests {
         let (n, k) = (24, 40);
         let w = normal((n, k), 0.1, 31);
         let x = normal((2, k), 1.0, 32);
-        let bytes: Vec<u8> = (w.to_vec2::<f32>().unwrap().concat().iter())
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+        let bytes = file_bytes(&w, DType::F32);
         let source = |visits: Arc<AtomicUsize>, last: usize| -> Source {
             let bytes = bytes.clone();
             Arc::new(move |name: &str, f: &mut Visit| {
@@ -823,14 +815,7 @@ mod tests {
         let want = candle_nn::Linear::new(w.clone(), None).forward(&x).unwrap();
         let copy = l.clone();
         for layer in [&l, &l, &copy] {
-            let diff = (layer.forward(&x).unwrap() - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(&layer.forward(&x).unwrap(), &want);
             assert!(diff <= 2e-6, "not the weight of the second visit: {diff}");
         }
         assert_eq!(visits.load(SeqCst), 2, "packed once, by the first product");
@@ -892,14 +877,7 @@ mod tests {
             let plain = candle_nn::Linear::new(w, b);
             let fast = Linear::new(plain.clone()).unwrap();
             assert!(fast.is_avx512());
-            let diff = (fast.forward(&x).unwrap() - plain.forward(&x).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(&fast.forward(&x).unwrap(), &plain.forward(&x).unwrap());
             assert!(diff <= 2e-6, "{m}x{k}x{n}: {diff}");
             // Narrowed (non-contiguous) input.
             let xs = x.narrow(2, 0, k).unwrap();

@@ -539,19 +539,7 @@ fn packed_forward<T: candle_core::WithDType>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_util::normal;
-
-    /// max |a - b| over all elements.
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::nn::test_util::{max_diff, normal};
 
     /// A 2-d weight's little-endian bytes as a file stores it, in f32 or rounded to bf16.
     fn file_bytes(t: &Tensor, dtype: DType) -> Vec<u8> {

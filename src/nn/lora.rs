@@ -157,14 +157,7 @@ mod tests {
             + (b2.matmul(&a2).unwrap() * -0.3).unwrap())
         .unwrap();
         let want = x.broadcast_matmul(&w.t().unwrap()).unwrap();
-        let err = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = crate::nn::test_util::max_diff(&got, &want);
         assert!(err < 1e-4, "{err}");
         assert_eq!(d.dims().unwrap(), (10, 7));
     }

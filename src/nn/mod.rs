@@ -29,6 +29,18 @@ pub(crate) mod test_util {
     pub(crate) use crate::cpu::normal_tensor as normal;
     use candle_core::Tensor;
 
+    /// max |a - b| over all elements.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     /// (max |a - b| / (|b| + 1), share of elements that differ)
     pub fn compare(a: &Tensor, b: &Tensor) -> (f32, f32) {
         let v = |t: &Tensor| {

@@ -171,12 +171,15 @@ impl PackedConv2d {
                     .take(rows + k - 1)
                     .enumerate()
                     .for_each(|(i, row)| {
-                        row.fill(T::default());
                         let yp = y0 + i;
                         if yp < p || yp >= h + p {
+                            row.fill(T::default());
                             return;
                         }
                         let y = yp - p;
+                        // The padding columns; the loop below writes every other value.
+                        row[..p * cin].fill(T::default());
+                        row[(w + p) * cin..].fill(T::default());
                         // In tiles of T channels x T pixels: the T input rows read stay in L1
                         // while each pixel's T channels are written side by side.
                         for c0 in (0..cin).step_by(TILE) {

@@ -318,7 +318,7 @@ mod kernel {
         // what the vectors hold.
         unsafe {
             let (m0, m1) = super::super::rows32::masks(cols);
-            let mut acc = super::super::rows32::start::<MR>(load, rows, c, ldc, (m0, m1));
+            let mut acc = super::super::rows32::start::<MR>(load, rows, c, ldc);
             let last = rows.max(1) - 1;
             let row: [*const u32; MR] = std::array::from_fn(|r| a.add(r.min(last) * rs));
             for q in 0..qc {
@@ -332,7 +332,7 @@ mod kernel {
                     acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
                 }
             }
-            super::super::rows32::finish(&mut acc, rows, c, ldc, (m0, m1), bias);
+            super::super::rows32::finish(&mut acc, rows, c, ldc, (m0, m1), bias, load);
         }
     }
 }

@@ -45,8 +45,11 @@ pub mod sgemm;
 
 pub use features::{features, test_has, Features};
 
-/// What the 32-column micro-kernels ([`sgemm`], [`qgemm`]) share: an output row is two vectors of
-/// 16 f32, `cols` (<= 32) of them written.
+/// What the 32-column micro-kernels ([`sgemm`], [`dpbf16`], [`qgemm`]) share: an output row is two
+/// vectors of 16 f32, `cols` (<= 32) of them written. `start` and `finish` are always inlined into
+/// the kernels (and so take their `avx512f`: Rust refuses `inline(always)` on a `target_feature`
+/// function), so that the accumulators stay in registers from start to finish; a call between
+/// them kept the accumulators in memory, zeroed and reloaded on every kernel call.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod rows32 {
     use std::arch::x86_64::*;
@@ -69,42 +72,42 @@ pub(crate) mod rows32 {
         (lo, hi)
     }
 
-    /// R accumulator rows: the first `rows` read from `c` at stride ldc (columns masked by `m`)
-    /// when `load`, the others zero.
+    /// R zero accumulator rows. With `load`, the first `rows` rows of `c` (stride ldc, 32 columns)
+    /// are fetched into the cache meanwhile, for [`finish`] to add: adding c after the products
+    /// keeps its cache misses off the chain of FMAs, which loading it first would stall.
     ///
     /// # Safety
-    /// AVX-512F available; with `load`, `c` valid for reads of `rows` rows of the masked columns.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
+    /// AVX-512F available.
+    #[inline(always)]
     pub(crate) unsafe fn start<const R: usize>(
         load: bool,
         rows: usize,
         c: *const f32,
         ldc: usize,
-        (m0, m1): (__mmask16, __mmask16),
     ) -> [[__m512; 2]; R] {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         if load {
-            for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                // SAFETY: row r < rows of c, masked (# Safety).
+            for r in 0..rows.min(R) {
+                // (A prefetch is only a hint: it never faults, whatever the address.)
+                let p = c.wrapping_add(r * ldc) as *const i8;
+                // SAFETY: prefetching has no architectural effect.
                 unsafe {
-                    let p = c.add(r * ldc);
-                    acc[0] = _mm512_maskz_loadu_ps(m0, p);
-                    acc[1] = _mm512_maskz_loadu_ps(m1, p.add(16));
+                    _mm_prefetch::<_MM_HINT_T0>(p);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(124));
                 }
             }
         }
-        acc
+        // SAFETY: AVX-512F is available (# Safety).
+        [[unsafe { _mm512_setzero_ps() }; 2]; R]
     }
 
-    /// Adds `bias` (unless null) to every accumulator row and stores the first `rows` rows to
-    /// `c` at stride ldc, columns masked by `m`.
+    /// Adds what the first `rows` rows of `c` hold when `load` and `bias` (unless null) to the
+    /// accumulator rows, and stores those rows to `c` at stride ldc, columns masked by `m`.
     ///
     /// # Safety
-    /// AVX-512F available; `c` valid for writes of `rows` rows of the masked columns at stride
-    /// ldc; `bias` null or valid for reads of the masked columns.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
+    /// AVX-512F available; `c` valid for writes (and with `load` reads) of `rows` rows of the
+    /// masked columns at stride ldc; `bias` null or valid for reads of the masked columns.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     pub(crate) unsafe fn finish<const R: usize>(
         acc: &mut [[__m512; 2]; R],
         rows: usize,
@@ -112,6 +115,7 @@ pub(crate) mod rows32 {
         ldc: usize,
         (m0, m1): (__mmask16, __mmask16),
         bias: *const f32,
+        load: bool,
     ) {
         // SAFETY: the masks keep every access within the extents of # Safety.
         unsafe {
@@ -125,10 +129,19 @@ pub(crate) mod rows32 {
                     acc[1] = _mm512_add_ps(acc[1], z1);
                 }
             }
-            for (r, acc) in acc.iter().enumerate().take(rows) {
-                let p = c.add(r * ldc);
-                _mm512_mask_storeu_ps(p, m0, acc[0]);
-                _mm512_mask_storeu_ps(p.add(16), m1, acc[1]);
+            // (Over all R rows with a test, rather than `take(rows)`, so that the loop unrolls
+            // and acc stays in registers.)
+            for (r, acc) in acc.iter().enumerate() {
+                if r < rows {
+                    let p = c.add(r * ldc);
+                    let (mut v0, mut v1) = (acc[0], acc[1]);
+                    if load {
+                        v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, p), v0);
+                        v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, p.add(16)), v1);
+                    }
+                    _mm512_mask_storeu_ps(p, m0, v0);
+                    _mm512_mask_storeu_ps(p.add(16), m1, v1);
+                }
             }
         }
     }

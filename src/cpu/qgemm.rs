@@ -576,7 +576,7 @@ mod kernel {
         // SAFETY: every pointer stays within the extents of # Safety; masks bound c and bias.
         unsafe {
             let (m0, m1) = super::super::rows32::masks(cols);
-            let mut acc = super::super::rows32::start::<R>(load, R, c, ldc, (m0, m1));
+            let mut acc = super::super::rows32::start::<R>(load, R, c, ldc);
             for grp in 0..kc / G {
                 let mut dot = [[_mm512_setzero_si512(); 2]; R];
                 for t in 0..G / 4 {
@@ -606,7 +606,7 @@ mod kernel {
                     acc[1] = _mm512_fmadd_ps(o1, sum, acc[1]);
                 }
             }
-            super::super::rows32::finish(&mut acc, R, c, ldc, (m0, m1), bias);
+            super::super::rows32::finish(&mut acc, R, c, ldc, (m0, m1), bias, load);
         }
     }
 }

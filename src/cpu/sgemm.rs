@@ -273,8 +273,10 @@ unsafe fn block<E: PanelElem>(
                             dst[kk * MR + r] = v;
                         }
                     }
-                    for row in dst.chunks_exact_mut(MR) {
-                        row[live..].fill(0.0);
+                    if live < MR {
+                        for row in dst.chunks_exact_mut(MR) {
+                            row[live..].fill(0.0);
+                        }
                     }
                 }
                 (ap.as_ptr(), 0)
@@ -362,9 +364,12 @@ mod kernel {
         // # Safety); the masks keep loads and stores of c and bias within `cols` columns.
         unsafe {
             let (m0, m1) = super::super::rows32::masks(cols);
-            let mut acc = super::super::rows32::start::<MR>(load, rows, c, ldc, (m0, m1));
+            let mut acc = super::super::rows32::start::<MR>(load, rows, c, ldc);
             let last = rows.max(1) - 1;
-            let row: [*const f32; MR] = std::array::from_fn(|r| a.add(r.min(last) * lda));
+            let row: [*const f32; MR] = match IN_PLACE {
+                true => std::array::from_fn(|r| a.add(r.min(last) * lda)),
+                false => [std::ptr::null(); MR],
+            };
             for kk in 0..kc {
                 let (b0, b1) = if BF16 {
                     // bf16 is the high half of an f32: widen each to 32 bits, shift it up.
@@ -389,7 +394,7 @@ mod kernel {
                     acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
                 }
             }
-            super::super::rows32::finish(&mut acc, rows, c, ldc, (m0, m1), bias);
+            super::super::rows32::finish(&mut acc, rows, c, ldc, (m0, m1), bias, load);
         }
     }
 }

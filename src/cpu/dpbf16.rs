@@ -201,12 +201,10 @@ unsafe fn block(
     let k = b.k;
     let pairs = k.div_ceil(2);
     let groups = rows.div_ceil(MR);
-    // In place where the copy would not pay: few panels to share it, or a block of A small
-    // enough to stay in L2 across the panels (a convolution's band); the transformers' long-k,
-    // many-panel products keep the copy (gemm_bench: in place there lost 25%).
+    // (In place, the kernel reads A's pairs as 32-bit words: even row starts and k only.)
     let in_place = lda.is_multiple_of(2)
         && k.is_multiple_of(2)
-        && (hi - lo <= 8 || rows * KC.min(k) * std::mem::size_of::<bf16>() <= 512 << 10);
+        && super::reads_a_in_place(hi - lo, rows, KC.min(k), size_of::<bf16>());
     APACK.with(|ap| {
         let ap = &mut *ap.borrow_mut();
         for k0 in (0..k.max(1)).step_by(KC) {

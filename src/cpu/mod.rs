@@ -228,6 +228,16 @@ pub(crate) trait PackedOperand: Sync {
 pub(crate) type Block<A, B> =
     unsafe fn(&[A], usize, usize, &B, usize, usize, Option<&[f32]>, *mut f32, usize, bool);
 
+/// Whether a block of a product reads A where it lies (a pointer per row) rather than copying it
+/// into micro-panels first: where the copy would not pay, because few of its `panels` share it (a
+/// narrow layer, a convolution tap's output channels), or because its `rows` x `kc` values of
+/// `size` bytes are few enough to stay in L2 across the panels (a convolution's band). The
+/// transformers' long-k, many-panel products keep the copy, which the kernel streams contiguously
+/// (`examples/gemm_bench.rs`: in place there lost up to 25%).
+pub(crate) fn reads_a_in_place(panels: usize, rows: usize, kc: usize, size: usize) -> bool {
+    panels <= 8 || rows * kc * size <= 512 << 10
+}
+
 /// A packed product's kernel: its name, whether its features are available, its block and its
 /// (max rows per task, rows per micro-kernel).
 pub(crate) struct Product<A: 'static, B: 'static> {

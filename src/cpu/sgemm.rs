@@ -248,10 +248,7 @@ unsafe fn block<E: PanelElem>(
 ) {
     let k = b.k;
     let groups = rows.div_ceil(MR);
-    // In place where the copy would not pay: few panels to share it (a narrow layer, a
-    // convolution tap's output channels), or a block of A small enough to stay in L2 across the
-    // panels; wide products keep the copy, which the micro-kernel streams contiguously.
-    let in_place = hi - lo <= 8 || rows * KC.min(k) * std::mem::size_of::<f32>() <= 512 << 10;
+    let in_place = super::reads_a_in_place(hi - lo, rows, KC.min(k), size_of::<f32>());
     APACK.with(|ap| {
         let ap = &mut *ap.borrow_mut();
         for k0 in (0..k.max(1)).step_by(KC) {

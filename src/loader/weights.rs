@@ -122,16 +122,23 @@ impl Safetensors {
         Some(out)
     }
 
-    /// Tensor `name` on the CPU: as stored, or widened to f32 and scaled when it is float8.
+    /// Tensor `name` on the CPU: as stored, or widened to f32 and scaled when it is float8. The
+    /// tensor is a copy: the range's pages are then released.
     pub fn load(&self, name: &str) -> candle_core::Result<Tensor> {
         let view = self.maps.get(name)?;
         // (By name: candle links its own version of the safetensors crate.)
         let table = match format!("{:?}", view.dtype()).as_str() {
             "F8_E4M3" => &*E4M3,
             "F8_E5M2" => &*E5M2,
-            _ => return self.maps.load(name, &Device::Cpu),
+            _ => {
+                // (candle's CPU tensors own their values: `load` copies them out of the mapping.)
+                let t = self.maps.load(name, &Device::Cpu)?;
+                release(view.data());
+                return Ok(t);
+            }
         };
         let values: Vec<f32> = view.data().iter().map(|b| table[*b as usize]).collect();
+        release(view.data());
         let t = Tensor::from_vec(values, view.shape(), &Device::Cpu)?;
         let Some(scale) = name
             .strip_suffix(".weight")
@@ -152,8 +159,9 @@ impl Safetensors {
 }
 
 /// Drops this process's resident pages of a range of the mapping (whole pages inside it), once a
-/// layer has packed the tensor there: the packed copy is what the process keeps, and the file's
-/// pages stay in the page cache, read again only if the range is touched again.
+/// layer has packed the tensor there or a tensor has been copied out of it: the copy is what the
+/// process keeps, and the file's pages stay in the page cache, read again only if the range is
+/// touched again.
 fn release(data: &[u8]) {
     #[cfg(unix)]
     {

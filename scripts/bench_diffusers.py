@@ -34,6 +34,13 @@ def peak_rss():
         return None
 
 
+def weight_bytes(pipe):
+    """Bytes of every parameter and buffer of the pipeline's modules, at the dtype they are held in."""
+    return sum(t.numel() * t.element_size()
+               for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+               for t in list(m.parameters()) + list(m.buffers()))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -131,7 +138,7 @@ def main():
         "device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(), "model": a.model,
         "width": a.width, "height": a.height, "reference_steps": 0, "repeat": a.repeat, "load_s": load_s,
         "first_run_s": first_run_s,
-        "peak_rss_bytes": peak_rss(), "rows": rows,
+        "peak_rss_bytes": peak_rss(), "weight_bytes": weight_bytes(pipe), "rows": rows,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if a.device == "cuda" else None,
     }
     with open(a.out, "w") as fh:

@@ -198,6 +198,13 @@ fn audit_reports_missing_wrong_and_unexpected() {
         },
     );
     t.insert(
+        "b".to_string(),
+        TensorMeta {
+            shape: vec![2, 5],
+            dtype: "F32".into(),
+        },
+    );
+    t.insert(
         "extra".to_string(),
         TensorMeta {
             shape: vec![1],
@@ -209,6 +216,7 @@ fn audit_reports_missing_wrong_and_unexpected() {
         |vb| {
             vb.get((4, 2), "a.weight")?;
             vb.get(4, "a.bias")?;
+            vb.get((2, 5), "b")?;
             Ok(())
         },
         |_| false,
@@ -220,4 +228,6 @@ fn audit_reports_missing_wrong_and_unexpected() {
         vec![("a.weight".to_string(), vec![4, 2], vec![4, 3])]
     );
     assert_eq!(a.unexpected, vec!["extra".to_string()]);
+    // In the files: 12 + 10 + 1 values; read at the right shape: the 10 of `b`.
+    assert_eq!((a.params, a.read_params), (23, 10));
 }

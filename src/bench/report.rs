@@ -55,6 +55,11 @@ pub struct Results {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_run_s: Option<f64>,
     pub peak_rss_bytes: Option<u64>,
+    /// Bytes of the weights the run holds, at the run's dtype (mmdit: the tensors text-to-image
+    /// generation reads, unquantized runs only; diffusers: every parameter and buffer of the
+    /// pipeline's modules); absent in older results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_bytes: Option<u64>,
     /// LoRAs as given (`SOURCE:SCALE`) and how they were applied (`merge`, `runtime`); absent in
     /// results of engines that record none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -234,7 +239,41 @@ pub fn compare(ours: &Results, theirs: &Results) -> String {
             }
         }
     }
-    s
+    s + &memory(ours, theirs)
+}
+
+/// Peak RSS, the weights' bytes and what the peak holds beyond the weights (activations, buffers,
+/// the runtime), ours and theirs in MiB with the ratio, for the rows both runs recorded.
+fn memory(ours: &Results, theirs: &Results) -> String {
+    let beyond = |r: &Results| Some(r.peak_rss_bytes?.saturating_sub(r.weight_bytes?));
+    let rows = [
+        ("peak RSS", ours.peak_rss_bytes, theirs.peak_rss_bytes),
+        (
+            "weights at the run's dtype",
+            ours.weight_bytes,
+            theirs.weight_bytes,
+        ),
+        ("peak RSS beyond the weights", beyond(ours), beyond(theirs)),
+    ];
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let mut s = String::new();
+    for (what, a, b) in rows {
+        if let (Some(a), Some(b)) = (a, b) {
+            s += &format!(
+                "| {what} | {:.0} | {:.0} | {:.2} |\n",
+                mib(a),
+                mib(b),
+                a as f64 / b as f64
+            );
+        }
+    }
+    if s.is_empty() {
+        return s;
+    }
+    format!(
+        "\n| memory | {} MiB | {} MiB | ratio |\n|---|---|---|---|\n{s}",
+        ours.engine, theirs.engine
+    )
 }
 
 #[cfg(test)]
@@ -273,7 +312,8 @@ mod tests {
             repeat: 1,
             load_s: 0.5,
             first_run_s: Some(1.0),
-            peak_rss_bytes: None,
+            peak_rss_bytes: Some(3 << 20),
+            weight_bytes: Some(1 << 20),
             loras: Vec::new(),
             rows: vec![row],
         };
@@ -294,5 +334,31 @@ mod tests {
         let theirs = r.json().replace("\"cache\": \"none\",", "");
         let back: Results = serde_json::from_str(&theirs).unwrap();
         assert_eq!(back.rows[0].cache, "none");
+        // The memory rows: 3 MiB peak, 1 MiB weights, 2 MiB beyond; theirs twice each.
+        let mut other = back.clone();
+        other.engine = "other".into();
+        other.peak_rss_bytes = Some(6 << 20);
+        other.weight_bytes = Some(2 << 20);
+        let c = compare(&r, &other);
+        assert!(
+            c.contains("| memory | mmdit MiB | other MiB | ratio |"),
+            "{c}"
+        );
+        assert!(c.contains("| peak RSS | 3 | 6 | 0.50 |"), "{c}");
+        assert!(
+            c.contains("| weights at the run's dtype | 1 | 2 | 0.50 |"),
+            "{c}"
+        );
+        assert!(
+            c.contains("| peak RSS beyond the weights | 2 | 4 | 0.50 |"),
+            "{c}"
+        );
+        // Results without weights (older runs, quantized runs) leave those rows out.
+        other.weight_bytes = None;
+        let c = compare(&r, &other);
+        assert!(
+            c.contains("| peak RSS | 3 | 6 | 0.50 |") && !c.contains("weights"),
+            "{c}"
+        );
     }
 }

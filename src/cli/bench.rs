@@ -165,6 +165,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         chosen.apply_preset(&mut r);
         r
     };
+    // The weights text-to-image generation reads (transformer, text encoders, VAE decoder), at the
+    // run's dtype: for unquantized runs, where that is what the engine holds.
+    let weight_bytes = match (chosen.quantize, &chosen.t5, spec.stored_blocks()?) {
+        (None, None, None) => spec
+            .read_params()?
+            .map(|n| n as u64 * dtype.size_in_bytes() as u64),
+        _ => None,
+    };
     let r0 = spec.resolve(&base(&prompts[0], a.steps[0], samplers[0]))?;
     for &steps in &a.steps[1..] {
         spec.resolve(&base(&prompts[0], steps, samplers[0]))?;
@@ -337,6 +345,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         load_s,
         first_run_s: Some(first_run_s),
         peak_rss_bytes: bench::peak_rss_bytes(),
+        weight_bytes,
         loras: lora_specs
             .iter()
             .map(|s| format!("{} ({})", s.display(), a.lora.lora_apply))

@@ -43,6 +43,8 @@ pub struct Audit {
     pub unexpected: Vec<String>,
     /// Parameter count and bytes per dtype of the tensors in the files.
     pub params: usize,
+    /// Parameter count of the tensors the model reads at the shape the files hold (`requested`).
+    pub read_params: usize,
     pub dtypes: BTreeMap<String, usize>,
 }
 
@@ -76,6 +78,10 @@ impl ShapeBackend {
             *dtypes.entry(t.dtype.clone()).or_insert(0) += t.shape.iter().product::<usize>();
         }
         let names: Vec<String> = tensors.keys().cloned().collect();
+        let numel: BTreeMap<String, usize> = tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shape.iter().product()))
+            .collect();
         let backend = std::sync::Arc::new(Self::new(tensors));
         let vb =
             VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::F32, Device::Cpu);
@@ -86,7 +92,9 @@ impl ShapeBackend {
             .into_iter()
             .filter(|n| !log.requested.contains_key(n) && !is_wrong(n) && !ignore(n))
             .collect();
+        let read_params = log.requested.keys().filter_map(|n| numel.get(n)).sum();
         Ok(Audit {
+            read_params,
             requested: log.requested,
             missing: log.missing,
             wrong_shape: log.wrong,

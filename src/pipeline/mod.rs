@@ -643,6 +643,18 @@ impl Spec {
         Ok(all.into_iter().flatten().collect())
     }
 
+    /// Parameters of the tensors text-to-image generation reads (transformer, text encoders, VAE
+    /// decoder), from the headers; None for a single-file checkpoint, whose audit covers only the
+    /// components its file holds.
+    pub fn read_params(&self) -> Result<Option<usize>> {
+        if self.single.is_some() {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.audit()?.iter().map(|c| c.audit.read_params).sum(),
+        ))
+    }
+
     /// Downloads (for Hub models) every file generation needs; returns the local paths.
     pub fn fetch_all(&self) -> Result<Vec<PathBuf>> {
         let mut files = Vec::new();

@@ -62,26 +62,41 @@ pub type PackedBf16 = Packed<bf16>;
 impl<E: PanelElem> Packed<E> {
     /// From B given transposed, as a (n x k) row-major matrix (a linear layer's weight).
     pub fn from_nk(w: &[E], n: usize, k: usize) -> Self {
+        Self::from_nk_with(w, n, k, |_| ())
+    }
+
+    /// [`Self::from_nk`], passing `done` each run of w's rows once it is packed (in order, about
+    /// 16 MiB at a time): a weight read from a file mapping can release those pages at once.
+    pub fn from_nk_with(w: &[E], n: usize, k: usize, done: impl Fn(&[E])) -> Self {
         assert_eq!(w.len(), n * k, "weight is not {n} x {k}");
         let mut p = Self::zeroed(k, n);
         if k == 0 {
             return p;
         }
-        p.data
-            .par_chunks_mut(k * NR)
-            .enumerate()
-            .for_each(|(nb, panel)| {
-                // Row by row of the panel: contiguous writes, and reads from 32 streams whose
-                // cache lines each serve 16 consecutive rows.
-                let rows: Vec<&[E]> = (nb * NR..n.min(nb * NR + NR))
-                    .map(|c| &w[c * k..][..k])
-                    .collect();
-                for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
-                    for (d, row) in dst.iter_mut().zip(&rows) {
-                        *d = row[kk];
+        // Panels per run: 16 MiB of w, and at least four per thread.
+        let per = ((16 << 20) / (k * NR * size_of::<E>()))
+            .max(4 * rayon::current_num_threads())
+            .max(1);
+        for (run, panels) in p.data.chunks_mut(per * k * NR).enumerate() {
+            panels
+                .par_chunks_mut(k * NR)
+                .enumerate()
+                .for_each(|(i, panel)| {
+                    // Row by row of the panel: contiguous writes, and reads from 32 streams whose
+                    // cache lines each serve 16 consecutive rows.
+                    let nb = run * per + i;
+                    let rows: Vec<&[E]> = (nb * NR..n.min(nb * NR + NR))
+                        .map(|c| &w[c * k..][..k])
+                        .collect();
+                    for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                        for (d, row) in dst.iter_mut().zip(&rows) {
+                            *d = row[kk];
+                        }
                     }
-                }
-            });
+                });
+            let rows = (run * per * NR).min(n)..((run + 1) * per * NR).min(n);
+            done(&w[rows.start * k..rows.end * k]);
+        }
         p
     }
 

@@ -101,13 +101,15 @@ impl Safetensors {
         })
     }
 
-    /// `f(dtype, shape, bytes)` with tensor `name`'s bytes as the file stores them, when it is f32,
-    /// bf16 or f16 (the dtypes a layer can pack straight from the mapping); None when the files
-    /// have no such tensor or it is stored otherwise. The range's pages are then released.
+    /// `f(dtype, shape, bytes, done)` with tensor `name`'s bytes as the file stores them, when it is
+    /// f32, bf16 or f16 (the dtypes a layer can pack straight from the mapping); None when the
+    /// files have no such tensor or it is stored otherwise. `f` may pass `done` parts of the bytes
+    /// it has finished reading, whose pages are released at once (parts outside the bytes are
+    /// ignored); the whole range's pages are released when `f` returns.
     pub fn with_raw<R>(
         &self,
         name: &str,
-        f: impl FnOnce(DType, &[usize], &[u8]) -> R,
+        f: impl FnOnce(DType, &[usize], &[u8], &dyn Fn(&[u8])) -> R,
     ) -> Option<R> {
         let view = self.maps.get(name).ok()?;
         let dtype = match format!("{:?}", view.dtype()).as_str() {
@@ -117,7 +119,14 @@ impl Safetensors {
             _ => return None,
         };
         let data = view.data();
-        let out = f(dtype, view.shape(), data);
+        let (lo, hi) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
+        let done = |part: &[u8]| {
+            let p = part.as_ptr() as usize;
+            if lo <= p && p + part.len() <= hi {
+                release(part);
+            }
+        };
+        let out = f(dtype, view.shape(), data, &done);
         release(data);
         Some(out)
     }
@@ -251,6 +260,47 @@ impl SimpleBackend for Safetensors {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Releasing a tensor's pages once it is copied (or packed) leaves the mapping's contents as
+    /// the file has them: the tensor, its neighbours on shared pages and a second read of it are
+    /// all the file's values.
+    #[test]
+    fn released_ranges_read_the_file_again() {
+        let dir = std::env::temp_dir().join(format!("mmdit-release-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.safetensors");
+        // Unaligned sizes, so that the tensors share pages at both ends.
+        let big: Vec<f32> = (0..70_001).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let small: Vec<f32> = (0..333).map(|i| -(i as f32)).collect();
+        let t = |v: &[f32]| Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap();
+        candle_core::safetensors::save(
+            &[("a", t(&small)), ("b", t(&big)), ("c", t(&small))]
+                .into_iter()
+                .map(|(n, t)| (n.to_string(), t))
+                .collect(),
+            &path,
+        )
+        .unwrap();
+        let st = Safetensors::open(std::slice::from_ref(&path)).unwrap();
+        // Heap memory: released by mistake, its whole pages would read back as zeros.
+        let outside = vec![0xABu8; 64 << 10];
+        let values = |name: &str| st.load(name).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values("b"), big);
+        assert_eq!(values("a"), small);
+        assert_eq!(values("c"), small);
+        // A part released midway (and one outside the tensor, ignored), the rest read after.
+        let raw = st.with_raw("b", |d, s, bytes, done| {
+            done(&bytes[1000..bytes.len() / 2]);
+            done(&outside);
+            (d, s.to_vec(), bytes.to_vec())
+        });
+        let want: Vec<u8> = big.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(raw, Some((DType::F32, vec![big.len()], want)));
+        assert!(outside.iter().all(|&b| b == 0xAB));
+        assert_eq!(values("b"), big);
+        assert_eq!(values("c"), small);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn float8_tables_hold_the_formats_landmarks() {

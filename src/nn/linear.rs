@@ -30,8 +30,10 @@ use std::sync::{Arc, LazyLock};
 /// first product reads it again and packs. A source must hand out the same bytes every time.
 pub type Source = Arc<dyn Fn(&str, &mut Visit) -> bool + Send + Sync>;
 
-/// What a [`Source`] calls with a weight's dtype, shape and bytes.
-pub type Visit<'a> = dyn FnMut(DType, &[usize], &[u8]) + 'a;
+/// What a [`Source`] calls with a weight's dtype, shape and bytes, and `done`: the visitor passes
+/// it each part of the bytes it will not read again in this visit, and the source may drop that
+/// part's pages from memory (the bytes stay readable: a file mapping reads them again).
+pub type Visit<'a> = dyn FnMut(DType, &[usize], &[u8], &dyn Fn(&[u8])) + 'a;
 
 thread_local! {
     static SOURCE: RefCell<Option<Source>> = const { RefCell::new(None) };
@@ -181,7 +183,7 @@ fn from_source(
     let (want, cpu, (n, k)) = (vb.dtype(), crate::cpu::features(), (out_dim, in_dim));
     let name = format!("{}.weight", vb.prefix());
     let mut packable = false;
-    source(&name, &mut |dtype, shape, bytes| {
+    source(&name, &mut |dtype, shape, bytes, _| {
         // (A wrong shape: the usual path names the mismatch.)
         packable = shape == [n, k]
             && match (want, dtype) {
@@ -200,29 +202,29 @@ fn from_source(
     };
     Ok(Some(Linear::of(if want == DType::F32 {
         Kernel::Avx512(Arc::new(Packed::deferred(
-            deferred(source, name, move |_, b| {
-                values::<f32>(b).map(|w| PackedF32::from_nk(w, n, k))
+            deferred(source, name, move |_, b, done| {
+                values::<f32>(b).map(|w| PackedF32::from_nk_with(w, n, k, |r| done(bytes_of(r))))
             }),
             bias,
         )))
     } else if cpu.amx {
         Kernel::Amx(Arc::new(Packed::deferred(
-            deferred(source, name, move |d, b| {
-                with_bf16(d, b, |w| PackedB::from_nk(w, n, k))
+            deferred(source, name, move |d, b, done| {
+                with_bf16(d, b, done, |w| PackedB::from_nk(w, n, k))
             }),
             bias,
         )))
     } else if cpu.avx512_bf16 {
         Kernel::Dpbf16(Arc::new(Packed::deferred(
-            deferred(source, name, move |d, b| {
-                with_bf16(d, b, |w| PackedPairs::from_nk(w, n, k))
+            deferred(source, name, move |d, b, done| {
+                with_bf16(d, b, done, |w| PackedPairs::from_nk(w, n, k))
             }),
             bias,
         )))
     } else {
         Kernel::Avx512Bf16(Arc::new(Packed::deferred(
-            deferred(source, name, move |d, b| {
-                with_bf16(d, b, |w| PackedBf16::from_nk(w, n, k))
+            deferred(source, name, move |d, b, done| {
+                with_bf16(d, b, done, |w| PackedBf16::from_nk(w, n, k))
             }),
             bias,
         )))
@@ -235,33 +237,54 @@ fn bf16_kernel() -> bool {
     cpu.amx || cpu.avx512_bf16 || cpu.avx512
 }
 
-/// Packing of weight `name` from `source`'s bytes by `pack(dtype, bytes)`, for when it is first used.
+/// Packing of weight `name` from `source`'s bytes by `pack(dtype, bytes, done)`, for when it is
+/// first used (`done` as in [`Visit`]).
 fn deferred<P: Send + 'static>(
     source: Source,
     name: String,
-    pack: impl FnOnce(DType, &[u8]) -> Option<P> + Send + 'static,
+    pack: impl FnOnce(DType, &[u8], &dyn Fn(&[u8])) -> Option<P> + Send + 'static,
 ) -> Pack<P> {
     Box::new(move || {
         let (mut pack, mut out) = (Some(pack), None);
-        source(&name, &mut |dtype, _, bytes| {
-            out = pack.take().and_then(|p| p(dtype, bytes));
+        source(&name, &mut |dtype, _, bytes, done| {
+            out = pack.take().and_then(|p| p(dtype, bytes, done));
         });
         out
     })
 }
 
+/// f32 values rounded per slab, each slab's bytes then passed to `done`: the f32 bytes are never
+/// resident whole alongside their bf16 copy (16 MiB of f32 per slab).
+const ROUND_SLAB: usize = 4 << 20;
+
 /// `f` of a weight's bytes as bf16 values: as stored, or rounded from f32 (as candle's conversion
-/// rounds); None when they are neither or not aligned.
-fn with_bf16<R>(dtype: DType, bytes: &[u8], f: impl FnOnce(&[bf16]) -> R) -> Option<R> {
+/// rounds; each slab of f32 bytes passed to `done` once rounded); None when they are neither or
+/// not aligned.
+fn with_bf16<R>(
+    dtype: DType,
+    bytes: &[u8],
+    done: &dyn Fn(&[u8]),
+    f: impl FnOnce(&[bf16]) -> R,
+) -> Option<R> {
     match dtype {
         DType::BF16 => values::<bf16>(bytes).map(f),
         DType::F32 => values::<f32>(bytes).map(|w| {
             let mut b = vec![bf16::ZERO; w.len()];
-            crate::cpu::elementwise::round_to_bf16(w, &mut b);
+            for (w, b) in w.chunks(ROUND_SLAB).zip(b.chunks_mut(ROUND_SLAB)) {
+                crate::cpu::elementwise::round_to_bf16(w, b);
+                done(bytes_of(w));
+            }
             f(&b)
         }),
         _ => None,
     }
+}
+
+/// The bytes of values of T.
+fn bytes_of<T: AnyBits>(v: &[T]) -> &[u8] {
+    // SAFETY: T is plain data without padding (AnyBits), so its memory is initialised bytes; the
+    // slice covers exactly v's memory and borrows it for v's lifetime.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
 /// Types for which every bit pattern is a value.
@@ -729,7 +752,7 @@ mod tests {
                 if name != "l.weight" {
                     return false;
                 }
-                f(dtype, &shape, &bytes[shift..]);
+                f(dtype, &shape, &bytes[shift..], &|_| ());
                 true
             })
         };
@@ -755,6 +778,67 @@ mod tests {
                     "{run:?}: shift {shift}, {shape:?}"
                 );
             }
+        }
+    }
+
+    /// Packing from a source's f32 bytes (an f32 layer, and a bf16 layer rounding them) hands the
+    /// bytes back through `done` in order, every byte once, in more than one part for a weight of
+    /// more than 16 MiB, and packs the same layer as from a tensor.
+    #[test]
+    fn packing_hands_back_the_bytes_as_it_goes() {
+        use std::sync::Mutex;
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        let (n, k) = (1056, 4100);
+        let w = normal((n, k), 0.05, 41);
+        let x = normal((2, k), 1.0, 42);
+        let bytes = Arc::new(file_bytes(&w, DType::F32));
+        for run in [DType::F32, DType::BF16] {
+            // (start, len) of each part, as offsets into the bytes.
+            let parts = Arc::new(Mutex::new(Vec::new()));
+            let (b, p) = (bytes.clone(), parts.clone());
+            let source: Source = Arc::new(move |name: &str, f: &mut Visit| {
+                if name != "l.weight" {
+                    return false;
+                }
+                let base = b.as_ptr() as usize;
+                let done = |part: &[u8]| {
+                    let at = part.as_ptr() as usize - base;
+                    p.lock().unwrap().push((at, part.len()));
+                };
+                f(DType::F32, &[n, k], &b, &done);
+                true
+            });
+            let vb = VarBuilder::from_tensors(
+                [("l.weight".to_string(), w.to_dtype(run).unwrap())]
+                    .into_iter()
+                    .collect(),
+                run,
+                &Device::Cpu,
+            );
+            let zeros = VarBuilder::zeros(run, &Device::Cpu);
+            let from_source = with_source(Some(source), || linear_no_bias(k, n, zeros.pp("l")))
+                .unwrap()
+                .forward(&x.to_dtype(run).unwrap())
+                .unwrap();
+            let want = linear_no_bias(k, n, vb.pp("l"))
+                .unwrap()
+                .forward(&x.to_dtype(run).unwrap())
+                .unwrap();
+            let diff = max_diff(
+                &from_source.to_dtype(DType::F32).unwrap(),
+                &want.to_dtype(DType::F32).unwrap(),
+            );
+            assert_eq!(diff, 0.0, "{run:?}");
+            let parts = parts.lock().unwrap().clone();
+            assert!(parts.len() > 1, "{run:?}: {parts:?}");
+            let mut at = 0;
+            for &(start, len) in &parts {
+                assert_eq!(start, at, "{run:?}: {parts:?}");
+                at += len;
+            }
+            assert_eq!(at, bytes.len(), "{run:?}: {parts:?}");
         }
     }
 
@@ -784,6 +868,7 @@ mod tests {
                     DType::F32,
                     &[n, k],
                     if visit == 0 { &zeros } else { &bytes },
+                    &|_| (),
                 );
                 true
             })

@@ -171,7 +171,8 @@ impl Weights<'_> {
                     let source = deltas.is_empty().then(|| {
                         let st = st.clone();
                         std::sync::Arc::new(move |name: &str, f: &mut crate::nn::linear::Visit| {
-                            st.with_raw(name, |d, s, b| f(d, s, b)).is_some()
+                            st.with_raw(name, |d, s, b, done| f(d, s, b, done))
+                                .is_some()
                         }) as crate::nn::linear::Source
                     });
                     (Box::new(st), source)

@@ -1,5 +1,6 @@
 //! A bf16 run's VAE on the CPU: its tensors stay f32 between layers, its convolutions take bf16
-//! operands (AVX512-BF16 dot products) where the CPU has them. The image it decodes stays within
+//! operands (AVX512-BF16 dot products) where the CPU has them and bf16 weights (widened in the f32
+//! kernel) where it does not. The image it decodes stays within
 //! 40 dB of the f32 VAE's, on both tiny VAEs (AutoencoderKL, AutoencoderKLFlux2), tiled and not, and
 //! so does what it encodes.
 

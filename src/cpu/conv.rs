@@ -1,6 +1,7 @@
-//! 2-D convolution (stride 1, square kernel, zero padding) on the CPU, for the VAE: f32, or with bf16
-//! operands (the input rounded to bf16 as it is copied, bf16 weights) summed in f32 on AVX512-BF16
-//! ([`dpbf16::matmul_taps`]), for bf16 runs on CPUs that have it.
+//! 2-D convolution (stride 1, square kernel, zero padding) on the CPU, for the VAE: f32; or, for bf16
+//! runs, with bf16 operands (the input rounded to bf16 as it is copied, bf16 weights) summed in f32
+//! on AVX512-BF16 ([`dpbf16::matmul_taps`]) where the CPU has it, and with bf16 weights (stored as
+//! bf16 panels, widened in the f32 kernel; the input stays f32) where it does not.
 //!
 //! candle's CPU convolution copies the input into an im2col matrix (k² times the input: 1.2 GB for
 //! a 3x3 convolution over 128 channels at 512²) and multiplies that. Here the image is copied, one
@@ -11,7 +12,7 @@
 //! channels-first. Beyond the input and output, a call holds about 64 MiB.
 
 use super::dpbf16::{self, PackedPairs};
-use super::sgemm::{self, PackedF32};
+use super::sgemm::{self, PackedBf16, PackedF32, PanelElem};
 use super::OutPtr;
 use half::bf16;
 use rayon::prelude::*;
@@ -34,6 +35,7 @@ pub struct PackedConv2d {
 #[derive(Debug, Clone)]
 enum Taps {
     F32(Vec<PackedF32>),
+    Bf16Weights(Vec<PackedBf16>),
     Bf16(Vec<PackedPairs>),
 }
 
@@ -41,6 +43,8 @@ enum Taps {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operands {
     F32,
+    /// Weights rounded to bf16 (to nearest even) and held so, half the memory of f32; the input f32.
+    Bf16Weights,
     /// Input and weights rounded to bf16 (to nearest even), as a bf16 convolution takes them.
     Bf16,
 }
@@ -65,6 +69,14 @@ impl PackedConv2d {
             Operands::F32 => Taps::F32(
                 (0..kk)
                     .map(|t| PackedF32::from_nk(&tap(t).collect::<Vec<_>>(), cout, cin))
+                    .collect(),
+            ),
+            Operands::Bf16Weights => Taps::Bf16Weights(
+                (0..kk)
+                    .map(|t| {
+                        let w: Vec<bf16> = tap(t).map(super::round_bf16).collect();
+                        PackedBf16::from_nk(&w, cout, cin)
+                    })
                     .collect(),
             ),
             Operands::Bf16 => Taps::Bf16(
@@ -104,6 +116,7 @@ impl PackedConv2d {
     pub fn operands(&self) -> Operands {
         match self.taps {
             Taps::F32(_) => Operands::F32,
+            Taps::Bf16Weights(_) => Operands::Bf16Weights,
             Taps::Bf16(_) => Operands::Bf16,
         }
     }
@@ -113,22 +126,36 @@ impl PackedConv2d {
     pub fn forward(&self, x: &[f32], b: usize, h: usize, w: usize) -> Vec<f32> {
         let bias = self.bias.as_deref();
         match &self.taps {
-            Taps::F32(taps) => self.forward_with(
-                x,
-                b,
-                h,
-                w,
-                |v| v,
-                |img, offsets, m, prod| {
-                    sgemm::matmul_taps(img, offsets, m, self.cin, taps, bias, prod, self.cout)
-                },
-            ),
+            Taps::F32(taps) => self.forward_f32(x, b, h, w, taps),
+            Taps::Bf16Weights(taps) => self.forward_f32(x, b, h, w, taps),
             Taps::Bf16(taps) => {
                 self.forward_with(x, b, h, w, super::round_bf16, |img, offsets, m, prod| {
                     dpbf16::matmul_taps(img, offsets, m, self.cin, taps, bias, prod, self.cout)
                 })
             }
         }
+    }
+
+    /// [`Self::forward`] on the f32 kernel, whose panels hold f32 or bf16.
+    fn forward_f32<E: PanelElem>(
+        &self,
+        x: &[f32],
+        b: usize,
+        h: usize,
+        w: usize,
+        taps: &[sgemm::Packed<E>],
+    ) -> Vec<f32> {
+        let bias = self.bias.as_deref();
+        self.forward_with(
+            x,
+            b,
+            h,
+            w,
+            |v| v,
+            |img, offsets, m, prod| {
+                sgemm::matmul_taps(img, offsets, m, self.cin, taps, bias, prod, self.cout)
+            },
+        )
     }
 
     /// [`Self::forward`] with the band copied as `T` (`to` rounds each value) and the taps' sum
@@ -234,12 +261,20 @@ impl PackedConv2d {
 mod tests {
     use super::*;
 
-    /// Against candle's conv2d (im2col) on odd sizes, 3x3 with padding 1 and 1x1 without, batch 2.
+    /// Against candle's conv2d (im2col) on odd sizes, 3x3 with padding 1 and 1x1 without, batch 2:
+    /// f32, and bf16 weights against candle's convolution with the weights rounded to bf16 (the
+    /// input f32).
     #[test]
     fn conv_equals_candles() {
         if !crate::cpu::test_has("avx512") {
             return;
         }
+        for operands in [Operands::F32, Operands::Bf16Weights] {
+            conv_equals_candles_with(operands);
+        }
+    }
+
+    fn conv_equals_candles_with(operands: Operands) {
         for &(b, cin, cout, h, w, k, p) in &[
             (2, 5, 7, 9, 13, 3, 1),
             (1, 40, 33, 17, 6, 3, 1),
@@ -250,8 +285,16 @@ mod tests {
             let x = crate::cpu::normal_tensor((b, cin, h, w), 1.0, 1);
             let wt = crate::cpu::normal_tensor((cout, cin, k, k), 0.2, 2);
             let bias = crate::cpu::normal_tensor(cout, 1.0, 3);
+            let rounded = match operands {
+                Operands::F32 => wt.clone(),
+                _ => wt
+                    .to_dtype(candle_core::DType::BF16)
+                    .unwrap()
+                    .to_dtype(candle_core::DType::F32)
+                    .unwrap(),
+            };
             let want = x
-                .conv2d(&wt, p, 1, 1, 1)
+                .conv2d(&rounded, p, 1, 1, 1)
                 .unwrap()
                 .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
                 .unwrap();
@@ -259,8 +302,9 @@ mod tests {
                 &wt.flatten_all().unwrap().to_vec1().unwrap(),
                 Some(bias.to_vec1().unwrap()),
                 (cout, cin, k, p),
-                Operands::F32,
+                operands,
             );
+            assert_eq!(conv.operands(), operands);
             let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let got = conv.forward(&xs, b, h, w);
             let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();

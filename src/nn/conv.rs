@@ -1,6 +1,7 @@
 //! 2-D convolutions with zero padding (the VAE's). Stride 1: candle's, or on the CPU in f32 with
 //! AVX-512 the im2col-free kernel of [`crate::cpu::conv`] (weights packed at load, candle's copy
-//! dropped), with bf16 operands inside [`with_bf16_operands`] where the CPU has AVX512-BF16.
+//! dropped); inside [`with_bf16_operands`], with bf16 operands where the CPU has AVX512-BF16 and
+//! bf16 weights (f32 input) where it does not.
 //! Strided (the encoder's downsamplers): candle's.
 
 use crate::cpu::{
@@ -16,9 +17,10 @@ thread_local! {
     static BF16_OPERANDS: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `build` with every packed convolution it makes taking bf16 operands (its input and weights
-/// rounded to bf16, sums in f32) when `on` and the CPU has AVX512-BF16: a bf16 run's VAE on the CPU,
-/// whose tensors stay f32 between layers ([`crate::pipeline::vae_dtype`]).
+/// Runs `build` with every packed convolution it makes taking bf16 operands when `on`: a bf16 run's
+/// VAE on the CPU, whose tensors stay f32 between layers ([`crate::pipeline::vae_dtype`]). With
+/// AVX512-BF16, input and weights are rounded to bf16 (sums in f32); without, the weights are held
+/// as bf16 (half the memory) and widened in the f32 kernel, the input staying f32.
 pub fn with_bf16_operands<T>(on: bool, build: impl FnOnce() -> T) -> T {
     let outer = BF16_OPERANDS.with(|b| b.replace(on));
     let out = build();
@@ -71,9 +73,10 @@ impl Conv2d {
             None => None,
         };
         let weights = w.flatten_all()?.to_vec1()?;
-        let operands = match BF16_OPERANDS.with(Cell::get) && cpu::features().avx512_bf16 {
-            true => Operands::Bf16,
-            false => Operands::F32,
+        let operands = match (BF16_OPERANDS.with(Cell::get), cpu::features().avx512_bf16) {
+            (true, true) => Operands::Bf16,
+            (true, false) => Operands::Bf16Weights,
+            (false, _) => Operands::F32,
         };
         Ok(Self::Packed(Arc::new(PackedConv2d::new(
             &weights,

@@ -23,12 +23,18 @@ for model in ${MODELS:-sd3-bench flux-bench flux2-bench text-bench}; do
       --output-dir "bench-results/$model-$dtype" > "bench-results/$model-$dtype.txt"
     cp "bench-results/$model-$dtype/results.json" "bench-results/$model-$dtype-mmdit.json"
     sed -n '/ vs /,$p' "bench-results/$model-$dtype.txt"
-    # What the engine holds with almost no activations (64x64, one step) against its weights: the
-    # peak RSS floor's "1.15x the weights" part.
+    # What each engine holds between runs (no activations) against its weights: the peak RSS
+    # floor's "1.15x the weights" part; and our peak with almost no activations (64x64, one step).
+    "$PY" -c 'import json, sys
+for f in sys.argv[1:]:
+    r = json.load(open(f)); e, h, w = r["engine"], r.get("held_bytes"), r.get("weight_bytes")
+    if h and w:
+        print(f"{e} held between runs: {h / 2**20:.0f} MiB, {h / w:.2f}x the weights ({w / 2**20:.0f} MiB)")' \
+      "bench-results/$model-$dtype-mmdit.json" "bench-results/$model-$dtype-diffusers.json"
     ./target/release/mmdit bench --model "bench-models/$model" --steps 1 --width 64 --height 64 \
       --dtype "$dtype" --no-reference --format json --output-dir "bench-results/$model-$dtype-64" >/dev/null
     "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); h, w = r["peak_rss_bytes"], r.get("weight_bytes")
-print(f"held (peak RSS at 64x64, 1 step): {h / 2**20:.0f} MiB" + (f", {h / w:.2f}x the weights ({w / 2**20:.0f} MiB)\n" if w else "\n"))' \
+print(f"mmdit peak RSS at 64x64, 1 step: {h / 2**20:.0f} MiB" + (f", {h / w:.2f}x the weights ({w / 2**20:.0f} MiB)\n" if w else "\n"))' \
       "bench-results/$model-$dtype-64/results.json"
   done
 done

@@ -25,13 +25,18 @@ def stat(v):
     return {"median": statistics.median(v), "min": min(v), "max": max(v)} if v else None
 
 
-def peak_rss():
+def status_bytes(field):
+    """A size field of /proc/self/status (in kB) in bytes: VmHWM the peak, VmRSS now."""
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
+
+
+def peak_rss():
+    return status_bytes("VmHWM")
 
 
 def weight_bytes(pipe):
@@ -119,6 +124,7 @@ def main():
         t0 = time.perf_counter()
         run(1)  # warm-up (timed apart: memory-mapped weights are read here)
         first_run_s = time.perf_counter() - t0
+        held_bytes = status_bytes("VmRSS")  # between runs: no activations
         rows = []
         for steps in [int(s) for s in a.steps.split(",")]:
             texts, steps_t, denoise, decodes = [], [], [], []
@@ -138,7 +144,7 @@ def main():
         "device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(), "model": a.model,
         "width": a.width, "height": a.height, "reference_steps": 0, "repeat": a.repeat, "load_s": load_s,
         "first_run_s": first_run_s,
-        "peak_rss_bytes": peak_rss(), "weight_bytes": weight_bytes(pipe), "rows": rows,
+        "peak_rss_bytes": peak_rss(), "weight_bytes": weight_bytes(pipe), "held_bytes": held_bytes, "rows": rows,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if a.device == "cuda" else None,
     }
     with open(a.out, "w") as fh:

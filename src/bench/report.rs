@@ -60,6 +60,10 @@ pub struct Results {
     /// pipeline's modules); absent in older results.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight_bytes: Option<u64>,
+    /// Resident memory right after the warm-up run (Linux `VmRSS`): the weights, whatever stays
+    /// loaded between runs and the runtime, without a run's activations; absent in older results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_bytes: Option<u64>,
     /// LoRAs as given (`SOURCE:SCALE`) and how they were applied (`merge`, `runtime`); absent in
     /// results of engines that record none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -242,10 +246,12 @@ pub fn compare(ours: &Results, theirs: &Results) -> String {
     s + &memory(ours, theirs)
 }
 
-/// Peak RSS, the weights' bytes and what the peak holds beyond the weights (activations, buffers,
-/// the runtime), ours and theirs in MiB with the ratio, for the rows both runs recorded.
+/// Peak RSS, the weights' bytes, what the peak holds beyond the weights (activations, buffers,
+/// the runtime), and what is held between runs and beyond the weights then (no activations),
+/// ours and theirs in MiB with the ratio, for the rows both runs recorded.
 fn memory(ours: &Results, theirs: &Results) -> String {
     let beyond = |r: &Results| Some(r.peak_rss_bytes?.saturating_sub(r.weight_bytes?));
+    let held_beyond = |r: &Results| Some(r.held_bytes?.saturating_sub(r.weight_bytes?));
     let rows = [
         ("peak RSS", ours.peak_rss_bytes, theirs.peak_rss_bytes),
         (
@@ -254,6 +260,12 @@ fn memory(ours: &Results, theirs: &Results) -> String {
             theirs.weight_bytes,
         ),
         ("peak RSS beyond the weights", beyond(ours), beyond(theirs)),
+        ("held between runs", ours.held_bytes, theirs.held_bytes),
+        (
+            "held between runs beyond the weights",
+            held_beyond(ours),
+            held_beyond(theirs),
+        ),
     ];
     let mib = |b: u64| b as f64 / 1048576.0;
     let mut s = String::new();
@@ -314,6 +326,7 @@ mod tests {
             first_run_s: Some(1.0),
             peak_rss_bytes: Some(3 << 20),
             weight_bytes: Some(1 << 20),
+            held_bytes: Some(3 << 19),
             loras: Vec::new(),
             rows: vec![row],
         };
@@ -334,11 +347,13 @@ mod tests {
         let theirs = r.json().replace("\"cache\": \"none\",", "");
         let back: Results = serde_json::from_str(&theirs).unwrap();
         assert_eq!(back.rows[0].cache, "none");
-        // The memory rows: 3 MiB peak, 1 MiB weights, 2 MiB beyond; theirs twice each.
+        // The memory rows: 3 MiB peak, 1 MiB weights, 2 MiB beyond, 1.5 MiB held between runs,
+        // 0.5 beyond the weights; theirs 6, 2, 4, 4 and 2.
         let mut other = back.clone();
         other.engine = "other".into();
         other.peak_rss_bytes = Some(6 << 20);
         other.weight_bytes = Some(2 << 20);
+        other.held_bytes = Some(4 << 20);
         let c = compare(&r, &other);
         assert!(
             c.contains("| memory | mmdit MiB | other MiB | ratio |"),
@@ -353,11 +368,18 @@ mod tests {
             c.contains("| peak RSS beyond the weights | 2 | 4 | 0.50 |"),
             "{c}"
         );
+        assert!(c.contains("| held between runs | 2 | 4 | 0.38 |"), "{c}");
+        assert!(
+            c.contains("| held between runs beyond the weights | 0 | 2 | 0.25 |"),
+            "{c}"
+        );
         // Results without weights (older runs, quantized runs) leave those rows out.
         other.weight_bytes = None;
         let c = compare(&r, &other);
         assert!(
-            c.contains("| peak RSS | 3 | 6 | 0.50 |") && !c.contains("weights"),
+            c.contains("| peak RSS | 3 | 6 | 0.50 |")
+                && c.contains("| held between runs | 2 | 4 | 0.38 |")
+                && !c.contains("weights"),
             "{c}"
         );
     }

@@ -207,6 +207,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     pipe.generate(&base(&prompts[0], 1, Sampler::Euler), &mut |_| {})?;
     let first_run_s = t0.elapsed().as_secs_f64();
+    let held_bytes = bench::rss_bytes();
     mmdit::profile::reset();
     // Steps and their wall time since the warm-up, for the profile's per-step figures.
     let mut prof = (0usize, std::time::Duration::ZERO);
@@ -346,6 +347,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         first_run_s: Some(first_run_s),
         peak_rss_bytes: bench::peak_rss_bytes(),
         weight_bytes,
+        held_bytes,
         loras: lora_specs
             .iter()
             .map(|s| format!("{} ({})", s.display(), a.lora.lora_apply))

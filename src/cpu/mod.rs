@@ -40,6 +40,7 @@ pub mod dpbf16;
 pub mod elementwise;
 mod features;
 pub mod group_norm;
+pub mod heap;
 pub mod qgemm;
 pub mod sgemm;
 

@@ -22,6 +22,7 @@ pub use sample::{check_finite, seeded_noise, Prompts};
 
 use crate::cache::{CacheSpec, CallKind};
 use crate::config::{ModelIndex, SchedulerConfig, VaeConfig};
+use crate::cpu;
 use crate::error::{Error, Message, Param, Result};
 use crate::image_io;
 use crate::loader::single::SingleFile;
@@ -1139,6 +1140,8 @@ impl Pipeline {
             _ => prompts.repeated(n)?,
         };
         self.device.synchronize()?;
+        // The text encoders' activations are freed: their pages go back before sampling.
+        cpu::heap::return_free_memory();
         timings.text = t0.elapsed();
 
         let seeds: Vec<u64> = (0..n as u64).map(|k| r.seed.wrapping_add(k)).collect();
@@ -1193,9 +1196,12 @@ impl Pipeline {
         )?;
         timings.steps = steps;
         let cache_calls = guided.cache_calls();
+        drop(guided);
+        cpu::heap::return_free_memory();
 
         let t0 = Instant::now();
         let images = self.decode_all(&latents)?;
+        cpu::heap::return_free_memory();
         timings.decode = t0.elapsed();
         images
             .into_iter()

@@ -1,18 +1,42 @@
 //! Matrix-product throughput of the CPU kernels (GFLOP/s), for the figures in README.md:
-//! `cargo run --release --example gemm_bench`.
+//! `cargo run --release --example gemm_bench` (f32: best of three, or of `REPS`;
+//! `COLD=1`: weights read from memory).
 use half::bf16;
 use mmdit::cpu::{amx, dpbf16, sgemm};
 use std::time::Instant;
 
 fn main() {
-    let shapes: &[(usize, usize, usize)] = &[
-        (2048, 2048, 2048),
-        (1536, 3072, 21504),
-        (1536, 15360, 3072),
-        (2714, 1536, 6144),
-        (2714, 6144, 1536),
-    ];
-    for &(m, k, n) in shapes {
+    // SHAPES="256x4096x10240,512x4096x4096" (m x k x n) replaces the default shapes.
+    let shapes: Vec<(usize, usize, usize)> = match std::env::var("SHAPES") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| {
+                let d: Vec<usize> = s
+                    .split('x')
+                    .map(|d| {
+                        d.trim()
+                            .parse()
+                            .expect("SHAPES: m x k x n, e.g. 256x4096x10240")
+                    })
+                    .collect();
+                assert!(d.len() == 3, "SHAPES: m x k x n, e.g. 256x4096x10240");
+                (d[0], d[1], d[2])
+            })
+            .collect(),
+        Err(_) => vec![
+            (2048, 2048, 2048),
+            (1536, 3072, 21504),
+            (1536, 15360, 3072),
+            (2714, 1536, 6144),
+            (2714, 6144, 1536),
+        ],
+    };
+    // REPS=7: best of seven f32 runs (default three).
+    let reps: usize = std::env::var("REPS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    for &(m, k, n) in &shapes {
         let a: Vec<bf16> = (0..m * k)
             .map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5))
             .collect();
@@ -22,12 +46,25 @@ fn main() {
         if sgemm::available() {
             let af: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
             let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-            let p = sgemm::PackedF32::from_nk(&wf, n, k);
+            // COLD=1: rotate through copies of the weights larger together than the L3 cache, so
+            // each product reads its weights from memory, as a model's layers do.
+            let copies = match std::env::var("COLD") {
+                Ok(_) => (256usize << 20).div_ceil(n * k * 4).max(2),
+                Err(_) => 1,
+            };
+            let ps: Vec<_> = (0..copies)
+                .map(|_| sgemm::PackedF32::from_nk(&wf, n, k))
+                .collect();
             let mut out = vec![0f32; m * n];
-            sgemm::matmul(&af, m, k, &p, None, &mut out, n);
-            let t = Instant::now();
-            sgemm::matmul(&af, m, k, &p, None, &mut out, n);
-            let s = t.elapsed().as_secs_f64();
+            sgemm::matmul(&af, m, k, &ps[0], None, &mut out, n);
+            let s = (0..reps)
+                .map(|i| {
+                    let p = &ps[(i + 1) % copies];
+                    let t = Instant::now();
+                    sgemm::matmul(&af, m, k, p, None, &mut out, n);
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min);
             println!(
                 "avx512 f32 {m}x{k}x{n}: {:.0} GFLOP/s ({:.1} ms)",
                 2.0 * (m * k * n) as f64 / s / 1e9,

@@ -279,17 +279,11 @@ unsafe fn block<E: PanelElem>(
                 for g in 0..groups {
                     let dst = &mut ap[g * MR * kc..(g + 1) * MR * kc];
                     let live = MR.min(rows - g * MR);
-                    for r in 0..live {
-                        let src = &a[(g * MR + r) * lda + k0..][..kc];
-                        for (kk, &v) in src.iter().enumerate() {
-                            dst[kk * MR + r] = v;
-                        }
-                    }
-                    if live < MR {
-                        for row in dst.chunks_exact_mut(MR) {
-                            row[live..].fill(0.0);
-                        }
-                    }
+                    let src = &a[g * MR * lda + k0..];
+                    assert!(src.len() >= (live - 1) * lda + kc);
+                    // SAFETY: AVX-512 is available (the caller's contract); src holds kc values at
+                    // r lda for r < live (asserted), dst kc x MR.
+                    unsafe { kernel::pack_rows(src.as_ptr(), lda, live, kc, dst.as_mut_ptr()) };
                 }
                 (ap.as_ptr(), 0)
             };
@@ -409,10 +403,93 @@ mod kernel {
             super::super::rows32::finish(&mut acc, rows, c, ldc, (m0, m1), bias, load);
         }
     }
+
+    /// Rows 0..live (1 ..= MR) of `a` (row stride lda), columns 0..kc, as the kernel's interleaved
+    /// A: `dst[kk MR + r] = a[r lda + kk]`, rows live..MR zero. Blocks of 16 columns are loaded as
+    /// 16 rows (those beyond `live` zero), transposed in registers and stored one column of MR at
+    /// a time.
+    ///
+    /// # Safety
+    /// AVX-512F available; `a` valid for reads of kc floats at `a + r lda` for r < live; `dst` for
+    /// writes of kc x MR floats.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_rows(
+        a: *const f32,
+        lda: usize,
+        live: usize,
+        kc: usize,
+        dst: *mut f32,
+    ) {
+        const { assert!(MR <= 16) };
+        // SAFETY: the masked loads read columns k0 .. k0 + w < kc of rows r < live only (masked
+        // lanes are not accessed), the masked stores write MR floats at (k0 + j) MR for j < w,
+        // inside dst's kc x MR.
+        unsafe {
+            for k0 in (0..kc).step_by(16) {
+                let w = 16.min(kc - k0);
+                let mask = (u32::MAX >> (32 - w)) as __mmask16;
+                let rows: [__m512; 16] = std::array::from_fn(|r| match r < live {
+                    true => _mm512_maskz_loadu_ps(mask, a.add(r * lda + k0)),
+                    false => _mm512_setzero_ps(),
+                });
+                let cols = transpose16(rows);
+                for (j, c) in cols.iter().enumerate().take(w) {
+                    _mm512_mask_storeu_ps(
+                        dst.add((k0 + j) * MR),
+                        ((1u32 << MR) - 1) as __mmask16,
+                        *c,
+                    );
+                }
+            }
+        }
+    }
+
+    /// The 16 x 16 transpose of 16 vectors: column c of the rows as vector c.
+    #[inline(always)]
+    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        // SAFETY: register shuffles only; AVX-512F is enabled in the caller (pack_rows).
+        unsafe {
+            // Pairs of rows interleaved: in each 128-bit lane L, (r0[4L], r1[4L], r0[4L+1], r1[4L+1])
+            // and the same of 4L+2, 4L+3.
+            let t: [__m512; 16] = std::array::from_fn(|i| match i % 2 {
+                0 => _mm512_unpacklo_ps(r[i], r[i + 1]),
+                _ => _mm512_unpackhi_ps(r[i - 1], r[i]),
+            });
+            // u[4g + j], lane L: rows 4g .. 4g + 4 of column 4L + j.
+            let u: [__m512; 16] = std::array::from_fn(|i| {
+                let (g, j) = (i / 4, i % 4);
+                let (a, b) = (t[4 * g + j / 2], t[4 * g + 2 + j / 2]);
+                match j % 2 {
+                    0 => _mm512_shuffle_ps::<0x44>(a, b),
+                    _ => _mm512_shuffle_ps::<0xEE>(a, b),
+                }
+            });
+            // Column 4L + j gathers lane L of u[j], u[4 + j], u[8 + j], u[12 + j].
+            let mut out = [_mm512_setzero_ps(); 16];
+            for j in 0..4 {
+                let (a0, a1, a2, a3) = (u[j], u[4 + j], u[8 + j], u[12 + j]);
+                let p = _mm512_shuffle_f32x4::<0x44>(a0, a1); // a0.0 a0.1 a1.0 a1.1
+                let q = _mm512_shuffle_f32x4::<0xEE>(a0, a1); // a0.2 a0.3 a1.2 a1.3
+                let r = _mm512_shuffle_f32x4::<0x44>(a2, a3);
+                let s = _mm512_shuffle_f32x4::<0xEE>(a2, a3);
+                out[j] = _mm512_shuffle_f32x4::<0x88>(p, r);
+                out[4 + j] = _mm512_shuffle_f32x4::<0xDD>(p, r);
+                out[8 + j] = _mm512_shuffle_f32x4::<0x88>(q, s);
+                out[12 + j] = _mm512_shuffle_f32x4::<0xDD>(q, s);
+            }
+            out
+        }
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 mod kernel {
+    /// # Safety
+    /// Never called: [`super::available`] is false off x86_64.
+    pub(super) unsafe fn pack_rows(_: *const f32, _: usize, _: usize, _: usize, _: *mut f32) {
+        unreachable!("AVX-512 exists only on x86_64")
+    }
+
     /// # Safety
     /// Never called: [`super::available`] is false off x86_64.
     #[allow(clippy::too_many_arguments)]
@@ -452,6 +529,35 @@ mod tests {
         (4, 0, 9),
         (460, 1030, 300),
     ];
+
+    /// The vector packing of A's row groups: each value in its place, rows beyond `live` zero, for
+    /// every group height and column counts around the 16-column blocks.
+    #[test]
+    fn packed_rows_interleave_the_rows() {
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        for kc in [1, 15, 16, 17, 33, 100] {
+            let lda = kc + 5;
+            let a = random(MR * lda, 4);
+            for live in 1..=MR {
+                let mut got = vec![f32::NAN; kc * MR];
+                // SAFETY: AVX-512 is available (checked); a holds MR rows of lda >= kc values, got
+                // kc x MR.
+                unsafe { kernel::pack_rows(a.as_ptr(), lda, live, kc, got.as_mut_ptr()) };
+                for kk in 0..kc {
+                    for r in 0..MR {
+                        let want = if r < live { a[r * lda + kk] } else { 0.0 };
+                        assert_eq!(
+                            got[kk * MR + r].to_bits(),
+                            want.to_bits(),
+                            "kc {kc} live {live} [{kk}, {r}]"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     /// Odd shapes, strided rows, bias, parallel and serial: equal to an f64 reference within f32
     /// summation error.

@@ -36,10 +36,39 @@ pub fn available() -> bool {
 pub trait PanelElem: Zeroed {
     /// Stored as bf16, widened to f32 by the kernel.
     const BF16: bool;
+
+    /// One panel from up to [`NR`] rows of w (each k long): `panel[kk NR + c] = rows[c][kk]`,
+    /// columns beyond the rows left as they are.
+    fn fill_panel(rows: &[&[Self]], panel: &mut [Self]) {
+        // Row by row of the panel: contiguous writes, and reads from 32 streams whose cache
+        // lines each serve 16 consecutive rows.
+        for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+            for (d, row) in dst.iter_mut().zip(rows) {
+                *d = row[kk];
+            }
+        }
+    }
 }
 
 impl PanelElem for f32 {
     const BF16: bool = false;
+
+    /// With AVX-512: 16 x 16 blocks transposed in registers.
+    fn fill_panel(rows: &[&[f32]], panel: &mut [f32]) {
+        let k = panel.len() / NR;
+        assert!(rows.len() <= NR && rows.iter().all(|r| r.len() >= k));
+        if available() {
+            // SAFETY: AVX-512 is available; every row holds k values and the panel k x NR
+            // (asserted above).
+            unsafe { kernel::fill_panel(rows, panel, k) }
+        } else {
+            for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                for (d, row) in dst.iter_mut().zip(rows) {
+                    *d = row[kk];
+                }
+            }
+        }
+    }
 }
 
 impl PanelElem for bf16 {
@@ -82,17 +111,11 @@ impl<E: PanelElem> Packed<E> {
                 .par_chunks_mut(k * NR)
                 .enumerate()
                 .for_each(|(i, panel)| {
-                    // Row by row of the panel: contiguous writes, and reads from 32 streams whose
-                    // cache lines each serve 16 consecutive rows.
                     let nb = run * per + i;
                     let rows: Vec<&[E]> = (nb * NR..n.min(nb * NR + NR))
                         .map(|c| &w[c * k..][..k])
                         .collect();
-                    for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
-                        for (d, row) in dst.iter_mut().zip(&rows) {
-                            *d = row[kk];
-                        }
-                    }
+                    E::fill_panel(&rows, panel);
                 });
             let rows = (run * per * NR).min(n)..((run + 1) * per * NR).min(n);
             done(&w[rows.start * k..rows.end * k]);
@@ -444,6 +467,38 @@ mod kernel {
         }
     }
 
+    /// `panel[kk NR + c] = rows[c][kk]` for kk < k, c < rows.len() (<= NR): each half of the panel
+    /// (16 columns) in 16 x 16 blocks, loaded as rows, transposed, stored as panel rows.
+    ///
+    /// # Safety
+    /// AVX-512F available; every row holds at least k values; panel holds k x NR and is 64-byte
+    /// aligned (an `Aligned` buffer at a multiple of NR).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fill_panel(rows: &[&[f32]], panel: &mut [f32], k: usize) {
+        // SAFETY: the masked loads read columns k0 .. k0 + w < k of the given rows only; the
+        // aligned stores write 16 floats at (k0 + j) NR + 16 h, inside the panel's k x NR.
+        unsafe {
+            for h in 0..NR / 16 {
+                let half = &rows[(16 * h).min(rows.len())..rows.len().min(16 * h + 16)];
+                if half.is_empty() {
+                    break;
+                }
+                for k0 in (0..k).step_by(16) {
+                    let w = 16.min(k - k0);
+                    let mask = (u32::MAX >> (32 - w)) as __mmask16;
+                    let block: [__m512; 16] = std::array::from_fn(|r| match half.get(r) {
+                        Some(row) => _mm512_maskz_loadu_ps(mask, row.as_ptr().add(k0)),
+                        None => _mm512_setzero_ps(),
+                    });
+                    let cols = transpose16(block);
+                    for (j, c) in cols.iter().enumerate().take(w) {
+                        _mm512_store_ps(panel.as_mut_ptr().add((k0 + j) * NR + 16 * h), *c);
+                    }
+                }
+            }
+        }
+    }
+
     /// The 16 x 16 transpose of 16 vectors: column c of the rows as vector c.
     #[inline(always)]
     fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
@@ -487,6 +542,12 @@ mod kernel {
     /// # Safety
     /// Never called: [`super::available`] is false off x86_64.
     pub(super) unsafe fn pack_rows(_: *const f32, _: usize, _: usize, _: usize, _: *mut f32) {
+        unreachable!("AVX-512 exists only on x86_64")
+    }
+
+    /// # Safety
+    /// Never called: [`super::available`] is false off x86_64.
+    pub(super) unsafe fn fill_panel(_: &[&[f32]], _: &mut [f32], _: usize) {
         unreachable!("AVX-512 exists only on x86_64")
     }
 

@@ -168,28 +168,79 @@ thread_local! {
 /// kernel: per block of queries the scores (rows x keys, f32) are the only intermediate. Panics if
 /// [`sgemm::available`] is false.
 pub fn sdpa_f32(q: &[f32], k: &[f32], v: &[f32], heads: Heads, scale: f32) -> Vec<f32> {
+    sdpa_f32_inner(q, k, v, heads, scale, None)
+}
+
+/// `softmax(q kᵀ · scale + bias) v` in f32, as [`sdpa_f32`], with `bias` (h, n, m) added to the
+/// scores of every batch (slice i of `bh` takes head i mod h): T5's relative-position bias with
+/// its key mask. Panics unless h divides `bh` and the bias holds h x n x m values, or if
+/// [`sgemm::available`] is false.
+pub fn sdpa_f32_biased(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: Heads,
+    scale: f32,
+    bias: &[f32],
+) -> Vec<f32> {
+    let per = heads.n * heads.m;
+    assert!(
+        per == 0
+            || (!bias.is_empty()
+                && bias.len().is_multiple_of(per)
+                && heads.bh.is_multiple_of(bias.len() / per)),
+        "attention bias is not (heads, n, m) for a divisor of bh"
+    );
+    sdpa_f32_inner(q, k, v, heads, scale, Some(bias))
+}
+
+fn sdpa_f32_inner(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: Heads,
+    scale: f32,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
     heads.check(q, k, v);
     let Heads { bh, n, m, d } = heads;
     let mut out = vec![0f32; bh * n * d];
     if bh == 0 || n == 0 || m == 0 || d == 0 {
         return out;
     }
+    let bias_heads = bias.map_or(1, |b| b.len() / (n * m));
     out.par_chunks_mut(n * d)
         .zip(q.par_chunks(n * d))
         .zip(k.par_chunks(m * d).zip(v.par_chunks(m * d)))
-        .for_each(|((o, q), (k, v))| {
+        .enumerate()
+        .for_each(|(i, ((o, q), (k, v)))| {
             let kt = PackedF32::from_nk(k, m, d);
             let vp = PackedF32::from_kn(v, m, d);
+            let bias = bias.map(|b| &b[(i % bias_heads) * n * m..][..n * m]);
             o.par_chunks_mut(QB_F32 * d)
                 .zip(q.par_chunks(QB_F32 * d))
-                .for_each(|(o, q)| {
+                .enumerate()
+                .for_each(|(blk, (o, q))| {
                     let rows = q.len() / d;
                     SCORES.with(|s| {
                         let s = &mut *s.borrow_mut();
                         s.reset(rows * m);
                         sgemm::matmul_serial(q, rows, d, &kt, s, m);
-                        for row in s.chunks_exact_mut(m) {
-                            softmax_in_place(row, scale);
+                        match bias {
+                            Some(b) => {
+                                let b = &b[blk * QB_F32 * m..][..rows * m];
+                                for (row, b) in s.chunks_exact_mut(m).zip(b.chunks_exact(m)) {
+                                    for (x, &b) in row.iter_mut().zip(b) {
+                                        *x = *x * scale + b;
+                                    }
+                                    softmax_in_place(row, 1.0);
+                                }
+                            }
+                            None => {
+                                for row in s.chunks_exact_mut(m) {
+                                    softmax_in_place(row, scale);
+                                }
+                            }
                         }
                         sgemm::matmul_serial(s, rows, m, &vp, o, d);
                     });
@@ -300,6 +351,7 @@ mod tests {
         m: usize,
         d: usize,
         scale: f64,
+        bias: Option<(&[f64], usize)>,
     ) -> Vec<f64> {
         let mut out = vec![0f64; bh * n * d];
         for i in 0..bh {
@@ -308,7 +360,8 @@ mod tests {
                 let s: Vec<f64> = (0..m)
                     .map(|j| {
                         let kj = &k[(i * m + j) * d..][..d];
-                        qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() * scale
+                        let b = bias.map_or(0.0, |(b, h)| b[((i % h) * n + r) * m + j]);
+                        qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() * scale + b
                     })
                     .collect();
                 let mx = s.iter().cloned().fold(f64::MIN, f64::max);
@@ -347,7 +400,7 @@ mod tests {
             let scale = 1.0 / (d as f32).sqrt();
             let got = sdpa(&q, &k, &v, Heads { bh, n, m, d }, scale);
             let f = |x: &[T]| x.iter().map(|&v| to(v)).collect::<Vec<_>>();
-            let want = reference(&f(&q), &f(&k), &f(&v), bh, n, m, d, scale as f64);
+            let want = reference(&f(&q), &f(&k), &f(&v), bh, n, m, d, scale as f64, None);
             for (i, (&g, w)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (to(g) - w).abs() <= tol(w.abs()),
@@ -381,6 +434,61 @@ mod tests {
     fn sdpa_f32_equals_the_reference() {
         if crate::cpu::test_has("avx512") {
             check_against_reference(9, |v| v, |v| v as f64, sdpa_f32, |_| 2e-5);
+        }
+    }
+
+    /// With a bias per head, broadcast over the batch, and keys masked by f32::MIN (T5's): within
+    /// f32 summation error of the f64 reference, and the masked keys' values without effect.
+    #[test]
+    fn sdpa_f32_biased_equals_the_reference() {
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        let mut seed = 11;
+        for &(bh, n, m, d) in &SHAPES {
+            for h in [1, bh] {
+                let (q, k, mut v) = (
+                    random(bh * n * d, &mut seed),
+                    random(bh * m * d, &mut seed),
+                    random(bh * m * d, &mut seed),
+                );
+                let valid = m - m / 3;
+                let mut bias = random(h * n * m, &mut seed);
+                for (j, b) in bias.iter_mut().enumerate() {
+                    if j % m >= valid {
+                        *b += f32::MIN;
+                    }
+                }
+                let heads = Heads { bh, n, m, d };
+                let scale = 1.0 / (d as f32).sqrt();
+                let got = sdpa_f32_biased(&q, &k, &v, heads, scale, &bias);
+                let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+                let b = f(&bias);
+                let want = reference(
+                    &f(&q),
+                    &f(&k),
+                    &f(&v),
+                    bh,
+                    n,
+                    m,
+                    d,
+                    scale as f64,
+                    Some((&b, h)),
+                );
+                for (i, (&g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g as f64 - w).abs() <= 2e-5,
+                        "({bh},{n},{m},{d}) h {h} [{i}]: {g} vs {w}"
+                    );
+                }
+                // Masked keys' values change nothing.
+                for (j, x) in v.iter_mut().enumerate() {
+                    if (j / d) % m >= valid {
+                        *x = 1e6;
+                    }
+                }
+                assert_eq!(got, sdpa_f32_biased(&q, &k, &v, heads, scale, &bias));
+            }
         }
     }
 }

@@ -105,6 +105,35 @@ pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     Tensor::cat(&outs, 2)
 }
 
+/// `softmax(q kᵀ · scale + bias) v` (T5's attention: the relative-position bias with the key mask
+/// folded in), in f32: on a CPU with AVX-512 [`crate::cpu::attention::sdpa_f32_biased`], no score
+/// matrix beyond one block of queries; elsewhere composed.
+///
+/// # Shapes
+/// q: (b, h, n, d), k and v: (b, h, m, d), bias: (1, h, n, m) -> (b, h, n, d)
+pub fn sdpa_biased(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, n, d) = q.dims4()?;
+    let m = k.dim(2)?;
+    let f32 = [q, k, v, bias].iter().all(|t| t.dtype() == DType::F32);
+    if q.device().is_cpu() && f32 && crate::cpu::features().avx512 && bias.dims4()? == (1, h, n, m)
+    {
+        let heads = crate::cpu::attention::Heads { bh: b * h, n, m, d };
+        return crate::cpu::with_slice::<f32, _>(bias, |bias| {
+            on_slices(q, k, v, |q, k, v| {
+                crate::cpu::attention::sdpa_f32_biased(q, k, v, heads, scale as f32, bias)
+            })
+        })?;
+    }
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
+    candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+}
+
 /// Runs a CPU attention kernel of element type T on q, k and v as slices; its output has q's shape.
 fn on_slices<T: candle_core::WithDType>(
     q: &Tensor,

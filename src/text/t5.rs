@@ -178,7 +178,7 @@ impl SelfAttention {
         }
     }
 
-    /// (1, heads, n, n) in `dtype`.
+    /// (1, heads, n, n) in `dtype`, laid out head by head from the (buckets, heads) table.
     fn position_bias(
         &self,
         emb: &Embedding,
@@ -186,15 +186,25 @@ impl SelfAttention {
         dtype: DType,
         dev: &candle_core::Device,
     ) -> Result<Tensor> {
-        let ids: Vec<u32> = (0..n as u32)
-            .flat_map(|i| (0..n as u32).map(move |j| (i, j)))
-            .map(|(i, j)| self.bucket(i, j))
+        let table = emb.embeddings().to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let heads = table.first().map_or(0, Vec::len);
+        let ids: Vec<usize> = (0..n * n)
+            .map(|ij| self.bucket((ij / n) as u32, (ij % n) as u32) as usize)
             .collect();
-        let ids = Tensor::from_vec(ids, (n, n), dev)?;
-        emb.forward(&ids)?
-            .permute((2, 0, 1))?
-            .unsqueeze(0)?
-            .to_dtype(dtype)
+        if ids.iter().any(|&b| b >= table.len()) {
+            candle_core::bail!(
+                "T5: the relative attention bias has {} buckets, the config asks for {}",
+                table.len(),
+                self.buckets
+            );
+        }
+        let mut bias = vec![0f32; heads * n * n];
+        for (h, plane) in bias.chunks_exact_mut((n * n).max(1)).enumerate() {
+            for (b, &id) in plane.iter_mut().zip(&ids) {
+                *b = table[id][h];
+            }
+        }
+        Tensor::from_vec(bias, (1, heads, n, n), dev)?.to_dtype(dtype)
     }
 
     /// The layer's output and the position bias (computed here by the first layer, with the key
@@ -207,33 +217,41 @@ impl SelfAttention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        // The products in f32 (candle's bf16 products are slow on the CPU) with transformers'
-        // roundings to the model's dtype kept: the scores, the scores plus the bias, and the
-        // weights are rounded to it; the softmax is taken in f32, as transformers' T5 does.
         let dt = xs.dtype();
-        let f32 = |t: Tensor| split(t)?.to_dtype(DType::F32);
-        let round = |t: Tensor| t.to_dtype(dt)?.to_dtype(DType::F32);
-        let q = f32(self.q.forward(&h)?)?;
-        let k = f32(self.k.forward(&h)?)?;
-        let v = f32(self.v.forward(&h)?)?;
-        let scores = round(q.matmul(&k.t()?)?)?;
         let bias = match (bias, &self.bias) {
             (Some(p), _) => p,
             (None, Some(emb)) => {
-                let bias = self.position_bias(emb, n, dt, scores.device())?;
+                let bias = self.position_bias(emb, n, dt, xs.device())?;
                 key_mask(bias, valid)?
             }
             (None, None) => {
                 candle_core::bail!("T5: the first layer has no relative attention bias")
             }
         };
-        let scores = round(scores.broadcast_add(&bias.to_dtype(DType::F32)?)?)?;
-        let w = round(candle_nn::ops::softmax_last_dim(&scores)?)?;
-        let y =
-            w.matmul(&v)?
-                .to_dtype(dt)?
-                .transpose(1, 2)?
-                .reshape((b, n, self.heads * self.d_kv))?;
+        let y = if dt == DType::F32 {
+            // softmax(q kᵀ + bias) v, unscaled as T5's is, on the fused attention.
+            let (q, k, v) = (
+                split(self.q.forward(&h)?)?,
+                split(self.k.forward(&h)?)?,
+                split(self.v.forward(&h)?)?,
+            );
+            nn::attention::sdpa_biased(&q, &k, &v, &bias, 1.0)?
+        } else {
+            // The products in f32 (candle's bf16 products are slow on the CPU) with
+            // transformers' roundings to the model's dtype kept: the scores, the scores plus the
+            // bias, and the weights are rounded to it; the softmax is taken in f32, as
+            // transformers' T5 does.
+            let f32 = |t: Tensor| split(t)?.to_dtype(DType::F32);
+            let round = |t: Tensor| t.to_dtype(dt)?.to_dtype(DType::F32);
+            let q = f32(self.q.forward(&h)?)?;
+            let k = f32(self.k.forward(&h)?)?;
+            let v = f32(self.v.forward(&h)?)?;
+            let scores = round(q.matmul(&k.t()?)?)?;
+            let scores = round(scores.broadcast_add(&bias.to_dtype(DType::F32)?)?)?;
+            let w = round(candle_nn::ops::softmax_last_dim(&scores)?)?;
+            w.matmul(&v)?.to_dtype(dt)?
+        };
+        let y = y.transpose(1, 2)?.reshape((b, n, self.heads * self.d_kv))?;
         Ok(((xs + self.o.forward(&y)?)?, bias))
     }
 }

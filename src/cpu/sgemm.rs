@@ -40,12 +40,16 @@ pub trait PanelElem: Zeroed {
     /// One panel from up to [`NR`] rows of w (each k long): `panel[kk NR + c] = rows[c][kk]`,
     /// columns beyond the rows left as they are.
     fn fill_panel(rows: &[&[Self]], panel: &mut [Self]) {
-        // Row by row of the panel: contiguous writes, and reads from 32 streams whose cache
-        // lines each serve 16 consecutive rows.
-        for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
-            for (d, row) in dst.iter_mut().zip(rows) {
-                *d = row[kk];
-            }
+        fill_panel_by_rows(rows, panel)
+    }
+}
+
+/// [`PanelElem::fill_panel`] one panel row at a time: contiguous writes, and reads from 32 streams
+/// whose cache lines each serve several consecutive rows.
+fn fill_panel_by_rows<E: Copy>(rows: &[&[E]], panel: &mut [E]) {
+    for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+        for (d, row) in dst.iter_mut().zip(rows) {
+            *d = row[kk];
         }
     }
 }
@@ -62,11 +66,7 @@ impl PanelElem for f32 {
             // (asserted above).
             unsafe { kernel::fill_panel(rows, panel, k) }
         } else {
-            for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
-                for (d, row) in dst.iter_mut().zip(rows) {
-                    *d = row[kk];
-                }
-            }
+            fill_panel_by_rows(rows, panel)
         }
     }
 }

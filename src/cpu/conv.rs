@@ -17,7 +17,7 @@ use super::OutPtr;
 use half::bf16;
 use rayon::prelude::*;
 
-/// Channels x pixels per tile of the layout changes around the products.
+/// Channels x pixels per tile of the scalar channels-last copy (bf16 operands).
 const TILE: usize = 16;
 
 /// A convolution's weights packed per tap.
@@ -129,9 +129,16 @@ impl PackedConv2d {
             Taps::F32(taps) => self.forward_f32(x, b, h, w, taps),
             Taps::Bf16Weights(taps) => self.forward_f32(x, b, h, w, taps),
             Taps::Bf16(taps) => {
-                self.forward_with(x, b, h, w, super::round_bf16, |img, offsets, m, prod| {
-                    dpbf16::matmul_taps(img, offsets, m, self.cin, taps, bias, prod, self.cout)
-                })
+                let (cin, round) = (self.cin, super::round_bf16);
+                self.forward_with(
+                    x,
+                    b,
+                    (h, w),
+                    |x, y, row| fill_row(x, (cin, h, w), y, row, round),
+                    |img, offsets, m, prod| {
+                        dpbf16::matmul_taps(img, offsets, m, self.cin, taps, bias, prod, self.cout)
+                    },
+                )
             }
         }
     }
@@ -145,32 +152,47 @@ impl PackedConv2d {
         w: usize,
         taps: &[sgemm::Packed<E>],
     ) -> Vec<f32> {
-        let bias = self.bias.as_deref();
+        let (bias, cin) = (self.bias.as_deref(), self.cin);
         self.forward_with(
             x,
             b,
-            h,
-            w,
-            |v| v,
+            (h, w),
+            |x, y, row: &mut [f32]| {
+                assert!(x.len() >= cin * h * w && row.len() >= w * cin && y < h);
+                // SAFETY: AVX-512 is available (forward_with's assert); channel c's row y is w
+                // values at c h w + y w of x, pixel xx's channels cin values at xx cin of row
+                // (asserted lengths).
+                unsafe {
+                    super::transpose::transpose(
+                        x[y * w..].as_ptr(),
+                        h * w,
+                        cin,
+                        w,
+                        row.as_mut_ptr(),
+                        cin,
+                    )
+                }
+            },
             |img, offsets, m, prod| {
                 sgemm::matmul_taps(img, offsets, m, self.cin, taps, bias, prod, self.cout)
             },
         )
     }
 
-    /// [`Self::forward`] with the band copied as `T` (`to` rounds each value) and the taps' sum
+    /// [`Self::forward`] with the band copied as `T` (`fill(image, y, row)` writes input row y of
+    /// one image channels-last into the w x cin values of `row`) and the taps' sum
     /// `product(band, offsets, rows, out)`.
     fn forward_with<T: Copy + Default + Send + Sync>(
         &self,
         x: &[f32],
         b: usize,
-        h: usize,
-        w: usize,
-        to: impl Fn(f32) -> T + Sync,
+        (h, w): (usize, usize),
+        fill: impl Fn(&[f32], usize, &mut [T]) + Sync,
         product: impl Fn(&[T], &[usize], usize, &mut [f32]),
     ) -> Vec<f32> {
         let (cin, cout, k, p) = (self.cin, self.cout, self.ksize, self.pad);
         assert_eq!(x.len(), b * cin * h * w, "input length");
+        assert!(sgemm::available(), "convolution kernels need AVX-512");
         let (ho, wo) = self
             .output_size(h, w)
             .expect("kernel larger than the image");
@@ -204,22 +226,10 @@ impl PackedConv2d {
                             return;
                         }
                         let y = yp - p;
-                        // The padding columns; the loop below writes every other value.
+                        // The padding columns; `fill` writes every other value.
                         row[..p * cin].fill(T::default());
                         row[(w + p) * cin..].fill(T::default());
-                        // In tiles of T channels x T pixels: the T input rows read stay in L1
-                        // while each pixel's T channels are written side by side.
-                        for c0 in (0..cin).step_by(TILE) {
-                            let cn = TILE.min(cin - c0);
-                            for x0 in (0..w).step_by(TILE) {
-                                for xx in x0..(x0 + TILE).min(w) {
-                                    let dst = &mut row[(xx + p) * cin + c0..][..cn];
-                                    for (ci, d) in dst.iter_mut().enumerate() {
-                                        *d = to(x[((c0 + ci) * h + y) * w + xx]);
-                                    }
-                                }
-                            }
-                        }
+                        fill(x, y, &mut row[p * cin..(w + p) * cin]);
                     });
                 let m = rows * wp;
                 product(&img, &offsets, m, &mut prod[..m * cout]);
@@ -230,30 +240,47 @@ impl PackedConv2d {
                     .enumerate()
                     .for_each(|(i, row)| {
                         let y = y0 + i;
-                        // In tiles of T channels x T pixels, each channel's T pixels written side
-                        // by side (rather than one value per channel plane per pixel).
-                        for o0 in (0..cout).step_by(TILE) {
-                            for x0 in (0..wo).step_by(TILE) {
-                                let xn = TILE.min(wo - x0);
-                                for o in o0..(o0 + TILE).min(cout) {
-                                    // SAFETY: (o, y, x0 .. x0 + xn) indexes out (o < cout,
-                                    // y < ho, x0 + xn <= wo); each task writes its own row y.
-                                    let dst = unsafe {
-                                        std::slice::from_raw_parts_mut(
-                                            optr.get().add(o * plane + y * wo + x0),
-                                            xn,
-                                        )
-                                    };
-                                    for (xi, d) in dst.iter_mut().enumerate() {
-                                        *d = row[(x0 + xi) * cout + o];
-                                    }
-                                }
-                            }
+                        assert!(row.len() >= wo * cout && y < ho);
+                        // SAFETY: AVX-512 is available (asserted above); row holds wo pixels of
+                        // cout channels (asserted); channel o's pixels 0 .. wo of row y are out's
+                        // o plane + y wo .. + wo (o < cout, y < ho), which only this task writes.
+                        unsafe {
+                            super::transpose::transpose(
+                                row.as_ptr(),
+                                cout,
+                                wo,
+                                cout,
+                                optr.get().add(y * wo),
+                                plane,
+                            )
                         }
                     });
             }
         }
         out
+    }
+}
+
+/// Input row y of one image (cin x h x w) channels-last into `row` (w x cin), each value through
+/// `to`: in tiles of 16 channels x 16 pixels, the 16 input rows read staying in L1 while each
+/// pixel's channels are written side by side.
+fn fill_row<T: Copy>(
+    x: &[f32],
+    (cin, h, w): (usize, usize, usize),
+    y: usize,
+    row: &mut [T],
+    to: impl Fn(f32) -> T,
+) {
+    for c0 in (0..cin).step_by(TILE) {
+        let cn = TILE.min(cin - c0);
+        for x0 in (0..w).step_by(TILE) {
+            for xx in x0..(x0 + TILE).min(w) {
+                let dst = &mut row[xx * cin + c0..][..cn];
+                for (ci, d) in dst.iter_mut().enumerate() {
+                    *d = to(x[((c0 + ci) * h + y) * w + xx]);
+                }
+            }
+        }
     }
 }
 

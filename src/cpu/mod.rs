@@ -43,6 +43,7 @@ pub mod group_norm;
 pub mod heap;
 pub mod qgemm;
 pub mod sgemm;
+mod transpose;
 
 pub use features::{features, test_has, Features};
 

@@ -362,6 +362,7 @@ unsafe fn block<E: PanelElem>(
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {
+    use super::super::transpose::{lanes, transpose16};
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
@@ -450,18 +451,14 @@ mod kernel {
         unsafe {
             for k0 in (0..kc).step_by(16) {
                 let w = 16.min(kc - k0);
-                let mask = (u32::MAX >> (32 - w)) as __mmask16;
+                let mask = lanes(w);
                 let rows: [__m512; 16] = std::array::from_fn(|r| match r < live {
                     true => _mm512_maskz_loadu_ps(mask, a.add(r * lda + k0)),
                     false => _mm512_setzero_ps(),
                 });
                 let cols = transpose16(rows);
                 for (j, c) in cols.iter().enumerate().take(w) {
-                    _mm512_mask_storeu_ps(
-                        dst.add((k0 + j) * MR),
-                        ((1u32 << MR) - 1) as __mmask16,
-                        *c,
-                    );
+                    _mm512_mask_storeu_ps(dst.add((k0 + j) * MR), lanes(MR), *c);
                 }
             }
         }
@@ -485,7 +482,7 @@ mod kernel {
                 }
                 for k0 in (0..k).step_by(16) {
                     let w = 16.min(k - k0);
-                    let mask = (u32::MAX >> (32 - w)) as __mmask16;
+                    let mask = lanes(w);
                     let block: [__m512; 16] = std::array::from_fn(|r| match half.get(r) {
                         Some(row) => _mm512_maskz_loadu_ps(mask, row.as_ptr().add(k0)),
                         None => _mm512_setzero_ps(),
@@ -496,43 +493,6 @@ mod kernel {
                     }
                 }
             }
-        }
-    }
-
-    /// The 16 x 16 transpose of 16 vectors: column c of the rows as vector c.
-    #[inline(always)]
-    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
-        // SAFETY: register shuffles only; AVX-512F is enabled in the caller (pack_rows).
-        unsafe {
-            // Pairs of rows interleaved: in each 128-bit lane L, (r0[4L], r1[4L], r0[4L+1], r1[4L+1])
-            // and the same of 4L+2, 4L+3.
-            let t: [__m512; 16] = std::array::from_fn(|i| match i % 2 {
-                0 => _mm512_unpacklo_ps(r[i], r[i + 1]),
-                _ => _mm512_unpackhi_ps(r[i - 1], r[i]),
-            });
-            // u[4g + j], lane L: rows 4g .. 4g + 4 of column 4L + j.
-            let u: [__m512; 16] = std::array::from_fn(|i| {
-                let (g, j) = (i / 4, i % 4);
-                let (a, b) = (t[4 * g + j / 2], t[4 * g + 2 + j / 2]);
-                match j % 2 {
-                    0 => _mm512_shuffle_ps::<0x44>(a, b),
-                    _ => _mm512_shuffle_ps::<0xEE>(a, b),
-                }
-            });
-            // Column 4L + j gathers lane L of u[j], u[4 + j], u[8 + j], u[12 + j].
-            let mut out = [_mm512_setzero_ps(); 16];
-            for j in 0..4 {
-                let (a0, a1, a2, a3) = (u[j], u[4 + j], u[8 + j], u[12 + j]);
-                let p = _mm512_shuffle_f32x4::<0x44>(a0, a1); // a0.0 a0.1 a1.0 a1.1
-                let q = _mm512_shuffle_f32x4::<0xEE>(a0, a1); // a0.2 a0.3 a1.2 a1.3
-                let r = _mm512_shuffle_f32x4::<0x44>(a2, a3);
-                let s = _mm512_shuffle_f32x4::<0xEE>(a2, a3);
-                out[j] = _mm512_shuffle_f32x4::<0x88>(p, r);
-                out[4 + j] = _mm512_shuffle_f32x4::<0xDD>(p, r);
-                out[8 + j] = _mm512_shuffle_f32x4::<0x88>(q, s);
-                out[12 + j] = _mm512_shuffle_f32x4::<0xDD>(q, s);
-            }
-            out
         }
     }
 }

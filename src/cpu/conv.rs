@@ -166,9 +166,9 @@ impl PackedConv2d {
                     super::transpose::transpose(
                         x[y * w..].as_ptr(),
                         h * w,
-                        cin,
-                        w,
+                        (cin, w),
                         row.as_mut_ptr(),
+                        cin,
                         cin,
                     )
                 }
@@ -248,10 +248,10 @@ impl PackedConv2d {
                             super::transpose::transpose(
                                 row.as_ptr(),
                                 cout,
-                                wo,
-                                cout,
+                                (wo, cout),
                                 optr.get().add(y * wo),
                                 plane,
+                                wo,
                             )
                         }
                     });

@@ -37,19 +37,20 @@ pub trait PanelElem: Zeroed {
     /// Stored as bf16, widened to f32 by the kernel.
     const BF16: bool;
 
-    /// One panel from up to [`NR`] rows of w (each k long): `panel[kk NR + c] = rows[c][kk]`,
-    /// columns beyond the rows left as they are.
-    fn fill_panel(rows: &[&[Self]], panel: &mut [Self]) {
-        fill_panel_by_rows(rows, panel)
+    /// One panel from `rows` (<= [`NR`]) rows of w given contiguous (`w` holds rows x k):
+    /// `panel[kk NR + c] = w[c k + kk]`, columns beyond the rows left as they are.
+    fn fill_panel(w: &[Self], rows: usize, panel: &mut [Self]) {
+        fill_panel_by_rows(w, rows, panel)
     }
 }
 
 /// [`PanelElem::fill_panel`] one panel row at a time: contiguous writes, and reads from 32 streams
 /// whose cache lines each serve several consecutive rows.
-fn fill_panel_by_rows<E: Copy>(rows: &[&[E]], panel: &mut [E]) {
+fn fill_panel_by_rows<E: Copy>(w: &[E], rows: usize, panel: &mut [E]) {
+    let k = panel.len() / NR;
     for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
-        for (d, row) in dst.iter_mut().zip(rows) {
-            *d = row[kk];
+        for (c, d) in dst.iter_mut().take(rows).enumerate() {
+            *d = w[c * k + kk];
         }
     }
 }
@@ -57,16 +58,18 @@ fn fill_panel_by_rows<E: Copy>(rows: &[&[E]], panel: &mut [E]) {
 impl PanelElem for f32 {
     const BF16: bool = false;
 
-    /// With AVX-512: 16 x 16 blocks transposed in registers.
-    fn fill_panel(rows: &[&[f32]], panel: &mut [f32]) {
+    /// With AVX-512: 16 x 16 blocks transposed in registers ([`super::transpose`]).
+    fn fill_panel(w: &[f32], rows: usize, panel: &mut [f32]) {
         let k = panel.len() / NR;
-        assert!(rows.len() <= NR && rows.iter().all(|r| r.len() >= k));
+        assert!(rows <= NR && w.len() >= rows * k);
         if available() {
-            // SAFETY: AVX-512 is available; every row holds k values and the panel k x NR
-            // (asserted above).
-            unsafe { kernel::fill_panel(rows, panel, k) }
+            // SAFETY: AVX-512 is available; w holds rows x k values and the panel k x NR
+            // (asserted above), written rows wide at stride NR.
+            unsafe {
+                super::transpose::transpose(w.as_ptr(), k, (rows, k), panel.as_mut_ptr(), NR, rows)
+            }
         } else {
-            fill_panel_by_rows(rows, panel)
+            fill_panel_by_rows(w, rows, panel)
         }
     }
 }
@@ -111,11 +114,9 @@ impl<E: PanelElem> Packed<E> {
                 .par_chunks_mut(k * NR)
                 .enumerate()
                 .for_each(|(i, panel)| {
-                    let nb = run * per + i;
-                    let rows: Vec<&[E]> = (nb * NR..n.min(nb * NR + NR))
-                        .map(|c| &w[c * k..][..k])
-                        .collect();
-                    E::fill_panel(&rows, panel);
+                    let c0 = (run * per + i) * NR;
+                    let rows = n.min(c0 + NR) - c0;
+                    E::fill_panel(&w[c0 * k..(c0 + rows) * k], rows, panel);
                 });
             let rows = (run * per * NR).min(n)..((run + 1) * per * NR).min(n);
             done(&w[rows.start * k..rows.end * k]);
@@ -305,8 +306,17 @@ unsafe fn block<E: PanelElem>(
                     let src = &a[g * MR * lda + k0..];
                     assert!(src.len() >= (live - 1) * lda + kc);
                     // SAFETY: AVX-512 is available (the caller's contract); src holds kc values at
-                    // r lda for r < live (asserted), dst kc x MR.
-                    unsafe { kernel::pack_rows(src.as_ptr(), lda, live, kc, dst.as_mut_ptr()) };
+                    // r lda for r < live (asserted), dst kc rows of MR (rows live..MR zero).
+                    unsafe {
+                        super::transpose::transpose(
+                            src.as_ptr(),
+                            lda,
+                            (live, kc),
+                            dst.as_mut_ptr(),
+                            MR,
+                            MR,
+                        )
+                    };
                 }
                 (ap.as_ptr(), 0)
             };
@@ -362,7 +372,6 @@ unsafe fn block<E: PanelElem>(
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {
-    use super::super::transpose::{lanes, transpose16};
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
@@ -427,90 +436,10 @@ mod kernel {
             super::super::rows32::finish(&mut acc, rows, c, ldc, (m0, m1), bias, load);
         }
     }
-
-    /// Rows 0..live (1 ..= MR) of `a` (row stride lda), columns 0..kc, as the kernel's interleaved
-    /// A: `dst[kk MR + r] = a[r lda + kk]`, rows live..MR zero. Blocks of 16 columns are loaded as
-    /// 16 rows (those beyond `live` zero), transposed in registers and stored one column of MR at
-    /// a time.
-    ///
-    /// # Safety
-    /// AVX-512F available; `a` valid for reads of kc floats at `a + r lda` for r < live; `dst` for
-    /// writes of kc x MR floats.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn pack_rows(
-        a: *const f32,
-        lda: usize,
-        live: usize,
-        kc: usize,
-        dst: *mut f32,
-    ) {
-        const { assert!(MR <= 16) };
-        // SAFETY: the masked loads read columns k0 .. k0 + w < kc of rows r < live only (masked
-        // lanes are not accessed), the masked stores write MR floats at (k0 + j) MR for j < w,
-        // inside dst's kc x MR.
-        unsafe {
-            for k0 in (0..kc).step_by(16) {
-                let w = 16.min(kc - k0);
-                let mask = lanes(w);
-                let rows: [__m512; 16] = std::array::from_fn(|r| match r < live {
-                    true => _mm512_maskz_loadu_ps(mask, a.add(r * lda + k0)),
-                    false => _mm512_setzero_ps(),
-                });
-                let cols = transpose16(rows);
-                for (j, c) in cols.iter().enumerate().take(w) {
-                    _mm512_mask_storeu_ps(dst.add((k0 + j) * MR), lanes(MR), *c);
-                }
-            }
-        }
-    }
-
-    /// `panel[kk NR + c] = rows[c][kk]` for kk < k, c < rows.len() (<= NR): each half of the panel
-    /// (16 columns) in 16 x 16 blocks, loaded as rows, transposed, stored as panel rows.
-    ///
-    /// # Safety
-    /// AVX-512F available; every row holds at least k values; panel holds k x NR and is 64-byte
-    /// aligned (an `Aligned` buffer at a multiple of NR).
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn fill_panel(rows: &[&[f32]], panel: &mut [f32], k: usize) {
-        // SAFETY: the masked loads read columns k0 .. k0 + w < k of the given rows only; the
-        // aligned stores write 16 floats at (k0 + j) NR + 16 h, inside the panel's k x NR.
-        unsafe {
-            for h in 0..NR / 16 {
-                let half = &rows[(16 * h).min(rows.len())..rows.len().min(16 * h + 16)];
-                if half.is_empty() {
-                    break;
-                }
-                for k0 in (0..k).step_by(16) {
-                    let w = 16.min(k - k0);
-                    let mask = lanes(w);
-                    let block: [__m512; 16] = std::array::from_fn(|r| match half.get(r) {
-                        Some(row) => _mm512_maskz_loadu_ps(mask, row.as_ptr().add(k0)),
-                        None => _mm512_setzero_ps(),
-                    });
-                    let cols = transpose16(block);
-                    for (j, c) in cols.iter().enumerate().take(w) {
-                        _mm512_store_ps(panel.as_mut_ptr().add((k0 + j) * NR + 16 * h), *c);
-                    }
-                }
-            }
-        }
-    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 mod kernel {
-    /// # Safety
-    /// Never called: [`super::available`] is false off x86_64.
-    pub(super) unsafe fn pack_rows(_: *const f32, _: usize, _: usize, _: usize, _: *mut f32) {
-        unreachable!("AVX-512 exists only on x86_64")
-    }
-
-    /// # Safety
-    /// Never called: [`super::available`] is false off x86_64.
-    pub(super) unsafe fn fill_panel(_: &[&[f32]], _: &mut [f32], _: usize) {
-        unreachable!("AVX-512 exists only on x86_64")
-    }
-
     /// # Safety
     /// Never called: [`super::available`] is false off x86_64.
     #[allow(clippy::too_many_arguments)]
@@ -550,35 +479,6 @@ mod tests {
         (4, 0, 9),
         (460, 1030, 300),
     ];
-
-    /// The vector packing of A's row groups: each value in its place, rows beyond `live` zero, for
-    /// every group height and column counts around the 16-column blocks.
-    #[test]
-    fn packed_rows_interleave_the_rows() {
-        if !crate::cpu::test_has("avx512") {
-            return;
-        }
-        for kc in [1, 15, 16, 17, 33, 100] {
-            let lda = kc + 5;
-            let a = random(MR * lda, 4);
-            for live in 1..=MR {
-                let mut got = vec![f32::NAN; kc * MR];
-                // SAFETY: AVX-512 is available (checked); a holds MR rows of lda >= kc values, got
-                // kc x MR.
-                unsafe { kernel::pack_rows(a.as_ptr(), lda, live, kc, got.as_mut_ptr()) };
-                for kk in 0..kc {
-                    for r in 0..MR {
-                        let want = if r < live { a[r * lda + kk] } else { 0.0 };
-                        assert_eq!(
-                            got[kk * MR + r].to_bits(),
-                            want.to_bits(),
-                            "kc {kc} live {live} [{kk}, {r}]"
-                        );
-                    }
-                }
-            }
-        }
-    }
 
     /// Odd shapes, strided rows, bias, parallel and serial: equal to an f64 reference within f32
     /// summation error.

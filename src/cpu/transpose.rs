@@ -1,6 +1,6 @@
 //! f32 transposes on AVX-512 in 16 x 16 blocks held in registers: the layout changes around the
-//! packed kernels (a convolution's channels-last band and its way back; sgemm's micro-panels of A
-//! and panels of B use [`transpose16`] directly).
+//! packed kernels (sgemm's micro-panels of A and panels of B, a convolution's channels-last band
+//! and its way back).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 /// callers enable AVX-512F (`#[target_feature]`), into which this inlines.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     // SAFETY: register shuffles only; AVX-512F is enabled in every caller.
     unsafe {
         // Pairs of rows interleaved: in each 128-bit lane L, (r0[4L], r1[4L], r0[4L+1], r1[4L+1])
@@ -47,42 +47,44 @@ pub(crate) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
 /// The low `n` (<= 16) lanes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) fn lanes(n: usize) -> __mmask16 {
+fn lanes(n: usize) -> __mmask16 {
     debug_assert!(n <= 16);
     ((1u32 << n) - 1) as __mmask16
 }
 
 /// `dst[c ldd + r] = src[r lds + c]` for r < rows, c < cols: a rows x cols matrix (row stride lds)
-/// written as cols x rows (row stride ldd).
+/// written as cols x rows (row stride ldd), each of dst's rows `width` (>= rows) long, zeros after
+/// the first `rows` (sgemm's micro-panels of A, whose last group is short).
 ///
 /// # Safety
 /// AVX-512F available; `src` valid for reads of `cols` floats at `src + r lds` for r < rows; `dst`
-/// valid for writes of `rows` floats at `dst + c ldd` for c < cols, not overlapping src.
+/// valid for writes of `width` floats at `dst + c ldd` for c < cols, not overlapping src.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn transpose(
     src: *const f32,
     lds: usize,
-    rows: usize,
-    cols: usize,
+    (rows, cols): (usize, usize),
     dst: *mut f32,
     ldd: usize,
+    width: usize,
 ) {
+    debug_assert!(width >= rows);
     // SAFETY: the masked loads read columns c0 .. c0 + cn < cols of rows r0 + i < rows only (masked
-    // lanes are not accessed); the masked stores write rows r0 .. r0 + rn < rows of columns
-    // c0 + j < cols only.
+    // lanes are not accessed); the masked stores write r0 .. r0 + wn <= width values of the rows
+    // c0 + j < cols of dst only.
     unsafe {
-        for r0 in (0..rows).step_by(16) {
-            let rn = 16.min(rows - r0);
+        for r0 in (0..width).step_by(16) {
+            let wn = 16.min(width - r0);
             for c0 in (0..cols).step_by(16) {
                 let cn = 16.min(cols - c0);
-                let block: [__m512; 16] = std::array::from_fn(|i| match i < rn {
+                let block: [__m512; 16] = std::array::from_fn(|i| match r0 + i < rows {
                     true => _mm512_maskz_loadu_ps(lanes(cn), src.add((r0 + i) * lds + c0)),
                     false => _mm512_setzero_ps(),
                 });
                 let t = transpose16(block);
                 for (j, v) in t.iter().enumerate().take(cn) {
-                    _mm512_mask_storeu_ps(dst.add((c0 + j) * ldd + r0), lanes(rn), *v);
+                    _mm512_mask_storeu_ps(dst.add((c0 + j) * ldd + r0), lanes(wn), *v);
                 }
             }
         }
@@ -92,7 +94,14 @@ pub(crate) unsafe fn transpose(
 /// # Safety
 /// Never called: the AVX-512 kernels are unavailable off x86_64.
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) unsafe fn transpose(_: *const f32, _: usize, _: usize, _: usize, _: *mut f32, _: usize) {
+pub(crate) unsafe fn transpose(
+    _: *const f32,
+    _: usize,
+    _: (usize, usize),
+    _: *mut f32,
+    _: usize,
+    _: usize,
+) {
     unreachable!("AVX-512 exists only on x86_64")
 }
 
@@ -100,31 +109,43 @@ pub(crate) unsafe fn transpose(_: *const f32, _: usize, _: usize, _: usize, _: *
 mod tests {
     use super::*;
 
-    /// Every value in its place, nothing outside the written block touched, for sizes around the
-    /// 16-value blocks and strides beyond the rows.
+    /// Every value in its place, the padding rows zero, nothing past `width` written, for sizes
+    /// around the 16-value blocks and strides beyond the rows.
     #[test]
     fn transpose_places_every_value() {
         if !crate::cpu::test_has("avx512") {
             return;
         }
         let mut seed = 5;
-        for rows in [1, 7, 16, 17, 40] {
+        for rows in [1usize, 7, 14, 16, 17, 40] {
             for cols in [1, 15, 16, 33] {
-                let (lds, ldd) = (cols + 3, rows + 2);
-                let src = crate::cpu::lcg_uniform(rows * lds, &mut seed, -1.0, 1.0);
-                let mut dst = vec![f32::NAN; cols * ldd];
-                // SAFETY: AVX-512 is available (checked); src holds rows x lds, dst cols x ldd.
-                unsafe { transpose(src.as_ptr(), lds, rows, cols, dst.as_mut_ptr(), ldd) };
-                for c in 0..cols {
-                    for r in 0..ldd {
-                        let got = dst[c * ldd + r];
-                        match r < rows {
-                            true => assert_eq!(
-                                got.to_bits(),
-                                src[r * lds + c].to_bits(),
-                                "{rows}x{cols} [{c},{r}]"
-                            ),
-                            false => assert!(got.is_nan(), "{rows}x{cols}: wrote past the rows"),
+                for width in [rows, rows + 1, rows.next_multiple_of(14)] {
+                    let (lds, ldd) = (cols + 3, width + 2);
+                    let src = crate::cpu::lcg_uniform(rows * lds, &mut seed, -1.0, 1.0);
+                    let mut dst = vec![f32::NAN; cols * ldd];
+                    // SAFETY: AVX-512 is available (checked); src holds rows x lds, dst cols x ldd
+                    // with ldd >= width.
+                    unsafe {
+                        transpose(
+                            src.as_ptr(),
+                            lds,
+                            (rows, cols),
+                            dst.as_mut_ptr(),
+                            ldd,
+                            width,
+                        )
+                    };
+                    for c in 0..cols {
+                        for r in 0..ldd {
+                            let got = dst[c * ldd + r];
+                            let at = format!("{rows}x{cols} width {width} [{c},{r}]");
+                            match r {
+                                r if r < rows => {
+                                    assert_eq!(got.to_bits(), src[r * lds + c].to_bits(), "{at}")
+                                }
+                                r if r < width => assert_eq!(got.to_bits(), 0, "{at}: padding"),
+                                _ => assert!(got.is_nan(), "{at}: wrote past the width"),
+                            }
                         }
                     }
                 }

@@ -479,6 +479,12 @@ fn a_full_queue_answers_429_and_a_client_that_leaves_cancels_its_job() {
     assert_eq!(running.join().unwrap().0, 0);
     assert_eq!(waiting.join().unwrap().0, 0);
     let t0 = Instant::now();
+    // The cancelled jobs leave the queue within a step; on a loaded machine that step may still
+    // be running when the clients' timeouts fire, so wait (bounded, inside the 30 s below) until
+    // the server says it has room.
+    while s.get("/ready", &[]).0 != 200 && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (code, out) = s.generate(
         &serde_json::json!({"prompt": "x", "size": "32x32", "steps": 2}),
         &[],

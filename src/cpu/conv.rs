@@ -10,6 +10,9 @@
 //! (c_in x c_out) weights ([`sgemm::matmul_taps`]). Output rows run over the padded width, so the
 //! padding columns of each row are computed and dropped when the result is written back
 //! channels-first. Beyond the input and output, a call holds about 64 MiB.
+//!
+//! Images kept channels-last between layers ([`PackedConv2d::forward_channels_last`]) skip both
+//! layout changes: the band is a copy of whole rows and the result a copy without the padding.
 
 use super::dpbf16::{self, PackedPairs};
 use super::sgemm::{self, PackedBf16, PackedF32, PanelElem};
@@ -124,17 +127,31 @@ impl PackedConv2d {
     /// x: (b, c_in, h, w) row-major -> (b, c_out, h', w'). Panics on a length mismatch or a kernel
     /// larger than the padded image (callers check [`Self::output_size`]).
     pub fn forward(&self, x: &[f32], b: usize, h: usize, w: usize) -> Vec<f32> {
+        self.forward_in(x, b, (h, w), false)
+    }
+
+    /// [`Self::forward`] with images channels-last: x (b, h, w, c_in) -> (b, h', w', c_out).
+    pub fn forward_channels_last(&self, x: &[f32], b: usize, h: usize, w: usize) -> Vec<f32> {
+        self.forward_in(x, b, (h, w), true)
+    }
+
+    /// [`Self::forward`], channels-last when `last`.
+    fn forward_in(&self, x: &[f32], b: usize, (h, w): (usize, usize), last: bool) -> Vec<f32> {
         let bias = self.bias.as_deref();
         match &self.taps {
-            Taps::F32(taps) => self.forward_f32(x, b, h, w, taps),
-            Taps::Bf16Weights(taps) => self.forward_f32(x, b, h, w, taps),
+            Taps::F32(taps) => self.forward_f32(x, b, (h, w), last, taps),
+            Taps::Bf16Weights(taps) => self.forward_f32(x, b, (h, w), last, taps),
             Taps::Bf16(taps) => {
                 let (cin, round) = (self.cin, super::round_bf16);
                 self.forward_with(
                     x,
                     b,
                     (h, w),
-                    |x, y, row| fill_row(x, (cin, h, w), y, row, round),
+                    last,
+                    |x, y, row| match last {
+                        true => copy_row(&x[y * w * cin..][..w * cin], row, round),
+                        false => fill_row(x, (cin, h, w), y, row, round),
+                    },
                     |img, offsets, m, prod| {
                         dpbf16::matmul_taps(img, offsets, m, self.cin, taps, bias, prod, self.cout)
                     },
@@ -143,13 +160,13 @@ impl PackedConv2d {
         }
     }
 
-    /// [`Self::forward`] on the f32 kernel, whose panels hold f32 or bf16.
+    /// [`Self::forward_in`] on the f32 kernel, whose panels hold f32 or bf16.
     fn forward_f32<E: PanelElem>(
         &self,
         x: &[f32],
         b: usize,
-        h: usize,
-        w: usize,
+        (h, w): (usize, usize),
+        last: bool,
         taps: &[sgemm::Packed<E>],
     ) -> Vec<f32> {
         let (bias, cin) = (self.bias.as_deref(), self.cin);
@@ -157,7 +174,12 @@ impl PackedConv2d {
             x,
             b,
             (h, w),
+            last,
             |x, y, row: &mut [f32]| {
+                if last {
+                    row.copy_from_slice(&x[y * w * cin..][..w * cin]);
+                    return;
+                }
                 assert!(x.len() >= cin * h * w && row.len() >= w * cin && y < h);
                 // SAFETY: AVX-512 is available (forward_with's assert); channel c's row y is w
                 // values at c h w + y w of x, pixel xx's channels cin values at xx cin of row
@@ -179,14 +201,15 @@ impl PackedConv2d {
         )
     }
 
-    /// [`Self::forward`] with the band copied as `T` (`fill(image, y, row)` writes input row y of
-    /// one image channels-last into the w x cin values of `row`) and the taps' sum
-    /// `product(band, offsets, rows, out)`.
+    /// [`Self::forward_in`] with the band copied as `T` (`fill(image, y, row)` writes input row y
+    /// of one image channels-last into the w x cin values of `row`) and the taps' sum
+    /// `product(band, offsets, rows, out)`; the output channels-last when `last`.
     fn forward_with<T: Copy + Default + Send + Sync>(
         &self,
         x: &[f32],
         b: usize,
         (h, w): (usize, usize),
+        last: bool,
         fill: impl Fn(&[f32], usize, &mut [T]) + Sync,
         product: impl Fn(&[T], &[usize], usize, &mut [f32]),
     ) -> Vec<f32> {
@@ -233,6 +256,14 @@ impl PackedConv2d {
                     });
                 let m = rows * wp;
                 product(&img, &offsets, m, &mut prod[..m * cout]);
+                if last {
+                    // Rows y0 .. y0 + rows, dropping the padding columns.
+                    out[y0 * wo * cout..(y0 + rows) * wo * cout]
+                        .par_chunks_mut(wo * cout)
+                        .zip(prod[..m * cout].par_chunks(wp * cout))
+                        .for_each(|(o, row)| o.copy_from_slice(&row[..wo * cout]));
+                    continue;
+                }
                 // Back to channels-first, dropping the padding columns.
                 let optr = OutPtr(out.as_mut_ptr());
                 prod[..m * cout]
@@ -258,6 +289,13 @@ impl PackedConv2d {
             }
         }
         out
+    }
+}
+
+/// A channels-last input row into `row`, each value through `to`.
+fn copy_row<T>(x: &[f32], row: &mut [T], to: impl Fn(f32) -> T) {
+    for (r, &v) in row.iter_mut().zip(x) {
+        *r = to(v);
     }
 }
 
@@ -287,6 +325,7 @@ fn fill_row<T: Copy>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Tensor;
 
     /// Against candle's conv2d (im2col) on odd sizes, 3x3 with padding 1 and 1x1 without, batch 2:
     /// f32, and bf16 weights against candle's convolution with the weights rounded to bf16 (the
@@ -332,12 +371,28 @@ mod tests {
                 operands,
             );
             assert_eq!(conv.operands(), operands);
-            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let got = conv.forward(&xs, b, h, w);
-            let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            both_layouts_equal(&conv, &x, &want, 1e-5);
+        }
+    }
+
+    /// `conv` on x (b, c, h, w) channels-first and channels-last, each against `want` (b, c', h',
+    /// w') within `tol` (relative to 1 + |want|).
+    fn both_layouts_equal(conv: &PackedConv2d, x: &Tensor, want: &Tensor, tol: f32) {
+        let (b, _, h, w) = x.dims4().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let last = |t: &Tensor| t.permute((0, 2, 3, 1)).unwrap();
+        for channels_last in [false, true] {
+            let (got, want) = match channels_last {
+                false => (conv.forward(&flat(x), b, h, w), flat(want)),
+                true => {
+                    let got = conv.forward_channels_last(&flat(&last(x)), b, h, w);
+                    (got, flat(&last(want)))
+                }
+            };
             assert_eq!(got.len(), want.len());
             for (i, (g, v)) in got.iter().zip(&want).enumerate() {
-                assert!((g - v).abs() <= 1e-5 * (1.0 + v.abs()), "{i}: {g} vs {v}");
+                let ok = (g - v).abs() <= tol * (1.0 + v.abs());
+                assert!(ok, "channels-last {channels_last}, {i}: {g} vs {v}");
             }
         }
     }
@@ -375,12 +430,7 @@ mod tests {
                 Operands::Bf16,
             );
             assert_eq!(conv.operands(), Operands::Bf16);
-            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let got = conv.forward(&xs, b, h, w);
-            let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            for (i, (g, v)) in got.iter().zip(&want).enumerate() {
-                assert!((g - v).abs() <= 1e-5 * (1.0 + v.abs()), "{i}: {g} vs {v}");
-            }
+            both_layouts_equal(&conv, &x, &want, 1e-5);
         }
     }
 }

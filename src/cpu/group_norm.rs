@@ -1,5 +1,7 @@
 //! GroupNorm (optionally followed by SiLU) in f32 on the CPU in two passes over the data, for the
 //! VAE decoder: candle composes it from a dozen whole-tensor ops (mean, centre, square, mean, ...).
+//! Channels-first ([`group_norm_f32`]) or channels-last ([`group_norm_channels_last_f32`]), the
+//! same statistics either way.
 
 use super::lane_sum;
 use rayon::prelude::*;
@@ -41,6 +43,111 @@ pub fn group_norm_f32(
     out
 }
 
+/// Pixels per task of the channels-last passes.
+const PIXELS: usize = 256;
+
+/// [`group_norm_f32`] with x (b, hw, c) channels-last: per sample, the sums of each channel over
+/// every pixel (f32 over a task's pixels, f64 across tasks), gathered per group; then one pass
+/// with each channel's scale and shift.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_channels_last_f32(
+    x: &[f32],
+    b: usize,
+    hw: usize,
+    c: usize,
+    groups: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    silu: bool,
+) -> Vec<f32> {
+    assert!(
+        groups > 0 && c.is_multiple_of(groups),
+        "{groups} groups do not divide {c} channels"
+    );
+    assert_eq!(x.len(), b * c * hw, "input length");
+    assert!(gamma.len() == c && beta.len() == c, "affine length");
+    let mut out = vec![0f32; x.len()];
+    if out.is_empty() {
+        return out;
+    }
+    let cg = c / groups;
+    let n = (cg * hw) as f64;
+    for (x, out) in x.chunks(hw * c).zip(out.chunks_mut(hw * c)) {
+        // Each channel's value: the group's statistic, spread over its channels.
+        let per_channel = |sums: Vec<f64>| -> Vec<f64> {
+            sums.chunks(cg)
+                .flat_map(|g| std::iter::repeat_n(g.iter().sum::<f64>() / n, cg))
+                .collect()
+        };
+        let sums = |centre: Option<&[f32]>| -> Vec<f64> {
+            x.par_chunks(PIXELS * c)
+                .map(|x| {
+                    let mut acc = vec![0f64; c];
+                    channel_sums(x, centre.unwrap_or(&[]), &mut acc);
+                    acc
+                })
+                .reduce(
+                    || vec![0f64; c],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                        a
+                    },
+                )
+        };
+        let mean: Vec<f32> = per_channel(sums(None))
+            .into_iter()
+            .map(|m| m as f32)
+            .collect();
+        let var = per_channel(sums(Some(&mean)));
+        let (scale, shift): (Vec<f32>, Vec<f32>) = (0..c)
+            .map(|ch| {
+                let scale = (gamma[ch] as f64 / (var[ch] + eps).sqrt()) as f32;
+                (scale, beta[ch] - mean[ch] * scale)
+            })
+            .unzip();
+        out.par_chunks_mut(PIXELS * c)
+            .zip(x.par_chunks(PIXELS * c))
+            .for_each(|(o, x)| affine_channels(x, o, &scale, &shift, silu));
+    }
+    out
+}
+
+super::avx512_dispatch!(channel_sums, channel_sums_generic, (x: &[f32], centre: &[f32], acc: &mut [f64]));
+
+/// Adds to acc (c) each channel's sum over the pixels of x (pixels x c): of the values, or with a
+/// `centre` (c) of their squared distances from it.
+#[inline(always)]
+fn channel_sums_generic(x: &[f32], centre: &[f32], acc: &mut [f64]) {
+    let mut lanes = vec![0f32; acc.len()];
+    match centre.is_empty() {
+        true => x.chunks(acc.len()).for_each(|px| {
+            lanes.iter_mut().zip(px).for_each(|(l, &v)| *l += v);
+        }),
+        false => x.chunks(acc.len()).for_each(|px| {
+            let it = lanes.iter_mut().zip(px).zip(centre);
+            it.for_each(|((l, &v), &m)| *l += (v - m) * (v - m));
+        }),
+    }
+    acc.iter_mut()
+        .zip(&lanes)
+        .for_each(|(a, &l)| *a += l as f64);
+}
+
+super::avx512_dispatch!(affine_channels, affine_channels_generic, (x: &[f32], o: &mut [f32], scale: &[f32], shift: &[f32], silu: bool));
+
+/// o = x · scale + shift per channel (x and o pixels x c), then SiLU when `silu`.
+#[inline(always)]
+fn affine_channels_generic(x: &[f32], o: &mut [f32], scale: &[f32], shift: &[f32], silu: bool) {
+    for (o, x) in o.chunks_mut(scale.len()).zip(x.chunks(scale.len())) {
+        let it = o.iter_mut().zip(x).zip(scale.iter().zip(shift));
+        it.for_each(|((o, &v), (&a, &b))| *o = v * a + b);
+    }
+    if silu {
+        silu_in_place(o);
+    }
+}
+
 /// One (sample, group): x and o are (channels, hw).
 fn group(x: &[f32], o: &mut [f32], hw: usize, gamma: &[f32], beta: &[f32], eps: f64, silu: bool) {
     let n = x.len() as f64;
@@ -67,17 +174,23 @@ fn affine_generic(x: &[f32], o: &mut [f32], scale: f32, shift: f32, silu: bool) 
         *o = v * scale + shift;
     }
     if silu {
-        // y · sigmoid(y) = y / (1 + e^-y), a chunk at a time through the vectorised exp.
-        let mut e = [0f32; 256];
-        for o in o.chunks_mut(256) {
-            let e = &mut e[..o.len()];
-            for (e, &y) in e.iter_mut().zip(o.iter()) {
-                *e = -y;
-            }
-            super::attention::exp_generic(e);
-            for (y, &e) in o.iter_mut().zip(e.iter()) {
-                *y /= 1.0 + e;
-            }
+        silu_in_place(o);
+    }
+}
+
+/// y · sigmoid(y) = y / (1 + e^-y), a chunk at a time through the vectorised exp. (Inlined into
+/// its callers, and so compiled with their features.)
+#[inline(always)]
+fn silu_in_place(o: &mut [f32]) {
+    let mut e = [0f32; 256];
+    for o in o.chunks_mut(256) {
+        let e = &mut e[..o.len()];
+        for (e, &y) in e.iter_mut().zip(o.iter()) {
+            *e = -y;
+        }
+        super::attention::exp_generic(e);
+        for (y, &e) in o.iter_mut().zip(e.iter()) {
+            *y /= 1.0 + e;
         }
     }
 }
@@ -90,7 +203,12 @@ mod tests {
     /// Against candle's GroupNorm (and SiLU), offset inputs so that the centring matters.
     #[test]
     fn group_norm_equals_candles() {
-        for &(b, c, h, w, g) in &[(2, 8, 5, 7, 4), (1, 64, 16, 16, 32), (1, 6, 1, 3, 3)] {
+        for &(b, c, h, w, g) in &[
+            (2, 8, 5, 7, 4),
+            (1, 64, 16, 16, 32),
+            (1, 6, 1, 3, 3),
+            (2, 40, 23, 19, 8),
+        ] {
             let x = (crate::cpu::normal_tensor((b, c, h, w), 2.0, 1) + 3.0).unwrap();
             let gamma = (crate::cpu::normal_tensor(c, 0.5, 2) + 1.0).unwrap();
             let beta = crate::cpu::normal_tensor(c, 0.5, 3);
@@ -106,6 +224,22 @@ mod tests {
                 let got = group_norm_f32(&xs, b, c, h * w, g, &gv, &bv, 1e-6, silu);
                 for (i, (g, v)) in got.iter().zip(&want).enumerate() {
                     assert!((g - v).abs() <= 2e-5 * (1.0 + v.abs()), "{i}: {g} vs {v}");
+                }
+                // Channels-last: the same values, (b, h, w, c).
+                let last = |t: &candle_core::Tensor| {
+                    let t = t
+                        .reshape((b, c, h, w))
+                        .unwrap()
+                        .permute((0, 2, 3, 1))
+                        .unwrap();
+                    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                };
+                let xl = last(&x);
+                let got = group_norm_channels_last_f32(&xl, b, h * w, c, g, &gv, &bv, 1e-6, silu);
+                let want = last(&candle_core::Tensor::new(want.as_slice(), x.device()).unwrap());
+                for (i, (g, v)) in got.iter().zip(&want).enumerate() {
+                    let ok = (g - v).abs() <= 2e-5 * (1.0 + v.abs());
+                    assert!(ok, "channels-last {i}: {g} vs {v}");
                 }
             }
         }

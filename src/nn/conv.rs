@@ -3,6 +3,10 @@
 //! dropped); inside [`with_bf16_operands`], with bf16 operands where the CPU has AVX512-BF16 and
 //! bf16 weights (f32 input) where it does not.
 //! Strided (the encoder's downsamplers): candle's.
+//!
+//! Images are (b, c, h, w) as in PyTorch, or channels-last (b, h, w, c) ([`ImageLayout`]), which
+//! the packed kernel takes without changing the layout on the way in and out; candle's convolution
+//! is given a channels-last image as a permuted view and returns one.
 
 use crate::cpu::{
     self,
@@ -26,6 +30,42 @@ pub fn with_bf16_operands<T>(on: bool, build: impl FnOnce() -> T) -> T {
     let out = build();
     BF16_OPERANDS.with(|b| b.set(outer));
     out
+}
+
+/// How an image tensor's dims are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageLayout {
+    /// (b, c, h, w), as PyTorch and the checkpoints.
+    ChannelsFirst,
+    /// (b, h, w, c): each pixel's channels side by side, as the CPU kernels read them.
+    ChannelsLast,
+}
+
+impl ImageLayout {
+    /// x (b, c, h, w) in this layout.
+    pub fn from_first(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::ChannelsFirst => Ok(x.clone()),
+            Self::ChannelsLast => x.permute((0, 2, 3, 1))?.contiguous(),
+        }
+    }
+
+    /// x in this layout as (b, c, h, w).
+    pub fn to_first(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::ChannelsFirst => Ok(x.clone()),
+            Self::ChannelsLast => x.permute((0, 3, 1, 2))?.contiguous(),
+        }
+    }
+
+    /// (b, c, h, w) of x in this layout.
+    pub fn dims(self, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
+        let (b, d1, d2, d3) = x.dims4()?;
+        Ok(match self {
+            Self::ChannelsFirst => (b, d1, d2, d3),
+            Self::ChannelsLast => (b, d3, d1, d2),
+        })
+    }
 }
 
 /// `nn.Conv2d(in_c, out_c, k, padding=k // 2)` with bias, from `vb` (`weight`, `bias`).
@@ -87,6 +127,46 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// The layout its kernel takes without copies: channels-last for the packed CPU kernel.
+    pub fn layout(&self) -> ImageLayout {
+        match self {
+            Self::Candle(_) => ImageLayout::ChannelsFirst,
+            Self::Packed(_) => ImageLayout::ChannelsLast,
+        }
+    }
+
+    /// [`Module::forward`] on an image in `layout`, the output in the same layout.
+    pub fn forward_in(&self, x: &Tensor, layout: ImageLayout) -> Result<Tensor> {
+        let c = match (self, layout) {
+            (_, ImageLayout::ChannelsFirst) => return self.forward(x),
+            (Self::Candle(c), last) => return last.from_first(&c.forward(&last.to_first(x)?)?),
+            (Self::Packed(c), _) => c,
+        };
+        let (b, h, w, ci) = x.dims4()?;
+        let size = c.output_size(h, w);
+        let Some((ho, wo)) =
+            size.filter(|_| x.dtype() == DType::F32 && x.device().is_cpu() && ci == c.cin())
+        else {
+            return Err(refusal(c, x));
+        };
+        let out = cpu::with_slice::<f32, _>(x, |xs| c.forward_channels_last(xs, b, h, w))?;
+        Tensor::from_vec(out, (b, ho, wo, c.cout()), x.device())
+    }
+}
+
+/// Why the packed kernel `c` cannot take x.
+fn refusal(c: &PackedConv2d, x: &Tensor) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "f32 CPU convolution ({} -> {} channels) given {:?} {:?} on {:?}",
+        c.cin(),
+        c.cout(),
+        x.shape(),
+        x.dtype(),
+        x.device()
+    ))
+}
+
 impl Module for Conv2d {
     /// x: (b, c_in, h, w) -> (b, c_out, h, w)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -99,14 +179,7 @@ impl Module for Conv2d {
         let Some((ho, wo)) =
             size.filter(|_| x.dtype() == DType::F32 && x.device().is_cpu() && ci == c.cin())
         else {
-            candle_core::bail!(
-                "f32 CPU convolution ({} -> {} channels) given {:?} {:?} on {:?}",
-                c.cin(),
-                c.cout(),
-                x.shape(),
-                x.dtype(),
-                x.device()
-            );
+            return Err(refusal(c, x));
         };
         let out = cpu::with_slice::<f32, _>(x, |xs| c.forward(xs, b, h, w))?;
         Tensor::from_vec(out, (b, c.cout(), ho, wo), x.device())

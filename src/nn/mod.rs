@@ -19,7 +19,7 @@ pub mod quant;
 
 pub use activation::gelu_tanh;
 pub use attention::{merge_heads, sdpa, sdpa_unprofiled, split_heads};
-pub use conv::Conv2d;
+pub use conv::{Conv2d, ImageLayout};
 pub use linear::{linear, linear_no_bias, linear_with, Linear};
 pub use mlp::{Activation, FeedForward, Mlp, SwiGlu};
 pub use norm::{layer_norm, GroupNorm, RmsNorm};

@@ -2,6 +2,7 @@
 //! (optionally fused with the SiLU that follows it in the VAE). Each picks its kernel by device,
 //! dtype and the CPU feature switch, and each fast path is tested against the composed candle ops.
 
+use super::ImageLayout;
 use crate::cpu;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -101,6 +102,41 @@ impl GroupNorm {
         })
     }
 
+    /// GroupNorm, then SiLU when `silu`, on an image in `layout`: the CPU kernel reads either;
+    /// candle's is given a channels-last image permuted.
+    pub fn forward_in(&self, x: &Tensor, layout: ImageLayout, silu: bool) -> Result<Tensor> {
+        if layout == ImageLayout::ChannelsFirst {
+            return self.apply(x, silu);
+        }
+        match &self.affine {
+            Some(ab) if x.dtype() == DType::F32 && x.device().is_cpu() && x.rank() == 4 => {
+                let (b, h, w, c) = x.dims4()?;
+                if c != ab.0.len() {
+                    candle_core::bail!(
+                        "GroupNorm over {} channels given {:?}",
+                        ab.0.len(),
+                        x.shape()
+                    );
+                }
+                let out = cpu::with_slice::<f32, _>(x, |xs| {
+                    cpu::group_norm::group_norm_channels_last_f32(
+                        xs,
+                        b,
+                        h * w,
+                        c,
+                        self.groups,
+                        &ab.0,
+                        &ab.1,
+                        self.eps,
+                        silu,
+                    )
+                })?;
+                Tensor::from_vec(out, x.shape(), x.device())
+            }
+            _ => layout.from_first(&self.apply(&layout.to_first(x)?, silu)?),
+        }
+    }
+
     /// GroupNorm, then SiLU when `silu`. x: (b, c, ...) -> same shape.
     fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         match &self.affine {
@@ -192,5 +228,27 @@ mod tests {
         assert!(max_abs_diff(&n.forward(&x).unwrap(), &want) < 2e-5);
         let got = n.forward_silu(&x).unwrap();
         assert!(max_abs_diff(&got, &want.silu().unwrap()) < 2e-5);
+        // Channels-last: the kernel's, and candle's (the same layer without the kernel).
+        let last = ImageLayout::ChannelsLast;
+        let xl = last.from_first(&x).unwrap();
+        let plain = GroupNorm {
+            affine: None,
+            ..n.clone()
+        };
+        for (n, silu) in [(&n, false), (&n, true), (&plain, false), (&plain, true)] {
+            let want = if silu {
+                want.silu().unwrap()
+            } else {
+                want.clone()
+            };
+            let got = last
+                .to_first(&n.forward_in(&xl, last, silu).unwrap())
+                .unwrap();
+            let kernel = n.affine.is_some();
+            assert!(
+                max_abs_diff(&got, &want) < 2e-5,
+                "silu {silu}, kernel {kernel}"
+            );
+        }
     }
 }

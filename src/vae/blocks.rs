@@ -1,6 +1,7 @@
-//! The blocks both halves of `AutoencoderKL` are built from (diffusers names).
+//! The blocks both halves of `AutoencoderKL` are built from (diffusers names). Each takes its
+//! image in either [`ImageLayout`] and returns it in the same one.
 
-use crate::nn::{linear, sdpa_unprofiled, Conv2d, GroupNorm, Linear};
+use crate::nn::{linear, sdpa_unprofiled, Conv2d, GroupNorm, ImageLayout, Linear};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -42,12 +43,14 @@ impl Resnet {
     }
 }
 
-impl Module for Resnet {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+impl Resnet {
+    pub(super) fn forward_in(&self, x: &Tensor, layout: ImageLayout) -> Result<Tensor> {
+        let h = self.norm1.forward_in(x, layout, true)?;
+        let h = self.conv1.forward_in(&h, layout)?;
+        let h = self.norm2.forward_in(&h, layout, true)?;
+        let h = self.conv2.forward_in(&h, layout)?;
         match &self.shortcut {
-            Some(s) => s.forward(x)? + h,
+            Some(s) => s.forward_in(x, layout)? + h,
             None => x + h,
         }
     }
@@ -75,24 +78,24 @@ impl SpatialAttention {
     }
 }
 
-impl Module for SpatialAttention {
-    /// x: (b, c, h, w) -> (b, c, h, w)
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let t = self
-            .group_norm
-            .forward(x)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?; // (b, hw, c)
+impl SpatialAttention {
+    /// Over the pixels as a sequence: channels-last, (b, h, w, c) is already (b, hw, c).
+    pub(super) fn forward_in(&self, x: &Tensor, layout: ImageLayout) -> Result<Tensor> {
+        let (b, c, h, w) = layout.dims(x)?;
+        let t = self.group_norm.forward_in(x, layout, false)?;
+        let t = match layout {
+            ImageLayout::ChannelsFirst => t.reshape((b, c, h * w))?.transpose(1, 2)?,
+            ImageLayout::ChannelsLast => t.reshape((b, h * w, c))?,
+        };
         let q = self.to_q.forward(&t)?.unsqueeze(1)?; // (b, 1, hw, c)
         let k = self.to_k.forward(&t)?.unsqueeze(1)?;
         let v = self.to_v.forward(&t)?.unsqueeze(1)?;
         let o = sdpa_unprofiled(&q, &k, &v)?.squeeze(1)?; // (b, hw, c)
-        let o = self
-            .to_out
-            .forward(&o)?
-            .transpose(1, 2)?
-            .reshape((b, c, h, w))?;
+        let o = self.to_out.forward(&o)?;
+        let o = match layout {
+            ImageLayout::ChannelsFirst => o.transpose(1, 2)?.reshape((b, c, h, w))?,
+            ImageLayout::ChannelsLast => o.reshape((b, h, w, c))?,
+        };
         x + o
     }
 }
@@ -122,12 +125,25 @@ impl MidBlock {
     }
 }
 
-impl Module for MidBlock {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = self.resnets[0].forward(x)?;
+impl MidBlock {
+    pub(super) fn forward_in(&self, x: &Tensor, layout: ImageLayout) -> Result<Tensor> {
+        let mut x = self.resnets[0].forward_in(x, layout)?;
         if let Some(a) = &self.attn {
-            x = a.forward(&x)?;
+            x = a.forward_in(&x, layout)?;
         }
-        self.resnets[1].forward(&x)
+        self.resnets[1].forward_in(&x, layout)
+    }
+}
+
+/// Nearest-neighbour upsampling by 2 (`Upsample2D`'s interpolation) in `layout`.
+pub(super) fn upsample2(x: &Tensor, layout: ImageLayout) -> Result<Tensor> {
+    let (b, c, h, w) = layout.dims(x)?;
+    match layout {
+        ImageLayout::ChannelsFirst => x.upsample_nearest2d(2 * h, 2 * w),
+        ImageLayout::ChannelsLast => x
+            .reshape((b, h, 1, w, 1, c))?
+            .broadcast_as((b, h, 2, w, 2, c))?
+            .contiguous()?
+            .reshape((b, 2 * h, 2 * w, c)),
     }
 }

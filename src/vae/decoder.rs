@@ -1,11 +1,11 @@
 //! The decoder half of `AutoencoderKL`: latents to pixels.
 
-use super::blocks::{conv3, group_norm, MidBlock, Resnet};
+use super::blocks::{conv3, group_norm, upsample2, MidBlock, Resnet};
 use super::PatchNorm;
 use super::Tiles;
 use crate::config::VaeConfig;
 use crate::nn::{Conv2d, GroupNorm};
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -113,23 +113,24 @@ impl VaeDecoder {
     }
 
     /// Decodes unscaled latents. z: (b, latent_channels, h, w) -> (b, out_channels, h*f, w*f) in [-1, 1]-ish.
+    /// In between, the image is in the layout the convolutions' kernel reads without copies.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let mut x = match &self.post_quant_conv {
-            Some(c) => c.forward(z)?,
-            None => z.clone(),
-        };
-        x = self.conv_in.forward(&x)?;
-        x = self.mid.forward(&x)?;
+        let layout = self.conv_in.layout();
+        let mut x = layout.from_first(z)?;
+        if let Some(c) = &self.post_quant_conv {
+            x = c.forward_in(&x, layout)?;
+        }
+        x = self.conv_in.forward_in(&x, layout)?;
+        x = self.mid.forward_in(&x, layout)?;
         for ub in &self.up_blocks {
             for r in &ub.resnets {
-                x = r.forward(&x)?;
+                x = r.forward_in(&x, layout)?;
             }
             if let Some(conv) = &ub.upsample {
-                let (_, _, h, w) = x.dims4()?;
-                x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+                x = conv.forward_in(&upsample2(&x, layout)?, layout)?;
             }
         }
-        let x = self.conv_norm_out.forward_silu(&x)?;
-        self.conv_out.forward(&x)
+        let x = self.conv_norm_out.forward_in(&x, layout, true)?;
+        layout.to_first(&self.conv_out.forward_in(&x, layout)?)
     }
 }

@@ -5,8 +5,8 @@ use super::blocks::{conv3, group_norm, MidBlock, Resnet};
 use super::PatchNorm;
 use super::Tiles;
 use crate::config::VaeConfig;
-use crate::nn::{Conv2d, GroupNorm};
-use candle_core::{Module, Result, Tensor};
+use crate::nn::{Conv2d, GroupNorm, ImageLayout};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// `DownEncoderBlock2D`: resnets, then (except at the last level) a stride-2 convolution after
@@ -135,23 +135,31 @@ impl VaeEncoder {
     }
 
     /// The encoder's output: mean and log-variance side by side, (b, 2 latent_channels, h, w).
+    /// In between, the image is in the layout the convolutions' kernel reads without copies
+    /// (the downsamplers, candle's, permute it when that is channels-last).
     fn moments(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = self.conv_in.forward(x)?;
+        let layout = self.conv_in.layout();
+        let (hd, wd) = match layout {
+            ImageLayout::ChannelsFirst => (2, 3),
+            ImageLayout::ChannelsLast => (1, 2),
+        };
+        let mut x = self.conv_in.forward_in(&layout.from_first(x)?, layout)?;
         for db in &self.down_blocks {
             for r in &db.resnets {
-                x = r.forward(&x)?;
+                x = r.forward_in(&x, layout)?;
             }
             if let Some(conv) = &db.downsample {
-                x = conv.forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+                let padded = x.pad_with_zeros(wd, 0, 1)?.pad_with_zeros(hd, 0, 1)?;
+                x = conv.forward_in(&padded, layout)?;
             }
         }
-        x = self.mid.forward(&x)?;
-        let x = self.conv_norm_out.forward_silu(&x)?;
-        let mut moments = self.conv_out.forward(&x)?;
+        x = self.mid.forward_in(&x, layout)?;
+        let x = self.conv_norm_out.forward_in(&x, layout, true)?;
+        let mut moments = self.conv_out.forward_in(&x, layout)?;
         if let Some(q) = &self.quant_conv {
-            moments = q.forward(&moments)?;
+            moments = q.forward_in(&moments, layout)?;
         }
-        Ok(moments)
+        layout.to_first(&moments)
     }
 
     /// Into the sampler's space: `(z - shift_factor) * scaling_factor`, or for FLUX.2's VAE folded

@@ -1,11 +1,13 @@
 //! A zero-initialised buffer aligned to a cache line (64 bytes), for the operands of the CPU
 //! kernels: a 64-byte vector or tile row read from an unaligned address spans two cache lines.
-//! Buffers of 4 MiB and more are aligned to 2 MiB and, on Linux, asked to be backed by huge pages
-//! (packed weights: fewer page faults when they are written at load, fewer TLB misses when they
-//! are streamed through the products).
+//! Buffers of 4 MiB and more are aligned to 2 MiB and, on Linux, mapped straight from the system
+//! (fresh anonymous pages, which are zeros: nothing clears them again, and the kernel zeroes each
+//! page when it is first written, so in the threads that fill the buffer rather than in one
+//! `memset` first) and asked to be backed by huge pages (packed weights: fewer page faults when
+//! they are written at load, fewer TLB misses when they are streamed through the products).
 
 use half::bf16;
-use std::alloc::{alloc, alloc_zeroed, dealloc, handle_alloc_error, Layout};
+use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
@@ -56,14 +58,7 @@ impl<T: Zeroed> Aligned<T> {
         }
         let layout = Self::layout(len);
         let ptr = if layout.size() >= 2 * HUGE {
-            // SAFETY: the layout has a non-zero size.
-            let p = unsafe { alloc(layout) };
-            if !p.is_null() {
-                advise_huge(p, layout.size());
-                // SAFETY: `p` holds `layout.size()` bytes; all-zero bits are a valid T.
-                unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
-            }
-            p
+            huge::zeroed(layout)
         } else {
             // SAFETY: the layout has a non-zero size; all-zero bits are a valid T (`Zeroed`).
             unsafe { alloc_zeroed(layout) }
@@ -102,15 +97,83 @@ impl<T: Zeroed> Aligned<T> {
     }
 }
 
-/// Asks Linux to back `[p, p + size)` (2 MiB-aligned) with transparent huge pages; a hint only.
+/// Zeroed allocations of 4 MiB and more, 2 MiB-aligned.
 #[cfg(target_os = "linux")]
-fn advise_huge(p: *mut u8, size: usize) {
-    // SAFETY: madvise on memory this process owns; MADV_HUGEPAGE does not change its contents.
-    unsafe { libc::madvise(p as *mut libc::c_void, size, libc::MADV_HUGEPAGE) };
+mod huge {
+    use super::HUGE;
+    use std::alloc::Layout;
+
+    /// `layout.size()` zero bytes at a 2 MiB boundary, or null: an anonymous mapping of the size
+    /// plus 2 MiB, the unaligned head and the tail beyond the size unmapped, the rest asked to be
+    /// backed by transparent huge pages (a hint only).
+    pub(super) fn zeroed(layout: Layout) -> *mut u8 {
+        let (size, align) = (layout.size(), layout.align());
+        debug_assert!(align <= HUGE && size > 0);
+        let Some(len) = size.checked_add(HUGE) else {
+            return std::ptr::null_mut();
+        };
+        // SAFETY: a new private anonymous mapping; it aliases nothing.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return std::ptr::null_mut();
+        }
+        let base = base as usize;
+        let start = base.next_multiple_of(HUGE);
+        let end = base + len;
+        // SAFETY: [base, start) and [start + size, end) lie in the mapping just made and nothing
+        // points into them; what is left, [start, start + size), is `size` bytes at a 2 MiB
+        // boundary. munmap and madvise(MADV_HUGEPAGE) leave its contents (zeros) as they are.
+        unsafe {
+            if start > base {
+                libc::munmap(base as *mut libc::c_void, start - base);
+            }
+            if end > start + size {
+                libc::munmap((start + size) as *mut libc::c_void, end - start - size);
+            }
+            libc::madvise(start as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
+        }
+        start as *mut u8
+    }
+
+    /// # Safety
+    /// `p` came from [`zeroed`] with this layout and is not used after.
+    pub(super) unsafe fn free(p: *mut u8, layout: Layout) {
+        // SAFETY: [p, p + size) is what `zeroed` left mapped (# Safety).
+        unsafe { libc::munmap(p as *mut libc::c_void, layout.size()) };
+    }
 }
 
+/// Zeroed allocations of 4 MiB and more, 2 MiB-aligned: the global allocator's, cleared.
 #[cfg(not(target_os = "linux"))]
-fn advise_huge(_: *mut u8, _: usize) {}
+mod huge {
+    use std::alloc::{alloc, dealloc, Layout};
+
+    pub(super) fn zeroed(layout: Layout) -> *mut u8 {
+        // SAFETY: the layout has a non-zero size (callers allocate 4 MiB and more).
+        let p = unsafe { alloc(layout) };
+        if !p.is_null() {
+            // SAFETY: `p` holds `layout.size()` bytes.
+            unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
+        }
+        p
+    }
+
+    /// # Safety
+    /// `p` came from [`zeroed`] with this layout and is not used after.
+    pub(super) unsafe fn free(p: *mut u8, layout: Layout) {
+        // SAFETY: allocated by `alloc` with this layout (# Safety).
+        unsafe { dealloc(p, layout) };
+    }
+}
 
 impl<T: Zeroed> Default for Aligned<T> {
     fn default() -> Self {
@@ -120,9 +183,18 @@ impl<T: Zeroed> Default for Aligned<T> {
 
 impl<T: Zeroed> Drop for Aligned<T> {
     fn drop(&mut self) {
-        if self.cap > 0 {
-            // SAFETY: allocated by `zeroed` with this layout.
-            unsafe { dealloc(self.ptr.as_ptr() as *mut u8, Self::layout(self.cap)) };
+        if self.cap == 0 {
+            return;
+        }
+        let layout = Self::layout(self.cap);
+        let p = self.ptr.as_ptr() as *mut u8;
+        if layout.size() >= 2 * HUGE {
+            // SAFETY: allocated by `huge::zeroed` with this layout (`zeroed` takes that path for
+            // every layout of this size), and not used after this.
+            unsafe { huge::free(p, layout) };
+        } else {
+            // SAFETY: allocated by `alloc_zeroed` with this layout.
+            unsafe { dealloc(p, layout) };
         }
     }
 }

@@ -15,6 +15,7 @@
 //! layout changes: the band is a copy of whole rows and the result a copy without the padding.
 
 use super::dpbf16::{self, PackedPairs};
+use super::group_norm::ChannelAffine;
 use super::sgemm::{self, PackedBf16, PackedF32, PanelElem};
 use super::OutPtr;
 use half::bf16;
@@ -127,30 +128,47 @@ impl PackedConv2d {
     /// x: (b, c_in, h, w) row-major -> (b, c_out, h', w'). Panics on a length mismatch or a kernel
     /// larger than the padded image (callers check [`Self::output_size`]).
     pub fn forward(&self, x: &[f32], b: usize, h: usize, w: usize) -> Vec<f32> {
-        self.forward_in(x, b, (h, w), false)
+        self.forward_in(x, b, (h, w), Input::First)
     }
 
     /// [`Self::forward`] with images channels-last: x (b, h, w, c_in) -> (b, h', w', c_out).
     pub fn forward_channels_last(&self, x: &[f32], b: usize, h: usize, w: usize) -> Vec<f32> {
-        self.forward_in(x, b, (h, w), true)
+        self.forward_in(x, b, (h, w), Input::Last)
     }
 
-    /// [`Self::forward`], channels-last when `last`.
-    fn forward_in(&self, x: &[f32], b: usize, (h, w): (usize, usize), last: bool) -> Vec<f32> {
+    /// [`Self::forward_channels_last`] of `norm` applied to x (a GroupNorm and SiLU): applied to
+    /// each row as it is copied into the band, so the normalised image is never written whole.
+    /// Panics if `norm` is not of (b, c_in).
+    pub fn forward_channels_last_after(
+        &self,
+        x: &[f32],
+        (b, h, w): (usize, usize, usize),
+        norm: &ChannelAffine,
+    ) -> Vec<f32> {
+        assert_eq!(norm.dims(), (b, self.cin), "normalisation's dims");
+        self.forward_in(x, b, (h, w), Input::LastAfter(norm))
+    }
+
+    fn forward_in(&self, x: &[f32], b: usize, (h, w): (usize, usize), input: Input) -> Vec<f32> {
         let bias = self.bias.as_deref();
         match &self.taps {
-            Taps::F32(taps) => self.forward_f32(x, b, (h, w), last, taps),
-            Taps::Bf16Weights(taps) => self.forward_f32(x, b, (h, w), last, taps),
+            Taps::F32(taps) => self.forward_f32(x, b, (h, w), input, taps),
+            Taps::Bf16Weights(taps) => self.forward_f32(x, b, (h, w), input, taps),
             Taps::Bf16(taps) => {
                 let (cin, round) = (self.cin, super::round_bf16);
                 self.forward_with(
                     x,
                     b,
                     (h, w),
-                    last,
-                    |x, y, row| match last {
-                        true => copy_row(&x[y * w * cin..][..w * cin], row, round),
-                        false => fill_row(x, (cin, h, w), y, row, round),
+                    input,
+                    |x, i, y, row| match input {
+                        Input::First => fill_row(x, (cin, h, w), y, row, round),
+                        Input::Last => copy_row(&x[y * w * cin..][..w * cin], row, round),
+                        Input::LastAfter(norm) => {
+                            let mut normed = vec![0f32; w * cin];
+                            norm.apply(i, &x[y * w * cin..][..w * cin], &mut normed);
+                            copy_row(&normed, row, round)
+                        }
                     },
                     |img, offsets, m, prod| {
                         dpbf16::matmul_taps(img, offsets, m, self.cin, taps, bias, prod, self.cout)
@@ -166,11 +184,11 @@ impl PackedConv2d {
         x: &[f32],
         b: usize,
         (h, w): (usize, usize),
-        last: bool,
+        input: Input,
         taps: &[sgemm::Packed<E>],
     ) -> Vec<f32> {
         let (bias, cin) = (self.bias.as_deref(), self.cin);
-        if last && self.ksize == 1 && self.pad == 0 {
+        if matches!(input, Input::Last) && self.ksize == 1 && self.pad == 0 {
             // A 1x1 convolution of channels-last images is one product over all their pixels.
             assert_eq!(x.len(), b * h * w * cin, "input length");
             let mut out = vec![0f32; b * h * w * self.cout];
@@ -183,11 +201,13 @@ impl PackedConv2d {
             x,
             b,
             (h, w),
-            last,
-            |x, y, row: &mut [f32]| {
-                if last {
-                    row.copy_from_slice(&x[y * w * cin..][..w * cin]);
-                    return;
+            input,
+            |x, i, y, row: &mut [f32]| {
+                let src = || &x[y * w * cin..][..w * cin];
+                match input {
+                    Input::Last => return row.copy_from_slice(src()),
+                    Input::LastAfter(norm) => return norm.apply(i, src(), row),
+                    Input::First => {}
                 }
                 assert!(x.len() >= cin * h * w && row.len() >= w * cin && y < h);
                 // SAFETY: AVX-512 is available (forward_with's assert); channel c's row y is w
@@ -210,18 +230,20 @@ impl PackedConv2d {
         )
     }
 
-    /// [`Self::forward_in`] with the band copied as `T` (`fill(image, y, row)` writes input row y
-    /// of one image channels-last into the w x cin values of `row`) and the taps' sum
-    /// `product(band, offsets, rows, out)`; the output channels-last when `last`.
+    /// [`Self::forward_in`] with the band copied as `T` (`fill(image, i, y, row)` writes input
+    /// row y of image i channels-last into the w x cin values of `row`) and the taps' sum
+    /// `product(band, offsets, rows, out)`; the output channels-last unless the input is
+    /// channels-first.
     fn forward_with<T: Copy + Default + Send + Sync>(
         &self,
         x: &[f32],
         b: usize,
         (h, w): (usize, usize),
-        last: bool,
-        fill: impl Fn(&[f32], usize, &mut [T]) + Sync,
+        input: Input,
+        fill: impl Fn(&[f32], usize, usize, &mut [T]) + Sync,
         product: impl Fn(&[T], &[usize], usize, &mut [f32]),
     ) -> Vec<f32> {
+        let last = !matches!(input, Input::First);
         let (cin, cout, k, p) = (self.cin, self.cout, self.ksize, self.pad);
         assert_eq!(x.len(), b * cin * h * w, "input length");
         assert!(sgemm::available(), "convolution kernels need AVX-512");
@@ -244,7 +266,11 @@ impl PackedConv2d {
         let mut prod = vec![0f32; band * wp * cout];
         let offsets: Vec<usize> = (0..k * k).map(|t| (t / k * wp + t % k) * cin).collect();
         let plane = ho * wo;
-        for (x, out) in x.chunks(cin * h * w).zip(out.chunks_mut(cout * plane)) {
+        for (image, (x, out)) in x
+            .chunks(cin * h * w)
+            .zip(out.chunks_mut(cout * plane))
+            .enumerate()
+        {
             for y0 in (0..ho).step_by(band) {
                 let rows = band.min(ho - y0);
                 // Padded rows y0 .. y0 + rows + k - 1, channels-last.
@@ -261,7 +287,7 @@ impl PackedConv2d {
                         // The padding columns; `fill` writes every other value.
                         row[..p * cin].fill(T::default());
                         row[(w + p) * cin..].fill(T::default());
-                        fill(x, y, &mut row[p * cin..(w + p) * cin]);
+                        fill(x, image, y, &mut row[p * cin..(w + p) * cin]);
                     });
                 let m = rows * wp;
                 product(&img, &offsets, m, &mut prod[..m * cout]);
@@ -299,6 +325,14 @@ impl PackedConv2d {
         }
         out
     }
+}
+
+/// How a convolution's input is laid out, and what is applied to it on its way into the band.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    First,
+    Last,
+    LastAfter(&'a ChannelAffine),
 }
 
 /// A channels-last input row into `row`, each value through `to`.
@@ -402,6 +436,48 @@ mod tests {
             for (i, (g, v)) in got.iter().zip(&want).enumerate() {
                 let ok = (g - v).abs() <= tol * (1.0 + v.abs());
                 assert!(ok, "channels-last {channels_last}, {i}: {g} vs {v}");
+            }
+        }
+    }
+
+    /// A GroupNorm and SiLU applied as the band is copied: the same values as the normalised image
+    /// written out and convolved, for each operand type the CPU runs (batch 2, odd sizes, several
+    /// bands).
+    #[test]
+    fn normalised_on_the_way_in_equals_normalised_first() {
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        let mut kinds = vec![Operands::F32, Operands::Bf16Weights];
+        if crate::cpu::test_has("avx512_bf16") {
+            kinds.push(Operands::Bf16);
+        }
+        let (b, cin, cout, h, w, groups) = (2, 40, 24, 19, 27, 8);
+        let x = crate::cpu::lcg_uniform(b * h * w * cin, &mut 7, -2.0, 3.0);
+        let gamma = crate::cpu::lcg_uniform(cin, &mut 8, 0.5, 1.5);
+        let beta = crate::cpu::lcg_uniform(cin, &mut 9, -0.5, 0.5);
+        let wt = crate::cpu::lcg_uniform(cout * cin * 9, &mut 10, -0.1, 0.1);
+        for silu in [false, true] {
+            let gn = |x: &[f32]| {
+                let g = super::super::group_norm::channels_last_affine;
+                g(x, b, h * w, cin, groups, &gamma, &beta, 1e-6, silu)
+            };
+            let normed = super::super::group_norm::group_norm_channels_last_f32(
+                &x,
+                b,
+                h * w,
+                cin,
+                groups,
+                &gamma,
+                &beta,
+                1e-6,
+                silu,
+            );
+            for &operands in &kinds {
+                let conv = PackedConv2d::new(&wt, None, (cout, cin, 3, 1), operands);
+                let want = conv.forward_channels_last(&normed, b, h, w);
+                let got = conv.forward_channels_last_after(&x, (b, h, w), &gn(&x));
+                assert!(got == want, "{operands:?}, silu {silu}");
             }
         }
     }

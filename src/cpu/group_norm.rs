@@ -46,8 +46,7 @@ pub fn group_norm_f32(
 /// Pixels per task of the channels-last passes.
 const PIXELS: usize = 256;
 
-/// [`group_norm_f32`] with x (b, hw, c) channels-last: per sample, the sums of each channel over
-/// every pixel (f32 over a task's pixels, f64 across tasks), gathered per group; then one pass
+/// [`group_norm_f32`] with x (b, hw, c) channels-last: [`channels_last_affine`], then one pass
 /// with each channel's scale and shift.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_channels_last_f32(
@@ -61,19 +60,99 @@ pub fn group_norm_channels_last_f32(
     eps: f64,
     silu: bool,
 ) -> Vec<f32> {
+    channels_last_affine(x, b, hw, c, groups, gamma, beta, eps, silu).apply_all(x)
+}
+
+/// What a GroupNorm (and the SiLU after it) does to one batch of images, per (sample, channel):
+/// `y = x · scale + shift`, then `y · sigmoid(y)` when `silu`.
+#[derive(Debug, Clone)]
+pub struct ChannelAffine {
+    channels: usize,
+    /// (b, c) each.
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    silu: bool,
+}
+
+impl ChannelAffine {
+    /// The images' count (b) and channels (c).
+    pub fn dims(&self) -> (usize, usize) {
+        (self.scale.len() / self.channels.max(1), self.channels)
+    }
+
+    /// o = the affine (and SiLU) of sample `i` on x; x and o are (pixels, c). Panics if `i` is
+    /// not a sample of the batch or the lengths differ.
+    pub fn apply(&self, i: usize, x: &[f32], o: &mut [f32]) {
+        let c = self.channels;
+        assert!(
+            x.len() == o.len() && x.len().is_multiple_of(c.max(1)),
+            "lengths"
+        );
+        let (scale, shift) = (&self.scale[i * c..][..c], &self.shift[i * c..][..c]);
+        affine_channels(x, o, scale, shift, self.silu)
+    }
+
+    /// The affine (and SiLU) of each image of x (b, pixels, c), on the rayon pool. Panics if x
+    /// is not b images of whole pixels.
+    pub fn apply_all(&self, x: &[f32]) -> Vec<f32> {
+        let (b, c) = self.dims();
+        let mut out = vec![0f32; x.len()];
+        if out.is_empty() {
+            return out;
+        }
+        assert!(
+            x.len().is_multiple_of(b * c),
+            "{} values are not {b} images",
+            x.len()
+        );
+        let image = x.len() / b;
+        for (i, (x, out)) in x.chunks(image).zip(out.chunks_mut(image)).enumerate() {
+            out.par_chunks_mut(PIXELS * c)
+                .zip(x.par_chunks(PIXELS * c))
+                .for_each(|(o, x)| self.apply(i, x, o));
+        }
+        out
+    }
+}
+
+/// The [`ChannelAffine`] of `GroupNorm(groups, c, eps)` with gamma and beta on x (b, hw, c)
+/// channels-last: per sample, the sums of each channel over every pixel (f32 over a task's pixels,
+/// f64 across tasks), gathered per group, for the mean, then the same of the squared distances
+/// from it, for the (biased) variance. Panics if the lengths do not match or `groups` does not
+/// divide c.
+#[allow(clippy::too_many_arguments)]
+pub fn channels_last_affine(
+    x: &[f32],
+    b: usize,
+    hw: usize,
+    c: usize,
+    groups: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    silu: bool,
+) -> ChannelAffine {
     assert!(
         groups > 0 && c.is_multiple_of(groups),
         "{groups} groups do not divide {c} channels"
     );
     assert_eq!(x.len(), b * c * hw, "input length");
     assert!(gamma.len() == c && beta.len() == c, "affine length");
-    let mut out = vec![0f32; x.len()];
-    if out.is_empty() {
-        return out;
+    let mut affine = ChannelAffine {
+        channels: c,
+        scale: Vec::with_capacity(b * c),
+        shift: Vec::with_capacity(b * c),
+        silu,
+    };
+    if x.is_empty() {
+        // (No pixels, or no channels: nothing to apply it to.)
+        affine.scale.resize(b * c, 0.0);
+        affine.shift.resize(b * c, 0.0);
+        return affine;
     }
     let cg = c / groups;
     let n = (cg * hw) as f64;
-    for (x, out) in x.chunks(hw * c).zip(out.chunks_mut(hw * c)) {
+    for x in x.chunks(hw * c) {
         // Each channel's value: the group's statistic, spread over its channels.
         let per_channel = |sums: Vec<f64>| -> Vec<f64> {
             sums.chunks(cg)
@@ -100,17 +179,13 @@ pub fn group_norm_channels_last_f32(
             .map(|m| m as f32)
             .collect();
         let var = per_channel(sums(Some(&mean)));
-        let (scale, shift): (Vec<f32>, Vec<f32>) = (0..c)
-            .map(|ch| {
-                let scale = (gamma[ch] as f64 / (var[ch] + eps).sqrt()) as f32;
-                (scale, beta[ch] - mean[ch] * scale)
-            })
-            .unzip();
-        out.par_chunks_mut(PIXELS * c)
-            .zip(x.par_chunks(PIXELS * c))
-            .for_each(|(o, x)| affine_channels(x, o, &scale, &shift, silu));
+        for ch in 0..c {
+            let scale = (gamma[ch] as f64 / (var[ch] + eps).sqrt()) as f32;
+            affine.scale.push(scale);
+            affine.shift.push(beta[ch] - mean[ch] * scale);
+        }
     }
-    out
+    affine
 }
 
 super::avx512_dispatch!(channel_sums, channel_sums_generic, (x: &[f32], centre: &[f32], acc: &mut [f64]));

@@ -11,6 +11,7 @@
 use crate::cpu::{
     self,
     conv::{Operands, PackedConv2d},
+    group_norm::ChannelAffine,
 };
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -136,6 +137,28 @@ impl Conv2d {
         }
     }
 
+    /// [`Self::forward_in`] of x normalised by `norm` ([`crate::nn::GroupNorm::affine_in`], x
+    /// channels-last): the packed kernel applies it to each row as it reads x, so the normalised
+    /// image is never written whole; candle's is given it written out.
+    pub fn forward_after(&self, x: &Tensor, norm: &ChannelAffine) -> Result<Tensor> {
+        let last = ImageLayout::ChannelsLast;
+        let (b, h, w, ci) = x.dims4()?;
+        let fits = x.dtype() == DType::F32 && x.device().is_cpu() && norm.dims() == (b, ci);
+        if !fits {
+            candle_core::bail!("a GroupNorm of {:?} given {:?}", norm.dims(), x.shape());
+        }
+        let Self::Packed(c) = self else {
+            let normed = cpu::with_slice::<f32, _>(x, |xs| norm.apply_all(xs))?;
+            return self.forward_in(&Tensor::from_vec(normed, x.shape(), x.device())?, last);
+        };
+        let Some((ho, wo)) = c.output_size(h, w).filter(|_| ci == c.cin()) else {
+            return Err(refusal(c, x));
+        };
+        let out =
+            cpu::with_slice::<f32, _>(x, |xs| c.forward_channels_last_after(xs, (b, h, w), norm))?;
+        Tensor::from_vec(out, (b, ho, wo, c.cout()), x.device())
+    }
+
     /// [`Module::forward`] on an image in `layout`, the output in the same layout.
     pub fn forward_in(&self, x: &Tensor, layout: ImageLayout) -> Result<Tensor> {
         let c = match (self, layout) {
@@ -183,5 +206,56 @@ impl Module for Conv2d {
         };
         let out = cpu::with_slice::<f32, _>(x, |xs| c.forward(xs, b, h, w))?;
         Tensor::from_vec(out, (b, c.cout(), ho, wo), x.device())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::test_util::{max_abs_diff, normal};
+    use crate::nn::GroupNorm;
+    use candle_core::Device;
+
+    /// Channels-last and after a GroupNorm, on the packed kernel and on candle's, against candle's
+    /// convolution of the channels-first image (normalised first).
+    #[test]
+    fn layouts_and_normalised_input_equal_candles() {
+        let (c, co, g) = (32, 24, 8);
+        let vb = |t: Vec<(&str, Tensor)>| {
+            let t = t.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            VarBuilder::from_tensors(t, DType::F32, &Device::Cpu)
+        };
+        let conv_vb = vb(vec![
+            ("weight", normal((co, c, 3, 3), 0.1, 1)),
+            ("bias", normal(co, 0.5, 2)),
+        ]);
+        let norm_vb = vb(vec![
+            ("weight", (normal(c, 0.3, 3) + 1.0).unwrap()),
+            ("bias", normal(c, 0.3, 4)),
+        ]);
+        let norm = GroupNorm::new(g, c, 1e-6, norm_vb).unwrap();
+        let packed = Conv2d::new(c, co, 3, conv_vb.clone()).unwrap();
+        let candle = Conv2d::strided(c, co, 3, 1, 1, conv_vb).unwrap();
+        let x = (normal((2, c, 11, 13), 2.0, 5) + 1.0).unwrap();
+        let want = candle.forward(&x).unwrap();
+        let want_normed = candle.forward(&norm.forward_silu(&x).unwrap()).unwrap();
+        let last = ImageLayout::ChannelsLast;
+        let xl = last.from_first(&x).unwrap();
+        assert_eq!(last.dims(&xl).unwrap(), (2, c, 11, 13));
+        for conv in [&packed, &candle] {
+            let got = last.to_first(&conv.forward_in(&xl, last).unwrap()).unwrap();
+            assert!(max_abs_diff(&got, &want) < 1e-4, "{:?}", conv.layout());
+            let Some(affine) = norm.affine_in(&xl, last, true).unwrap() else {
+                continue; // (no AVX-512: the normalisation is candle's)
+            };
+            let got = last
+                .to_first(&conv.forward_after(&xl, &affine).unwrap())
+                .unwrap();
+            assert!(
+                max_abs_diff(&got, &want_normed) < 1e-4,
+                "{:?}",
+                conv.layout()
+            );
+        }
     }
 }

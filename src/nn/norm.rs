@@ -3,7 +3,7 @@
 //! dtype and the CPU feature switch, and each fast path is tested against the composed candle ops.
 
 use super::ImageLayout;
-use crate::cpu;
+use crate::cpu::{self, group_norm::ChannelAffine};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
@@ -135,6 +135,32 @@ impl GroupNorm {
             }
             _ => layout.from_first(&self.apply(&layout.to_first(x)?, silu)?),
         }
+    }
+
+    /// What this GroupNorm (and SiLU when `silu`) does to x channels-last, for a convolution to
+    /// apply as it reads x ([`crate::nn::Conv2d::forward_after`]): where the CPU kernel takes x
+    /// (f32 on the CPU, channels-last); otherwise None, and the caller normalises x itself.
+    pub fn affine_in(
+        &self,
+        x: &Tensor,
+        layout: ImageLayout,
+        silu: bool,
+    ) -> Result<Option<ChannelAffine>> {
+        let Some(ab) = &self.affine else {
+            return Ok(None);
+        };
+        if layout != ImageLayout::ChannelsLast || x.dtype() != DType::F32 || !x.device().is_cpu() {
+            return Ok(None);
+        }
+        let (b, h, w, c) = x.dims4()?;
+        if c != ab.0.len() {
+            return Ok(None);
+        }
+        cpu::with_slice::<f32, _>(x, |xs| {
+            let g = self.groups;
+            cpu::group_norm::channels_last_affine(xs, b, h * w, c, g, &ab.0, &ab.1, self.eps, silu)
+        })
+        .map(Some)
     }
 
     /// GroupNorm, then SiLU when `silu`. x: (b, c, ...) -> same shape.

@@ -43,12 +43,24 @@ impl Resnet {
     }
 }
 
+/// `conv(silu(norm(x)))`: where the kernels allow, the convolution applies the GroupNorm and SiLU
+/// as it reads x, and the normalised image is never written whole.
+pub(super) fn norm_silu_conv(
+    norm: &GroupNorm,
+    conv: &Conv2d,
+    x: &Tensor,
+    layout: ImageLayout,
+) -> Result<Tensor> {
+    match norm.affine_in(x, layout, true)? {
+        Some(affine) => conv.forward_after(x, &affine),
+        None => conv.forward_in(&norm.forward_in(x, layout, true)?, layout),
+    }
+}
+
 impl Resnet {
     pub(super) fn forward_in(&self, x: &Tensor, layout: ImageLayout) -> Result<Tensor> {
-        let h = self.norm1.forward_in(x, layout, true)?;
-        let h = self.conv1.forward_in(&h, layout)?;
-        let h = self.norm2.forward_in(&h, layout, true)?;
-        let h = self.conv2.forward_in(&h, layout)?;
+        let h = norm_silu_conv(&self.norm1, &self.conv1, x, layout)?;
+        let h = norm_silu_conv(&self.norm2, &self.conv2, &h, layout)?;
         match &self.shortcut {
             Some(s) => s.forward_in(x, layout)? + h,
             None => x + h,

@@ -1,6 +1,6 @@
 //! The decoder half of `AutoencoderKL`: latents to pixels.
 
-use super::blocks::{conv3, group_norm, upsample2, MidBlock, Resnet};
+use super::blocks::{conv3, group_norm, norm_silu_conv, upsample2, MidBlock, Resnet};
 use super::PatchNorm;
 use super::Tiles;
 use crate::config::VaeConfig;
@@ -130,7 +130,11 @@ impl VaeDecoder {
                 x = conv.forward_in(&upsample2(&x, layout)?, layout)?;
             }
         }
-        let x = self.conv_norm_out.forward_in(&x, layout, true)?;
-        layout.to_first(&self.conv_out.forward_in(&x, layout)?)
+        layout.to_first(&norm_silu_conv(
+            &self.conv_norm_out,
+            &self.conv_out,
+            &x,
+            layout,
+        )?)
     }
 }

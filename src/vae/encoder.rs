@@ -1,7 +1,7 @@
 //! The encoder half of `AutoencoderKL`: pixels to the latent distribution (a diagonal Gaussian)
 //! that image editing starts from.
 
-use super::blocks::{conv3, group_norm, MidBlock, Resnet};
+use super::blocks::{conv3, group_norm, norm_silu_conv, MidBlock, Resnet};
 use super::PatchNorm;
 use super::Tiles;
 use crate::config::VaeConfig;
@@ -154,8 +154,7 @@ impl VaeEncoder {
             }
         }
         x = self.mid.forward_in(&x, layout)?;
-        let x = self.conv_norm_out.forward_in(&x, layout, true)?;
-        let mut moments = self.conv_out.forward_in(&x, layout)?;
+        let mut moments = norm_silu_conv(&self.conv_norm_out, &self.conv_out, &x, layout)?;
         if let Some(q) = &self.quant_conv {
             moments = q.forward_in(&moments, layout)?;
         }

@@ -462,17 +462,7 @@ mod tests {
                 let g = super::super::group_norm::channels_last_affine;
                 g(x, b, h * w, cin, groups, &gamma, &beta, 1e-6, silu)
             };
-            let normed = super::super::group_norm::group_norm_channels_last_f32(
-                &x,
-                b,
-                h * w,
-                cin,
-                groups,
-                &gamma,
-                &beta,
-                1e-6,
-                silu,
-            );
+            let normed = gn(&x).apply_all(&x);
             for &operands in &kinds {
                 let conv = PackedConv2d::new(&wt, None, (cout, cin, 3, 1), operands);
                 let want = conv.forward_channels_last(&normed, b, h, w);

@@ -1,7 +1,8 @@
 //! GroupNorm (optionally followed by SiLU) in f32 on the CPU in two passes over the data, for the
 //! VAE decoder: candle composes it from a dozen whole-tensor ops (mean, centre, square, mean, ...).
-//! Channels-first ([`group_norm_f32`]) or channels-last ([`group_norm_channels_last_f32`]), the
-//! same statistics either way.
+//! Channels-first ([`group_norm_f32`]) or channels-last ([`channels_last_affine`], whose scale and
+//! shift per channel a convolution can also apply as it reads the image), the same statistics
+//! either way.
 
 use super::lane_sum;
 use rayon::prelude::*;
@@ -45,23 +46,6 @@ pub fn group_norm_f32(
 
 /// Pixels per task of the channels-last passes.
 const PIXELS: usize = 256;
-
-/// [`group_norm_f32`] with x (b, hw, c) channels-last: [`channels_last_affine`], then one pass
-/// with each channel's scale and shift.
-#[allow(clippy::too_many_arguments)]
-pub fn group_norm_channels_last_f32(
-    x: &[f32],
-    b: usize,
-    hw: usize,
-    c: usize,
-    groups: usize,
-    gamma: &[f32],
-    beta: &[f32],
-    eps: f64,
-    silu: bool,
-) -> Vec<f32> {
-    channels_last_affine(x, b, hw, c, groups, gamma, beta, eps, silu).apply_all(x)
-}
 
 /// What a GroupNorm (and the SiLU after it) does to one batch of images, per (sample, channel):
 /// `y = x · scale + shift`, then `y · sigmoid(y)` when `silu`.
@@ -310,7 +294,8 @@ mod tests {
                     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
                 };
                 let xl = last(&x);
-                let got = group_norm_channels_last_f32(&xl, b, h * w, c, g, &gv, &bv, 1e-6, silu);
+                let affine = channels_last_affine(&xl, b, h * w, c, g, &gv, &bv, 1e-6, silu);
+                let got = affine.apply_all(&xl);
                 let want = last(&candle_core::Tensor::new(want.as_slice(), x.device()).unwrap());
                 for (i, (g, v)) in got.iter().zip(&want).enumerate() {
                     let ok = (g - v).abs() <= 2e-5 * (1.0 + v.abs());

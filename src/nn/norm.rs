@@ -108,32 +108,12 @@ impl GroupNorm {
         if layout == ImageLayout::ChannelsFirst {
             return self.apply(x, silu);
         }
-        match &self.affine {
-            Some(ab) if x.dtype() == DType::F32 && x.device().is_cpu() && x.rank() == 4 => {
-                let (b, h, w, c) = x.dims4()?;
-                if c != ab.0.len() {
-                    candle_core::bail!(
-                        "GroupNorm over {} channels given {:?}",
-                        ab.0.len(),
-                        x.shape()
-                    );
-                }
-                let out = cpu::with_slice::<f32, _>(x, |xs| {
-                    cpu::group_norm::group_norm_channels_last_f32(
-                        xs,
-                        b,
-                        h * w,
-                        c,
-                        self.groups,
-                        &ab.0,
-                        &ab.1,
-                        self.eps,
-                        silu,
-                    )
-                })?;
+        match self.affine_in(x, layout, silu)? {
+            Some(affine) => {
+                let out = cpu::with_slice::<f32, _>(x, |xs| affine.apply_all(xs))?;
                 Tensor::from_vec(out, x.shape(), x.device())
             }
-            _ => layout.from_first(&self.apply(&layout.to_first(x)?, silu)?),
+            None => layout.from_first(&self.apply(&layout.to_first(x)?, silu)?),
         }
     }
 

@@ -72,6 +72,9 @@ impl ChannelAffine {
             x.len() == o.len() && x.len().is_multiple_of(c.max(1)),
             "lengths"
         );
+        if x.is_empty() {
+            return;
+        }
         let (scale, shift) = (&self.scale[i * c..][..c], &self.shift[i * c..][..c]);
         affine_channels(x, o, scale, shift, self.silu)
     }

@@ -67,6 +67,14 @@ impl ImageLayout {
             Self::ChannelsLast => (b, d3, d1, d2),
         })
     }
+
+    /// The shape of an image of (b, c, h, w) in this layout.
+    pub fn shape(self, (b, c, h, w): (usize, usize, usize, usize)) -> (usize, usize, usize, usize) {
+        match self {
+            Self::ChannelsFirst => (b, c, h, w),
+            Self::ChannelsLast => (b, h, w, c),
+        }
+    }
 }
 
 /// `nn.Conv2d(in_c, out_c, k, padding=k // 2)` with bias, from `vb` (`weight`, `bias`).
@@ -126,9 +134,7 @@ impl Conv2d {
             operands,
         ))))
     }
-}
 
-impl Conv2d {
     /// The layout its kernel takes without copies: channels-last for the packed CPU kernel.
     pub fn layout(&self) -> ImageLayout {
         match self {
@@ -156,25 +162,28 @@ impl Conv2d {
         };
         let out =
             cpu::with_slice::<f32, _>(x, |xs| c.forward_channels_last_after(xs, (b, h, w), norm))?;
-        Tensor::from_vec(out, (b, ho, wo, c.cout()), x.device())
+        Tensor::from_vec(out, last.shape((b, c.cout(), ho, wo)), x.device())
     }
 
     /// [`Module::forward`] on an image in `layout`, the output in the same layout.
     pub fn forward_in(&self, x: &Tensor, layout: ImageLayout) -> Result<Tensor> {
         let c = match (self, layout) {
-            (_, ImageLayout::ChannelsFirst) => return self.forward(x),
+            (Self::Candle(c), ImageLayout::ChannelsFirst) => return c.forward(x),
             (Self::Candle(c), last) => return last.from_first(&c.forward(&last.to_first(x)?)?),
             (Self::Packed(c), _) => c,
         };
-        let (b, h, w, ci) = x.dims4()?;
+        let (b, ci, h, w) = layout.dims(x)?;
         let size = c.output_size(h, w);
         let Some((ho, wo)) =
             size.filter(|_| x.dtype() == DType::F32 && x.device().is_cpu() && ci == c.cin())
         else {
             return Err(refusal(c, x));
         };
-        let out = cpu::with_slice::<f32, _>(x, |xs| c.forward_channels_last(xs, b, h, w))?;
-        Tensor::from_vec(out, (b, ho, wo, c.cout()), x.device())
+        let out = cpu::with_slice::<f32, _>(x, |xs| match layout {
+            ImageLayout::ChannelsFirst => c.forward(xs, b, h, w),
+            ImageLayout::ChannelsLast => c.forward_channels_last(xs, b, h, w),
+        })?;
+        Tensor::from_vec(out, layout.shape((b, c.cout(), ho, wo)), x.device())
     }
 }
 
@@ -193,19 +202,7 @@ fn refusal(c: &PackedConv2d, x: &Tensor) -> candle_core::Error {
 impl Module for Conv2d {
     /// x: (b, c_in, h, w) -> (b, c_out, h, w)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let c = match self {
-            Self::Candle(c) => return c.forward(x),
-            Self::Packed(c) => c,
-        };
-        let (b, ci, h, w) = x.dims4()?;
-        let size = c.output_size(h, w);
-        let Some((ho, wo)) =
-            size.filter(|_| x.dtype() == DType::F32 && x.device().is_cpu() && ci == c.cin())
-        else {
-            return Err(refusal(c, x));
-        };
-        let out = cpu::with_slice::<f32, _>(x, |xs| c.forward(xs, b, h, w))?;
-        Tensor::from_vec(out, (b, c.cout(), ho, wo), x.device())
+        self.forward_in(x, ImageLayout::ChannelsFirst)
     }
 }
 

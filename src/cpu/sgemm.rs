@@ -20,10 +20,16 @@ use rayon::prelude::*;
 pub const NR: usize = 32;
 /// Rows per micro-kernel.
 pub const MR: usize = 14;
-/// k per block. A B micro-panel (128 KiB) streams from L2 rather than sitting in L1, but every further
-/// block of k reloads the accumulators: on a 2-core Zen 4, 256 measured 176-186 GFLOP/s on the
-/// transformers' shapes, 1024 208-214 (`examples/gemm_bench.rs`).
-const KC: usize = 1024;
+/// k per block. A B micro-panel (256 KiB) streams from L2 (its rows fetched into L1 ahead, [`PREFETCH`])
+/// rather than sitting in L1, but every further block of k makes each task pass over its part of the
+/// output again, whose lines come from L3 or memory: on a 2-core Zen 4, 256 measured 176-186 GFLOP/s
+/// on the transformers' shapes, 1024 208-214; on a 2-core Ice Lake, one thread, 1024 122-130 and 2048
+/// 131-140 (with the prefetch; `examples/gemm_bench.rs`, docs/performance.md).
+const KC: usize = 2048;
+/// How many rows of B's micro-panel ahead of its FMAs the micro-kernel asks for in L1: the hardware
+/// prefetchers alone left it waiting on L2 (16 rows: 4-6% on Ice Lake, one thread; 8 and 24-32 no
+/// better).
+const PREFETCH: usize = 16;
 /// Rows per task (a multiple of MR).
 const MC: usize = 32 * MR;
 
@@ -372,7 +378,7 @@ unsafe fn block<E: PanelElem>(
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {
-    use super::{MR, NR};
+    use super::{MR, NR, PREFETCH};
     use std::arch::x86_64::*;
 
     /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`: a is kc x MR (interleaved), or with `IN_PLACE`
@@ -410,6 +416,14 @@ mod kernel {
                 false => [std::ptr::null(); MR],
             };
             for kk in 0..kc {
+                // B's row PREFETCH ahead (past the micro-panel's end near the loop's: a prefetch
+                // is only a hint, which never faults).
+                let ahead =
+                    b.wrapping_add((kk + PREFETCH) * NR * if BF16 { 2 } else { 4 }) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                if !BF16 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                }
                 let (b0, b1) = if BF16 {
                     // bf16 is the high half of an f32: widen each to 32 bits, shift it up.
                     let bk = b.add(kk * NR * 2) as *const __m256i;

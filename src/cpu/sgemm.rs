@@ -415,18 +415,19 @@ mod kernel {
                 true => std::array::from_fn(|r| a.add(r.min(last) * lda)),
                 false => [std::ptr::null(); MR],
             };
+            // Bytes per row of B's micro-panel.
+            let row_bytes = NR * if BF16 { 2 } else { 4 };
             for kk in 0..kc {
                 // B's row PREFETCH ahead (past the micro-panel's end near the loop's: a prefetch
                 // is only a hint, which never faults).
-                let ahead =
-                    b.wrapping_add((kk + PREFETCH) * NR * if BF16 { 2 } else { 4 }) as *const i8;
+                let ahead = b.wrapping_add((kk + PREFETCH) * row_bytes) as *const i8;
                 _mm_prefetch::<_MM_HINT_T0>(ahead);
                 if !BF16 {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
                 }
                 let (b0, b1) = if BF16 {
                     // bf16 is the high half of an f32: widen each to 32 bits, shift it up.
-                    let bk = b.add(kk * NR * 2) as *const __m256i;
+                    let bk = b.add(kk * row_bytes) as *const __m256i;
                     let lo = _mm512_cvtepu16_epi32(_mm256_load_si256(bk));
                     let hi = _mm512_cvtepu16_epi32(_mm256_load_si256(bk.add(1)));
                     (
@@ -434,7 +435,7 @@ mod kernel {
                         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(hi)),
                     )
                 } else {
-                    let bk = b.add(kk * NR * 4) as *const f32;
+                    let bk = b.add(kk * row_bytes) as *const f32;
                     (_mm512_load_ps(bk), _mm512_load_ps(bk.add(16)))
                 };
                 let ak = a.add(kk * MR);

@@ -1,10 +1,10 @@
 //! Vectorised element-wise passes on CPU tensors: tanh-GELU (f32, and bf16 computed in f32 and
-//! rounded once), and the bf16 LayerNorm + modulation, RMSNorm and gated residual with the roundings
-//! of the composed bf16 ops. Each has a generic body that compiles to AVX-512 where the feature
+//! rounded once), and the LayerNorm + modulation, RMSNorm and gated residual in f32 or bf16 with the
+//! roundings of the composed ops in that dtype ([`Lane`]). Each has a generic body that compiles to AVX-512 where the feature
 //! switch allows it ([`avx512_dispatch`](super::avx512_dispatch)).
 
-use super::{lane_sum, round_bf16, with_slice};
-use candle_core::{Device, Result, Tensor};
+use super::{lane_sum, round_bf16, with_slice, Lane};
+use candle_core::{DType, Device, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -165,19 +165,28 @@ fn rows_f32(t: &Tensor) -> Result<Vec<Vec<f32>>> {
     t.to_dtype(candle_core::DType::F32)?.to_vec2()
 }
 
-/// `modulate(layer_norm(x), shift, scale)` for bf16 CPU tensors, with the roundings of the composed
-/// bf16 path (and of PyTorch in bf16): the norm (f32 statistics) rounded, `1 + scale` rounded, the
-/// product rounded, the sum rounded. x: (b, n, d); shift, scale: (b, d).
-pub fn norm_modulate_bf16(x: &Tensor, eps: f64, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+/// `modulate(layer_norm(x), shift, scale)` for f32 or bf16 CPU tensors in one parallel pass, with
+/// the roundings of the composed ops in x's dtype (and of PyTorch's): the norm (f32 statistics),
+/// `1 + scale`, the product and the sum each rounded to the dtype. x: (b, n, d); shift, scale: (b, d).
+pub fn norm_modulate(x: &Tensor, eps: f64, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F32 => norm_modulate_as::<f32>(x, eps, shift, scale),
+        DType::BF16 => norm_modulate_as::<bf16>(x, eps, shift, scale),
+        dtype => candle_core::bail!("norm_modulate on the CPU: {dtype:?} (f32 or bf16 expected)"),
+    }
+}
+
+fn norm_modulate_as<E: RowPasses>(
+    x: &Tensor,
+    eps: f64,
+    shift: &Tensor,
+    scale: &Tensor,
+) -> Result<Tensor> {
     let (b, n, d) = x.dims3()?;
     let beta = rows_f32(shift)?;
     let alpha: Vec<Vec<f32>> = rows_f32(scale)?
         .into_iter()
-        .map(|r| {
-            r.into_iter()
-                .map(|s| round_bf16(s + 1.0).to_f32())
-                .collect()
-        })
+        .map(|r| r.into_iter().map(|s| E::round(s + 1.0)).collect())
         .collect();
     if beta.len() != b || alpha.len() != b || beta.iter().chain(&alpha).any(|r| r.len() != d) {
         candle_core::bail!(
@@ -187,8 +196,8 @@ pub fn norm_modulate_bf16(x: &Tensor, eps: f64, shift: &Tensor, scale: &Tensor) 
             scale.shape()
         );
     }
-    let out = with_slice::<bf16, _>(x, |xs| {
-        let mut out = vec![bf16::ZERO; xs.len()];
+    let out = with_slice::<E, _>(x, |xs| {
+        let mut out = vec![E::zero(); xs.len()];
         out.par_chunks_mut(d)
             .zip(xs.par_chunks(d))
             .enumerate()
@@ -196,7 +205,7 @@ pub fn norm_modulate_bf16(x: &Tensor, eps: f64, shift: &Tensor, scale: &Tensor) 
                 || vec![0f32; d],
                 |buf, (row, (o, x))| {
                     let i = row / n.max(1);
-                    ln_mod_row(x, o, &alpha[i], &beta[i], eps as f32, buf)
+                    E::ln_mod_row(x, o, &alpha[i], &beta[i], eps as f32, buf)
                 },
             );
         out
@@ -204,12 +213,63 @@ pub fn norm_modulate_bf16(x: &Tensor, eps: f64, shift: &Tensor, scale: &Tensor) 
     Tensor::from_vec(out, (b, n, d), &Device::Cpu)
 }
 
-super::avx512_dispatch!(ln_mod_row, ln_mod_row_generic, (x: &[bf16], o: &mut [bf16], alpha: &[f32], beta: &[f32], eps: f32, buf: &mut [f32]));
+/// The row passes of each element type, compiled for AVX-512 where the feature switch allows it.
+trait RowPasses: Lane {
+    fn ln_mod_row(
+        x: &[Self],
+        o: &mut [Self],
+        alpha: &[f32],
+        beta: &[f32],
+        eps: f32,
+        buf: &mut [f32],
+    );
+    fn rms_row(x: &[Self], o: &mut [Self], w: &[f32], eps: f32);
+    fn add_gated_row(x: &[Self], y: &[Self], g: &[f32], o: &mut [Self]);
+    fn add_row(x: &[Self], y: &[Self], o: &mut [Self]);
+}
+
+/// [`RowPasses`] for one element type, each method dispatched to its generic body.
+macro_rules! row_passes_for {
+    ($t:ty, $ln:ident, $rms:ident, $gate:ident, $add:ident) => {
+        super::avx512_dispatch!($ln, ln_mod_row_generic::<$t>, (x: &[$t], o: &mut [$t], alpha: &[f32], beta: &[f32], eps: f32, buf: &mut [f32]));
+        super::avx512_dispatch!($rms, rms_row_generic::<$t>, (x: &[$t], o: &mut [$t], w: &[f32], eps: f32));
+        super::avx512_dispatch!($gate, add_gated_row_generic::<$t>, (x: &[$t], y: &[$t], g: &[f32], o: &mut [$t]));
+        super::avx512_dispatch!($add, add_row_generic::<$t>, (x: &[$t], y: &[$t], o: &mut [$t]));
+        impl RowPasses for $t {
+            fn ln_mod_row(x: &[Self], o: &mut [Self], alpha: &[f32], beta: &[f32], eps: f32, buf: &mut [f32]) {
+                $ln(x, o, alpha, beta, eps, buf)
+            }
+            fn rms_row(x: &[Self], o: &mut [Self], w: &[f32], eps: f32) {
+                $rms(x, o, w, eps)
+            }
+            fn add_gated_row(x: &[Self], y: &[Self], g: &[f32], o: &mut [Self]) {
+                $gate(x, y, g, o)
+            }
+            fn add_row(x: &[Self], y: &[Self], o: &mut [Self]) {
+                $add(x, y, o)
+            }
+        }
+    };
+}
+row_passes_for!(
+    f32,
+    ln_mod_row_f32,
+    rms_row_f32,
+    add_gated_row_f32,
+    add_row_f32
+);
+row_passes_for!(
+    bf16,
+    ln_mod_row_bf16,
+    rms_row_bf16,
+    add_gated_row_bf16,
+    add_row_bf16
+);
 
 #[inline(always)]
-fn ln_mod_row_generic(
-    x: &[bf16],
-    o: &mut [bf16],
+fn ln_mod_row_generic<E: Lane>(
+    x: &[E],
+    o: &mut [E],
     alpha: &[f32],
     beta: &[f32],
     eps: f32,
@@ -217,7 +277,7 @@ fn ln_mod_row_generic(
 ) {
     let d = x.len() as f32;
     for (f, v) in buf.iter_mut().zip(x) {
-        *f = v.to_f32();
+        *f = v.widen();
     }
     let mean = lane_sum(buf, |v| v) / d;
     for f in buf.iter_mut() {
@@ -226,27 +286,35 @@ fn ln_mod_row_generic(
     let var = lane_sum(buf, |v| v * v) / d;
     let inv = 1.0 / (var + eps).sqrt();
     for (((o, &v), &a), &b) in o.iter_mut().zip(buf.iter()).zip(alpha).zip(beta) {
-        let normed = round_bf16(v * inv).to_f32();
-        let scaled = round_bf16(normed * a).to_f32();
-        *o = round_bf16(scaled + b);
+        let normed = E::round(v * inv);
+        let scaled = E::round(normed * a);
+        *o = E::narrow(scaled + b);
     }
 }
 
-/// diffusers' `RMSNorm` for bf16 CPU tensors over the last dim, with its roundings: `x / rms(x)`
-/// in f32 rounded to bf16, then times the weight, rounded.
-pub fn rms_norm_bf16(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+/// diffusers' `RMSNorm` for f32 or bf16 CPU tensors over the last dim, with its roundings: `x /
+/// rms(x)` in f32 rounded to the dtype, then times the weight, rounded.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F32 => rms_norm_as::<f32>(x, weight, eps),
+        DType::BF16 => rms_norm_as::<bf16>(x, weight, eps),
+        dtype => candle_core::bail!("rms_norm on the CPU: {dtype:?} (f32 or bf16 expected)"),
+    }
+}
+
+fn rms_norm_as<E: RowPasses>(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let d = x.dim(candle_core::D::Minus1)?;
-    let w: Vec<f32> = weight.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    let w: Vec<f32> = weight.to_dtype(DType::F32)?.to_vec1()?;
     if w.len() != d {
         candle_core::bail!("rms_norm: x {:?}, weight {:?}", x.shape(), weight.shape());
     }
-    let out = with_slice::<bf16, _>(x, |xs| {
-        let mut out = vec![bf16::ZERO; xs.len()];
+    let out = with_slice::<E, _>(x, |xs| {
+        let mut out = vec![E::zero(); xs.len()];
         out.par_chunks_mut(d * 64)
             .zip(xs.par_chunks(d * 64))
             .for_each(|(o, x)| {
                 for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                    rms_row(x, o, &w, eps as f32)
+                    E::rms_row(x, o, &w, eps as f32)
                 }
             });
         out
@@ -254,20 +322,29 @@ pub fn rms_norm_bf16(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }
 
-super::avx512_dispatch!(rms_row, rms_row_generic, (x: &[bf16], o: &mut [bf16], w: &[f32], eps: f32));
-
 #[inline(always)]
-fn rms_row_generic(x: &[bf16], o: &mut [bf16], w: &[f32], eps: f32) {
-    let sq = lane_sum(x, |v| v.to_f32() * v.to_f32());
+fn rms_row_generic<E: Lane>(x: &[E], o: &mut [E], w: &[f32], eps: f32) {
+    let sq = lane_sum(x, |v| v.widen() * v.widen());
     let inv = 1.0 / (sq / x.len() as f32 + eps).sqrt();
     for ((o, v), &w) in o.iter_mut().zip(x).zip(w) {
-        *o = round_bf16(round_bf16(v.to_f32() * inv).to_f32() * w);
+        *o = E::narrow(E::round(v.widen() * inv) * w);
     }
 }
 
-/// `x + gate * y` for bf16 CPU tensors with a per-sample gate, each operation rounded as in bf16.
-/// x, y: (b, n, d); gate: (b, d).
-pub fn add_gated_bf16(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+/// `x + gate * y` for f32 or bf16 CPU tensors of one dtype with a per-sample gate, in one parallel
+/// pass, each operation rounded to the dtype. x, y: (b, n, d); gate: (b, d).
+pub fn add_gated(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    if y.dtype() != x.dtype() {
+        candle_core::bail!("add_gated: x {:?}, y {:?}", x.dtype(), y.dtype());
+    }
+    match x.dtype() {
+        DType::F32 => add_gated_as::<f32>(x, y, gate),
+        DType::BF16 => add_gated_as::<bf16>(x, y, gate),
+        dtype => candle_core::bail!("add_gated on the CPU: {dtype:?} (f32 or bf16 expected)"),
+    }
+}
+
+fn add_gated_as<E: RowPasses>(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
     let (b, n, d) = x.dims3()?;
     let g = rows_f32(gate)?;
     if y.dims() != x.dims() || g.len() != b || g.iter().any(|r| r.len() != d) {
@@ -278,26 +355,71 @@ pub fn add_gated_bf16(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
             gate.shape()
         );
     }
-    let out = with_slice::<bf16, _>(x, |xs| {
-        with_slice::<bf16, _>(y, |ys| {
-            let mut out = vec![bf16::ZERO; xs.len()];
+    let out = with_slice::<E, _>(x, |xs| {
+        with_slice::<E, _>(y, |ys| {
+            let mut out = vec![E::zero(); xs.len()];
             out.par_chunks_mut(d)
                 .zip(xs.par_chunks(d).zip(ys.par_chunks(d)))
                 .enumerate()
-                .for_each(|(row, (o, (x, y)))| add_gated_row(x, y, &g[row / n.max(1)], o));
+                .for_each(|(row, (o, (x, y)))| E::add_gated_row(x, y, &g[row / n.max(1)], o));
             out
         })
     })??;
     Tensor::from_vec(out, (b, n, d), &Device::Cpu)
 }
 
-super::avx512_dispatch!(add_gated_row, add_gated_row_generic, (x: &[bf16], y: &[bf16], g: &[f32], o: &mut [bf16]));
+#[inline(always)]
+fn add_gated_row_generic<E: Lane>(x: &[E], y: &[E], g: &[f32], o: &mut [E]) {
+    for (((o, x), y), &g) in o.iter_mut().zip(x).zip(y).zip(g) {
+        let t = E::round(y.widen() * g);
+        *o = E::narrow(x.widen() + t);
+    }
+}
+
+/// `x + y` for f32 or bf16 CPU tensors of one dtype, y broadcast over x's batch, in one parallel
+/// pass, rounded once to the dtype. x: (b, n, d); y: (n, d) or (1, n, d).
+pub fn add_over_batch(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    if y.dtype() != x.dtype() || y.elem_count() != n * d || y.dim(candle_core::D::Minus1)? != d {
+        candle_core::bail!(
+            "add_over_batch: x {:?} {:?}, y {:?} {:?}",
+            x.shape(),
+            x.dtype(),
+            y.shape(),
+            y.dtype()
+        );
+    }
+    fn add<E: RowPasses>(
+        x: &Tensor,
+        y: &Tensor,
+        (b, n, d): (usize, usize, usize),
+    ) -> Result<Tensor> {
+        let out = with_slice::<E, _>(x, |xs| {
+            with_slice::<E, _>(y, |ys| {
+                let mut out = vec![E::zero(); xs.len()];
+                out.par_chunks_mut(d)
+                    .zip(xs.par_chunks(d))
+                    .enumerate()
+                    .for_each(|(row, (o, x))| {
+                        let y = &ys[(row % n) * d..][..d];
+                        E::add_row(x, y, o)
+                    });
+                out
+            })
+        })??;
+        Tensor::from_vec(out, (b, n, d), &Device::Cpu)
+    }
+    match x.dtype() {
+        DType::F32 => add::<f32>(x, y, (b, n, d)),
+        DType::BF16 => add::<bf16>(x, y, (b, n, d)),
+        dtype => candle_core::bail!("add_over_batch on the CPU: {dtype:?} (f32 or bf16 expected)"),
+    }
+}
 
 #[inline(always)]
-fn add_gated_row_generic(x: &[bf16], y: &[bf16], g: &[f32], o: &mut [bf16]) {
-    for (((o, x), y), &g) in o.iter_mut().zip(x).zip(y).zip(g) {
-        let t = round_bf16(y.to_f32() * g).to_f32();
-        *o = round_bf16(x.to_f32() + t);
+fn add_row_generic<E: Lane>(x: &[E], y: &[E], o: &mut [E]) {
+    for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
+        *o = E::narrow(x.widen() + y.widen());
     }
 }
 
@@ -381,6 +503,25 @@ mod tests {
                 "{x} vs {t}"
             );
         }
+    }
+
+    /// Against candle's broadcasting add, bit for bit, in f32 and bf16 (one rounding of the sum).
+    #[test]
+    fn add_over_batch_equals_candles_broadcast_add() {
+        for dtype in [DType::F32, DType::BF16] {
+            let x = normal((2 * 37, 200), 21).reshape((2, 37, 200)).unwrap();
+            let y = normal((37, 200), 22).unsqueeze(0).unwrap();
+            let (x, y) = (x.to_dtype(dtype).unwrap(), y.to_dtype(dtype).unwrap());
+            let want = x.broadcast_add(&y).unwrap();
+            let got = add_over_batch(&x, &y).unwrap();
+            let v = |t: &Tensor| {
+                let t = t.to_dtype(DType::F32).unwrap();
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            assert_eq!(v(&got), v(&want), "{dtype:?}");
+        }
+        let x = normal((2 * 3, 4), 1).reshape((2, 3, 4)).unwrap();
+        assert!(add_over_batch(&x, &normal((4, 4), 2)).is_err());
     }
 
     /// Against candle's f32 GELU (tanh per element): within f32 rounding of the exp-based tanh.

@@ -11,7 +11,7 @@
 /// Defines `$name(args)` that runs `$generic(args)` compiled for AVX-512 when [`features()`] allows
 /// it (the build targets baseline x86_64), else as built.
 macro_rules! avx512_dispatch {
-    ($name:ident, $generic:ident, ($($arg:ident : $ty:ty),*)) => {
+    ($name:ident, $generic:path, ($($arg:ident : $ty:ty),*)) => {
         pub(crate) fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
@@ -40,6 +40,7 @@ pub mod dpbf16;
 pub mod elementwise;
 mod features;
 pub mod group_norm;
+pub mod heads;
 pub mod heap;
 pub mod qgemm;
 pub mod sgemm;
@@ -382,12 +383,74 @@ pub fn with_slice<T: candle_core::WithDType, R>(
     }
 }
 
+/// Calls `f` with the elements of several CPU tensors of element type `T`, each in row-major order
+/// (copying only those that are not contiguous).
+pub fn with_slices<T: candle_core::WithDType, R>(
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> R,
+) -> Result<R> {
+    let ts: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let held: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let slices = held
+        .iter()
+        .zip(&ts)
+        .map(|((storage, layout), t)| match &**storage {
+            Storage::Cpu(cpu) => {
+                let start = layout.start_offset();
+                Ok(&cpu.as_slice::<T>()?[start..start + t.elem_count()])
+            }
+            _ => candle_core::bail!("expected a CPU tensor, got one on {:?}", t.device()),
+        })
+        .collect::<Result<Vec<&[T]>>>()?;
+    Ok(f(&slices))
+}
+
 /// f32 -> bf16, round to nearest even (as `half`'s conversion), written so that loops vectorise.
 #[inline(always)]
 pub fn round_bf16(v: f32) -> bf16 {
     let b = v.to_bits();
     let r = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
     bf16::from_bits(if v.is_nan() { 0x7fc0 } else { r })
+}
+
+/// An element type of the vectorised passes ([`elementwise`]): f32, or bf16 computed in f32 with
+/// each operation's result rounded to bf16 (the roundings of the composed bf16 ops).
+pub trait Lane: candle_core::WithDType + Copy + Send + Sync {
+    fn widen(self) -> f32;
+    /// `v` as one operation in this type leaves it: as it is in f32, rounded (nearest even) in bf16.
+    fn round(v: f32) -> f32;
+    /// `v` stored in this type (rounded as [`Lane::round`]).
+    fn narrow(v: f32) -> Self;
+}
+
+impl Lane for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        v
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> f32 {
+        v
+    }
+}
+
+impl Lane for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        round_bf16(v).to_f32()
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> bf16 {
+        round_bf16(v)
+    }
 }
 
 /// Σ f(x) over 16 lanes and then across them, so that the loop vectorises; inlined into each

@@ -146,10 +146,13 @@ impl PatchEmbed {
             .reshape((1, self.max_size, self.max_size, hidden))?
             .narrow(1, top, hp)?
             .narrow(2, left, wp)?
-            .reshape((1, hp * wp, hidden))?; // (1, hp*wp, hidden)
-                                             // Repeated over the batch first: candle's broadcasting add is slow on the CPU.
-        let pos = pos.to_dtype(x.dtype())?.repeat((b, 1, 1))?;
-        x + pos
+            .reshape((1, hp * wp, hidden))? // (1, hp*wp, hidden)
+            .to_dtype(x.dtype())?;
+        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+            return crate::cpu::elementwise::add_over_batch(&x, &pos);
+        }
+        // Repeated over the batch first: candle's broadcasting add is slow.
+        x + pos.repeat((b, 1, 1))?
     }
 }
 

@@ -1,21 +1,21 @@
 //! The arithmetic of adaptive layer norms (diffusers' `AdaLayerNormZero`, `AdaLayerNormContinuous`):
 //! a per-sample shift and scale applied to a normalised stream, and a gated residual update. On a
-//! GPU the norm and modulation are one fused kernel; on the CPU in bf16 they and the residual
-//! update are single vectorised passes that keep the roundings of the composed bf16 ops.
+//! GPU the norm and modulation are one fused kernel; on the CPU (f32 and bf16) they and the residual
+//! update are single parallel vectorised passes that keep the roundings of the composed ops.
 
 use super::norm::layer_norm;
 use crate::cpu;
 use candle_core::{DType, Result, Tensor};
 
 /// `modulate(layer_norm(x), shift, scale)`. On a GPU one fused kernel per sample (statistics in
-/// f32, `1 + scale` and `shift` as the norm's affine parameters); on the CPU the composed f32 path,
-/// or in bf16 one vectorised pass with the composed path's roundings.
+/// f32, `1 + scale` and `shift` as the norm's affine parameters); on the CPU in f32 and bf16 one
+/// vectorised pass with the composed path's roundings (the composed path for f16).
 ///
 /// # Shapes
 /// x: (b, n, d); shift, scale: (b, d) -> (b, n, d)
 pub fn norm_modulate(x: &Tensor, eps: f64, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::BF16 {
-        return cpu::elementwise::norm_modulate_bf16(x, eps, shift, scale);
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+        return cpu::elementwise::norm_modulate(x, eps, shift, scale);
     }
     if x.device().is_cpu() {
         return modulate(&layer_norm(x, eps)?, shift, scale);
@@ -48,11 +48,15 @@ pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
         .broadcast_add(&shift.unsqueeze(1)?)
 }
 
-/// `x + gate * y` with a per-sample gate (the gated residual update); bf16 on the CPU in one pass.
+/// `x + gate * y` with a per-sample gate (the gated residual update); f32 and bf16 on the CPU in
+/// one pass.
 /// x, y: (b, n, d); gate: (b, d)
 pub fn add_gated(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::BF16 && y.dtype() == DType::BF16 {
-        return cpu::elementwise::add_gated_bf16(x, y, gate);
+    if x.device().is_cpu()
+        && y.dtype() == x.dtype()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+    {
+        return cpu::elementwise::add_gated(x, y, gate);
     }
     x + y.broadcast_mul(&gate.unsqueeze(1)?)?
 }
@@ -69,6 +73,24 @@ mod tests {
         let a = modulate(&layer_norm(&x, 1e-6).unwrap(), &shift, &scale).unwrap();
         let b = norm_modulate_fused(&x, 1e-6, &shift, &scale).unwrap();
         assert!(max_abs_diff(&a, &b) < 1e-5);
+    }
+
+    /// f32 on the CPU: the one-pass norm against the composed ops within f32 rounding (statistics
+    /// summed in another order, the norm a product by 1 / sigma), the residual update bit for bit.
+    #[test]
+    fn f32_norm_modulate_and_gate_equal_the_composed_ops() {
+        let (b, n, d) = (2, 37, 200);
+        let x = (normal((b, n, d), 2.0, 1) + 0.5).unwrap();
+        let y = normal((b, n, d), 1.0, 2);
+        let (shift, scale) = (normal((b, d), 1.0, 3), normal((b, d), 1.0, 4));
+        let want = modulate(&layer_norm(&x, 1e-6).unwrap(), &shift, &scale).unwrap();
+        let (rel, _) = compare(&norm_modulate(&x, 1e-6, &shift, &scale).unwrap(), &want);
+        assert!(rel <= 1e-6, "norm: rel {rel}");
+        let want = (&x + y.broadcast_mul(&scale.unsqueeze(1).unwrap()).unwrap()).unwrap();
+        assert_eq!(
+            compare(&add_gated(&x, &y, &scale).unwrap(), &want),
+            (0.0, 0.0)
+        );
     }
 
     fn bf16(shape: (usize, usize, usize), std: f32, seed: u64) -> Tensor {

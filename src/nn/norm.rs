@@ -37,14 +37,14 @@ impl RmsNorm {
         Self { weight, eps }
     }
 
-    /// x: (..., dim). On a GPU one fused kernel (statistics in f32); on the CPU the composed f32
-    /// path, or in bf16 one vectorised pass with the same roundings.
+    /// x: (..., dim). On a GPU one fused kernel (statistics in f32); on the CPU in f32 and bf16 one
+    /// vectorised pass with the composed path's roundings (the composed path for f16).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if !x.device().is_cpu() {
             return self.forward_fused(x);
         }
-        if x.dtype() == DType::BF16 {
-            return cpu::elementwise::rms_norm_bf16(x, &self.weight, self.eps);
+        if matches!(x.dtype(), DType::F32 | DType::BF16) {
+            return cpu::elementwise::rms_norm(x, &self.weight, self.eps);
         }
         self.forward_composed(x)
     }

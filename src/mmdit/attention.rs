@@ -2,7 +2,7 @@
 //! the image and text streams attend together over their concatenated tokens.
 
 use super::rope::Rope;
-use crate::nn::{linear_with, merge_heads, sdpa, split_heads, Linear, RmsNorm};
+use crate::nn::{join_heads, linear_with, merge_heads, sdpa, split_tokens, Linear, RmsNorm};
 use crate::profile::{self, Phase};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -57,15 +57,26 @@ impl QkvProj {
 
     /// x: (b, n, dim) -> q, k, v each (b, h, n, d)
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (q, k, v) = self.forward_tokens(x)?;
+        profile::phase(Phase::Copies, x.device(), || {
+            Ok((join_heads(&[&q])?, join_heads(&[&k])?, join_heads(&[&v])?))
+        })
+    }
+
+    /// x: (b, n, dim) -> q, k, v each token-major (b, n, h, d), as the projections write them (the
+    /// q/k norms act on each head's d values, in either layout).
+    pub fn forward_tokens(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let dev = x.device();
-        let (q, k, v) = profile::phase(Phase::QkvProjections, dev, || {
-            Ok((self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?))
-        })?;
-        let (mut q, mut k, v) = profile::phase(Phase::Copies, dev, || {
+        let (b, n, _) = x.dims3()?;
+        let (mut q, mut k, v) = profile::phase(Phase::QkvProjections, dev, || {
+            let heads = |t: Tensor| {
+                let d = t.dim(2)? / self.heads;
+                t.reshape((b, n, self.heads, d))
+            };
             Ok((
-                split_heads(&q, self.heads)?,
-                split_heads(&k, self.heads)?,
-                split_heads(&v, self.heads)?,
+                heads(self.q.forward(x)?)?,
+                heads(self.k.forward(x)?)?,
+                heads(self.v.forward(x)?)?,
             ))
         })?;
         profile::phase(Phase::QkNorm, dev, || {
@@ -164,27 +175,33 @@ impl JointAttention {
             .expect("joint attention built with a context stream");
         let n = x.dim(1)?;
         let s = ctx.dim(1)?;
-        let (q, k, v) = self.img.forward(x)?;
-        let (cq, ck, cv) = ctx_proj.forward(ctx)?;
-        let join = |a: Tensor, c: Tensor| match order {
-            TokenOrder::ImageFirst => Tensor::cat(&[a, c], 2),
-            TokenOrder::TextFirst => Tensor::cat(&[c, a], 2),
+        let (q, k, v) = self.img.forward_tokens(x)?;
+        let (cq, ck, cv) = ctx_proj.forward_tokens(ctx)?;
+        // The joint sequence, head-major, in one copy of each value.
+        let join = |a: &Tensor, c: &Tensor| match order {
+            TokenOrder::ImageFirst => join_heads(&[a, c]),
+            TokenOrder::TextFirst => join_heads(&[c, a]),
         };
         let dev = x.device();
         let (mut q, mut k, v) = profile::phase(Phase::Copies, dev, || {
-            Ok((join(q, cq)?, join(k, ck)?, join(v, cv)?))
+            Ok((join(&q, &cq)?, join(&k, &ck)?, join(&v, &cv)?))
         })?;
         if let Some(r) = rope {
             (q, k) = profile::phase(Phase::Rope, dev, || Ok((r.apply(&q)?, r.apply(&k)?)))?;
         }
         let o = sdpa(&q, &k, &v)?;
-        let (img_at, ctx_at) = match order {
-            TokenOrder::ImageFirst => (0, n),
-            TokenOrder::TextFirst => (s, 0),
-        };
+        // Back to token-major rows (b, n, inner) and (b, s, inner), again one copy.
         let (o_img, o_ctx) = profile::phase(Phase::Copies, dev, || {
-            let o = merge_heads(&o)?; // (b, n + s, inner)
-            Ok((o.narrow(1, img_at, n)?, o.narrow(1, ctx_at, s)?))
+            Ok(match order {
+                TokenOrder::ImageFirst => {
+                    let [img, ctx] = split_tokens(&o, [n, s])?;
+                    (img, ctx)
+                }
+                TokenOrder::TextFirst => {
+                    let [ctx, img] = split_tokens(&o, [s, n])?;
+                    (img, ctx)
+                }
+            })
         })?;
         profile::phase(Phase::OutputProjections, dev, || {
             let img = self.to_out.forward(&o_img)?;

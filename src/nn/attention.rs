@@ -162,10 +162,138 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.reshape((b, n, h * d))
 }
 
+/// Token-major parts (b, n_i, h, d) joined along the tokens, head-major: (b, h, Σ n_i, d). On the
+/// CPU one copy ([`crate::cpu::heads`]); elsewhere the heads split and the parts concatenated.
+pub fn join_heads(parts: &[&Tensor]) -> Result<Tensor> {
+    let Some(first) = parts.first() else {
+        candle_core::bail!("join_heads: no parts")
+    };
+    let (b, _, h, d) = first.dims4()?;
+    let mut lens = Vec::with_capacity(parts.len());
+    for p in parts {
+        let (pb, n, ph, pd) = p.dims4()?;
+        if (pb, ph, pd) != (b, h, d) || p.dtype() != first.dtype() {
+            candle_core::bail!(
+                "join_heads: parts {:?} {:?} and {:?} {:?}",
+                first.shape(),
+                first.dtype(),
+                p.shape(),
+                p.dtype()
+            );
+        }
+        lens.push(n);
+    }
+    let total = lens.iter().sum::<usize>();
+    fn on_cpu<T: candle_core::WithDType>(
+        parts: &[&Tensor],
+        lens: &[usize],
+        (b, h, total, d): (usize, usize, usize, usize),
+    ) -> Result<Tensor> {
+        let out = crate::cpu::with_slices::<T, _>(parts, |xs| {
+            crate::cpu::heads::join_heads(xs, lens, b, h, d)
+        })?;
+        Tensor::from_vec(out, (b, h, total, d), &candle_core::Device::Cpu)
+    }
+    let dims = (b, h, total, d);
+    match (first.device().is_cpu(), first.dtype()) {
+        (true, DType::F32) => on_cpu::<f32>(parts, &lens, dims),
+        (true, DType::BF16) => on_cpu::<half::bf16>(parts, &lens, dims),
+        (true, DType::F16) => on_cpu::<half::f16>(parts, &lens, dims),
+        _ => {
+            let heads_first = parts
+                .iter()
+                .map(|p| p.transpose(1, 2)?.contiguous())
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&heads_first, 2)
+        }
+    }
+}
+
+/// Head-major `x` (b, h, Σ lens, d) split along the tokens into token-major parts (b, lens[i],
+/// h·d), each contiguous: [`merge_heads`] and a narrow of each part. On the CPU one copy
+/// ([`crate::cpu::heads`]).
+pub fn split_tokens<const N: usize>(x: &Tensor, lens: [usize; N]) -> Result<[Tensor; N]> {
+    let (b, h, total, d) = x.dims4()?;
+    if lens.iter().sum::<usize>() != total {
+        candle_core::bail!("split_tokens: {lens:?} tokens of {:?}", x.shape());
+    }
+    fn on_cpu<T: candle_core::WithDType>(
+        x: &Tensor,
+        lens: &[usize],
+        (b, h, d): (usize, usize, usize),
+    ) -> Result<Vec<Tensor>> {
+        let parts = crate::cpu::with_slice::<T, _>(x, |xs| {
+            crate::cpu::heads::split_tokens(xs, lens, b, h, d)
+        })?;
+        parts
+            .into_iter()
+            .zip(lens)
+            .map(|(p, &n)| Tensor::from_vec(p, (b, n, h * d), &candle_core::Device::Cpu))
+            .collect()
+    }
+    let parts = match (x.device().is_cpu(), x.dtype()) {
+        (true, DType::F32) => on_cpu::<f32>(x, &lens, (b, h, d))?,
+        (true, DType::BF16) => on_cpu::<half::bf16>(x, &lens, (b, h, d))?,
+        (true, DType::F16) => on_cpu::<half::f16>(x, &lens, (b, h, d))?,
+        _ => {
+            let merged = merge_heads(x)?;
+            let mut first = 0;
+            lens.iter()
+                .map(|&n| {
+                    let part = merged.narrow(1, first, n)?.contiguous();
+                    first += n;
+                    part
+                })
+                .collect::<Result<_>>()?
+        }
+    };
+    let mut parts = parts.into_iter();
+    Ok(std::array::from_fn(|_| {
+        parts.next().expect("one part per length")
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::nn::test_util::normal;
+
+    /// The one-copy CPU layout changes against the composed ops (split the heads and concatenate;
+    /// merge the heads and narrow), bit for bit, in f32 and bf16.
+    #[test]
+    fn join_heads_and_split_tokens_equal_the_composed_ops() {
+        let eq = |a: &Tensor, b: &Tensor| {
+            let v = |t: &Tensor| {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(a.dims(), b.dims());
+            assert_eq!(v(a), v(b));
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let (h, d) = (3, 8);
+            let img = normal((2, 5, h * d), 1.0, 1).to_dtype(dtype).unwrap();
+            let txt = normal((2, 4, h * d), 1.0, 2).to_dtype(dtype).unwrap();
+            let tokens = |t: &Tensor| t.reshape((2, t.dim(1).unwrap(), h, d)).unwrap();
+            let joined = join_heads(&[&tokens(&txt), &tokens(&img)]).unwrap();
+            let want = Tensor::cat(
+                &[split_heads(&txt, h).unwrap(), split_heads(&img, h).unwrap()],
+                2,
+            )
+            .unwrap();
+            eq(&joined, &want);
+            let [a, b] = split_tokens(&joined, [4, 5]).unwrap();
+            eq(&a, &txt);
+            eq(&b, &img);
+            let merged = merge_heads(&want).unwrap();
+            eq(&b, &merged.narrow(1, 4, 5).unwrap());
+            assert!(split_tokens(&joined, [4, 4]).is_err());
+        }
+    }
 
     /// bf16 on the CPU (AMX tiles, AVX512-BF16, the f32 kernel, or candle's blocked path): within
     /// bf16 rounding of the probabilities and of the output of the f32 attention of the same values.

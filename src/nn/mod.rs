@@ -18,7 +18,7 @@ pub mod norm;
 pub mod quant;
 
 pub use activation::gelu_tanh;
-pub use attention::{merge_heads, sdpa, sdpa_unprofiled, split_heads};
+pub use attention::{join_heads, merge_heads, sdpa, sdpa_unprofiled, split_heads, split_tokens};
 pub use conv::{Conv2d, ImageLayout};
 pub use linear::{linear, linear_no_bias, linear_with, Linear};
 pub use mlp::{Activation, FeedForward, Mlp, SwiGlu};

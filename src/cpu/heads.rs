@@ -1,0 +1,122 @@
+//! The attention's layout changes between token-major rows (b, n, h, d), as the projections write
+//! them, and head-major ones (b, h, n, d), as the attention kernels read them, for several
+//! sequences joined along the tokens (MMDiT's image and text streams): each one copy of each value,
+//! in parallel, where the composed ops (split the heads, join the streams; merge the heads, split the
+//! streams, make each contiguous) copy every value two or three times.
+
+use candle_core::WithDType;
+use rayon::prelude::*;
+
+/// Token-major parts `parts[p]` (b, lens[p], h, d) joined along the tokens into one head-major
+/// (b, h, Σ lens, d). Panics unless each part holds b · lens[p] · h · d values.
+pub fn join_heads<T: WithDType>(
+    parts: &[&[T]],
+    lens: &[usize],
+    b: usize,
+    h: usize,
+    d: usize,
+) -> Vec<T> {
+    assert_eq!(parts.len(), lens.len(), "one length per part");
+    for (part, &n) in parts.iter().zip(lens) {
+        assert_eq!(part.len(), b * n * h * d, "a part's length");
+    }
+    let total: usize = lens.iter().sum();
+    let mut out = vec![T::zero(); b * h * total * d];
+    if out.is_empty() {
+        return out;
+    }
+    // One (batch, head) plane of total x d per task.
+    out.par_chunks_mut(total * d)
+        .enumerate()
+        .for_each(|(plane, dst)| {
+            let (bi, hi) = (plane / h, plane % h);
+            let mut rows = dst.chunks_exact_mut(d);
+            for (part, &n) in parts.iter().zip(lens) {
+                for t in 0..n {
+                    let at = ((bi * n + t) * h + hi) * d;
+                    let row = rows.next().expect("total rows per plane");
+                    row.copy_from_slice(&part[at..at + d]);
+                }
+            }
+        });
+    out
+}
+
+/// Head-major `x` (b, h, Σ lens, d) split along the tokens into token-major parts (b, lens[p], h,
+/// d). Panics unless x holds b · h · Σ lens · d values.
+pub fn split_tokens<T: WithDType>(
+    x: &[T],
+    lens: &[usize],
+    b: usize,
+    h: usize,
+    d: usize,
+) -> Vec<Vec<T>> {
+    let total: usize = lens.iter().sum();
+    assert_eq!(x.len(), b * h * total * d, "the joined length");
+    let mut first = 0;
+    lens.iter()
+        .map(|&n| {
+            let mut out = vec![T::zero(); b * n * h * d];
+            if !out.is_empty() {
+                // One token's row of h x d per task.
+                out.par_chunks_mut(h * d)
+                    .enumerate()
+                    .for_each(|(row, dst)| {
+                        let (bi, t) = (row / n, row % n);
+                        for (hi, dst) in dst.chunks_exact_mut(d).enumerate() {
+                            let at = ((bi * h + hi) * total + first + t) * d;
+                            dst.copy_from_slice(&x[at..at + d]);
+                        }
+                    });
+            }
+            first += n;
+            out
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against the index arithmetic written out, for odd sizes and an empty part; the two are
+    /// inverses.
+    #[test]
+    fn join_and_split_move_each_value_to_its_place() {
+        let (b, h, d) = (2, 3, 5);
+        let lens = [4, 0, 7];
+        let parts: Vec<Vec<u32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(p, &n)| {
+                (0..(b * n * h * d) as u32)
+                    .map(|i| i + 1000 * p as u32)
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[u32]> = parts.iter().map(|p| p.as_slice()).collect();
+        let joined = join_heads(&refs, &lens, b, h, d);
+        let total: usize = lens.iter().sum();
+        let mut first = 0;
+        for (p, &n) in lens.iter().enumerate() {
+            for (bi, hi, t, e) in indices(b, h, n, d) {
+                let want = parts[p][((bi * n + t) * h + hi) * d + e];
+                assert_eq!(joined[((bi * h + hi) * total + first + t) * d + e], want);
+            }
+            first += n;
+        }
+        assert_eq!(split_tokens(&joined, &lens, b, h, d), parts);
+    }
+
+    /// Every (batch, head, token, element) index, in order.
+    fn indices(
+        b: usize,
+        h: usize,
+        n: usize,
+        d: usize,
+    ) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+        (0..b).flat_map(move |bi| {
+            (0..h).flat_map(move |hi| (0..n).flat_map(move |t| (0..d).map(move |e| (bi, hi, t, e))))
+        })
+    }
+}

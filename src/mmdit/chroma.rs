@@ -9,6 +9,7 @@ use super::joint_block::JointBlock;
 use super::modulation::{BlockModulation, ModulationOut};
 use super::rope::Rope;
 use super::single_block::SingleBlock;
+use super::Text;
 use crate::config::ChromaTransformerConfig;
 use crate::nn::modulate::norm_modulate;
 use crate::nn::{linear, Linear};
@@ -111,7 +112,15 @@ impl ChromaTransformer {
         context: &Tensor,
         rope: &Rope,
     ) -> Result<Tensor> {
-        self.forward_cached(x, sigma, context, rope, None)
+        self.forward_cached(x, sigma, Text::Encoded(context), rope, None)
+    }
+
+    /// The text encoder's states (b, s, joint_attention_dim) through the context embedder: (b, s,
+    /// dim), the same for every step of a request.
+    pub fn embed_context(&self, context: &Tensor) -> Result<Tensor> {
+        profile::phase(Phase::Embeddings, context.device(), || {
+            self.context_embedder.forward(context)
+        })
     }
 
     /// [`Self::forward`] with the blocks run under a step cache.
@@ -119,7 +128,7 @@ impl ChromaTransformer {
         &self,
         x: &Tensor,
         sigma: &Tensor,
-        context: &Tensor,
+        text: Text<'_>,
         rope: &Rope,
         cache: Option<&mut dyn BlockCache>,
     ) -> Result<Tensor> {
@@ -130,7 +139,7 @@ impl ChromaTransformer {
                                                    // diffusers rounds t x 1000 to the run dtype before embedding it.
             let t = (sigma.to_dtype(dtype)? * 1000.0)?;
             let m = self.approximator.forward(&t, dtype)?; // (b, rows, dim)
-            Ok((img, m, self.context_embedder.forward(context)?))
+            Ok((img, m, text.embedded(&self.context_embedder)?))
         })?;
         let (nd, ns) = (self.double.len(), self.single.len());
         // Rows: single blocks' triples, the double blocks' image rows, their text rows, the

@@ -8,6 +8,7 @@ use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
 use super::modulation::AdaNormContinuous;
 use super::rope::Rope;
 use super::single_block::SingleBlock;
+use super::Text;
 use crate::config::FluxTransformerConfig;
 use crate::nn::{linear, Linear};
 use crate::profile::{self, Phase};
@@ -86,7 +87,23 @@ impl FluxTransformer {
         pooled: &Tensor,
         rope: &Rope,
     ) -> Result<Tensor> {
-        self.forward_cached(x, sigma, guidance, context, pooled, rope, None)
+        self.forward_cached(
+            x,
+            sigma,
+            guidance,
+            Text::Encoded(context),
+            pooled,
+            rope,
+            None,
+        )
+    }
+
+    /// The text encoder's states (b, s, joint_attention_dim) through the context embedder: (b, s,
+    /// dim), the same for every step of a request.
+    pub fn embed_context(&self, context: &Tensor) -> Result<Tensor> {
+        profile::phase(Phase::Embeddings, context.device(), || {
+            self.context_embedder.forward(context)
+        })
     }
 
     /// [`Self::forward`] with the blocks run under a step cache.
@@ -96,7 +113,7 @@ impl FluxTransformer {
         x: &Tensor,
         sigma: &Tensor,
         guidance: Option<&Tensor>,
-        context: &Tensor,
+        text: Text<'_>,
         pooled: &Tensor,
         rope: &Rope,
         cache: Option<&mut dyn BlockCache>,
@@ -111,7 +128,7 @@ impl FluxTransformer {
                 _ => None,
             };
             let temb = self.time_text_embed.forward(&t, g.as_ref(), pooled)?; // (b, dim)
-            Ok((img, temb, self.context_embedder.forward(context)?)) // ctx: (b, s, dim)
+            Ok((img, temb, text.embedded(&self.context_embedder)?)) // ctx: (b, s, dim)
         })?;
         let img = run_two_stacks(
             cache,

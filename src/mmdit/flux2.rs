@@ -9,6 +9,7 @@ use super::flux::double_blocks;
 use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
 use super::modulation::{AdaNormContinuous, Modulation, ModulationOut};
 use super::rope::Rope;
+use super::Text;
 use crate::config::Flux2TransformerConfig;
 use crate::nn::{
     linear_with, merge_heads, sdpa, split_heads, Activation, Linear, Mlp, RmsNorm, SwiGlu,
@@ -209,7 +210,15 @@ impl Flux2Transformer {
         context: &Tensor,
         rope: &Rope,
     ) -> Result<Tensor> {
-        self.forward_cached(x, sigma, guidance, context, rope, None)
+        self.forward_cached(x, sigma, guidance, Text::Encoded(context), rope, None)
+    }
+
+    /// The text encoder's states (b, s, joint_attention_dim) through the context embedder: (b, s,
+    /// dim), the same for every step of a request.
+    pub fn embed_context(&self, context: &Tensor) -> Result<Tensor> {
+        profile::phase(Phase::Embeddings, context.device(), || {
+            self.context_embedder.forward(context)
+        })
     }
 
     /// [`Self::forward`] with the blocks run under a step cache.
@@ -218,7 +227,7 @@ impl Flux2Transformer {
         x: &Tensor,
         sigma: &Tensor,
         guidance: Option<&Tensor>,
-        context: &Tensor,
+        text: Text<'_>,
         rope: &Rope,
         cache: Option<&mut dyn BlockCache>,
     ) -> Result<Tensor> {
@@ -236,7 +245,7 @@ impl Flux2Transformer {
                 temb = (temb + embed(g, m)?)?;
             }
             let img = self.x_embedder.forward(x)?;
-            Ok((img, temb, self.context_embedder.forward(context)?))
+            Ok((img, temb, text.embedded(&self.context_embedder)?))
         })?;
         let (mi, mt, ms) = profile::phase(Phase::Norms, dev, || {
             Ok((

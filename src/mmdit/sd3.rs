@@ -5,6 +5,7 @@ use super::cache::{run_blocks, BlockCache};
 use super::embed::{PatchEmbed, TimeTextEmbed};
 use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
 use super::modulation::AdaNormContinuous;
+use super::Text;
 use crate::config::Sd3TransformerConfig;
 use crate::nn::{linear, Linear};
 use crate::profile::{self, Phase};
@@ -91,7 +92,15 @@ impl Sd3Transformer {
         context: &Tensor,
         pooled: &Tensor,
     ) -> Result<Tensor> {
-        self.forward_cached(x, t, context, pooled, None)
+        self.forward_cached(x, t, Text::Encoded(context), pooled, None)
+    }
+
+    /// The text encoders' states (b, s, joint_attention_dim) through the context embedder: (b, s,
+    /// dim), the same for every step of a request.
+    pub fn embed_context(&self, context: &Tensor) -> Result<Tensor> {
+        profile::phase(Phase::Embeddings, context.device(), || {
+            self.context_embedder.forward(context)
+        })
     }
 
     /// [`Self::forward`] with the blocks run under a step cache.
@@ -99,7 +108,7 @@ impl Sd3Transformer {
         &self,
         x: &Tensor,
         t: &Tensor,
-        context: &Tensor,
+        text: Text<'_>,
         pooled: &Tensor,
         cache: Option<&mut dyn BlockCache>,
     ) -> Result<Tensor> {
@@ -110,7 +119,7 @@ impl Sd3Transformer {
             Ok((
                 self.pos_embed.forward(x)?,                     // (b, n, dim)
                 self.time_text_embed.forward(t, None, pooled)?, // (b, dim)
-                self.context_embedder.forward(context)?,        // (b, s, dim)
+                text.embedded(&self.context_embedder)?,         // (b, s, dim)
             ))
         })?;
         // The last block leaves no context; the one before it is kept (and not read again).

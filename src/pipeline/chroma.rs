@@ -4,13 +4,13 @@
 //! negative prompt ("" by default).
 
 use super::components::{OpenCtx, T5Part, TextLoader, TextPart};
-use super::family::{Bound, Cfg, Defaults, Denoise, Family, Transformer};
+use super::family::{Bound, Cfg, Defaults, Denoise, EmbeddedTexts, Family, Transformer};
 use crate::config::{ChromaTransformerConfig, SchedulerConfig, T5Config, VaeConfig};
 use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::cache::BlockCache;
 use crate::mmdit::flux::{pack, unpack};
 use crate::mmdit::rope::Rope;
-use crate::mmdit::ChromaTransformer;
+use crate::mmdit::{ChromaTransformer, Text};
 use crate::request::{self, Resolved};
 use crate::sampling::{schedule, Schedule};
 use crate::text::{ChromaTextEncoder, Conditioning, PromptEncoder};
@@ -137,6 +137,7 @@ impl Transformer for ChromaTransformer {
         Ok(Box::new(Step {
             model: self,
             rope: (txt, self.rope(txt, h / 2, w / 2, dev)?),
+            texts: EmbeddedTexts::default(),
         }))
     }
 }
@@ -146,6 +147,7 @@ impl Transformer for ChromaTransformer {
 struct Step<'a> {
     model: &'a ChromaTransformer,
     rope: (usize, Rope),
+    texts: EmbeddedTexts,
 }
 
 impl Denoise for Step<'_> {
@@ -169,9 +171,10 @@ impl Denoise for Step<'_> {
             own = self.model.rope(txt, h / 2, w / 2, x.device())?;
             &own
         };
+        let text = (self.texts).get(&c.context, || self.model.embed_context(&c.context))?;
         let v = self
             .model
-            .forward_cached(&packed, &sigma, &c.context, rope, cache)?;
+            .forward_cached(&packed, &sigma, Text::Embedded(&text), rope, cache)?;
         Ok(unpack(&v, h, w)?)
     }
 }

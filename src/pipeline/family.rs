@@ -173,6 +173,32 @@ pub trait Family: Send + Sync {
 /// A transformer bound to one request.
 pub type Bound<'a> = Result<Box<dyn Denoise + 'a>>;
 
+/// Each text stream's embedding for one request: the sampler hands every step the same conditioning
+/// tensors (a clone shares candle's tensor id), so a family's bound transformer runs its context
+/// embedder once per stream (two: a prompt and its negative) rather than once per step.
+#[derive(Default)]
+pub(super) struct EmbeddedTexts(std::cell::RefCell<Vec<(candle_core::TensorId, Tensor)>>);
+
+impl EmbeddedTexts {
+    /// `text`'s embedding, computed by `embed` the first time it is asked for.
+    pub fn get(
+        &self,
+        text: &Tensor,
+        embed: impl FnOnce() -> candle_core::Result<Tensor>,
+    ) -> Result<Tensor> {
+        if let Some((_, e)) = self.0.borrow().iter().find(|(id, _)| *id == text.id()) {
+            return Ok(e.clone());
+        }
+        let e = embed()?;
+        let mut kept = self.0.borrow_mut();
+        if kept.len() == 2 {
+            kept.remove(0);
+        }
+        kept.push((text.id(), e.clone()));
+        Ok(e)
+    }
+}
+
 /// A family's loaded transformer.
 pub trait Transformer: Send + Sync + AsAny {
     /// The transformer bound to one request: `prompt` is the positive prompt's conditioning (its
@@ -211,4 +237,38 @@ pub trait Denoise {
         cond: &Conditioning,
         cache: Option<&mut dyn BlockCache>,
     ) -> Result<Tensor>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each text embedded once while it is one of the last two asked for; clones share the entry.
+    #[test]
+    fn each_text_is_embedded_once() {
+        let texts = EmbeddedTexts::default();
+        let dev = candle_core::Device::Cpu;
+        let (a, b, c) = (
+            Tensor::zeros(3, candle_core::DType::F32, &dev).unwrap(),
+            Tensor::ones(3, candle_core::DType::F32, &dev).unwrap(),
+            Tensor::ones(3, candle_core::DType::F32, &dev).unwrap(),
+        );
+        let calls = std::cell::Cell::new(0);
+        let embed = |t: &Tensor| {
+            calls.set(calls.get() + 1);
+            t + 1.0
+        };
+        let sum = |t: Tensor| t.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        for _ in 0..3 {
+            assert_eq!(sum(texts.get(&a, || embed(&a)).unwrap()), 3.0);
+            assert_eq!(sum(texts.get(&b.clone(), || embed(&b)).unwrap()), 6.0);
+        }
+        assert_eq!(calls.get(), 2);
+        // A third text (equal in value to b, but another tensor) pushes out the oldest, a.
+        texts.get(&c, || embed(&c)).unwrap();
+        texts.get(&b, || embed(&b)).unwrap();
+        assert_eq!(calls.get(), 3);
+        texts.get(&a, || embed(&a)).unwrap();
+        assert_eq!(calls.get(), 4);
+    }
 }

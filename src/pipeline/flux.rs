@@ -3,13 +3,13 @@
 //! true classifier-free guidance with a negative prompt as two model calls.
 
 use super::components::{ClipPart, OpenCtx, T5Part, TextLoader, TextPart};
-use super::family::{Bound, Cfg, Defaults, Denoise, Edit, Family, Transformer};
+use super::family::{Bound, Cfg, Defaults, Denoise, Edit, EmbeddedTexts, Family, Transformer};
 use crate::config::{ClipTextConfig, FluxTransformerConfig, SchedulerConfig, T5Config, VaeConfig};
 use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::cache::BlockCache;
 use crate::mmdit::flux::{pack, unpack, with_references};
 use crate::mmdit::rope::Rope;
-use crate::mmdit::FluxTransformer;
+use crate::mmdit::{FluxTransformer, Text};
 use crate::request::{self, Resolved};
 use crate::sampling::{schedule, Schedule};
 use crate::text::{Conditioning, FluxTextEncoders, PromptEncoder};
@@ -295,6 +295,7 @@ impl Transformer for FluxTransformer {
             rope,
             guidance,
             reference,
+            texts: EmbeddedTexts::default(),
         }))
     }
 }
@@ -306,6 +307,7 @@ struct Step<'a> {
     guidance: Option<Tensor>,
     /// Kontext's packed reference tokens (1, n', C x 4), after the image tokens.
     reference: Option<Tensor>,
+    texts: EmbeddedTexts,
 }
 
 impl Denoise for Step<'_> {
@@ -328,11 +330,12 @@ impl Denoise for Step<'_> {
             .as_ref()
             .map(|g| g.broadcast_as(x.dim(0)?)?.contiguous())
             .transpose()?;
+        let text = (self.texts).get(&c.context, || self.model.embed_context(&c.context))?;
         let v = self.model.forward_cached(
             &input,
             &sigma,
             guidance.as_ref(),
-            &c.context,
+            Text::Embedded(&text),
             &c.pooled,
             &self.rope,
             cache,

@@ -7,7 +7,7 @@
 //! embedding.
 
 use super::components::{LmPart, OpenCtx, TextLoader, TextPart};
-use super::family::{Bound, Cfg, Defaults, Denoise, Edit, Family, Transformer};
+use super::family::{Bound, Cfg, Defaults, Denoise, Edit, EmbeddedTexts, Family, Transformer};
 use crate::config::{
     Flux2TransformerConfig, Mistral3Config, Qwen3Config, SchedulerConfig, VaeConfig,
 };
@@ -15,7 +15,7 @@ use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::cache::BlockCache;
 use crate::mmdit::flux::with_references;
 use crate::mmdit::rope::Rope;
-use crate::mmdit::Flux2Transformer;
+use crate::mmdit::{Flux2Transformer, Text};
 use crate::request::{self, Resolved};
 use crate::sampling::{schedule, Schedule};
 use crate::text::lm::LmKind;
@@ -285,6 +285,7 @@ impl Transformer for Flux2Transformer {
             rope: self.rope(txt, h, w, &grids, dev)?,
             references,
             guidance,
+            texts: EmbeddedTexts::default(),
         }))
     }
 }
@@ -304,6 +305,7 @@ struct Step<'a> {
     references: Option<Tensor>,
     /// The embedded guidance scale (1,) f32, for models with a guidance embedding.
     guidance: Option<Tensor>,
+    texts: EmbeddedTexts,
 }
 
 impl Denoise for Step<'_> {
@@ -324,11 +326,12 @@ impl Denoise for Step<'_> {
             .as_ref()
             .map(|g| g.broadcast_as(b)?.contiguous())
             .transpose()?;
+        let text = (self.texts).get(&c.context, || self.model.embed_context(&c.context))?;
         let v = self.model.forward_cached(
             &input,
             &sigma,
             guidance.as_ref(),
-            &c.context,
+            Text::Embedded(&text),
             &self.rope,
             cache,
         )?;

@@ -3,11 +3,11 @@
 //! of [negative, positive], the scheduler's own sigmas.
 
 use super::components::{ClipPart, OpenCtx, T5Part, TextLoader, TextPart};
-use super::family::{Bound, Cfg, Defaults, Denoise, Family, Transformer};
+use super::family::{Bound, Cfg, Defaults, Denoise, EmbeddedTexts, Family, Transformer};
 use crate::config::{ClipTextConfig, SchedulerConfig, Sd3TransformerConfig, T5Config, VaeConfig};
 use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::cache::BlockCache;
-use crate::mmdit::Sd3Transformer;
+use crate::mmdit::{Sd3Transformer, Text};
 use crate::request::{self, Resolved};
 use crate::sampling::{schedule, Schedule};
 use crate::text::{Conditioning, PromptEncoder, Sd3TextEncoders};
@@ -165,12 +165,12 @@ impl Transformer for Sd3Transformer {
         _: (usize, usize),
         _: &[Tensor],
     ) -> Bound<'a> {
-        Ok(Box::new(Step(self)))
+        Ok(Box::new(Step(self, EmbeddedTexts::default())))
     }
 }
 
 /// The SD3 transformer fed its timestep (sigma x 1000) for every sample of the batch.
-struct Step<'a>(&'a Sd3Transformer);
+struct Step<'a>(&'a Sd3Transformer, EmbeddedTexts);
 
 impl Denoise for Step<'_> {
     fn velocity(
@@ -181,8 +181,9 @@ impl Denoise for Step<'_> {
         cache: Option<&mut dyn BlockCache>,
     ) -> Result<Tensor> {
         let ts = Tensor::full(t, x.dim(0)?, x.device())?;
+        let text = (self.1).get(&c.context, || self.0.embed_context(&c.context))?;
         Ok(self
             .0
-            .forward_cached(x, &ts, &c.context, &c.pooled, cache)?)
+            .forward_cached(x, &ts, Text::Embedded(&text), &c.pooled, cache)?)
     }
 }

@@ -1,5 +1,6 @@
 //! Input embeddings: patches of the latent image, the timestep and the pooled text vector.
 
+use crate::nn::modulate::add_over_batch;
 use crate::nn::{linear, Linear, Mlp, RmsNorm};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -148,11 +149,7 @@ impl PatchEmbed {
             .narrow(2, left, wp)?
             .reshape((1, hp * wp, hidden))? // (1, hp*wp, hidden)
             .to_dtype(x.dtype())?;
-        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16) {
-            return crate::cpu::elementwise::add_over_batch(&x, &pos);
-        }
-        // Repeated over the batch first: candle's broadcasting add is slow.
-        x + pos.repeat((b, 1, 1))?
+        add_over_batch(&x, &pos)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The arithmetic of adaptive layer norms (diffusers' `AdaLayerNormZero`, `AdaLayerNormContinuous`):
-//! a per-sample shift and scale applied to a normalised stream, and a gated residual update. On a
+//! a per-sample shift and scale applied to a normalised stream, and a gated residual update; and
+//! the position table's add over a batch. On a
 //! GPU the norm and modulation are one fused kernel; on the CPU (f32 and bf16) they and the residual
 //! update are single parallel vectorised passes that keep the roundings of the composed ops.
 
@@ -59,6 +60,20 @@ pub fn add_gated(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
         return cpu::elementwise::add_gated(x, y, gate);
     }
     x + y.broadcast_mul(&gate.unsqueeze(1)?)?
+}
+
+/// `x + y` with y (1, n, d) broadcast over x's batch (SD3's position table over the patches); on
+/// the CPU in f32 and bf16 one parallel pass.
+/// x: (b, n, d)
+pub fn add_over_batch(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu()
+        && y.dtype() == x.dtype()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+    {
+        return cpu::elementwise::add_over_batch(x, y);
+    }
+    // Repeated over the batch first: candle's broadcasting add is slow.
+    x + y.repeat((x.dim(0)?, 1, 1))?
 }
 
 #[cfg(test)]

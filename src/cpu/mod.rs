@@ -116,9 +116,30 @@ pub(crate) mod rows32 {
         rows: usize,
         c: *mut f32,
         ldc: usize,
+        masks: (__mmask16, __mmask16),
+        bias: *const f32,
+        load: bool,
+    ) {
+        // SAFETY: the caller's contract is finish_with's.
+        unsafe { finish_with(acc, rows, c, ldc, masks, bias, load, |v| v) }
+    }
+
+    /// [`finish`] with `post` applied to each vector of the rows (an activation) before it is
+    /// stored.
+    ///
+    /// # Safety
+    /// As [`finish`].
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(crate) unsafe fn finish_with<const R: usize>(
+        acc: &mut [[__m512; 2]; R],
+        rows: usize,
+        c: *mut f32,
+        ldc: usize,
         (m0, m1): (__mmask16, __mmask16),
         bias: *const f32,
         load: bool,
+        post: impl Fn(__m512) -> __m512,
     ) {
         // SAFETY: the masks keep every access within the extents of # Safety.
         unsafe {
@@ -142,8 +163,8 @@ pub(crate) mod rows32 {
                         v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, p), v0);
                         v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, p.add(16)), v1);
                     }
-                    _mm512_mask_storeu_ps(p, m0, v0);
-                    _mm512_mask_storeu_ps(p.add(16), m1, v1);
+                    _mm512_mask_storeu_ps(p, m0, post(v0));
+                    _mm512_mask_storeu_ps(p.add(16), m1, post(v1));
                 }
             }
         }

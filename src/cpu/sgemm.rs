@@ -203,7 +203,33 @@ pub fn matmul_taps<E: PanelElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    product::<E>().taps(a, offsets, m, lda, bs, bias, out, ldo, false)
+    product::<E, false>().taps(a, offsets, m, lda, bs, bias, out, ldo, false)
+}
+
+/// `out (m x n, row stride ldo) = gelu_tanh(a (m x k, row stride lda) · b (+ bias))`: [`matmul`]
+/// with the tanh-GELU applied to each output tile as the kernel writes it (while it is in L1), the
+/// same values as [`super::elementwise::gelu_tanh_f32`] of the product, without a pass of its own.
+/// On the rayon pool; panics as [`matmul`] does.
+pub fn matmul_gelu<E: PanelElem>(
+    a: &[f32],
+    m: usize,
+    lda: usize,
+    b: &Packed<E>,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    product::<E, true>().taps(
+        a,
+        &[0],
+        m,
+        lda,
+        std::slice::from_ref(b),
+        bias,
+        out,
+        ldo,
+        false,
+    )
 }
 
 /// `out (m x n, row stride ldo) += a (m x k, row stride lda) · b`, on the rayon pool (a second
@@ -216,7 +242,7 @@ pub fn matmul_add<E: PanelElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    product::<E>().taps(
+    product::<E, false>().taps(
         a,
         &[0],
         m,
@@ -238,7 +264,7 @@ pub fn matmul_serial<E: PanelElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    product::<E>().serial(a, m, lda, b, out, ldo)
+    product::<E, false>().serial(a, m, lda, b, out, ldo)
 }
 
 impl<E: PanelElem> super::PackedOperand for Packed<E> {
@@ -255,12 +281,13 @@ impl<E: PanelElem> super::PackedOperand for Packed<E> {
     }
 }
 
-/// This kernel as the shared drivers ([`super::Product`]) run it.
-fn product<E: PanelElem>() -> super::Product<f32, Packed<E>> {
+/// This kernel as the shared drivers ([`super::Product`]) run it; with `GELU`, the tanh-GELU applied
+/// to each output tile once its last block of k is in.
+fn product<E: PanelElem, const GELU: bool>() -> super::Product<f32, Packed<E>> {
     super::Product {
         name: "AVX-512",
         available,
-        block: block::<E>,
+        block: block::<E, GELU>,
         rows: (MC, MR),
     }
 }
@@ -271,7 +298,7 @@ thread_local! {
 }
 
 /// Rows 0..rows of a times panels lo..hi of b into out (row stride ldo), added to what out holds
-/// when `accumulate`.
+/// when `accumulate`; with `GELU`, each finished tile then put through the tanh-GELU.
 ///
 /// # Safety
 /// AVX-512F must be available. `a` holds `rows` rows at stride lda, each at least b.k long; `out`
@@ -279,7 +306,7 @@ thread_local! {
 /// and no other thread touches them during the call; hi <= the panel count. No alignment is
 /// required of a or out (unaligned loads and stores); b's panels are 64-byte aligned (`Aligned`).
 #[allow(clippy::too_many_arguments)]
-unsafe fn block<E: PanelElem>(
+unsafe fn block<E: PanelElem, const GELU: bool>(
     a: &[f32],
     rows: usize,
     lda: usize,
@@ -348,6 +375,7 @@ unsafe fn block<E: PanelElem>(
                     _ => std::ptr::null(),
                 };
                 for g in 0..groups {
+                    let live = MR.min(rows - g * MR);
                     // SAFETY: AVX-512 is available (the caller's contract). What the kernel reads
                     // of A is in bounds: in place, columns k0 .. k0 + kc of rows g MR + r < rows
                     // of a (each at least k long at stride lda); copied, group g's micro-panel of
@@ -364,10 +392,11 @@ unsafe fn block<E: PanelElem>(
                             kc,
                             out.add(g * MR * ldo + p * NR),
                             ldo,
-                            MR.min(rows - g * MR),
+                            live,
                             cols,
                             accumulate || !first,
                             bias,
+                            GELU && last,
                         )
                     };
                 }
@@ -381,7 +410,8 @@ mod kernel {
     use super::{MR, NR, PREFETCH};
     use std::arch::x86_64::*;
 
-    /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`: a is kc x MR (interleaved), or with `IN_PLACE`
+    /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`, put through the tanh-GELU when `gelu`: a is kc
+    /// x MR (interleaved), or with `IN_PLACE`
     /// rows of kc at stride `lda` (read for r < rows only; rows beyond repeat the last); b kc x 32
     /// of f32, or of bf16 widened to f32 as they are loaded when `BF16`.
     ///
@@ -404,6 +434,7 @@ mod kernel {
         cols: usize,
         load: bool,
         bias: *const f32,
+        gelu: bool,
     ) {
         // SAFETY: every pointer below stays inside the extents the caller vouches for (see
         // # Safety); the masks keep loads and stores of c and bias within `cols` columns.
@@ -448,7 +479,14 @@ mod kernel {
                     acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
                 }
             }
-            super::super::rows32::finish(&mut acc, rows, c, ldc, (m0, m1), bias, load);
+            let masks = (m0, m1);
+            if gelu {
+                // (AVX-512F is available: this function's contract.)
+                let f = |v| super::super::elementwise::gelu_tanh16(v);
+                super::super::rows32::finish_with(&mut acc, rows, c, ldc, masks, bias, load, f);
+            } else {
+                super::super::rows32::finish(&mut acc, rows, c, ldc, masks, bias, load);
+            }
         }
     }
 }
@@ -469,6 +507,7 @@ mod kernel {
         _: usize,
         _: bool,
         _: *const f32,
+        _: bool,
     ) {
         unreachable!("AVX-512 exists only on x86_64")
     }
@@ -483,6 +522,43 @@ mod tests {
     }
 
     /// Odd shapes: partial row groups, partial panels, k over several blocks and k = 0.
+    /// The product with its GELU folded in against the product and then the GELU pass, bit for bit
+    /// (k over several blocks included: the GELU only once the last is in), the padding between
+    /// rows untouched.
+    #[test]
+    fn sgemm_with_gelu_equals_sgemm_then_gelu() {
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        for &(m, k, n) in &SHAPES {
+            let (lda, ldo) = (k + 3, n + 5);
+            let a = random(m * lda, 4);
+            let w = random(n * k, 5);
+            let bias = random(n, 6);
+            let packed = PackedF32::from_nk(&w, n, k);
+            let mut plain = vec![0f32; m * n];
+            matmul(&a, m, lda, &packed, Some(&bias), &mut plain, n);
+            let plain =
+                candle_core::Tensor::from_vec(plain, (m, n), &candle_core::Device::Cpu).unwrap();
+            let want: Vec<f32> = super::super::elementwise::gelu_tanh_f32(&plain)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut got = vec![f32::NAN; m * ldo];
+            matmul_gelu(&a, m, lda, &packed, Some(&bias), &mut got, ldo);
+            for i in 0..m {
+                assert_eq!(
+                    &got[i * ldo..i * ldo + n],
+                    &want[i * n..(i + 1) * n],
+                    "{m}x{k}x{n}"
+                );
+                assert!(got[i * ldo + n..(i + 1) * ldo].iter().all(|v| v.is_nan()));
+            }
+        }
+    }
+
     const SHAPES: [(usize, usize, usize); 9] = [
         (1, 1, 1),
         (9, 2 * KC + 77, 40),

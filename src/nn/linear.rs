@@ -474,6 +474,25 @@ impl Linear {
 
 /// A layer on the AVX-512 kernel, plus a LoRA term added to the same f32 accumulators: f32 layers
 /// take f32, bf16 layers (bf16 panels) widen bf16 exactly and round the f32 result once.
+impl Linear {
+    /// `gelu_tanh(self.forward(x))`. On the f32 AVX-512 kernel without an active LoRA the GELU is
+    /// applied to each output tile as the kernel writes it ([`sgemm::matmul_gelu`]): the same values,
+    /// without a pass over the output of its own.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let lora = self.lora.as_ref().and_then(|s| s.get()).is_some();
+        match &self.kernel {
+            Kernel::Avx512(p) if !lora && x.dtype() == DType::F32 => {
+                let w = p.weight()?;
+                let (k, n) = (w.k(), w.n());
+                packed_forward(x, k, n, "AVX-512", |a, m, out| {
+                    sgemm::matmul_gelu(a, m, k, w, p.bias.as_deref(), out, n)
+                })
+            }
+            _ => super::activation::gelu_tanh(&self.forward(x)?),
+        }
+    }
+}
+
 fn sgemm_forward<E: sgemm::PanelElem>(
     x: &Tensor,
     p: &Packed<sgemm::Packed<E>>,
@@ -563,6 +582,31 @@ fn packed_forward<T: candle_core::WithDType>(
 mod tests {
     use super::*;
     use crate::nn::test_util::{max_diff, normal};
+
+    /// The GELU folded into the product (f32 on AVX-512) and the composed path (bf16, candle's
+    /// kernel) equal `gelu_tanh(forward(x))` bit for bit.
+    #[test]
+    fn forward_gelu_equals_gelu_of_forward() {
+        let v = |t: &Tensor| {
+            let t = t.to_dtype(DType::F32).unwrap();
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let to = |t: Tensor| t.to_dtype(dtype).unwrap();
+            let plain =
+                candle_nn::Linear::new(to(normal((70, 40), 0.3, 1)), Some(to(normal(70, 1.0, 2))));
+            let l = Linear::new(plain).unwrap();
+            if dtype == DType::F32 && crate::cpu::test_has("avx512") {
+                assert!(
+                    matches!(l.kernel, Kernel::Avx512(_)),
+                    "the fused path is tested"
+                );
+            }
+            let x = to(normal((2, 9, 40), 1.0, 3));
+            let want = super::super::activation::gelu_tanh(&l.forward(&x).unwrap()).unwrap();
+            assert_eq!(v(&l.forward_gelu(&x).unwrap()), v(&want), "{dtype:?}");
+        }
+    }
 
     /// A 2-d weight's little-endian bytes as a file stores it, in f32 or rounded to bf16.
     fn file_bytes(t: &Tensor, dtype: DType) -> Vec<u8> {

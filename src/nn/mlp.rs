@@ -83,8 +83,12 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.second
-            .forward(&self.act.forward(&self.first.forward(x)?)?)
+        let hidden = match self.act {
+            // The GELU folded into the first layer's product where its kernel can.
+            Activation::GeluTanh => self.first.forward_gelu(x)?,
+            act => act.forward(&self.first.forward(x)?)?,
+        };
+        self.second.forward(&hidden)
     }
 }
 

@@ -226,23 +226,32 @@ fn sdpa_f32_inner(
                         let s = &mut *s.borrow_mut();
                         s.reset(rows * m);
                         sgemm::matmul_serial(q, rows, d, &kt, s, m);
+                        // Each row's exponentials, and 1 / their sum: the normalisation is applied
+                        // to the d outputs of the row rather than to its m probabilities.
+                        let mut inv = [0f32; QB_F32];
                         match bias {
                             Some(b) => {
                                 let b = &b[blk * QB_F32 * m..][..rows * m];
-                                for (row, b) in s.chunks_exact_mut(m).zip(b.chunks_exact(m)) {
+                                let rows = s.chunks_exact_mut(m).zip(b.chunks_exact(m));
+                                for ((row, b), inv) in rows.zip(&mut inv) {
                                     for (x, &b) in row.iter_mut().zip(b) {
                                         *x = *x * scale + b;
                                     }
-                                    softmax_in_place(row, 1.0);
+                                    *inv = exp_in_place(row, 1.0);
                                 }
                             }
                             None => {
-                                for row in s.chunks_exact_mut(m) {
-                                    softmax_in_place(row, scale);
+                                for (row, inv) in s.chunks_exact_mut(m).zip(&mut inv) {
+                                    *inv = exp_in_place(row, scale);
                                 }
                             }
                         }
                         sgemm::matmul_serial(s, rows, m, &vp, o, d);
+                        for (row, &inv) in o.chunks_exact_mut(d).zip(&inv) {
+                            for x in row {
+                                *x *= inv;
+                            }
+                        }
                     });
                 });
         });
@@ -265,15 +274,14 @@ fn softmax_row_generic(s: &mut [f32], p: &mut [bf16], scale: f32) {
     }
 }
 
-super::avx512_dispatch!(softmax_in_place, softmax_in_place_generic, (s: &mut [f32], scale: f32));
+super::avx512_dispatch!(exp_in_place, exp_in_place_generic, (s: &mut [f32], scale: f32) -> f32);
 
-/// `s = softmax(s · scale)` over one row, in f32.
+/// `s = e^(s · scale - max · scale)` over one row, in f32 (the softmax before its normalisation);
+/// returns 1 / the sum.
+
 #[inline(always)]
-fn softmax_in_place_generic(s: &mut [f32], scale: f32) {
-    let inv = exp_shifted(s, scale);
-    for x in s.iter_mut() {
-        *x *= inv;
-    }
+fn exp_in_place_generic(s: &mut [f32], scale: f32) -> f32 {
+    exp_shifted(s, scale)
 }
 
 /// `s = e^(s · scale - max · scale)`; returns 1 / the sum. Reductions run over 16 lanes so that
@@ -293,11 +301,25 @@ fn exp_shifted(s: &mut [f32], scale: f32) -> f32 {
     }
     let max = lanes.iter().fold(tail, |a, &b| a.max(b));
     let shift = max * scale;
-    for x in s.iter_mut() {
+    // Shifted, exponentiated and summed 64 at a time (four vectors, whose chains of dependent
+    // operations then overlap), in one pass.
+    let mut sums = [0f32; 64];
+    let mut chunks = s.chunks_exact_mut(64);
+    for c in &mut chunks {
+        for x in c.iter_mut() {
+            *x = *x * scale - shift;
+        }
+        exp_generic(c);
+        for (l, &v) in sums.iter_mut().zip(c.iter()) {
+            *l += v;
+        }
+    }
+    let tail = chunks.into_remainder();
+    for x in tail.iter_mut() {
         *x = *x * scale - shift;
     }
-    exp_generic(s);
-    1.0 / super::lane_sum(s, |v| v)
+    exp_generic(tail);
+    1.0 / (sums.iter().sum::<f32>() + tail.iter().sum::<f32>())
 }
 
 /// `e^x` element-wise, to about 2 ulp of f32 for x in [-87, 88] (clamped outside): 2^n · poly(r) with

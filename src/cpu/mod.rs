@@ -12,13 +12,16 @@
 /// it (the build targets baseline x86_64), else as built.
 macro_rules! avx512_dispatch {
     ($name:ident, $generic:path, ($($arg:ident : $ty:ty),*)) => {
-        pub(crate) fn $name($($arg: $ty),*) {
+        $crate::cpu::avx512_dispatch!($name, $generic, ($($arg: $ty),*) -> ());
+    };
+    ($name:ident, $generic:path, ($($arg:ident : $ty:ty),*) -> $ret:ty) => {
+        pub(crate) fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 /// # Safety
                 /// The CPU must have AVX-512F.
                 #[target_feature(enable = "avx512f")]
-                unsafe fn wide($($arg: $ty),*) {
+                unsafe fn wide($($arg: $ty),*) -> $ret {
                     $generic($($arg),*)
                 }
                 if $crate::cpu::features().avx512 {

@@ -274,10 +274,9 @@ fn softmax_row_generic(s: &mut [f32], p: &mut [bf16], scale: f32) {
     }
 }
 
+// `exp_in_place(s, scale)`: `s = e^(s · scale - max · scale)` over one row, in f32 (the softmax
+// before its normalisation); returns 1 / the sum.
 super::avx512_dispatch!(exp_in_place, exp_in_place_generic, (s: &mut [f32], scale: f32) -> f32);
-
-/// `s = e^(s · scale - max · scale)` over one row, in f32 (the softmax before its normalisation);
-/// returns 1 / the sum.
 
 #[inline(always)]
 fn exp_in_place_generic(s: &mut [f32], scale: f32) -> f32 {

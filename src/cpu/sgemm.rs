@@ -207,7 +207,7 @@ pub fn matmul_taps<E: PanelElem>(
 }
 
 /// `out (m x n, row stride ldo) = gelu_tanh(a (m x k, row stride lda) · b (+ bias))`: [`matmul`]
-/// with the tanh-GELU applied to each output tile as the kernel writes it (while it is in L1), the
+/// with the tanh-GELU applied to each output tile in registers before the kernel stores it: the
 /// same values as [`super::elementwise::gelu_tanh_f32`] of the product, without a pass of its own.
 /// On the rayon pool; panics as [`matmul`] does.
 pub fn matmul_gelu<E: PanelElem>(

@@ -4,7 +4,7 @@
 use super::attention::QkvProj;
 use super::modulation::{Modulation, ModulationOut};
 use super::rope::Rope;
-use crate::nn::{gelu_tanh, linear, merge_heads, sdpa, Linear};
+use crate::nn::{linear, merge_heads, sdpa, Linear};
 use crate::profile::{self, Phase};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -60,9 +60,7 @@ impl SingleBlock {
     pub fn forward_given(&self, x: &Tensor, m: &ModulationOut, rope: &Rope) -> Result<Tensor> {
         let dev = x.device();
         let h = profile::phase(Phase::Norms, dev, || m.norm(x))?;
-        let mlp = profile::phase(Phase::FeedForward, dev, || {
-            gelu_tanh(&self.proj_mlp.forward(&h)?)
-        })?;
+        let mlp = profile::phase(Phase::FeedForward, dev, || self.proj_mlp.forward_gelu(&h))?;
         let (q, k, v) = self.attn.forward(&h)?;
         let (q, k) = profile::phase(Phase::Rope, dev, || Ok((rope.apply(&q)?, rope.apply(&k)?)))?;
         let o = sdpa(&q, &k, &v)?;

@@ -72,6 +72,11 @@ impl FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.norm.forward(xs)?;
         let y = match &self.gate {
+            // In f32 the roundings are f32's: the vectorised tanh-GELU is within them, folded into
+            // the gate's product where its kernel can (`Linear::forward_gelu`: the same values).
+            Some(g) if self.act == candle_nn::Activation::NewGelu && h.dtype() == DType::F32 => {
+                g.forward_gelu(&h)?.mul(&self.wi.forward(&h)?)?
+            }
             Some(g) => {
                 let (gate, up) = (g.forward(&h)?, self.wi.forward(&h)?);
                 match self.act {
@@ -80,10 +85,6 @@ impl FeedForward {
                         if gate.device().is_cpu() && gate.dtype() == DType::BF16 =>
                     {
                         crate::cpu::elementwise::gelu_new_mul_bf16(&gate, &up)?
-                    }
-                    // In f32 the roundings are f32's: the vectorised tanh-GELU is within them.
-                    candle_nn::Activation::NewGelu if gate.dtype() == DType::F32 => {
-                        nn::gelu_tanh(&gate)?.mul(&up)?
                     }
                     _ => self.act(&gate)?.mul(&up)?,
                 }

@@ -285,7 +285,7 @@ fn exp_in_place_generic(s: &mut [f32], scale: f32) -> f32 {
     exp_shifted(s, scale)
 }
 
-/// `s = e^(s · scale - max · scale)`; returns 1 / the sum. Reductions run over 16 lanes so that
+/// `s = e^(s · scale - max · scale)`; returns 1 / the sum. Reductions run over 16 and 64 lanes so that
 /// they vectorise.
 #[inline(always)]
 fn exp_shifted(s: &mut [f32], scale: f32) -> f32 {

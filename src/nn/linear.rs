@@ -470,11 +470,7 @@ impl Linear {
             }
         }
     }
-}
 
-/// A layer on the AVX-512 kernel, plus a LoRA term added to the same f32 accumulators: f32 layers
-/// take f32, bf16 layers (bf16 panels) widen bf16 exactly and round the f32 result once.
-impl Linear {
     /// `gelu_tanh(self.forward(x))`. On the f32 AVX-512 kernel without an active LoRA the GELU is
     /// applied to each output tile as the kernel writes it ([`sgemm::matmul_gelu`]): the same values,
     /// without a pass over the output of its own.
@@ -493,6 +489,8 @@ impl Linear {
     }
 }
 
+/// A layer on the AVX-512 kernel, plus a LoRA term added to the same f32 accumulators: f32 layers
+/// take f32, bf16 layers (bf16 panels) widen bf16 exactly and round the f32 result once.
 fn sgemm_forward<E: sgemm::PanelElem>(
     x: &Tensor,
     p: &Packed<sgemm::Packed<E>>,

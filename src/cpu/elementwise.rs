@@ -1,7 +1,8 @@
 //! Vectorised element-wise passes on CPU tensors: tanh-GELU (f32, and bf16 computed in f32 and
-//! rounded once), and the LayerNorm + modulation, RMSNorm and gated residual in f32 or bf16 with the
-//! roundings of the composed ops in that dtype ([`Lane`]). Each has a generic body that compiles to AVX-512 where the feature
-//! switch allows it ([`avx512_dispatch`](super::avx512_dispatch)).
+//! rounded once), and the LayerNorm + modulation, RMSNorm, gated residual and add over a batch in
+//! f32 or bf16 with the roundings of the composed ops in that dtype ([`Lane`]). Each has a generic
+//! body that compiles to AVX-512 where the feature switch allows it
+//! ([`avx512_dispatch`](super::avx512_dispatch)).
 
 use super::{lane_sum, round_bf16, with_slice, Lane};
 use candle_core::{DType, Device, Result, Tensor};
@@ -49,10 +50,9 @@ fn gelu_tanh_with<T: candle_core::WithDType>(
 super::avx512_dispatch!(gelu_bf16_chunk, gelu_bf16_chunk_generic, (x: &[f32], e: &mut [f32], o: &mut [bf16]));
 super::avx512_dispatch!(gelu_f32_chunk, gelu_f32_chunk_generic, (x: &[f32], e: &mut [f32], o: &mut [f32]));
 
-/// The tanh-GELU of 16 lanes in registers, each value as [`gelu_tanh_f32`] computes it (the same
-/// operations in the same order: [`gelu_tanh_in`] and the exp of
-/// [`super::attention::exp_generic`]), for a product's output tile before it is stored
-/// ([`super::sgemm::matmul_gelu`]).
+/// The tanh-GELU of 16 lanes, for a product's output tile before it is stored
+/// ([`super::sgemm::matmul_gelu`]): [`gelu_tanh_in`] itself on the lanes, so each value is the one
+/// [`gelu_tanh_f32`] computes.
 ///
 /// # Safety
 /// AVX-512F available (it inlines into a caller compiled with it).
@@ -60,47 +60,12 @@ super::avx512_dispatch!(gelu_f32_chunk, gelu_f32_chunk_generic, (x: &[f32], e: &
 #[inline(always)]
 pub(crate) unsafe fn gelu_tanh16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
-                                // SAFETY: register arithmetic only, on AVX-512F (# Safety).
+    let (mut x, mut e) = ([0f32; 16], [0f32; 16]);
+    // SAFETY: unaligned loads and stores of 16 floats within the arrays, on AVX-512F (# Safety).
     unsafe {
-        let s = _mm512_set1_ps;
-        let cube = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(s(0.044715), v), v), v);
-        let u = _mm512_mul_ps(s(2.0 * C), _mm512_add_ps(v, cube));
-        // exp(u) as exp_generic: its clamp keeps a NaN (max and min return their second operand
-        // when either is NaN).
-        let x = _mm512_min_ps(s(88.0), _mm512_max_ps(s(-87.0), u));
-        let t = _mm512_add_ps(
-            _mm512_mul_ps(x, s(std::f32::consts::LOG2_E)),
-            s(12_582_912.0),
-        );
-        let n = _mm512_sub_ps(t, s(12_582_912.0));
-        let r = _mm512_sub_ps(
-            _mm512_sub_ps(x, _mm512_mul_ps(n, s(0.693_359_4))),
-            _mm512_mul_ps(n, s(-2.121_944_4e-4)),
-        );
-        let mut y = s(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            5e-1,
-        ] {
-            y = _mm512_add_ps(_mm512_mul_ps(y, r), s(c));
-        }
-        y = _mm512_add_ps(
-            _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(y, r), r), r),
-            s(1.0),
-        );
-        let bits = _mm512_castps_si512(t);
-        let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_sub_epi32(bits, _mm512_set1_epi32(0x4B40_0000)),
-            _mm512_set1_epi32(127),
-        ));
-        let e = _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
-        // 0.5 v (1 + tanh), tanh = 1 - 2 / (e + 1).
-        let tanh = _mm512_sub_ps(s(1.0), _mm512_div_ps(s(2.0), _mm512_add_ps(e, s(1.0))));
-        _mm512_mul_ps(_mm512_mul_ps(s(0.5), v), _mm512_add_ps(s(1.0), tanh))
+        _mm512_storeu_ps(x.as_mut_ptr(), v);
+        gelu_tanh_in(&x, &mut e);
+        _mm512_loadu_ps(e.as_ptr())
     }
 }
 

@@ -1,5 +1,6 @@
 //! bf16 matrix products on the AVX512-BF16 dot product (`vdpbf16ps`), for bf16 layers on CPUs that
-//! have it but no AMX (AMD Zen 4 and later, Intel Cooper Lake).
+//! have it but no AMX, where it outruns the f32 FMA ([`super::Features::bf16_dot`]: AMD Zen 4 and
+//! later; not Intel's Sapphire and Emerald Rapids, where it does half the FMA's multiply-adds).
 //!
 //! `C = A · B (+ bias)` with A (m x k) bf16 row-major and B packed once (at load, for a linear
 //! layer's weight) into panels of 32 columns whose rows are *pairs* of k: pair row q of a panel holds
@@ -18,6 +19,7 @@
 //! nor `MMDIT_AVX512_BF16=0` turned it off ([`super::features`]).
 
 use super::aligned::Aligned;
+use super::Dest;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -133,6 +135,35 @@ pub fn matmul_taps(
     PRODUCT.taps(a, offsets, m, lda, bs, bias, out, ldo, false)
 }
 
+/// `out (m x n, row stride ldo) = a (m x k, row stride lda) · b (+ bias)` in bf16: each sum (with
+/// its bias) rounded once as it leaves the kernel, and with `gelu` the tanh-GELU of that bf16 value
+/// rounded again -- the values of [`matmul`] followed by a rounding pass (and a bf16 GELU pass),
+/// without an f32 copy of the output. On the rayon pool; panics as [`matmul`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bf16(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    b: &PackedPairs,
+    bias: Option<&[f32]>,
+    out: &mut [bf16],
+    ldo: usize,
+    gelu: bool,
+) {
+    let product = if gelu { &PRODUCT_GELU } else { &PRODUCT_BF16 };
+    product.taps(
+        a,
+        &[0],
+        m,
+        lda,
+        std::slice::from_ref(b),
+        bias,
+        out,
+        ldo,
+        false,
+    )
+}
+
 /// As [`matmul`] without bias, on the calling thread (for callers that parallelise outside).
 pub fn matmul_serial(
     a: &[bf16],
@@ -159,11 +190,24 @@ impl super::PackedOperand for PackedPairs {
     }
 }
 
-/// This kernel as the shared drivers ([`super::Product`]) run it.
+/// This kernel as the shared drivers ([`super::Product`]) run it: f32 out, bf16 out, bf16 out
+/// through the GELU.
 const PRODUCT: super::Product<bf16, PackedPairs> = super::Product {
     name: "AVX512-BF16",
     available,
     block,
+    rows: (MC, MR),
+};
+const PRODUCT_BF16: super::Product<bf16, PackedPairs, bf16> = super::Product {
+    name: "AVX512-BF16",
+    available,
+    block: block_bf16::<false>,
+    rows: (MC, MR),
+};
+const PRODUCT_GELU: super::Product<bf16, PackedPairs, bf16> = super::Product {
+    name: "AVX512-BF16",
+    available,
+    block: block_bf16::<true>,
     rows: (MC, MR),
 };
 
@@ -172,19 +216,10 @@ thread_local! {
     static APACK: std::cell::RefCell<Aligned<u32>> = const { std::cell::RefCell::new(Aligned::new()) };
 }
 
-/// Rows 0..rows of a times panels lo..hi of b into out (row stride ldo), added to what out holds
-/// when `accumulate`.
-///
-/// A is read in place (each micro-kernel row broadcast straight from its row of `a`) when every
-/// row starts on a whole pair (even lda and k) and the copy would not pay; otherwise it is copied
-/// into micro-panels of MR rows interleaved per pair. The copy costs about as much as the products
-/// when n is small (a convolution tap's 128 output channels), and is redone for every tap.
+/// [`block_to`] into f32 out.
 ///
 /// # Safety
-/// AVX-512F and AVX512-BF16 must be available. `a` holds `rows` rows at stride lda, each at least
-/// b.k long; `out` is valid for reads and writes of rows 0..rows at stride ldo, columns 32 lo ..
-/// min(32 hi, n), and no other thread touches them during the call; hi <= the panel count. No
-/// alignment is required of a or out; b's panels are 64-byte aligned (`Aligned`).
+/// As [`block_to`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
     a: &[bf16],
@@ -198,9 +233,71 @@ unsafe fn block(
     ldo: usize,
     accumulate: bool,
 ) {
+    let dest = Dest::F32 {
+        out,
+        ldo,
+        gelu: false,
+    };
+    // SAFETY: the caller's contract is block_to's.
+    unsafe { block_to(a, rows, lda, b, lo, hi, bias, dest, accumulate) }
+}
+
+/// [`block_to`] into bf16 out, through the GELU with `GELU`; never adds to out.
+///
+/// # Safety
+/// As [`block_to`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_bf16<const GELU: bool>(
+    a: &[bf16],
+    rows: usize,
+    lda: usize,
+    b: &PackedPairs,
+    lo: usize,
+    hi: usize,
+    bias: Option<&[f32]>,
+    out: *mut bf16,
+    ldo: usize,
+    accumulate: bool,
+) {
+    assert!(!accumulate, "a bf16 product output is never added to");
+    let dest = Dest::Bf16 {
+        out,
+        ldo,
+        gelu: GELU,
+    };
+    // SAFETY: the caller's contract is block_to's.
+    unsafe { block_to(a, rows, lda, b, lo, hi, bias, dest, false) }
+}
+
+/// Rows 0..rows of a times panels lo..hi of b into `dest` (its row stride), added to what an f32
+/// out holds when `accumulate`.
+///
+/// A is read in place (each micro-kernel row broadcast straight from its row of `a`) when every
+/// row starts on a whole pair (even lda and k) and the copy would not pay; otherwise it is copied
+/// into micro-panels of MR rows interleaved per pair. The copy costs about as much as the products
+/// when n is small (a convolution tap's 128 output channels), and is redone for every tap.
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16 must be available. `a` holds `rows` rows at stride lda, each at least
+/// b.k long; dest's out is valid for reads and writes of rows 0..rows at its stride, columns 32 lo
+/// .. min(32 hi, n), and no other thread touches them during the call; hi <= the panel count. No
+/// alignment is required of a or out; b's panels are 64-byte aligned (`Aligned`).
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_to(
+    a: &[bf16],
+    rows: usize,
+    lda: usize,
+    b: &PackedPairs,
+    lo: usize,
+    hi: usize,
+    bias: Option<&[f32]>,
+    dest: Dest,
+    accumulate: bool,
+) {
     let k = b.k;
     let pairs = k.div_ceil(2);
     let groups = rows.div_ceil(MR);
+    let sink = super::Sink::new(dest, rows, (lo, hi), k > KC);
     // (In place, the kernel reads A's pairs as 32-bit words: even row starts and k only.)
     let in_place = lda.is_multiple_of(2)
         && k.is_multiple_of(2)
@@ -257,8 +354,10 @@ unsafe fn block(
                     // bf16 needs only 2-byte alignment, the words are read unaligned); packed, the
                     // group's micro-panel of ap. The panel rows of b (qc rows of 64 bf16, from a
                     // 64-byte aligned buffer at a multiple of 64 elements, so each row is two
-                    // aligned vectors) are in bounds; out's rows g MR .. + grows and columns
-                    // 32 p .. + cols are inside the block the caller lent us; bias is null or has
+                    // aligned vectors) are in bounds; the sink's partial-sum and bf16 tiles of
+                    // rows g MR .. + grows and columns 32 p .. + cols are inside the block the
+                    // caller lent us or the sink's buffer (the partial sums are touched only when
+                    // the kernel loads them or does not store into bf16); bias is null or has
                     // cols values from 32 p.
                     unsafe {
                         kernel::run(
@@ -266,12 +365,12 @@ unsafe fn block(
                             (rs, ps),
                             bp,
                             qc,
-                            out.add(g * MR * ldo + p * NR),
-                            ldo,
+                            sink.partial(g * MR, p),
                             grows,
                             cols,
                             accumulate || !first,
                             bias,
+                            sink.store(g * MR, p, end),
                         )
                     };
                 }
@@ -288,14 +387,15 @@ mod kernel {
 
     /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`: row r's pair q of a is the word at
     /// `a + r rs + q ps` (read for r < rows only; rows beyond repeat the last), b is qc rows of 32
-    /// pairs.
+    /// pairs; the sums stored as `store` says ([`super::super::rows32::store`]).
     ///
     /// # Safety
     /// AVX-512F and AVX512-BF16 available. `a` is valid for unaligned reads of the words at
     /// `r rs + q ps` for r < rows (>= 1), q < qc; `b` for qc x 64 bf16, each row 64-byte aligned
-    /// (aligned vector loads); `c` for reads and writes of `rows` (<= MR) rows of `cols` (<= 32)
-    /// floats at stride ldc, at any alignment (masked unaligned access); `bias` is null or valid
-    /// for `cols` floats.
+    /// (aligned vector loads); `c` for reads (when `load`) and writes (without a bf16 tile) of `rows`
+    /// (<= MR) rows of `cols` (<= 32) floats at stride ldc, at any alignment (masked unaligned
+    /// access); a bf16 tile of `store` likewise for writes of bf16 at its stride; `bias` is null or
+    /// valid for `cols` floats.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn run(
@@ -303,12 +403,12 @@ mod kernel {
         (rs, ps): (usize, usize),
         b: *const bf16,
         qc: usize,
-        c: *mut f32,
-        ldc: usize,
+        (c, ldc): (*mut f32, usize),
         rows: usize,
         cols: usize,
         load: bool,
         bias: *const f32,
+        store: super::super::Store,
     ) {
         // SAFETY: every pointer below stays inside the extents the caller vouches for (see
         // # Safety: row indices are capped at rows - 1); the masks keep loads and stores of c and
@@ -330,7 +430,8 @@ mod kernel {
                     acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
                 }
             }
-            super::super::rows32::finish(&mut acc, rows, c, ldc, (m0, m1), bias, load);
+            let masks = (m0, m1);
+            super::super::rows32::store(&mut acc, rows, (c, ldc), masks, bias, load, store);
         }
     }
 }
@@ -345,12 +446,12 @@ mod kernel {
         _: (usize, usize),
         _: *const half::bf16,
         _: usize,
-        _: *mut f32,
-        _: usize,
+        _: (*mut f32, usize),
         _: usize,
         _: usize,
         _: bool,
         _: *const f32,
+        _: super::super::Store,
     ) {
         unreachable!("AVX512-BF16 exists only on x86_64")
     }
@@ -433,6 +534,33 @@ mod tests {
                 }
                 // The padding between rows is not written.
                 assert!(got[i * ldo + n..(i + 1) * ldo].iter().all(|v| v.is_nan()));
+            }
+            // bf16 out: the f32 result rounded, and the bf16 GELU of that, bit for bit (the
+            // padding between rows untouched).
+            let mut plain = vec![f32::NAN; m * ldo];
+            matmul(&a, m, lda, &packed, Some(&bias), &mut plain, ldo);
+            let rounded: Vec<bf16> = plain.iter().map(|&v| crate::cpu::round_bf16(v)).collect();
+            let gelu = crate::cpu::elementwise::gelu_tanh_bf16(
+                &candle_core::Tensor::new(&rounded[..], &candle_core::Device::Cpu).unwrap(),
+            )
+            .unwrap()
+            .to_vec1::<bf16>()
+            .unwrap();
+            for (want, g) in [(&rounded, false), (&gelu, true)] {
+                let nan = bf16::from_bits(0x7fc1);
+                let mut got = vec![nan; m * ldo];
+                matmul_bf16(&a, m, lda, &packed, Some(&bias), &mut got, ldo, g);
+                for i in 0..m {
+                    let row = |v: &[bf16]| {
+                        v[i * ldo..i * ldo + n]
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(row(&got), row(want), "{m}x{k}x{n} bf16 (gelu {g}), row {i}");
+                    let pad = &got[i * ldo + n..((i + 1) * ldo).min(got.len())];
+                    assert!(pad.iter().all(|v| v.to_bits() == 0x7fc1), "padding written");
+                }
             }
             let bt = crate::cpu::transpose(&w, n, k);
             assert_eq!(&PackedPairs::from_kn(&bt, k, n).data[..], &packed.data[..]);

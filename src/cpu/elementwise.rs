@@ -455,6 +455,17 @@ pub fn round_to_bf16(x: &[f32], o: &mut [bf16]) {
 
 super::avx512_dispatch!(round_chunk, round_chunk_generic, (x: &[f32], o: &mut [bf16]));
 
+super::avx512_dispatch!(widen_bf16, widen_bf16_generic, (x: &[bf16], o: &mut [f32]));
+
+/// `o = x` widened to f32 (exactly: a bf16 is the high half of an f32), on the calling thread.
+#[inline(always)]
+fn widen_bf16_generic(x: &[bf16], o: &mut [f32]) {
+    assert_eq!(x.len(), o.len(), "widen_bf16: lengths differ");
+    for (o, v) in o.iter_mut().zip(x) {
+        *o = f32::from_bits((v.to_bits() as u32) << 16);
+    }
+}
+
 #[inline(always)]
 fn round_chunk_generic(x: &[f32], o: &mut [bf16]) {
     for (o, &v) in o.iter_mut().zip(x) {

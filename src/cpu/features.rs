@@ -1,7 +1,9 @@
 //! The one CPU feature switch: what this CPU has, read once, with the `MMDIT_AVX512` and `MMDIT_AMX`
 //! overrides applied. Every kernel choice reads it (the layers in `nn` pick a kernel by it, and the
 //! vectorised passes compile their AVX-512 version in only when it says so), so `MMDIT_AVX512=0`
-//! really runs the generic code everywhere and `MMDIT_AMX=0` never touches a tile.
+//! really runs the generic code everywhere and `MMDIT_AMX=0` never touches a tile. One choice is
+//! measured rather than read: whether AVX512-BF16's dot product is fast enough here to carry bf16
+//! ([`Features::bf16_dot`]).
 //!
 //! Kernel tests skip, with a line on stderr, where a feature is off; with `MMDIT_REQUIRE_AVX512=1`,
 //! `MMDIT_REQUIRE_AMX=1`, `MMDIT_REQUIRE_VNNI=1` or `MMDIT_REQUIRE_AVX512_BF16=1` set (CI sets them where the CPU lists the feature) they fail instead.
@@ -20,22 +22,41 @@ pub struct Features {
     /// AVX-512 VNNI (with BW), under the AVX-512 switch: the products on GGML blocks
     /// ([`super::qgemm`]). `MMDIT_VNNI=0` turns it off alone.
     pub vnni: bool,
-    /// AVX512-BF16 (`vdpbf16ps`), under the AVX-512 switch: the bf16 matrix product and attention
-    /// where there is no AMX ([`super::dpbf16`]). `MMDIT_AVX512_BF16=0` turns it off alone.
+    /// AVX512-BF16 (`vdpbf16ps`), under the AVX-512 switch: its kernel ([`super::dpbf16`]) can
+    /// run. `MMDIT_AVX512_BF16=0` turns it off alone.
     pub avx512_bf16: bool,
+    /// AVX512-BF16 whose dot product does at least 4/5 of the f32 FMA's multiply-adds per second
+    /// on this core ([`bf16_dot_pays`], measured once): the bf16 layers, attention and the bf16
+    /// VAE's convolutions then run on it where there is no AMX. Where it is slower (Intel's
+    /// Sapphire and Emerald Rapids without their AMX tiles: half the FMA's rate; AMD's Zen 4
+    /// does twice it), bf16 runs on the f32 kernel with bf16 weights widened exactly, which keeps
+    /// about 3/4 of the f32 rate. `MMDIT_BF16_DOT=1` or `=0` sets the choice instead.
+    pub bf16_dot: bool,
 }
 
 /// This process's features (probed and read from the environment on the first call).
 pub fn features() -> Features {
     static F: OnceLock<Features> = OnceLock::new();
-    *F.get_or_init(|| Features {
-        avx512: enabled("MMDIT_AVX512") && detect_avx512(),
-        amx: enabled("MMDIT_AMX") && detect_amx(),
-        vnni: enabled("MMDIT_AVX512") && enabled("MMDIT_VNNI") && detect_avx512() && detect_vnni(),
-        avx512_bf16: enabled("MMDIT_AVX512")
+    *F.get_or_init(|| {
+        let avx512_bf16 = enabled("MMDIT_AVX512")
             && enabled("MMDIT_AVX512_BF16")
             && detect_avx512()
-            && detect_avx512_bf16(),
+            && detect_avx512_bf16();
+        Features {
+            avx512: enabled("MMDIT_AVX512") && detect_avx512(),
+            amx: enabled("MMDIT_AMX") && detect_amx(),
+            vnni: enabled("MMDIT_AVX512")
+                && enabled("MMDIT_VNNI")
+                && detect_avx512()
+                && detect_vnni(),
+            avx512_bf16,
+            bf16_dot: avx512_bf16
+                && match std::env::var("MMDIT_BF16_DOT").as_deref() {
+                    Ok("1") => true,
+                    Ok("0") => false,
+                    _ => bf16_dot_pays(),
+                },
+        }
     })
 }
 
@@ -72,6 +93,80 @@ fn detect_avx512_bf16() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect_avx512_bf16() -> bool {
+    false
+}
+
+/// Whether `vdpbf16ps` does at least 4/5 of `vfmadd231ps`'s multiply-adds per second here: each
+/// timed on 16 independent chains (more than either needs to fill its units) of 4096 steps, best of
+/// five alternated runs (a few hundred microseconds in all, once per process). A dot product is
+/// two multiply-adds per lane, an FMA one. The rates seen (AMD Zen 4: 2x; Intel Emerald Rapids
+/// without AMX: 0.5x) lie far on either side of the threshold, so load on the machine does not
+/// move the choice. Only called where AVX-512F and AVX512-BF16 are available.
+#[cfg(target_arch = "x86_64")]
+fn bf16_dot_pays() -> bool {
+    use std::arch::x86_64::*;
+    use std::hint::black_box;
+    const CHAINS: usize = 16;
+    const STEPS: usize = 4096;
+
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 available.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dots(steps: usize) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
+        // SAFETY: 512 bits reinterpreted as 32 bf16 (1.0 and 2^-7), which they are.
+        let (a, b): (__m512bh, __m512bh) = unsafe {
+            (
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3f80_3f80)),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3c00_3c00)),
+            )
+        };
+        for _ in 0..steps {
+            for acc in acc.iter_mut() {
+                *acc = _mm512_dpbf16_ps(*acc, a, b);
+            }
+        }
+        _mm512_reduce_add_ps(
+            acc.iter()
+                .fold(_mm512_setzero_ps(), |s, &v| _mm512_add_ps(s, v)),
+        )
+    }
+
+    /// # Safety
+    /// AVX-512F available.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fmas(steps: usize) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
+        let (a, b) = (_mm512_set1_ps(0.5), _mm512_set1_ps(0.25));
+        for _ in 0..steps {
+            for acc in acc.iter_mut() {
+                *acc = _mm512_fmadd_ps(*acc, a, b);
+            }
+        }
+        _mm512_reduce_add_ps(
+            acc.iter()
+                .fold(_mm512_setzero_ps(), |s, &v| _mm512_add_ps(s, v)),
+        )
+    }
+
+    let time = |f: &dyn Fn() -> f32| {
+        let t = std::time::Instant::now();
+        black_box(f());
+        t.elapsed()
+    };
+    let (mut dot, mut fma) = (std::time::Duration::MAX, std::time::Duration::MAX);
+    for _ in 0..5 {
+        // SAFETY: only called where both features are available (the caller checks).
+        dot = dot.min(time(&|| unsafe { dots(black_box(STEPS)) }));
+        // SAFETY: as above.
+        fma = fma.min(time(&|| unsafe { fmas(black_box(STEPS)) }));
+    }
+    // dot rate / fma rate = 2 fma / dot >= 4/5.
+    10 * fma.as_nanos() >= 4 * dot.as_nanos()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn bf16_dot_pays() -> bool {
     false
 }
 
@@ -151,7 +246,11 @@ mod tests {
         if std::env::var("MMDIT_AVX512_BF16").is_ok_and(|v| v == "0") {
             assert!(!f.avx512_bf16);
         }
+        if std::env::var("MMDIT_BF16_DOT").is_ok_and(|v| v == "0") {
+            assert!(!f.bf16_dot);
+        }
         assert!(!f.vnni || f.avx512);
         assert!(!f.avx512_bf16 || f.avx512);
+        assert!(!f.bf16_dot || f.avx512_bf16);
     }
 }

@@ -172,6 +172,117 @@ pub(crate) mod rows32 {
             }
         }
     }
+
+    /// [`finish`] for a bf16 output: each row (plus bias, plus the partial sums that the first
+    /// `rows` rows of `c` hold when `load`) rounded to bf16 as [`super::round_bf16`] rounds, put
+    /// through `post` when given (on the rounded value widened, the result rounded again: an
+    /// activation applied to the bf16 tensor, as a separate bf16 op computes it) and stored to
+    /// `out` at stride ldo.
+    ///
+    /// # Safety
+    /// AVX-512F available; with `load`, `c` valid for reads of `rows` rows of the masked columns at
+    /// stride ldc; `out` valid for writes of `rows` rows of the masked columns (bf16) at stride ldo;
+    /// `bias` null or valid for reads of the masked columns.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(crate) unsafe fn finish_bf16<const R: usize>(
+        acc: &mut [[__m512; 2]; R],
+        rows: usize,
+        (c, ldc): (*const f32, usize),
+        (out, ldo): (*mut half::bf16, usize),
+        (m0, m1): (__mmask16, __mmask16),
+        bias: *const f32,
+        load: bool,
+        post: Option<impl Fn(__m512) -> __m512>,
+    ) {
+        // SAFETY: the masks keep every access within the extents of # Safety.
+        unsafe {
+            if !bias.is_null() {
+                let (z0, z1) = (
+                    _mm512_maskz_loadu_ps(m0, bias),
+                    _mm512_maskz_loadu_ps(m1, bias.add(16)),
+                );
+                for acc in acc.iter_mut() {
+                    acc[0] = _mm512_add_ps(acc[0], z0);
+                    acc[1] = _mm512_add_ps(acc[1], z1);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                if r < rows {
+                    let p = c.wrapping_add(r * ldc);
+                    let o = out.add(r * ldo) as *mut i16;
+                    for (h, m) in [(0, m0), (1, m1)] {
+                        let mut v = acc[h];
+                        if load {
+                            v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, p.add(16 * h)), v);
+                        }
+                        let mut bits = round16(v);
+                        if let Some(post) = &post {
+                            bits =
+                                round16(post(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits))));
+                        }
+                        _mm512_mask_cvtepi32_storeu_epi16(o.add(16 * h), m, bits);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores the finished accumulator rows as `store` says: [`finish`] to `c`, through the
+    /// tanh-GELU when asked ([`finish_with`]), or rounded into a bf16 tile ([`finish_bf16`]).
+    ///
+    /// # Safety
+    /// As [`finish`] for `c` (written only without a bf16 tile), and as [`finish_bf16`] for the
+    /// bf16 tile.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(crate) unsafe fn store<const R: usize>(
+        acc: &mut [[__m512; 2]; R],
+        rows: usize,
+        (c, ldc): (*mut f32, usize),
+        masks: (__mmask16, __mmask16),
+        bias: *const f32,
+        load: bool,
+        store: super::Store,
+    ) {
+        // SAFETY: AVX-512F is available (# Safety); the GELU inlines into the caller's kernel.
+        let gelu = |v| unsafe { super::elementwise::gelu_tanh16(v) };
+        // SAFETY: the caller's contract is the callees'.
+        unsafe {
+            match (store.bf16, store.gelu) {
+                (None, false) => finish(acc, rows, c, ldc, masks, bias, load),
+                (None, true) => finish_with(acc, rows, c, ldc, masks, bias, load, gelu),
+                (Some(out), g) => finish_bf16(
+                    acc,
+                    rows,
+                    (c, ldc),
+                    out,
+                    masks,
+                    bias,
+                    load,
+                    g.then_some(gelu),
+                ),
+            }
+        }
+    }
+
+    /// 16 floats rounded to bf16 (nearest even, any NaN to 0x7fc0), each in the low 16 bits of its
+    /// 32-bit lane: [`super::round_bf16`] lane by lane.
+    ///
+    /// # Safety
+    /// AVX-512F available.
+    #[inline(always)]
+    unsafe fn round16(v: __m512) -> __m512i {
+        // SAFETY: AVX-512F is available (# Safety).
+        unsafe {
+            let b = _mm512_castps_si512(v);
+            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+            let r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+            let r = _mm512_srli_epi32::<16>(r);
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0))
+        }
+    }
 }
 
 use candle_core::{Result, Storage, Tensor};
@@ -192,6 +303,94 @@ impl<T> OutPtr<T> {
     /// (A method, so that closures capture the wrapper rather than the bare pointer.)
     pub(crate) fn get(&self) -> *mut T {
         self.0
+    }
+}
+
+/// Where a packed product's block writes: f32 `out` at row stride `ldo` (which holds the partial
+/// sums between blocks of k too), or bf16 `out`, each value rounded once as it leaves the kernel
+/// (the partial sums of a k over several blocks kept in a per-thread f32 buffer, [`Sink`]); through
+/// the tanh-GELU when `gelu` (in bf16, on the rounded value, rounded again: the bf16 GELU op's
+/// values).
+#[derive(Clone, Copy)]
+pub(crate) enum Dest {
+    F32 {
+        out: *mut f32,
+        ldo: usize,
+        gelu: bool,
+    },
+    Bf16 {
+        out: *mut bf16,
+        ldo: usize,
+        gelu: bool,
+    },
+}
+
+/// How a micro-kernel stores one tile's finished sums ([`rows32::store`]): to its f32 partial-sum
+/// tile, or rounded into `bf16` (the tile's first value and row stride); through the tanh-GELU
+/// when `gelu`.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Store {
+    pub bf16: Option<(*mut bf16, usize)>,
+    pub gelu: bool,
+}
+
+thread_local! {
+    /// Per-thread f32 partial sums of a bf16-output block whose k spans several blocks.
+    static PARTIAL: std::cell::RefCell<aligned::Aligned<f32>> =
+        const { std::cell::RefCell::new(aligned::Aligned::new()) };
+}
+
+/// One block's [`Dest`], resolved per tile of 32 columns: where the kernel keeps partial sums
+/// (f32 out itself, or this thread's buffer of the block's rows and panels when a bf16 output's k
+/// spans more than one block) and how it stores a finished tile.
+pub(crate) struct Sink {
+    dest: Dest,
+    /// Partial sums: start, row stride and the column of the start (panel lo's for the buffer).
+    partial: (*mut f32, usize, usize),
+    buf: aligned::Aligned<f32>,
+}
+
+impl Sink {
+    /// For rows 0..rows and panels lo..hi (of 32 columns) of a product whose k spans more than one
+    /// block when `blocks`.
+    pub(crate) fn new(dest: Dest, rows: usize, (lo, hi): (usize, usize), blocks: bool) -> Self {
+        let mut buf = PARTIAL.with(|p| p.take());
+        let partial = match dest {
+            Dest::F32 { out, ldo, .. } => (out, ldo, 0),
+            Dest::Bf16 { .. } if blocks => {
+                buf.resize(rows * (hi - lo) * 32);
+                (buf.as_mut_ptr(), (hi - lo) * 32, lo * 32)
+            }
+            // (Never read or written: a single block of k stores into bf16 directly.)
+            Dest::Bf16 { .. } => (std::ptr::null_mut(), 0, 0),
+        };
+        Self { dest, partial, buf }
+    }
+
+    /// The partial-sum tile of rows r0.. and panel p: its first value and row stride (a pointer
+    /// computed without dereferencing; inside the block's lent rows and panels, or the buffer, for
+    /// rows r0 < rows and panels lo <= p < hi, where a kernel may touch it).
+    pub(crate) fn partial(&self, r0: usize, p: usize) -> (*mut f32, usize) {
+        let (start, ld, col0) = self.partial;
+        (start.wrapping_add(r0 * ld + p * 32 - col0), ld)
+    }
+
+    /// How the tile of rows r0.. and panel p stores its sums after its `last` block of k.
+    pub(crate) fn store(&self, r0: usize, p: usize, last: bool) -> Store {
+        match (last, self.dest) {
+            (false, _) => Store::default(),
+            (true, Dest::F32 { gelu, .. }) => Store { bf16: None, gelu },
+            (true, Dest::Bf16 { out, ldo, gelu }) => Store {
+                bf16: Some((out.wrapping_add(r0 * ldo + p * 32), ldo)),
+                gelu,
+            },
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        PARTIAL.with(|p| p.replace(std::mem::take(&mut self.buf)));
     }
 }
 
@@ -246,14 +445,15 @@ pub(crate) trait PackedOperand: Sync {
 }
 
 /// A kernel's block: rows 0..rows of `a` (stride lda) times panels lo..hi of `b` (+ bias, when
-/// given) into `out` (stride ldo), added to what it holds when `accumulate`.
+/// given) into `out` (stride ldo, of element type O: f32, or bf16 for kernels that round their
+/// output), added to what it holds when `accumulate`.
 ///
 /// Its safety contract, which the drivers below meet: the kernel's CPU features are available; `a`
 /// holds `rows` rows at stride lda, each at least b.k long; `out` is valid for reads and writes of
 /// rows 0..rows at stride ldo, columns of panels lo..hi below n, and no other thread touches them
 /// during the call; hi <= the panel count; bias is None or has n values.
-pub(crate) type Block<A, B> =
-    unsafe fn(&[A], usize, usize, &B, usize, usize, Option<&[f32]>, *mut f32, usize, bool);
+pub(crate) type Block<A, B, O = f32> =
+    unsafe fn(&[A], usize, usize, &B, usize, usize, Option<&[f32]>, *mut O, usize, bool);
 
 /// Whether a block of a product reads A where it lies (a pointer per row) rather than copying it
 /// into micro-panels first: where the copy would not pay, because few of its `panels` share it (a
@@ -266,15 +466,15 @@ pub(crate) fn reads_a_in_place(panels: usize, rows: usize, kc: usize, size: usiz
 }
 
 /// A packed product's kernel: its name, whether its features are available, its block and its
-/// (max rows per task, rows per micro-kernel).
-pub(crate) struct Product<A: 'static, B: 'static> {
+/// (max rows per task, rows per micro-kernel); its output elements are O.
+pub(crate) struct Product<A: 'static, B: 'static, O: 'static = f32> {
     pub name: &'static str,
     pub available: fn() -> bool,
-    pub block: Block<A, B>,
+    pub block: Block<A, B, O>,
     pub rows: (usize, usize),
 }
 
-impl<A: Sync, B: PackedOperand> Product<A, B> {
+impl<A: Sync, B: PackedOperand, O: Send> Product<A, B, O> {
     /// Panics unless the kernel is available and the operands hold the shapes.
     #[allow(clippy::too_many_arguments)]
     fn check(
@@ -284,7 +484,7 @@ impl<A: Sync, B: PackedOperand> Product<A, B> {
         lda: usize,
         b: &B,
         bias: Option<&[f32]>,
-        out: &[f32],
+        out: &[O],
         ldo: usize,
     ) {
         let name = self.name;
@@ -317,7 +517,7 @@ impl<A: Sync, B: PackedOperand> Product<A, B> {
         lda: usize,
         bs: &[B],
         bias: Option<&[f32]>,
-        out: &mut [f32],
+        out: &mut [O],
         ldo: usize,
         add: bool,
     ) {
@@ -362,7 +562,7 @@ impl<A: Sync, B: PackedOperand> Product<A, B> {
 
     /// `out (m x n) = a · b` without bias, on the calling thread (for callers that parallelise
     /// outside). Panics on a shape mismatch.
-    pub(crate) fn serial(&self, a: &[A], m: usize, lda: usize, b: &B, out: &mut [f32], ldo: usize) {
+    pub(crate) fn serial(&self, a: &[A], m: usize, lda: usize, b: &B, out: &mut [O], ldo: usize) {
         self.check(a, m, lda, b, None, out, ldo);
         if m == 0 || b.n() == 0 {
             return;

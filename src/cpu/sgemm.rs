@@ -2,8 +2,10 @@
 //!
 //! `C = A · B (+ bias)` with A (m x k) f32 row-major and B packed once (at load, for a linear layer's
 //! weight) into panels of 32 columns, each k x 32 contiguous. The panels hold f32, or bf16 (a bf16
-//! layer on a CPU without AMX: half the memory, each value widened to f32 exactly as the kernel
-//! loads it, so the product is the f32 product of the bf16 values, rounded once by the caller). GotoBLAS-style blocking: per task, a
+//! layer on a CPU without AMX or a fast AVX512-BF16: half the memory, each micro-panel widened to
+//! f32 exactly before the rows pass it, so the product is the f32 product of the bf16 values). A
+//! may be bf16 too, widened a block at a time, and the output bf16, each sum rounded once as the
+//! kernel stores it ([`matmul_bf16`]). GotoBLAS-style blocking: per task, a
 //! block of A rows x KC is copied into micro-panels (MR rows interleaved per k), each 32-column
 //! B micro-panel (KC x 32) stays in L2 while every MR-row micro-panel of A streams past it,
 //! and a 14 x 32 micro-kernel keeps 28 vector accumulators. Products are summed in f32 and the bias
@@ -13,6 +15,7 @@
 //! ([`super::features`]); callers then use candle's matmul, and the tests compare the two.
 
 use super::aligned::{Aligned, Zeroed};
+use super::Dest;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -48,6 +51,10 @@ pub trait PanelElem: Zeroed {
     fn fill_panel(w: &[Self], rows: usize, panel: &mut [Self]) {
         fill_panel_by_rows(w, rows, panel)
     }
+
+    /// Part of a panel as the f32 the kernel multiplies: f32 itself; bf16 widened (exactly) into
+    /// `buf`.
+    fn as_f32<'a>(part: &'a [Self], buf: &'a mut Aligned<f32>) -> &'a [f32];
 }
 
 /// [`PanelElem::fill_panel`] one panel row at a time: contiguous writes, and reads from 32 streams
@@ -78,10 +85,20 @@ impl PanelElem for f32 {
             fill_panel_by_rows(w, rows, panel)
         }
     }
+
+    fn as_f32<'a>(part: &'a [f32], _: &'a mut Aligned<f32>) -> &'a [f32] {
+        part
+    }
 }
 
 impl PanelElem for bf16 {
     const BF16: bool = true;
+
+    fn as_f32<'a>(part: &'a [bf16], buf: &'a mut Aligned<f32>) -> &'a [f32] {
+        buf.resize(part.len());
+        super::elementwise::widen_bf16(part, buf);
+        buf
+    }
 }
 
 /// B (k x n) packed: panel p holds columns 32p .. 32p + 32 as k rows of 32 (zero beyond n).
@@ -232,6 +249,30 @@ pub fn matmul_gelu<E: PanelElem>(
     )
 }
 
+/// `out (m x n, row stride ldo) = a (m x k, row stride lda) · b (+ bias)` for bf16 in and out:
+/// A widened exactly a block at a time, the f32 sums (with the bias) rounded once as the kernel
+/// stores them, and with `gelu` the tanh-GELU of that bf16 value rounded again -- the values of
+/// widening A, [`matmul`], a rounding pass (and a bf16 GELU pass), without the f32 copies. On the
+/// rayon pool; panics as [`matmul`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bf16<E: PanelElem>(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    b: &Packed<E>,
+    bias: Option<&[f32]>,
+    out: &mut [bf16],
+    ldo: usize,
+    gelu: bool,
+) {
+    let product = match gelu {
+        false => product_bf16::<E, false>(),
+        true => product_bf16::<E, true>(),
+    };
+    let b = std::slice::from_ref(b);
+    product.taps(a, &[0], m, lda, b, bias, out, ldo, false)
+}
+
 /// `out (m x n, row stride ldo) += a (m x k, row stride lda) · b`, on the rayon pool (a second
 /// product added to a first, as a LoRA term to its layer's). Panics as [`matmul`] does.
 pub fn matmul_add<E: PanelElem>(
@@ -292,19 +333,67 @@ fn product<E: PanelElem, const GELU: bool>() -> super::Product<f32, Packed<E>> {
     }
 }
 
+/// [`product`] for bf16 in and out.
+fn product_bf16<E: PanelElem, const GELU: bool>() -> super::Product<bf16, Packed<E>, bf16> {
+    super::Product {
+        name: "AVX-512",
+        available,
+        block: block_bf16::<E, GELU>,
+        rows: (MC, MR),
+    }
+}
+
+/// What A holds: f32, or bf16 widened (exactly) a block of k at a time.
+pub trait AElem: Copy + Sync + 'static {
+    /// Rows 0..rows, columns k0 .. k0 + kc of `a` (row stride lda) as f32: the values and their
+    /// row stride; f32 where it lies, bf16 widened into `buf`.
+    fn rows_f32<'a>(
+        a: &'a [Self],
+        rows_lda: (usize, usize),
+        k0_kc: (usize, usize),
+        buf: &'a mut Aligned<f32>,
+    ) -> (&'a [f32], usize);
+}
+
+impl AElem for f32 {
+    fn rows_f32<'a>(
+        a: &'a [f32],
+        (_, lda): (usize, usize),
+        (k0, _): (usize, usize),
+        _: &'a mut Aligned<f32>,
+    ) -> (&'a [f32], usize) {
+        (&a[k0.min(a.len())..], lda)
+    }
+}
+
+impl AElem for bf16 {
+    fn rows_f32<'a>(
+        a: &'a [bf16],
+        (rows, lda): (usize, usize),
+        (k0, kc): (usize, usize),
+        buf: &'a mut Aligned<f32>,
+    ) -> (&'a [f32], usize) {
+        buf.resize(rows * kc);
+        for (r, dst) in buf.chunks_exact_mut(kc.max(1)).take(rows).enumerate() {
+            super::elementwise::widen_bf16(&a[r * lda + k0..][..kc], &mut dst[..kc]);
+        }
+        (buf, kc)
+    }
+}
+
 thread_local! {
     /// Per-thread packed micro-panels of A.
     static APACK: std::cell::RefCell<Aligned<f32>> = const { std::cell::RefCell::new(Aligned::new()) };
+    /// Per-thread block of bf16 A, widened to f32.
+    static AWIDE: std::cell::RefCell<Aligned<f32>> = const { std::cell::RefCell::new(Aligned::new()) };
+    /// Per-thread B micro-panel of bf16 panels, widened to f32.
+    static BWIDE: std::cell::RefCell<Aligned<f32>> = const { std::cell::RefCell::new(Aligned::new()) };
 }
 
-/// Rows 0..rows of a times panels lo..hi of b into out (row stride ldo), added to what out holds
-/// when `accumulate`; with `GELU`, each finished tile then put through the tanh-GELU.
+/// [`block_to`] into f32 out.
 ///
 /// # Safety
-/// AVX-512F must be available. `a` holds `rows` rows at stride lda, each at least b.k long; `out`
-/// is valid for reads and writes of rows 0..rows at stride ldo, columns 32 lo .. min(32 hi, n),
-/// and no other thread touches them during the call; hi <= the panel count. No alignment is
-/// required of a or out (unaligned loads and stores); b's panels are 64-byte aligned (`Aligned`).
+/// As [`block_to`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn block<E: PanelElem, const GELU: bool>(
     a: &[f32],
@@ -318,16 +407,78 @@ unsafe fn block<E: PanelElem, const GELU: bool>(
     ldo: usize,
     accumulate: bool,
 ) {
+    let dest = Dest::F32 {
+        out,
+        ldo,
+        gelu: GELU,
+    };
+    // SAFETY: the caller's contract is block_to's.
+    unsafe { block_to(a, rows, lda, b, lo, hi, bias, dest, accumulate) }
+}
+
+/// [`block_to`] from bf16 A into bf16 out; never adds to out.
+///
+/// # Safety
+/// As [`block_to`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_bf16<E: PanelElem, const GELU: bool>(
+    a: &[bf16],
+    rows: usize,
+    lda: usize,
+    b: &Packed<E>,
+    lo: usize,
+    hi: usize,
+    bias: Option<&[f32]>,
+    out: *mut bf16,
+    ldo: usize,
+    accumulate: bool,
+) {
+    assert!(!accumulate, "a bf16 product output is never added to");
+    let dest = Dest::Bf16 {
+        out,
+        ldo,
+        gelu: GELU,
+    };
+    // SAFETY: the caller's contract is block_to's.
+    unsafe { block_to(a, rows, lda, b, lo, hi, bias, dest, false) }
+}
+
+/// Rows 0..rows of a times panels lo..hi of b into `dest` (its row stride), added to what an f32
+/// out holds when `accumulate`. bf16 A is widened a block of k at a time and bf16 panels a
+/// micro-panel at a time into per-thread f32 buffers, which every group of rows then reads
+/// (widening B in the kernel, on every group's pass, kept it at about 3/4 of the f32 rate).
+///
+/// # Safety
+/// AVX-512F must be available. `a` holds `rows` rows at stride lda, each at least b.k long; dest's
+/// out is valid for reads and writes of rows 0..rows at its stride, columns 32 lo .. min(32 hi,
+/// n), and no other thread touches them during the call; hi <= the panel count. No alignment is
+/// required of a or out (unaligned loads and stores); b's panels are 64-byte aligned (`Aligned`).
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_to<A: AElem, E: PanelElem>(
+    a: &[A],
+    rows: usize,
+    lda: usize,
+    b: &Packed<E>,
+    lo: usize,
+    hi: usize,
+    bias: Option<&[f32]>,
+    dest: Dest,
+    accumulate: bool,
+) {
     let k = b.k;
     let groups = rows.div_ceil(MR);
     let in_place = super::reads_a_in_place(hi - lo, rows, KC.min(k), size_of::<f32>());
+    let sink = super::Sink::new(dest, rows, (lo, hi), k > KC);
+    let (mut aw, mut bw) = (AWIDE.with(|a| a.take()), BWIDE.with(|b| b.take()));
     APACK.with(|ap| {
         let ap = &mut *ap.borrow_mut();
         for k0 in (0..k.max(1)).step_by(KC) {
             let kc = KC.min(k - k0);
+            // A's rows from column k0 as f32, at their row stride.
+            let (a, lda) = A::rows_f32(a, (rows, lda), (k0, kc), &mut aw);
             // Where the rows of A start, and the row stride the micro-kernel reads them at.
             let (base, stride) = if in_place {
-                (a[k0.min(a.len())..].as_ptr(), lda)
+                (a.as_ptr(), lda)
             } else {
                 // A rows 0..rows, columns k0..k0+kc, as groups of MR rows interleaved per k (not
                 // cleared first: every value is written, the last group's rows beyond `rows`
@@ -336,7 +487,7 @@ unsafe fn block<E: PanelElem, const GELU: bool>(
                 for g in 0..groups {
                     let dst = &mut ap[g * MR * kc..(g + 1) * MR * kc];
                     let live = MR.min(rows - g * MR);
-                    let src = &a[g * MR * lda + k0..];
+                    let src = &a[g * MR * lda..];
                     assert!(src.len() >= (live - 1) * lda + kc);
                     // SAFETY: AVX-512 is available (the caller's contract); src holds kc values at
                     // r lda for r < live (asserted), dst kc rows of MR (rows live..MR zero).
@@ -360,16 +511,14 @@ unsafe fn block<E: PanelElem, const GELU: bool>(
             };
             let first = k0 == 0;
             let last = k0 + kc >= k;
-            // (Constants per E and per call: the branches fold away or are taken once.)
-            let run = match (E::BF16, in_place) {
-                (true, false) => kernel::run::<true, false>,
-                (false, false) => kernel::run::<false, false>,
-                (true, true) => kernel::run::<true, true>,
-                (false, true) => kernel::run::<false, true>,
+            // (A constant per call: the branch is taken once.)
+            let run = match in_place {
+                false => kernel::run::<false>,
+                true => kernel::run::<true>,
             };
             for p in lo..hi {
                 let cols = NR.min(b.n - p * NR);
-                let bp = b.data[p * k * NR + k0 * NR..].as_ptr() as *const u8;
+                let bp = E::as_f32(&b.data[(p * k + k0) * NR..][..kc * NR], &mut bw).as_ptr();
                 let bias = match (last, bias) {
                     (true, Some(bias)) => bias[p * NR..].as_ptr(),
                     _ => std::ptr::null(),
@@ -377,32 +526,35 @@ unsafe fn block<E: PanelElem, const GELU: bool>(
                 for g in 0..groups {
                     let live = MR.min(rows - g * MR);
                     // SAFETY: AVX-512 is available (the caller's contract). What the kernel reads
-                    // of A is in bounds: in place, columns k0 .. k0 + kc of rows g MR + r < rows
-                    // of a (each at least k long at stride lda); copied, group g's micro-panel of
-                    // ap (kc x MR). The panel of b (kc x 32 elements of E, from a 64-byte aligned
-                    // buffer at a multiple of 32 elements, so each row of 32 is 64-byte aligned
-                    // for f32 and bf16 alike) is in bounds; out's rows g MR .. + MR.min(..) and
-                    // columns 32 p .. + cols are inside the block the caller lent us; bias is
-                    // null or has cols values from 32 p.
+                    // of A is in bounds: in place, kc columns of rows g MR + r < rows of a (from
+                    // column k0, at stride lda, where rows_f32 put them); copied, group g's
+                    // micro-panel of ap (kc x MR). The micro-panel of b (kc x 32 f32, from a
+                    // 64-byte aligned buffer at a multiple of 32 elements -- the panels or bw --
+                    // so each row of 32 is 64-byte aligned) is in bounds; the sink's partial-sum
+                    // and bf16 tiles of rows g MR .. + live and columns 32 p .. + cols are inside
+                    // the block the caller lent us or the sink's buffer (the partial sums are
+                    // touched only when the kernel loads them or does not store into bf16); bias
+                    // is null or has cols values from 32 p.
                     unsafe {
                         run(
                             base.add(group(g)),
                             stride,
                             bp,
                             kc,
-                            out.add(g * MR * ldo + p * NR),
-                            ldo,
+                            sink.partial(g * MR, p),
                             live,
                             cols,
                             accumulate || !first,
                             bias,
-                            GELU && last,
+                            sink.store(g * MR, p, last),
                         )
                     };
                 }
             }
         }
     });
+    AWIDE.with(|a| a.replace(aw));
+    BWIDE.with(|b| b.replace(bw));
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -410,31 +562,30 @@ mod kernel {
     use super::{MR, NR, PREFETCH};
     use std::arch::x86_64::*;
 
-    /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`, put through the tanh-GELU when `gelu`: a is kc
-    /// x MR (interleaved), or with `IN_PLACE`
-    /// rows of kc at stride `lda` (read for r < rows only; rows beyond repeat the last); b kc x 32
-    /// of f32, or of bf16 widened to f32 as they are loaded when `BF16`.
+    /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`, stored as `store` says
+    /// ([`super::super::rows32::store`]): a is kc x MR (interleaved), or with `IN_PLACE` rows of kc
+    /// at stride `lda` (read for r < rows only; rows beyond repeat the last); b kc x 32.
     ///
     /// # Safety
     /// AVX-512F available. `a` is valid for reads of kc x MR floats (with `IN_PLACE`: of kc floats
-    /// at `a + r lda` for r < rows, rows >= 1); `b` for kc x 32 elements (f32,
-    /// or bf16 when `BF16`), each row of 32 64-byte aligned (aligned vector loads); `c` for reads
-    /// and writes of `rows` (<= MR) rows of `cols` (<= 32) floats at stride ldc, at any alignment
-    /// (masked unaligned access); `bias` is null or valid for `cols` floats.
+    /// at `a + r lda` for r < rows, rows >= 1); `b` for kc x 32 floats, each row of 32 64-byte
+    /// aligned (aligned vector loads); `c` for reads (when `load`) and writes (without a bf16 tile)
+    /// of `rows` (<= MR) rows of `cols` (<= 32) floats at stride ldc, at any alignment (masked
+    /// unaligned access); a bf16 tile of `store` likewise for writes of bf16 at its stride; `bias`
+    /// is null or valid for `cols` floats.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn run<const BF16: bool, const IN_PLACE: bool>(
+    pub(super) unsafe fn run<const IN_PLACE: bool>(
         a: *const f32,
         lda: usize,
-        b: *const u8,
+        b: *const f32,
         kc: usize,
-        c: *mut f32,
-        ldc: usize,
+        (c, ldc): (*mut f32, usize),
         rows: usize,
         cols: usize,
         load: bool,
         bias: *const f32,
-        gelu: bool,
+        store: super::super::Store,
     ) {
         // SAFETY: every pointer below stays inside the extents the caller vouches for (see
         // # Safety); the masks keep loads and stores of c and bias within `cols` columns.
@@ -446,29 +597,14 @@ mod kernel {
                 true => std::array::from_fn(|r| a.add(r.min(last) * lda)),
                 false => [std::ptr::null(); MR],
             };
-            // Bytes per row of B's micro-panel.
-            let row_bytes = NR * if BF16 { 2 } else { 4 };
             for kk in 0..kc {
                 // B's row PREFETCH ahead (past the micro-panel's end near the loop's: a prefetch
                 // is only a hint, which never faults).
-                let ahead = b.wrapping_add((kk + PREFETCH) * row_bytes) as *const i8;
+                let ahead = b.wrapping_add((kk + PREFETCH) * NR) as *const i8;
                 _mm_prefetch::<_MM_HINT_T0>(ahead);
-                if !BF16 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-                }
-                let (b0, b1) = if BF16 {
-                    // bf16 is the high half of an f32: widen each to 32 bits, shift it up.
-                    let bk = b.add(kk * row_bytes) as *const __m256i;
-                    let lo = _mm512_cvtepu16_epi32(_mm256_load_si256(bk));
-                    let hi = _mm512_cvtepu16_epi32(_mm256_load_si256(bk.add(1)));
-                    (
-                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(lo)),
-                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(hi)),
-                    )
-                } else {
-                    let bk = b.add(kk * row_bytes) as *const f32;
-                    (_mm512_load_ps(bk), _mm512_load_ps(bk.add(16)))
-                };
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                let bk = b.add(kk * NR);
+                let (b0, b1) = (_mm512_load_ps(bk), _mm512_load_ps(bk.add(16)));
                 let ak = a.add(kk * MR);
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let av = match IN_PLACE {
@@ -480,13 +616,7 @@ mod kernel {
                 }
             }
             let masks = (m0, m1);
-            if gelu {
-                // (AVX-512F is available: this function's contract.)
-                let f = |v| super::super::elementwise::gelu_tanh16(v);
-                super::super::rows32::finish_with(&mut acc, rows, c, ldc, masks, bias, load, f);
-            } else {
-                super::super::rows32::finish(&mut acc, rows, c, ldc, masks, bias, load);
-            }
+            super::super::rows32::store(&mut acc, rows, (c, ldc), masks, bias, load, store);
         }
     }
 }
@@ -496,18 +626,17 @@ mod kernel {
     /// # Safety
     /// Never called: [`super::available`] is false off x86_64.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn run<const BF16: bool, const IN_PLACE: bool>(
+    pub(super) unsafe fn run<const IN_PLACE: bool>(
         _: *const f32,
         _: usize,
-        _: *const u8,
+        _: *const f32,
         _: usize,
-        _: *mut f32,
-        _: usize,
+        (_, _): (*mut f32, usize),
         _: usize,
         _: usize,
         _: bool,
         _: *const f32,
-        _: bool,
+        _: super::super::Store,
     ) {
         unreachable!("AVX-512 exists only on x86_64")
     }
@@ -649,6 +778,59 @@ mod tests {
             );
             let bt = crate::cpu::transpose(&w, n, k);
             assert_eq!(&PackedBf16::from_kn(&bt, k, n).data[..], &pb.data[..]);
+        }
+    }
+
+    /// bf16 in and out: A widened, the f32 product rounded once, and the bf16 GELU of that, bit
+    /// for bit against the f32 product of the widened values, rounded (and put through the bf16
+    /// GELU pass); bf16 and f32 panels, strided rows, k over several blocks, the padding between
+    /// rows untouched.
+    #[test]
+    fn sgemm_bf16_in_and_out_equals_the_rounded_f32_product() {
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        for &(m, k, n) in &SHAPES {
+            let (lda, ldo) = (k + 3, n + 5);
+            let a: Vec<bf16> = random(m * lda, 1).into_iter().map(bf16::from_f32).collect();
+            let af: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
+            let w: Vec<bf16> = random(n * k, 2).into_iter().map(bf16::from_f32).collect();
+            let bias = random(n, 3);
+            let (pb, pf) = (PackedBf16::from_nk(&w, n, k), {
+                let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+                PackedF32::from_nk(&wf, n, k)
+            });
+            let mut plain = vec![0f32; m * n];
+            matmul(&af, m, lda, &pf, Some(&bias), &mut plain, n);
+            let rounded: Vec<bf16> = plain.iter().map(|&v| crate::cpu::round_bf16(v)).collect();
+            let t =
+                candle_core::Tensor::from_vec(rounded.clone(), (m, n), &candle_core::Device::Cpu);
+            let gelu: Vec<bf16> = super::super::elementwise::gelu_tanh_bf16(&t.unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let nan = bf16::from_bits(0x7fc1);
+            for (want, g) in [(&rounded, false), (&gelu, true)] {
+                let mut got = vec![nan; m * ldo];
+                matmul_bf16(&a, m, lda, &pb, Some(&bias), &mut got, ldo, g);
+                let mut got_f = vec![nan; m * ldo];
+                matmul_bf16(&a, m, lda, &pf, Some(&bias), &mut got_f, ldo, g);
+                for i in 0..m {
+                    let row = |v: &[bf16], ld: usize| -> Vec<u16> {
+                        v[i * ld..i * ld + n].iter().map(|v| v.to_bits()).collect()
+                    };
+                    assert_eq!(
+                        row(&got, ldo),
+                        row(want, n),
+                        "{m}x{k}x{n} gelu {g}, row {i}"
+                    );
+                    assert_eq!(row(&got_f, ldo), row(want, n), "{m}x{k}x{n} f32 panels");
+                    let pad = &got[i * ldo + n..((i + 1) * ldo).min(got.len())];
+                    assert!(pad.iter().all(|v| v.to_bits() == 0x7fc1), "padding written");
+                }
+            }
         }
     }
 }

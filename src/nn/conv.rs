@@ -122,7 +122,7 @@ impl Conv2d {
             None => None,
         };
         let weights = w.flatten_all()?.to_vec1()?;
-        let operands = match (BF16_OPERANDS.with(Cell::get), cpu::features().avx512_bf16) {
+        let operands = match (BF16_OPERANDS.with(Cell::get), cpu::features().bf16_dot) {
             (true, true) => Operands::Bf16,
             (true, false) => Operands::Bf16Weights,
             (false, _) => Operands::F32,

@@ -214,7 +214,7 @@ fn from_source(
             }),
             bias,
         )))
-    } else if cpu.avx512_bf16 {
+    } else if cpu.bf16_dot {
         Kernel::Dpbf16(Arc::new(Packed::deferred(
             deferred(source, name, move |d, b, done| {
                 with_bf16(d, b, done, |w| PackedPairs::from_nk(w, n, k))
@@ -334,7 +334,7 @@ impl Linear {
                 crate::cpu::with_slice(w, |w| PackedB::from_nk(w, n, k))?,
                 bias()?,
             ))),
-            DType::BF16 if cpu.avx512_bf16 => Kernel::Dpbf16(Arc::new(Packed::new(
+            DType::BF16 if cpu.bf16_dot => Kernel::Dpbf16(Arc::new(Packed::new(
                 crate::cpu::with_slice(w, |w| PackedPairs::from_nk(w, n, k))?,
                 bias()?,
             ))),
@@ -434,9 +434,9 @@ impl Linear {
                     amx::matmul(a, m, k, w, p.bias.as_deref(), out, n)
                 })
             }
-            Kernel::Avx512(p) => sgemm_forward(x, p, None, "AVX-512"),
-            Kernel::Avx512Bf16(p) => sgemm_forward(x, p, None, "AVX-512 bf16"),
-            Kernel::Dpbf16(p) => dpbf16_forward(x, p, None),
+            Kernel::Avx512(p) => sgemm_forward(x, p, None, false, "AVX-512"),
+            Kernel::Avx512Bf16(p) => sgemm_forward(x, p, None, false, "AVX-512 bf16"),
+            Kernel::Dpbf16(p) => dpbf16_forward(x, p, None, false),
             Kernel::Blocks(p) => {
                 let w = p.weight()?;
                 let (k, n) = (w.k(), w.n());
@@ -471,30 +471,30 @@ impl Linear {
         }
     }
 
-    /// `gelu_tanh(self.forward(x))`. On the f32 AVX-512 kernel without an active LoRA the GELU is
-    /// applied to each output tile as the kernel writes it ([`sgemm::matmul_gelu`]): the same values,
+    /// `gelu_tanh(self.forward(x))`. On the AVX-512 and AVX512-BF16 kernels without an active
+    /// LoRA the GELU is applied to each output tile as the kernel writes it
+    /// ([`sgemm::matmul_gelu`], [`sgemm::matmul_bf16`], [`dpbf16::matmul_bf16`]): the same values,
     /// without a pass over the output of its own.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         let lora = self.lora.as_ref().and_then(|s| s.get()).is_some();
         match &self.kernel {
-            Kernel::Avx512(p) if !lora && x.dtype() == DType::F32 => {
-                let w = p.weight()?;
-                let (k, n) = (w.k(), w.n());
-                packed_forward(x, k, n, "AVX-512", |a, m, out| {
-                    sgemm::matmul_gelu(a, m, k, w, p.bias.as_deref(), out, n)
-                })
-            }
+            Kernel::Avx512(p) if !lora => sgemm_forward(x, p, None, true, "AVX-512"),
+            Kernel::Avx512Bf16(p) if !lora => sgemm_forward(x, p, None, true, "AVX-512 bf16"),
+            Kernel::Dpbf16(p) if !lora => dpbf16_forward(x, p, None, true),
             _ => super::activation::gelu_tanh(&self.forward(x)?),
         }
     }
 }
 
-/// A layer on the AVX-512 kernel, plus a LoRA term added to the same f32 accumulators: f32 layers
-/// take f32, bf16 layers (bf16 panels) widen bf16 exactly and round the f32 result once.
+/// A layer on the AVX-512 kernel, plus a LoRA term added to the same f32 accumulators; through the
+/// tanh-GELU as the kernel stores each tile with `gelu` (never with a LoRA term). f32 layers take
+/// f32; bf16 layers (bf16 panels) take bf16, widened exactly, their f32 sums rounded once as the
+/// kernel stores them -- or, with a LoRA term, after it, on an f32 copy of the input.
 fn sgemm_forward<E: sgemm::PanelElem>(
     x: &Tensor,
     p: &Packed<sgemm::Packed<E>>,
     delta: Option<&lora::Delta>,
+    gelu: bool,
     kernel: &str,
 ) -> Result<Tensor> {
     let w = p.weight()?;
@@ -503,9 +503,23 @@ fn sgemm_forward<E: sgemm::PanelElem>(
     if x.dtype() != want {
         candle_core::bail!("{kernel} linear ({k} -> {n}) given {:?}", x.dtype());
     }
+    assert!(
+        !gelu || delta.is_none(),
+        "the GELU is folded only without a LoRA term"
+    );
+    let bias = p.bias.as_deref();
+    if E::BF16 && delta.is_none() {
+        return packed_forward::<bf16>(x, k, n, kernel, |a, m, out| {
+            sgemm::matmul_bf16(a, m, k, w, bias, out, n, gelu)
+        });
+    }
     let xf = x.to_dtype(DType::F32)?;
     let y = packed_forward(&xf, k, n, kernel, |a, m, out| {
-        sgemm::matmul(a, m, k, w, p.bias.as_deref(), out, n);
+        if gelu {
+            sgemm::matmul_gelu(a, m, k, w, bias, out, n);
+        } else {
+            sgemm::matmul(a, m, k, w, bias, out, n);
+        }
         if let Some(d) = delta {
             d.add_packed(a, m, out);
         }
@@ -513,22 +527,27 @@ fn sgemm_forward<E: sgemm::PanelElem>(
     y.to_dtype(want)
 }
 
-/// A layer on the AVX512-BF16 kernel: bf16 in, f32 sums (plus a LoRA term, on the exactly widened
-/// input), rounded once.
+/// A layer on the AVX512-BF16 kernel: bf16 in, f32 sums rounded once as the kernel stores them
+/// (through the GELU with `gelu`); with a LoRA term (added to the f32 sums, on the exactly widened
+/// input), rounded after it.
 fn dpbf16_forward(
     x: &Tensor,
     p: &Packed<PackedPairs>,
     delta: Option<&lora::Delta>,
+    gelu: bool,
 ) -> Result<Tensor> {
     let w = p.weight()?;
     let (k, n) = (w.k(), w.n());
     packed_forward::<bf16>(x, k, n, "AVX512-BF16", |a, m, out| {
+        let bias = p.bias.as_deref();
+        let Some(d) = delta else {
+            return dpbf16::matmul_bf16(a, m, k, w, bias, out, n, gelu);
+        };
+        assert!(!gelu, "the GELU is folded only without a LoRA term");
         let mut acc = vec![0f32; m * n];
-        dpbf16::matmul(a, m, k, w, p.bias.as_deref(), &mut acc, n);
-        if let Some(d) = delta {
-            let af: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
-            d.add_packed(&af, m, &mut acc);
-        }
+        dpbf16::matmul(a, m, k, w, bias, &mut acc, n);
+        let af: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
+        d.add_packed(&af, m, &mut acc);
         crate::cpu::elementwise::round_to_bf16(&acc, out);
     })
 }
@@ -540,11 +559,13 @@ impl Module for Linear {
             return self.product(x);
         };
         match &self.kernel {
-            Kernel::Avx512(p) if delta.is_packed() => sgemm_forward(x, p, Some(&delta), "AVX-512"),
-            Kernel::Avx512Bf16(p) if delta.is_packed() => {
-                sgemm_forward(x, p, Some(&delta), "AVX-512 bf16")
+            Kernel::Avx512(p) if delta.is_packed() => {
+                sgemm_forward(x, p, Some(&delta), false, "AVX-512")
             }
-            Kernel::Dpbf16(p) if delta.is_packed() => dpbf16_forward(x, p, Some(&delta)),
+            Kernel::Avx512Bf16(p) if delta.is_packed() => {
+                sgemm_forward(x, p, Some(&delta), false, "AVX-512 bf16")
+            }
+            Kernel::Dpbf16(p) if delta.is_packed() => dpbf16_forward(x, p, Some(&delta), false),
             _ => self.product(x)? + delta.forward(x)?,
         }
     }
@@ -581,8 +602,8 @@ mod tests {
     use super::*;
     use crate::nn::test_util::{max_diff, normal};
 
-    /// The GELU folded into the product (f32 on AVX-512) and the composed path (bf16, candle's
-    /// kernel) equal `gelu_tanh(forward(x))` bit for bit.
+    /// The GELU folded into the product (f32 on AVX-512, bf16 on AVX512-BF16) and the composed path
+    /// (bf16 elsewhere) equal `gelu_tanh(forward(x))` bit for bit.
     #[test]
     fn forward_gelu_equals_gelu_of_forward() {
         let v = |t: &Tensor| {
@@ -597,6 +618,13 @@ mod tests {
             if dtype == DType::F32 && crate::cpu::test_has("avx512") {
                 assert!(
                     matches!(l.kernel, Kernel::Avx512(_)),
+                    "the fused path is tested"
+                );
+            }
+            let cpu = crate::cpu::features();
+            if dtype == DType::BF16 && !cpu.amx && cpu.bf16_dot {
+                assert!(
+                    matches!(l.kernel, Kernel::Dpbf16(_)),
                     "the fused path is tested"
                 );
             }
@@ -669,7 +697,8 @@ mod tests {
     fn dpbf16_linear_rounds_once_and_beats_candles() {
         if crate::cpu::test_has("avx512_bf16") {
             bf16_layer_rounds_once_and_beats_candles(|l| {
-                if !crate::cpu::features().amx {
+                let cpu = crate::cpu::features();
+                if cpu.bf16_dot && !cpu.amx {
                     assert!(matches!(
                         Linear::new(l.clone()).unwrap().kernel,
                         Kernel::Dpbf16(_)

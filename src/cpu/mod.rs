@@ -146,16 +146,7 @@ pub(crate) mod rows32 {
     ) {
         // SAFETY: the masks keep every access within the extents of # Safety.
         unsafe {
-            if !bias.is_null() {
-                let (z0, z1) = (
-                    _mm512_maskz_loadu_ps(m0, bias),
-                    _mm512_maskz_loadu_ps(m1, bias.add(16)),
-                );
-                for acc in acc.iter_mut() {
-                    acc[0] = _mm512_add_ps(acc[0], z0);
-                    acc[1] = _mm512_add_ps(acc[1], z1);
-                }
-            }
+            add_bias(acc, (m0, m1), bias);
             // (Over all R rows with a test, rather than `take(rows)`, so that the loop unrolls
             // and acc stays in registers.)
             for (r, acc) in acc.iter().enumerate() {
@@ -169,6 +160,32 @@ pub(crate) mod rows32 {
                     _mm512_mask_storeu_ps(p, m0, post(v0));
                     _mm512_mask_storeu_ps(p.add(16), m1, post(v1));
                 }
+            }
+        }
+    }
+
+    /// Adds `bias` (unless null) to every accumulator row.
+    ///
+    /// # Safety
+    /// AVX-512F available; `bias` null or valid for reads of the masked columns.
+    #[inline(always)]
+    unsafe fn add_bias<const R: usize>(
+        acc: &mut [[__m512; 2]; R],
+        (m0, m1): (__mmask16, __mmask16),
+        bias: *const f32,
+    ) {
+        if bias.is_null() {
+            return;
+        }
+        // SAFETY: the masks keep the loads within the extents of # Safety.
+        unsafe {
+            let (z0, z1) = (
+                _mm512_maskz_loadu_ps(m0, bias),
+                _mm512_maskz_loadu_ps(m1, bias.add(16)),
+            );
+            for acc in acc.iter_mut() {
+                acc[0] = _mm512_add_ps(acc[0], z0);
+                acc[1] = _mm512_add_ps(acc[1], z1);
             }
         }
     }
@@ -197,16 +214,7 @@ pub(crate) mod rows32 {
     ) {
         // SAFETY: the masks keep every access within the extents of # Safety.
         unsafe {
-            if !bias.is_null() {
-                let (z0, z1) = (
-                    _mm512_maskz_loadu_ps(m0, bias),
-                    _mm512_maskz_loadu_ps(m1, bias.add(16)),
-                );
-                for acc in acc.iter_mut() {
-                    acc[0] = _mm512_add_ps(acc[0], z0);
-                    acc[1] = _mm512_add_ps(acc[1], z1);
-                }
-            }
+            add_bias(acc, (m0, m1), bias);
             for (r, acc) in acc.iter().enumerate() {
                 if r < rows {
                     let p = c.wrapping_add(r * ldc);

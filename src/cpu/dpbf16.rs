@@ -19,7 +19,7 @@
 //! nor `MMDIT_AVX512_BF16=0` turned it off ([`super::features`]).
 
 use super::aligned::Aligned;
-use super::Dest;
+use super::OutElem;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -151,17 +151,7 @@ pub fn matmul_bf16(
     gelu: bool,
 ) {
     let product = if gelu { &PRODUCT_GELU } else { &PRODUCT_BF16 };
-    product.taps(
-        a,
-        &[0],
-        m,
-        lda,
-        std::slice::from_ref(b),
-        bias,
-        out,
-        ldo,
-        false,
-    )
+    product.one(a, m, lda, b, bias, out, ldo, false)
 }
 
 /// As [`matmul`] without bias, on the calling thread (for callers that parallelise outside).
@@ -195,19 +185,19 @@ impl super::PackedOperand for PackedPairs {
 const PRODUCT: super::Product<bf16, PackedPairs> = super::Product {
     name: "AVX512-BF16",
     available,
-    block,
+    block: block::<f32, false>,
     rows: (MC, MR),
 };
 const PRODUCT_BF16: super::Product<bf16, PackedPairs, bf16> = super::Product {
     name: "AVX512-BF16",
     available,
-    block: block_bf16::<false>,
+    block: block::<bf16, false>,
     rows: (MC, MR),
 };
 const PRODUCT_GELU: super::Product<bf16, PackedPairs, bf16> = super::Product {
     name: "AVX512-BF16",
     available,
-    block: block_bf16::<true>,
+    block: block::<bf16, true>,
     rows: (MC, MR),
 };
 
@@ -216,61 +206,9 @@ thread_local! {
     static APACK: std::cell::RefCell<Aligned<u32>> = const { std::cell::RefCell::new(Aligned::new()) };
 }
 
-/// [`block_to`] into f32 out.
-///
-/// # Safety
-/// As [`block_to`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn block(
-    a: &[bf16],
-    rows: usize,
-    lda: usize,
-    b: &PackedPairs,
-    lo: usize,
-    hi: usize,
-    bias: Option<&[f32]>,
-    out: *mut f32,
-    ldo: usize,
-    accumulate: bool,
-) {
-    let dest = Dest::F32 {
-        out,
-        ldo,
-        gelu: false,
-    };
-    // SAFETY: the caller's contract is block_to's.
-    unsafe { block_to(a, rows, lda, b, lo, hi, bias, dest, accumulate) }
-}
-
-/// [`block_to`] into bf16 out, through the GELU with `GELU`; never adds to out.
-///
-/// # Safety
-/// As [`block_to`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_bf16<const GELU: bool>(
-    a: &[bf16],
-    rows: usize,
-    lda: usize,
-    b: &PackedPairs,
-    lo: usize,
-    hi: usize,
-    bias: Option<&[f32]>,
-    out: *mut bf16,
-    ldo: usize,
-    accumulate: bool,
-) {
-    assert!(!accumulate, "a bf16 product output is never added to");
-    let dest = Dest::Bf16 {
-        out,
-        ldo,
-        gelu: GELU,
-    };
-    // SAFETY: the caller's contract is block_to's.
-    unsafe { block_to(a, rows, lda, b, lo, hi, bias, dest, false) }
-}
-
-/// Rows 0..rows of a times panels lo..hi of b into `dest` (its row stride), added to what an f32
-/// out holds when `accumulate`.
+/// Rows 0..rows of a times panels lo..hi of b into out (row stride ldo), added to what out holds
+/// when `accumulate` (f32 out only); with `GELU`, each finished tile put through the tanh-GELU as
+/// it is stored ([`OutElem::dest`]).
 ///
 /// A is read in place (each micro-kernel row broadcast straight from its row of `a`) when every
 /// row starts on a whole pair (even lda and k) and the copy would not pay; otherwise it is copied
@@ -279,11 +217,11 @@ unsafe fn block_bf16<const GELU: bool>(
 ///
 /// # Safety
 /// AVX-512F and AVX512-BF16 must be available. `a` holds `rows` rows at stride lda, each at least
-/// b.k long; dest's out is valid for reads and writes of rows 0..rows at its stride, columns 32 lo
-/// .. min(32 hi, n), and no other thread touches them during the call; hi <= the panel count. No
+/// b.k long; `out` is valid for reads and writes of rows 0..rows at stride ldo, columns 32 lo ..
+/// min(32 hi, n), and no other thread touches them during the call; hi <= the panel count. No
 /// alignment is required of a or out; b's panels are 64-byte aligned (`Aligned`).
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_to(
+unsafe fn block<O: OutElem, const GELU: bool>(
     a: &[bf16],
     rows: usize,
     lda: usize,
@@ -291,13 +229,15 @@ unsafe fn block_to(
     lo: usize,
     hi: usize,
     bias: Option<&[f32]>,
-    dest: Dest,
+    out: *mut O,
+    ldo: usize,
     accumulate: bool,
 ) {
     let k = b.k;
     let pairs = k.div_ceil(2);
     let groups = rows.div_ceil(MR);
-    let sink = super::Sink::new(dest, rows, (lo, hi), k > KC);
+    let dest = O::dest(out, ldo, GELU);
+    let sink = super::Sink::new(dest, rows, (lo, hi), k > KC, accumulate);
     // (In place, the kernel reads A's pairs as 32-bit words: even row starts and k only.)
     let in_place = lda.is_multiple_of(2)
         && k.is_multiple_of(2)

@@ -333,6 +333,24 @@ pub(crate) enum Dest {
     },
 }
 
+/// A packed product's output element: f32, or bf16 rounded as the kernel stores it.
+pub(crate) trait OutElem: Send + 'static {
+    /// The [`Dest`] of a block writing `out` at row stride ldo, through the GELU when `gelu`.
+    fn dest(out: *mut Self, ldo: usize, gelu: bool) -> Dest;
+}
+
+impl OutElem for f32 {
+    fn dest(out: *mut f32, ldo: usize, gelu: bool) -> Dest {
+        Dest::F32 { out, ldo, gelu }
+    }
+}
+
+impl OutElem for bf16 {
+    fn dest(out: *mut bf16, ldo: usize, gelu: bool) -> Dest {
+        Dest::Bf16 { out, ldo, gelu }
+    }
+}
+
 /// How a micro-kernel stores one tile's finished sums ([`rows32::store`]): to its f32 partial-sum
 /// tile, or rounded into `bf16` (the tile's first value and row stride); through the tanh-GELU
 /// when `gelu`.
@@ -360,8 +378,20 @@ pub(crate) struct Sink {
 
 impl Sink {
     /// For rows 0..rows and panels lo..hi (of 32 columns) of a product whose k spans more than one
-    /// block when `blocks`.
-    pub(crate) fn new(dest: Dest, rows: usize, (lo, hi): (usize, usize), blocks: bool) -> Self {
+    /// block when `blocks`, added to what the output holds when `accumulate` (f32 only: panics on
+    /// a bf16 output).
+    pub(crate) fn new(
+        dest: Dest,
+        rows: usize,
+        (lo, hi): (usize, usize),
+        blocks: bool,
+        accumulate: bool,
+    ) -> Self {
+        let f32 = matches!(dest, Dest::F32 { .. });
+        assert!(
+            f32 || !accumulate,
+            "a bf16 product output is never added to"
+        );
         let mut buf = PARTIAL.with(|p| p.take());
         let partial = match dest {
             Dest::F32 { out, ldo, .. } => (out, ldo, 0),
@@ -566,6 +596,23 @@ impl<A: Sync, B: PackedOperand, O: Send> Product<A, B, O> {
                 };
             }
         });
+    }
+
+    /// [`Self::taps`] for one product: `out (m x n) (+)= a (m x k, row stride lda) · b (+ bias)`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn one(
+        &self,
+        a: &[A],
+        m: usize,
+        lda: usize,
+        b: &B,
+        bias: Option<&[f32]>,
+        out: &mut [O],
+        ldo: usize,
+        add: bool,
+    ) {
+        let b = std::slice::from_ref(b);
+        self.taps(a, &[0], m, lda, b, bias, out, ldo, add)
     }
 
     /// `out (m x n) = a · b` without bias, on the calling thread (for callers that parallelise

@@ -15,7 +15,7 @@
 //! ([`super::features`]); callers then use candle's matmul, and the tests compare the two.
 
 use super::aligned::{Aligned, Zeroed};
-use super::Dest;
+use super::OutElem;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -236,17 +236,7 @@ pub fn matmul_gelu<E: PanelElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    product::<E, true>().taps(
-        a,
-        &[0],
-        m,
-        lda,
-        std::slice::from_ref(b),
-        bias,
-        out,
-        ldo,
-        false,
-    )
+    product::<E, true>().one(a, m, lda, b, bias, out, ldo, false)
 }
 
 /// `out (m x n, row stride ldo) = a (m x k, row stride lda) · b (+ bias)` for bf16 in and out:
@@ -269,8 +259,7 @@ pub fn matmul_bf16<E: PanelElem>(
         false => product_bf16::<E, false>(),
         true => product_bf16::<E, true>(),
     };
-    let b = std::slice::from_ref(b);
-    product.taps(a, &[0], m, lda, b, bias, out, ldo, false)
+    product.one(a, m, lda, b, bias, out, ldo, false)
 }
 
 /// `out (m x n, row stride ldo) += a (m x k, row stride lda) · b`, on the rayon pool (a second
@@ -283,17 +272,7 @@ pub fn matmul_add<E: PanelElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    product::<E, false>().taps(
-        a,
-        &[0],
-        m,
-        lda,
-        std::slice::from_ref(b),
-        None,
-        out,
-        ldo,
-        true,
-    )
+    product::<E, false>().one(a, m, lda, b, None, out, ldo, true)
 }
 
 /// As [`matmul`] without bias, on the calling thread (for callers that parallelise outside).
@@ -328,7 +307,7 @@ fn product<E: PanelElem, const GELU: bool>() -> super::Product<f32, Packed<E>> {
     super::Product {
         name: "AVX-512",
         available,
-        block: block::<E, GELU>,
+        block: block::<f32, E, f32, GELU>,
         rows: (MC, MR),
     }
 }
@@ -338,7 +317,7 @@ fn product_bf16<E: PanelElem, const GELU: bool>() -> super::Product<bf16, Packed
     super::Product {
         name: "AVX-512",
         available,
-        block: block_bf16::<E, GELU>,
+        block: block::<bf16, E, bf16, GELU>,
         rows: (MC, MR),
     }
 }
@@ -390,71 +369,19 @@ thread_local! {
     static BWIDE: std::cell::RefCell<Aligned<f32>> = const { std::cell::RefCell::new(Aligned::new()) };
 }
 
-/// [`block_to`] into f32 out.
-///
-/// # Safety
-/// As [`block_to`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn block<E: PanelElem, const GELU: bool>(
-    a: &[f32],
-    rows: usize,
-    lda: usize,
-    b: &Packed<E>,
-    lo: usize,
-    hi: usize,
-    bias: Option<&[f32]>,
-    out: *mut f32,
-    ldo: usize,
-    accumulate: bool,
-) {
-    let dest = Dest::F32 {
-        out,
-        ldo,
-        gelu: GELU,
-    };
-    // SAFETY: the caller's contract is block_to's.
-    unsafe { block_to(a, rows, lda, b, lo, hi, bias, dest, accumulate) }
-}
-
-/// [`block_to`] from bf16 A into bf16 out; never adds to out.
-///
-/// # Safety
-/// As [`block_to`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_bf16<E: PanelElem, const GELU: bool>(
-    a: &[bf16],
-    rows: usize,
-    lda: usize,
-    b: &Packed<E>,
-    lo: usize,
-    hi: usize,
-    bias: Option<&[f32]>,
-    out: *mut bf16,
-    ldo: usize,
-    accumulate: bool,
-) {
-    assert!(!accumulate, "a bf16 product output is never added to");
-    let dest = Dest::Bf16 {
-        out,
-        ldo,
-        gelu: GELU,
-    };
-    // SAFETY: the caller's contract is block_to's.
-    unsafe { block_to(a, rows, lda, b, lo, hi, bias, dest, false) }
-}
-
-/// Rows 0..rows of a times panels lo..hi of b into `dest` (its row stride), added to what an f32
-/// out holds when `accumulate`. bf16 A is widened a block of k at a time and bf16 panels a
+/// Rows 0..rows of a times panels lo..hi of b into out (row stride ldo), added to what out holds
+/// when `accumulate` (f32 out only); with `GELU`, each finished tile put through the tanh-GELU as
+/// it is stored ([`OutElem::dest`]). bf16 A is widened a block of k at a time and bf16 panels a
 /// micro-panel at a time into per-thread f32 buffers, which every group of rows then reads
 /// (widening B in the kernel, on every group's pass, kept it at about 3/4 of the f32 rate).
 ///
 /// # Safety
-/// AVX-512F must be available. `a` holds `rows` rows at stride lda, each at least b.k long; dest's
-/// out is valid for reads and writes of rows 0..rows at its stride, columns 32 lo .. min(32 hi,
-/// n), and no other thread touches them during the call; hi <= the panel count. No alignment is
+/// AVX-512F must be available. `a` holds `rows` rows at stride lda, each at least b.k long; `out`
+/// is valid for reads and writes of rows 0..rows at stride ldo, columns 32 lo .. min(32 hi, n),
+/// and no other thread touches them during the call; hi <= the panel count. No alignment is
 /// required of a or out (unaligned loads and stores); b's panels are 64-byte aligned (`Aligned`).
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_to<A: AElem, E: PanelElem>(
+unsafe fn block<A: AElem, E: PanelElem, O: OutElem, const GELU: bool>(
     a: &[A],
     rows: usize,
     lda: usize,
@@ -462,13 +389,15 @@ unsafe fn block_to<A: AElem, E: PanelElem>(
     lo: usize,
     hi: usize,
     bias: Option<&[f32]>,
-    dest: Dest,
+    out: *mut O,
+    ldo: usize,
     accumulate: bool,
 ) {
     let k = b.k;
     let groups = rows.div_ceil(MR);
     let in_place = super::reads_a_in_place(hi - lo, rows, KC.min(k), size_of::<f32>());
-    let sink = super::Sink::new(dest, rows, (lo, hi), k > KC);
+    let dest = O::dest(out, ldo, GELU);
+    let sink = super::Sink::new(dest, rows, (lo, hi), k > KC, accumulate);
     let (mut aw, mut bw) = (AWIDE.with(|a| a.take()), BWIDE.with(|b| b.take()));
     APACK.with(|ap| {
         let ap = &mut *ap.borrow_mut();

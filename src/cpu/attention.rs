@@ -7,7 +7,7 @@
 use super::aligned::Aligned;
 use super::amx::{self, PackedB};
 use super::dpbf16::{self, PackedPairs};
-use super::sgemm::{self, PackedF32};
+use super::sgemm;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -171,6 +171,14 @@ pub fn sdpa_f32(q: &[f32], k: &[f32], v: &[f32], heads: Heads, scale: f32) -> Ve
     sdpa_f32_inner(q, k, v, heads, scale, None)
 }
 
+/// [`sdpa_f32`] on bf16 q, k and v, widened exactly (q a block at a time inside the product, k and
+/// v as bf16 panels), the output rounded once as the kernel stores it: bf16 where there is neither
+/// AMX nor a fast AVX512-BF16 ([`super::Features::bf16_dot`]). The values of widening the inputs,
+/// [`sdpa_f32`] and rounding its output. Panics if [`sgemm::available`] is false.
+pub fn sdpa_widened(q: &[bf16], k: &[bf16], v: &[bf16], heads: Heads, scale: f32) -> Vec<bf16> {
+    sdpa_f32_inner(q, k, v, heads, scale, None)
+}
+
 /// `softmax(q kᵀ · scale + bias) v` in f32, as [`sdpa_f32`], with `bias` (h, n, m) added to the
 /// scores of every batch (slice i of `bh` takes head i mod h): T5's relative-position bias with
 /// its key mask. Panics unless h divides `bh` and the bias holds h x n x m values, or if
@@ -194,17 +202,21 @@ pub fn sdpa_f32_biased(
     sdpa_f32_inner(q, k, v, heads, scale, Some(bias))
 }
 
-fn sdpa_f32_inner(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+/// The f32 attention on inputs and output of f32 or bf16 (T).
+fn sdpa_f32_inner<T>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
     heads: Heads,
     scale: f32,
     bias: Option<&[f32]>,
-) -> Vec<f32> {
+) -> Vec<T>
+where
+    T: sgemm::AElem + sgemm::PanelElem + super::OutElem + candle_core::WithDType,
+{
     heads.check(q, k, v);
     let Heads { bh, n, m, d } = heads;
-    let mut out = vec![0f32; bh * n * d];
+    let mut out = vec![T::zero(); bh * n * d];
     if bh == 0 || n == 0 || m == 0 || d == 0 {
         return out;
     }
@@ -214,8 +226,8 @@ fn sdpa_f32_inner(
         .zip(k.par_chunks(m * d).zip(v.par_chunks(m * d)))
         .enumerate()
         .for_each(|(i, ((o, q), (k, v)))| {
-            let kt = PackedF32::from_nk(k, m, d);
-            let vp = PackedF32::from_kn(v, m, d);
+            let kt = sgemm::Packed::<T>::from_nk(k, m, d);
+            let vp = sgemm::Packed::<T>::from_kn(v, m, d);
             let bias = bias.map(|b| &b[(i % bias_heads) * n * m..][..n * m]);
             o.par_chunks_mut(QB_F32 * d)
                 .zip(q.par_chunks(QB_F32 * d))
@@ -225,7 +237,7 @@ fn sdpa_f32_inner(
                     SCORES.with(|s| {
                         let s = &mut *s.borrow_mut();
                         s.reset(rows * m);
-                        sgemm::matmul_serial(q, rows, d, &kt, s, m);
+                        sgemm::matmul_serial_as(q, rows, d, &kt, s, m);
                         // Each row's exponentials and 1 / their sum, then the probabilities. (Scaling
                         // the row's d outputs instead after the product was 4% faster, but moved
                         // the bf16 demo, which comes here, to 38.35 dB mean against diffusers'
@@ -253,7 +265,7 @@ fn sdpa_f32_inner(
                                 *x *= inv;
                             }
                         }
-                        sgemm::matmul_serial(s, rows, m, &vp, o, d);
+                        sgemm::matmul_serial_as(s, rows, m, &vp, o, d);
                     });
                 });
         });
@@ -457,6 +469,35 @@ mod tests {
     fn sdpa_f32_equals_the_reference() {
         if crate::cpu::test_has("avx512") {
             check_against_reference(9, |v| v, |v| v as f64, sdpa_f32, |_| 2e-5);
+        }
+    }
+
+    /// bf16 on the f32 kernel: the f32 attention of the widened inputs, rounded once, bit for bit.
+    #[test]
+    fn sdpa_widened_equals_sdpa_f32_of_the_widened_inputs_rounded() {
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        let mut seed = 11;
+        for &(bh, n, m, d) in &SHAPES {
+            let mut rnd = |len| -> Vec<bf16> {
+                random(len, &mut seed)
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect()
+            };
+            let (q, k, v) = (rnd(bh * n * d), rnd(bh * m * d), rnd(bh * m * d));
+            let (heads, scale) = (Heads { bh, n, m, d }, 1.0 / (d as f32).sqrt());
+            let f = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
+            let want: Vec<u16> = sdpa_f32(&f(&q), &f(&k), &f(&v), heads, scale)
+                .into_iter()
+                .map(|x| bf16::from_f32(x).to_bits())
+                .collect();
+            let got: Vec<u16> = sdpa_widened(&q, &k, &v, heads, scale)
+                .into_iter()
+                .map(bf16::to_bits)
+                .collect();
+            assert_eq!(got, want, "({bh},{n},{m},{d})");
         }
     }
 

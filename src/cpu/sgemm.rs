@@ -284,7 +284,26 @@ pub fn matmul_serial<E: PanelElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    product::<E, false>().serial(a, m, lda, b, out, ldo)
+    matmul_serial_as(a, m, lda, b, out, ldo)
+}
+
+/// [`matmul_serial`] for A of f32 or bf16 (widened exactly) into an f32 or bf16 output (each sum
+/// rounded once as the kernel stores it).
+pub(crate) fn matmul_serial_as<A: AElem, E: PanelElem, O: OutElem>(
+    a: &[A],
+    m: usize,
+    lda: usize,
+    b: &Packed<E>,
+    out: &mut [O],
+    ldo: usize,
+) {
+    let product = super::Product {
+        name: "AVX-512",
+        available,
+        block: block::<A, E, O, false>,
+        rows: (MC, MR),
+    };
+    product.serial(a, m, lda, b, out, ldo)
 }
 
 impl<E: PanelElem> super::PackedOperand for Packed<E> {

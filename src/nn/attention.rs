@@ -68,10 +68,12 @@ pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         });
     }
     if q.device().is_cpu() && q.dtype() == DType::BF16 && cpu.avx512 {
-        // No AMX nor a fast AVX512-BF16: the f32 kernel on the (exactly widened) bf16 values, the output rounded once;
-        // candle's bf16 products would round the scores to bf16 before the softmax.
-        let f = |t: &Tensor| t.to_dtype(DType::F32);
-        return sdpa_unprofiled(&f(q)?, &f(k)?, &f(v)?)?.to_dtype(DType::BF16);
+        // No AMX nor a fast AVX512-BF16: the f32 kernel on the (exactly widened) bf16 values, the
+        // output rounded once; candle's bf16 products would round the scores to bf16 before the
+        // softmax.
+        return on_slices(q, k, v, |q, k, v| {
+            crate::cpu::attention::sdpa_widened(q, k, v, heads, scale as f32)
+        });
     }
     let kt = k.transpose(2, 3)?.contiguous()?; // (b, h, d, m)
     let budget: usize = if q.device().is_cpu() {

@@ -132,7 +132,7 @@ pub fn matmul_taps(
     out: &mut [f32],
     ldo: usize,
 ) {
-    PRODUCT.taps(a, offsets, m, lda, bs, bias, out, ldo, false)
+    product::<f32, false>().taps(a, offsets, m, lda, bs, bias, out, ldo, false)
 }
 
 /// `out (m x n, row stride ldo) = a (m x k, row stride lda) · b (+ bias)` in bf16: each sum (with
@@ -150,7 +150,10 @@ pub fn matmul_bf16(
     ldo: usize,
     gelu: bool,
 ) {
-    let product = if gelu { &PRODUCT_GELU } else { &PRODUCT_BF16 };
+    let product = match gelu {
+        false => product::<bf16, false>(),
+        true => product::<bf16, true>(),
+    };
     product.one(a, m, lda, b, bias, out, ldo, false)
 }
 
@@ -163,7 +166,7 @@ pub fn matmul_serial(
     out: &mut [f32],
     ldo: usize,
 ) {
-    PRODUCT.serial(a, m, lda, b, out, ldo)
+    product::<f32, false>().serial(a, m, lda, b, out, ldo)
 }
 
 impl super::PackedOperand for PackedPairs {
@@ -180,26 +183,16 @@ impl super::PackedOperand for PackedPairs {
     }
 }
 
-/// This kernel as the shared drivers ([`super::Product`]) run it: f32 out, bf16 out, bf16 out
-/// through the GELU.
-const PRODUCT: super::Product<bf16, PackedPairs> = super::Product {
-    name: "AVX512-BF16",
-    available,
-    block: block::<f32, false>,
-    rows: (MC, MR),
-};
-const PRODUCT_BF16: super::Product<bf16, PackedPairs, bf16> = super::Product {
-    name: "AVX512-BF16",
-    available,
-    block: block::<bf16, false>,
-    rows: (MC, MR),
-};
-const PRODUCT_GELU: super::Product<bf16, PackedPairs, bf16> = super::Product {
-    name: "AVX512-BF16",
-    available,
-    block: block::<bf16, true>,
-    rows: (MC, MR),
-};
+/// This kernel as the shared drivers ([`super::Product`]) run it, into output of element O; with
+/// `GELU`, the tanh-GELU applied to each output tile once its last block of k is in.
+fn product<O: OutElem, const GELU: bool>() -> super::Product<bf16, PackedPairs, O> {
+    super::Product {
+        name: "AVX512-BF16",
+        available,
+        block: block::<O, GELU>,
+        rows: (MC, MR),
+    }
+}
 
 thread_local! {
     /// Per-thread packed micro-panels of A (bf16 pairs as 32-bit words).

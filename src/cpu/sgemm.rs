@@ -220,7 +220,7 @@ pub fn matmul_taps<E: PanelElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    product::<E, false>().taps(a, offsets, m, lda, bs, bias, out, ldo, false)
+    product::<f32, E, f32, false>().taps(a, offsets, m, lda, bs, bias, out, ldo, false)
 }
 
 /// `out (m x n, row stride ldo) = gelu_tanh(a (m x k, row stride lda) · b (+ bias))`: [`matmul`]
@@ -236,7 +236,7 @@ pub fn matmul_gelu<E: PanelElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    product::<E, true>().one(a, m, lda, b, bias, out, ldo, false)
+    product::<f32, E, f32, true>().one(a, m, lda, b, bias, out, ldo, false)
 }
 
 /// `out (m x n, row stride ldo) = a (m x k, row stride lda) · b (+ bias)` for bf16 in and out:
@@ -256,8 +256,8 @@ pub fn matmul_bf16<E: PanelElem>(
     gelu: bool,
 ) {
     let product = match gelu {
-        false => product_bf16::<E, false>(),
-        true => product_bf16::<E, true>(),
+        false => product::<bf16, E, bf16, false>(),
+        true => product::<bf16, E, bf16, true>(),
     };
     product.one(a, m, lda, b, bias, out, ldo, false)
 }
@@ -272,7 +272,7 @@ pub fn matmul_add<E: PanelElem>(
     out: &mut [f32],
     ldo: usize,
 ) {
-    product::<E, false>().one(a, m, lda, b, None, out, ldo, true)
+    product::<f32, E, f32, false>().one(a, m, lda, b, None, out, ldo, true)
 }
 
 /// As [`matmul`] without bias, on the calling thread (for callers that parallelise outside).
@@ -297,13 +297,7 @@ pub(crate) fn matmul_serial_as<A: AElem, E: PanelElem, O: OutElem>(
     out: &mut [O],
     ldo: usize,
 ) {
-    let product = super::Product {
-        name: "AVX-512",
-        available,
-        block: block::<A, E, O, false>,
-        rows: (MC, MR),
-    };
-    product.serial(a, m, lda, b, out, ldo)
+    product::<A, E, O, false>().serial(a, m, lda, b, out, ldo)
 }
 
 impl<E: PanelElem> super::PackedOperand for Packed<E> {
@@ -320,23 +314,15 @@ impl<E: PanelElem> super::PackedOperand for Packed<E> {
     }
 }
 
-/// This kernel as the shared drivers ([`super::Product`]) run it; with `GELU`, the tanh-GELU applied
-/// to each output tile once its last block of k is in.
-fn product<E: PanelElem, const GELU: bool>() -> super::Product<f32, Packed<E>> {
+/// This kernel as the shared drivers ([`super::Product`]) run it, for A of element A and output
+/// of element O; with `GELU`, the tanh-GELU applied to each output tile once its last block of k
+/// is in.
+fn product<A: AElem, E: PanelElem, O: OutElem, const GELU: bool>() -> super::Product<A, Packed<E>, O>
+{
     super::Product {
         name: "AVX-512",
         available,
-        block: block::<f32, E, f32, GELU>,
-        rows: (MC, MR),
-    }
-}
-
-/// [`product`] for bf16 in and out.
-fn product_bf16<E: PanelElem, const GELU: bool>() -> super::Product<bf16, Packed<E>, bf16> {
-    super::Product {
-        name: "AVX-512",
-        available,
-        block: block::<bf16, E, bf16, GELU>,
+        block: block::<A, E, O, GELU>,
         rows: (MC, MR),
     }
 }

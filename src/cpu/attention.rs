@@ -30,6 +30,18 @@ impl Heads {
         let Heads { bh, n, m, d } = *self;
         assert!(q.len() == bh * n * d && k.len() == bh * m * d && v.len() == bh * m * d);
     }
+
+    /// Panics unless `bias` holds (h, n, m) values for an h that divides bh.
+    fn check_bias(&self, bias: &[f32]) {
+        let per = self.n * self.m;
+        assert!(
+            per == 0
+                || (!bias.is_empty()
+                    && bias.len().is_multiple_of(per)
+                    && self.bh.is_multiple_of(bias.len() / per)),
+            "attention bias is not (heads, n, m) for a divisor of bh"
+        );
+    }
 }
 
 /// `softmax(q kᵀ · scale) v` over [`Heads`]: q (bh, n, d), k and v (bh, m, d), all row-major bf16;
@@ -191,14 +203,22 @@ pub fn sdpa_f32_biased(
     scale: f32,
     bias: &[f32],
 ) -> Vec<f32> {
-    let per = heads.n * heads.m;
-    assert!(
-        per == 0
-            || (!bias.is_empty()
-                && bias.len().is_multiple_of(per)
-                && heads.bh.is_multiple_of(bias.len() / per)),
-        "attention bias is not (heads, n, m) for a divisor of bh"
-    );
+    heads.check_bias(bias);
+    sdpa_f32_inner(q, k, v, heads, scale, Some(bias))
+}
+
+/// [`sdpa_f32_biased`] on bf16 q, k and v, as [`sdpa_widened`] takes them: the values of widening
+/// the inputs, [`sdpa_f32_biased`] and rounding its output (a language model's causal and padding
+/// mask on any CPU with AVX-512, AMX included). Panics as [`sdpa_f32_biased`] does.
+pub fn sdpa_widened_biased(
+    q: &[bf16],
+    k: &[bf16],
+    v: &[bf16],
+    heads: Heads,
+    scale: f32,
+    bias: &[f32],
+) -> Vec<bf16> {
+    heads.check_bias(bias);
     sdpa_f32_inner(q, k, v, heads, scale, Some(bias))
 }
 
@@ -335,7 +355,7 @@ fn exp_shifted(s: &mut [f32], scale: f32) -> f32 {
     1.0 / (sums.iter().sum::<f32>() + tail.iter().sum::<f32>())
 }
 
-/// `e^x` element-wise, to about 2 ulp of f32 for x in [-87, 88] (clamped outside): 2^n · poly(r) with
+/// `e^x` element-wise, to about 2 ulp of f32 for x in [-87, 88] (0 below, e^88 above): 2^n · poly(r) with
 /// n = round(x / ln 2), the integer taken from the bits of the rounding sum so that no float-to-int
 /// conversion stops the loop from vectorising.
 #[inline(always)]
@@ -357,7 +377,14 @@ pub(crate) fn exp_generic(xs: &mut [f32]) {
         y = y * r + 5e-1;
         y = y * r * r + r + 1.0;
         let pow2 = (t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127)) << 23;
-        *x = y * f32::from_bits(pow2);
+        // Below -87 exactly 0 (e^-87 is near f32's smallest normal): a masked score's weight is
+        // then 0, as torch's, not a subnormal that slows every product it enters (4x a language
+        // model's causal attention, whose scores are half masked).
+        *x = if *x < -87.0 {
+            0.0
+        } else {
+            y * f32::from_bits(pow2)
+        };
     }
 }
 
@@ -499,6 +526,59 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "({bh},{n},{m},{d})");
         }
+    }
+
+    /// bf16 with a causal mask of -inf (a language model's) on the f32 kernel: the f32 attention of
+    /// the widened inputs, rounded once, bit for bit; hidden keys' values without effect (their
+    /// weights exactly 0), and e^x exactly 0 below -87.
+    #[test]
+    fn sdpa_widened_biased_equals_sdpa_f32_biased_of_the_widened_inputs_rounded() {
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        let mut seed = 13;
+        for &(bh, n, m, d) in &SHAPES {
+            let mut rnd = |len| -> Vec<bf16> {
+                random(len, &mut seed)
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect()
+            };
+            let (q, k, mut v) = (rnd(bh * n * d), rnd(bh * m * d), rnd(bh * m * d));
+            // Query i sees keys j <= i + m - n (every row at least key 0).
+            let seen = |i: usize, j: usize| j + n <= i + m.max(n);
+            let mask: Vec<f32> = (0..n * m)
+                .map(|ij| match seen(ij / m, ij % m) {
+                    true => 0.0,
+                    false => f32::NEG_INFINITY,
+                })
+                .collect();
+            let (heads, scale) = (Heads { bh, n, m, d }, 1.0 / (d as f32).sqrt());
+            let f = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
+            let want: Vec<u16> = sdpa_f32_biased(&f(&q), &f(&k), &f(&v), heads, scale, &mask)
+                .into_iter()
+                .map(|x| bf16::from_f32(x).to_bits())
+                .collect();
+            let bits = |o: Vec<bf16>| o.into_iter().map(bf16::to_bits).collect::<Vec<u16>>();
+            let got = bits(sdpa_widened_biased(&q, &k, &v, heads, scale, &mask));
+            assert_eq!(got, want, "({bh},{n},{m},{d})");
+            // The values of every key hidden from query 0 changed: its outputs stay as they were.
+            for (j, x) in v.iter_mut().enumerate() {
+                if !seen(0, (j / d) % m) {
+                    *x = bf16::from_f32(1e4);
+                }
+            }
+            let again = bits(sdpa_widened_biased(&q, &k, &v, heads, scale, &mask));
+            for (i, (a, b)) in again.iter().zip(&got).enumerate() {
+                if (i / d) % n == 0 {
+                    assert_eq!(a, b, "({bh},{n},{m},{d}) query 0 saw a hidden key");
+                }
+            }
+        }
+        let mut xs = [-87.5f32, -100.0, f32::MIN, f32::NEG_INFINITY, -86.0];
+        exp_generic(&mut xs);
+        assert_eq!(xs[..4], [0.0; 4]);
+        assert!(xs[4] > 0.0);
     }
 
     /// With a bias per head, broadcast over the batch, and keys masked by f32::MIN (T5's): within

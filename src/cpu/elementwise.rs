@@ -246,15 +246,17 @@ trait RowPasses: Lane {
     fn rms_row(x: &[Self], o: &mut [Self], w: &[f32], eps: f32);
     fn add_gated_row(x: &[Self], y: &[Self], g: &[f32], o: &mut [Self]);
     fn add_row(x: &[Self], y: &[Self], o: &mut [Self]);
+    fn silu_mul_row(a: &[Self], b: &[Self], o: &mut [Self], e: &mut [f32]);
 }
 
 /// [`RowPasses`] for one element type, each method dispatched to its generic body.
 macro_rules! row_passes_for {
-    ($t:ty, $ln:ident, $rms:ident, $gate:ident, $add:ident) => {
+    ($t:ty, $ln:ident, $rms:ident, $gate:ident, $add:ident, $silu:ident) => {
         super::avx512_dispatch!($ln, ln_mod_row_generic::<$t>, (x: &[$t], o: &mut [$t], alpha: &[f32], beta: &[f32], eps: f32, buf: &mut [f32]));
         super::avx512_dispatch!($rms, rms_row_generic::<$t>, (x: &[$t], o: &mut [$t], w: &[f32], eps: f32));
         super::avx512_dispatch!($gate, add_gated_row_generic::<$t>, (x: &[$t], y: &[$t], g: &[f32], o: &mut [$t]));
         super::avx512_dispatch!($add, add_row_generic::<$t>, (x: &[$t], y: &[$t], o: &mut [$t]));
+        super::avx512_dispatch!($silu, silu_mul_row_generic::<$t>, (a: &[$t], b: &[$t], o: &mut [$t], e: &mut [f32]));
         impl RowPasses for $t {
             fn ln_mod_row(x: &[Self], o: &mut [Self], alpha: &[f32], beta: &[f32], eps: f32, buf: &mut [f32]) {
                 $ln(x, o, alpha, beta, eps, buf)
@@ -268,6 +270,9 @@ macro_rules! row_passes_for {
             fn add_row(x: &[Self], y: &[Self], o: &mut [Self]) {
                 $add(x, y, o)
             }
+            fn silu_mul_row(a: &[Self], b: &[Self], o: &mut [Self], e: &mut [f32]) {
+                $silu(a, b, o, e)
+            }
         }
     };
 }
@@ -276,14 +281,16 @@ row_passes_for!(
     ln_mod_row_f32,
     rms_row_f32,
     add_gated_row_f32,
-    add_row_f32
+    add_row_f32,
+    silu_mul_row_f32
 );
 row_passes_for!(
     bf16,
     ln_mod_row_bf16,
     rms_row_bf16,
     add_gated_row_bf16,
-    add_row_bf16
+    add_row_bf16,
+    silu_mul_row_bf16
 );
 
 #[inline(always)]
@@ -443,6 +450,89 @@ fn add_row_generic<E: Lane>(x: &[E], y: &[E], o: &mut [E]) {
     }
 }
 
+/// `silu(a) * b` for f32 or bf16 CPU tensors of one shape and dtype, in one parallel pass:
+/// `a / (1 + e^-a)` in f32 rounded to the dtype (PyTorch's `silu`, one rounding), then the
+/// product rounded. A language model's SwiGLU gate (`act(gate_proj(x)) * up_proj(x)`).
+pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape() != b.shape() || a.dtype() != b.dtype() {
+        candle_core::bail!(
+            "silu_mul: a {:?} {:?}, b {:?} {:?}",
+            a.shape(),
+            a.dtype(),
+            b.shape(),
+            b.dtype()
+        );
+    }
+    let d = a.dim(candle_core::D::Minus1)?;
+    fn run<E: RowPasses>(a: &Tensor, b: &Tensor, d: usize) -> Result<Vec<E>> {
+        with_slice::<E, _>(a, |a| {
+            with_slice::<E, _>(b, |b| {
+                silu_mul_rows((a, d, 0), (b, d, 0), a.len() / d.max(1), d)
+            })
+        })?
+    }
+    match a.dtype() {
+        DType::F32 => Tensor::from_vec(run::<f32>(a, b, d)?, a.shape(), &Device::Cpu),
+        DType::BF16 => Tensor::from_vec(run::<bf16>(a, b, d)?, a.shape(), &Device::Cpu),
+        dtype => candle_core::bail!("silu_mul on the CPU: {dtype:?} (f32 or bf16 expected)"),
+    }
+}
+
+/// [`silu_mul`] of the two halves of x's last dim: `silu(x[.., ..h]) * x[.., h..]` (FLUX.2's
+/// SwiGLU), without copying the halves out first. x: (.., 2h) -> (.., h).
+pub fn swiglu(x: &Tensor) -> Result<Tensor> {
+    let w = x.dim(candle_core::D::Minus1)?;
+    if w % 2 != 0 {
+        candle_core::bail!("swiglu: the last dim ({w}) is odd");
+    }
+    let h = w / 2;
+    let mut shape = x.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = h;
+    }
+    fn run<E: RowPasses>(x: &Tensor, h: usize) -> Result<Vec<E>> {
+        with_slice::<E, _>(x, |x| {
+            silu_mul_rows((x, 2 * h, 0), (x, 2 * h, h), x.len() / (2 * h).max(1), h)
+        })
+    }
+    match x.dtype() {
+        DType::F32 => Tensor::from_vec(run::<f32>(x, h)?, shape, &Device::Cpu),
+        DType::BF16 => Tensor::from_vec(run::<bf16>(x, h)?, shape, &Device::Cpu),
+        dtype => candle_core::bail!("swiglu on the CPU: {dtype:?} (f32 or bf16 expected)"),
+    }
+}
+
+/// `silu(a row) * b row` for `rows` rows of d, each operand given as (values, row stride, offset
+/// of row 0), in parallel.
+fn silu_mul_rows<E: RowPasses>(
+    (a, sa, oa): (&[E], usize, usize),
+    (b, sb, ob): (&[E], usize, usize),
+    rows: usize,
+    d: usize,
+) -> Vec<E> {
+    let mut out = vec![E::zero(); rows * d];
+    out.par_chunks_mut(d.max(1)).enumerate().for_each_init(
+        || vec![0f32; d],
+        |e, (r, o)| {
+            let (a, b) = (&a[r * sa + oa..][..d], &b[r * sb + ob..][..d]);
+            E::silu_mul_row(a, b, o, e)
+        },
+    );
+    out
+}
+
+#[inline(always)]
+fn silu_mul_row_generic<E: Lane>(a: &[E], b: &[E], o: &mut [E], e: &mut [f32]) {
+    for (e, v) in e.iter_mut().zip(a) {
+        *e = -v.widen();
+    }
+    super::attention::exp_generic(e);
+    for (((o, v), w), &e) in o.iter_mut().zip(a).zip(b).zip(e.iter()) {
+        let silu = E::round(v.widen() / (1.0 + e));
+        *o = E::narrow(silu * w.widen());
+    }
+}
+
 /// `o = x` rounded to bf16 (nearest even), in parallel pieces: the one rounding of a bf16 product
 /// summed in f32.
 pub fn round_to_bf16(x: &[f32], o: &mut [bf16]) {
@@ -553,6 +643,50 @@ mod tests {
         }
         let x = normal((2 * 3, 4), 1).reshape((2, 3, 4)).unwrap();
         assert!(add_over_batch(&x, &normal((4, 4), 2)).is_err());
+    }
+
+    /// `silu(a) * b` in f32 against candle's ops (libm's exp): within f32 rounding of the
+    /// vectorised exp. In bf16 against the SiLU taken in f32 of the same inputs and rounded, then
+    /// the product rounded (PyTorch's two ops): equal but for the exp's last f32 bits, which may
+    /// move a rounding by one bf16 ulp, rarely. swiglu equals silu_mul of the halves, bit for bit.
+    #[test]
+    fn silu_mul_equals_the_composed_ops() {
+        let (a, b) = (normal((5, 3001), 31), normal((5, 3001), 32));
+        let want = (a.silu().unwrap() * &b).unwrap();
+        let e = excess(&silu_mul(&a, &b).unwrap(), &want, 2e-6, 1e-30);
+        assert!(e <= 0.0, "beyond f32 rounding by {e}");
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let (a, b) = (bf(&a), bf(&b));
+        let f = |t: &Tensor| -> Vec<f32> {
+            let t = t.to_dtype(DType::F32).unwrap();
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let silu = bf(&a.to_dtype(DType::F32).unwrap().silu().unwrap());
+        let want = f(&(silu * &b).unwrap());
+        let got = f(&silu_mul(&a, &b).unwrap());
+        let mut differ = 0;
+        for (w, g) in want.iter().zip(&got) {
+            if w != g {
+                differ += 1;
+                assert!((w - g).abs() <= w.abs() * 2f32.powi(-6), "{g} against {w}");
+            }
+        }
+        assert!(
+            differ * 1000 <= want.len(),
+            "{differ} of {} differ",
+            want.len()
+        );
+        for dtype in [DType::F32, DType::BF16] {
+            let x = normal((6, 2 * 1001), 33).to_dtype(dtype).unwrap();
+            let (lo, hi) = (
+                x.narrow(1, 0, 1001).unwrap(),
+                x.narrow(1, 1001, 1001).unwrap(),
+            );
+            let want = f(&silu_mul(&lo.contiguous().unwrap(), &hi.contiguous().unwrap()).unwrap());
+            assert_eq!(f(&swiglu(&x).unwrap()), want, "{dtype:?}");
+        }
+        assert!(silu_mul(&normal((2, 4), 1), &normal((4, 2), 2)).is_err());
+        assert!(swiglu(&normal((2, 5), 1)).is_err());
     }
 
     /// Against candle's f32 GELU (tanh per element): within f32 rounding of the exp-based tanh.

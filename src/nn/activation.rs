@@ -1,4 +1,5 @@
-//! Activations with CPU kernels: tanh-approximated GELU (diffusers' `gelu-approximate`).
+//! Activations with CPU kernels: tanh-approximated GELU (diffusers' `gelu-approximate`) and the
+//! SiLU-gated product of SwiGLU feed-forwards.
 
 use crate::cpu;
 use candle_core::{DType, Result, Tensor};
@@ -14,4 +15,31 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     } else {
         x.gelu()
     }
+}
+
+/// `silu(a) * b` (a SwiGLU gate: a language model's `act(gate_proj(x)) * up_proj(x)`). On the CPU in
+/// f32 and bf16 one parallel pass, the SiLU computed in f32 and rounded once, as PyTorch's; elsewhere
+/// candle's ops.
+pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.device().is_cpu() && cpu_dtype(a) && b.dtype() == a.dtype() && a.shape() == b.shape() {
+        return cpu::elementwise::silu_mul(a, b);
+    }
+    a.silu()? * b
+}
+
+/// `silu(x[.., ..h]) * x[.., h..]` over the two halves of the last dim (FLUX.2's SwiGLU); on the CPU
+/// as [`silu_mul`], without copying the halves out.
+pub fn swiglu(x: &Tensor) -> Result<Tensor> {
+    let w = x.dim(candle_core::D::Minus1)?;
+    if x.device().is_cpu() && cpu_dtype(x) && w % 2 == 0 {
+        return cpu::elementwise::swiglu(x);
+    }
+    let half = w / 2;
+    let a = x.narrow(candle_core::D::Minus1, 0, half)?;
+    let b = x.narrow(candle_core::D::Minus1, half, half)?;
+    a.silu()? * b
+}
+
+fn cpu_dtype(x: &Tensor) -> bool {
+    matches!(x.dtype(), DType::F32 | DType::BF16)
 }

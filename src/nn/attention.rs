@@ -107,12 +107,15 @@ pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     Tensor::cat(&outs, 2)
 }
 
-/// `softmax(q kᵀ · scale + bias) v` (T5's attention: the relative-position bias with the key mask
-/// folded in), in f32: on a CPU with AVX-512 [`crate::cpu::attention::sdpa_f32_biased`], no score
-/// matrix beyond one block of queries; elsewhere composed.
+/// `softmax(q kᵀ · scale + bias) v`: T5's attention (its relative-position bias with the key mask
+/// folded in, per head) and a language model's (its causal and padding mask, one for all heads,
+/// `-inf` where a key is hidden). On a CPU with AVX-512 the fused f32 attention
+/// ([`crate::cpu::attention::sdpa_f32_biased`]; bf16 inputs widened exactly, the output rounded
+/// once, [`crate::cpu::attention::sdpa_widened_biased`]) with the bias in f32: no score matrix
+/// beyond one block of queries. Elsewhere composed in q's dtype, the bias converted to it.
 ///
 /// # Shapes
-/// q: (b, h, n, d), k and v: (b, h, m, d), bias: (1, h, n, m) -> (b, h, n, d)
+/// q: (b, h, n, d), k and v: (b, h, m, d), bias: (1, h or 1, n, m) -> (b, h, n, d)
 pub fn sdpa_biased(
     q: &Tensor,
     k: &Tensor,
@@ -122,17 +125,44 @@ pub fn sdpa_biased(
 ) -> Result<Tensor> {
     let (b, h, n, d) = q.dims4()?;
     let m = k.dim(2)?;
-    let f32 = [q, k, v, bias].iter().all(|t| t.dtype() == DType::F32);
-    if q.device().is_cpu() && f32 && crate::cpu::features().avx512 && bias.dims4()? == (1, h, n, m)
-    {
-        let heads = crate::cpu::attention::Heads { bh: b * h, n, m, d };
-        return crate::cpu::with_slice::<f32, _>(bias, |bias| {
-            on_slices(q, k, v, |q, k, v| {
-                crate::cpu::attention::sdpa_f32_biased(q, k, v, heads, scale as f32, bias)
-            })
-        })?;
+    let (one, hb, bn, bm) = bias.dims4()?;
+    if one != 1 || (hb != 1 && hb != h) || (bn, bm) != (n, m) {
+        candle_core::bail!(
+            "attention bias {:?} is not (1, {h} or 1, {n}, {m})",
+            bias.dims()
+        );
     }
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
+    let dt = q.dtype();
+    let same = [k, v].iter().all(|t| t.dtype() == dt);
+    if q.device().is_cpu() && same && crate::cpu::features().avx512 {
+        let heads = crate::cpu::attention::Heads { bh: b * h, n, m, d };
+        let bias = bias.to_dtype(DType::F32)?;
+        match dt {
+            DType::F32 => {
+                return crate::cpu::with_slice::<f32, _>(&bias, |bias| {
+                    on_slices(q, k, v, |q, k, v| {
+                        crate::cpu::attention::sdpa_f32_biased(q, k, v, heads, scale as f32, bias)
+                    })
+                })?;
+            }
+            DType::BF16 => {
+                return crate::cpu::with_slice::<f32, _>(&bias, |bias| {
+                    on_slices(q, k, v, |q, k, v| {
+                        crate::cpu::attention::sdpa_widened_biased(
+                            q,
+                            k,
+                            v,
+                            heads,
+                            scale as f32,
+                            bias,
+                        )
+                    })
+                })?;
+            }
+            _ => {}
+        }
+    }
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias.to_dtype(dt)?)?;
     candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
 }
 
@@ -259,6 +289,46 @@ pub fn split_tokens<const N: usize>(x: &Tensor, lens: [usize; N]) -> Result<[Ten
 mod tests {
     use super::*;
     use crate::nn::test_util::normal;
+
+    /// A mask shared by every head ((1, 1, n, m), causal, -inf where hidden) against the composed
+    /// ops in f32 (within f32 summation error), and in bf16 within bf16 rounding of that; a bias of
+    /// another shape is an error.
+    #[test]
+    fn sdpa_biased_with_one_mask_for_all_heads_equals_the_composed_ops() {
+        let (b, h, n, m, d) = (2, 3, 9, 11, 16);
+        let (q, k, v) = (
+            normal((b, h, n, d), 1.0, 3),
+            normal((b, h, m, d), 1.0, 4),
+            normal((b, h, m, d), 1.0, 5),
+        );
+        let mask: Vec<f32> = (0..n * m)
+            .map(|ij| match ij % m <= ij / m + 2 {
+                true => 0.0,
+                false => f32::NEG_INFINITY,
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, n, m), q.device()).unwrap();
+        let scale = 0.25;
+        let scores = ((q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap())
+            .broadcast_add(&mask)
+            .unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&scores)
+            .unwrap()
+            .matmul(&v)
+            .unwrap();
+        let got = sdpa_biased(&q, &k, &v, &mask, scale).unwrap();
+        let diff = |a: &Tensor| {
+            let a = a.to_dtype(DType::F32).unwrap();
+            crate::nn::test_util::max_abs_diff(&a, &want)
+        };
+        assert!(diff(&got) <= 1e-5, "f32: {}", diff(&got));
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let got = sdpa_biased(&bf(&q), &bf(&k), &bf(&v), &mask, scale).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        assert!(diff(&got) <= 0.03, "bf16: {}", diff(&got));
+        let wrong = Tensor::zeros((1, 2, n, m), DType::F32, q.device()).unwrap();
+        assert!(sdpa_biased(&q, &k, &v, &wrong, scale).is_err());
+    }
 
     /// The one-copy CPU layout changes against the composed ops (split the heads and concatenate;
     /// merge the heads and narrow), bit for bit, in f32 and bf16.

@@ -108,12 +108,9 @@ impl SwiGlu {
         })
     }
 
-    /// `silu(x[..half]) * x[half..]` over the last dim.
+    /// `silu(x[..half]) * x[half..]` over the last dim ([`super::activation::swiglu`]).
     pub fn gate(x: &Tensor) -> Result<Tensor> {
-        let half = x.dim(candle_core::D::Minus1)? / 2;
-        let a = x.narrow(candle_core::D::Minus1, 0, half)?;
-        let b = x.narrow(candle_core::D::Minus1, half, half)?;
-        a.silu()? * b
+        super::activation::swiglu(x)
     }
 }
 

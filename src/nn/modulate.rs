@@ -62,6 +62,23 @@ pub fn add_gated(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
     x + y.broadcast_mul(&gate.unsqueeze(1)?)?
 }
 
+/// `x + y` for tensors of one shape and dtype (a residual update); on the CPU in f32 and bf16 one
+/// parallel pass, rounded once (candle's bf16 add is slow).
+pub fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let d = x.dims().last().copied().unwrap_or(0);
+    if x.device().is_cpu()
+        && y.shape() == x.shape()
+        && y.dtype() == x.dtype()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && d > 0
+    {
+        let rows = (1, x.elem_count() / d, d);
+        return cpu::elementwise::add_over_batch(&x.reshape(rows)?, &y.reshape(rows)?)?
+            .reshape(x.shape());
+    }
+    x + y
+}
+
 /// `x + y` with y (1, n, d) broadcast over x's batch (SD3's position table over the patches); on
 /// the CPU in f32 and bf16 one parallel pass.
 /// x: (b, n, d)
@@ -134,5 +151,23 @@ mod tests {
             compare(&add_gated(&x, &y, &scale).unwrap(), &want),
             (0.0, 0.0)
         );
+    }
+
+    /// The residual add against candle's, bit for bit (one rounding), f32 and bf16, any rank.
+    #[test]
+    fn add_equals_candles_add() {
+        for dtype in [DType::F32, DType::BF16] {
+            let x = normal((2, 5, 37), 2.0, 5).to_dtype(dtype).unwrap();
+            let y = normal((2, 5, 37), 1.0, 6).to_dtype(dtype).unwrap();
+            assert_eq!(
+                compare(&add(&x, &y).unwrap(), &(&x + &y).unwrap()),
+                (0.0, 0.0)
+            );
+            let (x, y) = (x.flatten_all().unwrap(), y.flatten_all().unwrap());
+            assert_eq!(
+                compare(&add(&x, &y).unwrap(), &(&x + &y).unwrap()),
+                (0.0, 0.0)
+            );
+        }
     }
 }

@@ -6,7 +6,7 @@
 //! Only the layers up to the last one taken are loaded.
 
 use crate::config::Qwen3Config;
-use crate::nn::{linear_with, Linear, RmsNorm};
+use crate::nn::{activation, attention, linear_with, modulate, Linear, RmsNorm};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
@@ -183,27 +183,25 @@ impl LmEncoder {
         layer.is_some_and(|i| i >= last)
     }
 
-    /// RoPE tables (L, head_dim) as transformers computes them in f32: `inv_freq = 1 /
-    /// theta^(2i/d)`, angles `pos * inv_freq`, each frequency for both halves.
+    /// RoPE tables (L, head_dim / 2) as transformers computes them in f32: `inv_freq = 1 /
+    /// theta^(2i/d)`, angles `pos * inv_freq` (transformers repeats them for the second half of the
+    /// head; [`rotate`] reads each for both).
     fn rope(&self, len: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
         let d = self.head_dim;
         let inv: Vec<f32> = (0..d / 2)
             .map(|i| 1.0 / (self.theta as f32).powf((2 * i) as f32 / d as f32))
             .collect();
-        let mut cos = Vec::with_capacity(len * d);
-        let mut sin = Vec::with_capacity(len * d);
+        let mut cos = Vec::with_capacity(len * d / 2);
+        let mut sin = Vec::with_capacity(len * d / 2);
         for p in 0..len {
-            // the same frequencies for both halves of the head
-            for _ in 0..2 {
-                for f in &inv {
-                    let a = p as f32 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
+            for f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (len, d), dev)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (len, d), dev)?.to_dtype(dtype)?;
+        let cos = Tensor::from_vec(cos, (len, d / 2), dev)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (len, d / 2), dev)?.to_dtype(dtype)?;
         Ok((cos, sin))
     }
 
@@ -220,9 +218,10 @@ impl LmEncoder {
         let mut x = self.embed.forward(ids)?;
         let dtype = x.dtype();
         let (cos, sin) = self.rope(l, dtype, dev)?;
-        // Causal, and no token attends to padding (transformers' mask from the attention mask).
-        // A row with no key left (left padding's first tokens) attends to nothing: torch's SDPA
-        // gives it zeros, so its weights are zeroed after the softmax (`rows`).
+        // Causal, and no token attends to padding (transformers' mask from the attention mask),
+        // in f32 as the attention's bias ([`attention::sdpa_biased`]). A row with no key left
+        // (left padding's first tokens) attends to nothing: torch's SDPA gives it zeros, so its
+        // mask row hides nothing and its output is zeroed after (`rows`, where there are such).
         let allowed = |i: usize, j: usize| j <= i && valid[j];
         let rows: Vec<f32> = (0..l)
             .map(|i| f32::from(u8::from((0..=i).any(|j| allowed(i, j)))))
@@ -236,8 +235,11 @@ impl LmEncoder {
                 })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (1, 1, l, l), dev)?.to_dtype(dtype)?;
-        let rows = Tensor::from_vec(rows, (1, 1, l, 1), dev)?.to_dtype(dtype)?;
+        let mask = Tensor::from_vec(mask, (1, 1, l, l), dev)?;
+        let rows = match rows.contains(&0.0) {
+            true => Some(Tensor::from_vec(rows, (1, 1, l, 1), dev)?.to_dtype(dtype)?),
+            false => None,
+        };
         let mask = (mask, rows);
         let mut states = vec![None; self.layers.len() + 1];
         let keep = |k: usize| self.taken.contains(&k);
@@ -273,7 +275,7 @@ impl LmEncoder {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        (mask, rows): &(Tensor, Tensor),
+        (mask, rows): &(Tensor, Option<Tensor>),
         b: usize,
         l: usize,
     ) -> Result<Tensor> {
@@ -302,28 +304,22 @@ impl LmEncoder {
                 .reshape((b, self.heads, l, hd))
         };
         let (k, v) = (expand(k)?, expand(v)?);
-        let scores = (q.contiguous()?.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let p =
-            candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?.broadcast_mul(rows)?;
-        let o = p
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, l, self.heads * hd))?;
-        let x = (x + w.o.forward(&o)?)?;
+        let o = attention::sdpa_biased(&q.contiguous()?, &k, &v, mask, 1.0 / (hd as f64).sqrt())?;
+        let o = match rows {
+            Some(rows) => o.broadcast_mul(rows)?,
+            None => o,
+        };
+        let o = o.transpose(1, 2)?.reshape((b, l, self.heads * hd))?;
+        let x = modulate::add(x, &w.o.forward(&o)?)?;
         let h = w.post_norm.forward(&x)?;
-        let mlp = w
-            .down
-            .forward(&(w.gate.forward(&h)?.silu()? * w.up.forward(&h)?)?)?;
-        x + mlp
+        let gated = activation::silu_mul(&w.gate.forward(&h)?, &w.up.forward(&h)?)?;
+        modulate::add(&x, &w.down.forward(&gated)?)
     }
 }
 
 /// transformers' `apply_rotary_pos_emb`: `x * cos + rotate_half(x) * sin`, `rotate_half(x) =
-/// [-x2, x1]` over the two halves of the head. x: (b, h, L, d); cos, sin: (L, d).
+/// [-x2, x1]` over the two halves of the head, on candle's fused kernel (each product and the sum
+/// rounded to x's dtype, as the composed ops round them). x: (b, h, L, d); cos, sin: (L, d / 2).
 fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
 }

@@ -2,7 +2,7 @@
 //! pre-LayerNorm transformer; we return the penultimate hidden state and the pooled (EOS) output.
 
 use crate::config::ClipTextConfig;
-use crate::nn::{linear, Linear};
+use crate::nn::{linear, modulate, Linear};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
@@ -168,9 +168,9 @@ impl ClipText {
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let a = probs.matmul(&v)?.to_dtype(x.dtype())?;
             let a = crate::nn::merge_heads(&a)?;
-            x = (x + l.out.forward(&a)?)?;
+            x = modulate::add(&x, &l.out.forward(&a)?)?;
             let h = l.ln2.forward(&x)?;
-            x = (&x + l.fc2.forward(&self.act.forward(&l.fc1.forward(&h)?)?)?)?;
+            x = modulate::add(&x, &l.fc2.forward(&self.act.forward(&l.fc1.forward(&h)?)?)?)?;
         }
         let penultimate = penultimate.unwrap_or_else(|| x.clone());
         let last = self.final_ln.forward(&x)?;

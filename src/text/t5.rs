@@ -91,7 +91,7 @@ impl FeedForward {
             }
             None => self.act(&self.wi.forward(&h)?)?,
         };
-        xs + self.wo.forward(&y)?
+        nn::modulate::add(xs, &self.wo.forward(&y)?)
     }
 
     /// The activation. `gelu_pytorch_tanh` (PyTorch's fused op, one rounding) on
@@ -253,7 +253,7 @@ impl SelfAttention {
             w.matmul(&v)?.to_dtype(dt)?
         };
         let y = y.transpose(1, 2)?.reshape((b, n, self.heads * self.d_kv))?;
-        Ok(((xs + self.o.forward(&y)?)?, bias))
+        Ok((nn::modulate::add(xs, &self.o.forward(&y)?)?, bias))
     }
 }
 

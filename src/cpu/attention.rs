@@ -499,7 +499,9 @@ mod tests {
         }
     }
 
-    /// bf16 on the f32 kernel: the f32 attention of the widened inputs, rounded once, bit for bit.
+    /// bf16 on the f32 kernel: the f32 attention of the widened inputs, rounded once, bit for bit;
+    /// without a bias and with a causal mask of -inf (a language model's), under which hidden keys'
+    /// values have no effect (their weights exactly 0: e^x is exactly 0 below -87).
     #[test]
     fn sdpa_widened_equals_sdpa_f32_of_the_widened_inputs_rounded() {
         if !crate::cpu::test_has("avx512") {
@@ -513,38 +515,13 @@ mod tests {
                     .map(bf16::from_f32)
                     .collect()
             };
-            let (q, k, v) = (rnd(bh * n * d), rnd(bh * m * d), rnd(bh * m * d));
+            let (q, k, mut v) = (rnd(bh * n * d), rnd(bh * m * d), rnd(bh * m * d));
             let (heads, scale) = (Heads { bh, n, m, d }, 1.0 / (d as f32).sqrt());
             let f = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
-            let want: Vec<u16> = sdpa_f32(&f(&q), &f(&k), &f(&v), heads, scale)
-                .into_iter()
-                .map(|x| bf16::from_f32(x).to_bits())
-                .collect();
-            let got: Vec<u16> = sdpa_widened(&q, &k, &v, heads, scale)
-                .into_iter()
-                .map(bf16::to_bits)
-                .collect();
-            assert_eq!(got, want, "({bh},{n},{m},{d})");
-        }
-    }
-
-    /// bf16 with a causal mask of -inf (a language model's) on the f32 kernel: the f32 attention of
-    /// the widened inputs, rounded once, bit for bit; hidden keys' values without effect (their
-    /// weights exactly 0), and e^x exactly 0 below -87.
-    #[test]
-    fn sdpa_widened_biased_equals_sdpa_f32_biased_of_the_widened_inputs_rounded() {
-        if !crate::cpu::test_has("avx512") {
-            return;
-        }
-        let mut seed = 13;
-        for &(bh, n, m, d) in &SHAPES {
-            let mut rnd = |len| -> Vec<bf16> {
-                random(len, &mut seed)
-                    .into_iter()
-                    .map(bf16::from_f32)
-                    .collect()
-            };
-            let (q, k, mut v) = (rnd(bh * n * d), rnd(bh * m * d), rnd(bh * m * d));
+            let bits = |o: Vec<bf16>| o.into_iter().map(bf16::to_bits).collect::<Vec<u16>>();
+            let rounded = |o: Vec<f32>| bits(o.into_iter().map(bf16::from_f32).collect());
+            let want = rounded(sdpa_f32(&f(&q), &f(&k), &f(&v), heads, scale));
+            assert_eq!(bits(sdpa_widened(&q, &k, &v, heads, scale)), want);
             // Query i sees keys j <= i + m - n (every row at least key 0).
             let seen = |i: usize, j: usize| j + n <= i + m.max(n);
             let mask: Vec<f32> = (0..n * m)
@@ -553,15 +530,9 @@ mod tests {
                     false => f32::NEG_INFINITY,
                 })
                 .collect();
-            let (heads, scale) = (Heads { bh, n, m, d }, 1.0 / (d as f32).sqrt());
-            let f = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
-            let want: Vec<u16> = sdpa_f32_biased(&f(&q), &f(&k), &f(&v), heads, scale, &mask)
-                .into_iter()
-                .map(|x| bf16::from_f32(x).to_bits())
-                .collect();
-            let bits = |o: Vec<bf16>| o.into_iter().map(bf16::to_bits).collect::<Vec<u16>>();
+            let want = rounded(sdpa_f32_biased(&f(&q), &f(&k), &f(&v), heads, scale, &mask));
             let got = bits(sdpa_widened_biased(&q, &k, &v, heads, scale, &mask));
-            assert_eq!(got, want, "({bh},{n},{m},{d})");
+            assert_eq!(got, want, "({bh},{n},{m},{d}) masked");
             // The values of every key hidden from query 0 changed: its outputs stay as they were.
             for (j, x) in v.iter_mut().enumerate() {
                 if !seen(0, (j / d) % m) {

@@ -74,6 +74,30 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// The stderr lines up to the answer to a request sent now. The reader thread takes a line
+    /// from the pipe a moment after the server wrote it, so the line of a request already
+    /// answered may not be in `log()` yet; every line written before this request's is, once
+    /// this request's is (one pipe, in order).
+    fn synced_log(&self) -> Vec<String> {
+        static SYNCS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = format!("/log-sync-{n}");
+        self.get(&path, &[]);
+        let marker = format!("\"path\":\"{path}\"");
+        let t0 = Instant::now();
+        loop {
+            let log = self.log();
+            if log.iter().any(|l| l.contains(&marker)) {
+                return log;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no log line for {path}: {log:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// `curl URL PATH EXTRA...`: (status, body), at most `seconds`.
     fn curl(&self, path: &str, extra: &[&str], seconds: u32) -> (u16, Vec<u8>) {
         curl(&format!("{}{path}", self.url), extra, seconds)
@@ -256,7 +280,7 @@ fn serves_the_clis_images_and_its_endpoints() {
     // Both images in one batched forward: 3 steps, not 6 (and the cached request's 8).
     assert!(metrics.contains("mmdit_step_seconds_count 11"), "{metrics}");
     // One JSON log line per request.
-    let log = s.log();
+    let log = s.synced_log();
     let lines: Vec<serde_json::Value> = log
         .iter()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -504,7 +528,7 @@ fn a_full_queue_answers_429_and_a_client_that_leaves_cancels_its_job() {
     // Each job that ran stopped within a step of its client leaving, far from its 1000 steps
     // (the waiting one may have started when the first was cancelled).
     let cancelled: Vec<serde_json::Value> = s
-        .log()
+        .synced_log()
         .iter()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|l| l["event"] == "cancelled")
@@ -1189,7 +1213,7 @@ fn replicas_behind_nginx_share_the_requests() {
         .0
     };
     let served = |s: &Server| {
-        s.log()
+        s.synced_log()
             .iter()
             .filter(|l| {
                 l.contains("\"path\":\"/v1/images/generations\"") && l.contains("\"status\":200")

@@ -55,21 +55,41 @@ fn main() {
             let ps: Vec<_> = (0..copies)
                 .map(|_| sgemm::PackedF32::from_nk(&wf, n, k))
                 .collect();
+            // ROWS=1: also the weights read where they lie (`sgemm::Rows`, a text encoder's
+            // layers), alternated with the packed panels rep by rep.
+            let rows = std::env::var("ROWS").is_ok();
+            let ws: Vec<Vec<f32>> = match rows {
+                true => (0..copies).map(|_| wf.clone()).collect(),
+                false => Vec::new(),
+            };
             let mut out = vec![0f32; m * n];
             sgemm::matmul(&af, m, k, &ps[0], None, &mut out, n);
-            let s = (0..reps)
-                .map(|i| {
-                    let p = &ps[(i + 1) % copies];
+            let (mut s, mut s_rows) = (f64::INFINITY, f64::INFINITY);
+            for i in 0..reps {
+                let p = &ps[(i + 1) % copies];
+                let t = Instant::now();
+                sgemm::matmul(&af, m, k, p, None, &mut out, n);
+                s = s.min(t.elapsed().as_secs_f64());
+                if rows {
+                    let r = sgemm::Rows::new(sgemm::RowValues::F32(&ws[(i + 1) % copies]), n, k);
                     let t = Instant::now();
-                    sgemm::matmul(&af, m, k, p, None, &mut out, n);
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::INFINITY, f64::min);
+                    sgemm::matmul(&af, m, k, &r, None, &mut out, n);
+                    s_rows = s_rows.min(t.elapsed().as_secs_f64());
+                }
+            }
+            let gflops = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e9;
             println!(
                 "avx512 f32 {m}x{k}x{n}: {:.0} GFLOP/s ({:.1} ms)",
-                2.0 * (m * k * n) as f64 / s / 1e9,
+                gflops(s),
                 s * 1e3
             );
+            if rows {
+                println!(
+                    "avx512 f32 rows {m}x{k}x{n}: {:.0} GFLOP/s ({:.1} ms)",
+                    gflops(s_rows),
+                    s_rows * 1e3
+                );
+            }
         }
         if sgemm::available() && !amx::available() && std::env::var("F32_ONLY").is_err() {
             let af: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();

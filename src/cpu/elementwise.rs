@@ -547,6 +547,17 @@ super::avx512_dispatch!(round_chunk, round_chunk_generic, (x: &[f32], o: &mut [b
 
 super::avx512_dispatch!(widen_bf16, widen_bf16_generic, (x: &[bf16], o: &mut [f32]));
 
+super::avx512_dispatch!(through_bf16, through_bf16_generic, (x: &mut [f32]));
+
+/// `x` rounded to bf16 (nearest even, as [`round_to_bf16`]) and widened back, in place, on the
+/// calling thread: the values a bf16 copy of `x` holds, as the f32 kernel multiplies them.
+#[inline(always)]
+fn through_bf16_generic(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = f32::from_bits((round_bf16(*v).to_bits() as u32) << 16);
+    }
+}
+
 /// `o = x` widened to f32 (exactly: a bf16 is the high half of an f32), on the calling thread.
 #[inline(always)]
 fn widen_bf16_generic(x: &[bf16], o: &mut [f32]) {

@@ -475,7 +475,7 @@ fn split_tasks_for(
 }
 
 /// A packed right operand (k x n, in panels of `NR` columns), as the shared product drivers see it.
-pub(crate) trait PackedOperand: Sync {
+pub trait PackedOperand: Sync {
     fn k(&self) -> usize;
     fn n(&self) -> usize;
     /// Column panels.
@@ -505,7 +505,7 @@ pub(crate) fn reads_a_in_place(panels: usize, rows: usize, kc: usize, size: usiz
 
 /// A packed product's kernel: its name, whether its features are available, its block and its
 /// (max rows per task, rows per micro-kernel); its output elements are O.
-pub(crate) struct Product<A: 'static, B: 'static, O: 'static = f32> {
+pub(crate) struct Product<A: 'static, B, O: 'static = f32> {
     pub name: &'static str,
     pub available: fn() -> bool,
     pub block: Block<A, B, O>,

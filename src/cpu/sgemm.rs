@@ -191,13 +191,148 @@ impl<E: PanelElem> Packed<E> {
     }
 }
 
+/// B as the kernel reads it: k x 32 micro-panels of f32, 64-byte aligned, zero beyond n.
+pub trait Panels: super::PackedOperand {
+    /// Rows k0 .. k0 + kc of panel p (kc x [`NR`] f32, each row of 32 64-byte aligned): where they
+    /// lie, or made in `buf`.
+    ///
+    /// # Safety
+    /// AVX-512F available; p < the panel count and k0 + kc <= k.
+    unsafe fn micro_panel<'a>(
+        &'a self,
+        p: usize,
+        k0: usize,
+        kc: usize,
+        buf: &'a mut Aligned<f32>,
+    ) -> &'a [f32];
+}
+
+impl<E: PanelElem> Panels for Packed<E> {
+    unsafe fn micro_panel<'a>(
+        &'a self,
+        p: usize,
+        k0: usize,
+        kc: usize,
+        buf: &'a mut Aligned<f32>,
+    ) -> &'a [f32] {
+        E::as_f32(&self.data[(p * self.k + k0) * NR..][..kc * NR], buf)
+    }
+}
+
+/// B given transposed, as a linear layer's (n x k) row-major weight, read where it lies (a file
+/// mapping): each micro-panel is made in a per-thread buffer as the product reaches it, holding
+/// the values a [`Packed`] panel of the layer holds, so the product is bit for bit the packed
+/// one's. No copy of the weight is made, for a layer that runs too few times to repay packing (a
+/// text encoder, once per prompt); every product pays the transposes instead (each value of the
+/// weight once per 448 rows of A, or per task).
+#[derive(Debug, Clone, Copy)]
+pub struct Rows<'a> {
+    w: RowValues<'a>,
+    k: usize,
+    n: usize,
+}
+
+/// What a [`Rows`] weight holds, and the values the product takes from it.
+#[derive(Debug, Clone, Copy)]
+pub enum RowValues<'a> {
+    /// f32, taken as they are (an f32 layer).
+    F32(&'a [f32]),
+    /// f32, taken rounded to bf16 as a bf16 layer's conversion rounds them ([`PackedBf16`] of
+    /// the rounded values).
+    F32AsBf16(&'a [f32]),
+    /// bf16, widened exactly ([`PackedBf16`]).
+    Bf16(&'a [bf16]),
+}
+
+impl RowValues<'_> {
+    fn len(&self) -> usize {
+        match self {
+            RowValues::F32(w) | RowValues::F32AsBf16(w) => w.len(),
+            RowValues::Bf16(w) => w.len(),
+        }
+    }
+
+    /// Whether a layer of this weight is a bf16 layer (bf16 panels).
+    pub fn bf16(&self) -> bool {
+        !matches!(self, RowValues::F32(_))
+    }
+}
+
+impl<'a> Rows<'a> {
+    /// Panics unless `w` holds n x k values.
+    pub fn new(w: RowValues<'a>, n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "weight is not {n} x {k}");
+        Self { w, k, n }
+    }
+}
+
+impl super::PackedOperand for Rows<'_> {
+    fn k(&self) -> usize {
+        self.k
+    }
+
+    fn n(&self) -> usize {
+        self.n
+    }
+
+    fn panels(&self) -> usize {
+        self.n.div_ceil(NR)
+    }
+}
+
+thread_local! {
+    /// Per-thread rows of a bf16 [`Rows`] weight, widened before their transpose.
+    static ROWS_WIDE: std::cell::RefCell<Aligned<f32>> = const { std::cell::RefCell::new(Aligned::new()) };
+}
+
+impl Panels for Rows<'_> {
+    unsafe fn micro_panel<'a>(
+        &'a self,
+        p: usize,
+        k0: usize,
+        kc: usize,
+        buf: &'a mut Aligned<f32>,
+    ) -> &'a [f32] {
+        let (rows, k) = (NR.min(self.n - p * NR), self.k);
+        assert!(k0 + kc <= k, "micro-panel beyond k");
+        buf.resize(kc * NR);
+        let transpose = |src: &[f32], lds: usize, buf: &mut Aligned<f32>| {
+            // (The weight's rows p NR .. + rows from column k0, or their widened copy.)
+            assert!(src.len() >= (rows - 1) * lds + kc, "weight rows too short");
+            // SAFETY: AVX-512F is available (the caller's contract); src holds `rows` rows of kc
+            // values at stride lds (asserted; rows >= 1 below n, p being below the panel count);
+            // buf holds kc rows of NR (resized above), written rows wide then zeros to NR.
+            unsafe {
+                super::transpose::transpose(src.as_ptr(), lds, (rows, kc), buf.as_mut_ptr(), NR, NR)
+            }
+        };
+        let at = p * NR * k + k0;
+        match self.w {
+            RowValues::F32(w) => transpose(&w[at..], k, buf),
+            RowValues::F32AsBf16(w) => {
+                transpose(&w[at..], k, buf);
+                super::elementwise::through_bf16(buf);
+            }
+            RowValues::Bf16(w) => ROWS_WIDE.with(|wide| {
+                let wide = &mut *wide.borrow_mut();
+                wide.resize(rows * kc);
+                for (r, dst) in wide.chunks_exact_mut(kc.max(1)).take(rows).enumerate() {
+                    super::elementwise::widen_bf16(&w[at + r * k..][..kc], &mut dst[..kc]);
+                }
+                transpose(wide, kc, buf);
+            }),
+        }
+        buf
+    }
+}
+
 /// `out (m x n, row stride ldo) = a (m x k, row stride lda) · b (+ bias)`, on the rayon pool.
 /// Panics if [`available`] is false or the slices are too short for the shapes.
-pub fn matmul<E: PanelElem>(
+pub fn matmul<B: Panels>(
     a: &[f32],
     m: usize,
     lda: usize,
-    b: &Packed<E>,
+    b: &B,
     bias: Option<&[f32]>,
     out: &mut [f32],
     ldo: usize,
@@ -210,33 +345,33 @@ pub fn matmul<E: PanelElem>(
 /// kernel taps, with no im2col copy. Each task runs all the taps over its block of rows, so the
 /// partial sums stay in cache. All `bs` have the same k and n. On the rayon pool.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_taps<E: PanelElem>(
+pub fn matmul_taps<B: Panels>(
     a: &[f32],
     offsets: &[usize],
     m: usize,
     lda: usize,
-    bs: &[Packed<E>],
+    bs: &[B],
     bias: Option<&[f32]>,
     out: &mut [f32],
     ldo: usize,
 ) {
-    product::<f32, E, f32, false>().taps(a, offsets, m, lda, bs, bias, out, ldo, false)
+    product::<f32, B, f32, false>().taps(a, offsets, m, lda, bs, bias, out, ldo, false)
 }
 
 /// `out (m x n, row stride ldo) = gelu_tanh(a (m x k, row stride lda) · b (+ bias))`: [`matmul`]
 /// with the tanh-GELU applied to each output tile in registers before the kernel stores it: the
 /// same values as [`super::elementwise::gelu_tanh_f32`] of the product, without a pass of its own.
 /// On the rayon pool; panics as [`matmul`] does.
-pub fn matmul_gelu<E: PanelElem>(
+pub fn matmul_gelu<B: Panels>(
     a: &[f32],
     m: usize,
     lda: usize,
-    b: &Packed<E>,
+    b: &B,
     bias: Option<&[f32]>,
     out: &mut [f32],
     ldo: usize,
 ) {
-    product::<f32, E, f32, true>().one(a, m, lda, b, bias, out, ldo, false)
+    product::<f32, B, f32, true>().one(a, m, lda, b, bias, out, ldo, false)
 }
 
 /// `out (m x n, row stride ldo) = a (m x k, row stride lda) · b (+ bias)` for bf16 in and out:
@@ -245,42 +380,35 @@ pub fn matmul_gelu<E: PanelElem>(
 /// widening A, [`matmul`], a rounding pass (and a bf16 GELU pass), without the f32 copies. On the
 /// rayon pool; panics as [`matmul`] does.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_bf16<E: PanelElem>(
+pub fn matmul_bf16<B: Panels>(
     a: &[bf16],
     m: usize,
     lda: usize,
-    b: &Packed<E>,
+    b: &B,
     bias: Option<&[f32]>,
     out: &mut [bf16],
     ldo: usize,
     gelu: bool,
 ) {
     let product = match gelu {
-        false => product::<bf16, E, bf16, false>(),
-        true => product::<bf16, E, bf16, true>(),
+        false => product::<bf16, B, bf16, false>(),
+        true => product::<bf16, B, bf16, true>(),
     };
     product.one(a, m, lda, b, bias, out, ldo, false)
 }
 
 /// `out (m x n, row stride ldo) += a (m x k, row stride lda) · b`, on the rayon pool (a second
 /// product added to a first, as a LoRA term to its layer's). Panics as [`matmul`] does.
-pub fn matmul_add<E: PanelElem>(
-    a: &[f32],
-    m: usize,
-    lda: usize,
-    b: &Packed<E>,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    product::<f32, E, f32, false>().one(a, m, lda, b, None, out, ldo, true)
+pub fn matmul_add<B: Panels>(a: &[f32], m: usize, lda: usize, b: &B, out: &mut [f32], ldo: usize) {
+    product::<f32, B, f32, false>().one(a, m, lda, b, None, out, ldo, true)
 }
 
 /// As [`matmul`] without bias, on the calling thread (for callers that parallelise outside).
-pub fn matmul_serial<E: PanelElem>(
+pub fn matmul_serial<B: Panels>(
     a: &[f32],
     m: usize,
     lda: usize,
-    b: &Packed<E>,
+    b: &B,
     out: &mut [f32],
     ldo: usize,
 ) {
@@ -289,15 +417,15 @@ pub fn matmul_serial<E: PanelElem>(
 
 /// [`matmul_serial`] for A of f32 or bf16 (widened exactly) into an f32 or bf16 output (each sum
 /// rounded once as the kernel stores it).
-pub(crate) fn matmul_serial_as<A: AElem, E: PanelElem, O: OutElem>(
+pub(crate) fn matmul_serial_as<A: AElem, B: Panels, O: OutElem>(
     a: &[A],
     m: usize,
     lda: usize,
-    b: &Packed<E>,
+    b: &B,
     out: &mut [O],
     ldo: usize,
 ) {
-    product::<A, E, O, false>().serial(a, m, lda, b, out, ldo)
+    product::<A, B, O, false>().serial(a, m, lda, b, out, ldo)
 }
 
 impl<E: PanelElem> super::PackedOperand for Packed<E> {
@@ -317,12 +445,11 @@ impl<E: PanelElem> super::PackedOperand for Packed<E> {
 /// This kernel as the shared drivers ([`super::Product`]) run it, for A of element A and output
 /// of element O; with `GELU`, the tanh-GELU applied to each output tile once its last block of k
 /// is in.
-fn product<A: AElem, E: PanelElem, O: OutElem, const GELU: bool>() -> super::Product<A, Packed<E>, O>
-{
+fn product<A: AElem, B: Panels, O: OutElem, const GELU: bool>() -> super::Product<A, B, O> {
     super::Product {
         name: "AVX-512",
         available,
-        block: block::<A, E, O, GELU>,
+        block: block::<A, B, O, GELU>,
         rows: (MC, MR),
     }
 }
@@ -386,11 +513,11 @@ thread_local! {
 /// and no other thread touches them during the call; hi <= the panel count. No alignment is
 /// required of a or out (unaligned loads and stores); b's panels are 64-byte aligned (`Aligned`).
 #[allow(clippy::too_many_arguments)]
-unsafe fn block<A: AElem, E: PanelElem, O: OutElem, const GELU: bool>(
+unsafe fn block<A: AElem, B: Panels, O: OutElem, const GELU: bool>(
     a: &[A],
     rows: usize,
     lda: usize,
-    b: &Packed<E>,
+    b: &B,
     lo: usize,
     hi: usize,
     bias: Option<&[f32]>,
@@ -398,7 +525,7 @@ unsafe fn block<A: AElem, E: PanelElem, O: OutElem, const GELU: bool>(
     ldo: usize,
     accumulate: bool,
 ) {
-    let k = b.k;
+    let (k, n) = (b.k(), b.n());
     let groups = rows.div_ceil(MR);
     let in_place = super::reads_a_in_place(hi - lo, rows, KC.min(k), size_of::<f32>());
     let dest = O::dest(out, ldo, GELU);
@@ -451,8 +578,10 @@ unsafe fn block<A: AElem, E: PanelElem, O: OutElem, const GELU: bool>(
                 true => kernel::run::<true>,
             };
             for p in lo..hi {
-                let cols = NR.min(b.n - p * NR);
-                let bp = E::as_f32(&b.data[(p * k + k0) * NR..][..kc * NR], &mut bw).as_ptr();
+                let cols = NR.min(n - p * NR);
+                // SAFETY: AVX-512F is available (the caller's contract); p < hi <= the panel
+                // count, and k0 + kc <= k.
+                let bp = unsafe { b.micro_panel(p, k0, kc, &mut bw) }.as_ptr();
                 let bias = match (last, bias) {
                     (true, Some(bias)) => bias[p * NR..].as_ptr(),
                     _ => std::ptr::null(),
@@ -677,6 +806,75 @@ mod tests {
             }
             let bt = crate::cpu::transpose(&w, n, k);
             assert_eq!(&PackedF32::from_kn(&bt, k, n).data[..], &packed.data[..]);
+        }
+    }
+
+    /// The weight read where it lies ([`Rows`]) gives the packed panels' products to the bit: with
+    /// bias, through the GELU, added to an output and serial, over partial last panels and k over
+    /// several blocks; and for a bf16 layer, from f32 values rounded as it goes or from bf16.
+    #[test]
+    fn sgemm_on_rows_equals_sgemm_on_packed_panels() {
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        for &(m, k, n) in SHAPES.iter().chain(&[(3, 40, 70), (30, 4200, 33)]) {
+            let (lda, ldo) = (k + 3, n + 5);
+            let a = random(m * lda, 4);
+            let w = random(n * k, 5);
+            let bias = random(n, 6);
+            let (packed, rows) = (
+                PackedF32::from_nk(&w, n, k),
+                Rows::new(RowValues::F32(&w), n, k),
+            );
+            let run = |f: &dyn Fn(&mut [f32])| {
+                let mut out = random(m * ldo, 7);
+                f(&mut out);
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let shape = format!("{m}x{k}x{n}");
+            assert_eq!(
+                run(&|o| matmul(&a, m, lda, &rows, Some(&bias), o, ldo)),
+                run(&|o| matmul(&a, m, lda, &packed, Some(&bias), o, ldo)),
+                "{shape}"
+            );
+            assert_eq!(
+                run(&|o| matmul_gelu(&a, m, lda, &rows, None, o, ldo)),
+                run(&|o| matmul_gelu(&a, m, lda, &packed, None, o, ldo)),
+                "{shape} gelu"
+            );
+            assert_eq!(
+                run(&|o| matmul_add(&a, m, lda, &rows, o, ldo)),
+                run(&|o| matmul_add(&a, m, lda, &packed, o, ldo)),
+                "{shape} add"
+            );
+            assert_eq!(
+                run(&|o| matmul_serial(&a, m, lda, &rows, o, ldo)),
+                run(&|o| matmul_serial(&a, m, lda, &packed, o, ldo)),
+                "{shape} serial"
+            );
+            // A bf16 layer: its bf16 weight, or an f32 weight rounded as the layer's conversion
+            // rounds it, against bf16 panels of the rounded values; f32 and bf16 A.
+            let wb: Vec<bf16> = w.iter().map(|&v| crate::cpu::round_bf16(v)).collect();
+            let packed = PackedBf16::from_nk(&wb, n, k);
+            let ab: Vec<bf16> = a.iter().map(|&v| crate::cpu::round_bf16(v)).collect();
+            for values in [RowValues::F32AsBf16(&w), RowValues::Bf16(&wb)] {
+                let rows = Rows::new(values, n, k);
+                assert_eq!(
+                    run(&|o| matmul(&a, m, lda, &rows, Some(&bias), o, ldo)),
+                    run(&|o| matmul(&a, m, lda, &packed, Some(&bias), o, ldo)),
+                    "{shape} {values:?}"
+                );
+                let bf = |b: &dyn Fn(&mut [bf16])| {
+                    let mut out = vec![bf16::NAN; m * ldo];
+                    b(&mut out);
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    bf(&|o| matmul_bf16(&ab, m, lda, &rows, Some(&bias), o, ldo, true)),
+                    bf(&|o| matmul_bf16(&ab, m, lda, &packed, Some(&bias), o, ldo, true)),
+                    "{shape} {values:?} bf16"
+                );
+            }
         }
     }
 

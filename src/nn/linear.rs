@@ -14,13 +14,14 @@ use super::quant;
 use crate::cpu::amx::{self, PackedB};
 use crate::cpu::dpbf16::{self, PackedPairs};
 use crate::cpu::qgemm::{self, QWeight};
-use crate::cpu::sgemm::{self, PackedBf16, PackedF32};
+use crate::cpu::sgemm::{self, PackedBf16, PackedF32, RowValues};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
 use std::cell::RefCell;
-use std::sync::{Arc, LazyLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 /// Where layers built inside [`with_source`] may read their weights' bytes: `read(name, f)` calls
 /// `f(dtype, shape, bytes)` with the bytes the weight files store for tensor `name` and returns
@@ -37,6 +38,20 @@ pub type Visit<'a> = dyn FnMut(DType, &[usize], &[u8], &dyn Fn(&[u8])) + 'a;
 
 thread_local! {
     static SOURCE: RefCell<Option<Source>> = const { RefCell::new(None) };
+    static IN_PLACE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `build` with every layer it makes from a [`with_source`] weight for the f32 kernel's panels
+/// (f32, and bf16 without AMX or a fast AVX512-BF16) reading that weight where the source holds it
+/// on its first [`IN_PLACE_RUNS`] products ([`sgemm::Rows`]), and packing it only on the next: for
+/// layers that may run too few times to repay the copy -- a text encoder runs once per prompt, and
+/// a copy's fresh pages cost more than the transposes its products make in place. The products are
+/// the packed ones, to the bit.
+pub fn read_in_place<T>(build: impl FnOnce() -> T) -> T {
+    let outer = IN_PLACE.with(|c| c.replace(true));
+    let out = build();
+    IN_PLACE.with(|c| c.set(outer));
+    out
 }
 
 /// Runs `build` with every [`linear`] it makes that packs its weight for a CPU kernel reading the
@@ -67,6 +82,9 @@ enum Kernel {
     Amx(Arc<Packed<PackedB>>),
     /// f32 on AVX-512.
     Avx512(Arc<Packed<PackedF32>>),
+    /// f32 (or bf16 on the f32 kernel's panels) on AVX-512, its first products reading the weight
+    /// where its file holds it, the next packing it ([`read_in_place`]).
+    Avx512InPlace(Arc<InPlace>),
     /// bf16 on AVX512-BF16 dot products, without AMX.
     Dpbf16(Arc<Packed<PackedPairs>>),
     /// bf16 on AVX-512 without AMX or AVX512-BF16: bf16 panels, f32 arithmetic.
@@ -107,11 +125,70 @@ impl<P: Send + 'static> Packed<P> {
 
     /// The packed weight, packing it first if this is its first use.
     fn weight(&self) -> Result<&P> {
-        LazyLock::force(&self.weight).as_ref().ok_or_else(|| {
-            candle_core::Error::Msg(
-                "a weight file changed while the model was loaded; load the model again".into(),
-            )
-        })
+        LazyLock::force(&self.weight).as_ref().ok_or_else(changed)
+    }
+}
+
+/// What a layer says when its source no longer hands out the weight it was built from.
+fn changed() -> candle_core::Error {
+    candle_core::Error::Msg(
+        "a weight file changed while the model was loaded; load the model again".into(),
+    )
+}
+
+/// A weight that its first [`IN_PLACE_RUNS`] products read where a [`Source`] holds it, and the
+/// next packs; whether the layer is bf16 (the f32 kernel on bf16 values: rounded from f32 bytes as
+/// they are read or packed), and the bias in f32.
+struct InPlace {
+    source: Source,
+    name: String,
+    n: usize,
+    k: usize,
+    bf16: bool,
+    bias: Option<Vec<f32>>,
+    /// Products begun so far.
+    runs: AtomicUsize,
+    /// The panels once packed (None: the source no longer had the weight).
+    packed: OnceLock<Option<InPlacePanels>>,
+}
+
+/// How many products of an [`InPlace`] layer read its weight in place before one packs it: a
+/// generation encodes at most two prompts (its own and classifier-free guidance's negative), so a
+/// single run never packs, and a layer that keeps running (a server, a batch, a benchmark's
+/// repeats) runs on packed panels from its third product.
+const IN_PLACE_RUNS: usize = 2;
+
+/// An [`InPlace`] layer's packed panels.
+enum InPlacePanels {
+    F32(PackedF32),
+    Bf16(PackedBf16),
+}
+
+impl InPlace {
+    /// The panels from the source, packed as a packed layer of the same dtype packs them.
+    fn pack(&self) -> Option<InPlacePanels> {
+        let (n, k, mut out) = (self.n, self.k, None);
+        (self.source)(&self.name, &mut |dtype, shape, bytes, done| {
+            if shape != [n, k] {
+                return;
+            }
+            out = match (dtype, self.bf16) {
+                (DType::F32, false) => values::<f32>(bytes).map(|w| {
+                    InPlacePanels::F32(PackedF32::from_nk_with(w, n, k, |r| done(bytes_of(r))))
+                }),
+                (_, true) => with_bf16(dtype, bytes, done, |w| {
+                    InPlacePanels::Bf16(PackedBf16::from_nk(w, n, k))
+                }),
+                _ => None,
+            };
+        });
+        out
+    }
+}
+
+impl std::fmt::Debug for InPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InPlace({}, {} x {})", self.name, self.n, self.k)
     }
 }
 
@@ -200,7 +277,21 @@ fn from_source(
         true => Some(vb.get(out_dim, "bias")?.to_dtype(DType::F32)?.to_vec1()?),
         false => None,
     };
-    Ok(Some(Linear::of(if want == DType::F32 {
+    // In place where the layer would run on the f32 kernel's panels (f32, or bf16 without AMX or
+    // AVX512-BF16, whose layouts are packed).
+    let panels = want == DType::F32 || !(cpu.amx || cpu.bf16_dot);
+    Ok(Some(Linear::of(if panels && IN_PLACE.with(|c| c.get()) {
+        Kernel::Avx512InPlace(Arc::new(InPlace {
+            source,
+            name,
+            n,
+            k,
+            bf16: want == DType::BF16,
+            bias,
+            runs: AtomicUsize::new(0),
+            packed: OnceLock::new(),
+        }))
+    } else if want == DType::F32 {
         Kernel::Avx512(Arc::new(Packed::deferred(
             deferred(source, name, move |_, b, done| {
                 values::<f32>(b).map(|w| PackedF32::from_nk_with(w, n, k, |r| done(bytes_of(r))))
@@ -419,7 +510,10 @@ impl Linear {
     pub fn is_avx512(&self) -> bool {
         matches!(
             self.kernel,
-            Kernel::Avx512(_) | Kernel::Avx512Bf16(_) | Kernel::Dpbf16(_)
+            Kernel::Avx512(_)
+                | Kernel::Avx512InPlace(_)
+                | Kernel::Avx512Bf16(_)
+                | Kernel::Dpbf16(_)
         )
     }
 
@@ -435,6 +529,7 @@ impl Linear {
                 })
             }
             Kernel::Avx512(p) => sgemm_forward(x, p, None, false, "AVX-512"),
+            Kernel::Avx512InPlace(w) => rows_forward(x, w, None, false),
             Kernel::Avx512Bf16(p) => sgemm_forward(x, p, None, false, "AVX-512 bf16"),
             Kernel::Dpbf16(p) => dpbf16_forward(x, p, None, false),
             Kernel::Blocks(p) => {
@@ -479,6 +574,7 @@ impl Linear {
         let lora = self.lora.as_ref().and_then(|s| s.get()).is_some();
         match &self.kernel {
             Kernel::Avx512(p) if !lora => sgemm_forward(x, p, None, true, "AVX-512"),
+            Kernel::Avx512InPlace(w) if !lora => rows_forward(x, w, None, true),
             Kernel::Avx512Bf16(p) if !lora => sgemm_forward(x, p, None, true, "AVX-512 bf16"),
             Kernel::Dpbf16(p) if !lora => dpbf16_forward(x, p, None, true),
             _ => super::activation::gelu_tanh(&self.forward(x)?),
@@ -497,9 +593,32 @@ fn sgemm_forward<E: sgemm::PanelElem>(
     gelu: bool,
     kernel: &str,
 ) -> Result<Tensor> {
-    let w = p.weight()?;
+    let panels = Panels {
+        w: p.weight()?,
+        bf16: E::BF16,
+        bias: p.bias.as_deref(),
+    };
+    panels_forward(x, panels, delta, gelu, kernel)
+}
+
+/// B of the AVX-512 kernel as a layer holds it: packed panels or its weight where a file holds it
+/// (`w`), whether the panels hold bf16 (the layer's dtype), the bias in f32.
+struct Panels<'a, B> {
+    w: &'a B,
+    bf16: bool,
+    bias: Option<&'a [f32]>,
+}
+
+/// [`sgemm_forward`] on any operand of the kernel.
+fn panels_forward<B: sgemm::Panels>(
+    x: &Tensor,
+    Panels { w, bf16, bias }: Panels<B>,
+    delta: Option<&lora::Delta>,
+    gelu: bool,
+    kernel: &str,
+) -> Result<Tensor> {
     let (k, n) = (w.k(), w.n());
-    let want = if E::BF16 { DType::BF16 } else { DType::F32 };
+    let want = if bf16 { DType::BF16 } else { DType::F32 };
     if x.dtype() != want {
         candle_core::bail!("{kernel} linear ({k} -> {n}) given {:?}", x.dtype());
     }
@@ -507,8 +626,7 @@ fn sgemm_forward<E: sgemm::PanelElem>(
         !gelu || delta.is_none(),
         "the GELU is folded only without a LoRA term"
     );
-    let bias = p.bias.as_deref();
-    if E::BF16 && delta.is_none() {
+    if bf16 && delta.is_none() {
         return packed_forward::<bf16>(x, k, n, kernel, |a, m, out| {
             sgemm::matmul_bf16(a, m, k, w, bias, out, n, gelu)
         });
@@ -525,6 +643,58 @@ fn sgemm_forward<E: sgemm::PanelElem>(
         }
     })?;
     y.to_dtype(want)
+}
+
+/// An [`InPlace`] layer's product, through [`panels_forward`]: on its weight where the source
+/// holds it ([`sgemm::Rows`]) for its first [`IN_PLACE_RUNS`] products, on panels packed by the
+/// next after; an error when the source no longer hands out its n x k values.
+fn rows_forward(
+    x: &Tensor,
+    w: &InPlace,
+    delta: Option<&lora::Delta>,
+    gelu: bool,
+) -> Result<Tensor> {
+    let kernel = if w.bf16 { "AVX-512 bf16" } else { "AVX-512" };
+    let bias = w.bias.as_deref();
+    if w.runs.fetch_add(1, Ordering::Relaxed) >= IN_PLACE_RUNS {
+        return match w.packed.get_or_init(|| w.pack()).as_ref() {
+            Some(InPlacePanels::F32(p)) => {
+                let panels = Panels {
+                    w: p,
+                    bf16: false,
+                    bias,
+                };
+                panels_forward(x, panels, delta, gelu, kernel)
+            }
+            Some(InPlacePanels::Bf16(p)) => {
+                let panels = Panels {
+                    w: p,
+                    bf16: true,
+                    bias,
+                };
+                panels_forward(x, panels, delta, gelu, kernel)
+            }
+            None => Err(changed()),
+        };
+    }
+    let mut out = None;
+    (w.source)(&w.name, &mut |dtype, shape, bytes, _| {
+        let values = match (dtype, w.bf16) {
+            (DType::F32, false) => values::<f32>(bytes).map(RowValues::F32),
+            (DType::F32, true) => values::<f32>(bytes).map(RowValues::F32AsBf16),
+            (DType::BF16, true) => values::<bf16>(bytes).map(RowValues::Bf16),
+            _ => None,
+        };
+        if let (Some(values), true) = (values, shape == [w.n, w.k]) {
+            let panels = Panels {
+                w: &sgemm::Rows::new(values, w.n, w.k),
+                bf16: w.bf16,
+                bias,
+            };
+            out = Some(panels_forward(x, panels, delta, gelu, kernel));
+        }
+    });
+    out.unwrap_or_else(|| Err(changed()))
 }
 
 /// A layer on the AVX512-BF16 kernel: bf16 in, f32 sums rounded once as the kernel stores them
@@ -564,6 +734,9 @@ impl Module for Linear {
             }
             Kernel::Avx512Bf16(p) if delta.is_packed() => {
                 sgemm_forward(x, p, Some(&delta), false, "AVX-512 bf16")
+            }
+            Kernel::Avx512InPlace(w) if delta.is_packed() => {
+                rows_forward(x, w, Some(&delta), false)
             }
             Kernel::Dpbf16(p) if delta.is_packed() => dpbf16_forward(x, p, Some(&delta), false),
             _ => self.product(x)? + delta.forward(x)?,
@@ -968,6 +1141,142 @@ mod tests {
         });
         let err = gone.forward(&x).unwrap_err().to_string();
         assert!(err.contains("load the model again"), "{err}");
+    }
+
+    /// Layers built inside [`read_in_place`] read the source's bytes on each of their first
+    /// products and pack on the next: the packed layer's outputs to the bit (plain, through the
+    /// GELU, with a LoRA term, in place and packed), one visit of the source per product in place
+    /// and one for the packing, for f32 layers and for bf16 layers on the f32 kernel's panels (from
+    /// bf16 bytes, and from f32 bytes rounded); a source that no longer has the weight gives an
+    /// error, in place or packing. bf16 layers on AMX or AVX512-BF16 pack on their first product.
+    #[test]
+    fn in_place_layers_equal_packed_layers() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        // Past a block of k and a partial last panel.
+        let (n, k) = (70, 2100);
+        let (w, b) = (normal((n, k), 0.03, 51), normal(n, 1.0, 52));
+        let bits = |t: Tensor| {
+            let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            t.to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f32::to_bits)
+                .collect::<Vec<_>>()
+        };
+        let visits = Arc::new(AtomicUsize::new(0));
+        let source = |file: DType, last: usize| -> Source {
+            let (bytes, visits) = (file_bytes(&w, file), visits.clone());
+            Arc::new(move |name: &str, f: &mut Visit| {
+                let visit = visits.fetch_add(1, SeqCst);
+                if name != "l.weight" || visit >= last {
+                    return false;
+                }
+                f(file, &[n, k], &bytes, &|_| ());
+                true
+            })
+        };
+        let build = |run: DType, source: Source, in_place: bool| {
+            let vb = VarBuilder::from_tensors(
+                [
+                    (
+                        "l.weight".to_string(),
+                        w.zeros_like().unwrap().to_dtype(run).unwrap(),
+                    ),
+                    ("l.bias".to_string(), b.to_dtype(run).unwrap()),
+                ]
+                .into_iter()
+                .collect(),
+                run,
+                &Device::Cpu,
+            );
+            let make = || with_source(Some(source), || linear(k, n, vb.pp("l")).unwrap());
+            let (l, slots) = match in_place {
+                true => read_in_place(|| lora::collect(make)),
+                false => lora::collect(make),
+            };
+            assert_eq!(slots.keys().collect::<Vec<_>>(), ["l"]);
+            l
+        };
+        let cpu = crate::cpu::features();
+        for (run, file) in [
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::BF16),
+            (DType::BF16, DType::F32),
+        ] {
+            let case = format!("{run:?} from {file:?}");
+            let x = normal((3, 5, k), 1.0, 53).to_dtype(run).unwrap();
+            let packed = build(run, source(file, usize::MAX), false);
+            let before = visits.load(SeqCst);
+            let in_place = build(run, source(file, usize::MAX), true);
+            assert_eq!(
+                visits.load(SeqCst),
+                before + 1,
+                "{case}: built on the dtype and shape"
+            );
+            let panels = run == DType::F32 || !(cpu.amx || cpu.bf16_dot);
+            assert_eq!(
+                matches!(in_place.kernel, Kernel::Avx512InPlace(_)),
+                panels,
+                "{case}"
+            );
+            let before = visits.load(SeqCst);
+            assert_eq!(
+                bits(in_place.forward(&x).unwrap()),
+                bits(packed.forward(&x).unwrap()),
+                "{case}"
+            );
+            assert_eq!(
+                bits(in_place.forward_gelu(&x).unwrap()),
+                bits(packed.forward_gelu(&x).unwrap()),
+                "{case}: GELU"
+            );
+            // The in-place layer's two products (when in place) and the packing of each layer on
+            // its first.
+            let want = if panels { 3 } else { 2 };
+            assert_eq!(
+                visits.load(SeqCst),
+                before + want,
+                "{case}: a visit per product"
+            );
+            let (down, up) = (normal((3, k), 0.3, 54), normal((n, 3), 0.3, 55));
+            let delta = lora::Delta::new(&[(down, up, 0.7)], &Device::Cpu)
+                .unwrap()
+                .unwrap();
+            for l in [&packed, &in_place] {
+                l.lora.as_ref().unwrap().set(Some(delta.clone()));
+            }
+            // The third product packs (one more visit), the fourth runs on the panels.
+            let before = visits.load(SeqCst);
+            for product in [3, 4] {
+                assert_eq!(
+                    bits(in_place.forward(&x).unwrap()),
+                    bits(packed.forward(&x).unwrap()),
+                    "{case}: LoRA, product {product}"
+                );
+            }
+            assert_eq!(
+                visits.load(SeqCst),
+                before + usize::from(panels),
+                "{case}: packed once"
+            );
+            // A source without the weight at the first product, and (in place) at the packing.
+            for runs in [0, IN_PLACE_RUNS] {
+                let gone = build(run, source(file, visits.load(SeqCst) + 1 + runs), true);
+                for _ in 0..runs {
+                    gone.forward(&x).unwrap();
+                }
+                match gone.forward(&x) {
+                    Err(e) => assert!(e.to_string().contains("load the model again"), "{e}"),
+                    Ok(_) => panic!("{case}: a product without its weight"),
+                }
+                if !panels {
+                    break;
+                }
+            }
+        }
     }
 
     /// Quantized layers against the f32 product, relative RMS error by type (the activations are

@@ -8,6 +8,7 @@ use crate::loader::audit::{Audit, ShapeBackend, TensorMeta};
 use crate::loader::single::{Mapping, SingleFile};
 use crate::loader::{self, FileSource};
 use crate::lora::{LoraSet, MergeBackend};
+use crate::nn::linear::read_in_place;
 use crate::text::clip::ClipText;
 use crate::text::lm::{LmEncoder, LmKind};
 use crate::text::t5::T5Encoder;
@@ -392,7 +393,8 @@ impl TextPart {
 }
 
 /// Loads a family's text encoders and tokenizers at the run's device and dtype (T5 in
-/// [`t5_dtype`]).
+/// [`t5_dtype`]). They run once per prompt: their f32 layers on the AVX-512 kernel read their
+/// weights where the files hold them rather than packing copies ([`read_in_place`]).
 pub struct TextLoader<'a> {
     pub(super) weights: Weights<'a>,
     pub device: Device,
@@ -401,8 +403,10 @@ pub struct TextLoader<'a> {
 
 impl TextLoader<'_> {
     pub fn clip(&self, p: &ClipPart) -> Result<(ClipText, TextTokenizer)> {
-        let model = self.weights.load(p.dir, self.dtype, &self.device, |vb| {
-            ClipText::new(&p.config, p.projection, vb)
+        let model = read_in_place(|| {
+            self.weights.load(p.dir, self.dtype, &self.device, |vb| {
+                ClipText::new(&p.config, p.projection, vb)
+            })
         })?;
         Ok((model, self.tokenizer(p.tokenizer)?))
     }
@@ -422,16 +426,20 @@ impl TextLoader<'_> {
             )));
         }
         let model = crate::nn::quant::with_stored(blocks.map(stored), || {
-            self.weights
-                .load(p.dir, dtype, &self.device, |vb| T5Encoder::new(vb, &cfg))
+            read_in_place(|| {
+                self.weights
+                    .load(p.dir, dtype, &self.device, |vb| T5Encoder::new(vb, &cfg))
+            })
         })?;
         Ok((model, self.tokenizer(p.tokenizer)?))
     }
 
     /// A language model at the run's dtype, taking `p.layers`.
     pub fn lm(&self, p: &LmPart) -> Result<(LmEncoder, TextTokenizer)> {
-        let model = self.weights.load(p.dir, self.dtype, &self.device, |vb| {
-            LmEncoder::new(&p.config, p.kind, &p.layers, vb)
+        let model = read_in_place(|| {
+            self.weights.load(p.dir, self.dtype, &self.device, |vb| {
+                LmEncoder::new(&p.config, p.kind, &p.layers, vb)
+            })
         })?;
         Ok((model, self.tokenizer(p.tokenizer)?))
     }

@@ -217,9 +217,10 @@ fn generate(file: &Path) -> (Option<i32>, String) {
 
 /// A one-tensor file (`t`, F32, 4 values, no metadata) for byte-level damage: the tensor count is
 /// at 8, the metadata count at 16, the tensor's dimension count at 33, its dimension at 37, its
-/// type at 45.
-fn small() -> Vec<u8> {
-    let p = tmp("gguf_small").join("small.gguf");
+/// type at 45. Written in `test`'s own folder: tests run in parallel, and `tmp` clears a folder
+/// another test may be writing in.
+fn small(test: &str) -> Vec<u8> {
+    let p = tmp(&format!("{test}_small")).join("small.gguf");
     let q = QTensor::quantize(
         &Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
         GgmlDType::F32,
@@ -230,7 +231,7 @@ fn small() -> Vec<u8> {
 }
 
 fn damaged(test: &str, edit: impl FnOnce(&mut Vec<u8>)) -> (Option<i32>, String) {
-    let mut b = small();
+    let mut b = small(test);
     edit(&mut b);
     let p = tmp(test).join("model.gguf");
     std::fs::write(&p, &b).unwrap();

@@ -593,10 +593,22 @@ fn sgemm_forward<E: sgemm::PanelElem>(
     gelu: bool,
     kernel: &str,
 ) -> Result<Tensor> {
+    packed_panels_forward(x, p.weight()?, p.bias.as_deref(), delta, gelu, kernel)
+}
+
+/// [`panels_forward`] on packed panels (f32 or bf16: the layer's dtype).
+fn packed_panels_forward<E: sgemm::PanelElem>(
+    x: &Tensor,
+    w: &sgemm::Packed<E>,
+    bias: Option<&[f32]>,
+    delta: Option<&lora::Delta>,
+    gelu: bool,
+    kernel: &str,
+) -> Result<Tensor> {
     let panels = Panels {
-        w: p.weight()?,
+        w,
         bf16: E::BF16,
-        bias: p.bias.as_deref(),
+        bias,
     };
     panels_forward(x, panels, delta, gelu, kernel)
 }
@@ -658,22 +670,8 @@ fn rows_forward(
     let bias = w.bias.as_deref();
     if w.runs.fetch_add(1, Ordering::Relaxed) >= IN_PLACE_RUNS {
         return match w.packed.get_or_init(|| w.pack()).as_ref() {
-            Some(InPlacePanels::F32(p)) => {
-                let panels = Panels {
-                    w: p,
-                    bf16: false,
-                    bias,
-                };
-                panels_forward(x, panels, delta, gelu, kernel)
-            }
-            Some(InPlacePanels::Bf16(p)) => {
-                let panels = Panels {
-                    w: p,
-                    bf16: true,
-                    bias,
-                };
-                panels_forward(x, panels, delta, gelu, kernel)
-            }
+            Some(InPlacePanels::F32(p)) => packed_panels_forward(x, p, bias, delta, gelu, kernel),
+            Some(InPlacePanels::Bf16(p)) => packed_panels_forward(x, p, bias, delta, gelu, kernel),
             None => Err(changed()),
         };
     }

@@ -1293,32 +1293,50 @@ fn replicas_behind_nginx_share_the_requests() {
 }
 
 /// SIGTERM: the server stops accepting, finishes the running request, answers the queued one 503
-/// and exits 0.
+/// and exits 0. The running job is sized from a short job's step time to last about three seconds
+/// on this machine (a fixed size finished before the signal on fast CPUs, or took minutes on
+/// slow ones), and the signal is sent once it has taken a step and the second job is queued.
 #[test]
 fn sigterm_finishes_the_running_request_and_refuses_the_queued() {
     let s = Server::start(&["--model", "demo"]);
+    let metric = |name: &str| -> f64 {
+        let (code, body) = s.get("/metrics", &[]);
+        assert_eq!(code, 200);
+        let text = String::from_utf8_lossy(&body).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    // Waits (at most 60 s) until `ok` holds of the metric.
+    let wait_for = |name: &str, ok: &dyn Fn(f64) -> bool| {
+        let t0 = Instant::now();
+        while !ok(metric(name)) {
+            assert!(t0.elapsed() < Duration::from_secs(60), "{name} stuck");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let body = |steps: usize| serde_json::json!({"prompt": "x", "size": "128x128", "steps": steps});
+    let (code, out) = s.generate(&body(4), &[]);
+    assert_eq!(code, 200, "{out}");
+    let per_step = metric("mmdit_step_seconds_sum") / metric("mmdit_step_seconds_count");
+    let steps = ((3.0 / per_step.max(1e-4)) as usize).clamp(8, 1000);
     let url = format!("{}/v1/images/generations", s.url);
-    let post = |steps: u32| {
-        let url = url.clone();
-        let body =
-            serde_json::json!({"prompt": "x", "size": "256x256", "steps": steps}).to_string();
+    let post = |steps: usize| {
+        let (url, body) = (url.clone(), body(steps).to_string());
         std::thread::spawn(move || {
-            curl(
-                &url,
-                &[
-                    "-H",
-                    "Content-Type: application/json",
-                    "--data-binary",
-                    &body,
-                ],
-                120,
-            )
+            let args = [
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &body,
+            ];
+            curl(&url, &args, 120)
         })
     };
-    let running = post(60);
-    std::thread::sleep(Duration::from_millis(700));
-    let queued = post(60);
-    std::thread::sleep(Duration::from_millis(700));
+    let running = post(steps);
+    wait_for("mmdit_step_seconds_count", &|n| n > 4.0);
+    let queued = post(steps);
+    wait_for("mmdit_queue_depth", &|n| n >= 1.0);
     let log = s.log.clone();
     assert_eq!(s.stop(), Some(0), "{:?}", log.lock().unwrap());
     let (code, out) = running.join().unwrap();

@@ -13,6 +13,12 @@
 //!
 //! Images kept channels-last between layers ([`PackedConv2d::forward_channels_last`]) skip both
 //! layout changes: the band is a copy of whole rows and the result a copy without the padding.
+//!
+//! Where AVX-512 is missing (AVX2 CPUs, other architectures) the same band is multiplied by the
+//! `gemm` crate (candle's own matrix product), one product per row of the kernel: for a kernel row
+//! dy the k taps' inputs of an output pixel are k neighbouring pixels, k x c_in values side by
+//! side in the band, so the band read from a shifted start at a stride of one pixel is the left
+//! operand, without a copy ([`Taps::Gemm`]).
 
 use super::dpbf16::{self, PackedPairs};
 use super::group_norm::ChannelAffine;
@@ -41,6 +47,9 @@ enum Taps {
     F32(Vec<PackedF32>),
     Bf16Weights(Vec<PackedBf16>),
     Bf16(Vec<PackedPairs>),
+    /// f32 for the `gemm` crate: per kernel row dy, a (k c_in) x c_out row-major matrix whose row
+    /// dx c_in + i holds the weights of input channel i at tap (dy, dx).
+    Gemm(Vec<Vec<f32>>),
 }
 
 /// The operands of a packed convolution's products (sums are f32 either way).
@@ -54,19 +63,21 @@ pub enum Operands {
 }
 
 impl PackedConv2d {
-    /// From PyTorch's weight layout (c_out, c_in, k, k) and an optional bias (c_out). Panics if
-    /// the kernel of `operands` is not available ([`sgemm::available`], [`dpbf16::available`]) or
-    /// the lengths do not match.
+    /// From PyTorch's weight layout (c_out, c_in, k, k) and an optional bias (c_out). Where
+    /// AVX-512 is missing ([`sgemm::available`]) the `gemm` crate's f32 kernel whatever the
+    /// operands ([`Self::on_gemm`]). Panics if `operands` need AVX512-BF16 that is not available
+    /// ([`dpbf16::available`]) or the lengths do not match.
     pub fn new(
         weight: &[f32],
         bias: Option<Vec<f32>>,
-        (cout, cin, ksize, pad): (usize, usize, usize, usize),
+        dims: (usize, usize, usize, usize),
         operands: Operands,
     ) -> Self {
-        assert_eq!(weight.len(), cout * cin * ksize * ksize, "weight length");
-        if let Some(b) = &bias {
-            assert_eq!(b.len(), cout, "bias length");
+        if !sgemm::available() {
+            return Self::on_gemm(weight, bias, dims);
         }
+        let (cout, cin, ksize, pad) = dims;
+        Self::check(weight, bias.as_deref(), dims);
         let kk = ksize * ksize;
         let tap = |t: usize| (0..cout * cin).map(move |oi| weight[oi * kk + t]);
         let taps = match operands {
@@ -102,6 +113,47 @@ impl PackedConv2d {
         }
     }
 
+    /// [`Self::new`] on the `gemm` crate's f32 kernel, on any CPU: the weights kept f32.
+    pub fn on_gemm(
+        weight: &[f32],
+        bias: Option<Vec<f32>>,
+        dims: (usize, usize, usize, usize),
+    ) -> Self {
+        let (cout, cin, ksize, pad) = dims;
+        Self::check(weight, bias.as_deref(), dims);
+        // Row dy: [dx cin + i][o] = weight[o][i][dy][dx].
+        let row = |dy: usize| {
+            let mut m = vec![0f32; ksize * cin * cout];
+            for (r, dst) in m.chunks_exact_mut(cout.max(1)).enumerate() {
+                let (dx, i) = (r / cin, r % cin);
+                for (o, d) in dst.iter_mut().enumerate() {
+                    *d = weight[((o * cin + i) * ksize + dy) * ksize + dx];
+                }
+            }
+            m
+        };
+        Self {
+            cin,
+            cout,
+            ksize,
+            pad,
+            taps: Taps::Gemm((0..ksize).map(row).collect()),
+            bias,
+        }
+    }
+
+    /// Panics unless weight holds (c_out, c_in, k, k) values and bias (if any) c_out.
+    fn check(
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        (cout, cin, ksize, _): (usize, usize, usize, usize),
+    ) {
+        assert_eq!(weight.len(), cout * cin * ksize * ksize, "weight length");
+        if let Some(b) = bias {
+            assert_eq!(b.len(), cout, "bias length");
+        }
+    }
+
     pub fn cin(&self) -> usize {
         self.cin
     }
@@ -119,7 +171,7 @@ impl PackedConv2d {
     /// The operands its products take.
     pub fn operands(&self) -> Operands {
         match self.taps {
-            Taps::F32(_) => Operands::F32,
+            Taps::F32(_) | Taps::Gemm(_) => Operands::F32,
             Taps::Bf16Weights(_) => Operands::Bf16Weights,
             Taps::Bf16(_) => Operands::Bf16,
         }
@@ -154,6 +206,7 @@ impl PackedConv2d {
         match &self.taps {
             Taps::F32(taps) => self.forward_f32(x, b, (h, w), input, taps),
             Taps::Bf16Weights(taps) => self.forward_f32(x, b, (h, w), input, taps),
+            Taps::Gemm(rows) => self.forward_gemm(x, b, (h, w), input, rows),
             Taps::Bf16(taps) => {
                 let (cin, round) = (self.cin, super::round_bf16);
                 self.forward_with(
@@ -188,6 +241,7 @@ impl PackedConv2d {
         taps: &[sgemm::Packed<E>],
     ) -> Vec<f32> {
         let (bias, cin) = (self.bias.as_deref(), self.cin);
+        assert!(sgemm::available(), "convolution kernels need AVX-512");
         if matches!(input, Input::Last) && self.ksize == 1 && self.pad == 0 {
             // A 1x1 convolution of channels-last images is one product over all their pixels.
             assert_eq!(x.len(), b * h * w * cin, "input length");
@@ -210,7 +264,7 @@ impl PackedConv2d {
                     Input::First => {}
                 }
                 assert!(x.len() >= cin * h * w && row.len() >= w * cin && y < h);
-                // SAFETY: AVX-512 is available (forward_with's assert); channel c's row y is w
+                // SAFETY: AVX-512 is available (asserted above); channel c's row y is w
                 // values at c h w + y w of x, pixel xx's channels cin values at xx cin of row
                 // (asserted lengths).
                 unsafe {
@@ -230,6 +284,86 @@ impl PackedConv2d {
         )
     }
 
+    /// [`Self::forward_in`] on the `gemm` crate: per kernel row, the band read from that row's
+    /// first tap at a stride of one pixel (k c_in values per output pixel) times the row's
+    /// weights, added up in the output, which starts as the bias.
+    fn forward_gemm(
+        &self,
+        x: &[f32],
+        b: usize,
+        (h, w): (usize, usize),
+        input: Input,
+        rows: &[Vec<f32>],
+    ) -> Vec<f32> {
+        let (cin, cout, k) = (self.cin, self.cout, self.ksize);
+        let product = |img: &[f32], offsets: &[usize], m: usize, prod: &mut [f32]| {
+            assert!(prod.len() >= m * cout && rows.len() == k);
+            match &self.bias {
+                Some(bias) => prod[..m * cout]
+                    .par_chunks_mut(cout.max(1))
+                    .for_each(|r| r.copy_from_slice(bias)),
+                None => prod[..m * cout].fill(0.0),
+            }
+            for (dy, weights) in rows.iter().enumerate() {
+                let start = offsets.get(dy * k).copied().unwrap_or(0);
+                // Output pixel r reads k cin values from start + r cin.
+                assert!(m == 0 || start + (m - 1) * cin + k * cin <= img.len());
+                assert_eq!(weights.len(), k * cin * cout);
+                // SAFETY: the left operand, m x (k cin) at row stride cin and column stride 1,
+                // lies inside img (asserted; rows overlap, which a read-only operand allows); the
+                // right, (k cin) x cout row-major, is `weights` (asserted); the output m x cout
+                // row-major lies in prod (asserted), which nothing else touches meanwhile.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        cout,
+                        k * cin,
+                        prod.as_mut_ptr(),
+                        1,
+                        cout as isize,
+                        true,
+                        img.as_ptr().add(start),
+                        1,
+                        cin as isize,
+                        weights.as_ptr(),
+                        1,
+                        cout as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism(m * cout * k * cin),
+                    )
+                }
+            }
+        };
+        if matches!(input, Input::Last) && k == 1 && self.pad == 0 {
+            // A 1x1 convolution of channels-last images is one product over all their pixels.
+            assert_eq!(x.len(), b * h * w * cin, "input length");
+            let mut out = vec![0f32; b * h * w * cout];
+            if !out.is_empty() {
+                product(x, &[0], b * h * w, &mut out);
+            }
+            return out;
+        }
+        self.forward_with(
+            x,
+            b,
+            (h, w),
+            input,
+            |x, i, y, row: &mut [f32]| {
+                let src = || &x[y * w * cin..][..w * cin];
+                match input {
+                    Input::Last => row.copy_from_slice(src()),
+                    Input::LastAfter(norm) => norm.apply(i, src(), row),
+                    Input::First => fill_row(x, (cin, h, w), y, row, |v| v),
+                }
+            },
+            product,
+        )
+    }
+
     /// [`Self::forward_in`] with the band copied as `T` (`fill(image, i, y, row)` writes input
     /// row y of image i channels-last into the w x cin values of `row`) and the taps' sum
     /// `product(band, offsets, rows, out)`; the output channels-last unless the input is
@@ -246,7 +380,7 @@ impl PackedConv2d {
         let last = !matches!(input, Input::First);
         let (cin, cout, k, p) = (self.cin, self.cout, self.ksize, self.pad);
         assert_eq!(x.len(), b * cin * h * w, "input length");
-        assert!(sgemm::available(), "convolution kernels need AVX-512");
+        let avx512 = sgemm::available();
         let (ho, wo) = self
             .output_size(h, w)
             .expect("kernel larger than the image");
@@ -307,18 +441,25 @@ impl PackedConv2d {
                     .for_each(|(i, row)| {
                         let y = y0 + i;
                         assert!(row.len() >= wo * cout && y < ho);
-                        // SAFETY: AVX-512 is available (asserted above); row holds wo pixels of
-                        // cout channels (asserted); channel o's pixels 0 .. wo of row y are out's
-                        // o plane + y wo .. + wo (o < cout, y < ho), which only this task writes.
-                        unsafe {
-                            super::transpose::transpose(
-                                row.as_ptr(),
-                                cout,
-                                (wo, cout),
-                                optr.get().add(y * wo),
-                                plane,
-                                wo,
-                            )
+                        let at = optr.get().wrapping_add(y * wo);
+                        if avx512 {
+                            // SAFETY: AVX-512 is available (checked above); row holds wo pixels
+                            // of cout channels (asserted); channel o's pixels 0 .. wo of row y
+                            // are out's o plane + y wo .. + wo (o < cout, y < ho), which only
+                            // this task writes.
+                            unsafe {
+                                super::transpose::transpose(
+                                    row.as_ptr(),
+                                    cout,
+                                    (wo, cout),
+                                    at,
+                                    plane,
+                                    wo,
+                                )
+                            }
+                        } else {
+                            // SAFETY: as above, without the AVX-512 condition.
+                            unsafe { spill_row(&row[..wo * cout], (wo, cout), at, plane) }
                         }
                     });
             }
@@ -365,25 +506,57 @@ fn fill_row<T: Copy>(
     }
 }
 
+/// One output row channels-last (`row`: wo pixels x cout) into channels-first planes: channel o's
+/// pixel xx to `at + o plane + xx`, in tiles of 16 pixels x 16 channels ([`fill_row`]'s reverse).
+///
+/// # Safety
+/// `at + o plane + xx` must be valid for writes for o < cout, xx < wo, and no other thread may
+/// touch those places during the call.
+unsafe fn spill_row(row: &[f32], (wo, cout): (usize, usize), at: *mut f32, plane: usize) {
+    assert!(row.len() >= wo * cout);
+    for x0 in (0..wo).step_by(TILE) {
+        for o0 in (0..cout).step_by(TILE) {
+            for o in o0..(o0 + TILE).min(cout) {
+                for xx in x0..(x0 + TILE).min(wo) {
+                    // SAFETY: o < cout and xx < wo: inside what the caller vouches for.
+                    unsafe { at.add(o * plane + xx).write(row[xx * cout + o]) };
+                }
+            }
+        }
+    }
+}
+
+/// The `gemm` crate's threading for a product of `work` multiply-adds: the rayon pool's threads,
+/// but one below a million (the pool's hand-off would cost more than it saves).
+fn parallelism(work: usize) -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        n if n > 1 && work >= 1 << 20 => gemm::Parallelism::Rayon(n),
+        _ => gemm::Parallelism::None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Tensor;
 
     /// Against candle's conv2d (im2col) on odd sizes, 3x3 with padding 1 and 1x1 without, batch 2:
-    /// f32, and bf16 weights against candle's convolution with the weights rounded to bf16 (the
-    /// input f32).
+    /// on the `gemm` crate (any CPU); with AVX-512, f32, and bf16 weights against candle's
+    /// convolution with the weights rounded to bf16 (the input f32).
     #[test]
     fn conv_equals_candles() {
+        conv_equals_candles_with(None);
         if !crate::cpu::test_has("avx512") {
             return;
         }
         for operands in [Operands::F32, Operands::Bf16Weights] {
-            conv_equals_candles_with(operands);
+            conv_equals_candles_with(Some(operands));
         }
     }
 
-    fn conv_equals_candles_with(operands: Operands) {
+    /// Packed for `operands`, or on the `gemm` crate with None.
+    fn conv_equals_candles_with(kernel: Option<Operands>) {
+        let operands = kernel.unwrap_or(Operands::F32);
         for &(b, cin, cout, h, w, k, p) in &[
             (2, 5, 7, 9, 13, 3, 1),
             (1, 40, 33, 17, 6, 3, 1),
@@ -407,12 +580,14 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
                 .unwrap();
-            let conv = PackedConv2d::new(
-                &wt.flatten_all().unwrap().to_vec1().unwrap(),
-                Some(bias.to_vec1().unwrap()),
-                (cout, cin, k, p),
-                operands,
+            let (wv, bv) = (
+                wt.flatten_all().unwrap().to_vec1().unwrap(),
+                bias.to_vec1().ok(),
             );
+            let conv = match kernel {
+                Some(operands) => PackedConv2d::new(&wv, bv, (cout, cin, k, p), operands),
+                None => PackedConv2d::on_gemm(&wv, bv, (cout, cin, k, p)),
+            };
             assert_eq!(conv.operands(), operands);
             both_layouts_equal(&conv, &x, &want, 1e-5);
         }
@@ -445,12 +620,13 @@ mod tests {
     /// bands).
     #[test]
     fn normalised_on_the_way_in_equals_normalised_first() {
-        if !crate::cpu::test_has("avx512") {
-            return;
+        // (None: the `gemm` crate's kernel, on any CPU.)
+        let mut kinds = vec![None];
+        if crate::cpu::test_has("avx512") {
+            kinds.extend([Some(Operands::F32), Some(Operands::Bf16Weights)]);
         }
-        let mut kinds = vec![Operands::F32, Operands::Bf16Weights];
         if crate::cpu::test_has("avx512_bf16") {
-            kinds.push(Operands::Bf16);
+            kinds.push(Some(Operands::Bf16));
         }
         let (b, cin, cout, h, w, groups) = (2, 40, 24, 19, 27, 8);
         let x = crate::cpu::lcg_uniform(b * h * w * cin, &mut 7, -2.0, 3.0);
@@ -463,11 +639,14 @@ mod tests {
                 g(x, b, h * w, cin, groups, &gamma, &beta, 1e-6, silu)
             };
             let normed = gn(&x).apply_all(&x);
-            for &operands in &kinds {
-                let conv = PackedConv2d::new(&wt, None, (cout, cin, 3, 1), operands);
+            for &kernel in &kinds {
+                let conv = match kernel {
+                    Some(operands) => PackedConv2d::new(&wt, None, (cout, cin, 3, 1), operands),
+                    None => PackedConv2d::on_gemm(&wt, None, (cout, cin, 3, 1)),
+                };
                 let want = conv.forward_channels_last(&normed, b, h, w);
                 let got = conv.forward_channels_last_after(&x, (b, h, w), &gn(&x));
-                assert!(got == want, "{operands:?}, silu {silu}");
+                assert!(got == want, "{kernel:?}, silu {silu}");
             }
         }
     }

@@ -19,7 +19,7 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// bf16 with AVX512-BF16 but no AMX on its dot products, f32 with AVX-512, and bf16 with AVX-512
 /// alone through the f32 kernel); otherwise queries are processed in blocks so the score matrix never exceeds
 /// a fixed budget (64 Mi scores on the CPU, 256 Mi on a GPU), with the softmax accumulating
-/// in f32.
+/// in f32 (on other CPUs bf16 and f16 widened to f32 first, the output rounded once).
 ///
 /// # Shapes
 /// q: (b, h, n, d), k and v: (b, h, m, d) -> (b, h, n, d)
@@ -75,6 +75,14 @@ pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             crate::cpu::attention::sdpa_widened(q, k, v, heads, scale as f32)
         });
     }
+    if q.device().is_cpu() && matches!(q.dtype(), DType::BF16 | DType::F16) {
+        // The kernels' semantics without them: the f32 attention of the (exactly widened) values,
+        // the output rounded once. (candle's bf16 products would round the scaled queries and
+        // the scores, beyond bf16 rounding of the output; they widen both operands to f32 on
+        // every call anyway.)
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        return sdpa_unprofiled(&f(q)?, &f(k)?, &f(v)?)?.to_dtype(q.dtype());
+    }
     let kt = k.transpose(2, 3)?.contiguous()?; // (b, h, d, m)
     let budget: usize = if q.device().is_cpu() {
         64 << 20
@@ -84,20 +92,15 @@ pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let block = (budget / (b * h * m).max(1)).clamp(1, n);
     // The scale is folded into q (n x d) rather than applied to the scores (n x m). On a GPU in
     // f16/bf16 the scores stay in that dtype (the matrix product already rounded them to it) and the
-    // softmax kernel accumulates in f32; the CPU's softmax accumulates in the input dtype, so there
-    // low-precision scores are converted to f32 first.
-    let in_place = q.dtype() == DType::F32 || !q.device().is_cpu();
+    // softmax kernel accumulates in f32 (a CPU's softmax accumulates in the input dtype: the CPU
+    // came here in f32, above).
     let q = (q * scale)?;
     let mut outs = Vec::with_capacity(n.div_ceil(block));
     let mut start = 0;
     while start < n {
         let len = block.min(n - start);
         let scores = q.narrow(2, start, len)?.matmul(&kt)?; // (b, h, len, m)
-        let probs = if in_place {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
-        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         outs.push(probs.matmul(v)?); // (b, h, len, d)
         start += len;
     }
@@ -112,7 +115,8 @@ pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// `-inf` where a key is hidden). On a CPU with AVX-512 the fused f32 attention
 /// ([`crate::cpu::attention::sdpa_f32_biased`]; bf16 inputs widened exactly, the output rounded
 /// once, [`crate::cpu::attention::sdpa_widened_biased`]) with the bias in f32: no score matrix
-/// beyond one block of queries. Elsewhere composed in q's dtype, the bias converted to it.
+/// beyond one block of queries. On other CPUs composed in f32 (bf16 and f16 widened, the output
+/// rounded once); on GPUs composed in q's dtype, the bias converted to it.
 ///
 /// # Shapes
 /// q: (b, h, n, d), k and v: (b, h, m, d), bias: (1, h or 1, n, m) -> (b, h, n, d)
@@ -161,6 +165,11 @@ pub fn sdpa_biased(
             }
             _ => {}
         }
+    }
+    if q.device().is_cpu() && matches!(dt, DType::BF16 | DType::F16) {
+        // As the kernels: the f32 attention of the widened values, the output rounded once.
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        return sdpa_biased(&f(q)?, &f(k)?, &f(v)?, bias, scale)?.to_dtype(dt);
     }
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias.to_dtype(dt)?)?;
     candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)

@@ -1,7 +1,8 @@
-//! 2-D convolutions with zero padding (the VAE's). Stride 1: candle's, or on the CPU in f32 with
-//! AVX-512 the im2col-free kernel of [`crate::cpu::conv`] (weights packed at load, candle's copy
-//! dropped); inside [`with_bf16_operands`], with bf16 operands where the CPU has AVX512-BF16 and
-//! bf16 weights (f32 input) where it does not.
+//! 2-D convolutions with zero padding (the VAE's). Stride 1: candle's (GPUs), or on the CPU in f32
+//! the im2col-free kernel of [`crate::cpu::conv`] (weights packed at load, candle's copy dropped):
+//! on AVX-512 our packed kernel, inside [`with_bf16_operands`] with bf16 operands where the CPU
+//! has AVX512-BF16 and bf16 weights (f32 input) where it does not; elsewhere (AVX2) the `gemm`
+//! crate's f32 kernel on the same band.
 //! Strided (the encoder's downsamplers): candle's.
 //!
 //! Images are (b, c, h, w) as in PyTorch, or channels-last (b, h, w, c) ([`ImageLayout`]), which
@@ -110,11 +111,7 @@ impl Conv2d {
         let c = candle_nn::conv2d(in_c, out_c, k, cfg, vb)?;
         let w = c.weight();
         // (Non-contiguous weights are views, such as the weight audit's zero-stride stand-ins.)
-        if !(w.device().is_cpu()
-            && w.dtype() == DType::F32
-            && w.is_contiguous()
-            && cpu::features().avx512)
-        {
+        if !(w.device().is_cpu() && w.dtype() == DType::F32 && w.is_contiguous()) {
             return Ok(Self::Candle(c));
         }
         let bias = match c.bias() {

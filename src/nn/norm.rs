@@ -70,7 +70,8 @@ impl RmsNorm {
 }
 
 /// `GroupNorm(groups, c, eps)` with affine parameters (`weight`, `bias`): candle's, or on the CPU in
-/// f32 with AVX-512 the two-pass kernel of [`cpu::group_norm`], which also folds in a following SiLU.
+/// f32 the two-pass kernel of [`cpu::group_norm`] (AVX-512 where the CPU has it), which also folds in
+/// a following SiLU.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     plain: candle_nn::GroupNorm,
@@ -85,10 +86,9 @@ impl GroupNorm {
         let (w, b) = (vb.get(c, "weight")?, vb.get(c, "bias")?);
         let plain = candle_nn::GroupNorm::new(w.clone(), b.clone(), c, groups, eps)?;
         // (Non-contiguous weights are views, such as the weight audit's zero-stride stand-ins.)
-        let fast = cpu::features().avx512
-            && [&w, &b]
-                .iter()
-                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous());
+        let fast = [&w, &b]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous());
         let affine = if fast {
             Some(Arc::new((w.to_vec1()?, b.to_vec1()?)))
         } else {

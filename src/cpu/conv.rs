@@ -240,17 +240,34 @@ impl PackedConv2d {
         input: Input,
         taps: &[sgemm::Packed<E>],
     ) -> Vec<f32> {
-        let (bias, cin) = (self.bias.as_deref(), self.cin);
+        let bias = self.bias.as_deref();
         assert!(sgemm::available(), "convolution kernels need AVX-512");
+        self.forward_f32_with(x, b, (h, w), input, |img, offsets, m, prod| {
+            sgemm::matmul_taps(img, offsets, m, self.cin, taps, bias, prod, self.cout)
+        })
+    }
+
+    /// [`Self::forward_in`] of f32 bands with the taps' sum `product(band, offsets, rows, out)`
+    /// ([`Self::forward_with`]); a 1x1 convolution of channels-last images is one product over all
+    /// their pixels, without a band.
+    fn forward_f32_with(
+        &self,
+        x: &[f32],
+        b: usize,
+        (h, w): (usize, usize),
+        input: Input,
+        product: impl Fn(&[f32], &[usize], usize, &mut [f32]),
+    ) -> Vec<f32> {
+        let cin = self.cin;
         if matches!(input, Input::Last) && self.ksize == 1 && self.pad == 0 {
-            // A 1x1 convolution of channels-last images is one product over all their pixels.
             assert_eq!(x.len(), b * h * w * cin, "input length");
             let mut out = vec![0f32; b * h * w * self.cout];
             if !out.is_empty() {
-                sgemm::matmul_taps(x, &[0], b * h * w, cin, taps, bias, &mut out, self.cout);
+                product(x, &[0], b * h * w, &mut out);
             }
             return out;
         }
+        let avx512 = sgemm::available();
         self.forward_with(
             x,
             b,
@@ -261,12 +278,13 @@ impl PackedConv2d {
                 match input {
                     Input::Last => return row.copy_from_slice(src()),
                     Input::LastAfter(norm) => return norm.apply(i, src(), row),
+                    Input::First if !avx512 => return fill_row(x, (cin, h, w), y, row, |v| v),
                     Input::First => {}
                 }
                 assert!(x.len() >= cin * h * w && row.len() >= w * cin && y < h);
-                // SAFETY: AVX-512 is available (asserted above); channel c's row y is w
-                // values at c h w + y w of x, pixel xx's channels cin values at xx cin of row
-                // (asserted lengths).
+                // SAFETY: AVX-512 is available (checked above); channel c's row y is w values at
+                // c h w + y w of x, pixel xx's channels cin values at xx cin of row (asserted
+                // lengths).
                 unsafe {
                     super::transpose::transpose(
                         x[y * w..].as_ptr(),
@@ -278,9 +296,7 @@ impl PackedConv2d {
                     )
                 }
             },
-            |img, offsets, m, prod| {
-                sgemm::matmul_taps(img, offsets, m, self.cin, taps, bias, prod, self.cout)
-            },
+            product,
         )
     }
 
@@ -338,30 +354,7 @@ impl PackedConv2d {
                 }
             }
         };
-        if matches!(input, Input::Last) && k == 1 && self.pad == 0 {
-            // A 1x1 convolution of channels-last images is one product over all their pixels.
-            assert_eq!(x.len(), b * h * w * cin, "input length");
-            let mut out = vec![0f32; b * h * w * cout];
-            if !out.is_empty() {
-                product(x, &[0], b * h * w, &mut out);
-            }
-            return out;
-        }
-        self.forward_with(
-            x,
-            b,
-            (h, w),
-            input,
-            |x, i, y, row: &mut [f32]| {
-                let src = || &x[y * w * cin..][..w * cin];
-                match input {
-                    Input::Last => row.copy_from_slice(src()),
-                    Input::LastAfter(norm) => norm.apply(i, src(), row),
-                    Input::First => fill_row(x, (cin, h, w), y, row, |v| v),
-                }
-            },
-            product,
-        )
+        self.forward_f32_with(x, b, (h, w), input, product)
     }
 
     /// [`Self::forward_in`] with the band copied as `T` (`fill(image, i, y, row)` writes input

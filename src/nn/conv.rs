@@ -240,7 +240,7 @@ mod tests {
             let got = last.to_first(&conv.forward_in(&xl, last).unwrap()).unwrap();
             assert!(max_abs_diff(&got, &want) < 1e-4, "{:?}", conv.layout());
             let Some(affine) = norm.affine_in(&xl, last, true).unwrap() else {
-                continue; // (no AVX-512: the normalisation is candle's)
+                continue; // (weights off the CPU kernel: the normalisation is candle's)
             };
             let got = last
                 .to_first(&conv.forward_after(&xl, &affine).unwrap())

@@ -520,6 +520,9 @@ impl Linear {
     /// `x Wᵀ + b` without the LoRA term.
     fn product(&self, x: &Tensor) -> Result<Tensor> {
         match &self.kernel {
+            Kernel::Candle(l) if x.device().is_cpu() && x.dtype() == DType::BF16 => {
+                widened_forward(l, x)
+            }
             Kernel::Candle(l) => l.forward(x),
             Kernel::Amx(p) => {
                 let w = p.weight()?;
@@ -742,6 +745,18 @@ impl Module for Linear {
     }
 }
 
+/// A bf16 layer on a CPU without our bf16 kernels: the f32 product of the widened values plus the
+/// bias, rounded to bf16 once, as the packed kernels and PyTorch do. (candle's bf16 matmul on the
+/// CPU widens both operands too, but rounds the product, and its layer then rounds the sum with the
+/// bias a second time.)
+fn widened_forward(l: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
+    let wide = |t: &Tensor| t.to_dtype(DType::F32);
+    let bias = l.bias().map(wide).transpose()?;
+    candle_nn::Linear::new(wide(l.weight())?, bias)
+        .forward(&wide(x)?)?
+        .to_dtype(DType::BF16)
+}
+
 /// `x (.., k) -> (.., n)` by `product(x rows, m, out)` for a packed layer whose kernel takes element
 /// type T: checks the input (its type, the CPU, k), then runs over its m rows.
 fn packed_forward<T: candle_core::WithDType>(
@@ -899,6 +914,13 @@ mod tests {
                 Linear::of(Kernel::Avx512Bf16(Arc::new(Packed::new(w.unwrap(), bias))))
             });
         }
+    }
+
+    /// A bf16 layer on candle's product (CPUs without our bf16 kernels; built directly, so that
+    /// every CPU tests it).
+    #[test]
+    fn widened_bf16_linear_rounds_once_and_beats_candles() {
+        bf16_layer_rounds_once_and_beats_candles(|l| Linear::of(Kernel::Candle(l.clone())));
     }
 
     /// A run-time LoRA term in a packed layer (added to the f32 accumulators) against the plain

@@ -168,11 +168,13 @@ fn demo_draws_the_prompted_colour_and_shape() {
     }
 }
 
-/// bf16 (the GPU default) against diffusers' f32 images of the trained demo model, over the
-/// fixture's 12 prompts: the mean PSNR at least diffusers' own bf16 mean less 0.5 dB, and no image
-/// below 25 dB. (Per image the two engines' bf16 roundings move the hard shape edges differently:
-/// on the same prompt one is up to 6 dB above or below the other, and diffusers' own bf16 image of
-/// the green square is 28 dB; so the comparison is over the set.)
+/// bf16 (the GPU default) against diffusers' f32 images of the trained demo model, over the 54
+/// prompts of `tests/fixtures/demo-bf16` (every colour, shape and background, 4 steps): the mean
+/// PSNR at least diffusers' own bf16 mean less 0.5 dB, and no image below 25 dB. Per image the two
+/// engines' bf16 roundings move the hard shape edges differently, so one image's PSNR is up to
+/// 10 dB above or below the other's; the difference has a standard deviation of 3.3 dB, and the
+/// mean over 54 images a standard error of 0.45 dB (the set and the figures are in
+/// scripts/make_demo_fixture.py and docs/demo.md).
 #[test]
 fn demo_in_bf16_stays_as_close_to_diffusers_f32_as_diffusers_bf16() {
     let p = Preset::find("demo").unwrap();
@@ -180,26 +182,23 @@ fn demo_in_bf16_stays_as_close_to_diffusers_f32_as_diffusers_bf16() {
         .unwrap()
         .load(&device(), DType::BF16)
         .unwrap();
-    let r = reference("demo-ref");
-    let meta = meta("demo-ref");
+    let r = reference("demo-bf16");
+    let meta = meta("demo-bf16");
+    let noise = candle_core::safetensors::load(
+        fixture("demo-bf16").join("noise.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let runs = meta["runs"].as_array().unwrap();
-    assert!(runs.len() >= 12, "the fixture has {} runs", runs.len());
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    assert!(runs.len() >= 54, "the fixture has {} runs", runs.len());
+    let (mut ours, mut theirs, mut low) = (Vec::new(), Vec::new(), Vec::new());
     for (k, run) in runs.iter().enumerate() {
         let mut req = request(
             run["prompt"].as_str().unwrap(),
             run["steps"].as_u64().unwrap() as usize,
             0,
         );
-        req.noise = Some(
-            candle_core::safetensors::load(
-                fixture("demo-ref").join(run["noise"].as_str().unwrap()),
-                &Device::Cpu,
-            )
-            .unwrap()
-            .remove("noise")
-            .unwrap(),
-        );
+        req.noise = Some(noise[&format!("run.{k}.noise")].clone());
         req.guidance = run["guidance"].as_f64();
         req.max_sequence_length = Some(meta["max_sequence_length"].as_u64().unwrap() as usize);
         let out = pipe.generate(&req, &mut |_| {}).unwrap();
@@ -208,13 +207,16 @@ fn demo_in_bf16_stays_as_close_to_diffusers_f32_as_diffusers_bf16() {
         println!(
             "demo run {k}: bf16 PSNR {p:.1} dB against diffusers f32 (diffusers bf16 {t:.1} dB)"
         );
-        assert!(p >= 25.0, "demo run {k}: bf16 PSNR {p:.1} dB < 25 dB");
+        if p < 25.0 {
+            low.push(format!("run {k} {p:.1} dB"));
+        }
         ours.push(p);
         theirs.push(t);
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (m, t) = (mean(&ours), mean(&theirs));
     println!("mean bf16 PSNR: ours {m:.2} dB, diffusers {t:.2} dB");
+    assert!(low.is_empty(), "bf16 images below 25 dB: {low:?}");
     assert!(
         m >= t - 0.5,
         "mean bf16 PSNR {m:.2} dB < diffusers' {t:.2} dB - 0.5"

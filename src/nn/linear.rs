@@ -517,11 +517,24 @@ impl Linear {
         )
     }
 
+    /// `x Wᵀ + b` as f32 sums not yet rounded to `x`'s dtype, for the kernels that form them apart
+    /// from their rounding: candle's product of a bf16 layer on the CPU ([`widened_sums`]) and
+    /// candle's quantized kernels. None for the others (which round inside, or work in f32).
+    fn f32_sums(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(match &self.kernel {
+            Kernel::Candle(l) if x.device().is_cpu() && x.dtype() == DType::BF16 => {
+                widened_sums(l, x)?
+            }
+            Kernel::Quantized(q, bias) => quantized_sums(q, bias.as_ref(), x)?,
+            _ => return Ok(None),
+        }))
+    }
+
     /// `x Wᵀ + b` without the LoRA term.
     fn product(&self, x: &Tensor) -> Result<Tensor> {
         match &self.kernel {
             Kernel::Candle(l) if x.device().is_cpu() && x.dtype() == DType::BF16 => {
-                widened_forward(l, x)
+                widened_sums(l, x)?.to_dtype(DType::BF16)
             }
             Kernel::Candle(l) => l.forward(x),
             Kernel::Amx(p) => {
@@ -558,14 +571,7 @@ impl Linear {
                 };
                 Ok(y)
             }
-            Kernel::Quantized(q, bias) => {
-                let y = q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;
-                let y = match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                };
-                y.to_dtype(x.dtype())
-            }
+            Kernel::Quantized(q, bias) => quantized_sums(q, bias.as_ref(), x)?.to_dtype(x.dtype()),
         }
     }
 
@@ -740,21 +746,32 @@ impl Module for Linear {
                 rows_forward(x, w, Some(&delta), false)
             }
             Kernel::Dpbf16(p) if delta.is_packed() => dpbf16_forward(x, p, Some(&delta), false),
-            _ => self.product(x)? + delta.forward(x)?,
+            // The term added to the f32 sums, rounded once with them, as the packed kernels do.
+            _ => match self.f32_sums(x)? {
+                Some(y) => (y + delta.forward(&x.to_dtype(DType::F32)?)?)?.to_dtype(x.dtype()),
+                None => self.product(x)? + delta.forward(x)?,
+            },
         }
     }
 }
 
 /// A bf16 layer on a CPU without our bf16 kernels: the f32 product of the widened values plus the
-/// bias, rounded to bf16 once, as the packed kernels and PyTorch do. (candle's bf16 matmul on the
-/// CPU widens both operands too, but rounds the product, and its layer then rounds the sum with the
-/// bias a second time.)
-fn widened_forward(l: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
+/// bias, to be rounded to bf16 once, as the packed kernels and PyTorch do. (candle's bf16 matmul on
+/// the CPU widens both operands too, but rounds the product, and its layer then rounds the sum with
+/// the bias a second time.)
+fn widened_sums(l: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     let wide = |t: &Tensor| t.to_dtype(DType::F32);
     let bias = l.bias().map(wide).transpose()?;
-    candle_nn::Linear::new(wide(l.weight())?, bias)
-        .forward(&wide(x)?)?
-        .to_dtype(DType::BF16)
+    candle_nn::Linear::new(wide(l.weight())?, bias).forward(&wide(x)?)
+}
+
+/// candle's quantized product of `x` (f32 in, f32 out) plus the bias, in f32.
+fn quantized_sums(q: &QMatMul, bias: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
+    let y = q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 /// `x (.., k) -> (.., n)` by `product(x rows, m, out)` for a packed layer whose kernel takes element
@@ -965,6 +982,66 @@ mod tests {
             });
             assert_eq!(slots.keys().collect::<Vec<_>>(), ["l"]);
         }
+    }
+
+    /// A bf16 layer whose f32 sums are formed outside a kernel of ours (candle's product on a CPU
+    /// without our bf16 kernels, candle's quantized kernels) adds its run-time LoRA term to those
+    /// sums and rounds once: within half an ulp of the exact f32 sum (candle's product), and the
+    /// f32 layer's output rounded (quantized, where the activations' own quantization makes the
+    /// exact sum no reference); on every CPU.
+    #[test]
+    fn bf16_layers_add_their_lora_term_before_rounding() {
+        let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let max = |t: Tensor| t.max_all().unwrap().to_scalar::<f32>().unwrap();
+        let (m, k, n) = (2 * 77, 256, 384);
+        let w = bf(normal((n, k), 0.1, 31));
+        let b = bf(normal(n, 1.0, 32));
+        let (down, up) = (bf(normal((4, k), 0.3, 33)), bf(normal((n, 4), 0.3, 34)));
+        let x = bf(normal((2, m / 2, k), 1.0, 35));
+        let delta = lora::Delta::new(&[(down, up, 0.7)], &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        let with_lora = |kernel| {
+            let l = Linear {
+                kernel,
+                lora: Some(Arc::new(Slot::default())),
+            };
+            l.lora.as_ref().unwrap().set(Some(delta.clone()));
+            l
+        };
+
+        let plain = candle_nn::Linear::new(w.clone(), Some(b.clone()));
+        let exact = (candle_nn::Linear::new(f(&w), Some(f(&b)))
+            .forward(&f(&x))
+            .unwrap()
+            + delta.forward(&f(&x)).unwrap())
+        .unwrap();
+        let got = f(&with_lora(Kernel::Candle(plain.clone()))
+            .forward(&x)
+            .unwrap());
+        let err = (got - &exact).unwrap().abs().unwrap();
+        let half_ulp = ((exact.abs().unwrap() * 2f64.powi(-8)).unwrap() + 1e-5).unwrap();
+        let excess = max((&err - half_ulp).unwrap());
+        assert!(
+            excess <= 0.0,
+            "candle's product: beyond half an ulp by {excess}"
+        );
+        let twice = f(&(plain.forward(&x).unwrap() + delta.forward(&x).unwrap()).unwrap());
+        let twice_err = (twice - &exact).unwrap().abs().unwrap();
+        assert!(
+            max(err) <= max(twice_err),
+            "further off than rounding twice"
+        );
+
+        let q = QTensor::quantize(&f(&w), GgmlDType::Q8_0).unwrap();
+        let q = with_lora(Kernel::Quantized(
+            Arc::new(QMatMul::from_qtensor(q).unwrap()),
+            Some(f(&b)),
+        ));
+        let got = f(&q.forward(&x).unwrap());
+        let want = f(&bf(q.forward(&f(&x)).unwrap()));
+        assert_eq!(max_diff(&got, &want), 0.0, "quantized: not rounded once");
     }
 
     fn slots_layer(l: &Linear, delta: &lora::Delta, x: &Tensor, dtype: DType, want: &Tensor) {

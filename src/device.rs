@@ -24,7 +24,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
             if cfg!(feature = "cuda") {
-                if let Ok(d) = Device::new_cuda(0) {
+                if let Ok(d) = new_cuda(0) {
                     return Ok(d);
                 }
             }
@@ -54,7 +54,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
             if !cfg!(feature = "cuda") {
                 return Err(not_built("cuda", "cuda"));
             }
-            Device::new_cuda(idx)
+            new_cuda(idx)
                 .map_err(|e| unusable(format!("no usable CUDA GPU ({e}); check the driver")))
         }
         _ => Err(Error::invalid(
@@ -62,6 +62,20 @@ pub fn parse_device(s: &str) -> Result<Device> {
             format!(" {s}: unknown device; use cpu, cuda, cuda:N, metal or auto"),
         )),
     }
+}
+
+/// CUDA device `idx`, f32 kept f32: cuDNN (the convolutions) would otherwise run f32 on TF32
+/// tensor cores on Ampere and later (10-bit mantissas: about 1e-3 relative error, ten times the
+/// f32 parity tolerance); `NVIDIA_TF32_OVERRIDE=0` turns that off in every CUDA library, and leaves
+/// bf16 and f16 alone. A value the user set is kept.
+fn new_cuda(idx: usize) -> candle_core::Result<Device> {
+    const TF32: &str = "NVIDIA_TF32_OVERRIDE";
+    if std::env::var_os(TF32).is_none() {
+        // Set before the device, and so any CUDA library, exists; the CLI and the server parse
+        // their device before starting work on other threads.
+        std::env::set_var(TF32, "0");
+    }
+    Device::new_cuda(idx)
 }
 
 /// Parses `f32`, `f16` or `bf16`.

@@ -20,6 +20,7 @@ pub mod bench;
 pub mod cache;
 pub mod config;
 pub mod cpu;
+mod cuda;
 pub mod device;
 pub mod error;
 pub mod image_io;

@@ -114,6 +114,10 @@ fn models_take_layers_from_nn_and_nothing_reaches_up() {
             &["nn", "mmdit", "vae", "text", "pipeline", "presets"],
         ),
         (
+            "cuda",
+            &["nn", "mmdit", "vae", "text", "pipeline", "presets"],
+        ),
+        (
             "nn",
             &["mmdit", "vae", "text", "pipeline", "presets", "loader"],
         ),

@@ -14,8 +14,9 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Scaled dot-product attention. On CUDA with the `flash-attn` feature (f16/bf16) it runs flash
-/// attention, on Metal candle's fused kernel, on a CPU [`crate::cpu::attention`] (bf16 with AMX,
+/// Scaled dot-product attention. On CUDA in f16/bf16 it runs cuDNN's fused attention
+/// (`crate::cuda::sdpa`; with the `flash-attn` feature candle's flash attention instead), where
+/// cuDNN can run the shape; on Metal candle's fused kernel, on a CPU [`crate::cpu::attention`] (bf16 with AMX,
 /// bf16 with AVX512-BF16 but no AMX on its dot products, f32 with AVX-512, and bf16 with AVX-512
 /// alone through the f32 kernel); otherwise queries are processed in blocks so the score matrix never exceeds
 /// a fixed budget (64 Mi scores on the CPU, 256 Mi on a GPU), with the softmax accumulating
@@ -37,6 +38,12 @@ pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let t = |x: &Tensor| x.transpose(1, 2)?.contiguous();
         let o = candle_flash_attn::flash_attn(&t(q)?, &t(k)?, &t(v)?, scale as f32, false)?;
         return o.transpose(1, 2)?.contiguous();
+    }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        if let Some(o) = crate::cuda::sdpa(q, k, v, scale as f32)? {
+            return Ok(o);
+        }
     }
     #[cfg(feature = "metal")]
     if q.device().is_metal() && matches!(d, 32 | 64 | 72 | 80 | 96 | 128 | 256) {
@@ -83,6 +90,9 @@ pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let f = |t: &Tensor| t.to_dtype(DType::F32);
         return sdpa_unprofiled(&f(q)?, &f(k)?, &f(v)?)?.to_dtype(q.dtype());
     }
+    // q and v may be head-major views of token-major tensors ([`join_heads`] on a GPU): the
+    // products take them contiguous.
+    let (q, v) = (&q.contiguous()?, &v.contiguous()?);
     let kt = k.transpose(2, 3)?.contiguous()?; // (b, h, d, m)
     let budget: usize = if q.device().is_cpu() {
         64 << 20
@@ -204,7 +214,9 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Token-major parts (b, n_i, h, d) joined along the tokens, head-major: (b, h, Σ n_i, d). On the
-/// CPU one copy ([`crate::cpu::heads`]); elsewhere the heads split and the parts concatenated.
+/// CPU one copy ([`crate::cpu::heads`]), contiguous; elsewhere the parts concatenated token-major
+/// (one copy; none for a single part) and viewed head-major, strided: cuDNN's attention takes the
+/// strides, and [`sdpa`]'s other paths make contiguous what they need.
 pub fn join_heads(parts: &[&Tensor]) -> Result<Tensor> {
     let Some(first) = parts.first() else {
         candle_core::bail!("join_heads: no parts")
@@ -240,14 +252,13 @@ pub fn join_heads(parts: &[&Tensor]) -> Result<Tensor> {
         (true, DType::F32) => on_cpu::<f32>(parts, &lens, dims),
         (true, DType::BF16) => on_cpu::<half::bf16>(parts, &lens, dims),
         (true, DType::F16) => on_cpu::<half::f16>(parts, &lens, dims),
-        _ => {
-            let heads_first = parts
-                .iter()
-                .map(|p| p.transpose(1, 2)?.contiguous())
-                .collect::<Result<Vec<_>>>()?;
-            Tensor::cat(&heads_first, 2)
-        }
+        _ => join_token_major(parts),
     }
+}
+
+/// [`join_heads`] off the CPU: the token-major parts concatenated, viewed head-major.
+fn join_token_major(parts: &[&Tensor]) -> Result<Tensor> {
+    Tensor::cat(parts, 1)?.transpose(1, 2)
 }
 
 /// Head-major `x` (b, h, Σ lens, d) split along the tokens into token-major parts (b, lens[i],
@@ -367,6 +378,13 @@ mod tests {
             )
             .unwrap();
             eq(&joined, &want);
+            let strided = join_token_major(&[&tokens(&txt), &tokens(&img)]).unwrap();
+            eq(&strided, &want);
+            // The attention of the strided view (as a GPU's join leaves it) is that of the copy.
+            eq(
+                &sdpa(&strided, &strided, &strided).unwrap(),
+                &sdpa(&want, &want, &want).unwrap(),
+            );
             let [a, b] = split_tokens(&joined, [4, 5]).unwrap();
             eq(&a, &txt);
             eq(&b, &img);

@@ -107,6 +107,13 @@ run() {
             --width "$SIZE" --height "$SIZE" --steps 4 "${args[@]}" --no-reference >"$DETAIL/$name-profile.txt" 2>&1 ||
             log "$name: profile failed"
         sed -n '/^profile/,$p' "$DETAIL/$name-profile.txt" | tee -a "$OUT/summary.txt"
+        # The same without cuDNN's fused attention (the blocked attention it replaces), for the
+        # attention core's before and after in one run.
+        MMDIT_CUDNN_ATTENTION=0 MMDIT_PROFILE=1 timeout 120 .gpu/bin/mmdit bench --model "$models/$name" --device "$DEV" \
+            --dtype bf16 --width "$SIZE" --height "$SIZE" --steps 4 "${args[@]}" --no-reference \
+            >"$DETAIL/$name-profile-blocked.txt" 2>&1 || log "$name: profile without cuDNN attention failed"
+        log "$name without cuDNN attention (MMDIT_CUDNN_ATTENTION=0):"
+        sed -n '/^profile/,$p' "$DETAIL/$name-profile-blocked.txt" | tee -a "$OUT/summary.txt"
         pack
         rm -rf "${models:?}/$name"
     done

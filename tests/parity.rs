@@ -349,3 +349,70 @@ fn clip_tokenizer_from_vocab_and_merges_matches_transformers() {
         .encode("a red circle", 16)
         .unwrap();
 }
+
+/// Issue 20: bf16 attention on the test device (on CUDA cuDNN's fused attention, where cuDNN runs
+/// the shape) against the f32 attention of the same bf16 values, composed on the CPU: the models'
+/// head dims (64: SD3; 128: FLUX.1), token counts that are no multiple of a tile, keys longer than
+/// the queries, and q as `split_heads` leaves a head-split view (strided, not copied). Tolerance:
+/// max abs diff <= 2e-2 x max |reference| (bf16 probabilities and output; a wrong layout is off by
+/// the whole value).
+#[test]
+fn bf16_attention_on_the_device_matches_f32_attention() {
+    use candle_core::Device;
+    let dev = device();
+    let cpu = Device::Cpu;
+    for (i, &(b, h, n, m, d)) in [(2, 3, 333, 333, 64), (1, 4, 77, 300, 128)]
+        .iter()
+        .enumerate()
+    {
+        let rand = |shape: &[usize], seed: u64| {
+            let count = shape.iter().product::<usize>();
+            let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let values: Vec<f32> = (0..count)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+                })
+                .collect();
+            Tensor::from_vec(values, shape, &cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        // q as (b, n, h·d) split into a (b, h, n, d) view; k and v head-major and contiguous.
+        let q = rand(&[b, n, h * d], 3 * i as u64 + 1)
+            .reshape((b, n, h, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        let k = rand(&[b, h, m, d], 3 * i as u64 + 2);
+        let v = rand(&[b, h, m, d], 3 * i as u64 + 3);
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let scores = (f(&q)
+            .contiguous()
+            .unwrap()
+            .matmul(&f(&k).t().unwrap())
+            .unwrap()
+            / (d as f64).sqrt())
+        .unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        let want = probs.matmul(&f(&v)).unwrap();
+        let on = |t: &Tensor| t.to_device(&dev).unwrap();
+        let got = mmdit::nn::sdpa(&on(&q), &on(&k), &on(&v))
+            .unwrap()
+            .to_device(&cpu)
+            .unwrap();
+        assert_eq!(got.dims(), [b, h, n, d]);
+        let (err, max) = max_diff(&f(&got), &want);
+        println!(
+            "attention ({b}, {h}, {n}, {m}, {d}) bf16 on {dev:?}: max abs diff {err:.3e}, max |ref| {max:.3e}, ratio {:.3e} (tolerance 2e-2)",
+            err / max
+        );
+        assert!(
+            err <= 2e-2 * max,
+            "({b}, {h}, {n}, {m}, {d}): {err} vs {max}"
+        );
+    }
+}

@@ -16,8 +16,9 @@ pub(super) struct Args {
 }
 
 impl Args {
-    /// None unless q, k and v are rank 4 with matching (b, h, d), k and v of one length, and each
-    /// last dimension contiguous.
+    /// None unless q, k and v are rank 4 with matching (b, h, d), k and v of one length, each last
+    /// dimension contiguous, and every start and other stride a multiple of 8 elements (cuDNN's
+    /// attention reads 16-byte aligned rows of its 2-byte values).
     pub fn new(device: usize, dtype: c_int, [q, k, v]: [&Layout; 3], scale: f32) -> Option<Self> {
         let (b, h, n, d) = q.shape().dims4().ok()?;
         let (kb, kh, m, kd) = k.shape().dims4().ok()?;
@@ -27,7 +28,7 @@ impl Args {
         let mut strides = [0i64; 12];
         for (i, l) in [q, k, v].into_iter().enumerate() {
             let s = l.stride();
-            if s[3] != 1 {
+            if s[3] != 1 || l.start_offset() % 8 != 0 || s[..3].iter().any(|x| x % 8 != 0) {
                 return None;
             }
             for (j, &x) in s.iter().enumerate() {
@@ -53,12 +54,12 @@ mod tests {
     /// its strides); anything cuDNN's tensors cannot describe is refused before any CUDA call.
     #[test]
     fn args_take_the_layouts_strides_and_refuse_what_cudnn_cannot_take() {
-        let (b, n, h, d, m) = (2, 5, 3, 8, 7);
+        let (b, n, h, d, m) = (2, 5, 3, 16, 7);
         // q as split_heads leaves it without a copy: (b, n, h, d) viewed as (b, h, n, d).
         let q = Layout::contiguous((b, n, h, d)).transpose(1, 2).unwrap();
         let k = Layout::contiguous((b, h, m, d));
         let args = Args::new(0, 1, [&q, &k, &k], 0.5).unwrap();
-        assert_eq!(args.shape, [2, 3, 5, 7, 8]);
+        assert_eq!(args.shape, [2, 3, 5, 7, 16]);
         let hd = (h * d) as i64;
         let q_strides = [(n * h * d) as i64, d as i64, hd, 1];
         let k_strides = [(h * m * d) as i64, (m * d) as i64, d as i64, 1];
@@ -76,5 +77,11 @@ mod tests {
         let shorter_v = Layout::contiguous((b, h, m - 1, d));
         assert!(Args::new(0, 1, [&q, &k, &shorter_v], 0.5).is_none());
         assert!(Args::new(0, 1, [&q, &k, &Layout::contiguous((b, h, m))], 0.5).is_none());
+        // Rows or starts off 16-byte alignment: a head dim of 12, a view 4 values in.
+        let unaligned = Layout::contiguous((b, h, m, 12));
+        let q12 = Layout::contiguous((b, h, n, 12));
+        assert!(Args::new(0, 1, [&q12, &unaligned, &unaligned], 0.5).is_none());
+        let shifted = Layout::contiguous((b, h, m, d + 8)).narrow(3, 4, d).unwrap();
+        assert!(Args::new(0, 1, [&q, &shifted, &k], 0.5).is_none());
     }
 }

@@ -81,7 +81,9 @@ mod tests {
         let unaligned = Layout::contiguous((b, h, m, 12));
         let q12 = Layout::contiguous((b, h, n, 12));
         assert!(Args::new(0, 1, [&q12, &unaligned, &unaligned], 0.5).is_none());
-        let shifted = Layout::contiguous((b, h, m, d + 8)).narrow(3, 4, d).unwrap();
+        let shifted = Layout::contiguous((b, h, m, d + 8))
+            .narrow(3, 4, d)
+            .unwrap();
         assert!(Args::new(0, 1, [&q, &shifted, &k], 0.5).is_none());
     }
 }

@@ -292,12 +292,144 @@ where
     out
 }
 
+/// Queries per block of [`sdpa_gemm`]: its scores (rows x keys, f32) are at most 128 x m.
+const QB_GEMM: usize = 128;
+
+/// `softmax(q kᵀ · scale + bias) v` in f32 over [`Heads`] on the `gemm` crate (candle's own matrix
+/// product: AVX2 and FMA where the CPU has them, portable code elsewhere), for CPUs without
+/// AVX-512: the order of [`sdpa_f32`] (per block of queries the scores are the only intermediate,
+/// the scale and softmax in f32 with the vectorised exp). q, k and v are f32 or bf16 (widened
+/// exactly: k and v once per head, q a block at a time) and the output rounded once to their type.
+/// `bias`, when given, is added to the scaled scores as [`sdpa_f32_biased`] adds it. Panics unless
+/// the lengths match `heads` (and the bias is (h, n, m) for an h that divides bh).
+pub fn sdpa_gemm<T: super::Lane>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    heads: Heads,
+    scale: f32,
+    bias: Option<&[f32]>,
+) -> Vec<T> {
+    heads.check(q, k, v);
+    if let Some(b) = bias {
+        heads.check_bias(b);
+    }
+    let Heads { bh, n, m, d } = heads;
+    let mut out = vec![T::zero(); bh * n * d];
+    if bh == 0 || n == 0 || m == 0 || d == 0 {
+        return out;
+    }
+    let bias_heads = bias.map_or(1, |b| b.len() / (n * m));
+    let wide = |x: &[T]| x.iter().map(|v| v.widen()).collect::<Vec<f32>>();
+    out.par_chunks_mut(n * d)
+        .zip(q.par_chunks(n * d))
+        .zip(k.par_chunks(m * d).zip(v.par_chunks(m * d)))
+        .enumerate()
+        .for_each(|(i, ((o, q), (k, v)))| {
+            let (k, v) = (wide(k), wide(v));
+            let bias = bias.map(|b| &b[(i % bias_heads) * n * m..][..n * m]);
+            o.par_chunks_mut(QB_GEMM * d)
+                .zip(q.par_chunks(QB_GEMM * d))
+                .enumerate()
+                .for_each(|(blk, (o, q))| {
+                    let rows = q.len() / d;
+                    GEMM_SCRATCH.with(|sc| {
+                        let (qw, s, ow) = &mut *sc.borrow_mut();
+                        qw.clear();
+                        qw.extend(q.iter().map(|v| v.widen()));
+                        s.resize(rows * m, 0.0);
+                        ow.resize(rows * d, 0.0);
+                        // Scores: qw (rows x d) times k (m x d) read as the d x m operand kᵀ.
+                        gemm_f32((rows, m, d), s, (qw, 1, d), (&k, d, 1));
+                        let mut inv = [0f32; QB_GEMM];
+                        let rows_of_s = s.chunks_exact_mut(m).zip(&mut inv);
+                        match bias {
+                            Some(b) => {
+                                let b = &b[blk * QB_GEMM * m..][..rows * m];
+                                for ((row, inv), b) in rows_of_s.zip(b.chunks_exact(m)) {
+                                    for (x, &b) in row.iter_mut().zip(b) {
+                                        *x = *x * scale + b;
+                                    }
+                                    *inv = exp_in_place(row, 1.0);
+                                }
+                            }
+                            None => {
+                                for (row, inv) in rows_of_s {
+                                    *inv = exp_in_place(row, scale);
+                                }
+                            }
+                        }
+                        for (row, &inv) in s.chunks_exact_mut(m).zip(&inv) {
+                            for x in row {
+                                *x *= inv;
+                            }
+                        }
+                        gemm_f32((rows, d, m), ow, (s, 1, m), (&v, 1, d));
+                        for (o, &x) in o.iter_mut().zip(ow.iter()) {
+                            *o = T::narrow(x);
+                        }
+                    });
+                });
+        });
+    out
+}
+
+/// `dst = lhs · rhs` on the `gemm` crate, on the calling thread (the attention runs its blocks in
+/// parallel): dst (rows x cols) row-major, lhs (rows x inner) and rhs (inner x cols) given with
+/// their (column, row) strides: element (r, c) at `c cs + r rs`. Panics unless every element the
+/// product reads or writes lies inside its slice.
+fn gemm_f32(
+    (rows, cols, inner): (usize, usize, usize),
+    dst: &mut [f32],
+    (lhs, lhs_cs, lhs_rs): (&[f32], usize, usize),
+    (rhs, rhs_cs, rhs_rs): (&[f32], usize, usize),
+) {
+    // The offset of the last element of an r x c operand (r, c >= 1).
+    let last = |cs: usize, rs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
+    assert!(dst.len() >= rows * cols && rows * cols * inner > 0);
+    assert!(lhs.len() > last(lhs_cs, lhs_rs, rows, inner));
+    assert!(rhs.len() > last(rhs_cs, rhs_rs, inner, cols));
+    // SAFETY: the product reads lhs and rhs and writes dst at the strides given, every element of
+    // which lies inside its slice (the offsets grow with r and c, so the last is the largest:
+    // asserted above); dst is borrowed mutably, so nothing else touches it.
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols,
+            inner,
+            dst.as_mut_ptr(),
+            1,
+            cols as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+thread_local! {
+    /// Per-thread query block (widened), scores and output block (f32) of [`sdpa_gemm`].
+    #[allow(clippy::type_complexity)]
+    static GEMM_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
 thread_local! {
     /// Per-thread scores of one query block in [`sdpa_f32`].
     static SCORES: std::cell::RefCell<Aligned<f32>> = const { std::cell::RefCell::new(Aligned::new()) };
 }
 
-super::avx512_dispatch!(softmax_row, softmax_row_generic, (s: &mut [f32], p: &mut [bf16], scale: f32));
+super::vector_dispatch!(softmax_row, softmax_row_generic, (s: &mut [f32], p: &mut [bf16], scale: f32));
 
 /// `p = softmax(s · scale)` over one row, in f32, rounded to bf16.
 #[inline(always)]
@@ -310,7 +442,7 @@ fn softmax_row_generic(s: &mut [f32], p: &mut [bf16], scale: f32) {
 
 // `exp_in_place(s, scale)`: `s = e^(s · scale - max · scale)` over one row, in f32 (the softmax
 // before its normalisation); returns 1 / the sum.
-super::avx512_dispatch!(exp_in_place, exp_in_place_generic, (s: &mut [f32], scale: f32) -> f32);
+super::vector_dispatch!(exp_in_place, exp_in_place_generic, (s: &mut [f32], scale: f32) -> f32);
 
 #[inline(always)]
 fn exp_in_place_generic(s: &mut [f32], scale: f32) -> f32 {
@@ -496,6 +628,86 @@ mod tests {
     fn sdpa_f32_equals_the_reference() {
         if crate::cpu::test_has("avx512") {
             check_against_reference(9, |v| v, |v| v as f64, sdpa_f32, |_| 2e-5);
+        }
+    }
+
+    /// On the `gemm` crate (every CPU): f32 within f32 summation error of the f64 reference, with
+    /// and without T5's bias and key mask; bf16 the f32 attention of the widened inputs rounded
+    /// once, bit for bit, with and without a causal mask of -inf.
+    #[test]
+    fn sdpa_gemm_equals_the_reference() {
+        check_against_reference(
+            9,
+            |v| v,
+            |v| v as f64,
+            |q, k, v, h, s| sdpa_gemm(q, k, v, h, s, None),
+            |_| 2e-5,
+        );
+        let mut seed = 13;
+        // Two query blocks and a partial one, besides the shared shapes.
+        for &(bh, n, m, d) in SHAPES.iter().chain(&[(2, 2 * QB_GEMM + 9, 150, 64)]) {
+            let heads = Heads { bh, n, m, d };
+            let scale = 1.0 / (d as f32).sqrt();
+            let (q, k, v) = (
+                random(bh * n * d, &mut seed),
+                random(bh * m * d, &mut seed),
+                random(bh * m * d, &mut seed),
+            );
+            let h = if bh > 1 { bh / 2 } else { 1 };
+            let valid = m - m / 3;
+            let mut bias = random(h * n * m, &mut seed);
+            for (j, b) in bias.iter_mut().enumerate() {
+                if j % m >= valid {
+                    *b += f32::MIN;
+                }
+            }
+            let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+            let b = f(&bias);
+            let want = reference(
+                &f(&q),
+                &f(&k),
+                &f(&v),
+                bh,
+                n,
+                m,
+                d,
+                scale as f64,
+                Some((&b, h)),
+            );
+            let got = sdpa_gemm(&q, &k, &v, heads, scale, Some(&bias));
+            for (i, (&g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g as f64 - w).abs() <= 2e-5,
+                    "({bh},{n},{m},{d}) biased [{i}]: {g} vs {w}"
+                );
+            }
+            let bf = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
+            let (qb, kb, vb) = (bf(&q), bf(&k), bf(&v));
+            let wide = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
+            let bits = |o: Vec<bf16>| o.into_iter().map(bf16::to_bits).collect::<Vec<u16>>();
+            let rounded = |o: Vec<f32>| bits(o.into_iter().map(bf16::from_f32).collect());
+            let seen = |i: usize, j: usize| j + n <= i + m.max(n);
+            let mask: Vec<f32> = (0..n * m)
+                .map(|ij| match seen(ij / m, ij % m) {
+                    true => 0.0,
+                    false => f32::NEG_INFINITY,
+                })
+                .collect();
+            for mask in [None, Some(&mask[..])] {
+                let want = rounded(sdpa_gemm(
+                    &wide(&qb),
+                    &wide(&kb),
+                    &wide(&vb),
+                    heads,
+                    scale,
+                    mask,
+                ));
+                assert_eq!(
+                    bits(sdpa_gemm(&qb, &kb, &vb, heads, scale, mask)),
+                    want,
+                    "({bh},{n},{m},{d})"
+                );
+            }
         }
     }
 

@@ -2,7 +2,7 @@
 //! rounded once), and the LayerNorm + modulation, RMSNorm, gated residual and add over a batch in
 //! f32 or bf16 with the roundings of the composed ops in that dtype ([`Lane`]). Each has a generic
 //! body that compiles to AVX-512 where the feature switch allows it
-//! ([`avx512_dispatch`](super::avx512_dispatch)).
+//! ([`vector_dispatch`](super::vector_dispatch)).
 
 use super::{lane_sum, round_bf16, with_slice, Lane};
 use candle_core::{DType, Device, Result, Tensor};
@@ -47,8 +47,8 @@ fn gelu_tanh_with<T: candle_core::WithDType>(
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }
 
-super::avx512_dispatch!(gelu_bf16_chunk, gelu_bf16_chunk_generic, (x: &[f32], e: &mut [f32], o: &mut [bf16]));
-super::avx512_dispatch!(gelu_f32_chunk, gelu_f32_chunk_generic, (x: &[f32], e: &mut [f32], o: &mut [f32]));
+super::vector_dispatch!(gelu_bf16_chunk, gelu_bf16_chunk_generic, (x: &[f32], e: &mut [f32], o: &mut [bf16]));
+super::vector_dispatch!(gelu_f32_chunk, gelu_f32_chunk_generic, (x: &[f32], e: &mut [f32], o: &mut [f32]));
 
 /// The tanh-GELU of 16 lanes, for a product's output tile before it is stored
 /// ([`super::sgemm::matmul_gelu`]): [`gelu_tanh_in`] itself on the lanes, so each value is the one
@@ -129,7 +129,7 @@ pub fn gelu_new_mul_bf16(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, gate.shape(), &Device::Cpu)
 }
 
-super::avx512_dispatch!(gelu_new_mul_chunk, gelu_new_mul_chunk_generic, (g: &[bf16], u: &[bf16], v: &mut [f32], t: &mut [f32], o: &mut [bf16]));
+super::vector_dispatch!(gelu_new_mul_chunk, gelu_new_mul_chunk_generic, (g: &[bf16], u: &[bf16], v: &mut [f32], t: &mut [f32], o: &mut [bf16]));
 
 #[inline(always)]
 fn gelu_new_mul_chunk_generic(
@@ -252,11 +252,11 @@ trait RowPasses: Lane {
 /// [`RowPasses`] for one element type, each method dispatched to its generic body.
 macro_rules! row_passes_for {
     ($t:ty, $ln:ident, $rms:ident, $gate:ident, $add:ident, $silu:ident) => {
-        super::avx512_dispatch!($ln, ln_mod_row_generic::<$t>, (x: &[$t], o: &mut [$t], alpha: &[f32], beta: &[f32], eps: f32, buf: &mut [f32]));
-        super::avx512_dispatch!($rms, rms_row_generic::<$t>, (x: &[$t], o: &mut [$t], w: &[f32], eps: f32));
-        super::avx512_dispatch!($gate, add_gated_row_generic::<$t>, (x: &[$t], y: &[$t], g: &[f32], o: &mut [$t]));
-        super::avx512_dispatch!($add, add_row_generic::<$t>, (x: &[$t], y: &[$t], o: &mut [$t]));
-        super::avx512_dispatch!($silu, silu_mul_row_generic::<$t>, (a: &[$t], b: &[$t], o: &mut [$t], e: &mut [f32]));
+        super::vector_dispatch!($ln, ln_mod_row_generic::<$t>, (x: &[$t], o: &mut [$t], alpha: &[f32], beta: &[f32], eps: f32, buf: &mut [f32]));
+        super::vector_dispatch!($rms, rms_row_generic::<$t>, (x: &[$t], o: &mut [$t], w: &[f32], eps: f32));
+        super::vector_dispatch!($gate, add_gated_row_generic::<$t>, (x: &[$t], y: &[$t], g: &[f32], o: &mut [$t]));
+        super::vector_dispatch!($add, add_row_generic::<$t>, (x: &[$t], y: &[$t], o: &mut [$t]));
+        super::vector_dispatch!($silu, silu_mul_row_generic::<$t>, (a: &[$t], b: &[$t], o: &mut [$t], e: &mut [f32]));
         impl RowPasses for $t {
             fn ln_mod_row(x: &[Self], o: &mut [Self], alpha: &[f32], beta: &[f32], eps: f32, buf: &mut [f32]) {
                 $ln(x, o, alpha, beta, eps, buf)
@@ -533,6 +533,31 @@ fn silu_mul_row_generic<E: Lane>(a: &[E], b: &[E], o: &mut [E], e: &mut [f32]) {
     }
 }
 
+/// A bf16 CPU tensor widened to f32 (exactly), in parallel vectorised pieces (candle's conversion
+/// runs on one thread: 35 ms for a 1536 x 6144 weight on a Zen 3 core).
+pub fn widen(x: &Tensor) -> Result<Tensor> {
+    const CHUNK: usize = 1 << 14;
+    let out = with_slice::<bf16, _>(x, |xs| {
+        let mut out = vec![0f32; xs.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .for_each(|(o, x)| widen_bf16(x, o));
+        out
+    })?;
+    Tensor::from_vec(out, x.shape(), &Device::Cpu)
+}
+
+/// An f32 CPU tensor rounded to bf16 (nearest even, as candle's conversion), in parallel pieces
+/// ([`round_to_bf16`]).
+pub fn round(x: &Tensor) -> Result<Tensor> {
+    let out = with_slice::<f32, _>(x, |xs| {
+        let mut out = vec![bf16::ZERO; xs.len()];
+        round_to_bf16(xs, &mut out);
+        out
+    })?;
+    Tensor::from_vec(out, x.shape(), &Device::Cpu)
+}
+
 /// `o = x` rounded to bf16 (nearest even), in parallel pieces: the one rounding of a bf16 product
 /// summed in f32.
 pub fn round_to_bf16(x: &[f32], o: &mut [bf16]) {
@@ -543,11 +568,11 @@ pub fn round_to_bf16(x: &[f32], o: &mut [bf16]) {
         .for_each(|(o, x)| round_chunk(x, o));
 }
 
-super::avx512_dispatch!(round_chunk, round_chunk_generic, (x: &[f32], o: &mut [bf16]));
+super::vector_dispatch!(round_chunk, round_chunk_generic, (x: &[f32], o: &mut [bf16]));
 
-super::avx512_dispatch!(widen_bf16, widen_bf16_generic, (x: &[bf16], o: &mut [f32]));
+super::vector_dispatch!(widen_bf16, widen_bf16_generic, (x: &[bf16], o: &mut [f32]));
 
-super::avx512_dispatch!(through_bf16, through_bf16_generic, (x: &mut [f32]));
+super::vector_dispatch!(through_bf16, through_bf16_generic, (x: &mut [f32]));
 
 /// `x` rounded to bf16 (nearest even, as [`round_to_bf16`]) and widened back, in place, on the
 /// calling thread: the values a bf16 copy of `x` holds, as the f32 kernel multiplies them.

@@ -1,7 +1,8 @@
-//! The one CPU feature switch: what this CPU has, read once, with the `MMDIT_AVX512` and `MMDIT_AMX`
-//! overrides applied. Every kernel choice reads it (the layers in `nn` pick a kernel by it, and the
-//! vectorised passes compile their AVX-512 version in only when it says so), so `MMDIT_AVX512=0`
-//! really runs the generic code everywhere and `MMDIT_AMX=0` never touches a tile. One choice is
+//! The one CPU feature switch: what this CPU has, read once, with the `MMDIT_AVX512`, `MMDIT_AVX2`
+//! and `MMDIT_AMX` overrides applied. Every kernel choice reads it (the layers in `nn` pick a kernel
+//! by it, and the vectorised passes compile their AVX-512 or AVX2 version in only when it says so),
+//! so `MMDIT_AVX512=0 MMDIT_AVX2=0` really runs the generic code everywhere and `MMDIT_AMX=0`
+//! never touches a tile. One choice is
 //! measured rather than read: whether AVX512-BF16's dot product is fast enough here to carry bf16
 //! ([`Features::bf16_dot`]).
 //!
@@ -16,6 +17,10 @@ pub struct Features {
     /// AVX-512F: the f32 matrix product, attention, convolution and GroupNorm kernels, and the
     /// AVX-512 builds of the vectorised passes. `MMDIT_AVX512=0` turns it off.
     pub avx512: bool,
+    /// AVX2 with FMA: the AVX2 builds of the vectorised passes where AVX-512 is off
+    /// ([`super::vector_dispatch`]; the same values as the baseline build, computed 8 lanes at a
+    /// time). `MMDIT_AVX2=0` turns it off.
+    pub avx2: bool,
     /// AMX-BF16 tiles, granted to this process by the OS: the bf16 matrix product and attention.
     /// `MMDIT_AMX=0` turns it off.
     pub amx: bool,
@@ -44,6 +49,7 @@ pub fn features() -> Features {
             && detect_avx512_bf16();
         Features {
             avx512: enabled("MMDIT_AVX512") && detect_avx512(),
+            avx2: enabled("MMDIT_AVX2") && detect_avx2(),
             amx: enabled("MMDIT_AMX") && detect_amx(),
             vnni: enabled("MMDIT_AVX512")
                 && enabled("MMDIT_VNNI")
@@ -72,6 +78,16 @@ fn detect_avx512() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect_avx512() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx2() -> bool {
     false
 }
 
@@ -236,6 +252,9 @@ mod tests {
         assert!(!f.avx512 || detect_avx512());
         if std::env::var("MMDIT_AVX512").is_ok_and(|v| v == "0") {
             assert!(!f.avx512);
+        }
+        if std::env::var("MMDIT_AVX2").is_ok_and(|v| v == "0") {
+            assert!(!f.avx2);
         }
         if std::env::var("MMDIT_AMX").is_ok_and(|v| v == "0") {
             assert!(!f.amx);

@@ -175,7 +175,7 @@ pub fn channels_last_affine(
     affine
 }
 
-super::avx512_dispatch!(channel_sums, channel_sums_generic, (x: &[f32], centre: &[f32], acc: &mut [f64]));
+super::vector_dispatch!(channel_sums, channel_sums_generic, (x: &[f32], centre: &[f32], acc: &mut [f64]));
 
 /// Adds to acc (c) each channel's sum over the pixels of x (pixels x c): of the values, or with a
 /// `centre` (c) of their squared distances from it.
@@ -196,7 +196,7 @@ fn channel_sums_generic(x: &[f32], centre: &[f32], acc: &mut [f64]) {
         .for_each(|(a, &l)| *a += l as f64);
 }
 
-super::avx512_dispatch!(affine_channels, affine_channels_generic, (x: &[f32], o: &mut [f32], scale: &[f32], shift: &[f32], silu: bool));
+super::vector_dispatch!(affine_channels, affine_channels_generic, (x: &[f32], o: &mut [f32], scale: &[f32], shift: &[f32], silu: bool));
 
 /// o = x · scale + shift per channel (x and o pixels x c), then SiLU when `silu`.
 #[inline(always)]
@@ -228,7 +228,7 @@ fn group(x: &[f32], o: &mut [f32], hw: usize, gamma: &[f32], beta: &[f32], eps: 
     }
 }
 
-super::avx512_dispatch!(affine, affine_generic, (x: &[f32], o: &mut [f32], scale: f32, shift: f32, silu: bool));
+super::vector_dispatch!(affine, affine_generic, (x: &[f32], o: &mut [f32], scale: f32, shift: f32, silu: bool));
 
 #[inline(always)]
 fn affine_generic(x: &[f32], o: &mut [f32], scale: f32, shift: f32, silu: bool) {

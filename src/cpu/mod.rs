@@ -9,10 +9,11 @@
 //! the aligned buffer of [`aligned`].
 
 /// Defines `$name(args)` that runs `$generic(args)` compiled for AVX-512 when [`features()`] allows
-/// it (the build targets baseline x86_64), else as built.
-macro_rules! avx512_dispatch {
+/// it, else for AVX2 (with FMA, which Rust never contracts into: the same values) when it allows
+/// that, else as built (the build targets baseline x86_64: SSE2).
+macro_rules! vector_dispatch {
     ($name:ident, $generic:path, ($($arg:ident : $ty:ty),*)) => {
-        $crate::cpu::avx512_dispatch!($name, $generic, ($($arg: $ty),*) -> ());
+        $crate::cpu::vector_dispatch!($name, $generic, ($($arg: $ty),*) -> ());
     };
     ($name:ident, $generic:path, ($($arg:ident : $ty:ty),*) -> $ret:ty) => {
         pub(crate) fn $name($($arg: $ty),*) -> $ret {
@@ -24,16 +25,27 @@ macro_rules! avx512_dispatch {
                 unsafe fn wide($($arg: $ty),*) -> $ret {
                     $generic($($arg),*)
                 }
-                if $crate::cpu::features().avx512 {
+                /// # Safety
+                /// The CPU must have AVX2 and FMA.
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $generic($($arg),*)
+                }
+                let f = $crate::cpu::features();
+                if f.avx512 {
                     // SAFETY: the feature switch reports AVX-512F only where the CPU has it.
                     return unsafe { wide($($arg),*) };
+                }
+                if f.avx2 {
+                    // SAFETY: the feature switch reports AVX2 only where the CPU has it and FMA.
+                    return unsafe { avx2($($arg),*) };
                 }
             }
             $generic($($arg),*)
         }
     };
 }
-pub(crate) use avx512_dispatch;
+pub(crate) use vector_dispatch;
 
 pub mod aligned;
 pub mod amx;
@@ -42,6 +54,7 @@ pub mod conv;
 pub mod dpbf16;
 pub mod elementwise;
 mod features;
+pub mod gemv;
 pub mod group_norm;
 pub mod heads;
 pub mod heap;
@@ -733,7 +746,7 @@ impl Lane for bf16 {
 }
 
 /// Σ f(x) over 16 lanes and then across them, so that the loop vectorises; inlined into each
-/// caller so it is compiled with the caller's features (AVX-512 inside `avx512_dispatch!`).
+/// caller so it is compiled with the caller's features (AVX-512 inside `vector_dispatch!`).
 #[inline(always)]
 pub(crate) fn lane_sum<T: Copy>(xs: &[T], f: impl Fn(T) -> f32) -> f32 {
     let mut lanes = [0f32; 16];

@@ -2,6 +2,7 @@
 
 use crate::profile::{self, Phase};
 use candle_core::{DType, Result, Tensor};
+use half::bf16;
 
 /// Scaled dot-product attention, timed as the transformer's "attention core" phase when profiling
 /// (see [`sdpa_unprofiled`]).
@@ -82,13 +83,28 @@ pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             crate::cpu::attention::sdpa_widened(q, k, v, heads, scale as f32)
         });
     }
-    if q.device().is_cpu() && matches!(q.dtype(), DType::BF16 | DType::F16) {
-        // The kernels' semantics without them: the f32 attention of the (exactly widened) values,
-        // the output rounded once. (candle's bf16 products would round the scaled queries and
-        // the scores, beyond bf16 rounding of the output; they widen both operands to f32 on
-        // every call anyway.)
-        let f = |t: &Tensor| t.to_dtype(DType::F32);
-        return sdpa_unprofiled(&f(q)?, &f(k)?, &f(v)?)?.to_dtype(q.dtype());
+    if q.device().is_cpu() {
+        // The kernels' semantics without them, on the `gemm` crate: the f32 attention of the
+        // (exactly widened) values, the output rounded once. (candle's bf16 products would round
+        // the scaled queries and the scores, beyond bf16 rounding of the output.)
+        use crate::cpu::attention::sdpa_gemm as gemm;
+        match q.dtype() {
+            DType::F32 => {
+                return on_slices::<f32>(q, k, v, |q, k, v| {
+                    gemm(q, k, v, heads, scale as f32, None)
+                })
+            }
+            DType::BF16 => {
+                return on_slices::<bf16>(q, k, v, |q, k, v| {
+                    gemm(q, k, v, heads, scale as f32, None)
+                })
+            }
+            DType::F16 => {
+                let f = |t: &Tensor| t.to_dtype(DType::F32);
+                return sdpa_unprofiled(&f(q)?, &f(k)?, &f(v)?)?.to_dtype(q.dtype());
+            }
+            _ => {}
+        }
     }
     // q and v may be head-major views of token-major tensors ([`join_heads`] on a GPU): the
     // products take them contiguous.
@@ -176,7 +192,30 @@ pub fn sdpa_biased(
             _ => {}
         }
     }
-    if q.device().is_cpu() && matches!(dt, DType::BF16 | DType::F16) {
+    if q.device().is_cpu() && same {
+        // Without AVX-512 the same order on the `gemm` crate.
+        let heads = crate::cpu::attention::Heads { bh: b * h, n, m, d };
+        use crate::cpu::attention::sdpa_gemm as gemm;
+        let bias32 = bias.to_dtype(DType::F32)?;
+        match dt {
+            DType::F32 => {
+                return crate::cpu::with_slice::<f32, _>(&bias32, |bias| {
+                    on_slices::<f32>(q, k, v, |q, k, v| {
+                        gemm(q, k, v, heads, scale as f32, Some(bias))
+                    })
+                })?;
+            }
+            DType::BF16 => {
+                return crate::cpu::with_slice::<f32, _>(&bias32, |bias| {
+                    on_slices::<bf16>(q, k, v, |q, k, v| {
+                        gemm(q, k, v, heads, scale as f32, Some(bias))
+                    })
+                })?;
+            }
+            _ => {}
+        }
+    }
+    if q.device().is_cpu() && dt == DType::F16 {
         // As the kernels: the f32 attention of the widened values, the output rounded once.
         let f = |t: &Tensor| t.to_dtype(DType::F32);
         return sdpa_biased(&f(q)?, &f(k)?, &f(v)?, bias, scale)?.to_dtype(dt);

@@ -13,6 +13,7 @@ use super::lora::{self, Slot};
 use super::quant;
 use crate::cpu::amx::{self, PackedB};
 use crate::cpu::dpbf16::{self, PackedPairs};
+use crate::cpu::gemv;
 use crate::cpu::qgemm::{self, QWeight};
 use crate::cpu::sgemm::{self, PackedBf16, PackedF32, RowValues};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -519,8 +520,9 @@ impl Linear {
 
     /// `x Wᵀ + b` as f32 sums not yet rounded to `x`'s dtype, for the kernels that form them apart
     /// from their rounding: candle's product of a bf16 layer on the CPU ([`widened_sums`]) and
-    /// candle's quantized kernels. None for the others (which round inside, or work in f32).
-    fn f32_sums(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    /// candle's quantized kernels; with `x` in f32, as they widened it. None for the others (which
+    /// round inside, or work in f32).
+    fn f32_sums(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
         Ok(Some(match &self.kernel {
             Kernel::Candle(l) if x.device().is_cpu() && x.dtype() == DType::BF16 => {
                 widened_sums(l, x)?
@@ -534,7 +536,7 @@ impl Linear {
     fn product(&self, x: &Tensor) -> Result<Tensor> {
         match &self.kernel {
             Kernel::Candle(l) if x.device().is_cpu() && x.dtype() == DType::BF16 => {
-                widened_sums(l, x)?.to_dtype(DType::BF16)
+                from_f32(&widened_sums(l, x)?.0, DType::BF16)
             }
             Kernel::Candle(l) => l.forward(x),
             Kernel::Amx(p) => {
@@ -571,7 +573,9 @@ impl Linear {
                 };
                 Ok(y)
             }
-            Kernel::Quantized(q, bias) => quantized_sums(q, bias.as_ref(), x)?.to_dtype(x.dtype()),
+            Kernel::Quantized(q, bias) => {
+                from_f32(&quantized_sums(q, bias.as_ref(), x)?.0, x.dtype())
+            }
         }
     }
 
@@ -748,7 +752,7 @@ impl Module for Linear {
             Kernel::Dpbf16(p) if delta.is_packed() => dpbf16_forward(x, p, Some(&delta), false),
             // The term added to the f32 sums, rounded once with them, as the packed kernels do.
             _ => match self.f32_sums(x)? {
-                Some(y) => (y + delta.forward(&x.to_dtype(DType::F32)?)?)?.to_dtype(x.dtype()),
+                Some((y, xf)) => from_f32(&(y + delta.forward(&xf)?)?, x.dtype()),
                 None => self.product(x)? + delta.forward(x)?,
             },
         }
@@ -756,21 +760,54 @@ impl Module for Linear {
 }
 
 /// A bf16 layer on a CPU without our bf16 kernels: the f32 product of the widened values plus the
-/// bias, to be rounded to bf16 once, as the packed kernels and PyTorch do. (candle's bf16 matmul on
+/// bias, to be rounded to bf16 once, as the packed kernels and PyTorch do (candle's bf16 matmul on
 /// the CPU widens both operands too, but rounds the product, and its layer then rounds the sum with
-/// the bias a second time.)
-fn widened_sums(l: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
-    let wide = |t: &Tensor| t.to_dtype(DType::F32);
-    let bias = l.bias().map(wide).transpose()?;
-    candle_nn::Linear::new(wide(l.weight())?, bias).forward(&wide(x)?)
+/// the bias a second time); with `x` as f32. A few rows ([`gemv::FEW`]: modulation, embeddings)
+/// read the bf16 weight as stored; more widen it (in parallel) for candle's f32 product.
+fn widened_sums(l: &candle_nn::Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let xf = to_f32(x)?;
+    let bias = l.bias().map(to_f32).transpose()?;
+    let (n, k) = l.weight().dims2()?;
+    let m = x.elem_count() / k.max(1);
+    if m <= gemv::FEW && x.dim(candle_core::D::Minus1)? == k {
+        let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+        let y = crate::cpu::with_slices::<f32, _>(&[&xf], |a| {
+            crate::cpu::with_slice::<bf16, _>(l.weight(), |w| {
+                gemv::matmul_bf16_weight(a[0], m, w, (n, k), bias.as_deref())
+            })
+        })??;
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = n;
+        return Ok((Tensor::from_vec(y, dims, &Device::Cpu)?, xf));
+    }
+    let y = candle_nn::Linear::new(to_f32(l.weight())?, bias).forward(&xf)?;
+    Ok((y, xf))
 }
 
-/// candle's quantized product of `x` (f32 in, f32 out) plus the bias, in f32.
-fn quantized_sums(q: &QMatMul, bias: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
-    let y = q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;
-    match bias {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
+/// candle's quantized product of `x` (f32 in, f32 out) plus the bias, in f32; with `x` as f32.
+fn quantized_sums(q: &QMatMul, bias: Option<&Tensor>, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let xf = to_f32(x)?.contiguous()?;
+    let y = q.forward(&xf)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    Ok((y, xf))
+}
+
+/// `x` in f32: a bf16 CPU tensor widened in parallel, others converted by candle.
+fn to_f32(x: &Tensor) -> Result<Tensor> {
+    match x.device().is_cpu() && x.dtype() == DType::BF16 {
+        true => crate::cpu::elementwise::widen(x),
+        false => x.to_dtype(DType::F32),
+    }
+}
+
+/// f32 sums `y` in `dtype`: rounded to bf16 in parallel on the CPU, others converted by candle.
+fn from_f32(y: &Tensor, dtype: DType) -> Result<Tensor> {
+    match y.device().is_cpu() && y.dtype() == DType::F32 && dtype == DType::BF16 {
+        true => crate::cpu::elementwise::round(y),
+        false => y.to_dtype(dtype),
     }
 }
 

@@ -340,7 +340,7 @@ pub fn sdpa_gemm<T: super::Lane>(
                         s.resize(rows * m, 0.0);
                         ow.resize(rows * d, 0.0);
                         // Scores: qw (rows x d) times k (m x d) read as the d x m operand kᵀ.
-                        gemm_f32((rows, m, d), s, (qw, 1, d), (&k, d, 1));
+                        super::gemm_f32((rows, m, d), (s, m), (qw, 1, d), (&k, d, 1), false);
                         let mut inv = [0f32; QB_GEMM];
                         let rows_of_s = s.chunks_exact_mut(m).zip(&mut inv);
                         match bias {
@@ -364,7 +364,7 @@ pub fn sdpa_gemm<T: super::Lane>(
                                 *x *= inv;
                             }
                         }
-                        gemm_f32((rows, d, m), ow, (s, 1, m), (&v, 1, d));
+                        super::gemm_f32((rows, d, m), (ow, d), (s, 1, m), (&v, 1, d), false);
                         for (o, &x) in o.iter_mut().zip(ow.iter()) {
                             *o = T::narrow(x);
                         }
@@ -372,49 +372,6 @@ pub fn sdpa_gemm<T: super::Lane>(
                 });
         });
     out
-}
-
-/// `dst = lhs · rhs` on the `gemm` crate, on the calling thread (the attention runs its blocks in
-/// parallel): dst (rows x cols) row-major, lhs (rows x inner) and rhs (inner x cols) given with
-/// their (column, row) strides: element (r, c) at `c cs + r rs`. Panics unless every element the
-/// product reads or writes lies inside its slice.
-fn gemm_f32(
-    (rows, cols, inner): (usize, usize, usize),
-    dst: &mut [f32],
-    (lhs, lhs_cs, lhs_rs): (&[f32], usize, usize),
-    (rhs, rhs_cs, rhs_rs): (&[f32], usize, usize),
-) {
-    // The offset of the last element of an r x c operand (r, c >= 1).
-    let last = |cs: usize, rs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
-    assert!(dst.len() >= rows * cols && rows * cols * inner > 0);
-    assert!(lhs.len() > last(lhs_cs, lhs_rs, rows, inner));
-    assert!(rhs.len() > last(rhs_cs, rhs_rs, inner, cols));
-    // SAFETY: the product reads lhs and rhs and writes dst at the strides given, every element of
-    // which lies inside its slice (the offsets grow with r and c, so the last is the largest:
-    // asserted above); dst is borrowed mutably, so nothing else touches it.
-    unsafe {
-        gemm::gemm(
-            rows,
-            cols,
-            inner,
-            dst.as_mut_ptr(),
-            1,
-            cols as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
 }
 
 thread_local! {

@@ -50,11 +50,12 @@ pub(crate) use vector_dispatch;
 pub mod aligned;
 pub mod amx;
 pub mod attention;
+pub mod bf16_weight;
 pub mod conv;
 pub mod dpbf16;
 pub mod elementwise;
 mod features;
-pub mod gemv;
+
 pub mod group_norm;
 pub mod heads;
 pub mod heap;
@@ -695,6 +696,56 @@ pub fn with_slices<T: candle_core::WithDType, R>(
         })
         .collect::<Result<Vec<&[T]>>>()?;
     Ok(f(&slices))
+}
+
+/// `dst = lhs · rhs` in f32 on the `gemm` crate (candle's own product: AVX2 and FMA where the CPU
+/// has them), where AVX-512 is missing: dst (rows x cols) row-major at row stride `ldd`, lhs (rows x inner) and rhs
+/// (inner x cols) given with their (column, row) strides, element (r, c) at `c cs + r rs`. On the
+/// calling thread, or with `parallel` on the rayon pool's threads (for a product of a million
+/// multiply-adds or more). Panics unless every element the product reads or writes lies inside
+/// its slice.
+pub(crate) fn gemm_f32(
+    (rows, cols, inner): (usize, usize, usize),
+    (dst, ldd): (&mut [f32], usize),
+    (lhs, lhs_cs, lhs_rs): (&[f32], usize, usize),
+    (rhs, rhs_cs, rhs_rs): (&[f32], usize, usize),
+    parallel: bool,
+) {
+    // The offset of the last element of an r x c operand (r, c >= 1).
+    let last = |cs: usize, rs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
+    assert!(rows * cols * inner > 0 && ldd >= cols && dst.len() > last(1, ldd, rows, cols));
+    assert!(lhs.len() > last(lhs_cs, lhs_rs, rows, inner));
+    assert!(rhs.len() > last(rhs_cs, rhs_rs, inner, cols));
+    let threads = match rayon::current_num_threads() {
+        n if parallel && n > 1 && rows * cols * inner >= 1 << 20 => gemm::Parallelism::Rayon(n),
+        _ => gemm::Parallelism::None,
+    };
+    // SAFETY: the product reads lhs and rhs and writes dst at the strides given, every element of
+    // which lies inside its slice (the offsets grow with r and c, so the last is the largest:
+    // asserted above); dst is borrowed mutably, so nothing else touches it.
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols,
+            inner,
+            dst.as_mut_ptr(),
+            1,
+            ldd as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            threads,
+        )
+    }
 }
 
 /// f32 -> bf16, round to nearest even (as `half`'s conversion), written so that loops vectorise.

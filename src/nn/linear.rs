@@ -12,8 +12,8 @@
 use super::lora::{self, Slot};
 use super::quant;
 use crate::cpu::amx::{self, PackedB};
+use crate::cpu::bf16_weight;
 use crate::cpu::dpbf16::{self, PackedPairs};
-use crate::cpu::gemv;
 use crate::cpu::qgemm::{self, QWeight};
 use crate::cpu::sgemm::{self, PackedBf16, PackedF32, RowValues};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -762,26 +762,30 @@ impl Module for Linear {
 /// A bf16 layer on a CPU without our bf16 kernels: the f32 product of the widened values plus the
 /// bias, to be rounded to bf16 once, as the packed kernels and PyTorch do (candle's bf16 matmul on
 /// the CPU widens both operands too, but rounds the product, and its layer then rounds the sum with
-/// the bias a second time); with `x` as f32. A few rows ([`gemv::FEW`]: modulation, embeddings)
-/// read the bf16 weight as stored; more widen it (in parallel) for candle's f32 product.
+/// the bias a second time); with `x` as f32. The weight is read as stored
+/// ([`bf16_weight`]): a few rows multiply it widened in registers, more widen it a block at a time.
 fn widened_sums(l: &candle_nn::Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
     let xf = to_f32(x)?;
-    let bias = l.bias().map(to_f32).transpose()?;
     let (n, k) = l.weight().dims2()?;
-    let m = x.elem_count() / k.max(1);
-    if m <= gemv::FEW && x.dim(candle_core::D::Minus1)? == k {
-        let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
-        let y = crate::cpu::with_slices::<f32, _>(&[&xf], |a| {
-            crate::cpu::with_slice::<bf16, _>(l.weight(), |w| {
-                gemv::matmul_bf16_weight(a[0], m, w, (n, k), bias.as_deref())
-            })
-        })??;
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = n;
-        return Ok((Tensor::from_vec(y, dims, &Device::Cpu)?, xf));
+    if x.dim(candle_core::D::Minus1)? != k {
+        // candle's error for the mismatch.
+        let y = l.forward(x)?;
+        return Ok((y, xf));
     }
-    let y = candle_nn::Linear::new(to_f32(l.weight())?, bias).forward(&xf)?;
-    Ok((y, xf))
+    let m = x.elem_count() / k.max(1);
+    let bias = l.bias().map(|b| to_f32(b)?.to_vec1::<f32>()).transpose()?;
+    let product = match m <= bf16_weight::FEW {
+        true => bf16_weight::matmul_few_rows,
+        false => bf16_weight::matmul,
+    };
+    let y = crate::cpu::with_slices::<f32, _>(&[&xf], |a| {
+        crate::cpu::with_slice::<bf16, _>(l.weight(), |w| {
+            product(a[0], m, w, (n, k), bias.as_deref())
+        })
+    })??;
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = n;
+    Ok((Tensor::from_vec(y, dims, &Device::Cpu)?, xf))
 }
 
 /// candle's quantized product of `x` (f32 in, f32 out) plus the bias, in f32; with `x` as f32.

@@ -132,6 +132,9 @@ fn dot(a: &[f32], w: &[bf16]) -> f32 {
 mod tests {
     use super::*;
 
+    /// [`matmul_few_rows`] and [`matmul`].
+    type Product = fn(&[f32], usize, &[bf16], (usize, usize), Option<&[f32]>) -> Vec<f32>;
+
     /// Both products against an f64 reference of the same values, within f32 summation error; odd
     /// sizes (a partial task, k off the lanes, k = 0, no rows, several widened blocks of which
     /// the last partial).
@@ -153,10 +156,8 @@ mod tests {
                 .map(bf16::from_f32)
                 .collect();
             let bias = crate::cpu::lcg_uniform(n, &mut seed, -1.0, 1.0);
-            let products: [(
-                &str,
-                fn(&[f32], usize, &[bf16], (usize, usize), Option<&[f32]>) -> Vec<f32>,
-            ); 2] = [("few rows", matmul_few_rows), ("blocks", matmul)];
+            let products: [(&str, Product); 2] =
+                [("few rows", matmul_few_rows), ("blocks", matmul)];
             for (name, product) in products {
                 let got = product(&a, m, &w, (n, k), Some(&bias));
                 assert_eq!(got.len(), m * n);

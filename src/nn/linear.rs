@@ -767,9 +767,11 @@ impl Module for Linear {
 fn widened_sums(l: &candle_nn::Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
     let xf = to_f32(x)?;
     let (n, k) = l.weight().dims2()?;
-    if x.dim(candle_core::D::Minus1)? != k {
-        // candle's error for the mismatch.
-        let y = l.forward(x)?;
+    if x.dim(candle_core::D::Minus1)? != k || l.weight().dtype() != DType::BF16 {
+        // A weight of another dtype (or candle's error for a width that does not match): candle's
+        // f32 product of the widened values.
+        let bias = l.bias().map(to_f32).transpose()?;
+        let y = candle_nn::Linear::new(to_f32(l.weight())?, bias).forward(&xf)?;
         return Ok((y, xf));
     }
     let m = x.elem_count() / k.max(1);
@@ -979,6 +981,29 @@ mod tests {
     #[test]
     fn widened_bf16_linear_rounds_once_and_beats_candles() {
         bf16_layer_rounds_once_and_beats_candles(|l| Linear::of(Kernel::Candle(l.clone())));
+    }
+
+    /// A bf16 input to a layer on candle's product whose weight is f32: the f32 sums of the widened
+    /// input rounded once, as for a bf16 weight (not an error from the bf16 weight's kernels).
+    #[test]
+    fn bf16_input_to_an_f32_weight_takes_the_widened_product() {
+        let (w, b) = (normal((24, 40), 0.1, 1), normal(24, 1.0, 2));
+        let x = normal((2, 5, 40), 1.0, 3).to_dtype(DType::BF16).unwrap();
+        let plain = candle_nn::Linear::new(w, Some(b));
+        let got = Linear::of(Kernel::Candle(plain.clone()))
+            .forward(&x)
+            .unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        let want = plain.forward(&x.to_dtype(DType::F32).unwrap()).unwrap();
+        let bits = |t: &Tensor| -> Vec<u16> {
+            let t = t.to_dtype(DType::BF16).unwrap().flatten_all().unwrap();
+            t.to_vec1::<bf16>()
+                .unwrap()
+                .into_iter()
+                .map(bf16::to_bits)
+                .collect()
+        };
+        assert_eq!(bits(&got), bits(&want));
     }
 
     /// A run-time LoRA term in a packed layer (added to the f32 accumulators) against the plain

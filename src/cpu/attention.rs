@@ -276,7 +276,8 @@ const QB_GEMM: usize = 128;
 /// the scale and softmax in f32 with the vectorised exp). q, k and v are f32 or bf16 (widened
 /// exactly: k and v once per head, q a block at a time) and the output rounded once to their type.
 /// `bias`, when given, is added to the scaled scores as [`sdpa_f32_biased`] adds it. Panics unless
-/// the lengths match `heads` (and the bias is (h, n, m) for an h that divides bh).
+/// the lengths match `heads` (and the bias is (h, n, m) for an h that divides bh). `nn::attention`
+/// takes it for bf16 (f32 there stays on candle's ops: docs/performance.md, 2026-12-02).
 pub fn sdpa_gemm<T: super::Lane>(
     q: &[T],
     k: &[T],

@@ -1,7 +1,7 @@
 //! Vectorised element-wise passes on CPU tensors: tanh-GELU (f32, and bf16 computed in f32 and
 //! rounded once), and the LayerNorm + modulation, RMSNorm, gated residual and add over a batch in
 //! f32 or bf16 with the roundings of the composed ops in that dtype ([`Lane`]). Each has a generic
-//! body that compiles to AVX-512 where the feature switch allows it
+//! body that compiles to AVX-512, or else AVX2, where the feature switch allows it
 //! ([`vector_dispatch`](super::vector_dispatch)).
 
 use super::{lane_sum, round_bf16, with_slice, Lane};

@@ -212,7 +212,16 @@ fn a_batched_forward_equals_single_runs() {
                 "{} image {k}: latents max diff {d:e} of {m}",
                 pipe.spec.name()
             );
-            assert!(d <= 1e-5 * m, "image {k}: {d} of {m}");
+            // Bit for bit where the products run on the `gemm` crate (CPUs without AVX-512:
+            // each row's values independent of the rows beside it); the AVX-512 kernels are
+            // row-independent by construction too, but keep the old bound (not run where this
+            // was measured).
+            let bound = if mmdit::cpu::features().avx512 {
+                1e-5 * m
+            } else {
+                0.0
+            };
+            assert!(d <= bound, "image {k}: {d} of {m}");
             assert!(
                 common::max_u8_diff(&b.image.data, &single.image.data) <= 1,
                 "image {k}"

@@ -699,11 +699,19 @@ pub fn with_slices<T: candle_core::WithDType, R>(
 }
 
 /// `dst = lhs · rhs` in f32 on the `gemm` crate (candle's own product: AVX2 and FMA where the CPU
-/// has them), where AVX-512 is missing: dst (rows x cols) row-major at row stride `ldd`, lhs (rows x inner) and rhs
-/// (inner x cols) given with their (column, row) strides, element (r, c) at `c cs + r rs`. On the
-/// calling thread, or with `parallel` on the rayon pool's threads (for a product of a million
-/// multiply-adds or more). Panics unless every element the product reads or writes lies inside
-/// its slice.
+/// has them), where AVX-512 is missing: dst (rows x cols) row-major at row stride `ldd`, lhs (rows
+/// x inner) and rhs (inner x cols) given with their (column, row) strides, element (r, c) at
+/// `c cs + r rs`. On the calling thread, or with `parallel` on the rayon pool's threads (for a
+/// product of a million multiply-adds or more). Panics unless every element the product reads or
+/// writes lies inside its slice.
+///
+/// Each row of dst is the same whatever rows are multiplied beside it (a batch of images gets each
+/// image's values from a run of its own): the crate picks a kernel, and with it an order of sums,
+/// by the product's shape -- dot products for at most 256 outputs, a matrix-vector kernel for one
+/// row, and blocks of k sized by the shape below 64 x 64 and by k alone above. So the product runs
+/// with at least [`min_rows`] rows (fewer are padded with zero rows, into a scratch copy) and
+/// [`GEMM_KC`] values of k at most per call, one block of k each, added to dst: one kernel and one
+/// order of sums for every row count.
 pub(crate) fn gemm_f32(
     (rows, cols, inner): (usize, usize, usize),
     (dst, ldd): (&mut [f32], usize),
@@ -716,35 +724,89 @@ pub(crate) fn gemm_f32(
     assert!(rows * cols * inner > 0 && ldd >= cols && dst.len() > last(1, ldd, rows, cols));
     assert!(lhs.len() > last(lhs_cs, lhs_rs, rows, inner));
     assert!(rhs.len() > last(rhs_cs, rhs_rs, inner, cols));
+    let padded = min_rows(cols);
+    if rows < padded {
+        // The rows, then zero rows, contiguous; the product into a scratch block, then its rows.
+        let mut a = vec![0f32; padded * inner];
+        for (r, row) in a.chunks_exact_mut(inner).take(rows).enumerate() {
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = lhs[r * lhs_rs + c * lhs_cs];
+            }
+        }
+        let mut out = vec![0f32; padded * cols];
+        gemm_f32_blocks(
+            (padded, cols, inner),
+            (&mut out, cols),
+            (&a, 1, inner),
+            (rhs, rhs_cs, rhs_rs),
+            parallel,
+        );
+        for (r, row) in out.chunks_exact(cols).take(rows).enumerate() {
+            dst[r * ldd..r * ldd + cols].copy_from_slice(row);
+        }
+        return;
+    }
+    gemm_f32_blocks(
+        (rows, cols, inner),
+        (dst, ldd),
+        (lhs, lhs_cs, lhs_rs),
+        (rhs, rhs_cs, rhs_rs),
+        parallel,
+    );
+}
+
+/// The most values of k one call of the `gemm` crate sums in [`gemm_f32`]: its smallest block of
+/// k, so that each call sums k in one block whatever the shape.
+const GEMM_KC: usize = 512;
+
+/// The fewest rows [`gemm_f32`] hands the crate for `cols` columns: two (one row takes its
+/// matrix-vector kernel), and more than 256 outputs (fewer take its dot-product kernel).
+fn min_rows(cols: usize) -> usize {
+    (256 / cols + 1).max(2)
+}
+
+/// [`gemm_f32`]'s calls of the crate (rows >= [`min_rows`], the checks done): k in blocks of
+/// [`GEMM_KC`], the first written to dst, the next added to it.
+fn gemm_f32_blocks(
+    (rows, cols, inner): (usize, usize, usize),
+    (dst, ldd): (&mut [f32], usize),
+    (lhs, lhs_cs, lhs_rs): (&[f32], usize, usize),
+    (rhs, rhs_cs, rhs_rs): (&[f32], usize, usize),
+    parallel: bool,
+) {
     let threads = match rayon::current_num_threads() {
         n if parallel && n > 1 && rows * cols * inner >= 1 << 20 => gemm::Parallelism::Rayon(n),
         _ => gemm::Parallelism::None,
     };
-    // SAFETY: the product reads lhs and rhs and writes dst at the strides given, every element of
-    // which lies inside its slice (the offsets grow with r and c, so the last is the largest:
-    // asserted above); dst is borrowed mutably, so nothing else touches it.
-    unsafe {
-        gemm::gemm(
-            rows,
-            cols,
-            inner,
-            dst.as_mut_ptr(),
-            1,
-            ldd as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            threads,
-        )
+    for k0 in (0..inner).step_by(GEMM_KC) {
+        let kc = GEMM_KC.min(inner - k0);
+        // SAFETY: the product reads lhs and rhs and writes dst at the strides given, every
+        // element of which lies inside its slice (the caller's checks: the offsets grow with r
+        // and c, so the last is the largest, and k0 + kc <= inner); dst is borrowed mutably, so
+        // nothing else touches it. alpha 0 (the first block): dst is written, not read.
+        unsafe {
+            gemm::gemm(
+                rows,
+                cols,
+                kc,
+                dst.as_mut_ptr(),
+                1,
+                ldd as isize,
+                k0 > 0,
+                lhs.as_ptr().add(k0 * lhs_cs),
+                lhs_cs as isize,
+                lhs_rs as isize,
+                rhs.as_ptr().add(k0 * rhs_rs),
+                rhs_cs as isize,
+                rhs_rs as isize,
+                if k0 > 0 { 1.0 } else { 0.0 },
+                1.0,
+                false,
+                false,
+                false,
+                threads,
+            )
+        }
     }
 }
 
@@ -894,6 +956,68 @@ mod tests {
             s = s.wrapping_mul(1664525).wrapping_add(1013904223);
             let v = f32::from_bits(s & 0x7f7f_ffff) * if s & 1 == 0 { 1.0 } else { -1.0 };
             assert_eq!(round_bf16(v).to_bits(), bf16::from_f32(v).to_bits(), "{v}");
+        }
+    }
+
+    /// Each row of [`gemm_f32`]'s product is the same alone, in any block of rows beside it and
+    /// at any row stride, bit for bit, and within 2e-6 x the sum of |terms| of an f64 product:
+    /// shapes across the crate's dot-product (<= 256 outputs), matrix-vector (one row) and
+    /// small-shape (<= 64 x 64) kernels and blocks of k (k over 512, k <= 2).
+    #[test]
+    fn gemm_f32_rows_do_not_depend_on_the_rows_beside_them() {
+        let mut seed = 3;
+        for cols in [1, 7, 16, 64, 65, 128, 300] {
+            for inner in [1, 2, 3, 100, 512, 513, 1100] {
+                let rows = 70;
+                let lhs = lcg_uniform(rows * inner, &mut seed, -1.0, 1.0);
+                // rhs as a weight stores it (cols x inner), read as inner x cols.
+                let rhs = lcg_uniform(cols * inner, &mut seed, -1.0, 1.0);
+                let product = |r0: usize, n: usize, ldd: usize| {
+                    let mut out = vec![f32::NAN; n * ldd];
+                    let a = &lhs[r0 * inner..(r0 + n) * inner];
+                    gemm_f32(
+                        (n, cols, inner),
+                        (&mut out, ldd),
+                        (a, 1, inner),
+                        (&rhs, inner, 1),
+                        true,
+                    );
+                    out
+                };
+                let all = product(0, rows, cols);
+                for r in 0..rows {
+                    let (a, w) = (&lhs[r * inner..][..inner], |c: usize| {
+                        &rhs[c * inner..][..inner]
+                    });
+                    for c in 0..cols {
+                        let exact: f64 = a.iter().zip(w(c)).map(|(x, y)| f64::from(x * y)).sum();
+                        let size: f64 = a
+                            .iter()
+                            .zip(w(c))
+                            .map(|(x, y)| f64::from((x * y).abs()))
+                            .sum();
+                        let got = f64::from(all[r * cols + c]);
+                        assert!((got - exact).abs() <= 2e-6 * size, "{rows}x{inner}x{cols}");
+                    }
+                }
+                for (r0, n) in [(0, 1), (5, 1), (3, 2), (10, 3), (0, 8), (20, 40), (1, 69)] {
+                    let ldd = cols + 3;
+                    let some = product(r0, n, ldd);
+                    for r in 0..n {
+                        let (got, want) =
+                            (&some[r * ldd..][..cols], &all[(r0 + r) * cols..][..cols]);
+                        assert!(
+                            got.iter()
+                                .zip(want)
+                                .all(|(g, w)| g.to_bits() == w.to_bits()),
+                            "{n} rows from {r0} of {rows}x{inner}x{cols}: row {r}"
+                        );
+                        assert!(some[r * ldd + cols..(r + 1) * ldd]
+                            .iter()
+                            .all(|v| v.is_nan()));
+                    }
+                }
+            }
         }
     }
 

@@ -538,6 +538,7 @@ impl Linear {
             Kernel::Candle(l) if x.device().is_cpu() && x.dtype() == DType::BF16 => {
                 from_f32(&widened_sums(l, x)?.0, DType::BF16)
             }
+            Kernel::Candle(l) if is_cpu_f32(l, x) => rows_invariant_product(l, x),
             Kernel::Candle(l) => l.forward(x),
             Kernel::Amx(p) => {
                 let w = p.weight()?;
@@ -788,6 +789,45 @@ fn widened_sums(l: &candle_nn::Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("rank >= 1") = n;
     Ok((Tensor::from_vec(y, dims, &Device::Cpu)?, xf))
+}
+
+/// Whether `x` and the layer's (contiguous) weight are f32 CPU tensors: a layer on
+/// [`rows_invariant_product`].
+fn is_cpu_f32(l: &candle_nn::Linear, x: &Tensor) -> bool {
+    let w = l.weight();
+    x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && w.is_contiguous()
+}
+
+/// An f32 layer on a CPU without AVX-512: candle's product on the `gemm` crate, called so that each
+/// row's values are the same whatever rows are multiplied beside it ([`crate::cpu::gemm_f32`];
+/// candle's own call picks the crate's kernel by the row count, so an image of a batch came out a
+/// few ulps off the same image run alone), plus the bias.
+fn rows_invariant_product(l: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
+    let (n, k) = l.weight().dims2()?;
+    let m = x.elem_count() / k.max(1);
+    if x.dim(candle_core::D::Minus1)? != k || m * n * k == 0 {
+        // candle's error for a width that does not match; an empty product.
+        return l.forward(x);
+    }
+    let bias = l.bias().map(|b| to_f32(b)?.to_vec1::<f32>()).transpose()?;
+    let y = crate::cpu::with_slice::<f32, _>(x, |a| {
+        crate::cpu::with_slice::<f32, _>(l.weight(), |w| {
+            let mut out = vec![0f32; m * n];
+            // The weight (n x k, row-major) read as the k x n operand Wᵀ.
+            crate::cpu::gemm_f32((m, n, k), (&mut out, n), (a, 1, k), (w, k, 1), true);
+            if let Some(bias) = &bias {
+                for row in out.chunks_exact_mut(n) {
+                    for (o, b) in row.iter_mut().zip(bias) {
+                        *o += b;
+                    }
+                }
+            }
+            out
+        })
+    })??;
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = n;
+    Tensor::from_vec(y, dims, &Device::Cpu)
 }
 
 /// candle's quantized product of `x` (f32 in, f32 out) plus the bias, in f32; with `x` as f32.

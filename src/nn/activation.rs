@@ -5,14 +5,12 @@ use crate::cpu;
 use candle_core::{DType, Result, Tensor};
 
 /// tanh-GELU: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`. bf16 on the CPU is computed in f32
-/// and rounded once, as PyTorch does; f32 on the CPU runs a vectorised kernel where the feature
-/// switch allows AVX-512; elsewhere candle's op. (Without AVX-512 the vectorised pass, 200 ms a
-/// step faster on sd3-bench, moved one pixel of `tests/batch.rs`' batched-against-single check by
-/// one level: docs/performance.md.)
+/// and rounded once, as PyTorch does; f32 on the CPU runs a vectorised parallel pass (candle's
+/// is a scalar `tanh` per element on one thread); elsewhere candle's op.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::BF16 {
         cpu::elementwise::gelu_tanh_bf16(x)
-    } else if x.device().is_cpu() && x.dtype() == DType::F32 && cpu::features().avx512 {
+    } else if x.device().is_cpu() && x.dtype() == DType::F32 {
         cpu::elementwise::gelu_tanh_f32(x)
     } else {
         x.gelu()

@@ -84,19 +84,28 @@ pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             crate::cpu::attention::sdpa_widened(q, k, v, heads, scale as f32)
         });
     }
-    if q.device().is_cpu() && q.dtype() == DType::BF16 {
+    if q.device().is_cpu() {
         // The kernels' semantics without them, on the `gemm` crate: the f32 attention of the
         // (exactly widened) values, the output rounded once. (candle's bf16 products would round
-        // the scaled queries and the scores, beyond bf16 rounding of the output.) f32 stays on
-        // the composed ops below: with `sdpa_gemm` in f32, `tests/batch.rs`' batched-against-single
-        // pixel checks moved by one level (docs/performance.md).
-        return on_slices::<bf16>(q, k, v, |q, k, v| {
-            crate::cpu::attention::sdpa_gemm(q, k, v, heads, scale as f32, None)
-        });
-    }
-    if q.device().is_cpu() && q.dtype() == DType::F16 {
-        let f = |t: &Tensor| t.to_dtype(DType::F32);
-        return sdpa_unprofiled(&f(q)?, &f(k)?, &f(v)?)?.to_dtype(q.dtype());
+        // the scaled queries and the scores, beyond bf16 rounding of the output.)
+        use crate::cpu::attention::sdpa_gemm as gemm;
+        match q.dtype() {
+            DType::F32 => {
+                return on_slices::<f32>(q, k, v, |q, k, v| {
+                    gemm(q, k, v, heads, scale as f32, None)
+                })
+            }
+            DType::BF16 => {
+                return on_slices::<bf16>(q, k, v, |q, k, v| {
+                    gemm(q, k, v, heads, scale as f32, None)
+                })
+            }
+            DType::F16 => {
+                let f = |t: &Tensor| t.to_dtype(DType::F32);
+                return sdpa_unprofiled(&f(q)?, &f(k)?, &f(v)?)?.to_dtype(q.dtype());
+            }
+            _ => {}
+        }
     }
     // q and v may be head-major views of token-major tensors ([`join_heads`] on a GPU): the
     // products take them contiguous.
@@ -185,15 +194,28 @@ pub fn sdpa_biased(
             _ => {}
         }
     }
-    if q.device().is_cpu() && dt == DType::BF16 && same {
-        // Without AVX-512 the same order on the `gemm` crate (f32 composed below, as in `sdpa`).
+    if q.device().is_cpu() && same {
+        // Without AVX-512 the same order on the `gemm` crate.
         let heads = crate::cpu::attention::Heads { bh: b * h, n, m, d };
-        let bias = bias.to_dtype(DType::F32)?;
-        return crate::cpu::with_slice::<f32, _>(&bias, |bias| {
-            on_slices::<bf16>(q, k, v, |q, k, v| {
-                crate::cpu::attention::sdpa_gemm(q, k, v, heads, scale as f32, Some(bias))
-            })
-        })?;
+        use crate::cpu::attention::sdpa_gemm as gemm;
+        let bias32 = bias.to_dtype(DType::F32)?;
+        match dt {
+            DType::F32 => {
+                return crate::cpu::with_slice::<f32, _>(&bias32, |bias| {
+                    on_slices::<f32>(q, k, v, |q, k, v| {
+                        gemm(q, k, v, heads, scale as f32, Some(bias))
+                    })
+                })?;
+            }
+            DType::BF16 => {
+                return crate::cpu::with_slice::<f32, _>(&bias32, |bias| {
+                    on_slices::<bf16>(q, k, v, |q, k, v| {
+                        gemm(q, k, v, heads, scale as f32, Some(bias))
+                    })
+                })?;
+            }
+            _ => {}
+        }
     }
     if q.device().is_cpu() && dt == DType::F16 {
         // As the kernels: the f32 attention of the widened values, the output rounded once.

@@ -274,10 +274,11 @@ const QB_GEMM: usize = 128;
 /// product: AVX2 and FMA where the CPU has them, portable code elsewhere), for CPUs without
 /// AVX-512: the order of [`sdpa_f32`] (per block of queries the scores are the only intermediate,
 /// the scale and softmax in f32 with the vectorised exp). q, k and v are f32 or bf16 (widened
-/// exactly: k and v once per head, q a block at a time) and the output rounded once to their type.
-/// `bias`, when given, is added to the scaled scores as [`sdpa_f32_biased`] adds it. Panics unless
-/// the lengths match `heads` (and the bias is (h, n, m) for an h that divides bh). `nn::attention`
-/// takes it for bf16 (f32 there stays on candle's ops: docs/performance.md, 2026-12-02).
+/// exactly: k and v once per head, q a block at a time; f32 read where it lies) and the output
+/// rounded once to their type. `bias`, when given, is added to the scaled scores as
+/// [`sdpa_f32_biased`] adds it. Panics unless the lengths match `heads` (and the bias is (h, n, m)
+/// for an h that divides bh). Each head's values are the same whatever heads run beside it, and
+/// each query's whatever block it falls in ([`super::gemm_f32`]).
 pub fn sdpa_gemm<T: super::Lane>(
     q: &[T],
     k: &[T],
@@ -296,13 +297,13 @@ pub fn sdpa_gemm<T: super::Lane>(
         return out;
     }
     let bias_heads = bias.map_or(1, |b| b.len() / (n * m));
-    let wide = |x: &[T]| x.iter().map(|v| v.widen()).collect::<Vec<f32>>();
     out.par_chunks_mut(n * d)
         .zip(q.par_chunks(n * d))
         .zip(k.par_chunks(m * d).zip(v.par_chunks(m * d)))
         .enumerate()
         .for_each(|(i, ((o, q), (k, v)))| {
-            let (k, v) = (wide(k), wide(v));
+            let (mut kw, mut vw) = (Vec::new(), Vec::new());
+            let (k, v) = (T::f32s(k, &mut kw), T::f32s(v, &mut vw));
             let bias = bias.map(|b| &b[(i % bias_heads) * n * m..][..n * m]);
             o.par_chunks_mut(QB_GEMM * d)
                 .zip(q.par_chunks(QB_GEMM * d))
@@ -311,15 +312,14 @@ pub fn sdpa_gemm<T: super::Lane>(
                     let rows = q.len() / d;
                     GEMM_SCRATCH.with(|sc| {
                         let (qw, s, ow) = &mut *sc.borrow_mut();
-                        qw.clear();
-                        qw.extend(q.iter().map(|v| v.widen()));
+                        let qw = T::f32s(q, qw);
                         s.resize(rows * m, 0.0);
                         ow.resize(rows * d, 0.0);
                         // Scores: qw (rows x d) times k (m x d) read as the d x m operand kᵀ.
-                        super::gemm_f32((rows, m, d), (s, m), (qw, 1, d), (&k, d, 1), false);
+                        super::gemm_f32((rows, m, d), (s, m), (qw, 1, d), (k, d, 1), false);
                         let bias = bias.map(|b| &b[blk * QB_GEMM * m..][..rows * m]);
                         softmax_rows(s, m, scale, bias);
-                        super::gemm_f32((rows, d, m), (ow, d), (s, 1, m), (&v, 1, d), false);
+                        super::gemm_f32((rows, d, m), (ow, d), (s, 1, m), (v, 1, d), false);
                         for (o, &x) in o.iter_mut().zip(ow.iter()) {
                             *o = T::narrow(x);
                         }

@@ -826,6 +826,8 @@ pub trait Lane: candle_core::WithDType + Copy + Send + Sync {
     fn round(v: f32) -> f32;
     /// `v` stored in this type (rounded as [`Lane::round`]).
     fn narrow(v: f32) -> Self;
+    /// `x` as f32: where it lies for f32, widened (exactly, vectorised) into `buf` for bf16.
+    fn f32s<'a>(x: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
 }
 
 impl Lane for f32 {
@@ -841,6 +843,9 @@ impl Lane for f32 {
     fn narrow(v: f32) -> f32 {
         v
     }
+    fn f32s<'a>(x: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
+        x
+    }
 }
 
 impl Lane for bf16 {
@@ -855,6 +860,11 @@ impl Lane for bf16 {
     #[inline(always)]
     fn narrow(v: f32) -> bf16 {
         round_bf16(v)
+    }
+    fn f32s<'a>(x: &'a [bf16], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        buf.resize(x.len(), 0.0);
+        elementwise::widen_bf16(x, buf);
+        buf
     }
 }
 

@@ -781,10 +781,8 @@ fn widened_sums(l: &candle_nn::Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
         true => bf16_weight::matmul_few_rows,
         false => bf16_weight::matmul,
     };
-    let y = crate::cpu::with_slices::<f32, _>(&[&xf], |a| {
-        crate::cpu::with_slice::<bf16, _>(l.weight(), |w| {
-            product(a[0], m, w, (n, k), bias.as_deref())
-        })
+    let y = crate::cpu::with_slice::<f32, _>(&xf, |a| {
+        crate::cpu::with_slice::<bf16, _>(l.weight(), |w| product(a, m, w, (n, k), bias.as_deref()))
     })??;
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("rank >= 1") = n;

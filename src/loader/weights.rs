@@ -111,6 +111,27 @@ impl Safetensors {
         name: &str,
         f: impl FnOnce(DType, &[usize], &[u8], &dyn Fn(&[u8])) -> R,
     ) -> Option<R> {
+        self.raw(name, true, f)
+    }
+
+    /// [`Self::with_raw`] without releasing the range's pages when `f` returns (`done` still
+    /// releases the parts given to it): for a layer that reads the bytes where they lie on every
+    /// product, whose pages would otherwise be read in again each time.
+    pub fn with_raw_resident<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(DType, &[usize], &[u8], &dyn Fn(&[u8])) -> R,
+    ) -> Option<R> {
+        self.raw(name, false, f)
+    }
+
+    /// [`Self::with_raw`], the whole range released after `f` when `release_all`.
+    fn raw<R>(
+        &self,
+        name: &str,
+        release_all: bool,
+        f: impl FnOnce(DType, &[usize], &[u8], &dyn Fn(&[u8])) -> R,
+    ) -> Option<R> {
         let view = self.maps.get(name).ok()?;
         let dtype = match format!("{:?}", view.dtype()).as_str() {
             "F32" => DType::F32,
@@ -127,7 +148,9 @@ impl Safetensors {
             }
         };
         let out = f(dtype, view.shape(), data, &done);
-        release(data);
+        if release_all {
+            release(data);
+        }
         Some(out)
     }
 

@@ -29,8 +29,20 @@ use std::sync::{Arc, LazyLock, OnceLock};
 /// whether they had it (f32, bf16 or f16). A layer that packs its weight for a CPU kernel then packs
 /// it straight from those bytes, with no tensor copy in between, on its first product: building
 /// the layer reads the source once for the dtype and shape only (no byte is touched), and the
-/// first product reads it again and packs. A source must hand out the same bytes every time.
-pub type Source = Arc<dyn Fn(&str, &mut Visit) -> bool + Send + Sync>;
+/// first product reads it again and packs; a layer without a packing kernel (CPUs without
+/// AVX-512) reads the bytes where they lie on every product ([`Kernel::Mapped`]). A source must
+/// hand out the same bytes every time; [`Pages`] says what becomes of their pages after a visit.
+pub type Source = Arc<dyn Fn(&str, Pages, &mut Visit) -> bool + Send + Sync>;
+
+/// What a [`Source`] does with the pages of a weight's bytes once a visit returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pages {
+    /// Drops them from memory (a file mapping reads them again if they are touched again): the
+    /// layer packed a copy, or reads them too rarely to keep them.
+    Release,
+    /// Keeps them: the layer reads the bytes where they lie on every product.
+    Keep,
+}
 
 /// What a [`Source`] calls with a weight's dtype, shape and bytes, and `done`: the visitor passes
 /// it each part of the bytes it will not read again in this visit, and the source may drop that
@@ -96,6 +108,9 @@ enum Kernel {
     /// GGML blocks on candle's quantized kernels, where VNNI is missing; f32 in and out, the bias
     /// added in f32.
     Quantized(Arc<QMatMul>, Option<Tensor>),
+    /// f32 or bf16 without a packing kernel for it (CPUs without AVX-512), read where the weight
+    /// file holds it on every product.
+    Mapped(Arc<Mapped>),
 }
 
 /// A weight packed for a CPU kernel, and the bias in f32 (added once, to the f32 accumulators).
@@ -169,20 +184,24 @@ impl InPlace {
     /// The panels from the source, packed as a packed layer of the same dtype packs them.
     fn pack(&self) -> Option<InPlacePanels> {
         let (n, k, mut out) = (self.n, self.k, None);
-        (self.source)(&self.name, &mut |dtype, shape, bytes, done| {
-            if shape != [n, k] {
-                return;
-            }
-            out = match (dtype, self.bf16) {
-                (DType::F32, false) => values::<f32>(bytes).map(|w| {
-                    InPlacePanels::F32(PackedF32::from_nk_with(w, n, k, |r| done(bytes_of(r))))
-                }),
-                (_, true) => with_bf16(dtype, bytes, done, |w| {
-                    InPlacePanels::Bf16(PackedBf16::from_nk(w, n, k))
-                }),
-                _ => None,
-            };
-        });
+        (self.source)(
+            &self.name,
+            Pages::Release,
+            &mut |dtype, shape, bytes, done| {
+                if shape != [n, k] {
+                    return;
+                }
+                out = match (dtype, self.bf16) {
+                    (DType::F32, false) => values::<f32>(bytes).map(|w| {
+                        InPlacePanels::F32(PackedF32::from_nk_with(w, n, k, |r| done(bytes_of(r))))
+                    }),
+                    (_, true) => with_bf16(dtype, bytes, done, |w| {
+                        InPlacePanels::Bf16(PackedBf16::from_nk(w, n, k))
+                    }),
+                    _ => None,
+                };
+            },
+        );
         out
     }
 }
@@ -244,8 +263,9 @@ fn build(in_dim: usize, out_dim: usize, vb: VarBuilder, bias: bool) -> Result<Li
 
 /// The layer packed straight from the [`with_source`] bytes of its weight on its first product,
 /// when there are such bytes of the right shape, the CPU has a packing kernel for the layer's dtype
-/// and the bytes are aligned for their type, and the layer is not being quantized; None to build it
-/// the usual way. Only the dtype, shape and alignment are read here (no page of the bytes).
+/// and the bytes are aligned for their type, and the layer is not being quantized; without such a
+/// kernel, the layer reading bytes of its own dtype where they lie ([`Kernel::Mapped`]); None to
+/// build it the usual way. Only the dtype, shape and alignment are read here (no page of the bytes).
 fn from_source(
     in_dim: usize,
     out_dim: usize,
@@ -260,14 +280,20 @@ fn from_source(
     }
     let (want, cpu, (n, k)) = (vb.dtype(), crate::cpu::features(), (out_dim, in_dim));
     let name = format!("{}.weight", vb.prefix());
+    // Without a packing kernel for the layer's dtype, the products read the weight where it lies,
+    // when the file stores it in that dtype.
+    let mapped = match want {
+        DType::F32 => !cpu.avx512,
+        _ => !bf16_kernel(),
+    };
     let mut packable = false;
-    source(&name, &mut |dtype, shape, bytes, _| {
+    source(&name, Pages::Release, &mut |dtype, shape, bytes, _| {
         // (A wrong shape: the usual path names the mismatch.)
         packable = shape == [n, k]
             && match (want, dtype) {
-                (DType::F32, DType::F32) => cpu.avx512 && values::<f32>(bytes).is_some(),
-                (DType::BF16, DType::BF16) => bf16_kernel() && values::<bf16>(bytes).is_some(),
-                (DType::BF16, DType::F32) => bf16_kernel() && values::<f32>(bytes).is_some(),
+                (DType::F32, DType::F32) => values::<f32>(bytes).is_some(),
+                (DType::BF16, DType::BF16) => values::<bf16>(bytes).is_some(),
+                (DType::BF16, DType::F32) => !mapped && values::<f32>(bytes).is_some(),
                 _ => false,
             };
     });
@@ -278,6 +304,16 @@ fn from_source(
         true => Some(vb.get(out_dim, "bias")?.to_dtype(DType::F32)?.to_vec1()?),
         false => None,
     };
+    if mapped {
+        return Ok(Some(Linear::of(Kernel::Mapped(Arc::new(Mapped {
+            source,
+            name,
+            n,
+            k,
+            dtype: want,
+            bias,
+        })))));
+    }
     // In place where the layer would run on the f32 kernel's panels (f32, or bf16 without AMX or
     // AVX512-BF16, whose layouts are packed).
     let panels = want == DType::F32 || !(cpu.amx || cpu.bf16_dot);
@@ -338,7 +374,7 @@ fn deferred<P: Send + 'static>(
 ) -> Pack<P> {
     Box::new(move || {
         let (mut pack, mut out) = (Some(pack), None);
-        source(&name, &mut |dtype, _, bytes, done| {
+        source(&name, Pages::Release, &mut |dtype, _, bytes, done| {
             out = pack.take().and_then(|p| p(dtype, bytes, done));
         });
         out
@@ -528,6 +564,7 @@ impl Linear {
                 widened_sums(l, x)?
             }
             Kernel::Quantized(q, bias) => quantized_sums(q, bias.as_ref(), x)?,
+            Kernel::Mapped(w) => w.sums(x)?,
             _ => return Ok(None),
         }))
     }
@@ -540,6 +577,7 @@ impl Linear {
             }
             Kernel::Candle(l) if is_cpu_f32(l, x) => rows_invariant_product(l, x),
             Kernel::Candle(l) => l.forward(x),
+            Kernel::Mapped(w) => from_f32(&w.sums(x)?.0, x.dtype()),
             Kernel::Amx(p) => {
                 let w = p.weight()?;
                 let (k, n) = (w.k(), w.n());
@@ -690,7 +728,7 @@ fn rows_forward(
         };
     }
     let mut out = None;
-    (w.source)(&w.name, &mut |dtype, shape, bytes, _| {
+    (w.source)(&w.name, Pages::Release, &mut |dtype, shape, bytes, _| {
         let values = match (dtype, w.bf16) {
             (DType::F32, false) => values::<f32>(bytes).map(RowValues::F32),
             (DType::F32, true) => values::<f32>(bytes).map(RowValues::F32AsBf16),
@@ -763,30 +801,25 @@ impl Module for Linear {
 /// A bf16 layer on a CPU without our bf16 kernels: the f32 product of the widened values plus the
 /// bias, to be rounded to bf16 once, as the packed kernels and PyTorch do (candle's bf16 matmul on
 /// the CPU widens both operands too, but rounds the product, and its layer then rounds the sum with
-/// the bias a second time); with `x` as f32. The weight is read as stored
-/// ([`bf16_weight`]): a few rows multiply it widened in registers, more widen it a block at a time.
+/// the bias a second time); with `x` as f32. The weight is read as stored ([`Weight::Bf16`]).
 fn widened_sums(l: &candle_nn::Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
-    let xf = to_f32(x)?;
     let (n, k) = l.weight().dims2()?;
     if x.dim(candle_core::D::Minus1)? != k || l.weight().dtype() != DType::BF16 {
         // A weight of another dtype (or candle's error for a width that does not match): candle's
         // f32 product of the widened values.
+        let xf = to_f32(x)?;
         let bias = l.bias().map(to_f32).transpose()?;
         let y = candle_nn::Linear::new(to_f32(l.weight())?, bias).forward(&xf)?;
         return Ok((y, xf));
     }
-    let m = x.elem_count() / k.max(1);
     let bias = l.bias().map(|b| to_f32(b)?.to_vec1::<f32>()).transpose()?;
-    let product = match m <= bf16_weight::FEW {
-        true => bf16_weight::matmul_few_rows,
-        false => bf16_weight::matmul,
-    };
-    let y = crate::cpu::with_slice::<f32, _>(&xf, |a| {
-        crate::cpu::with_slice::<bf16, _>(l.weight(), |w| product(a, m, w, (n, k), bias.as_deref()))
+    let (x, w) = (&to_f32(x)?, l.weight());
+    let y = crate::cpu::with_slice::<bf16, _>(w, |w| {
+        rows_sums(x, n, |a, m| {
+            Weight::Bf16(w).sums(a, m, (n, k), bias.as_deref())
+        })
     })??;
-    let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("rank >= 1") = n;
-    Ok((Tensor::from_vec(y, dims, &Device::Cpu)?, xf))
+    Ok((y, x.clone()))
 }
 
 /// Whether `x` and the layer's (contiguous) weight are f32 CPU tensors: a layer on
@@ -797,35 +830,131 @@ fn is_cpu_f32(l: &candle_nn::Linear, x: &Tensor) -> bool {
 }
 
 /// An f32 layer on a CPU without AVX-512: candle's product on the `gemm` crate, called so that each
-/// row's values are the same whatever rows are multiplied beside it ([`crate::cpu::gemm_f32`];
-/// candle's own call picks the crate's kernel by the row count, so an image of a batch came out a
-/// few ulps off the same image run alone), plus the bias.
+/// row's values are the same whatever rows are multiplied beside it ([`Weight::F32`]; candle's own
+/// call picks the crate's kernel by the row count, so an image of a batch came out a few ulps off
+/// the same image run alone), plus the bias.
 fn rows_invariant_product(l: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     let (n, k) = l.weight().dims2()?;
-    let m = x.elem_count() / k.max(1);
-    if x.dim(candle_core::D::Minus1)? != k || m * n * k == 0 {
-        // candle's error for a width that does not match; an empty product.
+    if x.dim(candle_core::D::Minus1)? != k {
+        // candle's error for a width that does not match.
         return l.forward(x);
     }
     let bias = l.bias().map(|b| to_f32(b)?.to_vec1::<f32>()).transpose()?;
-    let y = crate::cpu::with_slice::<f32, _>(x, |a| {
-        crate::cpu::with_slice::<f32, _>(l.weight(), |w| {
-            let mut out = vec![0f32; m * n];
-            // The weight (n x k, row-major) read as the k x n operand Wᵀ.
-            crate::cpu::gemm_f32((m, n, k), (&mut out, n), (a, 1, k), (w, k, 1), true);
-            if let Some(bias) = &bias {
-                for row in out.chunks_exact_mut(n) {
-                    for (o, b) in row.iter_mut().zip(bias) {
-                        *o += b;
+    crate::cpu::with_slice::<f32, _>(l.weight(), |w| {
+        rows_sums(x, n, |a, m| {
+            Weight::F32(w).sums(a, m, (n, k), bias.as_deref())
+        })
+    })?
+}
+
+/// A weight's values (n x k, row-major, PyTorch's layout) as the products without a packed kernel
+/// read them: from a candle tensor or where a weight file holds them ([`Kernel::Mapped`]).
+#[derive(Clone, Copy)]
+enum Weight<'a> {
+    /// On [`crate::cpu::gemm_f32`]: each row's values independent of the rows beside it.
+    F32(&'a [f32]),
+    /// Widened exactly as [`bf16_weight`] reads it: a few rows in registers, more a block of the
+    /// weight at a time.
+    Bf16(&'a [bf16]),
+}
+
+impl Weight<'_> {
+    /// `a (m x k) · Wᵀ + bias` in f32, m x n row-major. Panics unless the lengths match.
+    fn sums(self, a: &[f32], m: usize, (n, k): (usize, usize), bias: Option<&[f32]>) -> Vec<f32> {
+        match self {
+            Weight::Bf16(w) if m <= bf16_weight::FEW => {
+                bf16_weight::matmul_few_rows(a, m, w, (n, k), bias)
+            }
+            Weight::Bf16(w) => bf16_weight::matmul(a, m, w, (n, k), bias),
+            Weight::F32(w) => {
+                assert!(a.len() == m * k && w.len() == n * k && bias.is_none_or(|b| b.len() == n));
+                let mut out = vec![0f32; m * n];
+                if m * n * k > 0 {
+                    // The weight read as the k x n operand Wᵀ.
+                    crate::cpu::gemm_f32((m, n, k), (&mut out, n), (a, 1, k), (w, k, 1), true);
+                }
+                if let Some(bias) = bias {
+                    for row in out.chunks_exact_mut(n.max(1)) {
+                        for (o, b) in row.iter_mut().zip(bias) {
+                            *o += b;
+                        }
                     }
                 }
+                out
             }
-            out
-        })
-    })??;
+        }
+    }
+}
+
+/// `product(rows of x, m)` (m x n f32 sums) as a tensor of x's shape with the last dimension n; x is
+/// an f32 CPU tensor whose last dimension is the weight's k.
+fn rows_sums(
+    x: &Tensor,
+    n: usize,
+    product: impl FnOnce(&[f32], usize) -> Vec<f32>,
+) -> Result<Tensor> {
+    let m = x
+        .dims()
+        .split_last()
+        .map_or(1, |(_, lead)| lead.iter().product());
+    let y = crate::cpu::with_slice::<f32, _>(x, |a| product(a, m))?;
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("rank >= 1") = n;
     Tensor::from_vec(y, dims, &Device::Cpu)
+}
+
+/// A layer whose weight is read where a [`Source`] holds it on every product, its pages kept
+/// resident ([`Pages::Keep`]), on the products of [`Weight`]: f32 or bf16 bytes, as the layer's
+/// dtype; the bias in f32. Loading copies none of its weight (as diffusers' mapped loading).
+struct Mapped {
+    source: Source,
+    name: String,
+    n: usize,
+    k: usize,
+    /// The layer's dtype: f32 or bf16.
+    dtype: DType,
+    bias: Option<Vec<f32>>,
+}
+
+impl std::fmt::Debug for Mapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mapped({}, {} x {})", self.name, self.n, self.k)
+    }
+}
+
+impl Mapped {
+    /// `x Wᵀ + b` as f32 sums, with `x` as f32; an error when the source no longer hands out the
+    /// weight as it did when the layer was built, or `x` is not what candle's layer of the same
+    /// weight takes (a CPU tensor of k columns, in the layer's dtype, or bf16 for an f32 layer).
+    fn sums(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (n, k) = (self.n, self.k);
+        let takes = x.dtype() == self.dtype || (self.dtype, x.dtype()) == (DType::F32, DType::BF16);
+        if !takes || x.dim(candle_core::D::Minus1)? != k || !x.device().is_cpu() {
+            candle_core::bail!(
+                "linear {} ({k} -> {n}, {:?}) given {:?} {:?} on {:?}",
+                self.name,
+                self.dtype,
+                x.dtype(),
+                x.dims(),
+                x.device()
+            );
+        }
+        let xf = to_f32(x)?;
+        let mut out = None;
+        (self.source)(&self.name, Pages::Keep, &mut |dtype, shape, bytes, _| {
+            let w = match dtype {
+                DType::F32 => values::<f32>(bytes).map(Weight::F32),
+                DType::BF16 => values::<bf16>(bytes).map(Weight::Bf16),
+                _ => None,
+            };
+            if let (Some(w), true) = (w, shape == [n, k]) {
+                out = Some(rows_sums(&xf, n, |a, m| {
+                    w.sums(a, m, (n, k), self.bias.as_deref())
+                }));
+            }
+        });
+        Ok((out.unwrap_or_else(|| Err(changed()))?, xf))
+    }
 }
 
 /// candle's quantized product of `x` (f32 in, f32 out) plus the bias, in f32; with `x` as f32.
@@ -1193,7 +1322,7 @@ mod tests {
         let source = |dtype: DType, shift: usize, shape: [usize; 2]| -> Source {
             let mut bytes = vec![0u8; shift];
             bytes.extend(file_bytes(&w, dtype));
-            Arc::new(move |name: &str, f: &mut Visit| {
+            Arc::new(move |name: &str, _: Pages, f: &mut Visit| {
                 if name != "l.weight" {
                     return false;
                 }
@@ -1226,6 +1355,83 @@ mod tests {
         }
     }
 
+    /// Without a packing kernel for the layer's dtype (f32 without AVX-512; bf16 without AMX,
+    /// AVX512-BF16 or AVX-512), a layer from a source reads the weight where the source holds it
+    /// on every product, asking it to keep the pages, and gives the values of the layer built from
+    /// the tensor bit for bit (1 and 12 rows, with a bias, input in the layer's dtype and the
+    /// other); a source that no longer has the weight gives an error, not a panic.
+    #[test]
+    fn source_layers_without_a_packing_kernel_read_the_weight_in_place() {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        use std::sync::Mutex;
+        let v = |t: &Tensor| {
+            let t = t.to_dtype(DType::F32).unwrap();
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let cpu = crate::cpu::features();
+        for dtype in [DType::F32, DType::BF16] {
+            if (dtype == DType::F32 && cpu.avx512) || (dtype == DType::BF16 && bf16_kernel()) {
+                eprintln!("skipped: this CPU packs {dtype:?} layers");
+                continue;
+            }
+            let (n, k) = (70, 600);
+            let w = normal((n, k), 0.05, 7).to_dtype(dtype).unwrap();
+            let b = normal(n, 1.0, 8).to_dtype(dtype).unwrap();
+            let bytes = Arc::new(file_bytes(&w, dtype));
+            let pages = Arc::new(Mutex::new(Vec::new()));
+            let there = Arc::new(AtomicBool::new(true));
+            let (p, t) = (pages.clone(), there.clone());
+            let source: Source = Arc::new(move |name: &str, asked: Pages, f: &mut Visit| {
+                if name != "l.weight" || !t.load(SeqCst) {
+                    return false;
+                }
+                p.lock().unwrap().push(asked);
+                f(dtype, &[n, k], &bytes, &|_| {});
+                true
+            });
+            let tensors = |w: Tensor| {
+                let named = [("l.weight", w), ("l.bias", b.clone())];
+                VarBuilder::from_tensors(
+                    named.into_iter().map(|(n, t)| (n.to_string(), t)).collect(),
+                    dtype,
+                    &Device::Cpu,
+                )
+            };
+            let l = with_source(Some(source), || {
+                linear(k, n, tensors(w.zeros_like().unwrap()).pp("l")).unwrap()
+            });
+            assert!(matches!(l.kernel, Kernel::Mapped(_)), "{dtype:?}");
+            let plain = linear(k, n, tensors(w.clone()).pp("l")).unwrap();
+            for (rows, x_dtype) in [(1, dtype), (12, dtype), (3, DType::F32), (3, DType::BF16)] {
+                let x = normal((rows, k), 1.0, 9).to_dtype(x_dtype).unwrap();
+                if plain.forward(&x).is_err() {
+                    // (candle's bf16 layer refuses f32 input.)
+                    assert!(l.forward(&x).is_err(), "{dtype:?} given {x_dtype:?}");
+                    continue;
+                }
+                let got = l.forward(&x).unwrap();
+                assert_eq!(got.dtype(), plain.forward(&x).unwrap().dtype());
+                assert_eq!(
+                    v(&got),
+                    v(&plain.forward(&x).unwrap()),
+                    "{dtype:?} {rows} rows"
+                );
+            }
+            let asked = pages.lock().unwrap().clone();
+            let products = if dtype == DType::BF16 { 3 } else { 4 };
+            assert_eq!(
+                asked.len(),
+                1 + products,
+                "{dtype:?}: built, then one visit a product"
+            );
+            assert!(asked[0] == Pages::Release && asked[1..].iter().all(|&p| p == Pages::Keep));
+            there.store(false, SeqCst);
+            let x = normal((2, k), 1.0, 9).to_dtype(dtype).unwrap();
+            let err = l.forward(&x).unwrap_err().to_string();
+            assert!(err.contains("load the model again"), "{err}");
+        }
+    }
+
     /// Packing from a source's f32 bytes (an f32 layer, and a bf16 layer rounding them) hands the
     /// bytes back through `done` in order, every byte once, in more than one part for a weight of
     /// more than 16 MiB, and packs the same layer as from a tensor.
@@ -1243,7 +1449,7 @@ mod tests {
             // (start, len) of each part, as offsets into the bytes.
             let parts = Arc::new(Mutex::new(Vec::new()));
             let (b, p) = (bytes.clone(), parts.clone());
-            let source: Source = Arc::new(move |name: &str, f: &mut Visit| {
+            let source: Source = Arc::new(move |name: &str, _: Pages, f: &mut Visit| {
                 if name != "l.weight" {
                     return false;
                 }
@@ -1303,7 +1509,7 @@ mod tests {
         let bytes = file_bytes(&w, DType::F32);
         let source = |visits: Arc<AtomicUsize>, last: usize| -> Source {
             let bytes = bytes.clone();
-            Arc::new(move |name: &str, f: &mut Visit| {
+            Arc::new(move |name: &str, _: Pages, f: &mut Visit| {
                 let visit = visits.fetch_add(1, SeqCst);
                 if name != "l.weight" || visit >= last {
                     return false;
@@ -1370,7 +1576,7 @@ mod tests {
         let visits = Arc::new(AtomicUsize::new(0));
         let source = |file: DType, last: usize| -> Source {
             let (bytes, visits) = (file_bytes(&w, file), visits.clone());
-            Arc::new(move |name: &str, f: &mut Visit| {
+            Arc::new(move |name: &str, _: Pages, f: &mut Visit| {
                 let visit = visits.fetch_add(1, SeqCst);
                 if name != "l.weight" || visit >= last {
                     return false;

@@ -134,6 +134,21 @@ pub(crate) struct Weights<'a> {
 
 const WEIGHT_STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
 
+/// The [`crate::nn::linear::Source`] of a folder's safetensors files: each tensor's bytes where
+/// the files are mapped, their pages released after the visit or kept, as the layer asks.
+fn source_of(st: &loader::weights::Safetensors) -> crate::nn::linear::Source {
+    use crate::nn::linear::{Pages, Visit};
+    let st = st.clone();
+    std::sync::Arc::new(move |name: &str, pages: Pages, f: &mut Visit| {
+        let f = |d, s: &[usize], b: &[u8], done: &dyn Fn(&[u8])| f(d, s, b, done);
+        match pages {
+            Pages::Release => st.with_raw(name, f),
+            Pages::Keep => st.with_raw_resident(name, f),
+        }
+        .is_some()
+    })
+}
+
 impl Weights<'_> {
     /// Where component `dir` comes from when not from its folder: a file of its own, or the
     /// single-file checkpoint.
@@ -169,13 +184,7 @@ impl Weights<'_> {
                 None => {
                     let files = loader::component_weights(self.src, dir, &WEIGHT_STEMS)?;
                     let st = loader::weights::Safetensors::open(&files)?;
-                    let source = deltas.is_empty().then(|| {
-                        let st = st.clone();
-                        std::sync::Arc::new(move |name: &str, f: &mut crate::nn::linear::Visit| {
-                            st.with_raw(name, |d, s, b, done| f(d, s, b, done))
-                                .is_some()
-                        }) as crate::nn::linear::Source
-                    });
+                    let source = deltas.is_empty().then(|| source_of(&st));
                     (Box::new(st), source)
                 }
             };

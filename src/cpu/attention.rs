@@ -278,7 +278,7 @@ const QB_GEMM: usize = 128;
 /// rounded once to their type. `bias`, when given, is added to the scaled scores as
 /// [`sdpa_f32_biased`] adds it. Panics unless the lengths match `heads` (and the bias is (h, n, m)
 /// for an h that divides bh). Each head's values are the same whatever heads run beside it, and
-/// each query's whatever block it falls in ([`super::gemm_f32`]).
+/// each query's whatever block it falls in (`cpu::gemm_f32`).
 pub fn sdpa_gemm<T: super::Lane>(
     q: &[T],
     k: &[T],

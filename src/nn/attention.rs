@@ -19,10 +19,10 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// (`crate::cuda::sdpa`; with the `flash-attn` feature candle's flash attention instead), where
 /// cuDNN can run the shape; on Metal candle's fused kernel, on a CPU [`crate::cpu::attention`] (bf16 with AMX,
 /// bf16 with AVX512-BF16 but no AMX on its dot products, f32 with AVX-512, and bf16 with AVX-512
-/// alone through the f32 kernel; on other CPUs bf16 on the `gemm` crate in the same order); otherwise
-/// queries are processed in blocks so the score matrix never exceeds a fixed budget (64 Mi scores
-/// on the CPU, 256 Mi on a GPU), with the softmax accumulating in f32 (f16 on a CPU widened to f32
-/// first, the output rounded once).
+/// alone through the f32 kernel; on other CPUs f32 and bf16 on the `gemm` crate in the same order,
+/// [`crate::cpu::attention::sdpa_gemm`], and f16 widened to f32 and run as f32, the output rounded
+/// once); otherwise queries are processed in blocks so the score matrix never exceeds a fixed
+/// budget (64 Mi scores on the CPU, 256 Mi on a GPU), with the softmax accumulating in f32.
 ///
 /// # Shapes
 /// q: (b, h, n, d), k and v: (b, h, m, d) -> (b, h, n, d)
@@ -142,9 +142,9 @@ pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// `-inf` where a key is hidden). On a CPU with AVX-512 the fused f32 attention
 /// ([`crate::cpu::attention::sdpa_f32_biased`]; bf16 inputs widened exactly, the output rounded
 /// once, [`crate::cpu::attention::sdpa_widened_biased`]) with the bias in f32: no score matrix
-/// beyond one block of queries. On other CPUs bf16 on the `gemm` crate in the same order, f32 (and
-/// f16 widened, the output rounded once) composed; on GPUs composed in q's dtype, the bias
-/// converted to it.
+/// beyond one block of queries. On other CPUs f32 and bf16 on the `gemm` crate in the same order
+/// ([`crate::cpu::attention::sdpa_gemm`]), f16 widened and run as f32 (the output rounded once);
+/// on GPUs composed in q's dtype, the bias converted to it.
 ///
 /// # Shapes
 /// q: (b, h, n, d), k and v: (b, h, m, d), bias: (1, h or 1, n, m) -> (b, h, n, d)

@@ -121,15 +121,26 @@ impl PackedConv2d {
     ) -> Self {
         let (cout, cin, ksize, pad) = dims;
         Self::check(weight, bias.as_deref(), dims);
-        // Row dy: [dx cin + i][o] = weight[o][i][dy][dx].
+        // Row dy: [dx cin + i][o] = weight[o][i][dy][dx], on the rayon pool in blocks of 64 rows
+        // by 16 outputs, whose reads (16 runs of 64 inputs, k² apart) stay in cache: one row at a
+        // time read one value per line, c_in k² values apart (0.4 s for a VAE decoder).
+        const ROWS: usize = 64;
+        const OUTS: usize = 16;
         let row = |dy: usize| {
             let mut m = vec![0f32; ksize * cin * cout];
-            for (r, dst) in m.chunks_exact_mut(cout.max(1)).enumerate() {
-                let (dx, i) = (r / cin, r % cin);
-                for (o, d) in dst.iter_mut().enumerate() {
-                    *d = weight[((o * cin + i) * ksize + dy) * ksize + dx];
-                }
-            }
+            let cols = cout.max(1);
+            m.par_chunks_mut(ROWS * cols)
+                .enumerate()
+                .for_each(|(b, block)| {
+                    for o0 in (0..cout).step_by(OUTS) {
+                        for (rr, dst) in block.chunks_exact_mut(cols).enumerate() {
+                            let (dx, i) = ((b * ROWS + rr) / cin, (b * ROWS + rr) % cin);
+                            for (o, d) in dst.iter_mut().enumerate().skip(o0).take(OUTS) {
+                                *d = weight[((o * cin + i) * ksize + dy) * ksize + dx];
+                            }
+                        }
+                    }
+                });
             m
         };
         Self {

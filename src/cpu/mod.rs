@@ -659,6 +659,36 @@ impl<A: Sync, B: PackedOperand, O: Send> Product<A, B, O> {
     }
 }
 
+/// The bytes of values of T.
+pub(crate) fn bytes_of<T: AnyBits>(v: &[T]) -> &[u8] {
+    // SAFETY: T is plain data without padding (AnyBits), so its memory is initialised bytes; the
+    // slice covers exactly v's memory and borrows it for v's lifetime.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Types for which every bit pattern is a value.
+///
+/// # Safety
+/// Implementors are plain data with no invalid bit patterns and no padding.
+pub(crate) unsafe trait AnyBits: Copy {}
+// SAFETY: every 32-bit pattern is an f32 (NaNs included).
+unsafe impl AnyBits for f32 {}
+// SAFETY: bf16 is a u16 underneath; every pattern is a value.
+unsafe impl AnyBits for bf16 {}
+// SAFETY: f16 is a u16 underneath; every pattern is a value.
+unsafe impl AnyBits for half::f16 {}
+
+/// Little-endian bytes as values of T, when they are aligned for T and whole.
+pub(crate) fn values<T: AnyBits>(bytes: &[u8]) -> Option<&[T]> {
+    if !cfg!(target_endian = "little") {
+        return None;
+    }
+    // SAFETY: every bit pattern is a T (AnyBits); align_to only hands out the correctly aligned
+    // middle part.
+    let (head, mid, tail) = unsafe { bytes.align_to::<T>() };
+    (head.is_empty() && tail.is_empty()).then_some(mid)
+}
+
 /// Calls `f` with the elements of a CPU tensor of element type `T` in row-major order (copying only
 /// if the tensor is not contiguous).
 pub fn with_slice<T: candle_core::WithDType, R>(

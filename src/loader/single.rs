@@ -314,6 +314,13 @@ impl MappedBackend {
             return Tensor::eye(*n, dtype, dev);
         }
         let t = match &self.maps[s.file] {
+            // Converted to the run's dtype as it is read from the mapping (no reshaping copy).
+            Opened::Safetensors(m)
+                if matches!(s.transform, Transform::Whole | Transform::Squeeze1x1) =>
+            {
+                let t = m.get_unchecked(&s.key, dtype, &Device::Cpu)?;
+                return transformed(t, &s.transform)?.to_device(dev);
+            }
             Opened::Safetensors(m) => transformed(m.load(&s.key)?, &s.transform)?,
             Opened::Gguf(g) => gguf_tensor(g, &s.key, &s.transform)?,
         };

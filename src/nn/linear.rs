@@ -16,6 +16,7 @@ use crate::cpu::bf16_weight;
 use crate::cpu::dpbf16::{self, PackedPairs};
 use crate::cpu::qgemm::{self, QWeight};
 use crate::cpu::sgemm::{self, PackedBf16, PackedF32, RowValues};
+use crate::cpu::{bytes_of, values};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -406,34 +407,6 @@ fn with_bf16<R>(
         }),
         _ => None,
     }
-}
-
-/// The bytes of values of T.
-fn bytes_of<T: AnyBits>(v: &[T]) -> &[u8] {
-    // SAFETY: T is plain data without padding (AnyBits), so its memory is initialised bytes; the
-    // slice covers exactly v's memory and borrows it for v's lifetime.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
-}
-
-/// Types for which every bit pattern is a value.
-///
-/// # Safety
-/// Implementors are plain data with no invalid bit patterns and no padding.
-unsafe trait AnyBits: Copy {}
-// SAFETY: every 32-bit pattern is an f32 (NaNs included).
-unsafe impl AnyBits for f32 {}
-// SAFETY: bf16 is a u16 underneath; every pattern is a value.
-unsafe impl AnyBits for bf16 {}
-
-/// Little-endian bytes as values of T, when they are aligned for T and whole.
-fn values<T: AnyBits>(bytes: &[u8]) -> Option<&[T]> {
-    if !cfg!(target_endian = "little") {
-        return None;
-    }
-    // SAFETY: every bit pattern is a T (AnyBits); align_to only hands out the correctly aligned
-    // middle part.
-    let (head, mid, tail) = unsafe { bytes.align_to::<T>() };
-    (head.is_empty() && tail.is_empty()).then_some(mid)
 }
 
 impl Linear {

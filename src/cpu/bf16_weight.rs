@@ -83,11 +83,7 @@ pub fn matmul(
         });
     }
     if let Some(bias) = bias {
-        for row in out.chunks_exact_mut(n.max(1)) {
-            for (o, b) in row.iter_mut().zip(bias) {
-                *o += b;
-            }
-        }
+        super::add_bias(&mut out, bias);
     }
     out
 }

@@ -689,6 +689,16 @@ pub(crate) fn values<T: AnyBits>(bytes: &[u8]) -> Option<&[T]> {
     (head.is_empty() && tail.is_empty()).then_some(mid)
 }
 
+/// Adds `bias` to each row of `out` (rows of `bias.len()` values): a product's bias, added once to
+/// its f32 sums.
+pub(crate) fn add_bias(out: &mut [f32], bias: &[f32]) {
+    for row in out.chunks_exact_mut(bias.len().max(1)) {
+        for (o, b) in row.iter_mut().zip(bias) {
+            *o += b;
+        }
+    }
+}
+
 /// Calls `f` with the elements of a CPU tensor of element type `T` in row-major order (copying only
 /// if the tensor is not contiguous).
 pub fn with_slice<T: candle_core::WithDType, R>(

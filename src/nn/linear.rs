@@ -785,7 +785,7 @@ fn widened_sums(l: &candle_nn::Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let y = candle_nn::Linear::new(to_f32(l.weight())?, bias).forward(&xf)?;
         return Ok((y, xf));
     }
-    let bias = l.bias().map(|b| to_f32(b)?.to_vec1::<f32>()).transpose()?;
+    let bias = f32_bias(l)?;
     let (x, w) = (&to_f32(x)?, l.weight());
     let y = crate::cpu::with_slice::<bf16, _>(w, |w| {
         rows_sums(x, n, |a, m| {
@@ -793,6 +793,11 @@ fn widened_sums(l: &candle_nn::Linear, x: &Tensor) -> Result<(Tensor, Tensor)> {
         })
     })??;
     Ok((y, x.clone()))
+}
+
+/// A candle layer's bias as f32 values.
+fn f32_bias(l: &candle_nn::Linear) -> Result<Option<Vec<f32>>> {
+    l.bias().map(|b| to_f32(b)?.to_vec1::<f32>()).transpose()
 }
 
 /// Whether `x` and the layer's (contiguous) weight are f32 CPU tensors: a layer on
@@ -812,7 +817,7 @@ fn rows_invariant_product(l: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
         // candle's error for a width that does not match.
         return l.forward(x);
     }
-    let bias = l.bias().map(|b| to_f32(b)?.to_vec1::<f32>()).transpose()?;
+    let bias = f32_bias(l)?;
     crate::cpu::with_slice::<f32, _>(l.weight(), |w| {
         rows_sums(x, n, |a, m| {
             Weight::F32(w).sums(a, m, (n, k), bias.as_deref())
@@ -847,11 +852,7 @@ impl Weight<'_> {
                     crate::cpu::gemm_f32((m, n, k), (&mut out, n), (a, 1, k), (w, k, 1), true);
                 }
                 if let Some(bias) = bias {
-                    for row in out.chunks_exact_mut(n.max(1)) {
-                        for (o, b) in row.iter_mut().zip(bias) {
-                            *o += b;
-                        }
-                    }
+                    crate::cpu::add_bias(&mut out, bias);
                 }
                 out
             }

@@ -689,6 +689,32 @@ pub(crate) fn values<T: AnyBits>(bytes: &[u8]) -> Option<&[T]> {
     (head.is_empty() && tail.is_empty()).then_some(mid)
 }
 
+/// `w` converted into `out` (of w's length) slab by slab (4 Mi values) by `convert(slab, out)`,
+/// each slab's bytes then passed to `done`: weight bytes read from a file mapping are released as
+/// they are converted, never resident whole beside the copy.
+pub(crate) fn convert_slabs<S: AnyBits, D>(
+    w: &[S],
+    mut out: Vec<D>,
+    done: &dyn Fn(&[u8]),
+    convert: impl Fn(&[S], &mut [D]),
+) -> Vec<D> {
+    const SLAB: usize = 4 << 20;
+    assert_eq!(w.len(), out.len(), "convert_slabs: lengths differ");
+    for (w, o) in w.chunks(SLAB).zip(out.chunks_mut(SLAB)) {
+        convert(w, o);
+        done(bytes_of(w));
+    }
+    out
+}
+
+/// `w` rounded to bf16 (nearest even, [`elementwise::round_to_bf16`] on the rayon pool) by
+/// [`convert_slabs`]; the output starts as calloc's zero pages, first written by the pool.
+pub(crate) fn rounded_to_bf16(w: &[f32], done: &dyn Fn(&[u8])) -> Vec<bf16> {
+    use half::vec::HalfBitsVecExt;
+    let zeros = vec![0u16; w.len()].reinterpret_into::<bf16>();
+    convert_slabs(w, zeros, done, elementwise::round_to_bf16)
+}
+
 /// Adds `bias` to each row of `out` (rows of `bias.len()` values): a product's bias, added once to
 /// its f32 sums.
 pub(crate) fn add_bias(out: &mut [f32], bias: &[f32]) {

@@ -188,9 +188,7 @@ impl Safetensors {
         }
         t.broadcast_mul(&s.flatten_all()?)
     }
-}
 
-impl Safetensors {
     /// Tensor `name` at `dtype` on the CPU, converted from the file's bytes in one parallel pass:
     /// f32 rounded to bf16 (nearest even), bf16 or f16 widened to f32 (exactly) -- the values of
     /// [`Self::load`] then candle's `to_dtype`, without the copy at the stored dtype nor the
@@ -198,25 +196,21 @@ impl Safetensors {
     /// slab's pages are released once read. None for other pairs, unaligned bytes or a tensor the
     /// files do not have (which take that path and its errors).
     fn converted(&self, name: &str, dtype: DType) -> Option<candle_core::Result<Tensor>> {
-        use crate::cpu::{elementwise, values};
-        use half::{bf16, f16, slice::HalfFloatSliceExt, vec::HalfBitsVecExt};
+        use crate::cpu::{convert_slabs, elementwise, values};
+        use half::{bf16, f16, slice::HalfFloatSliceExt};
         self.with_raw(name, |stored, shape, bytes, done| {
             let cpu = &Device::Cpu;
             match (stored, dtype) {
-                (DType::F32, DType::BF16) => values::<f32>(bytes).map(|w| {
-                    // (Zeroed bits: calloc's pages, first written by the conversion.)
-                    let zeros = vec![0u16; w.len()].reinterpret_into::<bf16>();
-                    let v = converted(w, zeros, done, elementwise::round_to_bf16);
-                    Tensor::from_vec(v, shape, cpu)
-                }),
+                (DType::F32, DType::BF16) => values::<f32>(bytes)
+                    .map(|w| Tensor::from_vec(crate::cpu::rounded_to_bf16(w, done), shape, cpu)),
                 (DType::BF16, DType::F32) => values::<bf16>(bytes).map(|w| {
-                    let v = converted(w, vec![0f32; w.len()], done, |w, o| {
+                    let v = convert_slabs(w, vec![0f32; w.len()], done, |w, o| {
                         in_pieces(w, o, elementwise::widen_bf16)
                     });
                     Tensor::from_vec(v, shape, cpu)
                 }),
                 (DType::F16, DType::F32) => values::<f16>(bytes).map(|w| {
-                    let v = converted(w, vec![0f32; w.len()], done, |w, o| {
+                    let v = convert_slabs(w, vec![0f32; w.len()], done, |w, o| {
                         in_pieces(w, o, |w, o| w.convert_to_f32_slice(o))
                     });
                     Tensor::from_vec(v, shape, cpu)
@@ -226,24 +220,6 @@ impl Safetensors {
         })
         .flatten()
     }
-}
-
-/// `w` converted into `out` (of w's length) per slab of 4 Mi values by `convert(slab, out)`
-/// (which runs on the rayon pool, so the output's fresh pages are first touched there), each
-/// slab's bytes then passed to `done`: the stored bytes are never resident whole beside the copy.
-fn converted<S: crate::cpu::AnyBits, D>(
-    w: &[S],
-    mut out: Vec<D>,
-    done: &dyn Fn(&[u8]),
-    convert: impl Fn(&[S], &mut [D]),
-) -> Vec<D> {
-    const SLAB: usize = 4 << 20;
-    assert_eq!(w.len(), out.len(), "converted: lengths differ");
-    for (w, o) in w.chunks(SLAB).zip(out.chunks_mut(SLAB)) {
-        convert(w, o);
-        done(crate::cpu::bytes_of(w));
-    }
-    out
 }
 
 /// `f(piece of w, piece of o)` over pieces of 16 Ki values on the rayon pool (w and o of one length).
@@ -352,9 +328,6 @@ impl SimpleBackend for Safetensors {
 mod tests {
     use super::*;
 
-    /// Releasing a tensor's pages once it is copied (or packed) leaves the mapping's contents as
-    /// the file has them: the tensor, its neighbours on shared pages and a second read of it are
-    /// all the file's values.
     /// Tensors converted from the mapping at load (f32 to bf16, bf16 and f16 to f32) hold the
     /// values of a copy converted by candle, bit for bit (NaNs as NaNs), across pieces of the
     /// parallel pass; other pairs take candle's path.
@@ -423,6 +396,9 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Releasing a tensor's pages once it is copied (or packed) leaves the mapping's contents as
+    /// the file has them: the tensor, its neighbours on shared pages and a second read of it are
+    /// all the file's values.
     #[test]
     fn released_ranges_read_the_file_again() {
         let dir = std::env::temp_dir().join(format!("mmdit-release-{}", std::process::id()));

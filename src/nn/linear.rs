@@ -382,10 +382,6 @@ fn deferred<P: Send + 'static>(
     })
 }
 
-/// f32 values rounded per slab, each slab's bytes then passed to `done`: the f32 bytes are never
-/// resident whole alongside their bf16 copy (16 MiB of f32 per slab).
-const ROUND_SLAB: usize = 4 << 20;
-
 /// `f` of a weight's bytes as bf16 values: as stored, or rounded from f32 (as candle's conversion
 /// rounds; each slab of f32 bytes passed to `done` once rounded); None when they are neither or
 /// not aligned.
@@ -397,14 +393,7 @@ fn with_bf16<R>(
 ) -> Option<R> {
     match dtype {
         DType::BF16 => values::<bf16>(bytes).map(f),
-        DType::F32 => values::<f32>(bytes).map(|w| {
-            let mut b = vec![bf16::ZERO; w.len()];
-            for (w, b) in w.chunks(ROUND_SLAB).zip(b.chunks_mut(ROUND_SLAB)) {
-                crate::cpu::elementwise::round_to_bf16(w, b);
-                done(bytes_of(w));
-            }
-            f(&b)
-        }),
+        DType::F32 => values::<f32>(bytes).map(|w| f(&crate::cpu::rounded_to_bf16(w, done))),
         _ => None,
     }
 }

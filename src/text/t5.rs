@@ -4,40 +4,16 @@
 //! candle-transformers' `t5` module's (which matches transformers): RMS layer norm in f32, no
 //! scaling of the attention scores, the relative position bias of the first layer shared by all.
 
-use crate::nn::{self, Linear};
-use candle_core::{DType, Module, Result, Tensor, D};
+use crate::nn::{self, Linear, RmsNorm};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use candle_transformers::models::t5::Config;
-
-/// T5's layer norm: x / sqrt(mean(x²) + eps) in f32, back to x's dtype, times the weight.
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn new(h: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(h, "weight")?,
-            eps,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dtype = xs.dtype();
-        let x = xs.to_dtype(DType::F32)?;
-        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        x.to_dtype(dtype)?
-            .broadcast_mul(&self.weight.to_dtype(dtype)?)
-    }
-}
+use rayon::prelude::*;
 
 /// The feed-forward layer: gated (v1.1: act(wi_0 x) * wi_1 x) or plain (act(wi x)), then wo.
 #[derive(Debug, Clone)]
 struct FeedForward {
-    norm: LayerNorm,
+    norm: RmsNorm,
     wi: Linear,
     gate: Option<Linear>,
     wo: Linear,
@@ -46,7 +22,7 @@ struct FeedForward {
 
 impl FeedForward {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let norm = LayerNorm::new(cfg.d_model, cfg.layer_norm_epsilon, vb.pp("layer_norm"))?;
+        let norm = RmsNorm::new(cfg.d_model, cfg.layer_norm_epsilon, vb.pp("layer_norm"))?;
         let d = vb.pp("DenseReluDense");
         let (wi, gate) = if cfg.feed_forward_proj.gated {
             (
@@ -111,7 +87,7 @@ impl FeedForward {
 /// Self-attention with its layer norm; the first layer's holds the relative position bias.
 #[derive(Debug, Clone)]
 struct SelfAttention {
-    norm: LayerNorm,
+    norm: RmsNorm,
     q: Linear,
     k: Linear,
     v: Linear,
@@ -125,7 +101,7 @@ struct SelfAttention {
 
 impl SelfAttention {
     fn new(cfg: &Config, with_bias: bool, vb: VarBuilder) -> Result<Self> {
-        let norm = LayerNorm::new(cfg.d_model, cfg.layer_norm_epsilon, vb.pp("layer_norm"))?;
+        let norm = RmsNorm::new(cfg.d_model, cfg.layer_norm_epsilon, vb.pp("layer_norm"))?;
         let a = vb.pp("SelfAttention");
         let inner = cfg.num_heads * cfg.d_kv;
         let bias = match with_bias {
@@ -179,33 +155,55 @@ impl SelfAttention {
         }
     }
 
-    /// (1, heads, n, n) in `dtype`, laid out head by head from the (buckets, heads) table.
+    /// The (1, heads, n, n) f32 bias, head by head from the (buckets, heads) table, with
+    /// transformers' key mask folded in: `dtype`'s lowest value added to the columns of keys at
+    /// `valid` and after (their softmax weights become exactly 0). The bucket depends on j - i
+    /// only, so row i of a head is a window of one line of 2n - 1 values. Every value is the one
+    /// transformers' `dtype` arithmetic gives (a table value, or the lowest value, which absorbs
+    /// any table value in f32 as in `dtype`).
     fn position_bias(
         &self,
         emb: &Embedding,
         n: usize,
+        valid: usize,
         dtype: DType,
         dev: &candle_core::Device,
     ) -> Result<Tensor> {
         let table = emb.embeddings().to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let heads = table.first().map_or(0, Vec::len);
-        let ids: Vec<usize> = (0..n * n)
-            .map(|ij| self.bucket((ij / n) as u32, (ij % n) as u32) as usize)
+        // Line t holds the bucket of keys t - (n - 1) positions after the query.
+        let line: Vec<usize> = (0..(2 * n).saturating_sub(1))
+            .map(|t| match t.checked_sub(n - 1) {
+                Some(after) => self.bucket(0, after as u32) as usize,
+                None => self.bucket((n - 1 - t) as u32, 0) as usize,
+            })
             .collect();
-        if ids.iter().any(|&b| b >= table.len()) {
+        if line.iter().any(|&b| b >= table.len()) {
             candle_core::bail!(
                 "T5: the relative attention bias has {} buckets, the config asks for {}",
                 table.len(),
                 self.buckets
             );
         }
+        let low = match dtype {
+            DType::BF16 => half::bf16::MIN.to_f32(),
+            DType::F16 => half::f16::MIN.to_f32(),
+            _ => f32::MIN,
+        };
         let mut bias = vec![0f32; heads * n * n];
-        for (h, plane) in bias.chunks_exact_mut((n * n).max(1)).enumerate() {
-            for (b, &id) in plane.iter_mut().zip(&ids) {
-                *b = table[id][h];
-            }
-        }
-        Tensor::from_vec(bias, (1, heads, n, n), dev)?.to_dtype(dtype)
+        bias.par_chunks_mut(n.max(1))
+            .enumerate()
+            .for_each(|(hi, row)| {
+                let (h, i) = (hi / n, hi % n);
+                let window = &line[n - 1 - i..][..n];
+                for (j, (b, &id)) in row.iter_mut().zip(window).enumerate() {
+                    *b = match j < valid {
+                        true => table[id][h],
+                        false => table[id][h] + low,
+                    };
+                }
+            });
+        Tensor::from_vec(bias, (1, heads, n, n), dev)
     }
 
     /// The layer's output and the position bias (computed here by the first layer, with the key
@@ -218,60 +216,25 @@ impl SelfAttention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let dt = xs.dtype();
         let bias = match (bias, &self.bias) {
             (Some(p), _) => p,
-            (None, Some(emb)) => {
-                let bias = self.position_bias(emb, n, dt, xs.device())?;
-                key_mask(bias, valid)?
-            }
+            (None, Some(emb)) => self.position_bias(emb, n, valid, xs.dtype(), xs.device())?,
             (None, None) => {
                 candle_core::bail!("T5: the first layer has no relative attention bias")
             }
         };
-        let y = if dt == DType::F32 {
-            // softmax(q kᵀ + bias) v, unscaled as T5's is, on the fused attention.
-            let (q, k, v) = (
-                split(self.q.forward(&h)?)?,
-                split(self.k.forward(&h)?)?,
-                split(self.v.forward(&h)?)?,
-            );
-            nn::attention::sdpa_biased(&q, &k, &v, &bias, 1.0)?
-        } else {
-            // The products in f32 (candle's bf16 products are slow on the CPU) with
-            // transformers' roundings to the model's dtype kept: the scores, the scores plus the
-            // bias, and the weights are rounded to it; the softmax is taken in f32, as
-            // transformers' T5 does.
-            let f32 = |t: Tensor| split(t)?.to_dtype(DType::F32);
-            let round = |t: Tensor| t.to_dtype(dt)?.to_dtype(DType::F32);
-            let q = f32(self.q.forward(&h)?)?;
-            let k = f32(self.k.forward(&h)?)?;
-            let v = f32(self.v.forward(&h)?)?;
-            let scores = round(q.matmul(&k.t()?)?)?;
-            let scores = round(scores.broadcast_add(&bias.to_dtype(DType::F32)?)?)?;
-            let w = round(candle_nn::ops::softmax_last_dim(&scores)?)?;
-            w.matmul(&v)?.to_dtype(dt)?
-        };
+        // softmax(q kᵀ + bias) v, unscaled as T5's is, on the fused attention: as transformers'
+        // T5 takes it through PyTorch's SDPA (its default), the bias added to the f32 scores and
+        // the softmax in f32, the output rounded to the model's dtype once.
+        let (q, k, v) = (
+            split(self.q.forward(&h)?)?,
+            split(self.k.forward(&h)?)?,
+            split(self.v.forward(&h)?)?,
+        );
+        let y = nn::attention::sdpa_biased(&q, &k, &v, &bias, 1.0)?;
         let y = y.transpose(1, 2)?.reshape((b, n, self.heads * self.d_kv))?;
         Ok((nn::modulate::add(xs, &self.o.forward(&y)?)?, bias))
     }
-}
-
-/// transformers' key mask on a (1, heads, n, n) bias: the dtype's lowest value added to the
-/// columns of keys at `valid` and after (their softmax weights become exactly 0).
-fn key_mask(bias: Tensor, valid: usize) -> Result<Tensor> {
-    let n = bias.dim(3)?;
-    if valid >= n {
-        return Ok(bias);
-    }
-    let low = match bias.dtype() {
-        DType::BF16 => half::bf16::MIN.to_f32(),
-        DType::F16 => half::f16::MIN.to_f32(),
-        _ => f32::MIN,
-    };
-    let mask: Vec<f32> = (0..n).map(|j| if j < valid { 0.0 } else { low }).collect();
-    let mask = Tensor::from_vec(mask, (1, 1, 1, n), bias.device())?.to_dtype(bias.dtype())?;
-    bias.broadcast_add(&mask)
 }
 
 /// transformers' `T5EncoderModel`: the token embedding, the layers and the final norm.
@@ -279,7 +242,7 @@ fn key_mask(bias: Tensor, valid: usize) -> Result<Tensor> {
 pub struct T5Encoder {
     embed: Embedding,
     layers: Vec<(SelfAttention, FeedForward)>,
-    norm: LayerNorm,
+    norm: RmsNorm,
 }
 
 impl T5Encoder {
@@ -307,7 +270,7 @@ impl T5Encoder {
         Ok(Self {
             embed,
             layers,
-            norm: LayerNorm::new(
+            norm: RmsNorm::new(
                 cfg.d_model,
                 cfg.layer_norm_epsilon,
                 e.pp("final_layer_norm"),
@@ -347,10 +310,10 @@ mod tests {
             .unwrap()
         };
         SelfAttention {
-            norm: LayerNorm {
-                weight: Tensor::ones(1, DType::F32, &candle_core::Device::Cpu).unwrap(),
-                eps: 1e-6,
-            },
+            norm: RmsNorm::from_weight(
+                Tensor::ones(1, DType::F32, &candle_core::Device::Cpu).unwrap(),
+                1e-6,
+            ),
             q: l(),
             k: l(),
             v: l(),

@@ -1,5 +1,5 @@
-//! Activations with CPU kernels: tanh-approximated GELU (diffusers' `gelu-approximate`) and the
-//! SiLU-gated product of SwiGLU feed-forwards.
+//! Activations with CPU kernels: tanh-approximated GELU (diffusers' `gelu-approximate`), CLIP's
+//! quick and exact (erf) GELU, and the SiLU-gated product of SwiGLU feed-forwards.
 
 use crate::cpu;
 use candle_core::{DType, Result, Tensor};
@@ -15,6 +15,24 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     } else {
         x.gelu()
     }
+}
+
+/// CLIP's `quick_gelu`, `x sigmoid(1.702 x)`: on the CPU in f32 and bf16 one vectorised parallel
+/// pass with the roundings of transformers' composed ops; elsewhere candle's ops.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && cpu_dtype(x) {
+        return cpu::elementwise::quick_gelu(x);
+    }
+    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+}
+
+/// The exact (erf) GELU, PyTorch's `gelu`: on the CPU in f32 and bf16 vectorised, in f32 and
+/// rounded once; elsewhere candle's op.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && cpu_dtype(x) {
+        return cpu::elementwise::gelu_erf(x);
+    }
+    x.gelu_erf()
 }
 
 /// `silu(a) * b` (a SwiGLU gate: a language model's `act(gate_proj(x)) * up_proj(x)`). On the CPU in

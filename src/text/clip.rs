@@ -16,8 +16,8 @@ enum Act {
 impl Act {
     fn forward(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Act::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-            Act::Gelu => x.gelu_erf(),
+            Act::QuickGelu => crate::nn::activation::quick_gelu(x),
+            Act::Gelu => crate::nn::activation::gelu_erf(x),
             Act::GeluTanh => x.gelu(),
         }
     }
@@ -149,7 +149,7 @@ impl ClipText {
         let ids_t = Tensor::from_vec(flat, (b, n), device)?;
         let pos = self.position_embedding.narrow(0, 0, n)?;
         let mut x = self.token_embedding.forward(&ids_t)?.broadcast_add(&pos)?; // (b, n, d)
-        let mask = causal_mask(n, device)?; // (n, n) f32
+        let mask = causal_mask(n, device)?; // (1, 1, n, n) f32
         let heads = self.cfg.num_attention_heads;
         let mut penultimate = None;
         for (i, l) in self.layers.iter().enumerate() {
@@ -160,13 +160,18 @@ impl ClipText {
             let q = crate::nn::split_heads(&l.q.forward(&h)?, heads)?;
             let k = crate::nn::split_heads(&l.k.forward(&h)?, heads)?;
             let v = crate::nn::split_heads(&l.v.forward(&h)?, heads)?;
-            // In f32 and rounded once, as PyTorch's fused CPU attention does for bf16 inputs.
-            let f32 = |t: Tensor| t.to_dtype(DType::F32)?.contiguous();
-            let (q, k, v) = (f32(q)?, f32(k)?, f32(v)?);
+            // In f32 and rounded once, as PyTorch's fused attention does for bf16 inputs: on the
+            // CPU the fused attention with the causal mask as its bias; elsewhere composed in f32.
             let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
-            let scores = (q.matmul(&k.transpose(2, 3)?)? * scale)?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let a = probs.matmul(&v)?.to_dtype(x.dtype())?;
+            let a = if x.device().is_cpu() {
+                crate::nn::attention::sdpa_biased(&q, &k, &v, &mask, scale)?
+            } else {
+                let f32 = |t: Tensor| t.to_dtype(DType::F32)?.contiguous();
+                let (q, k, v) = (f32(q)?, f32(k)?, f32(v)?);
+                let scores = (q.matmul(&k.transpose(2, 3)?)? * scale)?.broadcast_add(&mask)?;
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                probs.matmul(&v)?.to_dtype(x.dtype())?
+            };
             let a = crate::nn::merge_heads(&a)?;
             x = modulate::add(&x, &l.out.forward(&a)?)?;
             let h = l.ln2.forward(&x)?;
@@ -193,10 +198,10 @@ impl ClipText {
     }
 }
 
-/// (n, n) additive f32 mask: 0 on and below the diagonal, -inf above.
+/// (1, 1, n, n) additive f32 mask: 0 on and below the diagonal, -inf above.
 fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
     let m: Vec<f32> = (0..n)
         .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
-    Tensor::from_vec(m, (n, n), device)
+    Tensor::from_vec(m, (1, 1, n, n), device)
 }

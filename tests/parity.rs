@@ -130,6 +130,47 @@ fn text_embeddings_match_diffusers() {
     }
 }
 
+/// A generation's prompt and negative prompt go through the text encoders together (one batch
+/// where the family's prompts share a length: SD3, FLUX.1); each conditioning equals encoding its
+/// prompt alone, bit for bit on the CPU (every row of a product, norm and attention is computed
+/// the same for any row count), in f32 and bf16, for every family.
+#[test]
+fn prompts_encoded_together_equal_each_alone() {
+    let cpu = device().is_cpu();
+    for (name, _) in FIXTURES {
+        for dtype in [DType::F32, DType::BF16] {
+            let m = ModelRef::parse(fixture(name).to_str().unwrap(), None).unwrap();
+            let mut pipe = Spec::open(&m).unwrap().load(&device(), dtype).unwrap();
+            let (mut prompts, max_seq) = prompts(name);
+            prompts.push(String::new());
+            let all: Vec<&str> = prompts.iter().map(String::as_str).collect();
+            let text = pipe.text_encoders().unwrap();
+            let (together, _) = text.encode_all(&all, max_seq).unwrap();
+            assert_eq!(together.len(), all.len(), "{name}");
+            for (p, t) in all.iter().zip(&together) {
+                let (alone, _) = text.encode(p, max_seq).unwrap();
+                for (what, got, want) in [
+                    ("context", &t.context, &alone.context),
+                    ("pooled", &t.pooled, &alone.pooled),
+                ] {
+                    let what = format!("{name} {dtype:?} {what} of {p:?}");
+                    assert_eq!(got.dims(), want.dims(), "{what}");
+                    match cpu {
+                        true => assert_eq!(values(got), values(want), "{what}"),
+                        false => assert_close_rel(&what, got, want, REL),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A tensor's values as f32, in order.
+fn values(t: &Tensor) -> Vec<f32> {
+    let t = t.to_dtype(DType::F32).unwrap();
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
 #[test]
 fn transformer_matches_diffusers() {
     for (name, family) in FIXTURES {

@@ -1059,17 +1059,23 @@ impl Pipeline {
         Ok(self.text.as_deref_mut().expect("just loaded"))
     }
 
-    /// Encodes a resolved request's prompt, and its negative prompt when `negative`; then releases
-    /// the encoders unless they are kept.
+    /// Encodes a resolved request's prompt, and its negative prompt when `negative` (the two as
+    /// one batch where the family's encoders take it, [`PromptEncoder::encode_all`]); then
+    /// releases the encoders unless they are kept.
     pub fn encode(&mut self, r: &Resolved, negative: bool) -> Result<(Prompts, Vec<Truncation>)> {
         let text = self.text_encoders()?;
-        let (pos, mut cut) = text.encode(&r.prompt, r.max_sequence_length)?;
-        let neg = if negative {
-            let (n, c) = text.encode(&r.negative_prompt, r.max_sequence_length)?;
-            cut.extend(c);
-            Some(n)
-        } else {
-            None
+        let mut prompts = vec![r.prompt.as_str()];
+        if negative {
+            prompts.push(&r.negative_prompt);
+        }
+        // Both through each encoder at once where the family batches them (one read of each
+        // weight for the two).
+        let (c, cut) = text.encode_all(&prompts, r.max_sequence_length)?;
+        let mut c = c.into_iter();
+        let (Some(pos), neg) = (c.next(), c.next()) else {
+            return Err(
+                candle_core::Error::Msg("the text encoders gave no conditioning".into()).into(),
+            );
         };
         if !self.keep_text {
             self.text = None;

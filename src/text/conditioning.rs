@@ -54,18 +54,24 @@ fn token_ids(
     Ok(t.ids)
 }
 
-/// T5's last hidden state for a prompt, (1, max_seq, d_model), in `dtype`.
-fn t5_states(
-    (model, tok): &mut (T5Encoder, TextTokenizer),
-    prompt: &str,
-    max_seq: usize,
-    cut: &mut Vec<Truncation>,
-    device: &Device,
-    dtype: DType,
-) -> Result<Tensor> {
-    let ids = token_ids(tok, prompt, max_seq, "T5", cut)?;
-    let ids = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+/// T5's last hidden states for token id rows of one length, (rows, len, d_model), in `dtype`.
+fn t5_states(model: &T5Encoder, ids: &[Vec<u32>], device: &Device, dtype: DType) -> Result<Tensor> {
+    let len = ids.first().map_or(0, Vec::len);
+    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+    let ids = Tensor::from_vec(flat, (ids.len(), len), device)?;
     Ok(model.forward(&ids)?.to_dtype(dtype)?)
+}
+
+/// Row i of each batched tensor, as the conditioning of prompt i (a batch of one).
+fn per_prompt(context: &Tensor, pooled: &Tensor) -> Result<Vec<Conditioning>> {
+    (0..context.dim(0)?)
+        .map(|i| {
+            Ok(Conditioning {
+                context: context.narrow(0, i, 1)?,
+                pooled: pooled.narrow(0, i, 1)?,
+            })
+        })
+        .collect()
 }
 
 pub struct Sd3TextEncoders {
@@ -80,27 +86,41 @@ pub struct Sd3TextEncoders {
 
 impl PromptEncoder for Sd3TextEncoders {
     fn encode(&mut self, prompt: &str, max_seq: usize) -> Result<(Conditioning, Vec<Truncation>)> {
+        super::only(self.encode_all(&[prompt], max_seq))
+    }
+
+    fn encode_all(
+        &mut self,
+        prompts: &[&str],
+        max_seq: usize,
+    ) -> Result<(Vec<Conditioning>, Vec<Truncation>)> {
         let mut cut = Vec::new();
         // Both CLIPs read the same length (77).
         let clip_len = self.clip_l.0.max_len().min(self.clip_g.0.max_len());
-        let mut clip =
-            |enc: &(ClipText, TextTokenizer), name: &'static str| -> Result<(Tensor, Tensor)> {
-                let ids = token_ids(&enc.1, prompt, clip_len, name, &mut cut)?;
-                let out = enc.0.forward(&[ids], &self.device)?;
-                let pooled = out.projected.unwrap_or(out.pooled);
-                Ok((out.penultimate, pooled))
-            };
-        let (l_seq, l_pool) = clip(&self.clip_l, "CLIP-L")?;
-        let (g_seq, g_pool) = clip(&self.clip_g, "CLIP-G")?;
-        let clip_seq = Tensor::cat(&[l_seq, g_seq], D::Minus1)?; // (1, 77, dl + dg)
-        let t5_seq = match &mut self.t5 {
-            Some(t5) => t5_states(t5, prompt, max_seq, &mut cut, &self.device, self.dtype)?,
+        let (mut l_ids, mut g_ids, mut t5_ids) = (Vec::new(), Vec::new(), Vec::new());
+        for p in prompts {
+            l_ids.push(token_ids(&self.clip_l.1, p, clip_len, "CLIP-L", &mut cut)?);
+            g_ids.push(token_ids(&self.clip_g.1, p, clip_len, "CLIP-G", &mut cut)?);
+            if let Some((_, tok)) = &self.t5 {
+                t5_ids.push(token_ids(tok, p, max_seq, "T5", &mut cut)?);
+            }
+        }
+        let clip = |enc: &ClipText, ids: &[Vec<u32>]| -> Result<(Tensor, Tensor)> {
+            let out = enc.forward(ids, &self.device)?;
+            let pooled = out.projected.unwrap_or(out.pooled);
+            Ok((out.penultimate, pooled))
+        };
+        let (l_seq, l_pool) = clip(&self.clip_l.0, &l_ids)?;
+        let (g_seq, g_pool) = clip(&self.clip_g.0, &g_ids)?;
+        let clip_seq = Tensor::cat(&[l_seq, g_seq], D::Minus1)?; // (b, 77, dl + dg)
+        let t5_seq = match &self.t5 {
+            Some((model, _)) => t5_states(model, &t5_ids, &self.device, self.dtype)?,
             None => Tensor::zeros(
-                (1, max_seq, self.joint_attention_dim),
+                (prompts.len(), max_seq, self.joint_attention_dim),
                 self.dtype,
                 &self.device,
             )?,
-        }; // (1, max_seq, d_t5)
+        }; // (b, max_seq, d_t5)
         let width = t5_seq.dim(D::Minus1)?;
         let clip_w = clip_seq.dim(D::Minus1)?;
         let clip_seq = if clip_w < width {
@@ -111,7 +131,7 @@ impl PromptEncoder for Sd3TextEncoders {
         };
         let context = Tensor::cat(&[clip_seq.to_dtype(self.dtype)?, t5_seq], 1)?;
         let pooled = Tensor::cat(&[l_pool, g_pool], D::Minus1)?.to_dtype(self.dtype)?;
-        Ok((Conditioning { context, pooled }, cut))
+        Ok((per_prompt(&context, &pooled)?, cut))
     }
 
     fn tokenizers(&self) -> Vec<(&'static str, &TextTokenizer)> {
@@ -130,22 +150,27 @@ pub struct FluxTextEncoders {
 
 impl PromptEncoder for FluxTextEncoders {
     fn encode(&mut self, prompt: &str, max_seq: usize) -> Result<(Conditioning, Vec<Truncation>)> {
+        super::only(self.encode_all(&[prompt], max_seq))
+    }
+
+    fn encode_all(
+        &mut self,
+        prompts: &[&str],
+        max_seq: usize,
+    ) -> Result<(Vec<Conditioning>, Vec<Truncation>)> {
         let mut cut = Vec::new();
-        let (clip, tok) = &self.clip;
-        let ids = token_ids(tok, prompt, clip.max_len(), "CLIP-L", &mut cut)?;
+        let ((clip, clip_tok), (t5, t5_tok)) = (&self.clip, &self.t5);
+        let (mut clip_ids, mut t5_ids) = (Vec::new(), Vec::new());
+        for p in prompts {
+            clip_ids.push(token_ids(clip_tok, p, clip.max_len(), "CLIP-L", &mut cut)?);
+            t5_ids.push(token_ids(t5_tok, p, max_seq, "T5", &mut cut)?);
+        }
         let pooled = clip
-            .forward(&[ids], &self.device)?
+            .forward(&clip_ids, &self.device)?
             .pooled
             .to_dtype(self.dtype)?;
-        let context = t5_states(
-            &mut self.t5,
-            prompt,
-            max_seq,
-            &mut cut,
-            &self.device,
-            self.dtype,
-        )?;
-        Ok((Conditioning { context, pooled }, cut))
+        let context = t5_states(t5, &t5_ids, &self.device, self.dtype)?;
+        Ok((per_prompt(&context, &pooled)?, cut))
     }
 
     fn tokenizers(&self) -> Vec<(&'static str, &TextTokenizer)> {
@@ -162,7 +187,8 @@ pub struct ChromaTextEncoder {
 impl PromptEncoder for ChromaTextEncoder {
     /// The context is the first `len + 1` of `max_seq` tokens (the prompt's, then one padding
     /// token), `len + 1 <= max_seq`: the T5 states diffusers computes there, and exactly what its
-    /// transformer attends to once it masks the rest.
+    /// transformer attends to once it masks the rest. Prompts of a batch keep their own lengths:
+    /// one after the other.
     fn encode(&mut self, prompt: &str, max_seq: usize) -> Result<(Conditioning, Vec<Truncation>)> {
         let mut cut = Vec::new();
         let (model, tok) = &self.t5;
@@ -213,7 +239,7 @@ impl PromptEncoder for Flux2TextEncoder {
     /// (without `[IMG]`) as text blocks through the chat template, tokenized as it is (no special
     /// tokens added) and padded on the tokenizer's side. Either way padded or cut to `max_seq`
     /// tokens, and the hidden states taken side by side per token (all `max_seq` tokens, padding
-    /// included: the transformer attends to every one).
+    /// included: the transformer attends to every one). Prompts of a batch one after the other.
     fn encode(&mut self, prompt: &str, max_seq: usize) -> Result<(Conditioning, Vec<Truncation>)> {
         let mut cut = Vec::new();
         let name = self.name();

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 /// tanh-approximated GELU of a bf16 CPU tensor, computed in f32 and rounded once (as PyTorch does
 /// for bf16): `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
 pub fn gelu_tanh_bf16(x: &Tensor) -> Result<Tensor> {
-    gelu_tanh_with(x, |x: &[bf16], o: &mut [bf16], buf: &mut [f32]| {
+    passes_with(x, |x: &[bf16], o: &mut [bf16], buf: &mut [f32]| {
         let (xf, e) = buf.split_at_mut(x.len());
         for (f, v) in xf.iter_mut().zip(x) {
             *f = v.to_f32();
@@ -23,13 +23,14 @@ pub fn gelu_tanh_bf16(x: &Tensor) -> Result<Tensor> {
 
 /// tanh-approximated GELU of an f32 CPU tensor, vectorised (candle's is a scalar `tanh` per element).
 pub fn gelu_tanh_f32(x: &Tensor) -> Result<Tensor> {
-    gelu_tanh_with(x, |x: &[f32], o: &mut [f32], buf: &mut [f32]| {
+    passes_with(x, |x: &[f32], o: &mut [f32], buf: &mut [f32]| {
         gelu_f32_chunk(x, &mut buf[..x.len()], o)
     })
 }
 
-/// Runs `chunk(x, out, scratch of 2 x len f32)` over a CPU tensor in parallel pieces.
-fn gelu_tanh_with<T: candle_core::WithDType>(
+/// Runs `chunk(x, out, scratch of 2 x len f32)` over a CPU tensor in parallel pieces (the GELUs'
+/// and CLIP's activations' passes).
+fn passes_with<T: candle_core::WithDType>(
     x: &Tensor,
     chunk: impl Fn(&[T], &mut [T], &mut [f32]) + Sync,
 ) -> Result<Tensor> {
@@ -572,31 +573,16 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     )
 }
 
-/// An element-wise pass (f32 or bf16, with an f32 scratch as long as each piece) over a CPU
-/// tensor in parallel pieces.
+/// An element-wise pass over an f32 or bf16 CPU tensor, in [`passes_with`]'s parallel pieces.
 fn unary(
     x: &Tensor,
     name: &str,
     f32_pass: fn(&[f32], &mut [f32], &mut [f32]),
     bf16_pass: fn(&[bf16], &mut [bf16], &mut [f32]),
 ) -> Result<Tensor> {
-    fn run<E: Lane>(x: &Tensor, pass: fn(&[E], &mut [E], &mut [f32])) -> Result<Tensor> {
-        const CHUNK: usize = 4096;
-        let out = with_slice::<E, _>(x, |xs| {
-            let mut out = vec![E::zero(); xs.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(xs.par_chunks(CHUNK))
-                .for_each_init(
-                    || vec![0f32; CHUNK],
-                    |e, (o, x)| pass(x, o, &mut e[..x.len()]),
-                );
-            out
-        })?;
-        Tensor::from_vec(out, x.shape(), &Device::Cpu)
-    }
     match x.dtype() {
-        DType::F32 => run(x, f32_pass),
-        DType::BF16 => run(x, bf16_pass),
+        DType::F32 => passes_with(x, |x, o, buf| f32_pass(x, o, &mut buf[..x.len()])),
+        DType::BF16 => passes_with(x, |x, o, buf| bf16_pass(x, o, &mut buf[..x.len()])),
         dtype => candle_core::bail!("{name} on the CPU: {dtype:?} (f32 or bf16 expected)"),
     }
 }

@@ -190,17 +190,19 @@ impl SelfAttention {
             DType::F16 => half::f16::MIN.to_f32(),
             _ => f32::MIN,
         };
+        // Each head's line of values, and each row of the head its window, then the mask.
+        let lines: Vec<f32> = (0..heads)
+            .flat_map(|h| line.iter().map(move |&id| (id, h)))
+            .map(|(id, h)| table[id][h])
+            .collect();
         let mut bias = vec![0f32; heads * n * n];
         bias.par_chunks_mut(n.max(1))
             .enumerate()
             .for_each(|(hi, row)| {
                 let (h, i) = (hi / n, hi % n);
-                let window = &line[n - 1 - i..][..n];
-                for (j, (b, &id)) in row.iter_mut().zip(window).enumerate() {
-                    *b = match j < valid {
-                        true => table[id][h],
-                        false => table[id][h] + low,
-                    };
+                row.copy_from_slice(&lines[h * (2 * n - 1) + n - 1 - i..][..n]);
+                for b in row.iter_mut().skip(valid) {
+                    *b += low;
                 }
             });
         Tensor::from_vec(bias, (1, heads, n, n), dev)

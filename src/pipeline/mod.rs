@@ -1137,6 +1137,10 @@ impl Pipeline {
             ));
         }
         r.notices.extend(self.set_loras(&req.loras)?);
+        if self.device.is_cpu() {
+            // Large activations reuse the pages freed before them within each phase.
+            cpu::heap::keep_large_blocks();
+        }
         let mut timings = Timings::default();
         let t0 = Instant::now();
         let cfg = self.spec.family.guidance(&r);

@@ -189,7 +189,7 @@ fn product<O: OutElem, const GELU: bool>() -> super::Product<bf16, PackedPairs, 
     super::Product {
         name: "AVX512-BF16",
         available,
-        block: block::<O, GELU>,
+        block: taps::<O, GELU>,
         rows: (MC, MR),
     }
 }
@@ -197,6 +197,90 @@ fn product<O: OutElem, const GELU: bool>() -> super::Product<bf16, PackedPairs, 
 thread_local! {
     /// Per-thread packed micro-panels of A (bf16 pairs as 32-bit words).
     static APACK: std::cell::RefCell<Aligned<u32>> = const { std::cell::RefCell::new(Aligned::new()) };
+}
+
+/// The taps' sum (the [`super::Block`] of this kernel): where every tap reads A in place and k
+/// fits one block (a convolution's taps over its band), each micro-kernel call runs all the taps
+/// into the same accumulators, loaded and stored once per tile rather than once per tap; otherwise
+/// tap by tap ([`block`]).
+///
+/// # Safety
+/// [`super::Block`]'s contract, with AVX-512F and AVX512-BF16 available.
+#[allow(clippy::too_many_arguments)]
+unsafe fn taps<O: OutElem, const GELU: bool>(
+    a: &[bf16],
+    offsets: &[usize],
+    rows: usize,
+    lda: usize,
+    bs: &[PackedPairs],
+    lo: usize,
+    hi: usize,
+    bias: Option<&[f32]>,
+    out: *mut O,
+    ldo: usize,
+    accumulate: bool,
+) {
+    let k = bs.first().map_or(0, |b| b.k);
+    let fused = bs.len() > 1
+        && k <= KC
+        && lda.is_multiple_of(2)
+        && k.is_multiple_of(2)
+        && super::reads_a_in_place(hi - lo, rows, k, size_of::<bf16>());
+    if !fused {
+        // SAFETY: the caller's contract is the one `block` needs for each tap.
+        return unsafe {
+            super::tap_by_tap(
+                block::<O, GELU>,
+                (a, offsets),
+                rows,
+                lda,
+                bs,
+                (lo, hi),
+                bias,
+                (out, ldo),
+                accumulate,
+            )
+        };
+    }
+    let (qc, groups) = (k / 2, rows.div_ceil(MR));
+    let sink = super::Sink::new(O::dest(out, ldo, GELU), rows, (lo, hi), false, accumulate);
+    // Each tap's first pair of row 0, as 32-bit words (the kernel reads them unaligned).
+    let starts: Vec<*const u32> = offsets.iter().map(|&o| a[o..].as_ptr().cast()).collect();
+    let mut panels: Vec<*const bf16> = Vec::with_capacity(bs.len());
+    for p in lo..hi {
+        let cols = NR.min(bs[0].n - p * NR);
+        panels.clear();
+        panels.extend(
+            bs.iter()
+                .map(|b| b.data[p * qc * PackedPairs::ROW..].as_ptr()),
+        );
+        let bias = bias.map_or(std::ptr::null(), |b| b[p * NR..].as_ptr());
+        for g in 0..groups {
+            let grows = MR.min(rows - g * MR);
+            // SAFETY: the features are available (the caller's contract). For each tap the kernel
+            // reads the words of pairs 0 .. qc of rows g MR + r < rows from that tap's start in a
+            // (whole pairs: lda and k even; a holds the rows from every offset, the contract), and
+            // qc rows of 64 bf16 of the tap's panel p (in bounds, 64-byte aligned rows). The sink's
+            // tiles of rows g MR .. + grows and columns 32 p .. + cols are inside the block the
+            // caller lent us (a single block of k: the partial sums are the output itself, touched
+            // only when the kernel loads them or does not store into bf16); bias is null or has
+            // cols values from 32 p.
+            unsafe {
+                kernel::run(
+                    (&starts, g * MR * (lda / 2)),
+                    (lda / 2, 1),
+                    &panels,
+                    qc,
+                    sink.partial(g * MR, p),
+                    grows,
+                    cols,
+                    accumulate,
+                    bias,
+                    sink.store(g * MR, p, true),
+                )
+            };
+        }
+    }
 }
 
 /// Rows 0..rows of a times panels lo..hi of b into out (row stride ldo), added to what out holds
@@ -294,9 +378,9 @@ unsafe fn block<O: OutElem, const GELU: bool>(
                     // cols values from 32 p.
                     unsafe {
                         kernel::run(
-                            base.add(off),
+                            (&[base], off),
                             (rs, ps),
-                            bp,
+                            &[bp],
                             qc,
                             sink.partial(g * MR, p),
                             grows,
@@ -318,23 +402,24 @@ mod kernel {
     use half::bf16;
     use std::arch::x86_64::*;
 
-    /// `c[0..rows, 0..cols] (+)= a · b (+ bias)`: row r's pair q of a is the word at
-    /// `a + r rs + q ps` (read for r < rows only; rows beyond repeat the last), b is qc rows of 32
-    /// pairs; the sums stored as `store` says ([`super::super::rows32::store`]).
+    /// `c[0..rows, 0..cols] (+)= Σ_t a_t · b_t (+ bias)` over the taps t: row r's pair q of a_t is
+    /// the word at `a[t] + off + r rs + q ps` (read for r < rows only; rows beyond repeat the
+    /// last), b_t is qc rows of 32 pairs from `b[t]`; the sums stored as `store` says
+    /// ([`super::super::rows32::store`]).
     ///
     /// # Safety
-    /// AVX-512F and AVX512-BF16 available. `a` is valid for unaligned reads of the words at
-    /// `r rs + q ps` for r < rows (>= 1), q < qc; `b` for qc x 64 bf16, each row 64-byte aligned
-    /// (aligned vector loads); `c` for reads (when `load`) and writes (without a bf16 tile) of `rows`
-    /// (<= MR) rows of `cols` (<= 32) floats at stride ldc, at any alignment (masked unaligned
-    /// access); a bf16 tile of `store` likewise for writes of bf16 at its stride; `bias` is null or
-    /// valid for `cols` floats.
+    /// AVX-512F and AVX512-BF16 available; `a` and `b` of the same length. For every tap, `a[t]` is
+    /// valid for unaligned reads of the words at `off + r rs + q ps` for r < rows (>= 1), q < qc;
+    /// `b[t]` for qc x 64 bf16, each row 64-byte aligned (aligned vector loads); `c` for reads
+    /// (when `load`) and writes (without a bf16 tile) of `rows` (<= MR) rows of `cols` (<= 32)
+    /// floats at stride ldc, at any alignment (masked unaligned access); a bf16 tile of `store`
+    /// likewise for writes of bf16 at its stride; `bias` is null or valid for `cols` floats.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn run(
-        a: *const u32,
+        (a, off): (&[*const u32], usize),
         (rs, ps): (usize, usize),
-        b: *const bf16,
+        b: &[*const bf16],
         qc: usize,
         (c, ldc): (*mut f32, usize),
         rows: usize,
@@ -351,21 +436,44 @@ mod kernel {
             let (m0, m1) = super::super::rows32::masks(cols);
             let mut acc = super::super::rows32::start::<MR>(load, rows, c, ldc);
             let last = rows.max(1) - 1;
-            let row: [*const u32; MR] = std::array::from_fn(|r| a.add(r.min(last) * rs));
+            for (&a, &b) in a.iter().zip(b) {
+                let row: [*const u32; MR] = std::array::from_fn(|r| a.add(off + r.min(last) * rs));
+                acc = tap(acc, &row, ps, b, qc);
+            }
+            let masks = (m0, m1);
+            super::super::rows32::store(&mut acc, rows, (c, ldc), masks, bias, load, store);
+        }
+    }
+
+    /// `acc` plus one tap's products: pair q of row r is the word at `row[r] + q ps`, B's pair
+    /// row q the 64 bf16 at `b + 64 q`. (By value, so that the accumulators stay in registers.)
+    ///
+    /// # Safety
+    /// As [`run`]'s, for this tap.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tap(
+        mut acc: [[__m512; 2]; MR],
+        row: &[*const u32; MR],
+        ps: usize,
+        b: *const bf16,
+        qc: usize,
+    ) -> [[__m512; 2]; MR] {
+        // SAFETY: as `run`'s.
+        unsafe {
             for q in 0..qc {
                 let bq = b.add(q * 2 * NR) as *const __m512i;
                 let b0: __m512bh = std::mem::transmute(_mm512_load_si512(bq));
                 let b1: __m512bh = std::mem::transmute(_mm512_load_si512(bq.add(1)));
-                for (acc, &ar) in acc.iter_mut().zip(&row) {
+                for (acc, &ar) in acc.iter_mut().zip(row) {
                     let word = ar.add(q * ps).read_unaligned();
                     let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(word as i32));
                     acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
                     acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
                 }
             }
-            let masks = (m0, m1);
-            super::super::rows32::store(&mut acc, rows, (c, ldc), masks, bias, load, store);
         }
+        acc
     }
 }
 
@@ -375,9 +483,9 @@ mod kernel {
     /// Never called: [`super::available`] is false off x86_64.
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run(
-        _: *const u32,
+        _: (&[*const u32], usize),
         _: (usize, usize),
-        _: *const half::bf16,
+        _: &[*const half::bf16],
         _: usize,
         _: (*mut f32, usize),
         _: usize,
@@ -415,7 +523,7 @@ mod tests {
     ];
 
     /// Odd shapes, strided rows (A copied and read in place), bias, parallel and serial, and a sum
-    /// of two taps: equal to an f64 reference of the same bf16 values within f32 summation error.
+    /// of two taps (tap by tap, and in one pass where A is read in place): equal to an f64 reference of the same bf16 values within f32 summation error.
     #[test]
     fn dpbf16_equals_the_reference() {
         if !crate::cpu::test_has("avx512_bf16") {
@@ -442,10 +550,11 @@ mod tests {
             matmul_serial(&a, m, lda, &packed, &mut serial, ldo);
             let mut taps = vec![f32::NAN; m * ldo];
             let both = [packed.clone(), packed2];
-            matmul_taps(&a, &[0, 1], m, lda, &both, None, &mut taps, ldo);
+            matmul_taps(&a, &[0, 1], m, lda, &both, Some(&bias), &mut taps, ldo);
             for i in 0..m {
                 for j in 0..n {
-                    let (g, s, t) = (got[i * ldo + j], serial[i * ldo + j], taps[i * ldo + j]);
+                    let (g, s) = (got[i * ldo + j], serial[i * ldo + j]);
+                    let t = taps[i * ldo + j] - bias[j];
                     let w = want[i * n + j];
                     // (Summation error grows with the sums too: long k reaches |w| ~ 20.)
                     let tol = tol + 2e-6 * w.abs();

@@ -496,16 +496,71 @@ pub trait PackedOperand: Sync {
     fn panels(&self) -> usize;
 }
 
-/// A kernel's block: rows 0..rows of `a` (stride lda) times panels lo..hi of `b` (+ bias, when
-/// given) into `out` (stride ldo, of element type O: f32, or bf16 for kernels that round their
-/// output), added to what it holds when `accumulate`.
+/// A kernel's block: the sum over taps t of rows 0..rows of `a[offsets[t]..]` (stride lda) times
+/// panels lo..hi of `bs[t]` (+ bias, when given) into `out` (stride ldo, of element type O: f32, or
+/// bf16 for kernels that round their output), added to what it holds when `accumulate`. A single
+/// product is one tap at offset 0.
 ///
-/// Its safety contract, which the drivers below meet: the kernel's CPU features are available; `a`
-/// holds `rows` rows at stride lda, each at least b.k long; `out` is valid for reads and writes of
-/// rows 0..rows at stride ldo, columns of panels lo..hi below n, and no other thread touches them
-/// during the call; hi <= the panel count; bias is None or has n values.
-pub(crate) type Block<A, B, O = f32> =
+/// Its safety contract, which the drivers below meet: the kernel's CPU features are available;
+/// there is at least one tap, every `bs[t]` has the first's shape, and `a[offsets[t]..]` holds
+/// `rows` rows at stride lda, each at least k long; `out` is valid for reads and writes of rows
+/// 0..rows at stride ldo, columns of panels lo..hi below n, and no other thread touches them during
+/// the call; hi <= the panel count; bias is None or has n values.
+pub(crate) type Block<A, B, O = f32> = unsafe fn(
+    &[A],
+    &[usize],
+    usize,
+    usize,
+    &[B],
+    usize,
+    usize,
+    Option<&[f32]>,
+    *mut O,
+    usize,
+    bool,
+);
+
+/// A block of one tap: [`Block`] with `a` and `b` that tap's (`a` already at its offset).
+pub(crate) type TapBlock<A, B, O = f32> =
     unsafe fn(&[A], usize, usize, &B, usize, usize, Option<&[f32]>, *mut O, usize, bool);
+
+/// A [`Block`] run tap by tap by `one`: each tap's product added to the sums of those before it,
+/// the bias with the last.
+///
+/// # Safety
+/// [`Block`]'s contract, with `one` a block of that contract for one tap.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tap_by_tap<A, B, O>(
+    one: TapBlock<A, B, O>,
+    (a, offsets): (&[A], &[usize]),
+    rows: usize,
+    lda: usize,
+    bs: &[B],
+    (lo, hi): (usize, usize),
+    bias: Option<&[f32]>,
+    (out, ldo): (*mut O, usize),
+    accumulate: bool,
+) {
+    let last = bs.len().saturating_sub(1);
+    for (t, (&off, b)) in offsets.iter().zip(bs).enumerate() {
+        let bias = if t == last { bias } else { None };
+        // SAFETY: tap t alone meets the contract the caller's taps meet together.
+        unsafe {
+            one(
+                &a[off..],
+                rows,
+                lda,
+                b,
+                lo,
+                hi,
+                bias,
+                out,
+                ldo,
+                accumulate || t > 0,
+            )
+        };
+    }
+}
 
 /// Whether a block of a product reads A where it lies (a pointer per row) rather than copying it
 /// into micro-panels first: where the copy would not pay, because few of its `panels` share it (a
@@ -587,28 +642,24 @@ impl<A: Sync, B: PackedOperand, O: Send> Product<A, B, O> {
         let (max_rows, granule) = self.rows;
         let tasks = split_tasks(m, max_rows, granule, b.panels());
         let optr = OutPtr(out.as_mut_ptr());
-        let last = bs.len() - 1;
         tasks.par_iter().for_each(|&(r0, rows, lo, hi)| {
-            for (t, (&off, bt)) in offsets.iter().zip(bs).enumerate() {
-                let bias = if t == last { bias } else { None };
-                // SAFETY: the kernel is available and the slices hold the shapes (check); each
-                // task writes its own rows x panels block of out (split_tasks), which no other task
-                // touches.
-                unsafe {
-                    (self.block)(
-                        &a[off + r0 * lda..],
-                        rows,
-                        lda,
-                        bt,
-                        lo,
-                        hi,
-                        bias,
-                        optr.get().add(r0 * ldo),
-                        ldo,
-                        add || t > 0,
-                    )
-                };
-            }
+            // SAFETY: the kernel is available and the slices hold the shapes (check); each task
+            // writes its own rows x panels block of out (split_tasks), which no other task touches.
+            unsafe {
+                (self.block)(
+                    &a[r0 * lda..],
+                    offsets,
+                    rows,
+                    lda,
+                    bs,
+                    lo,
+                    hi,
+                    bias,
+                    optr.get().add(r0 * ldo),
+                    ldo,
+                    add,
+                )
+            };
         });
     }
 
@@ -644,9 +695,10 @@ impl<A: Sync, B: PackedOperand, O: Send> Product<A, B, O> {
             unsafe {
                 (self.block)(
                     &a[c * chunk * lda..],
+                    &[0],
                     rows,
                     lda,
-                    b,
+                    std::slice::from_ref(b),
                     0,
                     b.panels(),
                     None,

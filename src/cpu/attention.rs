@@ -14,6 +14,7 @@ use rayon::prelude::*;
 /// Queries per block (bf16: two 32-row AMX blocks; f32: seven micro-kernel row groups).
 const QB: usize = 64;
 const QB_F32: usize = 7 * sgemm::MR;
+const QB_DPBF16: usize = 4 * dpbf16::MR;
 
 /// The shape of an attention: `bh` (batch x head) slices of `n` queries and `m` keys of width `d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,21 +146,27 @@ pub fn sdpa_dpbf16(q: &[bf16], k: &[bf16], v: &[bf16], heads: Heads, scale: f32)
         .zip(k.par_chunks(m * d).zip(v.par_chunks(m * d)))
         .for_each(|((o, q), (k, v))| {
             let kt = PackedPairs::from_nk(k, m, d);
-            let vp = PackedPairs::from_kn(v, m, d);
-            o.par_chunks_mut(QB_F32 * d)
-                .zip(q.par_chunks(QB_F32 * d))
+            // v with a zero key row when m is odd, and p rows of m2 with a zero column: the
+            // product with v then reads whole pairs of p where they lie (no copy of p).
+            let m2 = m.next_multiple_of(2);
+            let vp = PackedPairs::from_kn(v, m, d).with_even_k();
+            o.par_chunks_mut(QB_DPBF16 * d)
+                .zip(q.par_chunks(QB_DPBF16 * d))
                 .for_each(|(o, q)| {
                     DPBF16_SCRATCH.with(|sc| {
                         let (s, p, acc) = &mut *sc.borrow_mut();
                         let rows = q.len() / d;
-                        s.reset(rows * m);
+                        // (Not cleared: each product writes all of its output, the softmax all of
+                        // p but the padding column, written here.)
+                        s.resize(rows * m);
                         dpbf16::matmul_serial(q, rows, d, &kt, s, m);
-                        p.reset(rows * m);
-                        for (s, p) in s.chunks_exact_mut(m).zip(p.chunks_exact_mut(m)) {
-                            softmax_row(s, p, scale);
+                        p.resize(rows * m2);
+                        for (s, p) in s.chunks_exact_mut(m).zip(p.chunks_exact_mut(m2)) {
+                            softmax_row(s, &mut p[..m], scale);
+                            p[m..].fill(bf16::ZERO);
                         }
-                        acc.reset(rows * d);
-                        dpbf16::matmul_serial(p, rows, m, &vp, acc, d);
+                        acc.resize(rows * d);
+                        dpbf16::matmul_serial(p, rows, m2, &vp, acc, d);
                         for (x, &v) in o.iter_mut().zip(acc.iter()) {
                             *x = super::round_bf16(v);
                         }

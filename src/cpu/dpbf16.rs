@@ -97,6 +97,14 @@ impl PackedPairs {
         self.k
     }
 
+    /// The same B with an odd k made even by the zero row its packing already holds: a product
+    /// whose A rows carry a zero (or any finite value) in that column gives the same sums, and
+    /// reads A in place ([`block`]: whole pairs only).
+    pub fn with_even_k(mut self) -> Self {
+        self.k = self.k.next_multiple_of(2);
+        self
+    }
+
     pub fn n(&self) -> usize {
         self.n
     }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 fn main() {
     // As a generation runs: large blocks reused from the heap rather than mapped afresh.
-    mmdit::cpu::heap::keep_large_blocks();
+    let _heap = mmdit::cpu::heap::LargeBlocks::keep();
     // SHAPES="512x64,128x512" (channels x side) replaces the default shapes (the SD3/FLUX.1
     // decoder's 3x3 convolutions at 512 x 512 pixels).
     let shapes: Vec<(usize, usize)> = match std::env::var("SHAPES") {

@@ -8,24 +8,65 @@
 //! bench models, docs/performance.md). Fixing the thresholds low gave the memory back but cost
 //! 15-25% of a step; handing back what is free at the phase boundaries keeps both.
 //!
-//! Blocks above that 32 MiB ceiling (the VAE's activations from 256 x 256 pixels, a step's at
-//! 1024 x 1024) would still each be a fresh mapping, faulted in and zeroed page by page and
-//! unmapped when freed: 12% of a 512 x 512 bf16 decode. [`keep_large_blocks`] puts them on the
-//! heap too, where the next block reuses their pages until the phase ends.
+//! Blocks above that 32 MiB ceiling (the VAE's activations from 256 x 256 pixels up) would still
+//! each be a fresh mapping, faulted in and zeroed page by page and unmapped when freed: 12% of a
+//! 512 x 512 bf16 decode. While a [`LargeBlocks`] guard lives (the VAE's passes) they come from the
+//! heap too, where the next block reuses their pages. Only there: in the text and sampling phases
+//! the heap's holes, which a mapping would not leave, added up to 80 MiB to a run's peak.
 
-/// Serves every block from the heap (glibc: no block gets a mapping of its own) and trims the
-/// heap only when asked ([`return_free_memory`]), so that within a phase a freed large block's
-/// pages serve the next one. Process-wide and idempotent; called before a generation on the CPU.
-/// Nothing to do on other allocators.
-pub fn keep_large_blocks() {
+use std::sync::Mutex;
+
+/// While alive, the allocator serves every block from the heap (glibc: no block gets a mapping of
+/// its own) and trims the heap only when asked ([`return_free_memory`]), so that a freed large
+/// block's pages serve the next one. Process-wide: the last guard dropped restores mappings for
+/// large blocks, with glibc's thresholds at the ceilings its own adjustment reaches (32 MiB for a
+/// mapping, 64 MiB kept at the top). Nothing to do on other allocators.
+#[must_use = "large blocks stay on the heap only while the guard lives"]
+pub struct LargeBlocks(());
+
+/// Guards alive.
+static HOLDERS: Mutex<usize> = Mutex::new(0);
+
+impl LargeBlocks {
+    /// Large blocks on the heap until the guard (and every other) is dropped.
+    pub fn keep() -> Self {
+        let mut n = HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
+        if *n == 0 {
+            set(0, i32::MAX, None);
+        }
+        *n += 1;
+        Self(())
+    }
+}
+
+impl Drop for LargeBlocks {
+    fn drop(&mut self) {
+        let mut n = HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            // glibc's default count of mappings, and the thresholds its adjustment reaches.
+            set(65_536, 64 << 20, Some(32 << 20));
+        }
+    }
+}
+
+/// glibc's mapping count limit, trim threshold and (when given) mapping threshold.
+#[cfg_attr(
+    not(all(target_os = "linux", target_env = "gnu")),
+    allow(unused_variables)
+)]
+fn set(mmap_max: i32, trim: i32, mmap_threshold: Option<i32>) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets the allocator's parameters under its lock; blocks already mapped
-    // stay valid and are unmapped when freed, as before. Without mappings, an arena whose heap
+    // SAFETY: mallopt only sets the allocator's parameters under its lock. Blocks already mapped
+    // stay valid and are unmapped when freed, as before; without mappings an arena whose heap
     // cannot grow falls back to the main arena, and the main arena to a mapping when its break
     // cannot move.
     unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+        libc::mallopt(libc::M_MMAP_MAX, mmap_max);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, trim);
+        if let Some(t) = mmap_threshold {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, t);
+        }
     }
 }
 

@@ -1137,10 +1137,6 @@ impl Pipeline {
             ));
         }
         r.notices.extend(self.set_loras(&req.loras)?);
-        if self.device.is_cpu() {
-            // Large activations reuse the pages freed before them within each phase.
-            cpu::heap::keep_large_blocks();
-        }
         let mut timings = Timings::default();
         let t0 = Instant::now();
         let cfg = self.spec.family.guidance(&r);
@@ -1321,6 +1317,7 @@ impl Pipeline {
     /// from the latent distribution as `draw` says, scaled as the family does.
     fn encode_pixels(&mut self, x: &Tensor, draw: Draw) -> Result<Tensor> {
         let device = self.device.clone();
+        let _heap = device.is_cpu().then(cpu::heap::LargeBlocks::keep);
         let x = x.to_dtype(vae_dtype(self.dtype, &device))?;
         let tiling = self.spec.vae_tiling;
         let enc = self.vae_encoder()?;
@@ -1361,6 +1358,8 @@ impl Pipeline {
     /// activations are the largest of a run).
     pub fn decode_all(&self, latents: &Tensor) -> Result<Vec<RgbImage>> {
         let dtype = vae_dtype(self.dtype, latents.device());
+        // The VAE's activations, the largest of a run, reuse each other's pages.
+        let _heap = latents.device().is_cpu().then(cpu::heap::LargeBlocks::keep);
         (0..latents.dim(0)?)
             .map(|k| {
                 let z = self

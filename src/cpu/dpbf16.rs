@@ -207,6 +207,15 @@ thread_local! {
     static APACK: std::cell::RefCell<Aligned<u32>> = const { std::cell::RefCell::new(Aligned::new()) };
 }
 
+/// Whether a block of `rows` rows of A (stride lda) against `panels` panels of k reads A where it
+/// lies: as 32-bit words of pairs, so even row starts and k only, and where the copy would not pay
+/// ([`super::reads_a_in_place`]).
+fn reads_in_place(lda: usize, k: usize, panels: usize, rows: usize) -> bool {
+    lda.is_multiple_of(2)
+        && k.is_multiple_of(2)
+        && super::reads_a_in_place(panels, rows, KC.min(k), size_of::<bf16>())
+}
+
 /// The taps' sum (the [`super::Block`] of this kernel): where every tap reads A in place and k
 /// fits one block (a convolution's taps over its band), each micro-kernel call runs all the taps
 /// into the same accumulators, loaded and stored once per tile rather than once per tap; otherwise
@@ -229,11 +238,7 @@ unsafe fn taps<O: OutElem, const GELU: bool>(
     accumulate: bool,
 ) {
     let k = bs.first().map_or(0, |b| b.k);
-    let fused = bs.len() > 1
-        && k <= KC
-        && lda.is_multiple_of(2)
-        && k.is_multiple_of(2)
-        && super::reads_a_in_place(hi - lo, rows, k, size_of::<bf16>());
+    let fused = bs.len() > 1 && k <= KC && reads_in_place(lda, k, hi - lo, rows);
     if !fused {
         // SAFETY: the caller's contract is the one `block` needs for each tap.
         return unsafe {
@@ -323,10 +328,7 @@ unsafe fn block<O: OutElem, const GELU: bool>(
     let groups = rows.div_ceil(MR);
     let dest = O::dest(out, ldo, GELU);
     let sink = super::Sink::new(dest, rows, (lo, hi), k > KC, accumulate);
-    // (In place, the kernel reads A's pairs as 32-bit words: even row starts and k only.)
-    let in_place = lda.is_multiple_of(2)
-        && k.is_multiple_of(2)
-        && super::reads_a_in_place(hi - lo, rows, KC.min(k), size_of::<bf16>());
+    let in_place = reads_in_place(lda, k, hi - lo, rows);
     APACK.with(|ap| {
         let ap = &mut *ap.borrow_mut();
         for k0 in (0..k.max(1)).step_by(KC) {
@@ -531,7 +533,8 @@ mod tests {
     ];
 
     /// Odd shapes, strided rows (A copied and read in place), bias, parallel and serial, and a sum
-    /// of two taps (tap by tap, and in one pass where A is read in place): equal to an f64 reference of the same bf16 values within f32 summation error.
+    /// of two taps (tap by tap, and in one pass where A is read in place): equal to an f64
+    /// reference of the same bf16 values within f32 summation error.
     #[test]
     fn dpbf16_equals_the_reference() {
         if !crate::cpu::test_has("avx512_bf16") {

@@ -197,7 +197,7 @@ fn product<O: OutElem, const GELU: bool>() -> super::Product<bf16, PackedPairs, 
     super::Product {
         name: "AVX512-BF16",
         available,
-        block: taps::<O, GELU>,
+        block: super::Kernel::Taps(taps::<O, GELU>),
         rows: (MC, MR),
     }
 }

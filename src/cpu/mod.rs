@@ -572,12 +572,66 @@ pub(crate) fn reads_a_in_place(panels: usize, rows: usize, kc: usize, size: usiz
     panels <= 8 || rows * kc * size <= 512 << 10
 }
 
+/// A kernel's entry for a [`Block`]: one that sums the taps itself (in its own order, or fused),
+/// or one that takes a tap at a time, whose taps [`tap_by_tap`] runs.
+pub(crate) enum Kernel<A: 'static, B, O: 'static = f32> {
+    Taps(Block<A, B, O>),
+    Tap(TapBlock<A, B, O>),
+}
+
+impl<A, B, O> Clone for Kernel<A, B, O> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<A, B, O> Copy for Kernel<A, B, O> {}
+
+impl<A, B, O> Kernel<A, B, O> {
+    /// The [`Block`] through this entry.
+    ///
+    /// # Safety
+    /// [`Block`]'s contract.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run(
+        self,
+        (a, offsets): (&[A], &[usize]),
+        rows: usize,
+        lda: usize,
+        bs: &[B],
+        (lo, hi): (usize, usize),
+        bias: Option<&[f32]>,
+        (out, ldo): (*mut O, usize),
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's contract is the one both entries take.
+        unsafe {
+            match self {
+                Kernel::Taps(block) => block(
+                    a, offsets, rows, lda, bs, lo, hi, bias, out, ldo, accumulate,
+                ),
+                Kernel::Tap(one) => tap_by_tap(
+                    one,
+                    (a, offsets),
+                    rows,
+                    lda,
+                    bs,
+                    (lo, hi),
+                    bias,
+                    (out, ldo),
+                    accumulate,
+                ),
+            }
+        }
+    }
+}
+
 /// A packed product's kernel: its name, whether its features are available, its block and its
 /// (max rows per task, rows per micro-kernel); its output elements are O.
 pub(crate) struct Product<A: 'static, B, O: 'static = f32> {
     pub name: &'static str,
     pub available: fn() -> bool,
-    pub block: Block<A, B, O>,
+    pub block: Kernel<A, B, O>,
     pub rows: (usize, usize),
 }
 
@@ -646,17 +700,14 @@ impl<A: Sync, B: PackedOperand, O: Send> Product<A, B, O> {
             // SAFETY: the kernel is available and the slices hold the shapes (check); each task
             // writes its own rows x panels block of out (split_tasks), which no other task touches.
             unsafe {
-                (self.block)(
-                    &a[r0 * lda..],
-                    offsets,
+                self.block.run(
+                    (&a[r0 * lda..], offsets),
                     rows,
                     lda,
                     bs,
-                    lo,
-                    hi,
+                    (lo, hi),
                     bias,
-                    optr.get().add(r0 * ldo),
-                    ldo,
+                    (optr.get().add(r0 * ldo), ldo),
                     add,
                 )
             };
@@ -693,17 +744,14 @@ impl<A: Sync, B: PackedOperand, O: Send> Product<A, B, O> {
             // SAFETY: the kernel is available and the slices hold the shapes (check); rows of
             // chunk c lie inside a and out, which this thread holds exclusively.
             unsafe {
-                (self.block)(
-                    &a[c * chunk * lda..],
-                    &[0],
+                self.block.run(
+                    (&a[c * chunk * lda..], &[0]),
                     rows,
                     lda,
                     std::slice::from_ref(b),
-                    0,
-                    b.panels(),
+                    (0, b.panels()),
                     None,
-                    out.as_mut_ptr().add(c * chunk * ldo),
-                    ldo,
+                    (out.as_mut_ptr().add(c * chunk * ldo), ldo),
                     false,
                 )
             };

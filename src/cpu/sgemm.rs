@@ -449,7 +449,7 @@ fn product<A: AElem, B: Panels, O: OutElem, const GELU: bool>() -> super::Produc
     super::Product {
         name: "AVX-512",
         available,
-        block: taps::<A, B, O, GELU>,
+        block: super::Kernel::Tap(block::<A, B, O, GELU>),
         rows: (MC, MR),
     }
 }
@@ -499,41 +499,6 @@ thread_local! {
     static AWIDE: std::cell::RefCell<Aligned<f32>> = const { std::cell::RefCell::new(Aligned::new()) };
     /// Per-thread B micro-panel of bf16 panels, widened to f32.
     static BWIDE: std::cell::RefCell<Aligned<f32>> = const { std::cell::RefCell::new(Aligned::new()) };
-}
-
-/// The taps' sum, tap by tap ([`block`]): the [`super::Block`] of this kernel.
-///
-/// # Safety
-/// [`super::Block`]'s contract, with AVX-512F available.
-#[allow(clippy::too_many_arguments)]
-unsafe fn taps<A: AElem, B: Panels, O: OutElem, const GELU: bool>(
-    a: &[A],
-    offsets: &[usize],
-    rows: usize,
-    lda: usize,
-    bs: &[B],
-    lo: usize,
-    hi: usize,
-    bias: Option<&[f32]>,
-    out: *mut O,
-    ldo: usize,
-    accumulate: bool,
-) {
-    let one = block::<A, B, O, GELU>;
-    // SAFETY: the caller's contract is the one `block` needs for each tap.
-    unsafe {
-        super::tap_by_tap(
-            one,
-            (a, offsets),
-            rows,
-            lda,
-            bs,
-            (lo, hi),
-            bias,
-            (out, ldo),
-            accumulate,
-        )
-    }
 }
 
 /// Rows 0..rows of a times panels lo..hi of b into out (row stride ldo), added to what out holds

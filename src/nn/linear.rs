@@ -11,6 +11,7 @@
 
 use super::lora::{self, Slot};
 use super::quant;
+use super::source::{self, changed, deferred, Pack, Pages, Source};
 use crate::cpu::amx::{self, PackedB};
 use crate::cpu::bf16_weight;
 use crate::cpu::dpbf16::{self, PackedPairs};
@@ -21,41 +22,14 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use half::bf16;
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
 
-/// Where layers built inside [`with_source`] may read their weights' bytes: `read(name, f)` calls
-/// `f(dtype, shape, bytes)` with the bytes the weight files store for tensor `name` and returns
-/// whether they had it (f32, bf16 or f16). A layer that packs its weight for a CPU kernel then packs
-/// it straight from those bytes, with no tensor copy in between, on its first product: building
-/// the layer reads the source once for the dtype and shape only (no byte is touched), and the
-/// first product reads it again and packs; a layer without a packing kernel (CPUs without
-/// AVX-512) reads the bytes where they lie on every product ([`Kernel::Mapped`]). A source must
-/// hand out the same bytes every time; [`Pages`] says what becomes of their pages after a visit.
-pub type Source = Arc<dyn Fn(&str, Pages, &mut Visit) -> bool + Send + Sync>;
-
-/// What a [`Source`] does with the pages of a weight's bytes once a visit returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pages {
-    /// Drops them from memory (a file mapping reads them again if they are touched again): the
-    /// layer packed a copy, or reads them too rarely to keep them.
-    Release,
-    /// Keeps them: the layer reads the bytes where they lie on every product.
-    Keep,
-}
-
-/// What a [`Source`] calls with a weight's dtype, shape and bytes, and `done`: the visitor passes
-/// it each part of the bytes it will not read again in this visit, and the source may drop that
-/// part's pages from memory (the bytes stay readable: a file mapping reads them again).
-pub type Visit<'a> = dyn FnMut(DType, &[usize], &[u8], &dyn Fn(&[u8])) + 'a;
-
 thread_local! {
-    static SOURCE: RefCell<Option<Source>> = const { RefCell::new(None) };
     static IN_PLACE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs `build` with every layer it makes from a [`with_source`] weight for the f32 kernel's panels
+/// Runs `build` with every layer it makes from a [`source::with_source`] weight for the f32 kernel's panels
 /// (f32, and bf16 without AMX or a fast AVX512-BF16) reading that weight where the source holds it
 /// on its first [`IN_PLACE_RUNS`] products ([`sgemm::Rows`]), and packing it only on the next: for
 /// layers that may run too few times to repay the copy -- a text encoder runs once per prompt, and
@@ -65,17 +39,6 @@ pub fn read_in_place<T>(build: impl FnOnce() -> T) -> T {
     let outer = IN_PLACE.with(|c| c.replace(true));
     let out = build();
     IN_PLACE.with(|c| c.set(outer));
-    out
-}
-
-/// Runs `build` with every [`linear`] it makes that packs its weight for a CPU kernel reading the
-/// weight's bytes from `source` (when it has them, at the layer's dtype or f32 for a bf16 layer)
-/// rather than from its `VarBuilder`, when the layer first runs: loading reads no weight bytes of
-/// these layers, as diffusers' memory-mapped loading does not.
-pub fn with_source<T>(source: Option<Source>, build: impl FnOnce() -> T) -> T {
-    let outer = SOURCE.with(|s| s.replace(source));
-    let out = build();
-    SOURCE.with(|s| *s.borrow_mut() = outer);
     out
 }
 
@@ -115,16 +78,13 @@ enum Kernel {
 }
 
 /// A weight packed for a CPU kernel, and the bias in f32 (added once, to the f32 accumulators).
-/// A layer built from a [`with_source`] holds how to pack its weight instead, and packs it on its
+/// A layer built from a [`source::with_source`] holds how to pack its weight instead, and packs it on its
 /// first product ([`Packed::weight`]; concurrent first products wait for one packing).
 #[derive(Debug)]
 struct Packed<P> {
     weight: LazyLock<Option<P>, Pack<P>>,
     bias: Option<Vec<f32>>,
 }
-
-/// How a weight is packed on first use: None when its source no longer hands out its bytes.
-type Pack<P> = Box<dyn FnOnce() -> Option<P> + Send>;
 
 impl<P: Send + 'static> Packed<P> {
     /// A weight packed now.
@@ -144,13 +104,6 @@ impl<P: Send + 'static> Packed<P> {
     fn weight(&self) -> Result<&P> {
         LazyLock::force(&self.weight).as_ref().ok_or_else(changed)
     }
-}
-
-/// What a layer says when its source no longer hands out the weight it was built from.
-fn changed() -> candle_core::Error {
-    candle_core::Error::Msg(
-        "a weight file changed while the model was loaded; load the model again".into(),
-    )
 }
 
 /// A weight that its first [`IN_PLACE_RUNS`] products read where a [`Source`] holds it, and the
@@ -262,7 +215,7 @@ fn build(in_dim: usize, out_dim: usize, vb: VarBuilder, bias: bool) -> Result<Li
     Ok(l)
 }
 
-/// The layer packed straight from the [`with_source`] bytes of its weight on its first product,
+/// The layer packed straight from the [`source::with_source`] bytes of its weight on its first product,
 /// when there are such bytes of the right shape, the CPU has a packing kernel for the layer's dtype
 /// and the bytes are aligned for their type, and the layer is not being quantized; without such a
 /// kernel, the layer reading bytes of its own dtype where they lie ([`Kernel::Mapped`]); None to
@@ -273,7 +226,7 @@ fn from_source(
     bias: bool,
     vb: &VarBuilder,
 ) -> Result<Option<Linear>> {
-    let Some(source) = SOURCE.with(|s| s.borrow().clone()) else {
+    let Some(source) = source::current() else {
         return Ok(None);
     };
     if !vb.device().is_cpu() || quant::current().is_some() {
@@ -364,22 +317,6 @@ fn from_source(
 fn bf16_kernel() -> bool {
     let cpu = crate::cpu::features();
     cpu.amx || cpu.avx512_bf16 || cpu.avx512
-}
-
-/// Packing of weight `name` from `source`'s bytes by `pack(dtype, bytes, done)`, for when it is
-/// first used (`done` as in [`Visit`]).
-fn deferred<P: Send + 'static>(
-    source: Source,
-    name: String,
-    pack: impl FnOnce(DType, &[u8], &dyn Fn(&[u8])) -> Option<P> + Send + 'static,
-) -> Pack<P> {
-    Box::new(move || {
-        let (mut pack, mut out) = (Some(pack), None);
-        source(&name, Pages::Release, &mut |dtype, _, bytes, done| {
-            out = pack.take().and_then(|p| p(dtype, bytes, done));
-        });
-        out
-    })
 }
 
 /// `f` of a weight's bytes as bf16 values: as stored, or rounded from f32 (as candle's conversion
@@ -976,6 +913,7 @@ fn packed_forward<T: candle_core::WithDType>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::source::{with_source, Visit};
     use crate::nn::test_util::{max_diff, normal};
 
     /// The GELU folded into the product (f32 on AVX-512, bf16 on AVX512-BF16) and the composed path
@@ -1252,7 +1190,7 @@ mod tests {
         assert!(err <= tol, "{dtype:?}: {err}");
     }
 
-    /// A layer built inside [`with_source`] packs the source's bytes (the `VarBuilder` holds zeros
+    /// A layer built inside [`source::with_source`] packs the source's bytes (the `VarBuilder` holds zeros
     /// here, so the output tells which was read): the same layer as one built from a tensor of
     /// those values, f32 and bf16, and a bf16 layer from f32 bytes (rounded as candle's
     /// conversion rounds). Misaligned bytes or a wrong shape fall back to the `VarBuilder`.

@@ -16,6 +16,7 @@ pub mod mlp;
 pub mod modulate;
 pub mod norm;
 pub mod quant;
+pub mod source;
 
 pub use activation::gelu_tanh;
 pub use attention::{join_heads, merge_heads, sdpa, sdpa_unprofiled, split_heads, split_tokens};

@@ -134,10 +134,10 @@ pub(crate) struct Weights<'a> {
 
 const WEIGHT_STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
 
-/// The [`crate::nn::linear::Source`] of a folder's safetensors files: each tensor's bytes where
+/// The [`crate::nn::source::Source`] of a folder's safetensors files: each tensor's bytes where
 /// the files are mapped, their pages released after the visit or kept, as the layer asks.
-fn source_of(st: &loader::weights::Safetensors) -> crate::nn::linear::Source {
-    use crate::nn::linear::{Pages, Visit};
+fn source_of(st: &loader::weights::Safetensors) -> crate::nn::source::Source {
+    use crate::nn::source::{Pages, Visit};
     let st = st.clone();
     std::sync::Arc::new(move |name: &str, pages: Pages, f: &mut Visit| {
         let f = |d, s: &[usize], b: &[u8], done: &dyn Fn(&[u8])| f(d, s, b, done);
@@ -170,13 +170,13 @@ impl Weights<'_> {
     }
 
     /// [`Self::var_builder`], and for a folder's safetensors files read as they are (no LoRA
-    /// merged in) the [`crate::nn::linear::Source`] its packed layers read their bytes from.
+    /// merged in) the [`crate::nn::source::Source`] its packed layers read their bytes from.
     fn var_builder_and_source(
         &self,
         dir: &str,
         dtype: DType,
         device: &Device,
-    ) -> Result<(VarBuilder<'static>, Option<crate::nn::linear::Source>)> {
+    ) -> Result<(VarBuilder<'static>, Option<crate::nn::source::Source>)> {
         let deltas = self.merge.deltas(dir);
         let (backend, source): (Box<dyn candle_nn::var_builder::SimpleBackend>, _) =
             match self.mapping(dir) {
@@ -251,7 +251,7 @@ impl Weights<'_> {
             });
         }
         let (vb, source) = self.var_builder_and_source(dir, dtype, device)?;
-        Ok(crate::nn::linear::with_source(source, || build(vb))?)
+        Ok(crate::nn::source::with_source(source, || build(vb))?)
     }
 
     /// Checks the component in `dir` against what `build` reads, headers only; `ignore` marks

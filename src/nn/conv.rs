@@ -1,5 +1,7 @@
 //! 2-D convolutions with zero padding (the VAE's). Stride 1: candle's (GPUs), or on the CPU in f32
-//! the im2col-free kernel of [`crate::cpu::conv`] (weights packed at load, candle's copy dropped):
+//! the im2col-free kernel of [`crate::cpu::conv`] (weights packed straight from a mapped file's
+//! bytes on first use when built inside [`super::source::with_source`], else at load from
+//! candle's copy, which is then dropped):
 //! on AVX-512 our packed kernel, inside [`with_bf16_operands`] with bf16 operands where the CPU
 //! has AVX512-BF16 and bf16 weights (f32 input) where it does not; elsewhere (AVX2) the `gemm`
 //! crate's f32 kernel on the same band.
@@ -9,15 +11,18 @@
 //! the packed kernel takes without changing the layout on the way in and out; candle's convolution
 //! is given a channels-last image as a permuted view and returns one.
 
+use super::source::{self, changed, deferred, Pack, Pages};
 use crate::cpu::{
     self,
     conv::{Operands, PackedConv2d},
     group_norm::ChannelAffine,
+    values,
 };
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use half::{bf16, f16};
 use std::cell::Cell;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 thread_local! {
     static BF16_OPERANDS: Cell<bool> = const { Cell::new(false) };
@@ -82,7 +87,9 @@ impl ImageLayout {
 #[derive(Debug, Clone)]
 pub enum Conv2d {
     Candle(candle_nn::Conv2d),
-    Packed(Arc<PackedConv2d>),
+    /// On the packed CPU kernel: packed at load, or from its source on first use (concurrent first
+    /// uses wait for one packing; None when the source no longer had the weight).
+    Packed(Arc<LazyLock<Option<PackedConv2d>, Pack<PackedConv2d>>>),
 }
 
 impl Conv2d {
@@ -104,6 +111,9 @@ impl Conv2d {
     }
 
     pub fn new(in_c: usize, out_c: usize, k: usize, vb: VarBuilder) -> Result<Self> {
+        if let Some(c) = Self::from_source((out_c, in_c, k), &vb)? {
+            return Ok(c);
+        }
         let cfg = candle_nn::Conv2dConfig {
             padding: k / 2,
             ..Default::default()
@@ -118,18 +128,55 @@ impl Conv2d {
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
             None => None,
         };
-        let weights = w.flatten_all()?.to_vec1()?;
-        let operands = match (BF16_OPERANDS.with(Cell::get), cpu::features().bf16_dot) {
-            (true, true) => Operands::Bf16,
-            (true, false) => Operands::Bf16Weights,
-            (false, _) => Operands::F32,
+        let packed = cpu::with_slice::<f32, _>(w, |w| {
+            PackedConv2d::new(w, bias, (out_c, in_c, k, k / 2), operands())
+        })?;
+        Ok(Self::packed(Box::new(move || Some(packed))))
+    }
+
+    /// The convolution packed on its first use straight from the [`source::with_source`] bytes of
+    /// its weight, when there are such bytes of the right shape (f32, bf16 or f16, aligned) and
+    /// the layer is an f32 CPU layer; None to build it the usual way (which names a wrong shape or
+    /// a missing tensor). Only the header and the bias are read here.
+    fn from_source(
+        (out_c, in_c, k): (usize, usize, usize),
+        vb: &VarBuilder,
+    ) -> Result<Option<Self>> {
+        let Some(source) = source::current() else {
+            return Ok(None);
         };
-        Ok(Self::Packed(Arc::new(PackedConv2d::new(
-            &weights,
-            bias,
-            (out_c, in_c, k, k / 2),
-            operands,
-        ))))
+        if !(vb.device().is_cpu() && vb.dtype() == DType::F32) {
+            return Ok(None);
+        }
+        let (name, shape) = (vb.pp("weight").prefix(), [out_c, in_c, k, k]);
+        let mut packable = false;
+        source(&name, Pages::Release, &mut |dtype, s, bytes, _| {
+            packable = s == shape
+                && match dtype {
+                    DType::F32 => values::<f32>(bytes).is_some(),
+                    DType::BF16 => values::<bf16>(bytes).is_some(),
+                    DType::F16 => values::<f16>(bytes).is_some(),
+                    _ => false,
+                };
+        });
+        if !packable {
+            return Ok(None);
+        }
+        let bias = Some(vb.get(out_c, "bias")?.to_dtype(DType::F32)?.to_vec1()?);
+        let (dims, operands) = ((out_c, in_c, k, k / 2), operands());
+        let pack = deferred(source, name, move |dtype, bytes, _| match dtype {
+            DType::F32 => values::<f32>(bytes).map(|w| PackedConv2d::new(w, bias, dims, operands)),
+            DType::BF16 => {
+                values::<bf16>(bytes).map(|w| PackedConv2d::new(w, bias, dims, operands))
+            }
+            DType::F16 => values::<f16>(bytes).map(|w| PackedConv2d::new(w, bias, dims, operands)),
+            _ => None,
+        });
+        Ok(Some(Self::packed(pack)))
+    }
+
+    fn packed(pack: Pack<PackedConv2d>) -> Self {
+        Self::Packed(Arc::new(LazyLock::new(pack)))
     }
 
     /// The layout its kernel takes without copies: channels-last for the packed CPU kernel.
@@ -154,6 +201,7 @@ impl Conv2d {
             let normed = cpu::with_slice::<f32, _>(x, |xs| norm.apply_all(xs))?;
             return self.forward_in(&Tensor::from_vec(normed, x.shape(), x.device())?, last);
         };
+        let c = LazyLock::force(c).as_ref().ok_or_else(changed)?;
         let Some((ho, wo)) = c.output_size(h, w).filter(|_| ci == c.cin()) else {
             return Err(refusal(c, x));
         };
@@ -167,7 +215,7 @@ impl Conv2d {
         let c = match (self, layout) {
             (Self::Candle(c), ImageLayout::ChannelsFirst) => return c.forward(x),
             (Self::Candle(c), last) => return last.from_first(&c.forward(&last.to_first(x)?)?),
-            (Self::Packed(c), _) => c,
+            (Self::Packed(c), _) => LazyLock::force(c).as_ref().ok_or_else(changed)?,
         };
         let (b, ci, h, w) = layout.dims(x)?;
         let size = c.output_size(h, w);
@@ -181,6 +229,15 @@ impl Conv2d {
             ImageLayout::ChannelsLast => c.forward_channels_last(xs, b, h, w),
         })?;
         Tensor::from_vec(out, layout.shape((b, c.cout(), ho, wo)), x.device())
+    }
+}
+
+/// The operands of the packed convolutions being built ([`with_bf16_operands`]).
+fn operands() -> Operands {
+    match (BF16_OPERANDS.with(Cell::get), cpu::features().bf16_dot) {
+        (true, true) => Operands::Bf16,
+        (true, false) => Operands::Bf16Weights,
+        (false, _) => Operands::F32,
     }
 }
 
@@ -250,6 +307,114 @@ mod tests {
                 "{:?}",
                 conv.layout()
             );
+        }
+    }
+
+    /// A convolution built inside `with_source` reads only the header at build, packs the bytes
+    /// on its first use, and computes what one built from a `VarBuilder` holding the same values
+    /// computes, to the bit: f32, bf16 and f16 bytes, f32 and bf16 operands. Misaligned bytes or a
+    /// wrong shape fall back to the `VarBuilder`'s weight.
+    #[test]
+    fn convolutions_pack_straight_from_the_source_bytes() {
+        use crate::nn::source::{with_source, Source, Visit};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (c, co) = (20, 36);
+        let w = normal((co, c, 3, 3), 0.1, 11);
+        let b = normal(co, 0.5, 12);
+        let x = normal((1, c, 7, 9), 1.0, 13);
+        let vb = |weight: &Tensor| {
+            let t = [("weight", weight.clone()), ("bias", b.clone())];
+            let t = t.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            VarBuilder::from_tensors(t, DType::F32, &Device::Cpu)
+        };
+        let source = |file: DType, shift: usize, shape: [usize; 4], reads: Arc<AtomicUsize>| {
+            let stored = w.to_dtype(file).unwrap().flatten_all().unwrap();
+            let mut bytes = vec![0u8; shift];
+            match file {
+                DType::F32 => bytes.extend(
+                    stored
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes()),
+                ),
+                DType::BF16 => bytes.extend(
+                    stored
+                        .to_vec1::<bf16>()
+                        .unwrap()
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes()),
+                ),
+                _ => bytes.extend(
+                    stored
+                        .to_vec1::<f16>()
+                        .unwrap()
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes()),
+                ),
+            }
+            let source: Source = Arc::new(move |name: &str, _: Pages, f: &mut Visit| {
+                if name != "weight" {
+                    return false;
+                }
+                // Every visit after the build's header check reads the bytes.
+                reads.fetch_add(1, Ordering::SeqCst);
+                f(file, &shape, &bytes[shift..], &|_| ());
+                true
+            });
+            source
+        };
+        let zeros = w.zeros_like().unwrap();
+        for bf16_operands in [false, true] {
+            if bf16_operands && !crate::cpu::test_has("avx512_bf16") {
+                continue;
+            }
+            for file in [DType::F32, DType::BF16, DType::F16] {
+                // The values the file holds, as candle reads them at f32.
+                let held = w.to_dtype(file).unwrap().to_dtype(DType::F32).unwrap();
+                let run = |conv: &Conv2d| {
+                    conv.forward(&x)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                };
+                let want = with_bf16_operands(bf16_operands, || {
+                    run(&Conv2d::new(c, co, 3, vb(&held)).unwrap())
+                });
+                let reads = Arc::new(AtomicUsize::new(0));
+                let conv = with_bf16_operands(bf16_operands, || {
+                    with_source(Some(source(file, 0, [co, c, 3, 3], reads.clone())), || {
+                        Conv2d::new(c, co, 3, vb(&zeros)).unwrap()
+                    })
+                });
+                assert_eq!(
+                    reads.load(Ordering::SeqCst),
+                    1,
+                    "the build reads the header once"
+                );
+                assert_eq!(
+                    run(&conv),
+                    want,
+                    "{file:?} bytes, bf16 operands {bf16_operands}"
+                );
+                assert_eq!(reads.load(Ordering::SeqCst), 2, "the first use packs");
+                run(&conv);
+                assert_eq!(reads.load(Ordering::SeqCst), 2, "packed once");
+                // Misaligned bytes, a wrong shape: the VarBuilder's values (here zeros: only the bias).
+                for (shift, shape) in [(1, [co, c, 3, 3]), (0, [co, c, 1, 9])] {
+                    let conv = with_bf16_operands(bf16_operands, || {
+                        with_source(Some(source(file, shift, shape, reads.clone())), || {
+                            Conv2d::new(c, co, 3, vb(&zeros)).unwrap()
+                        })
+                    });
+                    let fallback = with_bf16_operands(bf16_operands, || {
+                        run(&Conv2d::new(c, co, 3, vb(&zeros)).unwrap())
+                    });
+                    assert_eq!(run(&conv), fallback, "shift {shift}, shape {shape:?}");
+                }
+            }
         }
     }
 }

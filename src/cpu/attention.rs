@@ -1,6 +1,8 @@
 //! Attention for bf16 on the CPU with AMX: per (batch, head) and block of queries, scores
-//! `q kᵀ` in f32 on AMX tiles, the scale and softmax in f32 (vectorised exp), probabilities rounded to
-//! bf16 for the product with v, output rounded once -- the order of PyTorch's CPU flash attention.
+//! `q kᵀ` in f32 on AMX tiles, the scale and exponentials in f32 (vectorised exp), the
+//! exponentials rounded to bf16 for the product with v and the product divided by their f32 sum
+//! (times its reciprocal) as the output is rounded once -- the order of PyTorch's CPU flash
+//! attention, which also normalises at the end.
 //! No score matrix larger than one query block (64 rows x keys) exists at a time. Without AMX the
 //! same order runs on AVX512-BF16 dot products ([`sdpa_dpbf16`]), or in f32 ([`sdpa_f32`]).
 
@@ -114,19 +116,15 @@ fn block_bf16(
     amx::matmul_padded(qs, mrows, kt, s);
     let kv = vp.k_padded(); // m padded
     p.reset(mrows * kv);
-    for r in 0..rows {
-        softmax_row(
-            &mut s[r * mp..r * mp + m],
-            &mut p[r * kv..r * kv + m],
-            scale,
-        );
-    }
+    let inv: Vec<f32> = (0..rows)
+        .map(|r| exp_row(&s[r * mp..r * mp + m], &mut p[r * kv..r * kv + m], scale))
+        .collect();
     let dp = vp.n_padded();
     acc.reset(mrows * dp);
     amx::matmul_padded(p, mrows, vp, acc);
-    for (r, orow) in o.chunks_exact_mut(d).enumerate() {
-        for (x, &v) in orow.iter_mut().zip(&acc[r * dp..r * dp + d]) {
-            *x = super::round_bf16(v);
+    for ((orow, a), inv) in o.chunks_exact_mut(d).zip(acc.chunks_exact(dp)).zip(inv) {
+        for (x, &v) in orow.iter_mut().zip(&a[..d]) {
+            *x = super::round_bf16(v * inv);
         }
     }
 }
@@ -156,19 +154,24 @@ pub fn sdpa_dpbf16(q: &[bf16], k: &[bf16], v: &[bf16], heads: Heads, scale: f32)
                     DPBF16_SCRATCH.with(|sc| {
                         let (s, p, acc) = &mut *sc.borrow_mut();
                         let rows = q.len() / d;
-                        // (Not cleared: each product writes all of its output, the softmax all of
-                        // p but the padding column, written here.)
+                        // (Not cleared: each product writes all of its output, the exponentials
+                        // all of p but the padding column, written here.)
                         s.resize(rows * m);
                         dpbf16::matmul_serial(q, rows, d, &kt, s, m);
                         p.resize(rows * m2);
-                        for (s, p) in s.chunks_exact_mut(m).zip(p.chunks_exact_mut(m2)) {
-                            softmax_row(s, &mut p[..m], scale);
-                            p[m..].fill(bf16::ZERO);
-                        }
+                        let inv: Vec<f32> = (s.chunks_exact(m).zip(p.chunks_exact_mut(m2)))
+                            .map(|(s, p)| {
+                                p[m..].fill(bf16::ZERO);
+                                exp_row(s, &mut p[..m], scale)
+                            })
+                            .collect();
                         acc.resize(rows * d);
                         dpbf16::matmul_serial(p, rows, m2, &vp, acc, d);
-                        for (x, &v) in o.iter_mut().zip(acc.iter()) {
-                            *x = super::round_bf16(v);
+                        for ((o, a), inv) in o.chunks_exact_mut(d).zip(acc.chunks_exact(d)).zip(inv)
+                        {
+                            for (x, &v) in o.iter_mut().zip(a) {
+                                *x = super::round_bf16(v * inv);
+                            }
                         }
                     })
                 });
@@ -370,15 +373,38 @@ thread_local! {
     static SCORES: std::cell::RefCell<Aligned<f32>> = const { std::cell::RefCell::new(Aligned::new()) };
 }
 
-super::vector_dispatch!(softmax_row, softmax_row_generic, (s: &mut [f32], p: &mut [bf16], scale: f32));
+super::vector_dispatch!(exp_row, exp_row_generic, (s: &[f32], p: &mut [bf16], scale: f32) -> f32);
 
-/// `p = softmax(s · scale)` over one row, in f32, rounded to bf16.
+/// `p = e^(s · scale - max · scale)` over one row of scores, in f32, rounded to bf16; returns 1 /
+/// the f32 sum (the softmax's normalisation, applied to the product with v). One pass after the
+/// maximum: the exponentials never stored in f32.
 #[inline(always)]
-fn softmax_row_generic(s: &mut [f32], p: &mut [bf16], scale: f32) {
-    let inv = exp_shifted(s, scale);
-    for (pv, &x) in p.iter_mut().zip(s.iter()) {
-        *pv = super::round_bf16(x * inv);
+fn exp_row_generic(s: &[f32], p: &mut [bf16], scale: f32) -> f32 {
+    let shift = row_max(s) * scale;
+    // 64 at a time (four vectors, whose chains of dependent operations then overlap).
+    let mut sums = [0f32; 64];
+    let mut e = [0f32; 64];
+    let (mut s, mut p) = (s.chunks_exact(64), p.chunks_exact_mut(64));
+    for (s, p) in (&mut s).zip(&mut p) {
+        for (e, &x) in e.iter_mut().zip(s) {
+            *e = x * scale - shift;
+        }
+        exp_generic(&mut e);
+        for ((l, p), &v) in sums.iter_mut().zip(p.iter_mut()).zip(e.iter()) {
+            *l += v;
+            *p = super::round_bf16(v);
+        }
     }
+    let (s, p) = (s.remainder(), p.into_remainder());
+    let e = &mut e[..s.len()];
+    for (e, &x) in e.iter_mut().zip(s) {
+        *e = x * scale - shift;
+    }
+    exp_generic(e);
+    for (p, &v) in p.iter_mut().zip(e.iter()) {
+        *p = super::round_bf16(v);
+    }
+    1.0 / (sums.iter().sum::<f32>() + e.iter().sum::<f32>())
 }
 
 // `exp_in_place(s, scale)`: `s = e^(s · scale - max · scale)` over one row, in f32 (the softmax
@@ -390,10 +416,9 @@ fn exp_in_place_generic(s: &mut [f32], scale: f32) -> f32 {
     exp_shifted(s, scale)
 }
 
-/// `s = e^(s · scale - max · scale)`; returns 1 / the sum. Reductions run over 16 and 64 lanes so that
-/// they vectorise.
+/// The largest of `s` (over 16 lanes, so that it vectorises).
 #[inline(always)]
-fn exp_shifted(s: &mut [f32], scale: f32) -> f32 {
+fn row_max(s: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
     let chunks = s.chunks_exact(16);
     let tail = chunks
@@ -405,8 +430,14 @@ fn exp_shifted(s: &mut [f32], scale: f32) -> f32 {
             *l = if v > *l { v } else { *l };
         }
     }
-    let max = lanes.iter().fold(tail, |a, &b| a.max(b));
-    let shift = max * scale;
+    lanes.iter().fold(tail, |a, &b| a.max(b))
+}
+
+/// `s = e^(s · scale - max · scale)`; returns 1 / the sum. Reductions run over 16 and 64 lanes so that
+/// they vectorise.
+#[inline(always)]
+fn exp_shifted(s: &mut [f32], scale: f32) -> f32 {
+    let shift = row_max(s) * scale;
     // Shifted, exponentiated and summed 64 at a time (four vectors, whose chains of dependent
     // operations then overlap), in one pass.
     let mut sums = [0f32; 64];

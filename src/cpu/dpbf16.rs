@@ -223,42 +223,29 @@ fn reads_in_place(lda: usize, k: usize, panels: usize, rows: usize) -> bool {
 ///
 /// # Safety
 /// [`super::Block`]'s contract, with AVX-512F and AVX512-BF16 available.
-#[allow(clippy::too_many_arguments)]
-unsafe fn taps<O: OutElem, const GELU: bool>(
-    a: &[bf16],
-    offsets: &[usize],
-    rows: usize,
-    lda: usize,
-    bs: &[PackedPairs],
-    lo: usize,
-    hi: usize,
-    bias: Option<&[f32]>,
-    out: *mut O,
-    ldo: usize,
-    accumulate: bool,
-) {
+unsafe fn taps<O: OutElem, const GELU: bool>(args: super::BlockArgs<'_, bf16, PackedPairs, O>) {
+    let (a, rows, lda, bs, (lo, hi)) = (args.a, args.rows, args.lda, args.bs, args.panels);
+    let (bias, accumulate) = (args.bias, args.accumulate);
     let k = bs.first().map_or(0, |b| b.k);
     let fused = bs.len() > 1 && k <= KC && reads_in_place(lda, k, hi - lo, rows);
     if !fused {
         // SAFETY: the caller's contract is the one `block` needs for each tap.
-        return unsafe {
-            super::tap_by_tap(
-                block::<O, GELU>,
-                (a, offsets),
-                rows,
-                lda,
-                bs,
-                (lo, hi),
-                bias,
-                (out, ldo),
-                accumulate,
-            )
-        };
+        return unsafe { super::tap_by_tap(block::<O, GELU>, args) };
     }
     let (qc, groups) = (k / 2, rows.div_ceil(MR));
-    let sink = super::Sink::new(O::dest(out, ldo, GELU), rows, (lo, hi), false, accumulate);
+    let sink = super::Sink::new(
+        O::dest(args.out, args.ldo, GELU),
+        rows,
+        (lo, hi),
+        false,
+        accumulate,
+    );
     // Each tap's first pair of row 0, as 32-bit words (the kernel reads them unaligned).
-    let starts: Vec<*const u32> = offsets.iter().map(|&o| a[o..].as_ptr().cast()).collect();
+    let starts: Vec<*const u32> = args
+        .offsets
+        .iter()
+        .map(|&o| a[o..].as_ptr().cast())
+        .collect();
     let mut panels: Vec<*const bf16> = Vec::with_capacity(bs.len());
     for p in lo..hi {
         let cols = NR.min(bs[0].n - p * NR);

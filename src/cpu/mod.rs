@@ -506,19 +506,22 @@ pub trait PackedOperand: Sync {
 /// `rows` rows at stride lda, each at least k long; `out` is valid for reads and writes of rows
 /// 0..rows at stride ldo, columns of panels lo..hi below n, and no other thread touches them during
 /// the call; hi <= the panel count; bias is None or has n values.
-pub(crate) type Block<A, B, O = f32> = unsafe fn(
-    &[A],
-    &[usize],
-    usize,
-    usize,
-    &[B],
-    usize,
-    usize,
-    Option<&[f32]>,
-    *mut O,
-    usize,
-    bool,
-);
+pub(crate) type Block<A, B, O = f32> = unsafe fn(BlockArgs<'_, A, B, O>);
+
+/// The operands of a [`Block`].
+pub(crate) struct BlockArgs<'a, A, B, O> {
+    pub a: &'a [A],
+    pub offsets: &'a [usize],
+    pub rows: usize,
+    pub lda: usize,
+    pub bs: &'a [B],
+    /// Panels lo..hi.
+    pub panels: (usize, usize),
+    pub bias: Option<&'a [f32]>,
+    pub out: *mut O,
+    pub ldo: usize,
+    pub accumulate: bool,
+}
 
 /// A block of one tap: [`Block`] with `a` and `b` that tap's (`a` already at its offset).
 pub(crate) type TapBlock<A, B, O = f32> =
@@ -529,34 +532,24 @@ pub(crate) type TapBlock<A, B, O = f32> =
 ///
 /// # Safety
 /// [`Block`]'s contract, with `one` a block of that contract for one tap.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn tap_by_tap<A, B, O>(
-    one: TapBlock<A, B, O>,
-    (a, offsets): (&[A], &[usize]),
-    rows: usize,
-    lda: usize,
-    bs: &[B],
-    (lo, hi): (usize, usize),
-    bias: Option<&[f32]>,
-    (out, ldo): (*mut O, usize),
-    accumulate: bool,
-) {
-    let last = bs.len().saturating_sub(1);
-    for (t, (&off, b)) in offsets.iter().zip(bs).enumerate() {
-        let bias = if t == last { bias } else { None };
+pub(crate) unsafe fn tap_by_tap<A, B, O>(one: TapBlock<A, B, O>, args: BlockArgs<'_, A, B, O>) {
+    let last = args.bs.len().saturating_sub(1);
+    for (t, (&off, b)) in args.offsets.iter().zip(args.bs).enumerate() {
+        let bias = if t == last { args.bias } else { None };
+        let (lo, hi) = args.panels;
         // SAFETY: tap t alone meets the contract the caller's taps meet together.
         unsafe {
             one(
-                &a[off..],
-                rows,
-                lda,
+                &args.a[off..],
+                args.rows,
+                args.lda,
                 b,
                 lo,
                 hi,
                 bias,
-                out,
-                ldo,
-                accumulate || t > 0,
+                args.out,
+                args.ldo,
+                args.accumulate || t > 0,
             )
         };
     }
@@ -592,35 +585,12 @@ impl<A, B, O> Kernel<A, B, O> {
     ///
     /// # Safety
     /// [`Block`]'s contract.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn run(
-        self,
-        (a, offsets): (&[A], &[usize]),
-        rows: usize,
-        lda: usize,
-        bs: &[B],
-        (lo, hi): (usize, usize),
-        bias: Option<&[f32]>,
-        (out, ldo): (*mut O, usize),
-        accumulate: bool,
-    ) {
+    unsafe fn run(self, args: BlockArgs<'_, A, B, O>) {
         // SAFETY: the caller's contract is the one both entries take.
         unsafe {
             match self {
-                Kernel::Taps(block) => block(
-                    a, offsets, rows, lda, bs, lo, hi, bias, out, ldo, accumulate,
-                ),
-                Kernel::Tap(one) => tap_by_tap(
-                    one,
-                    (a, offsets),
-                    rows,
-                    lda,
-                    bs,
-                    (lo, hi),
-                    bias,
-                    (out, ldo),
-                    accumulate,
-                ),
+                Kernel::Taps(block) => block(args),
+                Kernel::Tap(one) => tap_by_tap(one, args),
             }
         }
     }
@@ -700,16 +670,18 @@ impl<A: Sync, B: PackedOperand, O: Send> Product<A, B, O> {
             // SAFETY: the kernel is available and the slices hold the shapes (check); each task
             // writes its own rows x panels block of out (split_tasks), which no other task touches.
             unsafe {
-                self.block.run(
-                    (&a[r0 * lda..], offsets),
+                self.block.run(BlockArgs {
+                    a: &a[r0 * lda..],
+                    offsets,
                     rows,
                     lda,
                     bs,
-                    (lo, hi),
+                    panels: (lo, hi),
                     bias,
-                    (optr.get().add(r0 * ldo), ldo),
-                    add,
-                )
+                    out: optr.get().add(r0 * ldo),
+                    ldo,
+                    accumulate: add,
+                })
             };
         });
     }
@@ -744,16 +716,18 @@ impl<A: Sync, B: PackedOperand, O: Send> Product<A, B, O> {
             // SAFETY: the kernel is available and the slices hold the shapes (check); rows of
             // chunk c lie inside a and out, which this thread holds exclusively.
             unsafe {
-                self.block.run(
-                    (&a[c * chunk * lda..], &[0]),
+                self.block.run(BlockArgs {
+                    a: &a[c * chunk * lda..],
+                    offsets: &[0],
                     rows,
                     lda,
-                    std::slice::from_ref(b),
-                    (0, b.panels()),
-                    None,
-                    (out.as_mut_ptr().add(c * chunk * ldo), ldo),
-                    false,
-                )
+                    bs: std::slice::from_ref(b),
+                    panels: (0, b.panels()),
+                    bias: None,
+                    out: out.as_mut_ptr().add(c * chunk * ldo),
+                    ldo,
+                    accumulate: false,
+                })
             };
         }
     }

@@ -544,7 +544,7 @@ fn parallelism(work: usize) -> gemm::Parallelism {
 /// The `kk` taps' (c_out x c_in) weight matrices of a (c_out, c_in, k, k) weight, each value put
 /// through `cast`: tap t's value (o, i) is `weight[(o c_in + i) kk + t]`. One sequential pass over
 /// the weight on the rayon pool, writing the taps side by side (a strided pass per tap read every
-/// cache line k² times: 0.2 s of a VAE decoder's load).
+/// cache line k² times).
 fn split_taps<W: Weight, T: Copy + Default + Send>(
     weight: &[W],
     kk: usize,

@@ -402,7 +402,8 @@ mod tests {
                 assert_eq!(reads.load(Ordering::SeqCst), 2, "the first use packs");
                 run(&conv);
                 assert_eq!(reads.load(Ordering::SeqCst), 2, "packed once");
-                // Misaligned bytes, a wrong shape: the VarBuilder's values (here zeros: only the bias).
+                // Misaligned bytes, a wrong shape: the VarBuilder's values (here zeros: only the
+                // bias).
                 for (shift, shape) in [(1, [co, c, 3, 3]), (0, [co, c, 1, 9])] {
                     let conv = with_bf16_operands(bf16_operands, || {
                         with_source(Some(source(file, shift, shape, reads.clone())), || {

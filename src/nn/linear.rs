@@ -29,12 +29,12 @@ thread_local! {
     static IN_PLACE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs `build` with every layer it makes from a [`source::with_source`] weight for the f32 kernel's panels
-/// (f32, and bf16 without AMX or a fast AVX512-BF16) reading that weight where the source holds it
-/// on its first [`IN_PLACE_RUNS`] products ([`sgemm::Rows`]), and packing it only on the next: for
-/// layers that may run too few times to repay the copy -- a text encoder runs once per prompt, and
-/// a copy's fresh pages cost more than the transposes its products make in place. The products are
-/// the packed ones, to the bit.
+/// Runs `build` with every layer it makes from a [`source::with_source`] weight for the f32
+/// kernel's panels (f32, and bf16 without AMX or a fast AVX512-BF16) reading that weight where the
+/// source holds it on its first [`IN_PLACE_RUNS`] products ([`sgemm::Rows`]), and packing it only
+/// on the next: for layers that may run too few times to repay the copy -- a text encoder runs once
+/// per prompt, and a copy's fresh pages cost more than the transposes its products make in place.
+/// The products are the packed ones, to the bit.
 pub fn read_in_place<T>(build: impl FnOnce() -> T) -> T {
     let outer = IN_PLACE.with(|c| c.replace(true));
     let out = build();
@@ -77,9 +77,9 @@ enum Kernel {
     Mapped(Arc<Mapped>),
 }
 
-/// A weight packed for a CPU kernel, and the bias in f32 (added once, to the f32 accumulators).
-/// A layer built from a [`source::with_source`] holds how to pack its weight instead, and packs it on its
-/// first product ([`Packed::weight`]; concurrent first products wait for one packing).
+/// A weight packed for a CPU kernel, and the bias in f32 (added once, to the f32 accumulators). A
+/// layer built from a [`source::with_source`] holds how to pack its weight instead, and packs it on
+/// its first product ([`Packed::weight`]; concurrent first products wait for one packing).
 #[derive(Debug)]
 struct Packed<P> {
     weight: LazyLock<Option<P>, Pack<P>>,
@@ -215,11 +215,12 @@ fn build(in_dim: usize, out_dim: usize, vb: VarBuilder, bias: bool) -> Result<Li
     Ok(l)
 }
 
-/// The layer packed straight from the [`source::with_source`] bytes of its weight on its first product,
-/// when there are such bytes of the right shape, the CPU has a packing kernel for the layer's dtype
-/// and the bytes are aligned for their type, and the layer is not being quantized; without such a
-/// kernel, the layer reading bytes of its own dtype where they lie ([`Kernel::Mapped`]); None to
-/// build it the usual way. Only the dtype, shape and alignment are read here (no page of the bytes).
+/// The layer packed straight from the [`source::with_source`] bytes of its weight on its first
+/// product, when there are such bytes of the right shape, the CPU has a packing kernel for the
+/// layer's dtype and the bytes are aligned for their type, and the layer is not being quantized;
+/// without such a kernel, the layer reading bytes of its own dtype where they lie
+/// ([`Kernel::Mapped`]); None to build it the usual way. Only the dtype, shape and alignment are
+/// read here (no page of the bytes).
 fn from_source(
     in_dim: usize,
     out_dim: usize,

@@ -440,17 +440,11 @@ fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(v, c(std::f32::consts::LOG2_E)),
     );
-    let r = _mm512_fnmadd_ps(n, c(0.693_359_4), v);
-    let r = _mm512_fnmadd_ps(n, c(-2.121_944_4e-4), r);
-    let mut y = c(1.987_569_1e-4);
-    for k in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        5e-1,
-    ] {
-        y = _mm512_fmadd_ps(y, r, c(k));
+    let r = _mm512_fnmadd_ps(n, c(LN2_HI), v);
+    let r = _mm512_fnmadd_ps(n, c(LN2_LO), r);
+    let mut y = c(EXP_POLY[0]);
+    for k in &EXP_POLY[1..] {
+        y = _mm512_fmadd_ps(y, r, c(*k));
     }
     let y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), c(1.0));
     let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, c(-87.0));
@@ -541,26 +535,36 @@ fn exp_shifted(s: &mut [f32], scale: f32) -> f32 {
     1.0 / (sums.iter().sum::<f32>() + tail.iter().sum::<f32>())
 }
 
+/// ln 2 in two parts (n ln 2 exact in the first for the n of f32's range), and the coefficients,
+/// highest first, of p with e^r = 1 + r + r² p(r) on [-ln 2 / 2, ln 2 / 2]: [`exp_generic`]'s and
+/// the AVX-512 exponentials'.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    5e-1,
+];
+
 /// `e^x` element-wise, to about 2 ulp of f32 for x in [-87, 88] (0 below, e^88 above): 2^n · poly(r) with
 /// n = round(x / ln 2), the integer taken from the bits of the rounding sum so that no float-to-int
 /// conversion stops the loop from vectorising.
 #[inline(always)]
 pub(crate) fn exp_generic(xs: &mut [f32]) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer in the low bits
     for x in xs.iter_mut() {
         let v = x.clamp(-87.0, 88.0);
         let t = v * LOG2E + ROUND;
         let n = t - ROUND;
         let r = v - n * LN2_HI - n * LN2_LO;
-        let mut y = 1.987_569_1e-4_f32;
-        y = y * r + 1.398_199_9e-3;
-        y = y * r + 8.333_452e-3;
-        y = y * r + 4.166_579_6e-2;
-        y = y * r + 1.666_666_5e-1;
-        y = y * r + 5e-1;
+        let mut y = EXP_POLY[0];
+        for k in &EXP_POLY[1..] {
+            y = y * r + k;
+        }
         y = y * r * r + r + 1.0;
         let pow2 = (t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127)) << 23;
         // Below -87 exactly 0 (e^-87 is near f32's smallest normal): a masked score's weight is

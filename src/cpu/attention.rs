@@ -380,8 +380,8 @@ super::vector_dispatch!(exp_row_vectorised, exp_row_generic, (s: &[f32], p: &mut
 fn exp_row(s: &[f32], p: &mut [bf16], scale: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if super::features().avx512_bf16 {
-        // SAFETY: the feature switch reports AVX512-BF16 (and so AVX-512F) only where the CPU
-        // has it.
+        // SAFETY: the feature switch reports AVX512-BF16 only where the CPU has it with AVX-512F,
+        // AVX512BW and AVX512VL.
         return unsafe { exp_row_avx512_bf16(s, p, scale) };
     }
     exp_row_vectorised(s, p, scale)
@@ -395,9 +395,10 @@ fn exp_row(s: &[f32], p: &mut [bf16], scale: f32) -> f32 {
 /// within an ulp or two of f32 of [`exp_generic`]'s.
 ///
 /// # Safety
-/// The CPU must have AVX-512F and AVX512-BF16.
+/// The CPU must have AVX-512F, AVX512-BF16, AVX512BW and AVX512VL (the masked 16-bit store: without
+/// the last two enabled here it stayed a call for every 16 values).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
 unsafe fn exp_row_avx512_bf16(s: &[f32], p: &mut [bf16], scale: f32) -> f32 {
     use std::arch::x86_64::*;
     let n = s.len().min(p.len());

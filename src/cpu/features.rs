@@ -27,8 +27,8 @@ pub struct Features {
     /// AVX-512 VNNI (with BW), under the AVX-512 switch: the products on GGML blocks
     /// ([`super::qgemm`]). `MMDIT_VNNI=0` turns it off alone.
     pub vnni: bool,
-    /// AVX512-BF16 (`vdpbf16ps`), under the AVX-512 switch: its kernel ([`super::dpbf16`]) can
-    /// run. `MMDIT_AVX512_BF16=0` turns it off alone.
+    /// AVX512-BF16 (`vdpbf16ps`) with AVX512BW and VL, under the AVX-512 switch: its kernel
+    /// ([`super::dpbf16`]) can run. `MMDIT_AVX512_BF16=0` turns it off alone.
     pub avx512_bf16: bool,
     /// AVX512-BF16 whose dot product does at least 4/5 of the f32 FMA's multiply-adds per second
     /// on this core ([`bf16_dot_pays`], measured once): the bf16 layers, attention and the bf16
@@ -104,7 +104,11 @@ fn detect_vnni() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 fn detect_avx512_bf16() -> bool {
+    // (With AVX512BW and VL, which every CPU with AVX512-BF16 has: the bf16 kernels' masked
+    // 16-bit stores need them.)
     std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -267,8 +267,13 @@ pub(crate) mod rows32 {
         load: bool,
         store: super::Store,
     ) {
-        // SAFETY: AVX-512F is available (# Safety); the GELU inlines into the caller's kernel.
-        let gelu = |v| unsafe { super::elementwise::gelu_tanh16(v) };
+        // (A function that always inlines, not a closure: LLVM left the closure out of line,
+        // compiled without the kernel's AVX-512, and called it for every 16 values.)
+        #[inline(always)]
+        fn gelu(v: __m512) -> __m512 {
+            // SAFETY: inlined into the caller's kernel, where AVX-512F is available (# Safety).
+            unsafe { super::elementwise::gelu_tanh16(v) }
+        }
         // SAFETY: the caller's contract is the callees'.
         unsafe {
             match (store.bf16, store.gelu) {

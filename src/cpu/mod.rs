@@ -138,10 +138,10 @@ pub(crate) mod rows32 {
         load: bool,
     ) {
         // SAFETY: the caller's contract is finish_with's.
-        unsafe { finish_with(acc, rows, c, ldc, masks, bias, load, |v| v) }
+        unsafe { finish_with(acc, rows, c, ldc, masks, bias, load, false) }
     }
 
-    /// [`finish`] with `post` applied to each vector of the rows (an activation) before it is
+    /// [`finish`] with, when `gelu`, the tanh-GELU applied to each vector of the rows before it is
     /// stored.
     ///
     /// # Safety
@@ -156,7 +156,7 @@ pub(crate) mod rows32 {
         (m0, m1): (__mmask16, __mmask16),
         bias: *const f32,
         load: bool,
-        post: impl Fn(__m512) -> __m512,
+        gelu: bool,
     ) {
         // SAFETY: the masks keep every access within the extents of # Safety.
         unsafe {
@@ -171,8 +171,11 @@ pub(crate) mod rows32 {
                         v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, p), v0);
                         v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, p.add(16)), v1);
                     }
-                    _mm512_mask_storeu_ps(p, m0, post(v0));
-                    _mm512_mask_storeu_ps(p.add(16), m1, post(v1));
+                    if gelu {
+                        (v0, v1) = (gelu16(v0), gelu16(v1));
+                    }
+                    _mm512_mask_storeu_ps(p, m0, v0);
+                    _mm512_mask_storeu_ps(p.add(16), m1, v1);
                 }
             }
         }
@@ -206,8 +209,8 @@ pub(crate) mod rows32 {
 
     /// [`finish`] for a bf16 output: each row (plus bias, plus the partial sums that the first
     /// `rows` rows of `c` hold when `load`) rounded to bf16 as [`super::round_bf16`] rounds, put
-    /// through `post` when given (on the rounded value widened, the result rounded again: an
-    /// activation applied to the bf16 tensor, as a separate bf16 op computes it) and stored to
+    /// through the tanh-GELU when `gelu` (on the rounded value widened, the result rounded again:
+    /// the activation applied to the bf16 tensor, as a separate bf16 op computes it) and stored to
     /// `out` at stride ldo.
     ///
     /// # Safety
@@ -224,7 +227,7 @@ pub(crate) mod rows32 {
         (m0, m1): (__mmask16, __mmask16),
         bias: *const f32,
         load: bool,
-        post: Option<impl Fn(__m512) -> __m512>,
+        gelu: bool,
     ) {
         // SAFETY: the masks keep every access within the extents of # Safety.
         unsafe {
@@ -239,9 +242,9 @@ pub(crate) mod rows32 {
                             v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, p.add(16 * h)), v);
                         }
                         let mut bits = round16(v);
-                        if let Some(post) = &post {
+                        if gelu {
                             bits =
-                                round16(post(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits))));
+                                round16(gelu16(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits))));
                         }
                         _mm512_mask_cvtepi32_storeu_epi16(o.add(16 * h), m, bits);
                     }
@@ -267,30 +270,26 @@ pub(crate) mod rows32 {
         load: bool,
         store: super::Store,
     ) {
-        // (A function that always inlines, not a closure: LLVM left the closure out of line,
-        // compiled without the kernel's AVX-512, and called it for every 16 values.)
-        #[inline(always)]
-        fn gelu(v: __m512) -> __m512 {
-            // SAFETY: inlined into the caller's kernel, where AVX-512F is available (# Safety).
-            unsafe { super::elementwise::gelu_tanh16(v) }
-        }
         // SAFETY: the caller's contract is the callees'.
         unsafe {
             match (store.bf16, store.gelu) {
                 (None, false) => finish(acc, rows, c, ldc, masks, bias, load),
-                (None, true) => finish_with(acc, rows, c, ldc, masks, bias, load, gelu),
-                (Some(out), g) => finish_bf16(
-                    acc,
-                    rows,
-                    (c, ldc),
-                    out,
-                    masks,
-                    bias,
-                    load,
-                    g.then_some(gelu),
-                ),
+                (None, true) => finish_with(acc, rows, c, ldc, masks, bias, load, true),
+                (Some(out), g) => finish_bf16(acc, rows, (c, ldc), out, masks, bias, load, g),
             }
         }
+    }
+
+    /// The tanh-GELU of 16 floats, inlined into the kernel that stores them. (A direct call: passed
+    /// as a closure or a function value, LLVM left it out of line, compiled without the kernel's
+    /// AVX-512, and called it for every 16 values.)
+    ///
+    /// # Safety
+    /// AVX-512F available.
+    #[inline(always)]
+    unsafe fn gelu16(v: __m512) -> __m512 {
+        // SAFETY: AVX-512F is available (# Safety).
+        unsafe { super::elementwise::gelu_tanh16(v) }
     }
 
     /// 16 floats rounded to bf16 (nearest even, any NaN to 0x7fc0), each in the low 16 bits of its

@@ -13,40 +13,70 @@
 //! 512 x 512 bf16 decode. While a [`LargeBlocks`] guard lives (the VAE's passes) they come from the
 //! heap too, where the next block reuses their pages. Only there: in the text and sampling phases
 //! the heap's holes, which a mapping would not leave, added up to 80 MiB to a run's peak.
+//!
+//! Within the sampling loop the 64 MiB kept at the top was still too little: a step frees more than
+//! that at once (a joint block's projections, joined heads and attention output), glibc trimmed
+//! it, and the next step's blocks were fresh pages again, about 10 000 page faults a step on
+//! sd3-bench at 512 x 512 (3-4% of a bf16 step). While a [`NoTrim`] guard lives (the sampling
+//! loop) nothing is trimmed; large blocks keep their own mappings.
 
 use std::sync::Mutex;
 
 /// While alive, the allocator serves every block from the heap (glibc: no block gets a mapping of
 /// its own) and trims the heap only when asked ([`return_free_memory`]), so that a freed large
-/// block's pages serve the next one. Process-wide: the last guard dropped restores mappings for
-/// large blocks, with glibc's thresholds at the ceilings its own adjustment reaches (32 MiB for a
-/// mapping, 64 MiB kept at the top). Nothing to do on other allocators.
+/// block's pages serve the next one. Process-wide: when the last guard of either kind is dropped,
+/// large blocks get mappings again, with glibc's thresholds at the ceilings its own adjustment
+/// reaches (32 MiB for a mapping, 64 MiB kept at the top). Nothing to do on other allocators.
 #[must_use = "large blocks stay on the heap only while the guard lives"]
 pub struct LargeBlocks(());
 
-/// Guards alive.
-static HOLDERS: Mutex<usize> = Mutex::new(0);
+/// While alive, the allocator trims its heap only when asked ([`return_free_memory`]): the blocks
+/// a step frees serve the next step's (glibc: no automatic trim; blocks over the mapping
+/// threshold still get mappings of their own). Process-wide, as [`LargeBlocks`]. Nothing to do on
+/// other allocators.
+#[must_use = "the heap stays untrimmed only while the guard lives"]
+pub struct NoTrim(());
+
+/// Guards alive: ([`LargeBlocks`], [`NoTrim`]).
+static HOLDERS: Mutex<(usize, usize)> = Mutex::new((0, 0));
+
+/// Changes the guard counts and sets glibc's parameters for them.
+fn update(change: impl FnOnce(&mut (usize, usize))) {
+    let mut n = HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
+    change(&mut n);
+    match *n {
+        (1.., _) => set(0, i32::MAX, None),
+        (0, 1..) => set(65_536, i32::MAX, Some(32 << 20)),
+        // glibc's default count of mappings, and the thresholds its adjustment reaches.
+        (0, 0) => set(65_536, 64 << 20, Some(32 << 20)),
+    }
+}
 
 impl LargeBlocks {
     /// Large blocks on the heap until the guard (and every other) is dropped.
     pub fn keep() -> Self {
-        let mut n = HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
-        if *n == 0 {
-            set(0, i32::MAX, None);
-        }
-        *n += 1;
+        update(|n| n.0 += 1);
         Self(())
     }
 }
 
 impl Drop for LargeBlocks {
     fn drop(&mut self) {
-        let mut n = HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            // glibc's default count of mappings, and the thresholds its adjustment reaches.
-            set(65_536, 64 << 20, Some(32 << 20));
-        }
+        update(|n| n.0 = n.0.saturating_sub(1));
+    }
+}
+
+impl NoTrim {
+    /// No automatic trim until the guard (and every other) is dropped.
+    pub fn keep() -> Self {
+        update(|n| n.1 += 1);
+        Self(())
+    }
+}
+
+impl Drop for NoTrim {
+    fn drop(&mut self) {
+        update(|n| n.1 = n.1.saturating_sub(1));
     }
 }
 

@@ -1191,6 +1191,8 @@ impl Pipeline {
             )
         });
         let mut guided = sample::Guided::new(model.as_ref(), &prompts, cfg, self.dtype, cache)?;
+        // Each step's blocks reuse the pages the step before freed (handed back below).
+        let heap = self.device.is_cpu().then(cpu::heap::NoTrim::keep);
         let (latents, steps) = sample::sample(
             &mut guided,
             &r,
@@ -1203,6 +1205,7 @@ impl Pipeline {
         timings.steps = steps;
         let cache_calls = guided.cache_calls();
         drop(guided);
+        drop(heap);
         cpu::heap::return_free_memory();
 
         let t0 = Instant::now();

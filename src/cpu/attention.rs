@@ -402,31 +402,73 @@ fn exp_row(s: &[f32], p: &mut [bf16], scale: f32) -> f32 {
 unsafe fn exp_row_avx512_bf16(s: &[f32], p: &mut [bf16], scale: f32) -> f32 {
     use std::arch::x86_64::*;
     let n = s.len().min(p.len());
-    let shift = _mm512_set1_ps(row_max(&s[..n]) * scale);
+    let (s, p) = (&s[..n], &mut p[..n]);
+    let shift = _mm512_set1_ps(row_max_avx512(s) * scale);
     let vscale = _mm512_set1_ps(scale);
+    // e^(x · scale - shift) of the 16 values at i (masked to `mask`), rounded into p; returns
+    // the f32 values (zero outside the mask).
+    // SAFETY (of every call below): lanes i .. i + 16 under `mask` lie inside s and p (masked
+    // loads and stores touch no lane beyond them).
+    let mut lanes = |i: usize, mask: __mmask16| unsafe {
+        let x = _mm512_maskz_loadu_ps(mask, s.as_ptr().add(i));
+        let e = _mm512_maskz_mov_ps(mask, exp16(_mm512_fmsub_ps(x, vscale, shift)));
+        let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+        _mm256_mask_storeu_epi16(p.as_mut_ptr().add(i).cast(), mask, b);
+        e
+    };
+    // Four vectors a round, each into its own sum (in registers: four chains that overlap), then
+    // the rest a (masked) vector at a time. The sums' order is exp_row_generic's: lane l of sum
+    // u gathers the values at 64 r + 16 u + l.
     let mut sums = [_mm512_setzero_ps(); 4];
     let mut i = 0;
-    while i < n {
-        let lanes = (n - i).min(16);
-        let mask: __mmask16 = ((1u32 << lanes) - 1) as __mmask16;
-        // SAFETY: lanes i .. i + lanes lie inside s and p (masked loads and stores touch no lane
-        // beyond them).
-        unsafe {
-            let x = _mm512_maskz_loadu_ps(mask, s.as_ptr().add(i));
-            let x = _mm512_fmsub_ps(x, vscale, shift);
-            let e = exp16(x);
-            let acc = &mut sums[(i / 16) % 4];
-            *acc = _mm512_add_ps(*acc, _mm512_maskz_mov_ps(mask, e));
-            let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
-            _mm256_mask_storeu_epi16(p.as_mut_ptr().add(i).cast(), mask, b);
+    while i + 64 <= n {
+        for (u, sum) in sums.iter_mut().enumerate() {
+            *sum = _mm512_add_ps(*sum, lanes(i + 16 * u, 0xffff));
         }
+        i += 64;
+    }
+    let mut rest = _mm512_setzero_ps();
+    while i < n {
+        let mask = ((1u32 << (n - i).min(16)) - 1) as __mmask16;
+        rest = _mm512_add_ps(rest, lanes(i, mask));
         i += 16;
     }
     let total = _mm512_add_ps(
         _mm512_add_ps(sums[0], sums[1]),
         _mm512_add_ps(sums[2], sums[3]),
     );
-    1.0 / _mm512_reduce_add_ps(total)
+    1.0 / (_mm512_reduce_add_ps(total) + _mm512_reduce_add_ps(rest))
+}
+
+/// [`row_max`] in AVX-512 intrinsics: four running maxima (independent chains), NaNs passed over
+/// as there.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn row_max_avx512(s: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = s.len();
+    let lowest = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut m = [lowest; 4];
+    let mut i = 0;
+    // SAFETY: every load below reads lanes i .. i + 16 of s that the mask leaves (all of them
+    // below n; masked-off lanes are not read).
+    unsafe {
+        while i + 64 <= n {
+            for (u, m) in m.iter_mut().enumerate() {
+                // vmaxps returns its second operand when the first is NaN: a NaN is passed over.
+                *m = _mm512_max_ps(_mm512_loadu_ps(s.as_ptr().add(i + 16 * u)), *m);
+            }
+            i += 64;
+        }
+        while i < n {
+            let mask = ((1u32 << (n - i).min(16)) - 1) as __mmask16;
+            let x = _mm512_mask_loadu_ps(lowest, mask, s.as_ptr().add(i));
+            m[0] = _mm512_max_ps(x, m[0]);
+            i += 16;
+        }
+    }
+    let m = _mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3]));
+    _mm512_reduce_max_ps(m)
 }
 
 /// `e^x` of 16 lanes as [`exp_generic`]: exactly 0 below -87.
@@ -586,6 +628,31 @@ mod tests {
     /// The AVX512-BF16 exponentials of a row against the generic loop's: every bf16 value within
     /// one bf16 step, nearly all equal, and the same sum, over lengths with and without a tail and
     /// scores from -inf to 0 after the shift (masked scores, values about -87).
+    /// The maximum in intrinsics equals the generic one, NaNs passed over, for lengths around the
+    /// four-vector rounds and the masked tail.
+    #[test]
+    fn row_max_avx512_equals_row_max() {
+        if !crate::cpu::test_has("avx512") {
+            return;
+        }
+        let mut seed = 3u64;
+        for len in [1, 15, 16, 17, 63, 64, 65, 130, 1357] {
+            let mut s = random(len, &mut seed);
+            for nan in [None, Some(0), Some(len / 2), Some(len - 1)] {
+                if let Some(k) = nan {
+                    s[k] = f32::NAN;
+                }
+                // SAFETY: the CPU has AVX-512F (checked above).
+                let got = unsafe { row_max_avx512(&s) };
+                assert_eq!(
+                    got.to_bits(),
+                    row_max(&s).to_bits(),
+                    "len {len}, NaN at {nan:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn exp_row_avx512_bf16_equals_the_generic_row() {
         if !crate::cpu::test_has("avx512_bf16") {

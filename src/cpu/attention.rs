@@ -406,15 +406,18 @@ unsafe fn exp_row_avx512_bf16(s: &[f32], p: &mut [bf16], scale: f32) -> f32 {
     let shift = _mm512_set1_ps(row_max_avx512(s) * scale);
     let vscale = _mm512_set1_ps(scale);
     // e^(x · scale - shift) of the 16 values at i (masked to `mask`), rounded into p; returns
-    // the f32 values (zero outside the mask).
-    // SAFETY (of every call below): lanes i .. i + 16 under `mask` lie inside s and p (masked
-    // loads and stores touch no lane beyond them).
-    let mut lanes = |i: usize, mask: __mmask16| unsafe {
-        let x = _mm512_maskz_loadu_ps(mask, s.as_ptr().add(i));
-        let e = _mm512_maskz_mov_ps(mask, exp16(_mm512_fmsub_ps(x, vscale, shift)));
-        let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
-        _mm256_mask_storeu_epi16(p.as_mut_ptr().add(i).cast(), mask, b);
-        e
+    // the f32 values (zero outside the mask). Called below only with lanes inside s and p.
+    let mut lanes = |i: usize, mask: __mmask16| {
+        // SAFETY: lanes i .. i + 16 under `mask` lie inside s and p (the loops below keep
+        // i + 16 <= n for a full mask, and mask off the lanes from n on); masked loads and stores
+        // touch no lane beyond them. The transmute reinterprets 16 bf16 as 256 bits.
+        unsafe {
+            let x = _mm512_maskz_loadu_ps(mask, s.as_ptr().add(i));
+            let e = _mm512_maskz_mov_ps(mask, exp16(_mm512_fmsub_ps(x, vscale, shift)));
+            let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+            _mm256_mask_storeu_epi16(p.as_mut_ptr().add(i).cast(), mask, b);
+            e
+        }
     };
     // Four vectors a round, each into its own sum (in registers: four chains that overlap), then
     // the rest a (masked) vector at a time. The sums' order is exp_row_generic's: lane l of sum

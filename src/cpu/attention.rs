@@ -628,9 +628,6 @@ pub(crate) fn exp_generic(xs: &mut [f32]) {
 mod tests {
     use super::*;
 
-    /// The AVX512-BF16 exponentials of a row against the generic loop's: every bf16 value within
-    /// one bf16 step, nearly all equal, and the same sum, over lengths with and without a tail and
-    /// scores from -inf to 0 after the shift (masked scores, values about -87).
     /// The maximum in intrinsics equals the generic one, NaNs passed over, for lengths around the
     /// four-vector rounds and the masked tail.
     #[test]
@@ -656,6 +653,9 @@ mod tests {
         }
     }
 
+    /// The AVX512-BF16 exponentials of a row against the generic loop's: every bf16 value within
+    /// one bf16 step, nearly all equal, and the same sum, over lengths with and without a tail and
+    /// scores from -inf to 0 after the shift (masked scores, values about -87).
     #[test]
     fn exp_row_avx512_bf16_equals_the_generic_row() {
         if !crate::cpu::test_has("avx512_bf16") {

@@ -17,7 +17,7 @@
 //! Within the sampling loop the 64 MiB kept at the top was still too little: a step frees more than
 //! that at once (a joint block's projections, joined heads and attention output), glibc trimmed
 //! it, and the next step's blocks were fresh pages again, about 10 000 page faults a step on
-//! sd3-bench at 512 x 512 (3-4% of a bf16 step). While a [`NoTrim`] guard lives (the sampling
+//! sd3-bench at 512 x 512 (4-7% of a bf16 step). While a [`NoTrim`] guard lives (the sampling
 //! loop) nothing is trimmed; large blocks keep their own mappings.
 
 use std::sync::Mutex;

@@ -432,7 +432,7 @@ unsafe fn exp_row_avx512_bf16(s: &[f32], p: &mut [bf16], scale: f32) -> f32 {
     }
     let mut rest = _mm512_setzero_ps();
     while i < n {
-        let mask = ((1u32 << (n - i).min(16)) - 1) as __mmask16;
+        let mask = super::low_lanes((n - i).min(16));
         rest = _mm512_add_ps(rest, lanes(i, mask));
         i += 16;
     }
@@ -464,7 +464,7 @@ fn row_max_avx512(s: &[f32]) -> f32 {
             i += 64;
         }
         while i < n {
-            let mask = ((1u32 << (n - i).min(16)) - 1) as __mmask16;
+            let mask = super::low_lanes((n - i).min(16));
             let x = _mm512_mask_loadu_ps(lowest, mask, s.as_ptr().add(i));
             m[0] = _mm512_max_ps(x, m[0]);
             i += 16;

@@ -65,6 +65,15 @@ mod transpose;
 
 pub use features::{features, test_has, Features};
 
+/// The mask of the low `n` (<= 16) lanes of a 16-lane vector: a row's tail for masked loads and
+/// stores.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn low_lanes(n: usize) -> std::arch::x86_64::__mmask16 {
+    debug_assert!(n <= 16);
+    ((1u32 << n) - 1) as std::arch::x86_64::__mmask16
+}
+
 /// What the 32-column micro-kernels ([`sgemm`], [`dpbf16`], [`qgemm`]) share: an output row is two
 /// vectors of 16 f32, `cols` (<= 32) of them written. `start` and `finish` are always inlined into
 /// the kernels (and so take their `avx512f`: Rust refuses `inline(always)` on a `target_feature`
@@ -72,6 +81,10 @@ pub use features::{features, test_has, Features};
 /// them kept the accumulators in memory, zeroed and reloaded on every kernel call.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod rows32 {
+    // The GELU is called by name where the rows are stored: passed as a closure or a function
+    // value, LLVM left it out of line, compiled without the kernels' AVX-512, and called it for
+    // every 16 values.
+    use super::elementwise::gelu_tanh16;
     use std::arch::x86_64::*;
 
     /// The masks of the first and second 16 columns for `cols` (<= 32) columns.
@@ -172,7 +185,7 @@ pub(crate) mod rows32 {
                         v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, p.add(16)), v1);
                     }
                     if gelu {
-                        (v0, v1) = (gelu16(v0), gelu16(v1));
+                        (v0, v1) = (gelu_tanh16(v0), gelu_tanh16(v1));
                     }
                     _mm512_mask_storeu_ps(p, m0, v0);
                     _mm512_mask_storeu_ps(p.add(16), m1, v1);
@@ -243,8 +256,9 @@ pub(crate) mod rows32 {
                         }
                         let mut bits = round16(v);
                         if gelu {
-                            bits =
-                                round16(gelu16(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits))));
+                            bits = round16(gelu_tanh16(_mm512_castsi512_ps(
+                                _mm512_slli_epi32::<16>(bits),
+                            )));
                         }
                         _mm512_mask_cvtepi32_storeu_epi16(o.add(16 * h), m, bits);
                     }
@@ -278,18 +292,6 @@ pub(crate) mod rows32 {
                 (Some(out), g) => finish_bf16(acc, rows, (c, ldc), out, masks, bias, load, g),
             }
         }
-    }
-
-    /// The tanh-GELU of 16 floats, inlined into the kernel that stores them. (A direct call: passed
-    /// as a closure or a function value, LLVM left it out of line, compiled without the kernel's
-    /// AVX-512, and called it for every 16 values.)
-    ///
-    /// # Safety
-    /// AVX-512F available.
-    #[inline(always)]
-    unsafe fn gelu16(v: __m512) -> __m512 {
-        // SAFETY: AVX-512F is available (# Safety).
-        unsafe { super::elementwise::gelu_tanh16(v) }
     }
 
     /// 16 floats rounded to bf16 (nearest even, any NaN to 0x7fc0), each in the low 16 bits of its

@@ -3,6 +3,8 @@
 //! and its way back).
 
 #[cfg(target_arch = "x86_64")]
+use super::low_lanes;
+#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 /// The 16 x 16 transpose of 16 vectors: column c of the rows as vector c. Register shuffles only;
@@ -44,14 +46,6 @@ fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     }
 }
 
-/// The low `n` (<= 16) lanes.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn lanes(n: usize) -> __mmask16 {
-    debug_assert!(n <= 16);
-    ((1u32 << n) - 1) as __mmask16
-}
-
 /// `dst[c ldd + r] = src[r lds + c]` for r < rows, c < cols: a rows x cols matrix (row stride lds)
 /// written as cols x rows (row stride ldd), each of dst's rows `width` (>= rows) long, zeros after
 /// the first `rows` (sgemm's micro-panels of A, whose last group is short).
@@ -79,12 +73,12 @@ pub(crate) unsafe fn transpose(
             for c0 in (0..cols).step_by(16) {
                 let cn = 16.min(cols - c0);
                 let block: [__m512; 16] = std::array::from_fn(|i| match r0 + i < rows {
-                    true => _mm512_maskz_loadu_ps(lanes(cn), src.add((r0 + i) * lds + c0)),
+                    true => _mm512_maskz_loadu_ps(low_lanes(cn), src.add((r0 + i) * lds + c0)),
                     false => _mm512_setzero_ps(),
                 });
                 let t = transpose16(block);
                 for (j, v) in t.iter().enumerate().take(cn) {
-                    _mm512_mask_storeu_ps(dst.add((c0 + j) * ldd + r0), lanes(wn), *v);
+                    _mm512_mask_storeu_ps(dst.add((c0 + j) * ldd + r0), low_lanes(wn), *v);
                 }
             }
         }

@@ -28,55 +28,69 @@ use std::sync::Mutex;
 /// large blocks get mappings again, with glibc's thresholds at the ceilings its own adjustment
 /// reaches (32 MiB for a mapping, 64 MiB kept at the top). Nothing to do on other allocators.
 #[must_use = "large blocks stay on the heap only while the guard lives"]
-pub struct LargeBlocks(());
+pub struct LargeBlocks {
+    _held: Held,
+}
 
 /// While alive, the allocator trims its heap only when asked ([`return_free_memory`]): the blocks
 /// a step frees serve the next step's (glibc: no automatic trim; blocks over the mapping
 /// threshold still get mappings of their own). Process-wide, as [`LargeBlocks`]. Nothing to do on
 /// other allocators.
 #[must_use = "the heap stays untrimmed only while the guard lives"]
-pub struct NoTrim(());
-
-/// Guards alive: ([`LargeBlocks`], [`NoTrim`]).
-static HOLDERS: Mutex<(usize, usize)> = Mutex::new((0, 0));
-
-/// Changes the guard counts and sets glibc's parameters for them.
-fn update(change: impl FnOnce(&mut (usize, usize))) {
-    let mut n = HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
-    change(&mut n);
-    match *n {
-        (1.., _) => set(0, i32::MAX, None),
-        (0, 1..) => set(65_536, i32::MAX, Some(32 << 20)),
-        // glibc's default count of mappings, and the thresholds its adjustment reaches.
-        (0, 0) => set(65_536, 64 << 20, Some(32 << 20)),
-    }
+pub struct NoTrim {
+    _held: Held,
 }
 
 impl LargeBlocks {
     /// Large blocks on the heap until the guard (and every other) is dropped.
     pub fn keep() -> Self {
-        update(|n| n.0 += 1);
-        Self(())
-    }
-}
-
-impl Drop for LargeBlocks {
-    fn drop(&mut self) {
-        update(|n| n.0 = n.0.saturating_sub(1));
+        Self {
+            _held: Held::new(LARGE_BLOCKS),
+        }
     }
 }
 
 impl NoTrim {
     /// No automatic trim until the guard (and every other) is dropped.
     pub fn keep() -> Self {
-        update(|n| n.1 += 1);
-        Self(())
+        Self {
+            _held: Held::new(NO_TRIM),
+        }
     }
 }
 
-impl Drop for NoTrim {
+/// Indices of the guards' counts in [`HOLDERS`].
+const LARGE_BLOCKS: usize = 0;
+const NO_TRIM: usize = 1;
+
+/// Guards alive, of each kind.
+static HOLDERS: Mutex<[usize; 2]> = Mutex::new([0; 2]);
+
+/// One guard of a kind, counted from creation to drop; glibc's parameters follow the counts.
+struct Held(usize);
+
+impl Held {
+    fn new(kind: usize) -> Self {
+        update(|n| n[kind] += 1);
+        Self(kind)
+    }
+}
+
+impl Drop for Held {
     fn drop(&mut self) {
-        update(|n| n.1 = n.1.saturating_sub(1));
+        update(|n| n[self.0] = n[self.0].saturating_sub(1));
+    }
+}
+
+/// Changes the guard counts and sets glibc's parameters for them.
+fn update(change: impl FnOnce(&mut [usize; 2])) {
+    let mut n = HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
+    change(&mut n);
+    match (n[LARGE_BLOCKS], n[NO_TRIM]) {
+        (1.., _) => set(0, i32::MAX, None),
+        (0, 1..) => set(65_536, i32::MAX, Some(32 << 20)),
+        // glibc's default count of mappings, and the thresholds its adjustment reaches.
+        (0, 0) => set(65_536, 64 << 20, Some(32 << 20)),
     }
 }
 

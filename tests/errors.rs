@@ -329,6 +329,47 @@ fn guidance_not_finite_or_negative() {
     expect_error(&dummy(), &["--guidance=-1"], "gneg", &["--guidance -1"]);
 }
 
+/// `--noise` files: each problem named with the flag and the file, before any model work; a NaN
+/// is refused at load instead of surfacing steps later as the model's overflow.
+#[test]
+fn noise_file_problems_are_named() {
+    use candle_core::{DType, Device, Tensor};
+    let dir = tmp("noise-files");
+    let save = |name: &str, key: &str, t: Tensor| {
+        let f = dir.join(name);
+        candle_core::safetensors::save(&std::collections::HashMap::from([(key, t)]), &f).unwrap();
+        f
+    };
+    let text = dir.join("notes.txt");
+    std::fs::write(&text, "not a tensor file").unwrap();
+    let other = save(
+        "other.safetensors",
+        "latents",
+        Tensor::zeros((1, 4, 32, 32), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let mut values = vec![0.5f32; 4 * 32 * 32];
+    values[7] = f32::NAN;
+    let nan = save(
+        "nan.safetensors",
+        "noise",
+        Tensor::from_vec(values, (1, 4, 32, 32), &Device::Cpu).unwrap(),
+    );
+    let cases: [(&Path, &str, &[&str]); 4] = [
+        (
+            &text,
+            "ntext",
+            &["--noise", "notes.txt", "invalid safetensors"],
+        ),
+        (&dir, "ndir", &["--noise", "is not a file"]),
+        (&other, "nkey", &["--noise", "no tensor named `noise`"]),
+        (&nan, "nnan", &["--noise", "NaN at index 7", "not finite"]),
+    ];
+    for (file, test, needles) in cases {
+        let f = file.to_str().unwrap();
+        expect_error(&dummy(), &["--noise", f], test, needles);
+    }
+}
+
 #[test]
 fn unknown_sampler_device_dtype() {
     expect_error(

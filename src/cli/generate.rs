@@ -69,10 +69,18 @@ pub struct GenerateArgs {
 
 fn load_noise(path: &Path) -> anyhow::Result<candle_core::Tensor> {
     let bad = |msg: String| mmdit::Error::request(format!("--noise {}: {msg}", path.display()));
-    if !path.is_file() {
+    if !path.exists() {
         return Err(bad("no such file".into()).into());
     }
-    mmdit::loader::weights::check_safetensors(path)?;
+    if !path.is_file() {
+        return Err(bad("is not a file; pass a .safetensors file".into()).into());
+    }
+    // The file is the user's, not a download: its problem in --noise's words, without the advice
+    // to download it again that a model's weight file gets.
+    mmdit::loader::weights::check_safetensors(path).map_err(|e| match e {
+        mmdit::Error::BadWeights { msg, .. } => bad(format!("{msg}; save it with safetensors")),
+        other => other,
+    })?;
     let mut t = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
         .map_err(|e| bad(format!("cannot read ({e})")))?;
     let noise = t

@@ -418,6 +418,14 @@ impl Spec {
                         .text(" that match it"),
                 ));
             }
+            // A NaN or infinity would otherwise surface steps later as the model's overflow.
+            let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(Error::InvalidRequest(Message::about(p).text(format!(
+                    ": value {} at index {i} is not finite; the noise must be finite numbers",
+                    values[i]
+                ))));
+            }
         }
         self.family.check(&mut r, &self.name)?;
         if let Some(c) = r.cache {

@@ -20,13 +20,48 @@ pub struct RgbImage {
 pub enum Format {
     /// With the generation parameters as text chunks (what `--from` reads).
     Png,
-    /// Quality 95; no metadata.
+    /// Quality [`JPEG_QUALITY`] in files (a server's request may ask another); no metadata.
     Jpeg,
     /// Lossless; no metadata.
     WebP,
 }
 
+/// How images are encoded: the file format, and JPEG's quality (1-100).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encoding {
+    pub format: Format,
+    pub quality: u8,
+}
+
+impl Encoding {
+    /// `img` in this encoding ([`image_bytes`]).
+    pub fn bytes(self, img: &RgbImage, text: &[(String, String)]) -> Result<Vec<u8>> {
+        image_bytes(img, self.format, self.quality, text)
+    }
+}
+
+/// JPEG's quality where none is asked for (`generate`'s files).
+pub const JPEG_QUALITY: u8 = 95;
+
 impl Format {
+    /// The media type an HTTP answer names.
+    pub fn mime(self) -> &'static str {
+        match self {
+            Self::Png => "image/png",
+            Self::Jpeg => "image/jpeg",
+            Self::WebP => "image/webp",
+        }
+    }
+
+    /// The format's name as OpenAI's `output_format` spells it (also a file extension).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Jpeg => "jpeg",
+            Self::WebP => "webp",
+        }
+    }
+
     /// From the path's extension (case-insensitive); no extension means PNG.
     pub fn of(path: &Path) -> Option<Self> {
         let ext = path
@@ -124,20 +159,7 @@ fn temp_path(path: &Path) -> PathBuf {
 /// chunks, other formats carry none) and moves it into place atomically.
 pub fn write_image(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Result<()> {
     match Format::of(path) {
-        Some(Format::Png) => write_png(path, img, text),
-        Some(f) => write_atomically(path, |w| {
-            use image::ImageEncoder;
-            let (w_px, h_px) = (img.width as u32, img.height as u32);
-            let rgb = image::ExtendedColorType::Rgb8;
-            let r = if f == Format::Jpeg {
-                image::codecs::jpeg::JpegEncoder::new_with_quality(w, 95)
-                    .write_image(&img.data, w_px, h_px, rgb)
-            } else {
-                image::codecs::webp::WebPEncoder::new_lossless(w)
-                    .write_image(&img.data, w_px, h_px, rgb)
-            };
-            r.map_err(|e| Error::Image(e.to_string()))
-        }),
+        Some(f) => write_atomically(path, |w| encode(w, img, f, JPEG_QUALITY, text)),
         None => Err(Error::invalid(
             Param::Output,
             format!(
@@ -155,9 +177,42 @@ pub fn write_png(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Resu
 
 /// `img` as the bytes of a PNG with `text` key/value chunks.
 pub fn png_bytes(img: &RgbImage, text: &[(String, String)]) -> Result<Vec<u8>> {
+    image_bytes(img, Format::Png, JPEG_QUALITY, text)
+}
+
+/// `img` as the bytes of a `format` file: a PNG with `text` key/value chunks, a JPEG of `quality`
+/// (1-100; 0 is taken as 1) or a lossless WebP (the last two carry no text).
+pub fn image_bytes(
+    img: &RgbImage,
+    format: Format,
+    quality: u8,
+    text: &[(String, String)],
+) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    encode_png(&mut out, img, text)?;
+    encode(&mut out, img, format, quality, text)?;
     Ok(out)
+}
+
+fn encode(
+    w: impl Write,
+    img: &RgbImage,
+    format: Format,
+    quality: u8,
+    text: &[(String, String)],
+) -> Result<()> {
+    use image::ImageEncoder;
+    let (w_px, h_px) = (img.width as u32, img.height as u32);
+    let rgb = image::ExtendedColorType::Rgb8;
+    let r = match format {
+        Format::Png => return encode_png(w, img, text),
+        Format::Jpeg => {
+            image::codecs::jpeg::JpegEncoder::new_with_quality(w, quality.clamp(1, 100))
+                .write_image(&img.data, w_px, h_px, rgb)
+        }
+        Format::WebP => image::codecs::webp::WebPEncoder::new_lossless(w)
+            .write_image(&img.data, w_px, h_px, rgb),
+    };
+    r.map_err(|e| Error::Image(e.to_string()))
 }
 
 fn encode_png(w: impl Write, img: &RgbImage, text: &[(String, String)]) -> Result<()> {

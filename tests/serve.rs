@@ -311,6 +311,76 @@ fn url_images_are_served_by_the_server() {
     assert_eq!(code, 404, "{}", String::from_utf8_lossy(&body));
 }
 
+/// OpenAI's `output_format` through its own client: a lossless WebP holds the PNG's pixels, a
+/// JPEG at the default quality (100) comes within 40 dB of them and one at `output_compression`
+/// 10 is smaller; a `url` image is served with its format's type and extension.
+#[test]
+fn output_format_answers_jpeg_and_webp_as_openai_does() {
+    let dir = tmp("serve-formats");
+    let s = Server::start(&["--model", "demo"]);
+    let script = r#"
+import base64, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="x", max_retries=0, timeout=120)
+for name, extra in [("png", {}), ("webp", {"output_format": "webp"}),
+                    ("jpeg", {"output_format": "jpeg"}),
+                    ("jpeg10", {"output_format": "jpeg", "output_compression": 10})]:
+    r = c.images.generate(prompt="a red circle", size="32x32", extra_body={"steps": 2, "seed": 3},
+                          **extra)
+    print(name, r.output_format)
+    open(f"{sys.argv[2]}/{name}.bin", "wb").write(base64.b64decode(r.data[0].b64_json))
+"#;
+    let o = Command::new("python3")
+        .args(["-c", script, &s.url, dir.to_str().unwrap()])
+        .output()
+        .expect("python3 runs");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for line in ["png png", "webp webp", "jpeg jpeg", "jpeg10 jpeg"] {
+        assert!(out.contains(line), "{out}");
+    }
+    let file = |name: &str| std::fs::read(dir.join(format!("{name}.bin"))).unwrap();
+    let pixels = |name: &str| {
+        mmdit::image_io::read_rgb_bytes(&file(name), name, mmdit::Param::Image)
+            .unwrap()
+            .data
+    };
+    let png = file("png");
+    assert!(png.starts_with(b"\x89PNG"));
+    let webp = file("webp");
+    assert!(webp.starts_with(b"RIFF") && &webp[8..12] == b"WEBP");
+    assert!(pixels("webp") == pixels("png"), "the WebP is not lossless");
+    let (jpeg, jpeg10) = (file("jpeg"), file("jpeg10"));
+    assert!(jpeg.starts_with(b"\xff\xd8\xff") && jpeg10.starts_with(b"\xff\xd8\xff"));
+    let psnr = common::psnr(&pixels("jpeg"), &pixels("png"));
+    assert!(psnr > 40.0, "JPEG at quality 100: {psnr:.1} dB");
+    assert!(
+        jpeg10.len() < jpeg.len(),
+        "{} >= {}",
+        jpeg10.len(),
+        jpeg.len()
+    );
+    let (code, out) = s.generate(
+        &serde_json::json!({"prompt": "a red circle", "size": "32x32", "steps": 2, "seed": 3,
+                            "response_format": "url", "output_format": "webp"}),
+        &[],
+    );
+    assert_eq!(
+        (code, out["output_format"].as_str()),
+        (200, Some("webp")),
+        "{out}"
+    );
+    let url = out["data"][0]["url"].as_str().unwrap();
+    assert!(url.ends_with(".webp"), "{url}");
+    let (code, head) = curl(url, &["-o", "/dev/null", "-D", "-"], 30);
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert_eq!(code, 200);
+    assert!(head.contains("content-type: image/webp"), "{head}");
+}
+
 /// Bad requests are 400s in OpenAI's error shape, naming the field and what to send, before
 /// anything queues; the server stays up.
 #[test]
@@ -372,6 +442,16 @@ fn bad_requests_get_a_400_that_names_the_field() {
             serde_json::json!({"prompt": "x", "response_format": "gif"}),
             "response_format",
             "b64_json",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "output_format": "gif"}),
+            "output_format",
+            "\"jpeg\"",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "output_compression": 101}),
+            "output_compression",
+            "between 0 and 100",
         ),
         (
             serde_json::json!({"prompt": "x", "loras": [{"name": "a"}]}),

@@ -33,20 +33,23 @@ pub struct Generation {
     pub loras: Option<Vec<LoraRef>>,
     /// Editing (`/v1/images/edits`): the share of the schedule that runs.
     pub strength: Option<f64>,
-    /// OpenAI's fields with no meaning here (this server serves one model, as PNG): accepted
-    /// and ignored.
+    /// `png` (the default, with the generation parameters in text chunks), `jpeg` or `webp`
+    /// (lossless), as OpenAI's.
+    pub output_format: Option<String>,
+    /// JPEG's quality, 0-100 (default 100, as OpenAI's); PNG and the lossless WebP take none.
+    pub output_compression: Option<i64>,
+    /// OpenAI's fields with no meaning here (this server serves one model): accepted and
+    /// ignored.
     #[serde(flatten)]
     pub ignored: std::collections::HashMap<String, serde_json::Value>,
 }
 
-/// OpenAI's request fields that have no meaning here: this server serves one model, as PNG.
+/// OpenAI's request fields that have no meaning here: this server serves one model, opaque.
 pub const IGNORED: &[&str] = &[
     "model",
     "quality",
     "style",
     "user",
-    "output_format",
-    "output_compression",
     "background",
     "moderation",
 ];
@@ -65,11 +68,13 @@ pub enum Format {
     Url,
 }
 
-/// A checked generation request: the library request, the image count and the answer's format.
+/// A checked generation request: the library request, the image count, the answer's format and
+/// the images' file format.
 pub struct Checked {
     pub req: Request,
     pub n: usize,
     pub format: Format,
+    pub encoding: mmdit::output::Encoding,
 }
 
 impl Generation {
@@ -79,7 +84,7 @@ impl Generation {
         if let Some(k) = self.ignored.keys().find(|k| !IGNORED.contains(&k.as_str())) {
             return Err(ApiError::bad(
                 k,
-                format!("unknown field {k:?}; the fields are prompt, n, size, response_format, negative_prompt, steps, guidance, seed, sampler, cache, loras (and for edits image, mask and strength)"),
+                format!("unknown field {k:?}; the fields are prompt, n, size, response_format, output_format, output_compression, negative_prompt, steps, guidance, seed, sampler, cache, loras (and for edits image, mask and strength)"),
             ));
         }
         let prompt = self
@@ -125,6 +130,27 @@ impl Generation {
                 return Err(ApiError::bad(
                     "response_format",
                     format!("response_format {f:?}: use \"b64_json\" or \"url\""),
+                ))
+            }
+        };
+        let image_format = match self.output_format.as_deref() {
+            None | Some("png") => mmdit::output::Format::Png,
+            Some("jpeg" | "jpg") => mmdit::output::Format::Jpeg,
+            Some("webp") => mmdit::output::Format::WebP,
+            Some(f) => {
+                return Err(ApiError::bad(
+                    "output_format",
+                    format!("output_format {f:?}: use \"png\", \"jpeg\" or \"webp\""),
+                ))
+            }
+        };
+        let quality = match self.output_compression {
+            None => 100,
+            Some(q) if (0..=100).contains(&q) => q as u8,
+            Some(q) => {
+                return Err(ApiError::bad(
+                    "output_compression",
+                    format!("output_compression {q}: must be between 0 and 100 (JPEG's quality)"),
                 ))
             }
         };
@@ -179,6 +205,10 @@ impl Generation {
             },
             n,
             format,
+            encoding: mmdit::output::Encoding {
+                format: image_format,
+                quality,
+            },
         })
     }
 }
@@ -325,7 +355,14 @@ impl IntoResponse for ApiError {
 }
 
 /// Fields of `/v1/images/edits` (multipart) that are numbers; the others are text.
-const NUMBERS: &[&str] = &["n", "steps", "guidance", "seed", "strength"];
+const NUMBERS: &[&str] = &[
+    "n",
+    "steps",
+    "guidance",
+    "seed",
+    "strength",
+    "output_compression",
+];
 
 /// A multipart text field as the JSON value the generation body would hold.
 pub fn form_value(name: &str, text: &str) -> Result<serde_json::Value, ApiError> {

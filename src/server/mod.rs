@@ -368,6 +368,7 @@ struct Queued {
     progress: watch::Receiver<Progress>,
     cancel: Arc<AtomicBool>,
     format: Format,
+    encoding: mmdit::output::Encoding,
 }
 
 fn enqueue(s: &Shared, body: Result<Json<Generation>, JsonRejection>) -> Result<Queued, ApiError> {
@@ -436,6 +437,7 @@ fn enqueue_checked(
         req,
         n: checked.n,
         steps,
+        encoding: checked.encoding,
         cancel: cancel.clone(),
         reply: tx,
         progress: progress_tx,
@@ -457,6 +459,7 @@ fn enqueue_checked(
         progress,
         cancel,
         format: checked.format,
+        encoding: checked.encoding,
     })
 }
 
@@ -469,12 +472,20 @@ fn host(headers: &HeaderMap) -> String {
         .to_string()
 }
 
-/// The images as `url`s this server serves for an hour.
-fn urls(s: &Shared, host: &str, images: worker::Images) -> Vec<String> {
+/// The images (files of `format`) as `url`s this server serves for an hour.
+fn urls(
+    s: &Shared,
+    host: &str,
+    images: worker::Images,
+    format: mmdit::output::Format,
+) -> Vec<String> {
     let mut store = s.images.lock().expect("not poisoned");
     images
         .into_iter()
-        .map(|png| format!("http://{host}/v1/images/{}.png", store.put(png)))
+        .map(|file| {
+            let id = store.put(file, format);
+            format!("http://{host}/v1/images/{id}.{}", format.name())
+        })
         .collect()
 }
 
@@ -571,18 +582,24 @@ async fn answer(s: &Shared, headers: &HeaderMap, q: Queued) -> Result<Response, 
     let data: Vec<serde_json::Value> = match q.format {
         Format::B64Json => images
             .iter()
-            .map(|png| {
+            .map(|file| {
                 serde_json::json!({
-                    "b64_json": base64::engine::general_purpose::STANDARD.encode(png)
+                    "b64_json": base64::engine::general_purpose::STANDARD.encode(file)
                 })
             })
             .collect(),
-        Format::Url => urls(s, &host(headers), images)
+        Format::Url => urls(s, &host(headers), images, q.encoding.format)
             .into_iter()
             .map(|u| serde_json::json!({ "url": u }))
             .collect(),
     };
-    Ok(Json(serde_json::json!({"created": unix_now(), "data": data})).into_response())
+    let output_format = q.encoding.format.name();
+    Ok(Json(serde_json::json!({
+        "created": unix_now(),
+        "data": data,
+        "output_format": output_format
+    }))
+    .into_response())
 }
 
 fn unix_now() -> u64 {
@@ -643,12 +660,12 @@ async fn create_job(
             },
         );
     }
-    let (state, host) = (s.clone(), host(&headers));
+    let (state, host, format) = (s.clone(), host(&headers), q.encoding.format);
     tokio::spawn(async move {
         let done = match q.rx.await {
             Ok(Ok(images)) => Finished {
                 status: "done",
-                data: urls(&state, &host, images)
+                data: urls(&state, &host, images, format)
                     .into_iter()
                     .map(|u| serde_json::json!({ "url": u }))
                     .collect(),
@@ -795,9 +812,10 @@ async fn job_events(
 }
 
 async fn url_image(State(s): State<Shared>, UrlPath(file): UrlPath<String>) -> Response {
-    let id = file.strip_suffix(".png").unwrap_or(&file);
+    // The id without its extension (ids have no dot), served in the format it was made in.
+    let id = file.split_once('.').map_or(file.as_str(), |(id, _)| id);
     match s.images.lock().expect("not poisoned").get(id) {
-        Some(png) => ([(header::CONTENT_TYPE, "image/png")], png).into_response(),
+        Some((bytes, format)) => ([(header::CONTENT_TYPE, format.mime())], bytes).into_response(),
         None => ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no image {file}: `url` images are kept for an hour"),
@@ -810,22 +828,24 @@ async fn url_image(State(s): State<Shared>, UrlPath(file): UrlPath<String>) -> R
 /// in all (the oldest go first).
 #[derive(Default)]
 struct UrlImages {
-    images: HashMap<String, (Instant, Vec<u8>)>,
+    images: HashMap<String, UrlImage>,
 }
 
+/// An image file kept for its `url`: when it was made, its bytes and their format.
+type UrlImage = (Instant, Vec<u8>, mmdit::output::Format);
+
 impl UrlImages {
-    fn put(&mut self, png: Vec<u8>) -> String {
-        self.images.retain(|_, (t, _)| t.elapsed() < URL_TTL);
-        let bytes = |m: &HashMap<String, (Instant, Vec<u8>)>| {
-            m.values().map(|(_, p)| p.len()).sum::<usize>()
-        };
+    fn put(&mut self, file: Vec<u8>, format: mmdit::output::Format) -> String {
+        self.images.retain(|_, (t, _, _)| t.elapsed() < URL_TTL);
+        let bytes =
+            |m: &HashMap<String, UrlImage>| m.values().map(|(_, f, _)| f.len()).sum::<usize>();
         while !self.images.is_empty()
-            && (self.images.len() >= URL_MAX || bytes(&self.images) + png.len() > URL_BYTES)
+            && (self.images.len() >= URL_MAX || bytes(&self.images) + file.len() > URL_BYTES)
         {
             let oldest = self
                 .images
                 .iter()
-                .min_by_key(|(_, (t, _))| *t)
+                .min_by_key(|(_, (t, _, _))| *t)
                 .map(|(k, _)| k.clone());
             match oldest {
                 Some(k) => self.images.remove(&k),
@@ -833,15 +853,16 @@ impl UrlImages {
             };
         }
         let id = format!("img-{:032x}", rand::random::<u128>());
-        self.images.insert(id.clone(), (Instant::now(), png));
+        self.images
+            .insert(id.clone(), (Instant::now(), file, format));
         id
     }
 
-    fn get(&self, id: &str) -> Option<Vec<u8>> {
+    fn get(&self, id: &str) -> Option<(Vec<u8>, mmdit::output::Format)> {
         self.images
             .get(id)
-            .filter(|(t, _)| t.elapsed() < URL_TTL)
-            .map(|(_, png)| png.clone())
+            .filter(|(t, _, _)| t.elapsed() < URL_TTL)
+            .map(|(_, file, format)| (file.clone(), *format))
     }
 }
 
@@ -853,16 +874,16 @@ mod tests {
     #[test]
     fn url_images_keep_within_their_count_and_bytes() {
         let mut store = UrlImages::default();
-        let first = store.put(vec![0; 10]);
+        let first = store.put(vec![0; 10], mmdit::output::Format::Png);
         for _ in 0..URL_MAX {
-            store.put(vec![0; 10]);
+            store.put(vec![0; 10], mmdit::output::Format::Png);
         }
         assert_eq!(store.images.len(), URL_MAX);
         assert!(store.get(&first).is_none(), "the oldest went first");
-        let big = store.put(vec![0; URL_BYTES / 2]);
-        let bigger = store.put(vec![0; URL_BYTES / 2 + 1]);
+        let big = store.put(vec![0; URL_BYTES / 2], mmdit::output::Format::Png);
+        let bigger = store.put(vec![0; URL_BYTES / 2 + 1], mmdit::output::Format::Png);
         assert!(store.get(&big).is_none() && store.get(&bigger).is_some());
-        let total: usize = store.images.values().map(|(_, p)| p.len()).sum();
+        let total: usize = store.images.values().map(|(_, f, _)| f.len()).sum();
         assert!(total <= URL_BYTES);
     }
 }

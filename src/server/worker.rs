@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{oneshot, watch};
 
-/// Images of one job: PNG bytes with the parameters that made them.
+/// Images of one job: files in the job's encoding (a PNG with the parameters that made it).
 pub type Images = Vec<Vec<u8>>;
 
 /// One request for `n` images (seeds `req.seed`, +1, ...).
@@ -19,6 +19,8 @@ pub struct Job {
     pub n: usize,
     /// Sampling steps per image, as the request resolved (for the progress).
     pub steps: usize,
+    /// The images' file format.
+    pub encoding: mmdit::output::Encoding,
     pub cancel: Arc<AtomicBool>,
     pub reply: oneshot::Sender<mmdit::Result<Images>>,
     /// Where the job reports its state at each step.
@@ -313,7 +315,7 @@ fn run_job(
         }
         for g in out? {
             let text = g.request.parameters(&recorded.model, &recorded.dtype);
-            images.push(mmdit::output::png_bytes(&g.image, &text)?);
+            images.push(job.encoding.bytes(&g.image, &text)?);
             metrics.images.inc();
         }
     }

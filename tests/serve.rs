@@ -873,6 +873,11 @@ try:
     openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="wrong", max_retries=0).models.list()
 except openai.AuthenticationError:
     print("refused")
+try:
+    c.images.create_variation(image=open(f"{sys.argv[2]}/openai-0.png", "rb"))
+    print("no error")
+except openai.NotFoundError as e:
+    print("variations:", e.body["message"])
 "#;
     let o = Command::new("python3")
         .args(["-c", script, &s.url, dir.to_str().unwrap()])
@@ -887,6 +892,12 @@ except openai.AuthenticationError:
     assert!(out.contains("model demo"), "{out}");
     assert!(out.contains("bad request steps"), "{out}");
     assert!(out.contains("refused"), "{out}");
+    assert!(
+        out.contains(
+            "variations: variations are not served; edit an image with POST /v1/images/edits"
+        ),
+        "{out}"
+    );
     for (k, seed) in [(0, "5"), (1, "6")] {
         let got = mmdit::output::read_png(&dir.join(format!("openai-{k}.png")))
             .unwrap()

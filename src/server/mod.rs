@@ -207,7 +207,8 @@ fn router(state: Shared) -> Router {
         .route("/v1/jobs", post(create_job))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/events", get(job_events))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .fallback(no_endpoint)
+        .method_not_allowed_fallback(not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(state.clone(), log))
         .layer(DefaultBodyLimit::max(BODY_LIMIT));
@@ -226,6 +227,38 @@ fn router(state: Shared) -> Router {
         None => app,
     };
     app.with_state(state)
+}
+
+/// Reads and drops what a client still sends (an upload, up to [`UPLOAD_LIMIT`]) before it is
+/// answered: a connection closed while it writes is a send error to the client, not our answer.
+async fn drain(body: axum::body::Body) {
+    let _ = axum::body::to_bytes(body, UPLOAD_LIMIT).await;
+}
+
+async fn no_endpoint(body: axum::body::Body) -> ApiError {
+    drain(body).await;
+    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+/// A known path with another method: OpenAI's error shape, as every other answer. DALL-E 2's
+/// variations (`POST /v1/images/variations`, which the image route's path also matches) are named.
+async fn not_allowed(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    body: axum::body::Body,
+) -> ApiError {
+    drain(body).await;
+    let path = uri.path();
+    if path == "/v1/images/variations" {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "variations are not served; edit an image with POST /v1/images/edits (image and prompt)",
+        );
+    }
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not served on {path}"),
+    )
 }
 
 /// One JSON line per request on stderr, and the request counters.

@@ -49,24 +49,49 @@ pub struct PackedPairs {
 }
 
 impl PackedPairs {
-    /// From B given transposed, as a (n x k) row-major matrix (a linear layer's weight).
+    /// From B given transposed, as a (n x k) row-major matrix (a linear layer's weight, attention's
+    /// keys).
     pub fn from_nk(w: &[bf16], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "weight is not {n} x {k}");
+        #[cfg(target_arch = "x86_64")]
+        if k.is_multiple_of(2) && super::features().avx512 {
+            // A panel is the transpose of its 32 rows read as 32-bit words (pairs of k).
+            return Self::fill_panels(k, n, |nb, dst| {
+                let cols = NR.min(n - nb * NR);
+                // SAFETY: AVX-512F is available; the source is rows nb NR .. + cols of w, k / 2
+                // words each (k even: whole pairs), inside w (asserted above); the destination
+                // is the panel, k / 2 rows of NR words, each written NR wide (zeros past cols).
+                // Words are moved as f32 lanes by shuffles and masked moves, bits unchanged.
+                unsafe {
+                    super::transpose::transpose(
+                        w[nb * NR * k..].as_ptr().cast(),
+                        k / 2,
+                        (cols, k / 2),
+                        dst.as_mut_ptr().cast(),
+                        NR,
+                        NR,
+                    )
+                }
+            });
+        }
         Self::fill(k, n, |c, kk| w[c * k + kk])
     }
 
-    /// From B as a (k x n) row-major matrix.
+    /// From B as a (k x n) row-major matrix (attention's values).
     pub fn from_kn(b: &[bf16], k: usize, n: usize) -> Self {
         assert_eq!(b.len(), k * n, "matrix is not {k} x {n}");
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: AVX512-BF16's switch reports it only with AVX-512F and AVX512BW; each panel
+            // is the buffer's own (fill_panels), the rows of b are in bounds (asserted above).
+            return Self::fill_panels(k, n, |nb, dst| unsafe { interleave_rows(b, k, n, nb, dst) });
+        }
         Self::fill(k, n, |c, kk| b[kk * n + c])
     }
 
     /// Packs `at(column, k)` for columns < n and k < self.k.
     fn fill(k: usize, n: usize, at: impl Fn(usize, usize) -> bf16 + Sync) -> Self {
-        let pairs = k.div_ceil(2);
-        let mut data = Aligned::zeroed(n.div_ceil(NR) * NR * 2 * pairs);
-        let panel = 2 * NR * pairs;
-        let fill = |nb: usize, dst: &mut [bf16]| {
+        Self::fill_panels(k, n, |nb, dst| {
             let cols = NR.min(n - nb * NR);
             for (q, row) in dst.chunks_exact_mut(2 * NR).enumerate() {
                 for j in 0..cols {
@@ -77,7 +102,14 @@ impl PackedPairs {
                     }
                 }
             }
-        };
+        })
+    }
+
+    /// Zeroed panels, each filled by `fill(panel number, panel)` (on the pool when large).
+    fn fill_panels(k: usize, n: usize, fill: impl Fn(usize, &mut [bf16]) + Sync) -> Self {
+        let pairs = k.div_ceil(2);
+        let mut data = Aligned::zeroed(n.div_ceil(NR) * NR * 2 * pairs);
+        let panel = 2 * NR * pairs;
         if panel > 0 {
             if k * n >= 1 << 16 {
                 data.par_chunks_mut(panel)
@@ -175,6 +207,41 @@ pub fn matmul_serial(
     ldo: usize,
 ) {
     product::<f32, false>().serial(a, m, lda, b, out, ldo)
+}
+
+/// Panel `nb` of a (k x n) row-major `b` into `dst`: pair row q is rows 2q and 2q + 1 of the
+/// panel's columns interleaved (a zero row past an odd k), columns past n zero.
+///
+/// # Safety
+/// AVX-512F and AVX512BW available; `b` holds k x n values, nb < n.div_ceil(NR), and `dst` holds
+/// k.div_ceil(2) rows of 2 NR values at a 64-byte aligned start.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn interleave_rows(b: &[bf16], k: usize, n: usize, nb: usize, dst: &mut [bf16]) {
+    use std::arch::x86_64::*;
+    let c0 = nb * NR;
+    let cols = NR.min(n - c0);
+    let mask: __mmask32 = if cols == NR { !0 } else { (1 << cols) - 1 };
+    // Lanes 2i and 2i + 1 of the first half take a[i] and b[i]; of the second, a[16 + i], b[16 + i].
+    let lo = _mm512_set_epi16(
+        47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4,
+        35, 3, 34, 2, 33, 1, 32, 0,
+    );
+    let hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    // SAFETY: the masked loads read columns c0 .. c0 + cols < n of rows 2q and 2q + 1 < k only;
+    // the stores write the two aligned vectors of pair row q < k.div_ceil(2) of dst (# Safety).
+    unsafe {
+        for q in 0..k.div_ceil(2) {
+            let row = |r: usize| match r < k {
+                true => _mm512_maskz_loadu_epi16(mask, b.as_ptr().add(r * n + c0).cast()),
+                false => _mm512_setzero_si512(),
+            };
+            let (even, odd) = (row(2 * q), row(2 * q + 1));
+            let out = dst.as_mut_ptr().add(q * 2 * NR).cast::<__m512i>();
+            _mm512_store_si512(out, _mm512_permutex2var_epi16(even, lo, odd));
+            _mm512_store_si512(out.add(1), _mm512_permutex2var_epi16(even, hi, odd));
+        }
+    }
 }
 
 impl super::PackedOperand for PackedPairs {
@@ -518,6 +585,40 @@ mod tests {
         (4, 0, 9),
         (2, 1537, 3),
     ];
+
+    /// The vectorised packings (keys' and weights' rows transposed as words, values' row pairs
+    /// interleaved) equal the element-by-element one, bit for bit, for partial panels, odd k (the
+    /// values' zero row) and attention's sizes.
+    #[test]
+    fn vectorised_packing_equals_element_by_element() {
+        if !crate::cpu::test_has("avx512_bf16") {
+            return;
+        }
+        for (n, k) in [
+            (1, 2),
+            (5, 3),
+            (33, 64),
+            (1357, 64),
+            (64, 1357),
+            (70, 96),
+            (31, 131),
+        ] {
+            let w = random(n * k, 7);
+            let bits = |p: &PackedPairs| p.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let slow = PackedPairs::fill(k, n, |c, kk| w[c * k + kk]);
+            assert_eq!(
+                bits(&PackedPairs::from_nk(&w, n, k)),
+                bits(&slow),
+                "nk {n}x{k}"
+            );
+            let slow = PackedPairs::fill(k, n, |c, kk| w[kk * n + c]);
+            assert_eq!(
+                bits(&PackedPairs::from_kn(&w, k, n)),
+                bits(&slow),
+                "kn {k}x{n}"
+            );
+        }
+    }
 
     /// Odd shapes, strided rows (A copied and read in place), bias, parallel and serial, and a sum
     /// of two taps (tap by tap, and in one pass where A is read in place): equal to an f64

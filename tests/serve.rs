@@ -180,6 +180,22 @@ fn b64(v: &serde_json::Value) -> Vec<u8> {
         .unwrap()
 }
 
+/// Runs a Python client `script` with the server's URL and `dir` as its arguments; its stdout,
+/// after asserting that it exited 0.
+fn python_client(script: &str, url: &str, dir: &Path) -> String {
+    let o = Command::new("python3")
+        .args(["-c", script, url, dir.to_str().unwrap()])
+        .output()
+        .expect("python3 runs");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
 fn cli_image(dir: &Path, name: &str, args: &[&str]) -> Vec<u8> {
     common::generate_demo(&dir.join(name), args)
 }
@@ -329,16 +345,7 @@ for name, extra in [("png", {}), ("webp", {"output_format": "webp"}),
     print(name, r.output_format)
     open(f"{sys.argv[2]}/{name}.bin", "wb").write(base64.b64decode(r.data[0].b64_json))
 "#;
-    let o = Command::new("python3")
-        .args(["-c", script, &s.url, dir.to_str().unwrap()])
-        .output()
-        .expect("python3 runs");
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let out = python_client(script, &s.url, &dir);
     for line in ["png png", "webp webp", "jpeg jpeg", "jpeg10 jpeg"] {
         assert!(out.contains(line), "{out}");
     }
@@ -879,16 +886,7 @@ try:
 except openai.NotFoundError as e:
     print("variations:", e.body["message"])
 "#;
-    let o = Command::new("python3")
-        .args(["-c", script, &s.url, dir.to_str().unwrap()])
-        .output()
-        .expect("python3 runs");
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let out = python_client(script, &s.url, &dir);
     assert!(out.contains("model demo"), "{out}");
     assert!(out.contains("bad request steps"), "{out}");
     assert!(out.contains("refused"), "{out}");

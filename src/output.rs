@@ -34,9 +34,12 @@ pub struct Encoding {
 }
 
 impl Encoding {
-    /// `img` in this encoding ([`image_bytes`]).
+    /// `img` as the bytes of a file in this encoding: a PNG with `text` key/value chunks, a JPEG
+    /// of `quality` (1-100; 0 is taken as 1) or a lossless WebP (the last two carry no text).
     pub fn bytes(self, img: &RgbImage, text: &[(String, String)]) -> Result<Vec<u8>> {
-        image_bytes(img, self.format, self.quality, text)
+        let mut out = Vec::new();
+        encode(&mut out, img, self.format, self.quality, text)?;
+        Ok(out)
     }
 }
 
@@ -67,11 +70,16 @@ impl Format {
         let ext = path
             .extension()
             .map(|e| e.to_string_lossy().to_ascii_lowercase());
-        match ext.as_deref() {
-            None | Some("png") => Some(Self::Png),
-            Some("jpg" | "jpeg") => Some(Self::Jpeg),
-            Some("webp") => Some(Self::WebP),
-            Some(_) => None,
+        ext.map_or(Some(Self::Png), |e| Self::named(&e))
+    }
+
+    /// From its name or extension: `png`, `jpeg` or `jpg`, `webp` (lowercase).
+    pub fn named(name: &str) -> Option<Self> {
+        match name {
+            "png" => Some(Self::Png),
+            "jpg" | "jpeg" => Some(Self::Jpeg),
+            "webp" => Some(Self::WebP),
+            _ => None,
         }
     }
 }
@@ -177,20 +185,11 @@ pub fn write_png(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Resu
 
 /// `img` as the bytes of a PNG with `text` key/value chunks.
 pub fn png_bytes(img: &RgbImage, text: &[(String, String)]) -> Result<Vec<u8>> {
-    image_bytes(img, Format::Png, JPEG_QUALITY, text)
-}
-
-/// `img` as the bytes of a `format` file: a PNG with `text` key/value chunks, a JPEG of `quality`
-/// (1-100; 0 is taken as 1) or a lossless WebP (the last two carry no text).
-pub fn image_bytes(
-    img: &RgbImage,
-    format: Format,
-    quality: u8,
-    text: &[(String, String)],
-) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    encode(&mut out, img, format, quality, text)?;
-    Ok(out)
+    let png = Encoding {
+        format: Format::Png,
+        quality: JPEG_QUALITY,
+    };
+    png.bytes(img, text)
 }
 
 fn encode(

@@ -134,15 +134,13 @@ impl Generation {
             }
         };
         let image_format = match self.output_format.as_deref() {
-            None | Some("png") => mmdit::output::Format::Png,
-            Some("jpeg" | "jpg") => mmdit::output::Format::Jpeg,
-            Some("webp") => mmdit::output::Format::WebP,
-            Some(f) => {
-                return Err(ApiError::bad(
+            None => mmdit::output::Format::Png,
+            Some(f) => mmdit::output::Format::named(f).ok_or_else(|| {
+                ApiError::bad(
                     "output_format",
                     format!("output_format {f:?}: use \"png\", \"jpeg\" or \"webp\""),
-                ))
-            }
+                )
+            })?,
         };
         let quality = match self.output_compression {
             None => 100,

@@ -8,89 +8,53 @@
 //! bench models, docs/performance.md). Fixing the thresholds low gave the memory back but cost
 //! 15-25% of a step; handing back what is free at the phase boundaries keeps both.
 //!
-//! Blocks above that 32 MiB ceiling (the VAE's activations from 256 x 256 pixels up) would still
-//! each be a fresh mapping, faulted in and zeroed page by page and unmapped when freed: 12% of a
-//! 512 x 512 bf16 decode. While a [`LargeBlocks`] guard lives (the VAE's passes) they come from the
-//! heap too, where the next block reuses their pages. Only there: in the text and sampling phases
-//! the heap's holes, which a mapping would not leave, added up to 80 MiB to a run's peak.
-//!
-//! Within the sampling loop the 64 MiB kept at the top was still too little: a step frees more than
-//! that at once (a joint block's projections, joined heads and attention output), glibc trimmed
-//! it, and the next step's blocks were fresh pages again, about 10 000 page faults a step on
-//! sd3-bench at 512 x 512 (4-7% of a bf16 step). While a [`NoTrim`] guard lives (the sampling
-//! loop) nothing is trimmed; large blocks keep their own mappings.
+//! Blocks above that 32 MiB ceiling (the VAE's activations from 256 x 256 pixels up, flux's fused
+//! projections at 512 x 512) would still each be a fresh mapping, faulted in and zeroed page by
+//! page and unmapped when freed: 12% of a 512 x 512 bf16 decode. And within the sampling loop the
+//! 64 MiB kept at the top was too little: a step frees more than that at once (a joint block's
+//! projections, joined heads and attention output), glibc trimmed it, and the next step's blocks
+//! were fresh pages again (about 10 000 page faults a step on sd3-bench at 512 x 512, 4-7% of a
+//! bf16 step). While a [`LargeBlocks`] guard lives (the sampling loop, the VAE's passes) every block
+//! comes from the heap and nothing is trimmed, so the next block reuses the freed pages (flux-bench
+//! bf16 at 512 x 512: 950 000 -> 590 000 faults in an 8-step run, 5-9% of a step). Only there: in
+//! the text phase the heap's holes, which a mapping would not leave, added up to 80 MiB to a run's
+//! peak; in sampling they cost 0-19 MiB on the bench models at 512 x 512 in bf16.
 
 use std::sync::Mutex;
 
 /// While alive, the allocator serves every block from the heap (glibc: no block gets a mapping of
-/// its own) and trims the heap only when asked ([`return_free_memory`]), so that a freed large
-/// block's pages serve the next one. Process-wide: when the last guard of either kind is dropped,
-/// large blocks get mappings again, with glibc's thresholds at the ceilings its own adjustment
-/// reaches (32 MiB for a mapping, 64 MiB kept at the top). Nothing to do on other allocators.
+/// its own) and trims the heap only when asked ([`return_free_memory`]), so that a freed block's
+/// pages serve the next one. Process-wide: when the last guard is dropped, large blocks get
+/// mappings again, with glibc's thresholds at the ceilings its own adjustment reaches (32 MiB for
+/// a mapping, 64 MiB kept at the top). Nothing to do on other allocators.
 #[must_use = "large blocks stay on the heap only while the guard lives"]
-pub struct LargeBlocks {
-    _held: Held,
-}
-
-/// While alive, the allocator trims its heap only when asked ([`return_free_memory`]): the blocks
-/// a step frees serve the next step's (glibc: no automatic trim; blocks over the mapping
-/// threshold still get mappings of their own). Process-wide, as [`LargeBlocks`]. Nothing to do on
-/// other allocators.
-#[must_use = "the heap stays untrimmed only while the guard lives"]
-pub struct NoTrim {
-    _held: Held,
-}
+pub struct LargeBlocks(());
 
 impl LargeBlocks {
     /// Large blocks on the heap until the guard (and every other) is dropped.
     pub fn keep() -> Self {
-        Self {
-            _held: Held::new(LARGE_BLOCKS),
-        }
+        update(|n| *n += 1);
+        Self(())
     }
 }
 
-impl NoTrim {
-    /// No automatic trim until the guard (and every other) is dropped.
-    pub fn keep() -> Self {
-        Self {
-            _held: Held::new(NO_TRIM),
-        }
-    }
-}
-
-/// Indices of the guards' counts in [`HOLDERS`].
-const LARGE_BLOCKS: usize = 0;
-const NO_TRIM: usize = 1;
-
-/// Guards alive, of each kind.
-static HOLDERS: Mutex<[usize; 2]> = Mutex::new([0; 2]);
-
-/// One guard of a kind, counted from creation to drop; glibc's parameters follow the counts.
-struct Held(usize);
-
-impl Held {
-    fn new(kind: usize) -> Self {
-        update(|n| n[kind] += 1);
-        Self(kind)
-    }
-}
-
-impl Drop for Held {
+impl Drop for LargeBlocks {
     fn drop(&mut self) {
-        update(|n| n[self.0] = n[self.0].saturating_sub(1));
+        update(|n| *n = n.saturating_sub(1));
     }
 }
 
-/// Changes the guard counts and sets glibc's parameters for them.
-fn update(change: impl FnOnce(&mut [usize; 2])) {
+/// Guards alive.
+static HOLDERS: Mutex<usize> = Mutex::new(0);
+
+/// Changes the guard count and sets glibc's parameters for it.
+fn update(change: impl FnOnce(&mut usize)) {
     let mut n = HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
     change(&mut n);
-    match (n[LARGE_BLOCKS], n[NO_TRIM]) {
-        (1.., _) => set(0, i32::MAX, None),
-        (0, 1..) => set(65_536, i32::MAX, Some(32 << 20)),
+    match *n {
+        1.. => set(0, i32::MAX, None),
         // glibc's default count of mappings, and the thresholds its adjustment reaches.
-        (0, 0) => set(65_536, 64 << 20, Some(32 << 20)),
+        0 => set(65_536, 64 << 20, Some(32 << 20)),
     }
 }
 

@@ -1199,8 +1199,9 @@ impl Pipeline {
             )
         });
         let mut guided = sample::Guided::new(model.as_ref(), &prompts, cfg, self.dtype, cache)?;
-        // Each step's blocks reuse the pages the step before freed (handed back below).
-        let heap = self.device.is_cpu().then(cpu::heap::NoTrim::keep);
+        // Each step's blocks, large ones included, reuse the pages the step before freed (handed
+        // back below).
+        let heap = self.device.is_cpu().then(cpu::heap::LargeBlocks::keep);
         let (latents, steps) = sample::sample(
             &mut guided,
             &r,

@@ -212,29 +212,114 @@ unsafe fn task<O: Output>(
             unsafe { kernel::run(ap, mrows, kp, b, p_lo, p_hi, c, width) };
             let col0 = p_lo * 32;
             let cols = (b.n.min(p_hi * 32)).saturating_sub(col0);
-            for r in 0..rows {
-                let crow = &c[r * width..r * width + cols];
-                // SAFETY: row row0 + r, columns col0 .. col0 + cols of out are this task's (the
-                // caller's contract).
-                let orow = unsafe { out.add((row0 + r) * ldo + col0) };
-                match bias {
-                    Some(bias) => {
-                        for (j, (&v, &bj)) in crow.iter().zip(&bias[col0..col0 + cols]).enumerate()
-                        {
-                            // SAFETY: j < cols, inside this task's block.
-                            unsafe { *orow.add(j) = O::from_f32(v + bj) };
-                        }
-                    }
-                    None => {
-                        for (j, &v) in crow.iter().enumerate() {
-                            // SAFETY: j < cols, inside this task's block.
-                            unsafe { *orow.add(j) = O::from_f32(v) };
-                        }
-                    }
+            // SAFETY: rows row0 .. row0 + rows, columns col0 .. col0 + cols of out are this
+            // task's (the caller's contract); c holds rows x width with width >= cols.
+            unsafe { write_block(c, width, (rows, cols), bias, out, (row0, col0), ldo) };
+        }
+    });
+}
+
+/// `out (m x n, row stride ldo) = Σ_t a[offsets[t]..] · bs[t] (+ bias)`, on the rayon pool: a
+/// convolution's taps ([`super::conv`]), each tap's left operand the rows of `a` at row stride k
+/// (the taps' common k, a multiple of 32) from its offset, summed in one f32 block and written once.
+/// Past each offset `a` holds m rounded up to 32 rows: the rows past m feed only output rows that
+/// are not written. Panics if AMX is not available or the shapes do not hold.
+pub fn matmul_taps(
+    a: &[bf16],
+    offsets: &[usize],
+    m: usize,
+    bs: &[PackedB],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    assert!(available(), "AMX matmul called where AMX is not available");
+    assert_eq!(offsets.len(), bs.len(), "one offset per tap");
+    let Some(first) = bs.first() else {
+        panic!("a convolution without taps")
+    };
+    let (k, n, np) = (first.k, first.n, first.np);
+    assert!(k.is_multiple_of(32), "k is not a multiple of 32");
+    assert!(
+        bs.iter().all(|b| (b.k, b.n) == (k, n)),
+        "taps of different shapes"
+    );
+    assert!(ldo >= n, "row stride shorter than the rows");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let mrows = m.next_multiple_of(32);
+    assert!(
+        offsets.iter().all(|&o| a.len() >= o + mrows * k),
+        "A is too short for its taps"
+    );
+    assert!(out.len() >= (m - 1) * ldo + n, "output is too short");
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), n, "bias length");
+    }
+    let optr = OutPtr(out.as_mut_ptr());
+    // Row chunks start at multiples of 32 (the granule), so each chunk's padded rows stay inside
+    // the mrows rows asserted above.
+    let tasks = super::split_tasks(m, MC, 32, np / 32);
+    tasks.par_iter().for_each(|&(row0, rows, nb_lo, nb_hi)| {
+        let trows = rows.next_multiple_of(32);
+        SCRATCH.with(|scratch| {
+            let (_, c) = &mut *scratch.borrow_mut();
+            let ncb = NC / 32;
+            for p_lo in (nb_lo..nb_hi).step_by(ncb) {
+                let p_hi = (p_lo + ncb).min(nb_hi);
+                let width = (p_hi - p_lo) * 32;
+                c.reset(trows * width);
+                for (&offset, b) in offsets.iter().zip(bs) {
+                    let at = &a[offset + row0 * k..][..trows * k];
+                    // SAFETY: AMX is available (asserted); `at` is trows x k with trows and k
+                    // multiples of 32 (k == b.kp), c trows x width; b has p_hi <= np / 32 blocks.
+                    unsafe { kernel::run(at, trows, k, b, p_lo, p_hi, c, width) };
+                }
+                let col0 = p_lo * 32;
+                let cols = n.min(p_hi * 32).saturating_sub(col0);
+                // SAFETY: the task's rows x columns block of out is written by no other task
+                // (split_tasks), inside out (asserted); c holds trows x width.
+                unsafe { write_block(c, width, (rows, cols), bias, optr.get(), (row0, col0), ldo) };
+            }
+        });
+    });
+}
+
+/// Rows x cols of the f32 block `c` (row stride width), plus the bias's columns col0 .., into out
+/// from (row0, col0) at row stride ldo.
+///
+/// # Safety
+/// `out` is valid for writes of that block, which no other thread touches while the call runs;
+/// `c` holds rows rows of width >= cols values; bias (if any) holds col0 + cols values.
+unsafe fn write_block<O: Output>(
+    c: &[f32],
+    width: usize,
+    (rows, cols): (usize, usize),
+    bias: Option<&[f32]>,
+    out: *mut O,
+    (row0, col0): (usize, usize),
+    ldo: usize,
+) {
+    for r in 0..rows {
+        let crow = &c[r * width..r * width + cols];
+        // SAFETY: row row0 + r, columns col0 .. col0 + cols of out are the caller's.
+        let orow = unsafe { out.add((row0 + r) * ldo + col0) };
+        match bias {
+            Some(bias) => {
+                for (j, (&v, &bj)) in crow.iter().zip(&bias[col0..col0 + cols]).enumerate() {
+                    // SAFETY: j < cols, inside the caller's block.
+                    unsafe { *orow.add(j) = O::from_f32(v + bj) };
+                }
+            }
+            None => {
+                for (j, &v) in crow.iter().enumerate() {
+                    // SAFETY: j < cols, inside the caller's block.
+                    unsafe { *orow.add(j) = O::from_f32(v) };
                 }
             }
         }
-    });
+    }
 }
 
 thread_local! {

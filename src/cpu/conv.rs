@@ -1,7 +1,8 @@
 //! 2-D convolution (stride 1, square kernel, zero padding) on the CPU, for the VAE: f32; or, for bf16
 //! runs, with bf16 operands (the input rounded to bf16 as it is copied, bf16 weights) summed in f32
-//! on AVX512-BF16 ([`dpbf16::matmul_taps`]) where the CPU has it, and with bf16 weights (stored as
-//! bf16 panels, widened in the f32 kernel; the input stays f32) where it does not.
+//! on the AMX tiles ([`amx::matmul_taps`], c_in a multiple of 32) or AVX512-BF16
+//! ([`dpbf16::matmul_taps`]) where the CPU has them, and with bf16 weights (stored as bf16 panels,
+//! widened in the f32 kernel; the input stays f32) where it does not.
 //!
 //! candle's CPU convolution copies the input into an im2col matrix (k² times the input: 1.2 GB for
 //! a 3x3 convolution over 128 channels at 512²) and multiplies that. Here the image is copied, one
@@ -20,6 +21,7 @@
 //! side in the band, so the band read from a shifted start at a stride of one pixel is the left
 //! operand, without a copy ([`Taps::Gemm`]).
 
+use super::amx;
 use super::dpbf16::{self, PackedPairs};
 use super::group_norm::ChannelAffine;
 use super::sgemm::{self, PackedBf16, PackedF32, PanelElem};
@@ -46,6 +48,9 @@ enum Taps {
     F32(Vec<PackedF32>),
     Bf16Weights(Vec<PackedBf16>),
     Bf16(Vec<PackedPairs>),
+    /// The same operands on the AMX tiles, where the CPU has them and c_in is a multiple of 32
+    /// (each tap's rows of the band are then a tile operand as they lie).
+    Amx(Vec<amx::PackedB>),
     /// f32 for the `gemm` crate: per kernel row dy, a (k c_in) x c_out row-major matrix whose row
     /// dx c_in + i holds the weights of input channel i at tap (dy, dx).
     Gemm(Vec<Vec<f32>>),
@@ -71,8 +76,9 @@ impl PackedConv2d {
     /// From PyTorch's weight layout (c_out, c_in, k, k), f32 or values that widen to f32 exactly
     /// (bf16, f16: a weight file's bytes), and an optional bias (c_out). Where AVX-512 is missing
     /// ([`sgemm::available`]) the `gemm` crate's f32 kernel whatever the operands
-    /// ([`Self::on_gemm`]). Panics if `operands` need AVX512-BF16 that is not available
-    /// ([`dpbf16::available`]) or the lengths do not match.
+    /// ([`Self::on_gemm`]). Bf16 operands run on the AMX tiles where c_in is a multiple of 32, else
+    /// on AVX512-BF16, else (AMX with AVX512-BF16 switched off) as bf16 weights. Panics if the
+    /// lengths do not match.
     pub fn new<W: Weight>(
         weight: &[W],
         bias: Option<Vec<f32>>,
@@ -93,6 +99,18 @@ impl PackedConv2d {
                     .collect(),
             ),
             Operands::Bf16Weights => Taps::Bf16Weights(
+                split_taps(weight, kk, |w| super::round_bf16(w.into()))
+                    .iter()
+                    .map(|w| PackedBf16::from_nk(w, cout, cin))
+                    .collect(),
+            ),
+            Operands::Bf16 if amx::available() && cin.is_multiple_of(32) => Taps::Amx(
+                split_taps(weight, kk, |w| super::round_bf16(w.into()))
+                    .iter()
+                    .map(|w| amx::PackedB::from_nk(w, cout, cin))
+                    .collect(),
+            ),
+            Operands::Bf16 if !dpbf16::available() => Taps::Bf16Weights(
                 split_taps(weight, kk, |w| super::round_bf16(w.into()))
                     .iter()
                     .map(|w| PackedBf16::from_nk(w, cout, cin))
@@ -186,7 +204,7 @@ impl PackedConv2d {
         match self.taps {
             Taps::F32(_) | Taps::Gemm(_) => Operands::F32,
             Taps::Bf16Weights(_) => Operands::Bf16Weights,
-            Taps::Bf16(_) => Operands::Bf16,
+            Taps::Bf16(_) | Taps::Amx(_) => Operands::Bf16,
         }
     }
 
@@ -220,7 +238,7 @@ impl PackedConv2d {
             Taps::F32(taps) => self.forward_f32(x, b, (h, w), input, taps),
             Taps::Bf16Weights(taps) => self.forward_f32(x, b, (h, w), input, taps),
             Taps::Gemm(rows) => self.forward_gemm(x, b, (h, w), input, rows),
-            Taps::Bf16(taps) => {
+            Taps::Bf16(_) | Taps::Amx(_) => {
                 let (cin, round) = (self.cin, super::round_bf16);
                 self.forward_with(
                     x,
@@ -236,8 +254,16 @@ impl PackedConv2d {
                             copy_row(&normed, row, round)
                         }
                     },
-                    |img, offsets, m, prod| {
-                        dpbf16::matmul_taps(img, offsets, m, self.cin, taps, bias, prod, self.cout)
+                    |img, offsets, m, prod| match &self.taps {
+                        Taps::Amx(taps) => {
+                            amx::matmul_taps(img, offsets, m, taps, bias, prod, self.cout)
+                        }
+                        Taps::Bf16(taps) => dpbf16::matmul_taps(
+                            img, offsets, m, self.cin, taps, bias, prod, self.cout,
+                        ),
+                        Taps::F32(_) | Taps::Bf16Weights(_) | Taps::Gemm(_) => {
+                            unreachable!("bf16 operands are packed as Bf16 or Amx")
+                        }
                     },
                 )
             }
@@ -401,8 +427,9 @@ impl PackedConv2d {
         const BAND: usize = if cfg!(test) { 1 << 14 } else { 8 << 20 };
         let band = (BAND / (wp * cin.max(cout))).clamp(1, ho);
         // A band of `rows` output rows reads rows + k - 1 padded rows, and the last tap k - 1
-        // elements past them (garbage columns, dropped).
-        let mut img = vec![T::default(); ((band + k - 1) * wp + k) * cin];
+        // elements past them (garbage columns, dropped); the AMX product reads its rows in
+        // blocks of 32, so up to 31 pixels further (feeding only output rows it drops).
+        let mut img = vec![T::default(); ((band + k - 1) * wp + k + 32) * cin];
         let mut prod = vec![0f32; band * wp * cout];
         let offsets: Vec<usize> = (0..k * k).map(|t| (t / k * wp + t % k) * cin).collect();
         let plane = ho * wo;
@@ -707,6 +734,10 @@ mod tests {
             (2, 5, 7, 9, 13, 3, 1),
             (1, 41, 33, 17, 6, 3, 1),
             (2, 12, 20, 5, 4, 1, 0),
+            // c_in a multiple of 32: on the AMX tiles where the CPU has them.
+            (1, 64, 33, 17, 6, 3, 1),
+            (2, 32, 20, 5, 4, 1, 0),
+            (1, 96, 3, 40, 37, 3, 1),
         ] {
             let x = crate::cpu::normal_tensor((b, cin, h, w), 1.0, 4);
             let wt = crate::cpu::normal_tensor((cout, cin, k, k), 0.2, 5);
@@ -723,6 +754,9 @@ mod tests {
                 Operands::Bf16,
             );
             assert_eq!(conv.operands(), Operands::Bf16);
+            if cin % 32 == 0 && crate::cpu::test_has("amx") {
+                assert!(matches!(conv.taps, Taps::Amx(_)), "not on the AMX tiles");
+            }
             both_layouts_equal(&conv, &x, &want, 1e-5);
         }
     }

@@ -32,7 +32,8 @@ pub struct Features {
     pub avx512_bf16: bool,
     /// AVX512-BF16 whose dot product does at least 4/5 of the f32 FMA's multiply-adds per second
     /// on this core ([`bf16_dot_pays`], measured once): the bf16 layers, attention and the bf16
-    /// VAE's convolutions then run on it where there is no AMX. Where it is slower (Intel's
+    /// VAE's convolutions then run on it where there is no AMX (with AMX, the convolutions whose
+    /// c_in is not a multiple of 32 run on it whatever its speed). Where it is slower (Intel's
     /// Sapphire and Emerald Rapids without their AMX tiles: half the FMA's rate; AMD's Zen 4
     /// does twice it), bf16 runs on the f32 kernel with bf16 weights widened exactly, which keeps
     /// about 3/4 of the f32 rate. `MMDIT_BF16_DOT=1` or `=0` sets the choice instead.

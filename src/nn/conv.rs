@@ -3,8 +3,8 @@
 //! bytes on first use when built inside [`super::source::with_source`], else at load from
 //! candle's copy, which is then dropped):
 //! on AVX-512 our packed kernel, inside [`with_bf16_operands`] with bf16 operands where the CPU
-//! has AVX512-BF16 and bf16 weights (f32 input) where it does not; elsewhere (AVX2) the `gemm`
-//! crate's f32 kernel on the same band.
+//! has AMX tiles or a fast AVX512-BF16 ([`cpu::Features::bf16_dot`]) and bf16 weights (f32 input)
+//! where it has neither; elsewhere (AVX2) the `gemm` crate's f32 kernel on the same band.
 //! Strided (the encoder's downsamplers): candle's.
 //!
 //! Images are (b, c, h, w) as in PyTorch, or channels-last (b, h, w, c) ([`ImageLayout`]), which
@@ -29,9 +29,10 @@ thread_local! {
 }
 
 /// Runs `build` with every packed convolution it makes taking bf16 operands when `on`: a bf16 run's
-/// VAE on the CPU, whose tensors stay f32 between layers ([`crate::pipeline::vae_dtype`]). With
-/// AVX512-BF16, input and weights are rounded to bf16 (sums in f32); without, the weights are held
-/// as bf16 (half the memory) and widened in the f32 kernel, the input staying f32.
+/// VAE on the CPU, whose tensors stay f32 between layers ([`crate::pipeline::vae_dtype`]). With AMX
+/// or a fast AVX512-BF16 ([`cpu::Features::bf16_dot`]), input and weights are rounded to bf16 (sums
+/// in f32); with neither, the weights are held as bf16 (half the memory) and widened in the f32
+/// kernel, the input staying f32.
 pub fn with_bf16_operands<T>(on: bool, build: impl FnOnce() -> T) -> T {
     let outer = BF16_OPERANDS.with(|b| b.replace(on));
     let out = build();
@@ -232,9 +233,12 @@ impl Conv2d {
     }
 }
 
-/// The operands of the packed convolutions being built ([`with_bf16_operands`]).
+/// The operands of the packed convolutions being built ([`with_bf16_operands`]): bf16 where a bf16
+/// kernel outruns the f32 one, the AMX tiles (on Intel, whose AVX512-BF16 dot products are slower
+/// than its f32 FMA) or a fast AVX512-BF16.
 fn operands() -> Operands {
-    match (BF16_OPERANDS.with(Cell::get), cpu::features().bf16_dot) {
+    let f = cpu::features();
+    match (BF16_OPERANDS.with(Cell::get), f.amx || f.bf16_dot) {
         (true, true) => Operands::Bf16,
         (true, false) => Operands::Bf16Weights,
         (false, _) => Operands::F32,
@@ -308,6 +312,28 @@ mod tests {
                 conv.layout()
             );
         }
+    }
+
+    /// A bf16 run's convolutions take bf16 operands on an AMX machine whatever its AVX512-BF16's
+    /// speed (Intel's is below its f32 FMA's, so [`cpu::Features::bf16_dot`] is off there): on
+    /// the tiles, not as bf16 weights on the f32 kernel (a decode 3x slower).
+    #[test]
+    fn bf16_operands_on_amx_whatever_the_dot_products_speed() {
+        if !crate::cpu::test_has("amx") {
+            return;
+        }
+        let (c, co) = (64, 24);
+        let t = [
+            ("weight".to_string(), normal((co, c, 3, 3), 0.1, 1)),
+            ("bias".to_string(), normal(co, 0.5, 2)),
+        ];
+        let vb = VarBuilder::from_tensors(t.into_iter().collect(), DType::F32, &Device::Cpu);
+        let conv = with_bf16_operands(true, || Conv2d::new(c, co, 3, vb).unwrap());
+        let Conv2d::Packed(packed) = &conv else {
+            panic!("not on the packed kernel")
+        };
+        let packed = LazyLock::force(packed).as_ref().unwrap();
+        assert_eq!(packed.operands(), Operands::Bf16);
     }
 
     /// A convolution built inside `with_source` reads only the header at build, packs the bytes

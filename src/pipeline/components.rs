@@ -98,7 +98,8 @@ pub fn vae_dtype(dtype: DType, device: &Device) -> DType {
 
 /// Whether the VAE's convolutions take bf16 operands ([`crate::nn::conv::with_bf16_operands`]): a
 /// bf16 run on the CPU, whose VAE tensors are f32 ([`vae_dtype`]) but whose convolutions then run
-/// on AVX512-BF16 dot products where the CPU has them, and hold their weights as bf16 either way.
+/// on the AMX tiles or fast AVX512-BF16 dot products where the CPU has them, and hold their
+/// weights as bf16 either way.
 pub fn vae_bf16_operands(dtype: DType, device: &Device) -> bool {
     dtype == DType::BF16 && device.is_cpu()
 }

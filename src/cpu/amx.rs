@@ -12,6 +12,7 @@
 //! the two.
 
 use super::aligned::Aligned;
+use super::elementwise;
 use super::OutPtr;
 use half::bf16;
 use rayon::prelude::*;
@@ -113,18 +114,31 @@ impl PackedB {
 
 /// An element type the product can be written as.
 pub trait Output: Copy + Send + Sync {
-    fn from_f32(v: f32) -> Self;
+    /// `o = c`, a row of f32 sums, in this type; with `gelu` through the tanh-GELU: in f32 the
+    /// values of [`elementwise::gelu_tanh_f32`] of the sums, in bf16 each sum rounded once and
+    /// the GELU of that bf16 value rounded again (a bf16 product followed by
+    /// [`elementwise::gelu_tanh_bf16`]). `c` may be overwritten; `e` is scratch of its length.
+    fn store(c: &mut [f32], o: &mut [Self], gelu: bool, e: &mut [f32]);
 }
 
 impl Output for f32 {
-    fn from_f32(v: f32) -> Self {
-        v
+    fn store(c: &mut [f32], o: &mut [f32], gelu: bool, e: &mut [f32]) {
+        match gelu {
+            true => elementwise::gelu_f32_chunk(c, e, o),
+            false => o.copy_from_slice(c),
+        }
     }
 }
 
 impl Output for bf16 {
-    fn from_f32(v: f32) -> Self {
-        super::round_bf16(v)
+    fn store(c: &mut [f32], o: &mut [bf16], gelu: bool, e: &mut [f32]) {
+        match gelu {
+            true => {
+                elementwise::through_bf16(c);
+                elementwise::gelu_bf16_chunk(c, e, o)
+            }
+            false => elementwise::round_chunk(c, o),
+        }
     }
 }
 
@@ -140,6 +154,35 @@ pub fn matmul<O: Output>(
     out: &mut [O],
     ldo: usize,
 ) {
+    product(a, m, lda, b, bias, out, ldo, false)
+}
+
+/// [`matmul`] through the tanh-GELU as each row is written ([`Output::store`]): the values of
+/// [`matmul`] followed by the GELU pass of the output's type, without that pass.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_gelu<O: Output>(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    out: &mut [O],
+    ldo: usize,
+) {
+    product(a, m, lda, b, bias, out, ldo, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn product<O: Output>(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    out: &mut [O],
+    ldo: usize,
+    gelu: bool,
+) {
     assert!(available(), "AMX matmul called where AMX is not available");
     let (k, n) = (b.k, b.n);
     assert!(lda >= k && ldo >= n, "row strides shorter than the rows");
@@ -154,67 +197,86 @@ pub fn matmul<O: Output>(
     let optr = OutPtr(out.as_mut_ptr());
     let tasks = super::split_tasks(m, MC, 32, b.np / 32);
     tasks.par_iter().for_each(|&(row0, rows, nb_lo, nb_hi)| {
+        let block = Block {
+            rows: (row0, rows),
+            panels: (nb_lo, nb_hi),
+            bias,
+            gelu,
+        };
         // SAFETY: AMX is available (asserted); the slices hold the shapes (asserted); the task's
         // rows x columns block of the output is written by no other task (split_tasks).
-        unsafe { task(a, lda, row0, rows, b, bias, optr.get(), ldo, nb_lo, nb_hi) };
+        unsafe { task(a, lda, b, block, optr.get(), ldo) };
     });
 }
 
-/// `c (mrows x n_padded, f32) += a (mrows x k_padded, bf16)`, on the calling thread, with no copies:
-/// for callers that keep their operands in the padded layout (mrows a multiple of 32, padding zero).
+/// One task's part of a product: its rows (first, count) and column panels (of 32), and how its
+/// sums are written.
+#[derive(Clone, Copy)]
+struct Block<'a> {
+    rows: (usize, usize),
+    panels: (usize, usize),
+    bias: Option<&'a [f32]>,
+    gelu: bool,
+}
+
+/// `c (mrows x n_padded, f32) = a (mrows x k_padded, bf16) · b`, on the calling thread, with no
+/// copies: for callers that keep their operands in the padded layout (mrows a multiple of 32, the
+/// padding columns of a zero; c's values are not read).
 pub fn matmul_padded(a: &[bf16], mrows: usize, b: &PackedB, c: &mut [f32]) {
     assert!(available(), "AMX matmul called where AMX is not available");
     assert!(mrows.is_multiple_of(32), "rows not a multiple of 32");
     assert_eq!(a.len(), mrows * b.kp, "A is not rows x k_padded");
     assert_eq!(c.len(), mrows * b.np, "C is not rows x n_padded");
     // SAFETY: AMX is available; a, b and c hold the padded shapes (asserted above).
-    unsafe { kernel::run(a, mrows, b.kp, b, 0, b.np / 32, c, b.np) };
+    unsafe { kernel::run(a, mrows, b.kp, b, 0, b.np / 32, c, b.np, true) };
 }
 
 /// One (row chunk, column range): pad the rows of A, accumulate the f32 block, write it out.
 ///
 /// # Safety
-/// AMX must be available. `a` holds rows `row0 .. row0 + rows` at stride `lda` (each `b.k` long);
-/// `out` is valid for writes of those rows at stride `ldo`, columns `32 nb_lo .. min(32 nb_hi, n)`,
-/// and no other thread touches that block while the call runs. (No alignment is needed: tiles are
-/// loaded from the aligned scratch, and the output is written element by element.)
-#[allow(clippy::too_many_arguments)]
+/// AMX must be available. `a` holds the block's rows `row0 .. row0 + rows` at stride `lda` (each
+/// `b.k` long); `out` is valid for writes of those rows at stride `ldo`, columns
+/// `32 nb_lo .. min(32 nb_hi, n)`, and no other thread touches that block while the call runs.
+/// (No alignment is needed: tiles are loaded from the aligned scratch, and the output is written
+/// with unaligned stores.)
 unsafe fn task<O: Output>(
     a: &[bf16],
     lda: usize,
-    row0: usize,
-    rows: usize,
     b: &PackedB,
-    bias: Option<&[f32]>,
+    block: Block,
     out: *mut O,
     ldo: usize,
-    nb_lo: usize,
-    nb_hi: usize,
 ) {
+    let ((row0, rows), (nb_lo, nb_hi)) = (block.rows, block.panels);
     let (k, kp) = (b.k, b.kp);
     let mrows = rows.next_multiple_of(32);
     SCRATCH.with(|scratch| {
         let (ap, c) = &mut *scratch.borrow_mut();
-        // Reused per thread: fresh multi-megabyte buffers per call cost page faults.
-        ap.reset(mrows * kp);
-        for r in 0..rows {
-            let src = &a[(row0 + r) * lda..(row0 + r) * lda + k];
-            ap[r * kp..r * kp + k].copy_from_slice(src);
+        // Reused per thread: fresh multi-megabyte buffers per call cost page faults. Every value
+        // is written: the rows, zeros past k and in the padding rows.
+        ap.resize(mrows * kp);
+        for (r, dst) in ap.chunks_exact_mut(kp).enumerate() {
+            let (head, tail) = dst.split_at_mut(k.min(kp));
+            match r < rows {
+                true => head.copy_from_slice(&a[(row0 + r) * lda..][..k]),
+                false => head.fill(bf16::ZERO),
+            }
+            tail.fill(bf16::ZERO);
         }
         // One column panel at a time, so its f32 accumulators stay in cache through all of k.
         let ncb = NC / 32;
         for p_lo in (nb_lo..nb_hi).step_by(ncb) {
             let p_hi = (p_lo + ncb).min(nb_hi);
             let width = (p_hi - p_lo) * 32;
-            c.reset(mrows * width);
+            c.resize(mrows * width);
             // SAFETY: AMX is available (the caller's contract); ap is mrows x kp and c mrows x
             // width, both padded to tile multiples.
-            unsafe { kernel::run(ap, mrows, kp, b, p_lo, p_hi, c, width) };
+            unsafe { kernel::run(ap, mrows, kp, b, p_lo, p_hi, c, width, true) };
             let col0 = p_lo * 32;
             let cols = (b.n.min(p_hi * 32)).saturating_sub(col0);
             // SAFETY: rows row0 .. row0 + rows, columns col0 .. col0 + cols of out are this
             // task's (the caller's contract); c holds rows x width with width >= cols.
-            unsafe { write_block(c, width, (rows, cols), bias, out, (row0, col0), ldo) };
+            unsafe { write_block(c, width, (rows, cols), block, out, (row0, col0), ldo) };
         }
     });
 }
@@ -269,56 +331,69 @@ pub fn matmul_taps(
             for p_lo in (nb_lo..nb_hi).step_by(ncb) {
                 let p_hi = (p_lo + ncb).min(nb_hi);
                 let width = (p_hi - p_lo) * 32;
-                c.reset(trows * width);
-                for (&offset, b) in offsets.iter().zip(bs) {
+                c.resize(trows * width);
+                for (t, (&offset, b)) in offsets.iter().zip(bs).enumerate() {
                     let at = &a[offset + row0 * k..][..trows * k];
                     // SAFETY: AMX is available (asserted); `at` is trows x k with trows and k
                     // multiples of 32 (k == b.kp), c trows x width; b has p_hi <= np / 32 blocks.
-                    unsafe { kernel::run(at, trows, k, b, p_lo, p_hi, c, width) };
+                    // The first tap sets c, the others add to it.
+                    unsafe { kernel::run(at, trows, k, b, p_lo, p_hi, c, width, t == 0) };
                 }
                 let col0 = p_lo * 32;
                 let cols = n.min(p_hi * 32).saturating_sub(col0);
+                let block = Block {
+                    rows: (row0, rows),
+                    panels: (p_lo, p_hi),
+                    bias,
+                    gelu: false,
+                };
                 // SAFETY: the task's rows x columns block of out is written by no other task
                 // (split_tasks), inside out (asserted); c holds trows x width.
-                unsafe { write_block(c, width, (rows, cols), bias, optr.get(), (row0, col0), ldo) };
+                unsafe {
+                    write_block(c, width, (rows, cols), block, optr.get(), (row0, col0), ldo)
+                };
             }
         });
     });
 }
 
 /// Rows x cols of the f32 block `c` (row stride width), plus the bias's columns col0 .., into out
-/// from (row0, col0) at row stride ldo.
+/// from (row0, col0) at row stride ldo ([`Output::store`], through the GELU with `block.gelu`;
+/// `c` is overwritten on the way). At most [`NC`] columns.
 ///
 /// # Safety
 /// `out` is valid for writes of that block, which no other thread touches while the call runs;
-/// `c` holds rows rows of width >= cols values; bias (if any) holds col0 + cols values.
+/// `c` holds rows rows of width >= cols values; the bias (if any) holds col0 + cols values.
 unsafe fn write_block<O: Output>(
-    c: &[f32],
+    c: &mut [f32],
     width: usize,
     (rows, cols): (usize, usize),
-    bias: Option<&[f32]>,
+    block: Block,
     out: *mut O,
     (row0, col0): (usize, usize),
     ldo: usize,
 ) {
+    assert!(cols <= NC, "a block wider than a panel");
+    let mut e = [0f32; NC];
     for r in 0..rows {
-        let crow = &c[r * width..r * width + cols];
-        // SAFETY: row row0 + r, columns col0 .. col0 + cols of out are the caller's.
-        let orow = unsafe { out.add((row0 + r) * ldo + col0) };
-        match bias {
-            Some(bias) => {
-                for (j, (&v, &bj)) in crow.iter().zip(&bias[col0..col0 + cols]).enumerate() {
-                    // SAFETY: j < cols, inside the caller's block.
-                    unsafe { *orow.add(j) = O::from_f32(v + bj) };
-                }
-            }
-            None => {
-                for (j, &v) in crow.iter().enumerate() {
-                    // SAFETY: j < cols, inside the caller's block.
-                    unsafe { *orow.add(j) = O::from_f32(v) };
-                }
-            }
+        let crow = &mut c[r * width..r * width + cols];
+        if let Some(bias) = block.bias {
+            add_bias(crow, &bias[col0..col0 + cols]);
         }
+        // SAFETY: row row0 + r, columns col0 .. col0 + cols of out are the caller's, and no other
+        // thread touches them while this slice lives.
+        let orow =
+            unsafe { std::slice::from_raw_parts_mut(out.add((row0 + r) * ldo + col0), cols) };
+        O::store(crow, orow, block.gelu, &mut e[..cols]);
+    }
+}
+
+super::vector_dispatch!(add_bias, add_bias_generic, (c: &mut [f32], bias: &[f32]));
+
+#[inline(always)]
+fn add_bias_generic(c: &mut [f32], bias: &[f32]) {
+    for (v, b) in c.iter_mut().zip(bias) {
+        *v += b;
     }
 }
 
@@ -345,7 +420,8 @@ mod kernel {
         rows: [u8; 16],
     }
 
-    /// `c (mrows x width f32, zeroed) += ap (mrows x kp) · b[:, 32 nb_lo .. 32 nb_hi]`.
+    /// `c (mrows x width f32) += ap (mrows x kp) · b[:, 32 nb_lo .. 32 nb_hi]`, or with `zero`
+    /// `c = ...` (c's values are not read: the accumulators start at zero).
     ///
     /// # Safety
     /// AMX must be available and permitted (see [`super::available`]). mrows and kp are multiples
@@ -363,6 +439,7 @@ mod kernel {
         nb_hi: usize,
         c: &mut [f32],
         width: usize,
+        zero: bool,
     ) {
         let mut cfg = TileConfig {
             palette: 1,
@@ -400,14 +477,24 @@ mod kernel {
                             let c1 = c0.add(16);
                             let c2 = c0.add(16 * width);
                             let c3 = c2.add(16);
-                            asm!(
-                                "tileloadd tmm0, [{c0} + {ldc}*1]",
-                                "tileloadd tmm1, [{c1} + {ldc}*1]",
-                                "tileloadd tmm2, [{c2} + {ldc}*1]",
-                                "tileloadd tmm3, [{c3} + {ldc}*1]",
-                                c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
-                                ldc = in(reg) ldc, options(nostack, readonly),
-                            );
+                            if zero && kb0 == 0 {
+                                asm!(
+                                    "tilezero tmm0",
+                                    "tilezero tmm1",
+                                    "tilezero tmm2",
+                                    "tilezero tmm3",
+                                    options(nostack, nomem),
+                                );
+                            } else {
+                                asm!(
+                                    "tileloadd tmm0, [{c0} + {ldc}*1]",
+                                    "tileloadd tmm1, [{c1} + {ldc}*1]",
+                                    "tileloadd tmm2, [{c2} + {ldc}*1]",
+                                    "tileloadd tmm3, [{c3} + {ldc}*1]",
+                                    c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2,
+                                    c3 = in(reg) c3, ldc = in(reg) ldc, options(nostack, readonly),
+                                );
+                            }
                             for kb in kb0..kb1 {
                                 let bt = b.tiles(nb, kb);
                                 asm!(
@@ -462,6 +549,7 @@ mod kernel {
         _: usize,
         _: &mut [f32],
         _: usize,
+        _: bool,
     ) {
         unreachable!("AMX exists only on x86_64")
     }
@@ -522,6 +610,23 @@ mod tests {
                     "{m}x{k}x{n}: bf16 {g} vs {w}"
                 );
             }
+            // Through the GELU as it is written: the product, then the GELU pass of its type.
+            let mut g = vec![0f32; m * n];
+            matmul_gelu(&a, m, k, &packed, Some(&bias), &mut g, n);
+            let t =
+                |v: Vec<f32>| candle_core::Tensor::from_vec(v, m * n, &candle_core::Device::Cpu);
+            let want = elementwise::gelu_tanh_f32(&t(got.clone()).unwrap()).unwrap();
+            assert_eq!(g, want.to_vec1::<f32>().unwrap(), "{m}x{k}x{n}: f32 GELU");
+            let mut g16 = vec![bf16::ZERO; m * n];
+            matmul_gelu(&a, m, k, &packed, Some(&bias), &mut g16, n);
+            let t16 =
+                candle_core::Tensor::from_vec(got16.clone(), m * n, &candle_core::Device::Cpu);
+            let want = elementwise::gelu_tanh_bf16(&t16.unwrap()).unwrap();
+            assert_eq!(
+                g16,
+                want.to_vec1::<bf16>().unwrap(),
+                "{m}x{k}x{n}: bf16 GELU"
+            );
             // B given as (k x n) packs to the same tiles.
             let bt = crate::cpu::transpose(&w, n, k);
             assert_eq!(&PackedB::from_kn(&bt, k, n).data[..], &packed.data[..]);

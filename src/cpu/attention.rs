@@ -111,16 +111,22 @@ fn block_bf16(
     for (r, src) in q.chunks_exact(d).enumerate() {
         qs[r * kd..r * kd + d].copy_from_slice(src);
     }
-    // Scores, rows x m (row stride mp), then probabilities in the layout p v takes.
-    s.reset(mrows * mp);
+    // Scores, rows x m (row stride mp), then probabilities in the layout p v takes: zero past m
+    // (v's padding rows are zeros, but 0 times a stale NaN is not) and in the padding rows.
+    s.resize(mrows * mp);
     amx::matmul_padded(qs, mrows, kt, s);
     let kv = vp.k_padded(); // m padded
-    p.reset(mrows * kv);
+    p.resize(mrows * kv);
     let inv: Vec<f32> = (0..rows)
-        .map(|r| exp_row(&s[r * mp..r * mp + m], &mut p[r * kv..r * kv + m], scale))
+        .map(|r| {
+            let (row, tail) = p[r * kv..(r + 1) * kv].split_at_mut(m);
+            tail.fill(bf16::ZERO);
+            exp_row(&s[r * mp..r * mp + m], row, scale)
+        })
         .collect();
+    p[rows * kv..].fill(bf16::ZERO);
     let dp = vp.n_padded();
-    acc.reset(mrows * dp);
+    acc.resize(mrows * dp);
     amx::matmul_padded(p, mrows, vp, acc);
     for ((orow, a), inv) in o.chunks_exact_mut(d).zip(acc.chunks_exact(dp)).zip(inv) {
         for (x, &v) in orow.iter_mut().zip(&a[..d]) {

@@ -518,10 +518,10 @@ impl Linear {
         }
     }
 
-    /// `gelu_tanh(self.forward(x))`. On the AVX-512 and AVX512-BF16 kernels without an active
-    /// LoRA the GELU is applied to each output tile as the kernel writes it
-    /// ([`sgemm::matmul_gelu`], [`sgemm::matmul_bf16`], [`dpbf16::matmul_bf16`]): the same values,
-    /// without a pass over the output of its own.
+    /// `gelu_tanh(self.forward(x))`. On the AVX-512, AVX512-BF16 and AMX kernels without an
+    /// active LoRA the GELU is applied to each output tile as the kernel writes it
+    /// ([`sgemm::matmul_gelu`], [`sgemm::matmul_bf16`], [`dpbf16::matmul_bf16`],
+    /// [`amx::matmul_gelu`]): the same values, without a pass over the output of its own.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         let lora = self.lora.as_ref().and_then(|s| s.get()).is_some();
         match &self.kernel {
@@ -529,6 +529,13 @@ impl Linear {
             Kernel::Avx512InPlace(w) if !lora => rows_forward(x, w, None, true),
             Kernel::Avx512Bf16(p) if !lora => sgemm_forward(x, p, None, true, "AVX-512 bf16"),
             Kernel::Dpbf16(p) if !lora => dpbf16_forward(x, p, None, true),
+            Kernel::Amx(p) if !lora => {
+                let w = p.weight()?;
+                let (k, n) = (w.k(), w.n());
+                packed_forward(x, k, n, "AMX", |a, m, out| {
+                    amx::matmul_gelu(a, m, k, w, p.bias.as_deref(), out, n)
+                })
+            }
             _ => super::activation::gelu_tanh(&self.forward(x)?),
         }
     }
@@ -917,8 +924,8 @@ mod tests {
     use crate::nn::source::{with_source, Visit};
     use crate::nn::test_util::{max_diff, normal};
 
-    /// The GELU folded into the product (f32 on AVX-512, bf16 on AVX512-BF16) and the composed path
-    /// (bf16 elsewhere) equal `gelu_tanh(forward(x))` bit for bit.
+    /// The GELU folded into the product (f32 on AVX-512, bf16 on AMX or AVX512-BF16) and the
+    /// composed path (bf16 elsewhere) equal `gelu_tanh(forward(x))` bit for bit.
     #[test]
     fn forward_gelu_equals_gelu_of_forward() {
         let v = |t: &Tensor| {
@@ -940,6 +947,12 @@ mod tests {
             if dtype == DType::BF16 && !cpu.amx && cpu.bf16_dot {
                 assert!(
                     matches!(l.kernel, Kernel::Dpbf16(_)),
+                    "the fused path is tested"
+                );
+            }
+            if dtype == DType::BF16 && crate::cpu::test_has("amx") {
+                assert!(
+                    matches!(l.kernel, Kernel::Amx(_)),
                     "the fused path is tested"
                 );
             }

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 /// Rows of A per task (copied into a padded buffer), k per block, n per panel.
 const MC: usize = 256;
-const KC: usize = 512;
+const KC: usize = 2048;
 const NC: usize = 256;
 
 /// Whether AMX bf16 tiles can be used in this process (the feature switch, [`super::features`]).
@@ -464,15 +464,21 @@ mod kernel {
             let lda = (kp * 2) as isize; // bytes
             let ldc = (width * 4) as isize;
             let kbs = kp / 32;
-            let (kcb, ncb) = (KC / 32, NC / 32);
+            // k in equal blocks of at most KC: C is loaded and stored once per block.
+            let kcb = kbs.div_ceil(kbs.div_ceil(KC / 32)).max(1);
+            let ncb = NC / 32;
             for kb0 in (0..kbs).step_by(kcb) {
                 let kb1 = (kb0 + kcb).min(kbs);
                 for nbp in (nb_lo..nb_hi).step_by(ncb) {
                     let nbp1 = (nbp + ncb).min(nb_hi);
-                    for mb in 0..mrows / 32 {
-                        let a0 = ap.as_ptr().add(mb * 32 * kp);
-                        let a1 = a0.add(16 * kp);
-                        for nb in nbp..nbp1 {
+                    // Each 32-column block of B through every row block of the chunk (B's
+                    // block read from near caches, the chunk's rows from L2): on a 2-core Xeon
+                    // 5-10% faster than the rows outside, and whole k blocks up to 2048 another
+                    // 10-15% on k = 1536 (gemm_bench).
+                    for nb in nbp..nbp1 {
+                        for mb in 0..mrows / 32 {
+                            let a0 = ap.as_ptr().add(mb * 32 * kp);
+                            let a1 = a0.add(16 * kp);
                             let c0 = c.as_mut_ptr().add(mb * 32 * width + (nb - nb_lo) * 32);
                             let c1 = c0.add(16);
                             let c2 = c0.add(16 * width);
@@ -579,6 +585,8 @@ mod tests {
             (300, 96, 700),
             (37, 1000, 65),
             (64, 64, 64),
+            // k in two blocks of KC (the accumulators stored and loaded between them).
+            (40, 2100, 70),
         ] {
             let a = random(m * k, 1);
             let w = random(n * k, 2);

@@ -119,9 +119,13 @@ pub trait Output: Copy + Send + Sync {
     /// the GELU of that bf16 value rounded again (a bf16 product followed by
     /// [`elementwise::gelu_tanh_bf16`]). `c` may be overwritten; `e` is scratch of its length.
     fn store(c: &mut [f32], o: &mut [Self], gelu: bool, e: &mut [f32]);
+
+    const ZERO: Self;
 }
 
 impl Output for f32 {
+    const ZERO: Self = 0.0;
+
     fn store(c: &mut [f32], o: &mut [f32], gelu: bool, e: &mut [f32]) {
         match gelu {
             true => elementwise::gelu_f32_chunk(c, e, o),
@@ -131,6 +135,8 @@ impl Output for f32 {
 }
 
 impl Output for bf16 {
+    const ZERO: Self = bf16::ZERO;
+
     fn store(c: &mut [f32], o: &mut [bf16], gelu: bool, e: &mut [f32]) {
         match gelu {
             true => {
@@ -154,7 +160,12 @@ pub fn matmul<O: Output>(
     out: &mut [O],
     ldo: usize,
 ) {
-    product(a, m, lda, b, bias, out, ldo, false)
+    assert!(
+        m == 0 || out.len() >= (m - 1) * ldo + b.n,
+        "output is too short"
+    );
+    // SAFETY: out holds the m rows at stride ldo (asserted).
+    unsafe { product(a, m, lda, b, bias, out.as_mut_ptr(), ldo, false) }
 }
 
 /// [`matmul`] through the tanh-GELU as each row is written ([`Output::store`]): the values of
@@ -169,17 +180,49 @@ pub fn matmul_gelu<O: Output>(
     out: &mut [O],
     ldo: usize,
 ) {
-    product(a, m, lda, b, bias, out, ldo, true)
+    assert!(
+        m == 0 || out.len() >= (m - 1) * ldo + b.n,
+        "output is too short"
+    );
+    // SAFETY: out holds the m rows at stride ldo (asserted).
+    unsafe { product(a, m, lda, b, bias, out.as_mut_ptr(), ldo, true) }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn product<O: Output>(
+/// [`matmul`] (or with `gelu` [`matmul_gelu`]) into a new (m x n) row-major vector, written once:
+/// without the pass that zeroes a vector first (single-threaded, a tenth of a bf16 step's time).
+pub fn matmul_vec<O: Output>(
     a: &[bf16],
     m: usize,
     lda: usize,
     b: &PackedB,
     bias: Option<&[f32]>,
-    out: &mut [O],
+    gelu: bool,
+) -> Vec<O> {
+    let len = m * b.n;
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: out's buffer holds len = m x n values; the product writes every one of them (its
+    // tasks partition the rows and the column panels) before set_len makes them readable, and on
+    // a panic out is dropped with length 0.
+    unsafe {
+        product(a, m, lda, b, bias, out.as_mut_ptr(), b.n, gelu);
+        out.set_len(len);
+    }
+    out
+}
+
+/// The products above, into `out`, on the rayon pool.
+///
+/// # Safety
+/// `out` is valid for writes of m rows of n values at row stride ldo (it may be uninitialised:
+/// it is only written), and nothing else touches them while the call runs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product<O: Output>(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    out: *mut O,
     ldo: usize,
     gelu: bool,
 ) {
@@ -190,11 +233,10 @@ fn product<O: Output>(
         return;
     }
     assert!(a.len() >= (m - 1) * lda + k, "A is too short");
-    assert!(out.len() >= (m - 1) * ldo + n, "output is too short");
     if let Some(bias) = bias {
         assert_eq!(bias.len(), n, "bias length");
     }
-    let optr = OutPtr(out.as_mut_ptr());
+    let optr = OutPtr(out);
     let tasks = super::split_tasks(m, MC, 32, b.np / 32);
     tasks.par_iter().for_each(|&(row0, rows, nb_lo, nb_hi)| {
         let block = Block {
@@ -203,8 +245,9 @@ fn product<O: Output>(
             bias,
             gelu,
         };
-        // SAFETY: AMX is available (asserted); the slices hold the shapes (asserted); the task's
-        // rows x columns block of the output is written by no other task (split_tasks).
+        // SAFETY: AMX is available (asserted); a holds the shapes (asserted), out the output's
+        // (the caller's contract); the task's rows x columns block of the output is written by no
+        // other task (split_tasks).
         unsafe { task(a, lda, b, block, optr.get(), ldo) };
     });
 }
@@ -362,7 +405,8 @@ pub fn matmul_taps(
 /// `c` is overwritten on the way). At most [`NC`] columns.
 ///
 /// # Safety
-/// `out` is valid for writes of that block, which no other thread touches while the call runs;
+/// `out` is valid for writes of that block (which may be uninitialised: each row is copied in from
+/// a finished row on the stack, never read), which no other thread touches while the call runs;
 /// `c` holds rows rows of width >= cols values; the bias (if any) holds col0 + cols values.
 unsafe fn write_block<O: Output>(
     c: &mut [f32],
@@ -374,17 +418,18 @@ unsafe fn write_block<O: Output>(
     ldo: usize,
 ) {
     assert!(cols <= NC, "a block wider than a panel");
-    let mut e = [0f32; NC];
+    let (mut e, mut o) = ([0f32; NC], [O::ZERO; NC]);
     for r in 0..rows {
         let crow = &mut c[r * width..r * width + cols];
         if let Some(bias) = block.bias {
             add_bias(crow, &bias[col0..col0 + cols]);
         }
-        // SAFETY: row row0 + r, columns col0 .. col0 + cols of out are the caller's, and no other
-        // thread touches them while this slice lives.
-        let orow =
-            unsafe { std::slice::from_raw_parts_mut(out.add((row0 + r) * ldo + col0), cols) };
-        O::store(crow, orow, block.gelu, &mut e[..cols]);
+        O::store(crow, &mut o[..cols], block.gelu, &mut e[..cols]);
+        // SAFETY: row row0 + r, columns col0 .. col0 + cols of out are the caller's to write, and
+        // no other thread touches them; o is a separate stack array of cols <= NC values.
+        unsafe {
+            std::ptr::copy_nonoverlapping(o.as_ptr(), out.add((row0 + r) * ldo + col0), cols)
+        };
     }
 }
 
@@ -635,6 +680,10 @@ mod tests {
                 want.to_vec1::<bf16>().unwrap(),
                 "{m}x{k}x{n}: bf16 GELU"
             );
+            // Into a new vector, written once: the same values.
+            assert_eq!(matmul_vec::<bf16>(&a, m, k, &packed, Some(&bias), false), got16);
+            assert_eq!(matmul_vec::<bf16>(&a, m, k, &packed, Some(&bias), true), g16);
+            assert_eq!(matmul_vec::<f32>(&a, m, k, &packed, Some(&bias), true), g);
             // B given as (k x n) packs to the same tiles.
             let bt = crate::cpu::transpose(&w, n, k);
             assert_eq!(&PackedB::from_kn(&bt, k, n).data[..], &packed.data[..]);

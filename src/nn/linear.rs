@@ -478,13 +478,7 @@ impl Linear {
             Kernel::Candle(l) if is_cpu_f32(l, x) => rows_invariant_product(l, x),
             Kernel::Candle(l) => l.forward(x),
             Kernel::Mapped(w) => from_f32(&w.sums(x)?.0, x.dtype()),
-            Kernel::Amx(p) => {
-                let w = p.weight()?;
-                let (k, n) = (w.k(), w.n());
-                packed_forward(x, k, n, "AMX", |a, m, out| {
-                    amx::matmul(a, m, k, w, p.bias.as_deref(), out, n)
-                })
-            }
+            Kernel::Amx(p) => amx_forward(x, p, false),
             Kernel::Avx512(p) => sgemm_forward(x, p, None, false, "AVX-512"),
             Kernel::Avx512InPlace(w) => rows_forward(x, w, None, false),
             Kernel::Avx512Bf16(p) => sgemm_forward(x, p, None, false, "AVX-512 bf16"),
@@ -529,13 +523,7 @@ impl Linear {
             Kernel::Avx512InPlace(w) if !lora => rows_forward(x, w, None, true),
             Kernel::Avx512Bf16(p) if !lora => sgemm_forward(x, p, None, true, "AVX-512 bf16"),
             Kernel::Dpbf16(p) if !lora => dpbf16_forward(x, p, None, true),
-            Kernel::Amx(p) if !lora => {
-                let w = p.weight()?;
-                let (k, n) = (w.k(), w.n());
-                packed_forward(x, k, n, "AMX", |a, m, out| {
-                    amx::matmul_gelu(a, m, k, w, p.bias.as_deref(), out, n)
-                })
-            }
+            Kernel::Amx(p) if !lora => amx_forward(x, p, true),
             _ => super::activation::gelu_tanh(&self.forward(x)?),
         }
     }
@@ -901,6 +889,31 @@ fn packed_forward<T: candle_core::WithDType>(
     kernel: &str,
     product: impl FnOnce(&[T], usize, &mut [T]),
 ) -> Result<Tensor> {
+    packed_forward_vec(x, k, n, kernel, |a, m| {
+        let mut out = vec![T::zero(); m * n];
+        product(a, m, &mut out);
+        out
+    })
+}
+
+/// A layer on the AMX kernel, through the tanh-GELU with `gelu`: its output written once, without
+/// zeroing it first ([`amx::matmul_vec`]).
+fn amx_forward(x: &Tensor, p: &Packed<amx::PackedB>, gelu: bool) -> Result<Tensor> {
+    let w = p.weight()?;
+    let (k, n) = (w.k(), w.n());
+    packed_forward_vec(x, k, n, "AMX", |a, m| {
+        amx::matmul_vec::<bf16>(a, m, k, w, p.bias.as_deref(), gelu)
+    })
+}
+
+/// [`packed_forward`] with `product(a, m)` returning the (m x n) output.
+fn packed_forward_vec<T: candle_core::WithDType>(
+    x: &Tensor,
+    k: usize,
+    n: usize,
+    kernel: &str,
+    product: impl FnOnce(&[T], usize) -> Vec<T>,
+) -> Result<Tensor> {
     if x.dtype() != T::DTYPE || !x.device().is_cpu() || x.dim(candle_core::D::Minus1)? != k {
         candle_core::bail!(
             "{kernel} linear ({k} -> {n}, {} CPU) given {:?} {:?} on {:?}",
@@ -911,8 +924,7 @@ fn packed_forward<T: candle_core::WithDType>(
         );
     }
     let m = x.elem_count() / k;
-    let mut out = vec![T::zero(); m * n];
-    crate::cpu::with_slice::<T, _>(x, |a| product(a, m, &mut out))?;
+    let out = crate::cpu::with_slice::<T, _>(x, |a| product(a, m))?;
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("rank >= 1") = n;
     Tensor::from_vec(out, dims, &Device::Cpu)

@@ -279,7 +279,7 @@ pub fn matmul_padded(a: &[bf16], mrows: usize, b: &PackedB, c: &mut [f32]) {
     assert_eq!(a.len(), mrows * b.kp, "A is not rows x k_padded");
     assert_eq!(c.len(), mrows * b.np, "C is not rows x n_padded");
     // SAFETY: AMX is available; a, b and c hold the padded shapes (asserted above).
-    unsafe { kernel::run(a, b.kp, mrows, b.kp, b, 0, b.np / 32, c, b.np, true) };
+    unsafe { kernel::run(a, mrows, b.kp, b, 0, b.np / 32, c, b.np, true) };
 }
 
 /// One (row chunk, column range): pad the rows of A, accumulate the f32 block, write it out.
@@ -324,7 +324,7 @@ unsafe fn task<O: Output>(
             c.resize(mrows * width);
             // SAFETY: AMX is available (the caller's contract); ap is mrows x kp and c mrows x
             // width, both padded to tile multiples.
-            unsafe { kernel::run(ap, kp, mrows, kp, b, p_lo, p_hi, c, width, true) };
+            unsafe { kernel::run(ap, mrows, kp, b, p_lo, p_hi, c, width, true) };
             let col0 = p_lo * 32;
             let cols = (b.n.min(p_hi * 32)).saturating_sub(col0);
             // SAFETY: rows row0 .. row0 + rows, columns col0 .. col0 + cols of out are this
@@ -390,7 +390,7 @@ pub fn matmul_taps(
                     // SAFETY: AMX is available (asserted); `at` is trows x k with trows and k
                     // multiples of 32 (k == b.kp), c trows x width; b has p_hi <= np / 32 blocks.
                     // The first tap sets c, the others add to it.
-                    unsafe { kernel::run(at, k, trows, k, b, p_lo, p_hi, c, width, t == 0) };
+                    unsafe { kernel::run(at, trows, k, b, p_lo, p_hi, c, width, t == 0) };
                 }
                 let col0 = p_lo * 32;
                 let cols = n.min(p_hi * 32).saturating_sub(col0);
@@ -475,20 +475,18 @@ mod kernel {
         rows: [u8; 16],
     }
 
-    /// `c (mrows x width f32) += ap (mrows x kp, row stride lda) · b[:, 32 nb_lo .. 32 nb_hi]`, or
-    /// with `zero` `c = ...` (c's values are not read: the accumulators start at zero).
+    /// `c (mrows x width f32) += ap (mrows x kp) · b[:, 32 nb_lo .. 32 nb_hi]`, or with `zero`
+    /// `c = ...` (c's values are not read: the accumulators start at zero).
     ///
     /// # Safety
     /// AMX must be available and permitted (see [`super::available`]). mrows and kp are multiples
-    /// of 32, lda >= kp; `ap` holds (mrows - 1) x lda + kp elements, `c` mrows x width with
-    /// width >= 32 (nb_hi - nb_lo),
+    /// of 32; `ap` holds mrows x kp elements, `c` mrows x width with width >= 32 (nb_hi - nb_lo),
     /// and `b` has at least nb_hi column blocks and kp / 32 k-blocks. Tile rows are read and written
     /// at any alignment (tileloadd/tilestored do not require one; 64-byte alignment only makes them
     /// faster).
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run(
         ap: &[bf16],
-        lda: usize,
         mrows: usize,
         kp: usize,
         b: &PackedB,
@@ -511,14 +509,14 @@ mod kernel {
         }
         // SAFETY: AMX is available (the caller's contract), so the tile instructions exist and
         // the tile state is granted. Every pointer stays inside its buffer: a0/a1 point at row
-        // blocks 32 mb and 32 mb + 16 (< mrows) of ap, read 16 rows of 64 bytes at stride 2 lda
-        // from column 32 kb < kp <= lda; c0..c3 are the four 16 x 16 quarters of the 32 x 32 block (mb, nb -
+        // blocks 32 mb and 32 mb + 16 (< mrows) of ap, read 16 rows of 64 bytes at stride 2 kp from
+        // column 32 kb < kp; c0..c3 are the four 16 x 16 quarters of the 32 x 32 block (mb, nb -
         // nb_lo) of c, rows < mrows and columns < 32 (nb_hi - nb_lo) <= width; b.tiles(nb, kb) is a
         // pair of 16 x 32 tiles inside b's data (nb < nb_hi, kb < kp / 32). Only tilestored writes
         // memory, into c, which this call holds mutably.
         unsafe {
             asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig, options(nostack));
-            let (stride, lda) = (lda, (lda * 2) as isize); // elements, bytes
+            let lda = (kp * 2) as isize; // bytes
             let ldc = (width * 4) as isize;
             let kbs = kp / 32;
             // k in equal blocks of at most KC: C is loaded and stored once per block.
@@ -534,8 +532,8 @@ mod kernel {
                     // 10-15% on k = 1536 (gemm_bench).
                     for nb in nbp..nbp1 {
                         for mb in 0..mrows / 32 {
-                            let a0 = ap.as_ptr().add(mb * 32 * stride);
-                            let a1 = a0.add(16 * stride);
+                            let a0 = ap.as_ptr().add(mb * 32 * kp);
+                            let a1 = a0.add(16 * kp);
                             let c0 = c.as_mut_ptr().add(mb * 32 * width + (nb - nb_lo) * 32);
                             let c1 = c0.add(16);
                             let c2 = c0.add(16 * width);
@@ -605,7 +603,6 @@ mod kernel {
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run(
         _: &[bf16],
-        _: usize,
         _: usize,
         _: usize,
         _: &PackedB,

@@ -91,6 +91,13 @@ impl PackedConv2d {
         let (cout, cin, ksize, pad) = dims;
         Self::check(weight, bias.as_deref(), dims);
         let kk = ksize * ksize;
+        // Bf16 operands: on the tiles where c_in fits them, else on AVX512-BF16, else (AMX with
+        // AVX512-BF16 switched off) as bf16 weights.
+        let on_amx = amx::available() && cin.is_multiple_of(32);
+        let operands = match operands {
+            Operands::Bf16 if !on_amx && !dpbf16::available() => Operands::Bf16Weights,
+            operands => operands,
+        };
         let taps = match operands {
             Operands::F32 => Taps::F32(
                 split_taps(weight, kk, W::into)
@@ -104,16 +111,10 @@ impl PackedConv2d {
                     .map(|w| PackedBf16::from_nk(w, cout, cin))
                     .collect(),
             ),
-            Operands::Bf16 if amx::available() && cin.is_multiple_of(32) => Taps::Amx(
+            Operands::Bf16 if on_amx => Taps::Amx(
                 split_taps(weight, kk, |w| super::round_bf16(w.into()))
                     .iter()
                     .map(|w| amx::PackedB::from_nk(w, cout, cin))
-                    .collect(),
-            ),
-            Operands::Bf16 if !dpbf16::available() => Taps::Bf16Weights(
-                split_taps(weight, kk, |w| super::round_bf16(w.into()))
-                    .iter()
-                    .map(|w| PackedBf16::from_nk(w, cout, cin))
                     .collect(),
             ),
             Operands::Bf16 => Taps::Bf16(

@@ -758,7 +758,7 @@ mod tests {
         let mut got = ts.clone();
         exp2_generic(&mut got);
         for (&t, &g) in ts.iter().zip(&got) {
-            if !(t >= EXP2_LOWEST) {
+            if t.is_nan() || t < EXP2_LOWEST {
                 assert_eq!(g.to_bits(), 0, "2^{t} = {g}");
                 continue;
             }

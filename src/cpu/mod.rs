@@ -60,6 +60,7 @@ pub mod group_norm;
 pub mod heads;
 pub mod heap;
 pub mod qgemm;
+pub mod rope;
 pub mod sgemm;
 mod transpose;
 

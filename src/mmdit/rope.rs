@@ -1,7 +1,7 @@
 //! Flux's rotary position embedding over several id axes (diffusers `FluxPosEmbed` with
 //! `get_1d_rotary_pos_embed(..., repeat_interleave_real=True, use_real=True)`; BFL `flux/math.py`).
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 /// Per-token cos and sin tables, each (s, head_dim / 2), one entry per frequency (per adjacent
 /// channel pair), f32.
@@ -43,8 +43,9 @@ impl Rope {
     /// # Shapes
     /// x: (b, h, s, d) -> (b, h, s, d)
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        // candle's kernel, equal to the composed f32 path within f32 rounding (tested).
-        self.apply_fused(x)
+        // One pass on a CPU, candle's kernel elsewhere; equal to the composed f32 path within f32
+        // rounding (tested).
+        crate::nn::rotate_pairs(x, &self.cos_half, &self.sin_half)
     }
 
     /// The composed f32 path, as diffusers writes it (the reference for the fused kernel).
@@ -56,7 +57,7 @@ impl Rope {
         // Every frequency twice, for both channels of its pair.
         let full = |t: &Tensor| t.unsqueeze(2)?.repeat((1, 1, 2))?.reshape((s, d));
         let (cos, sin) = (full(&self.cos_half)?, full(&self.sin_half)?);
-        let xf = x.to_dtype(DType::F32)?;
+        let xf = x.to_dtype(candle_core::DType::F32)?;
         let pairs = xf.reshape((b, h, s, d / 2, 2))?;
         let x0 = pairs.narrow(D::Minus1, 0, 1)?;
         let x1 = pairs.narrow(D::Minus1, 1, 1)?;
@@ -67,21 +68,12 @@ impl Rope {
     }
 }
 
-impl Rope {
-    /// The fused path of [`Rope::apply`]: candle's kernel for interleaved pairs, in f32 (any
-    /// device; tested against the composed path).
-    pub(crate) fn apply_fused(&self, x: &Tensor) -> Result<Tensor> {
-        let xf = x.to_dtype(DType::F32)?.contiguous()?;
-        candle_nn::rotary_emb::rope_i(&xf, &self.cos_half, &self.sin_half)?.to_dtype(x.dtype())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn fused_rope_equals_the_composed_path() {
+    fn rope_equals_the_composed_path() {
         let dev = Device::Cpu;
         let ids: Vec<Vec<f64>> = (0..5)
             .map(|i| vec![0.0, i as f64, (2 * i) as f64])

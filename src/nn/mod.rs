@@ -1,7 +1,7 @@
 //! Layers shared by every model: linear layers, attention, normalisations, the adaptive-norm
-//! arithmetic, activations, convolutions and two-layer MLPs. Each wraps candle's op and, where
-//! the CPU has a faster kernel for the dtype ([`crate::cpu`], chosen by its feature switch), that
-//! kernel instead. `mmdit/`, `vae/` and `text/` build their models from these; none of them takes
+//! arithmetic, the rotary embedding's rotation, activations, convolutions and two-layer MLPs. Each
+//! wraps candle's op and, where the CPU has a faster kernel for the dtype ([`crate::cpu`], chosen
+//! by its feature switch), that kernel instead. `mmdit/`, `vae/` and `text/` build their models from these; none of them takes
 //! a layer from another.
 //!
 //! Naming follows diffusers (`nn.Linear`, `RMSNorm`, `FeedForward`), so constructors mirror the
@@ -16,6 +16,7 @@ pub mod mlp;
 pub mod modulate;
 pub mod norm;
 pub mod quant;
+pub mod rope;
 pub mod source;
 
 pub use activation::gelu_tanh;
@@ -24,6 +25,7 @@ pub use conv::{Conv2d, ImageLayout};
 pub use linear::{linear, linear_no_bias, linear_with, Linear};
 pub use mlp::{Activation, FeedForward, Mlp, SwiGlu};
 pub use norm::{layer_norm, GroupNorm, RmsNorm};
+pub use rope::rotate_pairs;
 
 #[cfg(test)]
 pub(crate) mod test_util {

@@ -52,9 +52,8 @@ impl Heads {
 pub fn sdpa_bf16(q: &[bf16], k: &[bf16], v: &[bf16], heads: Heads, scale: f32) -> Vec<bf16> {
     heads.check(q, k, v);
     let Heads { bh, n, m, d } = heads;
-    let mut out = vec![bf16::ZERO; bh * n * d];
     if bh == 0 || n == 0 || m == 0 || d == 0 {
-        return out;
+        return vec![bf16::ZERO; bh * n * d];
     }
     // k as the transposed right operand of q kᵀ, v as the right operand of p v.
     let kt: Vec<PackedB> = k
@@ -65,20 +64,21 @@ pub fn sdpa_bf16(q: &[bf16], k: &[bf16], v: &[bf16], heads: Heads, scale: f32) -
         .par_chunks(m * d)
         .map(|v| PackedB::from_kn(v, m, d))
         .collect();
-    out.par_chunks_mut(n * d)
-        .zip(q.par_chunks(n * d))
-        .zip(kt.par_iter().zip(vp.par_iter()))
-        .for_each(|((o, q), (kt, vp))| {
+    // SAFETY: every value of each head's output is written: its blocks of QB queries (the last
+    // shorter) partition it, and block_bf16 writes a row of d for each query of its block.
+    unsafe {
+        super::par_written(bh * n * d, n * d, |head, o| {
+            let q = &q[head * n * d..][..n * d];
             o.par_chunks_mut(QB * d)
                 .zip(q.par_chunks(QB * d))
                 .for_each(|(o, q)| {
                     BF16_SCRATCH.with(|sc| {
                         let (qs, s, p, acc) = &mut *sc.borrow_mut();
-                        block_bf16(q, o, kt, vp, m, d, scale, qs, s, p, acc)
+                        block_bf16(q, o, &kt[head], &vp[head], m, d, scale, qs, s, p, acc)
                     })
                 });
-        });
-    out
+        })
+    }
 }
 
 thread_local! {
@@ -89,11 +89,11 @@ thread_local! {
         const { std::cell::RefCell::new((Aligned::new(), Aligned::new(), Aligned::new(), Aligned::new())) };
 }
 
-/// One block of queries q (rows x d) of one head into o (rows x d).
+/// One block of queries q (rows x d) of one head into o (rows x d), every value written.
 #[allow(clippy::too_many_arguments)]
 fn block_bf16(
     q: &[bf16],
-    o: &mut [bf16],
+    o: &mut [std::mem::MaybeUninit<bf16>],
     kt: &PackedB,
     vp: &PackedB,
     m: usize,
@@ -130,7 +130,7 @@ fn block_bf16(
     amx::matmul_padded(p, mrows, vp, acc);
     for ((orow, a), inv) in o.chunks_exact_mut(d).zip(acc.chunks_exact(dp)).zip(inv) {
         for (x, &v) in orow.iter_mut().zip(&a[..d]) {
-            *x = super::round_bf16(v * inv);
+            x.write(super::round_bf16(v * inv));
         }
     }
 }

@@ -21,25 +21,25 @@ pub fn join_heads<T: WithDType>(
         assert_eq!(part.len(), b * n * h * d, "a part's length");
     }
     let total: usize = lens.iter().sum();
-    let mut out = vec![T::zero(); b * h * total * d];
-    if out.is_empty() {
-        return out;
+    let len = b * h * total * d;
+    if len == 0 {
+        return Vec::new();
     }
     // One (batch, head) plane of total x d per task.
-    out.par_chunks_mut(total * d)
-        .enumerate()
-        .for_each(|(plane, dst)| {
+    // SAFETY: each task writes its whole plane: Σ lens = total rows of d, each copied from a part.
+    unsafe {
+        super::par_written(len, total * d, |plane, dst| {
             let (bi, hi) = (plane / h, plane % h);
             let mut rows = dst.chunks_exact_mut(d);
             for (part, &n) in parts.iter().zip(lens) {
                 for t in 0..n {
                     let at = ((bi * n + t) * h + hi) * d;
                     let row = rows.next().expect("total rows per plane");
-                    row.copy_from_slice(&part[at..at + d]);
+                    row.write_copy_of_slice(&part[at..at + d]);
                 }
             }
-        });
-    out
+        })
+    }
 }
 
 /// Head-major `x` (b, h, Σ lens, d) split along the tokens into token-major parts (b, lens[p], h,
@@ -56,19 +56,17 @@ pub fn split_tokens<T: WithDType>(
     let mut first = 0;
     lens.iter()
         .map(|&n| {
-            let mut out = vec![T::zero(); b * n * h * d];
-            if !out.is_empty() {
-                // One token's row of h x d per task.
-                out.par_chunks_mut(h * d)
-                    .enumerate()
-                    .for_each(|(row, dst)| {
-                        let (bi, t) = (row / n, row % n);
-                        for (hi, dst) in dst.chunks_exact_mut(d).enumerate() {
-                            let at = ((bi * h + hi) * total + first + t) * d;
-                            dst.copy_from_slice(&x[at..at + d]);
-                        }
-                    });
-            }
+            // One token's row of h x d per task.
+            // SAFETY: each task writes its whole row: h heads of d values.
+            let out = unsafe {
+                super::par_written(b * n * h * d, h * d, |row, dst| {
+                    let (bi, t) = (row / n, row % n);
+                    for (hi, dst) in dst.chunks_exact_mut(d).enumerate() {
+                        let at = ((bi * h + hi) * total + first + t) * d;
+                        dst.write_copy_of_slice(&x[at..at + d]);
+                    }
+                })
+            };
             first += n;
             out
         })

@@ -66,6 +66,30 @@ mod transpose;
 
 pub use features::{features, test_has, Features};
 
+/// A new vector of `len` values written in parallel, `chunk` values a task (the last part
+/// shorter): `fill(i, part)` writes part i, the values from `i · chunk` on. No pass zeroes the memory
+/// first: a `vec![0; len]` whose memory the allocator reuses is a `memset` (with the outputs that
+/// are overwritten anyway, 2.7% of a bf16 SD3 step's samples in `perf`).
+///
+/// # Safety
+/// `fill` must write every element of each part it is given: the vector's values are read as
+/// initialised once it returns. (If `fill` panics, the vector is dropped with length 0, unread.)
+pub(crate) unsafe fn par_written<T: Send>(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, part)| fill(i, part));
+    // SAFETY: the capacity holds len values, each written by `fill` (the caller's contract).
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// The mask of the low `n` (<= 16) lanes of a 16-lane vector: a row's tail for masked loads and
 /// stores.
 #[cfg(target_arch = "x86_64")]

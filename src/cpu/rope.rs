@@ -7,6 +7,7 @@
 use super::Lane;
 use half::bf16;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// `x` (planes x s x d, head-major: each plane one (batch, head)) rotated by token: the pair
 /// (x0, x1) at channels (2i, 2i + 1) of token t becomes (x0 c - x1 s, x0 s + x1 c) with c, s =
@@ -24,48 +25,52 @@ pub fn rotate_pairs<T: Pairs>(x: &[T], cos: &[f32], sin: &[f32], s: usize, d: us
         x.is_empty() || (plane > 0 && x.len().is_multiple_of(plane)),
         "rotary input is not whole planes of tokens x head width"
     );
-    let mut out = vec![T::zero(); x.len()];
-    if out.is_empty() {
-        return out;
+    if x.is_empty() {
+        return Vec::new();
     }
     // A task per run of about 16 Ki values (whole tokens) of one plane, so that one plane (batch 1,
     // one head) still spreads over the threads. Within a run, the pair j of the run's first token
     // t0 takes the tables' entry t0 · d/2 + j.
     let run = (16_384 / d).max(1) * d;
-    out.par_chunks_mut(plane)
-        .zip(x.par_chunks(plane))
-        .flat_map(|(o, x)| o.par_chunks_mut(run).zip(x.par_chunks(run)).enumerate())
-        .for_each(|(r, (o, x))| {
-            let first = r * run / 2;
-            let pairs = o.len() / 2;
-            T::rotate(x, o, &cos[first..first + pairs], &sin[first..first + pairs]);
-        });
-    out
+    // SAFETY: each plane's runs partition it, and `rotate` writes every value of its run.
+    unsafe {
+        super::par_written(x.len(), plane, |p, o| {
+            let x = &x[p * plane..][..plane];
+            o.par_chunks_mut(run)
+                .zip(x.par_chunks(run))
+                .enumerate()
+                .for_each(|(r, (o, x))| {
+                    let first = r * run / 2;
+                    let pairs = o.len() / 2;
+                    T::rotate(x, o, &cos[first..first + pairs], &sin[first..first + pairs]);
+                });
+        })
+    }
 }
 
 /// The element types [`rotate_pairs`] runs on, each with its vectorised row.
 pub trait Pairs: Lane {
-    /// `o` = the pairs of `x` rotated by `cos`, `sin` (one entry per pair).
-    fn rotate(x: &[Self], o: &mut [Self], cos: &[f32], sin: &[f32]);
+    /// `o` = the pairs of `x` rotated by `cos`, `sin` (one entry per pair), every value written.
+    fn rotate(x: &[Self], o: &mut [MaybeUninit<Self>], cos: &[f32], sin: &[f32]);
 }
 
 impl Pairs for f32 {
-    fn rotate(x: &[f32], o: &mut [f32], cos: &[f32], sin: &[f32]) {
+    fn rotate(x: &[f32], o: &mut [MaybeUninit<f32>], cos: &[f32], sin: &[f32]) {
         rotate_f32(x, o, cos, sin)
     }
 }
 
 impl Pairs for bf16 {
-    fn rotate(x: &[bf16], o: &mut [bf16], cos: &[f32], sin: &[f32]) {
+    fn rotate(x: &[bf16], o: &mut [MaybeUninit<bf16>], cos: &[f32], sin: &[f32]) {
         rotate_bf16(x, o, cos, sin)
     }
 }
 
-super::vector_dispatch!(rotate_f32, rotate_generic::<f32>, (x: &[f32], o: &mut [f32], cos: &[f32], sin: &[f32]));
-super::vector_dispatch!(rotate_bf16, rotate_generic::<bf16>, (x: &[bf16], o: &mut [bf16], cos: &[f32], sin: &[f32]));
+super::vector_dispatch!(rotate_f32, rotate_generic::<f32>, (x: &[f32], o: &mut [MaybeUninit<f32>], cos: &[f32], sin: &[f32]));
+super::vector_dispatch!(rotate_bf16, rotate_generic::<bf16>, (x: &[bf16], o: &mut [MaybeUninit<bf16>], cos: &[f32], sin: &[f32]));
 
 #[inline(always)]
-fn rotate_generic<T: Lane>(x: &[T], o: &mut [T], cos: &[f32], sin: &[f32]) {
+fn rotate_generic<T: Lane>(x: &[T], o: &mut [MaybeUninit<T>], cos: &[f32], sin: &[f32]) {
     for (((o, x), &c), &s) in o
         .chunks_exact_mut(2)
         .zip(x.chunks_exact(2))
@@ -73,8 +78,8 @@ fn rotate_generic<T: Lane>(x: &[T], o: &mut [T], cos: &[f32], sin: &[f32]) {
         .zip(sin)
     {
         let (x0, x1) = (x[0].widen(), x[1].widen());
-        o[0] = T::narrow(x0 * c - x1 * s);
-        o[1] = T::narrow(x0 * s + x1 * c);
+        o[0].write(T::narrow(x0 * c - x1 * s));
+        o[1].write(T::narrow(x0 * s + x1 * c));
     }
 }
 

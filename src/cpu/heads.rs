@@ -5,7 +5,6 @@
 //! streams, make each contiguous) copy every value two or three times.
 
 use candle_core::WithDType;
-use rayon::prelude::*;
 
 /// Token-major parts `parts[p]` (b, lens[p], h, d) joined along the tokens into one head-major
 /// (b, h, Σ lens, d). Panics unless each part holds b · lens[p] · h · d values.

@@ -490,16 +490,36 @@ fn exp2_16(
     mask: std::arch::x86_64::__mmask16,
 ) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    let c = _mm512_set1_ps;
     // t - floor(t), in [0, 1): no fraction bits kept, rounded down, no precision exception.
     let f = _mm512_reduce_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(t);
-    let mut y = c(EXP2_POLY[0]);
-    for k in &EXP2_POLY[1..] {
-        y = _mm512_fmadd_ps(y, f, c(*k));
+    // SAFETY: AVX-512F is enabled here.
+    unsafe { exp2_of_parts16(t, f, mask) }
+}
+
+/// [`exp2_16`] given `f = t - floor(t)` (on AVX-512F alone, f from `vrndscaleps`): the polynomial
+/// and `vscalefps`, which applies `2^floor(t)` itself.
+///
+/// # Safety
+/// AVX-512F available (it inlines into callers compiled with it).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn exp2_of_parts16(
+    t: std::arch::x86_64::__m512,
+    f: std::arch::x86_64::__m512,
+    mask: std::arch::x86_64::__mmask16,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX-512F is available (# Safety); the operations touch no memory.
+    unsafe {
+        let c = _mm512_set1_ps;
+        let mut y = c(EXP2_POLY[0]);
+        for k in &EXP2_POLY[1..] {
+            y = _mm512_fmadd_ps(y, f, c(*k));
+        }
+        let y = _mm512_fmadd_ps(y, f, c(1.0));
+        let normal = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(mask, t, c(EXP2_LOWEST));
+        _mm512_maskz_scalef_ps(normal, y, t)
     }
-    let y = _mm512_fmadd_ps(y, f, c(1.0));
-    let normal = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(mask, t, c(EXP2_LOWEST));
-    _mm512_maskz_scalef_ps(normal, y, t)
 }
 
 /// The multiplier and shift of a row's base-2 exponentials, `e^(x · scale - max · scale) =

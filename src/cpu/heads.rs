@@ -72,6 +72,33 @@ pub fn split_tokens<T: WithDType>(
         .collect()
 }
 
+/// Head-major `x` (b, h, n, d) merged to token-major rows with `extra` (b, n, e) appended to each:
+/// (b, n, h·d + e), Flux's single blocks' `cat([merge_heads(attn), mlp], -1)` in one copy. Panics
+/// unless x holds b · h · n · d values and extra b · n · e.
+pub fn merge_heads_with<T: WithDType>(
+    x: &[T],
+    extra: &[T],
+    (b, h, n, d): (usize, usize, usize, usize),
+    e: usize,
+) -> Vec<T> {
+    assert_eq!(x.len(), b * h * n * d, "the head-major length");
+    assert_eq!(extra.len(), b * n * e, "the appended length");
+    let width = h * d + e;
+    // One token's row per task.
+    // SAFETY: each task writes its whole row: h heads of d values, then e values.
+    unsafe {
+        super::par_written(b * n * width, width, |row, dst| {
+            let (bi, t) = (row / n, row % n);
+            let (heads, tail) = dst.split_at_mut(h * d);
+            for (hi, dst) in heads.chunks_exact_mut(d.max(1)).enumerate() {
+                let at = ((bi * h + hi) * n + t) * d;
+                dst.write_copy_of_slice(&x[at..at + d]);
+            }
+            tail.write_copy_of_slice(&extra[row * e..][..e]);
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +130,32 @@ mod tests {
             first += n;
         }
         assert_eq!(split_tokens(&joined, &lens, b, h, d), parts);
+    }
+
+    /// Against the index arithmetic written out, for odd sizes.
+    #[test]
+    fn merge_heads_with_puts_heads_then_the_extra_values() {
+        let (b, h, n, d, e) = (2, 3, 5, 4, 7);
+        let x: Vec<u32> = (0..(b * h * n * d) as u32).collect();
+        let extra: Vec<u32> = (0..(b * n * e) as u32).map(|v| v + 10_000).collect();
+        let got = merge_heads_with(&x, &extra, (b, h, n, d), e);
+        let width = h * d + e;
+        assert_eq!(got.len(), b * n * width);
+        for bi in 0..b {
+            for t in 0..n {
+                let row = &got[(bi * n + t) * width..][..width];
+                for hi in 0..h {
+                    for k in 0..d {
+                        assert_eq!(row[hi * d + k], x[((bi * h + hi) * n + t) * d + k]);
+                    }
+                }
+                assert_eq!(&row[h * d..], &extra[(bi * n + t) * e..][..e]);
+            }
+        }
+        assert_eq!(
+            merge_heads_with::<u32>(&[], &[], (0, 3, 5, 4), 7),
+            Vec::<u32>::new()
+        );
     }
 
     /// Every (batch, head, token, element) index, in order.

@@ -12,7 +12,7 @@ use super::rope::Rope;
 use super::Text;
 use crate::config::Flux2TransformerConfig;
 use crate::nn::{
-    linear_with, merge_heads, sdpa, split_heads, Activation, Linear, Mlp, RmsNorm, SwiGlu,
+    linear_with, merge_heads_with, sdpa, split_heads, Activation, Linear, Mlp, RmsNorm, SwiGlu,
 };
 use crate::profile::{self, Phase};
 use candle_core::{Module, Result, Tensor, D};
@@ -75,9 +75,7 @@ impl ParallelBlock {
         let (q, k) = profile::phase(Phase::Rope, dev, || Ok((rope.apply(&q)?, rope.apply(&k)?)))?;
         let o = sdpa(&q, &k, &v)?;
         let mlp = profile::phase(Phase::FeedForward, dev, || SwiGlu::gate(&mlp))?;
-        let joined = profile::phase(Phase::Copies, dev, || {
-            Tensor::cat(&[merge_heads(&o)?, mlp], D::Minus1)
-        })?;
+        let joined = profile::phase(Phase::Copies, dev, || merge_heads_with(&o, &mlp))?;
         let out = profile::phase(Phase::OutputProjections, dev, || {
             self.to_out.forward(&joined)
         })?;

@@ -4,9 +4,9 @@
 use super::attention::QkvProj;
 use super::modulation::{Modulation, ModulationOut};
 use super::rope::Rope;
-use crate::nn::{linear, merge_heads, sdpa, Linear};
+use crate::nn::{linear, merge_heads_with, sdpa, Linear};
 use crate::profile::{self, Phase};
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -64,9 +64,7 @@ impl SingleBlock {
         let (q, k, v) = self.attn.forward(&h)?;
         let (q, k) = profile::phase(Phase::Rope, dev, || Ok((rope.apply(&q)?, rope.apply(&k)?)))?;
         let o = sdpa(&q, &k, &v)?;
-        let joined = profile::phase(Phase::Copies, dev, || {
-            Tensor::cat(&[merge_heads(&o)?, mlp], D::Minus1)
-        })?;
+        let joined = profile::phase(Phase::Copies, dev, || merge_heads_with(&o, &mlp))?;
         let out = profile::phase(Phase::OutputProjections, dev, || {
             self.proj_out.forward(&joined)
         })?;

@@ -302,6 +302,42 @@ fn join_token_major(parts: &[&Tensor]) -> Result<Tensor> {
     Tensor::cat(parts, 1)?.transpose(1, 2)
 }
 
+/// [`merge_heads`] of `x` with `extra` appended along the last axis: (b, h, n, d) and (b, n, e) ->
+/// (b, n, h·d + e), a single-stream block's attention output and MLP activations joined for its
+/// output projection. On the CPU one copy ([`crate::cpu::heads`]); elsewhere concatenated.
+pub fn merge_heads_with(x: &Tensor, extra: &Tensor) -> Result<Tensor> {
+    let (b, h, n, d) = x.dims4()?;
+    let (eb, en, e) = extra.dims3()?;
+    if (eb, en) != (b, n) || extra.dtype() != x.dtype() {
+        candle_core::bail!(
+            "merge_heads_with: {:?} {:?} and {:?} {:?}",
+            x.shape(),
+            x.dtype(),
+            extra.shape(),
+            extra.dtype()
+        );
+    }
+    fn on_cpu<T: candle_core::WithDType>(
+        x: &Tensor,
+        extra: &Tensor,
+        dims: (usize, usize, usize, usize),
+        e: usize,
+    ) -> Result<Tensor> {
+        let out = crate::cpu::with_slices::<T, _>(&[x, extra], |xs| {
+            crate::cpu::heads::merge_heads_with(xs[0], xs[1], dims, e)
+        })?;
+        let (b, h, n, d) = dims;
+        Tensor::from_vec(out, (b, n, h * d + e), &candle_core::Device::Cpu)
+    }
+    let dims = (b, h, n, d);
+    match (x.device().is_cpu(), x.dtype()) {
+        (true, DType::F32) => on_cpu::<f32>(x, extra, dims, e),
+        (true, DType::BF16) => on_cpu::<half::bf16>(x, extra, dims, e),
+        (true, DType::F16) => on_cpu::<half::f16>(x, extra, dims, e),
+        _ => Tensor::cat(&[&merge_heads(x)?, extra], candle_core::D::Minus1),
+    }
+}
+
 /// Head-major `x` (b, h, Σ lens, d) split along the tokens into token-major parts (b, lens[i],
 /// h·d), each contiguous: [`merge_heads`] and a narrow of each part. On the CPU one copy
 /// ([`crate::cpu::heads`]).
@@ -432,6 +468,12 @@ mod tests {
             let merged = merge_heads(&want).unwrap();
             eq(&b, &merged.narrow(1, 4, 5).unwrap());
             assert!(split_tokens(&joined, [4, 4]).is_err());
+            let mlp = normal((2, 9, 11), 1.0, 3).to_dtype(dtype).unwrap();
+            eq(
+                &merge_heads_with(&want, &mlp).unwrap(),
+                &Tensor::cat(&[&merged, &mlp], 2).unwrap(),
+            );
+            assert!(merge_heads_with(&want, &mlp.narrow(1, 0, 8).unwrap()).is_err());
         }
     }
 

@@ -20,7 +20,9 @@ pub mod rope;
 pub mod source;
 
 pub use activation::gelu_tanh;
-pub use attention::{join_heads, merge_heads, sdpa, sdpa_unprofiled, split_heads, split_tokens};
+pub use attention::{
+    join_heads, merge_heads, merge_heads_with, sdpa, sdpa_unprofiled, split_heads, split_tokens,
+};
 pub use conv::{Conv2d, ImageLayout};
 pub use linear::{linear, linear_no_bias, linear_with, Linear};
 pub use mlp::{Activation, FeedForward, Mlp, SwiGlu};

@@ -308,7 +308,7 @@ fn norm_modulate_as<E: RowPasses>(
 }
 
 /// The row passes of each element type, compiled for AVX-512 where the feature switch allows it.
-trait RowPasses: Lane {
+pub(crate) trait RowPasses: Lane {
     fn ln_mod_row(
         x: &[Self],
         o: &mut [Self],

@@ -41,6 +41,83 @@ pub fn join_heads<T: WithDType>(
     }
 }
 
+/// What [`join_heads_with`] does to each row of d on its way: each part's RMSNorm (its f32 weight
+/// of d, or `None` to leave the part's rows as they are) with `eps`, then the rotary embedding's
+/// rotation by joined token (`cos`, `sin`: Σ lens x d/2 each, [`super::rope::rotate_pairs`]'s
+/// tables), or none.
+pub(crate) struct RowOps<'a> {
+    pub norms: &'a [Option<&'a [f32]>],
+    pub eps: f32,
+    pub rope: Option<(&'a [f32], &'a [f32])>,
+}
+
+/// [`join_heads`] with each row normalised and rotated as it is copied ([`RowOps`]): the values of
+/// the RMSNorm pass, the join and the rotation one after the other (the same row functions), in one
+/// pass over the values instead of three. Panics unless the parts, weights and tables fit.
+pub(crate) fn join_heads_with<T: super::rope::Pairs + super::elementwise::RowPasses>(
+    parts: &[&[T]],
+    lens: &[usize],
+    (b, h, d): (usize, usize, usize),
+    ops: &RowOps,
+) -> Vec<T> {
+    assert_eq!(parts.len(), lens.len(), "one length per part");
+    assert_eq!(ops.norms.len(), parts.len(), "one norm (or none) per part");
+    for ((part, &n), w) in parts.iter().zip(lens).zip(ops.norms) {
+        assert_eq!(part.len(), b * n * h * d, "a part's length");
+        assert!(
+            w.is_none_or(|w| w.len() == d),
+            "a norm's weight is not the head width"
+        );
+    }
+    let total: usize = lens.iter().sum();
+    let half = d / 2;
+    if let Some((cos, sin)) = ops.rope {
+        assert!(d.is_multiple_of(2), "rotary pairs need an even head width");
+        assert!(
+            cos.len() == total * half && sin.len() == total * half,
+            "rotary tables are not (tokens, head width / 2)"
+        );
+    }
+    let len = b * h * total * d;
+    if len == 0 {
+        return Vec::new();
+    }
+    // One (batch, head) plane of total x d per task, as join_heads.
+    // SAFETY: each task writes its whole plane: Σ lens = total rows of d, each written by `rotate`
+    // (every value of its row) or copied.
+    unsafe {
+        super::par_written(len, total * d, |plane, dst| {
+            let (bi, hi) = (plane / h, plane % h);
+            let mut rows = dst.chunks_exact_mut(d);
+            let mut normed = vec![T::zero(); d];
+            let mut token = 0;
+            for ((part, &n), w) in parts.iter().zip(lens).zip(ops.norms) {
+                for t in 0..n {
+                    let at = ((bi * n + t) * h + hi) * d;
+                    let row = rows.next().expect("total rows per plane");
+                    let src = match w {
+                        Some(w) => {
+                            T::rms_row(&part[at..at + d], &mut normed, w, ops.eps);
+                            &normed[..]
+                        }
+                        None => &part[at..at + d],
+                    };
+                    match ops.rope {
+                        Some((cos, sin)) => {
+                            let tab = token * half..(token + 1) * half;
+                            T::rotate(src, row, &cos[tab.clone()], &sin[tab]);
+                        }
+                        None => {
+                            row.write_copy_of_slice(src);
+                        }
+                    }
+                    token += 1;
+                }
+            }
+        })
+    }
+}
+
 /// Head-major `x` (b, h, Σ lens, d) split along the tokens into token-major parts (b, lens[p], h,
 /// d). Panics unless x holds b · h · Σ lens · d values.
 pub fn split_tokens<T: WithDType>(

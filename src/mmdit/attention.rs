@@ -2,7 +2,9 @@
 //! the image and text streams attend together over their concatenated tokens.
 
 use super::rope::Rope;
-use crate::nn::{join_heads, linear_with, merge_heads, sdpa, split_tokens, Linear, RmsNorm};
+use crate::nn::{
+    join_heads, join_heads_with, linear_with, merge_heads, sdpa, split_tokens, Linear, RmsNorm,
+};
 use crate::profile::{self, Phase};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -55,20 +57,18 @@ impl QkvProj {
         })
     }
 
-    /// x: (b, n, dim) -> q, k, v each (b, h, n, d)
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (q, k, v) = self.forward_tokens(x)?;
-        profile::phase(Phase::Copies, x.device(), || {
-            Ok((join_heads(&[&q])?, join_heads(&[&k])?, join_heads(&[&v])?))
-        })
+    /// x: (b, n, dim) -> q, k, v each (b, h, n, d), q and k through their norms and rotated by
+    /// `rope` when given ([`join_streams`] of one stream).
+    pub fn forward(&self, x: &Tensor, rope: Option<&Rope>) -> Result<(Tensor, Tensor, Tensor)> {
+        let t = self.project(x)?;
+        join_streams(&[(self, &t)], rope, x.device())
     }
 
-    /// x: (b, n, dim) -> q, k, v each token-major (b, n, h, d), as the projections write them (the
-    /// q/k norms act on each head's d values, in either layout).
-    pub fn forward_tokens(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let dev = x.device();
+    /// x: (b, n, dim) -> q, k, v each token-major (b, n, h, d), as the projections write them,
+    /// before the q/k norms (which act on each head's d values, in either layout).
+    pub fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, n, _) = x.dims3()?;
-        let (mut q, mut k, v) = profile::phase(Phase::QkvProjections, dev, || {
+        profile::phase(Phase::QkvProjections, x.device(), || {
             let heads = |t: Tensor| {
                 let d = t.dim(2)? / self.heads;
                 t.reshape((b, n, self.heads, d))
@@ -78,18 +78,39 @@ impl QkvProj {
                 heads(self.k.forward(x)?)?,
                 heads(self.v.forward(x)?)?,
             ))
-        })?;
-        profile::phase(Phase::QkNorm, dev, || {
-            if let Some(n) = &self.norm_q {
-                q = n.forward(&q)?;
-            }
-            if let Some(n) = &self.norm_k {
-                k = n.forward(&k)?;
-            }
-            Ok(())
-        })?;
-        Ok((q, k, v))
+        })
     }
+}
+
+/// Streams' token-major q, k, v ([`QkvProj::project`], in the joint sequence's order) joined
+/// head-major along the tokens, q and k through each stream's norms and the rotary embedding on
+/// the way ([`join_heads_with`]: one pass on the CPU). Timed as the q/k norm phase where a stream
+/// has norms, else as RoPE where there is one, else as copies.
+fn join_streams(
+    streams: &[(&QkvProj, &(Tensor, Tensor, Tensor))],
+    rope: Option<&Rope>,
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let phase = match (streams.iter().any(|(p, _)| p.norm_q.is_some()), rope) {
+        (true, _) => Phase::QkNorm,
+        (false, Some(_)) => Phase::Rope,
+        (false, None) => Phase::Copies,
+    };
+    let tables = rope.map(|r| r.tables());
+    let (q, k) = profile::phase(phase, dev, || {
+        let qs: Vec<&Tensor> = streams.iter().map(|(_, t)| &t.0).collect();
+        let ks: Vec<&Tensor> = streams.iter().map(|(_, t)| &t.1).collect();
+        let nq: Vec<Option<&RmsNorm>> = streams.iter().map(|(p, _)| p.norm_q.as_ref()).collect();
+        let nk: Vec<Option<&RmsNorm>> = streams.iter().map(|(p, _)| p.norm_k.as_ref()).collect();
+        Ok((
+            join_heads_with(&qs, &nq, tables)?,
+            join_heads_with(&ks, &nk, tables)?,
+        ))
+    })?;
+    let v = profile::phase(Phase::Copies, dev, || {
+        join_heads(&streams.iter().map(|(_, t)| &t.2).collect::<Vec<_>>())
+    })?;
+    Ok((q, k, v))
 }
 
 /// diffusers `Attention` as MMDiT uses it: an image stream (`to_q/k/v`, `to_out.0`) and, for joint
@@ -149,7 +170,7 @@ impl JointAttention {
 
     /// Self-attention over the image stream alone. x: (b, n, dim) -> (b, n, dim)
     pub fn forward_self(&self, x: &Tensor) -> Result<Tensor> {
-        let (q, k, v) = self.img.forward(x)?;
+        let (q, k, v) = self.img.forward(x, None)?;
         let o = sdpa(&q, &k, &v)?;
         let o = profile::phase(Phase::Copies, x.device(), || merge_heads(&o))?;
         profile::phase(Phase::OutputProjections, x.device(), || {
@@ -175,20 +196,15 @@ impl JointAttention {
             .expect("joint attention built with a context stream");
         let n = x.dim(1)?;
         let s = ctx.dim(1)?;
-        let (q, k, v) = self.img.forward_tokens(x)?;
-        let (cq, ck, cv) = ctx_proj.forward_tokens(ctx)?;
-        // The joint sequence, head-major, in one copy of each value.
-        let join = |a: &Tensor, c: &Tensor| match order {
-            TokenOrder::ImageFirst => join_heads(&[a, c]),
-            TokenOrder::TextFirst => join_heads(&[c, a]),
+        let img = self.img.project(x)?;
+        let txt = ctx_proj.project(ctx)?;
+        // The joint sequence, head-major, in one pass over each of q, k, v.
+        let streams = match order {
+            TokenOrder::ImageFirst => [(&self.img, &img), (ctx_proj, &txt)],
+            TokenOrder::TextFirst => [(ctx_proj, &txt), (&self.img, &img)],
         };
         let dev = x.device();
-        let (mut q, mut k, v) = profile::phase(Phase::Copies, dev, || {
-            Ok((join(&q, &cq)?, join(&k, &ck)?, join(&v, &cv)?))
-        })?;
-        if let Some(r) = rope {
-            (q, k) = profile::phase(Phase::Rope, dev, || Ok((r.apply(&q)?, r.apply(&k)?)))?;
-        }
+        let (q, k, v) = join_streams(&streams, rope, dev)?;
         let o = sdpa(&q, &k, &v)?;
         // Back to token-major rows (b, n, inner) and (b, s, inner), again one copy.
         let (o_img, o_ctx) = profile::phase(Phase::Copies, dev, || {

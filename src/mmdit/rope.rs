@@ -48,6 +48,12 @@ impl Rope {
         crate::nn::rotate_pairs(x, &self.cos_half, &self.sin_half)
     }
 
+    /// The cos and sin tables, each (s, head_dim / 2) f32, for kernels that rotate on the way
+    /// ([`crate::nn::join_heads_with`]).
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos_half, &self.sin_half)
+    }
+
     /// The composed f32 path, as diffusers writes it (the reference for the fused kernel).
     #[cfg(test)]
     fn apply_composed(&self, x: &Tensor) -> Result<Tensor> {

@@ -61,8 +61,7 @@ impl SingleBlock {
         let dev = x.device();
         let h = profile::phase(Phase::Norms, dev, || m.norm(x))?;
         let mlp = profile::phase(Phase::FeedForward, dev, || self.proj_mlp.forward_gelu(&h))?;
-        let (q, k, v) = self.attn.forward(&h)?;
-        let (q, k) = profile::phase(Phase::Rope, dev, || Ok((rope.apply(&q)?, rope.apply(&k)?)))?;
+        let (q, k, v) = self.attn.forward(&h, Some(rope))?;
         let o = sdpa(&q, &k, &v)?;
         let joined = profile::phase(Phase::Copies, dev, || merge_heads_with(&o, &mlp))?;
         let out = profile::phase(Phase::OutputProjections, dev, || {

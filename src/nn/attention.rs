@@ -1,5 +1,6 @@
 //! Scaled dot-product attention on every backend, and the head split/merge around it.
 
+use super::norm::RmsNorm;
 use crate::profile::{self, Phase};
 use candle_core::{DType, Result, Tensor};
 use half::bf16;
@@ -297,6 +298,120 @@ pub fn join_heads(parts: &[&Tensor]) -> Result<Tensor> {
     }
 }
 
+/// [`join_heads`] of token-major parts each through its per-head RMSNorm (`norms[i]`, or none),
+/// then rotated by joined token with the rotary tables `rope` (cos, sin: (Σ n_i, d / 2) f32,
+/// [`crate::nn::rotate_pairs`]), or not: MMDiT's q and k on their way into the attention. On the
+/// CPU in f32 and bf16 one pass ([`crate::cpu::heads::join_heads_with`]) giving the values of the
+/// three ops one after the other, which run elsewhere.
+pub fn join_heads_with(
+    parts: &[&Tensor],
+    norms: &[Option<&RmsNorm>],
+    rope: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    if norms.len() != parts.len() {
+        candle_core::bail!(
+            "join_heads_with: {} parts, {} norms",
+            parts.len(),
+            norms.len()
+        );
+    }
+    let Some(first) = parts.first() else {
+        candle_core::bail!("join_heads_with: no parts")
+    };
+    let (b, _, h, d) = first.dims4()?;
+    let mut lens = Vec::with_capacity(parts.len());
+    for p in parts {
+        let (pb, n, ph, pd) = p.dims4()?;
+        if (pb, ph, pd) != (b, h, d) || p.dtype() != first.dtype() {
+            candle_core::bail!(
+                "join_heads_with: parts {:?} {:?} and {:?} {:?}",
+                first.shape(),
+                first.dtype(),
+                p.shape(),
+                p.dtype()
+            );
+        }
+        lens.push(n);
+    }
+    let total: usize = lens.iter().sum();
+    let tables_fit = rope.is_none_or(|(c, s)| {
+        c.dims() == [total, d / 2] && s.dims() == [total, d / 2] && d % 2 == 0
+    });
+    let norms_fit = norms
+        .iter()
+        .all(|n| n.is_none_or(|n| n.parts().0.dims() == [d]));
+    if !tables_fit || !norms_fit {
+        candle_core::bail!(
+            "join_heads_with: norms or rotary tables do not fit {:?}",
+            first.shape()
+        );
+    }
+    let f32_tables = rope.is_none_or(|(c, s)| c.dtype() == DType::F32 && s.dtype() == DType::F32);
+    fn on_cpu<T: crate::cpu::rope::Pairs + crate::cpu::elementwise::RowPasses>(
+        parts: &[&Tensor],
+        norms: &[Option<&RmsNorm>],
+        rope: Option<(&Tensor, &Tensor)>,
+        lens: &[usize],
+        (b, h, total, d): (usize, usize, usize, usize),
+    ) -> Result<Tensor> {
+        use crate::cpu::with_slice;
+        let weights: Vec<Option<Vec<f32>>> = norms
+            .iter()
+            .map(|n| {
+                n.map(|n| n.parts().0.to_dtype(DType::F32)?.to_vec1())
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        let weights: Vec<Option<&[f32]>> = weights.iter().map(|w| w.as_deref()).collect();
+        let eps = norms
+            .iter()
+            .flatten()
+            .map(|n| n.parts().1)
+            .next()
+            .unwrap_or(0.0);
+        if norms.iter().flatten().any(|n| n.parts().1 != eps) {
+            candle_core::bail!("join_heads_with: norms of different epsilons");
+        }
+        let run = |rope: Option<(&[f32], &[f32])>| {
+            crate::cpu::with_slices::<T, _>(parts, |xs| {
+                let ops = crate::cpu::heads::RowOps {
+                    norms: &weights,
+                    eps: eps as f32,
+                    rope,
+                };
+                crate::cpu::heads::join_heads_with(xs, lens, (b, h, d), &ops)
+            })
+        };
+        let out = match rope {
+            Some((c, s)) => {
+                with_slice::<f32, _>(c, |c| with_slice::<f32, _>(s, |s| run(Some((c, s)))))???
+            }
+            None => run(None)?,
+        };
+        Tensor::from_vec(out, (b, h, total, d), &candle_core::Device::Cpu)
+    }
+    let dims = (b, h, total, d);
+    match (first.device().is_cpu() && f32_tables, first.dtype()) {
+        (true, DType::F32) => on_cpu::<f32>(parts, norms, rope, &lens, dims),
+        (true, DType::BF16) => on_cpu::<half::bf16>(parts, norms, rope, &lens, dims),
+        _ => {
+            let normed: Vec<Tensor> = parts
+                .iter()
+                .zip(norms)
+                .map(|(p, n)| match n {
+                    Some(n) => n.forward(p),
+                    None => Ok((*p).clone()),
+                })
+                .collect::<Result<_>>()?;
+            let joined = join_heads(&normed.iter().collect::<Vec<_>>())?;
+            match rope {
+                Some((c, s)) => crate::nn::rotate_pairs(&joined, c, s),
+                None => Ok(joined),
+            }
+        }
+    }
+}
+
 /// [`join_heads`] off the CPU: the token-major parts concatenated, viewed head-major.
 fn join_token_major(parts: &[&Tensor]) -> Result<Tensor> {
     Tensor::cat(parts, 1)?.transpose(1, 2)
@@ -429,6 +544,59 @@ mod tests {
 
     /// The one-copy CPU layout changes against the composed ops (split the heads and concatenate;
     /// merge the heads and narrow), bit for bit, in f32 and bf16.
+    #[test]
+    fn join_heads_with_equals_norms_then_join_then_rotation() {
+        use crate::nn::{rotate_pairs, RmsNorm};
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        let (h, d) = (3, 8);
+        let angles = Tensor::arange(0f32, (9 * d / 2) as f32, &candle_core::Device::Cpu)
+            .unwrap()
+            .affine(0.37, 0.1)
+            .unwrap()
+            .reshape((9, d / 2))
+            .unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        for dtype in [DType::F32, DType::BF16] {
+            let img = normal((2, 5, h, d), 2.0, 1).to_dtype(dtype).unwrap();
+            let txt = normal((2, 4, h, d), 2.0, 2).to_dtype(dtype).unwrap();
+            let norm = |seed| {
+                RmsNorm::from_weight(normal(d, 1.0, seed).to_dtype(dtype).unwrap(), 1e-6)
+            };
+            let (ni, nt) = (norm(3), norm(4));
+            for (norms, rope) in [
+                ([Some(&nt), Some(&ni)], Some((&cos, &sin))),
+                ([None, Some(&ni)], None),
+                ([None, None], Some((&cos, &sin))),
+            ] {
+                let got = join_heads_with(&[&txt, &img], &norms, rope).unwrap();
+                let normed: Vec<Tensor> = [&txt, &img]
+                    .iter()
+                    .zip(norms)
+                    .map(|(p, n)| n.map_or(Ok((*p).clone()), |n| n.forward(p)).unwrap())
+                    .collect();
+                let mut want = join_heads(&[&normed[0], &normed[1]]).unwrap();
+                if let Some((c, s)) = rope {
+                    want = rotate_pairs(&want, c, s).unwrap();
+                }
+                assert_eq!(got.dims(), want.dims());
+                assert_eq!(bits(&got), bits(&want), "{dtype:?}");
+            }
+            let short = angles.narrow(0, 0, 8).unwrap();
+            assert!(join_heads_with(&[&txt, &img], &[None, None], Some((&short, &short))).is_err());
+            assert!(join_heads_with(&[&txt, &img], &[None], None).is_err());
+        }
+    }
+
     #[test]
     fn join_heads_and_split_tokens_equal_the_composed_ops() {
         let eq = |a: &Tensor, b: &Tensor| {

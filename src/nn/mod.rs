@@ -21,7 +21,8 @@ pub mod source;
 
 pub use activation::gelu_tanh;
 pub use attention::{
-    join_heads, merge_heads, merge_heads_with, sdpa, sdpa_unprofiled, split_heads, split_tokens,
+    join_heads, join_heads_with, merge_heads, merge_heads_with, sdpa, sdpa_unprofiled, split_heads,
+    split_tokens,
 };
 pub use conv::{Conv2d, ImageLayout};
 pub use linear::{linear, linear_no_bias, linear_with, Linear};

@@ -37,6 +37,11 @@ impl RmsNorm {
         Self { weight, eps }
     }
 
+    /// The weight (dim) and epsilon, for kernels that fold the norm into another pass.
+    pub fn parts(&self) -> (&Tensor, f64) {
+        (&self.weight, self.eps)
+    }
+
     /// x: (..., dim). On a GPU one fused kernel (statistics in f32); on the CPU in f32 and bf16 one
     /// vectorised pass with the composed path's roundings (the composed path for f16).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

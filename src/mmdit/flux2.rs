@@ -12,7 +12,8 @@ use super::rope::Rope;
 use super::Text;
 use crate::config::Flux2TransformerConfig;
 use crate::nn::{
-    linear_with, merge_heads_with, sdpa, split_heads, Activation, Linear, Mlp, RmsNorm, SwiGlu,
+    join_heads, join_heads_with, linear_with, merge_heads_with, sdpa, Activation, Linear, Mlp,
+    RmsNorm, SwiGlu,
 };
 use crate::profile::{self, Phase};
 use candle_core::{Module, Result, Tensor, D};
@@ -59,20 +60,22 @@ impl ParallelBlock {
         let proj = profile::phase(Phase::QkvProjections, dev, || self.to_qkv_mlp.forward(&h))?;
         let inner = self.inner;
         let width = proj.dim(D::Minus1)?;
-        let (q, k, v, mlp) = profile::phase(Phase::Copies, dev, || {
-            let part =
-                |at: usize, len: usize| split_heads(&proj.narrow(D::Minus1, at, len)?, self.heads);
+        let (b, n, _) = proj.dims3()?;
+        // q, k and v token-major (b, n, h, d): each a copy of its columns of the fused projection.
+        let part = |at: usize| -> Result<Tensor> {
+            proj.narrow(D::Minus1, at, inner)?
+                .reshape((b, n, self.heads, inner / self.heads))
+        };
+        let (q, k) = profile::phase(Phase::QkNorm, dev, || {
+            // Normed, joined head-major and rotated in one pass each.
+            let tables = Some(rope.tables());
             Ok((
-                part(0, inner)?,
-                part(inner, inner)?,
-                part(2 * inner, inner)?,
-                proj.narrow(D::Minus1, 3 * inner, width - 3 * inner)?,
+                join_heads_with(&[&part(0)?], &[Some(&self.norm_q)], tables)?,
+                join_heads_with(&[&part(inner)?], &[Some(&self.norm_k)], tables)?,
             ))
         })?;
-        let (q, k) = profile::phase(Phase::QkNorm, dev, || {
-            Ok((self.norm_q.forward(&q)?, self.norm_k.forward(&k)?))
-        })?;
-        let (q, k) = profile::phase(Phase::Rope, dev, || Ok((rope.apply(&q)?, rope.apply(&k)?)))?;
+        let v = profile::phase(Phase::Copies, dev, || join_heads(&[&part(2 * inner)?]))?;
+        let mlp = proj.narrow(D::Minus1, 3 * inner, width - 3 * inner)?;
         let o = sdpa(&q, &k, &v)?;
         let mlp = profile::phase(Phase::FeedForward, dev, || SwiGlu::gate(&mlp))?;
         let joined = profile::phase(Phase::Copies, dev, || merge_heads_with(&o, &mlp))?;

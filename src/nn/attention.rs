@@ -569,9 +569,8 @@ mod tests {
         for dtype in [DType::F32, DType::BF16] {
             let img = normal((2, 5, h, d), 2.0, 1).to_dtype(dtype).unwrap();
             let txt = normal((2, 4, h, d), 2.0, 2).to_dtype(dtype).unwrap();
-            let norm = |seed| {
-                RmsNorm::from_weight(normal(d, 1.0, seed).to_dtype(dtype).unwrap(), 1e-6)
-            };
+            let norm =
+                |seed| RmsNorm::from_weight(normal(d, 1.0, seed).to_dtype(dtype).unwrap(), 1e-6);
             let (ni, nt) = (norm(3), norm(4));
             for (norms, rope) in [
                 ([Some(&nt), Some(&ni)], Some((&cos, &sin))),

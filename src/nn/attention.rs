@@ -260,24 +260,8 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// (one copy; none for a single part) and viewed head-major, strided: cuDNN's attention takes the
 /// strides, and [`sdpa`]'s other paths make contiguous what they need.
 pub fn join_heads(parts: &[&Tensor]) -> Result<Tensor> {
-    let Some(first) = parts.first() else {
-        candle_core::bail!("join_heads: no parts")
-    };
-    let (b, _, h, d) = first.dims4()?;
-    let mut lens = Vec::with_capacity(parts.len());
-    for p in parts {
-        let (pb, n, ph, pd) = p.dims4()?;
-        if (pb, ph, pd) != (b, h, d) || p.dtype() != first.dtype() {
-            candle_core::bail!(
-                "join_heads: parts {:?} {:?} and {:?} {:?}",
-                first.shape(),
-                first.dtype(),
-                p.shape(),
-                p.dtype()
-            );
-        }
-        lens.push(n);
-    }
+    let ((b, h, d), lens) = token_parts(parts, "join_heads")?;
+    let first = parts[0];
     let total = lens.iter().sum::<usize>();
     fn on_cpu<T: candle_core::WithDType>(
         parts: &[&Tensor],
@@ -315,24 +299,8 @@ pub fn join_heads_with(
             norms.len()
         );
     }
-    let Some(first) = parts.first() else {
-        candle_core::bail!("join_heads_with: no parts")
-    };
-    let (b, _, h, d) = first.dims4()?;
-    let mut lens = Vec::with_capacity(parts.len());
-    for p in parts {
-        let (pb, n, ph, pd) = p.dims4()?;
-        if (pb, ph, pd) != (b, h, d) || p.dtype() != first.dtype() {
-            candle_core::bail!(
-                "join_heads_with: parts {:?} {:?} and {:?} {:?}",
-                first.shape(),
-                first.dtype(),
-                p.shape(),
-                p.dtype()
-            );
-        }
-        lens.push(n);
-    }
+    let ((b, h, d), lens) = token_parts(parts, "join_heads_with")?;
+    let first = parts[0];
     let total: usize = lens.iter().sum();
     let tables_fit = rope.is_none_or(|(c, s)| {
         c.dims() == [total, d / 2] && s.dims() == [total, d / 2] && d % 2 == 0
@@ -410,6 +378,30 @@ pub fn join_heads_with(
             }
         }
     }
+}
+
+/// Token-major parts' (b, n_i, h, d): their common (b, h, d) and each n_i, or an error naming `op`
+/// unless there is a part and all share b, h, d and the dtype.
+fn token_parts(parts: &[&Tensor], op: &str) -> Result<((usize, usize, usize), Vec<usize>)> {
+    let Some(&first) = parts.first() else {
+        candle_core::bail!("{op}: no parts")
+    };
+    let (b, _, h, d) = first.dims4()?;
+    let mut lens = Vec::with_capacity(parts.len());
+    for p in parts {
+        let (pb, n, ph, pd) = p.dims4()?;
+        if (pb, ph, pd) != (b, h, d) || p.dtype() != first.dtype() {
+            candle_core::bail!(
+                "{op}: parts {:?} {:?} and {:?} {:?}",
+                first.shape(),
+                first.dtype(),
+                p.shape(),
+                p.dtype()
+            );
+        }
+        lens.push(n);
+    }
+    Ok(((b, h, d), lens))
 }
 
 /// [`join_heads`] off the CPU: the token-major parts concatenated, viewed head-major.
@@ -547,17 +539,7 @@ mod tests {
     #[test]
     fn join_heads_with_equals_norms_then_join_then_rotation() {
         use crate::nn::{rotate_pairs, RmsNorm};
-        let bits = |t: &Tensor| -> Vec<u32> {
-            t.to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
+        let bits = crate::nn::test_util::bits;
         let (h, d) = (3, 8);
         let angles = Tensor::arange(0f32, (9 * d / 2) as f32, &candle_core::Device::Cpu)
             .unwrap()

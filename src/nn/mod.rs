@@ -35,6 +35,19 @@ pub(crate) mod test_util {
     pub(crate) use crate::cpu::normal_tensor as normal;
     use candle_core::Tensor;
 
+    /// Every value's f32 bits (after widening to f32), for comparisons bit for bit.
+    pub fn bits(t: &Tensor) -> Vec<u32> {
+        t.to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
     /// max |a - b| over all elements.
     pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)

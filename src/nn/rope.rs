@@ -72,17 +72,7 @@ mod tests {
                 .unwrap();
             let got = rotate_pairs(&x, &cos, &sin).unwrap();
             assert_eq!(got.dtype(), dt);
-            let bits = |t: &Tensor| -> Vec<u32> {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect()
-            };
+            let bits = crate::nn::test_util::bits;
             assert_eq!(bits(&got), bits(&want), "{dt:?}");
         }
     }

@@ -387,7 +387,7 @@ fn exp_row(s: &[f32], p: &mut [bf16], scale: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if super::features().avx512_bf16 {
         // SAFETY: the feature switch reports AVX512-BF16 only where the CPU has it with AVX-512F,
-        // AVX512BW and AVX512VL.
+        // AVX512BW, AVX512VL and AVX512DQ.
         return unsafe { exp_row_avx512_bf16(s, p, scale) };
     }
     exp_row_vectorised(s, p, scale)

@@ -105,11 +105,12 @@ fn detect_vnni() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 fn detect_avx512_bf16() -> bool {
-    // (With AVX512BW and VL, which every CPU with AVX512-BF16 has: the bf16 kernels' masked
-    // 16-bit stores need them.)
+    // (With AVX512BW, VL and DQ, which every CPU with AVX512-BF16 has: the bf16 kernels' masked
+    // 16-bit stores need the first two, the attention's exponentials `vreduceps`.)
     std::arch::is_x86_feature_detected!("avx512bf16")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512dq")
 }
 
 #[cfg(not(target_arch = "x86_64"))]

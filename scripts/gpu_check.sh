@@ -5,7 +5,14 @@
 #                                     # binaries, stripped and packed into .gpu/bins.tar.xz (~MBs)
 #   bash scripts/gpu_check.sh run     # on the GPU machine, from the repository root with .gpu/ present
 #
-# `run` needs python3 with torch (CUDA), and diffusers 0.42.1 importable (or its wheel in .whl/), and
+# What travels to the GPU machine is limited to 64 MiB (tracked files, untracked files not ignored,
+# carried paths); the tracked files alone are ~54 MB, the binaries ~21 MB and diffusers' wheels ~6 MB.
+#   bash scripts/gpu_check.sh slim    # untracks (in the index only, files stay) what `run` does not read
+#   bash scripts/gpu_check.sh unslim  # tracks them again (git reset of those paths)
+# so a session runs: build, slim, device run (carry .gpu and .whl), unslim.
+#
+# `run` needs python3 with torch (CUDA), and diffusers 0.42.1 importable (or its wheel in .whl/, with
+# importlib_metadata's: the H200 image has neither; `pip download --no-deps` them), and
 # writes everything under $OUT (default gpu-results/):
 #   1. parity tests on CUDA: f32 at the CPU tolerances, bf16 images PSNR >= 30 dB against diffusers' f32;
 #   2. speed at 1024x1024, bf16, against PyTorch/diffusers on the same machine and the same random
@@ -65,6 +72,22 @@ run() {
     fi
     export MMDIT_TEST_ROOT=$PWD MMDIT_MODELS_DIR=$PWD/models MMDIT_TEST_DEVICE=$DEV RUST_BACKTRACE=0
 
+    # Runs "$@" while sampling the GPU's used memory every 100 ms into $1 (MiB, one line each):
+    # the device memory a whole process takes (context, allocator caches and all), the same
+    # measure for diffusers and mmdit.
+    sampled() {
+        local file=$1 rc=0 sampler=
+        shift
+        if [ "$DEV" = cuda ]; then
+            nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$file" 2>/dev/null &
+            sampler=$!
+        fi
+        "$@" || rc=$?
+        [ -n "$sampler" ] && { kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true; }
+        return "$rc"
+    }
+    peak_mib() { sort -n "$1" 2>/dev/null | tail -1; }
+
     log "1. parity on $DEV"
     for t in "${TESTS[@]}"; do
         if timeout 180 ".gpu/bin/$t" --test-threads 1 --nocapture >"$DETAIL/test-$t.txt" 2>&1; then
@@ -91,16 +114,21 @@ run() {
         timeout 240 "$PY" scripts/make_bench_models.py $FULL --only "$m" --device "$DEV" --dtype bf16 --out "$models" \
             >"$DETAIL/make-$name.txt" 2>&1 || { log "$name: making the model failed"; tail -5 "$DETAIL/make-$name.txt"; continue; }
         log "$name written ($(du -sh "$models/$name" | cut -f1))"
-        timeout 240 "$PY" scripts/bench_diffusers.py --model "$models/$name" --device "$DEV" --dtype bf16 \
+        sampled "$DETAIL/$name-diffusers-mem.txt" timeout 240 "$PY" scripts/bench_diffusers.py --model "$models/$name" --device "$DEV" --dtype bf16 \
             --width "$SIZE" --height "$SIZE" --steps "$steps" "${args[@]}" --out "$DETAIL/$name-diffusers.json" \
             >"$DETAIL/$name-diffusers.txt" 2>&1 || log "$name: diffusers failed ($(tail -1 "$DETAIL/$name-diffusers.txt"))"
         log "$name: diffusers done"
         pack
-        timeout 240 .gpu/bin/mmdit bench --model "$models/$name" --device "$DEV" --dtype bf16 --width "$SIZE" \
-            --height "$SIZE" --steps "$steps" "${args[@]}" --no-reference --compare "$DETAIL/$name-diffusers.json" \
-            --output-dir "$DETAIL/mmdit-$name" >"$DETAIL/$name.txt" 2>&1 ||
-            log "$name: mmdit failed ($(grep -m1 error: "$DETAIL/$name.txt" || tail -1 "$DETAIL/$name.txt"))"
+        local bench=(.gpu/bin/mmdit bench --model "$models/$name" --device "$DEV" --dtype bf16 --width "$SIZE"
+            --height "$SIZE" --steps "$steps" "${args[@]}" --no-reference --compare "$DETAIL/$name-diffusers.json"
+            --output-dir "$DETAIL/mmdit-$name")
+        if ! sampled "$DETAIL/$name-mmdit-mem.txt" timeout 240 "${bench[@]}" >"$DETAIL/$name.txt" 2>&1; then
+            log "$name: mmdit failed ($(grep -m1 error: "$DETAIL/$name.txt" || tail -1 "$DETAIL/$name.txt")); again without cuDNN attention"
+            MMDIT_CUDNN_ATTENTION=0 sampled "$DETAIL/$name-mmdit-mem.txt" timeout 240 "${bench[@]}" >"$DETAIL/$name.txt" 2>&1 ||
+                log "$name: mmdit failed again ($(tail -1 "$DETAIL/$name.txt"))"
+        fi
         sed -n '/ vs /,$p' "$DETAIL/$name.txt" | tee -a "$OUT/summary.txt"
+        log "$name: peak GPU memory used (nvidia-smi, whole process): mmdit $(peak_mib "$DETAIL/$name-mmdit-mem.txt") MiB, diffusers $(peak_mib "$DETAIL/$name-diffusers-mem.txt") MiB (torch.cuda.max_memory_allocated $("$PY" -c 'import json,sys; b=json.load(open(sys.argv[1])).get("peak_gpu_bytes"); print(b and b>>20)' "$DETAIL/$name-diffusers.json" 2>/dev/null) MiB)"
         log "$name: mmdit done"
         # Where a step's time goes (device synchronised around each phase, so a little slower).
         MMDIT_PROFILE=1 timeout 120 .gpu/bin/mmdit bench --model "$models/$name" --device "$DEV" --dtype bf16 \
@@ -119,8 +147,42 @@ run() {
     done
 }
 
+# Tracked paths the parity test and the benchmarks never read.
+UNREAD=(tests/fixtures/gguf tests/fixtures/single tests/fixtures/manifests tests/fixtures/fp8
+    tests/fixtures/flux2-dev-tiny tests/fixtures/edit tests/fixtures/flux-fill-tiny tests/fixtures/flux-kontext-tiny
+    tests/fixtures/demo-bf16 tests/fixtures/flux2-transformer tests/fixtures/lora models/demo docs/cache-bench
+    docs/demo-bench)
+EXCLUDE=$(git rev-parse --git-path info/exclude 2>/dev/null || echo .git/info/exclude)
+
+slim() {
+    mkdir -p "$(dirname "$EXCLUDE")"
+    unmark
+    {
+        echo "# gpu_check slim: begin"
+        printf '/%s/\n' "${UNREAD[@]}"
+        echo "# gpu_check slim: end"
+    } >>"$EXCLUDE"
+    git rm -r -q --cached --ignore-unmatch "${UNREAD[@]}"
+    echo "tracked now: $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes; undo with: $0 unslim"
+}
+
+unslim() {
+    git reset -q -- "${UNREAD[@]}"
+    unmark
+    git status --short -- "${UNREAD[@]}"
+}
+
+# Drops slim's block from the exclude file.
+unmark() {
+    [ -f "$EXCLUDE" ] || return 0
+    sed '/^# gpu_check slim: begin$/,/^# gpu_check slim: end$/d' "$EXCLUDE" >"$EXCLUDE.tmp"
+    mv "$EXCLUDE.tmp" "$EXCLUDE"
+}
+
 case ${1:-} in
 build) build ;;
 run) run ;;
-*) echo "usage: $0 build|run" >&2; exit 2 ;;
+slim) slim ;;
+unslim) unslim ;;
+*) echo "usage: $0 build|run|slim|unslim" >&2; exit 2 ;;
 esac

@@ -34,6 +34,13 @@ impl Heads {
         assert!(q.len() == bh * n * d && k.len() == bh * m * d && v.len() == bh * m * d);
     }
 
+    /// Slice `i` of `bh`'s bias, n x m, out of a (h, n, m) `bias` ([`Self::check_bias`]): head
+    /// i mod h's.
+    fn bias_of<'a>(&self, bias: Option<&'a [f32]>, i: usize) -> Option<&'a [f32]> {
+        let per = self.n * self.m;
+        bias.map(|b| &b[(i % (b.len() / per)) * per..][..per])
+    }
+
     /// Panics unless `bias` holds (h, n, m) values for an h that divides bh.
     fn check_bias(&self, bias: &[f32]) {
         let per = self.n * self.m;
@@ -50,6 +57,34 @@ impl Heads {
 /// `softmax(q kᵀ · scale) v` over [`Heads`]: q (bh, n, d), k and v (bh, m, d), all row-major bf16;
 /// returns (bh, n, d). Panics if AMX is not [`amx::available`].
 pub fn sdpa_bf16(q: &[bf16], k: &[bf16], v: &[bf16], heads: Heads, scale: f32) -> Vec<bf16> {
+    sdpa_bf16_inner(q, k, v, heads, scale, None)
+}
+
+/// `softmax(q kᵀ · scale + bias) v` as [`sdpa_bf16`], `bias` (h, n, m) in f32 added to each
+/// block's f32 scores once scaled, before the exponentials (slice i of `bh` takes head i mod h), as
+/// [`sdpa_f32_biased`] adds it and PyTorch's CPU flash attention adds its mask: T5's relative
+/// position bias, a language model's causal and padding mask. Panics as [`sdpa_bf16`] does, and
+/// unless h divides `bh` and the bias holds h x n x m values.
+pub fn sdpa_bf16_biased(
+    q: &[bf16],
+    k: &[bf16],
+    v: &[bf16],
+    heads: Heads,
+    scale: f32,
+    bias: &[f32],
+) -> Vec<bf16> {
+    heads.check_bias(bias);
+    sdpa_bf16_inner(q, k, v, heads, scale, Some(bias))
+}
+
+fn sdpa_bf16_inner(
+    q: &[bf16],
+    k: &[bf16],
+    v: &[bf16],
+    heads: Heads,
+    scale: f32,
+    bias: Option<&[f32]>,
+) -> Vec<bf16> {
     heads.check(q, k, v);
     let Heads { bh, n, m, d } = heads;
     if bh == 0 || n == 0 || m == 0 || d == 0 {
@@ -69,12 +104,16 @@ pub fn sdpa_bf16(q: &[bf16], k: &[bf16], v: &[bf16], heads: Heads, scale: f32) -
     unsafe {
         super::par_written(bh * n * d, n * d, |head, o| {
             let q = &q[head * n * d..][..n * d];
+            let bias = heads.bias_of(bias, head);
             o.par_chunks_mut(QB * d)
                 .zip(q.par_chunks(QB * d))
-                .for_each(|(o, q)| {
+                .enumerate()
+                .for_each(|(blk, (o, q))| {
+                    let bias = bias.map(|b| &b[blk * QB * m..][..q.len() / d * m]);
                     BF16_SCRATCH.with(|sc| {
                         let (qs, s, p, acc) = &mut *sc.borrow_mut();
-                        block_bf16(q, o, &kt[head], &vp[head], m, d, scale, qs, s, p, acc)
+                        let scratch = Scratch { qs, s, p, acc };
+                        block_bf16(q, o, (&kt[head], &vp[head]), m, d, scale, bias, scratch)
                     })
                 });
         })
@@ -89,20 +128,26 @@ thread_local! {
         const { std::cell::RefCell::new((Aligned::new(), Aligned::new(), Aligned::new(), Aligned::new())) };
 }
 
-/// One block of queries q (rows x d) of one head into o (rows x d), every value written.
+/// [`block_bf16`]'s buffers: padded queries, scores, probabilities and output.
+struct Scratch<'a> {
+    qs: &'a mut Aligned<bf16>,
+    s: &'a mut Aligned<f32>,
+    p: &'a mut Aligned<bf16>,
+    acc: &'a mut Aligned<f32>,
+}
+
+/// One block of queries q (rows x d) of one head into o (rows x d), every value written, from k
+/// and v packed ([`PackedB`]: kᵀ, v); `bias`, if any, holds the block's rows x m.
 #[allow(clippy::too_many_arguments)]
 fn block_bf16(
     q: &[bf16],
     o: &mut [std::mem::MaybeUninit<bf16>],
-    kt: &PackedB,
-    vp: &PackedB,
+    (kt, vp): (&PackedB, &PackedB),
     m: usize,
     d: usize,
     scale: f32,
-    qs: &mut Aligned<bf16>,
-    s: &mut Aligned<f32>,
-    p: &mut Aligned<bf16>,
-    acc: &mut Aligned<f32>,
+    bias: Option<&[f32]>,
+    Scratch { qs, s, p, acc }: Scratch,
 ) {
     let rows = q.len() / d;
     let mrows = rows.next_multiple_of(32);
@@ -121,7 +166,14 @@ fn block_bf16(
         .map(|r| {
             let (row, tail) = p[r * kv..(r + 1) * kv].split_at_mut(m);
             tail.fill(bf16::ZERO);
-            exp_row(&s[r * mp..r * mp + m], row, scale)
+            let scores = &mut s[r * mp..r * mp + m];
+            match bias {
+                Some(b) => {
+                    scale_add(scores, &b[r * m..][..m], scale);
+                    exp_row(scores, row, 1.0)
+                }
+                None => exp_row(scores, row, scale),
+            }
         })
         .collect();
     p[rows * kv..].fill(bf16::ZERO);
@@ -139,6 +191,30 @@ fn block_bf16(
 /// roundings (scores summed in f32 from exact products, probabilities rounded to bf16, output
 /// rounded once). Panics if [`dpbf16::available`] is false.
 pub fn sdpa_dpbf16(q: &[bf16], k: &[bf16], v: &[bf16], heads: Heads, scale: f32) -> Vec<bf16> {
+    sdpa_dpbf16_inner(q, k, v, heads, scale, None)
+}
+
+/// [`sdpa_dpbf16`] with a bias, added as [`sdpa_bf16_biased`] adds it. Panics as both do.
+pub fn sdpa_dpbf16_biased(
+    q: &[bf16],
+    k: &[bf16],
+    v: &[bf16],
+    heads: Heads,
+    scale: f32,
+    bias: &[f32],
+) -> Vec<bf16> {
+    heads.check_bias(bias);
+    sdpa_dpbf16_inner(q, k, v, heads, scale, Some(bias))
+}
+
+fn sdpa_dpbf16_inner(
+    q: &[bf16],
+    k: &[bf16],
+    v: &[bf16],
+    heads: Heads,
+    scale: f32,
+    bias: Option<&[f32]>,
+) -> Vec<bf16> {
     heads.check(q, k, v);
     let Heads { bh, n, m, d } = heads;
     let mut out = vec![bf16::ZERO; bh * n * d];
@@ -148,7 +224,9 @@ pub fn sdpa_dpbf16(q: &[bf16], k: &[bf16], v: &[bf16], heads: Heads, scale: f32)
     out.par_chunks_mut(n * d)
         .zip(q.par_chunks(n * d))
         .zip(k.par_chunks(m * d).zip(v.par_chunks(m * d)))
-        .for_each(|((o, q), (k, v))| {
+        .enumerate()
+        .for_each(|(i, ((o, q), (k, v)))| {
+            let bias = heads.bias_of(bias, i);
             let kt = PackedPairs::from_nk(k, m, d);
             // v with a zero key row when m is odd, and p rows of m2 with a zero column: the
             // product with v then reads whole pairs of p where they lie (no copy of p).
@@ -156,19 +234,28 @@ pub fn sdpa_dpbf16(q: &[bf16], k: &[bf16], v: &[bf16], heads: Heads, scale: f32)
             let vp = PackedPairs::from_kn(v, m, d).with_even_k();
             o.par_chunks_mut(QB_DPBF16 * d)
                 .zip(q.par_chunks(QB_DPBF16 * d))
-                .for_each(|(o, q)| {
+                .enumerate()
+                .for_each(|(blk, (o, q))| {
                     DPBF16_SCRATCH.with(|sc| {
                         let (s, p, acc) = &mut *sc.borrow_mut();
                         let rows = q.len() / d;
+                        let bias = bias.map(|b| &b[blk * QB_DPBF16 * m..][..rows * m]);
                         // (Not cleared: each product writes all of its output, the exponentials
                         // all of p but the padding column, written here.)
                         s.resize(rows * m);
                         dpbf16::matmul_serial(q, rows, d, &kt, s, m);
                         p.resize(rows * m2);
-                        let inv: Vec<f32> = (s.chunks_exact(m).zip(p.chunks_exact_mut(m2)))
-                            .map(|(s, p)| {
+                        let inv: Vec<f32> = (s.chunks_exact_mut(m).zip(p.chunks_exact_mut(m2)))
+                            .enumerate()
+                            .map(|(r, (s, p))| {
                                 p[m..].fill(bf16::ZERO);
-                                exp_row(s, &mut p[..m], scale)
+                                match bias {
+                                    Some(b) => {
+                                        scale_add(s, &b[r * m..][..m], scale);
+                                        exp_row(s, &mut p[..m], 1.0)
+                                    }
+                                    None => exp_row(s, &mut p[..m], scale),
+                                }
                             })
                             .collect();
                         acc.resize(rows * d);
@@ -256,7 +343,6 @@ where
     if bh == 0 || n == 0 || m == 0 || d == 0 {
         return out;
     }
-    let bias_heads = bias.map_or(1, |b| b.len() / (n * m));
     out.par_chunks_mut(n * d)
         .zip(q.par_chunks(n * d))
         .zip(k.par_chunks(m * d).zip(v.par_chunks(m * d)))
@@ -264,7 +350,7 @@ where
         .for_each(|(i, ((o, q), (k, v)))| {
             let kt = sgemm::Packed::<T>::from_nk(k, m, d);
             let vp = sgemm::Packed::<T>::from_kn(v, m, d);
-            let bias = bias.map(|b| &b[(i % bias_heads) * n * m..][..n * m]);
+            let bias = heads.bias_of(bias, i);
             o.par_chunks_mut(QB_F32 * d)
                 .zip(q.par_chunks(QB_F32 * d))
                 .enumerate()
@@ -361,9 +447,7 @@ fn softmax_rows(s: &mut [f32], m: usize, scale: f32, bias: Option<&[f32]>) {
     for (r, row) in s.chunks_exact_mut(m).enumerate() {
         let inv = match bias {
             Some(b) => {
-                for (x, &b) in row.iter_mut().zip(&b[r * m..][..m]) {
-                    *x = *x * scale + b;
-                }
+                scale_add(row, &b[r * m..][..m], scale);
                 exp_in_place(row, 1.0)
             }
             None => exp_in_place(row, scale),
@@ -371,6 +455,17 @@ fn softmax_rows(s: &mut [f32], m: usize, scale: f32, bias: Option<&[f32]>) {
         for x in row {
             *x *= inv;
         }
+    }
+}
+
+// `scale_add(s, bias, scale)`: `s = s · scale + bias` (two roundings, as PyTorch's CPU flash
+// attention scales its scores and adds its mask), over one row.
+super::vector_dispatch!(scale_add, scale_add_generic, (s: &mut [f32], bias: &[f32], scale: f32));
+
+#[inline(always)]
+fn scale_add_generic(s: &mut [f32], bias: &[f32], scale: f32) {
+    for (x, &b) in s.iter_mut().zip(bias) {
+        *x = *x * scale + b;
     }
 }
 
@@ -1045,6 +1140,74 @@ mod tests {
         exp_generic(&mut xs);
         assert_eq!(xs[..4], [0.0; 4]);
         assert!(xs[4] > 0.0);
+    }
+
+    /// A biased bf16 attention against the f64 reference of the same bf16 inputs and f32 bias,
+    /// per head (h = bh) and broadcast (h = 1), with keys hidden by f32::MIN (T5's mask) and by
+    /// -inf (a language model's): within bf16 rounding of the probabilities and of the output, and
+    /// the hidden keys' values without effect.
+    fn check_bf16_biased(sdpa: fn(&[bf16], &[bf16], &[bf16], Heads, f32, &[f32]) -> Vec<bf16>) {
+        let mut seed = 13;
+        let tol = |w: f64| 3.0 * 2f64.powi(-8) + w * 2f64.powi(-8);
+        for &(bh, n, m, d) in &SHAPES {
+            for (h, hidden) in [(1, f32::MIN), (bh, f32::NEG_INFINITY)] {
+                let mut rnd = |len| -> Vec<bf16> {
+                    random(len, &mut seed)
+                        .into_iter()
+                        .map(bf16::from_f32)
+                        .collect()
+                };
+                let (q, k, mut v) = (rnd(bh * n * d), rnd(bh * m * d), rnd(bh * m * d));
+                let valid = m - m / 3;
+                let mut bias = random(h * n * m, &mut seed);
+                for (j, b) in bias.iter_mut().enumerate() {
+                    if j % m >= valid {
+                        *b = hidden;
+                    }
+                }
+                let (heads, scale) = (Heads { bh, n, m, d }, 1.0 / (d as f32).sqrt());
+                let got = sdpa(&q, &k, &v, heads, scale, &bias);
+                let f = |x: &[bf16]| x.iter().map(|v| v.to_f64()).collect::<Vec<_>>();
+                let b: Vec<f64> = bias.iter().map(|&x| x as f64).collect();
+                let want = reference(
+                    &f(&q),
+                    &f(&k),
+                    &f(&v),
+                    bh,
+                    n,
+                    m,
+                    d,
+                    scale as f64,
+                    Some((&b, h)),
+                );
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g.to_f64() - w).abs() <= tol(w.abs()),
+                        "({bh},{n},{m},{d}) h {h} [{i}]: {g} vs {w}"
+                    );
+                }
+                for (j, x) in v.iter_mut().enumerate() {
+                    if (j / d) % m >= valid {
+                        *x = bf16::from_f32(1e4);
+                    }
+                }
+                assert_eq!(got, sdpa(&q, &k, &v, heads, scale, &bias));
+            }
+        }
+    }
+
+    #[test]
+    fn sdpa_bf16_biased_equals_the_reference() {
+        if crate::cpu::test_has("amx") {
+            check_bf16_biased(sdpa_bf16_biased);
+        }
+    }
+
+    #[test]
+    fn sdpa_dpbf16_biased_equals_the_reference() {
+        if crate::cpu::test_has("avx512_bf16") {
+            check_bf16_biased(sdpa_dpbf16_biased);
+        }
     }
 
     /// With a bias per head, broadcast over the batch, and keys masked by f32::MIN (T5's): within

@@ -140,10 +140,12 @@ pub fn sdpa_unprofiled(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 /// `softmax(q kᵀ · scale + bias) v`: T5's attention (its relative-position bias with the key mask
 /// folded in, per head) and a language model's (its causal and padding mask, one for all heads,
-/// `-inf` where a key is hidden). On a CPU with AVX-512 the fused f32 attention
-/// ([`crate::cpu::attention::sdpa_f32_biased`]; bf16 inputs widened exactly, the output rounded
-/// once, [`crate::cpu::attention::sdpa_widened_biased`]) with the bias in f32: no score matrix
-/// beyond one block of queries. On other CPUs f32 and bf16 on the `gemm` crate in the same order
+/// `-inf` where a key is hidden). On a CPU with AVX-512 the fused attentions with the bias in f32,
+/// added to the scaled f32 scores (no score matrix beyond one block of queries): f32
+/// ([`crate::cpu::attention::sdpa_f32_biased`]), bf16 as [`sdpa`] runs it (AMX,
+/// [`crate::cpu::attention::sdpa_bf16_biased`]; fast AVX512-BF16,
+/// [`crate::cpu::attention::sdpa_dpbf16_biased`]; else the inputs widened exactly and the output
+/// rounded once, [`crate::cpu::attention::sdpa_widened_biased`]). On other CPUs f32 and bf16 on the `gemm` crate in the same order
 /// ([`crate::cpu::attention::sdpa_gemm`]), f16 widened and run as f32 (the output rounded once);
 /// on GPUs composed in q's dtype, the bias converted to it.
 ///
@@ -179,16 +181,19 @@ pub fn sdpa_biased(
                 })?;
             }
             DType::BF16 => {
+                // As the unbiased attention: AMX, else fast AVX512-BF16 dot products, else the
+                // f32 kernel on the widened values.
+                use crate::cpu::attention::sdpa_widened_biased;
+                use crate::cpu::attention::{sdpa_bf16_biased, sdpa_dpbf16_biased};
+                let cpu = crate::cpu::features();
+                let kernel = match (cpu.amx, cpu.bf16_dot) {
+                    (true, _) => sdpa_bf16_biased,
+                    (false, true) => sdpa_dpbf16_biased,
+                    (false, false) => sdpa_widened_biased,
+                };
                 return crate::cpu::with_slice::<f32, _>(&bias, |bias| {
                     on_slices(q, k, v, |q, k, v| {
-                        crate::cpu::attention::sdpa_widened_biased(
-                            q,
-                            k,
-                            v,
-                            heads,
-                            scale as f32,
-                            bias,
-                        )
+                        kernel(q, k, v, heads, scale as f32, bias)
                     })
                 })?;
             }

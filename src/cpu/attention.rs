@@ -1142,11 +1142,13 @@ mod tests {
         assert!(xs[4] > 0.0);
     }
 
+    type BiasedBf16 = fn(&[bf16], &[bf16], &[bf16], Heads, f32, &[f32]) -> Vec<bf16>;
+
     /// A biased bf16 attention against the f64 reference of the same bf16 inputs and f32 bias,
     /// per head (h = bh) and broadcast (h = 1), with keys hidden by f32::MIN (T5's mask) and by
     /// -inf (a language model's): within bf16 rounding of the probabilities and of the output, and
     /// the hidden keys' values without effect.
-    fn check_bf16_biased(sdpa: fn(&[bf16], &[bf16], &[bf16], Heads, f32, &[f32]) -> Vec<bf16>) {
+    fn check_bf16_biased(sdpa: BiasedBf16) {
         let mut seed = 13;
         let tol = |w: f64| 3.0 * 2f64.powi(-8) + w * 2f64.powi(-8);
         for &(bh, n, m, d) in &SHAPES {

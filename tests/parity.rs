@@ -12,7 +12,7 @@ mod common;
 use candle_core::{DType, Tensor};
 use common::*;
 use mmdit::mmdit::flux::{pack, unpack};
-use mmdit::mmdit::{ChromaTransformer, Flux2Transformer, FluxTransformer, Sd3Transformer};
+use mmdit::mmdit::{ChromaTransformer, Flux2Transformer, FluxTransformer, Sd3Transformer, Text};
 use mmdit::{ModelRef, Pipeline, Request, Spec};
 
 const REL: f32 = 1e-4;
@@ -48,6 +48,131 @@ impl Family {
             (_, "T5") => "ids_t5",
             (Family::Flux2, "Qwen3") => "ids_qwen",
             (_, e) => panic!("no reference ids for {e}"),
+        }
+    }
+}
+
+/// Every step's modulation computed ahead, one product per layer for all the steps
+/// (`remember_steps`, as the pipeline runs them), gives each step the values of the step's own
+/// products (bit for bit on the CPU), in f32 and bf16, for SD3 (MMDiT-X's three triples included) and Flux
+/// (with guidance); the layers keep the products until `forget_steps`, and a step embedding
+/// outside them is computed as before.
+#[test]
+fn remembered_step_modulations_equal_each_steps_own() {
+    let values = |t: Tensor| -> Vec<f32> {
+        let v = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        v.to_vec1::<f32>().unwrap()
+    };
+    let ts = [1000.0f32, 750.5, 3.25];
+    for (name, family) in FIXTURES {
+        for dtype in [DType::F32, DType::BF16] {
+            let m = ModelRef::parse(fixture(name).to_str().unwrap(), None).unwrap();
+            let pipe = Spec::open(&m).unwrap().load(&device(), dtype).unwrap();
+            let r = reference(name);
+            let at = |k: &str| r[k].to_dtype(dtype).unwrap();
+            let token = 1 << 40;
+            // Each step's output with its own embedding and with the remembered one.
+            let (own, remembered, kept): (Vec<_>, Vec<_>, _) = match family {
+                Family::Sd3 => {
+                    let t = pipe.transformer_as::<Sd3Transformer>().unwrap();
+                    let (x, ctx, pooled) = (
+                        at("transformer.x"),
+                        at("transformer.context"),
+                        at("transformer.pooled"),
+                    );
+                    let embs = t.remember_steps(token, &ts, &pooled).unwrap().unwrap();
+                    let run = |s: f32, temb: Option<&Tensor>| {
+                        let tt = Tensor::full(s, x.dim(0).unwrap(), &device()).unwrap();
+                        let text = Text::Encoded(&ctx);
+                        values(
+                            t.forward_cached(&x, &tt, text, &pooled, temb, None)
+                                .unwrap(),
+                        )
+                    };
+                    let kept: Vec<bool> = embs.iter().map(|e| t.steps_remembered(e)).collect();
+                    let own = ts.iter().map(|&s| run(s, None)).collect();
+                    let rem = ts
+                        .iter()
+                        .zip(&embs)
+                        .map(|(&s, e)| run(s, Some(e)))
+                        .collect();
+                    t.forget_steps(token);
+                    assert!(
+                        !t.steps_remembered(&embs[0]),
+                        "{name}: kept after forget_steps"
+                    );
+                    (own, rem, kept)
+                }
+                Family::Flux => {
+                    let t = pipe.transformer_as::<FluxTransformer>().unwrap();
+                    let (_, _, h, w) = r["pack.latents"].dims4().unwrap();
+                    let (x, ctx, pooled) = (
+                        at("pack.packed"),
+                        at("transformer.context"),
+                        at("transformer.pooled"),
+                    );
+                    let rope = t
+                        .rope(ctx.dim(1).unwrap(), h / 2, w / 2, None, &device())
+                        .unwrap();
+                    let b = x.dim(0).unwrap();
+                    let g = 3.5f32;
+                    let embs = t
+                        .remember_steps(token, &ts, Some(g), &pooled, dtype)
+                        .unwrap()
+                        .unwrap();
+                    let run = |s: f32, temb: Option<&Tensor>| {
+                        let sigma = Tensor::full(s / 1000.0, b, &device()).unwrap();
+                        let guidance = Tensor::full(g, b, &device()).unwrap();
+                        let text = Text::Encoded(&ctx);
+                        let out = t.forward_cached(
+                            &x,
+                            &sigma,
+                            Some(&guidance),
+                            text,
+                            &pooled,
+                            temb,
+                            &rope,
+                            None,
+                        );
+                        values(out.unwrap())
+                    };
+                    let kept: Vec<bool> = embs.iter().map(|e| t.steps_remembered(e)).collect();
+                    let own = ts.iter().map(|&s| run(s, None)).collect();
+                    let rem = ts
+                        .iter()
+                        .zip(&embs)
+                        .map(|(&s, e)| run(s, Some(e)))
+                        .collect();
+                    t.forget_steps(token);
+                    assert!(
+                        !t.steps_remembered(&embs[0]),
+                        "{name}: kept after forget_steps"
+                    );
+                    (own, rem, kept)
+                }
+                _ => continue,
+            };
+            assert_eq!(
+                kept,
+                vec![true; ts.len()],
+                "{name} {dtype:?}: not every step kept"
+            );
+            for (i, (a, b)) in own.iter().zip(&remembered).enumerate() {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                if device().is_cpu() {
+                    // The CPU kernels' rows do not depend on the rows beside them.
+                    assert!(bits(a) == bits(b), "{name} {dtype:?} step {i}: differs");
+                } else {
+                    // A GPU's library may choose another algorithm for more rows.
+                    let tol = if dtype == DType::F32 { REL } else { 3e-2 };
+                    let top = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                    assert!(
+                        diff <= tol * top,
+                        "{name} {dtype:?} step {i}: {diff} of {top}"
+                    );
+                }
+            }
         }
     }
 }

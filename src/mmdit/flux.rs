@@ -5,14 +5,14 @@ use super::attention::TokenOrder;
 use super::cache::{run_two_stacks, BlockCache};
 use super::embed::TimeTextEmbed;
 use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
-use super::modulation::AdaNormContinuous;
+use super::modulation::{self, AdaNormContinuous, StepProduct};
 use super::rope::Rope;
 use super::single_block::SingleBlock;
 use super::Text;
 use crate::config::FluxTransformerConfig;
 use crate::nn::{linear, Linear};
 use crate::profile::{self, Phase};
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// RoPE base of every released Flux model.
@@ -93,6 +93,7 @@ impl FluxTransformer {
             guidance,
             Text::Encoded(context),
             pooled,
+            None,
             rope,
             None,
         )
@@ -106,7 +107,73 @@ impl FluxTransformer {
         })
     }
 
-    /// [`Self::forward`] with the blocks run under a step cache.
+    /// The conditioning embedding (b, dim) in `dtype` from sigma (b,), guidance (b,) and pooled.
+    fn temb(
+        &self,
+        sigma: &Tensor,
+        guidance: Option<&Tensor>,
+        pooled: &Tensor,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let t = (sigma.to_dtype(dtype)? * 1000.0)?;
+        let g = match guidance {
+            Some(g) if self.cfg.guidance_embeds => Some((g.to_dtype(dtype)? * 1000.0)?),
+            _ => None,
+        };
+        self.time_text_embed.forward(&t, g.as_ref(), pooled)
+    }
+
+    /// Every step's conditioning embedding in `dtype` for a request's timesteps `ts` (sigma x
+    /// 1000, one value for the whole batch, taken to sigma as the pipeline does: `t / 1000` in
+    /// f32), its guidance scale and its pooled text (b, pooled_projection_dim), with every
+    /// modulation layer's product for all of them computed at once and remembered under `token`
+    /// ([`modulation::remember_steps`]): one (b, dim) embedding per timestep, for
+    /// [`Self::forward_cached`]'s `temb`. None where they would take too much memory.
+    pub fn remember_steps(
+        &self,
+        token: u64,
+        ts: &[f32],
+        guidance: Option<f32>,
+        pooled: &Tensor,
+        dtype: DType,
+    ) -> Result<Option<Vec<Tensor>>> {
+        let (b, dev) = (pooled.dim(0)?, pooled.device());
+        let rows = ts.len() * b;
+        profile::phase(Phase::Norms, dev, || {
+            modulation::remember_steps(token, &self.step_products(), (ts.len(), b), dtype, || {
+                let sigma: Vec<f32> = ts
+                    .iter()
+                    .flat_map(|&t| std::iter::repeat_n(t / 1000.0, b))
+                    .collect();
+                let sigma = Tensor::from_vec(sigma, rows, dev)?;
+                let g = guidance.map(|g| Tensor::full(g, rows, dev)).transpose()?;
+                self.temb(&sigma, g.as_ref(), &pooled.repeat((ts.len(), 1))?, dtype)
+            })
+        })
+    }
+
+    /// Drops what [`Self::remember_steps`] kept under `token`.
+    pub fn forget_steps(&self, token: u64) {
+        self.step_products().iter().for_each(|p| p.forget(token));
+    }
+
+    /// Whether every modulation layer's product for the step embedding `temb` is remembered.
+    pub fn steps_remembered(&self, temb: &Tensor) -> bool {
+        self.step_products().iter().all(|p| p.is_remembered(temb))
+    }
+
+    fn step_products(&self) -> Vec<&StepProduct> {
+        let double = self.double.iter().flat_map(JointBlock::step_products);
+        let single = self.single.iter().filter_map(SingleBlock::step_product);
+        double
+            .chain(single)
+            .chain([self.norm_out.product()])
+            .collect()
+    }
+
+    /// [`Self::forward`] with the blocks run under a step cache; `temb`: the step's conditioning
+    /// embedding if remembered ([`Self::remember_steps`]), else computed from sigma, guidance and
+    /// pooled.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_cached(
         &self,
@@ -115,6 +182,7 @@ impl FluxTransformer {
         guidance: Option<&Tensor>,
         text: Text<'_>,
         pooled: &Tensor,
+        temb: Option<&Tensor>,
         rope: &Rope,
         cache: Option<&mut dyn BlockCache>,
     ) -> Result<Tensor> {
@@ -122,12 +190,10 @@ impl FluxTransformer {
         let dev = x.device();
         let (img, temb, ctx) = profile::phase(Phase::Embeddings, dev, || {
             let img = self.x_embedder.forward(x)?; // (b, n, dim)
-            let t = (sigma.to_dtype(dtype)? * 1000.0)?;
-            let g = match guidance {
-                Some(g) if self.cfg.guidance_embeds => Some((g.to_dtype(dtype)? * 1000.0)?),
-                _ => None,
+            let temb = match temb {
+                Some(temb) => temb.clone(),
+                None => self.temb(sigma, guidance, pooled, dtype)?, // (b, dim)
             };
-            let temb = self.time_text_embed.forward(&t, g.as_ref(), pooled)?; // (b, dim)
             Ok((img, temb, text.embedded(&self.context_embedder)?)) // ctx: (b, s, dim)
         })?;
         let img = run_two_stacks(

@@ -3,7 +3,7 @@
 //! double-stream block (`FluxTransformerBlock`) is the same block with the text first and RoPE.
 
 use super::attention::{JointAttention, TokenOrder};
-use super::modulation::{AdaNormContinuous, BlockModulation, Modulation};
+use super::modulation::{AdaNormContinuous, BlockModulation, Modulation, StepProduct};
 use super::rope::Rope;
 use crate::nn::{FeedForward, Mlp, SwiGlu};
 use crate::profile::{self, Phase};
@@ -125,6 +125,19 @@ impl JointBlock {
             ctx,
             order: s.order,
         })
+    }
+
+    /// The block's own modulation layers' products (none for blocks given their modulation).
+    pub fn step_products(&self) -> Vec<&StepProduct> {
+        let ctx = match &self.ctx {
+            ContextPath::Full { norm1, .. } => norm1.as_ref().map(Modulation::product),
+            ContextPath::PreOnly { norm1 } => Some(norm1.product()),
+        };
+        self.norm1
+            .iter()
+            .map(Modulation::product)
+            .chain(ctx)
+            .collect()
     }
 
     /// The image stream's modulation from `temb` (blocks with their own modulation layers).

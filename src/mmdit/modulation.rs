@@ -4,8 +4,9 @@
 
 use crate::nn::modulate::{add_gated, norm_modulate};
 use crate::nn::{linear_with, Linear};
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, TensorId, D};
 use candle_nn::VarBuilder;
+use std::sync::{Arc, Mutex};
 
 /// The LayerNorm epsilon of every MMDiT modulation.
 const EPS: f64 = 1e-6;
@@ -31,12 +32,136 @@ impl ModulationOut {
     }
 }
 
+/// `linear(silu(emb))`, the product every modulation layer starts from, with the rows it was
+/// shown ahead ([`Self::remember`]): a request's timesteps are known before its first step, so
+/// every step's product can be one product over all steps' embeddings, each weight read once per
+/// request rather than once per step (on the CPU these layers stream their weights for two rows:
+/// ~100 MB a step on sd3-bench, ~340 MB on flux-bench). A step embedding is looked up by its
+/// tensor's id (the rows of the stacked embeddings it was remembered with); any other embedding
+/// (another request's, a timestep outside the schedule) is computed as before.
+#[derive(Debug, Clone)]
+pub struct StepProduct {
+    linear: Linear,
+    width: usize,
+    remembered: Arc<Mutex<Vec<Remembered>>>,
+}
+
+/// How many remembered sets of steps a [`StepProduct`] keeps.
+const KEPT: usize = 2;
+
+/// One request's steps, as a [`StepProduct`] keeps them.
+#[derive(Debug)]
+struct Remembered {
+    token: u64,
+    /// The ids of the steps' embeddings, each `rows` rows of `out`, in order.
+    ids: Vec<TensorId>,
+    rows: usize,
+    out: Tensor,
+}
+
+impl StepProduct {
+    /// The product of `linear`, `width` values a row.
+    fn new(linear: Linear, width: usize) -> Self {
+        Self {
+            linear,
+            width,
+            remembered: Arc::default(),
+        }
+    }
+
+    /// `linear(silu(emb))`: remembered where `emb` is one of the embeddings last remembered.
+    pub fn forward(&self, emb: &Tensor) -> Result<Tensor> {
+        for r in self.lock().iter() {
+            if let Some(i) = r.ids.iter().position(|&id| id == emb.id()) {
+                return r.out.narrow(0, i * r.rows, r.rows);
+            }
+        }
+        self.linear.forward(&emb.silu()?)
+    }
+
+    /// Computes `linear(silu(all))` in one product and keeps it for `steps`, the embeddings whose
+    /// rows `all` stacks in order (each of the same number of rows), under `token`. The last
+    /// [`KEPT`] remembered are kept (a request's two streams when guidance runs them apart).
+    pub fn remember(&self, token: u64, steps: &[Tensor], all: &Tensor) -> Result<()> {
+        let rows = steps.first().map_or(Ok(0), |t| t.dim(0))?;
+        if all.dim(0)? != rows * steps.len() {
+            candle_core::bail!(
+                "{} step embeddings of {rows} rows are not the {} rows stacked",
+                steps.len(),
+                all.dim(0)?
+            );
+        }
+        let out = self.linear.forward(&all.silu()?)?;
+        let mut kept = self.lock();
+        if kept.len() == KEPT {
+            kept.remove(0);
+        }
+        kept.push(Remembered {
+            token,
+            ids: steps.iter().map(Tensor::id).collect(),
+            rows,
+            out,
+        });
+        Ok(())
+    }
+
+    /// Drops what [`Self::remember`] kept under `token`.
+    pub fn forget(&self, token: u64) {
+        self.lock().retain(|r| r.token != token);
+    }
+
+    /// Whether `emb`'s product is kept (one of the embeddings remembered).
+    pub fn is_remembered(&self, emb: &Tensor) -> bool {
+        self.lock().iter().any(|r| r.ids.contains(&emb.id()))
+    }
+
+    /// The product's output width.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Remembered>> {
+        // A panic elsewhere while holding the lock leaves the value whole: take it anyway.
+        self.remembered.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The most the remembered products of one request's steps may hold (flux-dev's 57 blocks hold
+/// ~2 MB a row in bf16: 28 steps of two rows are ~120 MB).
+const REMEMBERED_BYTES: usize = 512 << 20;
+
+/// Every step's conditioning embedding, from `embed` (which returns the `steps` embeddings of
+/// `rows` rows each stacked in order, in `dtype`), with the product of each of `products`
+/// remembered for all of them under `token` ([`StepProduct::remember`]): each step's embedding (a
+/// view of the stack), for the model's forward pass. None, and nothing computed, where the
+/// products' outputs for all steps would take more than [`REMEMBERED_BYTES`].
+pub fn remember_steps(
+    token: u64,
+    products: &[&StepProduct],
+    (steps, rows): (usize, usize),
+    dtype: DType,
+    embed: impl FnOnce() -> Result<Tensor>,
+) -> Result<Option<Vec<Tensor>>> {
+    let width: usize = products.iter().map(|p| p.width()).sum();
+    if steps * rows * width * dtype.size_in_bytes() > REMEMBERED_BYTES {
+        return Ok(None);
+    }
+    let all = embed()?;
+    let each = (0..steps)
+        .map(|i| all.narrow(0, i * rows, rows))
+        .collect::<Result<Vec<_>>>()?;
+    for p in products {
+        p.remember(token, &each, &all)?;
+    }
+    Ok(Some(each))
+}
+
 /// `linear(silu(emb))` cut into (shift, scale, gate) triples, in diffusers' order: one for
 /// `AdaLayerNormZeroSingle` (Flux's single blocks), two for `AdaLayerNormZero` (msa, mlp), three for
 /// `SD35AdaLayerNormZeroX` (msa, mlp, msa2).
 #[derive(Debug, Clone)]
 pub struct Modulation {
-    linear: Linear,
+    product: StepProduct,
     triples: usize,
 }
 
@@ -48,16 +173,24 @@ impl Modulation {
     /// [`Self::new`] with or without the layer's bias (FLUX.2's shared modulations have none).
     pub fn with_bias(dim: usize, triples: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            linear: linear_with(dim, 3 * triples * dim, bias, vb.pp("linear"))?,
+            product: StepProduct::new(
+                linear_with(dim, 3 * triples * dim, bias, vb.pp("linear"))?,
+                3 * triples * dim,
+            ),
             triples,
         })
+    }
+
+    /// The layer's product, to remember steps ahead ([`StepProduct::remember`]).
+    pub fn product(&self) -> &StepProduct {
+        &self.product
     }
 
     /// emb: (b, dim) -> the triples, in order.
     pub fn forward(&self, emb: &Tensor) -> Result<Vec<ModulationOut>> {
         let c = self
-            .linear
-            .forward(&emb.silu()?)?
+            .product
+            .forward(emb)?
             .chunk(3 * self.triples, D::Minus1)?;
         Ok(c.chunks_exact(3)
             .map(|t| ModulationOut {
@@ -94,7 +227,7 @@ impl Modulation {
 /// Final `AdaLayerNormContinuous` (no affine, eps 1e-6): `norm(x) * (1 + scale) + shift`.
 #[derive(Debug, Clone)]
 pub struct AdaNormContinuous {
-    linear: Linear,
+    product: StepProduct,
 }
 
 impl AdaNormContinuous {
@@ -105,14 +238,19 @@ impl AdaNormContinuous {
     /// [`Self::new`] with or without the layer's bias (FLUX.2's has none).
     pub fn with_bias(dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            linear: linear_with(dim, 2 * dim, bias, vb.pp("linear"))?,
+            product: StepProduct::new(linear_with(dim, 2 * dim, bias, vb.pp("linear"))?, 2 * dim),
         })
+    }
+
+    /// The layer's product, to remember steps ahead ([`StepProduct::remember`]).
+    pub fn product(&self) -> &StepProduct {
+        &self.product
     }
 
     /// x: (b, n, d); emb: (b, d)
     pub fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
         // diffusers orders this pair (scale, shift); the original checkpoints store (shift, scale).
-        let c = self.linear.forward(&emb.silu()?)?.chunk(2, D::Minus1)?;
+        let c = self.product.forward(emb)?.chunk(2, D::Minus1)?;
         let (scale, shift) = (&c[0], &c[1]);
         norm_modulate(x, EPS, shift, scale)
     }

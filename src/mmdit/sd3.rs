@@ -4,7 +4,7 @@ use super::attention::TokenOrder;
 use super::cache::{run_blocks, BlockCache};
 use super::embed::{PatchEmbed, TimeTextEmbed};
 use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
-use super::modulation::AdaNormContinuous;
+use super::modulation::{self, AdaNormContinuous, StepProduct};
 use super::Text;
 use crate::config::Sd3TransformerConfig;
 use crate::nn::{linear, Linear};
@@ -92,7 +92,7 @@ impl Sd3Transformer {
         context: &Tensor,
         pooled: &Tensor,
     ) -> Result<Tensor> {
-        self.forward_cached(x, t, Text::Encoded(context), pooled, None)
+        self.forward_cached(x, t, Text::Encoded(context), pooled, None, None)
     }
 
     /// The text encoders' states (b, s, joint_attention_dim) through the context embedder: (b, s,
@@ -103,23 +103,67 @@ impl Sd3Transformer {
         })
     }
 
-    /// [`Self::forward`] with the blocks run under a step cache.
+    /// Every step's conditioning embedding for a request's timesteps `ts` (sigma x 1000, one
+    /// value for the whole batch) and its pooled text (b, pooled_projection_dim), with every
+    /// modulation layer's product for all of them computed at once and remembered under `token`
+    /// ([`modulation::remember_steps`]): one (b, dim) embedding per timestep, for
+    /// [`Self::forward_cached`]'s `temb`. None where they would take too much memory.
+    pub fn remember_steps(
+        &self,
+        token: u64,
+        ts: &[f32],
+        pooled: &Tensor,
+    ) -> Result<Option<Vec<Tensor>>> {
+        let (b, dev) = (pooled.dim(0)?, pooled.device());
+        let shape = (ts.len(), b);
+        profile::phase(Phase::Norms, dev, || {
+            modulation::remember_steps(token, &self.step_products(), shape, pooled.dtype(), || {
+                let t: Vec<f32> = ts.iter().flat_map(|&t| std::iter::repeat_n(t, b)).collect();
+                let t = Tensor::from_vec(t, ts.len() * b, dev)?;
+                self.time_text_embed
+                    .forward(&t, None, &pooled.repeat((ts.len(), 1))?)
+            })
+        })
+    }
+
+    /// Drops what [`Self::remember_steps`] kept under `token`.
+    pub fn forget_steps(&self, token: u64) {
+        self.step_products().iter().for_each(|p| p.forget(token));
+    }
+
+    /// Whether every modulation layer's product for the step embedding `temb` is remembered.
+    pub fn steps_remembered(&self, temb: &Tensor) -> bool {
+        self.step_products().iter().all(|p| p.is_remembered(temb))
+    }
+
+    fn step_products(&self) -> Vec<&StepProduct> {
+        let blocks = self.blocks.iter().flat_map(JointBlock::step_products);
+        blocks.chain([self.norm_out.product()]).collect()
+    }
+
+    /// [`Self::forward`] with the blocks run under a step cache; `temb`: the step's conditioning
+    /// embedding if remembered ([`Self::remember_steps`]), else computed from `t` and `pooled`.
     pub fn forward_cached(
         &self,
         x: &Tensor,
         t: &Tensor,
         text: Text<'_>,
         pooled: &Tensor,
+        temb: Option<&Tensor>,
         cache: Option<&mut dyn BlockCache>,
     ) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         let p = self.cfg.patch_size;
         let dev = x.device();
         let (img, temb, ctx) = profile::phase(Phase::Embeddings, dev, || {
+            let temb = match temb {
+                Some(temb) => temb.clone(),
+                None => self.time_text_embed.forward(t, None, pooled)?, // (b, dim)
+            };
             Ok((
-                self.pos_embed.forward(x)?,                     // (b, n, dim)
-                self.time_text_embed.forward(t, None, pooled)?, // (b, dim)
-                text.embedded(&self.context_embedder)?,         // (b, s, dim)
+                self.pos_embed.forward(x)?, // (b, n, dim)
+                temb,
+                text.embedded(&self.context_embedder)?, // (b, s, dim)
             ))
         })?;
         // The last block leaves no context; the one before it is kept (and not read again).

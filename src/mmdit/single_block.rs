@@ -2,7 +2,7 @@
 //! sequence; attention and MLP run in parallel from one modulated norm and share one output projection.
 
 use super::attention::QkvProj;
-use super::modulation::{Modulation, ModulationOut};
+use super::modulation::{Modulation, ModulationOut, StepProduct};
 use super::rope::Rope;
 use crate::nn::{linear, merge_heads_with, sdpa, Linear};
 use crate::profile::{self, Phase};
@@ -38,6 +38,11 @@ impl SingleBlock {
             proj_mlp: linear(dim, mlp, vb.pp("proj_mlp"))?,
             proj_out: linear(heads * head_dim + mlp, dim, vb.pp("proj_out"))?,
         })
+    }
+
+    /// The block's own modulation layer's product (none for blocks given their modulation).
+    pub fn step_product(&self) -> Option<&StepProduct> {
+        self.norm.as_ref().map(Modulation::product)
     }
 
     /// The block's modulation from `temb` (blocks with their own modulation layers).

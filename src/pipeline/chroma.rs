@@ -130,6 +130,7 @@ impl Transformer for ChromaTransformer {
         prompt: &Conditioning,
         hw: (usize, usize),
         _: &[Tensor],
+        _: &[f32],
     ) -> Bound<'a> {
         let (h, w) = hw;
         let dev = prompt.context.device();

@@ -199,18 +199,76 @@ impl EmbeddedTexts {
     }
 }
 
+/// A request's step embeddings, computed ahead with every modulation layer's product for all of
+/// the request's timesteps at once (the models' `remember_steps`: each modulation weight read
+/// once per request, not once per step), per stream as [`EmbeddedTexts`] keeps texts (by the
+/// pooled text's tensor id): a stream's first step remembers all its steps. What the layers keep
+/// is theirs to drop under [`Self::token`] when the request ends (the family's step's `Drop`).
+pub(super) struct StepEmbeddings {
+    token: u64,
+    timesteps: Vec<f32>,
+    kept: std::cell::RefCell<Vec<(candle_core::TensorId, Option<Vec<Tensor>>)>>,
+}
+
+/// Tokens of [`StepEmbeddings`], one per request.
+static NEXT_TOKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl StepEmbeddings {
+    pub fn new(timesteps: &[f32]) -> Self {
+        Self {
+            token: NEXT_TOKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            timesteps: timesteps.to_vec(),
+            kept: Default::default(),
+        }
+    }
+
+    /// The request's token, under which the layers keep its products.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// The embedding of the step at timestep `t` for the stream of `pooled`: on the stream's first
+    /// step, `remember(token, timesteps)` computes every step's (or declines, None); None where `t`
+    /// is not one of the request's timesteps (a sampler's midpoint) or remembering declined.
+    pub fn get(
+        &self,
+        t: f32,
+        pooled: &Tensor,
+        remember: impl FnOnce(u64, &[f32]) -> candle_core::Result<Option<Vec<Tensor>>>,
+    ) -> Result<Option<Tensor>> {
+        let i = self
+            .timesteps
+            .iter()
+            .position(|&s| s.to_bits() == t.to_bits());
+        let found = |embs: &Option<Vec<Tensor>>| Some(embs.as_ref()?.get(i?)?.clone());
+        if let Some((_, embs)) = self.kept.borrow().iter().find(|(id, _)| *id == pooled.id()) {
+            return Ok(found(embs));
+        }
+        let embs = remember(self.token, &self.timesteps)?;
+        let emb = found(&embs);
+        let mut kept = self.kept.borrow_mut();
+        if kept.len() == 2 {
+            kept.remove(0);
+        }
+        kept.push((pooled.id(), embs));
+        Ok(emb)
+    }
+}
+
 /// A family's loaded transformer.
 pub trait Transformer: Send + Sync + AsAny {
     /// The transformer bound to one request: `prompt` is the positive prompt's conditioning (its
     /// length sets Flux's position ids), `latent` the (h, w) of the latents, `references` an
     /// edit's reference latents, each (1, C, h', w'), for a family that takes them
-    /// ([`Edit::Reference`], [`Edit::References`]).
+    /// ([`Edit::Reference`], [`Edit::References`]), `timesteps` the schedule's (sigma x 1000,
+    /// those that run).
     fn bind<'a>(
         &'a self,
         r: &Resolved,
         prompt: &Conditioning,
         latent: (usize, usize),
         references: &[Tensor],
+        timesteps: &[f32],
     ) -> Bound<'a>;
 }
 

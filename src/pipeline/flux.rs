@@ -3,7 +3,9 @@
 //! true classifier-free guidance with a negative prompt as two model calls.
 
 use super::components::{ClipPart, OpenCtx, T5Part, TextLoader, TextPart};
-use super::family::{Bound, Cfg, Defaults, Denoise, Edit, EmbeddedTexts, Family, Transformer};
+use super::family::{
+    Bound, Cfg, Defaults, Denoise, Edit, EmbeddedTexts, Family, StepEmbeddings, Transformer,
+};
 use crate::config::{ClipTextConfig, FluxTransformerConfig, SchedulerConfig, T5Config, VaeConfig};
 use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::cache::BlockCache;
@@ -276,6 +278,7 @@ impl Transformer for FluxTransformer {
         prompt: &Conditioning,
         hw: (usize, usize),
         references: &[Tensor],
+        timesteps: &[f32],
     ) -> Bound<'a> {
         let (h, w) = hw;
         let dev = prompt.context.device();
@@ -293,9 +296,11 @@ impl Transformer for FluxTransformer {
         Ok(Box::new(Step {
             model: self,
             rope,
+            guidance_scale: self.config().guidance_embeds.then_some(r.guidance as f32),
             guidance,
             reference,
             texts: EmbeddedTexts::default(),
+            steps: StepEmbeddings::new(timesteps),
         }))
     }
 }
@@ -305,9 +310,11 @@ struct Step<'a> {
     model: &'a FluxTransformer,
     rope: Rope,
     guidance: Option<Tensor>,
+    guidance_scale: Option<f32>,
     /// Kontext's packed reference tokens (1, n', C x 4), after the image tokens.
     reference: Option<Tensor>,
     texts: EmbeddedTexts,
+    steps: StepEmbeddings,
 }
 
 impl Denoise for Step<'_> {
@@ -331,16 +338,27 @@ impl Denoise for Step<'_> {
             .map(|g| g.broadcast_as(x.dim(0)?)?.contiguous())
             .transpose()?;
         let text = (self.texts).get(&c.context, || self.model.embed_context(&c.context))?;
+        let temb = self.steps.get(t, &c.pooled, |token, ts| {
+            let dtype = x.dtype();
+            (self.model).remember_steps(token, ts, self.guidance_scale, &c.pooled, dtype)
+        })?;
         let v = self.model.forward_cached(
             &input,
             &sigma,
             guidance.as_ref(),
             Text::Embedded(&text),
             &c.pooled,
+            temb.as_ref(),
             &self.rope,
             cache,
         )?;
         // The reference tokens' predictions are dropped.
         Ok(unpack(&v.narrow(1, 0, n)?, h, w)?)
+    }
+}
+
+impl Drop for Step<'_> {
+    fn drop(&mut self) {
+        self.model.forget_steps(self.steps.token());
     }
 }

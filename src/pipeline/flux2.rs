@@ -261,6 +261,7 @@ impl Transformer for Flux2Transformer {
         prompt: &Conditioning,
         hw: (usize, usize),
         references: &[Tensor],
+        _: &[f32],
     ) -> Bound<'a> {
         let (h, w) = hw;
         let dev = prompt.context.device();

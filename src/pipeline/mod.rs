@@ -1184,9 +1184,9 @@ impl Pipeline {
         self.device.synchronize()?;
         timings.encode = t0.elapsed();
         let (_, _, h, w) = start.dims4()?;
-        let model = self
-            .transformer
-            .bind(&r, &prompts.pos, (h, w), &references)?;
+        let model =
+            self.transformer
+                .bind(&r, &prompts.pos, (h, w), &references, &sched.timesteps)?;
         let model: Box<dyn Denoise + '_> = match channels {
             Some(c) => Box::new(sample::WithChannels::new(model, c.to_dtype(self.dtype)?)),
             None => model,

@@ -3,7 +3,9 @@
 //! of [negative, positive], the scheduler's own sigmas.
 
 use super::components::{ClipPart, OpenCtx, T5Part, TextLoader, TextPart};
-use super::family::{Bound, Cfg, Defaults, Denoise, EmbeddedTexts, Family, Transformer};
+use super::family::{
+    Bound, Cfg, Defaults, Denoise, EmbeddedTexts, Family, StepEmbeddings, Transformer,
+};
 use crate::config::{ClipTextConfig, SchedulerConfig, Sd3TransformerConfig, T5Config, VaeConfig};
 use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::cache::BlockCache;
@@ -164,13 +166,22 @@ impl Transformer for Sd3Transformer {
         _: &Conditioning,
         _: (usize, usize),
         _: &[Tensor],
+        timesteps: &[f32],
     ) -> Bound<'a> {
-        Ok(Box::new(Step(self, EmbeddedTexts::default())))
+        Ok(Box::new(Step {
+            model: self,
+            texts: EmbeddedTexts::default(),
+            steps: StepEmbeddings::new(timesteps),
+        }))
     }
 }
 
 /// The SD3 transformer fed its timestep (sigma x 1000) for every sample of the batch.
-struct Step<'a>(&'a Sd3Transformer, EmbeddedTexts);
+struct Step<'a> {
+    model: &'a Sd3Transformer,
+    texts: EmbeddedTexts,
+    steps: StepEmbeddings,
+}
 
 impl Denoise for Step<'_> {
     fn velocity(
@@ -181,9 +192,19 @@ impl Denoise for Step<'_> {
         cache: Option<&mut dyn BlockCache>,
     ) -> Result<Tensor> {
         let ts = Tensor::full(t, x.dim(0)?, x.device())?;
-        let text = (self.1).get(&c.context, || self.0.embed_context(&c.context))?;
+        let text = (self.texts).get(&c.context, || self.model.embed_context(&c.context))?;
+        let temb = self.steps.get(t, &c.pooled, |token, ts| {
+            self.model.remember_steps(token, ts, &c.pooled)
+        })?;
+        let text = Text::Embedded(&text);
         Ok(self
-            .0
-            .forward_cached(x, &ts, Text::Embedded(&text), &c.pooled, cache)?)
+            .model
+            .forward_cached(x, &ts, text, &c.pooled, temb.as_ref(), cache)?)
+    }
+}
+
+impl Drop for Step<'_> {
+    fn drop(&mut self) {
+        self.model.forget_steps(self.steps.token());
     }
 }

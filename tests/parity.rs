@@ -64,117 +64,106 @@ fn remembered_step_modulations_equal_each_steps_own() {
         v.to_vec1::<f32>().unwrap()
     };
     let ts = [1000.0f32, 750.5, 3.25];
+    let token = 1 << 40;
     for (name, family) in FIXTURES {
         for dtype in [DType::F32, DType::BF16] {
             let m = ModelRef::parse(fixture(name).to_str().unwrap(), None).unwrap();
             let pipe = Spec::open(&m).unwrap().load(&device(), dtype).unwrap();
             let r = reference(name);
             let at = |k: &str| r[k].to_dtype(dtype).unwrap();
-            let token = 1 << 40;
-            // Each step's output with its own embedding and with the remembered one.
-            let (own, remembered, kept): (Vec<_>, Vec<_>, _) = match family {
+            let steps: Steps = match family {
                 Family::Sd3 => {
                     let t = pipe.transformer_as::<Sd3Transformer>().unwrap();
-                    let (x, ctx, pooled) = (
-                        at("transformer.x"),
-                        at("transformer.context"),
-                        at("transformer.pooled"),
-                    );
-                    let embs = t.remember_steps(token, &ts, &pooled).unwrap().unwrap();
-                    let run = |s: f32, temb: Option<&Tensor>| {
-                        let tt = Tensor::full(s, x.dim(0).unwrap(), &device()).unwrap();
-                        let text = Text::Encoded(&ctx);
-                        values(
-                            t.forward_cached(&x, &tt, text, &pooled, temb, None)
-                                .unwrap(),
-                        )
-                    };
-                    let kept: Vec<bool> = embs.iter().map(|e| t.steps_remembered(e)).collect();
-                    let own = ts.iter().map(|&s| run(s, None)).collect();
-                    let rem = ts
-                        .iter()
-                        .zip(&embs)
-                        .map(|(&s, e)| run(s, Some(e)))
-                        .collect();
-                    t.forget_steps(token);
-                    assert!(
-                        !t.steps_remembered(&embs[0]),
-                        "{name}: kept after forget_steps"
-                    );
-                    (own, rem, kept)
+                    let (x, ctx) = (at("transformer.x"), at("transformer.context"));
+                    let pooled = at("transformer.pooled");
+                    Steps {
+                        embs: t.remember_steps(token, &ts, &pooled).unwrap().unwrap(),
+                        run: Box::new(move |s, temb| {
+                            let tt = Tensor::full(s, x.dim(0).unwrap(), &device()).unwrap();
+                            let text = Text::Encoded(&ctx);
+                            let out = t.forward_cached(&x, &tt, text, &pooled, temb, None);
+                            values(out.unwrap())
+                        }),
+                        kept: Box::new(|e| t.steps_remembered(e)),
+                        forget: Box::new(|| t.forget_steps(token)),
+                    }
                 }
                 Family::Flux => {
                     let t = pipe.transformer_as::<FluxTransformer>().unwrap();
                     let (_, _, h, w) = r["pack.latents"].dims4().unwrap();
-                    let (x, ctx, pooled) = (
-                        at("pack.packed"),
-                        at("transformer.context"),
-                        at("transformer.pooled"),
-                    );
-                    let rope = t
-                        .rope(ctx.dim(1).unwrap(), h / 2, w / 2, None, &device())
-                        .unwrap();
-                    let b = x.dim(0).unwrap();
-                    let g = 3.5f32;
-                    let embs = t
-                        .remember_steps(token, &ts, Some(g), &pooled, dtype)
-                        .unwrap()
-                        .unwrap();
-                    let run = |s: f32, temb: Option<&Tensor>| {
-                        let sigma = Tensor::full(s / 1000.0, b, &device()).unwrap();
-                        let guidance = Tensor::full(g, b, &device()).unwrap();
-                        let text = Text::Encoded(&ctx);
-                        let out = t.forward_cached(
-                            &x,
-                            &sigma,
-                            Some(&guidance),
-                            text,
-                            &pooled,
-                            temb,
-                            &rope,
-                            None,
-                        );
-                        values(out.unwrap())
-                    };
-                    let kept: Vec<bool> = embs.iter().map(|e| t.steps_remembered(e)).collect();
-                    let own = ts.iter().map(|&s| run(s, None)).collect();
-                    let rem = ts
-                        .iter()
-                        .zip(&embs)
-                        .map(|(&s, e)| run(s, Some(e)))
-                        .collect();
-                    t.forget_steps(token);
-                    assert!(
-                        !t.steps_remembered(&embs[0]),
-                        "{name}: kept after forget_steps"
-                    );
-                    (own, rem, kept)
+                    let (x, ctx) = (at("pack.packed"), at("transformer.context"));
+                    let pooled = at("transformer.pooled");
+                    let rope = t.rope(ctx.dim(1).unwrap(), h / 2, w / 2, None, &device());
+                    let (rope, b, g) = (rope.unwrap(), x.dim(0).unwrap(), 3.5f32);
+                    let embs = t.remember_steps(token, &ts, Some(g), &pooled, dtype);
+                    Steps {
+                        embs: embs.unwrap().unwrap(),
+                        run: Box::new(move |s, temb| {
+                            let sigma = Tensor::full(s / 1000.0, b, &device()).unwrap();
+                            let g = Tensor::full(g, b, &device()).unwrap();
+                            let text = Text::Encoded(&ctx);
+                            let out = t.forward_cached(
+                                &x,
+                                &sigma,
+                                Some(&g),
+                                text,
+                                &pooled,
+                                temb,
+                                &rope,
+                                None,
+                            );
+                            values(out.unwrap())
+                        }),
+                        kept: Box::new(|e| t.steps_remembered(e)),
+                        forget: Box::new(|| t.forget_steps(token)),
+                    }
                 }
                 _ => continue,
             };
+            let kept: Vec<bool> = steps.embs.iter().map(|e| (steps.kept)(e)).collect();
             assert_eq!(
                 kept,
                 vec![true; ts.len()],
                 "{name} {dtype:?}: not every step kept"
             );
-            for (i, (a, b)) in own.iter().zip(&remembered).enumerate() {
+            for (i, (&t, e)) in ts.iter().zip(&steps.embs).enumerate() {
+                let (a, b) = ((steps.run)(t, None), (steps.run)(t, Some(e)));
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 if device().is_cpu() {
                     // The CPU kernels' rows do not depend on the rows beside them.
-                    assert!(bits(a) == bits(b), "{name} {dtype:?} step {i}: differs");
+                    assert!(bits(&a) == bits(&b), "{name} {dtype:?} step {i}: differs");
                 } else {
                     // A GPU's library may choose another algorithm for more rows.
                     let tol = if dtype == DType::F32 { REL } else { 3e-2 };
                     let top = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-                    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                    let diff = a
+                        .iter()
+                        .zip(&b)
+                        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
                     assert!(
                         diff <= tol * top,
                         "{name} {dtype:?} step {i}: {diff} of {top}"
                     );
                 }
             }
+            (steps.forget)();
+            assert!(
+                !(steps.kept)(&steps.embs[0]),
+                "{name}: kept after forget_steps"
+            );
         }
     }
+}
+
+/// A model's remembered steps for the test above: the step embeddings, a step's output (at a
+/// timestep, with its remembered embedding or none), whether an embedding's products are kept,
+/// and dropping them.
+struct Steps<'a> {
+    embs: Vec<Tensor>,
+    #[allow(clippy::type_complexity)]
+    run: Box<dyn Fn(f32, Option<&Tensor>) -> Vec<f32> + 'a>,
+    kept: Box<dyn Fn(&Tensor) -> bool + 'a>,
+    forget: Box<dyn Fn() + 'a>,
 }
 
 fn load(name: &str) -> Pipeline {

@@ -166,14 +166,8 @@ fn block_bf16(
         .map(|r| {
             let (row, tail) = p[r * kv..(r + 1) * kv].split_at_mut(m);
             tail.fill(bf16::ZERO);
-            let scores = &mut s[r * mp..r * mp + m];
-            match bias {
-                Some(b) => {
-                    scale_add(scores, &b[r * m..][..m], scale);
-                    exp_row(scores, row, 1.0)
-                }
-                None => exp_row(scores, row, scale),
-            }
+            let bias = bias.map(|b| &b[r * m..][..m]);
+            exp_row_biased(&mut s[r * mp..r * mp + m], row, scale, bias)
         })
         .collect();
     p[rows * kv..].fill(bf16::ZERO);
@@ -249,13 +243,8 @@ fn sdpa_dpbf16_inner(
                             .enumerate()
                             .map(|(r, (s, p))| {
                                 p[m..].fill(bf16::ZERO);
-                                match bias {
-                                    Some(b) => {
-                                        scale_add(s, &b[r * m..][..m], scale);
-                                        exp_row(s, &mut p[..m], 1.0)
-                                    }
-                                    None => exp_row(s, &mut p[..m], scale),
-                                }
+                                let bias = bias.map(|b| &b[r * m..][..m]);
+                                exp_row_biased(s, &mut p[..m], scale, bias)
                             })
                             .collect();
                         acc.resize(rows * d);
@@ -475,6 +464,18 @@ thread_local! {
 }
 
 super::vector_dispatch!(exp_row_vectorised, exp_row_generic, (s: &[f32], p: &mut [bf16], scale: f32) -> f32);
+
+/// [`exp_row`] of `s · scale + bias` where a bias row is given (`s` overwritten with it first, as
+/// [`softmax_rows`] adds it), else of `s · scale`.
+fn exp_row_biased(s: &mut [f32], p: &mut [bf16], scale: f32, bias: Option<&[f32]>) -> f32 {
+    match bias {
+        Some(b) => {
+            scale_add(s, b, scale);
+            exp_row(s, p, 1.0)
+        }
+        None => exp_row(s, p, scale),
+    }
+}
 
 /// [`exp_row_generic`]: on AVX512-BF16 (every CPU of the bf16 attention kernels has it) in
 /// intrinsics, else as the compiler vectorises it.

@@ -54,9 +54,9 @@ impl Family {
 
 /// Every step's modulation computed ahead, one product per layer for all the steps
 /// (`remember_steps`, as the pipeline runs them), gives each step the values of the step's own
-/// products (bit for bit on the CPU), in f32 and bf16, for SD3 (MMDiT-X's three triples included) and Flux
-/// (with guidance); the layers keep the products until `forget_steps`, and a step embedding
-/// outside them is computed as before.
+/// products (bit for bit on the CPU), in f32 and bf16, for SD3 (MMDiT-X's three triples
+/// included), Flux (with guidance) and FLUX.2 (its shared modulations); the layers keep the
+/// products until `forget_steps`.
 #[test]
 fn remembered_step_modulations_equal_each_steps_own() {
     let values = |t: Tensor| -> Vec<f32> {
@@ -112,6 +112,30 @@ fn remembered_step_modulations_equal_each_steps_own() {
                                 &rope,
                                 None,
                             );
+                            values(out.unwrap())
+                        }),
+                        kept: Box::new(|e| t.steps_remembered(e)),
+                        forget: Box::new(|| t.forget_steps(token)),
+                    }
+                }
+                Family::Flux2 => {
+                    let t = pipe.transformer_as::<Flux2Transformer>().unwrap();
+                    let lat = &r["pack.latents"];
+                    let (b, c, h, w) = lat.dims4().unwrap();
+                    let ctx = at("transformer.context");
+                    let rope = t.rope(ctx.dim(1).unwrap(), h, w, &[], &device()).unwrap();
+                    let x = lat.reshape((b, c, h * w)).unwrap().transpose(1, 2).unwrap();
+                    let x = x.contiguous().unwrap().to_dtype(dtype).unwrap();
+                    let g = t.config().guidance_embeds.then_some(4.0f32);
+                    let embs = t.remember_steps(token, &ts, g, (b, dtype), &device());
+                    Steps {
+                        embs: embs.unwrap().unwrap(),
+                        run: Box::new(move |s, temb| {
+                            let sigma = Tensor::full(s / 1000.0, b, &device()).unwrap();
+                            let g = g.map(|g| Tensor::full(g, b, &device()).unwrap());
+                            let text = Text::Encoded(&ctx);
+                            let out =
+                                t.forward_cached(&x, &sigma, g.as_ref(), text, temb, &rope, None);
                             values(out.unwrap())
                         }),
                         kept: Box::new(|e| t.steps_remembered(e)),

@@ -7,7 +7,7 @@ use super::cache::{run_two_stacks, BlockCache};
 use super::embed::timestep_embedding;
 use super::flux::double_blocks;
 use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
-use super::modulation::{AdaNormContinuous, Modulation, ModulationOut};
+use super::modulation::{self, AdaNormContinuous, Modulation, ModulationOut, StepProduct};
 use super::rope::Rope;
 use super::Text;
 use crate::config::Flux2TransformerConfig;
@@ -16,7 +16,7 @@ use crate::nn::{
     RmsNorm, SwiGlu,
 };
 use crate::profile::{self, Phase};
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// FLUX.2's parallel single-stream block (diffusers `Flux2SingleTransformerBlock`): one projection
@@ -211,7 +211,7 @@ impl Flux2Transformer {
         context: &Tensor,
         rope: &Rope,
     ) -> Result<Tensor> {
-        self.forward_cached(x, sigma, guidance, Text::Encoded(context), rope, None)
+        self.forward_cached(x, sigma, guidance, Text::Encoded(context), None, rope, None)
     }
 
     /// The text encoder's states (b, s, joint_attention_dim) through the context embedder: (b, s,
@@ -222,29 +222,87 @@ impl Flux2Transformer {
         })
     }
 
-    /// [`Self::forward`] with the blocks run under a step cache.
+    /// The conditioning embedding (b, dim) in `dtype` from sigma (b,) and guidance (b,).
+    fn temb(&self, sigma: &Tensor, guidance: Option<&Tensor>, dtype: DType) -> Result<Tensor> {
+        let embed = |t: &Tensor, m: &Mlp| -> Result<Tensor> {
+            // diffusers rounds t x 1000 to the run dtype before embedding it.
+            let t = (t.to_dtype(dtype)? * 1000.0)?;
+            let f = timestep_embedding(&t, self.cfg.timestep_guidance_channels)?;
+            m.forward(&f.to_dtype(dtype)?)
+        };
+        let mut temb = embed(sigma, &self.timestep_embedder)?;
+        if let (Some(g), Some(m)) = (guidance, &self.guidance_embedder) {
+            temb = (temb + embed(g, m)?)?;
+        }
+        Ok(temb)
+    }
+
+    /// Every step's conditioning embedding in `dtype` for a request's timesteps `ts` (sigma x
+    /// 1000, taken to sigma as the pipeline does: `t / 1000` in f32) and guidance scale, for a
+    /// batch of `rows`, with the shared modulation layers' products for all of them computed at
+    /// once and remembered under `token` ([`modulation::remember_steps`]): one (rows, dim)
+    /// embedding per timestep, for [`Self::forward_cached`]'s `temb`. None where they would take
+    /// too much memory.
+    pub fn remember_steps(
+        &self,
+        token: u64,
+        ts: &[f32],
+        guidance: Option<f32>,
+        (rows, dtype): (usize, DType),
+        dev: &candle_core::Device,
+    ) -> Result<Option<Vec<Tensor>>> {
+        let all = ts.len() * rows;
+        profile::phase(Phase::Norms, dev, || {
+            let shape = (ts.len(), rows);
+            modulation::remember_steps(token, &self.step_products(), shape, dtype, || {
+                let sigma: Vec<f32> = ts
+                    .iter()
+                    .flat_map(|&t| std::iter::repeat_n(t / 1000.0, rows))
+                    .collect();
+                let sigma = Tensor::from_vec(sigma, all, dev)?;
+                let g = guidance.map(|g| Tensor::full(g, all, dev)).transpose()?;
+                self.temb(&sigma, g.as_ref(), dtype)
+            })
+        })
+    }
+
+    /// Drops what [`Self::remember_steps`] kept under `token`.
+    pub fn forget_steps(&self, token: u64) {
+        self.step_products().iter().for_each(|p| p.forget(token));
+    }
+
+    /// Whether every shared modulation layer's product for the step embedding `temb` is
+    /// remembered.
+    pub fn steps_remembered(&self, temb: &Tensor) -> bool {
+        self.step_products().iter().all(|p| p.is_remembered(temb))
+    }
+
+    fn step_products(&self) -> Vec<&StepProduct> {
+        let shared = [&self.mod_img, &self.mod_txt, &self.mod_single];
+        let shared = shared.into_iter().map(Modulation::product);
+        shared.chain([self.norm_out.product()]).collect()
+    }
+
+    /// [`Self::forward`] with the blocks run under a step cache; `temb`: the step's conditioning
+    /// embedding if remembered ([`Self::remember_steps`]), else computed from sigma and guidance.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_cached(
         &self,
         x: &Tensor,
         sigma: &Tensor,
         guidance: Option<&Tensor>,
         text: Text<'_>,
+        temb: Option<&Tensor>,
         rope: &Rope,
         cache: Option<&mut dyn BlockCache>,
     ) -> Result<Tensor> {
         let dtype = x.dtype();
         let dev = x.device();
         let (img, temb, ctx) = profile::phase(Phase::Embeddings, dev, || {
-            let embed = |t: &Tensor, m: &Mlp| -> Result<Tensor> {
-                // diffusers rounds t x 1000 to the run dtype before embedding it.
-                let t = (t.to_dtype(dtype)? * 1000.0)?;
-                let f = timestep_embedding(&t, self.cfg.timestep_guidance_channels)?;
-                m.forward(&f.to_dtype(dtype)?)
+            let temb = match temb {
+                Some(temb) => temb.clone(),
+                None => self.temb(sigma, guidance, dtype)?,
             };
-            let mut temb = embed(sigma, &self.timestep_embedder)?;
-            if let (Some(g), Some(m)) = (guidance, &self.guidance_embedder) {
-                temb = (temb + embed(g, m)?)?;
-            }
             let img = self.x_embedder.forward(x)?;
             Ok((img, temb, text.embedded(&self.context_embedder)?))
         })?;

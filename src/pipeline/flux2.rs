@@ -7,7 +7,9 @@
 //! embedding.
 
 use super::components::{LmPart, OpenCtx, TextLoader, TextPart};
-use super::family::{Bound, Cfg, Defaults, Denoise, Edit, EmbeddedTexts, Family, Transformer};
+use super::family::{
+    Bound, Cfg, Defaults, Denoise, Edit, EmbeddedTexts, Family, StepEmbeddings, Transformer,
+};
 use crate::config::{
     Flux2TransformerConfig, Mistral3Config, Qwen3Config, SchedulerConfig, VaeConfig,
 };
@@ -261,7 +263,7 @@ impl Transformer for Flux2Transformer {
         prompt: &Conditioning,
         hw: (usize, usize),
         references: &[Tensor],
-        _: &[f32],
+        timesteps: &[f32],
     ) -> Bound<'a> {
         let (h, w) = hw;
         let dev = prompt.context.device();
@@ -285,8 +287,10 @@ impl Transformer for Flux2Transformer {
             model: self,
             rope: self.rope(txt, h, w, &grids, dev)?,
             references,
+            guidance_scale: self.config().guidance_embeds.then_some(r.guidance as f32),
             guidance,
             texts: EmbeddedTexts::default(),
+            steps: StepEmbeddings::new(timesteps),
         }))
     }
 }
@@ -306,7 +310,9 @@ struct Step<'a> {
     references: Option<Tensor>,
     /// The embedded guidance scale (1,) f32, for models with a guidance embedding.
     guidance: Option<Tensor>,
+    guidance_scale: Option<f32>,
     texts: EmbeddedTexts,
+    steps: StepEmbeddings,
 }
 
 impl Denoise for Step<'_> {
@@ -328,16 +334,28 @@ impl Denoise for Step<'_> {
             .map(|g| g.broadcast_as(b)?.contiguous())
             .transpose()?;
         let text = (self.texts).get(&c.context, || self.model.embed_context(&c.context))?;
+        // FLUX.2's step embedding takes no text; its steps are kept per stream all the same.
+        let temb = self.steps.get(t, &c.pooled, |token, ts| {
+            let (g, run) = (self.guidance_scale, (b, x.dtype()));
+            self.model.remember_steps(token, ts, g, run, x.device())
+        })?;
         let v = self.model.forward_cached(
             &input,
             &sigma,
             guidance.as_ref(),
             Text::Embedded(&text),
+            temb.as_ref(),
             &self.rope,
             cache,
         )?;
         // The reference tokens' predictions are dropped.
         let v = v.narrow(1, 0, h * w)?;
         Ok(v.transpose(1, 2)?.reshape((b, ch, h, w))?)
+    }
+}
+
+impl Drop for Step<'_> {
+    fn drop(&mut self) {
+        self.model.forget_steps(self.steps.token());
     }
 }

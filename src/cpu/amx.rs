@@ -246,6 +246,11 @@ unsafe fn product<O: Output>(
     }
     let optr = OutPtr(out);
     let tasks = super::split_tasks(m, MC, 32, b.np / 32);
+    // Where tasks share a chunk of rows (few rows, the columns split between threads), each would
+    // copy the chunk: they read it in place instead (T5-XXL's 512 rows: text-bench's bf16 text
+    // phase 0.384-0.397 -> 0.369-0.372 s, min of five, three alternations). Where each chunk has
+    // one task, its copy stays (reading in place there ran the transformers' steps 12-15% slower).
+    let shared = tasks.windows(2).any(|w| w[0].0 == w[1].0);
     tasks.par_iter().for_each(|&(row0, rows, nb_lo, nb_hi)| {
         let block = Block {
             rows: (row0, rows),
@@ -256,7 +261,7 @@ unsafe fn product<O: Output>(
         // SAFETY: AMX is available (asserted); a holds the shapes (asserted), out the output's
         // (the caller's contract); the task's rows x columns block of the output is written by no
         // other task (split_tasks).
-        unsafe { task(a, lda, b, block, optr.get(), ldo) };
+        unsafe { task((a, lda, shared), b, block, optr.get(), ldo) };
     });
 }
 
@@ -279,20 +284,20 @@ pub fn matmul_padded(a: &[bf16], mrows: usize, b: &PackedB, c: &mut [f32]) {
     assert_eq!(a.len(), mrows * b.kp, "A is not rows x k_padded");
     assert_eq!(c.len(), mrows * b.np, "C is not rows x n_padded");
     // SAFETY: AMX is available; a, b and c hold the padded shapes (asserted above).
-    unsafe { kernel::run(a, mrows, b.kp, b, 0, b.np / 32, c, b.np, true) };
+    unsafe { kernel::run(a, (mrows, b.kp, b.kp), b, 0, b.np / 32, c, b.np, true) };
 }
 
-/// One (row chunk, column range): pad the rows of A, accumulate the f32 block, write it out.
+/// One (row chunk, column range): pad the rows of A (or, with `in_place`, where they need no
+/// padding, read them where they lie), accumulate the f32 block, write it out.
 ///
 /// # Safety
 /// AMX must be available. `a` holds the block's rows `row0 .. row0 + rows` at stride `lda` (each
 /// `b.k` long); `out` is valid for writes of those rows at stride `ldo`, columns
 /// `32 nb_lo .. min(32 nb_hi, n)`, and no other thread touches that block while the call runs.
-/// (No alignment is needed: tiles are loaded from the aligned scratch, and the output is written
-/// with unaligned stores.)
+/// (No alignment is needed: tiles are loaded at any alignment, and the output is written with
+/// unaligned stores.)
 unsafe fn task<O: Output>(
-    a: &[bf16],
-    lda: usize,
+    (a, lda, in_place): (&[bf16], usize, bool),
     b: &PackedB,
     block: Block,
     out: *mut O,
@@ -303,28 +308,34 @@ unsafe fn task<O: Output>(
     let mrows = rows.next_multiple_of(32);
     SCRATCH.with(|scratch| {
         let (ap, c) = &mut *scratch.borrow_mut();
-        // Reused per thread: fresh multi-megabyte buffers per call cost page faults. Every value
-        // is written: the rows, zeros past k and in the padding rows. (Reading the rows in place
-        // where k is a multiple of 32 instead ran gemm_bench 15-30% slower: the tile loads
-        // stream them from memory without the copy's prefetching.)
-        ap.resize(mrows * kp);
-        for (r, dst) in ap.chunks_exact_mut(kp).enumerate() {
-            let (head, tail) = dst.split_at_mut(k.min(kp));
-            match r < rows {
-                true => head.copy_from_slice(&a[(row0 + r) * lda..][..k]),
-                false => head.fill(bf16::ZERO),
+        // Whole tiles of A where it lies: rows a multiple of 32, k of 32 (then kp == k).
+        let (at, lda) = if in_place && rows == mrows && k == kp {
+            (&a[row0 * lda..], lda)
+        } else {
+            // Reused per thread: fresh multi-megabyte buffers per call cost page faults. Every
+            // value is written: the rows, zeros past k and in the padding rows.
+            ap.resize(mrows * kp);
+            for (r, dst) in ap.chunks_exact_mut(kp).enumerate() {
+                let (head, tail) = dst.split_at_mut(k.min(kp));
+                match r < rows {
+                    true => head.copy_from_slice(&a[(row0 + r) * lda..][..k]),
+                    false => head.fill(bf16::ZERO),
+                }
+                tail.fill(bf16::ZERO);
             }
-            tail.fill(bf16::ZERO);
-        }
+            (&ap[..], kp)
+        };
         // One column panel at a time, so its f32 accumulators stay in cache through all of k.
         let ncb = NC / 32;
         for p_lo in (nb_lo..nb_hi).step_by(ncb) {
             let p_hi = (p_lo + ncb).min(nb_hi);
             let width = (p_hi - p_lo) * 32;
             c.resize(mrows * width);
-            // SAFETY: AMX is available (the caller's contract); ap is mrows x kp and c mrows x
-            // width, both padded to tile multiples.
-            unsafe { kernel::run(ap, mrows, kp, b, p_lo, p_hi, c, width, true) };
+            // SAFETY: AMX is available (the caller's contract); `at` holds mrows rows of kp at
+            // stride lda >= kp (the padded copy, or the caller's rows, which hold (rows - 1) lda +
+            // k values past row0 with rows == mrows and k == kp), c mrows x width, both in tile
+            // multiples.
+            unsafe { kernel::run(at, (mrows, kp, lda), b, p_lo, p_hi, c, width, true) };
             let col0 = p_lo * 32;
             let cols = (b.n.min(p_hi * 32)).saturating_sub(col0);
             // SAFETY: rows row0 .. row0 + rows, columns col0 .. col0 + cols of out are this
@@ -390,7 +401,7 @@ pub fn matmul_taps(
                     // SAFETY: AMX is available (asserted); `at` is trows x k with trows and k
                     // multiples of 32 (k == b.kp), c trows x width; b has p_hi <= np / 32 blocks.
                     // The first tap sets c, the others add to it.
-                    unsafe { kernel::run(at, trows, k, b, p_lo, p_hi, c, width, t == 0) };
+                    unsafe { kernel::run(at, (trows, k, k), b, p_lo, p_hi, c, width, t == 0) };
                 }
                 let col0 = p_lo * 32;
                 let cols = n.min(p_hi * 32).saturating_sub(col0);
@@ -475,20 +486,20 @@ mod kernel {
         rows: [u8; 16],
     }
 
-    /// `c (mrows x width f32) += ap (mrows x kp) · b[:, 32 nb_lo .. 32 nb_hi]`, or with `zero`
-    /// `c = ...` (c's values are not read: the accumulators start at zero).
+    /// `c (mrows x width f32) += ap (mrows x kp, row stride lda) · b[:, 32 nb_lo .. 32 nb_hi]`, or
+    /// with `zero` `c = ...` (c's values are not read: the accumulators start at zero).
     ///
     /// # Safety
     /// AMX must be available and permitted (see [`super::available`]). mrows and kp are multiples
-    /// of 32; `ap` holds mrows x kp elements, `c` mrows x width with width >= 32 (nb_hi - nb_lo),
+    /// of 32, lda >= kp; `ap` holds mrows rows of kp elements at stride lda (the last row need
+    /// not extend to a full stride), `c` mrows x width with width >= 32 (nb_hi - nb_lo),
     /// and `b` has at least nb_hi column blocks and kp / 32 k-blocks. Tile rows are read and written
     /// at any alignment (tileloadd/tilestored do not require one; 64-byte alignment only makes them
     /// faster).
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run(
         ap: &[bf16],
-        mrows: usize,
-        kp: usize,
+        (mrows, kp, lda): (usize, usize, usize),
         b: &PackedB,
         nb_lo: usize,
         nb_hi: usize,
@@ -516,7 +527,8 @@ mod kernel {
         // memory, into c, which this call holds mutably.
         unsafe {
             asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig, options(nostack));
-            let lda = (kp * 2) as isize; // bytes
+            let row = lda; // elements
+            let lda = (lda * 2) as isize; // bytes
             let ldc = (width * 4) as isize;
             let kbs = kp / 32;
             // k in equal blocks of at most KC: C is loaded and stored once per block.
@@ -532,8 +544,8 @@ mod kernel {
                     // 10-15% on k = 1536 (gemm_bench).
                     for nb in nbp..nbp1 {
                         for mb in 0..mrows / 32 {
-                            let a0 = ap.as_ptr().add(mb * 32 * kp);
-                            let a1 = a0.add(16 * kp);
+                            let a0 = ap.as_ptr().add(mb * 32 * row);
+                            let a1 = a0.add(16 * row);
                             let c0 = c.as_mut_ptr().add(mb * 32 * width + (nb - nb_lo) * 32);
                             let c1 = c0.add(16);
                             let c2 = c0.add(16 * width);
@@ -603,8 +615,7 @@ mod kernel {
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run(
         _: &[bf16],
-        _: usize,
-        _: usize,
+        _: (usize, usize, usize),
         _: &PackedB,
         _: usize,
         _: usize,
@@ -625,6 +636,33 @@ mod tests {
             .into_iter()
             .map(bf16::from_f32)
             .collect()
+    }
+
+    /// Rows read in place (tasks sharing a chunk of whole tiles: 64 or 512 rows, k a multiple of
+    /// 32, A at a wider row stride) give the values of the same rows copied (one more row, so the
+    /// chunk's last tile is padded and copied), bit for bit.
+    #[test]
+    fn rows_read_in_place_equal_rows_copied() {
+        if !crate::cpu::test_has("amx") {
+            return;
+        }
+        for &(m, k, n, lda) in &[
+            (64, 96, 200, 96),
+            (64, 2080, 70, 2100),
+            (512, 128, 4096, 160),
+        ] {
+            let a = random((m + 1) * lda, 4);
+            let w = random(n * k, 5);
+            let packed = PackedB::from_nk(&w, n, k);
+            let tasks = crate::cpu::split_tasks(m, MC, 32, packed.np / 32);
+            if !tasks.windows(2).any(|w| w[0].0 == w[1].0) {
+                continue; // one thread: every chunk has one task, nothing is read in place
+            }
+            let (mut in_place, mut copied) = (vec![0f32; m * n], vec![0f32; (m + 1) * n]);
+            matmul(&a, m, lda, &packed, None, &mut in_place, n);
+            matmul(&a, m + 1, lda, &packed, None, &mut copied, n);
+            assert!(in_place == copied[..m * n], "{m}x{k}x{n}: in place differs");
+        }
     }
 
     /// Odd shapes (padding in m, n and k), several tasks, bias, both output types: equal to an f64

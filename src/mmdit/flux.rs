@@ -141,11 +141,7 @@ impl FluxTransformer {
         let rows = ts.len() * b;
         profile::phase(Phase::Norms, dev, || {
             modulation::remember_steps(token, &self.step_products(), (ts.len(), b), dtype, || {
-                let sigma: Vec<f32> = ts
-                    .iter()
-                    .flat_map(|&t| std::iter::repeat_n(t / 1000.0, b))
-                    .collect();
-                let sigma = Tensor::from_vec(sigma, rows, dev)?;
+                let sigma = modulation::step_rows(ts.iter().map(|t| t / 1000.0), b, dev)?;
                 let g = guidance.map(|g| Tensor::full(g, rows, dev)).transpose()?;
                 self.temb(&sigma, g.as_ref(), &pooled.repeat((ts.len(), 1))?, dtype)
             })
@@ -154,12 +150,12 @@ impl FluxTransformer {
 
     /// Drops what [`Self::remember_steps`] kept under `token`.
     pub fn forget_steps(&self, token: u64) {
-        self.step_products().iter().for_each(|p| p.forget(token));
+        modulation::forget_steps(&self.step_products(), token);
     }
 
     /// Whether every modulation layer's product for the step embedding `temb` is remembered.
     pub fn steps_remembered(&self, temb: &Tensor) -> bool {
-        self.step_products().iter().all(|p| p.is_remembered(temb))
+        modulation::steps_remembered(&self.step_products(), temb)
     }
 
     fn step_products(&self) -> Vec<&StepProduct> {

@@ -255,11 +255,7 @@ impl Flux2Transformer {
         profile::phase(Phase::Norms, dev, || {
             let shape = (ts.len(), rows);
             modulation::remember_steps(token, &self.step_products(), shape, dtype, || {
-                let sigma: Vec<f32> = ts
-                    .iter()
-                    .flat_map(|&t| std::iter::repeat_n(t / 1000.0, rows))
-                    .collect();
-                let sigma = Tensor::from_vec(sigma, all, dev)?;
+                let sigma = modulation::step_rows(ts.iter().map(|t| t / 1000.0), rows, dev)?;
                 let g = guidance.map(|g| Tensor::full(g, all, dev)).transpose()?;
                 self.temb(&sigma, g.as_ref(), dtype)
             })
@@ -268,13 +264,13 @@ impl Flux2Transformer {
 
     /// Drops what [`Self::remember_steps`] kept under `token`.
     pub fn forget_steps(&self, token: u64) {
-        self.step_products().iter().for_each(|p| p.forget(token));
+        modulation::forget_steps(&self.step_products(), token);
     }
 
     /// Whether every shared modulation layer's product for the step embedding `temb` is
     /// remembered.
     pub fn steps_remembered(&self, temb: &Tensor) -> bool {
-        self.step_products().iter().all(|p| p.is_remembered(temb))
+        modulation::steps_remembered(&self.step_products(), temb)
     }
 
     fn step_products(&self) -> Vec<&StepProduct> {

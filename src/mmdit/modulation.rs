@@ -4,7 +4,7 @@
 
 use crate::nn::modulate::{add_gated, norm_modulate};
 use crate::nn::{linear_with, Linear};
-use candle_core::{DType, Module, Result, Tensor, TensorId, D};
+use candle_core::{DType, Device, Module, Result, Tensor, TensorId, D};
 use candle_nn::VarBuilder;
 use std::sync::{Arc, Mutex};
 
@@ -154,6 +154,24 @@ pub fn remember_steps(
         p.remember(token, &each, &all)?;
     }
     Ok(Some(each))
+}
+
+/// Each of `values` repeated for `rows` rows, in order: (values x rows,) f32, a batch's timesteps
+/// for every step at once.
+pub fn step_rows(values: impl Iterator<Item = f32>, rows: usize, dev: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = values.flat_map(|t| std::iter::repeat_n(t, rows)).collect();
+    let n = v.len();
+    Tensor::from_vec(v, n, dev)
+}
+
+/// Drops what `products` kept under `token` ([`StepProduct::forget`]).
+pub fn forget_steps(products: &[&StepProduct], token: u64) {
+    products.iter().for_each(|p| p.forget(token));
+}
+
+/// Whether every one of `products` keeps its product for the step embedding `temb`.
+pub fn steps_remembered(products: &[&StepProduct], temb: &Tensor) -> bool {
+    products.iter().all(|p| p.is_remembered(temb))
 }
 
 /// `linear(silu(emb))` cut into (shift, scale, gate) triples, in diffusers' order: one for

@@ -118,8 +118,7 @@ impl Sd3Transformer {
         let shape = (ts.len(), b);
         profile::phase(Phase::Norms, dev, || {
             modulation::remember_steps(token, &self.step_products(), shape, pooled.dtype(), || {
-                let t: Vec<f32> = ts.iter().flat_map(|&t| std::iter::repeat_n(t, b)).collect();
-                let t = Tensor::from_vec(t, ts.len() * b, dev)?;
+                let t = modulation::step_rows(ts.iter().copied(), b, dev)?;
                 self.time_text_embed
                     .forward(&t, None, &pooled.repeat((ts.len(), 1))?)
             })
@@ -128,12 +127,12 @@ impl Sd3Transformer {
 
     /// Drops what [`Self::remember_steps`] kept under `token`.
     pub fn forget_steps(&self, token: u64) {
-        self.step_products().iter().for_each(|p| p.forget(token));
+        modulation::forget_steps(&self.step_products(), token);
     }
 
     /// Whether every modulation layer's product for the step embedding `temb` is remembered.
     pub fn steps_remembered(&self, temb: &Tensor) -> bool {
-        self.step_products().iter().all(|p| p.is_remembered(temb))
+        modulation::steps_remembered(&self.step_products(), temb)
     }
 
     fn step_products(&self) -> Vec<&StepProduct> {

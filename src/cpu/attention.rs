@@ -300,8 +300,9 @@ pub fn sdpa_f32_biased(
 }
 
 /// [`sdpa_f32_biased`] on bf16 q, k and v, as [`sdpa_widened`] takes them: the values of widening
-/// the inputs, [`sdpa_f32_biased`] and rounding its output (a language model's causal and padding
-/// mask on any CPU with AVX-512, AMX included). Panics as [`sdpa_f32_biased`] does.
+/// the inputs, [`sdpa_f32_biased`] and rounding its output (T5's bias and a language model's mask
+/// on a CPU with AVX-512 but neither AMX nor a fast AVX512-BF16). Panics as [`sdpa_f32_biased`]
+/// does.
 pub fn sdpa_widened_biased(
     q: &[bf16],
     k: &[bf16],

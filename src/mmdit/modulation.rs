@@ -116,7 +116,7 @@ impl StepProduct {
     }
 
     /// The product's output width.
-    pub fn width(&self) -> usize {
+    fn width(&self) -> usize {
         self.width
     }
 

@@ -35,17 +35,19 @@ pub(crate) mod test_util {
     pub(crate) use crate::cpu::normal_tensor as normal;
     use candle_core::Tensor;
 
-    /// Every value's f32 bits (after widening to f32), for comparisons bit for bit.
-    pub fn bits(t: &Tensor) -> Vec<u32> {
+    /// Every value widened to f32, flattened.
+    pub fn values(t: &Tensor) -> Vec<f32> {
         t.to_dtype(candle_core::DType::F32)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()
             .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
+    }
+
+    /// Every value's f32 bits (after widening to f32), for comparisons bit for bit.
+    pub fn bits(t: &Tensor) -> Vec<u32> {
+        values(t).iter().map(|v| v.to_bits()).collect()
     }
 
     /// max |a - b| over all elements.
@@ -62,15 +64,7 @@ pub(crate) mod test_util {
 
     /// (max |a - b| / (|b| + 1), share of elements that differ)
     pub fn compare(a: &Tensor, b: &Tensor) -> (f32, f32) {
-        let v = |t: &Tensor| {
-            t.to_dtype(candle_core::DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
-        let (a, b) = (v(a), v(b));
+        let (a, b) = (values(a), values(b));
         let rel = a
             .iter()
             .zip(&b)

@@ -1,6 +1,7 @@
 //! Matrix-product throughput of the CPU kernels (GFLOP/s), for the figures in README.md:
-//! `cargo run --release --example gemm_bench` (f32 and AVX512-BF16: best of three, or of `REPS`;
-//! `COLD=1`: weights read from memory; `BF16_ONLY=1`: the bf16 kernels alone).
+//! `cargo run --release --example gemm_bench` (best of three, or of `REPS`; `COLD=1`: weights read
+//! from memory, copies of them larger together than `COLD_MIB` (256) MiB; `BF16_ONLY=1`: the bf16
+//! kernels alone).
 use half::bf16;
 use mmdit::cpu::{amx, dpbf16, sgemm};
 use std::time::Instant;
@@ -49,7 +50,7 @@ fn main() {
             // COLD=1: rotate through copies of the weights larger together than the L3 cache, so
             // each product reads its weights from memory, as a model's layers do.
             let copies = match std::env::var("COLD") {
-                Ok(_) => (256usize << 20).div_ceil(n * k * 4).max(2),
+                Ok(_) => cold_bytes().div_ceil(n * k * 4).max(2),
                 Err(_) => 1,
             };
             let ps: Vec<_> = (0..copies)
@@ -115,7 +116,7 @@ fn main() {
             let pack = t.elapsed().as_secs_f64();
             // COLD=1: as for f32, copies of the panels larger together than the L3 cache.
             let copies = match std::env::var("COLD") {
-                Ok(_) => (256usize << 20).div_ceil(n * k * 2).max(2),
+                Ok(_) => cold_bytes().div_ceil(n * k * 2).max(2),
                 Err(_) => 1,
             };
             let ps: Vec<_> = (0..copies).map(|_| p.clone()).collect();
@@ -138,14 +139,21 @@ fn main() {
             let t = Instant::now();
             let p = amx::PackedB::from_nk(&w, n, k);
             let pack = t.elapsed().as_secs_f64();
+            // COLD=1: as for f32, copies of the packed weights larger together than the L3 cache
+            // (`COLD_MIB`, default 256).
+            let copies = match std::env::var("COLD") {
+                Ok(_) => cold_bytes().div_ceil(n * k * 2).max(2),
+                Err(_) => 1,
+            };
+            let ps: Vec<_> = (0..copies).map(|_| p.clone()).collect();
             let mut out = vec![bf16::ZERO; m * n];
             amx::matmul(&a, m, k, &p, None, &mut out, n);
-            let reps = 3;
-            let t = Instant::now();
-            for _ in 0..reps {
-                amx::matmul(&a, m, k, &p, None, &mut out, n);
+            let mut s = f64::INFINITY;
+            for i in 0..reps {
+                let t = Instant::now();
+                amx::matmul(&a, m, k, &ps[(i + 1) % copies], None, &mut out, n);
+                s = s.min(t.elapsed().as_secs_f64());
             }
-            let s = t.elapsed().as_secs_f64() / reps as f64;
             println!(
                 "amx bf16 {m}x{k}x{n}: {:.0} GFLOP/s ({:.1} ms), pack {:.1} ms",
                 2.0 * (m * k * n) as f64 / s / 1e9,
@@ -154,4 +162,13 @@ fn main() {
             );
         }
     }
+}
+
+/// How many bytes of weight copies `COLD=1` rotates through: `COLD_MIB` (default 256) MiB.
+fn cold_bytes() -> usize {
+    std::env::var("COLD_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256usize)
+        << 20
 }

@@ -14,7 +14,7 @@ for m, k, n in SHAPES:
     for name, dt in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
         a = torch.rand(m, k, dtype=dt) - 0.5
         # COLD=1: rotate through copies of the weights larger together than the L3 cache, as gemm_bench
-        copies = max(2, -(-(256 << 20) // (n * k * 4))) if os.environ.get("COLD") else 1
+        copies = max(2, -(-(int(os.environ.get("COLD_MIB", 256)) << 20) // (n * k * 4))) if os.environ.get("COLD") else 1
         ws = [torch.rand(n, k, dtype=dt) - 0.5 for _ in range(copies)]
         torch.nn.functional.linear(a, ws[0])
         s = float("inf")

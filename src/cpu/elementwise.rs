@@ -4,7 +4,7 @@
 //! body that compiles to AVX-512, or else AVX2, where the feature switch allows it
 //! ([`vector_dispatch`](super::vector_dispatch)).
 
-use super::{lane_sum, round_bf16, with_slice, Lane};
+use super::{lane_sum, par_new, round_bf16, with_slice, Lane};
 use candle_core::{DType, Device, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -36,14 +36,11 @@ fn passes_with<T: candle_core::WithDType>(
 ) -> Result<Tensor> {
     const CHUNK: usize = 4096;
     let out = with_slice::<T, _>(x, |xs| {
-        let mut out = vec![T::zero(); xs.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(xs.par_chunks(CHUNK))
-            .for_each(|(o, x)| {
-                let mut buf = vec![0f32; 2 * x.len()];
-                chunk(x, o, &mut buf);
-            });
-        out
+        let scratch = || vec![0f32; 2 * CHUNK];
+        par_new(xs.len(), CHUNK, T::zero(), scratch, |buf, i, o| {
+            let x = &xs[i * CHUNK..][..o.len()];
+            chunk(x, o, &mut buf[..2 * o.len()]);
+        })
     })?;
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }
@@ -189,15 +186,12 @@ pub fn gelu_new_mul_bf16(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let up = up.contiguous()?;
     let out = with_slice::<bf16, _>(gate, |g| {
         with_slice::<bf16, _>(&up, |u| {
-            let mut out = vec![bf16::ZERO; g.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                .for_each(|(o, (g, u))| {
-                    let mut buf = vec![0f32; 2 * g.len()];
-                    let (v, t) = buf.split_at_mut(g.len());
-                    gelu_new_mul_chunk(g, u, v, t, o)
-                });
-            out
+            let scratch = || vec![0f32; 2 * CHUNK];
+            par_new(g.len(), CHUNK, bf16::ZERO, scratch, |buf, i, o| {
+                let (g, u) = (&g[i * CHUNK..][..o.len()], &u[i * CHUNK..][..o.len()]);
+                let (v, t) = buf[..2 * o.len()].split_at_mut(o.len());
+                gelu_new_mul_chunk(g, u, v, t, o)
+            })
         })
     })??;
     Tensor::from_vec(out, gate.shape(), &Device::Cpu)
@@ -291,18 +285,16 @@ fn norm_modulate_as<E: RowPasses>(
         );
     }
     let out = with_slice::<E, _>(x, |xs| {
-        let mut out = vec![E::zero(); xs.len()];
-        out.par_chunks_mut(d)
-            .zip(xs.par_chunks(d))
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; d],
-                |buf, (row, (o, x))| {
-                    let i = row / n.max(1);
-                    E::ln_mod_row(x, o, &alpha[i], &beta[i], eps as f32, buf)
-                },
-            );
-        out
+        par_new(
+            xs.len(),
+            d,
+            E::zero(),
+            || vec![0f32; d],
+            |buf, row, o| {
+                let (x, i) = (&xs[row * d..][..d], row / n.max(1));
+                E::ln_mod_row(x, o, &alpha[i], &beta[i], eps as f32, buf)
+            },
+        )
     })?;
     Tensor::from_vec(out, (b, n, d), &Device::Cpu)
 }
@@ -424,15 +416,18 @@ fn rms_norm_as<E: RowPasses>(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Te
         candle_core::bail!("rms_norm: x {:?}, weight {:?}", x.shape(), weight.shape());
     }
     let out = with_slice::<E, _>(x, |xs| {
-        let mut out = vec![E::zero(); xs.len()];
-        out.par_chunks_mut(d * 64)
-            .zip(xs.par_chunks(d * 64))
-            .for_each(|(o, x)| {
+        par_new(
+            xs.len(),
+            d * 64,
+            E::zero(),
+            || (),
+            |_, i, o| {
+                let x = &xs[i * d * 64..][..o.len()];
                 for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
                     E::rms_row(x, o, &w, eps as f32)
                 }
-            });
-        out
+            },
+        )
     })?;
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }
@@ -472,12 +467,16 @@ fn add_gated_as<E: RowPasses>(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<T
     }
     let out = with_slice::<E, _>(x, |xs| {
         with_slice::<E, _>(y, |ys| {
-            let mut out = vec![E::zero(); xs.len()];
-            out.par_chunks_mut(d)
-                .zip(xs.par_chunks(d).zip(ys.par_chunks(d)))
-                .enumerate()
-                .for_each(|(row, (o, (x, y)))| E::add_gated_row(x, y, &g[row / n.max(1)], o));
-            out
+            par_new(
+                xs.len(),
+                d,
+                E::zero(),
+                || (),
+                |_, row, o| {
+                    let (x, y) = (&xs[row * d..][..d], &ys[row * d..][..d]);
+                    E::add_gated_row(x, y, &g[row / n.max(1)], o)
+                },
+            )
         })
     })??;
     Tensor::from_vec(out, (b, n, d), &Device::Cpu)
@@ -511,15 +510,16 @@ pub fn add_over_batch(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     ) -> Result<Tensor> {
         let out = with_slice::<E, _>(x, |xs| {
             with_slice::<E, _>(y, |ys| {
-                let mut out = vec![E::zero(); xs.len()];
-                out.par_chunks_mut(d)
-                    .zip(xs.par_chunks(d))
-                    .enumerate()
-                    .for_each(|(row, (o, x))| {
-                        let y = &ys[(row % n) * d..][..d];
+                par_new(
+                    xs.len(),
+                    d,
+                    E::zero(),
+                    || (),
+                    |_, row, o| {
+                        let (x, y) = (&xs[row * d..][..d], &ys[(row % n) * d..][..d]);
                         E::add_row(x, y, o)
-                    });
-                out
+                    },
+                )
             })
         })??;
         Tensor::from_vec(out, (b, n, d), &Device::Cpu)
@@ -598,15 +598,16 @@ fn silu_mul_rows<E: RowPasses>(
     rows: usize,
     d: usize,
 ) -> Vec<E> {
-    let mut out = vec![E::zero(); rows * d];
-    out.par_chunks_mut(d.max(1)).enumerate().for_each_init(
+    par_new(
+        rows * d,
+        d,
+        E::zero(),
         || vec![0f32; d],
-        |e, (r, o)| {
+        |e, r, o| {
             let (a, b) = (&a[r * sa + oa..][..d], &b[r * sb + ob..][..d]);
             E::silu_mul_row(a, b, o, e)
         },
-    );
-    out
+    )
 }
 
 #[inline(always)]
@@ -711,11 +712,13 @@ fn gelu_erf_row_generic<E: Lane>(x: &[E], o: &mut [E], e: &mut [f32]) {
 pub fn widen(x: &Tensor) -> Result<Tensor> {
     const CHUNK: usize = 1 << 14;
     let out = with_slice::<bf16, _>(x, |xs| {
-        let mut out = vec![0f32; xs.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(xs.par_chunks(CHUNK))
-            .for_each(|(o, x)| widen_bf16(x, o));
-        out
+        par_new(
+            xs.len(),
+            CHUNK,
+            0f32,
+            || (),
+            |_, i, o| widen_bf16(&xs[i * CHUNK..][..o.len()], o),
+        )
     })?;
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }
@@ -723,10 +726,15 @@ pub fn widen(x: &Tensor) -> Result<Tensor> {
 /// An f32 CPU tensor rounded to bf16 (nearest even, as candle's conversion), in parallel pieces
 /// ([`round_to_bf16`]).
 pub fn round(x: &Tensor) -> Result<Tensor> {
+    const CHUNK: usize = 1 << 14;
     let out = with_slice::<f32, _>(x, |xs| {
-        let mut out = vec![bf16::ZERO; xs.len()];
-        round_to_bf16(xs, &mut out);
-        out
+        par_new(
+            xs.len(),
+            CHUNK,
+            bf16::ZERO,
+            || (),
+            |_, i, o| round_chunk(&xs[i * CHUNK..][..o.len()], o),
+        )
     })?;
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }

@@ -246,17 +246,25 @@ fn on_slices<T: candle_core::WithDType>(
     Tensor::from_vec(o, q.shape(), q.device())
 }
 
-/// (b, n, h*d) -> (b, h, n, d)
+/// (b, n, h*d) -> (b, h, n, d), contiguous: on the CPU one parallel copy ([`join_heads`] of the
+/// one part; candle's copy runs on the calling thread while the pool waits).
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, hd) = x.dims3()?;
-    x.reshape((b, n, heads, hd / heads))?
-        .transpose(1, 2)?
-        .contiguous()
+    let x = x.reshape((b, n, heads, hd / heads.max(1)))?;
+    match x.device().is_cpu() {
+        true => join_heads(&[&x])?.contiguous(),
+        false => x.transpose(1, 2)?.contiguous(),
+    }
 }
 
-/// (b, h, n, d) -> (b, n, h*d)
+/// (b, h, n, d) -> (b, n, h*d): on the CPU contiguous, one parallel copy ([`split_tokens`] into
+/// one part, for the output projection that reads it next); elsewhere a view.
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, n, d) = x.dims4()?;
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        let [merged] = split_tokens(x, [n])?;
+        return Ok(merged);
+    }
     x.transpose(1, 2)?.reshape((b, n, h * d))
 }
 
@@ -597,17 +605,32 @@ mod tests {
             assert_eq!(a.dims(), b.dims());
             assert_eq!(v(a), v(b));
         };
+        // candle's views made contiguous: what split_heads and merge_heads copy on the CPU.
+        let composed_split = |t: &Tensor, h: usize| {
+            let (b, n, hd) = t.dims3().unwrap();
+            let t = t.reshape((b, n, h, hd / h)).unwrap();
+            t.transpose(1, 2).unwrap().contiguous().unwrap()
+        };
+        let composed_merge = |t: &Tensor| {
+            let (b, h, n, d) = t.dims4().unwrap();
+            let t = t.transpose(1, 2).unwrap().contiguous().unwrap();
+            t.reshape((b, n, h * d)).unwrap()
+        };
+        for dtype in [DType::F32, DType::BF16, DType::F16, DType::U32] {
+            let x = normal((2, 7, 15), 4.0, 4).to_dtype(dtype).unwrap();
+            let split = split_heads(&x, 3).unwrap();
+            assert!(split.is_contiguous());
+            eq(&split, &composed_split(&x, 3));
+            eq(&merge_heads(&split).unwrap(), &x);
+            eq(&merge_heads(&split).unwrap(), &composed_merge(&split));
+        }
         for dtype in [DType::F32, DType::BF16] {
             let (h, d) = (3, 8);
             let img = normal((2, 5, h * d), 1.0, 1).to_dtype(dtype).unwrap();
             let txt = normal((2, 4, h * d), 1.0, 2).to_dtype(dtype).unwrap();
             let tokens = |t: &Tensor| t.reshape((2, t.dim(1).unwrap(), h, d)).unwrap();
             let joined = join_heads(&[&tokens(&txt), &tokens(&img)]).unwrap();
-            let want = Tensor::cat(
-                &[split_heads(&txt, h).unwrap(), split_heads(&img, h).unwrap()],
-                2,
-            )
-            .unwrap();
+            let want = Tensor::cat(&[composed_split(&txt, h), composed_split(&img, h)], 2).unwrap();
             eq(&joined, &want);
             let strided = join_token_major(&[&tokens(&txt), &tokens(&img)]).unwrap();
             eq(&strided, &want);
@@ -619,7 +642,7 @@ mod tests {
             let [a, b] = split_tokens(&joined, [4, 5]).unwrap();
             eq(&a, &txt);
             eq(&b, &img);
-            let merged = merge_heads(&want).unwrap();
+            let merged = composed_merge(&want);
             eq(&b, &merged.narrow(1, 4, 5).unwrap());
             assert!(split_tokens(&joined, [4, 4]).is_err());
             let mlp = normal((2, 9, 11), 1.0, 3).to_dtype(dtype).unwrap();

@@ -93,7 +93,6 @@ struct SelfAttention {
     v: Linear,
     o: Linear,
     heads: usize,
-    d_kv: usize,
     bias: Option<Embedding>,
     buckets: usize,
     max_distance: usize,
@@ -121,7 +120,6 @@ impl SelfAttention {
             v: nn::linear_no_bias(cfg.d_model, inner, a.pp("v"))?,
             o: nn::linear_no_bias(inner, cfg.d_model, a.pp("o"))?,
             heads: cfg.num_heads,
-            d_kv: cfg.d_kv,
             bias,
             buckets: cfg.relative_attention_num_buckets,
             max_distance: cfg.relative_attention_max_distance,
@@ -211,13 +209,9 @@ impl SelfAttention {
     /// The layer's output and the position bias (computed here by the first layer, with the key
     /// mask of the first `valid` tokens folded in, and passed on).
     fn forward(&self, xs: &Tensor, bias: Option<Tensor>, valid: usize) -> Result<(Tensor, Tensor)> {
-        let (b, n, _) = xs.dims3()?;
+        let n = xs.dim(1)?;
         let h = self.norm.forward(xs)?;
-        let split = |t: Tensor| {
-            t.reshape((b, n, self.heads, self.d_kv))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let split = |t: Tensor| nn::split_heads(&t, self.heads);
         let bias = match (bias, &self.bias) {
             (Some(p), _) => p,
             (None, Some(emb)) => self.position_bias(emb, n, valid, xs.dtype(), xs.device())?,
@@ -234,7 +228,7 @@ impl SelfAttention {
             split(self.v.forward(&h)?)?,
         );
         let y = nn::attention::sdpa_biased(&q, &k, &v, &bias, 1.0)?;
-        let y = y.transpose(1, 2)?.reshape((b, n, self.heads * self.d_kv))?;
+        let y = nn::merge_heads(&y)?;
         Ok((nn::modulate::add(xs, &self.o.forward(&y)?)?, bias))
     }
 }
@@ -321,7 +315,6 @@ mod tests {
             v: l(),
             o: l(),
             heads: 1,
-            d_kv: 1,
             bias: None,
             buckets,
             max_distance,

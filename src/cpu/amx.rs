@@ -486,6 +486,15 @@ mod kernel {
         rows: [u8; 16],
     }
 
+    /// Asks for the 64-byte line at `p` in L2 (a hint: it neither faults nor changes memory).
+    #[inline(always)]
+    fn prefetch_l2(p: *const i8) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        // SAFETY: prefetcht1 reads nothing into the program and never faults, whatever `p` is
+        // (SSE, part of x86_64's baseline).
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p) }
+    }
+
     /// `c (mrows x width f32) += ap (mrows x kp, row stride lda) · b[:, 32 nb_lo .. 32 nb_hi]`, or
     /// with `zero` `c = ...` (c's values are not read: the accumulators start at zero).
     ///
@@ -496,15 +505,6 @@ mod kernel {
     /// and `b` has at least nb_hi column blocks and kp / 32 k-blocks. Tile rows are read and written
     /// at any alignment (tileloadd/tilestored do not require one; 64-byte alignment only makes them
     /// faster).
-    /// Asks for the 64-byte line at `p` in L2 (a hint: it neither faults nor changes memory).
-    #[inline(always)]
-    fn prefetch_l2(p: *const i8) {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-        // SAFETY: prefetcht1 reads nothing into the program and never faults, whatever `p` is
-        // (SSE, part of x86_64's baseline).
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(p) }
-    }
-
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run(
         ap: &[bf16],
@@ -532,8 +532,9 @@ mod kernel {
         // blocks 32 mb and 32 mb + 16 (< mrows) of ap, read 16 rows of 64 bytes at stride 2 kp from
         // column 32 kb < kp; c0..c3 are the four 16 x 16 quarters of the 32 x 32 block (mb, nb -
         // nb_lo) of c, rows < mrows and columns < 32 (nb_hi - nb_lo) <= width; b.tiles(nb, kb) is a
-        // pair of 16 x 32 tiles inside b's data (nb < nb_hi, kb < kp / 32). Only tilestored writes
-        // memory, into c, which this call holds mutably.
+        // pair of 16 x 32 tiles inside b's data (nb < nb_hi, kb < kp / 32), and so are the lines
+        // prefetched from the next block's pair (2 KiB at nb + 1 < np / 32, kb; lines < 32 of 64
+        // bytes). Only tilestored writes memory, into c, which this call holds mutably.
         unsafe {
             asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig, options(nostack));
             let row = lda; // elements

@@ -12,6 +12,7 @@ mod common;
 use candle_core::{DType, Tensor};
 use common::*;
 use mmdit::mmdit::flux::{pack, unpack};
+use mmdit::mmdit::modulation::RemembersSteps;
 use mmdit::mmdit::{ChromaTransformer, Flux2Transformer, FluxTransformer, Sd3Transformer, Text};
 use mmdit::{ModelRef, Pipeline, Request, Spec};
 

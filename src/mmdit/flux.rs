@@ -5,7 +5,7 @@ use super::attention::TokenOrder;
 use super::cache::{run_two_stacks, BlockCache};
 use super::embed::TimeTextEmbed;
 use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
-use super::modulation::{self, AdaNormContinuous, StepProduct};
+use super::modulation::{self, AdaNormContinuous, RemembersSteps, StepProduct};
 use super::rope::Rope;
 use super::single_block::SingleBlock;
 use super::Text;
@@ -148,25 +148,6 @@ impl FluxTransformer {
         })
     }
 
-    /// Drops what [`Self::remember_steps`] kept under `token`.
-    pub fn forget_steps(&self, token: u64) {
-        modulation::forget_steps(&self.step_products(), token);
-    }
-
-    /// Whether every modulation layer's product for the step embedding `temb` is remembered.
-    pub fn steps_remembered(&self, temb: &Tensor) -> bool {
-        modulation::steps_remembered(&self.step_products(), temb)
-    }
-
-    fn step_products(&self) -> Vec<&StepProduct> {
-        let double = self.double.iter().flat_map(JointBlock::step_products);
-        let single = self.single.iter().filter_map(SingleBlock::step_product);
-        double
-            .chain(single)
-            .chain([self.norm_out.product()])
-            .collect()
-    }
-
     /// [`Self::forward`] with the blocks run under a step cache; `temb`: the step's conditioning
     /// embedding if remembered ([`Self::remember_steps`]), else computed from sigma, guidance and
     /// pooled.
@@ -209,6 +190,18 @@ impl FluxTransformer {
         profile::phase(Phase::Final, dev, || {
             self.proj_out.forward(&self.norm_out.forward(&img, &temb)?)
         })
+    }
+}
+
+impl RemembersSteps for FluxTransformer {
+    /// The double blocks' modulations and the single blocks'.
+    fn step_products(&self) -> Vec<&StepProduct> {
+        let double = self.double.iter().flat_map(JointBlock::step_products);
+        let single = self.single.iter().filter_map(SingleBlock::step_product);
+        double
+            .chain(single)
+            .chain([self.norm_out.product()])
+            .collect()
     }
 }
 

@@ -7,7 +7,9 @@ use super::cache::{run_two_stacks, BlockCache};
 use super::embed::timestep_embedding;
 use super::flux::double_blocks;
 use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
-use super::modulation::{self, AdaNormContinuous, Modulation, ModulationOut, StepProduct};
+use super::modulation::{
+    self, AdaNormContinuous, Modulation, ModulationOut, RemembersSteps, StepProduct,
+};
 use super::rope::Rope;
 use super::Text;
 use crate::config::Flux2TransformerConfig;
@@ -262,23 +264,6 @@ impl Flux2Transformer {
         })
     }
 
-    /// Drops what [`Self::remember_steps`] kept under `token`.
-    pub fn forget_steps(&self, token: u64) {
-        modulation::forget_steps(&self.step_products(), token);
-    }
-
-    /// Whether every shared modulation layer's product for the step embedding `temb` is
-    /// remembered.
-    pub fn steps_remembered(&self, temb: &Tensor) -> bool {
-        modulation::steps_remembered(&self.step_products(), temb)
-    }
-
-    fn step_products(&self) -> Vec<&StepProduct> {
-        let shared = [&self.mod_img, &self.mod_txt, &self.mod_single];
-        let shared = shared.into_iter().map(Modulation::product);
-        shared.chain([self.norm_out.product()]).collect()
-    }
-
     /// [`Self::forward`] with the blocks run under a step cache; `temb`: the step's conditioning
     /// embedding if remembered ([`Self::remember_steps`]), else computed from sigma and guidance.
     #[allow(clippy::too_many_arguments)]
@@ -323,5 +308,14 @@ impl Flux2Transformer {
         profile::phase(Phase::Final, dev, || {
             self.proj_out.forward(&self.norm_out.forward(&img, &temb)?)
         })
+    }
+}
+
+impl RemembersSteps for Flux2Transformer {
+    /// The shared modulations (image, text, single) and the output norm's.
+    fn step_products(&self) -> Vec<&StepProduct> {
+        let shared = [&self.mod_img, &self.mod_txt, &self.mod_single];
+        let shared = shared.into_iter().map(Modulation::product);
+        shared.chain([self.norm_out.product()]).collect()
     }
 }

@@ -164,14 +164,21 @@ pub fn step_rows(values: impl Iterator<Item = f32>, rows: usize, dev: &Device) -
     Tensor::from_vec(v, n, dev)
 }
 
-/// Drops what `products` kept under `token` ([`StepProduct::forget`]).
-pub fn forget_steps(products: &[&StepProduct], token: u64) {
-    products.iter().for_each(|p| p.forget(token));
-}
+/// A model whose modulation layers remember every step's product (its `remember_steps`): what it
+/// kept is forgotten, and looked up, through the list of its [`StepProduct`]s.
+pub trait RemembersSteps {
+    /// The model's remembering modulation layers.
+    fn step_products(&self) -> Vec<&StepProduct>;
 
-/// Whether every one of `products` keeps its product for the step embedding `temb`.
-pub fn steps_remembered(products: &[&StepProduct], temb: &Tensor) -> bool {
-    products.iter().all(|p| p.is_remembered(temb))
+    /// Drops what `remember_steps` kept under `token` ([`StepProduct::forget`]).
+    fn forget_steps(&self, token: u64) {
+        self.step_products().iter().for_each(|p| p.forget(token));
+    }
+
+    /// Whether every remembering layer keeps its product for the step embedding `temb`.
+    fn steps_remembered(&self, temb: &Tensor) -> bool {
+        self.step_products().iter().all(|p| p.is_remembered(temb))
+    }
 }
 
 /// `linear(silu(emb))` cut into (shift, scale, gate) triples, in diffusers' order: one for

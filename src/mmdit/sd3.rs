@@ -4,7 +4,7 @@ use super::attention::TokenOrder;
 use super::cache::{run_blocks, BlockCache};
 use super::embed::{PatchEmbed, TimeTextEmbed};
 use super::joint_block::{BlockSpec, FeedForwardKind, JointBlock};
-use super::modulation::{self, AdaNormContinuous, StepProduct};
+use super::modulation::{self, AdaNormContinuous, RemembersSteps, StepProduct};
 use super::Text;
 use crate::config::Sd3TransformerConfig;
 use crate::nn::{linear, Linear};
@@ -125,21 +125,6 @@ impl Sd3Transformer {
         })
     }
 
-    /// Drops what [`Self::remember_steps`] kept under `token`.
-    pub fn forget_steps(&self, token: u64) {
-        modulation::forget_steps(&self.step_products(), token);
-    }
-
-    /// Whether every modulation layer's product for the step embedding `temb` is remembered.
-    pub fn steps_remembered(&self, temb: &Tensor) -> bool {
-        modulation::steps_remembered(&self.step_products(), temb)
-    }
-
-    fn step_products(&self) -> Vec<&StepProduct> {
-        let blocks = self.blocks.iter().flat_map(JointBlock::step_products);
-        blocks.chain([self.norm_out.product()]).collect()
-    }
-
     /// [`Self::forward`] with the blocks run under a step cache; `temb`: the step's conditioning
     /// embedding if remembered ([`Self::remember_steps`]), else computed from `t` and `pooled`.
     pub fn forward_cached(
@@ -190,5 +175,13 @@ impl Sd3Transformer {
         img.reshape((b, hp, wp, p, p, c))?
             .permute((0, 5, 1, 3, 2, 4))? // (b, c, hp, p, wp, p)
             .reshape((b, c, h, w))
+    }
+}
+
+impl RemembersSteps for Sd3Transformer {
+    /// Every joint block's modulations and the output norm's.
+    fn step_products(&self) -> Vec<&StepProduct> {
+        let blocks = self.blocks.iter().flat_map(JointBlock::step_products);
+        blocks.chain([self.norm_out.product()]).collect()
     }
 }

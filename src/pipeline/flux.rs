@@ -10,6 +10,7 @@ use crate::config::{ClipTextConfig, FluxTransformerConfig, SchedulerConfig, T5Co
 use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::cache::BlockCache;
 use crate::mmdit::flux::{pack, unpack, with_references};
+use crate::mmdit::modulation::RemembersSteps;
 use crate::mmdit::rope::Rope;
 use crate::mmdit::{FluxTransformer, Text};
 use crate::request::{self, Resolved};

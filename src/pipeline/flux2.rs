@@ -16,6 +16,7 @@ use crate::config::{
 use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::cache::BlockCache;
 use crate::mmdit::flux::with_references;
+use crate::mmdit::modulation::RemembersSteps;
 use crate::mmdit::rope::Rope;
 use crate::mmdit::{Flux2Transformer, Text};
 use crate::request::{self, Resolved};

@@ -9,6 +9,7 @@ use super::family::{
 use crate::config::{ClipTextConfig, SchedulerConfig, Sd3TransformerConfig, T5Config, VaeConfig};
 use crate::error::{Error, Message, Param, Result};
 use crate::mmdit::cache::BlockCache;
+use crate::mmdit::modulation::RemembersSteps;
 use crate::mmdit::{Sd3Transformer, Text};
 use crate::request::{self, Resolved};
 use crate::sampling::{schedule, Schedule};

@@ -5,6 +5,7 @@
 //! streams, make each contiguous) copy every value two or three times.
 
 use candle_core::WithDType;
+use std::mem::MaybeUninit;
 
 /// Token-major parts `parts[p]` (b, lens[p], h, d) joined along the tokens into one head-major
 /// (b, h, Σ lens, d). Panics unless each part holds b · lens[p] · h · d values.
@@ -15,29 +16,17 @@ pub fn join_heads<T: WithDType>(
     h: usize,
     d: usize,
 ) -> Vec<T> {
-    assert_eq!(parts.len(), lens.len(), "one length per part");
-    for (part, &n) in parts.iter().zip(lens) {
-        assert_eq!(part.len(), b * n * h * d, "a part's length");
-    }
-    let total: usize = lens.iter().sum();
-    let len = b * h * total * d;
-    if len == 0 {
-        return Vec::new();
-    }
-    // One (batch, head) plane of total x d per task.
-    // SAFETY: each task writes its whole plane: Σ lens = total rows of d, each copied from a part.
+    // SAFETY: every row is copied whole.
     unsafe {
-        super::par_written(len, total * d, |plane, dst| {
-            let (bi, hi) = (plane / h, plane % h);
-            let mut rows = dst.chunks_exact_mut(d);
-            for (part, &n) in parts.iter().zip(lens) {
-                for t in 0..n {
-                    let at = ((bi * n + t) * h + hi) * d;
-                    let row = rows.next().expect("total rows per plane");
-                    row.write_copy_of_slice(&part[at..at + d]);
-                }
-            }
-        })
+        join_rows(
+            parts,
+            lens,
+            (b, h, d),
+            || (),
+            |_, _, _, src, row| {
+                row.write_copy_of_slice(src);
+            },
+        )
     }
 }
 
@@ -60,15 +49,11 @@ pub(crate) fn join_heads_with<T: super::rope::Pairs + super::elementwise::RowPas
     (b, h, d): (usize, usize, usize),
     ops: &RowOps,
 ) -> Vec<T> {
-    assert_eq!(parts.len(), lens.len(), "one length per part");
     assert_eq!(ops.norms.len(), parts.len(), "one norm (or none) per part");
-    for ((part, &n), w) in parts.iter().zip(lens).zip(ops.norms) {
-        assert_eq!(part.len(), b * n * h * d, "a part's length");
-        assert!(
-            w.is_none_or(|w| w.len() == d),
-            "a norm's weight is not the head width"
-        );
-    }
+    assert!(
+        ops.norms.iter().all(|w| w.is_none_or(|w| w.len() == d)),
+        "a norm's weight is not the head width"
+    );
     let total: usize = lens.iter().sum();
     let half = d / 2;
     if let Some((cos, sin)) = ops.rope {
@@ -78,39 +63,73 @@ pub(crate) fn join_heads_with<T: super::rope::Pairs + super::elementwise::RowPas
             "rotary tables are not (tokens, head width / 2)"
         );
     }
+    let normed = || vec![T::zero(); d];
+    // SAFETY: every row is written whole, by `rotate` (every value of its row) or copied.
+    unsafe {
+        join_rows(
+            parts,
+            lens,
+            (b, h, d),
+            normed,
+            |normed, p, token, src, row| {
+                let src = match ops.norms[p] {
+                    Some(w) => {
+                        T::rms_row(src, normed, w, ops.eps);
+                        &normed[..]
+                    }
+                    None => src,
+                };
+                match ops.rope {
+                    Some((cos, sin)) => {
+                        let tab = token * half..(token + 1) * half;
+                        T::rotate(src, row, &cos[tab.clone()], &sin[tab]);
+                    }
+                    None => {
+                        row.write_copy_of_slice(src);
+                    }
+                }
+            },
+        )
+    }
+}
+
+/// The join of [`join_heads`] and [`join_heads_with`], one (batch, head) plane of Σ lens x d per
+/// task: `row(scratch, p, token, src, dst)` writes the joined row `dst` from `src`, part p's row of
+/// d for that batch, head and token (`token` counting along the joined sequence); `scratch` is made
+/// by `init` once per plane. Panics unless there is one length per part and each part holds
+/// b · lens[p] · h · d values.
+///
+/// # Safety
+/// `row` must write every value of `dst`: the result's values are read as initialised.
+unsafe fn join_rows<T: Copy + Send + Sync, S>(
+    parts: &[&[T]],
+    lens: &[usize],
+    (b, h, d): (usize, usize, usize),
+    init: impl Fn() -> S + Sync,
+    row: impl Fn(&mut S, usize, usize, &[T], &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    assert_eq!(parts.len(), lens.len(), "one length per part");
+    for (part, &n) in parts.iter().zip(lens) {
+        assert_eq!(part.len(), b * n * h * d, "a part's length");
+    }
+    let total: usize = lens.iter().sum();
     let len = b * h * total * d;
     if len == 0 {
         return Vec::new();
     }
-    // One (batch, head) plane of total x d per task, as join_heads.
-    // SAFETY: each task writes its whole plane: Σ lens = total rows of d, each written by `rotate`
-    // (every value of its row) or copied.
+    // SAFETY: each task writes its whole plane: Σ lens = total rows of d, each by `row` (the
+    // caller's contract).
     unsafe {
         super::par_written(len, total * d, |plane, dst| {
             let (bi, hi) = (plane / h, plane % h);
             let mut rows = dst.chunks_exact_mut(d);
-            let mut normed = vec![T::zero(); d];
+            let mut scratch = init();
             let mut token = 0;
-            for ((part, &n), w) in parts.iter().zip(lens).zip(ops.norms) {
+            for (p, (part, &n)) in parts.iter().zip(lens).enumerate() {
                 for t in 0..n {
                     let at = ((bi * n + t) * h + hi) * d;
-                    let row = rows.next().expect("total rows per plane");
-                    let src = match w {
-                        Some(w) => {
-                            T::rms_row(&part[at..at + d], &mut normed, w, ops.eps);
-                            &normed[..]
-                        }
-                        None => &part[at..at + d],
-                    };
-                    match ops.rope {
-                        Some((cos, sin)) => {
-                            let tab = token * half..(token + 1) * half;
-                            T::rotate(src, row, &cos[tab.clone()], &sin[tab]);
-                        }
-                        None => {
-                            row.write_copy_of_slice(src);
-                        }
-                    }
+                    let dst = rows.next().expect("total rows per plane");
+                    row(&mut scratch, p, token, &part[at..at + d], dst);
                     token += 1;
                 }
             }

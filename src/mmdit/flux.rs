@@ -194,7 +194,7 @@ impl FluxTransformer {
 }
 
 impl RemembersSteps for FluxTransformer {
-    /// The double blocks' modulations and the single blocks'.
+    /// The double blocks' modulations, the single blocks' and the output norm's.
     fn step_products(&self) -> Vec<&StepProduct> {
         let double = self.double.iter().flat_map(JointBlock::step_products);
         let single = self.single.iter().filter_map(SingleBlock::step_product);

@@ -392,9 +392,37 @@ unsafe fn block<O: OutElem, const GELU: bool>(
             // in 32-bit words.
             let (base, rs, ps): (*const u32, usize, usize) = if in_place {
                 (a[k0..].as_ptr().cast(), lda / 2, 1)
+            } else if lda.is_multiple_of(2) && kc.is_multiple_of(2) {
+                // A rows 0..rows, columns k0..k0+kc, as groups of MR rows interleaved per pair:
+                // each group's rows of words (pairs) transposed in registers, the last group's
+                // rows beyond `rows` zero (not cleared first: every word is written).
+                ap.resize(groups * MR * qc);
+                for g in 0..groups {
+                    let live = MR.min(rows - g * MR);
+                    let src = &a[g * MR * lda + k0..];
+                    assert!(src.len() >= (live - 1) * lda + kc, "A rows too short");
+                    let dst = &mut ap[g * MR * qc..(g + 1) * MR * qc];
+                    // SAFETY: AVX-512F is available (AVX512-BF16's switch requires it, the caller's
+                    // contract). The source is `live` rows of qc words (kc bf16, whole pairs: lda
+                    // and kc even) at a stride of lda / 2 words, inside a (asserted); the
+                    // transpose reads them with unaligned masked loads and moves their bits
+                    // unchanged. The destination is the group's qc rows of MR words, written MR
+                    // wide (zeros past `live`).
+                    unsafe {
+                        super::transpose::transpose(
+                            src.as_ptr().cast(),
+                            lda / 2,
+                            (live, qc),
+                            dst.as_mut_ptr().cast(),
+                            MR,
+                            MR,
+                        )
+                    };
+                }
+                (ap.as_ptr(), 1, MR)
             } else {
-                // A rows 0..rows, columns k0..k0+kc, as groups of MR rows interleaved per pair
-                // (the first of a pair in the low half; an odd last column paired with zero).
+                // As above, element by element (an odd row stride, or an odd last column paired
+                // with zero), the first of a pair in the low half.
                 ap.reset(groups * MR * qc);
                 for g in 0..groups {
                     let dst = &mut ap[g * MR * qc..(g + 1) * MR * qc];
@@ -573,8 +601,10 @@ mod tests {
             .collect()
     }
 
-    /// Odd shapes: partial row groups, partial panels, odd k, k over several blocks and k = 0.
-    const SHAPES: [(usize, usize, usize); 9] = [
+    /// Odd shapes: partial row groups, partial panels, odd k, k over several blocks and k = 0; the
+    /// last two large enough that A is copied into micro-panels (transposed in registers for an
+    /// even row stride, element by element for an odd one or an odd k).
+    const SHAPES: [(usize, usize, usize); 11] = [
         (1, 1, 1),
         (9, 2 * KC + 77, 40),
         (5, 70, 33),
@@ -584,6 +614,8 @@ mod tests {
         (145, 257, 64),
         (4, 0, 9),
         (2, 1537, 3),
+        (300, 1000, 1100),
+        (300, 1001, 300),
     ];
 
     /// The vectorised packings (keys' and weights' rows transposed as words, values' row pairs

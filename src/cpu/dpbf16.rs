@@ -197,6 +197,22 @@ pub fn matmul_bf16(
     product.one(a, m, lda, b, bias, out, ldo, false)
 }
 
+/// [`matmul_bf16`] into a new (m x n) row-major vector, written once (without zeroing it first).
+pub fn matmul_bf16_vec(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    b: &PackedPairs,
+    bias: Option<&[f32]>,
+    gelu: bool,
+) -> Vec<bf16> {
+    let product = match gelu {
+        false => product::<bf16, false>(),
+        true => product::<bf16, true>(),
+    };
+    product.vec(a, m, lda, b, bias)
+}
+
 /// As [`matmul`] without bias, on the calling thread (for callers that parallelise outside).
 pub fn matmul_serial(
     a: &[bf16],
@@ -723,6 +739,16 @@ mod tests {
                 let nan = bf16::from_bits(0x7fc1);
                 let mut got = vec![nan; m * ldo];
                 matmul_bf16(&a, m, lda, &packed, Some(&bias), &mut got, ldo, g);
+                // Into a new vector, written once: the same values.
+                let fresh = matmul_bf16_vec(&a, m, lda, &packed, Some(&bias), g);
+                assert_eq!(fresh.len(), m * n);
+                for i in 0..m {
+                    let row = |v: &[bf16], ld: usize| -> Vec<u16> {
+                        v[i * ld..i * ld + n].iter().map(|v| v.to_bits()).collect()
+                    };
+                    let (got, want) = (row(&fresh, n), row(want, ldo));
+                    assert_eq!(got, want, "{m}x{k}x{n} (gelu {g}), new vector, row {i}");
+                }
                 for i in 0..m {
                     let row = |v: &[bf16]| {
                         v[i * ldo..i * ldo + n]

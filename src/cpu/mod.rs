@@ -566,7 +566,9 @@ pub trait PackedOperand: Sync {
 /// there is at least one tap, every `bs[t]` has the first's shape, and `a[offsets[t]..]` holds
 /// `rows` rows at stride lda, each at least k long; `out` is valid for reads and writes of rows
 /// 0..rows at stride ldo, columns of panels lo..hi below n, and no other thread touches them during
-/// the call; hi <= the panel count; bias is None or has n values.
+/// the call; hi <= the panel count; bias is None or has n values. Without `accumulate` those
+/// values may be uninitialised ([`Product::vec`]): a block writes every one of them and reads one
+/// (a partial sum over a later block of k, a later tap's) only after writing it.
 pub(crate) type Block<A, B, O = f32> = unsafe fn(BlockArgs<'_, A, B, O>);
 
 /// The operands of a [`Block`].
@@ -676,7 +678,7 @@ impl<A: Sync, B: PackedOperand, O: Send> Product<A, B, O> {
         lda: usize,
         b: &B,
         bias: Option<&[f32]>,
-        out: &[O],
+        out_len: usize,
         ldo: usize,
     ) {
         let name = self.name;
@@ -690,7 +692,7 @@ impl<A: Sync, B: PackedOperand, O: Send> Product<A, B, O> {
         );
         if m > 0 {
             assert!(a.len() >= (m - 1) * lda + b.k(), "A is too short");
-            assert!(out.len() >= (m - 1) * ldo + b.n(), "output is too short");
+            assert!(out_len >= (m - 1) * ldo + b.n(), "output is too short");
         }
         if let Some(bias) = bias {
             assert_eq!(bias.len(), b.n(), "bias length");
@@ -713,23 +715,68 @@ impl<A: Sync, B: PackedOperand, O: Send> Product<A, B, O> {
         ldo: usize,
         add: bool,
     ) {
+        let out = (out.as_mut_ptr(), out.len());
+        // SAFETY: a slice is valid for reads and writes of its length, initialised, and borrowed
+        // exclusively for the call.
+        unsafe { self.taps_into(a, offsets, m, lda, bs, bias, out, ldo, add) }
+    }
+
+    /// [`Self::one`] without `add`, into a new (m x n) row-major vector written once: without the
+    /// pass that zeroes a vector first ([`super::amx::matmul_vec`] likewise).
+    pub(crate) fn vec(&self, a: &[A], m: usize, lda: usize, b: &B, bias: Option<&[f32]>) -> Vec<O> {
+        let (n, len) = (b.n(), m * b.n());
+        let mut out = Vec::with_capacity(len);
+        // SAFETY: out's buffer holds len = m x n values at row stride n, and no one else sees it.
+        // Without `add` every value is written before it is read (taps_into's contract), and the
+        // tasks partition the rows and column panels, so all len values are written before
+        // set_len makes them readable; on a panic out is dropped with length 0.
+        unsafe {
+            let b = std::slice::from_ref(b);
+            self.taps_into(a, &[0], m, lda, b, bias, (out.as_mut_ptr(), len), n, false);
+            out.set_len(len);
+        }
+        out
+    }
+
+    /// [`Self::taps`] into `out.0`, `out.1` values long.
+    ///
+    /// # Safety
+    /// `out.0` is valid for writes of `out.1` values and no one else touches them during the call;
+    /// with `add` they are initialised. Without `add` they may be uninitialised: the kernels then
+    /// read an output value (a product's partial sums over later blocks of k) only after they
+    /// have written it, and write every value of their tasks' rows and panels.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn taps_into(
+        &self,
+        a: &[A],
+        offsets: &[usize],
+        m: usize,
+        lda: usize,
+        bs: &[B],
+        bias: Option<&[f32]>,
+        (out, out_len): (*mut O, usize),
+        ldo: usize,
+        add: bool,
+    ) {
         assert_eq!(offsets.len(), bs.len(), "one offset per tap");
         let Some(b) = bs.first() else {
             panic!("no taps")
         };
         for (&off, bt) in offsets.iter().zip(bs) {
             assert!(bt.k() == b.k() && bt.n() == b.n(), "taps differ in shape");
-            self.check(&a[off.min(a.len())..], m, lda, bt, bias, out, ldo);
+            self.check(&a[off.min(a.len())..], m, lda, bt, bias, out_len, ldo);
         }
         if m == 0 || b.n() == 0 {
             return;
         }
         let (max_rows, granule) = self.rows;
         let tasks = split_tasks(m, max_rows, granule, b.panels());
-        let optr = OutPtr(out.as_mut_ptr());
+        let optr = OutPtr(out);
         tasks.par_iter().for_each(|&(r0, rows, lo, hi)| {
-            // SAFETY: the kernel is available and the slices hold the shapes (check); each task
-            // writes its own rows x panels block of out (split_tasks), which no other task touches.
+            // SAFETY: the kernel is available and a and out (out_len values, the caller's
+            // contract) hold the shapes (check); each task writes its own rows x panels block of
+            // out (split_tasks), which no other task touches, and without `add` reads none of it
+            // before writing it (the block's contract, met by out's values where uninitialised).
             unsafe {
                 self.block.run(BlockArgs {
                     a: &a[r0 * lda..],
@@ -767,7 +814,7 @@ impl<A: Sync, B: PackedOperand, O: Send> Product<A, B, O> {
     /// `out (m x n) = a · b` without bias, on the calling thread (for callers that parallelise
     /// outside). Panics on a shape mismatch.
     pub(crate) fn serial(&self, a: &[A], m: usize, lda: usize, b: &B, out: &mut [O], ldo: usize) {
-        self.check(a, m, lda, b, None, out, ldo);
+        self.check(a, m, lda, b, None, out.len(), ldo);
         if m == 0 || b.n() == 0 {
             return;
         }

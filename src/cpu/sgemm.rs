@@ -397,6 +397,37 @@ pub fn matmul_bf16<B: Panels>(
     product.one(a, m, lda, b, bias, out, ldo, false)
 }
 
+/// [`matmul`], or with `gelu` [`matmul_gelu`], into a new (m x n) row-major vector, written once
+/// (without zeroing it first).
+pub fn matmul_vec<B: Panels>(
+    a: &[f32],
+    m: usize,
+    lda: usize,
+    b: &B,
+    bias: Option<&[f32]>,
+    gelu: bool,
+) -> Vec<f32> {
+    match gelu {
+        false => product::<f32, B, f32, false>().vec(a, m, lda, b, bias),
+        true => product::<f32, B, f32, true>().vec(a, m, lda, b, bias),
+    }
+}
+
+/// [`matmul_bf16`] into a new (m x n) row-major vector, written once (without zeroing it first).
+pub fn matmul_bf16_vec<B: Panels>(
+    a: &[bf16],
+    m: usize,
+    lda: usize,
+    b: &B,
+    bias: Option<&[f32]>,
+    gelu: bool,
+) -> Vec<bf16> {
+    match gelu {
+        false => product::<bf16, B, bf16, false>().vec(a, m, lda, b, bias),
+        true => product::<bf16, B, bf16, true>().vec(a, m, lda, b, bias),
+    }
+}
+
 /// `out (m x n, row stride ldo) += a (m x k, row stride lda) · b`, on the rayon pool (a second
 /// product added to a first, as a LoRA term to its layer's). Panics as [`matmul`] does.
 pub fn matmul_add<B: Panels>(a: &[f32], m: usize, lda: usize, b: &B, out: &mut [f32], ldo: usize) {
@@ -740,6 +771,10 @@ mod tests {
                 .unwrap();
             let mut got = vec![f32::NAN; m * ldo];
             matmul_gelu(&a, m, lda, &packed, Some(&bias), &mut got, ldo);
+            // Into new vectors, written once: the same values, with and without the GELU.
+            assert_eq!(matmul_vec(&a, m, lda, &packed, Some(&bias), true), want);
+            let plain = plain.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(matmul_vec(&a, m, lda, &packed, Some(&bias), false), plain);
             for i in 0..m {
                 assert_eq!(
                     &got[i * ldo..i * ldo + n],
@@ -949,7 +984,21 @@ mod tests {
                 matmul_bf16(&a, m, lda, &pb, Some(&bias), &mut got, ldo, g);
                 let mut got_f = vec![nan; m * ldo];
                 matmul_bf16(&a, m, lda, &pf, Some(&bias), &mut got_f, ldo, g);
+                // Into a new vector, written once: the same values.
+                let fresh = matmul_bf16_vec(&a, m, lda, &pb, Some(&bias), g);
+                assert_eq!(fresh.len(), m * n);
                 for i in 0..m {
+                    assert_eq!(
+                        fresh[i * n..(i + 1) * n]
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect::<Vec<_>>(),
+                        want[i * n..(i + 1) * n]
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect::<Vec<_>>(),
+                        "{m}x{k}x{n} gelu {g}, new vector, row {i}"
+                    );
                     let row = |v: &[bf16], ld: usize| -> Vec<u16> {
                         v[i * ld..i * ld + n].iter().map(|v| v.to_bits()).collect()
                     };

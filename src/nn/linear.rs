@@ -514,7 +514,7 @@ impl Linear {
 
     /// `gelu_tanh(self.forward(x))`. On the AVX-512, AVX512-BF16 and AMX kernels without an
     /// active LoRA the GELU is applied to each output tile as the kernel writes it
-    /// ([`sgemm::matmul_gelu`], [`sgemm::matmul_bf16`], [`dpbf16::matmul_bf16`],
+    /// ([`sgemm::matmul_vec`], [`sgemm::matmul_bf16_vec`], [`dpbf16::matmul_bf16_vec`],
     /// [`amx::matmul_gelu`]): the same values, without a pass over the output of its own.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         let lora = self.lora.as_ref().and_then(|s| s.get()).is_some();
@@ -585,21 +585,19 @@ fn panels_forward<B: sgemm::Panels>(
         !gelu || delta.is_none(),
         "the GELU is folded only without a LoRA term"
     );
+    // Outputs written once, without zeroing them first.
     if bf16 && delta.is_none() {
-        return packed_forward::<bf16>(x, k, n, kernel, |a, m, out| {
-            sgemm::matmul_bf16(a, m, k, w, bias, out, n, gelu)
+        return packed_forward_vec(x, k, n, kernel, |a, m| {
+            sgemm::matmul_bf16_vec(a, m, k, w, bias, gelu)
         });
     }
     let xf = x.to_dtype(DType::F32)?;
-    let y = packed_forward(&xf, k, n, kernel, |a, m, out| {
-        if gelu {
-            sgemm::matmul_gelu(a, m, k, w, bias, out, n);
-        } else {
-            sgemm::matmul(a, m, k, w, bias, out, n);
-        }
+    let y = packed_forward_vec(&xf, k, n, kernel, |a, m| {
+        let mut out = sgemm::matmul_vec(a, m, k, w, bias, gelu);
         if let Some(d) = delta {
-            d.add_packed(a, m, out);
+            d.add_packed(a, m, &mut out);
         }
+        out
     })?;
     y.to_dtype(want)
 }
@@ -653,12 +651,15 @@ fn dpbf16_forward(
 ) -> Result<Tensor> {
     let w = p.weight()?;
     let (k, n) = (w.k(), w.n());
+    let bias = p.bias.as_deref();
+    let Some(d) = delta else {
+        // The output written once, without zeroing it first.
+        return packed_forward_vec(x, k, n, "AVX512-BF16", |a, m| {
+            dpbf16::matmul_bf16_vec(a, m, k, w, bias, gelu)
+        });
+    };
+    assert!(!gelu, "the GELU is folded only without a LoRA term");
     packed_forward::<bf16>(x, k, n, "AVX512-BF16", |a, m, out| {
-        let bias = p.bias.as_deref();
-        let Some(d) = delta else {
-            return dpbf16::matmul_bf16(a, m, k, w, bias, out, n, gelu);
-        };
-        assert!(!gelu, "the GELU is folded only without a LoRA term");
         let mut acc = vec![0f32; m * n];
         dpbf16::matmul(a, m, k, w, bias, &mut acc, n);
         let af: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();

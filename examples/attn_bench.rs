@@ -1,7 +1,8 @@
 //! Attention throughput of the CPU kernels (GFLOP/s, counting the two products): f32 on the AVX-512
 //! kernel, or `sdpa_gemm` (the `gemm` crate) on CPUs without AVX-512, as `nn::attention` picks;
 //! and bf16 on AMX or AVX512-BF16 where the CPU has them:
-//! `cargo run --release --example attn_bench` (ATTN="48x1357x64": batch·heads x tokens x head width).
+//! `cargo run --release --example attn_bench` (ATTN="48x1357x64": batch·heads x tokens x head width;
+//! BF16_ONLY=1 skips f32, for profiles of the bf16 kernel).
 use half::bf16;
 use mmdit::cpu::attention::{sdpa_bf16, sdpa_dpbf16, sdpa_f32, sdpa_gemm, Heads};
 use std::time::Instant;
@@ -38,7 +39,10 @@ fn main() {
                 }),
             ),
         };
-        let mut runs = vec![f32_sdpa];
+        let mut runs = match std::env::var("BF16_ONLY").is_ok_and(|v| v == "1") {
+            true => vec![],
+            false => vec![f32_sdpa],
+        };
         let cpu = mmdit::cpu::features();
         if cpu.amx {
             runs.push((

@@ -53,28 +53,46 @@ impl PackedPairs {
     /// keys).
     pub fn from_nk(w: &[bf16], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "weight is not {n} x {k}");
-        #[cfg(target_arch = "x86_64")]
-        if k.is_multiple_of(2) && super::features().avx512 {
-            // A panel is the transpose of its 32 rows read as 32-bit words (pairs of k).
-            return Self::fill_panels(k, n, |nb, dst| {
-                let cols = NR.min(n - nb * NR);
-                // SAFETY: AVX-512F is available; the source is rows nb NR .. + cols of w, k / 2
-                // words each (k even: whole pairs), inside w (asserted above); the destination
-                // is the panel, k / 2 rows of NR words, each written NR wide (zeros past cols).
-                // Words are moved as f32 lanes by shuffles and masked moves, bits unchanged.
-                unsafe {
-                    super::transpose::transpose(
-                        w[nb * NR * k..].as_ptr().cast(),
-                        k / 2,
-                        (cols, k / 2),
-                        dst.as_mut_ptr().cast(),
-                        NR,
-                        NR,
-                    )
-                }
-            });
+        Self::fill_panels(k, n, |nb, dst| {
+            let cols = NR.min(n - nb * NR);
+            panel_from_rows(&w[nb * NR * k..][..cols * k], k, dst)
+        })
+    }
+
+    /// [`Self::from_nk`] of `w` rounded to bf16 (nearest even, as [`super::rounded_to_bf16`]
+    /// rounds): each panel's rows rounded into a per-thread scratch and packed from there, in runs
+    /// of panels (16 MiB of w), each run's rows then passed to `done` -- no bf16 copy of the
+    /// whole weight beside the panels, and a file's f32 pages released as they are packed.
+    pub fn from_nk_rounded(w: &[f32], n: usize, k: usize, done: impl Fn(&[f32])) -> Self {
+        thread_local! {
+            static ROWS: std::cell::RefCell<Vec<bf16>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        Self::fill(k, n, |c, kk| w[c * k + kk])
+        assert_eq!(w.len(), n * k, "weight is not {n} x {k}");
+        let panel = 2 * NR * k.div_ceil(2);
+        let mut data = Aligned::zeroed(n.div_ceil(NR) * panel);
+        if panel > 0 {
+            let per = ((16 << 20) / (k * NR * size_of::<f32>()))
+                .max(4 * rayon::current_num_threads())
+                .max(1);
+            for (run, panels) in data.chunks_mut(per * panel).enumerate() {
+                panels
+                    .par_chunks_mut(panel)
+                    .enumerate()
+                    .for_each(|(i, dst)| {
+                        let nb = run * per + i;
+                        let src = &w[nb * NR * k..][..NR.min(n - nb * NR) * k];
+                        ROWS.with(|rows| {
+                            let rows = &mut *rows.borrow_mut();
+                            rows.resize(src.len(), bf16::ZERO);
+                            super::elementwise::round_chunk(src, rows);
+                            panel_from_rows(rows, k, dst);
+                        })
+                    });
+                let rows = (run * per * NR).min(n)..((run + 1) * per * NR).min(n);
+                done(&w[rows.start * k..rows.end * k]);
+            }
+        }
+        Self { k, n, data }
     }
 
     /// From B as a (k x n) row-major matrix (attention's values).
@@ -89,7 +107,7 @@ impl PackedPairs {
         Self::fill(k, n, |c, kk| b[kk * n + c])
     }
 
-    /// Packs `at(column, k)` for columns < n and k < self.k.
+    /// Packs `at(column, k)` for columns < n and k < k.
     fn fill(k: usize, n: usize, at: impl Fn(usize, usize) -> bf16 + Sync) -> Self {
         Self::fill_panels(k, n, |nb, dst| {
             let cols = NR.min(n - nb * NR);
@@ -223,6 +241,45 @@ pub fn matmul_serial(
     ldo: usize,
 ) {
     product::<f32, false>().serial(a, m, lda, b, out, ldo)
+}
+
+/// One panel of B given transposed: `rows` holds the panel's columns as rows of k (at most NR of
+/// them), `dst` the panel (k.div_ceil(2) rows of NR pairs, 64-byte aligned), written whole: pair
+/// row q is each column's values 2q and 2q + 1 (a zero past an odd k), zeros past the columns.
+fn panel_from_rows(rows: &[bf16], k: usize, dst: &mut [bf16]) {
+    let cols = rows.len() / k.max(1);
+    assert!(
+        cols <= NR && dst.len() == 2 * NR * k.div_ceil(2),
+        "panel shapes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if k.is_multiple_of(2) && super::features().avx512 {
+        // A panel is the transpose of its rows read as 32-bit words (pairs of k).
+        // SAFETY: AVX-512F is available; the source is `cols` rows of k / 2 words each (k even:
+        // whole pairs), inside `rows`; the destination is the panel, k / 2 rows of NR words, each
+        // written NR wide (zeros past cols) inside dst (asserted). Words are moved as f32 lanes by
+        // shuffles and masked moves, bits unchanged.
+        unsafe {
+            super::transpose::transpose(
+                rows.as_ptr().cast(),
+                k / 2,
+                (cols, k / 2),
+                dst.as_mut_ptr().cast(),
+                NR,
+                NR,
+            )
+        };
+        return;
+    }
+    for (q, row) in dst.chunks_exact_mut(2 * NR).enumerate() {
+        row.fill(bf16::ZERO);
+        for (j, col) in rows.chunks_exact(k).enumerate() {
+            row[2 * j] = col[2 * q];
+            if 2 * q + 1 < k {
+                row[2 * j + 1] = col[2 * q + 1];
+            }
+        }
+    }
 }
 
 /// Panel `nb` of a (k x n) row-major `b` into `dst`: pair row q is rows 2q and 2q + 1 of the
@@ -665,6 +722,33 @@ mod tests {
                 bits(&slow),
                 "kn {k}x{n}"
             );
+        }
+    }
+
+    /// Packing f32 rows rounded a panel at a time equals packing the weight rounded whole, bit for
+    /// bit (partial panels, odd k, a weight of two runs on two threads), and hands every row to `done` once, in
+    /// order.
+    #[test]
+    fn packing_rounded_rows_equals_packing_the_rounded_weight() {
+        for (n, k) in [(1, 2), (37, 131), (70, 96), (1100, 4096)] {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919 % 10007) as f32 - 5003.0) * 1.37e-3)
+                .collect();
+            let bits = |p: &PackedPairs| p.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let whole = PackedPairs::from_nk(&crate::cpu::rounded_to_bf16(&w, &|_| ()), n, k);
+            let seen = std::sync::Mutex::new(Vec::new());
+            let rounded = PackedPairs::from_nk_rounded(&w, n, k, |r| {
+                let start = (r.as_ptr() as usize - w.as_ptr() as usize) / size_of::<f32>();
+                seen.lock().unwrap().push((start, r.len()));
+            });
+            assert_eq!(bits(&rounded), bits(&whole), "{n}x{k}");
+            let seen = seen.into_inner().unwrap();
+            let mut next = 0;
+            for (start, len) in seen {
+                assert_eq!(start, next, "{n}x{k}");
+                next += len;
+            }
+            assert_eq!(next, n * k, "{n}x{k}");
         }
     }
 

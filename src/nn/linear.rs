@@ -300,7 +300,12 @@ fn from_source(
     } else if cpu.bf16_dot {
         Kernel::Dpbf16(Arc::new(Packed::deferred(
             deferred(source, name, move |d, b, done| {
-                with_bf16(d, b, done, |w| PackedPairs::from_nk(w, n, k))
+                // From f32 bytes rounded a panel at a time, without a bf16 copy of the weight.
+                match d {
+                    DType::F32 => values::<f32>(b)
+                        .map(|w| PackedPairs::from_nk_rounded(w, n, k, |r| done(bytes_of(r)))),
+                    _ => with_bf16(d, b, done, |w| PackedPairs::from_nk(w, n, k)),
+                }
             }),
             bias,
         )))

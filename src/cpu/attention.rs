@@ -211,15 +211,18 @@ fn sdpa_dpbf16_inner(
 ) -> Vec<bf16> {
     heads.check(q, k, v);
     let Heads { bh, n, m, d } = heads;
-    let mut out = vec![bf16::ZERO; bh * n * d];
     if bh == 0 || n == 0 || m == 0 || d == 0 {
-        return out;
+        return vec![bf16::ZERO; bh * n * d];
     }
-    out.par_chunks_mut(n * d)
-        .zip(q.par_chunks(n * d))
-        .zip(k.par_chunks(m * d).zip(v.par_chunks(m * d)))
-        .enumerate()
-        .for_each(|(i, ((o, q), (k, v)))| {
+    // SAFETY: every value of each head's output is written: its blocks of QB_DPBF16 queries (the
+    // last shorter) partition it, and each block writes a row of d for each of its queries.
+    unsafe {
+        super::par_written(bh * n * d, n * d, |i, o| {
+            let (q, k, v) = (
+                &q[i * n * d..][..n * d],
+                &k[i * m * d..][..m * d],
+                &v[i * m * d..][..m * d],
+            );
             let bias = heads.bias_of(bias, i);
             let kt = PackedPairs::from_nk(k, m, d);
             // v with a zero key row when m is odd, and p rows of m2 with a zero column: the
@@ -252,13 +255,13 @@ fn sdpa_dpbf16_inner(
                         for ((o, a), inv) in o.chunks_exact_mut(d).zip(acc.chunks_exact(d)).zip(inv)
                         {
                             for (x, &v) in o.iter_mut().zip(a) {
-                                *x = super::round_bf16(v * inv);
+                                x.write(super::round_bf16(v * inv));
                             }
                         }
                     })
                 });
-        });
-    out
+        })
+    }
 }
 
 thread_local! {

@@ -52,34 +52,69 @@ impl PackedB {
         Self::pack(k, n, |kk, nn| b[kk * n + nn])
     }
 
+    /// [`Self::from_nk`] of `w` rounded to bf16 (nearest even, as [`super::rounded_to_bf16`]
+    /// rounds), in runs of 32-column blocks (16 MiB of w), each run's rows then passed to `done`:
+    /// no bf16 copy of the whole weight beside the tiles, and a file's f32 pages released as they
+    /// are packed.
+    pub fn from_nk_rounded(w: &[f32], n: usize, k: usize, done: impl Fn(&[f32])) -> Self {
+        assert_eq!(w.len(), n * k, "weight is not {n} x {k}");
+        let (kp, np) = (k.next_multiple_of(32), n.next_multiple_of(32));
+        let mut data = Aligned::zeroed(kp * np);
+        let panel = (kp / 32) * 1024;
+        if panel > 0 {
+            let per = ((16 << 20) / (k * 32 * size_of::<f32>()))
+                .max(4 * rayon::current_num_threads())
+                .max(1);
+            for (run, panels) in data.chunks_mut(per * panel).enumerate() {
+                let at = |kk: usize, nn: usize| super::round_bf16(w[nn * k + kk]);
+                panels
+                    .par_chunks_mut(panel)
+                    .enumerate()
+                    .for_each(|(i, dst)| Self::pack_panel(k, n, run * per + i, dst, &at));
+                let rows = (run * per * 32).min(n)..((run + 1) * per * 32).min(n);
+                done(&w[rows.start * k..rows.end * k]);
+            }
+        }
+        Self { k, n, kp, np, data }
+    }
+
     fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> bf16 + Sync) -> Self {
         let (kp, np) = (k.next_multiple_of(32), n.next_multiple_of(32));
         let mut data = Aligned::zeroed(kp * np);
         let kbs = kp / 32;
         data.par_chunks_mut(kbs * 1024)
             .enumerate()
-            .for_each(|(nb, panel)| {
-                for kb in 0..kbs {
-                    for t in 0..2 {
-                        for c in 0..16 {
-                            let nn = nb * 32 + t * 16 + c;
-                            if nn >= n {
-                                continue;
-                            }
-                            for r in 0..16 {
-                                for p in 0..2 {
-                                    let kk = kb * 32 + 2 * r + p;
-                                    if kk < k {
-                                        panel[kb * 1024 + t * 512 + r * 32 + 2 * c + p] =
-                                            at(kk, nn);
-                                    }
-                                }
+            .for_each(|(nb, panel)| Self::pack_panel(k, n, nb, panel, &at));
+        Self { k, n, kp, np, data }
+    }
+
+    /// The tiles of 32-column block `nb` into `panel` (zeroed): `at(k, column)` for those below k
+    /// and n.
+    fn pack_panel(
+        k: usize,
+        n: usize,
+        nb: usize,
+        panel: &mut [bf16],
+        at: &(impl Fn(usize, usize) -> bf16 + Sync),
+    ) {
+        for kb in 0..panel.len() / 1024 {
+            for t in 0..2 {
+                for c in 0..16 {
+                    let nn = nb * 32 + t * 16 + c;
+                    if nn >= n {
+                        continue;
+                    }
+                    for r in 0..16 {
+                        for p in 0..2 {
+                            let kk = kb * 32 + 2 * r + p;
+                            if kk < k {
+                                panel[kb * 1024 + t * 512 + r * 32 + 2 * c + p] = at(kk, nn);
                             }
                         }
                     }
                 }
-            });
-        Self { k, n, kp, np, data }
+            }
+        }
     }
 
     pub fn k(&self) -> usize {
@@ -665,6 +700,32 @@ mod tests {
             .into_iter()
             .map(bf16::from_f32)
             .collect()
+    }
+
+    /// Packing f32 rows rounded in runs equals packing the weight rounded whole, bit for bit
+    /// (partial blocks of k and n, a weight of two runs on two threads), and hands every row to
+    /// `done` once, in order. (Packing needs no AMX: this runs on every CPU.)
+    #[test]
+    fn packing_rounded_rows_equals_packing_the_rounded_weight() {
+        for (n, k) in [(1, 2), (37, 131), (70, 96), (1100, 4096)] {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919 % 10007) as f32 - 5003.0) * 1.37e-3)
+                .collect();
+            let bits = |p: &PackedB| p.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let whole = PackedB::from_nk(&crate::cpu::rounded_to_bf16(&w, &|_| ()), n, k);
+            let seen = std::sync::Mutex::new(Vec::new());
+            let rounded = PackedB::from_nk_rounded(&w, n, k, |r| {
+                let start = (r.as_ptr() as usize - w.as_ptr() as usize) / size_of::<f32>();
+                seen.lock().unwrap().push((start, r.len()));
+            });
+            assert_eq!(bits(&rounded), bits(&whole), "{n}x{k}");
+            let mut next = 0;
+            for (start, len) in seen.into_inner().unwrap() {
+                assert_eq!(start, next, "{n}x{k}");
+                next += len;
+            }
+            assert_eq!(next, n * k, "{n}x{k}");
+        }
     }
 
     /// Rows read in place (tasks sharing a chunk of whole tiles: 64 or 512 rows, k a multiple of

@@ -293,7 +293,12 @@ fn from_source(
     } else if cpu.amx {
         Kernel::Amx(Arc::new(Packed::deferred(
             deferred(source, name, move |d, b, done| {
-                with_bf16(d, b, done, |w| PackedB::from_nk(w, n, k))
+                // From f32 bytes rounded in runs of column blocks, without a bf16 copy.
+                match d {
+                    DType::F32 => values::<f32>(b)
+                        .map(|w| PackedB::from_nk_rounded(w, n, k, |r| done(bytes_of(r)))),
+                    _ => with_bf16(d, b, done, |w| PackedB::from_nk(w, n, k)),
+                }
             }),
             bias,
         )))

@@ -702,30 +702,16 @@ mod tests {
             .collect()
     }
 
-    /// Packing f32 rows rounded in runs equals packing the weight rounded whole, bit for bit
-    /// (partial blocks of k and n, a weight of two runs on two threads), and hands every row to
-    /// `done` once, in order. (Packing needs no AMX: this runs on every CPU.)
+    /// Packing f32 rows rounded as it goes equals packing the weight rounded whole, bit for bit,
+    /// every row handed back once ([`crate::cpu::check_rounded_packing`]). (Packing needs no AMX:
+    /// this runs on every CPU.)
     #[test]
     fn packing_rounded_rows_equals_packing_the_rounded_weight() {
-        for (n, k) in [(1, 2), (37, 131), (70, 96), (1100, 4096)] {
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 7919 % 10007) as f32 - 5003.0) * 1.37e-3)
-                .collect();
-            let bits = |p: &PackedB| p.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            let whole = PackedB::from_nk(&crate::cpu::rounded_to_bf16(&w, &|_| ()), n, k);
-            let seen = std::sync::Mutex::new(Vec::new());
-            let rounded = PackedB::from_nk_rounded(&w, n, k, |r| {
-                let start = (r.as_ptr() as usize - w.as_ptr() as usize) / size_of::<f32>();
-                seen.lock().unwrap().push((start, r.len()));
-            });
-            assert_eq!(bits(&rounded), bits(&whole), "{n}x{k}");
-            let mut next = 0;
-            for (start, len) in seen.into_inner().unwrap() {
-                assert_eq!(start, next, "{n}x{k}");
-                next += len;
-            }
-            assert_eq!(next, n * k, "{n}x{k}");
-        }
+        let bits = |p: PackedB| p.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        crate::cpu::check_rounded_packing(
+            |w, n, k| bits(PackedB::from_nk(w, n, k)),
+            |w, n, k, done| bits(PackedB::from_nk_rounded(w, n, k, done)),
+        );
     }
 
     /// Rows read in place (tasks sharing a chunk of whole tiles: 64 or 512 rows, k a multiple of

@@ -725,31 +725,15 @@ mod tests {
         }
     }
 
-    /// Packing f32 rows rounded a panel at a time equals packing the weight rounded whole, bit for
-    /// bit (partial panels, odd k, a weight of two runs on two threads), and hands every row to `done` once, in
-    /// order.
+    /// Packing f32 rows rounded as it goes equals packing the weight rounded whole, bit for bit,
+    /// every row handed back once ([`crate::cpu::check_rounded_packing`]).
     #[test]
     fn packing_rounded_rows_equals_packing_the_rounded_weight() {
-        for (n, k) in [(1, 2), (37, 131), (70, 96), (1100, 4096)] {
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 7919 % 10007) as f32 - 5003.0) * 1.37e-3)
-                .collect();
-            let bits = |p: &PackedPairs| p.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            let whole = PackedPairs::from_nk(&crate::cpu::rounded_to_bf16(&w, &|_| ()), n, k);
-            let seen = std::sync::Mutex::new(Vec::new());
-            let rounded = PackedPairs::from_nk_rounded(&w, n, k, |r| {
-                let start = (r.as_ptr() as usize - w.as_ptr() as usize) / size_of::<f32>();
-                seen.lock().unwrap().push((start, r.len()));
-            });
-            assert_eq!(bits(&rounded), bits(&whole), "{n}x{k}");
-            let seen = seen.into_inner().unwrap();
-            let mut next = 0;
-            for (start, len) in seen {
-                assert_eq!(start, next, "{n}x{k}");
-                next += len;
-            }
-            assert_eq!(next, n * k, "{n}x{k}");
-        }
+        let bits = |p: PackedPairs| p.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        crate::cpu::check_rounded_packing(
+            |w, n, k| bits(PackedPairs::from_nk(w, n, k)),
+            |w, n, k, done| bits(PackedPairs::from_nk_rounded(w, n, k, done)),
+        );
     }
 
     /// Odd shapes, strided rows (A copied and read in place), bias, parallel and serial, and a sum

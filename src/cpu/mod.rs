@@ -1180,6 +1180,34 @@ pub(crate) fn transpose<T: Copy>(w: &[T], n: usize, k: usize) -> Vec<T> {
     (0..k * n).map(|i| w[(i % n) * k + i / n]).collect()
 }
 
+/// Checks a packer of bf16 weights from f32 rows rounded as it goes (`rounded(w, n, k, done)`,
+/// the packed bits) against packing the weight rounded whole (`whole(w, n, k)`), bit for bit, on
+/// partial blocks of k and n and a weight of two 16 MiB runs on two threads, and that `done` is
+/// handed every row once, in order.
+#[cfg(test)]
+pub(crate) fn check_rounded_packing(
+    whole: impl Fn(&[bf16], usize, usize) -> Vec<u16>,
+    rounded: impl Fn(&[f32], usize, usize, &dyn Fn(&[f32])) -> Vec<u16>,
+) {
+    for (n, k) in [(1, 2), (37, 131), (70, 96), (1100, 4096)] {
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 10007) as f32 - 5003.0) * 1.37e-3)
+            .collect();
+        let seen = std::sync::Mutex::new(Vec::new());
+        let got = rounded(&w, n, k, &|r| {
+            let start = (r.as_ptr() as usize - w.as_ptr() as usize) / size_of::<f32>();
+            seen.lock().unwrap().push((start, r.len()));
+        });
+        assert_eq!(got, whole(&rounded_to_bf16(&w, &|_| ()), n, k), "{n}x{k}");
+        let mut next = 0;
+        for (start, len) in seen.into_inner().unwrap() {
+            assert_eq!(start, next, "{n}x{k}");
+            next += len;
+        }
+        assert_eq!(next, n * k, "{n}x{k}");
+    }
+}
+
 /// A CPU f32 tensor of Normal(0, std) values, reproducible from the seed.
 #[cfg(test)]
 pub(crate) fn normal_tensor(shape: impl Into<candle_core::Shape>, std: f32, seed: u64) -> Tensor {

@@ -60,21 +60,15 @@ impl PackedB {
         assert_eq!(w.len(), n * k, "weight is not {n} x {k}");
         let (kp, np) = (k.next_multiple_of(32), n.next_multiple_of(32));
         let mut data = Aligned::zeroed(kp * np);
-        let panel = (kp / 32) * 1024;
-        if panel > 0 {
-            let per = ((16 << 20) / (k * 32 * size_of::<f32>()))
-                .max(4 * rayon::current_num_threads())
-                .max(1);
-            for (run, panels) in data.chunks_mut(per * panel).enumerate() {
-                let at = |kk: usize, nn: usize| super::round_bf16(w[nn * k + kk]);
-                panels
-                    .par_chunks_mut(panel)
-                    .enumerate()
-                    .for_each(|(i, dst)| Self::pack_panel(k, n, run * per + i, dst, &at));
-                let rows = (run * per * 32).min(n)..((run + 1) * per * 32).min(n);
-                done(&w[rows.start * k..rows.end * k]);
-            }
-        }
+        let at = |kk: usize, nn: usize| super::round_bf16(w[nn * k + kk]);
+        super::pack_in_runs(
+            &mut data,
+            ((kp / 32) * 1024, 32),
+            w,
+            (n, k),
+            done,
+            |nb, dst| Self::pack_panel(k, n, nb, dst, &at),
+        );
         Self { k, n, kp, np, data }
     }
 

@@ -70,28 +70,15 @@ impl PackedPairs {
         assert_eq!(w.len(), n * k, "weight is not {n} x {k}");
         let panel = 2 * NR * k.div_ceil(2);
         let mut data = Aligned::zeroed(n.div_ceil(NR) * panel);
-        if panel > 0 {
-            let per = ((16 << 20) / (k * NR * size_of::<f32>()))
-                .max(4 * rayon::current_num_threads())
-                .max(1);
-            for (run, panels) in data.chunks_mut(per * panel).enumerate() {
-                panels
-                    .par_chunks_mut(panel)
-                    .enumerate()
-                    .for_each(|(i, dst)| {
-                        let nb = run * per + i;
-                        let src = &w[nb * NR * k..][..NR.min(n - nb * NR) * k];
-                        ROWS.with(|rows| {
-                            let rows = &mut *rows.borrow_mut();
-                            rows.resize(src.len(), bf16::ZERO);
-                            super::elementwise::round_chunk(src, rows);
-                            panel_from_rows(rows, k, dst);
-                        })
-                    });
-                let rows = (run * per * NR).min(n)..((run + 1) * per * NR).min(n);
-                done(&w[rows.start * k..rows.end * k]);
-            }
-        }
+        super::pack_in_runs(&mut data, (panel, NR), w, (n, k), done, |nb, dst| {
+            let src = &w[nb * NR * k..][..NR.min(n - nb * NR) * k];
+            ROWS.with(|rows| {
+                let rows = &mut *rows.borrow_mut();
+                rows.resize(src.len(), bf16::ZERO);
+                super::elementwise::round_chunk(src, rows);
+                panel_from_rows(rows, k, dst);
+            })
+        });
         Self { k, n, data }
     }
 
@@ -107,7 +94,7 @@ impl PackedPairs {
         Self::fill(k, n, |c, kk| b[kk * n + c])
     }
 
-    /// Packs `at(column, k)` for columns < n and k < k.
+    /// Packs `at(column, j)` for columns below n and j below k.
     fn fill(k: usize, n: usize, at: impl Fn(usize, usize) -> bf16 + Sync) -> Self {
         Self::fill_panels(k, n, |nb, dst| {
             let cols = NR.min(n - nb * NR);

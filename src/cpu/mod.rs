@@ -871,6 +871,34 @@ pub(crate) fn values<T: AnyBits>(bytes: &[u8]) -> Option<&[T]> {
     (head.is_empty() && tail.is_empty()).then_some(mid)
 }
 
+/// Packs an (n x k) row-major weight `w` into `data`, whose panels of `panel` values each hold
+/// `cols` rows of w (the last fewer): `fill(panel number, panel)` on the pool, in runs of about
+/// 16 MiB of w (at least four panels per thread), each run's rows of w then passed to `done`, so
+/// that a file's pages are released as they are packed rather than all resident at the end.
+pub(crate) fn pack_in_runs<S: Sync, E: Send>(
+    data: &mut [E],
+    (panel, cols): (usize, usize),
+    w: &[S],
+    (n, k): (usize, usize),
+    done: impl Fn(&[S]),
+    fill: impl Fn(usize, &mut [E]) + Sync,
+) {
+    if panel == 0 || k == 0 {
+        return;
+    }
+    let per = ((16 << 20) / (k * cols * size_of::<S>()))
+        .max(4 * rayon::current_num_threads())
+        .max(1);
+    for (run, panels) in data.chunks_mut(per * panel).enumerate() {
+        panels
+            .par_chunks_mut(panel)
+            .enumerate()
+            .for_each(|(i, dst)| fill(run * per + i, dst));
+        let rows = (run * per * cols).min(n)..((run + 1) * per * cols).min(n);
+        done(&w[rows.start * k..rows.end * k]);
+    }
+}
+
 /// `w` converted into `out` (of w's length) slab by slab (4 Mi values) by `convert(slab, out)`,
 /// each slab's bytes then passed to `done`: weight bytes read from a file mapping are released as
 /// they are converted, never resident whole beside the copy.

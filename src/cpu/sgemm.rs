@@ -125,25 +125,11 @@ impl<E: PanelElem> Packed<E> {
     pub fn from_nk_with(w: &[E], n: usize, k: usize, done: impl Fn(&[E])) -> Self {
         assert_eq!(w.len(), n * k, "weight is not {n} x {k}");
         let mut p = Self::zeroed(k, n);
-        if k == 0 {
-            return p;
-        }
-        // Panels per run: 16 MiB of w, and at least four per thread.
-        let per = ((16 << 20) / (k * NR * size_of::<E>()))
-            .max(4 * rayon::current_num_threads())
-            .max(1);
-        for (run, panels) in p.data.chunks_mut(per * k * NR).enumerate() {
-            panels
-                .par_chunks_mut(k * NR)
-                .enumerate()
-                .for_each(|(i, panel)| {
-                    let c0 = (run * per + i) * NR;
-                    let rows = n.min(c0 + NR) - c0;
-                    E::fill_panel(&w[c0 * k..(c0 + rows) * k], rows, panel);
-                });
-            let rows = (run * per * NR).min(n)..((run + 1) * per * NR).min(n);
-            done(&w[rows.start * k..rows.end * k]);
-        }
+        super::pack_in_runs(&mut p.data, (k * NR, NR), w, (n, k), done, |nb, panel| {
+            let c0 = nb * NR;
+            let rows = n.min(c0 + NR) - c0;
+            E::fill_panel(&w[c0 * k..(c0 + rows) * k], rows, panel);
+        });
         p
     }
 

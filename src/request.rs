@@ -156,7 +156,8 @@ pub fn check_strength(strength: f64, steps: usize) -> Result<usize> {
         return Err(Error::invalid(
             Param::Strength,
             format!(
-                " {strength}: must be in (0, 1]: 1 repaints the whole image, small values keep it"
+                " {}: must be in (0, 1]: 1 repaints the whole image, small values keep it",
+                shown(strength)
             ),
         ));
     }
@@ -187,13 +188,22 @@ pub const MAX_STEPS: usize = 1000;
 /// Most input images of one request (FLUX.2 takes up to 10 references).
 pub const MAX_IMAGES: usize = 10;
 
-/// Checks a side length: non-zero, a multiple of `multiple`, at most `max`.
+/// Checks a side length: non-zero, a multiple of `multiple`, at most `max`. The size limit is
+/// checked first, so that a suggested multiple is never above it.
 pub fn check_side(p: Param, v: usize, multiple: usize, max: usize) -> Result<()> {
+    if v > max {
+        return Err(Error::invalid(
+            p,
+            format!(" {v}: larger than this model supports ({max}); use at most {max}"),
+        ));
+    }
     if v == 0 || !v.is_multiple_of(multiple) {
         let lo = (v / multiple).max(1) * multiple;
         let hi = lo + multiple;
         let hint = if v == 0 || lo == v {
             format!("{multiple}")
+        } else if hi > max {
+            format!("{lo}")
         } else {
             format!("{lo} or {hi}")
         };
@@ -202,13 +212,17 @@ pub fn check_side(p: Param, v: usize, multiple: usize, max: usize) -> Result<()>
             format!(" {v}: must be a positive multiple of {multiple} for this model; try {hint}"),
         ));
     }
-    if v > max {
-        return Err(Error::invalid(
-            p,
-            format!(" {v}: larger than this model supports ({max}); use at most {max}"),
-        ));
-    }
     Ok(())
+}
+
+/// A number as an error message shows it: as written for everyday sizes, in exponent form beyond
+/// (`1e308`, not its 309 digits).
+pub fn shown(x: f64) -> String {
+    if x.is_finite() && x != 0.0 && !(1e-4..1e6).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
 }
 
 pub fn check_steps(steps: usize) -> Result<()> {
@@ -225,8 +239,57 @@ pub fn check_guidance(p: Param, g: f64) -> Result<()> {
     if !g.is_finite() || !(0.0..=100.0).contains(&g) {
         return Err(Error::invalid(
             p,
-            format!(" {g}: must be a number between 0 and 100 (1 turns guidance off)"),
+            format!(
+                " {}: must be a number between 0 and 100 (1 turns guidance off)",
+                shown(g)
+            ),
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn side_error(v: usize) -> String {
+        check_side(Param::Width, v, 16, 256)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn side_suggestions_stay_within_the_limit() {
+        assert!(check_side(Param::Width, 256, 16, 256).is_ok());
+        assert!(
+            side_error(100).contains("try 96 or 112"),
+            "{}",
+            side_error(100)
+        );
+        assert!(
+            side_error(250).ends_with("try 240 or 256"),
+            "{}",
+            side_error(250)
+        );
+        let e = check_side(Param::Width, 245, 16, 250)
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("try 240"), "{e}");
+        assert!(side_error(0).ends_with("try 16"), "{}", side_error(0));
+        // Too large and not a multiple: the limit is what to fix, not the multiple.
+        assert!(side_error(9_999_999_999).contains("use at most 256"));
+        assert!(side_error(usize::MAX).contains("use at most 256"));
+    }
+
+    #[test]
+    fn numbers_in_messages_stay_short() {
+        assert_eq!(shown(7.5), "7.5");
+        assert_eq!(shown(-5.0), "-5");
+        assert_eq!(shown(1e308), "1e308");
+        assert_eq!(shown(f64::NAN), "NaN");
+        let e = check_guidance(Param::Guidance, 1e308)
+            .unwrap_err()
+            .to_string();
+        assert!(e.len() < 120, "{e}");
+    }
 }

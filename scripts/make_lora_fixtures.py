@@ -500,6 +500,47 @@ def flux2_peft(t, gen, path):
     save_file(sd, path)
 
 
+# ---------------------------------------------------------------------------------------------
+# DoRA (PEFT's `use_dora`, as diffusers' training scripts' --use_dora save it)
+
+
+def dora_modules(model, keep, gen, rank, alpha, prefix=""):
+    """LoRA factors and a DoRA magnitude (`lora_magnitude_vector`) for the Linear layers of `model`
+    whose names contain one of `keep`: the magnitude is each row's norm of `W + alpha / rank * up @ down`
+    (PEFT's initial value) times a random factor, as training moves it."""
+    sd, names = {}, []
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and any(s in n for s in keep):
+            d, u = gen.pair(*shape(m), rank)
+            norm = torch.linalg.norm(m.weight.detach() + alpha / rank * (u @ d), dim=1)
+            factor = torch.exp(0.4 * torch.randn(norm.shape, generator=gen.g))
+            sd[f"{prefix}{n}.lora_A.weight"], sd[f"{prefix}{n}.lora_B.weight"] = d, u
+            sd[f"{prefix}{n}.lora_magnitude_vector"] = norm * factor
+            names.append(n)
+    return sd, names
+
+
+def flux_dora(t, gen, path):
+    """A DoRA LoRA of FLUX.1's transformer in diffusers' names, with its LoraConfig. (No text-encoder
+    part: diffusers 0.42.1 with transformers 5 does not load a CLIP's `lora_magnitude_vector` (it
+    expects `.weight` after the adapter name) and runs it as a plain LoRA; mmdit applies it.)"""
+    sd, names = dora_modules(t, ["attn.to_q", "attn.to_k", "attn.to_add_out", "ff.net.0.proj", "proj_mlp",
+                                 "single_transformer_blocks.0.proj_out", "norm1_context.linear"], gen, 4, 8.0)
+    tcfg = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=names).to_dict()
+    FluxPipeline.save_lora_weights(os.path.dirname(path), transformer_lora_layers=sd,
+                                   transformer_lora_adapter_metadata=tcfg, weight_name=os.path.basename(path))
+
+
+def sd3_dora(t, gen, path):
+    """A DoRA LoRA of SD3.5's transformer in diffusers' names, with its LoraConfig (no text-encoder
+    part, as flux_dora)."""
+    sd, names = dora_modules(t, ["attn.to_v", "attn.add_k_proj", "ff.net.2", "norm1.linear", "proj_out"], gen, 4, 2.0)
+    tcfg = peft.LoraConfig(r=4, lora_alpha=2, use_dora=True, target_modules=names).to_dict()
+    StableDiffusion3Pipeline.save_lora_weights(os.path.dirname(path), transformer_lora_layers=sd,
+                                               transformer_lora_adapter_metadata=tcfg,
+                                               weight_name=os.path.basename(path))
+
+
 RUNS = [
     # (model, [(file, weight)], steps, width, height, guidance, prompt)
     ("flux-dev-tiny", [("flux_peft.safetensors", 1.0)], 3, 32, 32, 3.5, "a red circle on a white background"),
@@ -517,6 +558,12 @@ RUNS = [
     ("chroma-tiny", [("chroma_comfy.safetensors", 0.8)], 3, 32, 32, 4.0, "a blue square"),
     ("flux2-klein-tiny", [("flux2_peft.safetensors", 1.0)], 3, 32, 48, 4.0, "a red circle on a white background"),
     ("flux2-klein-tiny", [("flux2_comfy.safetensors", 0.9)], 3, 32, 32, 4.0, "a blue square"),
+    # DoRA: alone, after a plain LoRA on the same layers (PEFT rescales the rows of the weight with the
+    # LoRA's term), and on SD3.5.
+    ("flux-dev-tiny", [("flux_dora.safetensors", 1.0)], 3, 32, 32, 3.5, "a red circle on a white background"),
+    ("flux-dev-tiny", [("flux_peft.safetensors", 0.6), ("flux_dora.safetensors", 0.8)], 3, 32, 40, 3.5,
+     "a blue square"),
+    ("sd35-tiny", [("sd3_dora.safetensors", 0.9)], 3, 32, 32, 5.0, "a red circle on a white background"),
 ]
 
 NOTES = {
@@ -527,6 +574,8 @@ NOTES = {
     "chroma_comfy.safetensors": "diffusers' converters assume FLUX.1's widths and layers: the reference loads the script's PEFT conversion of it",
     "chroma-tiny": "Chroma runs pass the T5 attention mask as booleans (see scripts/make_chroma_fixtures.py)",
     "flux2_comfy.safetensors": "the reference loads the script's PEFT conversion of it (down shared, up rows split, alpha / rank folded)",
+    "flux_dora.safetensors": "PEFT DoRA (lora_magnitude_vector), transformer only: diffusers 0.42.1 with transformers 5 does not load a text encoder's magnitudes",
+    "sd3_dora.safetensors": "as flux_dora.safetensors",
 }
 
 
@@ -566,6 +615,12 @@ def main():
     flux2_peft(kp.transformer, gen, f("flux2_peft.safetensors"))
     loads["flux2_peft.safetensors"] = (f("flux2_peft.safetensors"), None)
     loads["flux2_comfy.safetensors"] = (flux2_comfy(kp.transformer, gen, f("flux2_comfy.safetensors")), None)
+    # (Their own generator, so that the files above stay as they were.)
+    dgen = Gen(SEED + 1000)
+    flux_dora(fp.transformer, dgen, f("flux_dora.safetensors"))
+    loads["flux_dora.safetensors"] = (f("flux_dora.safetensors"), None)
+    sd3_dora(sp.transformer, dgen, f("sd3_dora.safetensors"))
+    loads["sd3_dora.safetensors"] = (f("sd3_dora.safetensors"), None)
 
     meta = {
         "generator": "scripts/make_lora_fixtures.py",

@@ -1,9 +1,10 @@
 //! LoRA against diffusers 0.42.1 (`load_lora_weights` + `set_adapters`) on the tiny random SD3.5,
 //! FLUX.1-dev, Chroma and FLUX.2 [klein] models, from `tests/fixtures/lora` (scripts/make_lora_fixtures.py): one file per format
 //! (diffusers/PEFT with LoraConfig metadata, kohya, ComfyUI/BFL names, XLabs, AI-toolkit; SD3 in the
-//! PEFT and kohya forms; text-encoder parts), two at once with weights 0.7 and -0.3. The final 8-bit
-//! image is within 2/255 of diffusers' from the same noise (f32, CPU), merged at load and applied at
-//! run time alike, and the two paths within 1/255 of each other.
+//! PEFT and kohya forms; text-encoder parts; PEFT's DoRA), two at once with weights 0.7 and -0.3. The
+//! final 8-bit image is within 2/255 of diffusers' from the same noise (f32, CPU), merged at load and
+//! applied at run time alike, and the two paths within 1/255 of each other (DoRA: merged only, and
+//! refused at run time).
 
 mod common;
 
@@ -30,6 +31,14 @@ fn specs(run: &serde_json::Value) -> Vec<LoraSpec> {
             scale: l["weight"].as_f64().unwrap(),
         })
         .collect()
+}
+
+/// Whether a run has a DoRA LoRA (magnitude vectors), which only merging applies.
+fn has_dora(run: &serde_json::Value) -> bool {
+    specs(run).iter().any(|s| {
+        let f = LoraFile::read(std::path::Path::new(&s.source)).unwrap();
+        f.modules.values().any(|m| m.magnitude.is_some())
+    })
 }
 
 fn spec_of(model: &str) -> Spec {
@@ -99,6 +108,22 @@ fn runtime_loras_match_diffusers_and_the_merged_path() {
         let pipe = pipes
             .entry(model)
             .or_insert_with(|| load(run, &[], Apply::Runtime));
+        if has_dora(run) {
+            // Refused with its reason, before any step, and the pipeline left as it was.
+            let e = pipe
+                .generate(&request(k, run, &r), &mut |_| panic!("a step ran"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("DoRA") && e.contains("merged"), "run {k}: {e}");
+            let spec = spec_of(run["model"].as_str().unwrap());
+            let set = spec.fit_loras(&specs(run)).unwrap();
+            let e = spec
+                .load_with(&device(), DType::F32, set, Apply::Runtime)
+                .err()
+                .expect("a DoRA LoRA loaded to run at run time");
+            assert!(e.to_string().contains("DoRA"), "run {k}: {e}");
+            continue;
+        }
         let out = pipe.generate(&request(k, run, &r), &mut |_| {}).unwrap();
         let worst = max_u8_diff(&out.image.data, &reference_image(&r, k));
         assert!(
@@ -330,4 +355,83 @@ fn kohya_names_fit_as_the_comfyui_names_for_chroma_and_flux2() {
             }
         }
     }
+}
+
+/// A DoRA magnitude that does not fit its up factor's rows, or one without factors, is refused by
+/// name; kohya's `dora_scale` keys are ignored as diffusers ignores them, and said so.
+#[test]
+fn dora_magnitudes_are_checked_and_kohya_dora_scales_named() {
+    let dir = std::env::temp_dir().join(format!("mmdit-dora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let ones = |shape: &[usize]| Tensor::ones(shape, DType::F32, &dev).unwrap();
+    let write = |name: &str, t: &HashMap<String, Tensor>| {
+        let p = dir.join(name);
+        candle_core::safetensors::save(t, &p).unwrap();
+        p
+    };
+    let mut t = HashMap::new();
+    t.insert("transformer.x.lora_A.weight".to_string(), ones(&[2, 8]));
+    t.insert("transformer.x.lora_B.weight".to_string(), ones(&[4, 2]));
+    t.insert(
+        "transformer.x.lora_magnitude_vector".to_string(),
+        ones(&[3]),
+    );
+    let e = LoraFile::read(&write("rows.safetensors", &t))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("DoRA magnitude has shape [3]") && e.contains("4 rows"),
+        "{e}"
+    );
+    let mut t = HashMap::new();
+    t.insert(
+        "transformer.y.lora_magnitude_vector".to_string(),
+        ones(&[4]),
+    );
+    t.insert("transformer.x.lora_A.weight".to_string(), ones(&[2, 8]));
+    t.insert("transformer.x.lora_B.weight".to_string(), ones(&[4, 2]));
+    let e = LoraFile::read(&write("alone.safetensors", &t))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`transformer.y` has a DoRA magnitude but no down or up factor"),
+        "{e}"
+    );
+
+    // kohya's DoRA: the fixture's kohya file with a `dora_scale` per module.
+    let src = fixture("lora").join("flux_kohya.safetensors");
+    let mut t = candle_core::safetensors::load(&src, &dev).unwrap();
+    let ups: Vec<(String, usize)> = t
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_suffix(".lora_up.weight")?.to_string(), v.dims()[0])))
+        .collect();
+    for (m, rows) in &ups {
+        t.insert(format!("{m}.dora_scale"), ones(&[1, *rows]));
+    }
+    let p = write("kohya_dora.safetensors", &t);
+    let spec = spec_of("flux-dev-tiny");
+    let set = spec
+        .fit_loras(&[LoraSpec {
+            source: p.display().to_string(),
+            scale: 1.0,
+        }])
+        .unwrap();
+    let notes: Vec<String> = set
+        .notices()
+        .iter()
+        .map(|m| m.render(&|p| p.name().to_string()))
+        .collect();
+    assert!(
+        notes.iter().any(|n| n.contains(&format!(
+            "{} `dora_scale` keys (kohya's DoRA) ignored",
+            ups.len()
+        ))),
+        "{notes:?}"
+    );
+    assert!(
+        !notes.iter().any(|n| n.contains("fit no layer")),
+        "{notes:?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -304,10 +304,19 @@ fn inspect_lora(source: &str, model: Option<&str>, a: &InspectArgs) -> anyhow::R
     let file = mmdit::lora::LoraFile::read(&path)?;
     let ranks: Vec<String> = file.ranks().iter().map(|r| r.to_string()).collect();
     let alphas = file.modules.values().filter(|m| m.alpha.is_some()).count();
+    let dora = match file
+        .modules
+        .values()
+        .filter(|m| m.magnitude.is_some())
+        .count()
+    {
+        0 => String::new(),
+        n => format!("; {n} DoRA (merged at load only)"),
+    };
     println!("LoRA    {}", path.display());
     println!("format  {}", file.format.name());
     println!(
-        "modules {} (rank {}; {} with alpha{})",
+        "modules {} (rank {}; {} with alpha{dora}{})",
         file.modules.len(),
         ranks.join(", "),
         alphas,

@@ -42,6 +42,9 @@ pub struct Module {
     /// (out, r) or (out, r, 1, 1); f32 on the CPU.
     pub up: Tensor,
     pub alpha: Option<f64>,
+    /// DoRA's magnitude (out,): PEFT's `lora_magnitude_vector`, the norm each output row of
+    /// `W + scale · up · down` is rescaled to.
+    pub magnitude: Option<Tensor>,
     /// The file's keys of this module.
     pub keys: Vec<String>,
 }
@@ -65,7 +68,8 @@ pub struct LoraFile {
     pub format: Format,
     /// By module name (the key without its role suffix).
     pub modules: BTreeMap<String, Module>,
-    /// Keys that are not a LoRA factor or alpha (DoRA magnitudes, bias or norm differences...).
+    /// Keys that are not a LoRA factor, alpha or DoRA magnitude (kohya's `dora_scale`, bias or norm
+    /// differences...).
     pub other: Vec<String>,
     /// diffusers' `lora_adapter_metadata` (PEFT's `LoraConfig` as JSON), when the file has it.
     pub adapter_metadata: Option<serde_json::Value>,
@@ -76,6 +80,7 @@ enum Role {
     Down,
     Up,
     Alpha,
+    Magnitude,
 }
 
 /// Key suffixes of a module's parts, longest first.
@@ -89,6 +94,9 @@ const ROLES: &[(&str, Role)] = &[
     (".down.weight", Role::Down),
     (".up.weight", Role::Up),
     (".alpha", Role::Alpha),
+    (".lora_magnitude_vector.default.weight", Role::Magnitude),
+    (".lora_magnitude_vector.weight", Role::Magnitude),
+    (".lora_magnitude_vector", Role::Magnitude),
 ];
 
 /// Key parts of the LyCORIS methods that are not low-rank products (refused by name).
@@ -149,7 +157,7 @@ impl LoraFile {
             .as_ref()
             .and_then(|m: &HashMap<String, String>| m.get("lora_adapter_metadata"))
             .and_then(|s| serde_json::from_str(s).ok());
-        let mut parts: BTreeMap<String, ([Option<Tensor>; 3], Vec<String>)> = BTreeMap::new();
+        let mut parts: BTreeMap<String, ([Option<Tensor>; 4], Vec<String>)> = BTreeMap::new();
         let mut other = Vec::new();
         let mut tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
@@ -177,13 +185,18 @@ impl LoraFile {
             entry.1.push(key.clone());
         }
         let mut modules = BTreeMap::new();
-        for (name, ([down, up, alpha], keys)) in parts {
+        for (name, ([down, up, alpha, magnitude], keys)) in parts {
             let (down, up) = match (down, up) {
                 (Some(d), Some(u)) => (d, u),
-                (None, None) => {
+                (None, None) if magnitude.is_none() => {
                     // An alpha alone (diffusers drops these too).
                     other.extend(keys);
                     continue;
+                }
+                (None, None) => {
+                    return Err(bad(path, format!(
+                        "module `{name}` has a DoRA magnitude but no down or up factor; the file is incomplete, download it again"
+                    )));
                 }
                 (d, _) => {
                     let (has, lacks) = if d.is_some() {
@@ -201,12 +214,16 @@ impl LoraFile {
                 None => None,
             };
             check_module(path, &name, &down, &up, alpha)?;
+            if let Some(m) = &magnitude {
+                check_magnitude(path, &name, m, &up)?;
+            }
             modules.insert(
                 name,
                 Module {
                     down,
                     up,
                     alpha,
+                    magnitude,
                     keys,
                 },
             );
@@ -294,6 +311,29 @@ fn check_module(
                 format!("module `{name}`: alpha is {a}; the file is damaged"),
             ));
         }
+    }
+    Ok(())
+}
+
+/// A DoRA magnitude: one finite value per output row of the up factor (PEFT stores it flat).
+fn check_magnitude(path: &Path, name: &str, m: &Tensor, up: &Tensor) -> Result<()> {
+    let rows = up.dims()[0];
+    if m.elem_count() != rows || m.dims().iter().filter(|&&d| d != 1).count() > 1 {
+        return Err(bad(path, format!(
+            "module `{name}`: the DoRA magnitude has shape {:?} but the up factor {} rows; the file is damaged",
+            m.dims(),
+            rows
+        )));
+    }
+    let finite = m
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map(|v| v.iter().all(|x| x.is_finite()))
+        .unwrap_or(false);
+    if !finite {
+        return Err(bad(path, format!(
+            "module `{name}`: the DoRA magnitude holds NaN or infinite values; the LoRA is broken, use another file"
+        )));
     }
     Ok(())
 }

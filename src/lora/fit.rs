@@ -84,6 +84,8 @@ pub struct Piece {
     pub up: Tensor,
     /// The format's scale (alpha / rank and the like), not the user's weight.
     pub scale: f64,
+    /// DoRA's magnitude for these rows (out,), when the module has one.
+    pub magnitude: Option<Tensor>,
 }
 
 /// A LoRA file fitted to a model.
@@ -377,15 +379,21 @@ fn piece(
     let (out, inp) = m.dims();
     let up2 = m.up.reshape((out, m.rank())).map_err(Error::Candle)?;
     let down2 = m.down.reshape((m.rank(), inp)).map_err(Error::Candle)?;
-    let up = match t {
-        Transform::Whole => Ok(up2),
-        Transform::Rows { start, len } if start + len <= out => up2.narrow(0, *start, *len),
+    // The layer's rows of a (out, ...) tensor: the up factor's, DoRA's magnitude's.
+    let rows = |x: Tensor| match t {
+        Transform::Whole => Ok(x),
+        Transform::Rows { start, len } if start + len <= out => x.narrow(0, *start, *len),
         Transform::SwapHalves if out % 2 == 0 => {
             let h = out / 2;
-            up2.narrow(0, h, h)
-                .and_then(|b| Tensor::cat(&[b, up2.narrow(0, 0, h)?], 0))
+            x.narrow(0, h, h)
+                .and_then(|b| Tensor::cat(&[b, x.narrow(0, 0, h)?], 0))
         }
         _ => Err(candle_core::Error::Msg("rows out of range".into())),
+    };
+    let up = rows(up2);
+    let magnitude = match &m.magnitude {
+        Some(v) => Some(v.flatten_all().and_then(rows).map_err(Error::Candle)?),
+        None => None,
     };
     let layer_in: usize = shape.iter().skip(1).product();
     let ok_up = up.as_ref().ok().map(|u| u.dims()[0]) == shape.first().copied();
@@ -407,6 +415,7 @@ fn piece(
         down: down2,
         up,
         scale,
+        magnitude,
     })
 }
 

@@ -137,6 +137,37 @@ impl LoraSpec {
     }
 }
 
+/// One adapter's term for one weight: `scale · up · down`; with DoRA's `magnitude`, the rows of
+/// the weight with the term rescaled (PEFT's `DoraLinearLayer`, below).
+#[derive(Debug, Clone)]
+pub struct Term {
+    /// (r, in).
+    pub down: Tensor,
+    /// (out, r).
+    pub up: Tensor,
+    /// The format's scale times the adapter's weight.
+    pub scale: f64,
+    /// DoRA's magnitude (out,).
+    pub magnitude: Option<Tensor>,
+    /// The LoRA as the user named it.
+    pub source: String,
+}
+
+impl Term {
+    /// (down, up, scale), refusing DoRA: a run-time term adds to a layer's output, and DoRA's
+    /// rescaling needs the norms of the weight's rows, which a packed or quantized layer no longer
+    /// has at hand.
+    pub fn runtime(&self) -> Result<(Tensor, Tensor, f64)> {
+        if self.magnitude.is_some() {
+            return Err(Error::InvalidRequest(Message::about(Param::Lora).text(format!(
+                " {}: a DoRA LoRA (it has magnitude vectors) is merged into the weights at load, not applied at run time; load the model with it (`--lora`, merged by default; not with --lora-apply runtime, a GGUF model, or as a server request's loras)",
+                self.source
+            ))));
+        }
+        Ok((self.down.clone(), self.up.clone(), self.scale))
+    }
+}
+
 /// How a pipeline applies its LoRAs to the transformer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Apply {
@@ -163,19 +194,21 @@ impl LoraSet {
         self.adapters.iter().map(|(s, _)| s.clone()).collect()
     }
 
-    /// Every adapter's pieces of one component, by weight name, each scale times its adapter's
-    /// weight.
-    pub fn deltas(&self, dir: &str) -> BTreeMap<String, Vec<(Tensor, Tensor, f64)>> {
-        let mut out: BTreeMap<String, Vec<(Tensor, Tensor, f64)>> = BTreeMap::new();
+    /// Every adapter's terms for one component, by weight name, in the adapters' order, each
+    /// scale times its adapter's weight.
+    pub fn deltas(&self, dir: &str) -> BTreeMap<String, Vec<Term>> {
+        let mut out: BTreeMap<String, Vec<Term>> = BTreeMap::new();
         for (spec, f) in &self.adapters {
             for ((d, w), pieces) in &f.layers {
                 if d == dir {
                     let v = out.entry(w.clone()).or_default();
-                    v.extend(
-                        pieces
-                            .iter()
-                            .map(|p| (p.down.clone(), p.up.clone(), p.scale * spec.scale)),
-                    );
+                    v.extend(pieces.iter().map(|p| Term {
+                        down: p.down.clone(),
+                        up: p.up.clone(),
+                        scale: p.scale * spec.scale,
+                        magnitude: p.magnitude.clone(),
+                        source: spec.source.clone(),
+                    }));
                 }
             }
         }
@@ -225,13 +258,23 @@ impl LoraSet {
     pub fn notices(&self) -> Vec<Message> {
         let mut out = Vec::new();
         for (i, (spec, f)) in self.adapters.iter().enumerate() {
-            if !f.unmatched.is_empty() {
+            let (dora, rest): (Vec<&String>, Vec<&String>) =
+                f.unmatched.iter().partition(|k| k.ends_with(".dora_scale"));
+            if !dora.is_empty() {
+                out.push(Message::about(Param::Lora).text(format!(
+                    " {}: {} `dora_scale` key{} (kohya's DoRA) ignored, as diffusers ignores them: the image is the plain LoRA's",
+                    spec.source,
+                    dora.len(),
+                    if dora.len() == 1 { "" } else { "s" }
+                )));
+            }
+            if !rest.is_empty() {
                 let keys = f.unmatched.len() + f.layers.values().map(Vec::len).sum::<usize>();
                 out.push(Message::about(Param::Lora).text(format!(
                     " {}: {} of its keys fit no layer of the model and are ignored (e.g. `{}`); `mmdit inspect --lora FILE --model M` lists them",
                     spec.source,
-                    f.unmatched.len(),
-                    f.unmatched[0]
+                    rest.len(),
+                    rest[0]
                 ) + &format!(" ({keys} keys in all)")));
             }
             if self.adapters[..i].iter().any(|(_, g)| g.path == f.path) {
@@ -246,11 +289,11 @@ impl LoraSet {
 }
 
 /// Serves a component's weights with its LoRA deltas added: `W + Σ scale · up · down`, computed
-/// in f32 and rounded once to the run dtype.
+/// in f32 and rounded once to the run dtype; a DoRA term rescales the rows as PEFT does.
 pub struct MergeBackend {
     pub inner: Box<dyn SimpleBackend>,
-    /// Weight name -> (down, up, scale) pieces.
-    pub deltas: BTreeMap<String, Vec<(Tensor, Tensor, f64)>>,
+    /// Weight name -> its terms, in the adapters' order.
+    pub deltas: BTreeMap<String, Vec<Term>>,
 }
 
 impl MergeBackend {
@@ -261,7 +304,7 @@ impl MergeBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let Some(pieces) = self.deltas.get(name) else {
+        let Some(terms) = self.deltas.get(name) else {
             return Ok(w);
         };
         let shape = w.shape().clone();
@@ -270,27 +313,47 @@ impl MergeBackend {
             .to_device(&Device::Cpu)?
             .to_dtype(DType::F32)?
             .reshape((out, ()))?;
-        let merged = if crate::cpu::features().avx512 {
+        let merged = if terms.iter().any(|t| t.magnitude.is_some()) {
+            dora_merged(&w, terms)?
+        } else if crate::cpu::features().avx512 {
             // W += (scale · up) · down on the packed kernel, in place in one f32 copy of W.
             let inp = w.dim(1)?;
             let mut acc = w.flatten_all()?.to_vec1::<f32>()?;
-            for (down, up, scale) in pieces {
-                let r = down.dim(0)?;
-                let up = (up * *scale)?.contiguous()?;
-                let down_t = down.t()?.contiguous()?; // (in, r): the kernel's (n, k)
+            for t in terms {
+                let r = t.down.dim(0)?;
+                let up = (&t.up * t.scale)?.contiguous()?;
+                let down_t = t.down.t()?.contiguous()?; // (in, r): the kernel's (n, k)
                 let b = crate::cpu::with_slice(&down_t, |d| PackedF32::from_nk(d, inp, r))?;
                 crate::cpu::with_slice(&up, |u| sgemm::matmul_add(u, out, r, &b, &mut acc, inp))?;
             }
             Tensor::from_vec(acc, (out, inp), &Device::Cpu)?
         } else {
             let mut acc = w;
-            for (down, up, scale) in pieces {
-                acc = (acc + (up * *scale)?.matmul(down)?)?;
+            for t in terms {
+                acc = (acc + (&t.up * t.scale)?.matmul(&t.down)?)?;
             }
             acc
         };
         merged.reshape(shape)?.to_dtype(dtype)?.to_device(dev)
     }
+}
+
+/// `w` (out, in) with `terms` merged in order, as PEFT's forward applies its adapters one after
+/// the other: a LoRA term adds `ΔW = scale · up · down`; a DoRA term makes the rows
+/// `magnitude / ‖W0 + ΔW‖ · (W + ΔW)`, where W0 is the weight without any adapter and W the
+/// weight so far (each row's L2 norm over its inputs, `DoraLinearLayer.get_weight_norm`).
+fn dora_merged(w: &Tensor, terms: &[Term]) -> candle_core::Result<Tensor> {
+    let mut acc = w.clone();
+    for t in terms {
+        let delta = (&t.up * t.scale)?.matmul(&t.down)?;
+        acc = (acc + &delta)?;
+        if let Some(m) = &t.magnitude {
+            let norm = (w + &delta)?.sqr()?.sum_keepdim(1)?.sqrt()?; // (out, 1)
+            let factor = m.reshape((m.elem_count(), 1))?.div(&norm)?;
+            acc = acc.broadcast_mul(&factor)?;
+        }
+    }
+    Ok(acc)
 }
 
 impl SimpleBackend for MergeBackend {

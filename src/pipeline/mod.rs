@@ -575,6 +575,10 @@ impl Spec {
             Apply::Merge => (loras.clone(), LoraSet::default()),
             Apply::Runtime => (loras.text_only(), loras.clone()),
         };
+        // What cannot run as a run-time term (DoRA) is refused before the weights are read.
+        for terms in runtime.deltas("transformer").values() {
+            terms.iter().try_for_each(|t| t.runtime().map(drop))?;
+        }
         let w = self.weights(&merged);
         let stored = blocks.map(components::stored);
         // Every linear layer of the transformer gets a run-time LoRA slot, and its GGML blocks
@@ -1016,10 +1020,22 @@ impl Pipeline {
         if set.transformer_specs() == self.loras.merged.transformer_specs() {
             want.clear();
         } else {
-            for (w, pieces) in merged {
-                let negated = pieces.into_iter().map(|(d, u, s)| (d, u, -s));
+            for (w, terms) in merged {
+                // A merged DoRA term is not undone by its negation: refused below.
+                let negated = terms.into_iter().map(|t| lora::Term {
+                    scale: -t.scale,
+                    ..t
+                });
                 want.entry(w).or_default().extend(negated);
             }
+        }
+        let mut terms = std::collections::BTreeMap::new();
+        for (w, ts) in &want {
+            let ts = ts
+                .iter()
+                .map(lora::Term::runtime)
+                .collect::<Result<Vec<_>>>()?;
+            terms.insert(w.as_str(), ts);
         }
         for w in want.keys() {
             let layer = w.strip_suffix(".weight").unwrap_or(w);
@@ -1030,7 +1046,7 @@ impl Pipeline {
             }
         }
         for (name, slot) in &self.loras.slots {
-            match want.get(&format!("{name}.weight")) {
+            match terms.get(format!("{name}.weight").as_str()) {
                 Some(p) => slot.set(nn::lora::Delta::new(p, &self.device)?),
                 None => slot.set(None),
             }

@@ -127,52 +127,69 @@ fn gguf_models_computed_on_their_blocks_stay_within_the_bf16_floor() {
 }
 
 /// A LoRA on a GGUF model goes to the run-time path (blocks cannot be merged into) and matches
-/// the same LoRA on the dequantized model.
+/// the same LoRA on the dequantized model (merged there): a kohya LoRA, and a PEFT DoRA (whose
+/// factors the run-time path reads from the file's weights).
 #[test]
 fn a_lora_applies_to_a_gguf_model_at_run_time() {
     let dir = tmp("gguf_lora");
-    let lora = dir.join("lora.safetensors");
-    // kohya names on two quantized layers (Q types) and one F32 layer (img_in).
-    let mut tensors = std::collections::HashMap::new();
     let dev = Device::Cpu;
+    let randn = |shape: (usize, usize)| Tensor::randn(0f32, 0.5, shape, &dev).unwrap();
+    // kohya names on two quantized layers (Q types) and one F32 layer (img_in).
+    let mut kohya = std::collections::HashMap::new();
     for (module, (inp, out)) in [
         ("lora_unet_double_blocks_0_img_attn_proj", (256, 256)),
         ("lora_unet_single_blocks_0_linear2", (1280, 256)),
         ("lora_unet_img_in", (16, 256)),
     ] {
-        let down = Tensor::randn(0f32, 0.5, (4, inp), &dev).unwrap();
-        let up = Tensor::randn(0f32, 0.5, (out, 4), &dev).unwrap();
-        tensors.insert(format!("{module}.lora_down.weight"), down);
-        tensors.insert(format!("{module}.lora_up.weight"), up);
-        tensors.insert(format!("{module}.alpha"), Tensor::new(4f32, &dev).unwrap());
+        kohya.insert(format!("{module}.lora_down.weight"), randn((4, inp)));
+        kohya.insert(format!("{module}.lora_up.weight"), randn((out, 4)));
+        kohya.insert(format!("{module}.alpha"), Tensor::new(4f32, &dev).unwrap());
     }
-    candle_core::safetensors::save(&tensors, &lora).unwrap();
-    let spec = mmdit::lora::LoraSpec {
-        source: lora.display().to_string(),
-        scale: 1.0,
-    };
+    // The same layers in diffusers' names, with DoRA magnitudes (0.5 to 1.5 per row).
+    let mut dora = std::collections::HashMap::new();
+    for (module, (inp, out)) in [
+        ("transformer.transformer_blocks.0.attn.to_out.0", (256, 256)),
+        (
+            "transformer.single_transformer_blocks.0.proj_out",
+            (1280, 256),
+        ),
+        ("transformer.x_embedder", (16, 256)),
+    ] {
+        dora.insert(format!("{module}.lora_A.weight"), randn((4, inp)));
+        dora.insert(format!("{module}.lora_B.weight"), randn((out, 4)));
+        let m = Tensor::rand(0.5f32, 1.5, out, &dev).unwrap();
+        dora.insert(format!("{module}.lora_magnitude_vector"), m);
+    }
     let name = "flux-dev-256";
     let meta = meta(&format!("gguf/{name}"));
     let run = &meta["runs"][0];
-    let req = mmdit::Request {
-        loras: vec![spec.clone()],
-        ..fixture_request(&format!("gguf/{name}"), run, 24)
-    };
-    let mut imgs = Vec::new();
-    for dequantize in [false, true] {
-        let mut s = Spec::open(&model(name)).unwrap();
-        s.set_dequantize(dequantize);
-        let set = s.fit_loras(std::slice::from_ref(&spec)).unwrap();
-        let mut pipe = s
-            .load_with(&device(), DType::F32, set, mmdit::lora::Apply::Merge)
-            .unwrap();
-        imgs.push(pipe.generate(&req, &mut |_| {}).unwrap().image.data);
-    }
     let plain = images(name, false).remove(0).0;
-    let p = psnr(&imgs[0], &imgs[1]);
-    println!("LoRA on the blocks against LoRA on the dequantized model: {p:.1} dB");
-    assert!(p >= 30.0, "{p:.1} dB");
-    assert_ne!(imgs[0], plain, "the LoRA changed nothing");
+    for (file, tensors) in [("kohya", kohya), ("dora", dora)] {
+        let lora = dir.join(format!("{file}.safetensors"));
+        candle_core::safetensors::save(&tensors, &lora).unwrap();
+        let spec = mmdit::lora::LoraSpec {
+            source: lora.display().to_string(),
+            scale: 1.0,
+        };
+        let req = mmdit::Request {
+            loras: vec![spec.clone()],
+            ..fixture_request(&format!("gguf/{name}"), run, 24)
+        };
+        let mut imgs = Vec::new();
+        for dequantize in [false, true] {
+            let mut s = Spec::open(&model(name)).unwrap();
+            s.set_dequantize(dequantize);
+            let set = s.fit_loras(std::slice::from_ref(&spec)).unwrap();
+            let mut pipe = s
+                .load_with(&device(), DType::F32, set, mmdit::lora::Apply::Merge)
+                .unwrap();
+            imgs.push(pipe.generate(&req, &mut |_| {}).unwrap().image.data);
+        }
+        let p = psnr(&imgs[0], &imgs[1]);
+        println!("{file} LoRA on the blocks against it on the dequantized model: {p:.1} dB");
+        assert!(p >= 30.0, "{file}: {p:.1} dB");
+        assert_ne!(imgs[0], plain, "{file}: the LoRA changed nothing");
+    }
 }
 
 // ---- damaged and foreign files ----

@@ -744,21 +744,11 @@ fn requests_name_loras_from_the_lora_folder() {
         &[],
     );
     assert_eq!(code, 400, "{out}");
-    // So does a DoRA LoRA (merged at load only), with the reason; the next request is served.
-    let (code, out) = s.generate(
-        &serde_json::json!({"prompt": "x", "size": "32x32", "steps": 1,
-                            "loras": [{"name": "flux_dora"}]}),
-        &[],
-    );
-    assert_eq!(
-        (code, out["error"]["param"].as_str()),
-        (400, Some("loras")),
-        "{out}"
-    );
-    assert!(
-        out["error"]["message"].as_str().unwrap().contains("DoRA"),
-        "{out}"
-    );
+    // A DoRA LoRA per request: the CLI's image with it at run time.
+    let dora = loras.join("flux_dora.safetensors");
+    let with_dora = request(serde_json::json!([{"name": "flux_dora"}]));
+    assert!(with_dora == cli("cli-dora.png", Some(&dora.display().to_string())));
+    assert!(with_dora != without, "the DoRA changed nothing");
     assert!(request(serde_json::json!([])) == without);
     assert_eq!(s.get("/health", &[]).0, 200);
 }

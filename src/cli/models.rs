@@ -311,7 +311,7 @@ fn inspect_lora(source: &str, model: Option<&str>, a: &InspectArgs) -> anyhow::R
         .count()
     {
         0 => String::new(),
-        n => format!("; {n} DoRA (merged at load only)"),
+        n => format!("; {n} DoRA"),
     };
     println!("LoRA    {}", path.display());
     println!("format  {}", file.format.name());

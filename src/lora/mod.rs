@@ -153,19 +153,60 @@ pub struct Term {
     pub source: String,
 }
 
-impl Term {
-    /// (down, up, scale), refusing DoRA: a run-time term adds to a layer's output, and DoRA's
-    /// rescaling needs the norms of the weight's rows, which a packed or quantized layer no longer
-    /// has at hand.
-    pub fn runtime(&self) -> Result<(Tensor, Tensor, f64)> {
-        if self.magnitude.is_some() {
-            return Err(Error::InvalidRequest(Message::about(Param::Lora).text(format!(
-                " {}: a DoRA LoRA (it has magnitude vectors) is merged into the weights at load, not applied at run time; load the model with it (`--lora`, merged by default; not with --lora-apply runtime, a GGUF model, or as a server request's loras)",
-                self.source
-            ))));
-        }
-        Ok((self.down.clone(), self.up.clone(), self.scale))
+/// A layer's run-time LoRA: `(down, up, scale)` pieces whose term is added to the layer's output,
+/// and, with DoRA, the output's per-row affine `(g, c)`: the layer's output y (term included)
+/// becomes `g · y + c`.
+pub type RuntimeTerms = (Vec<(Tensor, Tensor, f64)>, Option<(Tensor, Tensor)>);
+
+/// `terms` of one layer, in order, as a run-time term. Without DoRA, the pieces as they are. With
+/// DoRA: PEFT's forward applies the adapters one after the other to the bias-free output z, a LoRA
+/// as `z += s ΔW x`, a DoRA as `z = f ⊙ (z + s ΔW x)` with `f = m / ‖W0 + s ΔW‖` per row (W0 the
+/// weight without adapters, `base` reads it and the bias, in f32). So
+/// `z = g0 ⊙ W0 x + Σ_k g_k ⊙ s_k ΔW_k x`, `g_k` the product of the DoRA factors from adapter k on,
+/// `g0` of all: each up factor's rows are scaled by `g_k / g0`, and the layer's output y (term and
+/// bias b included) becomes `g0 ⊙ y + (1 - g0) ⊙ b`.
+pub fn runtime_terms(
+    terms: &[Term],
+    base: impl FnOnce() -> Result<(Tensor, Option<Tensor>)>,
+) -> Result<RuntimeTerms> {
+    let plain = |t: &Term, up: Tensor| (t.down.clone(), up, t.scale);
+    if terms.iter().all(|t| t.magnitude.is_none()) {
+        return Ok((terms.iter().map(|t| plain(t, t.up.clone())).collect(), None));
     }
+    let (w0, bias) = base()?;
+    let rows = w0.dim(0)?;
+    let w0 = w0.to_dtype(DType::F32)?.reshape((rows, ()))?;
+    // g_k, from the last adapter back.
+    let mut g = Tensor::ones((rows, 1), DType::F32, &Device::Cpu)?;
+    let mut after = vec![g.clone(); terms.len()];
+    for (k, t) in terms.iter().enumerate().rev() {
+        if let Some(m) = &t.magnitude {
+            let delta = (&t.up * t.scale)?.matmul(&t.down)?;
+            let norm = (&w0 + delta)?.sqr()?.sum_keepdim(1)?.sqrt()?;
+            g = (g * m.reshape((rows, 1))?.div(&norm)?)?;
+        }
+        after[k] = g.clone();
+    }
+    let g0 = g;
+    let factors = g0.flatten_all()?.to_vec1::<f32>()?;
+    let dora = terms.iter().find(|t| t.magnitude.is_some());
+    if let Some(t) = dora.filter(|_| factors.iter().any(|f| *f == 0.0 || !f.is_finite())) {
+        return Err(Error::InvalidRequest(Message::about(Param::Lora).text(format!(
+            " {}: its DoRA magnitudes make a row of a layer zero or infinite, which the run-time term cannot express; load the model with it merged (`--lora`)",
+            t.source
+        ))));
+    }
+    let pieces = terms
+        .iter()
+        .zip(&after)
+        .map(|(t, gk)| Ok(plain(t, t.up.broadcast_mul(&gk.div(&g0)?)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let g0 = g0.flatten_all()?;
+    let c = match bias {
+        Some(b) => ((1.0 - &g0)? * b.to_dtype(DType::F32)?.flatten_all()?)?,
+        None => g0.zeros_like()?,
+    };
+    Ok((pieces, Some((g0, c))))
 }
 
 /// How a pipeline applies its LoRAs to the transformer.
@@ -388,6 +429,74 @@ impl SimpleBackend for MergeBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::test_util::{max_diff, normal};
+
+    fn term(k: u64, dora: bool, scale: f64) -> Term {
+        let magnitude = dora.then(|| (normal(6, 0.5, 40 + k).abs().unwrap() + 0.5).unwrap());
+        Term {
+            down: normal((2, 5), 1.0, 10 + k),
+            up: normal((6, 2), 1.0, 20 + k),
+            scale,
+            magnitude,
+            source: format!("a{k}"),
+        }
+    }
+
+    /// LoRA and DoRA terms in every order: the run-time form (up factors rescaled, the output's
+    /// affine) gives the merged weight's output, and a DoRA term rescales the weight's rows.
+    #[test]
+    fn dora_at_run_time_is_the_merged_weight() {
+        let (w0, b) = (normal((6, 5), 1.0, 1), normal(6, 1.0, 2));
+        let x = normal((3, 5), 1.0, 3);
+        for kinds in [
+            vec![true],
+            vec![false, true],
+            vec![true, false],
+            vec![true, true],
+            vec![false, true, false, true],
+        ] {
+            let terms: Vec<Term> = kinds
+                .iter()
+                .enumerate()
+                .map(|(k, &d)| term(k as u64, d, 0.8 - 0.3 * k as f64))
+                .collect();
+            let merged = dora_merged(&w0, &terms).unwrap();
+            let want = x
+                .matmul(&merged.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            let (pieces, affine) =
+                runtime_terms(&terms, || Ok((w0.clone(), Some(b.clone())))).unwrap();
+            let (g, c) = affine.unwrap();
+            let mut y = x
+                .matmul(&w0.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            for (down, up, scale) in &pieces {
+                let t = (x
+                    .matmul(&down.t().unwrap())
+                    .unwrap()
+                    .matmul(&up.t().unwrap())
+                    .unwrap()
+                    * *scale)
+                    .unwrap();
+                y = (y + t).unwrap();
+            }
+            let got = y.broadcast_mul(&g).unwrap().broadcast_add(&c).unwrap();
+            let err = max_diff(&got, &want);
+            assert!(err < 1e-4, "{kinds:?}: {err}");
+        }
+        // One DoRA term alone: each row of the merged weight has its magnitude's norm.
+        let t = term(0, true, 0.8);
+        let merged = dora_merged(&w0, std::slice::from_ref(&t)).unwrap();
+        let norms = merged.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+        assert!(max_diff(&norms, t.magnitude.as_ref().unwrap()) < 1e-5);
+        // Without DoRA: the pieces as they are, no affine.
+        let (pieces, affine) = runtime_terms(&[term(1, false, 0.5)], || unreachable!()).unwrap();
+        assert!(affine.is_none() && pieces.len() == 1 && pieces[0].2 == 0.5);
+    }
 
     #[test]
     fn specs_parse_with_and_without_scale() {

@@ -684,7 +684,7 @@ impl Module for Linear {
         let Some(delta) = self.lora.as_ref().and_then(|s| s.get()) else {
             return self.product(x);
         };
-        match &self.kernel {
+        let y = match &self.kernel {
             Kernel::Avx512(p) if delta.is_packed() => {
                 sgemm_forward(x, p, Some(&delta), false, "AVX-512")
             }
@@ -700,7 +700,8 @@ impl Module for Linear {
                 Some((y, xf)) => from_f32(&(y + delta.forward(&xf)?)?, x.dtype()),
                 None => self.product(x)? + delta.forward(x)?,
             },
-        }
+        }?;
+        delta.rescale(y)
     }
 }
 
@@ -1121,7 +1122,7 @@ mod tests {
         let (w, b) = (normal((24, 40), 0.1, 7), normal(24, 1.0, 8));
         let (down, up) = (normal((3, 40), 0.3, 9), normal((24, 3), 0.3, 10));
         let x = normal((2, 5, 40), 1.0, 11);
-        let delta = lora::Delta::new(&[(down.clone(), up.clone(), 0.7)], &Device::Cpu)
+        let delta = lora::Delta::new(&[(down.clone(), up.clone(), 0.7)], None, &Device::Cpu)
             .unwrap()
             .unwrap();
         assert!(delta.is_packed());
@@ -1170,7 +1171,7 @@ mod tests {
         let b = bf(normal(n, 1.0, 32));
         let (down, up) = (bf(normal((4, k), 0.3, 33)), bf(normal((n, 4), 0.3, 34)));
         let x = bf(normal((2, m / 2, k), 1.0, 35));
-        let delta = lora::Delta::new(&[(down, up, 0.7)], &Device::Cpu)
+        let delta = lora::Delta::new(&[(down, up, 0.7)], None, &Device::Cpu)
             .unwrap()
             .unwrap();
         let with_lora = |kernel| {
@@ -1587,7 +1588,7 @@ mod tests {
                 "{case}: a visit per product"
             );
             let (down, up) = (normal((3, k), 0.3, 54), normal((n, 3), 0.3, 55));
-            let delta = lora::Delta::new(&[(down, up, 0.7)], &Device::Cpu)
+            let delta = lora::Delta::new(&[(down, up, 0.7)], None, &Device::Cpu)
                 .unwrap()
                 .unwrap();
             for l in [&packed, &in_place] {

@@ -24,11 +24,19 @@ pub struct Delta {
     /// On a CPU with AVX-512: both factors packed for [`crate::cpu::sgemm`], so that a packed layer
     /// adds the term to its f32 accumulators before rounding once.
     packed: Option<(PackedF32, PackedF32)>,
+    /// DoRA's per-row affine of the layer's output `(g, c)`, (out,) each in f32 on the layer's
+    /// device: the output y (bias and term included) becomes `g · y + c` ([`Delta::rescale`]).
+    affine: Option<(Tensor, Tensor)>,
 }
 
 impl Delta {
-    /// From `(down (r_i, in), up (out, r_i), scale_i)` pieces, in f32 on the layer's device.
-    pub fn new(pieces: &[(Tensor, Tensor, f64)], device: &Device) -> Result<Option<Self>> {
+    /// From `(down (r_i, in), up (out, r_i), scale_i)` pieces and DoRA's output affine, in f32 on
+    /// the layer's device.
+    pub fn new(
+        pieces: &[(Tensor, Tensor, f64)],
+        affine: Option<(Tensor, Tensor)>,
+        device: &Device,
+    ) -> Result<Option<Self>> {
         if pieces.is_empty() {
             return Ok(None);
         }
@@ -53,7 +61,27 @@ impl Delta {
             down_t: down.t()?.contiguous()?.to_device(device)?,
             up_t: up.t()?.contiguous()?.to_device(device)?,
             packed,
+            affine: match affine {
+                Some((g, c)) => Some((
+                    g.to_dtype(DType::F32)?.to_device(device)?,
+                    c.to_dtype(DType::F32)?.to_device(device)?,
+                )),
+                None => None,
+            },
         }))
+    }
+
+    /// The layer's output `y` (.., out), its term added, through DoRA's affine when there is one
+    /// (computed in f32, returned in `y`'s dtype).
+    pub fn rescale(&self, y: Tensor) -> Result<Tensor> {
+        let Some((g, c)) = &self.affine else {
+            return Ok(y);
+        };
+        let dtype = y.dtype();
+        y.to_dtype(DType::F32)?
+            .broadcast_mul(g)?
+            .broadcast_add(c)?
+            .to_dtype(dtype)
     }
 
     /// Adds the term for the f32 rows `x` (m x in) to `out` (m x out), when the factors are
@@ -147,6 +175,7 @@ mod tests {
                 (a1.clone(), b1.clone(), 0.7),
                 (a2.clone(), b2.clone(), -0.3),
             ],
+            None,
             &Device::Cpu,
         )
         .unwrap()

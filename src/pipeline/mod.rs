@@ -37,6 +37,7 @@ use crate::vae::{self, VaeDecoder, VaeEncoder};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use components::{read, read_checked, tokenizer_dir, OpenCtx, TextLoader, TextPart, Weights};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -575,10 +576,6 @@ impl Spec {
             Apply::Merge => (loras.clone(), LoraSet::default()),
             Apply::Runtime => (loras.text_only(), loras.clone()),
         };
-        // What cannot run as a run-time term (DoRA) is refused before the weights are read.
-        for terms in runtime.deltas("transformer").values() {
-            terms.iter().try_for_each(|t| t.runtime().map(drop))?;
-        }
         let w = self.weights(&merged);
         let stored = blocks.map(components::stored);
         // Every linear layer of the transformer gets a run-time LoRA slot, and its GGML blocks
@@ -1015,27 +1012,27 @@ impl Pipeline {
 
     /// Sets the transformer's run-time terms to `set` minus what is merged.
     fn set_runtime(&mut self, set: &LoraSet) -> Result<()> {
-        let mut want = set.deltas("transformer");
-        let merged = self.loras.merged.deltas("transformer");
-        if set.transformer_specs() == self.loras.merged.transformer_specs() {
-            want.clear();
-        } else {
-            for (w, terms) in merged {
-                // A merged DoRA term is not undone by its negation: refused below.
-                let negated = terms.into_iter().map(|t| lora::Term {
-                    scale: -t.scale,
-                    ..t
-                });
-                want.entry(w).or_default().extend(negated);
+        let mut want: BTreeMap<String, Vec<lora::Term>> = BTreeMap::new();
+        if set.transformer_specs() != self.loras.merged.transformer_specs() {
+            // The merged LoRAs taken off first (a DoRA term after them rescales the weight without
+            // them), then the new ones in order.
+            for (w, terms) in self.loras.merged.deltas("transformer") {
+                for t in terms {
+                    if t.magnitude.is_some() {
+                        return Err(Error::InvalidRequest(Message::about(Param::Lora).text(format!(
+                            " {}: this DoRA LoRA is merged into the loaded weights, which cannot be undone per request; load the model without it and give it per request, or keep it",
+                            t.source
+                        ))));
+                    }
+                    want.entry(w.clone()).or_default().push(lora::Term {
+                        scale: -t.scale,
+                        ..t
+                    });
+                }
             }
-        }
-        let mut terms = std::collections::BTreeMap::new();
-        for (w, ts) in &want {
-            let ts = ts
-                .iter()
-                .map(lora::Term::runtime)
-                .collect::<Result<Vec<_>>>()?;
-            terms.insert(w.as_str(), ts);
+            for (w, terms) in set.deltas("transformer") {
+                want.entry(w).or_default().extend(terms);
+            }
         }
         for w in want.keys() {
             let layer = w.strip_suffix(".weight").unwrap_or(w);
@@ -1045,11 +1042,31 @@ impl Pipeline {
                 ))));
             }
         }
+        // DoRA's factors need the weights as the file has them (f32, on the CPU).
+        let none = LoraSet::default();
+        let weights = self.spec.weights(&none);
+        let mut file = None;
+        let mut deltas = BTreeMap::new();
+        for (w, terms) in &want {
+            let (pieces, affine) = lora::runtime_terms(terms, || {
+                if file.is_none() {
+                    file = Some(weights.var_builder("transformer", DType::F32, &Device::Cpu)?);
+                }
+                let vb = file.as_ref().expect("just set");
+                let bias = w.strip_suffix(".weight").map(|l| format!("{l}.bias"));
+                let bias = match bias.filter(|b| vb.contains_tensor(b)) {
+                    Some(b) => Some(vb.get_unchecked(&b)?),
+                    None => None,
+                };
+                Ok((vb.get_unchecked(w)?, bias))
+            })?;
+            deltas.insert(
+                w.as_str(),
+                nn::lora::Delta::new(&pieces, affine, &self.device)?,
+            );
+        }
         for (name, slot) in &self.loras.slots {
-            match terms.get(format!("{name}.weight").as_str()) {
-                Some(p) => slot.set(nn::lora::Delta::new(p, &self.device)?),
-                None => slot.set(None),
-            }
+            slot.set(deltas.remove(format!("{name}.weight").as_str()).flatten());
         }
         Ok(())
     }

@@ -293,12 +293,7 @@ fn check_module(
         ));
     }
     for (part, t) in [("down", down), ("up", up)] {
-        let finite = t
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .map(|v| v.iter().all(|x| x.is_finite()))
-            .unwrap_or(false);
-        if !finite {
+        if !all_finite(t) {
             return Err(bad(path, format!(
                 "module `{name}`: the {part} factor holds NaN or infinite values; the LoRA is broken (a diverged training run), use another file"
             )));
@@ -315,6 +310,14 @@ fn check_module(
     Ok(())
 }
 
+/// Whether every value of `t` is finite (false when it cannot be read as f32).
+fn all_finite(t: &Tensor) -> bool {
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map(|v| v.iter().all(|x| x.is_finite()))
+        .unwrap_or(false)
+}
+
 /// A DoRA magnitude: one finite value per output row of the up factor (PEFT stores it flat).
 fn check_magnitude(path: &Path, name: &str, m: &Tensor, up: &Tensor) -> Result<()> {
     let rows = up.dims()[0];
@@ -325,12 +328,7 @@ fn check_magnitude(path: &Path, name: &str, m: &Tensor, up: &Tensor) -> Result<(
             rows
         )));
     }
-    let finite = m
-        .flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .map(|v| v.iter().all(|x| x.is_finite()))
-        .unwrap_or(false);
-    if !finite {
+    if !all_finite(m) {
         return Err(bad(path, format!(
             "module `{name}`: the DoRA magnitude holds NaN or infinite values; the LoRA is broken, use another file"
         )));

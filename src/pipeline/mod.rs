@@ -1049,10 +1049,12 @@ impl Pipeline {
         let mut deltas = BTreeMap::new();
         for (w, terms) in &want {
             let (pieces, affine) = lora::runtime_terms(terms, || {
-                if file.is_none() {
-                    file = Some(weights.var_builder("transformer", DType::F32, &Device::Cpu)?);
-                }
-                let vb = file.as_ref().expect("just set");
+                let vb = match &mut file {
+                    Some(vb) => vb,
+                    None => {
+                        file.insert(weights.var_builder("transformer", DType::F32, &Device::Cpu)?)
+                    }
+                };
                 let bias = w.strip_suffix(".weight").map(|l| format!("{l}.bias"));
                 let bias = match bias.filter(|b| vb.contains_tensor(b)) {
                     Some(b) => Some(vb.get_unchecked(&b)?),

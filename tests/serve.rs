@@ -470,6 +470,37 @@ fn bad_requests_get_a_400_that_names_the_field() {
             "stpes",
             "unknown field",
         ),
+        // The wrong type: the field named, in the API's words, not the decoder's.
+        (
+            serde_json::json!({"prompt": "x", "steps": "four"}),
+            "steps",
+            "steps: invalid type: string \"four\", expected an integer",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "seed": -1}),
+            "seed",
+            "expected a whole number (0 or more)",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "n": 1e20}),
+            "n",
+            "expected an integer",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "guidance": "high"}),
+            "guidance",
+            "expected a number",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "loras": [{"name": "a", "scale": "x"}]}),
+            "loras",
+            "loras[0].scale: invalid type",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "loras": {"name": "a"}}),
+            "loras",
+            "expected a list",
+        ),
     ] {
         let (code, out) = s.generate(&body, &[]);
         assert_eq!(code, 400, "{body}: {out}");
@@ -737,13 +768,28 @@ fn requests_name_loras_from_the_lora_folder() {
             "{out}"
         );
     }
-    // A LoRA for another family fails its request only.
+    // A LoRA for another family fails its request only, named as the request names it (not
+    // by the server's path to it).
     let (code, out) = s.generate(
         &serde_json::json!({"prompt": "x", "size": "32x32", "steps": 1,
                             "loras": [{"name": "sd3_kohya"}]}),
         &[],
     );
     assert_eq!(code, 400, "{out}");
+    let msg = out["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("LoRA \"sd3_kohya\": is made for sd3"),
+        "{msg}"
+    );
+    assert!(!msg.contains(loras.to_str().unwrap()), "{msg}");
+    // A weight out of range is shown as a number a person reads.
+    let (code, out) = s.generate(
+        &serde_json::json!({"prompt": "x", "loras": [{"name": "flux_peft", "scale": 1e300}]}),
+        &[],
+    );
+    assert_eq!(code, 400, "{out}");
+    let msg = out["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("scale 1e300 is out of range"), "{msg}");
     // A DoRA LoRA per request: the CLI's image with it at run time.
     let dora = loras.join("flux_dora.safetensors");
     let with_dora = request(serde_json::json!([{"name": "flux_dora"}]));
@@ -1111,6 +1157,11 @@ fn edits_take_multipart_uploads_and_equal_the_clis_edits() {
             vec!["-F".to_string(), "steps=four".to_string()],
             "steps",
             "must be a number",
+        ),
+        (
+            vec!["-F".to_string(), "seed=-1".to_string()],
+            "seed",
+            "seed: invalid value: integer `-1`, expected a whole number (0 or more)",
         ),
         (
             vec!["-F".to_string(), format!("mask=@{}", junk.display())],

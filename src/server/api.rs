@@ -244,7 +244,8 @@ fn lora_spec(dir: &Path, l: LoraRef) -> Result<mmdit::lora::LoraSpec, ApiError> 
         return Err(ApiError::bad(
             "loras",
             format!(
-                "LoRA {name:?}: scale {scale} is out of range; use a weight between -100 and 100"
+                "LoRA {name:?}: scale {} is out of range; use a weight between -100 and 100",
+                mmdit::request::shown(scale)
             ),
         ));
     }
@@ -268,6 +269,70 @@ pub fn lora_names(dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
+}
+
+/// The answer to a JSON body or form that is not a [`Generation`]: the decoder's reason in the API's
+/// words (`expected an integer`, not `expected i64`), led by the field it names, whose top-level
+/// name (`loras` for `loras[0].scale`) is the `param`.
+pub fn undecodable(status: StatusCode, reason: &str) -> ApiError {
+    let reason = [
+        "Failed to deserialize the JSON body into the target type: ",
+        "Failed to parse the request body as JSON: ",
+    ]
+    .iter()
+    .find_map(|p| reason.strip_prefix(p))
+    .unwrap_or(reason);
+    let (path, detail) = match reason.split_once(": ") {
+        Some((path, detail)) if is_field_path(path) => (Some(path), detail),
+        _ => (None, reason),
+    };
+    let mut detail = detail.to_string();
+    for (rust, api) in [
+        (
+            "expected struct Generation",
+            "expected a JSON object of the request's fields",
+        ),
+        (
+            "expected struct LoraRef",
+            "expected an object {\"name\", \"scale\"}",
+        ),
+        ("expected a sequence", "expected a list"),
+        ("expected i64", "expected an integer"),
+        ("expected u64", "expected a whole number (0 or more)"),
+        ("expected f64", "expected a number"),
+    ] {
+        detail = detail.replace(rust, api);
+    }
+    match path {
+        Some(path) => {
+            let field = path.split(['.', '[']).next().unwrap_or(path);
+            ApiError {
+                status,
+                ..ApiError::bad(field, format!("{path}: {detail}"))
+            }
+        }
+        None => ApiError::new(status, format!("the request is not valid: {detail}")),
+    }
+}
+
+/// Whether `s` is a field path as the decoder writes it: `seed`, `loras[0].scale`.
+fn is_field_path(s: &str) -> bool {
+    s.split('.').all(|segment| {
+        let (name, mut rest) = segment.split_at(segment.find('[').unwrap_or(segment.len()));
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return false;
+        }
+        while let Some(tail) = rest.strip_prefix('[') {
+            let Some((index, after)) = tail.split_once(']') else {
+                return false;
+            };
+            if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+                return false;
+            }
+            rest = after;
+        }
+        rest.is_empty()
+    })
 }
 
 /// An error answer in OpenAI's shape.
@@ -307,10 +372,12 @@ impl ApiError {
                 param: m.first_param().map(api_name),
                 ..Self::new(StatusCode::BAD_REQUEST, text)
             },
-            mmdit::Error::Lora { .. } => Self {
-                param: Some("loras".into()),
-                ..Self::new(StatusCode::BAD_REQUEST, text)
-            },
+            // Named as the request names it, not by the server's path to the file.
+            mmdit::Error::Lora { path, msg } => {
+                let name = path.file_stem().unwrap_or_default().to_string_lossy();
+                let msg = msg.lines().next().unwrap_or_default();
+                Self::bad("loras", format!("LoRA {name:?}: {msg}"))
+            }
             mmdit::Error::Interrupted => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the request was cancelled (the server is shutting down, or the job was cancelled)",
@@ -383,5 +450,48 @@ pub fn form_value(name: &str, text: &str) -> Result<serde_json::Value, ApiError>
         })
     } else {
         Ok(serde_json::Value::String(text.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The decoder's field paths are recognised (and nothing else is taken for one), the
+    /// top-level field is the `param`, and Rust's type names become the API's words.
+    #[test]
+    fn undecodable_bodies_name_their_field() {
+        for p in ["seed", "loras[0].scale", "loras[12]", "a_b.c[1][2]"] {
+            assert!(is_field_path(p), "{p}");
+        }
+        for p in [
+            "",
+            "invalid type",
+            "loras[]",
+            "loras[x]",
+            "[0]",
+            "a.",
+            "a[0",
+            "a[0]b",
+        ] {
+            assert!(!is_field_path(p), "{p}");
+        }
+        let e = undecodable(
+            StatusCode::BAD_REQUEST,
+            "Failed to deserialize the JSON body into the target type: loras[0].scale: invalid type: string \"a\", expected f64 at line 1 column 46",
+        );
+        assert_eq!(e.param.as_deref(), Some("loras"));
+        assert_eq!(
+            e.message,
+            "loras[0].scale: invalid type: string \"a\", expected a number at line 1 column 46"
+        );
+        let e = undecodable(
+            StatusCode::BAD_REQUEST,
+            "Failed to deserialize the JSON body into the target type: invalid type: null, expected struct Generation at line 1 column 4",
+        );
+        assert_eq!(e.param, None);
+        assert!(e
+            .message
+            .starts_with("the request is not valid: invalid type: null, expected a JSON object"));
     }
 }

@@ -418,10 +418,7 @@ fn json_body(body: Result<Json<Generation>, JsonRejection>) -> Result<Json<Gener
             StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::BAD_REQUEST,
         };
-        ApiError::new(
-            status,
-            format!("the body is not a valid request: {}", e.body_text()),
-        )
+        api::undecodable(status, &e.body_text())
     })
 }
 
@@ -579,12 +576,8 @@ async fn edits(
             "image is required: the file to edit",
         ));
     }
-    let g: Generation = serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("the form is not a valid request: {e}"),
-        )
-    })?;
+    let g: Generation = serde_path_to_error::deserialize(serde_json::Value::Object(fields))
+        .map_err(|e| api::undecodable(StatusCode::BAD_REQUEST, &e.to_string()))?;
     let q = enqueue_checked(&s, g, Some(Uploads { images, mask }))?;
     answer(&s, &headers, q).await
 }

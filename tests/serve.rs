@@ -973,6 +973,120 @@ except openai.NotFoundError as e:
     }
 }
 
+/// OpenAI's streaming through its Python client: `stream` with `partial_images` answers
+/// Server-Sent Events that the client parses, partial images at the output size and then each
+/// image, the CLI's images; edits stream as `image_edit.*`; a bad `partial_images` is a 400 before
+/// any stream, a failure in the run an `error` event the client raises; a client that goes away
+/// mid-stream cancels its job.
+#[test]
+fn the_openai_python_client_streams_partial_images() {
+    let dir = tmp("serve-stream");
+    let loras = common::fixture("lora");
+    let s = Server::start(&["--model", "demo", "--lora-dir", loras.to_str().unwrap()]);
+    let script = r#"
+import base64, io, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="x", max_retries=0, timeout=120)
+d = sys.argv[2]
+def save(name, b64):
+    open(f"{d}/{name}", "wb").write(base64.b64decode(b64))
+done = 0
+for e in c.images.generate(prompt="a red circle", size="64x48", n=2, stream=True, partial_images=2,
+                           extra_body={"steps": 6, "seed": 5}):
+    if e.type == "image_generation.partial_image":
+        print("partial", e.partial_image_index, e.size, e.output_format)
+        save(f"partial-{e.partial_image_index}.png", e.b64_json)
+    else:
+        print("completed", e.type, e.size)
+        save(f"stream-{done}.png", e.b64_json)
+        done += 1
+for e in c.images.edit(image=open(f"{d}/stream-0.png", "rb"), prompt="a blue square", stream=True,
+                       partial_images=1, extra_body={"steps": 6, "size": "64x48"}):
+    print("edit", e.type)
+try:
+    for e in c.images.generate(prompt="x", stream=True, partial_images=4):
+        print("no error")
+except openai.BadRequestError as e:
+    print("bad request", e.body["param"])
+try:
+    for e in c.images.generate(prompt="x", size="32x32", stream=True,
+                               extra_body={"steps": 1, "loras": [{"name": "flux_peft"}]}):
+        print("no error", e.type)
+except openai.APIError as e:
+    print("stream error", e.message.split(":")[0])
+"#;
+    let out = python_client(script, &s.url, &dir);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "partial 0 64x48 png",
+            "partial 1 64x48 png",
+            "completed image_generation.completed 64x48",
+            "completed image_generation.completed 64x48",
+            "edit image_edit.partial_image",
+            "edit image_edit.completed",
+            "bad request partial_images",
+            "stream error LoRA \"flux_peft\"",
+        ],
+        "{out}"
+    );
+    for k in 0..2 {
+        let (img, _) = mmdit::output::read_png(&dir.join(format!("partial-{k}.png"))).unwrap();
+        assert_eq!((img.width, img.height), (64, 48));
+    }
+    for (k, seed) in [(0, "5"), (1, "6")] {
+        let got = mmdit::output::read_png(&dir.join(format!("stream-{k}.png")))
+            .unwrap()
+            .0
+            .data;
+        let want = cli_image(
+            &dir,
+            &format!("cli-{k}.png"),
+            &[
+                "--prompt",
+                "a red circle",
+                "--width",
+                "64",
+                "--height",
+                "48",
+                "--steps",
+                "6",
+                "--seed",
+                seed,
+            ],
+        );
+        assert!(got == want, "image {k} differs from the CLI's");
+    }
+    // A client that goes away mid-stream: its job is cancelled at its next step (the server
+    // logs the request as 499) and the next request runs at once.
+    let body = serde_json::json!({"prompt": "x", "size": "256x256", "steps": 1000, "stream": true});
+    let (code, _) = s.curl(
+        "/v1/images/generations",
+        &[
+            "-N",
+            "--max-time",
+            "2",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &body.to_string(),
+        ],
+        30,
+    );
+    assert_eq!(code, 200);
+    let t0 = Instant::now();
+    while !s.log().iter().any(|l| l.contains("\"status\":499")) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", s.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, out) = s.generate(
+        &serde_json::json!({"prompt": "x", "size": "32x32", "steps": 1}),
+        &[],
+    );
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(s.stop(), Some(0));
+}
+
 /// Headless Chromium (Debian's package) on the page at `/`, with the API key in the URL's
 /// fragment: the form runs a job through the jobs API, follows its events, shows the preview and
 /// adds the image to the gallery; with a wrong key it shows the server's error. The page reports

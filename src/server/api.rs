@@ -38,6 +38,10 @@ pub struct Generation {
     pub output_format: Option<String>,
     /// JPEG's quality, 0-100 (default 100, as OpenAI's); PNG and the lossless WebP take none.
     pub output_compression: Option<i64>,
+    /// OpenAI's streaming: Server-Sent Events, `partial_images` (0-3) previews of the image on
+    /// the way and then each image.
+    pub stream: Option<bool>,
+    pub partial_images: Option<i64>,
     /// OpenAI's fields with no meaning here (this server serves one model): accepted and
     /// ignored.
     #[serde(flatten)]
@@ -75,7 +79,12 @@ pub struct Checked {
     pub n: usize,
     pub format: Format,
     pub encoding: mmdit::output::Encoding,
+    /// Streamed (`"stream": true`): how many partial images to send before the images.
+    pub stream: Option<usize>,
 }
+
+/// The most partial images a streamed request may ask for, as OpenAI's.
+pub const MAX_PARTIAL_IMAGES: i64 = 3;
 
 impl Generation {
     /// The library request, checked field by field (the model's own checks follow, in
@@ -84,7 +93,7 @@ impl Generation {
         if let Some(k) = self.ignored.keys().find(|k| !IGNORED.contains(&k.as_str())) {
             return Err(ApiError::bad(
                 k,
-                format!("unknown field {k:?}; the fields are prompt, n, size, response_format, output_format, output_compression, negative_prompt, steps, guidance, seed, sampler, cache, loras (and for edits image, mask and strength)"),
+                format!("unknown field {k:?}; the fields are prompt, n, size, response_format, output_format, output_compression, stream, partial_images, negative_prompt, steps, guidance, seed, sampler, cache, loras (and for edits image, mask and strength)"),
             ));
         }
         let prompt = self
@@ -152,6 +161,17 @@ impl Generation {
                 ))
             }
         };
+        let partials = match self.partial_images {
+            None => 0,
+            Some(p) if (0..=MAX_PARTIAL_IMAGES).contains(&p) => p as usize,
+            Some(p) => {
+                return Err(ApiError::bad(
+                    "partial_images",
+                    format!("partial_images {p}: must be between 0 and {MAX_PARTIAL_IMAGES}"),
+                ))
+            }
+        };
+        let stream = self.stream.unwrap_or(false).then_some(partials);
         let steps = match self.steps {
             None => None,
             Some(s) if s >= 1 => Some(s as usize),
@@ -207,6 +227,7 @@ impl Generation {
                 format: image_format,
                 quality,
             },
+            stream,
         })
     }
 }
@@ -396,21 +417,27 @@ pub fn api_name(p: Param) -> String {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The answer's body, `{"error": {"message", "type", "param", "code"}}`.
+    pub fn body(&self) -> serde_json::Value {
         let kind = match self.status.as_u16() {
             400..=499 => "invalid_request_error",
             _ => "server_error",
         };
-        let body = serde_json::json!({
+        serde_json::json!({
             "error": {
                 "message": self.message,
                 "type": kind,
                 "param": self.param,
                 "code": self.status.as_u16(),
             }
-        });
-        let mut r = (self.status, Json(body)).into_response();
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(self.body())).into_response();
         if let Some(s) = self.retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
@@ -427,6 +454,7 @@ const NUMBERS: &[&str] = &[
     "seed",
     "strength",
     "output_compression",
+    "partial_images",
 ];
 
 /// A multipart text field as the JSON value the generation body would hold.
@@ -441,6 +469,15 @@ pub fn form_value(name: &str, text: &str) -> Result<serde_json::Value, ApiError>
             ));
         }
         Ok(v)
+    } else if name == "stream" {
+        match text.trim() {
+            "true" => Ok(serde_json::Value::Bool(true)),
+            "false" => Ok(serde_json::Value::Bool(false)),
+            _ => Err(ApiError::bad(
+                name,
+                format!("stream {text:?}: use true or false"),
+            )),
+        }
     } else if name == "loras" {
         serde_json::from_str(text).map_err(|_| {
             ApiError::bad(

@@ -379,6 +379,8 @@ struct CancelOnDrop {
     armed: bool,
     state: Shared,
     t0: Instant,
+    /// The request's path, for the log line.
+    path: &'static str,
 }
 
 impl Drop for CancelOnDrop {
@@ -390,7 +392,7 @@ impl Drop for CancelOnDrop {
                 .requests
                 .get_or_create(&Status { status: 499 })
                 .inc();
-            log_line("POST", "/v1/images/generations", 499, self.t0);
+            log_line("POST", self.path, 499, self.t0);
         }
     }
 }
@@ -402,6 +404,15 @@ struct Queued {
     cancel: Arc<AtomicBool>,
     format: Format,
     encoding: mmdit::output::Encoding,
+    /// A streamed request's partial images and size.
+    stream: Option<Streamed>,
+}
+
+/// What a streamed request's answer needs besides the images: its partial images (the channel
+/// closes when its job ends) and the output's width and height.
+struct Streamed {
+    partials: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    size: (usize, usize),
 }
 
 fn enqueue(s: &Shared, body: Result<Json<Generation>, JsonRejection>) -> Result<Queued, ApiError> {
@@ -463,6 +474,17 @@ fn enqueue_checked(
     let cancel = Arc::new(AtomicBool::new(false));
     let steps = resolved.steps_to_run();
     let (progress_tx, progress) = watch::channel(Progress::queued(checked.n * steps));
+    let size = (resolved.width, resolved.height);
+    let (partials, stream) = match checked.stream {
+        Some(count) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            (
+                Some(worker::Partials { count, size, tx }),
+                Some(Streamed { partials: rx, size }),
+            )
+        }
+        None => (None, None),
+    };
     let job = worker::Job {
         req,
         n: checked.n,
@@ -471,6 +493,7 @@ fn enqueue_checked(
         cancel: cancel.clone(),
         reply: tx,
         progress: progress_tx,
+        partials,
     };
     if s.queue.submit(job).is_err() {
         let mut e = ApiError::new(
@@ -490,6 +513,7 @@ fn enqueue_checked(
         cancel,
         format: checked.format,
         encoding: checked.encoding,
+        stream,
     })
 }
 
@@ -579,6 +603,9 @@ async fn edits(
     let g: Generation = serde_path_to_error::deserialize(serde_json::Value::Object(fields))
         .map_err(|e| api::undecodable(StatusCode::BAD_REQUEST, &e.to_string()))?;
     let q = enqueue_checked(&s, g, Some(Uploads { images, mask }))?;
+    if q.stream.is_some() {
+        return Ok(streamed(&s, q, "image_edit", "/v1/images/edits"));
+    }
     answer(&s, &headers, q).await
 }
 
@@ -588,7 +615,126 @@ async fn generations(
     body: Result<Json<Generation>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let q = enqueue(&s, body)?;
+    if q.stream.is_some() {
+        return Ok(streamed(
+            &s,
+            q,
+            "image_generation",
+            "/v1/images/generations",
+        ));
+    }
     answer(&s, &headers, q).await
+}
+
+/// A streamed request's answer, as OpenAI streams images: Server-Sent Events, a
+/// `{kind}.partial_image` event per partial image, then a `{kind}.completed` event per image
+/// (each `b64_json`); an `error` event if the job fails. A client that goes away cancels the job.
+fn streamed(s: &Shared, mut q: Queued, kind: &'static str, path: &'static str) -> Response {
+    let Streamed {
+        partials,
+        size: (width, height),
+    } = q.stream.take().expect("a streamed request");
+    let guard = CancelOnDrop {
+        cancel: q.cancel.clone(),
+        armed: true,
+        state: s.clone(),
+        t0: Instant::now(),
+        path,
+    };
+    let output_format = q.encoding.format.name();
+    let event = move |kind: String, fields: serde_json::Value| {
+        let mut data = serde_json::json!({
+            "type": kind,
+            "created_at": unix_now(),
+            "size": format!("{width}x{height}"),
+            "quality": "auto",
+            "background": "opaque",
+            "output_format": output_format,
+        });
+        if let (Some(d), serde_json::Value::Object(f)) = (data.as_object_mut(), fields) {
+            d.extend(f);
+        }
+        Ok::<_, std::convert::Infallible>(
+            Event::default()
+                .event(kind)
+                .json_data(data)
+                .expect("serialisable"),
+        )
+    };
+    /// Where the stream is: sending partial images (until the job ends), or its images.
+    enum Phase {
+        Partials(
+            tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+            usize,
+            oneshot::Receiver<mmdit::Result<worker::Images>>,
+        ),
+        Images(std::vec::IntoIter<Vec<u8>>),
+    }
+    let b64 = |file: &[u8]| base64::engine::general_purpose::STANDARD.encode(file);
+    let stream = futures_util::stream::unfold(
+        (Phase::Partials(partials, 0, q.rx), guard),
+        move |(mut phase, mut guard)| async move {
+            loop {
+                match phase {
+                    Phase::Partials(mut partials, index, rx) => {
+                        if let Some(file) = partials.recv().await {
+                            let e = event(
+                                format!("{kind}.partial_image"),
+                                serde_json::json!({"b64_json": b64(&file), "partial_image_index": index}),
+                            );
+                            return Some((e, (Phase::Partials(partials, index + 1, rx), guard)));
+                        }
+                        // The job has ended: its images, or why there are none.
+                        let answer = rx.await;
+                        guard.armed = false;
+                        let failed = match answer {
+                            Ok(Ok(images)) => {
+                                phase = Phase::Images(images.into_iter());
+                                continue;
+                            }
+                            Ok(Err(e)) => ApiError::from_library(&e),
+                            Err(_) => ApiError::new(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "the model thread ended",
+                            ),
+                        };
+                        let ended = Phase::Images(Vec::new().into_iter());
+                        return Some((error_event(&failed), (ended, guard)));
+                    }
+                    Phase::Images(mut images) => {
+                        let file = images.next()?;
+                        let e = event(
+                            format!("{kind}.completed"),
+                            serde_json::json!({"b64_json": b64(&file), "usage": usage()}),
+                        );
+                        return Some((e, (Phase::Images(images), guard)));
+                    }
+                }
+            }
+        },
+    );
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// OpenAI's token usage of an image event: this server counts none.
+fn usage() -> serde_json::Value {
+    serde_json::json!({
+        "input_tokens": 0,
+        "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+        "output_tokens": 0,
+        "total_tokens": 0
+    })
+}
+
+/// A failure inside a stream, as OpenAI's clients read one: an `error` event whose data is the
+/// error body.
+fn error_event(e: &ApiError) -> Result<Event, std::convert::Infallible> {
+    Ok(Event::default()
+        .event("error")
+        .json_data(e.body())
+        .expect("serialisable"))
 }
 
 /// Waits for a queued request's images (cancelling it if the client goes away) and answers them
@@ -599,6 +745,7 @@ async fn answer(s: &Shared, headers: &HeaderMap, q: Queued) -> Result<Response, 
         armed: true,
         state: s.clone(),
         t0: Instant::now(),
+        path: "/v1/images/generations",
     };
     let answer = q.rx.await;
     guard.armed = false;

@@ -25,6 +25,28 @@ pub struct Job {
     pub reply: oneshot::Sender<mmdit::Result<Images>>,
     /// Where the job reports its state at each step.
     pub progress: watch::Sender<Progress>,
+    /// A streamed request's partial images, where it asked for some.
+    pub partials: Option<Partials>,
+}
+
+/// Partial images of a streamed request: previews of its first image at `count` steps spread
+/// over the run (never its last), at the output size, in the job's encoding. Sent as they are
+/// made; the channel closes when the job ends.
+pub struct Partials {
+    pub count: usize,
+    /// The output's width and height.
+    pub size: (usize, usize),
+    pub tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+}
+
+impl Partials {
+    /// Whether the partial images go out after step `i` (0-based) of `steps`: the steps
+    /// `ceil(steps * j / (count + 1))` for j = 1..=count, short of the last (fewer where the run
+    /// has fewer steps).
+    pub fn at(&self, i: usize, steps: usize) -> bool {
+        let done = i + 1;
+        done < steps && (1..=self.count).any(|j| (steps * j).div_ceil(self.count + 1) == done)
+    }
 }
 
 /// A job's state as `GET /v1/jobs/{id}` and its event stream report it.
@@ -232,6 +254,23 @@ struct Steps<'a> {
 }
 
 impl Steps<'_> {
+    /// Whether step `i` of the running batch sends a partial image: the job's first image only.
+    fn partial_at(&self, i: usize) -> bool {
+        self.preview.is_some()
+            && self.done == 0
+            && self
+                .job
+                .partials
+                .as_ref()
+                .is_some_and(|p| p.at(i, self.job.steps))
+    }
+
+    fn preview_at(&self, i: usize) -> bool {
+        self.preview.is_some() && self.every > 0 && (i + 1).is_multiple_of(self.every)
+    }
+}
+
+impl Steps<'_> {
     fn report(&self) {
         self.job.progress.send_replace(Progress {
             status: "running",
@@ -255,18 +294,28 @@ impl mmdit::pipeline::sample::Observer for Steps<'_> {
     }
 
     fn wants_prediction(&self, i: usize) -> bool {
-        self.preview.is_some() && self.every > 0 && (i + 1).is_multiple_of(self.every)
+        self.preview_at(i) || self.partial_at(i)
     }
 
-    fn prediction(&mut self, _: usize, x0: &candle_core::Tensor) {
+    fn prediction(&mut self, i: usize, x0: &candle_core::Tensor) {
         use base64::Engine;
-        let png = self
-            .preview
-            .map(|p| p.image(x0))
-            .transpose()
-            .and_then(|img| img.map(|i| mmdit::output::png_bytes(&i, &[])).transpose());
-        if let Ok(Some(png)) = png {
-            self.image = Some(base64::engine::general_purpose::STANDARD.encode(png));
+        let Some(Ok(img)) = self.preview.map(|p| p.image(x0)) else {
+            return;
+        };
+        if self.partial_at(i) {
+            if let Some(p) = &self.job.partials {
+                let (w, h) = p.size;
+                let full = mmdit::image_io::lanczos_resize(&img, w, h);
+                if let Ok(file) = self.job.encoding.bytes(&full, &[]) {
+                    // A client gone away closes the channel; its job is cancelled elsewhere.
+                    let _ = p.tx.send(file);
+                }
+            }
+        }
+        if self.preview_at(i) {
+            if let Ok(png) = mmdit::output::png_bytes(&img, &[]) {
+                self.image = Some(base64::engine::general_purpose::STANDARD.encode(png));
+            }
         }
     }
 }
@@ -320,4 +369,33 @@ fn run_job(
         }
     }
     Ok(images)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Partial images spread over the run, never at its last step, fewer where it is short.
+    #[test]
+    fn partial_images_spread_over_the_steps() {
+        let at = |count: usize, steps: usize| -> Vec<usize> {
+            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+            let p = Partials {
+                count,
+                size: (8, 8),
+                tx,
+            };
+            (0..steps)
+                .filter(|&i| p.at(i, steps))
+                .map(|i| i + 1)
+                .collect()
+        };
+        assert_eq!(at(2, 6), [2, 4]);
+        assert_eq!(at(3, 8), [2, 4, 6]);
+        assert_eq!(at(3, 28), [7, 14, 21]);
+        assert_eq!(at(1, 5), [3]);
+        assert_eq!(at(3, 2), [1]);
+        assert_eq!(at(3, 1), Vec::<usize>::new());
+        assert_eq!(at(0, 10), Vec::<usize>::new());
+    }
 }

@@ -144,6 +144,18 @@ fn batch_names_the_bad_line() {
     std::fs::write(&list, "{\"prompt\": \"x\"}\nnot json\n").unwrap();
     let (code, err) = batch(&[l, "--output-dir", d]);
     assert_clean_error(code, &err, &["line 2", "not a request"]);
+    // The wrong type: the field named, in the API's words.
+    std::fs::write(&list, "{\"prompt\": \"x\", \"seed\": -1}\n").unwrap();
+    let (code, err) = batch(&[l, "--output-dir", d]);
+    assert_clean_error(
+        code,
+        &err,
+        &[
+            "line 1",
+            "not a request (seed: invalid value",
+            "a whole number",
+        ],
+    );
     std::fs::write(
         &list,
         "{\"prompt\": \"x\"}\n{\"prompt\": \"x\", \"cache\": \"fbcache:-1\"}\n",

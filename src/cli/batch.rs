@@ -99,7 +99,11 @@ pub fn run(a: BatchArgs) -> anyhow::Result<()> {
             mmdit::Error::request(format!("{} line {number}: {msg}", a.requests.display()))
         };
         let body: Generation =
-            serde_json::from_str(raw).map_err(|e| at(format!("not a request ({e})")))?;
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(raw))
+                .map_err(|e| {
+                    let (_, reason) = crate::server::api::decoder_reason(&e.to_string());
+                    at(format!("not a request ({reason})"))
+                })?;
         let checked = body.check(lora_dir).map_err(|e| at(e.message))?;
         let mut req = checked.req;
         req.seed = req.seed.or(Some(number as u64));

@@ -293,8 +293,8 @@ pub fn lora_names(dir: &Path) -> Vec<String> {
 }
 
 /// The answer to a JSON body or form that is not a [`Generation`]: the decoder's reason in the API's
-/// words (`expected an integer`, not `expected i64`), led by the field it names, whose top-level
-/// name (`loras` for `loras[0].scale`) is the `param`.
+/// words ([`decoder_reason`]), led by the field it names, whose top-level name (`loras` for
+/// `loras[0].scale`) is the `param`.
 pub fn undecodable(status: StatusCode, reason: &str) -> ApiError {
     let reason = [
         "Failed to deserialize the JSON body into the target type: ",
@@ -303,6 +303,19 @@ pub fn undecodable(status: StatusCode, reason: &str) -> ApiError {
     .iter()
     .find_map(|p| reason.strip_prefix(p))
     .unwrap_or(reason);
+    match decoder_reason(reason) {
+        (Some(field), text) => ApiError {
+            status,
+            ..ApiError::bad(field, text)
+        },
+        (None, text) => ApiError::new(status, format!("the request is not valid: {text}")),
+    }
+}
+
+/// serde's reason a value is not a [`Generation`] (`loras[0].scale: invalid type: string "a",
+/// expected f64`) in the API's words (`expected a number`, not `expected f64`), and the top-level
+/// field its path names, if it names one.
+pub fn decoder_reason(reason: &str) -> (Option<&str>, String) {
     let (path, detail) = match reason.split_once(": ") {
         Some((path, detail)) if is_field_path(path) => (Some(path), detail),
         _ => (None, reason),
@@ -325,14 +338,8 @@ pub fn undecodable(status: StatusCode, reason: &str) -> ApiError {
         detail = detail.replace(rust, api);
     }
     match path {
-        Some(path) => {
-            let field = path.split(['.', '[']).next().unwrap_or(path);
-            ApiError {
-                status,
-                ..ApiError::bad(field, format!("{path}: {detail}"))
-            }
-        }
-        None => ApiError::new(status, format!("the request is not valid: {detail}")),
+        Some(path) => (path.split(['.', '[']).next(), format!("{path}: {detail}")),
+        None => (None, detail),
     }
 }
 

@@ -990,8 +990,10 @@ d = sys.argv[2]
 def save(name, b64):
     open(f"{d}/{name}", "wb").write(base64.b64decode(b64))
 done = 0
+# OpenAI's fields with no meaning here are accepted and ignored (the images are the CLI's).
 for e in c.images.generate(prompt="a red circle", size="64x48", n=2, stream=True, partial_images=2,
-                           extra_body={"steps": 6, "seed": 5}):
+                           model="any", quality="high", moderation="low", safety_identifier="u1",
+                           extra_body={"steps": 6, "seed": 5, "complexity": "low"}):
     if e.type == "image_generation.partial_image":
         print("partial", e.partial_image_index, e.size, e.output_format)
         save(f"partial-{e.partial_image_index}.png", e.b64_json)
@@ -1000,7 +1002,7 @@ for e in c.images.generate(prompt="a red circle", size="64x48", n=2, stream=True
         save(f"stream-{done}.png", e.b64_json)
         done += 1
 for e in c.images.edit(image=open(f"{d}/stream-0.png", "rb"), prompt="a blue square", stream=True,
-                       partial_images=1, extra_body={"steps": 6, "size": "64x48"}):
+                       partial_images=1, input_fidelity="low", extra_body={"steps": 6, "size": "64x48"}):
     print("edit", e.type)
 try:
     for e in c.images.generate(prompt="x", stream=True, partial_images=4):

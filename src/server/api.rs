@@ -56,6 +56,9 @@ pub const IGNORED: &[&str] = &[
     "user",
     "background",
     "moderation",
+    "safety_identifier",
+    "complexity",
+    "input_fidelity",
 ];
 
 /// A LoRA by its file name in `--lora-dir` (with or without `.safetensors`), and its weight.

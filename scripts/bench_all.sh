@@ -3,7 +3,8 @@
 # same machine, same size, same steps, 2 threads. Writes bench-results/<model>-<dtype>-{mmdit,diffusers}.json
 # and prints the side-by-side tables.
 #   bash scripts/bench_all.sh [steps] [python]      (DTYPES="bf16" to run one dtype, MODELS="flux2-bench"
-#   to run one model)
+#   to run one model, RUNS=3 to alternate the two engines three times and print the median of each
+#   phase's per-run ratio: on a VM whose speed moves between minutes, a ratio from one run is noise)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-4}
@@ -16,13 +17,40 @@ mkdir -p bench-results
 cargo build --release -q
 for model in ${MODELS:-sd3-bench flux-bench flux2-bench text-bench}; do
   for dtype in ${DTYPES:-f32 bf16}; do
-    "$PY" scripts/bench_diffusers.py --model "bench-models/$model" --steps "$STEPS" --width 512 --height 512 \
-      --dtype "$dtype" --threads 2 --out "bench-results/$model-$dtype-diffusers.json" >/dev/null
-    ./target/release/mmdit bench --model "bench-models/$model" --steps "$STEPS" --width 512 --height 512 \
-      --dtype "$dtype" --no-reference --format json --compare "bench-results/$model-$dtype-diffusers.json" \
-      --output-dir "bench-results/$model-$dtype" > "bench-results/$model-$dtype.txt"
-    cp "bench-results/$model-$dtype/results.json" "bench-results/$model-$dtype-mmdit.json"
-    sed -n '/ vs /,$p' "bench-results/$model-$dtype.txt"
+    runs=()
+    for run in $(seq "${RUNS:-1}"); do
+      "$PY" scripts/bench_diffusers.py --model "bench-models/$model" --steps "$STEPS" --width 512 --height 512 \
+        --dtype "$dtype" --threads 2 --out "bench-results/$model-$dtype-diffusers.json" >/dev/null
+      ./target/release/mmdit bench --model "bench-models/$model" --steps "$STEPS" --width 512 --height 512 \
+        --dtype "$dtype" --no-reference --format json --compare "bench-results/$model-$dtype-diffusers.json" \
+        --output-dir "bench-results/$model-$dtype" > "bench-results/$model-$dtype.txt"
+      cp "bench-results/$model-$dtype/results.json" "bench-results/$model-$dtype-mmdit.json"
+      sed -n '/ vs /,$p' "bench-results/$model-$dtype.txt"
+      if [ "${RUNS:-1}" -gt 1 ]; then
+        for engine in mmdit diffusers; do
+          cp "bench-results/$model-$dtype-$engine.json" "bench-results/$model-$dtype-$engine-run$run.json"
+        done
+        runs+=("bench-results/$model-$dtype-mmdit-run$run.json" "bench-results/$model-$dtype-diffusers-run$run.json")
+      fi
+    done
+    if [ "${#runs[@]}" -gt 0 ]; then
+      # Each run's ratio is of the two engines measured back to back; the median of those ratios.
+      "$PY" - "${runs[@]}" <<'PY'
+import json, statistics, sys
+pairs = [(json.load(open(a)), json.load(open(b))) for a, b in zip(sys.argv[1::2], sys.argv[2::2])]
+ratios = {}
+for m, d in pairs:
+    ratios.setdefault("load + first run", []).append((m["load_s"] + m["first_run_s"]) / (d["load_s"] + d["first_run_s"]))
+    for phase in ("text", "step", "decode"):
+        a, b = m["rows"][0][phase + "_s"]["median"], d["rows"][0][phase + "_s"]["median"]
+        if b:
+            ratios.setdefault(phase, []).append(a / b)
+    ratios.setdefault("peak RSS", []).append(m["peak_rss_bytes"] / d["peak_rss_bytes"])
+print(f"mmdit / diffusers over {len(pairs)} alternated runs (median of the per-run ratios, range):")
+for phase, r in ratios.items():
+    print(f"  {phase}: {statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})")
+PY
+    fi
     # What each engine holds between runs (no activations) against its weights: the peak RSS
     # floor's "1.15x the weights" part; and our peak with almost no activations (64x64, one step).
     "$PY" -c 'import json, sys

@@ -316,6 +316,14 @@ pub fn matmul_padded(a: &[bf16], mrows: usize, b: &PackedB, c: &mut [f32]) {
     unsafe { kernel::run(a, (mrows, b.kp, b.kp), b, 0, b.np / 32, c, b.np, true) };
 }
 
+/// Whether rows of bf16 A `stride` values apart fall into the same cache sets: at a multiple of
+/// 4 KiB the 16 rows of a tile share one set of L1 (12 ways), and a 256-row chunk fills every way
+/// of L2's sets with A alone, so that A and B evict each other. T5-XXL's k = 4096 and 10240 are
+/// such strides; their rows are copied one cache line apart instead.
+fn aliased(stride: usize) -> bool {
+    (stride * size_of::<bf16>()).is_multiple_of(4096)
+}
+
 /// One (row chunk, column range): pad the rows of A (or, with `in_place`, where they need no
 /// padding, read them where they lie), accumulate the f32 block, write it out.
 ///
@@ -337,14 +345,17 @@ unsafe fn task<O: Output>(
     let mrows = rows.next_multiple_of(32);
     SCRATCH.with(|scratch| {
         let (ap, c) = &mut *scratch.borrow_mut();
-        // Whole tiles of A where it lies: rows a multiple of 32, k of 32 (then kp == k).
-        let (at, lda) = if in_place && rows == mrows && k == kp {
+        // Whole tiles of A where it lies: rows a multiple of 32, k of 32 (then kp == k), at a
+        // stride that is no multiple of 4 KiB.
+        let (at, lda) = if in_place && rows == mrows && k == kp && !aliased(lda) {
             (&a[row0 * lda..], lda)
         } else {
             // Reused per thread: fresh multi-megabyte buffers per call cost page faults. Every
-            // value is written: the rows, zeros past k and in the padding rows.
-            ap.resize(mrows * kp);
-            for (r, dst) in ap.chunks_exact_mut(kp).enumerate() {
+            // value is written: the rows, zeros past k (and in the stride's padding) and in the
+            // padding rows.
+            let ldp = if aliased(kp) { kp + 32 } else { kp };
+            ap.resize(mrows * ldp);
+            for (r, dst) in ap.chunks_exact_mut(ldp).enumerate() {
                 let (head, tail) = dst.split_at_mut(k.min(kp));
                 match r < rows {
                     true => head.copy_from_slice(&a[(row0 + r) * lda..][..k]),
@@ -352,7 +363,7 @@ unsafe fn task<O: Output>(
                 }
                 tail.fill(bf16::ZERO);
             }
-            (&ap[..], kp)
+            (&ap[..], ldp)
         };
         // One column panel at a time, so its f32 accumulators stay in cache through all of k.
         let ncb = NC / 32;
@@ -720,6 +731,8 @@ mod tests {
             (64, 96, 200, 96),
             (64, 2080, 70, 2100),
             (512, 128, 4096, 160),
+            // A stride of 4 KiB: copied a line apart, not read in place.
+            (512, 2048, 300, 2048),
         ] {
             let a = random((m + 1) * lda, 4);
             let w = random(n * k, 5);
@@ -750,6 +763,9 @@ mod tests {
             (64, 64, 64),
             // k in two blocks of KC (the accumulators stored and loaded between them).
             (40, 2100, 70),
+            // Rows 4 KiB and 8 KiB apart: copied at a stride one line longer.
+            (70, 2048, 40),
+            (40, 4096, 70),
         ] {
             let a = random(m * k, 1);
             let w = random(n * k, 2);

@@ -569,7 +569,7 @@ mod kernel {
         }
         // SAFETY: AMX is available (the caller's contract), so the tile instructions exist and
         // the tile state is granted. Every pointer stays inside its buffer: a0/a1 point at row
-        // blocks 32 mb and 32 mb + 16 (< mrows) of ap, read 16 rows of 64 bytes at stride 2 kp from
+        // blocks 32 mb and 32 mb + 16 (< mrows) of ap, read 16 rows of 64 bytes at stride 2 lda from
         // column 32 kb < kp; c0..c3 are the four 16 x 16 quarters of the 32 x 32 block (mb, nb -
         // nb_lo) of c, rows < mrows and columns < 32 (nb_hi - nb_lo) <= width; b.tiles(nb, kb) is a
         // pair of 16 x 32 tiles inside b's data (nb < nb_hi, kb < kp / 32), and so are the lines
